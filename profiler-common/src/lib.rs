@@ -115,22 +115,12 @@ pub struct KernelOffsets {
     pub dev_nd_net: u32,
     /// net.ns.inum
     pub net_ns_inum: u32,
-    /// skb_shared_info.frags
-    pub shinfo_frags: u32,
-    /// skb_frag_t's page (or netmem) pointer and its offset member.
-    pub frag_page: u32,
-    pub frag_offset: u32,
-    pub sizeof_page: u32,
-    pub _pad: u32,
-    /// Addresses (from kallsyms) of the kernel variables page_offset_base and vmemmap_base, so a
-    /// program can turn a frag's struct page into the address of its data. 0 when unknown.
-    pub page_offset_base_addr: u64,
-    pub vmemmap_base_addr: u64,
 }
 
 /// Per-CPU counters, indexed by these constants in the `COUNTERS` map.
 pub const COUNTER_LOST: u32 = 0;
-/// Tagged packets whose tag lay in paged data the program could not reach.
+/// TCP segments of the run's port whose tag lay in paged data a tracepoint cannot read, and
+/// that no earlier hook (tc) had recorded: they are missing from journeys, so they are counted.
 pub const COUNTER_UNREADABLE: u32 = 1;
 pub const COUNTER_COUNT: u32 = 2;
 

@@ -1,0 +1,156 @@
+//! Datapath knowledge, kept as data in one place: which hooks exist and what program serves each,
+//! in which order a packet meets them when it crosses a link, and how the time between two
+//! consecutive hops is named.
+
+use profiler_common::HookId;
+
+/// How a hook is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// A device tracepoint: tp_btf program preferred, raw_tp program where tp_btf is refused.
+    Tracepoint { tp: &'static str, btf_prog: &'static str, raw_prog: &'static str },
+    /// A tc program on each interface of the path.
+    Tc { prog: &'static str, ingress: bool },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct HookSpec {
+    pub id: HookId,
+    pub attach: Attach,
+    /// Short name used in hop and segment names.
+    pub label: &'static str,
+}
+
+const fn tp(id: HookId, tp: &'static str, btf_prog: &'static str, raw_prog: &'static str) -> HookSpec {
+    HookSpec { id, attach: Attach::Tracepoint { tp, btf_prog, raw_prog }, label: tp }
+}
+
+pub const HOOKS: &[HookSpec] = &[
+    tp(HookId::NetDevQueue, "net_dev_queue", "tp_net_dev_queue", "raw_net_dev_queue"),
+    tp(HookId::NetDevStartXmit, "net_dev_start_xmit", "tp_net_dev_start_xmit", "raw_net_dev_start_xmit"),
+    tp(HookId::NetDevXmit, "net_dev_xmit", "tp_net_dev_xmit", "raw_net_dev_xmit"),
+    tp(HookId::NetifRx, "netif_rx", "tp_netif_rx", "raw_netif_rx"),
+    tp(HookId::NapiGroReceiveEntry, "napi_gro_receive_entry", "tp_napi_gro_receive_entry", "raw_napi_gro_receive_entry"),
+    tp(HookId::NetifReceiveSkb, "netif_receive_skb", "tp_netif_receive_skb", "raw_netif_receive_skb"),
+    tp(HookId::KfreeSkb, "kfree_skb", "tp_kfree_skb", "raw_kfree_skb"),
+    HookSpec { id: HookId::TcEgress, attach: Attach::Tc { prog: "tc_egress", ingress: false }, label: "tc:egress" },
+    HookSpec { id: HookId::TcIngress, attach: Attach::Tc { prog: "tc_ingress", ingress: true }, label: "tc:ingress" },
+];
+
+pub fn hook(id: HookId) -> &'static HookSpec {
+    HOOKS.iter().find(|h| h.id == id).expect("every HookId has a HookSpec")
+}
+
+/// Where on the path a hop is: an application timestamp or a hook on a device.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Point {
+    AppSend,
+    AppRecv,
+    Hook(HookId),
+}
+
+/// The order in which one crossing of a link meets the hooks, for each link kind.
+/// veth: the peer's netif_rx runs inside the sender's ndo_start_xmit, before net_dev_xmit
+/// fires on the way back; the peer then receives from its CPU backlog.
+pub enum Side {
+    Tx,
+    Rx,
+}
+
+pub fn link_sequence(link: &str) -> &'static [(Side, HookId)] {
+    use HookId::*;
+    match link {
+        "veth" => &[
+            (Side::Tx, TcEgress),
+            (Side::Tx, NetDevQueue),
+            (Side::Tx, NetDevStartXmit),
+            (Side::Rx, NetifRx),
+            (Side::Tx, NetDevXmit),
+            (Side::Rx, NetifReceiveSkb),
+            (Side::Rx, TcIngress),
+        ],
+        // A NAPI driver: transmit completes before the frame is received by the peer's NAPI poll.
+        _ => &[
+            (Side::Tx, TcEgress),
+            (Side::Tx, NetDevQueue),
+            (Side::Tx, NetDevStartXmit),
+            (Side::Tx, NetDevXmit),
+            (Side::Rx, NapiGroReceiveEntry),
+            (Side::Rx, NetifReceiveSkb),
+            (Side::Rx, TcIngress),
+        ],
+    }
+}
+
+/// What a segment name needs to know about the two hops around it.
+pub struct SegmentEnds<'a> {
+    pub from: &'a Point,
+    pub to: &'a Point,
+    pub from_if: &'a str,
+    pub to_if: &'a str,
+    pub from_ns: &'a str,
+    pub to_ns: &'a str,
+    /// The bridge both interfaces are ports of, if any.
+    pub bridge: Option<&'a str>,
+    /// Whether `to_if` is the link peer of `from_if` (a veth pair's other end).
+    pub peers: bool,
+}
+
+/// Names the segment between two consecutive hops after what the packet crosses there.
+pub fn segment_name(e: &SegmentEnds) -> String {
+    use HookId::*;
+    use Point::*;
+    let same_if = e.from_if == e.to_if && e.from_ns == e.to_ns;
+    match (e.from, e.to) {
+        (AppSend, _) => format!("socket and stack ({})", e.from_ns),
+        (_, AppRecv) => format!("stack and socket ({})", e.to_ns),
+        (Hook(TcEgress), Hook(NetDevQueue)) if same_if => format!("egress to queue {}", e.from_if),
+        (Hook(NetDevQueue), Hook(NetDevStartXmit)) if same_if => format!("qdisc {}", e.from_if),
+        (Hook(NetDevStartXmit), Hook(NetDevXmit)) if same_if => format!("driver xmit {}", e.from_if),
+        (Hook(NetDevStartXmit), Hook(NetifRx)) if e.peers => format!("veth {} -> {}", e.from_if, e.to_if),
+        (Hook(NetifRx), Hook(NetDevXmit)) if e.peers => format!("veth xmit return {}", e.to_if),
+        (Hook(NetDevXmit), Hook(NetifReceiveSkb)) if e.peers => format!("backlog queue {}", e.to_if),
+        (Hook(NetDevXmit), Hook(NapiGroReceiveEntry)) => format!("wire {} -> {}", e.from_if, e.to_if),
+        (Hook(NapiGroReceiveEntry), Hook(NetifReceiveSkb)) if same_if => format!("gro {}", e.to_if),
+        (Hook(NetifReceiveSkb), Hook(TcIngress)) if same_if => format!("receive to ingress {}", e.to_if),
+        (Hook(TcIngress), Hook(TcEgress)) => match e.bridge {
+            Some(br) => format!("bridge {br} ({} -> {})", e.from_if, e.to_if),
+            None => format!("forward {} -> {} ({})", e.from_if, e.to_if, e.from_ns),
+        },
+        (f, t) => format!("{} {} -> {} {}", label(f), e.from_if, label(t), e.to_if),
+    }
+}
+
+pub fn label(p: &Point) -> &'static str {
+    match p {
+        Point::AppSend => "app:send",
+        Point::AppRecv => "app:recv",
+        Point::Hook(id) => hook(*id).label,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hook_id_has_one_spec() {
+        for id in HookId::ALL {
+            assert_eq!(HOOKS.iter().filter(|h| h.id == id).count(), 1, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn names_bridge_and_veth_segments() {
+        let ends = |from, to, from_if, to_if, bridge, peers| {
+            segment_name(&SegmentEnds { from, to, from_if, to_if, from_ns: "host", to_ns: "host", bridge, peers })
+        };
+        let ing = Point::Hook(HookId::TcIngress);
+        let eg = Point::Hook(HookId::TcEgress);
+        assert_eq!(ends(&ing, &eg, "veth-a", "veth-b", Some("br0"), false), "bridge br0 (veth-a -> veth-b)");
+        assert_eq!(ends(&ing, &eg, "veth-a", "veth-b", None, false), "forward veth-a -> veth-b (host)");
+        let sx = Point::Hook(HookId::NetDevStartXmit);
+        let rx = Point::Hook(HookId::NetifRx);
+        assert_eq!(ends(&sx, &rx, "eth0", "veth-a", None, true), "veth eth0 -> veth-a");
+    }
+}

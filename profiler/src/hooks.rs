@@ -1,0 +1,243 @@
+//! Loads the eBPF object with this kernel's offsets and attaches its programs: device
+//! tracepoints (tp_btf, else raw_tp) everywhere, tc programs on the interfaces of the path.
+//! Every attachment is a BPF link owned by this process, so an exiting process leaves none behind;
+//! a hook that cannot be attached is recorded with the reason, never fatal on its own.
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, RawTracePoint, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+};
+use profiler_common::{COUNTER_COUNT, HookId};
+use serde::Serialize;
+
+use crate::{
+    btf::KernelBtf,
+    datapath::{Attach, HOOKS, HookSpec},
+    netns,
+};
+
+/// The eBPF object built by profiler/build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Attached,
+    Unavailable,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HookStatus {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: Status,
+    pub reason: Option<String>,
+}
+
+/// A tc attachment: tc events carry only the ifindex, so this says which namespace it was in.
+#[derive(Clone, Debug)]
+pub struct TcAttachment {
+    pub hook: HookId,
+    pub netns: Option<String>,
+    pub netns_inode: u32,
+    pub ifname: String,
+    pub ifindex: u32,
+    link: SchedClassifierLinkId,
+}
+
+pub struct ProbeConfig {
+    pub run_id: u32,
+    /// Port the run's traffic uses (0: look for tags on every port).
+    pub port: u16,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    pub statuses: Vec<HookStatus>,
+    pub tc: Vec<TcAttachment>,
+}
+
+/// Per-program kernel cost while stats were enabled.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramCost {
+    pub program: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    pub ns_per_run: f64,
+}
+
+impl Probes {
+    pub fn load(btf: &KernelBtf, config: &ProbeConfig) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this profiler binary was built without its eBPF object (AYA_BUILD_SKIP); build it with `cargo xtask build`");
+        }
+        let offsets = btf.kernel_offsets().context("finding kernel struct offsets in BTF")?;
+        let ebpf = EbpfLoader::new()
+            .set_global("OFFSETS", &offsets, true)
+            .set_global("RUN_ID", &config.run_id, true)
+            .set_global("PORT", &config.port, true)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object into the kernel")?;
+        Ok(Probes { ebpf, statuses: Vec::new(), tc: Vec::new() })
+    }
+
+    /// Attaches every device tracepoint, recording what attached and why the rest did not.
+    pub fn attach_tracepoints(&mut self, kernel_btf: &KernelBtf) -> Result<()> {
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for tp_btf")?;
+        for spec in HOOKS {
+            if let Attach::Tracepoint { tp, btf_prog, raw_prog } = spec.attach {
+                let status = self.attach_tracepoint(tp, btf_prog, raw_prog, &btf, kernel_btf);
+                self.statuses.push(status);
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_tracepoint(
+        &mut self,
+        tp: &str,
+        btf_prog: &str,
+        raw_prog: &str,
+        btf: &aya::Btf,
+        kernel_btf: &KernelBtf,
+    ) -> HookStatus {
+        let mut reasons = Vec::new();
+        if kernel_btf.has_btf_tracepoint(tp) {
+            match self.attach_btf(btf_prog, tp, btf) {
+                Ok(()) => return status(tp, "tp_btf", Status::Attached, None),
+                Err(e) => reasons.push(format!("tp_btf: {e:#}")),
+            }
+        } else {
+            reasons.push("tp_btf: no BTF for this tracepoint".to_string());
+        }
+        match self.attach_raw(raw_prog, tp) {
+            Ok(()) => status(tp, "raw_tp", Status::Attached, Some(reasons.join("; "))),
+            Err(e) => {
+                reasons.push(format!("raw_tp: {e:#}"));
+                let missing = !std::path::Path::new("/sys/kernel/tracing/events/net").exists();
+                let st = if missing { Status::Unavailable } else { Status::Failed };
+                status(tp, "raw_tp", st, Some(reasons.join("; ")))
+            }
+        }
+    }
+
+    fn attach_btf(&mut self, prog: &str, tp: &str, btf: &aya::Btf) -> Result<()> {
+        let p: &mut BtfTracePoint = self.program(prog)?.try_into()?;
+        p.load(tp, btf)?;
+        p.attach()?;
+        Ok(())
+    }
+
+    fn attach_raw(&mut self, prog: &str, tp: &str) -> Result<()> {
+        let p: &mut RawTracePoint = self.program(prog)?.try_into()?;
+        p.load()?;
+        p.attach(tp)?;
+        Ok(())
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut aya::programs::Program> {
+        self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))
+    }
+
+    /// Attaches the tc ingress and egress programs to `ifname` in namespace `ns` (None: this one).
+    pub fn attach_tc(&mut self, ns: Option<&str>, ifname: &str) {
+        for spec in HOOKS {
+            if let Attach::Tc { prog, ingress } = spec.attach {
+                let name = format!("{}@{}{}", spec.label, ifname, ns.map(|n| format!("/{n}")).unwrap_or_default());
+                let st = match self.attach_tc_one(spec, prog, ingress, ns, ifname) {
+                    Ok(att) => {
+                        self.tc.push(att);
+                        status(&name, "tc", Status::Attached, None)
+                    }
+                    Err(e) => status(&name, "tc", Status::Failed, Some(format!("{e:#}"))),
+                };
+                self.statuses.push(st);
+            }
+        }
+    }
+
+    fn attach_tc_one(
+        &mut self,
+        spec: &HookSpec,
+        prog: &str,
+        ingress: bool,
+        ns: Option<&str>,
+        ifname: &str,
+    ) -> Result<TcAttachment> {
+        let p: &mut SchedClassifier = self.program(prog)?.try_into()?;
+        if p.fd().is_err() {
+            p.load()?;
+        }
+        let kind = if ingress { TcAttachType::Ingress } else { TcAttachType::Egress };
+        // Interface names and tc links resolve in the calling thread's namespace.
+        let (link, ifindex, netns_inode) = netns::run_in(ns, || {
+            let ifindex = nix::net::if_::if_nametoindex(ifname)
+                .map_err(|e| anyhow!("unknown interface {ifname}{}: {e}", ns.map(|n| format!(" in netns {n}")).unwrap_or_default()))?;
+            if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) {
+                // Before tcx, tc programs hang off a clsact qdisc.
+                let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+            }
+            let link = p.attach(ifname, kind)?;
+            Ok((link, ifindex, netns::current_inode()?))
+        })?;
+        Ok(TcAttachment { hook: spec.id, netns: ns.map(str::to_string), netns_inode, ifname: ifname.to_string(), ifindex, link })
+    }
+
+    /// Detaches the tc programs inside their namespaces (netlink-based tc links detach by name).
+    pub fn detach_tc(&mut self) {
+        for att in std::mem::take(&mut self.tc) {
+            let prog = if att.hook == HookId::TcIngress { "tc_ingress" } else { "tc_egress" };
+            let Ok(p) = self.program(prog) else { continue };
+            let Ok(p): Result<&mut SchedClassifier, _> = p.try_into() else { continue };
+            let _ = netns::run_in(att.netns.as_deref(), || Ok(p.detach(att.link)?));
+        }
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS is missing"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Per-CPU counters summed over CPUs, indexed by the COUNTER_* constants.
+    pub fn counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {
+        let map = self.ebpf.map("COUNTERS").ok_or_else(|| anyhow!("map COUNTERS is missing"))?;
+        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        let mut out = [0; COUNTER_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = arr.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Kernel cost of each loaded program (meaningful while `aya::sys::enable_stats` is held).
+    pub fn costs(&self) -> Vec<ProgramCost> {
+        let mut costs: Vec<_> = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                let run_count = info.run_count();
+                let run_time_ns = info.run_time().as_nanos() as u64;
+                let ns_per_run = if run_count == 0 { 0.0 } else { run_time_ns as f64 / run_count as f64 };
+                Some(ProgramCost { program: name.to_string(), run_count, run_time_ns, ns_per_run })
+            })
+            .collect();
+        costs.sort_by(|a, b| a.program.cmp(&b.program));
+        costs
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        self.detach_tc();
+    }
+}
+
+fn status(name: &str, kind: &str, status: Status, reason: Option<String>) -> HookStatus {
+    let reason = reason.filter(|r| !r.is_empty());
+    HookStatus { name: name.to_string(), kind: kind.to_string(), status, reason }
+}

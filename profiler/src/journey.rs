@@ -1,0 +1,287 @@
+//! Rebuilds each tagged packet's journey from kernel events and application stamps, checks it
+//! against the path the topology predicts, and attributes the time between consecutive hops to
+//! the segment between them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use hdrhistogram::Histogram;
+use profiler_common::{Event, HookId};
+use serde::Serialize;
+
+use crate::{datapath::Point, traffic::Stamp};
+
+/// A hop's identity: what observed the packet, on which device of which namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HopKey {
+    pub point: Point,
+    /// Network namespace inode.
+    pub netns: u32,
+    /// 0 for application hops.
+    pub ifindex: u32,
+}
+
+/// One observation of one packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    pub seq: u32,
+    pub direction: u32,
+    pub ts_ns: u64,
+    pub hop: HopKey,
+}
+
+/// Turns kernel events into observations. tc events carry no namespace, so `tc_netns` says which
+/// namespace each (hook, ifindex) tc attachment is in. Drops are returned apart.
+pub fn observations(
+    events: &[Event],
+    stamps: &[Stamp],
+    app_netns: [u32; 2],
+    tc_netns: &HashMap<(HookId, u32), u32>,
+) -> (Vec<Observation>, Vec<Event>) {
+    let mut obs = Vec::with_capacity(events.len() + stamps.len());
+    let mut drops = Vec::new();
+    for ev in events {
+        let Some(hook) = HookId::from_u8(ev.hook) else { continue };
+        if hook == HookId::KfreeSkb {
+            drops.push(*ev);
+            continue;
+        }
+        let netns = match hook {
+            HookId::TcIngress | HookId::TcEgress => tc_netns.get(&(hook, ev.ifindex)).copied().unwrap_or(0),
+            _ => ev.netns,
+        };
+        let hop = HopKey { point: Point::Hook(hook), netns, ifindex: ev.ifindex };
+        obs.push(Observation { seq: ev.seq, direction: ev.direction, ts_ns: ev.ts_ns, hop });
+    }
+    for s in stamps {
+        // Requests go client -> server, responses server -> client.
+        let (from, to) = if s.direction == 0 { (app_netns[0], app_netns[1]) } else { (app_netns[1], app_netns[0]) };
+        let app = |point, netns, ts_ns| Observation {
+            seq: s.seq,
+            direction: s.direction,
+            ts_ns,
+            hop: HopKey { point, netns, ifindex: 0 },
+        };
+        obs.push(app(Point::AppSend, from, s.send_ns));
+        obs.push(app(Point::AppRecv, to, s.recv_ns));
+    }
+    (obs, drops)
+}
+
+/// Latency statistics of one segment or of the whole journey.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Stats {
+    pub samples: u64,
+    pub mean_ns: f64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
+}
+
+impl Stats {
+    fn of(values: &[u64]) -> Stats {
+        if values.is_empty() {
+            return Stats::default();
+        }
+        // 3 significant digits: percentiles within 0.1%; the mean is exact.
+        let mut h = Histogram::<u64>::new(3).expect("3 significant digits is a valid precision");
+        for &v in values {
+            h.saturating_record(v);
+        }
+        let sum: u128 = values.iter().map(|&v| v as u128).sum();
+        Stats {
+            samples: values.len() as u64,
+            mean_ns: sum as f64 / values.len() as f64,
+            p50_ns: h.value_at_quantile(0.50),
+            p90_ns: h.value_at_quantile(0.90),
+            p99_ns: h.value_at_quantile(0.99),
+            max_ns: h.max(),
+        }
+    }
+}
+
+/// Result of attributing one direction's journeys to the segments of its expected path.
+#[derive(Clone, Debug, Default)]
+pub struct Attribution {
+    /// One entry per segment: from hop k to hop k+1 of the expected path.
+    pub segments: Vec<Stats>,
+    pub end_to_end: Stats,
+    pub complete: u64,
+    /// Packets seen at some hop whose journey does not match the expected path.
+    pub incomplete: u64,
+    /// For incomplete journeys: how often each expected hop was missing.
+    pub missing: BTreeMap<usize, u64>,
+    /// Hops observed that the expected path does not have, with their counts.
+    pub unexpected: BTreeMap<HopKey, u64>,
+    /// For the integration tests: every complete journey had exactly the expected hop order.
+    pub out_of_order: u64,
+}
+
+/// Attributes the journeys of one direction. `expected` is the predicted hop order.
+pub fn attribute(obs: &[Observation], direction: u32, expected: &[HopKey]) -> Attribution {
+    let position: HashMap<&HopKey, usize> = expected.iter().enumerate().map(|(i, k)| (k, i)).collect();
+    let mut per_packet: HashMap<u32, Vec<&Observation>> = HashMap::new();
+    for o in obs.iter().filter(|o| o.direction == direction) {
+        per_packet.entry(o.seq).or_default().push(o);
+    }
+    let mut out = Attribution::default();
+    let mut deltas: Vec<Vec<u64>> = vec![Vec::new(); expected.len().saturating_sub(1)];
+    let mut totals = Vec::new();
+    for (_, mut seen) in per_packet {
+        // Stable: events of one CPU arrive in order, which settles equal timestamps.
+        seen.sort_by_key(|o| o.ts_ns);
+        match timeline(&seen, &position, expected.len(), &mut out) {
+            Some(ts) => {
+                for (k, w) in ts.windows(2).enumerate() {
+                    deltas[k].push(w[1].saturating_sub(w[0]));
+                }
+                totals.push(ts[ts.len() - 1].saturating_sub(ts[0]));
+                out.complete += 1;
+            }
+            None => out.incomplete += 1,
+        }
+    }
+    out.segments = deltas.iter().map(|d| Stats::of(d)).collect();
+    out.end_to_end = Stats::of(&totals);
+    out
+}
+
+/// The packet's timestamps in expected-path order, or None (recording why) when it is not a
+/// complete journey through every expected hop in order.
+fn timeline(
+    seen: &[&Observation],
+    position: &HashMap<&HopKey, usize>,
+    hops: usize,
+    out: &mut Attribution,
+) -> Option<Vec<u64>> {
+    let mut ts: Vec<Option<u64>> = vec![None; hops];
+    let mut order = Vec::with_capacity(hops);
+    let mut unique = HashSet::new();
+    for o in seen {
+        match position.get(&o.hop) {
+            // A repeated hop (a retransmission or a second copy) keeps its first time.
+            Some(&i) if unique.insert(i) => {
+                ts[i] = Some(o.ts_ns);
+                order.push(i);
+            }
+            Some(_) => {}
+            None => *out.unexpected.entry(o.hop.clone()).or_default() += 1,
+        }
+    }
+    if ts.iter().any(Option::is_none) {
+        for (i, t) in ts.iter().enumerate() {
+            if t.is_none() {
+                *out.missing.entry(i).or_default() += 1;
+            }
+        }
+        return None;
+    }
+    if order.windows(2).any(|w| w[0] > w[1]) {
+        out.out_of_order += 1;
+        return None;
+    }
+    Some(ts.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(point: Point, ifindex: u32) -> HopKey {
+        HopKey { point, netns: 1, ifindex }
+    }
+
+    fn path() -> Vec<HopKey> {
+        vec![
+            key(Point::AppSend, 0),
+            key(Point::Hook(HookId::TcEgress), 2),
+            key(Point::Hook(HookId::NetifReceiveSkb), 3),
+            key(Point::AppRecv, 0),
+        ]
+    }
+
+    fn packet(seq: u32, times: &[u64]) -> Vec<Observation> {
+        path()
+            .into_iter()
+            .zip(times)
+            .map(|(hop, &ts_ns)| Observation { seq, direction: 0, ts_ns, hop })
+            .collect()
+    }
+
+    #[test]
+    fn segments_telescope_to_end_to_end() {
+        let mut obs = packet(0, &[100, 110, 130, 160]);
+        obs.extend(packet(1, &[200, 220, 230, 300]));
+        let a = attribute(&obs, 0, &path());
+        assert_eq!(a.complete, 2);
+        assert_eq!(a.incomplete, 0);
+        let means: Vec<f64> = a.segments.iter().map(|s| s.mean_ns).collect();
+        assert_eq!(means, vec![15.0, 15.0, 50.0]);
+        assert_eq!(a.end_to_end.mean_ns, 80.0);
+        assert_eq!(a.end_to_end.max_ns, 100);
+    }
+
+    #[test]
+    fn out_of_order_events_are_sorted_and_duplicates_keep_the_first() {
+        let mut obs = packet(0, &[100, 110, 130, 160]);
+        obs.reverse();
+        // A retransmission seen again at the tc hop later.
+        obs.push(Observation { seq: 0, direction: 0, ts_ns: 150, hop: key(Point::Hook(HookId::TcEgress), 2) });
+        let a = attribute(&obs, 0, &path());
+        assert_eq!(a.complete, 1);
+        assert_eq!(a.segments[0].mean_ns, 10.0);
+    }
+
+    #[test]
+    fn missing_hops_are_counted_not_dropped() {
+        let mut obs = packet(0, &[100, 110, 130, 160]);
+        obs.retain(|o| o.hop.point != Point::Hook(HookId::NetifReceiveSkb));
+        obs.extend(packet(1, &[200, 220, 230, 300]));
+        let a = attribute(&obs, 0, &path());
+        assert_eq!((a.complete, a.incomplete), (1, 1));
+        assert_eq!(a.missing.get(&2), Some(&1));
+        assert_eq!(a.segments[0].samples, 1);
+    }
+
+    #[test]
+    fn hops_in_the_wrong_order_make_a_journey_incomplete() {
+        let obs = packet(0, &[100, 140, 130, 160]);
+        let a = attribute(&obs, 0, &path());
+        assert_eq!((a.complete, a.out_of_order), (0, 1));
+    }
+
+    #[test]
+    fn unexpected_hops_are_reported() {
+        let mut obs = packet(0, &[100, 110, 130, 160]);
+        let stray = key(Point::Hook(HookId::NetDevQueue), 9);
+        obs.push(Observation { seq: 0, direction: 0, ts_ns: 120, hop: stray.clone() });
+        let a = attribute(&obs, 0, &path());
+        assert_eq!(a.complete, 1);
+        assert_eq!(a.unexpected.get(&stray), Some(&1));
+    }
+
+    #[test]
+    fn other_direction_is_ignored() {
+        let mut obs = packet(0, &[100, 110, 130, 160]);
+        for o in &mut obs {
+            o.direction = 1;
+        }
+        let a = attribute(&obs, 0, &path());
+        assert_eq!((a.complete, a.incomplete), (0, 0));
+        assert_eq!(a.end_to_end, Stats::default());
+    }
+
+    #[test]
+    fn observations_split_drops_and_resolve_tc_namespaces() {
+        let tc = Event { hook: HookId::TcEgress as u8, ifindex: 5, ts_ns: 1, ..Default::default() };
+        let drop = Event { hook: HookId::KfreeSkb as u8, ifindex: 5, drop_reason: 2, ..Default::default() };
+        let stamps = [Stamp { seq: 0, direction: 1, send_ns: 10, recv_ns: 20 }];
+        let tc_netns = HashMap::from([((HookId::TcEgress, 5), 77)]);
+        let (obs, drops) = observations(&[tc, drop], &stamps, [1, 2], &tc_netns);
+        assert_eq!(drops.len(), 1);
+        assert_eq!(obs[0].hop.netns, 77);
+        // A response is sent by the server (namespace 2) and received by the client (1).
+        assert_eq!(obs[1].hop, HopKey { point: Point::AppSend, netns: 2, ifindex: 0 });
+        assert_eq!(obs[2].hop, HopKey { point: Point::AppRecv, netns: 1, ifindex: 0 });
+    }
+}

@@ -1,0 +1,185 @@
+//! `profiler run`: bring the lab up if needed, attach, drive tagged traffic, attribute, report.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use profiler_common::{COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST, DIR_RESPONSE, Event};
+use tokio::sync::oneshot;
+
+use crate::{
+    btf::KernelBtf,
+    collect, doctor,
+    hooks::{ProbeConfig, Probes},
+    journey::{self, Attribution},
+    lab::{self, Lab, Topology},
+    path::{self, Attached, Hop, Inodes},
+    report::{DirectionReport, DropReport, EventsReport, MissingHop, RUN_SCHEMA, RunReport, SegmentReport, TrafficReport},
+    traffic::{self, Endpoints, Proto, Spec},
+};
+
+#[derive(Clone, Debug)]
+pub struct RunArgs {
+    pub lab: Topology,
+    pub proto: Proto,
+    pub size: usize,
+    pub count: u32,
+    pub rate: Option<f64>,
+    pub port: u16,
+    pub stats: bool,
+    pub timeout: Duration,
+}
+
+/// Waits this long after the last exchange for the ring buffer to deliver its last events.
+const DRAIN: Duration = Duration::from_millis(200);
+/// Untagged exchanges before the measured ones, so neighbour resolution is not measured.
+const WARMUP: u32 = 3;
+
+/// Runs the profile on an existing lab and returns the report.
+pub async fn profile(args: &RunArgs, lab: &Lab) -> Result<RunReport> {
+    let run_id = rand_run_id();
+    let spec = Spec {
+        proto: args.proto,
+        size: args.size,
+        count: args.count,
+        rate: args.rate,
+        run_id,
+        port: args.port,
+        timeout: args.timeout,
+    };
+    spec.validate()?;
+    let ends = Endpoints {
+        client_ns: Some(lab.client.netns.clone()),
+        server_ns: Some(lab.server.netns.clone()),
+        server_addr: lab.server.addr,
+    };
+    warm_up(&spec, &ends).await?;
+
+    let btf = KernelBtf::load()?;
+    let mut probes = Probes::load(&btf, &ProbeConfig { run_id, port: args.port })?;
+    probes.attach_tracepoints(&btf)?;
+    for iface in &lab.interfaces {
+        probes.attach_tc(Some(&iface.netns), &iface.ifname);
+    }
+    // Held for the run: the kernel counts each program's run time while this fd is open.
+    let _stats = if args.stats { Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?) } else { None };
+
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let collector = tokio::spawn(collect::collect(probes.take_events()?, stop_rx));
+    let progress = Arc::new(AtomicU32::new(0));
+    let reporter = tokio::spawn(report_progress(progress.clone(), spec.count));
+    let outcome = traffic::run(&spec, &ends, progress).await;
+    reporter.abort();
+    tokio::time::sleep(DRAIN).await;
+    let _ = stop_tx.send(());
+    let events = collector.await.context("the event collector stopped")??;
+    let outcome = outcome?;
+    let counters = probes.counters()?;
+    let costs = args.stats.then(|| probes.costs());
+
+    let inodes = Inodes::of(lab)?;
+    let attached = Attached::from_probes(&probes);
+    let tc_netns: HashMap<_, _> = probes.tc.iter().map(|a| ((a.hook, a.ifindex), a.netns_inode)).collect();
+    let app_netns = [inodes.get(&lab.client.netns), inodes.get(&lab.server.netns)];
+    let (obs, drops) = journey::observations(&events, &outcome.stamps, app_netns, &tc_netns);
+    let mut directions = Vec::new();
+    let mut incomplete = 0;
+    for (dir, name) in [(DIR_REQUEST, "request"), (DIR_RESPONSE, "response")] {
+        let hops = path::predict(lab, dir, &attached, &inodes);
+        let keys: Vec<_> = hops.iter().map(|h| h.key.clone()).collect();
+        let attribution = journey::attribute(&obs, dir, &keys);
+        incomplete += attribution.incomplete;
+        directions.push(direction_report(name, hops, attribution, lab));
+    }
+    Ok(RunReport {
+        schema: RUN_SCHEMA,
+        kernel: doctor::kernel_release(),
+        topology: lab.name.clone(),
+        traffic: TrafficReport { proto: args.proto, size: args.size, count: args.count, completed: outcome.completed },
+        directions,
+        events: EventsReport {
+            received: events.len() as u64,
+            lost: counters[COUNTER_LOST as usize],
+            incomplete_packets: incomplete,
+            unreadable: counters[COUNTER_UNREADABLE as usize],
+            drops: drop_report(&drops, lab, &btf),
+        },
+        hooks: probes.statuses.clone(),
+        program_costs: costs,
+    })
+}
+
+fn direction_report(name: &'static str, hops: Vec<Hop>, a: Attribution, lab: &Lab) -> DirectionReport {
+    let names = path::segment_names(&hops, lab);
+    let segments = names
+        .into_iter()
+        .zip(a.segments)
+        .enumerate()
+        .map(|(i, (name, stats))| SegmentReport { name, from: i, to: i + 1, stats })
+        .collect();
+    DirectionReport {
+        direction: name,
+        hops,
+        segments,
+        end_to_end: a.end_to_end,
+        complete_packets: a.complete,
+        incomplete_packets: a.incomplete,
+        missing_hops: a.missing.into_iter().map(|(hop, packets)| MissingHop { hop, packets }).collect(),
+    }
+}
+
+fn drop_report(drops: &[Event], lab: &Lab, btf: &KernelBtf) -> Vec<DropReport> {
+    let reasons = btf.drop_reasons();
+    let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for d in drops {
+        let reason = reasons.get(&d.drop_reason).cloned().unwrap_or_else(|| d.drop_reason.to_string());
+        let ifname = lab.interfaces.iter().find(|i| i.ifindex == d.ifindex).map_or(format!("ifindex {}", d.ifindex), |i| i.ifname.clone());
+        *counts.entry((reason, ifname)).or_default() += 1;
+    }
+    counts.into_iter().map(|((reason, ifname), packets)| DropReport { reason, ifname, packets }).collect()
+}
+
+async fn warm_up(spec: &Spec, ends: &Endpoints) -> Result<()> {
+    // Run id 0 is never the measured run's, so the kernel ignores these.
+    let warm = Spec { count: WARMUP, run_id: 0, rate: None, ..spec.clone() };
+    traffic::run(&warm, ends, Arc::new(AtomicU32::new(0))).await.context("warming up the path")?;
+    Ok(())
+}
+
+/// Progress on stderr once a second for long runs.
+async fn report_progress(done: Arc<AtomicU32>, total: u32) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        eprintln!("  {} / {} exchanges", done.load(Ordering::Relaxed), total);
+    }
+}
+
+fn rand_run_id() -> u32 {
+    // Nonzero and different per run; uniqueness across concurrent runs is all that matters.
+    let t = traffic::now_ns();
+    ((t ^ (t >> 32) ^ std::process::id() as u64) as u32) | 1
+}
+
+/// Brings the lab up if it is not, and says whether this call did (so it must take it down).
+pub async fn ensure_lab(topology: Topology) -> Result<(Lab, bool)> {
+    let name = topology_name(topology);
+    match lab::get(&name)? {
+        Some(lab) => Ok((lab, false)),
+        None => {
+            eprintln!("bringing up lab {name}");
+            Ok((lab::up(topology).await?, true))
+        }
+    }
+}
+
+pub fn topology_name(t: Topology) -> String {
+    serde_json::to_value(t).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}

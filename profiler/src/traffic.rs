@@ -1,0 +1,290 @@
+//! Recognisable traffic: request/response ping-pong in the style of sockperf, UDP or TCP, between
+//! a client and a server each in its own network namespace. Every payload starts with a tag
+//! (magic, run id, sequence, direction) and the runner stamps each send and receive with
+//! CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads, so the application is the first and last hop.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use profiler_common::{DIR_REQUEST, DIR_RESPONSE, TAG_LEN, TAG_MAGIC, Tag};
+use serde::Serialize;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UdpSocket},
+};
+
+use crate::netns;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+pub const MIN_SIZE: usize = TAG_LEN;
+pub const MAX_SIZE: usize = 64 * 1024;
+/// Largest UDP payload over IPv4.
+pub const MAX_UDP_SIZE: usize = 65_507;
+
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub proto: Proto,
+    pub size: usize,
+    pub count: u32,
+    /// Requests per second; None sends the next request as soon as the response arrives.
+    pub rate: Option<f64>,
+    pub run_id: u32,
+    pub port: u16,
+    /// How long to wait for a response before counting the request as lost.
+    pub timeout: Duration,
+}
+
+impl Spec {
+    pub fn validate(&self) -> Result<()> {
+        if !(MIN_SIZE..=MAX_SIZE).contains(&self.size) {
+            bail!("--size must be between {MIN_SIZE} and {MAX_SIZE} bytes, got {}", self.size);
+        }
+        if self.proto == Proto::Udp && self.size > MAX_UDP_SIZE {
+            bail!("a UDP payload is at most {MAX_UDP_SIZE} bytes over IPv4, got --size {}", self.size);
+        }
+        if self.count == 0 {
+            bail!("--count must be at least 1");
+        }
+        if self.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+            bail!("--rate must be a positive number of requests per second");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub client_ns: Option<String>,
+    pub server_ns: Option<String>,
+    pub server_addr: Ipv4Addr,
+}
+
+/// Application timestamps of one direction of one exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub seq: u32,
+    pub direction: u32,
+    pub send_ns: u64,
+    pub recv_ns: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub stamps: Vec<Stamp>,
+    /// Exchanges whose response arrived.
+    pub completed: u32,
+}
+
+pub fn now_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+fn payload(size: usize, run_id: u32, seq: u32, direction: u32) -> Vec<u8> {
+    let mut buf = vec![0xa5; size];
+    buf[..TAG_LEN].copy_from_slice(&Tag { magic: TAG_MAGIC, run_id, seq, direction }.to_bytes());
+    buf
+}
+
+fn read_tag(buf: &[u8]) -> Option<Tag> {
+    let raw: &[u8; TAG_LEN] = buf.get(..TAG_LEN)?.try_into().ok()?;
+    Some(Tag::from_bytes(raw)).filter(|t| t.magic == TAG_MAGIC)
+}
+
+/// Server-side stamps: half of each exchange's timestamps come from the server.
+type ServerLog = Arc<Mutex<Vec<(u32, u64, u64)>>>;
+
+/// Runs `spec.count` exchanges; `progress` counts completed ones as they happen.
+pub async fn run(spec: &Spec, ends: &Endpoints, progress: Arc<AtomicU32>) -> Result<Outcome> {
+    spec.validate()?;
+    let server_log = ServerLog::default();
+    let mut outcome = match spec.proto {
+        Proto::Udp => run_udp(spec, ends, server_log.clone(), &progress).await?,
+        Proto::Tcp => run_tcp(spec, ends, server_log.clone(), &progress).await?,
+    };
+    // Server log: (seq, request received, response sent).
+    let log = server_log.lock().expect("server log lock").clone();
+    for (seq, recv_ns, send_ns) in log {
+        if let Some(req) = outcome.stamps.iter_mut().find(|s| s.seq == seq && s.direction == DIR_REQUEST) {
+            req.recv_ns = recv_ns;
+        }
+        if let Some(resp) = outcome.stamps.iter_mut().find(|s| s.seq == seq && s.direction == DIR_RESPONSE) {
+            resp.send_ns = send_ns;
+        }
+    }
+    outcome.stamps.retain(|s| s.send_ns != 0 && s.recv_ns != 0);
+    Ok(outcome)
+}
+
+async fn pace(spec: &Spec, started: tokio::time::Instant, i: u32) {
+    if let Some(rate) = spec.rate {
+        tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
+    }
+}
+
+/// Records a completed exchange: the client's half of both directions.
+fn record(out: &mut Outcome, seq: u32, req_sent: u64, resp_recv: u64) {
+    out.stamps.push(Stamp { seq, direction: DIR_REQUEST, send_ns: req_sent, recv_ns: 0 });
+    out.stamps.push(Stamp { seq, direction: DIR_RESPONSE, send_ns: 0, recv_ns: resp_recv });
+    out.completed += 1;
+}
+
+async fn run_udp(spec: &Spec, ends: &Endpoints, log: ServerLog, progress: &AtomicU32) -> Result<Outcome> {
+    let server_addr = SocketAddr::from((ends.server_addr, spec.port));
+    let server = netns::run_in(ends.server_ns.as_deref(), || {
+        std::net::UdpSocket::bind(server_addr).with_context(|| format!("binding the UDP server to {server_addr}"))
+    })?;
+    let client = netns::run_in(ends.client_ns.as_deref(), || {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding the UDP client")?;
+        s.connect(server_addr).with_context(|| format!("connecting the UDP client to {server_addr}"))?;
+        Ok(s)
+    })?;
+    let server = UdpSocket::from_std(nonblocking_udp(server)?)?;
+    let client = UdpSocket::from_std(nonblocking_udp(client)?)?;
+    let (size, run_id) = (spec.size, spec.run_id);
+    let server_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; MAX_SIZE];
+        loop {
+            let Ok((n, peer)) = server.recv_from(&mut buf).await else { return };
+            let recv_ns = now_ns();
+            let Some(tag) = read_tag(&buf[..n]).filter(|t| t.run_id == run_id) else { continue };
+            let resp = payload(size, run_id, tag.seq, DIR_RESPONSE);
+            let send_ns = now_ns();
+            if server.send_to(&resp, peer).await.is_ok() {
+                log.lock().expect("server log lock").push((tag.seq, recv_ns, send_ns));
+            }
+        }
+    });
+    let mut out = Outcome::default();
+    let mut buf = vec![0u8; MAX_SIZE];
+    let started = tokio::time::Instant::now();
+    for seq in 0..spec.count {
+        pace(spec, started, seq).await;
+        let req = payload(size, run_id, seq, DIR_REQUEST);
+        let sent = now_ns();
+        client.send(&req).await.context("sending a UDP request")?;
+        let deadline = tokio::time::Instant::now() + spec.timeout;
+        // Late responses to earlier requests are skipped; a lost one just times out.
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, client.recv(&mut buf)).await {
+            let recv = now_ns();
+            if read_tag(&buf[..n]).is_some_and(|t| t.seq == seq && t.run_id == run_id) {
+                record(&mut out, seq, sent, recv);
+                progress.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    server_task.abort();
+    Ok(out)
+}
+
+fn nonblocking_udp(s: std::net::UdpSocket) -> Result<std::net::UdpSocket> {
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+async fn run_tcp(spec: &Spec, ends: &Endpoints, log: ServerLog, progress: &AtomicU32) -> Result<Outcome> {
+    let server_addr = SocketAddr::from((ends.server_addr, spec.port));
+    let listener = netns::run_in(ends.server_ns.as_deref(), || {
+        let l = std::net::TcpListener::bind(server_addr).with_context(|| format!("binding the TCP server to {server_addr}"))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })?;
+    let listener = TcpListener::from_std(listener)?;
+    let (size, run_id) = (spec.size, spec.run_id);
+    let server_task = tokio::spawn(async move {
+        let Ok((mut conn, _)) = listener.accept().await else { return };
+        let _ = conn.set_nodelay(true);
+        let mut buf = vec![0u8; size];
+        while conn.read_exact(&mut buf).await.is_ok() {
+            let recv_ns = now_ns();
+            let Some(tag) = read_tag(&buf) else { return };
+            let resp = payload(size, run_id, tag.seq, DIR_RESPONSE);
+            let send_ns = now_ns();
+            if conn.write_all(&resp).await.is_err() {
+                return;
+            }
+            log.lock().expect("server log lock").push((tag.seq, recv_ns, send_ns));
+        }
+    });
+    let client = netns::run_in(ends.client_ns.as_deref(), || {
+        let s = std::net::TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))
+            .with_context(|| format!("connecting to the TCP server at {server_addr}"))?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    })?;
+    let mut client = TcpStream::from_std(client)?;
+    client.set_nodelay(true)?;
+    let mut out = Outcome::default();
+    let mut buf = vec![0u8; size];
+    let started = tokio::time::Instant::now();
+    for seq in 0..spec.count {
+        pace(spec, started, seq).await;
+        let req = payload(size, run_id, seq, DIR_REQUEST);
+        let sent = now_ns();
+        client.write_all(&req).await.context("sending a TCP request")?;
+        tokio::time::timeout(spec.timeout, client.read_exact(&mut buf))
+            .await
+            .context("the TCP server did not answer in time")?
+            .context("reading a TCP response")?;
+        let recv = now_ns();
+        record(&mut out, seq, sent, recv);
+        progress.fetch_add(1, Ordering::Relaxed);
+    }
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(1), server_task).await;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_carries_a_readable_tag() {
+        let p = payload(64, 7, 42, DIR_RESPONSE);
+        assert_eq!(p.len(), 64);
+        assert_eq!(read_tag(&p), Some(Tag { magic: TAG_MAGIC, run_id: 7, seq: 42, direction: DIR_RESPONSE }));
+        assert_eq!(read_tag(&p[..8]), None);
+        assert_eq!(read_tag(&[0u8; 32]), None);
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        let ok = Spec { proto: Proto::Udp, size: 64, count: 1, rate: None, run_id: 1, port: 1, timeout: Duration::from_secs(1) };
+        assert!(ok.validate().is_ok());
+        assert!(Spec { size: 8, ..ok.clone() }.validate().is_err());
+        assert!(Spec { size: MAX_SIZE, ..ok.clone() }.validate().is_err(), "too big for UDP");
+        assert!(Spec { size: MAX_SIZE, proto: Proto::Tcp, ..ok.clone() }.validate().is_ok());
+        assert!(Spec { count: 0, ..ok.clone() }.validate().is_err());
+        assert!(Spec { rate: Some(-1.0), ..ok }.validate().is_err());
+    }
+
+    /// Both ends in this process's namespace over loopback: the stamps come back complete.
+    #[tokio::test]
+    async fn udp_and_tcp_ping_pong_on_loopback() {
+        for (proto, port) in [(Proto::Udp, 47_001), (Proto::Tcp, 47_002)] {
+            let spec = Spec { proto, size: 1400, count: 20, rate: None, run_id: 9, port, timeout: Duration::from_secs(2) };
+            let ends = Endpoints { client_ns: None, server_ns: None, server_addr: Ipv4Addr::LOCALHOST };
+            let progress = Arc::new(AtomicU32::new(0));
+            let out = run(&spec, &ends, progress.clone()).await.expect("run");
+            assert_eq!(out.completed, 20, "{proto:?}");
+            assert_eq!(progress.load(Ordering::Relaxed), 20);
+            assert_eq!(out.stamps.len(), 40);
+            assert!(out.stamps.iter().all(|s| s.recv_ns > s.send_ns), "{proto:?}: {:?}", out.stamps[0]);
+        }
+    }
+}
