@@ -1,0 +1,2 @@
+//! eBPF datapath profiler for container networks.
+pub mod netns;
