@@ -63,9 +63,12 @@ pub fn inode(name: &str) -> Result<u32> {
     ino_u32(meta.ino(), &path.display().to_string())
 }
 
+/// The calling thread's namespace inode. thread-self, not self: /proc/self is the thread group
+/// leader, whose namespace differs from ours inside `run_in`.
 pub fn current_inode() -> Result<u32> {
-    let meta = std::fs::metadata("/proc/self/ns/net").context("cannot stat /proc/self/ns/net")?;
-    ino_u32(meta.ino(), "/proc/self/ns/net")
+    const PATH: &str = "/proc/thread-self/ns/net";
+    let meta = std::fs::metadata(PATH).with_context(|| format!("cannot stat {PATH}"))?;
+    ino_u32(meta.ino(), PATH)
 }
 
 /// Runs `f` on a fresh thread that has joined netns `name` (None: stay in the caller's
