@@ -57,10 +57,11 @@ struct Link {
     addrs: Vec<String>,
 }
 
-/// All links of netns `ns` by name, read through a netlink socket opened inside it.
-async fn links_in(ns: &str) -> Result<HashMap<String, Link>> {
+/// All links of netns `ns` (None: the test's own) by name, read through a netlink socket
+/// opened inside it.
+async fn links_in(ns: Option<&str>) -> Result<HashMap<String, Link>> {
     let rt = tokio::runtime::Handle::current();
-    let (conn, handle, _) = netns::run_in(Some(ns), || {
+    let (conn, handle, _) = netns::run_in(ns, || {
         let _rt = rt.enter();
         Ok(rtnetlink::new_connection()?)
     })?;
@@ -112,11 +113,12 @@ async fn links_in(ns: &str) -> Result<HashMap<String, Link>> {
 }
 
 /// Every interface the Lab names exists in its namespace with that ifindex, kind, addresses,
-/// peer and master; everything is up, lo included; ifindexes are unique across the lab.
+/// peer and master; everything is up, lo included; ifindexes are unique across the lab and
+/// the test's own namespace.
 async fn check_against_netlink(lab: &Lab) -> Result<()> {
-    let mut seen = HashSet::new();
+    let mut seen: HashSet<u32> = links_in(None).await?.values().map(|l| l.index).collect();
     for ns in &lab.namespaces {
-        let links = links_in(ns).await?;
+        let links = links_in(Some(ns)).await?;
         assert!(links.get("lo").is_some_and(|lo| lo.up), "lo is not up in {ns}");
         for iface in lab.interfaces.iter().filter(|i| &i.netns == ns) {
             let link = links.get(&iface.ifname).with_context(|| format!("{} missing in {ns}", iface.ifname))?;
@@ -129,7 +131,7 @@ async fn check_against_netlink(lab: &Lab) -> Result<()> {
             assert_eq!(link.link, iface.peer.as_ref().map(|p| p.ifindex), "{iface:?}");
             let master = iface.master.as_ref().map(|m| links.get(m).map(|l| l.index));
             assert_eq!(link.master, master.flatten(), "{iface:?}");
-            assert!(seen.insert(iface.ifindex), "ifindex {} used twice", iface.ifindex);
+            assert!(seen.insert(iface.ifindex), "ifindex {} is not unique", iface.ifindex);
         }
     }
     for crossing in &lab.path {
@@ -279,30 +281,19 @@ fn failed_up_removes_everything_it_made() -> Result<()> {
     let _guard = LabGuard("bridge");
     let squat = Path::new(lab::STATE_DIR).join("bridge.json.tmp");
     std::fs::create_dir_all(&squat)?;
-    let root_before = rt.block_on(links_in_current())?;
+    let root_before = rt.block_on(link_names_here())?;
     let result = rt.block_on(lab::up(Topology::Bridge));
     std::fs::remove_dir(&squat)?;
     let err = result.map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("bridge.json.tmp"), "{err:#}");
     assert_gone("bridge", &["prof-bridge-pod-a".into(), "prof-bridge-pod-b".into(), "prof-bridge-host".into()]);
-    assert_eq!(rt.block_on(links_in_current())?, root_before);
+    assert_eq!(rt.block_on(link_names_here())?, root_before);
     Ok(())
 }
 
 /// Names of the links in the test's own namespace, sorted.
-async fn links_in_current() -> Result<Vec<String>> {
-    let (conn, handle, _) = rtnetlink::new_connection()?;
-    let conn = tokio::spawn(conn);
-    let mut names = Vec::new();
-    let mut dump = handle.link().get().execute();
-    while let Some(msg) = dump.try_next().await? {
-        for attr in msg.attributes {
-            if let LinkAttribute::IfName(name) = attr {
-                names.push(name);
-            }
-        }
-    }
-    conn.abort();
+async fn link_names_here() -> Result<Vec<String>> {
+    let mut names: Vec<String> = links_in(None).await?.into_keys().collect();
     names.sort();
     Ok(names)
 }

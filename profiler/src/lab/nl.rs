@@ -52,8 +52,9 @@ impl Nl {
     }
 
     /// A bridge without STP and with forward delay 0, so ports forward as soon as they are up.
-    pub async fn add_bridge(&self, name: &str) -> Result<u32> {
-        let msg = LinkBridge::new(name).stp_state(BridgeStpState::Disabled).forward_delay(0).build();
+    /// `index` 0 lets the kernel choose the ifindex.
+    pub async fn add_bridge(&self, name: &str, index: u32) -> Result<u32> {
+        let msg = LinkBridge::new(name).index(index).stp_state(BridgeStpState::Disabled).forward_delay(0).build();
         self.handle.link().add(msg).execute().await
             .with_context(|| format!("cannot create bridge {name} in {}", self.ns))?;
         self.index(name).await

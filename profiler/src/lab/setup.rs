@@ -53,8 +53,12 @@ pub(super) async fn build(topology: Topology, spec: &Spec, undo: &mut Undo) -> R
         undo.namespaces.push(ns);
     }
     let temp = create_pairs(lab, spec, undo).await?;
+    let bridge_index = match spec.bridge {
+        Some(_) => Some(reserve_ifindex(undo).await?),
+        None => None,
+    };
     for role in spec.roles {
-        configure(lab, role, spec, &temp).await?;
+        configure(lab, role, spec, &temp, bridge_index).await?;
     }
     describe(topology, spec).await
 }
@@ -79,6 +83,19 @@ async fn create_pairs(lab: &str, spec: &Spec, undo: &mut Undo) -> Result<Vec<[St
     Ok(temp)
 }
 
+/// An ifindex for the bridge that no device of the caller's namespace has. A bridge cannot
+/// change namespace, so it is created in its own with an explicit ifindex: one taken from a
+/// throwaway bridge here, which the kernel will not hand out again (it allocates ifindexes
+/// upwards, wrapping only at 2^31).
+async fn reserve_ifindex(undo: &mut Undo) -> Result<u32> {
+    let root = Nl::open(None)?;
+    let name = temp_name();
+    let index = root.add_bridge(&name, 0).await?;
+    undo.root_links.push(name);
+    root.delete(index).await?;
+    Ok(index)
+}
+
 /// Unique in the caller's namespace while this process lives, and within IFNAMSIZ.
 fn temp_name() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -86,13 +103,13 @@ fn temp_name() -> String {
     format!("pf{}x{n}", std::process::id() % 100_000)
 }
 
-/// Inside namespace `role`: lo up, the bridge if it lives here, then each veth end renamed,
+/// Inside namespace `role`: lo up, the bridge if it lives here (with `bridge_index`), then each veth end renamed,
 /// enslaved, addressed and brought up.
-async fn configure(lab: &str, role: &str, spec: &Spec, temp: &[[String; 2]]) -> Result<()> {
+async fn configure(lab: &str, role: &str, spec: &Spec, temp: &[[String; 2]], bridge_index: Option<u32>) -> Result<()> {
     let nl = Nl::open(Some(&netns_name(lab, role)))?;
     nl.up(nl.index("lo").await?).await?;
     if let Some(bridge) = spec.bridge.as_ref().filter(|b| b.at.0 == role) {
-        let index = nl.add_bridge(bridge.at.1).await?;
+        let index = nl.add_bridge(bridge.at.1, bridge_index.unwrap_or(0)).await?;
         nl.add_addr(index, bridge.addr, PREFIX_LEN).await?;
     }
     let ends = spec.pairs.iter().flatten().zip(temp.iter().flatten());
