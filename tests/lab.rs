@@ -23,7 +23,11 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 /// Takes lab `name` down on drop, whatever state it is in.
@@ -71,7 +75,10 @@ async fn links_in(ns: Option<&str>) -> Result<HashMap<String, Link>> {
     while let Some(msg) = dump.try_next().await? {
         for attr in &msg.attributes {
             if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
-                addrs.entry(msg.header.index).or_default().push(format!("{ip}/{}", msg.header.prefix_len));
+                addrs
+                    .entry(msg.header.index)
+                    .or_default()
+                    .push(format!("{ip}/{}", msg.header.prefix_len));
             }
         }
     }
@@ -119,24 +126,40 @@ async fn check_against_netlink(lab: &Lab) -> Result<()> {
     let mut seen: HashSet<u32> = links_in(None).await?.values().map(|l| l.index).collect();
     for ns in &lab.namespaces {
         let links = links_in(Some(ns)).await?;
-        assert!(links.get("lo").is_some_and(|lo| lo.up), "lo is not up in {ns}");
+        assert!(
+            links.get("lo").is_some_and(|lo| lo.up),
+            "lo is not up in {ns}"
+        );
         for iface in lab.interfaces.iter().filter(|i| &i.netns == ns) {
-            let link = links.get(&iface.ifname).with_context(|| format!("{} missing in {ns}", iface.ifname))?;
+            let link = links
+                .get(&iface.ifname)
+                .with_context(|| format!("{} missing in {ns}", iface.ifname))?;
             assert_eq!(link.index, iface.ifindex, "{iface:?}");
             assert_eq!(link.kind.as_deref(), Some(iface.kind.as_str()), "{iface:?}");
             assert!(link.up, "{iface:?} is down");
             let mut addrs = link.addrs.clone();
             addrs.sort();
             assert_eq!(addrs, iface.addrs, "{iface:?}");
-            assert_eq!(link.link, iface.peer.as_ref().map(|p| p.ifindex), "{iface:?}");
+            assert_eq!(
+                link.link,
+                iface.peer.as_ref().map(|p| p.ifindex),
+                "{iface:?}"
+            );
             let master = iface.master.as_ref().map(|m| links.get(m).map(|l| l.index));
             assert_eq!(link.master, master.flatten(), "{iface:?}");
-            assert!(seen.insert(iface.ifindex), "ifindex {} is not unique", iface.ifindex);
+            assert!(
+                seen.insert(iface.ifindex),
+                "ifindex {} is not unique",
+                iface.ifindex
+            );
         }
     }
     for crossing in &lab.path {
         for end in [&crossing.tx, &crossing.rx] {
-            let iface = lab.interfaces.iter().find(|i| i.netns == end.netns && i.ifname == end.ifname);
+            let iface = lab
+                .interfaces
+                .iter()
+                .find(|i| i.netns == end.netns && i.ifname == end.ifname);
             assert_eq!(iface.map(|i| i.ifindex), Some(end.ifindex), "{end:?}");
         }
     }
@@ -154,7 +177,10 @@ fn check_udp(lab: &Lab) -> Result<()> {
             Ok(sock)
         })
     };
-    let (tx, rx) = (bind(&client.netns, client.addr)?, bind(&server.netns, server.addr)?);
+    let (tx, rx) = (
+        bind(&client.netns, client.addr)?,
+        bind(&server.netns, server.addr)?,
+    );
     let mut buf = [0u8; 64];
     for _ in 0..10 {
         tx.send_to(b"ping", rx.local_addr()?)?;
@@ -171,12 +197,24 @@ fn check_udp(lab: &Lab) -> Result<()> {
 
 fn assert_gone(name: &str, namespaces: &[String]) {
     for ns in namespaces {
-        assert!(!Path::new(netns::NETNS_DIR).join(ns).exists(), "{ns} is still there");
+        assert!(
+            !Path::new(netns::NETNS_DIR).join(ns).exists(),
+            "{ns} is still there"
+        );
     }
-    assert!(!Path::new(lab::STATE_DIR).join(format!("{name}.json")).exists(), "state of {name} is still there");
+    assert!(
+        !Path::new(lab::STATE_DIR)
+            .join(format!("{name}.json"))
+            .exists(),
+        "state of {name} is still there"
+    );
 }
 
-fn full_cycle(topology: Topology, namespaces: &[&str], ifaces: &[(&str, &str, &str)]) -> Result<()> {
+fn full_cycle(
+    topology: Topology,
+    namespaces: &[&str],
+    ifaces: &[(&str, &str, &str)],
+) -> Result<()> {
     let _serial = serial();
     let rt = runtime();
     let name = topology.name();
@@ -186,10 +224,21 @@ fn full_cycle(topology: Topology, namespaces: &[&str], ifaces: &[(&str, &str, &s
     assert_eq!((lab.name.as_str(), lab.topology), (name, topology));
     assert_eq!(lab.namespaces, namespaces);
     for ns in namespaces {
-        assert!(Path::new(netns::NETNS_DIR).join(ns).exists(), "{ns} not in {}", netns::NETNS_DIR);
+        assert!(
+            Path::new(netns::NETNS_DIR).join(ns).exists(),
+            "{ns} not in {}",
+            netns::NETNS_DIR
+        );
     }
-    let got: Vec<_> = lab.interfaces.iter().map(|i| (i.netns.as_str(), i.ifname.as_str(), i.addrs.join(","))).collect();
-    let want: Vec<_> = ifaces.iter().map(|&(ns, ifname, addrs)| (ns, ifname, addrs.to_string())).collect();
+    let got: Vec<_> = lab
+        .interfaces
+        .iter()
+        .map(|i| (i.netns.as_str(), i.ifname.as_str(), i.addrs.join(",")))
+        .collect();
+    let want: Vec<_> = ifaces
+        .iter()
+        .map(|&(ns, ifname, addrs)| (ns, ifname, addrs.to_string()))
+        .collect();
     assert_eq!(got, want);
     rt.block_on(check_against_netlink(&lab))?;
     check_udp(&lab)?;
@@ -199,7 +248,10 @@ fn full_cycle(topology: Topology, namespaces: &[&str], ifaces: &[(&str, &str, &s
     assert!(lab::list()?.iter().any(|l| l.name == name));
 
     let again = rt.block_on(lab::up(topology)).map(|_| ()).unwrap_err();
-    assert_eq!(again.to_string(), format!("lab {name} is already up (profiler lab down {name})"));
+    assert_eq!(
+        again.to_string(),
+        format!("lab {name} is already up (profiler lab down {name})")
+    );
 
     rt.block_on(lab::down(name))?;
     assert_gone(name, &lab.namespaces);
@@ -212,7 +264,10 @@ fn veth_lab_up_traffic_down() -> Result<()> {
     full_cycle(
         Topology::Veth,
         &["prof-veth-pod-a", "prof-veth-pod-b"],
-        &[("prof-veth-pod-a", "eth0", "198.18.0.1/24"), ("prof-veth-pod-b", "eth0", "198.18.0.2/24")],
+        &[
+            ("prof-veth-pod-a", "eth0", "198.18.0.1/24"),
+            ("prof-veth-pod-b", "eth0", "198.18.0.2/24"),
+        ],
     )
 }
 
@@ -237,12 +292,32 @@ fn bridge_lab_path_goes_through_the_host() -> Result<()> {
     let rt = runtime();
     let _guard = LabGuard("bridge");
     let lab = rt.block_on(lab::up(Topology::Bridge))?;
-    let hops: Vec<_> = lab.path.iter().map(|c| (c.tx.ifname.as_str(), c.rx.netns.as_str(), c.rx.ifname.as_str())).collect();
-    assert_eq!(hops, [("eth0", "prof-bridge-host", "veth-a"), ("veth-b", "prof-bridge-pod-b", "eth0")]);
+    let hops: Vec<_> = lab
+        .path
+        .iter()
+        .map(|c| {
+            (
+                c.tx.ifname.as_str(),
+                c.rx.netns.as_str(),
+                c.rx.ifname.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        hops,
+        [
+            ("eth0", "prof-bridge-host", "veth-a"),
+            ("veth-b", "prof-bridge-pod-b", "eth0")
+        ]
+    );
     assert_eq!(lab.path[0].tx.netns, lab.client.netns);
     assert_eq!(lab.client.addr.to_string(), "198.18.0.1");
     assert_eq!(lab.server.addr.to_string(), "198.18.0.2");
-    let ports = lab.interfaces.iter().filter(|i| i.master.as_deref() == Some("br0")).count();
+    let ports = lab
+        .interfaces
+        .iter()
+        .filter(|i| i.master.as_deref() == Some("br0"))
+        .count();
     assert_eq!(ports, 2);
     Ok(())
 }
@@ -265,8 +340,14 @@ fn up_refuses_a_foreign_namespace_and_leaves_it_alone() -> Result<()> {
     let _foreign = NsGuard("prof-bridge-host");
     let _guard = LabGuard("bridge");
     netns::add("prof-bridge-host")?;
-    let err = rt.block_on(lab::up(Topology::Bridge)).map(|_| ()).unwrap_err();
-    assert_eq!(err.to_string(), "lab bridge is already up (profiler lab down bridge)");
+    let err = rt
+        .block_on(lab::up(Topology::Bridge))
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "lab bridge is already up (profiler lab down bridge)"
+    );
     assert!(netns::exists("prof-bridge-host"));
     assert!(!netns::exists("prof-bridge-pod-a") && !netns::exists("prof-bridge-pod-b"));
     Ok(())
@@ -286,7 +367,14 @@ fn failed_up_removes_everything_it_made() -> Result<()> {
     std::fs::remove_dir(&squat)?;
     let err = result.map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("bridge.json.tmp"), "{err:#}");
-    assert_gone("bridge", &["prof-bridge-pod-a".into(), "prof-bridge-pod-b".into(), "prof-bridge-host".into()]);
+    assert_gone(
+        "bridge",
+        &[
+            "prof-bridge-pod-a".into(),
+            "prof-bridge-pod-b".into(),
+            "prof-bridge-host".into(),
+        ],
+    );
     assert_eq!(rt.block_on(link_names_here())?, root_before);
     Ok(())
 }
@@ -304,11 +392,17 @@ fn run_in_switches_namespace_and_inode_matches() -> Result<()> {
     let _ns = NsGuard("prof-test-runin");
     netns::add("prof-test-runin")?;
     let err = netns::add("prof-test-runin").unwrap_err();
-    assert_eq!(err.to_string(), "network namespace prof-test-runin already exists");
+    assert_eq!(
+        err.to_string(),
+        "network namespace prof-test-runin already exists"
+    );
     let inside = netns::run_in(Some("prof-test-runin"), netns::current_inode)?;
     assert_eq!(inside, netns::inode("prof-test-runin")?);
     assert_ne!(inside, netns::current_inode()?);
-    assert_eq!(netns::run_in(None, netns::current_inode)?, netns::current_inode()?);
+    assert_eq!(
+        netns::run_in(None, netns::current_inode)?,
+        netns::current_inode()?
+    );
     netns::delete("prof-test-runin")?;
     assert!(!netns::exists("prof-test-runin"));
     netns::delete("prof-test-runin")?;

@@ -25,8 +25,8 @@ pub fn add(name: &str) -> Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
     }
-    let created = bind_new_netns(&path)
-        .with_context(|| format!("cannot create network namespace {name}"));
+    let created =
+        bind_new_netns(&path).with_context(|| format!("cannot create network namespace {name}"));
     if created.is_err() {
         // Best effort: the error being returned says more than a failed removal would.
         let _ = std::fs::remove_file(&path);
@@ -40,7 +40,9 @@ pub fn delete(name: &str) -> Result<()> {
     match umount2(&path, MntFlags::MNT_DETACH) {
         // EINVAL: not a mount point (a leftover file); ENOENT: already gone.
         Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot unmount network namespace {name}")),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot unmount network namespace {name}"))
+        }
     }
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
@@ -76,10 +78,7 @@ pub fn current_inode() -> Result<u32> {
 ///
 /// A thread of its own, because setns changes only the calling thread and we must never leave
 /// a runtime or caller thread in a foreign namespace. Blocks until `f` returns.
-pub fn run_in<T: Send>(
-    name: Option<&str>,
-    f: impl FnOnce() -> Result<T> + Send,
-) -> Result<T> {
+pub fn run_in<T: Send>(name: Option<&str>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     let ns = name.map(|n| open(n).map(|file| (n, file))).transpose()?;
     std::thread::scope(|s| {
         s.spawn(move || {
@@ -90,7 +89,12 @@ pub fn run_in<T: Send>(
             f()
         })
         .join()
-        .map_err(|_| anyhow!("the thread running in network namespace {} panicked", name.unwrap_or("(current)")))?
+        .map_err(|_| {
+            anyhow!(
+                "the thread running in network namespace {} panicked",
+                name.unwrap_or("(current)")
+            )
+        })?
     })
 }
 
@@ -114,15 +118,29 @@ fn path_of(name: &str) -> Result<PathBuf> {
 /// Makes NETNS_DIR a shared mount point, as iproute2 does, so namespace mounts made later
 /// propagate to other mount namespaces (e.g. one that `ip netns exec` creates).
 fn make_dir_shared() -> Result<()> {
-    let shared = || mount(None::<&str>, NETNS_DIR, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>);
+    let shared = || {
+        mount(
+            None::<&str>,
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
     match shared() {
         Ok(()) => return Ok(()),
         // EINVAL: not a mount point yet; bind it onto itself and retry.
         Err(Errno::EINVAL) => {}
         Err(e) => return Err(e).with_context(|| format!("cannot make {NETNS_DIR} a shared mount")),
     }
-    mount(Some(NETNS_DIR), NETNS_DIR, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .with_context(|| format!("cannot bind-mount {NETNS_DIR} onto itself"))?;
+    mount(
+        Some(NETNS_DIR),
+        NETNS_DIR,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .with_context(|| format!("cannot bind-mount {NETNS_DIR} onto itself"))?;
     shared().with_context(|| format!("cannot make {NETNS_DIR} a shared mount"))
 }
 
@@ -133,8 +151,19 @@ fn bind_new_netns(path: &std::path::Path) -> Result<()> {
         s.spawn(|| {
             unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET) failed")?;
             // thread-self, not self: /proc/self is the thread group leader, still in the old netns.
-            mount(Some("/proc/thread-self/ns/net"), path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .with_context(|| format!("cannot bind-mount the new namespace onto {}", path.display()))
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| {
+                format!(
+                    "cannot bind-mount the new namespace onto {}",
+                    path.display()
+                )
+            })
         })
         .join()
         .map_err(|_| anyhow!("the thread creating a network namespace panicked"))?
@@ -154,12 +183,18 @@ mod tests {
         for bad in ["", ".", "..", "a/b"] {
             assert!(path_of(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(path_of("pod-a").ok(), Some(PathBuf::from("/run/netns/pod-a")));
+        assert_eq!(
+            path_of("pod-a").ok(),
+            Some(PathBuf::from("/run/netns/pod-a"))
+        );
     }
 
     #[test]
     fn unknown_namespace_is_named_in_the_error() {
-        let err = inode("prof-no-such-ns").map(|_| ()).unwrap_err().to_string();
+        let err = inode("prof-no-such-ns")
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "unknown network namespace prof-no-such-ns");
         assert!(!exists("prof-no-such-ns"));
     }

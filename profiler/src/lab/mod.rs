@@ -15,7 +15,9 @@ mod state;
 
 pub use state::STATE_DIR;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Topology {
     Veth,
@@ -32,7 +34,9 @@ impl Topology {
     }
 
     fn from_name(name: &str) -> Option<Topology> {
-        [Topology::Veth, Topology::Bridge].into_iter().find(|t| t.name() == name)
+        [Topology::Veth, Topology::Bridge]
+            .into_iter()
+            .find(|t| t.name() == name)
     }
 }
 
@@ -115,7 +119,11 @@ pub async fn down(name: &str) -> Result<()> {
         bail!("no lab named {name} is up");
     };
     let spec = spec::Spec::of(topology);
-    let namespaces: Vec<String> = spec.roles.iter().map(|role| spec::netns_name(name, role)).collect();
+    let namespaces: Vec<String> = spec
+        .roles
+        .iter()
+        .map(|role| spec::netns_name(name, role))
+        .collect();
     if !state::path(name).exists() && !namespaces.iter().any(|ns| netns::exists(ns)) {
         bail!("no lab named {name} is up");
     }
@@ -143,7 +151,11 @@ mod tests {
     use super::*;
 
     fn sample() -> Lab {
-        let r = |netns: &str, ifname: &str, ifindex| IfRef { netns: netns.into(), ifname: ifname.into(), ifindex };
+        let r = |netns: &str, ifname: &str, ifindex| IfRef {
+            netns: netns.into(),
+            ifname: ifname.into(),
+            ifindex,
+        };
         Lab {
             name: "veth".into(),
             topology: Topology::Veth,
@@ -157,9 +169,21 @@ mod tests {
                 peer: Some(r("prof-veth-pod-b", "eth0", 8)),
                 master: None,
             }],
-            client: Endpoint { netns: "prof-veth-pod-a".into(), ifname: "eth0".into(), addr: Ipv4Addr::new(198, 18, 0, 1) },
-            server: Endpoint { netns: "prof-veth-pod-b".into(), ifname: "eth0".into(), addr: Ipv4Addr::new(198, 18, 0, 2) },
-            path: vec![Crossing { tx: r("prof-veth-pod-a", "eth0", 7), rx: r("prof-veth-pod-b", "eth0", 8), link: "veth".into() }],
+            client: Endpoint {
+                netns: "prof-veth-pod-a".into(),
+                ifname: "eth0".into(),
+                addr: Ipv4Addr::new(198, 18, 0, 1),
+            },
+            server: Endpoint {
+                netns: "prof-veth-pod-b".into(),
+                ifname: "eth0".into(),
+                addr: Ipv4Addr::new(198, 18, 0, 2),
+            },
+            path: vec![Crossing {
+                tx: r("prof-veth-pod-a", "eth0", 7),
+                rx: r("prof-veth-pod-b", "eth0", 8),
+                link: "veth".into(),
+            }],
         }
     }
 
@@ -170,7 +194,10 @@ mod tests {
         assert!(json.contains(r#""topology":"veth""#), "{json}");
         let back: Lab = serde_json::from_str(&json)?;
         assert_eq!(serde_json::to_string(&back)?, json);
-        assert_eq!(back.path[0].rx, lab.interfaces[0].peer.clone().expect("sample has a peer"));
+        assert_eq!(
+            back.path[0].rx,
+            lab.interfaces[0].peer.clone().expect("sample has a peer")
+        );
         Ok(())
     }
 

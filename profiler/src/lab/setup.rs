@@ -105,11 +105,19 @@ fn temp_name() -> String {
 
 /// Inside namespace `role`: lo up, the bridge if it lives here (with `bridge_index`), then each veth end renamed,
 /// enslaved, addressed and brought up.
-async fn configure(lab: &str, role: &str, spec: &Spec, temp: &[[String; 2]], bridge_index: Option<u32>) -> Result<()> {
+async fn configure(
+    lab: &str,
+    role: &str,
+    spec: &Spec,
+    temp: &[[String; 2]],
+    bridge_index: Option<u32>,
+) -> Result<()> {
     let nl = Nl::open(Some(&netns_name(lab, role)))?;
     nl.up(nl.index("lo").await?).await?;
     if let Some(bridge) = spec.bridge.as_ref().filter(|b| b.at.0 == role) {
-        let index = nl.add_bridge(bridge.at.1, bridge_index.unwrap_or(0)).await?;
+        let index = nl
+            .add_bridge(bridge.at.1, bridge_index.unwrap_or(0))
+            .await?;
         nl.add_addr(index, bridge.addr, PREFIX_LEN).await?;
     }
     let ends = spec.pairs.iter().flatten().zip(temp.iter().flatten());
@@ -131,32 +139,74 @@ async fn configure(lab: &str, role: &str, spec: &Spec, temp: &[[String; 2]], bri
 async fn describe(topology: Topology, spec: &Spec) -> Result<Lab> {
     let lab = topology.name();
     let refs = if_refs(lab, spec).await?;
-    let get = |at: Place| refs.get(&at).cloned().with_context(|| format!("lab {lab} has no interface {} in {}", at.1, at.0));
+    let get = |at: Place| {
+        refs.get(&at)
+            .cloned()
+            .with_context(|| format!("lab {lab} has no interface {} in {}", at.1, at.0))
+    };
     let mut interfaces = Vec::new();
     for [a, b] in &spec.pairs {
         for (end, peer) in [(a, b), (b, a)] {
             let r = get(end.at)?;
-            let addrs = end.addr.iter().map(|ip| format!("{ip}/{PREFIX_LEN}")).collect();
+            let addrs = end
+                .addr
+                .iter()
+                .map(|ip| format!("{ip}/{PREFIX_LEN}"))
+                .collect();
             let master = end.master.map(str::to_string);
-            interfaces.push(LabIface { netns: r.netns, ifname: r.ifname, ifindex: r.ifindex, kind: "veth".into(), addrs, peer: Some(get(peer.at)?), master });
+            interfaces.push(LabIface {
+                netns: r.netns,
+                ifname: r.ifname,
+                ifindex: r.ifindex,
+                kind: "veth".into(),
+                addrs,
+                peer: Some(get(peer.at)?),
+                master,
+            });
         }
     }
     if let Some(bridge) = &spec.bridge {
         let r = get(bridge.at)?;
         let addrs = vec![format!("{}/{PREFIX_LEN}", bridge.addr)];
-        interfaces.push(LabIface { netns: r.netns, ifname: r.ifname, ifindex: r.ifindex, kind: "bridge".into(), addrs, peer: None, master: None });
+        interfaces.push(LabIface {
+            netns: r.netns,
+            ifname: r.ifname,
+            ifindex: r.ifindex,
+            kind: "bridge".into(),
+            addrs,
+            peer: None,
+            master: None,
+        });
     }
     let endpoint = |at: Place| -> Result<Endpoint> {
-        let addr = spec.addr_of(at).with_context(|| format!("lab {lab} has no address on {} in {}", at.1, at.0))?;
-        Ok(Endpoint { netns: netns_name(lab, at.0), ifname: at.1.to_string(), addr })
+        let addr = spec
+            .addr_of(at)
+            .with_context(|| format!("lab {lab} has no address on {} in {}", at.1, at.0))?;
+        Ok(Endpoint {
+            netns: netns_name(lab, at.0),
+            ifname: at.1.to_string(),
+            addr,
+        })
     };
-    let path = spec.path.iter()
-        .map(|(tx, rx)| Ok(Crossing { tx: get(*tx)?, rx: get(*rx)?, link: "veth".into() }))
+    let path = spec
+        .path
+        .iter()
+        .map(|(tx, rx)| {
+            Ok(Crossing {
+                tx: get(*tx)?,
+                rx: get(*rx)?,
+                link: "veth".into(),
+            })
+        })
         .collect::<Result<_>>()?;
     Ok(Lab {
         name: lab.to_string(),
         topology,
-        namespaces: spec.roles.iter().map(|role| netns_name(lab, role)).collect(),
+        namespaces: spec
+            .roles
+            .iter()
+            .map(|role| netns_name(lab, role))
+            .collect(),
         interfaces,
         client: endpoint(spec.client)?,
         server: endpoint(spec.server)?,
@@ -165,14 +215,25 @@ async fn describe(topology: Topology, spec: &Spec) -> Result<Lab> {
 }
 
 async fn if_refs(lab: &str, spec: &Spec) -> Result<HashMap<Place, IfRef>> {
-    let places: Vec<Place> = spec.ends().map(|e| e.at).chain(spec.bridge.as_ref().map(|b| b.at)).collect();
+    let places: Vec<Place> = spec
+        .ends()
+        .map(|e| e.at)
+        .chain(spec.bridge.as_ref().map(|b| b.at))
+        .collect();
     let mut refs = HashMap::new();
     for role in spec.roles {
         let netns = netns_name(lab, role);
         let nl = Nl::open(Some(&netns))?;
         for &at in places.iter().filter(|at| at.0 == *role) {
             let ifindex = nl.index(at.1).await?;
-            refs.insert(at, IfRef { netns: netns.clone(), ifname: at.1.to_string(), ifindex });
+            refs.insert(
+                at,
+                IfRef {
+                    netns: netns.clone(),
+                    ifname: at.1.to_string(),
+                    ifindex,
+                },
+            );
         }
     }
     Ok(refs)

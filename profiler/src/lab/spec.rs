@@ -58,11 +58,19 @@ pub(super) fn netns_name(lab: &str, role: &str) -> String {
 }
 
 fn pod(role: &'static str, addr: Ipv4Addr) -> End {
-    End { at: (role, "eth0"), addr: Some(addr), master: None }
+    End {
+        at: (role, "eth0"),
+        addr: Some(addr),
+        master: None,
+    }
 }
 
 fn port(name: &'static str) -> End {
-    End { at: ("host", name), addr: None, master: Some("br0") }
+    End {
+        at: ("host", name),
+        addr: None,
+        master: Some("br0"),
+    }
 }
 
 fn veth() -> Spec {
@@ -80,8 +88,14 @@ fn veth() -> Spec {
 fn bridge() -> Spec {
     Spec {
         roles: &["pod-a", "pod-b", "host"],
-        pairs: vec![[pod("pod-a", POD_A), port("veth-a")], [pod("pod-b", POD_B), port("veth-b")]],
-        bridge: Some(Bridge { at: ("host", "br0"), addr: GATEWAY }),
+        pairs: vec![
+            [pod("pod-a", POD_A), port("veth-a")],
+            [pod("pod-b", POD_B), port("veth-b")],
+        ],
+        bridge: Some(Bridge {
+            at: ("host", "br0"),
+            addr: GATEWAY,
+        }),
         client: ("pod-a", "eth0"),
         server: ("pod-b", "eth0"),
         path: vec![

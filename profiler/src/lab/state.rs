@@ -15,15 +15,21 @@ pub(super) fn path(name: &str) -> PathBuf {
 pub(super) fn save(lab: &Lab) -> Result<()> {
     std::fs::create_dir_all(STATE_DIR).with_context(|| format!("cannot create {STATE_DIR}"))?;
     let json = serde_json::to_vec_pretty(lab).context("cannot serialize the lab state")?;
-    let (tmp, dest) = (Path::new(STATE_DIR).join(format!("{}.json.tmp", lab.name)), path(&lab.name));
+    let (tmp, dest) = (
+        Path::new(STATE_DIR).join(format!("{}.json.tmp", lab.name)),
+        path(&lab.name),
+    );
     std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &dest).with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))
+    std::fs::rename(&tmp, &dest)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))
 }
 
 pub(super) fn load(name: &str) -> Result<Option<Lab>> {
     let file = path(name);
     match std::fs::read(&file) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("corrupt lab state {}", file.display())).map(Some),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("corrupt lab state {}", file.display()))
+            .map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", file.display())),
     }
