@@ -14,7 +14,8 @@ use crate::netns;
 #[derive(Default)]
 pub(super) struct Undo {
     namespaces: Vec<String>,
-    /// Temporary veth names in the caller's namespace; once moved they are gone from there.
+    /// Temporary devices in the caller's namespace (veth pairs, the ifindex-reserving bridge);
+    /// once moved or deleted they are gone from there.
     root_links: Vec<String>,
 }
 
