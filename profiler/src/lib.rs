@@ -1,0 +1,3 @@
+//! eBPF datapath profiler for container networks.
+pub mod lab;
+pub mod netns;
