@@ -1,3 +1,22 @@
-//! eBPF datapath profiler for container networks.
+//! eBPF datapath profiler for container networks: kernel probes timestamp the profiler's own
+//! tagged packets at every hop of a path, and the time between hops is attributed to the
+//! segment the packet crossed there.
+//!
+//! - [`datapath`]: hooks, link kinds and segment names, as data.
+//! - [`btf`], [`hooks`]: kernel offsets and attaching the eBPF programs.
+//! - [`lab`], [`netns`]: the built-in topologies.
+//! - [`traffic`]: tagged request/response traffic.
+//! - [`collect`], [`journey`], [`path`]: events to journeys to per-segment latency.
+//! - [`report`], [`run`], [`doctor`]: what the CLI prints.
+pub mod btf;
+pub mod collect;
+pub mod datapath;
+pub mod doctor;
+pub mod hooks;
+pub mod journey;
 pub mod lab;
 pub mod netns;
+pub mod path;
+pub mod report;
+pub mod run;
+pub mod traffic;

@@ -170,16 +170,12 @@ fn rand_run_id() -> u32 {
 
 /// Brings the lab up if it is not, and says whether this call did (so it must take it down).
 pub async fn ensure_lab(topology: Topology) -> Result<(Lab, bool)> {
-    let name = topology_name(topology);
-    match lab::get(&name)? {
+    let name = topology.name();
+    match lab::get(name)? {
         Some(lab) => Ok((lab, false)),
         None => {
             eprintln!("bringing up lab {name}");
             Ok((lab::up(topology).await?, true))
         }
     }
-}
-
-pub fn topology_name(t: Topology) -> String {
-    serde_json::to_value(t).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }

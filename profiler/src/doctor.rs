@@ -1,0 +1,142 @@
+//! `profiler doctor`: what this kernel and these privileges allow, found by trying.
+
+use anyhow::{Result, bail};
+use aya::programs::ProgramType;
+use serde::Serialize;
+
+use crate::{
+    btf::{KernelBtf, VMLINUX_BTF},
+    hooks::{ProbeConfig, Probes, Status},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub status: Status,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Doctor {
+    pub schema: &'static str,
+    pub kernel: String,
+    pub privileges: Check,
+    pub btf: Check,
+    pub program_types: Vec<Check>,
+    pub hooks: Vec<crate::hooks::HookStatus>,
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into())
+}
+
+/// Capabilities the profiler needs: loading programs (CAP_BPF), tracing (CAP_PERFMON), tc and
+/// namespaces (CAP_NET_ADMIN, CAP_SYS_ADMIN for setns). Root has them all.
+const CAPS: &[(u32, &str)] = &[(39, "CAP_BPF"), (38, "CAP_PERFMON"), (12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN")];
+
+/// The effective capabilities this process lacks.
+pub fn missing_capabilities() -> Vec<&'static str> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    CAPS.iter().filter(|(bit, _)| eff & (1 << bit) == 0).map(|(_, name)| *name).collect()
+}
+
+/// Fails with one sentence when the process cannot load programs or manage namespaces.
+pub fn require_privileges() -> Result<()> {
+    let missing = missing_capabilities();
+    if !missing.is_empty() {
+        bail!("the profiler needs root or {}; this process lacks {}", cap_list(), missing.join(", "));
+    }
+    Ok(())
+}
+
+fn cap_list() -> String {
+    CAPS.iter().map(|(_, n)| *n).collect::<Vec<_>>().join(", ")
+}
+
+fn check(name: &str, result: Result<(), String>) -> Check {
+    match result {
+        Ok(()) => Check { name: name.into(), status: Status::Attached, reason: None },
+        Err(reason) => Check { name: name.into(), status: Status::Unavailable, reason: Some(reason) },
+    }
+}
+
+/// Program types, each probed by loading a minimal program of that type.
+fn program_types() -> Vec<Check> {
+    let kprobe_pmu = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    [
+        ("tracepoint", ProgramType::TracePoint),
+        ("raw_tracepoint", ProgramType::RawTracePoint),
+        ("tc (sched_cls)", ProgramType::SchedClassifier),
+        ("xdp", ProgramType::Xdp),
+        ("fentry/fexit (tracing)", ProgramType::Tracing),
+        ("kprobe", ProgramType::KProbe),
+    ]
+    .into_iter()
+    .map(|(name, t)| {
+        let loaded = match aya::sys::is_program_supported(t) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the kernel refused a minimal program of this type".to_string()),
+            Err(e) => Err(format!("probe failed: {e}")),
+        };
+        let result = match loaded {
+            Ok(()) if t == ProgramType::KProbe && !kprobe_pmu => {
+                Err("programs load but there is no kprobe PMU to attach to (CONFIG_KPROBES off)".into())
+            }
+            other => other,
+        };
+        check(name, result)
+    })
+    .collect()
+}
+
+pub fn run() -> Doctor {
+    let missing = missing_capabilities();
+    let privileges = check(
+        "privileges",
+        if missing.is_empty() { Ok(()) } else { Err(format!("missing {}", missing.join(", "))) },
+    );
+    let btf = KernelBtf::load();
+    let btf_check = check(VMLINUX_BTF, btf.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+    // The real device hooks, loaded and attached with this kernel's offsets, then detached.
+    let hooks = match &btf {
+        Ok(btf) if missing.is_empty() => match Probes::load(btf, &ProbeConfig { run_id: 1, port: 0 }) {
+            Ok(mut probes) => match probes.attach_tracepoints(btf) {
+                Ok(()) => probes.statuses.clone(),
+                Err(e) => vec![failed_hook("tracepoints", &e)],
+            },
+            Err(e) => vec![failed_hook("load", &e)],
+        },
+        _ => Vec::new(),
+    };
+    Doctor {
+        schema: "profiler.doctor.v1",
+        kernel: kernel_release(),
+        privileges,
+        btf: btf_check,
+        program_types: program_types(),
+        hooks,
+    }
+}
+
+fn failed_hook(name: &str, e: &anyhow::Error) -> crate::hooks::HookStatus {
+    crate::hooks::HookStatus { name: name.into(), kind: "load".into(), status: Status::Failed, reason: Some(format!("{e:#}")) }
+}
+
+pub fn render(d: &Doctor) -> String {
+    let line = |c: &Check| format!("  {:<28} {:<12} {}\n", c.name, format!("{:?}", c.status).to_lowercase(), c.reason.as_deref().unwrap_or(""));
+    let mut out = format!("kernel {}\n", d.kernel);
+    out += &line(&d.privileges);
+    out += &line(&d.btf);
+    out += "program types:\n";
+    d.program_types.iter().for_each(|c| out += &line(c));
+    out += "device hooks:\n";
+    for h in &d.hooks {
+        out += &format!("  {:<28} {:<12} {} {}\n", h.name, format!("{:?}", h.status).to_lowercase(), h.kind, h.reason.as_deref().unwrap_or(""));
+    }
+    out
+}
