@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use cmd::step;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 
 #[derive(Parser)]
 #[command(about = "Developer tasks for the profiler workspace")]
@@ -33,8 +33,19 @@ enum Task {
     Demo,
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The error chain on one line, without a backtrace even when RUST_BACKTRACE is set.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     std::env::set_current_dir(workspace_root()).context("entering the workspace root")?;
     match cli.task {
         Task::Setup => setup::run(),

@@ -15,7 +15,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     setup::run()?;
     step("leak check before the tests");
-    leak_check("left over from an earlier run")?;
+    leak_check("before the tests (left by an earlier run, or in use by a running profiler): remove them first")?;
 
     // `cargo xtask test -- CARGO_ARGS -- HARNESS_ARGS`
     let (cargo_args, harness_args) = match args.iter().position(|a| a == "--") {
@@ -59,7 +59,7 @@ fn leak_check(whose: &str) -> Result<()> {
     for leak in &leaks {
         eprintln!("leak: {leak}");
     }
-    bail!("{} leftover resource(s) {whose}", leaks.len())
+    bail!("{} leftover network namespace(s) or BPF program(s) {whose}", leaks.len())
 }
 
 /// The string values of every `"key": "..."` in a JSON text (enough for bpftool's output,
