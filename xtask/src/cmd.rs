@@ -19,7 +19,9 @@ pub fn describe(cmd: &Command) -> String {
 
 /// Runs `cmd` with inherited stdout/stderr; fails unless it exits with status 0.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", describe(cmd));
     }
@@ -40,7 +42,11 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 
 /// Runs `cmd` silently; returns its stdout if it could start and exited with status 0.
 pub fn quiet(cmd: &mut Command) -> Option<String> {
-    let out = cmd.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }

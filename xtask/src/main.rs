@@ -61,7 +61,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn workspace_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives inside the workspace")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
 }
 
 /// $CARGO_TARGET_DIR if set, else the workspace's target/.
@@ -94,13 +96,23 @@ fn demo() -> Result<()> {
     step("profiler lab down bridge");
     let mut down = Command::new(&profiler);
     down.args(["lab", "down", "bridge"]);
-    let out = down.output().with_context(|| format!("could not start `{}`", cmd::describe(&down)))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = down
+        .output()
+        .with_context(|| format!("could not start `{}`", cmd::describe(&down)))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     print!("{text}");
     let down = if out.status.success() || text.to_lowercase().contains("no lab") {
         Ok(())
     } else {
-        Err(anyhow::anyhow!("`{}` failed ({})", cmd::describe(&down), out.status))
+        Err(anyhow::anyhow!(
+            "`{}` failed ({})",
+            cmd::describe(&down),
+            out.status
+        ))
     };
     run.and(down)
 }

@@ -23,7 +23,11 @@ pub fn run() -> Result<()> {
 
 /// $PROFILER_CACHE_DIR, else $XDG_CACHE_HOME/profiler, else $HOME/.cache/profiler.
 pub fn cache_dir() -> Result<PathBuf> {
-    let nonempty = |var| env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let nonempty = |var| {
+        env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(dir) = nonempty("PROFILER_CACHE_DIR") {
         return Ok(dir);
     }
@@ -47,7 +51,11 @@ fn apt_has_candidate(pkg: &str) -> bool {
 }
 
 fn apt_get(args: &[&str]) -> Result<()> {
-    cmd::run(Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive"))
+    cmd::run(
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 /// iproute2 (`ip netns`, for users and tests) and bpftool (the tests' leak check).
@@ -64,16 +72,27 @@ fn debian_packages() -> Result<()> {
         step("Debian packages iproute2, bpftool: already installed");
         return Ok(());
     }
-    step(format_args!("Debian packages: installing {}", missing.join(", ")));
+    step(format_args!(
+        "Debian packages: installing {}",
+        missing.join(", ")
+    ));
     if !cmd::is_root() {
-        bail!("Debian packages {} are missing and installing them needs root", missing.join(", "));
+        bail!(
+            "Debian packages {} are missing and installing them needs root",
+            missing.join(", ")
+        );
     }
     apt_get(&["update"])?;
     let mut install: Vec<String> = missing.iter().map(|p| p.to_string()).collect();
     if !have_bpftool && !apt_has_candidate("bpftool") {
         // Older Debian releases ship bpftool in another package: ask apt which one.
-        let found = cmd::output(Command::new("apt-cache").args(["search", "--names-only", "bpftool"]))?;
-        let Some(pkg) = found.lines().filter_map(|l| l.split_whitespace().next()).next() else {
+        let found =
+            cmd::output(Command::new("apt-cache").args(["search", "--names-only", "bpftool"]))?;
+        let Some(pkg) = found
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .next()
+        else {
             bail!("no Debian package provides bpftool here (`apt-cache search bpftool` found nothing)");
         };
         install.retain(|p| p != "bpftool");
@@ -82,14 +101,23 @@ fn debian_packages() -> Result<()> {
     let mut args = vec!["install", "-y", "--no-install-recommends"];
     args.extend(install.iter().map(String::as_str));
     apt_get(&args)?;
-    if !Path::new("/usr/sbin/bpftool").exists() && quiet(Command::new("bpftool").arg("version")).is_none() {
-        bail!("installed {} but bpftool is still not available", install.join(", "));
+    if !Path::new("/usr/sbin/bpftool").exists()
+        && quiet(Command::new("bpftool").arg("version")).is_none()
+    {
+        bail!(
+            "installed {} but bpftool is still not available",
+            install.join(", ")
+        );
     }
     Ok(())
 }
 
 fn nightly_output(args: &[&str]) -> Result<String> {
-    cmd::output(Command::new("rustup").args(["run", "nightly", "rustc"]).args(args))
+    cmd::output(
+        Command::new("rustup")
+            .args(["run", "nightly", "rustc"])
+            .args(args),
+    )
 }
 
 /// The `nightly` toolchain (aya-build builds the eBPF crate with it) and its rust-src.
@@ -101,14 +129,24 @@ fn nightly() -> Result<()> {
         );
     }
     let installed = cmd::output(Command::new("rustup").args([
-        "component", "list", "--toolchain", "nightly", "--installed",
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
     ]))?;
     if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
         step("nightly toolchain with rust-src: already installed");
         return Ok(());
     }
     step("nightly toolchain: adding rust-src");
-    cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    cmd::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
 }
 
 /// bpf-linker built against the nightly's own libLLVM, cached in CACHE/bpf-linker.
@@ -118,7 +156,11 @@ fn bpf_linker(cache: &Path) -> Result<PathBuf> {
     let bin_dir = root.join("bin");
     let linker = bin_dir.join("bpf-linker");
     if let Some(v) = quiet(Command::new(&linker).arg("--version")) {
-        step(format_args!("{}: already built ({})", linker.display(), v.trim()));
+        step(format_args!(
+            "{}: already built ({})",
+            linker.display(),
+            v.trim()
+        ));
         return Ok(bin_dir);
     }
     step(format_args!(
@@ -137,8 +179,19 @@ fn bpf_linker(cache: &Path) -> Result<PathBuf> {
     }
     let mut install = Command::new("cargo");
     install
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
-        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .arg("--root")
         .arg(&root)
         .env("LLVM_PREFIX", &prefix)
@@ -147,7 +200,10 @@ fn bpf_linker(cache: &Path) -> Result<PathBuf> {
     cmd::run(&mut install)?;
     match quiet(Command::new(&linker).arg("--version")) {
         Some(_) => Ok(bin_dir),
-        None => bail!("{} was installed but `bpf-linker --version` fails", linker.display()),
+        None => bail!(
+            "{} was installed but `bpf-linker --version` fails",
+            linker.display()
+        ),
     }
 }
 
@@ -163,7 +219,8 @@ fn nightly_llvm() -> Result<(PathBuf, String)> {
         .to_string();
     let sysroot = PathBuf::from(nightly_output(&["--print", "sysroot"])?.trim());
     let lib_dir = sysroot.join("lib");
-    let entries = std::fs::read_dir(&lib_dir).with_context(|| format!("reading {}", lib_dir.display()))?;
+    let entries =
+        std::fs::read_dir(&lib_dir).with_context(|| format!("reading {}", lib_dir.display()))?;
     for entry in entries {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
@@ -171,7 +228,10 @@ fn nightly_llvm() -> Result<(PathBuf, String)> {
             return Ok((lib_dir.join(&*name), major));
         }
     }
-    bail!("the nightly toolchain ships no shared libLLVM in {}", lib_dir.display())
+    bail!(
+        "the nightly toolchain ships no shared libLLVM in {}",
+        lib_dir.display()
+    )
 }
 
 /// Makes `link` a symlink to `target`, replacing whatever was there.

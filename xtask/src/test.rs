@@ -23,10 +23,16 @@ pub fn run(args: &[String]) -> Result<()> {
         None => (args, &[][..]),
     };
     let mut test = Command::new("cargo");
-    test.args(["test", "--workspace", "--exclude", "profiler-ebpf", "--release"])
-        .args(cargo_args)
-        .args(["--", "--test-threads=1"])
-        .args(harness_args);
+    test.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "profiler-ebpf",
+        "--release",
+    ])
+    .args(cargo_args)
+    .args(["--", "--test-threads=1"])
+    .args(harness_args);
     step(cmd::describe(&test));
     let tests = cmd::run(&mut test);
 
@@ -49,7 +55,9 @@ fn leak_check(whose: &str) -> Result<()> {
     let progs = cmd::output(Command::new("bpftool").args(["prog", "show", "-j"]))?;
     for name in json_strings(&progs, "name") {
         if PROG_PREFIXES.iter().any(|p| name.starts_with(p)) {
-            leaks.push(format!("BPF program {name} (bpftool prog show name {name})"));
+            leaks.push(format!(
+                "BPF program {name} (bpftool prog show name {name})"
+            ));
         }
     }
     if leaks.is_empty() {
@@ -59,7 +67,10 @@ fn leak_check(whose: &str) -> Result<()> {
     for leak in &leaks {
         eprintln!("leak: {leak}");
     }
-    bail!("{} leftover network namespace(s) or BPF program(s) {whose}", leaks.len())
+    bail!(
+        "{} leftover network namespace(s) or BPF program(s) {whose}",
+        leaks.len()
+    )
 }
 
 /// The string values of every `"key": "..."` in a JSON text (enough for bpftool's output,
@@ -70,8 +81,12 @@ fn json_strings<'a>(json: &'a str, key: &str) -> Vec<&'a str> {
     let mut rest = json;
     while let Some(i) = rest.find(&needle) {
         rest = rest[i + needle.len()..].trim_start();
-        let Some(after_colon) = rest.strip_prefix(':') else { continue };
-        let Some(value) = after_colon.trim_start().strip_prefix('"') else { continue };
+        let Some(after_colon) = rest.strip_prefix(':') else {
+            continue;
+        };
+        let Some(value) = after_colon.trim_start().strip_prefix('"') else {
+            continue;
+        };
         // Program names are plain identifiers; stop at the first quote.
         if let Some(end) = value.find('"') {
             found.push(&value[..end]);
@@ -89,7 +104,10 @@ mod tests {
     fn finds_names_in_bpftool_json() {
         let json = r#"[{"id":7,"type":"tracepoint","name":"tp_net_dev_xmit","tag":"ab"},
                        {"id":9,"type":"sched_cls", "name" : "tc_ingress","pids":[{"pid":1,"comm":"x"}]}]"#;
-        assert_eq!(json_strings(json, "name"), ["tp_net_dev_xmit", "tc_ingress"]);
+        assert_eq!(
+            json_strings(json, "name"),
+            ["tp_net_dev_xmit", "tc_ingress"]
+        );
         assert!(json_strings("[]", "name").is_empty());
     }
 }
