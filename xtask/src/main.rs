@@ -1,1 +1,118 @@
-fn main() {}
+//! Developer tasks for the profiler workspace. The README's quick start is
+//! `cargo xtask demo` and `cargo xtask test`; both install what they need first.
+mod cmd;
+mod setup;
+mod test;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+use cmd::step;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+#[derive(Parser)]
+#[command(about = "Developer tasks for the profiler workspace")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (Debian packages, nightly rust-src, bpf-linker).
+    Setup,
+    /// Setup, then build the profiler (userspace and eBPF) in release mode.
+    Build,
+    /// Setup, then run all tests as root and check that nothing leaked.
+    Test {
+        /// After `--`: arguments for `cargo test`; a second `--` starts the test harness's own.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then profile UDP through the bridge lab and tear the lab down.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The error chain on one line, without a backtrace even when RUST_BACKTRACE is set.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    std::env::set_current_dir(workspace_root()).context("entering the workspace root")?;
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            let bin = build()?;
+            println!("{}", bin.display());
+            Ok(())
+        }
+        Task::Test { args } => test::run(&args),
+        Task::Demo => demo(),
+    }
+}
+
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+}
+
+/// $CARGO_TARGET_DIR if set, else the workspace's target/.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
+/// Builds the profiler in release mode (profiler/build.rs builds the eBPF object) and returns
+/// the binary's path.
+fn build() -> Result<PathBuf> {
+    step("cargo build --release --package profiler");
+    cmd::run(Command::new("cargo").args(["build", "--release", "--package", "profiler"]))?;
+    Ok(target_dir().join("release/profiler"))
+}
+
+fn demo() -> Result<()> {
+    if !cmd::is_root() {
+        bail!("cargo xtask demo creates network namespaces and loads eBPF programs and must run as root");
+    }
+    setup::run()?;
+    let profiler = build()?;
+    step("profiler run --lab bridge --proto udp --size 64 --count 2000");
+    let run = cmd::run(Command::new(&profiler).args([
+        "run", "--lab", "bridge", "--proto", "udp", "--size", "64", "--count", "2000",
+    ]));
+    // Tear down even when the run failed; a lab that is already gone is fine.
+    step("profiler lab down bridge");
+    let mut down = Command::new(&profiler);
+    down.args(["lab", "down", "bridge"]);
+    let out = down
+        .output()
+        .with_context(|| format!("could not start `{}`", cmd::describe(&down)))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    print!("{text}");
+    let down = if out.status.success() || text.to_lowercase().contains("no lab") {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "`{}` failed ({})",
+            cmd::describe(&down),
+            out.status
+        ))
+    };
+    run.and(down)
+}
