@@ -5,7 +5,8 @@ use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("profiler");
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         std::fs::write(&out, b"").context("writing the empty eBPF object")?;
         println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
@@ -13,7 +14,11 @@ fn main() -> anyhow::Result<()> {
     }
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../profiler-ebpf");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "profiler-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "profiler-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
 }

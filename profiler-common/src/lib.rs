@@ -35,7 +35,12 @@ impl Tag {
 
     pub fn from_bytes(b: &[u8; TAG_LEN]) -> Self {
         let word = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        Tag { magic: word(0), run_id: word(4), seq: word(8), direction: word(12) }
+        Tag {
+            magic: word(0),
+            run_id: word(4),
+            seq: word(8),
+            direction: word(12),
+        }
     }
 }
 

@@ -10,14 +10,14 @@ mod parse;
 mod skb;
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::TC_ACT_UNSPEC,
     helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, classifier, map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TcContext},
+    EbpfContext,
 };
-use profiler_common::{COUNTER_COUNT, COUNTER_LOST, Event, HookId, KernelOffsets};
+use profiler_common::{Event, HookId, KernelOffsets, COUNTER_COUNT, COUNTER_LOST};
 
 use crate::{parse::Found, skb::KernelSkb};
 
@@ -71,7 +71,15 @@ pub(crate) fn count(index: u32) {
 }
 
 #[inline(always)]
-fn emit(hook: HookId, found: &Found, ifindex: u32, netns: u32, len: u32, drop_reason: u32, ts_ns: u64) {
+fn emit(
+    hook: HookId,
+    found: &Found,
+    ifindex: u32,
+    netns: u32,
+    len: u32,
+    drop_reason: u32,
+    ts_ns: u64,
+) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
             entry.write(Event {
@@ -100,7 +108,9 @@ fn on_device(args: *const u64, hook: HookId, dev_arg: Option<usize>) {
     let off = global(&OFFSETS);
     let skb_ptr = unsafe { *args };
     let skb = KernelSkb::new(skb_ptr as *const u8, &off);
-    let Some(found) = parse::find_tag(&skb, global(&PORT), global(&RUN_ID)) else { return };
+    let Some(found) = parse::find_tag(&skb, global(&PORT), global(&RUN_ID)) else {
+        return;
+    };
     let dev = match dev_arg {
         Some(i) => (unsafe { *args.add(i) }) as *const u8,
         None => skb.dev(),
@@ -116,7 +126,9 @@ fn on_device(args: *const u64, hook: HookId, dev_arg: Option<usize>) {
 fn on_xmit_done(args: *const u64) {
     let ts = unsafe { bpf_ktime_get_ns() };
     let skb_ptr = unsafe { *args };
-    let Some(found) = (unsafe { IN_XMIT.get(&skb_ptr) }).copied() else { return };
+    let Some(found) = (unsafe { IN_XMIT.get(&skb_ptr) }).copied() else {
+        return;
+    };
     let _ = IN_XMIT.remove(&skb_ptr);
     let off = global(&OFFSETS);
     // net_dev_xmit(skb, rc, dev, skb_len): the device and length come from the arguments.
@@ -131,11 +143,21 @@ fn on_drop(args: *const u64) {
     let ts = unsafe { bpf_ktime_get_ns() };
     let off = global(&OFFSETS);
     let skb = KernelSkb::new(unsafe { *args } as *const u8, &off);
-    let Some(found) = parse::find_tag(&skb, global(&PORT), global(&RUN_ID)) else { return };
+    let Some(found) = parse::find_tag(&skb, global(&PORT), global(&RUN_ID)) else {
+        return;
+    };
     // kfree_skb(skb, location, reason, ...)
     let reason = (unsafe { *args.add(2) }) as u32;
     let (ifindex, netns) = skb::dev_identity(skb.dev(), &off);
-    emit(HookId::KfreeSkb, &found, ifindex, netns, skb.len(), reason, ts);
+    emit(
+        HookId::KfreeSkb,
+        &found,
+        ifindex,
+        netns,
+        skb.len(),
+        reason,
+        ts,
+    );
 }
 
 /// Each device tracepoint twice: tp_btf (preferred) and raw_tp (fallback where tp_btf is refused).
@@ -156,13 +178,53 @@ macro_rules! device_tracepoint {
     };
 }
 
-device_tracepoint!(tp_net_dev_queue, raw_net_dev_queue, "net_dev_queue", on_device, HookId::NetDevQueue, None);
+device_tracepoint!(
+    tp_net_dev_queue,
+    raw_net_dev_queue,
+    "net_dev_queue",
+    on_device,
+    HookId::NetDevQueue,
+    None
+);
 // net_dev_start_xmit(skb, dev)
-device_tracepoint!(tp_net_dev_start_xmit, raw_net_dev_start_xmit, "net_dev_start_xmit", on_device, HookId::NetDevStartXmit, Some(1));
-device_tracepoint!(tp_net_dev_xmit, raw_net_dev_xmit, "net_dev_xmit", on_xmit_done);
-device_tracepoint!(tp_netif_receive_skb, raw_netif_receive_skb, "netif_receive_skb", on_device, HookId::NetifReceiveSkb, None);
-device_tracepoint!(tp_netif_rx, raw_netif_rx, "netif_rx", on_device, HookId::NetifRx, None);
-device_tracepoint!(tp_napi_gro_receive_entry, raw_napi_gro_receive_entry, "napi_gro_receive_entry", on_device, HookId::NapiGroReceiveEntry, None);
+device_tracepoint!(
+    tp_net_dev_start_xmit,
+    raw_net_dev_start_xmit,
+    "net_dev_start_xmit",
+    on_device,
+    HookId::NetDevStartXmit,
+    Some(1)
+);
+device_tracepoint!(
+    tp_net_dev_xmit,
+    raw_net_dev_xmit,
+    "net_dev_xmit",
+    on_xmit_done
+);
+device_tracepoint!(
+    tp_netif_receive_skb,
+    raw_netif_receive_skb,
+    "netif_receive_skb",
+    on_device,
+    HookId::NetifReceiveSkb,
+    None
+);
+device_tracepoint!(
+    tp_netif_rx,
+    raw_netif_rx,
+    "netif_rx",
+    on_device,
+    HookId::NetifRx,
+    None
+);
+device_tracepoint!(
+    tp_napi_gro_receive_entry,
+    raw_napi_gro_receive_entry,
+    "napi_gro_receive_entry",
+    on_device,
+    HookId::NapiGroReceiveEntry,
+    None
+);
 device_tracepoint!(tp_kfree_skb, raw_kfree_skb, "kfree_skb", on_drop);
 
 #[inline(always)]

@@ -2,7 +2,7 @@
 //! then UDP or TCP. Shared by every program; only the way bytes are read differs ([`Packet`]).
 
 use aya_ebpf::{macros::map, maps::LruHashMap};
-use profiler_common::{COUNTER_UNREADABLE, FLAG_VLAN, TAG_LEN, TAG_MAGIC, Tag};
+use profiler_common::{Tag, COUNTER_UNREADABLE, FLAG_VLAN, TAG_LEN, TAG_MAGIC};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -50,10 +50,19 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-/// The L4 protocol, where its header starts and the addresses, or None for anything but the
-/// first fragment of an IPv4/IPv6 packet.
+/// What the IP header says about the packet's L4 part.
+struct L4 {
+    proto: u8,
+    offset: usize,
+    /// Bytes of L4 header and payload; 0 when the IP header does not say (IPv4 BIG TCP).
+    len: usize,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+/// The L4 part of an IPv4/IPv6 packet, or None for anything but a first fragment.
 #[inline(always)]
-fn l4<P: Packet>(p: &P, ethertype: u16, off: usize) -> Option<(u8, usize, [u8; 16], [u8; 16])> {
+fn l4<P: Packet>(p: &P, ethertype: u16, off: usize) -> Option<L4> {
     let (mut saddr, mut daddr) = ([0u8; 16], [0u8; 16]);
     match ethertype {
         ETH_P_IP => {
@@ -65,13 +74,26 @@ fn l4<P: Packet>(p: &P, ethertype: u16, off: usize) -> Option<(u8, usize, [u8; 1
             }
             saddr[..4].copy_from_slice(&ip[12..16]);
             daddr[..4].copy_from_slice(&ip[16..20]);
-            Some((ip[9], off + ihl, saddr, daddr))
+            let len = (be16([ip[2], ip[3]]) as usize).saturating_sub(ihl);
+            Some(L4 {
+                proto: ip[9],
+                offset: off + ihl,
+                len,
+                saddr,
+                daddr,
+            })
         }
         ETH_P_IPV6 => {
             let ip: [u8; 40] = p.read(off)?;
             saddr.copy_from_slice(&ip[8..24]);
             daddr.copy_from_slice(&ip[24..40]);
-            Some((ip[6], off + 40, saddr, daddr))
+            Some(L4 {
+                proto: ip[6],
+                offset: off + 40,
+                len: be16([ip[4], ip[5]]) as usize,
+                saddr,
+                daddr,
+            })
         }
         _ => None,
     }
@@ -100,30 +122,54 @@ pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
             flags |= FLAG_VLAN;
         }
     }
-    let (proto, l4off, saddr, daddr) = l4(p, ethertype, off)?;
+    let l4 = l4(p, ethertype, off)?;
+    let l4off = l4.offset;
     let ports: [u8; 4] = p.read(l4off)?;
     if port != 0 && be16([ports[0], ports[1]]) != port && be16([ports[2], ports[3]]) != port {
         return None;
     }
-    match proto {
+    match l4.proto {
         IPPROTO_UDP => {
             let tag = read_tag(p, l4off + 8, run_id)?;
-            Some(Found { tag, flags, _pad: [0; 3] })
+            Some(Found {
+                tag,
+                flags,
+                _pad: [0; 3],
+            })
         }
         IPPROTO_TCP => {
             let hdr: [u8; 13] = p.read(l4off)?;
-            let seg = TcpSeg { saddr, daddr, ports, seq: [hdr[4], hdr[5], hdr[6], hdr[7]] };
-            let payload = l4off + ((hdr[12] >> 4) as usize) * 4;
-            tcp_tag(p, payload, &seg, run_id, flags)
+            let doff = ((hdr[12] >> 4) as usize) * 4;
+            // A bare ACK carries the seq of the next data byte: it must not match that data's tag.
+            if l4.len != 0 && l4.len <= doff {
+                return None;
+            }
+            let seg = TcpSeg {
+                saddr: l4.saddr,
+                daddr: l4.daddr,
+                ports,
+                seq: [hdr[4], hdr[5], hdr[6], hdr[7]],
+            };
+            tcp_tag(p, l4off + doff, &seg, run_id, flags)
         }
         _ => None,
     }
 }
 
 #[inline(always)]
-fn tcp_tag<P: Packet>(p: &P, payload: usize, seg: &TcpSeg, run_id: u32, flags: u8) -> Option<Found> {
+fn tcp_tag<P: Packet>(
+    p: &P,
+    payload: usize,
+    seg: &TcpSeg,
+    run_id: u32,
+    flags: u8,
+) -> Option<Found> {
     if let Some(tag) = read_tag(p, payload, run_id) {
-        let found = Found { tag, flags, _pad: [0; 3] };
+        let found = Found {
+            tag,
+            flags,
+            _pad: [0; 3],
+        };
         let _ = TCP_TAGS.insert(seg, &found, 0);
         return Some(found);
     }
@@ -131,7 +177,7 @@ fn tcp_tag<P: Packet>(p: &P, payload: usize, seg: &TcpSeg, run_id: u32, flags: u
         if let Some(found) = unsafe { TCP_TAGS.get(seg) } {
             return Some(*found);
         }
-        // Bare ACKs also end here; only segments with payload beyond the linear area count.
+        // Segments that continue a message (no tag at their start) are counted here too.
         if p.has_paged_payload(payload) {
             crate::count(COUNTER_UNREADABLE);
         }

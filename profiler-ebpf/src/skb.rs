@@ -94,6 +94,10 @@ pub fn dev_identity(dev: *const u8, off: &KernelOffsets) -> (u32, u32) {
     }
     let ifindex: u32 = read(unsafe { dev.add(off.dev_ifindex as usize) }).unwrap_or(0);
     let net: u64 = read(unsafe { dev.add(off.dev_nd_net as usize) }).unwrap_or(0);
-    let netns: u32 = if net == 0 { 0 } else { read(unsafe { (net as *const u8).add(off.net_ns_inum as usize) }).unwrap_or(0) };
+    let netns: u32 = if net == 0 {
+        0
+    } else {
+        read(unsafe { (net as *const u8).add(off.net_ns_inum as usize) }).unwrap_or(0)
+    };
     (ifindex, netns)
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{anyhow, bail, Context as _, Result};
 use btf_rs::{Btf, Type};
 use profiler_common::KernelOffsets;
 
@@ -43,7 +43,9 @@ impl KernelBtf {
             match t {
                 Type::Struct(s) | Type::Union(s) => return Some(s),
                 Type::Typedef(ref td) => t = self.btf.resolve_chained_type(td).ok()?,
-                Type::Const(ref q) | Type::Volatile(ref q) => t = self.btf.resolve_chained_type(q).ok()?,
+                Type::Const(ref q) | Type::Volatile(ref q) => {
+                    t = self.btf.resolve_chained_type(q).ok()?
+                }
                 _ => return None,
             }
         }
@@ -72,12 +74,17 @@ impl KernelBtf {
         let mut s = self.named_struct(root)?;
         let mut bits = 0;
         for (i, name) in path.iter().enumerate() {
-            let (off, member) = self
-                .find_member(&s, name)
-                .ok_or_else(|| anyhow!("the kernel's struct {root} has no member {}", path[..=i].join(".")))?;
+            let (off, member) = self.find_member(&s, name).ok_or_else(|| {
+                anyhow!(
+                    "the kernel's struct {root} has no member {}",
+                    path[..=i].join(".")
+                )
+            })?;
             bits += off;
             if i + 1 < path.len() {
-                s = self.member_struct(&member).ok_or_else(|| anyhow!("{root}.{name} is not a struct"))?;
+                s = self
+                    .member_struct(&member)
+                    .ok_or_else(|| anyhow!("{root}.{name} is not a struct"))?;
             }
         }
         if bits % 8 != 0 {
@@ -105,12 +112,16 @@ impl KernelBtf {
 
     /// Whether tp_btf can attach to this tracepoint: the kernel describes it as btf_trace_NAME.
     pub fn has_btf_tracepoint(&self, name: &str) -> bool {
-        self.btf.resolve_ids_by_name(&format!("btf_trace_{name}")).is_ok_and(|ids| !ids.is_empty())
+        self.btf
+            .resolve_ids_by_name(&format!("btf_trace_{name}"))
+            .is_ok_and(|ids| !ids.is_empty())
     }
 
     /// enum skb_drop_reason, value to name (SKB_DROP_REASON_ prefix removed, lower case).
     pub fn drop_reasons(&self) -> HashMap<u32, String> {
-        let Ok(types) = self.btf.resolve_types_by_name("skb_drop_reason") else { return HashMap::new() };
+        let Ok(types) = self.btf.resolve_types_by_name("skb_drop_reason") else {
+            return HashMap::new();
+        };
         let mut names = HashMap::new();
         for t in types {
             if let Type::Enum(e) = t {
@@ -136,7 +147,11 @@ mod tests {
         let off = btf.kernel_offsets().expect("offsets");
         // sk_buff: the pointers come after the length fields on every kernel since 4.x.
         assert!(off.skb_head > off.skb_len, "{off:?}");
-        assert_eq!(off.skb_data, off.skb_head + 8, "head and data are adjacent pointers: {off:?}");
+        assert_eq!(
+            off.skb_data,
+            off.skb_head + 8,
+            "head and data are adjacent pointers: {off:?}"
+        );
         assert!(btf.offset("sk_buff", &["no_such_member"]).is_err());
         assert!(btf.has_btf_tracepoint("net_dev_queue"));
         assert!(!btf.has_btf_tracepoint("no_such_tracepoint"));

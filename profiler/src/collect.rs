@@ -6,8 +6,13 @@ use profiler_common::Event;
 use tokio::{io::unix::AsyncFd, sync::oneshot};
 
 /// Reads events until `stop` fires, then drains what is left and returns everything.
-pub async fn collect(ring: RingBuf<MapData>, mut stop: oneshot::Receiver<()>) -> Result<Vec<Event>> {
-    let mut fd = AsyncFd::new(ring)?;
+pub async fn collect(
+    ring: RingBuf<MapData>,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<Vec<Event>> {
+    // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd holds it.
+    let mut fd = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
     let mut events = Vec::new();
     loop {
         tokio::select! {
@@ -43,8 +48,19 @@ mod tests {
 
     #[test]
     fn decodes_event_bytes_and_refuses_short_records() {
-        let ev = Event { ts_ns: 42, seq: 7, direction: 1, ifindex: 3, netns: 9, len: 100, hook: 2, ..Default::default() };
-        let bytes = unsafe { std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>()) };
+        let ev = Event {
+            ts_ns: 42,
+            seq: 7,
+            direction: 1,
+            ifindex: 3,
+            netns: 9,
+            len: 100,
+            hook: 2,
+            ..Default::default()
+        };
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
+        };
         assert_eq!(decode(bytes), Some(ev));
         assert_eq!(decode(&bytes[..10]), None);
     }

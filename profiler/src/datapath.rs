@@ -8,7 +8,11 @@ use profiler_common::HookId;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
     /// A device tracepoint: tp_btf program preferred, raw_tp program where tp_btf is refused.
-    Tracepoint { tp: &'static str, btf_prog: &'static str, raw_prog: &'static str },
+    Tracepoint {
+        tp: &'static str,
+        btf_prog: &'static str,
+        raw_prog: &'static str,
+    },
     /// A tc program on each interface of the path.
     Tc { prog: &'static str, ingress: bool },
 }
@@ -21,24 +25,84 @@ pub struct HookSpec {
     pub label: &'static str,
 }
 
-const fn tp(id: HookId, tp: &'static str, btf_prog: &'static str, raw_prog: &'static str) -> HookSpec {
-    HookSpec { id, attach: Attach::Tracepoint { tp, btf_prog, raw_prog }, label: tp }
+const fn tp(
+    id: HookId,
+    tp: &'static str,
+    btf_prog: &'static str,
+    raw_prog: &'static str,
+) -> HookSpec {
+    HookSpec {
+        id,
+        attach: Attach::Tracepoint {
+            tp,
+            btf_prog,
+            raw_prog,
+        },
+        label: tp,
+    }
 }
 
 pub const HOOKS: &[HookSpec] = &[
-    tp(HookId::NetDevQueue, "net_dev_queue", "tp_net_dev_queue", "raw_net_dev_queue"),
-    tp(HookId::NetDevStartXmit, "net_dev_start_xmit", "tp_net_dev_start_xmit", "raw_net_dev_start_xmit"),
-    tp(HookId::NetDevXmit, "net_dev_xmit", "tp_net_dev_xmit", "raw_net_dev_xmit"),
+    tp(
+        HookId::NetDevQueue,
+        "net_dev_queue",
+        "tp_net_dev_queue",
+        "raw_net_dev_queue",
+    ),
+    tp(
+        HookId::NetDevStartXmit,
+        "net_dev_start_xmit",
+        "tp_net_dev_start_xmit",
+        "raw_net_dev_start_xmit",
+    ),
+    tp(
+        HookId::NetDevXmit,
+        "net_dev_xmit",
+        "tp_net_dev_xmit",
+        "raw_net_dev_xmit",
+    ),
     tp(HookId::NetifRx, "netif_rx", "tp_netif_rx", "raw_netif_rx"),
-    tp(HookId::NapiGroReceiveEntry, "napi_gro_receive_entry", "tp_napi_gro_receive_entry", "raw_napi_gro_receive_entry"),
-    tp(HookId::NetifReceiveSkb, "netif_receive_skb", "tp_netif_receive_skb", "raw_netif_receive_skb"),
-    tp(HookId::KfreeSkb, "kfree_skb", "tp_kfree_skb", "raw_kfree_skb"),
-    HookSpec { id: HookId::TcEgress, attach: Attach::Tc { prog: "tc_egress", ingress: false }, label: "tc:egress" },
-    HookSpec { id: HookId::TcIngress, attach: Attach::Tc { prog: "tc_ingress", ingress: true }, label: "tc:ingress" },
+    tp(
+        HookId::NapiGroReceiveEntry,
+        "napi_gro_receive_entry",
+        "tp_napi_gro_receive_entry",
+        "raw_napi_gro_receive_entry",
+    ),
+    tp(
+        HookId::NetifReceiveSkb,
+        "netif_receive_skb",
+        "tp_netif_receive_skb",
+        "raw_netif_receive_skb",
+    ),
+    tp(
+        HookId::KfreeSkb,
+        "kfree_skb",
+        "tp_kfree_skb",
+        "raw_kfree_skb",
+    ),
+    HookSpec {
+        id: HookId::TcEgress,
+        attach: Attach::Tc {
+            prog: "tc_egress",
+            ingress: false,
+        },
+        label: "tc:egress",
+    },
+    HookSpec {
+        id: HookId::TcIngress,
+        attach: Attach::Tc {
+            prog: "tc_ingress",
+            ingress: true,
+        },
+        label: "tc:ingress",
+    },
 ];
 
 pub fn hook(id: HookId) -> &'static HookSpec {
-    HOOKS.iter().find(|h| h.id == id).expect("every HookId has a HookSpec")
+    HOOKS
+        .iter()
+        .find(|h| h.id == id)
+        .expect("every HookId has a HookSpec")
 }
 
 /// Where on the path a hop is: an application timestamp or a hook on a device.
@@ -106,13 +170,23 @@ pub fn segment_name(e: &SegmentEnds) -> String {
         (_, AppRecv) => format!("stack and socket ({})", e.to_ns),
         (Hook(TcEgress), Hook(NetDevQueue)) if same_if => format!("egress to queue {}", e.from_if),
         (Hook(NetDevQueue), Hook(NetDevStartXmit)) if same_if => format!("qdisc {}", e.from_if),
-        (Hook(NetDevStartXmit), Hook(NetDevXmit)) if same_if => format!("driver xmit {}", e.from_if),
-        (Hook(NetDevStartXmit), Hook(NetifRx)) if e.peers => format!("veth {} -> {}", e.from_if, e.to_if),
+        (Hook(NetDevStartXmit), Hook(NetDevXmit)) if same_if => {
+            format!("driver xmit {}", e.from_if)
+        }
+        (Hook(NetDevStartXmit), Hook(NetifRx)) if e.peers => {
+            format!("veth {} -> {}", e.from_if, e.to_if)
+        }
         (Hook(NetifRx), Hook(NetDevXmit)) if e.peers => format!("veth xmit return {}", e.to_if),
-        (Hook(NetDevXmit), Hook(NetifReceiveSkb)) if e.peers => format!("backlog queue {}", e.to_if),
-        (Hook(NetDevXmit), Hook(NapiGroReceiveEntry)) => format!("wire {} -> {}", e.from_if, e.to_if),
+        (Hook(NetDevXmit), Hook(NetifReceiveSkb)) if e.peers => {
+            format!("backlog queue {}", e.to_if)
+        }
+        (Hook(NetDevXmit), Hook(NapiGroReceiveEntry)) => {
+            format!("wire {} -> {}", e.from_if, e.to_if)
+        }
         (Hook(NapiGroReceiveEntry), Hook(NetifReceiveSkb)) if same_if => format!("gro {}", e.to_if),
-        (Hook(NetifReceiveSkb), Hook(TcIngress)) if same_if => format!("receive to ingress {}", e.to_if),
+        (Hook(NetifReceiveSkb), Hook(TcIngress)) if same_if => {
+            format!("receive to ingress {}", e.to_if)
+        }
         (Hook(TcIngress), Hook(TcEgress)) => match e.bridge {
             Some(br) => format!("bridge {br} ({} -> {})", e.from_if, e.to_if),
             None => format!("forward {} -> {} ({})", e.from_if, e.to_if, e.from_ns),
@@ -143,14 +217,32 @@ mod tests {
     #[test]
     fn names_bridge_and_veth_segments() {
         let ends = |from, to, from_if, to_if, bridge, peers| {
-            segment_name(&SegmentEnds { from, to, from_if, to_if, from_ns: "host", to_ns: "host", bridge, peers })
+            segment_name(&SegmentEnds {
+                from,
+                to,
+                from_if,
+                to_if,
+                from_ns: "host",
+                to_ns: "host",
+                bridge,
+                peers,
+            })
         };
         let ing = Point::Hook(HookId::TcIngress);
         let eg = Point::Hook(HookId::TcEgress);
-        assert_eq!(ends(&ing, &eg, "veth-a", "veth-b", Some("br0"), false), "bridge br0 (veth-a -> veth-b)");
-        assert_eq!(ends(&ing, &eg, "veth-a", "veth-b", None, false), "forward veth-a -> veth-b (host)");
+        assert_eq!(
+            ends(&ing, &eg, "veth-a", "veth-b", Some("br0"), false),
+            "bridge br0 (veth-a -> veth-b)"
+        );
+        assert_eq!(
+            ends(&ing, &eg, "veth-a", "veth-b", None, false),
+            "forward veth-a -> veth-b (host)"
+        );
         let sx = Point::Hook(HookId::NetDevStartXmit);
         let rx = Point::Hook(HookId::NetifRx);
-        assert_eq!(ends(&sx, &rx, "eth0", "veth-a", None, true), "veth eth0 -> veth-a");
+        assert_eq!(
+            ends(&sx, &rx, "eth0", "veth-a", None, true),
+            "veth eth0 -> veth-a"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! `profiler doctor`: what this kernel and these privileges allow, found by trying.
 
-use anyhow::{Result, bail};
+use anyhow::{bail, Result};
 use aya::programs::ProgramType;
 use serde::Serialize;
 
@@ -27,12 +27,19 @@ pub struct Doctor {
 }
 
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into())
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Capabilities the profiler needs: loading programs (CAP_BPF), tracing (CAP_PERFMON), tc and
 /// namespaces (CAP_NET_ADMIN, CAP_SYS_ADMIN for setns). Root has them all.
-const CAPS: &[(u32, &str)] = &[(39, "CAP_BPF"), (38, "CAP_PERFMON"), (12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN")];
+const CAPS: &[(u32, &str)] = &[
+    (39, "CAP_BPF"),
+    (38, "CAP_PERFMON"),
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+];
 
 /// The effective capabilities this process lacks.
 pub fn missing_capabilities() -> Vec<&'static str> {
@@ -42,14 +49,21 @@ pub fn missing_capabilities() -> Vec<&'static str> {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
-    CAPS.iter().filter(|(bit, _)| eff & (1 << bit) == 0).map(|(_, name)| *name).collect()
+    CAPS.iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect()
 }
 
 /// Fails with one sentence when the process cannot load programs or manage namespaces.
 pub fn require_privileges() -> Result<()> {
     let missing = missing_capabilities();
     if !missing.is_empty() {
-        bail!("the profiler needs root or {}; this process lacks {}", cap_list(), missing.join(", "));
+        bail!(
+            "the profiler needs root or {}; this process lacks {}",
+            cap_list(),
+            missing.join(", ")
+        );
     }
     Ok(())
 }
@@ -60,8 +74,16 @@ fn cap_list() -> String {
 
 fn check(name: &str, result: Result<(), String>) -> Check {
     match result {
-        Ok(()) => Check { name: name.into(), status: Status::Attached, reason: None },
-        Err(reason) => Check { name: name.into(), status: Status::Unavailable, reason: Some(reason) },
+        Ok(()) => Check {
+            name: name.into(),
+            status: Status::Attached,
+            reason: None,
+        },
+        Err(reason) => Check {
+            name: name.into(),
+            status: Status::Unavailable,
+            reason: Some(reason),
+        },
     }
 }
 
@@ -84,9 +106,9 @@ fn program_types() -> Vec<Check> {
             Err(e) => Err(format!("probe failed: {e}")),
         };
         let result = match loaded {
-            Ok(()) if t == ProgramType::KProbe && !kprobe_pmu => {
-                Err("programs load but there is no kprobe PMU to attach to (CONFIG_KPROBES off)".into())
-            }
+            Ok(()) if t == ProgramType::KProbe && !kprobe_pmu => Err(
+                "programs load but there is no kprobe PMU to attach to (CONFIG_KPROBES off)".into(),
+            ),
             other => other,
         };
         check(name, result)
@@ -98,19 +120,28 @@ pub fn run() -> Doctor {
     let missing = missing_capabilities();
     let privileges = check(
         "privileges",
-        if missing.is_empty() { Ok(()) } else { Err(format!("missing {}", missing.join(", "))) },
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("missing {}", missing.join(", ")))
+        },
     );
     let btf = KernelBtf::load();
-    let btf_check = check(VMLINUX_BTF, btf.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+    let btf_check = check(
+        VMLINUX_BTF,
+        btf.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
+    );
     // The real device hooks, loaded and attached with this kernel's offsets, then detached.
     let hooks = match &btf {
-        Ok(btf) if missing.is_empty() => match Probes::load(btf, &ProbeConfig { run_id: 1, port: 0 }) {
-            Ok(mut probes) => match probes.attach_tracepoints(btf) {
-                Ok(()) => probes.statuses.clone(),
-                Err(e) => vec![failed_hook("tracepoints", &e)],
-            },
-            Err(e) => vec![failed_hook("load", &e)],
-        },
+        Ok(btf) if missing.is_empty() => {
+            match Probes::load(btf, &ProbeConfig { run_id: 1, port: 0 }) {
+                Ok(mut probes) => match probes.attach_tracepoints(btf) {
+                    Ok(()) => probes.statuses.clone(),
+                    Err(e) => vec![failed_hook("tracepoints", &e)],
+                },
+                Err(e) => vec![failed_hook("load", &e)],
+            }
+        }
         _ => Vec::new(),
     };
     Doctor {
@@ -124,11 +155,23 @@ pub fn run() -> Doctor {
 }
 
 fn failed_hook(name: &str, e: &anyhow::Error) -> crate::hooks::HookStatus {
-    crate::hooks::HookStatus { name: name.into(), kind: "load".into(), status: Status::Failed, reason: Some(format!("{e:#}")) }
+    crate::hooks::HookStatus {
+        name: name.into(),
+        kind: "load".into(),
+        status: Status::Failed,
+        reason: Some(format!("{e:#}")),
+    }
 }
 
 pub fn render(d: &Doctor) -> String {
-    let line = |c: &Check| format!("  {:<28} {:<12} {}\n", c.name, format!("{:?}", c.status).to_lowercase(), c.reason.as_deref().unwrap_or(""));
+    let line = |c: &Check| {
+        format!(
+            "  {:<28} {:<12} {}\n",
+            c.name,
+            format!("{:?}", c.status).to_lowercase(),
+            c.reason.as_deref().unwrap_or("")
+        )
+    };
     let mut out = format!("kernel {}\n", d.kernel);
     out += &line(&d.privileges);
     out += &line(&d.btf);
@@ -136,7 +179,13 @@ pub fn render(d: &Doctor) -> String {
     d.program_types.iter().for_each(|c| out += &line(c));
     out += "device hooks:\n";
     for h in &d.hooks {
-        out += &format!("  {:<28} {:<12} {} {}\n", h.name, format!("{:?}", h.status).to_lowercase(), h.kind, h.reason.as_deref().unwrap_or(""));
+        out += &format!(
+            "  {:<28} {:<12} {} {}\n",
+            h.name,
+            format!("{:?}", h.status).to_lowercase(),
+            h.kind,
+            h.reason.as_deref().unwrap_or("")
+        );
     }
     out
 }

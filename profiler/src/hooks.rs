@@ -3,18 +3,20 @@
 //! Every attachment is a BPF link owned by this process, so an exiting process leaves none behind;
 //! a hook that cannot be attached is recorded with the reason, never fatal on its own.
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, RawTracePoint, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        tc::SchedClassifierLinkId, BtfTracePoint, RawTracePoint, SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
 };
-use profiler_common::{COUNTER_COUNT, HookId};
+use profiler_common::{HookId, COUNTER_COUNT};
 use serde::Serialize;
 
 use crate::{
     btf::KernelBtf,
-    datapath::{Attach, HOOKS, HookSpec},
+    datapath::{Attach, HookSpec, HOOKS},
     netns,
 };
 
@@ -39,7 +41,7 @@ pub struct HookStatus {
 }
 
 /// A tc attachment: tc events carry only the ifindex, so this says which namespace it was in.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct TcAttachment {
     pub hook: HookId,
     pub netns: Option<String>,
@@ -75,21 +77,32 @@ impl Probes {
         if EBPF_OBJECT.is_empty() {
             bail!("this profiler binary was built without its eBPF object (AYA_BUILD_SKIP); build it with `cargo xtask build`");
         }
-        let offsets = btf.kernel_offsets().context("finding kernel struct offsets in BTF")?;
+        let offsets = btf
+            .kernel_offsets()
+            .context("finding kernel struct offsets in BTF")?;
         let ebpf = EbpfLoader::new()
-            .set_global("OFFSETS", &offsets, true)
-            .set_global("RUN_ID", &config.run_id, true)
-            .set_global("PORT", &config.port, true)
+            .override_global("OFFSETS", &offsets, true)
+            .override_global("RUN_ID", &config.run_id, true)
+            .override_global("PORT", &config.port, true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object into the kernel")?;
-        Ok(Probes { ebpf, statuses: Vec::new(), tc: Vec::new() })
+        Ok(Probes {
+            ebpf,
+            statuses: Vec::new(),
+            tc: Vec::new(),
+        })
     }
 
     /// Attaches every device tracepoint, recording what attached and why the rest did not.
     pub fn attach_tracepoints(&mut self, kernel_btf: &KernelBtf) -> Result<()> {
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for tp_btf")?;
         for spec in HOOKS {
-            if let Attach::Tracepoint { tp, btf_prog, raw_prog } = spec.attach {
+            if let Attach::Tracepoint {
+                tp,
+                btf_prog,
+                raw_prog,
+            } = spec.attach
+            {
                 let status = self.attach_tracepoint(tp, btf_prog, raw_prog, &btf, kernel_btf);
                 self.statuses.push(status);
             }
@@ -119,7 +132,11 @@ impl Probes {
             Err(e) => {
                 reasons.push(format!("raw_tp: {e:#}"));
                 let missing = !std::path::Path::new("/sys/kernel/tracing/events/net").exists();
-                let st = if missing { Status::Unavailable } else { Status::Failed };
+                let st = if missing {
+                    Status::Unavailable
+                } else {
+                    Status::Failed
+                };
                 status(tp, "raw_tp", st, Some(reasons.join("; ")))
             }
         }
@@ -140,14 +157,21 @@ impl Probes {
     }
 
     fn program(&mut self, name: &str) -> Result<&mut aya::programs::Program> {
-        self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))
     }
 
     /// Attaches the tc ingress and egress programs to `ifname` in namespace `ns` (None: this one).
     pub fn attach_tc(&mut self, ns: Option<&str>, ifname: &str) {
         for spec in HOOKS {
             if let Attach::Tc { prog, ingress } = spec.attach {
-                let name = format!("{}@{}{}", spec.label, ifname, ns.map(|n| format!("/{n}")).unwrap_or_default());
+                let name = format!(
+                    "{}@{}{}",
+                    spec.label,
+                    ifname,
+                    ns.map(|n| format!("/{n}")).unwrap_or_default()
+                );
                 let st = match self.attach_tc_one(spec, prog, ingress, ns, ifname) {
                     Ok(att) => {
                         self.tc.push(att);
@@ -172,39 +196,68 @@ impl Probes {
         if p.fd().is_err() {
             p.load()?;
         }
-        let kind = if ingress { TcAttachType::Ingress } else { TcAttachType::Egress };
+        let kind = if ingress {
+            TcAttachType::Ingress
+        } else {
+            TcAttachType::Egress
+        };
         // Interface names and tc links resolve in the calling thread's namespace.
         let (link, ifindex, netns_inode) = netns::run_in(ns, || {
-            let ifindex = nix::net::if_::if_nametoindex(ifname)
-                .map_err(|e| anyhow!("unknown interface {ifname}{}: {e}", ns.map(|n| format!(" in netns {n}")).unwrap_or_default()))?;
-            if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) {
+            let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|e| {
+                anyhow!(
+                    "unknown interface {ifname}{}: {e}",
+                    ns.map(|n| format!(" in netns {n}")).unwrap_or_default()
+                )
+            })?;
+            if !aya::util::KernelVersion::current()
+                .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+            {
                 // Before tcx, tc programs hang off a clsact qdisc.
                 let _ = aya::programs::tc::qdisc_add_clsact(ifname);
             }
             let link = p.attach(ifname, kind)?;
             Ok((link, ifindex, netns::current_inode()?))
         })?;
-        Ok(TcAttachment { hook: spec.id, netns: ns.map(str::to_string), netns_inode, ifname: ifname.to_string(), ifindex, link })
+        Ok(TcAttachment {
+            hook: spec.id,
+            netns: ns.map(str::to_string),
+            netns_inode,
+            ifname: ifname.to_string(),
+            ifindex,
+            link,
+        })
     }
 
     /// Detaches the tc programs inside their namespaces (netlink-based tc links detach by name).
     pub fn detach_tc(&mut self) {
         for att in std::mem::take(&mut self.tc) {
-            let prog = if att.hook == HookId::TcIngress { "tc_ingress" } else { "tc_egress" };
+            let prog = if att.hook == HookId::TcIngress {
+                "tc_ingress"
+            } else {
+                "tc_egress"
+            };
             let Ok(p) = self.program(prog) else { continue };
-            let Ok(p): Result<&mut SchedClassifier, _> = p.try_into() else { continue };
+            let Ok(p): Result<&mut SchedClassifier, _> = p.try_into() else {
+                continue;
+            };
             let _ = netns::run_in(att.netns.as_deref(), || Ok(p.detach(att.link)?));
         }
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS is missing"))?;
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| anyhow!("map EVENTS is missing"))?;
         Ok(RingBuf::try_from(map)?)
     }
 
     /// Per-CPU counters summed over CPUs, indexed by the COUNTER_* constants.
     pub fn counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {
-        let map = self.ebpf.map("COUNTERS").ok_or_else(|| anyhow!("map COUNTERS is missing"))?;
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or_else(|| anyhow!("map COUNTERS is missing"))?;
         let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
         let mut out = [0; COUNTER_COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
@@ -222,8 +275,17 @@ impl Probes {
                 let info = p.info().ok()?;
                 let run_count = info.run_count();
                 let run_time_ns = info.run_time().as_nanos() as u64;
-                let ns_per_run = if run_count == 0 { 0.0 } else { run_time_ns as f64 / run_count as f64 };
-                Some(ProgramCost { program: name.to_string(), run_count, run_time_ns, ns_per_run })
+                let ns_per_run = if run_count == 0 {
+                    0.0
+                } else {
+                    run_time_ns as f64 / run_count as f64
+                };
+                Some(ProgramCost {
+                    program: name.to_string(),
+                    run_count,
+                    run_time_ns,
+                    ns_per_run,
+                })
             })
             .collect();
         costs.sort_by(|a, b| a.program.cmp(&b.program));
@@ -239,5 +301,10 @@ impl Drop for Probes {
 
 fn status(name: &str, kind: &str, status: Status, reason: Option<String>) -> HookStatus {
     let reason = reason.filter(|r| !r.is_empty());
-    HookStatus { name: name.to_string(), kind: kind.to_string(), status, reason }
+    HookStatus {
+        name: name.to_string(),
+        kind: kind.to_string(),
+        status,
+        reason,
+    }
 }

@@ -40,26 +40,47 @@ pub fn observations(
     let mut obs = Vec::with_capacity(events.len() + stamps.len());
     let mut drops = Vec::new();
     for ev in events {
-        let Some(hook) = HookId::from_u8(ev.hook) else { continue };
+        let Some(hook) = HookId::from_u8(ev.hook) else {
+            continue;
+        };
         if hook == HookId::KfreeSkb {
             drops.push(*ev);
             continue;
         }
         let netns = match hook {
-            HookId::TcIngress | HookId::TcEgress => tc_netns.get(&(hook, ev.ifindex)).copied().unwrap_or(0),
+            HookId::TcIngress | HookId::TcEgress => {
+                tc_netns.get(&(hook, ev.ifindex)).copied().unwrap_or(0)
+            }
             _ => ev.netns,
         };
-        let hop = HopKey { point: Point::Hook(hook), netns, ifindex: ev.ifindex };
-        obs.push(Observation { seq: ev.seq, direction: ev.direction, ts_ns: ev.ts_ns, hop });
+        let hop = HopKey {
+            point: Point::Hook(hook),
+            netns,
+            ifindex: ev.ifindex,
+        };
+        obs.push(Observation {
+            seq: ev.seq,
+            direction: ev.direction,
+            ts_ns: ev.ts_ns,
+            hop,
+        });
     }
     for s in stamps {
         // Requests go client -> server, responses server -> client.
-        let (from, to) = if s.direction == 0 { (app_netns[0], app_netns[1]) } else { (app_netns[1], app_netns[0]) };
+        let (from, to) = if s.direction == 0 {
+            (app_netns[0], app_netns[1])
+        } else {
+            (app_netns[1], app_netns[0])
+        };
         let app = |point, netns, ts_ns| Observation {
             seq: s.seq,
             direction: s.direction,
             ts_ns,
-            hop: HopKey { point, netns, ifindex: 0 },
+            hop: HopKey {
+                point,
+                netns,
+                ifindex: 0,
+            },
         };
         obs.push(app(Point::AppSend, from, s.send_ns));
         obs.push(app(Point::AppRecv, to, s.recv_ns));
@@ -83,8 +104,9 @@ impl Stats {
         if values.is_empty() {
             return Stats::default();
         }
-        // 3 significant digits: percentiles within 0.1%; the mean is exact.
-        let mut h = Histogram::<u64>::new(3).expect("3 significant digits is a valid precision");
+        // 1 ns to 1 hour at 3 significant digits: percentiles within 0.1%; the mean is exact.
+        let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
+            .expect("valid histogram bounds");
         for &v in values {
             h.saturating_record(v);
         }
@@ -119,7 +141,8 @@ pub struct Attribution {
 
 /// Attributes the journeys of one direction. `expected` is the predicted hop order.
 pub fn attribute(obs: &[Observation], direction: u32, expected: &[HopKey]) -> Attribution {
-    let position: HashMap<&HopKey, usize> = expected.iter().enumerate().map(|(i, k)| (k, i)).collect();
+    let position: HashMap<&HopKey, usize> =
+        expected.iter().enumerate().map(|(i, k)| (k, i)).collect();
     let mut per_packet: HashMap<u32, Vec<&Observation>> = HashMap::new();
     for o in obs.iter().filter(|o| o.direction == direction) {
         per_packet.entry(o.seq).or_default().push(o);
@@ -138,7 +161,13 @@ pub fn attribute(obs: &[Observation], direction: u32, expected: &[HopKey]) -> At
                 totals.push(ts[ts.len() - 1].saturating_sub(ts[0]));
                 out.complete += 1;
             }
-            None => out.incomplete += 1,
+            None => {
+                log::debug!(
+                    "incomplete journey dir {direction}: {:?}",
+                    seen.iter().map(|o| (o.ts_ns, &o.hop)).collect::<Vec<_>>()
+                );
+                out.incomplete += 1;
+            }
         }
     }
     out.segments = deltas.iter().map(|d| Stats::of(d)).collect();
@@ -187,8 +216,22 @@ fn timeline(
 mod tests {
     use super::*;
 
+    #[test]
+    fn percentiles_of_large_values_are_not_clamped() {
+        let values: Vec<u64> = (1..=1000).map(|i| i * 1_000).collect();
+        let s = Stats::of(&values);
+        assert_eq!(s.samples, 1000);
+        assert!((s.p50_ns as f64 - 500_000.0).abs() < 1_000.0, "{s:?}");
+        assert!((s.max_ns as f64 - 1_000_000.0).abs() < 1_000.0, "{s:?}");
+        assert_eq!(s.mean_ns, 500_500.0);
+    }
+
     fn key(point: Point, ifindex: u32) -> HopKey {
-        HopKey { point, netns: 1, ifindex }
+        HopKey {
+            point,
+            netns: 1,
+            ifindex,
+        }
     }
 
     fn path() -> Vec<HopKey> {
@@ -204,7 +247,12 @@ mod tests {
         path()
             .into_iter()
             .zip(times)
-            .map(|(hop, &ts_ns)| Observation { seq, direction: 0, ts_ns, hop })
+            .map(|(hop, &ts_ns)| Observation {
+                seq,
+                direction: 0,
+                ts_ns,
+                hop,
+            })
             .collect()
     }
 
@@ -219,6 +267,8 @@ mod tests {
         assert_eq!(means, vec![15.0, 15.0, 50.0]);
         assert_eq!(a.end_to_end.mean_ns, 80.0);
         assert_eq!(a.end_to_end.max_ns, 100);
+        assert_eq!(a.segments[2].p50_ns, 30);
+        assert_eq!(a.segments[2].p99_ns, 70);
     }
 
     #[test]
@@ -226,7 +276,12 @@ mod tests {
         let mut obs = packet(0, &[100, 110, 130, 160]);
         obs.reverse();
         // A retransmission seen again at the tc hop later.
-        obs.push(Observation { seq: 0, direction: 0, ts_ns: 150, hop: key(Point::Hook(HookId::TcEgress), 2) });
+        obs.push(Observation {
+            seq: 0,
+            direction: 0,
+            ts_ns: 150,
+            hop: key(Point::Hook(HookId::TcEgress), 2),
+        });
         let a = attribute(&obs, 0, &path());
         assert_eq!(a.complete, 1);
         assert_eq!(a.segments[0].mean_ns, 10.0);
@@ -254,7 +309,12 @@ mod tests {
     fn unexpected_hops_are_reported() {
         let mut obs = packet(0, &[100, 110, 130, 160]);
         let stray = key(Point::Hook(HookId::NetDevQueue), 9);
-        obs.push(Observation { seq: 0, direction: 0, ts_ns: 120, hop: stray.clone() });
+        obs.push(Observation {
+            seq: 0,
+            direction: 0,
+            ts_ns: 120,
+            hop: stray.clone(),
+        });
         let a = attribute(&obs, 0, &path());
         assert_eq!(a.complete, 1);
         assert_eq!(a.unexpected.get(&stray), Some(&1));
@@ -273,15 +333,44 @@ mod tests {
 
     #[test]
     fn observations_split_drops_and_resolve_tc_namespaces() {
-        let tc = Event { hook: HookId::TcEgress as u8, ifindex: 5, ts_ns: 1, ..Default::default() };
-        let drop = Event { hook: HookId::KfreeSkb as u8, ifindex: 5, drop_reason: 2, ..Default::default() };
-        let stamps = [Stamp { seq: 0, direction: 1, send_ns: 10, recv_ns: 20 }];
+        let tc = Event {
+            hook: HookId::TcEgress as u8,
+            ifindex: 5,
+            ts_ns: 1,
+            ..Default::default()
+        };
+        let drop = Event {
+            hook: HookId::KfreeSkb as u8,
+            ifindex: 5,
+            drop_reason: 2,
+            ..Default::default()
+        };
+        let stamps = [Stamp {
+            seq: 0,
+            direction: 1,
+            send_ns: 10,
+            recv_ns: 20,
+        }];
         let tc_netns = HashMap::from([((HookId::TcEgress, 5), 77)]);
         let (obs, drops) = observations(&[tc, drop], &stamps, [1, 2], &tc_netns);
         assert_eq!(drops.len(), 1);
         assert_eq!(obs[0].hop.netns, 77);
         // A response is sent by the server (namespace 2) and received by the client (1).
-        assert_eq!(obs[1].hop, HopKey { point: Point::AppSend, netns: 2, ifindex: 0 });
-        assert_eq!(obs[2].hop, HopKey { point: Point::AppRecv, netns: 1, ifindex: 0 });
+        assert_eq!(
+            obs[1].hop,
+            HopKey {
+                point: Point::AppSend,
+                netns: 2,
+                ifindex: 0
+            }
+        );
+        assert_eq!(
+            obs[2].hop,
+            HopKey {
+                point: Point::AppRecv,
+                netns: 1,
+                ifindex: 0
+            }
+        );
     }
 }

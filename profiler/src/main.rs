@@ -1,1 +1,244 @@
-fn main() {}
+//! The `profiler` command line.
+
+use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use profiler::{
+    doctor, lab,
+    lab::Topology,
+    report,
+    run::{self, RunArgs},
+    traffic::Proto,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "profiler",
+    version,
+    about = "Per-hop latency of container network paths, measured with eBPF"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Profile a lab path: attach, drive tagged request/response traffic, print the waterfall.
+    Run(RunCli),
+    /// Built-in lab topologies (network namespaces you can step into with `ip netns exec`).
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+    /// What this kernel and these privileges allow: hook types, BTF, capabilities.
+    Doctor {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Create a lab topology.
+    Up { topology: Topology },
+    /// Remove a lab and everything it created.
+    Down { name: String },
+    /// The labs that are up, with their namespaces, interfaces and addresses.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Parser)]
+struct RunCli {
+    /// Lab topology to profile; brought up (and removed afterwards) if it is not up.
+    #[arg(long, value_enum, default_value = "bridge")]
+    lab: Topology,
+    #[arg(long, value_enum, default_value = "udp")]
+    proto: Proto,
+    /// Payload bytes per request and per response (16 to 65536).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Request/response exchanges.
+    #[arg(long, default_value_t = 1000)]
+    count: u32,
+    /// Requests per second (default: next request as soon as the response arrives).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Server port of the tagged traffic.
+    #[arg(long, default_value_t = 7373)]
+    port: u16,
+    /// Seconds to wait for a response before counting it lost.
+    #[arg(long, default_value_t = 1.0)]
+    timeout: f64,
+    /// Write the profiler.run.v1 JSON report to FILE ("-" for stdout instead of the table).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Report each eBPF program's kernel cost per invocation (enables bpf_stats for the run).
+    #[arg(long)]
+    stats: bool,
+    /// Exit 0 even if the kernel lost events.
+    #[arg(long)]
+    allow_loss: bool,
+    /// Leave a lab this run brought up in place afterwards.
+    #[arg(long)]
+    keep_lab: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(anyhow::anyhow!("starting the async runtime: {e}")),
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}
+
+async fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run(args) => run_command(args).await,
+        Command::Lab { command } => {
+            doctor::require_privileges()?;
+            lab_command(command).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Doctor { json } => {
+            let d = doctor::run();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print!("{}", doctor::render(&d));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn lab_command(command: LabCommand) -> Result<()> {
+    match command {
+        LabCommand::Up { topology } => {
+            let lab = interruptible(lab::up(topology)).await?;
+            println!(
+                "lab {} is up: namespaces {}",
+                lab.name,
+                lab.namespaces.join(", ")
+            );
+        }
+        LabCommand::Down { name } => {
+            lab::down(&name).await?;
+            println!("lab {name} is down");
+        }
+        LabCommand::List { json } => {
+            let labs = lab::list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&labs)?);
+            } else {
+                print_labs(&labs);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_labs(labs: &[lab::Lab]) {
+    if labs.is_empty() {
+        println!("no lab is up");
+    }
+    for lab in labs {
+        println!("{} ({:?})", lab.name, lab.topology);
+        for i in &lab.interfaces {
+            let extra = i
+                .master
+                .as_ref()
+                .map(|m| format!(" master {m}"))
+                .unwrap_or_default();
+            println!(
+                "  {:<22} {:<8} {:<7} ifindex {:<4} {}{}",
+                i.netns,
+                i.ifname,
+                i.kind,
+                i.ifindex,
+                i.addrs.join(" "),
+                extra
+            );
+        }
+    }
+}
+
+async fn run_command(cli: RunCli) -> Result<ExitCode> {
+    doctor::require_privileges()?;
+    if !(cli.timeout > 0.0 && cli.timeout.is_finite()) {
+        anyhow::bail!("--timeout must be a positive number of seconds");
+    }
+    let args = RunArgs {
+        lab: cli.lab,
+        proto: cli.proto,
+        size: cli.size,
+        count: cli.count,
+        rate: cli.rate,
+        port: cli.port,
+        stats: cli.stats,
+        timeout: Duration::from_secs_f64(cli.timeout),
+    };
+    let (lab, created) = interruptible(run::ensure_lab(args.lab)).await?;
+    // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
+    let result = interruptible(run::profile(&args, &lab)).await;
+    if created && !cli.keep_lab {
+        lab::down(&lab.name)
+            .await
+            .context("removing the lab this run created")?;
+    }
+    let report = result?;
+    match cli.json.as_deref() {
+        Some(p) if p.as_os_str() == "-" => println!("{}", serde_json::to_string_pretty(&report)?),
+        Some(p) => {
+            write_json(p, &report)?;
+            print!("{}", report::render(&report));
+        }
+        None => print!("{}", report::render(&report)),
+    }
+    if report.events.lost > 0 && !cli.allow_loss {
+        eprintln!(
+            "error: the kernel lost {} events; rerun with a lower --rate or pass --allow-loss",
+            report.events.lost
+        );
+        return Ok(ExitCode::from(3));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_json(path: &std::path::Path, report: &report::RunReport) -> Result<()> {
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    serde_json::to_writer_pretty(&mut f, report)?;
+    writeln!(f)?;
+    Ok(())
+}
+
+/// Runs `fut` unless SIGINT or SIGTERM arrives first; then it is dropped (detaching every BPF
+/// link it holds) and the caller's cleanup still runs.
+async fn interruptible<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        r = fut => r,
+        _ = term.recv() => anyhow::bail!("interrupted by SIGTERM"),
+        _ = int.recv() => anyhow::bail!("interrupted by SIGINT"),
+    }
+}

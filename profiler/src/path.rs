@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
-use profiler_common::{DIR_REQUEST, HookId};
+use profiler_common::{HookId, DIR_REQUEST};
 use serde::Serialize;
 
 use crate::{
@@ -43,7 +43,11 @@ impl Attached {
                 (st.status == Status::Attached).then(|| (spec.id, st.kind.clone()))
             })
             .collect();
-        let tc = probes.tc.iter().map(|a| (a.hook, a.netns.clone(), a.ifname.clone())).collect();
+        let tc = probes
+            .tc
+            .iter()
+            .map(|a| (a.hook, a.netns.clone(), a.ifname.clone()))
+            .collect();
         Attached { tracepoints, tc }
     }
 
@@ -52,7 +56,9 @@ impl Attached {
         if let Some(kind) = self.tracepoints.get(&id) {
             return Some(format!("{kind}:{}", datapath::hook(id).label));
         }
-        self.tc.contains(&(id, Some(at.netns.clone()), at.ifname.clone())).then(|| datapath::hook(id).label.to_string())
+        self.tc
+            .contains(&(id, Some(at.netns.clone()), at.ifname.clone()))
+            .then(|| datapath::hook(id).label.to_string())
     }
 }
 
@@ -61,7 +67,11 @@ pub struct Inodes(HashMap<String, u32>);
 
 impl Inodes {
     pub fn of(lab: &Lab) -> Result<Inodes> {
-        let map = lab.namespaces.iter().map(|n| Ok((n.clone(), netns::inode(n)?))).collect::<Result<_>>()?;
+        let map = lab
+            .namespaces
+            .iter()
+            .map(|n| Ok((n.clone(), netns::inode(n)?)))
+            .collect::<Result<_>>()?;
         Ok(Inodes(map))
     }
 
@@ -73,12 +83,23 @@ impl Inodes {
 /// Predicts the hops of one direction of the lab's client/server exchange.
 pub fn predict(lab: &Lab, direction: u32, attached: &Attached, inodes: &Inodes) -> Vec<Hop> {
     let request = direction == DIR_REQUEST;
-    let (from, to) = if request { (&lab.client, &lab.server) } else { (&lab.server, &lab.client) };
+    let (from, to) = if request {
+        (&lab.client, &lab.server)
+    } else {
+        (&lab.server, &lab.client)
+    };
     let mut hops = vec![app_hop(Point::AppSend, &from.netns, inodes)];
     let crossings: Vec<(IfRef, IfRef, &str)> = if request {
-        lab.path.iter().map(|c| (c.tx.clone(), c.rx.clone(), c.link.as_str())).collect()
+        lab.path
+            .iter()
+            .map(|c| (c.tx.clone(), c.rx.clone(), c.link.as_str()))
+            .collect()
     } else {
-        lab.path.iter().rev().map(|c| (c.rx.clone(), c.tx.clone(), c.link.as_str())).collect()
+        lab.path
+            .iter()
+            .rev()
+            .map(|c| (c.rx.clone(), c.tx.clone(), c.link.as_str()))
+            .collect()
     };
     for (tx, rx, link) in &crossings {
         for (side, id) in datapath::link_sequence(link) {
@@ -107,7 +128,11 @@ fn app_hop(point: Point, ns: &str, inodes: &Inodes) -> Hop {
         netns: Some(ns.to_string()),
         kind: "app".into(),
         hook: label.into(),
-        key: HopKey { point, netns: inodes.get(ns), ifindex: 0 },
+        key: HopKey {
+            point,
+            netns: inodes.get(ns),
+            ifindex: 0,
+        },
     }
 }
 
@@ -124,23 +149,37 @@ fn device_hop(id: HookId, at: &IfRef, hook: String, lab: &Lab, inodes: &Inodes) 
         netns: Some(at.netns.clone()),
         kind,
         hook,
-        key: HopKey { point: Point::Hook(id), netns: inodes.get(&at.netns), ifindex: at.ifindex },
+        key: HopKey {
+            point: Point::Hook(id),
+            netns: inodes.get(&at.netns),
+            ifindex: at.ifindex,
+        },
     }
 }
 
 /// Names each segment between consecutive hops after what it crosses.
 pub fn segment_names(hops: &[Hop], lab: &Lab) -> Vec<String> {
-    let iface = |h: &Hop| lab.interfaces.iter().find(|i| Some(&i.netns) == h.netns.as_ref() && Some(&i.ifname) == h.ifname.as_ref());
+    let iface = |h: &Hop| {
+        lab.interfaces
+            .iter()
+            .find(|i| Some(&i.netns) == h.netns.as_ref() && Some(&i.ifname) == h.ifname.as_ref())
+    };
     hops.windows(2)
         .map(|w| {
             let (a, b) = (&w[0], &w[1]);
             let (ia, ib) = (iface(a), iface(b));
-            let bridge = match (ia.and_then(|i| i.master.as_deref()), ib.and_then(|i| i.master.as_deref())) {
+            let bridge = match (
+                ia.and_then(|i| i.master.as_deref()),
+                ib.and_then(|i| i.master.as_deref()),
+            ) {
                 (Some(x), Some(y)) if x == y && a.netns == b.netns => Some(x),
                 _ => None,
             };
-            let peers = ia.and_then(|i| i.peer.as_ref()).is_some_and(|p| Some(&p.ifname) == b.ifname.as_ref() && Some(&p.netns) == b.netns.as_ref())
-                || ib.and_then(|i| i.peer.as_ref()).is_some_and(|p| Some(&p.ifname) == a.ifname.as_ref() && Some(&p.netns) == a.netns.as_ref());
+            let peers = ia.and_then(|i| i.peer.as_ref()).is_some_and(|p| {
+                Some(&p.ifname) == b.ifname.as_ref() && Some(&p.netns) == b.netns.as_ref()
+            }) || ib.and_then(|i| i.peer.as_ref()).is_some_and(|p| {
+                Some(&p.ifname) == a.ifname.as_ref() && Some(&p.netns) == a.netns.as_ref()
+            });
             datapath::segment_name(&SegmentEnds {
                 from: &a.key.point,
                 to: &b.key.point,
@@ -158,5 +197,7 @@ pub fn segment_names(hops: &[Hop], lab: &Lab) -> Vec<String> {
 /// "prof-bridge-pod-a" reads as "pod-a" in segment names; the full name is in the hops.
 fn short_ns(ns: Option<&str>) -> &str {
     let ns = ns.unwrap_or("");
-    ns.strip_prefix("prof-").and_then(|rest| rest.split_once('-')).map_or(ns, |(_, tail)| tail)
+    ns.strip_prefix("prof-")
+        .and_then(|rest| rest.split_once('-'))
+        .map_or(ns, |(_, tail)| tail)
 }

@@ -116,15 +116,30 @@ pub fn render(r: &RunReport) -> String {
         e.received, e.lost, e.incomplete_packets, e.unreadable
     );
     for d in &e.drops {
-        let _ = writeln!(out, "  dropped: {} packets on {} ({})", d.packets, d.ifname, d.reason);
+        let _ = writeln!(
+            out,
+            "  dropped: {} packets on {} ({})",
+            d.packets, d.ifname, d.reason
+        );
     }
     for h in r.hooks.iter().filter(|h| h.status != Status::Attached) {
-        let _ = writeln!(out, "hook {} ({}) {:?}: {}", h.name, h.kind, h.status, h.reason.as_deref().unwrap_or(""));
+        let _ = writeln!(
+            out,
+            "hook {} ({}) {:?}: {}",
+            h.name,
+            h.kind,
+            h.status,
+            h.reason.as_deref().unwrap_or("")
+        );
     }
     if let Some(costs) = &r.program_costs {
         let _ = writeln!(out, "\nkernel cost per program invocation (bpf_stats):");
         for c in costs.iter().filter(|c| c.run_count > 0) {
-            let _ = writeln!(out, "  {:<28} {:>10} runs {:>8.1} ns/run", c.program, c.run_count, c.ns_per_run);
+            let _ = writeln!(
+                out,
+                "  {:<28} {:>10} runs {:>8.1} ns/run",
+                c.program, c.run_count, c.ns_per_run
+            );
         }
     }
     out
@@ -178,7 +193,11 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
 }
 
 fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n { s.to_string() } else { s.chars().take(n - 1).collect::<String>() + "~" }
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "~"
+    }
 }
 
 #[cfg(test)]

@@ -3,14 +3,14 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc,
         atomic::{AtomicU32, Ordering},
+        Arc,
     },
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
-use profiler_common::{COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST, DIR_RESPONSE, Event};
+use profiler_common::{Event, COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST, DIR_RESPONSE};
 use tokio::sync::oneshot;
 
 use crate::{
@@ -20,7 +20,10 @@ use crate::{
     journey::{self, Attribution},
     lab::{self, Lab, Topology},
     path::{self, Attached, Hop, Inodes},
-    report::{DirectionReport, DropReport, EventsReport, MissingHop, RUN_SCHEMA, RunReport, SegmentReport, TrafficReport},
+    report::{
+        DirectionReport, DropReport, EventsReport, MissingHop, RunReport, SegmentReport,
+        TrafficReport, RUN_SCHEMA,
+    },
     traffic::{self, Endpoints, Proto, Spec},
 };
 
@@ -62,13 +65,23 @@ pub async fn profile(args: &RunArgs, lab: &Lab) -> Result<RunReport> {
     warm_up(&spec, &ends).await?;
 
     let btf = KernelBtf::load()?;
-    let mut probes = Probes::load(&btf, &ProbeConfig { run_id, port: args.port })?;
+    let mut probes = Probes::load(
+        &btf,
+        &ProbeConfig {
+            run_id,
+            port: args.port,
+        },
+    )?;
     probes.attach_tracepoints(&btf)?;
     for iface in &lab.interfaces {
         probes.attach_tc(Some(&iface.netns), &iface.ifname);
     }
     // Held for the run: the kernel counts each program's run time while this fd is open.
-    let _stats = if args.stats { Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?) } else { None };
+    let _stats = if args.stats {
+        Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?)
+    } else {
+        None
+    };
 
     let (stop_tx, stop_rx) = oneshot::channel();
     let collector = tokio::spawn(collect::collect(probes.take_events()?, stop_rx));
@@ -85,7 +98,11 @@ pub async fn profile(args: &RunArgs, lab: &Lab) -> Result<RunReport> {
 
     let inodes = Inodes::of(lab)?;
     let attached = Attached::from_probes(&probes);
-    let tc_netns: HashMap<_, _> = probes.tc.iter().map(|a| ((a.hook, a.ifindex), a.netns_inode)).collect();
+    let tc_netns: HashMap<_, _> = probes
+        .tc
+        .iter()
+        .map(|a| ((a.hook, a.ifindex), a.netns_inode))
+        .collect();
     let app_netns = [inodes.get(&lab.client.netns), inodes.get(&lab.server.netns)];
     let (obs, drops) = journey::observations(&events, &outcome.stamps, app_netns, &tc_netns);
     let mut directions = Vec::new();
@@ -101,7 +118,12 @@ pub async fn profile(args: &RunArgs, lab: &Lab) -> Result<RunReport> {
         schema: RUN_SCHEMA,
         kernel: doctor::kernel_release(),
         topology: lab.name.clone(),
-        traffic: TrafficReport { proto: args.proto, size: args.size, count: args.count, completed: outcome.completed },
+        traffic: TrafficReport {
+            proto: args.proto,
+            size: args.size,
+            count: args.count,
+            completed: outcome.completed,
+        },
         directions,
         events: EventsReport {
             received: events.len() as u64,
@@ -115,13 +137,23 @@ pub async fn profile(args: &RunArgs, lab: &Lab) -> Result<RunReport> {
     })
 }
 
-fn direction_report(name: &'static str, hops: Vec<Hop>, a: Attribution, lab: &Lab) -> DirectionReport {
+fn direction_report(
+    name: &'static str,
+    hops: Vec<Hop>,
+    a: Attribution,
+    lab: &Lab,
+) -> DirectionReport {
     let names = path::segment_names(&hops, lab);
     let segments = names
         .into_iter()
         .zip(a.segments)
         .enumerate()
-        .map(|(i, (name, stats))| SegmentReport { name, from: i, to: i + 1, stats })
+        .map(|(i, (name, stats))| SegmentReport {
+            name,
+            from: i,
+            to: i + 1,
+            stats,
+        })
         .collect();
     DirectionReport {
         direction: name,
@@ -130,7 +162,11 @@ fn direction_report(name: &'static str, hops: Vec<Hop>, a: Attribution, lab: &La
         end_to_end: a.end_to_end,
         complete_packets: a.complete,
         incomplete_packets: a.incomplete,
-        missing_hops: a.missing.into_iter().map(|(hop, packets)| MissingHop { hop, packets }).collect(),
+        missing_hops: a
+            .missing
+            .into_iter()
+            .map(|(hop, packets)| MissingHop { hop, packets })
+            .collect(),
     }
 }
 
@@ -138,17 +174,38 @@ fn drop_report(drops: &[Event], lab: &Lab, btf: &KernelBtf) -> Vec<DropReport> {
     let reasons = btf.drop_reasons();
     let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
     for d in drops {
-        let reason = reasons.get(&d.drop_reason).cloned().unwrap_or_else(|| d.drop_reason.to_string());
-        let ifname = lab.interfaces.iter().find(|i| i.ifindex == d.ifindex).map_or(format!("ifindex {}", d.ifindex), |i| i.ifname.clone());
+        let reason = reasons
+            .get(&d.drop_reason)
+            .cloned()
+            .unwrap_or_else(|| d.drop_reason.to_string());
+        let ifname = lab
+            .interfaces
+            .iter()
+            .find(|i| i.ifindex == d.ifindex)
+            .map_or(format!("ifindex {}", d.ifindex), |i| i.ifname.clone());
         *counts.entry((reason, ifname)).or_default() += 1;
     }
-    counts.into_iter().map(|((reason, ifname), packets)| DropReport { reason, ifname, packets }).collect()
+    counts
+        .into_iter()
+        .map(|((reason, ifname), packets)| DropReport {
+            reason,
+            ifname,
+            packets,
+        })
+        .collect()
 }
 
 async fn warm_up(spec: &Spec, ends: &Endpoints) -> Result<()> {
     // Run id 0 is never the measured run's, so the kernel ignores these.
-    let warm = Spec { count: WARMUP, run_id: 0, rate: None, ..spec.clone() };
-    traffic::run(&warm, ends, Arc::new(AtomicU32::new(0))).await.context("warming up the path")?;
+    let warm = Spec {
+        count: WARMUP,
+        run_id: 0,
+        rate: None,
+        ..spec.clone()
+    };
+    traffic::run(&warm, ends, Arc::new(AtomicU32::new(0)))
+        .await
+        .context("warming up the path")?;
     Ok(())
 }
 

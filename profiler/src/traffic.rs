@@ -6,14 +6,14 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     sync::{
-        Arc, Mutex,
         atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
     },
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
-use profiler_common::{DIR_REQUEST, DIR_RESPONSE, TAG_LEN, TAG_MAGIC, Tag};
+use anyhow::{bail, Context as _, Result};
+use profiler_common::{Tag, DIR_REQUEST, DIR_RESPONSE, TAG_LEN, TAG_MAGIC};
 use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -50,10 +50,16 @@ pub struct Spec {
 impl Spec {
     pub fn validate(&self) -> Result<()> {
         if !(MIN_SIZE..=MAX_SIZE).contains(&self.size) {
-            bail!("--size must be between {MIN_SIZE} and {MAX_SIZE} bytes, got {}", self.size);
+            bail!(
+                "--size must be between {MIN_SIZE} and {MAX_SIZE} bytes, got {}",
+                self.size
+            );
         }
         if self.proto == Proto::Udp && self.size > MAX_UDP_SIZE {
-            bail!("a UDP payload is at most {MAX_UDP_SIZE} bytes over IPv4, got --size {}", self.size);
+            bail!(
+                "a UDP payload is at most {MAX_UDP_SIZE} bytes over IPv4, got --size {}",
+                self.size
+            );
         }
         if self.count == 0 {
             bail!("--count must be at least 1");
@@ -89,13 +95,22 @@ pub struct Outcome {
 }
 
 pub fn now_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
 fn payload(size: usize, run_id: u32, seq: u32, direction: u32) -> Vec<u8> {
     let mut buf = vec![0xa5; size];
-    buf[..TAG_LEN].copy_from_slice(&Tag { magic: TAG_MAGIC, run_id, seq, direction }.to_bytes());
+    buf[..TAG_LEN].copy_from_slice(
+        &Tag {
+            magic: TAG_MAGIC,
+            run_id,
+            seq,
+            direction,
+        }
+        .to_bytes(),
+    );
     buf
 }
 
@@ -118,10 +133,18 @@ pub async fn run(spec: &Spec, ends: &Endpoints, progress: Arc<AtomicU32>) -> Res
     // Server log: (seq, request received, response sent).
     let log = server_log.lock().expect("server log lock").clone();
     for (seq, recv_ns, send_ns) in log {
-        if let Some(req) = outcome.stamps.iter_mut().find(|s| s.seq == seq && s.direction == DIR_REQUEST) {
+        if let Some(req) = outcome
+            .stamps
+            .iter_mut()
+            .find(|s| s.seq == seq && s.direction == DIR_REQUEST)
+        {
             req.recv_ns = recv_ns;
         }
-        if let Some(resp) = outcome.stamps.iter_mut().find(|s| s.seq == seq && s.direction == DIR_RESPONSE) {
+        if let Some(resp) = outcome
+            .stamps
+            .iter_mut()
+            .find(|s| s.seq == seq && s.direction == DIR_RESPONSE)
+        {
             resp.send_ns = send_ns;
         }
     }
@@ -137,19 +160,37 @@ async fn pace(spec: &Spec, started: tokio::time::Instant, i: u32) {
 
 /// Records a completed exchange: the client's half of both directions.
 fn record(out: &mut Outcome, seq: u32, req_sent: u64, resp_recv: u64) {
-    out.stamps.push(Stamp { seq, direction: DIR_REQUEST, send_ns: req_sent, recv_ns: 0 });
-    out.stamps.push(Stamp { seq, direction: DIR_RESPONSE, send_ns: 0, recv_ns: resp_recv });
+    out.stamps.push(Stamp {
+        seq,
+        direction: DIR_REQUEST,
+        send_ns: req_sent,
+        recv_ns: 0,
+    });
+    out.stamps.push(Stamp {
+        seq,
+        direction: DIR_RESPONSE,
+        send_ns: 0,
+        recv_ns: resp_recv,
+    });
     out.completed += 1;
 }
 
-async fn run_udp(spec: &Spec, ends: &Endpoints, log: ServerLog, progress: &AtomicU32) -> Result<Outcome> {
+async fn run_udp(
+    spec: &Spec,
+    ends: &Endpoints,
+    log: ServerLog,
+    progress: &AtomicU32,
+) -> Result<Outcome> {
     let server_addr = SocketAddr::from((ends.server_addr, spec.port));
     let server = netns::run_in(ends.server_ns.as_deref(), || {
-        std::net::UdpSocket::bind(server_addr).with_context(|| format!("binding the UDP server to {server_addr}"))
+        std::net::UdpSocket::bind(server_addr)
+            .with_context(|| format!("binding the UDP server to {server_addr}"))
     })?;
     let client = netns::run_in(ends.client_ns.as_deref(), || {
-        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding the UDP client")?;
-        s.connect(server_addr).with_context(|| format!("connecting the UDP client to {server_addr}"))?;
+        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .context("binding the UDP client")?;
+        s.connect(server_addr)
+            .with_context(|| format!("connecting the UDP client to {server_addr}"))?;
         Ok(s)
     })?;
     let server = UdpSocket::from_std(nonblocking_udp(server)?)?;
@@ -158,13 +199,19 @@ async fn run_udp(spec: &Spec, ends: &Endpoints, log: ServerLog, progress: &Atomi
     let server_task = tokio::spawn(async move {
         let mut buf = vec![0u8; MAX_SIZE];
         loop {
-            let Ok((n, peer)) = server.recv_from(&mut buf).await else { return };
+            let Ok((n, peer)) = server.recv_from(&mut buf).await else {
+                return;
+            };
             let recv_ns = now_ns();
-            let Some(tag) = read_tag(&buf[..n]).filter(|t| t.run_id == run_id) else { continue };
+            let Some(tag) = read_tag(&buf[..n]).filter(|t| t.run_id == run_id) else {
+                continue;
+            };
             let resp = payload(size, run_id, tag.seq, DIR_RESPONSE);
             let send_ns = now_ns();
             if server.send_to(&resp, peer).await.is_ok() {
-                log.lock().expect("server log lock").push((tag.seq, recv_ns, send_ns));
+                log.lock()
+                    .expect("server log lock")
+                    .push((tag.seq, recv_ns, send_ns));
             }
         }
     });
@@ -196,17 +243,25 @@ fn nonblocking_udp(s: std::net::UdpSocket) -> Result<std::net::UdpSocket> {
     Ok(s)
 }
 
-async fn run_tcp(spec: &Spec, ends: &Endpoints, log: ServerLog, progress: &AtomicU32) -> Result<Outcome> {
+async fn run_tcp(
+    spec: &Spec,
+    ends: &Endpoints,
+    log: ServerLog,
+    progress: &AtomicU32,
+) -> Result<Outcome> {
     let server_addr = SocketAddr::from((ends.server_addr, spec.port));
     let listener = netns::run_in(ends.server_ns.as_deref(), || {
-        let l = std::net::TcpListener::bind(server_addr).with_context(|| format!("binding the TCP server to {server_addr}"))?;
+        let l = std::net::TcpListener::bind(server_addr)
+            .with_context(|| format!("binding the TCP server to {server_addr}"))?;
         l.set_nonblocking(true)?;
         Ok(l)
     })?;
     let listener = TcpListener::from_std(listener)?;
     let (size, run_id) = (spec.size, spec.run_id);
     let server_task = tokio::spawn(async move {
-        let Ok((mut conn, _)) = listener.accept().await else { return };
+        let Ok((mut conn, _)) = listener.accept().await else {
+            return;
+        };
         let _ = conn.set_nodelay(true);
         let mut buf = vec![0u8; size];
         while conn.read_exact(&mut buf).await.is_ok() {
@@ -217,7 +272,9 @@ async fn run_tcp(spec: &Spec, ends: &Endpoints, log: ServerLog, progress: &Atomi
             if conn.write_all(&resp).await.is_err() {
                 return;
             }
-            log.lock().expect("server log lock").push((tag.seq, recv_ns, send_ns));
+            log.lock()
+                .expect("server log lock")
+                .push((tag.seq, recv_ns, send_ns));
         }
     });
     let client = netns::run_in(ends.client_ns.as_deref(), || {
@@ -235,7 +292,10 @@ async fn run_tcp(spec: &Spec, ends: &Endpoints, log: ServerLog, progress: &Atomi
         pace(spec, started, seq).await;
         let req = payload(size, run_id, seq, DIR_REQUEST);
         let sent = now_ns();
-        client.write_all(&req).await.context("sending a TCP request")?;
+        client
+            .write_all(&req)
+            .await
+            .context("sending a TCP request")?;
         tokio::time::timeout(spec.timeout, client.read_exact(&mut buf))
             .await
             .context("the TCP server did not answer in time")?
@@ -257,34 +317,95 @@ mod tests {
     fn payload_carries_a_readable_tag() {
         let p = payload(64, 7, 42, DIR_RESPONSE);
         assert_eq!(p.len(), 64);
-        assert_eq!(read_tag(&p), Some(Tag { magic: TAG_MAGIC, run_id: 7, seq: 42, direction: DIR_RESPONSE }));
+        assert_eq!(
+            read_tag(&p),
+            Some(Tag {
+                magic: TAG_MAGIC,
+                run_id: 7,
+                seq: 42,
+                direction: DIR_RESPONSE
+            })
+        );
         assert_eq!(read_tag(&p[..8]), None);
         assert_eq!(read_tag(&[0u8; 32]), None);
     }
 
     #[test]
     fn rejects_bad_specs() {
-        let ok = Spec { proto: Proto::Udp, size: 64, count: 1, rate: None, run_id: 1, port: 1, timeout: Duration::from_secs(1) };
+        let ok = Spec {
+            proto: Proto::Udp,
+            size: 64,
+            count: 1,
+            rate: None,
+            run_id: 1,
+            port: 1,
+            timeout: Duration::from_secs(1),
+        };
         assert!(ok.validate().is_ok());
-        assert!(Spec { size: 8, ..ok.clone() }.validate().is_err());
-        assert!(Spec { size: MAX_SIZE, ..ok.clone() }.validate().is_err(), "too big for UDP");
-        assert!(Spec { size: MAX_SIZE, proto: Proto::Tcp, ..ok.clone() }.validate().is_ok());
-        assert!(Spec { count: 0, ..ok.clone() }.validate().is_err());
-        assert!(Spec { rate: Some(-1.0), ..ok }.validate().is_err());
+        assert!(Spec {
+            size: 8,
+            ..ok.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(
+            Spec {
+                size: MAX_SIZE,
+                ..ok.clone()
+            }
+            .validate()
+            .is_err(),
+            "too big for UDP"
+        );
+        assert!(Spec {
+            size: MAX_SIZE,
+            proto: Proto::Tcp,
+            ..ok.clone()
+        }
+        .validate()
+        .is_ok());
+        assert!(Spec {
+            count: 0,
+            ..ok.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(Spec {
+            rate: Some(-1.0),
+            ..ok
+        }
+        .validate()
+        .is_err());
     }
 
     /// Both ends in this process's namespace over loopback: the stamps come back complete.
     #[tokio::test]
     async fn udp_and_tcp_ping_pong_on_loopback() {
         for (proto, port) in [(Proto::Udp, 47_001), (Proto::Tcp, 47_002)] {
-            let spec = Spec { proto, size: 1400, count: 20, rate: None, run_id: 9, port, timeout: Duration::from_secs(2) };
-            let ends = Endpoints { client_ns: None, server_ns: None, server_addr: Ipv4Addr::LOCALHOST };
+            let spec = Spec {
+                proto,
+                size: 1400,
+                count: 20,
+                rate: None,
+                run_id: 9,
+                port,
+                timeout: Duration::from_secs(2),
+            };
+            let ends = Endpoints {
+                client_ns: None,
+                server_ns: None,
+                server_addr: Ipv4Addr::LOCALHOST,
+            };
             let progress = Arc::new(AtomicU32::new(0));
             let out = run(&spec, &ends, progress.clone()).await.expect("run");
             assert_eq!(out.completed, 20, "{proto:?}");
             assert_eq!(progress.load(Ordering::Relaxed), 20);
             assert_eq!(out.stamps.len(), 40);
-            assert!(out.stamps.iter().all(|s| s.recv_ns > s.send_ns), "{proto:?}: {:?}", out.stamps[0]);
+            assert!(
+                out.stamps.iter().all(|s| s.recv_ns > s.send_ns),
+                "{proto:?}: {:?}",
+                out.stamps[0]
+            );
         }
     }
 }
