@@ -195,6 +195,7 @@ async fn run_command(cli: RunCli) -> Result<ExitCode> {
         stats: cli.stats,
         timeout: Duration::from_secs_f64(cli.timeout),
     };
+    args.spec(0).validate()?;
     let (lab, created) = interruptible(run::ensure_lab(args.lab)).await?;
     // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
     let result = interruptible(run::profile(&args, &lab)).await;

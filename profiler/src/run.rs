@@ -44,18 +44,24 @@ const DRAIN: Duration = Duration::from_millis(200);
 /// Untagged exchanges before the measured ones, so neighbour resolution is not measured.
 const WARMUP: u32 = 3;
 
+impl RunArgs {
+    pub fn spec(&self, run_id: u32) -> Spec {
+        Spec {
+            proto: self.proto,
+            size: self.size,
+            count: self.count,
+            rate: self.rate,
+            run_id,
+            port: self.port,
+            timeout: self.timeout,
+        }
+    }
+}
+
 /// Runs the profile on an existing lab and returns the report.
 pub async fn profile(args: &RunArgs, lab: &Lab) -> Result<RunReport> {
     let run_id = rand_run_id();
-    let spec = Spec {
-        proto: args.proto,
-        size: args.size,
-        count: args.count,
-        rate: args.rate,
-        run_id,
-        port: args.port,
-        timeout: args.timeout,
-    };
+    let spec = args.spec(run_id);
     spec.validate()?;
     let ends = Endpoints {
         client_ns: Some(lab.client.netns.clone()),

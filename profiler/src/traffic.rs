@@ -4,6 +4,7 @@
 //! CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads, so the application is the first and last hop.
 
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
     sync::{
         atomic::{AtomicU32, Ordering},
@@ -130,22 +131,19 @@ pub async fn run(spec: &Spec, ends: &Endpoints, progress: Arc<AtomicU32>) -> Res
         Proto::Udp => run_udp(spec, ends, server_log.clone(), &progress).await?,
         Proto::Tcp => run_tcp(spec, ends, server_log.clone(), &progress).await?,
     };
-    // Server log: (seq, request received, response sent).
-    let log = server_log.lock().expect("server log lock").clone();
-    for (seq, recv_ns, send_ns) in log {
-        if let Some(req) = outcome
-            .stamps
-            .iter_mut()
-            .find(|s| s.seq == seq && s.direction == DIR_REQUEST)
-        {
-            req.recv_ns = recv_ns;
-        }
-        if let Some(resp) = outcome
-            .stamps
-            .iter_mut()
-            .find(|s| s.seq == seq && s.direction == DIR_RESPONSE)
-        {
-            resp.send_ns = send_ns;
+    // Server log: seq -> (request received, response sent).
+    let log: HashMap<u32, (u64, u64)> = server_log
+        .lock()
+        .expect("server log lock")
+        .iter()
+        .map(|&(seq, recv, send)| (seq, (recv, send)))
+        .collect();
+    for stamp in &mut outcome.stamps {
+        if let Some(&(recv_ns, send_ns)) = log.get(&stamp.seq) {
+            match stamp.direction {
+                DIR_REQUEST => stamp.recv_ns = recv_ns,
+                _ => stamp.send_ns = send_ns,
+            }
         }
     }
     outcome.stamps.retain(|s| s.send_ns != 0 && s.recv_ns != 0);
@@ -208,10 +206,12 @@ async fn run_udp(
             };
             let resp = payload(size, run_id, tag.seq, DIR_RESPONSE);
             let send_ns = now_ns();
-            if server.send_to(&resp, peer).await.is_ok() {
-                log.lock()
-                    .expect("server log lock")
-                    .push((tag.seq, recv_ns, send_ns));
+            // Logged before sending: the client may stop this task as soon as the response lands.
+            log.lock()
+                .expect("server log lock")
+                .push((tag.seq, recv_ns, send_ns));
+            if server.send_to(&resp, peer).await.is_err() {
+                return;
             }
         }
     });
@@ -269,12 +269,12 @@ async fn run_tcp(
             let Some(tag) = read_tag(&buf) else { return };
             let resp = payload(size, run_id, tag.seq, DIR_RESPONSE);
             let send_ns = now_ns();
-            if conn.write_all(&resp).await.is_err() {
-                return;
-            }
             log.lock()
                 .expect("server log lock")
                 .push((tag.seq, recv_ns, send_ns));
+            if conn.write_all(&resp).await.is_err() {
+                return;
+            }
         }
     });
     let client = netns::run_in(ends.client_ns.as_deref(), || {

@@ -1,0 +1,247 @@
+//! End-to-end runs of the `profiler` binary as root on the real kernel: the bridge lab, real eBPF
+//! programs, real tagged traffic. Each run is checked against an independently written-down hop
+//! order, and everything the run created must be gone afterwards.
+
+use std::{
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_profiler");
+
+/// The bridge lab's request path, hop by hop: pod-a's socket, its eth0 (veth), the host end
+/// veth-a, the bridge forwarding to veth-b, pod-b's eth0, pod-b's socket. veth delivers to the
+/// peer's backlog inside ndo_start_xmit, so the peer's netif_rx precedes the sender's net_dev_xmit.
+const BRIDGE_REQUEST: &[(&str, Option<&str>)] = &[
+    ("app:send", None),
+    ("tc:egress", Some("eth0")),
+    ("tp_btf:net_dev_queue", Some("eth0")),
+    ("tp_btf:net_dev_start_xmit", Some("eth0")),
+    ("tp_btf:netif_rx", Some("veth-a")),
+    ("tp_btf:net_dev_xmit", Some("eth0")),
+    ("tp_btf:netif_receive_skb", Some("veth-a")),
+    ("tc:ingress", Some("veth-a")),
+    ("tc:egress", Some("veth-b")),
+    ("tp_btf:net_dev_queue", Some("veth-b")),
+    ("tp_btf:net_dev_start_xmit", Some("veth-b")),
+    ("tp_btf:netif_rx", Some("eth0")),
+    ("tp_btf:net_dev_xmit", Some("veth-b")),
+    ("tp_btf:netif_receive_skb", Some("eth0")),
+    ("tc:ingress", Some("eth0")),
+    ("app:recv", None),
+];
+
+fn profiler(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("running the profiler binary")
+}
+
+fn hop_sequence(dir: &Value) -> Vec<(String, Option<String>)> {
+    dir["hops"]
+        .as_array()
+        .expect("hops")
+        .iter()
+        .map(|h| {
+            (
+                h["hook"].as_str().unwrap().to_string(),
+                h["ifname"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+fn expected(dir: &str) -> Vec<(String, Option<String>)> {
+    let mut hops: Vec<_> = BRIDGE_REQUEST
+        .iter()
+        .map(|(h, i)| (h.to_string(), i.map(str::to_string)))
+        .collect();
+    if dir == "response" {
+        // Same path backwards: pod-b's eth0 to veth-b, the bridge, veth-a to pod-a's eth0.
+        for (_, ifname) in hops.iter_mut() {
+            *ifname = match ifname.as_deref() {
+                Some("veth-a") => Some("veth-b".into()),
+                Some("veth-b") => Some("veth-a".into()),
+                other => other.map(str::to_string),
+            };
+        }
+    }
+    hops
+}
+
+/// Nothing of the project's may remain: no lab namespace, no BPF program of ours. The kernel
+/// frees an exited process's programs asynchronously, so they get a moment to go.
+fn assert_clean() {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !our_programs().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let leftover_ns: Vec<_> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("prof-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        leftover_ns.is_empty(),
+        "namespaces left behind: {leftover_ns:?}"
+    );
+    let loaded = our_programs();
+    assert!(loaded.is_empty(), "BPF programs left loaded: {loaded:?}");
+}
+
+fn our_programs() -> Vec<String> {
+    let ours: Vec<String> = profiler::datapath::HOOKS
+        .iter()
+        .flat_map(|h| match h.attach {
+            profiler::datapath::Attach::Tracepoint {
+                btf_prog, raw_prog, ..
+            } => vec![btf_prog, raw_prog],
+            profiler::datapath::Attach::Tc { prog, .. } => vec![prog],
+        })
+        // The kernel keeps 15 bytes of a program's name.
+        .map(|n| n.chars().take(15).collect())
+        .collect();
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok()?.name_as_str().map(str::to_string))
+        .filter(|n| ours.contains(n))
+        .collect()
+}
+
+fn check_run(proto: &str, size: usize) {
+    let size_arg = size.to_string();
+    let out = profiler(&[
+        "run", "--lab", "bridge", "--proto", proto, "--size", &size_arg, "--count", "1000",
+        "--json", "-",
+    ]);
+    assert!(
+        out.status.success(),
+        "{proto} {size}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("profiler.run.v1 JSON on stdout");
+    assert_eq!(r["schema"], "profiler.run.v1");
+    assert_eq!(r["events"]["lost"], 0, "{proto} {size}: lost events");
+    let completed = r["traffic"]["completed"].as_u64().unwrap();
+    assert_eq!(completed, 1000, "{proto} {size}: exchanges completed");
+    for dir in r["directions"].as_array().unwrap() {
+        let name = dir["direction"].as_str().unwrap();
+        let ctx = format!("{proto} {size} {name}");
+        assert_eq!(hop_sequence(dir), expected(name), "{ctx}: hop sequence");
+        // Every completed exchange gave a complete journey through every hop, in order.
+        assert_eq!(dir["complete_packets"].as_u64(), Some(completed), "{ctx}");
+        assert_eq!(dir["incomplete_packets"], 0, "{ctx}");
+        let segments = dir["segments"].as_array().unwrap();
+        assert_eq!(segments.len(), BRIDGE_REQUEST.len() - 1, "{ctx}");
+        let sum: f64 = segments
+            .iter()
+            .map(|s| s["mean_ns"].as_f64().unwrap())
+            .sum();
+        let e2e = dir["end_to_end"]["mean_ns"].as_f64().unwrap();
+        assert!(
+            e2e > 0.0 && ((sum - e2e) / e2e).abs() < 0.01,
+            "{ctx}: segments {sum} vs end to end {e2e}"
+        );
+        assert!(
+            segments
+                .iter()
+                .all(|s| s["samples"].as_u64() == Some(completed)),
+            "{ctx}: samples"
+        );
+        assert!(
+            segments
+                .iter()
+                .any(|s| s["name"].as_str().unwrap().starts_with("bridge br0")),
+            "{ctx}: bridge segment"
+        );
+    }
+    assert_clean();
+}
+
+#[test]
+fn udp_64() {
+    check_run("udp", 64);
+}
+
+#[test]
+fn udp_1400() {
+    check_run("udp", 1400);
+}
+
+/// 16 KiB over a 1500-byte MTU: IP fragments; the first carries the tag and is the one followed.
+#[test]
+fn udp_16k() {
+    check_run("udp", 16384);
+}
+
+#[test]
+fn tcp_64() {
+    check_run("tcp", 64);
+}
+
+#[test]
+fn tcp_1400() {
+    check_run("tcp", 1400);
+}
+
+/// TCP keeps 16 KiB in page fragments: tc reads the tag, the tracepoints find it by (flow, seq).
+#[test]
+fn tcp_16k() {
+    check_run("tcp", 16384);
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_nonzero() {
+    for (args, needle) in [
+        (&["run", "--size", "8"][..], "--size must be between"),
+        (
+            &["run", "--proto", "udp", "--size", "65536"][..],
+            "UDP payload is at most",
+        ),
+        (&["run", "--count", "0"][..], "--count must be at least 1"),
+        (&["lab", "down", "nosuch"][..], "no lab named nosuch is up"),
+    ] {
+        let out = profiler(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    assert_clean();
+}
+
+/// SIGTERM and SIGINT in the middle of a run: everything is detached and the lab removed.
+#[test]
+fn signals_during_a_run_leave_nothing_behind() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut child = Command::new(BIN)
+            .args([
+                "run", "--lab", "bridge", "--count", "100000", "--rate", "1000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // Wait until the traffic runs (progress lines appear once a second).
+        std::thread::sleep(Duration::from_millis(2500));
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let started = Instant::now();
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "teardown took too long"
+        );
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("interrupted by SIG"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_clean();
+    }
+}
