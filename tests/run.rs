@@ -219,7 +219,7 @@ fn bad_input_is_one_clear_line_and_nonzero() {
 #[test]
 fn signals_during_a_run_leave_nothing_behind() {
     for signal in [libc::SIGTERM, libc::SIGINT] {
-        let mut child = Command::new(BIN)
+        let child = Command::new(BIN)
             .args([
                 "run", "--lab", "bridge", "--count", "100000", "--rate", "1000",
             ])

@@ -9,10 +9,17 @@ use crate::{
     hooks::{ProbeConfig, Probes, Status},
 };
 
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Ok,
+    Unavailable,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Check {
     pub name: String,
-    pub status: Status,
+    pub status: CheckStatus,
     pub reason: Option<String>,
 }
 
@@ -76,12 +83,12 @@ fn check(name: &str, result: Result<(), String>) -> Check {
     match result {
         Ok(()) => Check {
             name: name.into(),
-            status: Status::Attached,
+            status: CheckStatus::Ok,
             reason: None,
         },
         Err(reason) => Check {
             name: name.into(),
-            status: Status::Unavailable,
+            status: CheckStatus::Unavailable,
             reason: Some(reason),
         },
     }

@@ -29,6 +29,9 @@ pub fn run(args: &[String]) -> Result<()> {
         "--exclude",
         "profiler-ebpf",
         "--release",
+        // Every test target, no doc-tests: the crates have none, and an empty doc-test run
+        // would be the last thing cargo prints.
+        "--tests",
     ])
     .args(cargo_args)
     .args(["--", "--test-threads=1"])

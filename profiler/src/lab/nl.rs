@@ -5,7 +5,7 @@ use std::os::fd::AsRawFd as _;
 
 use anyhow::{anyhow, Context as _, Result};
 use futures::TryStreamExt as _;
-use rtnetlink::packet_route::link::BridgeStpState;
+use rtnetlink::packet_route::link::{BridgeStpState, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth};
 
 use crate::netns;
@@ -88,58 +88,44 @@ impl Nl {
         self.index(name).await
     }
 
+    /// Applies one RTM_NEWLINK change to an existing link; `what` says what failed.
+    async fn change(&self, msg: LinkMessage, what: impl FnOnce() -> String) -> Result<()> {
+        self.handle
+            .link()
+            .change(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot {} in {}", what(), self.ns))
+    }
+
     pub async fn move_to(&self, index: u32, ns: &str) -> Result<()> {
         let target = netns::open(ns)?;
         let msg = LinkUnspec::new_with_index(index)
             .setns_by_fd(target.as_raw_fd())
             .build();
         // `target` must stay open until the kernel has resolved the fd, i.e. until the ack.
-        self.handle
-            .link()
-            .change(msg)
-            .execute()
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot move interface {index} from {} to network namespace {ns}",
-                    self.ns
-                )
-            })
+        self.change(msg, || {
+            format!("move interface {index} to network namespace {ns}")
+        })
+        .await
     }
 
     pub async fn rename(&self, index: u32, name: &str) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).name(name).build();
-        self.handle
-            .link()
-            .change(msg)
-            .execute()
+        self.change(msg, || format!("rename interface {index} to {name}"))
             .await
-            .with_context(|| format!("cannot rename interface {index} to {name} in {}", self.ns))
     }
 
     pub async fn set_master(&self, index: u32, master: u32) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).controller(master).build();
-        self.handle
-            .link()
-            .change(msg)
-            .execute()
+        self.change(msg, || format!("enslave interface {index} to {master}"))
             .await
-            .with_context(|| {
-                format!(
-                    "cannot enslave interface {index} to {master} in {}",
-                    self.ns
-                )
-            })
     }
 
     pub async fn up(&self, index: u32) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).up().build();
-        self.handle
-            .link()
-            .change(msg)
-            .execute()
+        self.change(msg, || format!("bring interface {index} up"))
             .await
-            .with_context(|| format!("cannot bring interface {index} up in {}", self.ns))
     }
 
     pub async fn add_addr(&self, index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
