@@ -88,31 +88,10 @@ fn demo() -> Result<()> {
     }
     setup::run()?;
     let profiler = build()?;
+    // The run brings the bridge lab up and, having created it, removes it again, also on
+    // failure or Ctrl-C.
     step("profiler run --lab bridge --proto udp --size 64 --count 2000");
-    let run = cmd::run(Command::new(&profiler).args([
+    cmd::run(Command::new(&profiler).args([
         "run", "--lab", "bridge", "--proto", "udp", "--size", "64", "--count", "2000",
-    ]));
-    // Tear down even when the run failed; a lab that is already gone is fine.
-    step("profiler lab down bridge");
-    let mut down = Command::new(&profiler);
-    down.args(["lab", "down", "bridge"]);
-    let out = down
-        .output()
-        .with_context(|| format!("could not start `{}`", cmd::describe(&down)))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    print!("{text}");
-    let down = if out.status.success() || text.to_lowercase().contains("no lab") {
-        Ok(())
-    } else {
-        Err(anyhow::anyhow!(
-            "`{}` failed ({})",
-            cmd::describe(&down),
-            out.status
-        ))
-    };
-    run.and(down)
+    ]))
 }
