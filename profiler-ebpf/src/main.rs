@@ -13,17 +13,20 @@ use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, classifier, map, raw_tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TcContext},
     EbpfContext,
 };
 use profiler_common::{Event, HookId, KernelOffsets, COUNTER_COUNT, COUNTER_LOST};
 
-use crate::{parse::Found, skb::KernelSkb};
+use crate::{
+    parse::Found,
+    skb::{Direct, KernelMem, KernelSkb, Probed},
+};
 
 /// Offsets of kernel struct members, set by the loader with `EbpfLoader::set_global`.
 #[unsafe(no_mangle)]
-static OFFSETS: KernelOffsets = KernelOffsets {
+pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     skb_head: 0,
     skb_data: 0,
     skb_len: 0,
@@ -52,10 +55,21 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
-/// Tagged skbs between net_dev_start_xmit and net_dev_xmit: the driver may free or hand off the
-/// skb during xmit, so net_dev_xmit is matched by pointer instead of re-reading the packet.
+/// Tagged skbs between net_dev_start_xmit and net_dev_xmit, per CPU: the driver may free or hand
+/// off the skb during xmit, so net_dev_xmit is matched by pointer instead of re-reading the
+/// packet. Both tracepoints run in one call with bottom halves off, so the pair never changes CPU;
+/// stacked devices (vxlan over a NIC) nest, hence a small stack.
 #[map]
-static IN_XMIT: LruHashMap<u64, Found> = LruHashMap::with_max_entries(4096, 0);
+static IN_XMIT: PerCpuArray<XmitStack> = PerCpuArray::with_max_entries(1, 0);
+
+const XMIT_DEPTH: usize = 4;
+
+#[repr(C)]
+pub struct XmitStack {
+    depth: u32,
+    skbs: [u64; XMIT_DEPTH],
+    found: [Found; XMIT_DEPTH],
+}
 
 #[inline(always)]
 fn global<T: Copy>(v: &T) -> T {
@@ -80,36 +94,35 @@ fn emit(
     drop_reason: u32,
     ts_ns: u64,
 ) {
-    match EVENTS.reserve::<Event>(0) {
-        Some(mut entry) => {
-            entry.write(Event {
-                ts_ns,
-                seq: found.tag.seq,
-                direction: found.tag.direction,
-                ifindex,
-                netns,
-                len,
-                drop_reason,
-                hook: hook as u8,
-                flags: found.flags,
-                _pad: [0; 6],
-            });
-            // No wakeup: waking the reader on every event cost more than the rest of the program;
-            // userspace drains the ring on a timer instead.
-            entry.submit(BPF_RB_NO_WAKEUP as u64);
-        }
-        None => count(COUNTER_LOST),
+    let event = Event {
+        ts_ns,
+        seq: found.tag.seq,
+        direction: found.tag.direction,
+        ifindex,
+        netns,
+        len,
+        drop_reason,
+        hook: hook as u8,
+        flags: found.flags,
+        _pad: [0; 6],
+    };
+    // No wakeup: waking the reader on every event cost more than the rest of the program;
+    // userspace drains the ring on a timer instead.
+    if EVENTS
+        .output::<Event>(&event, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        count(COUNTER_LOST);
     }
 }
 
 /// Common body of the device tracepoints: all of them have the skb as argument 0.
 /// `dev_arg` is the index of an explicit `struct net_device *` argument, if the tracepoint has one.
 #[inline(always)]
-fn on_device(args: *const u64, hook: HookId, dev_arg: Option<usize>) {
+fn on_device<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usize>) {
     let ts = unsafe { bpf_ktime_get_ns() };
-    let off = global(&OFFSETS);
     let skb_ptr = unsafe { *args };
-    let skb = KernelSkb::new(skb_ptr as *const u8, &off);
+    let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
     let Some(found) = parse::find_tag(&skb, global(&PORT), global(&RUN_ID)) else {
         return;
     };
@@ -117,40 +130,63 @@ fn on_device(args: *const u64, hook: HookId, dev_arg: Option<usize>) {
         Some(i) => (unsafe { *args.add(i) }) as *const u8,
         None => skb.dev(),
     };
-    let (ifindex, netns) = skb::dev_identity(dev, &off);
+    let (ifindex, netns) = skb::dev_identity::<M>(dev);
     if hook == HookId::NetDevStartXmit {
-        let _ = IN_XMIT.insert(&skb_ptr, &found, 0);
+        push_xmit(skb_ptr, &found);
     }
     emit(hook, &found, ifindex, netns, skb.len(), 0, ts);
 }
 
 #[inline(always)]
-fn on_xmit_done(args: *const u64) {
-    let ts = unsafe { bpf_ktime_get_ns() };
-    let skb_ptr = unsafe { *args };
-    let Some(found) = (unsafe { IN_XMIT.get(&skb_ptr) }).copied() else {
+fn push_xmit(skb: u64, found: &Found) {
+    let Some(stack) = IN_XMIT.get_ptr_mut(0) else {
         return;
     };
-    let _ = IN_XMIT.remove(&skb_ptr);
-    let off = global(&OFFSETS);
+    let stack = unsafe { &mut *stack };
+    let d = stack.depth as usize;
+    if d < XMIT_DEPTH {
+        stack.skbs[d] = skb;
+        stack.found[d] = *found;
+        stack.depth += 1;
+    }
+}
+
+/// The tag of `skb` if it is the innermost transmit in progress on this CPU.
+#[inline(always)]
+fn pop_xmit(skb: u64) -> Option<Found> {
+    let stack = unsafe { &mut *IN_XMIT.get_ptr_mut(0)? };
+    let d = (stack.depth as usize).checked_sub(1)?;
+    if d >= XMIT_DEPTH || stack.skbs[d] != skb {
+        return None;
+    }
+    stack.depth -= 1;
+    Some(stack.found[d])
+}
+
+#[inline(always)]
+fn on_xmit_done<M: KernelMem>(args: *const u64) {
+    // The lookup is a few instructions: no need to stamp before it.
+    let Some(found) = pop_xmit(unsafe { *args }) else {
+        return;
+    };
+    let ts = unsafe { bpf_ktime_get_ns() };
     // net_dev_xmit(skb, rc, dev, skb_len): the device and length come from the arguments.
     let dev = (unsafe { *args.add(2) }) as *const u8;
     let len = (unsafe { *args.add(3) }) as u32;
-    let (ifindex, netns) = skb::dev_identity(dev, &off);
+    let (ifindex, netns) = skb::dev_identity::<M>(dev);
     emit(HookId::NetDevXmit, &found, ifindex, netns, len, 0, ts);
 }
 
 #[inline(always)]
-fn on_drop(args: *const u64) {
+fn on_drop<M: KernelMem>(args: *const u64) {
     let ts = unsafe { bpf_ktime_get_ns() };
-    let off = global(&OFFSETS);
-    let skb = KernelSkb::new(unsafe { *args } as *const u8, &off);
+    let skb = KernelSkb::<M>::new(unsafe { *args } as *const u8);
     let Some(found) = parse::find_tag(&skb, global(&PORT), global(&RUN_ID)) else {
         return;
     };
     // kfree_skb(skb, location, reason, ...)
     let reason = (unsafe { *args.add(2) }) as u32;
-    let (ifindex, netns) = skb::dev_identity(skb.dev(), &off);
+    let (ifindex, netns) = skb::dev_identity::<M>(skb.dev());
     emit(
         HookId::KfreeSkb,
         &found,
@@ -162,19 +198,20 @@ fn on_drop(args: *const u64) {
     );
 }
 
-/// Each device tracepoint twice: tp_btf (preferred) and raw_tp (fallback where tp_btf is refused).
-/// Both contexts are the tracepoint's arguments as an array of u64.
+/// Each device tracepoint twice: tp_btf (preferred; loads kernel structs directly) and raw_tp
+/// (fallback where tp_btf is refused; reads them through bpf_probe_read_kernel). Both contexts
+/// are the tracepoint's arguments as an array of u64.
 macro_rules! device_tracepoint {
     ($btf:ident, $raw:ident, $tp:literal, $handler:ident $(, $arg:expr)*) => {
         #[btf_tracepoint(function = $tp)]
         pub fn $btf(ctx: BtfTracePointContext) -> i32 {
-            $handler(ctx.as_ptr() as *const u64 $(, $arg)*);
+            $handler::<Direct>(ctx.as_ptr() as *const u64 $(, $arg)*);
             0
         }
 
         #[raw_tracepoint(tracepoint = $tp)]
         pub fn $raw(ctx: RawTracePointContext) -> i32 {
-            $handler(ctx.as_ptr() as *const u64 $(, $arg)*);
+            $handler::<Probed>(ctx.as_ptr() as *const u64 $(, $arg)*);
             0
         }
     };

@@ -1,76 +1,126 @@
 //! Reading a kernel `struct sk_buff` from a tracepoint, at offsets the loader found in BTF.
+//!
+//! Helper calls dominate a program's cost, so reads are arranged to need few of them:
+//! tp_btf programs load sk_buff and net_device fields directly (their pointers are BTF-typed, so
+//! the verifier turns the loads into inline fault-safe loads), and the packet's first 64 bytes,
+//! enough for Ethernet, VLAN, IP and L4 ports, come in one `bpf_probe_read_kernel`.
+
+use core::marker::PhantomData;
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use profiler_common::KernelOffsets;
 
-use crate::parse::Packet;
+use crate::{parse::Packet, OFFSETS};
 
 /// mac_header value meaning "not set".
 const MAC_UNSET: u16 = 0xffff;
+/// Bytes of the packet read at once: every header the parser needs before the payload.
+const HEAD: usize = 64;
+
+/// Reads a member of `OFFSETS` as the verifier sees it: a constant of the frozen .rodata map.
+macro_rules! offset {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(&OFFSETS.$field) as usize }
+    };
+}
 
 #[inline(always)]
-fn read<T>(addr: *const u8) -> Option<T> {
+fn probe<T>(addr: *const u8) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
-pub struct KernelSkb<'a> {
+/// How kernel struct members are read.
+pub trait KernelMem {
+    fn load<T: Copy>(base: *const u8, offset: usize) -> Option<T>;
+}
+
+/// tp_btf: BTF-typed pointers, loaded from directly.
+pub struct Direct;
+/// raw_tp: plain addresses, read through bpf_probe_read_kernel.
+pub struct Probed;
+
+impl KernelMem for Direct {
+    #[inline(always)]
+    fn load<T: Copy>(base: *const u8, offset: usize) -> Option<T> {
+        if base.is_null() {
+            return None;
+        }
+        Some(unsafe { core::ptr::read_volatile(base.add(offset) as *const T) })
+    }
+}
+
+impl KernelMem for Probed {
+    #[inline(always)]
+    fn load<T: Copy>(base: *const u8, offset: usize) -> Option<T> {
+        probe(unsafe { base.add(offset) })
+    }
+}
+
+pub struct KernelSkb<M> {
     skb: *const u8,
-    off: &'a KernelOffsets,
     /// Start of the Ethernet header: head + mac_header where set (receive side, after
     /// eth_type_trans pulled it), data otherwise (transmit side, where data is at L2).
     l2: *const u8,
+    /// The first HEAD bytes from l2 (zeros where the read failed).
+    head: [u8; HEAD],
+    head_ok: bool,
+    mem: PhantomData<M>,
 }
 
-impl<'a> KernelSkb<'a> {
+impl<M: KernelMem> KernelSkb<M> {
     #[inline(always)]
-    pub fn new(skb: *const u8, off: &'a KernelOffsets) -> Self {
-        let at = |o: u32| unsafe { skb.add(o as usize) };
-        let head: u64 = read(at(off.skb_head)).unwrap_or(0);
-        let mac: u16 = read(at(off.skb_mac_header)).unwrap_or(MAC_UNSET);
+    pub fn new(skb: *const u8) -> Self {
+        let head: u64 = M::load(skb, offset!(skb_head)).unwrap_or(0);
+        let mac: u16 = M::load(skb, offset!(skb_mac_header)).unwrap_or(MAC_UNSET);
         let l2 = if mac != MAC_UNSET {
             (head + mac as u64) as *const u8
         } else {
-            read::<u64>(at(off.skb_data)).unwrap_or(0) as *const u8
+            M::load::<u64>(skb, offset!(skb_data)).unwrap_or(0) as *const u8
         };
-        KernelSkb { skb, off, l2 }
-    }
-
-    #[inline(always)]
-    fn field<T>(&self, offset: u32) -> Option<T> {
-        read(unsafe { self.skb.add(offset as usize) })
+        let mut buf = [0u8; HEAD];
+        let head_ok = !l2.is_null()
+            && unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_buf(l2, &mut buf) }.is_ok();
+        KernelSkb {
+            skb,
+            l2,
+            head: buf,
+            head_ok,
+            mem: PhantomData,
+        }
     }
 
     pub fn len(&self) -> u32 {
-        self.field(self.off.skb_len).unwrap_or(0)
+        M::load(self.skb, offset!(skb_len)).unwrap_or(0)
     }
 
     pub fn dev(&self) -> *const u8 {
-        self.field::<u64>(self.off.skb_dev).unwrap_or(0) as *const u8
+        M::load::<u64>(self.skb, offset!(skb_dev)).unwrap_or(0) as *const u8
     }
 
     /// Bytes from the Ethernet header to the end of the linear area.
     #[inline(always)]
     fn linear_from_l2(&self) -> Option<usize> {
-        let data: u64 = self.field(self.off.skb_data)?;
-        let len: u32 = self.field(self.off.skb_len)?;
-        let data_len: u32 = self.field(self.off.skb_data_len)?;
+        let data: u64 = M::load(self.skb, offset!(skb_data))?;
+        let len: u32 = M::load(self.skb, offset!(skb_len))?;
+        let data_len: u32 = M::load(self.skb, offset!(skb_data_len))?;
         let headroom = data.checked_sub(self.l2 as u64)? as usize;
         Some(headroom + (len - data_len) as usize)
     }
 }
 
-impl Packet for KernelSkb<'_> {
+impl<M: KernelMem> Packet for KernelSkb<M> {
     #[inline(always)]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        if self.l2.is_null() {
-            return None;
+        if offset + N <= HEAD {
+            if !self.head_ok {
+                return None;
+            }
+            let mut out = [0u8; N];
+            out.copy_from_slice(self.head.get(offset..offset + N)?);
+            return Some(out);
         }
-        // Headers are always linear; only a read that may reach the payload checks the bound.
-        if offset + N <= 64 {
-            return read(unsafe { self.l2.add(offset) });
-        }
+        // Past the headers: the payload may end the linear area, so check before reading.
         if offset + N <= self.linear_from_l2()? {
-            read(unsafe { self.l2.add(offset) })
+            probe(unsafe { self.l2.add(offset) })
         } else {
             None
         }
@@ -81,23 +131,16 @@ impl Packet for KernelSkb<'_> {
     }
 
     fn has_paged_payload(&self, offset: usize) -> bool {
-        let data_len: u32 = self.field(self.off.skb_data_len).unwrap_or(0);
+        let data_len: u32 = M::load(self.skb, offset!(skb_data_len)).unwrap_or(0);
         data_len > 0 && self.linear_from_l2().is_some_and(|linear| offset >= linear)
     }
 }
 
 /// The device's ifindex and the inode number of its network namespace.
 #[inline(always)]
-pub fn dev_identity(dev: *const u8, off: &KernelOffsets) -> (u32, u32) {
-    if dev.is_null() {
-        return (0, 0);
-    }
-    let ifindex: u32 = read(unsafe { dev.add(off.dev_ifindex as usize) }).unwrap_or(0);
-    let net: u64 = read(unsafe { dev.add(off.dev_nd_net as usize) }).unwrap_or(0);
-    let netns: u32 = if net == 0 {
-        0
-    } else {
-        read(unsafe { (net as *const u8).add(off.net_ns_inum as usize) }).unwrap_or(0)
-    };
+pub fn dev_identity<M: KernelMem>(dev: *const u8) -> (u32, u32) {
+    let ifindex: u32 = M::load(dev, offset!(dev_ifindex)).unwrap_or(0);
+    let net = M::load::<u64>(dev, offset!(dev_nd_net)).unwrap_or(0) as *const u8;
+    let netns: u32 = M::load(net, offset!(net_ns_inum)).unwrap_or(0);
     (ifindex, netns)
 }

@@ -1,5 +1,6 @@
 //! Developer tasks for the profiler workspace. The README's quick start is
 //! `cargo xtask demo` and `cargo xtask test`; both install what they need first.
+mod bench;
 mod cmd;
 mod setup;
 mod test;
@@ -31,6 +32,8 @@ enum Task {
     },
     /// Setup, build, then profile UDP through the bridge lab and tear the lab down.
     Demo,
+    /// Setup, build, then measure the eBPF programs' kernel cost for tagged and untagged packets.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::Test { args } => test::run(&args),
         Task::Demo => demo(),
+        Task::Bench => {
+            if !cmd::is_root() {
+                bail!("cargo xtask bench creates network namespaces and loads eBPF programs and must run as root");
+            }
+            setup::run()?;
+            bench::run(&build()?)
+        }
     }
 }
 

@@ -58,7 +58,8 @@ fn apt_get(args: &[&str]) -> Result<()> {
     )
 }
 
-/// iproute2 (`ip netns`, for users and tests) and bpftool (the tests' leak check).
+/// iproute2 (`ip netns`, for users and tests), bpftool (the tests' leak check) and iputils-ping
+/// (the benchmark's untagged background traffic).
 fn debian_packages() -> Result<()> {
     let have_bpftool = dpkg_installed("bpftool") || Path::new("/usr/sbin/bpftool").exists();
     let mut missing: Vec<&str> = Vec::new();
@@ -68,8 +69,11 @@ fn debian_packages() -> Result<()> {
     if !have_bpftool {
         missing.push("bpftool");
     }
+    if !dpkg_installed("iputils-ping") {
+        missing.push("iputils-ping");
+    }
     if missing.is_empty() {
-        step("Debian packages iproute2, bpftool: already installed");
+        step("Debian packages iproute2, bpftool, iputils-ping: already installed");
         return Ok(());
     }
     step(format_args!(
