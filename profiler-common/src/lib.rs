@@ -81,6 +81,15 @@ impl HookId {
 pub const FLAG_ENCAP: u8 = 1;
 /// `Event::flags`: the packet carried an 802.1Q tag.
 pub const FLAG_VLAN: u8 = 2;
+/// `Event::flags`: a later IPv4 fragment of a tagged datagram (recognised by its IP id).
+pub const FLAG_FRAGMENT: u8 = 4;
+/// `Event::flags >> TUNNEL_SHIFT`: which tunnel the packet was inside (0: none).
+pub const TUNNEL_SHIFT: u8 = 4;
+pub const TUNNEL_VXLAN: u8 = 1;
+pub const TUNNEL_GENEVE: u8 = 2;
+pub const TUNNEL_GRE: u8 = 3;
+/// UDP destination ports recognised as VXLAN: IANA's and flannel's (the loader may add one).
+pub const VXLAN_PORTS: [u16; 2] = [4789, 8472];
 
 /// One observation of a tagged packet at one hook.
 #[repr(C)]

@@ -49,6 +49,10 @@ static RUN_ID: u32 = 0;
 #[unsafe(no_mangle)]
 static PORT: u16 = 0;
 
+/// An extra UDP port to decapsulate as VXLAN (besides 4789 and 8472); 0: none.
+#[unsafe(no_mangle)]
+pub(crate) static VXLAN_PORT: u16 = 0;
+
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
@@ -72,7 +76,7 @@ pub struct XmitStack {
 }
 
 #[inline(always)]
-fn global<T: Copy>(v: &T) -> T {
+pub(crate) fn global<T: Copy>(v: &T) -> T {
     // Volatile: the loader rewrites these after compilation, so they must not be const-folded.
     unsafe { core::ptr::read_volatile(v) }
 }

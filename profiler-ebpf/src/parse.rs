@@ -1,16 +1,25 @@
 //! Finds the profiler's tag in a packet: Ethernet, up to two 802.1Q/802.1ad tags, IPv4 or IPv6,
-//! then UDP or TCP. Shared by every program; only the way bytes are read differs ([`Packet`]).
+//! UDP or TCP, and through one level of encapsulation (VXLAN, Geneve, GRE/GRETAP). Shared by every
+//! program; only the way bytes are read differs ([`Packet`]).
 
 use aya_ebpf::{macros::map, maps::LruHashMap};
-use profiler_common::{Tag, COUNTER_UNREADABLE, FLAG_VLAN, TAG_LEN, TAG_MAGIC};
+use profiler_common::{
+    Tag, COUNTER_UNREADABLE, FLAG_ENCAP, FLAG_FRAGMENT, FLAG_VLAN, TAG_LEN, TAG_MAGIC,
+    TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIFT, TUNNEL_VXLAN, VXLAN_PORTS,
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+/// Transparent Ethernet bridging: GRETAP carries a whole Ethernet frame.
+const ETH_P_TEB: u16 = 0x6558;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_GRE: u8 = 47;
+const VXLAN_HLEN: usize = 8;
+const GENEVE_PORT: u16 = 6081;
 
 /// Reads bytes of a packet, at offsets counted from the start of its Ethernet header.
 pub trait Packet {
@@ -21,7 +30,7 @@ pub trait Packet {
     fn has_paged_payload(&self, offset: usize) -> bool;
 }
 
-/// A tag found in a packet, with how the packet carried it. Also the value of the IN_XMIT map.
+/// A tag found in a packet, with how the packet carried it.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Found {
@@ -45,6 +54,22 @@ pub struct TcpSeg {
 #[map]
 static TCP_TAGS: LruHashMap<TcpSeg, Found> = LruHashMap::with_max_entries(8192, 0);
 
+/// An IPv4 datagram's identity, shared by all its fragments.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FragKey {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    id: [u8; 2],
+    proto: u8,
+    _pad: u8,
+}
+
+/// Tags of fragmented datagrams, recorded at their first fragment so that the other fragments
+/// (no L4 header, no tag) are recognised and counted.
+#[map]
+static FRAG_TAGS: LruHashMap<FragKey, Found> = LruHashMap::with_max_entries(4096, 0);
+
 #[inline(always)]
 fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
@@ -58,20 +83,58 @@ struct L4 {
     len: usize,
     saddr: [u8; 16],
     daddr: [u8; 16],
+    /// IPv4 fragmentation: whether the datagram is fragmented, its IP id, and whether this is a
+    /// later fragment (no L4 header).
+    fragmented: bool,
+    ip_id: u16,
+    later_fragment: bool,
 }
 
-/// The L4 part of an IPv4/IPv6 packet, or None for anything but a first fragment.
+impl L4 {
+    #[inline(always)]
+    fn frag_key(&self) -> FragKey {
+        let a = |x: &[u8; 16]| [x[0], x[1], x[2], x[3]];
+        FragKey {
+            saddr: a(&self.saddr),
+            daddr: a(&self.daddr),
+            id: self.ip_id.to_be_bytes(),
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Skips Ethernet and VLAN tags from `off`: the ethertype, where the L3 header starts, and
+/// FLAG_VLAN if there was a tag.
 #[inline(always)]
-fn l4<P: Packet>(p: &P, ethertype: u16, off: usize) -> Option<L4> {
+fn l2<P: Packet>(p: &P, off: usize) -> Option<(u16, usize, u8)> {
+    let eth: [u8; 2] = p.read(off + 12)?;
+    let mut ethertype = be16(eth);
+    let mut off = off + ETH_HLEN;
+    let mut flags = 0;
+    for _ in 0..2 {
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            let vlan: [u8; 4] = p.read(off)?;
+            ethertype = be16([vlan[2], vlan[3]]);
+            off += 4;
+            flags = FLAG_VLAN;
+        }
+    }
+    Some((ethertype, off, flags))
+}
+
+#[inline(always)]
+fn l3<P: Packet>(p: &P, ethertype: u16, off: usize) -> Option<L4> {
     let (mut saddr, mut daddr) = ([0u8; 16], [0u8; 16]);
     match ethertype {
         ETH_P_IP => {
             let ip: [u8; 20] = p.read(off)?;
             let ihl = ((ip[0] & 0x0f) as usize) * 4;
-            // Non-first fragments have no L4 header; the first one carries the tag.
-            if ihl < 20 || be16([ip[6], ip[7]]) & 0x1fff != 0 {
+            if ihl < 20 {
                 return None;
             }
+            let frag_field = be16([ip[6], ip[7]]);
+            let (more, frag_offset) = (frag_field & 0x2000 != 0, frag_field & 0x1fff);
             saddr[..4].copy_from_slice(&ip[12..16]);
             daddr[..4].copy_from_slice(&ip[16..20]);
             let len = (be16([ip[2], ip[3]]) as usize).saturating_sub(ihl);
@@ -81,18 +144,25 @@ fn l4<P: Packet>(p: &P, ethertype: u16, off: usize) -> Option<L4> {
                 len,
                 saddr,
                 daddr,
+                fragmented: more || frag_offset != 0,
+                ip_id: be16([ip[4], ip[5]]),
+                later_fragment: frag_offset != 0,
             })
         }
         ETH_P_IPV6 => {
             let ip: [u8; 40] = p.read(off)?;
             saddr.copy_from_slice(&ip[8..24]);
             daddr.copy_from_slice(&ip[24..40]);
+            let len = be16([ip[4], ip[5]]) as usize;
             Some(L4 {
                 proto: ip[6],
                 offset: off + 40,
-                len: be16([ip[4], ip[5]]) as usize,
+                len,
                 saddr,
                 daddr,
+                fragmented: false,
+                ip_id: 0,
+                later_fragment: false,
             })
         }
         _ => None,
@@ -106,39 +176,86 @@ fn read_tag<P: Packet>(p: &P, offset: usize, run_id: u32) -> Option<Tag> {
     (tag.magic == TAG_MAGIC && tag.run_id == run_id).then_some(tag)
 }
 
-/// The run's tag in this packet, if it carries one. `port` (0: any) filters before the payload
-/// is read, so that other traffic costs a few header reads.
+/// Where the inner packet of a tunnel starts, as (ethertype if it has no Ethernet header,
+/// offset, tunnel flag), or None when `l4` is not a tunnel the profiler knows.
+#[inline(always)]
+fn tunnel<P: Packet>(p: &P, l4: &L4, ports: [u8; 4]) -> Option<(Option<u16>, usize, u8)> {
+    match l4.proto {
+        IPPROTO_UDP => {
+            let dport = be16([ports[2], ports[3]]);
+            if dport == GENEVE_PORT {
+                // Geneve: 8-byte header plus options (length in 4-byte words), then Ethernet.
+                let h: [u8; 1] = p.read(l4.offset + 8)?;
+                let opts = ((h[0] & 0x3f) as usize) * 4;
+                return Some((None, l4.offset + 8 + 8 + opts, TUNNEL_GENEVE));
+            }
+            let extra = crate::global(&crate::VXLAN_PORT);
+            let vxlan = dport == VXLAN_PORTS[0]
+                || dport == VXLAN_PORTS[1]
+                || (extra != 0 && dport == extra);
+            vxlan.then_some((None, l4.offset + 8 + VXLAN_HLEN, TUNNEL_VXLAN))
+        }
+        IPPROTO_GRE => {
+            let h: [u8; 4] = p.read(l4.offset)?;
+            // Optional checksum(+reserved), key and sequence words follow the 4 fixed bytes.
+            let words = (h[0] >> 7 & 1) + (h[0] >> 5 & 1) + (h[0] >> 4 & 1);
+            let inner = l4.offset + 4 + words as usize * 4;
+            match be16([h[2], h[3]]) {
+                ETH_P_TEB => Some((None, inner, TUNNEL_GRE)),
+                et @ (ETH_P_IP | ETH_P_IPV6) => Some((Some(et), inner, TUNNEL_GRE)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The run's tag in this packet, if it carries one. `port` (0: any) filters on the innermost
+/// L4 ports before the payload is read, so that other traffic costs a few header reads.
 #[inline(always)]
 pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
-    let eth: [u8; ETH_HLEN] = p.read(0)?;
-    let mut ethertype = be16([eth[12], eth[13]]);
-    let mut off = ETH_HLEN;
-    let mut flags = 0;
-    for _ in 0..2 {
-        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            let vlan: [u8; 4] = p.read(off)?;
-            ethertype = be16([vlan[2], vlan[3]]);
-            off += 4;
-            flags |= FLAG_VLAN;
+    let (ethertype, off, mut flags) = l2(p, 0)?;
+    let mut l4 = l3(p, ethertype, off)?;
+    let mut ports: [u8; 4] = if l4.later_fragment {
+        [0; 4]
+    } else {
+        p.read(l4.offset)?
+    };
+    if !l4.later_fragment {
+        if let Some((inner_ethertype, inner, kind)) = tunnel(p, &l4, ports) {
+            flags |= FLAG_ENCAP | (kind << TUNNEL_SHIFT);
+            let (ethertype, off) = match inner_ethertype {
+                Some(et) => (et, inner),
+                None => {
+                    let (et, off, vlan) = l2(p, inner)?;
+                    flags |= vlan;
+                    (et, off)
+                }
+            };
+            l4 = l3(p, ethertype, off)?;
+            ports = if l4.later_fragment {
+                [0; 4]
+            } else {
+                p.read(l4.offset)?
+            };
         }
     }
-    let l4 = l4(p, ethertype, off)?;
-    let l4off = l4.offset;
-    let ports: [u8; 4] = p.read(l4off)?;
+    if l4.later_fragment {
+        let mut found = *(unsafe { FRAG_TAGS.get(&l4.frag_key()) }?);
+        found.flags |= flags | FLAG_FRAGMENT;
+        return Some(found);
+    }
     if port != 0 && be16([ports[0], ports[1]]) != port && be16([ports[2], ports[3]]) != port {
         return None;
     }
-    match l4.proto {
-        IPPROTO_UDP => {
-            let tag = read_tag(p, l4off + 8, run_id)?;
-            Some(Found {
-                tag,
-                flags,
-                _pad: [0; 3],
-            })
-        }
+    let found = match l4.proto {
+        IPPROTO_UDP => Found {
+            tag: read_tag(p, l4.offset + 8, run_id)?,
+            flags,
+            _pad: [0; 3],
+        },
         IPPROTO_TCP => {
-            let hdr: [u8; 13] = p.read(l4off)?;
+            let hdr: [u8; 13] = p.read(l4.offset)?;
             let doff = ((hdr[12] >> 4) as usize) * 4;
             // A bare ACK carries the seq of the next data byte: it must not match that data's tag.
             if l4.len != 0 && l4.len <= doff {
@@ -150,10 +267,15 @@ pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
                 ports,
                 seq: [hdr[4], hdr[5], hdr[6], hdr[7]],
             };
-            tcp_tag(p, l4off + doff, &seg, run_id, flags)
+            tcp_tag(p, l4.offset + doff, &seg, run_id, flags)?
         }
-        _ => None,
+        _ => return None,
+    };
+    if l4.fragmented {
+        // The first fragment: remember the tag for the fragments that follow.
+        let _ = FRAG_TAGS.insert(&l4.frag_key(), &found, 0);
     }
+    Some(found)
 }
 
 #[inline(always)]
@@ -175,7 +297,7 @@ fn tcp_tag<P: Packet>(
     }
     if !p.reaches_paged() {
         if let Some(found) = unsafe { TCP_TAGS.get(seg) } {
-            return Some(*found);
+            return Some(Found { flags, ..*found });
         }
         // Segments that continue a message (no tag at their start) are counted here too.
         if p.has_paged_payload(payload) {

@@ -2,19 +2,26 @@
 //!
 //! Helper calls dominate a program's cost, so reads are arranged to need few of them:
 //! tp_btf programs load sk_buff and net_device fields directly (their pointers are BTF-typed, so
-//! the verifier turns the loads into inline fault-safe loads), and the packet's first 64 bytes,
-//! enough for Ethernet, VLAN, IP and L4 ports, come in one `bpf_probe_read_kernel`.
+//! the verifier turns the loads into inline fault-safe loads), and the packet's first 128 bytes,
+//! enough for Ethernet, VLAN, IP and L4 ports (outer and inner), come in one
+//! `bpf_probe_read_kernel`.
 
 use core::marker::PhantomData;
 
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::map, maps::PerCpuArray};
 
 use crate::{parse::Packet, OFFSETS};
 
 /// mac_header value meaning "not set".
 const MAC_UNSET: u16 = 0xffff;
-/// Bytes of the packet read at once: every header the parser needs before the payload.
-const HEAD: usize = 64;
+/// Bytes of the packet read at once: every header the parser needs, through a VXLAN or Geneve
+/// encapsulation too, and a UDP tag of a plain IPv4 packet.
+const HEAD: usize = 128;
+
+/// The header bytes, per CPU: too large for the 512-byte BPF stack beside two parse contexts.
+/// Larger than HEAD so that a read at a masked offset below HEAD is provably inside the value.
+#[map]
+static HEADERS: PerCpuArray<[u8; HEAD + 64]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Reads a member of `OFFSETS` as the verifier sees it: a constant of the frozen .rodata map.
 macro_rules! offset {
@@ -60,9 +67,8 @@ pub struct KernelSkb<M> {
     /// Start of the Ethernet header: head + mac_header where set (receive side, after
     /// eth_type_trans pulled it), data otherwise (transmit side, where data is at L2).
     l2: *const u8,
-    /// The first HEAD bytes from l2 (zeros where the read failed).
-    head: [u8; HEAD],
-    head_ok: bool,
+    /// The first HEAD bytes from l2, in HEADERS; None where the read failed.
+    head: Option<*const [u8; HEAD + 64]>,
     mem: PhantomData<M>,
 }
 
@@ -76,14 +82,16 @@ impl<M: KernelMem> KernelSkb<M> {
         } else {
             M::load::<u64>(skb, offset!(skb_data)).unwrap_or(0) as *const u8
         };
-        let mut buf = [0u8; HEAD];
-        let head_ok = !l2.is_null()
-            && unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_buf(l2, &mut buf) }.is_ok();
+        let head = HEADERS.get_ptr_mut(0).filter(|buf| {
+            let buf: &mut [u8; HEAD + 64] = unsafe { &mut **buf };
+            let buf = &mut buf[..HEAD];
+            !l2.is_null()
+                && unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_buf(l2, buf) }.is_ok()
+        });
         KernelSkb {
             skb,
             l2,
-            head: buf,
-            head_ok,
+            head: head.map(|b| b as *const _),
             mem: PhantomData,
         }
     }
@@ -111,11 +119,14 @@ impl<M: KernelMem> Packet for KernelSkb<M> {
     #[inline(always)]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
         if offset + N <= HEAD {
-            if !self.head_ok {
-                return None;
-            }
+            let head = self.head? as *const u8;
+            // offset < HEAD is already known, but LLVM would drop a plain mask as redundant and
+            // the verifier would not see the bound: the volatile read keeps the mask in.
+            let at = unsafe { core::ptr::read_volatile(&offset) } & (HEAD - 1);
+            // A byte copy: a by-value load of [u8; 20] or [u8; 40] becomes a wide integer load
+            // that the BPF backend lowers into arithmetic on the pointer, which the verifier refuses.
             let mut out = [0u8; N];
-            out.copy_from_slice(self.head.get(offset..offset + N)?);
+            unsafe { core::ptr::copy_nonoverlapping(head.add(at), out.as_mut_ptr(), N) };
             return Some(out);
         }
         // Past the headers: the payload may end the linear area, so check before reading.

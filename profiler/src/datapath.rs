@@ -113,39 +113,6 @@ pub enum Point {
     Hook(HookId),
 }
 
-/// The order in which one crossing of a link meets the hooks, for each link kind.
-/// veth: the peer's netif_rx runs inside the sender's ndo_start_xmit, before net_dev_xmit
-/// fires on the way back; the peer then receives from its CPU backlog.
-pub enum Side {
-    Tx,
-    Rx,
-}
-
-pub fn link_sequence(link: &str) -> &'static [(Side, HookId)] {
-    use HookId::*;
-    match link {
-        "veth" => &[
-            (Side::Tx, TcEgress),
-            (Side::Tx, NetDevQueue),
-            (Side::Tx, NetDevStartXmit),
-            (Side::Rx, NetifRx),
-            (Side::Tx, NetDevXmit),
-            (Side::Rx, NetifReceiveSkb),
-            (Side::Rx, TcIngress),
-        ],
-        // A NAPI driver: transmit completes before the frame is received by the peer's NAPI poll.
-        _ => &[
-            (Side::Tx, TcEgress),
-            (Side::Tx, NetDevQueue),
-            (Side::Tx, NetDevStartXmit),
-            (Side::Tx, NetDevXmit),
-            (Side::Rx, NapiGroReceiveEntry),
-            (Side::Rx, NetifReceiveSkb),
-            (Side::Rx, TcIngress),
-        ],
-    }
-}
-
 /// What a segment name needs to know about the two hops around it.
 pub struct SegmentEnds<'a> {
     pub from: &'a Point,
@@ -158,6 +125,8 @@ pub struct SegmentEnds<'a> {
     pub bridge: Option<&'a str>,
     /// Whether `to_if` is the link peer of `from_if` (a veth pair's other end).
     pub peers: bool,
+    /// The packet enters (true) or leaves (false) a tunnel between the two hops, and which.
+    pub encap: Option<(bool, &'a str)>,
 }
 
 /// Names the segment between two consecutive hops after what the packet crosses there.
@@ -166,6 +135,20 @@ pub fn segment_name(e: &SegmentEnds) -> String {
     use Point::*;
     let same_if = e.from_if == e.to_if && e.from_ns == e.to_ns;
     match (e.from, e.to) {
+        _ if e.encap.is_some_and(|(enter, _)| enter) => {
+            format!(
+                "{} encap {} -> {}",
+                e.encap.map_or("", |(_, t)| t),
+                e.from_if,
+                e.to_if
+            )
+        }
+        _ if e.encap.is_some() => format!(
+            "{} decap {} -> {}",
+            e.encap.map_or("", |(_, t)| t),
+            e.from_if,
+            e.to_if
+        ),
         (AppSend, _) => format!("socket and stack ({})", e.from_ns),
         (_, AppRecv) => format!("stack and socket ({})", e.to_ns),
         (Hook(TcEgress), Hook(NetDevQueue)) if same_if => format!("egress to queue {}", e.from_if),
@@ -226,6 +209,7 @@ mod tests {
                 to_ns: "host",
                 bridge,
                 peers,
+                encap: None,
             })
         };
         let ing = Point::Hook(HookId::TcIngress);

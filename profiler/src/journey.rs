@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use hdrhistogram::Histogram;
-use profiler_common::{Event, HookId};
+use profiler_common::{Event, HookId, FLAG_FRAGMENT};
 use serde::Serialize;
 
 use crate::{datapath::Point, traffic::Stamp};
@@ -27,24 +27,41 @@ pub struct Observation {
     pub direction: u32,
     pub ts_ns: u64,
     pub hop: HopKey,
+    /// Event flags (FLAG_ENCAP, tunnel kind...): how the hop saw the packet.
+    pub flags: u8,
+}
+
+/// Kernel events sorted for attribution.
+#[derive(Debug, Default)]
+pub struct Sorted {
+    pub observations: Vec<Observation>,
+    pub drops: Vec<Event>,
+    /// Events of later IPv4 fragments of tagged datagrams: counted, not hops.
+    pub fragments: u64,
 }
 
 /// Turns kernel events into observations. tc events carry no namespace, so `tc_netns` says which
-/// namespace each (hook, ifindex) tc attachment is in. Drops are returned apart.
+/// namespace each (hook, ifindex) tc attachment is in. Drops and fragments are set apart.
 pub fn observations(
     events: &[Event],
     stamps: &[Stamp],
     app_netns: [u32; 2],
     tc_netns: &HashMap<(HookId, u32), u32>,
-) -> (Vec<Observation>, Vec<Event>) {
-    let mut obs = Vec::with_capacity(events.len() + stamps.len());
-    let mut drops = Vec::new();
+) -> Sorted {
+    let mut out = Sorted {
+        observations: Vec::with_capacity(events.len() + stamps.len()),
+        ..Default::default()
+    };
     for ev in events {
         let Some(hook) = HookId::from_u8(ev.hook) else {
             continue;
         };
+        if ev.flags & FLAG_FRAGMENT != 0 {
+            out.fragments += 1;
+            continue;
+        }
         if hook == HookId::KfreeSkb {
-            drops.push(*ev);
+            out.drops.push(*ev);
             continue;
         }
         let netns = match hook {
@@ -58,11 +75,12 @@ pub fn observations(
             netns,
             ifindex: ev.ifindex,
         };
-        obs.push(Observation {
+        out.observations.push(Observation {
             seq: ev.seq,
             direction: ev.direction,
             ts_ns: ev.ts_ns,
             hop,
+            flags: ev.flags,
         });
     }
     for s in stamps {
@@ -81,11 +99,66 @@ pub fn observations(
                 netns,
                 ifindex: 0,
             },
+            flags: 0,
         };
-        obs.push(app(Point::AppSend, from, s.send_ns));
-        obs.push(app(Point::AppRecv, to, s.recv_ns));
+        out.observations.push(app(Point::AppSend, from, s.send_ns));
+        out.observations.push(app(Point::AppRecv, to, s.recv_ns));
     }
-    (obs, drops)
+    out
+}
+
+/// Each packet's hops of one direction, in time order, a hop counted once (its first time).
+fn journeys(obs: &[Observation], direction: u32) -> HashMap<u32, Vec<&Observation>> {
+    let mut per_packet: HashMap<u32, Vec<&Observation>> = HashMap::new();
+    for o in obs.iter().filter(|o| o.direction == direction) {
+        per_packet.entry(o.seq).or_default().push(o);
+    }
+    for seen in per_packet.values_mut() {
+        // Stable: events of one CPU arrive in order, which settles equal timestamps.
+        seen.sort_by_key(|o| o.ts_ns);
+        let mut unique = HashSet::new();
+        seen.retain(|o| unique.insert(o.hop.clone()));
+    }
+    per_packet
+}
+
+/// The path of one direction: the most common hop sequence among packets that went from the
+/// application to the application (ties: the longest). Observing the path instead of predicting
+/// it makes any topology, or a path the profiler did not build, work the same way.
+pub fn modal_path(obs: &[Observation], direction: u32) -> Vec<HopKey> {
+    let mut counts: HashMap<Vec<HopKey>, u64> = HashMap::new();
+    for seen in journeys(obs, direction).into_values() {
+        let keys: Vec<HopKey> = seen.iter().map(|o| o.hop.clone()).collect();
+        let ends = keys.first().map(|k| &k.point) == Some(&Point::AppSend)
+            && keys.last().map(|k| &k.point) == Some(&Point::AppRecv);
+        if ends {
+            *counts.entry(keys).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(keys, n)| (*n, keys.len()))
+        .map(|(keys, _)| keys)
+        .unwrap_or_default()
+}
+
+/// The flags each hop of `path` saw most often (how it saw the packet: encapsulated or not).
+pub fn hop_flags(obs: &[Observation], direction: u32, path: &[HopKey]) -> Vec<u8> {
+    path.iter()
+        .map(|k| {
+            let mut counts: HashMap<u8, u64> = HashMap::new();
+            for o in obs
+                .iter()
+                .filter(|o| o.direction == direction && &o.hop == k)
+            {
+                *counts.entry(o.flags).or_default() += 1;
+            }
+            counts
+                .into_iter()
+                .max_by_key(|(_, n)| *n)
+                .map_or(0, |(f, _)| f)
+        })
+        .collect()
 }
 
 /// Latency statistics of one segment or of the whole journey.
@@ -150,9 +223,7 @@ pub fn attribute(obs: &[Observation], direction: u32, expected: &[HopKey]) -> At
     let mut out = Attribution::default();
     let mut deltas: Vec<Vec<u64>> = vec![Vec::new(); expected.len().saturating_sub(1)];
     let mut totals = Vec::new();
-    for (_, mut seen) in per_packet {
-        // Stable: events of one CPU arrive in order, which settles equal timestamps.
-        seen.sort_by_key(|o| o.ts_ns);
+    for (_, seen) in journeys(obs, direction) {
         match timeline(&seen, &position, expected.len(), &mut out) {
             Some(ts) => {
                 for (k, w) in ts.windows(2).enumerate() {
@@ -185,15 +256,12 @@ fn timeline(
 ) -> Option<Vec<u64>> {
     let mut ts: Vec<Option<u64>> = vec![None; hops];
     let mut order = Vec::with_capacity(hops);
-    let mut unique = HashSet::new();
     for o in seen {
         match position.get(&o.hop) {
-            // A repeated hop (a retransmission or a second copy) keeps its first time.
-            Some(&i) if unique.insert(i) => {
+            Some(&i) => {
                 ts[i] = Some(o.ts_ns);
                 order.push(i);
             }
-            Some(_) => {}
             None => *out.unexpected.entry(o.hop.clone()).or_default() += 1,
         }
     }
@@ -252,6 +320,7 @@ mod tests {
                 direction: 0,
                 ts_ns,
                 hop,
+                flags: 0,
             })
             .collect()
     }
@@ -281,6 +350,7 @@ mod tests {
             direction: 0,
             ts_ns: 150,
             hop: key(Point::Hook(HookId::TcEgress), 2),
+            flags: 0,
         });
         let a = attribute(&obs, 0, &path());
         assert_eq!(a.complete, 1);
@@ -314,10 +384,26 @@ mod tests {
             direction: 0,
             ts_ns: 120,
             hop: stray.clone(),
+            flags: 0,
         });
         let a = attribute(&obs, 0, &path());
         assert_eq!(a.complete, 1);
         assert_eq!(a.unexpected.get(&stray), Some(&1));
+    }
+
+    #[test]
+    fn the_modal_sequence_is_the_path() {
+        let mut obs = packet(0, &[100, 110, 130, 160]);
+        obs.extend(packet(1, &[200, 220, 230, 300]));
+        // A third packet missed a hop; one never reached the application.
+        let mut partial = packet(2, &[300, 310, 330, 360]);
+        partial.remove(2);
+        obs.extend(partial);
+        obs.extend(packet(3, &[400, 410, 430, 460]).into_iter().take(3));
+        assert_eq!(modal_path(&obs, 0), path());
+        let a = attribute(&obs, 0, &modal_path(&obs, 0));
+        assert_eq!((a.complete, a.incomplete), (2, 2));
+        assert_eq!(hop_flags(&obs, 0, &path()), vec![0; 4]);
     }
 
     #[test]
@@ -352,8 +438,14 @@ mod tests {
             recv_ns: 20,
         }];
         let tc_netns = HashMap::from([((HookId::TcEgress, 5), 77)]);
-        let (obs, drops) = observations(&[tc, drop], &stamps, [1, 2], &tc_netns);
-        assert_eq!(drops.len(), 1);
+        let frag = Event {
+            hook: HookId::NetifRx as u8,
+            flags: FLAG_FRAGMENT,
+            ..Default::default()
+        };
+        let sorted = observations(&[tc, drop, frag], &stamps, [1, 2], &tc_netns);
+        let (obs, drops) = (&sorted.observations, &sorted.drops);
+        assert_eq!((drops.len(), sorted.fragments), (1, 1));
         assert_eq!(obs[0].hop.netns, 77);
         // A response is sent by the server (namespace 2) and received by the client (1).
         assert_eq!(

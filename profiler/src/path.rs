@@ -1,20 +1,21 @@
-//! The hops a packet is predicted to meet on a lab path, in order, given which hooks attached.
+//! Describes the hops of an observed path after the devices of the lab they are on, and names
+//! the segments between them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use anyhow::Result;
-use profiler_common::{HookId, DIR_REQUEST};
+use profiler_common::{HookId, FLAG_ENCAP, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIFT, TUNNEL_VXLAN};
 use serde::Serialize;
 
 use crate::{
-    datapath::{self, Point, SegmentEnds, Side},
-    hooks::{HookStatus, Probes, Status},
+    datapath::{self, Point, SegmentEnds},
+    hooks::{Probes, Status},
     journey::HopKey,
-    lab::{IfRef, Lab},
+    lab::{Lab, LabIface},
     netns,
 };
 
-/// A hop of the predicted path, as reported.
+/// A hop of the path, as reported.
 #[derive(Clone, Debug, Serialize)]
 pub struct Hop {
     pub index: usize,
@@ -23,46 +24,43 @@ pub struct Hop {
     pub netns: Option<String>,
     pub kind: String,
     pub hook: String,
+    /// The hop saw the packet inside a tunnel (the tag was found in the inner packet).
+    pub encapsulated: bool,
+    /// vxlan, geneve or gre when encapsulated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<&'static str>,
     #[serde(skip)]
     pub key: HopKey,
 }
 
-/// Which hooks are in place: tracepoints by hook (with the program type that attached), tc by
-/// (hook, namespace, interface).
-pub struct Attached {
-    tracepoints: HashMap<HookId, String>,
-    tc: HashSet<(HookId, Option<String>, String)>,
-}
+/// Which program type serves each attached tracepoint ("tp_btf" or "raw_tp").
+pub struct Attached(HashMap<HookId, String>);
 
 impl Attached {
     pub fn from_probes(probes: &Probes) -> Attached {
-        let tracepoints = datapath::HOOKS
+        let types = datapath::HOOKS
             .iter()
             .filter_map(|spec| {
-                let st: &HookStatus = probes.statuses.iter().find(|s| s.name == spec.label)?;
+                let st = probes.statuses.iter().find(|s| s.name == spec.label)?;
                 (st.status == Status::Attached).then(|| (spec.id, st.kind.clone()))
             })
             .collect();
-        let tc = probes
-            .tc
-            .iter()
-            .map(|a| (a.hook, a.netns.clone(), a.ifname.clone()))
-            .collect();
-        Attached { tracepoints, tc }
+        Attached(types)
     }
 
-    /// The hook's reported name ("tp_btf:net_dev_queue", "tc:egress") if it observes `at`.
-    fn observes(&self, id: HookId, at: &IfRef) -> Option<String> {
-        if let Some(kind) = self.tracepoints.get(&id) {
-            return Some(format!("{kind}:{}", datapath::hook(id).label));
+    /// The hook's reported name: "tp_btf:net_dev_queue", "tc:egress", "app:send".
+    fn hook_name(&self, point: &Point) -> String {
+        match point {
+            Point::Hook(id) => match self.0.get(id) {
+                Some(kind) => format!("{kind}:{}", datapath::label(point)),
+                None => datapath::label(point).to_string(),
+            },
+            _ => datapath::label(point).to_string(),
         }
-        self.tc
-            .contains(&(id, Some(at.netns.clone()), at.ifname.clone()))
-            .then(|| datapath::hook(id).label.to_string())
     }
 }
 
-/// Namespace inodes of the lab, resolved once.
+/// Namespace inodes of the lab, resolved once, both ways.
 pub struct Inodes(HashMap<String, u32>);
 
 impl Inodes {
@@ -78,88 +76,69 @@ impl Inodes {
     pub fn get(&self, ns: &str) -> u32 {
         self.0.get(ns).copied().unwrap_or(0)
     }
+
+    fn name(&self, inode: u32) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(_, &i)| i == inode)
+            .map(|(n, _)| n.as_str())
+    }
 }
 
-/// Predicts the hops of one direction of the lab's client/server exchange.
-pub fn predict(lab: &Lab, direction: u32, attached: &Attached, inodes: &Inodes) -> Vec<Hop> {
-    let request = direction == DIR_REQUEST;
-    let (from, to) = if request {
-        (&lab.client, &lab.server)
-    } else {
-        (&lab.server, &lab.client)
-    };
-    let mut hops = vec![app_hop(Point::AppSend, &from.netns, inodes)];
-    let crossings: Vec<(IfRef, IfRef, &str)> = if request {
-        lab.path
-            .iter()
-            .map(|c| (c.tx.clone(), c.rx.clone(), c.link.as_str()))
-            .collect()
-    } else {
-        lab.path
-            .iter()
-            .rev()
-            .map(|c| (c.rx.clone(), c.tx.clone(), c.link.as_str()))
-            .collect()
-    };
-    for (tx, rx, link) in &crossings {
-        for (side, id) in datapath::link_sequence(link) {
-            let at = match side {
-                Side::Tx => tx,
-                Side::Rx => rx,
+fn tunnel_name(flags: u8) -> Option<&'static str> {
+    match flags >> TUNNEL_SHIFT {
+        TUNNEL_VXLAN => Some("vxlan"),
+        TUNNEL_GENEVE => Some("geneve"),
+        TUNNEL_GRE => Some("gre"),
+        _ => None,
+    }
+}
+
+/// Describes each hop of `path`; `flags` are what each hop saw (see journey::hop_flags).
+/// A hop on a device the lab does not know is still reported, by ifindex and namespace.
+pub fn describe(
+    path: &[HopKey],
+    flags: &[u8],
+    lab: &Lab,
+    inodes: &Inodes,
+    attached: &Attached,
+) -> Vec<Hop> {
+    path.iter()
+        .zip(flags)
+        .enumerate()
+        .map(|(index, (key, &flags))| {
+            let netns = inodes
+                .name(key.netns)
+                .map_or_else(|| format!("netns {}", key.netns), str::to_string);
+            let iface = lab
+                .interfaces
+                .iter()
+                .find(|i| i.netns == netns && i.ifindex == key.ifindex);
+            let label = datapath::label(&key.point);
+            let (ifname, kind) = match (&key.point, iface) {
+                (Point::AppSend | Point::AppRecv, _) => (None, "app".to_string()),
+                (_, Some(i)) => (Some(i.ifname.clone()), i.kind.clone()),
+                (_, None) => (Some(format!("ifindex {}", key.ifindex)), "nic".to_string()),
             };
-            if let Some(hook) = attached.observes(*id, at) {
-                hops.push(device_hop(*id, at, hook, lab, inodes));
+            let at = ifname.as_deref().map_or(String::new(), |i| format!(" {i}"));
+            Hop {
+                index,
+                name: format!("{label}{at} ({netns})"),
+                ifname,
+                netns: Some(netns),
+                kind,
+                hook: attached.hook_name(&key.point),
+                encapsulated: flags & FLAG_ENCAP != 0,
+                tunnel: tunnel_name(flags),
+                key: key.clone(),
             }
-        }
-    }
-    hops.push(app_hop(Point::AppRecv, &to.netns, inodes));
-    for (i, h) in hops.iter_mut().enumerate() {
-        h.index = i;
-    }
-    hops
-}
-
-fn app_hop(point: Point, ns: &str, inodes: &Inodes) -> Hop {
-    let label = datapath::label(&point);
-    Hop {
-        index: 0,
-        name: format!("{label} ({ns})"),
-        ifname: None,
-        netns: Some(ns.to_string()),
-        kind: "app".into(),
-        hook: label.into(),
-        key: HopKey {
-            point,
-            netns: inodes.get(ns),
-            ifindex: 0,
-        },
-    }
-}
-
-fn device_hop(id: HookId, at: &IfRef, hook: String, lab: &Lab, inodes: &Inodes) -> Hop {
-    let kind = lab
-        .interfaces
-        .iter()
-        .find(|i| i.netns == at.netns && i.ifname == at.ifname)
-        .map_or("nic".to_string(), |i| i.kind.clone());
-    Hop {
-        index: 0,
-        name: format!("{} {} ({})", datapath::hook(id).label, at.ifname, at.netns),
-        ifname: Some(at.ifname.clone()),
-        netns: Some(at.netns.clone()),
-        kind,
-        hook,
-        key: HopKey {
-            point: Point::Hook(id),
-            netns: inodes.get(&at.netns),
-            ifindex: at.ifindex,
-        },
-    }
+        })
+        .collect()
 }
 
 /// Names each segment between consecutive hops after what it crosses.
 pub fn segment_names(hops: &[Hop], lab: &Lab) -> Vec<String> {
-    let iface = |h: &Hop| {
+    let iface = |h: &Hop| -> Option<&LabIface> {
         lab.interfaces
             .iter()
             .find(|i| Some(&i.netns) == h.netns.as_ref() && Some(&i.ifname) == h.ifname.as_ref())
@@ -175,29 +154,49 @@ pub fn segment_names(hops: &[Hop], lab: &Lab) -> Vec<String> {
                 (Some(x), Some(y)) if x == y && a.netns == b.netns => Some(x),
                 _ => None,
             };
-            let peers = ia.and_then(|i| i.peer.as_ref()).is_some_and(|p| {
-                Some(&p.ifname) == b.ifname.as_ref() && Some(&p.netns) == b.netns.as_ref()
-            }) || ib.and_then(|i| i.peer.as_ref()).is_some_and(|p| {
-                Some(&p.ifname) == a.ifname.as_ref() && Some(&p.netns) == a.netns.as_ref()
-            });
+            let peer_of = |x: Option<&LabIface>, y: &Hop| {
+                x.and_then(|i| i.peer.as_ref()).is_some_and(|p| {
+                    Some(&p.ifname) == y.ifname.as_ref() && Some(&p.netns) == y.netns.as_ref()
+                })
+            };
             datapath::segment_name(&SegmentEnds {
                 from: &a.key.point,
                 to: &b.key.point,
                 from_if: a.ifname.as_deref().unwrap_or(""),
                 to_if: b.ifname.as_deref().unwrap_or(""),
-                from_ns: short_ns(a.netns.as_deref()),
-                to_ns: short_ns(b.netns.as_deref()),
+                from_ns: short_ns(a.netns.as_deref(), lab),
+                to_ns: short_ns(b.netns.as_deref(), lab),
                 bridge,
-                peers,
+                peers: peer_of(ia, b) || peer_of(ib, a),
+                encap: match (a.encapsulated, b.encapsulated) {
+                    (false, true) => Some((true, b.tunnel.unwrap_or("tunnel"))),
+                    (true, false) => Some((false, a.tunnel.unwrap_or("tunnel"))),
+                    _ => None,
+                },
             })
         })
         .collect()
 }
 
 /// "prof-bridge-pod-a" reads as "pod-a" in segment names; the full name is in the hops.
-fn short_ns(ns: Option<&str>) -> &str {
+fn short_ns<'a>(ns: Option<&'a str>, lab: &Lab) -> &'a str {
     let ns = ns.unwrap_or("");
     ns.strip_prefix("prof-")
-        .and_then(|rest| rest.split_once('-'))
-        .map_or(ns, |(_, tail)| tail)
+        .and_then(|rest| rest.strip_prefix(lab.name.as_str()))
+        .and_then(|r| r.strip_prefix('-'))
+        .unwrap_or(ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_kind_from_flags() {
+        assert_eq!(
+            tunnel_name(FLAG_ENCAP | TUNNEL_VXLAN << TUNNEL_SHIFT),
+            Some("vxlan")
+        );
+        assert_eq!(tunnel_name(0), None);
+    }
 }

@@ -70,6 +70,8 @@ pub struct EventsReport {
     pub incomplete_packets: u64,
     /// TCP segments whose tag no hook could read (counted in the kernel).
     pub unreadable: u64,
+    /// Events of later IPv4 fragments of tagged datagrams (the first fragment is the hop).
+    pub fragments: u64,
     pub drops: Vec<DropReport>,
 }
 
@@ -112,8 +114,8 @@ pub fn render(r: &RunReport) -> String {
     let e = &r.events;
     let _ = writeln!(
         out,
-        "\nevents: {} received, {} lost, {} incomplete packets, {} unreadable TCP tags",
-        e.received, e.lost, e.incomplete_packets, e.unreadable
+        "\nevents: {} received, {} lost, {} incomplete packets, {} unreadable TCP tags, {} fragment events",
+        e.received, e.lost, e.incomplete_packets, e.unreadable, e.fragments
     );
     for d in &e.drops {
         let _ = writeln!(

@@ -110,13 +110,14 @@ pub async fn profile(args: &RunArgs, lab: &Lab) -> Result<RunReport> {
         .map(|a| ((a.hook, a.ifindex), a.netns_inode))
         .collect();
     let app_netns = [inodes.get(&lab.client.netns), inodes.get(&lab.server.netns)];
-    let (obs, drops) = journey::observations(&events, &outcome.stamps, app_netns, &tc_netns);
+    let sorted = journey::observations(&events, &outcome.stamps, app_netns, &tc_netns);
     let mut directions = Vec::new();
     let mut incomplete = 0;
     for (dir, name) in [(DIR_REQUEST, "request"), (DIR_RESPONSE, "response")] {
-        let hops = path::predict(lab, dir, &attached, &inodes);
-        let keys: Vec<_> = hops.iter().map(|h| h.key.clone()).collect();
-        let attribution = journey::attribute(&obs, dir, &keys);
+        let keys = journey::modal_path(&sorted.observations, dir);
+        let flags = journey::hop_flags(&sorted.observations, dir, &keys);
+        let hops = path::describe(&keys, &flags, lab, &inodes, &attached);
+        let attribution = journey::attribute(&sorted.observations, dir, &keys);
         incomplete += attribution.incomplete;
         directions.push(direction_report(name, hops, attribution, lab));
     }
@@ -136,7 +137,8 @@ pub async fn profile(args: &RunArgs, lab: &Lab) -> Result<RunReport> {
             lost: counters[COUNTER_LOST as usize],
             incomplete_packets: incomplete,
             unreadable: counters[COUNTER_UNREADABLE as usize],
-            drops: drop_report(&drops, lab, &btf),
+            fragments: sorted.fragments,
+            drops: drop_report(&sorted.drops, lab, &btf),
         },
         hooks: probes.statuses.clone(),
         program_costs: costs,
