@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use profiler::{
     doctor, lab,
-    lab::Topology,
+    lab::{Placement, Topology},
     report,
     run::{self, RunArgs},
     traffic::Proto,
@@ -43,7 +43,15 @@ enum Command {
 #[derive(Subcommand)]
 enum LabCommand {
     /// Create a lab topology.
-    Up { topology: Topology },
+    Up {
+        topology: Topology,
+        /// Both pods on one host, or on two hosts joined by a wire.
+        #[arg(long, value_enum, default_value = "same-host")]
+        placement: Placement,
+        /// MTU of the pods' interfaces (and the overlay device); default: the topology's.
+        #[arg(long)]
+        mtu: Option<u32>,
+    },
     /// Remove a lab and everything it created.
     Down { name: String },
     /// The labs that are up, with their namespaces, interfaces and addresses.
@@ -131,8 +139,13 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 
 async fn lab_command(command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up { topology } => {
-            let lab = interruptible(lab::up(topology)).await?;
+        LabCommand::Up {
+            topology,
+            placement,
+            mtu,
+        } => {
+            let options = lab::LabOptions { placement, mtu };
+            let lab = interruptible(lab::up(topology, &options)).await?;
             println!(
                 "lab {} is up: namespaces {}",
                 lab.name,

@@ -10,7 +10,7 @@ use crate::{
     datapath::{self, Point, SegmentEnds, Side},
     hooks::{HookStatus, Probes, Status},
     journey::HopKey,
-    lab::{IfRef, Lab},
+    lab::{Endpoint, IfRef, Lab},
     netns,
 };
 
@@ -83,24 +83,16 @@ impl Inodes {
 /// Predicts the hops of one direction of the lab's client/server exchange.
 pub fn predict(lab: &Lab, direction: u32, attached: &Attached, inodes: &Inodes) -> Vec<Hop> {
     let request = direction == DIR_REQUEST;
+    // Lab.path (predicted crossings) is gone: the path is to be inferred from observed events.
+    // Until then, the veth crossings are derived from the lab's interfaces (veth peers and
+    // bridge ports); other devices (vxlan, macvlan, vlan) yield no device hops here.
     let (from, to) = if request {
         (&lab.client, &lab.server)
     } else {
         (&lab.server, &lab.client)
     };
     let mut hops = vec![app_hop(Point::AppSend, &from.netns, inodes)];
-    let crossings: Vec<(IfRef, IfRef, &str)> = if request {
-        lab.path
-            .iter()
-            .map(|c| (c.tx.clone(), c.rx.clone(), c.link.as_str()))
-            .collect()
-    } else {
-        lab.path
-            .iter()
-            .rev()
-            .map(|c| (c.rx.clone(), c.tx.clone(), c.link.as_str()))
-            .collect()
-    };
+    let crossings = veth_crossings(lab, from, to);
     for (tx, rx, link) in &crossings {
         for (side, id) in datapath::link_sequence(link) {
             let at = match side {
@@ -117,6 +109,41 @@ pub fn predict(lab: &Lab, direction: u32, attached: &Attached, inodes: &Inodes) 
         h.index = i;
     }
     hops
+}
+
+/// The veth pairs a packet crosses from `from` to `to`: follow veth peers, through a bridge
+/// to the port whose peer is in `to`'s namespace. Stops at anything else.
+fn veth_crossings(lab: &Lab, from: &Endpoint, to: &Endpoint) -> Vec<(IfRef, IfRef, &'static str)> {
+    let find = |ns: &str, name: &str| {
+        lab.interfaces
+            .iter()
+            .find(|i| i.netns == ns && i.ifname == name)
+    };
+    let mut crossings = Vec::new();
+    let mut cur = find(&from.netns, &from.ifname);
+    while let Some(i) = cur.filter(|_| crossings.len() < 8) {
+        let Some(peer) = i.peer.as_ref().filter(|_| i.kind == "veth") else {
+            break;
+        };
+        let tx = IfRef {
+            netns: i.netns.clone(),
+            ifname: i.ifname.clone(),
+            ifindex: i.ifindex,
+        };
+        crossings.push((tx, peer.clone(), "veth"));
+        if peer.netns == to.netns {
+            break;
+        }
+        let master = find(&peer.netns, &peer.ifname).and_then(|p| p.master.as_ref());
+        cur = master.and_then(|m| {
+            lab.interfaces.iter().find(|q| {
+                q.netns == peer.netns
+                    && q.master.as_ref() == Some(m)
+                    && q.peer.as_ref().is_some_and(|qp| qp.netns == to.netns)
+            })
+        });
+    }
+    crossings
 }
 
 fn app_hop(point: Point, ns: &str, inodes: &Inodes) -> Hop {

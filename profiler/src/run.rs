@@ -233,12 +233,13 @@ fn rand_run_id() -> u32 {
 
 /// Brings the lab up if it is not, and says whether this call did (so it must take it down).
 pub async fn ensure_lab(topology: Topology) -> Result<(Lab, bool)> {
-    let name = topology.name();
-    match lab::get(name)? {
+    // Same-host labs only, for now.
+    let name = lab::lab_name(topology, lab::Placement::SameHost);
+    match lab::get(&name)? {
         Some(lab) => Ok((lab, false)),
         None => {
             eprintln!("bringing up lab {name}");
-            Ok((lab::up(topology).await?, true))
+            Ok((lab::up(topology, &lab::LabOptions::default()).await?, true))
         }
     }
 }
