@@ -173,13 +173,20 @@ fn print_labs(labs: &[lab::Lab]) {
         println!("no lab is up");
     }
     for lab in labs {
-        println!("{} ({:?})", lab.name, lab.topology);
+        println!(
+            "{} ({}, {:?})",
+            lab.name,
+            lab.topology.name(),
+            lab.placement
+        );
         for i in &lab.interfaces {
-            let extra = i
-                .master
-                .as_ref()
-                .map(|m| format!(" master {m}"))
-                .unwrap_or_default();
+            let mut extra = format!(" mtu {}", i.mtu);
+            if let Some(m) = &i.master {
+                extra += &format!(" master {m}");
+            }
+            if let Some(l) = &i.link {
+                extra += &format!(" link {l}");
+            }
             println!(
                 "  {:<22} {:<8} {:<7} ifindex {:<4} {}{}",
                 i.netns,
