@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use futures::TryStreamExt as _;
-use profiler::lab::{self, Lab, Topology};
+use profiler::lab::{self, Lab, LabOptions, Placement, Topology};
 use profiler::netns;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
+};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -31,12 +33,29 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Takes lab `name` down on drop, whatever state it is in.
-struct LabGuard(&'static str);
+struct LabGuard(String);
+
+impl LabGuard {
+    fn new(name: impl Into<String>) -> LabGuard {
+        LabGuard(name.into())
+    }
+}
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
         // "no lab named X is up" is the expected outcome when the test already took it down.
-        let _ = runtime().block_on(lab::down(self.0));
+        let _ = runtime().block_on(lab::down(&self.0));
+    }
+}
+
+fn same_host() -> LabOptions {
+    LabOptions::default()
+}
+
+fn cross_host(mtu: Option<u32>) -> LabOptions {
+    LabOptions {
+        placement: Placement::CrossHost,
+        mtu,
     }
 }
 
@@ -55,9 +74,14 @@ struct Link {
     index: u32,
     kind: Option<String>,
     up: bool,
-    /// IFLA_LINK: for a veth, the peer's ifindex (in the peer's namespace).
+    /// IFLA_LINK: for a veth, the peer's ifindex (in the peer's namespace); for a
+    /// macvlan/vlan, the parent's.
     link: Option<u32>,
+    /// IFLA_VXLAN_LINK
+    vxlan_link: Option<u32>,
     master: Option<u32>,
+    mtu: u32,
+    tx_packets: u64,
     addrs: Vec<String>,
 }
 
@@ -91,7 +115,10 @@ async fn links_in(ns: Option<&str>) -> Result<HashMap<String, Link>> {
             kind: None,
             up: msg.header.flags.contains(LinkFlags::Up),
             link: None,
+            vxlan_link: None,
             master: None,
+            mtu: 0,
+            tx_packets: 0,
             addrs: addrs.remove(&msg.header.index).unwrap_or_default(),
         };
         for attr in msg.attributes {
@@ -99,14 +126,29 @@ async fn links_in(ns: Option<&str>) -> Result<HashMap<String, Link>> {
                 LinkAttribute::IfName(n) => name = n,
                 LinkAttribute::Link(i) => link.link = Some(i),
                 LinkAttribute::Controller(i) => link.master = Some(i),
+                LinkAttribute::Mtu(m) => link.mtu = m,
+                LinkAttribute::Stats64(st) => link.tx_packets = st.tx_packets,
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
-                        if let LinkInfo::Kind(kind) = info {
-                            link.kind = Some(match kind {
-                                InfoKind::Veth => "veth".into(),
-                                InfoKind::Bridge => "bridge".into(),
-                                other => format!("{other:?}"),
-                            });
+                        match info {
+                            LinkInfo::Kind(kind) => {
+                                link.kind = Some(match kind {
+                                    InfoKind::Veth => "veth".into(),
+                                    InfoKind::Bridge => "bridge".into(),
+                                    InfoKind::Vxlan => "vxlan".into(),
+                                    InfoKind::MacVlan => "macvlan".into(),
+                                    InfoKind::Vlan => "vlan".into(),
+                                    other => format!("{other:?}"),
+                                });
+                            }
+                            LinkInfo::Data(InfoData::Vxlan(data)) => {
+                                for d in data {
+                                    if let InfoVxlan::Link(i) = d {
+                                        link.vxlan_link = Some(i);
+                                    }
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -140,11 +182,38 @@ async fn check_against_netlink(lab: &Lab) -> Result<()> {
             let mut addrs = link.addrs.clone();
             addrs.sort();
             assert_eq!(addrs, iface.addrs, "{iface:?}");
-            assert_eq!(
-                link.link,
-                iface.peer.as_ref().map(|p| p.ifindex),
-                "{iface:?}"
-            );
+            assert_eq!(link.mtu, iface.mtu, "{iface:?}");
+            match iface.kind.as_str() {
+                "veth" => assert_eq!(
+                    link.link,
+                    iface.peer.as_ref().map(|p| p.ifindex),
+                    "{iface:?}"
+                ),
+                "macvlan" | "vlan" => {
+                    // The parent lives in a host namespace: a lab interface of that name
+                    // with the ifindex netlink reports.
+                    let parent = link.link.context("child without IFLA_LINK")?;
+                    let lower = iface.link.as_deref().context("child without link")?;
+                    assert!(
+                        lab.interfaces
+                            .iter()
+                            .any(|i| i.ifname == lower && i.ifindex == parent && i.netns != *ns),
+                        "{iface:?}: parent {parent}"
+                    );
+                }
+                "vxlan" => {
+                    let lower = iface.link.as_deref().context("vxlan without link")?;
+                    assert_eq!(
+                        link.vxlan_link,
+                        links.get(lower).map(|l| l.index),
+                        "{iface:?}"
+                    );
+                }
+                _ => assert_eq!(link.link, None, "{iface:?}"),
+            }
+            if iface.kind != "macvlan" && iface.kind != "vlan" && iface.kind != "vxlan" {
+                assert_eq!(iface.link, None, "{iface:?}");
+            }
             let master = iface.master.as_ref().map(|m| links.get(m).map(|l| l.index));
             assert_eq!(link.master, master.flatten(), "{iface:?}");
             assert!(
@@ -152,15 +221,6 @@ async fn check_against_netlink(lab: &Lab) -> Result<()> {
                 "ifindex {} is not unique",
                 iface.ifindex
             );
-        }
-    }
-    for crossing in &lab.path {
-        for end in [&crossing.tx, &crossing.rx] {
-            let iface = lab
-                .interfaces
-                .iter()
-                .find(|i| i.netns == end.netns && i.ifname == end.ifname);
-            assert_eq!(iface.map(|i| i.ifindex), Some(end.ifindex), "{end:?}");
         }
     }
     Ok(())
@@ -210,18 +270,35 @@ fn assert_gone(name: &str, namespaces: &[String]) {
     );
 }
 
+/// Packets sent by `dev` in `ns` so far (netlink stats; /sys would show the test's own
+/// namespace).
+fn tx_packets(ns: &str, dev: &str) -> Result<u64> {
+    let links = runtime().block_on(links_in(Some(ns)))?;
+    Ok(links
+        .get(dev)
+        .with_context(|| format!("no {dev} in {ns}"))?
+        .tx_packets)
+}
+
+/// Up, check against netlink, UDP both ways, `extra` checks, state, refusal of a second up,
+/// down. `ifaces`: (netns, ifname, addrs, mtu) in the Lab's order.
 fn full_cycle(
     topology: Topology,
+    options: &LabOptions,
     namespaces: &[&str],
-    ifaces: &[(&str, &str, &str)],
+    ifaces: &[(&str, &str, &str, u32)],
+    extra: impl Fn(&Lab) -> Result<()>,
 ) -> Result<()> {
     let _serial = serial();
     let rt = runtime();
-    let name = topology.name();
-    let _guard = LabGuard(name);
-    let lab = rt.block_on(lab::up(topology))?;
+    let name = lab::lab_name(topology, options.placement);
+    // Guards are armed only once the lab is ours: other users of this machine may have a lab
+    // of the same name up, and a failed `up` cleans up after itself.
+    let lab = rt.block_on(lab::up(topology, options))?;
+    let _guard = LabGuard::new(&name);
 
-    assert_eq!((lab.name.as_str(), lab.topology), (name, topology));
+    assert_eq!((lab.name.as_str(), lab.topology), (name.as_str(), topology));
+    assert_eq!((lab.placement, lab.mtu), (options.placement, options.mtu));
     assert_eq!(lab.namespaces, namespaces);
     for ns in namespaces {
         assert!(
@@ -233,29 +310,56 @@ fn full_cycle(
     let got: Vec<_> = lab
         .interfaces
         .iter()
-        .map(|i| (i.netns.as_str(), i.ifname.as_str(), i.addrs.join(",")))
+        .map(|i| {
+            (
+                i.netns.as_str(),
+                i.ifname.as_str(),
+                i.addrs.join(","),
+                i.mtu,
+            )
+        })
         .collect();
     let want: Vec<_> = ifaces
         .iter()
-        .map(|&(ns, ifname, addrs)| (ns, ifname, addrs.to_string()))
+        .map(|&(ns, ifname, addrs, mtu)| (ns, ifname, addrs.to_string(), mtu))
         .collect();
     assert_eq!(got, want);
     rt.block_on(check_against_netlink(&lab))?;
     check_udp(&lab)?;
+    extra(&lab)?;
 
-    let stored = lab::get(name)?.context("no state after up")?;
+    let stored = lab::get(&name)?.context("no state after up")?;
     assert_eq!(serde_json::to_value(&stored)?, serde_json::to_value(&lab)?);
     assert!(lab::list()?.iter().any(|l| l.name == name));
 
-    let again = rt.block_on(lab::up(topology)).map(|_| ()).unwrap_err();
+    let again = rt
+        .block_on(lab::up(topology, options))
+        .map(|_| ())
+        .unwrap_err();
     assert_eq!(
         again.to_string(),
         format!("lab {name} is already up (profiler lab down {name})")
     );
 
-    rt.block_on(lab::down(name))?;
-    assert_gone(name, &lab.namespaces);
-    assert!(lab::get(name)?.is_none());
+    rt.block_on(lab::down(&name))?;
+    assert_gone(&name, &lab.namespaces);
+    assert!(lab::get(&name)?.is_none());
+    Ok(())
+}
+
+fn no_extra(_: &Lab) -> Result<()> {
+    Ok(())
+}
+
+/// Another UDP exchange raises `dev`'s tx packet count in `ns`: the traffic crosses it.
+fn crosses(lab: &Lab, ns: &str, dev: &str) -> Result<()> {
+    let before = tx_packets(ns, dev)?;
+    check_udp(lab)?;
+    let after = tx_packets(ns, dev)?;
+    assert!(
+        after > before,
+        "{dev} in {ns}: tx_packets {before} -> {after}"
+    );
     Ok(())
 }
 
@@ -263,11 +367,13 @@ fn full_cycle(
 fn veth_lab_up_traffic_down() -> Result<()> {
     full_cycle(
         Topology::Veth,
+        &same_host(),
         &["prof-veth-pod-a", "prof-veth-pod-b"],
         &[
-            ("prof-veth-pod-a", "eth0", "198.18.0.1/24"),
-            ("prof-veth-pod-b", "eth0", "198.18.0.2/24"),
+            ("prof-veth-pod-a", "eth0", "198.18.0.1/24", 1500),
+            ("prof-veth-pod-b", "eth0", "198.18.0.2/24", 1500),
         ],
+        no_extra,
     )
 }
 
@@ -275,42 +381,248 @@ fn veth_lab_up_traffic_down() -> Result<()> {
 fn bridge_lab_up_traffic_down() -> Result<()> {
     full_cycle(
         Topology::Bridge,
+        &same_host(),
         &["prof-bridge-pod-a", "prof-bridge-pod-b", "prof-bridge-host"],
         &[
-            ("prof-bridge-pod-a", "eth0", "198.18.0.1/24"),
-            ("prof-bridge-host", "veth-a", ""),
-            ("prof-bridge-pod-b", "eth0", "198.18.0.2/24"),
-            ("prof-bridge-host", "veth-b", ""),
-            ("prof-bridge-host", "br0", "198.18.0.254/24"),
+            ("prof-bridge-pod-a", "eth0", "198.18.0.1/24", 1500),
+            ("prof-bridge-host", "veth-a", "", 1500),
+            ("prof-bridge-pod-b", "eth0", "198.18.0.2/24", 1500),
+            ("prof-bridge-host", "veth-b", "", 1500),
+            ("prof-bridge-host", "br0", "198.18.0.254/24", 1500),
         ],
+        no_extra,
     )
 }
 
 #[test]
-fn bridge_lab_path_goes_through_the_host() -> Result<()> {
+fn host_cross_host_lab_up_traffic_down() -> Result<()> {
+    full_cycle(
+        Topology::Host,
+        &cross_host(None),
+        &["prof-host-xhost-host-a", "prof-host-xhost-host-b"],
+        &[
+            ("prof-host-xhost-host-a", "wire0", "198.19.0.1/24", 1500),
+            ("prof-host-xhost-host-b", "wire0", "198.19.0.2/24", 1500),
+        ],
+        |lab| {
+            assert_eq!(lab.client.addr.to_string(), "198.19.0.1");
+            assert_eq!(lab.server.addr.to_string(), "198.19.0.2");
+            crosses(lab, "prof-host-xhost-host-a", "wire0")
+        },
+    )
+}
+
+const BX: &str = "prof-bridge-xhost";
+
+#[test]
+fn bridge_cross_host_lab_up_traffic_down() -> Result<()> {
+    let ns = |role: &str| format!("{BX}-{role}");
+    let (pa, pb, ha, hb) = (ns("pod-a"), ns("pod-b"), ns("host-a"), ns("host-b"));
+    full_cycle(
+        Topology::Bridge,
+        &cross_host(None),
+        &[&pa, &pb, &ha, &hb],
+        &[
+            (&ha, "wire0", "198.19.0.1/24", 1500),
+            (&hb, "wire0", "198.19.0.2/24", 1500),
+            (&pa, "eth0", "198.18.1.1/24", 1500),
+            (&ha, "veth-a", "", 1500),
+            (&pb, "eth0", "198.18.2.1/24", 1500),
+            (&hb, "veth-b", "", 1500),
+            (&ha, "cni0", "198.18.1.254/24", 1500),
+            (&hb, "cni0", "198.18.2.254/24", 1500),
+        ],
+        |lab| {
+            crosses(lab, &ha, "wire0")?;
+            crosses(lab, &hb, "wire0")
+        },
+    )
+}
+
+const FX: &str = "prof-flannel-vxlan-xhost";
+
+fn flannel_cycle(mtu: Option<u32>, pod_mtu: u32) -> Result<()> {
+    let ns = |role: &str| format!("{FX}-{role}");
+    let (pa, pb, ha, hb) = (ns("pod-a"), ns("pod-b"), ns("host-a"), ns("host-b"));
+    let wire = (pod_mtu + 50).max(1500);
+    full_cycle(
+        Topology::FlannelVxlan,
+        &cross_host(mtu),
+        &[&pa, &pb, &ha, &hb],
+        &[
+            (&ha, "wire0", "198.19.0.1/24", wire),
+            (&hb, "wire0", "198.19.0.2/24", wire),
+            (&pa, "eth0", "198.18.1.1/24", pod_mtu),
+            (&ha, "veth-a", "", pod_mtu),
+            (&pb, "eth0", "198.18.2.1/24", pod_mtu),
+            (&hb, "veth-b", "", pod_mtu),
+            (&ha, "cni0", "198.18.1.254/24", pod_mtu),
+            (&hb, "cni0", "198.18.2.254/24", pod_mtu),
+            (&ha, "flannel.1", "198.18.1.0/32", pod_mtu),
+            (&hb, "flannel.1", "198.18.2.0/32", pod_mtu),
+        ],
+        |lab| {
+            let vx = lab
+                .interfaces
+                .iter()
+                .find(|i| i.ifname == "flannel.1")
+                .context("no flannel.1")?;
+            assert_eq!(
+                (vx.kind.as_str(), vx.link.as_deref()),
+                ("vxlan", Some("wire0"))
+            );
+            // The request leaves through host-a's flannel.1, the reply through host-b's.
+            crosses(lab, &ha, "flannel.1")?;
+            crosses(lab, &hb, "flannel.1")?;
+            crosses(lab, &ha, "wire0")
+        },
+    )
+}
+
+#[test]
+fn flannel_vxlan_cross_host_lab_up_traffic_down() -> Result<()> {
+    flannel_cycle(None, 1450)
+}
+
+#[test]
+fn flannel_vxlan_mtu_option_sets_the_pods_mtu() -> Result<()> {
+    flannel_cycle(Some(1400), 1400)
+}
+
+#[test]
+fn macvlan_same_host_lab_up_traffic_down() -> Result<()> {
+    let ns = |role: &str| format!("prof-macvlan-{role}");
+    let (pa, pb, ha, wp) = (ns("pod-a"), ns("pod-b"), ns("host-a"), ns("wire-peer"));
+    full_cycle(
+        Topology::Macvlan,
+        &same_host(),
+        &[&pa, &pb, &ha, &wp],
+        &[
+            (&ha, "wire0", "198.19.0.1/24", 1500),
+            (&wp, "wire0", "198.19.0.2/24", 1500),
+            (&pa, "eth0", "198.18.0.1/24", 1500),
+            (&pb, "eth0", "198.18.0.2/24", 1500),
+        ],
+        |lab| {
+            let kinds: Vec<_> = lab.interfaces.iter().map(|i| i.kind.as_str()).collect();
+            assert_eq!(kinds, ["veth", "veth", "macvlan", "macvlan"]);
+            Ok(())
+        },
+    )
+}
+
+#[test]
+fn macvlan_cross_host_lab_up_traffic_down() -> Result<()> {
+    let ns = |role: &str| format!("prof-macvlan-xhost-{role}");
+    let (pa, pb, ha, hb) = (ns("pod-a"), ns("pod-b"), ns("host-a"), ns("host-b"));
+    full_cycle(
+        Topology::Macvlan,
+        &cross_host(Some(1400)),
+        &[&pa, &pb, &ha, &hb],
+        &[
+            (&ha, "wire0", "198.19.0.1/24", 1500),
+            (&hb, "wire0", "198.19.0.2/24", 1500),
+            (&pa, "eth0", "198.18.0.1/24", 1400),
+            (&pb, "eth0", "198.18.0.2/24", 1400),
+        ],
+        |lab| crosses(lab, &ns("host-a"), "wire0"),
+    )
+}
+
+#[test]
+fn vlan_cross_host_lab_up_traffic_down() -> Result<()> {
+    let ns = |role: &str| format!("prof-vlan-xhost-{role}");
+    let (pa, pb, ha, hb) = (ns("pod-a"), ns("pod-b"), ns("host-a"), ns("host-b"));
+    {
+        // Kernels without 8021q (like this project's 6.18) refuse vlan devices midway
+        // through `up`: then everything made so far must be gone again.
+        let _serial = serial();
+        match runtime().block_on(lab::up(Topology::Vlan, &cross_host(None))) {
+            Err(e) if format!("{e:#}").contains("no 802.1Q VLAN support") => {
+                assert_gone("vlan-xhost", &[pa, pb, ha, hb]);
+                eprintln!("skipped: {e:#}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {
+                let _guard = LabGuard::new("vlan-xhost");
+                runtime().block_on(lab::down("vlan-xhost"))?
+            }
+        }
+    }
+    full_cycle(
+        Topology::Vlan,
+        &cross_host(None),
+        &[&pa, &pb, &ha, &hb],
+        &[
+            (&ha, "wire0", "198.19.0.1/24", 1500),
+            (&hb, "wire0", "198.19.0.2/24", 1500),
+            (&pa, "eth0", "198.18.0.1/24", 1500),
+            (&pb, "eth0", "198.18.0.2/24", 1500),
+        ],
+        |lab| {
+            let kinds: Vec<_> = lab.interfaces.iter().map(|i| i.kind.as_str()).collect();
+            assert_eq!(kinds, ["veth", "veth", "vlan", "vlan"]);
+            crosses(lab, &ns("host-a"), "wire0")
+        },
+    )
+}
+
+/// Combinations that do not exist fail with one line, before any namespace is made.
+#[test]
+fn unsupported_combinations_error_before_creating_anything() -> Result<()> {
     let _serial = serial();
     let rt = runtime();
-    let _guard = LabGuard("bridge");
-    let lab = rt.block_on(lab::up(Topology::Bridge))?;
-    let hops: Vec<_> = lab
-        .path
-        .iter()
-        .map(|c| {
-            (
-                c.tx.ifname.as_str(),
-                c.rx.netns.as_str(),
-                c.rx.ifname.as_str(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        hops,
-        [
-            ("eth0", "prof-bridge-host", "veth-a"),
-            ("veth-b", "prof-bridge-pod-b", "eth0")
-        ]
-    );
-    assert_eq!(lab.path[0].tx.netns, lab.client.netns);
+    let cases = [
+        (
+            Topology::Host,
+            same_host(),
+            "host needs --placement cross-host",
+        ),
+        (
+            Topology::Veth,
+            cross_host(None),
+            "veth connects two namespaces",
+        ),
+        (
+            Topology::Vlan,
+            same_host(),
+            "vlan needs --placement cross-host",
+        ),
+        (
+            Topology::FlannelVxlan,
+            same_host(),
+            "flannel-vxlan same-host would not cross the vxlan device; use --placement cross-host",
+        ),
+    ];
+    for (topology, options, want) in cases {
+        let name = lab::lab_name(topology, options.placement);
+        let err = match rt.block_on(lab::up(topology, &options)) {
+            Ok(_) => {
+                let _guard = LabGuard::new(&name);
+                panic!("{name} came up")
+            }
+            Err(e) => e,
+        };
+        let msg = format!("{err:#}");
+        assert!(msg.starts_with(want) && !msg.contains('\n'), "{msg}");
+        let prefix = format!("prof-{name}-");
+        let leftovers: Vec<_> = std::fs::read_dir(netns::NETNS_DIR)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bridge_lab_goes_through_the_host() -> Result<()> {
+    let _serial = serial();
+    let rt = runtime();
+    let lab = rt.block_on(lab::up(Topology::Bridge, &same_host()))?;
+    let _guard = LabGuard::new("bridge");
+    assert_eq!(lab.client.netns, "prof-bridge-pod-a");
     assert_eq!(lab.client.addr.to_string(), "198.18.0.1");
     assert_eq!(lab.server.addr.to_string(), "198.18.0.2");
     let ports = lab
@@ -337,13 +649,15 @@ fn down_of_a_lab_that_is_not_up_errors() {
 fn up_refuses_a_foreign_namespace_and_leaves_it_alone() -> Result<()> {
     let _serial = serial();
     let rt = runtime();
-    let _foreign = NsGuard("prof-bridge-host");
-    let _guard = LabGuard("bridge");
     netns::add("prof-bridge-host")?;
-    let err = rt
-        .block_on(lab::up(Topology::Bridge))
-        .map(|_| ())
-        .unwrap_err();
+    let _foreign = NsGuard("prof-bridge-host");
+    let err = match rt.block_on(lab::up(Topology::Bridge, &same_host())) {
+        Ok(_) => {
+            let _guard = LabGuard::new("bridge");
+            panic!("bridge came up")
+        }
+        Err(e) => e,
+    };
     assert_eq!(
         err.to_string(),
         "lab bridge is already up (profiler lab down bridge)"
@@ -359,12 +673,12 @@ fn up_refuses_a_foreign_namespace_and_leaves_it_alone() -> Result<()> {
 fn failed_up_removes_everything_it_made() -> Result<()> {
     let _serial = serial();
     let rt = runtime();
-    let _guard = LabGuard("bridge");
     let squat = Path::new(lab::STATE_DIR).join("bridge.json.tmp");
     std::fs::create_dir_all(&squat)?;
     let root_before = rt.block_on(link_names_here())?;
-    let result = rt.block_on(lab::up(Topology::Bridge));
+    let result = rt.block_on(lab::up(Topology::Bridge, &same_host()));
     std::fs::remove_dir(&squat)?;
+    let _guard = result.is_ok().then(|| LabGuard::new("bridge"));
     let err = result.map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("bridge.json.tmp"), "{err:#}");
     assert_gone(
@@ -389,8 +703,8 @@ async fn link_names_here() -> Result<Vec<String>> {
 #[test]
 fn run_in_switches_namespace_and_inode_matches() -> Result<()> {
     let _serial = serial();
-    let _ns = NsGuard("prof-test-runin");
     netns::add("prof-test-runin")?;
+    let _ns = NsGuard("prof-test-runin");
     let err = netns::add("prof-test-runin").unwrap_err();
     assert_eq!(
         err.to_string(),

@@ -121,8 +121,9 @@ pub struct SegmentEnds<'a> {
     pub to_if: &'a str,
     pub from_ns: &'a str,
     pub to_ns: &'a str,
-    /// The bridge both interfaces are ports of, if any.
-    pub bridge: Option<&'a str>,
+    /// The bridges the interfaces are ports of, if any.
+    pub from_master: Option<&'a str>,
+    pub to_master: Option<&'a str>,
     /// Whether `to_if` is the link peer of `from_if` (a veth pair's other end).
     pub peers: bool,
     /// The packet enters (true) or leaves (false) a tunnel between the two hops, and which.
@@ -130,51 +131,58 @@ pub struct SegmentEnds<'a> {
 }
 
 /// Names the segment between two consecutive hops after what the packet crosses there.
+/// The rules, in order: application ends; the return of a (nested) transmit, which is not
+/// packet movement; tunnel entry and exit; then the stages of one device and of the link, bridge
+/// and routing between devices.
 pub fn segment_name(e: &SegmentEnds) -> String {
     use HookId::*;
     use Point::*;
     let same_if = e.from_if == e.to_if && e.from_ns == e.to_ns;
+    // Interfaces of the same name on both sides (eth0 -> eth0) are told apart by namespace.
+    let (a, b) = if e.from_if == e.to_if && !same_if {
+        (
+            format!("{} ({})", e.from_if, e.from_ns),
+            format!("{} ({})", e.to_if, e.to_ns),
+        )
+    } else {
+        (e.from_if.to_string(), e.to_if.to_string())
+    };
+    let bridge = match (e.from_master, e.to_master) {
+        (Some(x), Some(y)) if x == y && e.from_ns == e.to_ns => Some(x),
+        _ => None,
+    };
     match (e.from, e.to) {
-        _ if e.encap.is_some_and(|(enter, _)| enter) => {
-            format!(
-                "{} encap {} -> {}",
-                e.encap.map_or("", |(_, t)| t),
-                e.from_if,
-                e.to_if
-            )
-        }
-        _ if e.encap.is_some() => format!(
-            "{} decap {} -> {}",
-            e.encap.map_or("", |(_, t)| t),
-            e.from_if,
-            e.to_if
-        ),
         (AppSend, _) => format!("socket and stack ({})", e.from_ns),
         (_, AppRecv) => format!("stack and socket ({})", e.to_ns),
-        (Hook(TcEgress), Hook(NetDevQueue)) if same_if => format!("egress to queue {}", e.from_if),
-        (Hook(NetDevQueue), Hook(NetDevStartXmit)) if same_if => format!("qdisc {}", e.from_if),
-        (Hook(NetDevStartXmit), Hook(NetDevXmit)) if same_if => {
-            format!("driver xmit {}", e.from_if)
+        (Hook(NetDevStartXmit), Hook(NetDevXmit)) if same_if => format!("driver xmit {a}"),
+        (_, Hook(NetDevXmit)) => format!("xmit return {b}"),
+        (Hook(NetDevXmit), Hook(NetifReceiveSkb)) => format!("backlog queue {b}"),
+        (Hook(NetDevXmit), Hook(NapiGroReceiveEntry)) => format!("wire {a} -> {b}"),
+        _ if e.encap.is_some() => {
+            let (enter, tunnel) = e.encap.unwrap_or_default();
+            format!(
+                "{tunnel} {} {a} -> {b}",
+                if enter { "encap" } else { "decap" }
+            )
         }
-        (Hook(NetDevStartXmit), Hook(NetifRx)) if e.peers => {
-            format!("veth {} -> {}", e.from_if, e.to_if)
-        }
-        (Hook(NetifRx), Hook(NetDevXmit)) if e.peers => format!("veth xmit return {}", e.to_if),
-        (Hook(NetDevXmit), Hook(NetifReceiveSkb)) if e.peers => {
-            format!("backlog queue {}", e.to_if)
-        }
-        (Hook(NetDevXmit), Hook(NapiGroReceiveEntry)) => {
-            format!("wire {} -> {}", e.from_if, e.to_if)
-        }
-        (Hook(NapiGroReceiveEntry), Hook(NetifReceiveSkb)) if same_if => format!("gro {}", e.to_if),
-        (Hook(NetifReceiveSkb), Hook(TcIngress)) if same_if => {
-            format!("receive to ingress {}", e.to_if)
-        }
-        (Hook(TcIngress), Hook(TcEgress)) => match e.bridge {
-            Some(br) => format!("bridge {br} ({} -> {})", e.from_if, e.to_if),
-            None => format!("forward {} -> {} ({})", e.from_if, e.to_if, e.from_ns),
+        (Hook(TcEgress), Hook(NetDevQueue)) if same_if => format!("egress to queue {a}"),
+        (Hook(NetDevQueue), Hook(NetDevStartXmit)) if same_if => format!("qdisc {a}"),
+        (Hook(NetDevStartXmit), Hook(NetifRx)) if e.peers => format!("veth {a} -> {b}"),
+        (Hook(NapiGroReceiveEntry), Hook(NetifReceiveSkb)) if same_if => format!("gro {b}"),
+        (Hook(NetifReceiveSkb), Hook(TcIngress)) if same_if => format!("receive to ingress {b}"),
+        (Hook(TcIngress), Hook(TcEgress)) => match bridge {
+            Some(br) => format!("bridge {br} ({a} -> {b})"),
+            None => format!("forward {a} -> {b} ({})", e.from_ns),
         },
-        (f, t) => format!("{} {} -> {} {}", label(f), e.from_if, label(t), e.to_if),
+        // A bridge delivering to its own device (the host stack routes on from there), and a
+        // bridge device transmitting through one of its ports.
+        (Hook(TcIngress), Hook(NetifReceiveSkb)) if e.from_master == Some(e.to_if) => {
+            format!("bridge {b} ({a} -> host stack)")
+        }
+        (Hook(NetDevStartXmit), Hook(TcEgress)) if e.to_master == Some(e.from_if) => {
+            format!("bridge {a} (-> port {b})")
+        }
+        (f, t) => format!("{} {a} -> {} {b}", label(f), label(t)),
     }
 }
 
@@ -207,7 +215,8 @@ mod tests {
                 to_if,
                 from_ns: "host",
                 to_ns: "host",
-                bridge,
+                from_master: bridge,
+                to_master: bridge,
                 peers,
                 encap: None,
             })

@@ -7,9 +7,10 @@
 //! - [`lab`], [`netns`]: the built-in topologies.
 //! - [`traffic`]: tagged request/response traffic.
 //! - [`collect`], [`journey`], [`path`]: events to journeys to per-segment latency.
-//! - [`report`], [`run`], [`doctor`]: what the CLI prints.
+//! - [`report`], [`run`], [`compare`], [`doctor`]: what the CLI prints.
 pub mod btf;
 pub mod collect;
+pub mod compare;
 pub mod datapath;
 pub mod doctor;
 pub mod hooks;

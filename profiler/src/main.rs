@@ -3,10 +3,10 @@
 use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use profiler::{
-    doctor, lab,
-    lab::Topology,
+    compare, doctor, lab,
+    lab::{LabOptions, Placement, Topology},
     report,
     run::{self, RunArgs},
     traffic::Proto,
@@ -27,6 +27,9 @@ struct Cli {
 enum Command {
     /// Profile a lab path: attach, drive tagged request/response traffic, print the waterfall.
     Run(RunCli),
+    /// Several network types side by side: latency per type and size, and the segments that
+    /// make each differ from the first (the baseline).
+    Compare(CompareCli),
     /// Built-in lab topologies (network namespaces you can step into with `ip netns exec`).
     Lab {
         #[command(subcommand)]
@@ -43,7 +46,11 @@ enum Command {
 #[derive(Subcommand)]
 enum LabCommand {
     /// Create a lab topology.
-    Up { topology: Topology },
+    Up {
+        topology: Topology,
+        #[command(flatten)]
+        options: LabOpts,
+    },
     /// Remove a lab and everything it created.
     Down { name: String },
     /// The labs that are up, with their namespaces, interfaces and addresses.
@@ -53,16 +60,29 @@ enum LabCommand {
     },
 }
 
-#[derive(Parser)]
-struct RunCli {
-    /// Lab topology to profile; brought up (and removed afterwards) if it is not up.
-    #[arg(long, value_enum, default_value = "bridge")]
-    lab: Topology,
+#[derive(Args, Clone)]
+struct LabOpts {
+    /// Both pods on one host, or on two hosts joined by a wire.
+    #[arg(long, value_enum, default_value = "same-host")]
+    placement: Placement,
+    /// MTU of the pods' interfaces (and the overlay device); default: the topology's.
+    #[arg(long)]
+    mtu: Option<u32>,
+}
+
+impl LabOpts {
+    fn options(&self) -> LabOptions {
+        LabOptions {
+            placement: self.placement,
+            mtu: self.mtu,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct TrafficOpts {
     #[arg(long, value_enum, default_value = "udp")]
     proto: Proto,
-    /// Payload bytes per request and per response (16 to 65536).
-    #[arg(long, default_value_t = 64)]
-    size: usize,
     /// Request/response exchanges.
     #[arg(long, default_value_t = 1000)]
     count: u32,
@@ -75,18 +95,74 @@ struct RunCli {
     /// Seconds to wait for a response before counting it lost.
     #[arg(long, default_value_t = 1.0)]
     timeout: f64,
-    /// Write the profiler.run.v1 JSON report to FILE ("-" for stdout instead of the table).
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
     /// Report each eBPF program's kernel cost per invocation (enables bpf_stats for the run).
     #[arg(long)]
     stats: bool,
+}
+
+impl TrafficOpts {
+    fn run_args(&self, lab: Topology, size: usize) -> Result<RunArgs> {
+        if !(self.timeout > 0.0 && self.timeout.is_finite()) {
+            anyhow::bail!("--timeout must be a positive number of seconds");
+        }
+        let args = RunArgs {
+            lab,
+            proto: self.proto,
+            size,
+            count: self.count,
+            rate: self.rate,
+            port: self.port,
+            stats: self.stats,
+            timeout: Duration::from_secs_f64(self.timeout),
+        };
+        args.spec(0).validate()?;
+        Ok(args)
+    }
+}
+
+#[derive(Parser)]
+struct RunCli {
+    /// Lab topology to profile; brought up (and removed afterwards) if it is not up.
+    #[arg(long, value_enum, default_value = "bridge")]
+    lab: Topology,
+    #[command(flatten)]
+    lab_opts: LabOpts,
+    /// Payload bytes per request and per response (16 to 65536).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    #[command(flatten)]
+    traffic: TrafficOpts,
+    /// Write the profiler.run.v1 JSON report to FILE ("-" for stdout instead of the table).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
     /// Exit 0 even if the kernel lost events.
     #[arg(long)]
     allow_loss: bool,
     /// Leave a lab this run brought up in place afterwards.
     #[arg(long)]
     keep_lab: bool,
+}
+
+#[derive(Parser)]
+struct CompareCli {
+    /// Network types to compare, the first being the baseline.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "host,bridge,flannel-vxlan,macvlan"
+    )]
+    lab: Vec<Topology>,
+    #[arg(long, value_enum, default_value = "cross-host")]
+    placement: Placement,
+    /// Payload sizes, bytes.
+    #[arg(long, value_delimiter = ',', default_value = "64,1400,16384")]
+    sizes: Vec<usize>,
+    #[command(flatten)]
+    traffic: TrafficOpts,
+    /// Write the profiler.compare.v1 JSON to FILE ("-" for stdout instead of the table).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -113,6 +189,7 @@ fn fail(e: anyhow::Error) -> ExitCode {
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => run_command(args).await,
+        Command::Compare(args) => compare_command(args).await,
         Command::Lab { command } => {
             doctor::require_privileges()?;
             lab_command(command).await.map(|()| ExitCode::SUCCESS)
@@ -131,8 +208,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 
 async fn lab_command(command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up { topology } => {
-            let lab = interruptible(lab::up(topology)).await?;
+        LabCommand::Up { topology, options } => {
+            let lab = interruptible(lab::up(topology, &options.options())).await?;
             println!(
                 "lab {} is up: namespaces {}",
                 lab.name,
@@ -160,13 +237,20 @@ fn print_labs(labs: &[lab::Lab]) {
         println!("no lab is up");
     }
     for lab in labs {
-        println!("{} ({:?})", lab.name, lab.topology);
+        println!(
+            "{} ({}, {:?})",
+            lab.name,
+            lab.topology.name(),
+            lab.placement
+        );
         for i in &lab.interfaces {
-            let extra = i
-                .master
-                .as_ref()
-                .map(|m| format!(" master {m}"))
-                .unwrap_or_default();
+            let mut extra = format!(" mtu {}", i.mtu);
+            if let Some(m) = &i.master {
+                extra += &format!(" master {m}");
+            }
+            if let Some(l) = &i.link {
+                extra += &format!(" link {l}");
+            }
             println!(
                 "  {:<22} {:<8} {:<7} ifindex {:<4} {}{}",
                 i.netns,
@@ -182,21 +266,8 @@ fn print_labs(labs: &[lab::Lab]) {
 
 async fn run_command(cli: RunCli) -> Result<ExitCode> {
     doctor::require_privileges()?;
-    if !(cli.timeout > 0.0 && cli.timeout.is_finite()) {
-        anyhow::bail!("--timeout must be a positive number of seconds");
-    }
-    let args = RunArgs {
-        lab: cli.lab,
-        proto: cli.proto,
-        size: cli.size,
-        count: cli.count,
-        rate: cli.rate,
-        port: cli.port,
-        stats: cli.stats,
-        timeout: Duration::from_secs_f64(cli.timeout),
-    };
-    args.spec(0).validate()?;
-    let (lab, created) = interruptible(run::ensure_lab(args.lab)).await?;
+    let args = cli.traffic.run_args(cli.lab, cli.size)?;
+    let (lab, created) = interruptible(run::ensure_lab(args.lab, &cli.lab_opts.options())).await?;
     // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
     let result = interruptible(run::profile(&args, &lab)).await;
     if created && !cli.keep_lab {
@@ -205,14 +276,7 @@ async fn run_command(cli: RunCli) -> Result<ExitCode> {
             .context("removing the lab this run created")?;
     }
     let report = result?;
-    match cli.json.as_deref() {
-        Some(p) if p.as_os_str() == "-" => println!("{}", serde_json::to_string_pretty(&report)?),
-        Some(p) => {
-            write_json(p, &report)?;
-            print!("{}", report::render(&report));
-        }
-        None => print!("{}", report::render(&report)),
-    }
+    output(cli.json.as_deref(), &report, report::render(&report))?;
     if report.events.lost > 0 && !cli.allow_loss {
         eprintln!(
             "error: the kernel lost {} events; rerun with a lower --rate or pass --allow-loss",
@@ -223,11 +287,37 @@ async fn run_command(cli: RunCli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_json(path: &std::path::Path, report: &report::RunReport) -> Result<()> {
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    serde_json::to_writer_pretty(&mut f, report)?;
-    writeln!(f)?;
+async fn compare_command(cli: CompareCli) -> Result<ExitCode> {
+    doctor::require_privileges()?;
+    for &size in &cli.sizes {
+        cli.traffic.run_args(Topology::Bridge, size)?;
+    }
+    let base = cli
+        .traffic
+        .run_args(Topology::Bridge, cli.sizes.first().copied().unwrap_or(64))?;
+    let result =
+        interruptible(compare::compare(&cli.lab, &cli.sizes, cli.placement, &base)).await?;
+    output(cli.json.as_deref(), &result, compare::render(&result))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// JSON to FILE (then the table too), JSON alone to stdout for "-", else the table.
+fn output(
+    json: Option<&std::path::Path>,
+    value: &impl serde::Serialize,
+    table: String,
+) -> Result<()> {
+    match json {
+        Some(p) if p.as_os_str() == "-" => println!("{}", serde_json::to_string_pretty(value)?),
+        Some(p) => {
+            let mut f =
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+            serde_json::to_writer_pretty(&mut f, value)?;
+            writeln!(f)?;
+            print!("{table}");
+        }
+        None => print!("{table}"),
+    }
     Ok(())
 }
 

@@ -147,13 +147,6 @@ pub fn segment_names(hops: &[Hop], lab: &Lab) -> Vec<String> {
         .map(|w| {
             let (a, b) = (&w[0], &w[1]);
             let (ia, ib) = (iface(a), iface(b));
-            let bridge = match (
-                ia.and_then(|i| i.master.as_deref()),
-                ib.and_then(|i| i.master.as_deref()),
-            ) {
-                (Some(x), Some(y)) if x == y && a.netns == b.netns => Some(x),
-                _ => None,
-            };
             let peer_of = |x: Option<&LabIface>, y: &Hop| {
                 x.and_then(|i| i.peer.as_ref()).is_some_and(|p| {
                     Some(&p.ifname) == y.ifname.as_ref() && Some(&p.netns) == y.netns.as_ref()
@@ -166,7 +159,8 @@ pub fn segment_names(hops: &[Hop], lab: &Lab) -> Vec<String> {
                 to_if: b.ifname.as_deref().unwrap_or(""),
                 from_ns: short_ns(a.netns.as_deref(), lab),
                 to_ns: short_ns(b.netns.as_deref(), lab),
-                bridge,
+                from_master: ia.and_then(|i| i.master.as_deref()),
+                to_master: ib.and_then(|i| i.master.as_deref()),
                 peers: peer_of(ia, b) || peer_of(ib, a),
                 encap: match (a.encapsulated, b.encapsulated) {
                     (false, true) => Some((true, b.tunnel.unwrap_or("tunnel"))),

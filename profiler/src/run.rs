@@ -18,7 +18,7 @@ use crate::{
     collect, doctor,
     hooks::{ProbeConfig, Probes},
     journey::{self, Attribution},
-    lab::{self, Lab, Topology},
+    lab::{self, Lab, LabOptions, Topology},
     path::{self, Attached, Hop, Inodes},
     report::{
         DirectionReport, DropReport, EventsReport, MissingHop, RunReport, SegmentReport,
@@ -234,13 +234,13 @@ fn rand_run_id() -> u32 {
 }
 
 /// Brings the lab up if it is not, and says whether this call did (so it must take it down).
-pub async fn ensure_lab(topology: Topology) -> Result<(Lab, bool)> {
-    let name = topology.name();
-    match lab::get(name)? {
+pub async fn ensure_lab(topology: Topology, options: &LabOptions) -> Result<(Lab, bool)> {
+    let name = lab::lab_name(topology, options.placement);
+    match lab::get(&name)? {
         Some(lab) => Ok((lab, false)),
         None => {
             eprintln!("bringing up lab {name}");
-            Ok((lab::up(topology).await?, true))
+            Ok((lab::up(topology, options).await?, true))
         }
     }
 }

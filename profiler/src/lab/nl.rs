@@ -5,8 +5,11 @@ use std::os::fd::AsRawFd as _;
 
 use anyhow::{anyhow, Context as _, Result};
 use futures::TryStreamExt as _;
-use rtnetlink::packet_route::link::{BridgeStpState, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth};
+use rtnetlink::packet_route::link::{BridgeStpState, LinkAttribute, LinkMessage, MacVlanMode};
+use rtnetlink::packet_route::neighbour::NeighbourFlags;
+use rtnetlink::{
+    Handle, LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth, LinkVlan, LinkVxlan, RouteMessageBuilder,
+};
 
 use crate::netns;
 
@@ -61,6 +64,156 @@ impl Nl {
             .ok_or_else(|| anyhow!("no interface {name} in {}", self.ns))
     }
 
+    /// The link's ifindex and MTU.
+    pub async fn index_mtu(&self, name: &str) -> Result<(u32, u32)> {
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_next()
+            .await
+            .with_context(|| format!("cannot find interface {name} in {}", self.ns))?
+            .ok_or_else(|| anyhow!("no interface {name} in {}", self.ns))?;
+        let mtu = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        });
+        Ok((link.header.index, mtu.unwrap_or(0)))
+    }
+
+    /// Creates a link from a full RTM_NEWLINK message; `what` names it for errors.
+    async fn add(&self, msg: LinkMessage, what: &str) -> Result<()> {
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot create {what} in {}", self.ns))
+    }
+
+    /// A macvlan (mode bridge) or, with `vlan_id`, an 802.1Q device on `parent`, with
+    /// ifindex `index`.
+    pub async fn add_child(
+        &self,
+        name: &str,
+        parent: u32,
+        vlan_id: Option<u16>,
+        index: u32,
+        mtu: Option<u32>,
+    ) -> Result<u32> {
+        let msg = match vlan_id {
+            Some(id) => with_mtu(LinkVlan::new(name, parent, id).index(index), mtu).build(),
+            None => with_mtu(
+                LinkMacVlan::new(name, parent, MacVlanMode::Bridge).index(index),
+                mtu,
+            )
+            .build(),
+        };
+        let what = match vlan_id {
+            Some(id) => format!("vlan {name} (id {id}) on interface {parent}"),
+            None => format!("macvlan {name} on interface {parent}"),
+        };
+        self.add(msg, &what).await?;
+        self.index(name).await
+    }
+
+    /// A VXLAN device as flannel makes it: fixed MAC, no learning, local VTEP address on `dev`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        port: u16,
+        local: Ipv4Addr,
+        dev: u32,
+        mac: [u8; 6],
+        mtu: u32,
+        index: u32,
+    ) -> Result<u32> {
+        let msg = LinkVxlan::new(name, vni)
+            .port(port)
+            .local(local)
+            .dev(dev)
+            .learning(false)
+            .address(mac.to_vec())
+            .mtu(mtu)
+            .index(index)
+            .build();
+        self.add(msg, &format!("vxlan {name} (vni {vni})")).await?;
+        self.index(name).await
+    }
+
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.change(msg, || format!("set the MTU of interface {index} to {mtu}"))
+            .await
+    }
+
+    /// `dst` None: the default route.
+    pub async fn add_route(
+        &self,
+        dst: Option<(Ipv4Addr, u8)>,
+        via: Ipv4Addr,
+        dev: u32,
+        onlink: bool,
+    ) -> Result<()> {
+        let (net, len) = dst.unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
+        let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(net, len)
+            .gateway(via)
+            .output_interface(dev);
+        if onlink {
+            route = route.onlink();
+        }
+        self.handle
+            .route()
+            .add(route.build())
+            .execute()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot add route {net}/{len} via {via} dev {dev} in {}",
+                    self.ns
+                )
+            })
+    }
+
+    /// A permanent neighbour (ARP) entry.
+    pub async fn add_neigh(&self, dev: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(dev, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .execute()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot add neighbour {ip} on interface {dev} in {}",
+                    self.ns
+                )
+            })
+    }
+
+    /// A permanent FDB entry of the device itself (NTF_SELF), like `bridge fdb append MAC
+    /// dst DST dev DEV self permanent`.
+    pub async fn add_fdb(&self, dev: u32, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add_bridge(dev, &mac)
+            .flags(NeighbourFlags::Own)
+            .destination(IpAddr::V4(dst))
+            .execute()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot add fdb entry dst {dst} on interface {dev} in {}",
+                    self.ns
+                )
+            })
+    }
+
     pub async fn add_veth(&self, name: &str, peer: &str) -> Result<()> {
         let msg = LinkVeth::new(name, peer).build();
         self.handle
@@ -73,12 +226,12 @@ impl Nl {
 
     /// A bridge without STP and with forward delay 0, so ports forward as soon as they are up.
     /// `index` 0 lets the kernel choose the ifindex.
-    pub async fn add_bridge(&self, name: &str, index: u32) -> Result<u32> {
-        let msg = LinkBridge::new(name)
+    pub async fn add_bridge(&self, name: &str, index: u32, mtu: Option<u32>) -> Result<u32> {
+        let bridge = LinkBridge::new(name)
             .index(index)
             .stp_state(BridgeStpState::Disabled)
-            .forward_delay(0)
-            .build();
+            .forward_delay(0);
+        let msg = with_mtu(bridge, mtu).build();
         self.handle
             .link()
             .add(msg)
@@ -149,5 +302,15 @@ impl Nl {
             .execute()
             .await
             .with_context(|| format!("cannot delete interface {index} in {}", self.ns))
+    }
+}
+
+fn with_mtu<T>(
+    b: rtnetlink::LinkMessageBuilder<T>,
+    mtu: Option<u32>,
+) -> rtnetlink::LinkMessageBuilder<T> {
+    match mtu {
+        Some(m) => b.mtu(m),
+        None => b,
     }
 }

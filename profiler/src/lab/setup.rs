@@ -6,15 +6,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context as _, Result};
 
 use super::nl::Nl;
-use super::spec::{netns_name, Place, Spec, PREFIX_LEN};
-use super::{Crossing, Endpoint, IfRef, Lab, LabIface, Topology};
+use super::spec::{netns_name, Child, ChildKind, Place, Spec};
+use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Topology};
 use crate::netns;
 
 /// What `up` has created so far.
 #[derive(Default)]
 pub(super) struct Undo {
     namespaces: Vec<String>,
-    /// Temporary devices in the caller's namespace (veth pairs, the ifindex-reserving bridge);
+    /// Temporary devices in the caller's namespace (veth pairs, the ifindex-reserving bridges);
     /// once moved or deleted they are gone from there.
     root_links: Vec<String>,
 }
@@ -46,22 +46,112 @@ impl Undo {
     }
 }
 
-pub(super) async fn build(topology: Topology, spec: &Spec, undo: &mut Undo) -> Result<Lab> {
-    let lab = topology.name();
-    for role in spec.roles {
+pub(super) async fn build(
+    lab: &str,
+    topology: Topology,
+    options: &LabOptions,
+    spec: &Spec,
+    undo: &mut Undo,
+) -> Result<Lab> {
+    for role in &spec.roles {
         let ns = netns_name(lab, role);
         netns::add(&ns)?;
         undo.namespaces.push(ns);
     }
     let temp = create_pairs(lab, spec, undo).await?;
-    let bridge_index = match spec.bridge {
-        Some(_) => Some(reserve_ifindex(undo).await?),
-        None => None,
-    };
-    for role in spec.roles {
-        configure(lab, role, spec, &temp, bridge_index).await?;
+    // Devices made inside a lab namespace (bridges, vxlans, macvlan/vlan children) get an
+    // ifindex reserved here, so ifindexes stay unique across the lab.
+    let wanted = spec.bridges.len() + spec.vxlans.len() + spec.children.len();
+    let mut reserved = reserve_ifindexes(wanted, undo).await?.into_iter();
+    let mut next = move || reserved.next().context("ran out of reserved ifindexes");
+    for role in &spec.roles {
+        configure(lab, role, spec, &temp, &mut next).await?;
     }
-    describe(topology, spec).await
+    for child in &spec.children {
+        add_child(lab, child, next()?).await?;
+    }
+    for vxlan in &spec.vxlans {
+        let nl = Nl::open(Some(&netns_name(lab, vxlan.at.0)))?;
+        let dev = nl.index(vxlan.dev).await?;
+        let index = nl
+            .add_vxlan(
+                vxlan.at.1,
+                vxlan.vni,
+                vxlan.port,
+                vxlan.local,
+                dev,
+                vxlan.mac,
+                vxlan.mtu,
+                next()?,
+            )
+            .await?;
+        nl.add_addr(index, vxlan.addr.0, vxlan.addr.1).await?;
+        nl.up(index).await?;
+    }
+    for route in &spec.routes {
+        let nl = Nl::open(Some(&netns_name(lab, route.role)))?;
+        let dev = nl.index(route.dev).await?;
+        nl.add_route(route.dst, route.via, dev, route.onlink)
+            .await?;
+    }
+    for n in &spec.neighs {
+        let nl = Nl::open(Some(&netns_name(lab, n.role)))?;
+        nl.add_neigh(nl.index(n.dev).await?, n.ip, n.mac).await?;
+    }
+    for f in &spec.fdbs {
+        let nl = Nl::open(Some(&netns_name(lab, f.role)))?;
+        nl.add_fdb(nl.index(f.dev).await?, f.mac, f.dst).await?;
+    }
+    for role in &spec.forwarding {
+        let ns = netns_name(lab, role);
+        netns::run_in(Some(&ns), || {
+            const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+            std::fs::write(PATH, "1").with_context(|| format!("cannot write {PATH}"))
+        })
+        .with_context(|| format!("cannot enable IPv4 forwarding in {ns}"))?;
+    }
+    describe(lab, topology, options, spec).await
+}
+
+/// Creates a macvlan/vlan child of its parent in the parent's namespace, moves it to its
+/// pod (it stays linked to the parent, and keeps its ifindex), then names, addresses and
+/// brings it up there.
+async fn add_child(lab: &str, child: &Child, index: u32) -> Result<()> {
+    let host = Nl::open(Some(&netns_name(lab, child.parent.0)))?;
+    let parent = host.index(child.parent.1).await?;
+    let vlan_id = match child.kind {
+        ChildKind::Macvlan => None,
+        ChildKind::Vlan(id) => Some(id),
+    };
+    let name = temp_name();
+    let index = match host
+        .add_child(&name, parent, vlan_id, index, child.mtu)
+        .await
+    {
+        Err(e) if vlan_id.is_some() && is_eopnotsupp(&e) => {
+            return Err(e.context("this kernel has no 802.1Q VLAN support (8021q)"))
+        }
+        result => result?,
+    };
+    let pod_ns = netns_name(lab, child.at.0);
+    if child.at.0 != child.parent.0 {
+        host.move_to(index, &pod_ns).await?;
+    }
+    let pod = Nl::open(Some(&pod_ns))?;
+    let index = pod.index(&name).await?;
+    pod.rename(index, child.at.1).await?;
+    pod.add_addr(index, child.addr.0, child.addr.1).await?;
+    pod.up(index).await
+}
+
+fn is_eopnotsupp(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<rtnetlink::Error>()
+            .is_some_and(|e| match e {
+                rtnetlink::Error::NetlinkError(m) => m.raw_code() == -libc::EOPNOTSUPP,
+                _ => false,
+            })
+    })
 }
 
 /// Creates every veth pair in the caller's namespace and moves its ends to their namespaces.
@@ -84,17 +174,21 @@ async fn create_pairs(lab: &str, spec: &Spec, undo: &mut Undo) -> Result<Vec<[St
     Ok(temp)
 }
 
-/// An ifindex for the bridge that no device of the caller's namespace has. A bridge cannot
-/// change namespace, so it is created in its own with an explicit ifindex: one taken from a
-/// throwaway bridge here, which the kernel will not hand out again (it allocates ifindexes
-/// upwards, wrapping only at 2^31).
-async fn reserve_ifindex(undo: &mut Undo) -> Result<u32> {
+/// `n` ifindexes that no device of the caller's namespace has, for devices created inside
+/// lab namespaces (a bridge cannot change namespace; vxlans and children are made next to
+/// their lower device). Each is taken from a throwaway bridge here, which the kernel will not
+/// hand out again (it allocates ifindexes upwards, wrapping only at 2^31).
+async fn reserve_ifindexes(n: usize, undo: &mut Undo) -> Result<Vec<u32>> {
     let root = Nl::open(None)?;
-    let name = temp_name();
-    let index = root.add_bridge(&name, 0).await?;
-    undo.root_links.push(name);
-    root.delete(index).await?;
-    Ok(index)
+    let mut indexes = Vec::new();
+    for _ in 0..n {
+        let name = temp_name();
+        let index = root.add_bridge(&name, 0, None).await?;
+        undo.root_links.push(name);
+        root.delete(index).await?;
+        indexes.push(index);
+    }
+    Ok(indexes)
 }
 
 /// Unique in the caller's namespace while this process lives, and within IFNAMSIZ.
@@ -104,83 +198,98 @@ fn temp_name() -> String {
     format!("pf{}x{n}", std::process::id() % 100_000)
 }
 
-/// Inside namespace `role`: lo up, the bridge if it lives here (with `bridge_index`), then each veth end renamed,
-/// enslaved, addressed and brought up.
+/// Inside namespace `role`: lo up, the bridges that live here (with reserved ifindexes), then
+/// each veth end renamed, sized, enslaved, addressed and brought up.
 async fn configure(
     lab: &str,
     role: &str,
     spec: &Spec,
     temp: &[[String; 2]],
-    bridge_index: Option<u32>,
+    next_index: &mut impl FnMut() -> Result<u32>,
 ) -> Result<()> {
     let nl = Nl::open(Some(&netns_name(lab, role)))?;
     nl.up(nl.index("lo").await?).await?;
-    if let Some(bridge) = spec.bridge.as_ref().filter(|b| b.at.0 == role) {
+    for bridge in spec.bridges.iter().filter(|b| b.at.0 == role) {
         let index = nl
-            .add_bridge(bridge.at.1, bridge_index.unwrap_or(0))
+            .add_bridge(bridge.at.1, next_index()?, bridge.mtu)
             .await?;
-        nl.add_addr(index, bridge.addr, PREFIX_LEN).await?;
+        nl.add_addr(index, bridge.addr.0, bridge.addr.1).await?;
+        nl.up(index).await?;
     }
     let ends = spec.pairs.iter().flatten().zip(temp.iter().flatten());
     for (end, name) in ends.filter(|(end, _)| end.at.0 == role) {
         let index = nl.index(name).await?;
         nl.rename(index, end.at.1).await?;
+        if let Some(mtu) = end.mtu {
+            nl.set_mtu(index, mtu).await?;
+        }
         if let Some(master) = end.master {
             nl.set_master(index, nl.index(master).await?).await?;
         }
-        if let Some(addr) = end.addr {
-            nl.add_addr(index, addr, PREFIX_LEN).await?;
+        if let Some((addr, len)) = end.addr {
+            nl.add_addr(index, addr, len).await?;
         }
         nl.up(index).await?;
     }
     Ok(())
 }
 
-/// The Lab record, with each device's final ifindex read back inside its namespace.
-async fn describe(topology: Topology, spec: &Spec) -> Result<Lab> {
-    let lab = topology.name();
+/// The Lab record, with each device's final ifindex and MTU read back inside its namespace.
+async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Spec) -> Result<Lab> {
     let refs = if_refs(lab, spec).await?;
     let get = |at: Place| {
         refs.get(&at)
             .cloned()
             .with_context(|| format!("lab {lab} has no interface {} in {}", at.1, at.0))
     };
-    let mut interfaces = Vec::new();
-    for [a, b] in &spec.pairs {
-        for (end, peer) in [(a, b), (b, a)] {
-            let r = get(end.at)?;
-            let addrs = end
-                .addr
-                .iter()
-                .map(|ip| format!("{ip}/{PREFIX_LEN}"))
-                .collect();
-            let master = end.master.map(str::to_string);
-            interfaces.push(LabIface {
-                netns: r.netns,
-                ifname: r.ifname,
-                ifindex: r.ifindex,
-                kind: "veth".into(),
-                addrs,
-                peer: Some(get(peer.at)?),
-                master,
-            });
-        }
-    }
-    if let Some(bridge) = &spec.bridge {
-        let r = get(bridge.at)?;
-        let addrs = vec![format!("{}/{PREFIX_LEN}", bridge.addr)];
-        interfaces.push(LabIface {
+    let addrs = |at: Place| -> Vec<String> {
+        spec.addr_of(at)
+            .iter()
+            .map(|(ip, len)| format!("{ip}/{len}"))
+            .collect()
+    };
+    let iface = |at: Place, kind: &str| -> Result<LabIface> {
+        let (r, mtu) = get(at)?;
+        Ok(LabIface {
             netns: r.netns,
             ifname: r.ifname,
             ifindex: r.ifindex,
-            kind: "bridge".into(),
-            addrs,
+            kind: kind.into(),
+            addrs: addrs(at),
             peer: None,
             master: None,
-        });
+            link: None,
+            mtu,
+        })
+    };
+    let mut interfaces = Vec::new();
+    for [a, b] in &spec.pairs {
+        for (end, peer) in [(a, b), (b, a)] {
+            let mut i = iface(end.at, "veth")?;
+            i.peer = Some(get(peer.at)?.0);
+            i.master = end.master.map(str::to_string);
+            interfaces.push(i);
+        }
+    }
+    for bridge in &spec.bridges {
+        interfaces.push(iface(bridge.at, "bridge")?);
+    }
+    for child in &spec.children {
+        let kind = match child.kind {
+            ChildKind::Macvlan => "macvlan",
+            ChildKind::Vlan(_) => "vlan",
+        };
+        let mut i = iface(child.at, kind)?;
+        i.link = Some(child.parent.1.to_string());
+        interfaces.push(i);
+    }
+    for vxlan in &spec.vxlans {
+        let mut i = iface(vxlan.at, "vxlan")?;
+        i.link = Some(vxlan.dev.to_string());
+        interfaces.push(i);
     }
     let endpoint = |at: Place| -> Result<Endpoint> {
-        let addr = spec
+        let (addr, _) = spec
             .addr_of(at)
             .with_context(|| format!("lab {lab} has no address on {} in {}", at.1, at.0))?;
         Ok(Endpoint {
@@ -189,20 +298,11 @@ async fn describe(topology: Topology, spec: &Spec) -> Result<Lab> {
             addr,
         })
     };
-    let path = spec
-        .path
-        .iter()
-        .map(|(tx, rx)| {
-            Ok(Crossing {
-                tx: get(*tx)?,
-                rx: get(*rx)?,
-                link: "veth".into(),
-            })
-        })
-        .collect::<Result<_>>()?;
     Ok(Lab {
         name: lab.to_string(),
         topology,
+        placement: options.placement,
+        mtu: options.mtu,
         namespaces: spec
             .roles
             .iter()
@@ -211,30 +311,24 @@ async fn describe(topology: Topology, spec: &Spec) -> Result<Lab> {
         interfaces,
         client: endpoint(spec.client)?,
         server: endpoint(spec.server)?,
-        path,
     })
 }
 
-async fn if_refs(lab: &str, spec: &Spec) -> Result<HashMap<Place, IfRef>> {
-    let places: Vec<Place> = spec
-        .ends()
-        .map(|e| e.at)
-        .chain(spec.bridge.as_ref().map(|b| b.at))
-        .collect();
+/// Every device of the spec by place, with its MTU.
+async fn if_refs(lab: &str, spec: &Spec) -> Result<HashMap<Place, (IfRef, u32)>> {
+    let places = spec.places();
     let mut refs = HashMap::new();
-    for role in spec.roles {
+    for role in &spec.roles {
         let netns = netns_name(lab, role);
         let nl = Nl::open(Some(&netns))?;
         for &at in places.iter().filter(|at| at.0 == *role) {
-            let ifindex = nl.index(at.1).await?;
-            refs.insert(
-                at,
-                IfRef {
-                    netns: netns.clone(),
-                    ifname: at.1.to_string(),
-                    ifindex,
-                },
-            );
+            let (ifindex, mtu) = nl.index_mtu(at.1).await?;
+            let r = IfRef {
+                netns: netns.clone(),
+                ifname: at.1.to_string(),
+                ifindex,
+            };
+            refs.insert(at, (r, mtu));
         }
     }
     Ok(refs)

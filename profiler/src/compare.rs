@@ -1,0 +1,216 @@
+//! `profiler compare`: several network types side by side, like the study's comparison, but with
+//! the segments that make each type differ from the host baseline measured instead of argued.
+
+use std::{collections::HashMap, fmt::Write as _};
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use crate::{
+    lab::{self, LabOptions, Placement, Topology},
+    report::RunReport,
+    run::{self, RunArgs},
+};
+
+pub const COMPARE_SCHEMA: &str = "profiler.compare.v1";
+/// How many segments to name per type: the largest contributors to its difference.
+const TOP: usize = 4;
+
+#[derive(Debug, Serialize)]
+pub struct Compare {
+    pub schema: &'static str,
+    pub placement: Placement,
+    pub summary: Vec<Row>,
+    pub runs: Vec<RunReport>,
+}
+
+/// One type at one size: its request latency and what makes it differ from the baseline.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub topology: String,
+    pub size: usize,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub mean_ns: f64,
+    /// Mean request latency minus the baseline's at the same size (None for the baseline).
+    pub delta_ns: Option<f64>,
+    pub contributors: Vec<Contributor>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Contributor {
+    pub segment: String,
+    /// This segment's mean minus the same-named baseline segment's (all of it if the baseline has none).
+    pub delta_ns: f64,
+    /// Share of the type's total difference.
+    pub percent: f64,
+}
+
+/// Profiles every (type, size); the first type is the baseline.
+pub async fn compare(
+    types: &[Topology],
+    sizes: &[usize],
+    placement: Placement,
+    base: &RunArgs,
+) -> Result<Compare> {
+    if types.is_empty() || sizes.is_empty() {
+        bail!("--lab and --sizes need at least one value each");
+    }
+    let options = LabOptions {
+        placement,
+        mtu: None,
+    };
+    let mut runs = Vec::new();
+    for &t in types {
+        let (lab, created) = run::ensure_lab(t, &options).await?;
+        let mut result = Ok(());
+        for &size in sizes {
+            eprintln!("== {} at {size} B", lab.name);
+            match run::profile(
+                &RunArgs {
+                    lab: t,
+                    size,
+                    ..base.clone()
+                },
+                &lab,
+            )
+            .await
+            {
+                Ok(r) => runs.push(r),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if created {
+            lab::down(&lab.name).await?;
+        }
+        result?;
+    }
+    let summary = summarize(&runs);
+    Ok(Compare {
+        schema: COMPARE_SCHEMA,
+        placement,
+        summary,
+        runs,
+    })
+}
+
+fn request(r: &RunReport) -> Option<&crate::report::DirectionReport> {
+    r.directions.iter().find(|d| d.direction == "request")
+}
+
+/// Rows in run order; each type's contributors against the first type at the same size.
+pub fn summarize(runs: &[RunReport]) -> Vec<Row> {
+    let baseline_topology = runs.first().map(|r| r.topology.clone());
+    let baseline: HashMap<usize, &RunReport> = runs
+        .iter()
+        .filter(|r| Some(&r.topology) == baseline_topology.as_ref())
+        .map(|r| (r.traffic.size, r))
+        .collect();
+    runs.iter()
+        .filter_map(|r| {
+            let req = request(r)?;
+            let base = baseline
+                .get(&r.traffic.size)
+                .filter(|b| b.topology != r.topology)
+                .and_then(|b| request(b));
+            let delta = base.map(|b| req.end_to_end.mean_ns - b.end_to_end.mean_ns);
+            Some(Row {
+                topology: r.topology.clone(),
+                size: r.traffic.size,
+                p50_ns: req.end_to_end.p50_ns,
+                p99_ns: req.end_to_end.p99_ns,
+                mean_ns: req.end_to_end.mean_ns,
+                delta_ns: delta,
+                contributors: base
+                    .map(|b| contributors(req, b, delta.unwrap_or(0.0)))
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+fn contributors(
+    run: &crate::report::DirectionReport,
+    base: &crate::report::DirectionReport,
+    total: f64,
+) -> Vec<Contributor> {
+    let base_means: HashMap<&str, f64> = base
+        .segments
+        .iter()
+        .map(|s| (s.name.as_str(), s.stats.mean_ns))
+        .collect();
+    let mut c: Vec<Contributor> = run
+        .segments
+        .iter()
+        .map(|s| {
+            let delta = s.stats.mean_ns - base_means.get(s.name.as_str()).copied().unwrap_or(0.0);
+            let percent = if total.abs() > f64::EPSILON {
+                delta / total * 100.0
+            } else {
+                0.0
+            };
+            Contributor {
+                segment: s.name.clone(),
+                delta_ns: delta,
+                percent,
+            }
+        })
+        .collect();
+    c.sort_by(|a, b| b.delta_ns.total_cmp(&a.delta_ns));
+    c.truncate(TOP);
+    c
+}
+
+pub fn render(c: &Compare) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "request latency by network type ({:?}), microseconds",
+        c.placement
+    );
+    let _ = writeln!(
+        out,
+        "{:<20} {:>7} {:>9} {:>9} {:>10}",
+        "type", "size", "p50", "p99", "vs base"
+    );
+    for r in &c.summary {
+        let delta = r
+            .delta_ns
+            .map_or("baseline".to_string(), |d| format!("{:+.1}", d / 1e3));
+        let _ = writeln!(
+            out,
+            "{:<20} {:>7} {:>9.1} {:>9.1} {:>10}",
+            r.topology,
+            r.size,
+            r.p50_ns as f64 / 1e3,
+            r.p99_ns as f64 / 1e3,
+            delta
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nwhere the difference to the baseline comes from (request direction):"
+    );
+    for r in c.summary.iter().filter(|r| r.delta_ns.is_some()) {
+        let _ = writeln!(
+            out,
+            "{} at {} B ({:+.1} us):",
+            r.topology,
+            r.size,
+            r.delta_ns.unwrap_or(0.0) / 1e3
+        );
+        for s in &r.contributors {
+            let _ = writeln!(
+                out,
+                "  {:<48} {:>+8.1} us {:>6.0}%",
+                s.segment,
+                s.delta_ns / 1e3,
+                s.percent
+            );
+        }
+    }
+    out
+}
