@@ -74,6 +74,20 @@ const DELAYS_US: &[u64] = &[20, 200];
 /// Any other segment may move by less than this (p50, both directions).
 const OTHER_TOLERANCE_NS: f64 = 5_000.0;
 
+/// Two baseline runs bracketing an injected run must agree this well on every segment for the
+/// comparison to count.
+const BRACKET_DRIFT_NS: f64 = 2_500.0;
+const MAX_ATTEMPTS: u32 = 4;
+/// Stop re-measuring drifting brackets after this long (the test must stay well under 90 s).
+const TIME_BUDGET: Duration = Duration::from_secs(60);
+
+/// The largest change of a segment's median between two runs, and which segment.
+fn max_drift(a: &Medians, b: &Medians) -> (f64, String) {
+    a.iter()
+        .filter_map(|(k, v)| Some(((b.get(k)? - v).abs(), format!("{} {}", k.0, k.1))))
+        .fold((0.0, String::new()), |m, x| if x.0 > m.0 { x } else { m })
+}
+
 /// Brings the bridge lab up and takes it down when dropped, even when a test fails.
 struct LabGuard;
 
@@ -169,46 +183,85 @@ fn us(ns: f64) -> String {
 fn injected_delay_lands_in_the_segment_ending_at_that_hop() {
     let started = Instant::now();
     let _lab = LabGuard::up();
-    let baseline = run_medians();
+    // Segment medians drift with the load others put on this 2-core machine: the wake-up
+    // segments ("stack and socket") by up to ~4 us from one baseline run to the next when it is
+    // quiet, by 10-20 us while other jobs compile. So each injected run is bracketed by baseline
+    // runs and compared with their mean, and a bracket whose two baselines disagree by more than
+    // BRACKET_DRIFT_NS on any segment is not evidence either way: it is measured again (up to
+    // MAX_ATTEMPTS times). The bounds themselves are not relaxed.
+    let mut before = run_medians();
     let mut failures = Vec::new();
+    let mut discarded = 0;
     println!(
-        "{:<40} {:>6} {:>10} {:>10}  max other move",
+        "{:<48} {:>6} {:>9} {:>7}  max other move",
         "point -> expected segment", "delay", "growth", "error"
     );
     for point in POINTS {
         for &delay_us in DELAYS_US {
-            let injector = DelayInjector::attach(DelaySpec {
-                netns: Some(point.netns.to_string()),
-                ifname: point.iface.to_string(),
-                direction: point.direction,
-                delay: Duration::from_micros(delay_us),
-                port: PORT,
-            })
-            .expect("attaching the delay injector");
-            let medians = run_medians();
-            drop(injector);
-
+            let mut attempt = 0;
+            let (medians, after) = loop {
+                attempt += 1;
+                let injector = DelayInjector::attach(DelaySpec {
+                    netns: Some(point.netns.to_string()),
+                    ifname: point.iface.to_string(),
+                    direction: point.direction,
+                    delay: Duration::from_micros(delay_us),
+                    port: PORT,
+                })
+                .expect("attaching the delay injector");
+                let medians = run_medians();
+                drop(injector);
+                let after = run_medians();
+                let (drift, seg) = max_drift(&before, &after);
+                if drift <= BRACKET_DRIFT_NS
+                    || attempt == MAX_ATTEMPTS
+                    || started.elapsed() > TIME_BUDGET
+                {
+                    if drift > BRACKET_DRIFT_NS {
+                        println!("  (baselines still drift by {} on {seg})", us(drift));
+                    }
+                    break (medians, after);
+                }
+                println!(
+                    "  {} {} +{delay_us}us: baselines drifted by {} on {seg}, measuring again",
+                    point.iface,
+                    point.direction,
+                    us(drift)
+                );
+                discarded += 1;
+                before = after;
+            };
             let delay_ns = delay_us as f64 * 1000.0;
             let tolerance = (0.1 * delay_ns).max(5_000.0);
             let mut max_other = (0.0f64, String::new());
             let mut growth = f64::NAN;
-            assert_eq!(
-                medians.keys().collect::<Vec<_>>(),
-                baseline.keys().collect::<Vec<_>>(),
-                "segments differ from the baseline's"
-            );
+            for m in [&medians, &after] {
+                assert_eq!(
+                    m.keys().collect::<Vec<_>>(),
+                    before.keys().collect::<Vec<_>>(),
+                    "segments differ from the baseline's"
+                );
+            }
             for (key, &p50) in &medians {
-                let moved = p50 - baseline[key];
+                let base = (before[key] + after[key]) / 2.0;
+                let moved = p50 - base;
+                let what = format!(
+                    "{} {} {} +{delay_us}us: {} segment {} moved by {} (baselines {} and {}, injected {})",
+                    point.netns,
+                    point.iface,
+                    point.direction,
+                    key.0,
+                    key.1,
+                    us(moved),
+                    us(before[key]),
+                    us(after[key]),
+                    us(p50)
+                );
                 if key.0 == "request" && key.1 == point.request_segment {
                     growth = moved;
                     if (moved - delay_ns).abs() > tolerance {
                         failures.push(format!(
-                            "{} {} {}: {} grew by {} instead of {} (+-{})",
-                            point.netns,
-                            point.iface,
-                            point.direction,
-                            point.request_segment,
-                            us(moved),
+                            "{what}: expected {} +- {}",
                             us(delay_ns),
                             us(tolerance)
                         ));
@@ -218,17 +271,7 @@ fn injected_delay_lands_in_the_segment_ending_at_that_hop() {
                         max_other = (moved, format!("{} {}", key.0, key.1));
                     }
                     if moved.abs() >= OTHER_TOLERANCE_NS {
-                        failures.push(format!(
-                            "{} {} {} +{delay_us}us: {} segment {} moved by {} ({} -> {})",
-                            point.netns,
-                            point.iface,
-                            point.direction,
-                            key.0,
-                            key.1,
-                            us(moved),
-                            us(baseline[key]),
-                            us(p50)
-                        ));
+                        failures.push(what);
                     }
                 }
             }
@@ -238,7 +281,7 @@ fn injected_delay_lands_in_the_segment_ending_at_that_hop() {
                 point.request_segment
             );
             println!(
-                "{:<40} {:>6} {:>10} {:>10}  {} ({})",
+                "{:<48} {:>6} {:>9} {:>7}  {} ({})",
                 format!(
                     "{} {} -> {}",
                     point.iface, point.direction, point.request_segment
@@ -249,14 +292,35 @@ fn injected_delay_lands_in_the_segment_ending_at_that_hop() {
                 us(max_other.0),
                 max_other.1
             );
+            before = after;
         }
     }
-    println!("ground truth took {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "ground truth took {:.1}s, {discarded} drifting brackets measured again",
+        started.elapsed().as_secs_f64()
+    );
+    assert_no_injector_left();
     assert!(
         failures.is_empty(),
         "attribution errors:\n{}",
         failures.join("\n")
     );
+}
+
+/// The kernel frees a detached program asynchronously: give it a moment.
+fn assert_no_injector_left() {
+    let loaded = || -> Vec<String> {
+        aya::programs::loaded_programs()
+            .filter_map(|p| p.ok()?.name_as_str().map(str::to_string))
+            .filter(|n| n == "tc_delay")
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !loaded().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = loaded();
+    assert!(left.is_empty(), "tc_delay still loaded: {left:?}");
 }
 
 #[test]
@@ -287,10 +351,5 @@ fn injector_holds_packets_for_the_configured_time() {
         assert!(cal.overhead_ns >= 0.0, "{cal:?}");
         assert!(cal.overhead_ns < 2_000.0, "{cal:?}");
     }
-    // Nothing of the injector may remain.
-    let loaded: Vec<_> = aya::programs::loaded_programs()
-        .filter_map(|p| p.ok()?.name_as_str().map(str::to_string))
-        .filter(|n| n == "tc_delay")
-        .collect();
-    assert!(loaded.is_empty(), "tc_delay still loaded: {loaded:?}");
+    assert_no_injector_left();
 }

@@ -173,17 +173,18 @@ fn where_(spec: &DelaySpec) -> String {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Calibration {
     pub delay_ns: u64,
-    /// Program runs during the burst (every one a held packet, unless something else crossed).
+    /// Program runs during the burst, every one a held packet.
     pub runs: u64,
     /// bpf_stats run time per run: the hold plus the program's own cost.
     pub ns_per_run: f64,
     pub overhead_ns: f64,
 }
 
-/// Measures the real hold time: attaches at egress of `ifname` in `ns` for `dst`'s port, sends
-/// `packets` UDP datagrams to `dst` from inside `ns`, and divides the program's bpf_stats run
-/// time by its run count over the burst. Every datagram crosses the hook in the sending thread,
-/// so the burst is serialised and each run is one held packet.
+/// Measures the real hold time: attaches at egress of `ifname` in `ns`, sends `packets` UDP
+/// datagrams to `dst` from inside `ns`, and divides the program's bpf_stats run time by its run
+/// count over the burst. Every datagram crosses the hook in the sending thread, so the burst is
+/// serialised. Every packet is held (port 0), so that an occasional other packet on the device
+/// (a neighbour probe) is one more held packet rather than a short run lowering the mean.
 pub fn calibrate(
     ns: Option<&str>,
     ifname: &str,
@@ -196,7 +197,7 @@ pub fn calibrate(
         ifname: ifname.to_string(),
         direction: Direction::Egress,
         delay,
-        port: dst.port(),
+        port: 0,
     })?;
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?;
     let bind: SocketAddr = if dst.is_ipv4() {
