@@ -150,11 +150,19 @@ fn run_medians() -> Medians {
         ])
         .output()
         .expect("running the profiler binary");
-    assert!(
-        out.status.success(),
-        "profiler run failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        // The lab is shared by name with every checkout on this machine: say so when someone
+        // else's `lab down` pulled it away under the run.
+        let gone = if profiler::netns::exists("prof-bridge-host") {
+            ""
+        } else {
+            " (the bridge lab is gone: another process took it down during the run)"
+        };
+        panic!(
+            "profiler run failed{gone}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     let mut medians = Medians::new();
     for dir in report["directions"].as_array().expect("directions") {
