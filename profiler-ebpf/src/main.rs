@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod delay;
 mod parse;
 mod skb;
 

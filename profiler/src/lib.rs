@@ -4,6 +4,7 @@
 //!
 //! - [`datapath`]: hooks, link kinds and segment names, as data.
 //! - [`btf`], [`hooks`]: kernel offsets and attaching the eBPF programs.
+//! - [`inject`]: ground-truth delay injection at a tc hook.
 //! - [`lab`], [`netns`]: the built-in topologies.
 //! - [`traffic`]: tagged request/response traffic.
 //! - [`collect`], [`journey`], [`path`]: events to journeys to per-segment latency.
@@ -14,6 +15,7 @@ pub mod compare;
 pub mod datapath;
 pub mod doctor;
 pub mod hooks;
+pub mod inject;
 pub mod journey;
 pub mod lab;
 pub mod netns;

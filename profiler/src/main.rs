@@ -5,7 +5,7 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use profiler::{
-    compare, doctor, lab,
+    compare, doctor, inject, lab,
     lab::{LabOptions, Placement, Topology},
     report,
     run::{self, RunArgs},
@@ -35,6 +35,8 @@ enum Command {
         #[command(subcommand)]
         command: LabCommand,
     },
+    /// Hold matching packets for a fixed time at one tc hook until Ctrl-C (what-if experiments).
+    Delay(DelayCli),
     /// What this kernel and these privileges allow: hook types, BTF, capabilities.
     Doctor {
         /// Print JSON instead of a table.
@@ -58,6 +60,23 @@ enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Parser)]
+struct DelayCli {
+    /// Network namespace of the interface (default: the current one).
+    #[arg(long)]
+    netns: Option<String>,
+    #[arg(long)]
+    iface: String,
+    #[arg(long, value_enum)]
+    direction: inject::Direction,
+    /// Microseconds to hold each matching packet (busy-waiting in the packet's path).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=inject::MAX_DELAY.as_micros() as u64))]
+    delay_us: u64,
+    /// Only UDP/TCP packets with this source or destination port (0: every packet).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
 }
 
 #[derive(Args, Clone)]
@@ -194,6 +213,10 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             doctor::require_privileges()?;
             lab_command(command).await.map(|()| ExitCode::SUCCESS)
         }
+        Command::Delay(args) => {
+            doctor::require_privileges()?;
+            delay_command(args).await.map(|()| ExitCode::SUCCESS)
+        }
         Command::Doctor { json } => {
             let d = doctor::run();
             if json {
@@ -230,6 +253,43 @@ async fn lab_command(command: LabCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn delay_command(cli: DelayCli) -> Result<()> {
+    let spec = inject::DelaySpec {
+        netns: cli.netns,
+        ifname: cli.iface,
+        direction: cli.direction,
+        delay: Duration::from_micros(cli.delay_us),
+        port: cli.port,
+    };
+    let mut injector = inject::DelayInjector::attach(spec)?;
+    let s = injector.spec();
+    println!(
+        "holding {} packets {} us at {} {}{}; Ctrl-C to stop",
+        if s.port == 0 {
+            "all".to_string()
+        } else {
+            format!("port {}", s.port)
+        },
+        cli.delay_us,
+        s.direction,
+        s.ifname,
+        s.netns
+            .as_deref()
+            .map(|n| format!(" in netns {n}"))
+            .unwrap_or_default()
+    );
+    // Returns (as an error) on SIGINT/SIGTERM; either way the injector is detached.
+    let held = interruptible(std::future::pending::<Result<()>>()).await;
+    injector.detach()?;
+    match held {
+        Err(e) if e.to_string().starts_with("interrupted by") => {
+            println!("detached");
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 fn print_labs(labs: &[lab::Lab]) {
