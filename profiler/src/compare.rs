@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     lab::{self, LabOptions, Placement, Topology},
-    report::RunReport,
+    report::{DirectionReport, RunReport},
     run::{self, RunArgs},
 };
 
@@ -97,7 +97,7 @@ pub async fn compare(
     })
 }
 
-fn request(r: &RunReport) -> Option<&crate::report::DirectionReport> {
+fn request(r: &RunReport) -> Option<&DirectionReport> {
     r.directions.iter().find(|d| d.direction == "request")
 }
 
@@ -132,28 +132,36 @@ pub fn summarize(runs: &[RunReport]) -> Vec<Row> {
         .collect()
 }
 
-fn contributors(
-    run: &crate::report::DirectionReport,
-    base: &crate::report::DirectionReport,
-    total: f64,
-) -> Vec<Contributor> {
+/// What a segment is compared by: its name, except the first and last (the sending and
+/// receiving application's stack), which are named after different namespaces in each type.
+fn role(d: &DirectionReport, i: usize) -> &str {
+    match i {
+        0 => "sender: socket and stack",
+        _ if i + 1 == d.segments.len() => "receiver: stack and socket",
+        _ => &d.segments[i].name,
+    }
+}
+
+fn contributors(run: &DirectionReport, base: &DirectionReport, total: f64) -> Vec<Contributor> {
     let base_means: HashMap<&str, f64> = base
         .segments
         .iter()
-        .map(|s| (s.name.as_str(), s.stats.mean_ns))
+        .enumerate()
+        .map(|(i, s)| (role(base, i), s.stats.mean_ns))
         .collect();
     let mut c: Vec<Contributor> = run
         .segments
         .iter()
-        .map(|s| {
-            let delta = s.stats.mean_ns - base_means.get(s.name.as_str()).copied().unwrap_or(0.0);
+        .enumerate()
+        .map(|(i, s)| {
+            let delta = s.stats.mean_ns - base_means.get(role(run, i)).copied().unwrap_or(0.0);
             let percent = if total.abs() > f64::EPSILON {
                 delta / total * 100.0
             } else {
                 0.0
             };
             Contributor {
-                segment: s.name.clone(),
+                segment: role(run, i).to_string(),
                 delta_ns: delta,
                 percent,
             }
@@ -213,4 +221,107 @@ pub fn render(c: &Compare) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        journey::Stats,
+        report::{EventsReport, SegmentReport, TrafficReport},
+        traffic::Proto,
+    };
+
+    fn stats(mean_ns: f64) -> Stats {
+        Stats {
+            samples: 1,
+            mean_ns,
+            p50_ns: mean_ns as u64,
+            p90_ns: 0,
+            p99_ns: 0,
+            max_ns: 0,
+        }
+    }
+
+    fn run(topology: &str, segments: &[(&str, f64)]) -> RunReport {
+        let segments: Vec<SegmentReport> = segments
+            .iter()
+            .enumerate()
+            .map(|(i, (name, mean))| SegmentReport {
+                name: name.to_string(),
+                from: i,
+                to: i + 1,
+                stats: stats(*mean),
+            })
+            .collect();
+        let total = segments.iter().map(|s| s.stats.mean_ns).sum();
+        RunReport {
+            schema: crate::report::RUN_SCHEMA,
+            kernel: "test".into(),
+            topology: topology.into(),
+            traffic: TrafficReport {
+                proto: Proto::Udp,
+                size: 64,
+                count: 1,
+                completed: 1,
+            },
+            directions: vec![DirectionReport {
+                direction: "request",
+                hops: Vec::new(),
+                segments,
+                end_to_end: stats(total),
+                complete_packets: 1,
+                incomplete_packets: 0,
+                missing_hops: Vec::new(),
+            }],
+            events: EventsReport {
+                received: 0,
+                lost: 0,
+                incomplete_packets: 0,
+                unreadable: 0,
+                fragments: 0,
+                drops: Vec::new(),
+            },
+            hooks: Vec::new(),
+            program_costs: None,
+        }
+    }
+
+    #[test]
+    fn differences_are_attributed_by_segment_and_role() {
+        let host = run(
+            "host",
+            &[
+                ("socket and stack (host-a)", 2000.0),
+                ("veth wire0", 500.0),
+                ("stack and socket (host-b)", 8000.0),
+            ],
+        );
+        let bridge = run(
+            "bridge",
+            &[
+                ("socket and stack (pod-a)", 2500.0),
+                ("bridge cni0", 1500.0),
+                ("veth wire0", 500.0),
+                ("stack and socket (pod-b)", 8000.0),
+            ],
+        );
+        let rows = summarize(&[host, bridge]);
+        assert_eq!(rows[0].delta_ns, None, "the first type is the baseline");
+        assert_eq!(rows[1].delta_ns, Some(2000.0));
+        let c = &rows[1].contributors;
+        // The bridge is new (all of it counts), the sender's stack grew by 500 ns, and the
+        // receiver's stack, named after another namespace, is matched by role: no change.
+        assert_eq!(
+            (c[0].segment.as_str(), c[0].delta_ns, c[0].percent),
+            ("bridge cni0", 1500.0, 75.0)
+        );
+        assert_eq!(
+            (c[1].segment.as_str(), c[1].delta_ns),
+            ("sender: socket and stack", 500.0)
+        );
+        assert!(c
+            .iter()
+            .any(|x| x.segment == "receiver: stack and socket" && x.delta_ns == 0.0));
+    }
 }

@@ -124,6 +124,11 @@ pub struct SegmentEnds<'a> {
     /// The bridges the interfaces are ports of, if any.
     pub from_master: Option<&'a str>,
     pub to_master: Option<&'a str>,
+    /// Device kinds ("veth", "macvlan", ...) and the lower devices of stacked ones.
+    pub from_kind: &'a str,
+    pub to_kind: &'a str,
+    pub from_link: Option<&'a str>,
+    pub to_link: Option<&'a str>,
     /// Whether `to_if` is the link peer of `from_if` (a veth pair's other end).
     pub peers: bool,
     /// The packet enters (true) or leaves (false) a tunnel between the two hops, and which.
@@ -164,6 +169,19 @@ pub fn segment_name(e: &SegmentEnds) -> String {
                 "{tunnel} {} {a} -> {b}",
                 if enter { "encap" } else { "decap" }
             )
+        }
+        // Stacked devices (macvlan, vlan): the child hands over to its lower device (macvlan's
+        // bridge mode too: it forwards to the lower device, whose rx handler finds the sibling),
+        // and the lower device's rx handler to the child.
+        (Hook(NetDevStartXmit), Hook(TcEgress) | Hook(NetDevQueue) | Hook(NetifRx))
+            if e.from_link == Some(e.to_if) =>
+        {
+            format!("{} {a} -> {b}", e.from_kind)
+        }
+        (_, Hook(TcIngress) | Hook(NetifReceiveSkb) | Hook(NetifRx))
+            if e.to_link == Some(e.from_if) =>
+        {
+            format!("{} {a} -> {b}", e.to_kind)
         }
         (Hook(TcEgress), Hook(NetDevQueue)) if same_if => format!("egress to queue {a}"),
         (Hook(NetDevQueue), Hook(NetDevStartXmit)) if same_if => format!("qdisc {a}"),
@@ -217,6 +235,10 @@ mod tests {
                 to_ns: "host",
                 from_master: bridge,
                 to_master: bridge,
+                from_kind: "veth",
+                to_kind: "veth",
+                from_link: None,
+                to_link: None,
                 peers,
                 encap: None,
             })

@@ -161,6 +161,10 @@ pub fn segment_names(hops: &[Hop], lab: &Lab) -> Vec<String> {
                 to_ns: short_ns(b.netns.as_deref(), lab),
                 from_master: ia.and_then(|i| i.master.as_deref()),
                 to_master: ib.and_then(|i| i.master.as_deref()),
+                from_kind: &a.kind,
+                to_kind: &b.kind,
+                from_link: ia.and_then(|i| i.link.as_deref()),
+                to_link: ib.and_then(|i| i.link.as_deref()),
                 peers: peer_of(ia, b) || peer_of(ib, a),
                 encap: match (a.encapsulated, b.encapsulated) {
                     (false, true) => Some((true, b.tunnel.unwrap_or("tunnel"))),
