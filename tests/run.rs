@@ -245,3 +245,55 @@ fn signals_during_a_run_leave_nothing_behind() {
         assert_clean();
     }
 }
+
+/// A path the profiler did not build: the bridge lab's namespaces profiled with --from/--to
+/// must show the same hops as the lab run, found from netlink state alone (pods' veths, their
+/// peers in the host namespace, the bridge's ports).
+#[test]
+fn existing_path_between_namespaces() {
+    let up = profiler(&["lab", "up", "bridge"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let out = profiler(&[
+        "run",
+        "--from",
+        "prof-bridge-pod-a",
+        "--to",
+        "prof-bridge-pod-b:198.18.0.2",
+        "--count",
+        "500",
+        "--json",
+        "-",
+    ]);
+    let down = profiler(&["lab", "down", "bridge"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    for dir in r["directions"].as_array().unwrap() {
+        let name = dir["direction"].as_str().unwrap();
+        assert_eq!(hop_sequence(dir), expected(name), "{name}");
+        assert_eq!(dir["complete_packets"], 500, "{name}");
+        let segments: Vec<&str> = dir["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            segments.iter().any(|s| s.starts_with("bridge br0")),
+            "{name}: {segments:?}"
+        );
+    }
+    assert_clean();
+}

@@ -10,6 +10,7 @@ use crate::{
     lab::{self, LabOptions, Placement, Topology},
     report::{DirectionReport, RunReport},
     run::{self, RunArgs},
+    target::Target,
 };
 
 pub const COMPARE_SCHEMA: &str = "profiler.compare.v1";
@@ -72,7 +73,7 @@ pub async fn compare(
                     size,
                     ..base.clone()
                 },
-                &lab,
+                &Target::lab(&lab),
             )
             .await
             {

@@ -22,4 +22,5 @@ pub mod netns;
 pub mod path;
 pub mod report;
 pub mod run;
+pub mod target;
 pub mod traffic;

@@ -9,6 +9,7 @@ use profiler::{
     lab::{LabOptions, Placement, Topology},
     report,
     run::{self, RunArgs},
+    target::Target,
     traffic::Proto,
 };
 
@@ -142,8 +143,15 @@ impl TrafficOpts {
 #[derive(Parser)]
 struct RunCli {
     /// Lab topology to profile; brought up (and removed afterwards) if it is not up.
-    #[arg(long, value_enum, default_value = "bridge")]
+    #[arg(long, value_enum, default_value = "bridge", conflicts_with = "from")]
     lab: Topology,
+    /// Profile an existing path instead of a lab: the client runs in this network namespace
+    /// ("(root)": this process's own).
+    #[arg(long, requires = "to", value_name = "NETNS")]
+    from: Option<String>,
+    /// ... and the server listens on IP in this namespace.
+    #[arg(long, requires = "from", value_name = "NETNS:IP")]
+    to: Option<String>,
     #[command(flatten)]
     lab_opts: LabOpts,
     /// Payload bytes per request and per response (16 to 65536).
@@ -327,14 +335,25 @@ fn print_labs(labs: &[lab::Lab]) {
 async fn run_command(cli: RunCli) -> Result<ExitCode> {
     doctor::require_privileges()?;
     let args = cli.traffic.run_args(cli.lab, cli.size)?;
-    let (lab, created) = interruptible(run::ensure_lab(args.lab, &cli.lab_opts.options())).await?;
-    // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
-    let result = interruptible(run::profile(&args, &lab)).await;
-    if created && !cli.keep_lab {
-        lab::down(&lab.name)
-            .await
-            .context("removing the lab this run created")?;
-    }
+    let result = match (&cli.from, &cli.to) {
+        (Some(from), Some(to)) => {
+            let (to_ns, addr) = parse_to(to)?;
+            let target = interruptible(Target::path(from, to_ns, addr)).await?;
+            interruptible(run::profile(&args, &target)).await
+        }
+        _ => {
+            let (lab, created) =
+                interruptible(run::ensure_lab(args.lab, &cli.lab_opts.options())).await?;
+            // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
+            let result = interruptible(run::profile(&args, &Target::lab(&lab))).await;
+            if created && !cli.keep_lab {
+                lab::down(&lab.name)
+                    .await
+                    .context("removing the lab this run created")?;
+            }
+            result
+        }
+    };
     let report = result?;
     output(cli.json.as_deref(), &report, report::render(&report))?;
     if report.events.lost > 0 && !cli.allow_loss {
@@ -359,6 +378,17 @@ async fn compare_command(cli: CompareCli) -> Result<ExitCode> {
         interruptible(compare::compare(&cli.lab, &cli.sizes, cli.placement, &base)).await?;
     output(cli.json.as_deref(), &result, compare::render(&result))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// "NETNS:IP" of --to.
+fn parse_to(to: &str) -> Result<(&str, std::net::Ipv4Addr)> {
+    let (ns, ip) = to
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("--to takes NETNS:IP, got {to}"))?;
+    let addr = ip
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--to: {ip} is not an IPv4 address"))?;
+    Ok((ns, addr))
 }
 
 /// JSON to FILE (then the table too), JSON alone to stdout for "-", else the table.

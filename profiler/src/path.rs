@@ -11,8 +11,8 @@ use crate::{
     datapath::{self, Point, SegmentEnds},
     hooks::{Probes, Status},
     journey::HopKey,
-    lab::{Lab, LabIface},
-    netns,
+    lab::{discover, LabIface},
+    target::Target,
 };
 
 /// A hop of the path, as reported.
@@ -64,11 +64,11 @@ impl Attached {
 pub struct Inodes(HashMap<String, u32>);
 
 impl Inodes {
-    pub fn of(lab: &Lab) -> Result<Inodes> {
+    pub fn of(lab: &Target) -> Result<Inodes> {
         let map = lab
             .namespaces
             .iter()
-            .map(|n| Ok((n.clone(), netns::inode(n)?)))
+            .map(|n| Ok((n.clone(), discover::inode(n)?)))
             .collect::<Result<_>>()?;
         Ok(Inodes(map))
     }
@@ -99,7 +99,7 @@ fn tunnel_name(flags: u8) -> Option<&'static str> {
 pub fn describe(
     path: &[HopKey],
     flags: &[u8],
-    lab: &Lab,
+    lab: &Target,
     inodes: &Inodes,
     attached: &Attached,
 ) -> Vec<Hop> {
@@ -137,7 +137,7 @@ pub fn describe(
 }
 
 /// Names each segment between consecutive hops after what it crosses.
-pub fn segment_names(hops: &[Hop], lab: &Lab) -> Vec<String> {
+pub fn segment_names(hops: &[Hop], lab: &Target) -> Vec<String> {
     let iface = |h: &Hop| -> Option<&LabIface> {
         lab.interfaces
             .iter()
@@ -177,7 +177,7 @@ pub fn segment_names(hops: &[Hop], lab: &Lab) -> Vec<String> {
 }
 
 /// "prof-bridge-pod-a" reads as "pod-a" in segment names; the full name is in the hops.
-fn short_ns<'a>(ns: Option<&'a str>, lab: &Lab) -> &'a str {
+fn short_ns<'a>(ns: Option<&'a str>, lab: &Target) -> &'a str {
     let ns = ns.unwrap_or("");
     ns.strip_prefix("prof-")
         .and_then(|rest| rest.strip_prefix(lab.name.as_str()))

@@ -18,12 +18,13 @@ use crate::{
     collect, doctor,
     hooks::{ProbeConfig, Probes},
     journey::{self, Attribution},
-    lab::{self, Lab, LabOptions, Topology},
+    lab::{self, discover, Lab, LabOptions, Topology},
     path::{self, Attached, Hop, Inodes},
     report::{
         DirectionReport, DropReport, EventsReport, MissingHop, RunReport, SegmentReport,
         TrafficReport, RUN_SCHEMA,
     },
+    target::Target,
     traffic::{self, Endpoints, Proto, Spec},
 };
 
@@ -58,14 +59,14 @@ impl RunArgs {
     }
 }
 
-/// Runs the profile on an existing lab and returns the report.
-pub async fn profile(args: &RunArgs, lab: &Lab) -> Result<RunReport> {
+/// Profiles the target (a lab that is up, or a discovered path) and returns the report.
+pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
     let run_id = rand_run_id();
     let spec = args.spec(run_id);
     spec.validate()?;
     let ends = Endpoints {
-        client_ns: Some(lab.client.netns.clone()),
-        server_ns: Some(lab.server.netns.clone()),
+        client_ns: discover::ns_arg(&lab.client.netns).map(str::to_string),
+        server_ns: discover::ns_arg(&lab.server.netns).map(str::to_string),
         server_addr: lab.server.addr,
     };
     warm_up(&spec, &ends).await?;
@@ -79,8 +80,8 @@ pub async fn profile(args: &RunArgs, lab: &Lab) -> Result<RunReport> {
         },
     )?;
     probes.attach_tracepoints(&btf)?;
-    for iface in &lab.interfaces {
-        probes.attach_tc(Some(&iface.netns), &iface.ifname);
+    for (ns, ifname) in &lab.attach {
+        probes.attach_tc(discover::ns_arg(ns), ifname);
     }
     // Held for the run: the kernel counts each program's run time while this fd is open.
     let _stats = if args.stats {
@@ -149,7 +150,7 @@ fn direction_report(
     name: &'static str,
     hops: Vec<Hop>,
     a: Attribution,
-    lab: &Lab,
+    lab: &Target,
 ) -> DirectionReport {
     let names = path::segment_names(&hops, lab);
     let segments = names
@@ -178,7 +179,7 @@ fn direction_report(
     }
 }
 
-fn drop_report(drops: &[Event], lab: &Lab, btf: &KernelBtf) -> Vec<DropReport> {
+fn drop_report(drops: &[Event], lab: &Target, btf: &KernelBtf) -> Vec<DropReport> {
     let reasons = btf.drop_reasons();
     let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
     for d in drops {

@@ -10,6 +10,7 @@ use anyhow::{bail, Result};
 
 use crate::netns;
 
+pub mod discover;
 mod nl;
 mod setup;
 mod spec;

@@ -5,7 +5,10 @@ use std::os::fd::AsRawFd as _;
 
 use anyhow::{anyhow, Context as _, Result};
 use futures::TryStreamExt as _;
-use rtnetlink::packet_route::link::{BridgeStpState, LinkAttribute, LinkMessage, MacVlanMode};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    BridgeStpState, LinkAttribute, LinkInfo, LinkMessage, MacVlanMode,
+};
 use rtnetlink::packet_route::neighbour::NeighbourFlags;
 use rtnetlink::{
     Handle, LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth, LinkVlan, LinkVxlan, RouteMessageBuilder,
@@ -81,6 +84,27 @@ impl Nl {
             _ => None,
         });
         Ok((link.header.index, mtu.unwrap_or(0)))
+    }
+
+    /// Every link of the namespace, with what the profiler names hops by.
+    pub async fn links(&self) -> Result<Vec<LinkRow>> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .with_context(|| format!("cannot list the interfaces of {}", self.ns))?;
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .with_context(|| format!("cannot list the addresses of {}", self.ns))?;
+        Ok(msgs.iter().map(|m| LinkRow::of(m, &addrs)).collect())
     }
 
     /// Creates a link from a full RTM_NEWLINK message; `what` names it for errors.
@@ -312,5 +336,62 @@ fn with_mtu<T>(
     match mtu {
         Some(m) => b.mtu(m),
         None => b,
+    }
+}
+
+/// One link as netlink describes it.
+pub(super) struct LinkRow {
+    pub index: u32,
+    pub name: String,
+    pub kind: String,
+    pub mtu: u32,
+    /// IFLA_LINK: a veth's peer or a stacked device's lower device (an ifindex, in another
+    /// namespace when `link_elsewhere`).
+    pub link: Option<u32>,
+    pub link_elsewhere: bool,
+    pub master: Option<u32>,
+    pub addrs: Vec<String>,
+}
+
+impl LinkRow {
+    fn of(m: &LinkMessage, addrs: &[AddressMessage]) -> LinkRow {
+        let mut row = LinkRow {
+            index: m.header.index,
+            name: String::new(),
+            kind: "nic".into(),
+            mtu: 0,
+            link: None,
+            link_elsewhere: false,
+            master: None,
+            addrs: Vec::new(),
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => row.name = n.clone(),
+                LinkAttribute::Mtu(v) => row.mtu = *v,
+                LinkAttribute::Link(l) if *l != 0 && *l != m.header.index => row.link = Some(*l),
+                LinkAttribute::LinkNetNsId(_) => row.link_elsewhere = true,
+                LinkAttribute::Controller(c) => row.master = Some(*c),
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        if let LinkInfo::Kind(k) = info {
+                            row.kind = k.to_string();
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        row.addrs = addrs
+            .iter()
+            .filter(|a| a.header.index == m.header.index)
+            .filter_map(|a| {
+                a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Address(ip) => Some(format!("{ip}/{}", a.header.prefix_len)),
+                    _ => None,
+                })
+            })
+            .collect();
+        row
     }
 }

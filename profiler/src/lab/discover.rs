@@ -1,0 +1,96 @@
+//! Interfaces of paths the profiler did not build, read from netlink: those of the caller's own
+//! namespace (where a node's host-side veths live) and of every named namespace (/run/netns).
+
+use std::collections::HashMap;
+
+use anyhow::{Context as _, Result};
+
+use super::{nl::Nl, IfRef, LabIface};
+use crate::netns;
+
+/// How the caller's own network namespace is named in hops and reports.
+pub const ROOT: &str = "(root)";
+
+/// The namespace argument for `netns::run_in` and friends: None for the caller's own.
+pub fn ns_arg(ns: &str) -> Option<&str> {
+    (ns != ROOT).then_some(ns)
+}
+
+pub fn inode(ns: &str) -> Result<u32> {
+    match ns_arg(ns) {
+        Some(n) => netns::inode(n),
+        None => netns::current_inode(),
+    }
+}
+
+/// Every namespace to look in: the caller's and the named ones.
+pub fn namespaces() -> Result<Vec<String>> {
+    let mut names = vec![ROOT.to_string()];
+    if let Ok(dir) = std::fs::read_dir(netns::NETNS_DIR) {
+        let mut named: Vec<String> = dir
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        named.sort();
+        names.extend(named);
+    }
+    Ok(names)
+}
+
+/// The interfaces of `namespaces`, with veth peers matched across namespaces (each end's
+/// IFLA_LINK is the other's ifindex), and masters and lower devices by name.
+pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
+    let mut rows = Vec::new();
+    for ns in namespaces {
+        let nl = Nl::open(ns_arg(ns))?;
+        let links = nl
+            .links()
+            .await
+            .with_context(|| format!("reading the interfaces of {ns}"))?;
+        rows.extend(links.into_iter().map(|r| (ns.clone(), r)));
+    }
+    let by_index: HashMap<(&str, u32), &str> = rows
+        .iter()
+        .map(|(ns, r)| ((ns.as_str(), r.index), r.name.as_str()))
+        .collect();
+    let ifaces = rows
+        .iter()
+        .filter(|(_, r)| r.name != "lo")
+        .map(|(ns, r)| {
+            let peer = (r.kind == "veth")
+                .then(|| {
+                    rows.iter().find(|(pns, p)| {
+                        p.kind == "veth"
+                            && Some(p.index) == r.link
+                            && p.link == Some(r.index)
+                            && (pns != ns || !r.link_elsewhere)
+                    })
+                })
+                .flatten()
+                .map(|(pns, p)| IfRef {
+                    netns: pns.clone(),
+                    ifname: p.name.clone(),
+                    ifindex: p.index,
+                });
+            let name_of = |i: Option<u32>| {
+                i.and_then(|i| by_index.get(&(ns.as_str(), i)))
+                    .map(|n| n.to_string())
+            };
+            LabIface {
+                netns: ns.clone(),
+                ifname: r.name.clone(),
+                ifindex: r.index,
+                kind: r.kind.clone(),
+                addrs: r.addrs.clone(),
+                peer,
+                master: name_of(r.master),
+                link: if r.kind == "veth" || r.link_elsewhere {
+                    None
+                } else {
+                    name_of(r.link)
+                },
+                mtu: r.mtu,
+            }
+        })
+        .collect();
+    Ok(ifaces)
+}

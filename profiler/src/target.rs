@@ -1,0 +1,111 @@
+//! What a run profiles: a lab, or the path between two namespaces the profiler did not build.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Result};
+
+use crate::{
+    lab::{
+        discover::{self, ROOT},
+        Endpoint, Lab, LabIface,
+    },
+    netns,
+};
+
+pub struct Target {
+    pub name: String,
+    /// Every namespace whose devices may carry the path (hops are named from these).
+    pub namespaces: Vec<String>,
+    pub interfaces: Vec<LabIface>,
+    pub client: Endpoint,
+    pub server: Endpoint,
+    /// (namespace, interface) pairs the tc programs attach to.
+    pub attach: Vec<(String, String)>,
+}
+
+impl Target {
+    pub fn lab(lab: &Lab) -> Target {
+        Target {
+            name: lab.name.clone(),
+            namespaces: lab.namespaces.clone(),
+            interfaces: lab.interfaces.clone(),
+            client: lab.client.clone(),
+            server: lab.server.clone(),
+            attach: lab
+                .interfaces
+                .iter()
+                .map(|i| (i.netns.clone(), i.ifname.clone()))
+                .collect(),
+        }
+    }
+
+    /// The path from namespace `from` to `addr` in namespace `to`, from netlink state: the
+    /// devices of every namespace name its hops; tc attaches in the two end namespaces, on their
+    /// veth peers, and on the other ports of those peers' bridges.
+    pub async fn path(from: &str, to: &str, addr: Ipv4Addr) -> Result<Target> {
+        for ns in [from, to] {
+            if ns != ROOT && !netns::exists(ns) {
+                bail!("unknown network namespace {ns}");
+            }
+        }
+        let namespaces = discover::namespaces()?;
+        let interfaces = discover::interfaces(&namespaces).await?;
+        let Some(server_if) = interfaces.iter().find(|i| {
+            i.netns == to
+                && i.addrs
+                    .iter()
+                    .any(|a| a.split('/').next() == Some(&addr.to_string()))
+        }) else {
+            bail!("{addr} is not an address of network namespace {to}");
+        };
+        let server = Endpoint {
+            netns: to.to_string(),
+            ifname: server_if.ifname.clone(),
+            addr,
+        };
+        let client = Endpoint {
+            netns: from.to_string(),
+            ifname: String::new(),
+            addr: Ipv4Addr::UNSPECIFIED,
+        };
+        let attach = attach_points(&interfaces, &[from, to]);
+        Ok(Target {
+            name: format!("{from} -> {to}"),
+            namespaces,
+            interfaces,
+            client,
+            server,
+            attach,
+        })
+    }
+}
+
+fn attach_points(ifaces: &[LabIface], ends: &[&str]) -> Vec<(String, String)> {
+    let at_ends: Vec<&LabIface> = ifaces
+        .iter()
+        .filter(|i| ends.contains(&i.netns.as_str()))
+        .collect();
+    let peers: Vec<&LabIface> = at_ends
+        .iter()
+        .filter_map(|i| i.peer.as_ref())
+        .filter_map(|p| {
+            ifaces
+                .iter()
+                .find(|j| j.netns == p.netns && j.ifname == p.ifname)
+        })
+        .collect();
+    let bridge_ports = ifaces.iter().filter(|j| {
+        peers
+            .iter()
+            .any(|p| p.master.is_some() && p.master == j.master && p.netns == j.netns)
+    });
+    let mut points: Vec<(String, String)> = at_ends
+        .into_iter()
+        .chain(peers.iter().copied())
+        .chain(bridge_ports)
+        .map(|i| (i.netns.clone(), i.ifname.clone()))
+        .collect();
+    points.sort();
+    points.dedup();
+    points
+}
