@@ -54,17 +54,7 @@ impl Nl {
     }
 
     pub async fn index(&self, name: &str) -> Result<u32> {
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_name(name)
-            .execute()
-            .try_next()
-            .await
-            .with_context(|| format!("cannot find interface {name} in {}", self.ns))?;
-        link.map(|msg| msg.header.index)
-            .ok_or_else(|| anyhow!("no interface {name} in {}", self.ns))
+        Ok(self.index_mtu(name).await?.0)
     }
 
     /// The link's ifindex and MTU.
