@@ -199,7 +199,9 @@ impl LabGuard {
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
-        let out = Command::new(BIN).args(["lab", "down", self.0.name]).output();
+        let out = Command::new(BIN)
+            .args(["lab", "down", self.0.name])
+            .output();
         if let Ok(out) = out {
             if !out.status.success() {
                 eprintln!(

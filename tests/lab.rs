@@ -478,10 +478,7 @@ fn flannel_cycle(mtu: Option<u32>, pod_mtu: u32) -> Result<()> {
             // Bound to wire0 as flannel binds it, unless the pods' MTU does not fit the wire:
             // the kernel refuses such an MTU on a bound VTEP, so the lab leaves it unbound.
             let bound = (pod_mtu + 50 <= wire).then_some("wire0");
-            assert_eq!(
-                (vx.kind.as_str(), vx.link.as_deref()),
-                ("vxlan", bound)
-            );
+            assert_eq!((vx.kind.as_str(), vx.link.as_deref()), ("vxlan", bound));
             // The request leaves through host-a's flannel.1, the reply through host-b's.
             crosses(lab, &ha, "flannel.1")?;
             crosses(lab, &hb, "flannel.1")?;
