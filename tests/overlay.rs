@@ -1,7 +1,8 @@
-//! End-to-end runs of the `profiler` binary on the cross-host labs: flannel-vxlan (with and
-//! without an MTU that does not fit the wire), host, bridge (host-gw) and macvlan. Every run must
-//! give one complete journey per exchange in both directions, whose segments add up to the
-//! end-to-end time, and leave nothing behind.
+//! End-to-end runs of the `profiler` binary on the labs other than tests/run.rs's bridge:
+//! flannel-vxlan cross-host (with and without an MTU that does not fit the wire), host and
+//! bridge (host-gw) cross-host, macvlan on one host and across two. Every run must give one
+//! complete journey per exchange in both directions, whose segments add up to the end-to-end
+//! time, and leave nothing behind.
 //!
 //! Labs are machine-global by name, so the tests of this file take turns (LOCK).
 
@@ -74,7 +75,10 @@ fn assert_vxlan_crossing(dir: &Value, src: &str, dst: &str, ctx: &str) {
         (
             "tc:egress flannel.1 (src), inner",
             Box::new(|h: &Hop| {
-                h.hook == "tc:egress" && h.ifname == "flannel.1" && h.netns == src && !h.encapsulated
+                h.hook == "tc:egress"
+                    && h.ifname == "flannel.1"
+                    && h.netns == src
+                    && !h.encapsulated
             }),
         ),
         (
@@ -111,7 +115,7 @@ fn assert_vxlan_crossing(dir: &Value, src: &str, dst: &str, ctx: &str) {
     let hops = hops(dir);
     let mut at = 0;
     for (what, matches) in &wanted {
-        let found = hops[at..].iter().position(|h| matches(h));
+        let found = hops[at..].iter().position(matches);
         let Some(i) = found else {
             panic!("{ctx}: no {what} after hop {at}");
         };
@@ -127,15 +131,26 @@ fn assert_vxlan_crossing(dir: &Value, src: &str, dst: &str, ctx: &str) {
             h.ifname,
             h.netns
         );
-        assert_eq!(h.tunnel.is_some(), h.encapsulated, "{ctx}: {} tunnel", h.hook);
+        assert_eq!(
+            h.tunnel.is_some(),
+            h.encapsulated,
+            "{ctx}: {} tunnel",
+            h.hook
+        );
     }
 }
 
 fn assert_vxlan_segments(r: &Value, ctx: &str) {
     for name in ["request", "response"] {
         let names = segment_names(direction(r, name));
-        for want in ["vxlan encap flannel.1 -> wire0", "vxlan decap wire0 -> flannel.1"] {
-            assert!(names.contains(&want), "{ctx} {name}: no {want:?} in {names:?}");
+        for want in [
+            "vxlan encap flannel.1 -> wire0",
+            "vxlan decap wire0 -> flannel.1",
+        ] {
+            assert!(
+                names.contains(&want),
+                "{ctx} {name}: no {want:?} in {names:?}"
+            );
         }
     }
 }
@@ -146,7 +161,14 @@ fn flannel(proto: &str, size: &str) {
     let r = profile(
         "flannel-vxlan-xhost",
         &[
-            "--lab", "flannel-vxlan", "--placement", "cross-host", "--proto", proto, "--size", size,
+            "--lab",
+            "flannel-vxlan",
+            "--placement",
+            "cross-host",
+            "--proto",
+            proto,
+            "--size",
+            size,
         ],
         &ctx,
     );
@@ -169,7 +191,10 @@ fn flannel_vxlan_tcp_1400() {
 
 /// The hook hops of a direction (its hops but app:send and app:recv).
 fn hook_hops(dir: &Value) -> u64 {
-    hops(dir).iter().filter(|h| !h.hook.starts_with("app:")).count() as u64
+    hops(dir)
+        .iter()
+        .filter(|h| !h.hook.starts_with("app:"))
+        .count() as u64
 }
 
 /// UDP 1470 B: an inner IP packet of 1498 bytes (1470 + 8 UDP + 20 IP), which fits a 1500 pod
@@ -189,8 +214,16 @@ fn flannel_vxlan_mtu_1500_fragments_the_outer_packets() {
     let r = profile(
         "flannel-vxlan-xhost",
         &[
-            "--lab", "flannel-vxlan", "--placement", "cross-host", "--mtu", "1500", "--proto",
-            "udp", "--size", FRAGMENTING_SIZE,
+            "--lab",
+            "flannel-vxlan",
+            "--placement",
+            "cross-host",
+            "--mtu",
+            "1500",
+            "--proto",
+            "udp",
+            "--size",
+            FRAGMENTING_SIZE,
         ],
         ctx,
     );
@@ -214,7 +247,13 @@ fn flannel_vxlan_default_mtu_fragments_at_the_pod() {
     let r = profile(
         "flannel-vxlan-xhost",
         &[
-            "--lab", "flannel-vxlan", "--placement", "cross-host", "--proto", "udp", "--size",
+            "--lab",
+            "flannel-vxlan",
+            "--placement",
+            "cross-host",
+            "--proto",
+            "udp",
+            "--size",
             FRAGMENTING_SIZE,
         ],
         ctx,
@@ -236,7 +275,16 @@ fn host_cross_host_udp_64() {
     let ctx = "host udp 64";
     let r = profile(
         "host-xhost",
-        &["--lab", "host", "--placement", "cross-host", "--proto", "udp", "--size", "64"],
+        &[
+            "--lab",
+            "host",
+            "--placement",
+            "cross-host",
+            "--proto",
+            "udp",
+            "--size",
+            "64",
+        ],
         ctx,
     );
     for name in ["request", "response"] {
@@ -254,7 +302,16 @@ fn bridge_cross_host_udp_64() {
     let ctx = "bridge cross-host udp 64";
     let r = profile(
         "bridge-xhost",
-        &["--lab", "bridge", "--placement", "cross-host", "--proto", "udp", "--size", "64"],
+        &[
+            "--lab",
+            "bridge",
+            "--placement",
+            "cross-host",
+            "--proto",
+            "udp",
+            "--size",
+            "64",
+        ],
         ctx,
     );
     for name in ["request", "response"] {
@@ -265,5 +322,72 @@ fn bridge_cross_host_udp_64() {
             "{ctx} {name}: no bridge cni0 segment in {names:?}"
         );
         assert!(hops(dir).iter().all(|h| !h.encapsulated), "{ctx} {name}");
+    }
+}
+
+/// Pods whose eth0 is a macvlan (mode bridge) of host-a's wire0, same host: macvlan delivers
+/// between siblings of one lower device itself, so the packets never cross the wire to the
+/// peer namespace.
+#[test]
+fn macvlan_same_host_udp_64() {
+    let _serial = serial();
+    let ctx = "macvlan same-host udp 64";
+    let r = profile(
+        "macvlan",
+        &[
+            "--lab",
+            "macvlan",
+            "--placement",
+            "same-host",
+            "--proto",
+            "udp",
+            "--size",
+            "64",
+        ],
+        ctx,
+    );
+    for name in ["request", "response"] {
+        let hops = hops(direction(&r, name));
+        assert!(hops.iter().all(|h| !h.encapsulated), "{ctx} {name}");
+        assert!(
+            hops.iter().all(|h| h.netns != "prof-macvlan-wire-peer"),
+            "{ctx} {name}: a hop in wire-peer"
+        );
+    }
+}
+
+/// macvlan children of each host's wire0: the packets leave host-a's wire0 and enter host-b's.
+#[test]
+fn macvlan_cross_host_udp_64() {
+    let _serial = serial();
+    let ctx = "macvlan cross-host udp 64";
+    let r = profile(
+        "macvlan-xhost",
+        &[
+            "--lab",
+            "macvlan",
+            "--placement",
+            "cross-host",
+            "--proto",
+            "udp",
+            "--size",
+            "64",
+        ],
+        ctx,
+    );
+    for (name, src, dst) in [
+        ("request", "host-a", "host-b"),
+        ("response", "host-b", "host-a"),
+    ] {
+        let hops = hops(direction(&r, name));
+        assert!(hops.iter().all(|h| !h.encapsulated), "{ctx} {name}");
+        for (host, hook) in [(src, "tc:egress"), (dst, "tc:ingress")] {
+            let netns = format!("prof-macvlan-xhost-{host}");
+            assert!(
+                hops.iter()
+                    .any(|h| h.hook == hook && h.ifname == "wire0" && h.netns == netns),
+                "{ctx} {name}: no {hook} wire0 in {host}"
+            );
+        }
     }
 }
