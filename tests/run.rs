@@ -2,14 +2,15 @@
 //! programs, real tagged traffic. Each run is checked against an independently written-down hop
 //! order, and everything the run created must be gone afterwards.
 
+mod common;
+
 use std::{
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+use common::{assert_clean, hop_sequence, profiler, BIN};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_profiler");
 
 /// The bridge lab's request path, hop by hop: pod-a's socket, its eth0 (veth), the host end
 /// veth-a, the bridge forwarding to veth-b, pod-b's eth0, pod-b's socket. veth delivers to the
@@ -33,27 +34,6 @@ const BRIDGE_REQUEST: &[(&str, Option<&str>)] = &[
     ("app:recv", None),
 ];
 
-fn profiler(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("running the profiler binary")
-}
-
-fn hop_sequence(dir: &Value) -> Vec<(String, Option<String>)> {
-    dir["hops"]
-        .as_array()
-        .expect("hops")
-        .iter()
-        .map(|h| {
-            (
-                h["hook"].as_str().unwrap().to_string(),
-                h["ifname"].as_str().map(str::to_string),
-            )
-        })
-        .collect()
-}
-
 fn expected(dir: &str) -> Vec<(String, Option<String>)> {
     let mut hops: Vec<_> = BRIDGE_REQUEST
         .iter()
@@ -70,46 +50,6 @@ fn expected(dir: &str) -> Vec<(String, Option<String>)> {
         }
     }
     hops
-}
-
-/// Nothing of the project's may remain: no lab namespace, no BPF program of ours. The kernel
-/// frees an exited process's programs asynchronously, so they get a moment to go.
-fn assert_clean() {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !our_programs().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let leftover_ns: Vec<_> = std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.starts_with("prof-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(
-        leftover_ns.is_empty(),
-        "namespaces left behind: {leftover_ns:?}"
-    );
-    let loaded = our_programs();
-    assert!(loaded.is_empty(), "BPF programs left loaded: {loaded:?}");
-}
-
-fn our_programs() -> Vec<String> {
-    let ours: Vec<String> = profiler::datapath::HOOKS
-        .iter()
-        .flat_map(|h| match h.attach {
-            profiler::datapath::Attach::Tracepoint {
-                btf_prog, raw_prog, ..
-            } => vec![btf_prog, raw_prog],
-            profiler::datapath::Attach::Tc { prog, .. } => vec![prog],
-        })
-        // The kernel keeps 15 bytes of a program's name.
-        .map(|n| n.chars().take(15).collect())
-        .collect();
-    aya::programs::loaded_programs()
-        .filter_map(|p| p.ok()?.name_as_str().map(str::to_string))
-        .filter(|n| ours.contains(n))
-        .collect()
 }
 
 fn check_run(proto: &str, size: usize) {

@@ -221,9 +221,16 @@ pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
     } else {
         p.read(l4.offset)?
     };
+    // A fragmented outer packet (an overlay whose MTU does not fit the underlay): its later
+    // fragments carry neither the tunnel header nor the tag, so the first one records the tag
+    // under the outer datagram's identity too.
+    let mut outer_frag = None;
     if !l4.later_fragment {
         if let Some((inner_ethertype, inner, kind)) = tunnel(p, &l4, ports) {
             flags |= FLAG_ENCAP | (kind << TUNNEL_SHIFT);
+            if l4.fragmented {
+                outer_frag = Some(l4.frag_key());
+            }
             let (ethertype, off) = match inner_ethertype {
                 Some(et) => (et, inner),
                 None => {
@@ -274,6 +281,9 @@ pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
     if l4.fragmented {
         // The first fragment: remember the tag for the fragments that follow.
         let _ = FRAG_TAGS.insert(&l4.frag_key(), &found, 0);
+    }
+    if let Some(key) = outer_frag {
+        let _ = FRAG_TAGS.insert(&key, &found, 0);
     }
     Some(found)
 }

@@ -141,15 +141,16 @@ impl Nl {
         vni: u32,
         port: u16,
         local: Ipv4Addr,
-        dev: u32,
+        dev: Option<u32>,
         mac: [u8; 6],
         mtu: u32,
         index: u32,
     ) -> Result<u32> {
-        let msg = LinkVxlan::new(name, vni)
-            .port(port)
-            .local(local)
-            .dev(dev)
+        let mut vxlan = LinkVxlan::new(name, vni).port(port).local(local);
+        if let Some(dev) = dev {
+            vxlan = vxlan.dev(dev);
+        }
+        let msg = vxlan
             .learning(false)
             .address(mac.to_vec())
             .mtu(mtu)

@@ -72,7 +72,10 @@ pub(super) async fn build(
     }
     for vxlan in &spec.vxlans {
         let nl = Nl::open(Some(&netns_name(lab, vxlan.at.0)))?;
-        let dev = nl.index(vxlan.dev).await?;
+        let dev = match vxlan.dev {
+            Some(dev) => Some(nl.index(dev).await?),
+            None => None,
+        };
         let index = nl
             .add_vxlan(
                 vxlan.at.1,
@@ -285,7 +288,7 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
     }
     for vxlan in &spec.vxlans {
         let mut i = iface(vxlan.at, "vxlan")?;
-        i.link = Some(vxlan.dev.to_string());
+        i.link = vxlan.dev.map(str::to_string);
         interfaces.push(i);
     }
     let endpoint = |at: Place| -> Result<Endpoint> {

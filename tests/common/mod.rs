@@ -1,0 +1,146 @@
+//! Helpers shared by the integration tests that drive the `profiler` binary (run.rs,
+//! overlay.rs, ground_truth.rs). Each test crate uses a different subset.
+#![allow(dead_code)]
+
+use std::{
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_profiler");
+
+pub fn profiler(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("running the profiler binary")
+}
+
+/// `profiler run ARGS --json -`, which must exit 0: the profiler.run.v1 report.
+pub fn run_json(args: &[&str]) -> Value {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--json", "-"]);
+    let out = profiler(&all);
+    assert!(
+        out.status.success(),
+        "profiler {}: {}",
+        all.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("profiler.run.v1 JSON on stdout");
+    assert_eq!(r["schema"], "profiler.run.v1");
+    r
+}
+
+/// Every exchange completed, no event lost, and every exchange gave a complete journey in both
+/// directions whose segments add up to the end-to-end time (within 1%).
+pub fn assert_complete(r: &Value, count: u64, ctx: &str) {
+    assert_eq!(r["events"]["lost"], 0, "{ctx}: lost events");
+    let completed = r["traffic"]["completed"].as_u64().unwrap();
+    assert_eq!(completed, count, "{ctx}: exchanges completed");
+    let dirs = r["directions"].as_array().unwrap();
+    assert_eq!(dirs.len(), 2, "{ctx}: directions");
+    for dir in dirs {
+        let ctx = format!("{ctx} {}", dir["direction"].as_str().unwrap());
+        assert_eq!(dir["complete_packets"].as_u64(), Some(completed), "{ctx}");
+        assert_eq!(dir["incomplete_packets"], 0, "{ctx}");
+        let sum: f64 = segments(dir)
+            .iter()
+            .map(|s| s["mean_ns"].as_f64().unwrap())
+            .sum();
+        let e2e = dir["end_to_end"]["mean_ns"].as_f64().unwrap();
+        assert!(
+            e2e > 0.0 && ((sum - e2e) / e2e).abs() < 0.01,
+            "{ctx}: segments {sum} vs end to end {e2e}"
+        );
+    }
+}
+
+pub fn direction<'a>(r: &'a Value, name: &str) -> &'a Value {
+    r["directions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["direction"] == name)
+        .unwrap_or_else(|| panic!("no {name} direction"))
+}
+
+pub fn segments(dir: &Value) -> &Vec<Value> {
+    dir["segments"].as_array().expect("segments")
+}
+
+pub fn segment_names(dir: &Value) -> Vec<&str> {
+    segments(dir)
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect()
+}
+
+pub fn hop_sequence(dir: &Value) -> Vec<(String, Option<String>)> {
+    dir["hops"]
+        .as_array()
+        .expect("hops")
+        .iter()
+        .map(|h| {
+            (
+                h["hook"].as_str().unwrap().to_string(),
+                h["ifname"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+/// Nothing of the project's may remain: no lab namespace, no BPF program of ours. The kernel
+/// frees an exited process's programs asynchronously, so they get a moment to go.
+pub fn assert_clean() {
+    assert_clean_of("");
+}
+
+/// `assert_clean`, looking only at the namespaces of lab `lab` (all labs when empty): other
+/// checkouts on this machine may have labs of their own up. Programs cannot be told apart by
+/// checkout, so none of ours may be loaded.
+pub fn assert_clean_of(lab: &str) {
+    let prefix = if lab.is_empty() {
+        "prof-".to_string()
+    } else {
+        format!("prof-{lab}-")
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !our_programs().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let leftover_ns: Vec<_> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        leftover_ns.is_empty(),
+        "namespaces left behind: {leftover_ns:?}"
+    );
+    let loaded = our_programs();
+    assert!(loaded.is_empty(), "BPF programs left loaded: {loaded:?}");
+}
+
+pub fn our_programs() -> Vec<String> {
+    let ours: Vec<String> = profiler::datapath::HOOKS
+        .iter()
+        .flat_map(|h| match h.attach {
+            profiler::datapath::Attach::Tracepoint {
+                btf_prog, raw_prog, ..
+            } => vec![btf_prog, raw_prog],
+            profiler::datapath::Attach::Tc { prog, .. } => vec![prog],
+        })
+        // The kernel keeps 15 bytes of a program's name.
+        .map(|n| n.chars().take(15).collect())
+        .collect();
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok()?.name_as_str().map(str::to_string))
+        .filter(|n| ours.contains(n))
+        .collect()
+}

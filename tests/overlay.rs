@@ -1,0 +1,393 @@
+//! End-to-end runs of the `profiler` binary on the labs other than tests/run.rs's bridge:
+//! flannel-vxlan cross-host (with and without an MTU that does not fit the wire), host and
+//! bridge (host-gw) cross-host, macvlan on one host and across two. Every run must give one
+//! complete journey per exchange in both directions, whose segments add up to the end-to-end
+//! time, and leave nothing behind.
+//!
+//! Labs are machine-global by name, so the tests of this file take turns (LOCK).
+
+mod common;
+
+use std::sync::{Mutex, MutexGuard};
+
+use common::{assert_clean_of, assert_complete, direction, run_json, segment_names};
+use serde_json::Value;
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+const COUNT: u64 = 500;
+
+/// Profiles `args` on lab `lab` (which must not be up already: the run brings it up with the
+/// options given, and takes it down), checks the run is complete and clean, returns the report.
+fn profile(lab: &str, args: &[&str], ctx: &str) -> Value {
+    assert!(
+        !profiler::netns::exists(&format!("prof-{lab}-pod-a"))
+            && !profiler::netns::exists(&format!("prof-{lab}-host-a")),
+        "{ctx}: lab {lab} is already up; the run would not make it with its own options"
+    );
+    let count = COUNT.to_string();
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--count", &count]);
+    let r = run_json(&all);
+    assert_complete(&r, COUNT, ctx);
+    assert_clean_of(lab);
+    r
+}
+
+/// A hop as the JSON reports it.
+struct Hop<'a> {
+    hook: &'a str,
+    ifname: &'a str,
+    netns: &'a str,
+    encapsulated: bool,
+    tunnel: Option<&'a str>,
+}
+
+fn hops(dir: &Value) -> Vec<Hop<'_>> {
+    dir["hops"]
+        .as_array()
+        .expect("hops")
+        .iter()
+        .map(|h| Hop {
+            hook: h["hook"].as_str().unwrap(),
+            ifname: h["ifname"].as_str().unwrap_or(""),
+            netns: h["netns"].as_str().unwrap_or(""),
+            encapsulated: h["encapsulated"].as_bool().expect("encapsulated"),
+            tunnel: h["tunnel"].as_str(),
+        })
+        .collect()
+}
+
+/// The flannel-vxlan crossing of one direction, from host `src` to host `dst`: the inner packet
+/// leaves through src's flannel.1 (tc egress, not encapsulated), the VXLAN packet leaves
+/// src's wire0 and enters dst's wire0 (encapsulated, vxlan), and the decapsulated packet is
+/// received on dst's flannel.1 (GRO cells' NAPI, or the backlog). In this order, with anything
+/// in between.
+fn assert_vxlan_crossing(dir: &Value, src: &str, dst: &str, ctx: &str) {
+    let lab = "prof-flannel-vxlan-xhost";
+    let (src, dst) = (format!("{lab}-{src}"), format!("{lab}-{dst}"));
+    type Want<'a> = (&'a str, Box<dyn Fn(&Hop) -> bool + 'a>);
+    let wanted: [Want; 4] = [
+        (
+            "tc:egress flannel.1 (src), inner",
+            Box::new(|h: &Hop| {
+                h.hook == "tc:egress"
+                    && h.ifname == "flannel.1"
+                    && h.netns == src
+                    && !h.encapsulated
+            }),
+        ),
+        (
+            "tc:egress wire0 (src), vxlan",
+            Box::new(|h: &Hop| {
+                h.hook == "tc:egress"
+                    && h.ifname == "wire0"
+                    && h.netns == src
+                    && h.encapsulated
+                    && h.tunnel == Some("vxlan")
+            }),
+        ),
+        (
+            "tc:ingress wire0 (dst), vxlan",
+            Box::new(|h: &Hop| {
+                h.hook == "tc:ingress"
+                    && h.ifname == "wire0"
+                    && h.netns == dst
+                    && h.encapsulated
+                    && h.tunnel == Some("vxlan")
+            }),
+        ),
+        (
+            "napi_gro_receive_entry or netif_receive_skb flannel.1 (dst), inner",
+            Box::new(|h: &Hop| {
+                (h.hook.ends_with(":napi_gro_receive_entry")
+                    || h.hook.ends_with(":netif_receive_skb"))
+                    && h.ifname == "flannel.1"
+                    && h.netns == dst
+                    && !h.encapsulated
+            }),
+        ),
+    ];
+    let hops = hops(dir);
+    let mut at = 0;
+    for (what, matches) in &wanted {
+        let found = hops[at..].iter().position(matches);
+        let Some(i) = found else {
+            panic!("{ctx}: no {what} after hop {at}");
+        };
+        at += i + 1;
+    }
+    // Hops outside the tunnel are never marked encapsulated; hops inside it always say which.
+    for h in &hops {
+        assert_eq!(
+            h.encapsulated,
+            h.ifname == "wire0",
+            "{ctx}: {} {} in {}: encapsulated",
+            h.hook,
+            h.ifname,
+            h.netns
+        );
+        assert_eq!(
+            h.tunnel.is_some(),
+            h.encapsulated,
+            "{ctx}: {} tunnel",
+            h.hook
+        );
+    }
+}
+
+fn assert_vxlan_segments(r: &Value, ctx: &str) {
+    for name in ["request", "response"] {
+        let names = segment_names(direction(r, name));
+        for want in [
+            "vxlan encap flannel.1 -> wire0",
+            "vxlan decap wire0 -> flannel.1",
+        ] {
+            assert!(
+                names.contains(&want),
+                "{ctx} {name}: no {want:?} in {names:?}"
+            );
+        }
+    }
+}
+
+fn flannel(proto: &str, size: &str) {
+    let _serial = serial();
+    let ctx = format!("flannel-vxlan {proto} {size}");
+    let r = profile(
+        "flannel-vxlan-xhost",
+        &[
+            "--lab",
+            "flannel-vxlan",
+            "--placement",
+            "cross-host",
+            "--proto",
+            proto,
+            "--size",
+            size,
+        ],
+        &ctx,
+    );
+    assert_vxlan_crossing(direction(&r, "request"), "host-a", "host-b", &ctx);
+    assert_vxlan_crossing(direction(&r, "response"), "host-b", "host-a", &ctx);
+    assert_vxlan_segments(&r, &ctx);
+    // 64 B and 1400 B payloads fit flannel's 1450: nothing is fragmented.
+    assert_eq!(r["events"]["fragments"], 0, "{ctx}: fragments");
+}
+
+#[test]
+fn flannel_vxlan_udp_64() {
+    flannel("udp", "64");
+}
+
+#[test]
+fn flannel_vxlan_tcp_1400() {
+    flannel("tcp", "1400");
+}
+
+/// The hook hops of a direction (its hops but app:send and app:recv).
+fn hook_hops(dir: &Value) -> u64 {
+    hops(dir)
+        .iter()
+        .filter(|h| !h.hook.starts_with("app:"))
+        .count() as u64
+}
+
+/// UDP 1470 B: an inner IP packet of 1498 bytes (1470 + 8 UDP + 20 IP), which fits a 1500 pod
+/// MTU, and a 1548-byte VXLAN packet (+ 14 inner Ethernet + 8 VXLAN + 8 UDP + 20 IP).
+const FRAGMENTING_SIZE: &str = "1470";
+
+/// `--mtu 1500`: the pods send the 1498-byte packet whole, and the VXLAN packet (1548 bytes)
+/// does not fit the 1500-byte wire. The kernel fragments the outer packet (VXLAN does not set
+/// DF) and host-b reassembles it before decapsulation. The first outer fragment carries the tag
+/// and is the journey's hop; the second crosses only the wire0 hops, 7 of them per direction
+/// (host-a side: tc egress, net_dev_queue, net_dev_start_xmit, net_dev_xmit; host-b side:
+/// netif_rx, netif_receive_skb, tc ingress), and is counted in events.fragments.
+#[test]
+fn flannel_vxlan_mtu_1500_fragments_the_outer_packets() {
+    let _serial = serial();
+    let ctx = "flannel-vxlan --mtu 1500 udp 1470";
+    let r = profile(
+        "flannel-vxlan-xhost",
+        &[
+            "--lab",
+            "flannel-vxlan",
+            "--placement",
+            "cross-host",
+            "--mtu",
+            "1500",
+            "--proto",
+            "udp",
+            "--size",
+            FRAGMENTING_SIZE,
+        ],
+        ctx,
+    );
+    assert_vxlan_crossing(direction(&r, "request"), "host-a", "host-b", ctx);
+    assert_vxlan_crossing(direction(&r, "response"), "host-b", "host-a", ctx);
+    assert_vxlan_segments(&r, ctx);
+    let fragments = r["events"]["fragments"].as_u64().unwrap();
+    assert!(fragments > 0, "{ctx}: no fragments");
+    assert_eq!(fragments, COUNT * 2 * 7, "{ctx}: fragment events");
+}
+
+/// The same datagram with flannel's own MTU (1450 inside): the inner packet (1498 bytes) does
+/// not fit pod-a's eth0, so pod-a fragments it itself, and every fragment (at most 1450 bytes,
+/// 1500 with VXLAN) fits the wire. The later fragment then crosses every device the first one
+/// does: one fragment event per hook hop, both directions, and pod-b reassembles (in its
+/// "stack and socket" segment). Nothing is fragmented on the wire.
+#[test]
+fn flannel_vxlan_default_mtu_fragments_at_the_pod() {
+    let _serial = serial();
+    let ctx = "flannel-vxlan udp 1470";
+    let r = profile(
+        "flannel-vxlan-xhost",
+        &[
+            "--lab",
+            "flannel-vxlan",
+            "--placement",
+            "cross-host",
+            "--proto",
+            "udp",
+            "--size",
+            FRAGMENTING_SIZE,
+        ],
+        ctx,
+    );
+    assert_vxlan_crossing(direction(&r, "request"), "host-a", "host-b", ctx);
+    assert_vxlan_crossing(direction(&r, "response"), "host-b", "host-a", ctx);
+    let per_exchange = hook_hops(direction(&r, "request")) + hook_hops(direction(&r, "response"));
+    assert_eq!(
+        r["events"]["fragments"].as_u64(),
+        Some(COUNT * per_exchange),
+        "{ctx}: fragment events"
+    );
+}
+
+/// The baseline: no container network, the client in host-a and the server in host-b.
+#[test]
+fn host_cross_host_udp_64() {
+    let _serial = serial();
+    let ctx = "host udp 64";
+    let r = profile(
+        "host-xhost",
+        &[
+            "--lab",
+            "host",
+            "--placement",
+            "cross-host",
+            "--proto",
+            "udp",
+            "--size",
+            "64",
+        ],
+        ctx,
+    );
+    for name in ["request", "response"] {
+        assert!(
+            hops(direction(&r, name)).iter().all(|h| !h.encapsulated),
+            "{ctx} {name}: encapsulated hop"
+        );
+    }
+}
+
+/// cni0 per host, host-gw routes over the wire: the pods' packets cross the bridges unencapsulated.
+#[test]
+fn bridge_cross_host_udp_64() {
+    let _serial = serial();
+    let ctx = "bridge cross-host udp 64";
+    let r = profile(
+        "bridge-xhost",
+        &[
+            "--lab",
+            "bridge",
+            "--placement",
+            "cross-host",
+            "--proto",
+            "udp",
+            "--size",
+            "64",
+        ],
+        ctx,
+    );
+    for name in ["request", "response"] {
+        let dir = direction(&r, name);
+        let names = segment_names(dir);
+        assert!(
+            names.iter().any(|n| n.starts_with("bridge cni0")),
+            "{ctx} {name}: no bridge cni0 segment in {names:?}"
+        );
+        assert!(hops(dir).iter().all(|h| !h.encapsulated), "{ctx} {name}");
+    }
+}
+
+/// Pods whose eth0 is a macvlan (mode bridge) of host-a's wire0, same host: macvlan delivers
+/// between siblings of one lower device itself, so the packets never cross the wire to the
+/// peer namespace.
+#[test]
+fn macvlan_same_host_udp_64() {
+    let _serial = serial();
+    let ctx = "macvlan same-host udp 64";
+    let r = profile(
+        "macvlan",
+        &[
+            "--lab",
+            "macvlan",
+            "--placement",
+            "same-host",
+            "--proto",
+            "udp",
+            "--size",
+            "64",
+        ],
+        ctx,
+    );
+    for name in ["request", "response"] {
+        let hops = hops(direction(&r, name));
+        assert!(hops.iter().all(|h| !h.encapsulated), "{ctx} {name}");
+        assert!(
+            hops.iter().all(|h| h.netns != "prof-macvlan-wire-peer"),
+            "{ctx} {name}: a hop in wire-peer"
+        );
+    }
+}
+
+/// macvlan children of each host's wire0: the packets leave host-a's wire0 and enter host-b's.
+#[test]
+fn macvlan_cross_host_udp_64() {
+    let _serial = serial();
+    let ctx = "macvlan cross-host udp 64";
+    let r = profile(
+        "macvlan-xhost",
+        &[
+            "--lab",
+            "macvlan",
+            "--placement",
+            "cross-host",
+            "--proto",
+            "udp",
+            "--size",
+            "64",
+        ],
+        ctx,
+    );
+    for (name, src, dst) in [
+        ("request", "host-a", "host-b"),
+        ("response", "host-b", "host-a"),
+    ] {
+        let hops = hops(direction(&r, name));
+        assert!(hops.iter().all(|h| !h.encapsulated), "{ctx} {name}");
+        for (host, hook) in [(src, "tc:egress"), (dst, "tc:ingress")] {
+            let netns = format!("prof-macvlan-xhost-{host}");
+            assert!(
+                hops.iter()
+                    .any(|h| h.hook == hook && h.ifname == "wire0" && h.netns == netns),
+                "{ctx} {name}: no {hook} wire0 in {host}"
+            );
+        }
+    }
+}
