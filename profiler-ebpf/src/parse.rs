@@ -169,6 +169,24 @@ fn l3<P: Packet>(p: &P, ethertype: u16, off: usize) -> Option<L4> {
     }
 }
 
+/// Whether the packet (its outermost L4 header) is UDP or TCP with `port` as source or
+/// destination port: what the delay injector holds.
+#[inline(always)]
+pub fn ports_match<P: Packet>(p: &P, port: u16) -> bool {
+    let Some((ethertype, off, _)) = l2(p, 0) else {
+        return false;
+    };
+    let Some(l4) = l3(p, ethertype, off) else {
+        return false;
+    };
+    if l4.later_fragment || (l4.proto != IPPROTO_UDP && l4.proto != IPPROTO_TCP) {
+        return false;
+    }
+    p.read::<4>(l4.offset).is_some_and(|ports| {
+        be16([ports[0], ports[1]]) == port || be16([ports[2], ports[3]]) == port
+    })
+}
+
 #[inline(always)]
 fn read_tag<P: Packet>(p: &P, offset: usize, run_id: u32) -> Option<Tag> {
     let raw: [u8; TAG_LEN] = p.read(offset)?;
