@@ -391,3 +391,26 @@ fn macvlan_cross_host_udp_64() {
         }
     }
 }
+
+/// A lab that is already up keeps its MTU: a run asking for another one must refuse in one line
+/// rather than profile the wrong path, and leave the lab as it found it.
+#[test]
+fn run_with_another_mtu_than_the_lab_is_refused() {
+    let _serial = serial();
+    let lab = ["--lab", "flannel-vxlan", "--placement", "cross-host"];
+    let up = common::profiler(&["lab", "up", "flannel-vxlan", "--placement", "cross-host"]);
+    assert!(up.status.success(), "lab up: {up:?}");
+    let mut args = vec!["run"];
+    args.extend_from_slice(&lab);
+    args.extend_from_slice(&["--mtu", "1500", "--count", "10"]);
+    let out = common::profiler(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let still_up = profiler::netns::exists("prof-flannel-vxlan-xhost-host-a");
+    let down = common::profiler(&["lab", "down", "flannel-vxlan-xhost"]);
+    assert!(!out.status.success(), "a run with --mtu 1500 succeeded");
+    assert!(err.contains("already up with another MTU"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(still_up, "the refused run took the lab down");
+    assert!(down.status.success(), "lab down: {down:?}");
+    assert_clean_of("flannel-vxlan-xhost");
+}

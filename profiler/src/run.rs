@@ -238,6 +238,12 @@ fn rand_run_id() -> u32 {
 pub async fn ensure_lab(topology: Topology, options: &LabOptions) -> Result<(Lab, bool)> {
     let name = lab::lab_name(topology, options.placement);
     match lab::get(&name)? {
+        Some(lab) if options.mtu.is_some() && options.mtu != lab.mtu => {
+            anyhow::bail!(
+                "lab {name} is already up with another MTU ({}); take it down first (profiler lab down {name})",
+                lab.mtu.map_or("the topology's default".to_string(), |m| m.to_string())
+            )
+        }
         Some(lab) => Ok((lab, false)),
         None => {
             eprintln!("bringing up lab {name}");
