@@ -414,3 +414,65 @@ fn run_with_another_mtu_than_the_lab_is_refused() {
     assert!(down.status.success(), "lab down: {down:?}");
     assert_clean_of("flannel-vxlan-xhost");
 }
+
+/// `profiler compare`: the host baseline and macvlan measured side by side, and vlan either
+/// measured too or, on a kernel without 8021q (this one), skipped with the reason rather than
+/// aborting the comparison. Every run inside is complete; the labs it made are gone afterwards.
+#[test]
+fn compare_host_macvlan_and_vlan() {
+    let _serial = serial();
+    let out = common::profiler(&[
+        "compare",
+        "--lab",
+        "host,macvlan,vlan",
+        "--placement",
+        "cross-host",
+        "--sizes",
+        "64",
+        "--count",
+        "200",
+        "--json",
+        "-",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "profiler compare: {err}");
+    let c: Value = serde_json::from_slice(&out.stdout).expect("profiler.compare.v1 JSON");
+    assert_eq!(c["schema"], "profiler.compare.v1");
+    let rows = c["summary"].as_array().unwrap();
+    let row = |t: &str| rows.iter().find(|r| r["topology"] == t);
+    let base = row("host-xhost").expect("a host row");
+    assert!(base["delta_ns"].is_null(), "the baseline has a delta");
+    let macvlan = row("macvlan-xhost").expect("a macvlan row");
+    let delta = macvlan["delta_ns"].as_f64().expect("macvlan's delta");
+    let contributors = macvlan["contributors"].as_array().unwrap();
+    assert!(
+        !contributors.is_empty(),
+        "no contributors to macvlan's delta"
+    );
+    for s in contributors {
+        let share = s["delta_ns"].as_f64().unwrap() / delta * 100.0;
+        assert!(
+            (s["percent"].as_f64().unwrap() - share).abs() < 0.01,
+            "a contributor's percent is not its share of {delta} ns: {s}"
+        );
+    }
+    let skipped = c["skipped"].as_array().unwrap();
+    match (row("vlan-xhost"), skipped.as_slice()) {
+        (Some(_), []) => {}
+        (None, [s]) => {
+            assert_eq!(s["topology"], "vlan-xhost");
+            assert!(s["reason"].as_str().unwrap().contains("8021q"), "{s}");
+            assert!(
+                err.contains("skipping vlan"),
+                "the skip is not on stderr: {err}"
+            );
+        }
+        other => panic!("vlan neither measured nor skipped once: {other:?}"),
+    }
+    for r in c["runs"].as_array().unwrap() {
+        assert_complete(r, 200, r["topology"].as_str().unwrap());
+    }
+    for lab in ["host-xhost", "macvlan-xhost", "vlan-xhost"] {
+        assert_clean_of(lab);
+    }
+}
