@@ -57,10 +57,12 @@ pub enum HookId {
     KfreeSkb = 6,
     TcIngress = 7,
     TcEgress = 8,
+    /// Follow mode only: the buffer freed after use, where a journey ends.
+    ConsumeSkb = 9,
 }
 
 impl HookId {
-    pub const ALL: [HookId; 9] = [
+    pub const ALL: [HookId; 10] = [
         HookId::NetDevQueue,
         HookId::NetDevStartXmit,
         HookId::NetDevXmit,
@@ -70,6 +72,7 @@ impl HookId {
         HookId::KfreeSkb,
         HookId::TcIngress,
         HookId::TcEgress,
+        HookId::ConsumeSkb,
     ];
 
     pub fn from_u8(v: u8) -> Option<HookId> {
@@ -136,10 +139,169 @@ pub const COUNTER_LOST: u32 = 0;
 /// TCP segments of the run's port whose tag lay in paged data a tracepoint cannot read, and
 /// that no earlier hook (tc) had recorded: they are missing from journeys, so they are counted.
 pub const COUNTER_UNREADABLE: u32 = 1;
-pub const COUNTER_COUNT: u32 = 2;
+
+/// Follow mode (`profiler attach`): counters after the tagged-mode ones in `COUNTERS`.
+/// Journeys begun at a device in scope whose packet passed the filter and the sampling.
+pub const COUNTER_STARTED: u32 = 2;
+/// Journeys that ended where the kernel freed the buffer after use (consume_skb).
+pub const COUNTER_CONSUMED: u32 = 3;
+/// Journeys that ended in a drop (kfree_skb).
+pub const COUNTER_DROPPED: u32 = 4;
+/// Journeys abandoned because their buffer carried another packet (freed where no hook saw it,
+/// then reused) or their last hop was older than the gap limit.
+pub const COUNTER_ABANDONED: u32 = 5;
+/// Journeys kept across a reallocated buffer (the skb found under a new head).
+pub const COUNTER_REHEADED: u32 = 6;
+pub const COUNTER_COUNT: u32 = 7;
+
+/// A hop as the kernel keys it in follow mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HopPoint {
+    pub ifindex: u32,
+    pub netns: u32,
+    pub hook: u8,
+    /// Event flags: how the hop saw the packet (FLAG_ENCAP, tunnel kind, FLAG_VLAN).
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// A segment: two consecutive hops of one packet's journey.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SegmentKey {
+    pub from: HopPoint,
+    pub to: HopPoint,
+}
+
+/// Log-linear histogram buckets: values below [`HIST_SUB`] ns exactly, then [`HIST_SUB`]
+/// buckets per power of two (about 6% wide), up to 2^35 ns.
+pub const HIST_SUB_BITS: u32 = 4;
+pub const HIST_SUB: u64 = 1 << HIST_SUB_BITS;
+pub const HIST_BUCKETS: usize = 512;
+
+/// One segment's latency histogram, per CPU, in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Histogram {
+    pub count: u64,
+    pub sum_ns: u64,
+    pub buckets: [u64; HIST_BUCKETS],
+}
+
+/// The bucket of a value in nanoseconds.
+#[inline(always)]
+pub fn hist_bucket(ns: u64) -> usize {
+    if ns < HIST_SUB {
+        return ns as usize;
+    }
+    let msb = 63 - ns.leading_zeros();
+    let sub = (ns >> (msb - HIST_SUB_BITS)) & (HIST_SUB - 1);
+    let i = ((msb - HIST_SUB_BITS + 1) as usize) * HIST_SUB as usize + sub as usize;
+    if i < HIST_BUCKETS {
+        i
+    } else {
+        HIST_BUCKETS - 1
+    }
+}
+
+/// The smallest value of a bucket, and its width.
+pub fn hist_bucket_range(i: usize) -> (u64, u64) {
+    let sub = HIST_SUB as usize;
+    if i < sub {
+        return (i as u64, 1);
+    }
+    let shift = (i / sub - 1) as u32;
+    let low = ((sub + i % sub) as u64) << shift;
+    (low, 1 << shift)
+}
+
+/// One hop of a followed packet, streamed in `--mode events`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopEvent {
+    pub ts_ns: u64,
+    /// The journey: its first buffer address and first timestamp identify it.
+    pub journey_head: u64,
+    pub journey_start_ns: u64,
+    pub point: HopPoint,
+    pub len: u32,
+    /// skb_drop_reason when `end` is [`END_DROPPED`].
+    pub drop_reason: u32,
+    /// 0 while the journey goes on; [`END_CONSUMED`] or [`END_DROPPED`] when it ends here.
+    pub end: u8,
+    pub _pad: [u8; 7],
+}
+
+pub const END_CONSUMED: u8 = 1;
+pub const END_DROPPED: u8 = 2;
+
+/// A packet filter in disjunctive normal form: a packet matches when all terms of any clause
+/// hold, on its outer headers or on those inside a tunnel. No clause matches everything.
+pub const FILTER_CLAUSES: usize = 6;
+pub const FILTER_TERMS: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FilterTerm {
+    /// One of the `FIELD_*` constants.
+    pub field: u8,
+    pub negate: u8,
+    /// Prefix length for address fields (32 or 128 for a host).
+    pub prefix: u8,
+    /// 4 or 6 for address fields: the family the address belongs to.
+    pub family: u8,
+    /// The port (host order) or protocol number.
+    pub value: u32,
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FilterClause {
+    pub terms: [FilterTerm; FILTER_TERMS],
+    pub len: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub clauses: [FilterClause; FILTER_CLAUSES],
+    pub len: u32,
+}
+
+pub const FIELD_PROTO: u8 = 1;
+/// `value` 4 or 6.
+pub const FIELD_FAMILY: u8 = 2;
+pub const FIELD_SRC_ADDR: u8 = 3;
+pub const FIELD_DST_ADDR: u8 = 4;
+pub const FIELD_ADDR: u8 = 5;
+pub const FIELD_SRC_PORT: u8 = 6;
+pub const FIELD_DST_PORT: u8 = 7;
+pub const FIELD_PORT: u8 = 8;
 
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::HopPoint {}
+    unsafe impl aya::Pod for super::SegmentKey {}
+    unsafe impl aya::Pod for super::Histogram {}
+    unsafe impl aya::Pod for super::HopEvent {}
+    unsafe impl aya::Pod for super::Filter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_value_falls_in_its_buckets_range() {
+        for v in (0..5000u64).chain([1 << 20, (1 << 20) + 12345, 999_999_999]) {
+            let (low, width) = hist_bucket_range(hist_bucket(v));
+            assert!(low <= v && v < low + width, "{v}: [{low}, +{width})");
+            assert!(width * 16 <= low.max(16), "{v}: bucket too wide");
+        }
+        assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+    }
 }

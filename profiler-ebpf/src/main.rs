@@ -7,6 +7,7 @@
 #![no_main]
 
 mod delay;
+mod follow;
 mod parse;
 mod skb;
 
@@ -21,6 +22,7 @@ use aya_ebpf::{
 use profiler_common::{Event, HookId, KernelOffsets, COUNTER_COUNT, COUNTER_LOST};
 
 use crate::{
+    follow::{on_free, on_hop},
     parse::Found,
     skb::{Direct, KernelMem, KernelSkb, Probed},
 };
@@ -270,6 +272,58 @@ device_tracepoint!(
     None
 );
 device_tracepoint!(tp_kfree_skb, raw_kfree_skb, "kfree_skb", on_drop);
+
+// Follow mode: the same tracepoints for untagged traffic (`follow`), and the frees that end
+// a journey. net_dev_xmit is left out: it is the return of a transmit, not packet movement.
+device_tracepoint!(
+    ftp_net_dev_queue,
+    fraw_net_dev_queue,
+    "net_dev_queue",
+    on_hop,
+    HookId::NetDevQueue,
+    None
+);
+device_tracepoint!(
+    ftp_net_dev_start_xmit,
+    fraw_net_dev_start_xmit,
+    "net_dev_start_xmit",
+    on_hop,
+    HookId::NetDevStartXmit,
+    Some(1)
+);
+device_tracepoint!(
+    ftp_netif_receive_skb,
+    fraw_netif_receive_skb,
+    "netif_receive_skb",
+    on_hop,
+    HookId::NetifReceiveSkb,
+    None
+);
+device_tracepoint!(
+    ftp_netif_rx,
+    fraw_netif_rx,
+    "netif_rx",
+    on_hop,
+    HookId::NetifRx,
+    None
+);
+device_tracepoint!(
+    ftp_napi_gro_receive_entry,
+    fraw_napi_gro_receive_entry,
+    "napi_gro_receive_entry",
+    on_hop,
+    HookId::NapiGroReceiveEntry,
+    None
+);
+// kfree_skb(skb, location, reason), consume_skb(skb, location)
+device_tracepoint!(ftp_kfree_skb, fraw_kfree_skb, "kfree_skb", on_free, Some(2));
+device_tracepoint!(
+    ftp_consume_skb,
+    fraw_consume_skb,
+    "consume_skb",
+    on_free,
+    None
+);
 
 #[inline(always)]
 fn on_tc(ctx: &TcContext, hook: HookId) -> i32 {

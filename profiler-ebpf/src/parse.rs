@@ -187,6 +187,106 @@ pub fn ports_match<P: Packet>(p: &P, port: u16) -> bool {
     })
 }
 
+/// What a filter and a packet's fingerprint look at in one set of IP and L4 headers.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub family: u8,
+    pub proto: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Host order; 0 for later fragments and protocols without ports.
+    pub sport: u16,
+    pub dport: u16,
+    pub ip_id: u16,
+    pub l4_len: u16,
+    /// TCP sequence number, 0 otherwise.
+    pub seq: u32,
+}
+
+/// The outer headers, and those inside a tunnel the parser knows. No Option<Flow>: the
+/// verifier refuses copies of its uninitialised bytes.
+pub struct Flows {
+    pub outer: Flow,
+    pub inner: Flow,
+    pub has_inner: bool,
+    /// FLAG_ENCAP, FLAG_VLAN and the tunnel kind, as in [`Found::flags`].
+    pub flags: u8,
+}
+
+impl Flows {
+    /// The packet's own headers: the inner ones of a tunnel, which encapsulation, NAT of the
+    /// outer packet and reallocation leave as they are.
+    #[inline(always)]
+    pub fn innermost(&self) -> &Flow {
+        if self.has_inner {
+            &self.inner
+        } else {
+            &self.outer
+        }
+    }
+}
+
+#[inline(always)]
+fn flow<P: Packet>(p: &P, l4: &L4, ethertype: u16) -> Flow {
+    let ports: [u8; 4] = if l4.later_fragment {
+        [0; 4]
+    } else {
+        p.read(l4.offset).unwrap_or([0; 4])
+    };
+    let seq = if l4.proto == IPPROTO_TCP && !l4.later_fragment {
+        p.read::<4>(l4.offset + 4).map_or(0, u32::from_be_bytes)
+    } else {
+        0
+    };
+    Flow {
+        family: if ethertype == ETH_P_IP { 4 } else { 6 },
+        proto: l4.proto,
+        saddr: l4.saddr,
+        daddr: l4.daddr,
+        sport: be16([ports[0], ports[1]]),
+        dport: be16([ports[2], ports[3]]),
+        ip_id: l4.ip_id,
+        l4_len: l4.len as u16,
+        seq,
+    }
+}
+
+/// Outer and (through one tunnel) inner headers of an IP packet, written in place.
+#[inline(always)]
+pub fn flows<P: Packet>(p: &P, out: &mut Flows) -> Option<()> {
+    let (ethertype, off, flags) = l2(p, 0)?;
+    let l4 = l3(p, ethertype, off)?;
+    out.outer = flow(p, &l4, ethertype);
+    out.flags = flags;
+    out.has_inner = false;
+    if l4.later_fragment {
+        return Some(());
+    }
+    let o = &out.outer;
+    let ports = [
+        (o.sport >> 8) as u8,
+        o.sport as u8,
+        (o.dport >> 8) as u8,
+        o.dport as u8,
+    ];
+    if let Some((inner_ethertype, at, kind)) = tunnel(p, &l4, ports) {
+        out.flags |= FLAG_ENCAP | (kind << TUNNEL_SHIFT);
+        let (et, off) = match inner_ethertype {
+            Some(et) => (et, at),
+            None => {
+                let (et, off, vlan) = l2(p, at)?;
+                out.flags |= vlan;
+                (et, off)
+            }
+        };
+        if let Some(l4) = l3(p, et, off) {
+            out.inner = flow(p, &l4, et);
+            out.has_inner = true;
+        }
+    }
+    Some(())
+}
+
 #[inline(always)]
 fn read_tag<P: Packet>(p: &P, offset: usize, run_id: u32) -> Option<Tag> {
     let raw: [u8; TAG_LEN] = p.read(offset)?;

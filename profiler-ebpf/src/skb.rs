@@ -101,7 +101,7 @@ impl<M: KernelMem> KernelSkb<M> {
     }
 
     pub fn dev(&self) -> *const u8 {
-        M::load::<u64>(self.skb, offset!(skb_dev)).unwrap_or(0) as *const u8
+        dev::<M>(self.skb)
     }
 
     /// Bytes from the Ethernet header to the end of the linear area.
@@ -145,6 +145,18 @@ impl<M: KernelMem> Packet for KernelSkb<M> {
         let data_len: u32 = M::load(self.skb, offset!(skb_data_len)).unwrap_or(0);
         data_len > 0 && self.linear_from_l2().is_some_and(|linear| offset >= linear)
     }
+}
+
+/// The skb's data buffer: the packet's identity in follow mode.
+#[inline(always)]
+pub fn head<M: KernelMem>(skb: *const u8) -> u64 {
+    M::load(skb, offset!(skb_head)).unwrap_or(0)
+}
+
+/// The device the skb is on.
+#[inline(always)]
+pub fn dev<M: KernelMem>(skb: *const u8) -> *const u8 {
+    M::load::<u64>(skb, offset!(skb_dev)).unwrap_or(0) as *const u8
 }
 
 /// The device's ifindex and the inode number of its network namespace.

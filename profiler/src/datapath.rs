@@ -4,15 +4,19 @@
 
 use profiler_common::HookId;
 
+/// What the programs look for: the profiler's tagged traffic (`run`), or real traffic
+/// followed by its buffers (`attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Tagged,
+    Follow,
+}
+
 /// How a hook is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
     /// A device tracepoint: tp_btf program preferred, raw_tp program where tp_btf is refused.
-    Tracepoint {
-        tp: &'static str,
-        btf_prog: &'static str,
-        raw_prog: &'static str,
-    },
+    Tracepoint { tp: &'static str },
     /// A tc program on each interface of the path.
     Tc { prog: &'static str, ingress: bool },
 }
@@ -23,63 +27,52 @@ pub struct HookSpec {
     pub attach: Attach,
     /// Short name used in hop and segment names.
     pub label: &'static str,
+    /// The modes with a program for this hook.
+    pub modes: &'static [Mode],
 }
 
-const fn tp(
-    id: HookId,
-    tp: &'static str,
-    btf_prog: &'static str,
-    raw_prog: &'static str,
-) -> HookSpec {
+impl HookSpec {
+    /// The tp_btf and raw_tp programs of a tracepoint hook in `mode`, named by convention
+    /// (profiler-ebpf's `device_tracepoint!`): tp_X/raw_X tagged, ftp_X/fraw_X follow.
+    pub fn tracepoint_programs(&self, mode: Mode) -> Option<(String, String)> {
+        let Attach::Tracepoint { tp } = self.attach else {
+            return None;
+        };
+        let prefix = match mode {
+            Mode::Tagged => "",
+            Mode::Follow => "f",
+        };
+        self.modes
+            .contains(&mode)
+            .then(|| (format!("{prefix}tp_{tp}"), format!("{prefix}raw_{tp}")))
+    }
+}
+
+const BOTH: &[Mode] = &[Mode::Tagged, Mode::Follow];
+const TAGGED: &[Mode] = &[Mode::Tagged];
+const FOLLOW: &[Mode] = &[Mode::Follow];
+
+const fn tp(id: HookId, tp: &'static str, modes: &'static [Mode]) -> HookSpec {
     HookSpec {
         id,
-        attach: Attach::Tracepoint {
-            tp,
-            btf_prog,
-            raw_prog,
-        },
+        attach: Attach::Tracepoint { tp },
         label: tp,
+        modes,
     }
 }
 
 pub const HOOKS: &[HookSpec] = &[
-    tp(
-        HookId::NetDevQueue,
-        "net_dev_queue",
-        "tp_net_dev_queue",
-        "raw_net_dev_queue",
-    ),
-    tp(
-        HookId::NetDevStartXmit,
-        "net_dev_start_xmit",
-        "tp_net_dev_start_xmit",
-        "raw_net_dev_start_xmit",
-    ),
-    tp(
-        HookId::NetDevXmit,
-        "net_dev_xmit",
-        "tp_net_dev_xmit",
-        "raw_net_dev_xmit",
-    ),
-    tp(HookId::NetifRx, "netif_rx", "tp_netif_rx", "raw_netif_rx"),
-    tp(
-        HookId::NapiGroReceiveEntry,
-        "napi_gro_receive_entry",
-        "tp_napi_gro_receive_entry",
-        "raw_napi_gro_receive_entry",
-    ),
-    tp(
-        HookId::NetifReceiveSkb,
-        "netif_receive_skb",
-        "tp_netif_receive_skb",
-        "raw_netif_receive_skb",
-    ),
-    tp(
-        HookId::KfreeSkb,
-        "kfree_skb",
-        "tp_kfree_skb",
-        "raw_kfree_skb",
-    ),
+    tp(HookId::NetDevQueue, "net_dev_queue", BOTH),
+    tp(HookId::NetDevStartXmit, "net_dev_start_xmit", BOTH),
+    // The return of a transmit: tagged runs show it; a followed packet may be gone by then.
+    tp(HookId::NetDevXmit, "net_dev_xmit", TAGGED),
+    tp(HookId::NetifRx, "netif_rx", BOTH),
+    tp(HookId::NapiGroReceiveEntry, "napi_gro_receive_entry", BOTH),
+    tp(HookId::NetifReceiveSkb, "netif_receive_skb", BOTH),
+    tp(HookId::KfreeSkb, "kfree_skb", BOTH),
+    // Where a followed packet's buffer is freed after use: its journey ends.
+    tp(HookId::ConsumeSkb, "consume_skb", FOLLOW),
+    // tc reads packets through __sk_buff, which hides the buffer a followed packet is known by.
     HookSpec {
         id: HookId::TcEgress,
         attach: Attach::Tc {
@@ -87,6 +80,7 @@ pub const HOOKS: &[HookSpec] = &[
             ingress: false,
         },
         label: "tc:egress",
+        modes: TAGGED,
     },
     HookSpec {
         id: HookId::TcIngress,
@@ -95,6 +89,7 @@ pub const HOOKS: &[HookSpec] = &[
             ingress: true,
         },
         label: "tc:ingress",
+        modes: TAGGED,
     },
 ];
 
@@ -186,6 +181,16 @@ pub fn segment_name(e: &SegmentEnds) -> String {
         (Hook(TcEgress), Hook(NetDevQueue)) if same_if => format!("egress to queue {a}"),
         (Hook(NetDevQueue), Hook(NetDevStartXmit)) if same_if => format!("qdisc {a}"),
         (Hook(NetDevStartXmit), Hook(NetifRx)) if e.peers => format!("veth {a} -> {b}"),
+        // Without tc hooks (follow mode): the backlog between netif_rx and the receive, and
+        // bridging or routing from a device's receive to another's queue.
+        (Hook(NetifRx), Hook(NetifReceiveSkb)) if same_if => format!("backlog {b}"),
+        (Hook(NetifReceiveSkb), Hook(NetDevQueue)) => match bridge {
+            Some(br) => format!("bridge {br} ({a} -> {b})"),
+            None => format!("forward {a} -> {b} ({})", e.from_ns),
+        },
+        (Hook(NetifReceiveSkb), Hook(NetifReceiveSkb)) if e.from_master == Some(e.to_if) => {
+            format!("bridge {b} ({a} -> host stack)")
+        }
         (Hook(NapiGroReceiveEntry), Hook(NetifReceiveSkb)) if same_if => format!("gro {b}"),
         (Hook(NetifReceiveSkb), Hook(TcIngress)) if same_if => format!("receive to ingress {b}"),
         (Hook(TcIngress), Hook(TcEgress)) => match bridge {

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::{
     btf::{KernelBtf, VMLINUX_BTF},
+    datapath::Mode,
     hooks::{ProbeConfig, Probes, Status},
 };
 
@@ -30,7 +31,10 @@ pub struct Doctor {
     pub privileges: Check,
     pub btf: Check,
     pub program_types: Vec<Check>,
+    /// `profiler run`'s hooks (tagged traffic).
     pub hooks: Vec<crate::hooks::HookStatus>,
+    /// `profiler attach`'s hooks (real traffic followed by its buffers).
+    pub follow_hooks: Vec<crate::hooks::HookStatus>,
 }
 
 pub fn kernel_release() -> String {
@@ -139,18 +143,17 @@ pub fn run() -> Doctor {
         btf.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
     );
     // The real device hooks, loaded and attached with this kernel's offsets, then detached.
-    let hooks = match &btf {
-        Ok(btf) if missing.is_empty() => {
-            match Probes::load(btf, &ProbeConfig { run_id: 1, port: 0 }) {
-                Ok(mut probes) => match probes.attach_tracepoints(btf) {
-                    Ok(()) => probes.statuses.clone(),
-                    Err(e) => vec![failed_hook("tracepoints", &e)],
-                },
-                Err(e) => vec![failed_hook("load", &e)],
-            }
-        }
+    let hooks_of = |mode| match &btf {
+        Ok(btf) if missing.is_empty() => match Probes::load(btf, &ProbeConfig::default()) {
+            Ok(mut probes) => match probes.attach_tracepoints(btf, mode) {
+                Ok(()) => probes.statuses.clone(),
+                Err(e) => vec![failed_hook("tracepoints", &e)],
+            },
+            Err(e) => vec![failed_hook("load", &e)],
+        },
         _ => Vec::new(),
     };
+    let (hooks, follow_hooks) = (hooks_of(Mode::Tagged), hooks_of(Mode::Follow));
     Doctor {
         schema: "profiler.doctor.v1",
         kernel: kernel_release(),
@@ -158,6 +161,7 @@ pub fn run() -> Doctor {
         btf: btf_check,
         program_types: program_types(),
         hooks,
+        follow_hooks,
     }
 }
 
@@ -184,15 +188,21 @@ pub fn render(d: &Doctor) -> String {
     out += &line(&d.btf);
     out += "program types:\n";
     d.program_types.iter().for_each(|c| out += &line(c));
-    out += "device hooks:\n";
-    for h in &d.hooks {
-        out += &format!(
-            "  {:<28} {:<12} {} {}\n",
-            h.name,
-            format!("{:?}", h.status).to_lowercase(),
-            h.kind,
-            h.reason.as_deref().unwrap_or("")
-        );
+    for (title, hooks) in [
+        ("device hooks (run):", &d.hooks),
+        ("device hooks (attach):", &d.follow_hooks),
+    ] {
+        out += title;
+        out += "\n";
+        for h in hooks {
+            out += &format!(
+                "  {:<28} {:<12} {} {}\n",
+                h.name,
+                format!("{:?}", h.status).to_lowercase(),
+                h.kind,
+                h.reason.as_deref().unwrap_or("")
+            );
+        }
     }
     out
 }

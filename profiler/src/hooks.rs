@@ -11,12 +11,12 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use profiler_common::{HookId, COUNTER_COUNT};
+use profiler_common::{Filter, HookId, COUNTER_COUNT};
 use serde::Serialize;
 
 use crate::{
     btf::KernelBtf,
-    datapath::{Attach, HookSpec, HOOKS},
+    datapath::{Attach, HookSpec, Mode, HOOKS},
     netns,
 };
 
@@ -52,10 +52,37 @@ pub struct TcAttachment {
     link: SchedClassifierLinkId,
 }
 
+#[derive(Default)]
 pub struct ProbeConfig {
     pub run_id: u32,
     /// Port the run's traffic uses (0: look for tags on every port).
     pub port: u16,
+    pub follow: FollowConfig,
+}
+
+/// Follow mode's settings (`profiler attach`), compiled into the programs at load time.
+pub struct FollowConfig {
+    /// Follow one packet in `sample`.
+    pub sample: u32,
+    /// A hop later than this after the previous one starts no segment.
+    pub max_gap_ns: u64,
+    /// Stream every hop (`--mode events`) besides keeping histograms.
+    pub stream: bool,
+    pub filter: Filter,
+    /// Entries of the in-flight map (LRU): the memory bound.
+    pub max_in_flight: u32,
+}
+
+impl Default for FollowConfig {
+    fn default() -> Self {
+        FollowConfig {
+            sample: 1,
+            max_gap_ns: 1_000_000_000,
+            stream: false,
+            filter: Filter::default(),
+            max_in_flight: 65536,
+        }
+    }
 }
 
 pub struct Probes {
@@ -81,10 +108,17 @@ impl Probes {
         let offsets = btf
             .kernel_offsets()
             .context("finding kernel struct offsets in BTF")?;
+        let follow = &config.follow;
         let ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("RUN_ID", &config.run_id, true)
             .override_global("PORT", &config.port, true)
+            .override_global("SAMPLE", &follow.sample.max(1), true)
+            .override_global("MAX_GAP_NS", &follow.max_gap_ns, true)
+            .override_global("STREAM", &(follow.stream as u8), true)
+            .override_global("FILTER", &follow.filter, true)
+            .map_max_entries("FLIGHTS", follow.max_in_flight)
+            .map_max_entries("BY_SKB", follow.max_in_flight)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object into the kernel")?;
         Ok(Probes {
@@ -94,17 +128,15 @@ impl Probes {
         })
     }
 
-    /// Attaches every device tracepoint, recording what attached and why the rest did not.
-    pub fn attach_tracepoints(&mut self, kernel_btf: &KernelBtf) -> Result<()> {
+    /// Attaches every device tracepoint of `mode`, recording what attached and why the rest
+    /// did not.
+    pub fn attach_tracepoints(&mut self, kernel_btf: &KernelBtf, mode: Mode) -> Result<()> {
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for tp_btf")?;
         for spec in HOOKS {
-            if let Attach::Tracepoint {
-                tp,
-                btf_prog,
-                raw_prog,
-            } = spec.attach
+            if let (Attach::Tracepoint { tp }, Some((btf_prog, raw_prog))) =
+                (spec.attach, spec.tracepoint_programs(mode))
             {
-                let status = self.attach_tracepoint(tp, btf_prog, raw_prog, &btf, kernel_btf);
+                let status = self.attach_tracepoint(tp, &btf_prog, &raw_prog, &btf, kernel_btf);
                 self.statuses.push(status);
             }
         }
@@ -246,20 +278,32 @@ impl Probes {
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        self.take_ring("EVENTS")
+    }
+
+    pub fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
-            .take_map("EVENTS")
-            .ok_or_else(|| anyhow!("map EVENTS is missing"))?;
+            .take_map(name)
+            .ok_or_else(|| anyhow!("map {name} is missing"))?;
         Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} is missing"))
+    }
+
+    pub fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} is missing"))
     }
 
     /// Per-CPU counters summed over CPUs, indexed by the COUNTER_* constants.
     pub fn counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {
-        let map = self
-            .ebpf
-            .map("COUNTERS")
-            .ok_or_else(|| anyhow!("map COUNTERS is missing"))?;
-        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("COUNTERS")?)?;
         let mut out = [0; COUNTER_COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = arr.get(&(i as u32), 0)?.iter().sum();

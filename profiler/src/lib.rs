@@ -14,6 +14,7 @@ pub mod collect;
 pub mod compare;
 pub mod datapath;
 pub mod doctor;
+pub mod filter;
 pub mod hooks;
 pub mod inject;
 pub mod journey;

@@ -12,7 +12,7 @@ use crate::{
     hooks::{Probes, Status},
     journey::HopKey,
     lab::{discover, LabIface},
-    target::Target,
+    target::Devices,
 };
 
 /// A hop of the path, as reported.
@@ -64,7 +64,7 @@ impl Attached {
 pub struct Inodes(HashMap<String, u32>);
 
 impl Inodes {
-    pub fn of(lab: &Target) -> Result<Inodes> {
+    pub fn of(lab: &Devices) -> Result<Inodes> {
         let map = lab
             .namespaces
             .iter()
@@ -99,7 +99,7 @@ fn tunnel_name(flags: u8) -> Option<&'static str> {
 pub fn describe(
     path: &[HopKey],
     flags: &[u8],
-    lab: &Target,
+    lab: &Devices,
     inodes: &Inodes,
     attached: &Attached,
 ) -> Vec<Hop> {
@@ -137,7 +137,7 @@ pub fn describe(
 }
 
 /// Names each segment between consecutive hops after what it crosses.
-pub fn segment_names(hops: &[Hop], lab: &Target) -> Vec<String> {
+pub fn segment_names(hops: &[Hop], lab: &Devices) -> Vec<String> {
     let iface = |h: &Hop| -> Option<&LabIface> {
         lab.interfaces
             .iter()
@@ -177,7 +177,7 @@ pub fn segment_names(hops: &[Hop], lab: &Target) -> Vec<String> {
 }
 
 /// "prof-bridge-pod-a" reads as "pod-a" in segment names; the full name is in the hops.
-fn short_ns<'a>(ns: Option<&'a str>, lab: &Target) -> &'a str {
+fn short_ns<'a>(ns: Option<&'a str>, lab: &Devices) -> &'a str {
     let ns = ns.unwrap_or("");
     ns.strip_prefix("prof-")
         .and_then(|rest| rest.strip_prefix(lab.name.as_str()))

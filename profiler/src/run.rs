@@ -15,7 +15,9 @@ use tokio::sync::oneshot;
 
 use crate::{
     btf::KernelBtf,
-    collect, doctor,
+    collect,
+    datapath::Mode,
+    doctor,
     hooks::{ProbeConfig, Probes},
     journey::{self, Attribution},
     lab::{self, discover, Lab, LabOptions, Topology},
@@ -24,7 +26,7 @@ use crate::{
         DirectionReport, DropReport, EventsReport, MissingHop, RunReport, SegmentReport,
         TrafficReport, RUN_SCHEMA,
     },
-    target::Target,
+    target::{Devices, Target},
     traffic::{self, Endpoints, Proto, Spec},
 };
 
@@ -77,9 +79,10 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
         &ProbeConfig {
             run_id,
             port: args.port,
+            ..Default::default()
         },
     )?;
-    probes.attach_tracepoints(&btf)?;
+    probes.attach_tracepoints(&btf, Mode::Tagged)?;
     for (ns, ifname) in &lab.attach {
         probes.attach_tc(discover::ns_arg(ns), ifname);
     }
@@ -103,7 +106,7 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
     let counters = probes.counters()?;
     let costs = args.stats.then(|| probes.costs());
 
-    let inodes = Inodes::of(lab)?;
+    let inodes = Inodes::of(&lab.devices)?;
     let attached = Attached::from_probes(&probes);
     let tc_netns: HashMap<_, _> = probes
         .tc
@@ -117,15 +120,15 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
     for (dir, name) in [(DIR_REQUEST, "request"), (DIR_RESPONSE, "response")] {
         let keys = journey::modal_path(&sorted.observations, dir);
         let flags = journey::hop_flags(&sorted.observations, dir, &keys);
-        let hops = path::describe(&keys, &flags, lab, &inodes, &attached);
+        let hops = path::describe(&keys, &flags, &lab.devices, &inodes, &attached);
         let attribution = journey::attribute(&sorted.observations, dir, &keys);
         incomplete += attribution.incomplete;
-        directions.push(direction_report(name, hops, attribution, lab));
+        directions.push(direction_report(name, hops, attribution, &lab.devices));
     }
     Ok(RunReport {
         schema: RUN_SCHEMA,
         kernel: doctor::kernel_release(),
-        topology: lab.name.clone(),
+        topology: lab.devices.name.clone(),
         traffic: TrafficReport {
             proto: args.proto,
             size: args.size,
@@ -150,7 +153,7 @@ fn direction_report(
     name: &'static str,
     hops: Vec<Hop>,
     a: Attribution,
-    lab: &Target,
+    lab: &Devices,
 ) -> DirectionReport {
     let names = path::segment_names(&hops, lab);
     let segments = names
@@ -188,6 +191,7 @@ fn drop_report(drops: &[Event], lab: &Target, btf: &KernelBtf) -> Vec<DropReport
             .cloned()
             .unwrap_or_else(|| d.drop_reason.to_string());
         let ifname = lab
+            .devices
             .interfaces
             .iter()
             .find(|i| i.ifindex == d.ifindex)

@@ -12,11 +12,16 @@ use crate::{
     netns,
 };
 
-pub struct Target {
+/// The devices hops are named after.
+pub struct Devices {
     pub name: String,
     /// Every namespace whose devices may carry the path (hops are named from these).
     pub namespaces: Vec<String>,
     pub interfaces: Vec<LabIface>,
+}
+
+pub struct Target {
+    pub devices: Devices,
     pub client: Endpoint,
     pub server: Endpoint,
     /// (namespace, interface) pairs the tc programs attach to.
@@ -26,9 +31,11 @@ pub struct Target {
 impl Target {
     pub fn lab(lab: &Lab) -> Target {
         Target {
-            name: lab.name.clone(),
-            namespaces: lab.namespaces.clone(),
-            interfaces: lab.interfaces.clone(),
+            devices: Devices {
+                name: lab.name.clone(),
+                namespaces: lab.namespaces.clone(),
+                interfaces: lab.interfaces.clone(),
+            },
             client: lab.client.clone(),
             server: lab.server.clone(),
             attach: lab
@@ -70,9 +77,11 @@ impl Target {
         };
         let attach = attach_points(&interfaces, &[from, to]);
         Ok(Target {
-            name: format!("{from} -> {to}"),
-            namespaces,
-            interfaces,
+            devices: Devices {
+                name: format!("{from} -> {to}"),
+                namespaces,
+                interfaces,
+            },
             client,
             server,
             attach,
