@@ -111,7 +111,10 @@ pub struct Event {
     pub drop_reason: u32,
     pub hook: u8,
     pub flags: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Nanoseconds the program ran before it submitted this event (from `ts_ns` on): the
+    /// profiler's own time, which the next segment does not include.
+    pub cost_ns: u32,
 }
 
 /// Kernel struct member offsets the programs need, read from the running kernel's BTF by the

@@ -285,6 +285,9 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usiz
                 let _ = FLIGHTS.remove(&key);
                 let _ = BY_SKB.insert(&skb_ptr, &head, 0);
                 count(COUNTER_REHEADED);
+                restamp(head);
+            } else {
+                f.last_ts = unsafe { bpf_ktime_get_ns() };
             }
             return;
         }
@@ -311,6 +314,16 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usiz
         let _ = BY_SKB.insert(&skb_ptr, &head, 0);
         count(COUNTER_STARTED);
         stream(&f, ts, &point, skb.len(), 0);
+        restamp(head);
+    }
+}
+
+/// The next segment starts when this program is done: its own cost (more where a journey
+/// starts: two map inserts) belongs to no segment of the datapath.
+#[inline(always)]
+fn restamp(head: u64) {
+    if let Some(f) = FLIGHTS.get_ptr_mut(&head) {
+        unsafe { (*f).last_ts = bpf_ktime_get_ns() };
     }
 }
 

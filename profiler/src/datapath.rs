@@ -48,6 +48,20 @@ impl HookSpec {
     }
 }
 
+impl HookSpec {
+    /// Every program that serves this hook, in any mode.
+    pub fn programs(&self) -> Vec<String> {
+        match self.attach {
+            Attach::Tc { prog, .. } => vec![prog.to_string()],
+            Attach::Tracepoint { .. } => [Mode::Tagged, Mode::Follow]
+                .into_iter()
+                .filter_map(|m| self.tracepoint_programs(m))
+                .flat_map(|(btf, raw)| [btf, raw])
+                .collect(),
+        }
+    }
+}
+
 const BOTH: &[Mode] = &[Mode::Tagged, Mode::Follow];
 const TAGGED: &[Mode] = &[Mode::Tagged];
 const FOLLOW: &[Mode] = &[Mode::Follow];
@@ -225,6 +239,21 @@ mod tests {
     fn every_hook_id_has_one_spec() {
         for id in HookId::ALL {
             assert_eq!(HOOKS.iter().filter(|h| h.id == id).count(), 1, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn every_program_named_here_is_in_the_ebpf_object() {
+        use object::{Object as _, ObjectSymbol as _};
+        let obj = object::File::parse(crate::hooks::EBPF_OBJECT).expect("the eBPF object");
+        let symbols: Vec<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
+        for spec in HOOKS {
+            for prog in spec.programs() {
+                assert!(
+                    symbols.contains(&prog.as_str()),
+                    "{prog} is not in the object"
+                );
+            }
         }
     }
 

@@ -26,6 +26,8 @@ pub struct Observation {
     pub seq: u32,
     pub direction: u32,
     pub ts_ns: u64,
+    /// The profiler's own time at this hop (the program's run before it submitted the event).
+    pub cost_ns: u64,
     pub hop: HopKey,
     /// Event flags (FLAG_ENCAP, tunnel kind...): how the hop saw the packet.
     pub flags: u8,
@@ -79,6 +81,7 @@ pub fn observations(
             seq: ev.seq,
             direction: ev.direction,
             ts_ns: ev.ts_ns,
+            cost_ns: ev.cost_ns as u64,
             hop,
             flags: ev.flags,
         });
@@ -94,6 +97,7 @@ pub fn observations(
             seq: s.seq,
             direction: s.direction,
             ts_ns,
+            cost_ns: 0,
             hop: HopKey {
                 point,
                 netns,
@@ -201,6 +205,9 @@ pub struct Attribution {
     /// One entry per segment: from hop k to hop k+1 of the expected path.
     pub segments: Vec<Stats>,
     pub end_to_end: Stats,
+    /// The profiler's own programs' time on the path, per packet: with the segments, it makes
+    /// up the end-to-end time.
+    pub probes: Stats,
     pub complete: u64,
     /// Packets seen at some hop whose journey does not match the expected path.
     pub incomplete: u64,
@@ -223,13 +230,16 @@ pub fn attribute(obs: &[Observation], direction: u32, expected: &[HopKey]) -> At
     let mut out = Attribution::default();
     let mut deltas: Vec<Vec<u64>> = vec![Vec::new(); expected.len().saturating_sub(1)];
     let mut totals = Vec::new();
+    let mut probes = Vec::new();
     for (_, seen) in journeys(obs, direction) {
         match timeline(&seen, &position, expected.len(), &mut out) {
             Some(ts) => {
+                // A segment starts when the profiler's program at its first hop is done.
                 for (k, w) in ts.windows(2).enumerate() {
-                    deltas[k].push(w[1].saturating_sub(w[0]));
+                    deltas[k].push(w[1].0.saturating_sub(w[0].0 + w[0].1));
                 }
-                totals.push(ts[ts.len() - 1].saturating_sub(ts[0]));
+                totals.push(ts[ts.len() - 1].0.saturating_sub(ts[0].0));
+                probes.push(ts[..ts.len() - 1].iter().map(|t| t.1).sum());
                 out.complete += 1;
             }
             None => {
@@ -243,23 +253,24 @@ pub fn attribute(obs: &[Observation], direction: u32, expected: &[HopKey]) -> At
     }
     out.segments = deltas.iter().map(|d| Stats::of(d)).collect();
     out.end_to_end = Stats::of(&totals);
+    out.probes = Stats::of(&probes);
     out
 }
 
-/// The packet's timestamps in expected-path order, or None (recording why) when it is not a
+/// The packet's (timestamp, profiler cost) in expected-path order, or None (recording why) when it is not a
 /// complete journey through every expected hop in order.
 fn timeline(
     seen: &[&Observation],
     position: &HashMap<&HopKey, usize>,
     hops: usize,
     out: &mut Attribution,
-) -> Option<Vec<u64>> {
-    let mut ts: Vec<Option<u64>> = vec![None; hops];
+) -> Option<Vec<(u64, u64)>> {
+    let mut ts: Vec<Option<(u64, u64)>> = vec![None; hops];
     let mut order = Vec::with_capacity(hops);
     for o in seen {
         match position.get(&o.hop) {
             Some(&i) => {
-                ts[i] = Some(o.ts_ns);
+                ts[i] = Some((o.ts_ns, o.cost_ns));
                 order.push(i);
             }
             None => *out.unexpected.entry(o.hop.clone()).or_default() += 1,
@@ -319,6 +330,7 @@ mod tests {
                 seq,
                 direction: 0,
                 ts_ns,
+                cost_ns: 0,
                 hop,
                 flags: 0,
             })
@@ -341,6 +353,19 @@ mod tests {
     }
 
     #[test]
+    fn the_profilers_own_time_is_no_segments() {
+        let mut obs = packet(0, &[100, 110, 130, 160]);
+        // The programs at the two kernel hops ran 3 and 5 ns before they submitted.
+        obs[1].cost_ns = 3;
+        obs[2].cost_ns = 5;
+        let a = attribute(&obs, 0, &path());
+        let means: Vec<f64> = a.segments.iter().map(|s| s.mean_ns).collect();
+        assert_eq!(means, vec![10.0, 17.0, 25.0]);
+        assert_eq!(a.probes.mean_ns, 8.0);
+        assert_eq!(a.end_to_end.mean_ns, 60.0);
+    }
+
+    #[test]
     fn out_of_order_events_are_sorted_and_duplicates_keep_the_first() {
         let mut obs = packet(0, &[100, 110, 130, 160]);
         obs.reverse();
@@ -349,6 +374,7 @@ mod tests {
             seq: 0,
             direction: 0,
             ts_ns: 150,
+            cost_ns: 0,
             hop: key(Point::Hook(HookId::TcEgress), 2),
             flags: 0,
         });
@@ -383,6 +409,7 @@ mod tests {
             seq: 0,
             direction: 0,
             ts_ns: 120,
+            cost_ns: 0,
             hop: stray.clone(),
             flags: 0,
         });

@@ -9,6 +9,7 @@
 //! - [`traffic`]: tagged request/response traffic.
 //! - [`collect`], [`journey`], [`path`]: events to journeys to per-segment latency.
 //! - [`report`], [`run`], [`compare`], [`doctor`]: what the CLI prints.
+pub mod attach;
 pub mod btf;
 pub mod collect;
 pub mod compare;
@@ -19,6 +20,7 @@ pub mod hooks;
 pub mod inject;
 pub mod journey;
 pub mod lab;
+pub mod metrics;
 pub mod netns;
 pub mod path;
 pub mod report;

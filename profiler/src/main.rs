@@ -5,7 +5,9 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use profiler::{
-    compare, doctor, inject, lab,
+    attach, compare, doctor,
+    hooks::FollowConfig,
+    inject, lab,
     lab::{LabOptions, Placement, Topology},
     report,
     run::{self, RunArgs},
@@ -31,6 +33,9 @@ enum Command {
     /// Several network types side by side: latency per type and size, and the segments that
     /// make each differ from the first (the baseline).
     Compare(CompareCli),
+    /// Follow real traffic on this node (no traffic generated): per-segment latency kept in
+    /// the kernel, reported at the end, on /metrics, or per packet.
+    Attach(AttachCli),
     /// Built-in lab topologies (network namespaces you can step into with `ip netns exec`).
     Lab {
         #[command(subcommand)]
@@ -44,6 +49,49 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Parser)]
+struct AttachCli {
+    /// Network namespace whose devices start journeys: a name (ip netns), the path of a
+    /// namespace file, or a process id. Repeatable.
+    #[arg(long)]
+    netns: Vec<String>,
+    /// Interface of this namespace that starts journeys. Repeatable.
+    #[arg(long)]
+    iface: Vec<String>,
+    /// pcap-filter-style expression, evaluated in the kernel on the outer and the tunnelled
+    /// headers: ip, ip6, tcp, udp, icmp, [src|dst] host|net|port, and, or, not, ( ).
+    #[arg(long, default_value = "")]
+    filter: String,
+    /// Follow one packet in N, chosen at its first hop.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    sample: u32,
+    /// summary: histograms in the kernel, nothing per packet; events: also one JSON line per
+    /// journey on stdout.
+    #[arg(long, value_enum, default_value = "summary")]
+    mode: AttachMode,
+    /// Seconds to follow (default: until Ctrl-C or SIGTERM).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) at /metrics.
+    #[arg(long)]
+    prometheus: Option<std::net::SocketAddr>,
+    /// Packets followed at once at most (the in-flight map's size: the memory bound).
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=1 << 22))]
+    max_in_flight: u32,
+    /// Milliseconds after which a packet's next hop no longer extends its journey.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    max_gap_ms: u64,
+    /// Write the report as JSON to FILE ("-": stdout, instead of the table).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AttachMode {
+    Summary,
+    Events,
 }
 
 #[derive(Subcommand)]
@@ -217,6 +265,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => run_command(args).await,
         Command::Compare(args) => compare_command(args).await,
+        Command::Attach(args) => attach_command(args).await,
         Command::Lab { command } => {
             doctor::require_privileges()?;
             lab_command(command).await.map(|()| ExitCode::SUCCESS)
@@ -377,6 +426,40 @@ async fn compare_command(cli: CompareCli) -> Result<ExitCode> {
     let result =
         interruptible(compare::compare(&cli.lab, &cli.sizes, cli.placement, &base)).await?;
     output(cli.json.as_deref(), &result, compare::render(&result))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn attach_command(cli: AttachCli) -> Result<ExitCode> {
+    // Bad input is refused before anything is attached.
+    let filter = profiler::filter::compile(&cli.filter)?;
+    let duration = match cli.duration {
+        Some(d) if !(d > 0.0 && d.is_finite()) => {
+            anyhow::bail!("--duration must be a positive number of seconds, got {d}")
+        }
+        d => d.map(Duration::from_secs_f64),
+    };
+    doctor::require_privileges()?;
+    let args = attach::AttachArgs {
+        netns: cli.netns,
+        ifaces: cli.iface,
+        filter: cli.filter,
+        follow: FollowConfig {
+            sample: cli.sample,
+            max_gap_ns: cli.max_gap_ms * 1_000_000,
+            stream: matches!(cli.mode, AttachMode::Events),
+            filter,
+            max_in_flight: cli.max_in_flight,
+        },
+        duration,
+        prometheus: cli.prometheus,
+    };
+    let report = attach::attach(&args).await?;
+    let table = attach::render(&report);
+    match (&cli.json, cli.mode) {
+        // Events own stdout: the summary goes to stderr unless it has a file.
+        (None, AttachMode::Events) => eprint!("{table}"),
+        (json, _) => output(json.as_deref(), &report, table)?,
+    }
     Ok(ExitCode::SUCCESS)
 }
 

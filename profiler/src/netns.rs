@@ -107,7 +107,12 @@ pub fn open(name: &str) -> Result<File> {
     })
 }
 
+/// A name in NETNS_DIR, or an absolute path of a namespace file (/proc/PID/ns/net, a bind
+/// mount), which a name cannot be.
 fn path_of(name: &str) -> Result<PathBuf> {
+    if name.starts_with('/') {
+        return Ok(PathBuf::from(name));
+    }
     // iproute2's rule: a name must stay one file inside NETNS_DIR.
     if name.is_empty() || name == "." || name == ".." || name.contains('/') {
         bail!("invalid network namespace name {name:?}");

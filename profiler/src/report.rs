@@ -39,6 +39,8 @@ pub struct DirectionReport {
     pub direction: &'static str,
     pub hops: Vec<Hop>,
     pub segments: Vec<SegmentReport>,
+    /// The profiler's own programs' time per packet on this path, left out of the segments.
+    pub profiler_programs: Stats,
     pub end_to_end: Stats,
     pub complete_packets: u64,
     pub incomplete_packets: u64,
@@ -176,6 +178,18 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
             bar
         );
     }
+    let p = &d.profiler_programs;
+    let _ = writeln!(
+        out,
+        "      {:<44} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>4.1}%",
+        "(the profiler's own programs)",
+        us(p.mean_ns),
+        us(p.p50_ns as f64),
+        us(p.p90_ns as f64),
+        us(p.p99_ns as f64),
+        us(p.max_ns as f64),
+        p.mean_ns / total * 100.0
+    );
     let e = &d.end_to_end;
     let _ = writeln!(
         out,

@@ -171,6 +171,7 @@ fn direction_report(
         direction: name,
         hops,
         segments,
+        profiler_programs: a.probes,
         end_to_end: a.end_to_end,
         complete_packets: a.complete,
         incomplete_packets: a.incomplete,
