@@ -26,7 +26,7 @@ use crate::{
     btf::KernelBtf,
     datapath::{Mode, Point},
     doctor,
-    hooks::{FollowConfig, HookStatus, ProbeConfig, Probes},
+    hooks::{FollowConfig, HookStatus, ProbeConfig, Probes, ProgramCost},
     journey::HopKey,
     lab::discover::{self, ROOT},
     metrics, netns,
@@ -49,6 +49,8 @@ pub struct AttachArgs {
     pub follow: FollowConfig,
     pub duration: Option<Duration>,
     pub prometheus: Option<SocketAddr>,
+    /// Measure each program's kernel cost (bpf_stats) while attached.
+    pub stats: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +67,8 @@ pub struct AttachReport {
     pub journeys: JourneyCounts,
     pub lost_events: u64,
     pub hooks: Vec<HookStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub program_costs: Option<Vec<ProgramCost>>,
 }
 
 /// One segment's latency: two consecutive hops of followed packets.
@@ -234,6 +238,11 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         },
     )?;
     probes.attach_tracepoints(&btf, Mode::Follow)?;
+    let _stats = if args.stats {
+        Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?)
+    } else {
+        None
+    };
     {
         let mut map: BpfHashMap<_, [u32; 2], u8> = BpfHashMap::try_from(probes.map_mut("SCOPE")?)?;
         for p in &scope.points {
@@ -280,6 +289,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         journeys,
         lost_events: lost,
         hooks: probes.statuses.clone(),
+        program_costs: args.stats.then(|| probes.costs()),
     })
 }
 
@@ -629,6 +639,9 @@ pub fn render(r: &AttachReport) -> String {
             h.name,
             h.reason.as_deref().unwrap_or("")
         );
+    }
+    if let Some(costs) = &r.program_costs {
+        out += &crate::report::render_costs(costs);
     }
     out
 }

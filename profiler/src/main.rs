@@ -86,6 +86,9 @@ struct AttachCli {
     /// Write the report as JSON to FILE ("-": stdout, instead of the table).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Report each eBPF program's kernel cost per invocation (enables bpf_stats meanwhile).
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -452,6 +455,7 @@ async fn attach_command(cli: AttachCli) -> Result<ExitCode> {
         },
         duration,
         prometheus: cli.prometheus,
+        stats: cli.stats,
     };
     let report = attach::attach(&args).await?;
     let table = attach::render(&report);

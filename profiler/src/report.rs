@@ -137,14 +137,20 @@ pub fn render(r: &RunReport) -> String {
         );
     }
     if let Some(costs) = &r.program_costs {
-        let _ = writeln!(out, "\nkernel cost per program invocation (bpf_stats):");
-        for c in costs.iter().filter(|c| c.run_count > 0) {
-            let _ = writeln!(
-                out,
-                "  {:<28} {:>10} runs {:>8.1} ns/run",
-                c.program, c.run_count, c.ns_per_run
-            );
-        }
+        out += &render_costs(costs);
+    }
+    out
+}
+
+/// The programs that ran, with their kernel cost per invocation.
+pub fn render_costs(costs: &[ProgramCost]) -> String {
+    let mut out = String::from("\nkernel cost per program invocation (bpf_stats):\n");
+    for c in costs.iter().filter(|c| c.run_count > 0) {
+        let _ = writeln!(
+            out,
+            "  {:<28} {:>10} runs {:>8.1} ns/run",
+            c.program, c.run_count, c.ns_per_run
+        );
     }
     out
 }
