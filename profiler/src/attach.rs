@@ -257,10 +257,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         drop_reasons: btf.drop_reasons(),
     };
     let snapshot = Arc::new(RwLock::new(metrics::Snapshot::default()));
-    let server = match listener {
-        Some(l) => Some(tokio::spawn(metrics::serve(l, snapshot.clone()))),
-        None => None,
-    };
+    let server = listener.map(|l| tokio::spawn(metrics::serve(l, snapshot.clone())));
     let mut ring = if args.follow.stream {
         Some(probes.take_ring("HOP_EVENTS")?)
     } else {

@@ -68,19 +68,28 @@ pub fn missing_capabilities() -> Vec<&'static str> {
 
 /// Fails with one sentence when the process cannot load programs or manage namespaces.
 pub fn require_privileges() -> Result<()> {
-    let missing = missing_capabilities();
+    require(&CAPS.iter().map(|(_, n)| *n).collect::<Vec<_>>())
+}
+
+/// What `profiler attach` needs: it attaches no tc program and creates no device, so no
+/// CAP_NET_ADMIN; CAP_SYS_ADMIN joins the pods' namespaces to read their devices and enables
+/// bpf_stats for --stats.
+pub const ATTACH_CAPS: &[&str] = &["CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"];
+
+/// Fails with one sentence unless the process has every capability of `needed`.
+pub fn require(needed: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = missing_capabilities()
+        .into_iter()
+        .filter(|c| needed.contains(c))
+        .collect();
     if !missing.is_empty() {
         bail!(
-            "the profiler needs root or {}; this process lacks {}",
-            cap_list(),
+            "this needs root or {}; this process lacks {}",
+            needed.join(", "),
             missing.join(", ")
         );
     }
     Ok(())
-}
-
-fn cap_list() -> String {
-    CAPS.iter().map(|(_, n)| *n).collect::<Vec<_>>().join(", ")
 }
 
 fn check(name: &str, result: Result<(), String>) -> Check {
@@ -205,4 +214,24 @@ pub fn render(d: &Doctor) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The DaemonSet grants exactly what attach checks for.
+    #[test]
+    fn the_daemonset_grants_attachs_capabilities() {
+        let manifest = include_str!("../../deploy/daemonset.yaml");
+        let added = manifest
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("add: "))
+            .expect("a capabilities add: line");
+        let want: Vec<String> = ATTACH_CAPS
+            .iter()
+            .map(|c| format!("\"{}\"", c.trim_start_matches("CAP_")))
+            .collect();
+        assert_eq!(added, format!("[{}]", want.join(", ")));
+    }
 }

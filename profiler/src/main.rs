@@ -441,7 +441,7 @@ async fn attach_command(cli: AttachCli) -> Result<ExitCode> {
         }
         d => d.map(Duration::from_secs_f64),
     };
-    doctor::require_privileges()?;
+    doctor::require(doctor::ATTACH_CAPS)?;
     let args = attach::AttachArgs {
         netns: cli.netns,
         ifaces: cli.iface,

@@ -2,6 +2,8 @@
 //! `cargo xtask demo` and `cargo xtask test`; both install what they need first.
 mod bench;
 mod cmd;
+mod netpeer;
+mod overhead;
 mod setup;
 mod test;
 
@@ -34,6 +36,35 @@ enum Task {
     Demo,
     /// Setup, build, then measure the eBPF programs' kernel cost for tagged and untagged packets.
     Bench,
+    /// Setup, build, then measure what `profiler attach` costs TCP throughput and latency on the
+    /// bridge and flannel-vxlan labs, side by side with no profiler.
+    Overhead,
+    /// The overhead benchmark's TCP peer, run inside a lab namespace.
+    #[command(hide = true)]
+    NetPeer {
+        #[command(subcommand)]
+        role: PeerRole,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeerRole {
+    Serve {
+        addr: std::net::SocketAddr,
+    },
+    Stream {
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+    },
+    Rr {
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    Quit {
+        addr: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,13 +92,29 @@ fn run(cli: Cli) -> Result<()> {
         Task::Test { args } => test::run(&args),
         Task::Demo => demo(),
         Task::Bench => {
-            if !cmd::is_root() {
-                bail!("cargo xtask bench creates network namespaces and loads eBPF programs and must run as root");
-            }
+            require_root("bench")?;
             setup::run()?;
             bench::run(&build()?)
         }
+        Task::Overhead => {
+            require_root("overhead")?;
+            setup::run()?;
+            overhead::run(&build()?)
+        }
+        Task::NetPeer { role } => match role {
+            PeerRole::Serve { addr } => netpeer::serve(addr),
+            PeerRole::Stream { addr, seconds } => netpeer::stream(addr, seconds),
+            PeerRole::Rr { addr, count } => netpeer::rr(addr, count),
+            PeerRole::Quit { addr } => netpeer::quit(addr),
+        },
     }
+}
+
+fn require_root(task: &str) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("cargo xtask {task} creates network namespaces and loads eBPF programs and must run as root");
+    }
+    Ok(())
 }
 
 fn workspace_root() -> &'static Path {
@@ -93,9 +140,7 @@ fn build() -> Result<PathBuf> {
 }
 
 fn demo() -> Result<()> {
-    if !cmd::is_root() {
-        bail!("cargo xtask demo creates network namespaces and loads eBPF programs and must run as root");
-    }
+    require_root("demo")?;
     setup::run()?;
     let profiler = build()?;
     // The run brings the bridge lab up and, having created it, removes it again, also on
