@@ -8,7 +8,7 @@
 //! innermost headers: what NAT and encapsulation leave alone) before extending a journey.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -71,12 +71,13 @@ pub struct Flight {
 }
 
 /// Journeys in flight by buffer; the loader sizes it (`--max-in-flight`), LRU keeps it bounded.
+/// Per-CPU LRU lists: inserting takes no lock shared by all CPUs.
 #[map]
-static FLIGHTS: LruHashMap<u64, Flight> = LruHashMap::with_max_entries(65536, 0);
+static FLIGHTS: LruHashMap<u64, Flight> = LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
 /// The buffer each followed skb had last, to find a journey whose buffer was reallocated.
 #[map]
-static BY_SKB: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+static BY_SKB: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
 #[map]
 static HISTOGRAMS: PerCpuHashMap<SegmentKey, Histogram> = PerCpuHashMap::with_max_entries(1024, 0);
@@ -258,6 +259,22 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usiz
     if flight.is_null() && unsafe { SCOPE.get(&[netns, ifindex]) }.is_none() {
         return;
     }
+    if !flight.is_null() && key == head {
+        let f = unsafe { &mut *flight };
+        if continues(f, skb_ptr, hook, ifindex, netns, ts) {
+            // The encapsulation does not change between these stages.
+            let point = HopPoint {
+                ifindex,
+                netns,
+                hook: hook as u8,
+                flags: f.last.flags,
+                _pad: [0; 2],
+            };
+            extend(f, point, ts, skb_ptr, skb::len::<M>(skb_ptr as *const u8));
+            f.last_ts = unsafe { bpf_ktime_get_ns() };
+            return;
+        }
+    }
     let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
     let Some(flows) = parse_flows(&skb) else {
         return;
@@ -273,13 +290,7 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usiz
     if !flight.is_null() {
         let f = unsafe { &mut *flight };
         if f.fingerprint == fp && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS) {
-            record(f.last, point, ts - f.last_ts);
-            f.last = point;
-            f.last_ts = ts;
-            // The skb that carries the packet now (a clone, after a copy) is the one whose
-            // free ends the journey.
-            f.skb = skb_ptr;
-            stream(f, ts, &point, skb.len(), 0);
+            extend(f, point, ts, skb_ptr, skb.len());
             if key != head {
                 let _ = FLIGHTS.insert(&head, f, 0);
                 let _ = FLIGHTS.remove(&key);
@@ -325,6 +336,38 @@ fn restamp(head: u64) {
     if let Some(f) = FLIGHTS.get_ptr_mut(&head) {
         unsafe { (*f).last_ts = bpf_ktime_get_ns() };
     }
+}
+
+/// The next stage for the same skb and buffer where no other packet can begin: from a device's
+/// queue to its driver, from a driver to the backlog of its veth peer (inside the same xmit
+/// call), from the backlog or GRO to the receive. A packet dropped in between ends its journey at
+/// kfree_skb, so the packet is not read again there.
+#[inline(always)]
+fn continues(f: &Flight, skb: u64, hook: HookId, ifindex: u32, netns: u32, ts: u64) -> bool {
+    let last = f.last.hook;
+    let same_device = f.last.ifindex == ifindex && f.last.netns == netns;
+    let next_stage = match hook {
+        HookId::NetDevStartXmit => same_device && last == HookId::NetDevQueue as u8,
+        HookId::NetifRx => last == HookId::NetDevStartXmit as u8,
+        HookId::NetifReceiveSkb => {
+            same_device
+                && (last == HookId::NetifRx as u8 || last == HookId::NapiGroReceiveEntry as u8)
+        }
+        _ => false,
+    };
+    next_stage && f.skb == skb && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS)
+}
+
+/// Adds the segment from the journey's last hop to `point`.
+#[inline(always)]
+fn extend(f: &mut Flight, point: HopPoint, ts: u64, skb: u64, len: u32) {
+    record(f.last, point, ts - f.last_ts);
+    f.last = point;
+    f.last_ts = ts;
+    // The skb that carries the packet now (a clone, after a copy) is the one whose free ends
+    // the journey.
+    f.skb = skb;
+    stream(f, ts, &point, len, 0);
 }
 
 /// Where a buffer is freed: consume_skb (after use) or kfree_skb (a drop, `reason_arg`).

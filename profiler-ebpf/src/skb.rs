@@ -97,7 +97,7 @@ impl<M: KernelMem> KernelSkb<M> {
     }
 
     pub fn len(&self) -> u32 {
-        M::load(self.skb, offset!(skb_len)).unwrap_or(0)
+        len::<M>(self.skb)
     }
 
     pub fn dev(&self) -> *const u8 {
@@ -151,6 +151,12 @@ impl<M: KernelMem> Packet for KernelSkb<M> {
 #[inline(always)]
 pub fn head<M: KernelMem>(skb: *const u8) -> u64 {
     M::load(skb, offset!(skb_head)).unwrap_or(0)
+}
+
+/// skb->len, without reading the packet.
+#[inline(always)]
+pub fn len<M: KernelMem>(skb: *const u8) -> u32 {
+    M::load(skb, offset!(skb_len)).unwrap_or(0)
 }
 
 /// The device the skb is on.
