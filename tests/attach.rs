@@ -328,6 +328,63 @@ fn filter_selects_exactly_the_matching_flows_inside_vxlan() {
     assert_clean();
 }
 
+/// Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid systems).
+fn cgroup2_mount() -> String {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_string())
+        })
+        .expect("cgroup v2 is mounted")
+}
+
+/// `--cgroup`: the packets sent by the sockets of a cgroup's processes, and no others. Two pings
+/// from the same pod, one of them from a process in the cgroup.
+#[test]
+fn cgroup_selects_the_packets_its_sockets_send() {
+    let _guard = serial();
+    let lab = lab_up(&["bridge"]);
+    let cg = format!(
+        "{}/prof-attach-test-{}",
+        cgroup2_mount(),
+        std::process::id()
+    );
+    std::fs::create_dir(&cg).expect("creating a cgroup");
+    let json = tmp("cgroup.json");
+    let attach = Attach::start(&[
+        "--cgroup",
+        &cg,
+        "--filter",
+        "icmp",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let inside = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "echo $$ > {cg}/cgroup.procs && exec ip netns exec prof-bridge-pod-a ping -q -c 30 -i 0.01 198.18.0.2"
+            ),
+        ])
+        .output()
+        .expect("ping in the cgroup");
+    ping("prof-bridge-pod-a", "198.18.0.2", 50, "0.01");
+    attach.stop();
+    drop(lab);
+    let _ = std::fs::remove_dir(&cg);
+    assert!(
+        inside.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
+    let r = report(&json);
+    assert_eq!(started(&r), 30, "{}", r["journeys"]);
+    let _ = std::fs::remove_file(json);
+    assert_clean();
+}
+
 /// One packet in ten, chosen by a hash of what identifies the packet: 1000 pings give 100
 /// journeys, give or take three percent.
 #[test]
@@ -474,6 +531,11 @@ fn bad_input_is_refused_before_attaching() {
             "--duration must be a positive",
         ),
         (&[], "nothing to attach to"),
+        (&["--cgroup", "/proc"], "is not a cgroup v2 directory"),
+        (
+            &["--cgroup", "/no/such/cgroup"],
+            "cannot read cgroup /no/such/cgroup",
+        ),
     ];
     for (args, needle) in cases {
         let mut all = vec!["attach"];

@@ -135,7 +135,16 @@ pub struct KernelOffsets {
     pub dev_nd_net: u32,
     /// net.ns.inum
     pub net_ns_inum: u32,
+    /// The socket's cgroup (v2) id: sk_buff.sk, sock.sk_cgrp_data.cgroup, cgroup.kn,
+    /// kernfs_node.id; [`NO_OFFSET`] where the kernel has no socket cgroup data.
+    pub skb_sk: u32,
+    pub sk_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
 }
+
+/// A member this kernel does not have.
+pub const NO_OFFSET: u32 = u32::MAX;
 
 /// Per-CPU counters, indexed by these constants in the `COUNTERS` map.
 pub const COUNTER_LOST: u32 = 0;

@@ -59,6 +59,24 @@ static FILTER: Filter = Filter {
 #[map]
 static SCOPE: HashMap<[u32; 2], u8> = HashMap::with_max_entries(1024, 0);
 
+/// Cgroups (v2 ids) whose sockets' packets start journeys; looked at only when BY_CGROUP is set.
+#[map]
+static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
+
+#[unsafe(no_mangle)]
+static BY_CGROUP: u8 = 0;
+
+/// Whether a packet not yet followed may start a journey here: a device in scope, or sent by a
+/// socket of a cgroup in scope.
+#[inline(always)]
+fn in_scope<M: KernelMem>(netns: u32, ifindex: u32, skb: u64) -> bool {
+    if unsafe { SCOPE.get(&[netns, ifindex]) }.is_some() {
+        return true;
+    }
+    global(&BY_CGROUP) != 0
+        && unsafe { CGROUPS.get(&skb::cgroup_id::<M>(skb as *const u8)) }.is_some()
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Flight {
@@ -256,7 +274,7 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usiz
         None => skb::dev::<M>(skb_ptr as *const u8),
     };
     let (ifindex, netns) = skb::dev_identity::<M>(dev);
-    if flight.is_null() && unsafe { SCOPE.get(&[netns, ifindex]) }.is_none() {
+    if flight.is_null() && !in_scope::<M>(netns, ifindex, skb_ptr) {
         return;
     }
     if !flight.is_null() && key == head {
@@ -305,7 +323,7 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usiz
         // The buffer carries another packet now: the journey ended where no hook saw it.
         let _ = FLIGHTS.remove(&key);
         count(COUNTER_ABANDONED);
-        if unsafe { SCOPE.get(&[netns, ifindex]) }.is_none() {
+        if !in_scope::<M>(netns, ifindex, skb_ptr) {
             return;
         }
     }

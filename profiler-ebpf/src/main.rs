@@ -41,6 +41,10 @@ pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     dev_ifindex: 0,
     dev_nd_net: 0,
     net_ns_inum: 0,
+    skb_sk: 0,
+    sk_cgroup: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
 };
 
 /// The run whose tags are reported; other runs' tags are ignored like untagged packets.

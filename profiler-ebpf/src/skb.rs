@@ -165,6 +165,15 @@ pub fn dev<M: KernelMem>(skb: *const u8) -> *const u8 {
     M::load::<u64>(skb, offset!(skb_dev)).unwrap_or(0) as *const u8
 }
 
+/// The cgroup (v2) id of the socket that sent the skb, 0 without a socket.
+#[inline(always)]
+pub fn cgroup_id<M: KernelMem>(skb: *const u8) -> u64 {
+    let sk = M::load::<u64>(skb, offset!(skb_sk)).unwrap_or(0) as *const u8;
+    let cgroup = M::load::<u64>(sk, offset!(sk_cgroup)).unwrap_or(0) as *const u8;
+    let kn = M::load::<u64>(cgroup, offset!(cgroup_kn)).unwrap_or(0) as *const u8;
+    M::load(kn, offset!(kn_id)).unwrap_or(0)
+}
+
 /// The device's ifindex and the inode number of its network namespace.
 #[inline(always)]
 pub fn dev_identity<M: KernelMem>(dev: *const u8) -> (u32, u32) {

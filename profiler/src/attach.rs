@@ -45,6 +45,8 @@ pub struct AttachArgs {
     pub netns: Vec<String>,
     /// Interfaces of the caller's namespace.
     pub ifaces: Vec<String>,
+    /// Cgroup (v2) directories whose sockets' packets start journeys.
+    pub cgroups: Vec<std::path::PathBuf>,
     pub filter: String,
     pub follow: FollowConfig,
     pub duration: Option<Duration>,
@@ -108,11 +110,27 @@ pub struct JourneyCounts {
     pub unfinished: u64,
 }
 
-/// The devices of the targets: where journeys start.
+/// The devices and cgroups of the targets: where journeys start.
 struct Scope {
     labels: Vec<String>,
     points: Vec<[u32; 2]>,
+    cgroups: Vec<u64>,
     devices: Devices,
+}
+
+/// A cgroup v2 directory's id: the kernel's kernfs node id, which is its inode number.
+fn cgroup_id(path: &std::path::Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let fs = nix::sys::statfs::statfs(path)
+        .map_err(|e| anyhow::anyhow!("cannot read cgroup {}: {e}", path.display()))?;
+    if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        bail!(
+            "{} is not a cgroup v2 directory (mounted as cgroup2, e.g. /sys/fs/cgroup)",
+            path.display()
+        );
+    }
+    Ok(std::fs::metadata(path)?.ino())
 }
 
 /// A --netns argument as the netns module takes it: a name, or the path of a namespace file.
@@ -129,9 +147,14 @@ fn netns_ref(arg: &str) -> Result<String> {
 }
 
 async fn scope(args: &AttachArgs) -> Result<Scope> {
-    if args.netns.is_empty() && args.ifaces.is_empty() {
-        bail!("nothing to attach to: give --netns or --iface");
+    if args.netns.is_empty() && args.ifaces.is_empty() && args.cgroups.is_empty() {
+        bail!("nothing to attach to: give --netns, --iface or --cgroup");
     }
+    let cgroups = args
+        .cgroups
+        .iter()
+        .map(|p| cgroup_id(p))
+        .collect::<Result<Vec<_>>>()?;
     let targets: Vec<String> = args
         .netns
         .iter()
@@ -167,12 +190,18 @@ async fn scope(args: &AttachArgs) -> Result<Scope> {
         points.push([root, i.ifindex]);
         labels.push(format!("iface {name}"));
     }
-    if points.is_empty() {
+    labels.extend(
+        args.cgroups
+            .iter()
+            .map(|p| format!("cgroup {}", p.display())),
+    );
+    if points.is_empty() && cgroups.is_empty() {
         bail!("the targets have no network devices to attach to");
     }
     Ok(Scope {
         labels,
         points,
+        cgroups,
         devices: Devices {
             name: "node".into(),
             namespaces,
@@ -230,6 +259,9 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         None => None,
     };
     let btf = KernelBtf::load()?;
+    if !scope.cgroups.is_empty() && btf.kernel_offsets()?.sk_cgroup == profiler_common::NO_OFFSET {
+        bail!("--cgroup: this kernel's sockets carry no cgroup (no sock.sk_cgrp_data in its BTF)");
+    }
     let mut probes = Probes::load(
         &btf,
         &ProbeConfig {
@@ -247,6 +279,10 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         let mut map: BpfHashMap<_, [u32; 2], u8> = BpfHashMap::try_from(probes.map_mut("SCOPE")?)?;
         for p in &scope.points {
             map.insert(p, 1, 0).context("filling the scope map")?;
+        }
+        let mut map: BpfHashMap<_, u64, u8> = BpfHashMap::try_from(probes.map_mut("CGROUPS")?)?;
+        for id in &scope.cgroups {
+            map.insert(id, 1, 0).context("filling the cgroup map")?;
         }
     }
     let mut namer = Namer {

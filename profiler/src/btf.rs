@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use btf_rs::{Btf, Type};
-use profiler_common::KernelOffsets;
+use profiler_common::{KernelOffsets, NO_OFFSET};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -107,6 +107,13 @@ impl KernelBtf {
             dev_ifindex: self.offset("net_device", &["ifindex"])?,
             dev_nd_net: self.offset("net_device", &["nd_net", "net"])?,
             net_ns_inum: self.offset("net", &["ns", "inum"])?,
+            // Only `attach --cgroup` needs these: a kernel without them still runs the rest.
+            skb_sk: skb("sk").unwrap_or(NO_OFFSET),
+            sk_cgroup: self
+                .offset("sock", &["sk_cgrp_data", "cgroup"])
+                .unwrap_or(NO_OFFSET),
+            cgroup_kn: self.offset("cgroup", &["kn"]).unwrap_or(NO_OFFSET),
+            kn_id: self.offset("kernfs_node", &["id"]).unwrap_or(NO_OFFSET),
         })
     }
 

@@ -71,6 +71,8 @@ pub struct FollowConfig {
     pub filter: Filter,
     /// Entries of the in-flight map (LRU): the memory bound.
     pub max_in_flight: u32,
+    /// Whether journeys may start by the sending socket's cgroup (`--cgroup`).
+    pub by_cgroup: bool,
 }
 
 impl Default for FollowConfig {
@@ -81,6 +83,7 @@ impl Default for FollowConfig {
             stream: false,
             filter: Filter::default(),
             max_in_flight: 65536,
+            by_cgroup: false,
         }
     }
 }
@@ -117,6 +120,7 @@ impl Probes {
             .override_global("MAX_GAP_NS", &follow.max_gap_ns, true)
             .override_global("STREAM", &(follow.stream as u8), true)
             .override_global("FILTER", &follow.filter, true)
+            .override_global("BY_CGROUP", &(follow.by_cgroup as u8), true)
             .map_max_entries("FLIGHTS", follow.max_in_flight)
             .map_max_entries("BY_SKB", follow.max_in_flight)
             .load(EBPF_OBJECT)

@@ -60,6 +60,10 @@ struct AttachCli {
     /// Interface of this namespace that starts journeys. Repeatable.
     #[arg(long)]
     iface: Vec<String>,
+    /// A cgroup (v2) directory: packets sent by its processes' sockets start journeys.
+    /// Repeatable.
+    #[arg(long)]
+    cgroup: Vec<PathBuf>,
     /// pcap-filter-style expression, evaluated in the kernel on the outer and the tunnelled
     /// headers: ip, ip6, tcp, udp, icmp, [src|dst] host|net|port, and, or, not, ( ).
     #[arg(long, default_value = "")]
@@ -452,7 +456,9 @@ async fn attach_command(cli: AttachCli) -> Result<ExitCode> {
             stream: matches!(cli.mode, AttachMode::Events),
             filter,
             max_in_flight: cli.max_in_flight,
+            by_cgroup: !cli.cgroup.is_empty(),
         },
+        cgroups: cli.cgroup,
         duration,
         prometheus: cli.prometheus,
         stats: cli.stats,
