@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::{assert_clean, profiler, run_json, segments, BIN};
+use common::{assert_clean, profiler, run_json, segment_names, segments, BIN};
 use serde_json::Value;
 
 /// The tests share lab names: one at a time.
@@ -312,12 +312,7 @@ fn filter_selects_exactly_the_matching_flows_inside_vxlan() {
     assert!(vxlan >= 500, "only {vxlan} encapsulated packets followed");
     assert_eq!(run["traffic"]["completed"], 300);
     for r in [&inner_r, &outer_r] {
-        let names: Vec<&str> = r["segments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap())
-            .collect();
+        let names = segment_names(r);
         assert!(
             names.iter().any(|n| n.starts_with("vxlan decap")),
             "no decapsulation segment: {names:?}"

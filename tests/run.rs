@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_clean, hop_sequence, profiler, BIN};
+use common::{assert_clean, hop_sequence, profiler, segment_names, BIN};
 use serde_json::Value;
 
 /// The bridge lab's request path, hop by hop: pod-a's socket, its eth0 (veth), the host end
@@ -225,12 +225,7 @@ fn existing_path_between_namespaces() {
         let name = dir["direction"].as_str().unwrap();
         assert_eq!(hop_sequence(dir), expected(name), "{name}");
         assert_eq!(dir["complete_packets"], 500, "{name}");
-        let segments: Vec<&str> = dir["segments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap())
-            .collect();
+        let segments = segment_names(dir);
         assert!(
             segments.iter().any(|s| s.starts_with("bridge br0")),
             "{name}: {segments:?}"

@@ -185,33 +185,28 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
         );
     }
     let p = &d.profiler_programs;
-    let _ = writeln!(
-        out,
-        "      {:<44} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>4.1}%",
-        "(the profiler's own programs)",
-        us(p.mean_ns),
-        us(p.p50_ns as f64),
-        us(p.p90_ns as f64),
-        us(p.p99_ns as f64),
-        us(p.max_ns as f64),
-        p.mean_ns / total * 100.0
-    );
+    let share = format!("{:>4.1}%", p.mean_ns / total * 100.0);
+    total_row(out, "(the profiler's own programs)", p, &share);
     let e = &d.end_to_end;
-    let _ = writeln!(
-        out,
-        "      {:<44} {:>8} {:>8} {:>8} {:>8} {:>8}  ({} samples)",
-        "end to end",
-        us(e.mean_ns),
-        us(e.p50_ns as f64),
-        us(e.p90_ns as f64),
-        us(e.p99_ns as f64),
-        us(e.max_ns as f64),
-        e.samples
-    );
+    total_row(out, "end to end", e, &format!("({} samples)", e.samples));
     for m in &d.missing_hops {
         let hop = d.hops.get(m.hop).map_or("?", |h| h.name.as_str());
         let _ = writeln!(out, "      missing hop {}: {} packets", hop, m.packets);
     }
+}
+
+/// A row below the segments: its statistics, then `tail`.
+fn total_row(out: &mut String, label: &str, s: &Stats, tail: &str) {
+    let _ = writeln!(
+        out,
+        "      {:<44} {:>8} {:>8} {:>8} {:>8} {:>8}  {tail}",
+        label,
+        us(s.mean_ns),
+        us(s.p50_ns as f64),
+        us(s.p90_ns as f64),
+        us(s.p99_ns as f64),
+        us(s.max_ns as f64),
+    );
 }
 
 fn truncate(s: &str, n: usize) -> String {
