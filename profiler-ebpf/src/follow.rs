@@ -269,11 +269,7 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usiz
     let skb_ptr = unsafe { *args };
     let head = skb::head::<M>(skb_ptr as *const u8);
     let (flight, key) = flight_of(head, skb_ptr);
-    let dev = match dev_arg {
-        Some(i) => (unsafe { *args.add(i) }) as *const u8,
-        None => skb::dev::<M>(skb_ptr as *const u8),
-    };
-    let (ifindex, netns) = skb::dev_identity::<M>(dev);
+    let (ifindex, netns) = skb::dev_identity::<M>(crate::hook_device::<M>(args, dev_arg));
     if flight.is_null() && !in_scope::<M>(netns, ifindex, skb_ptr) {
         return;
     }

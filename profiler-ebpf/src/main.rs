@@ -128,6 +128,16 @@ fn emit(
     slot.submit(BPF_RB_NO_WAKEUP as u64);
 }
 
+/// The device a device tracepoint fired for: its `struct net_device *` argument `dev_arg` if it
+/// has one, else the skb's (argument 0).
+#[inline(always)]
+pub(crate) fn hook_device<M: KernelMem>(args: *const u64, dev_arg: Option<usize>) -> *const u8 {
+    match dev_arg {
+        Some(i) => (unsafe { *args.add(i) }) as *const u8,
+        None => skb::dev::<M>(unsafe { *args } as *const u8),
+    }
+}
+
 /// Common body of the device tracepoints: all of them have the skb as argument 0.
 /// `dev_arg` is the index of an explicit `struct net_device *` argument, if the tracepoint has one.
 #[inline(always)]
@@ -138,11 +148,7 @@ fn on_device<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usize
     let Some(found) = parse::find_tag(&skb, global(&PORT), global(&RUN_ID)) else {
         return;
     };
-    let dev = match dev_arg {
-        Some(i) => (unsafe { *args.add(i) }) as *const u8,
-        None => skb.dev(),
-    };
-    let (ifindex, netns) = skb::dev_identity::<M>(dev);
+    let (ifindex, netns) = skb::dev_identity::<M>(hook_device::<M>(args, dev_arg));
     if hook == HookId::NetDevStartXmit {
         push_xmit(skb_ptr, &found);
     }

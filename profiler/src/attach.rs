@@ -238,6 +238,7 @@ impl Namer {
         })
     }
 
+    /// The segment's name and its two hops.
     fn segment(&mut self, k: &SegmentKey) -> (String, Hop, Hop) {
         let (a, b) = (self.hop(&k.from).clone(), self.hop(&k.to).clone());
         let name = path::segment_names(&[a.clone(), b.clone()], &self.devices).remove(0);
@@ -265,7 +266,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
     let mut probes = Probes::load(
         &btf,
         &ProbeConfig {
-            follow: FollowConfig { ..args.follow },
+            follow: args.follow,
             ..Default::default()
         },
     )?;
@@ -292,23 +293,35 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         hops: HashMap::new(),
         drop_reasons: btf.drop_reasons(),
     };
-    let snapshot = Arc::new(RwLock::new(metrics::Snapshot::default()));
-    let server = listener.map(|l| tokio::spawn(metrics::serve(l, snapshot.clone())));
+    let node = node_name();
+    // The snapshot /metrics serves exists only with --prometheus.
+    let snapshot = listener
+        .as_ref()
+        .map(|_| Arc::new(RwLock::new(metrics::Snapshot::default())));
+    let server = listener
+        .zip(snapshot.clone())
+        .map(|(l, snap)| tokio::spawn(metrics::serve(l, snap)));
     let mut ring = if args.follow.stream {
         Some(probes.take_ring("HOP_EVENTS")?)
     } else {
         None
     };
     let started = Instant::now();
-    follow_loop(args, &probes, &mut namer, ring.as_mut(), &snapshot).await?;
+    let state = State {
+        probes: &probes,
+        node: &node,
+        snapshot: snapshot.as_deref(),
+    };
+    follow_loop(args, &state, &mut namer, ring.as_mut()).await?;
     if let Some(s) = server {
         s.abort();
     }
-    let (segments, journeys, lost) = read_state(&probes, &mut namer)?;
+    let segments = read_segments(&probes, &mut namer)?;
+    let (journeys, lost) = journey_counts(&probes)?;
     Ok(AttachReport {
         schema: ATTACH_SCHEMA,
         kernel: doctor::kernel_release(),
-        node: node_name(),
+        node,
         targets: scope.labels,
         filter: filter_text,
         sample: args.follow.sample.max(1),
@@ -326,12 +339,19 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
     })
 }
 
+/// What the follow loop reads and where it publishes.
+struct State<'a> {
+    probes: &'a Probes,
+    node: &'a str,
+    /// /metrics' snapshot, with --prometheus.
+    snapshot: Option<&'a RwLock<metrics::Snapshot>>,
+}
+
 async fn follow_loop(
     args: &AttachArgs,
-    probes: &Probes,
+    state: &State<'_>,
     namer: &mut Namer,
     mut ring: Option<&mut RingBuf<MapData>>,
-    snapshot: &RwLock<metrics::Snapshot>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -361,23 +381,25 @@ async fn follow_loop(
                 }
             }
             _ = snap.tick() => {
-                let (segments, counts, lost) = read_state(probes, namer)?;
+                let (counts, lost) = journey_counts(state.probes)?;
                 if last_progress.elapsed() >= PROGRESS_EVERY {
                     last_progress = Instant::now();
                     eprintln!(
-                        "attach: {:.0} s, {} journeys started, {} segments, {lost} events lost",
+                        "attach: {:.0} s, {} journeys started, {lost} events lost",
                         begun.elapsed().as_secs_f64(),
                         counts.started,
-                        segments.len()
                     );
                 }
-                *snapshot.write().unwrap_or_else(|e| e.into_inner()) = metrics::Snapshot {
-                    node: node_name(),
-                    segments,
-                    journeys: counts,
-                    lost_events: lost,
-                    hooks: probes.statuses.clone(),
-                };
+                if let Some(snapshot) = state.snapshot {
+                    let segments = read_segments(state.probes, namer)?;
+                    *snapshot.write().unwrap_or_else(|e| e.into_inner()) = metrics::Snapshot {
+                        node: state.node.to_string(),
+                        segments,
+                        journeys: counts,
+                        lost_events: lost,
+                        hooks: state.probes.statuses.clone(),
+                    };
+                }
             }
         }
     }
@@ -388,11 +410,8 @@ async fn follow_loop(
     Ok(())
 }
 
-/// The kernel's histograms and counters, named.
-fn read_state(
-    probes: &Probes,
-    namer: &mut Namer,
-) -> Result<(Vec<SegmentSummary>, JourneyCounts, u64)> {
+/// The kernel's histograms, named.
+fn read_segments(probes: &Probes, namer: &mut Namer) -> Result<Vec<SegmentSummary>> {
     let map: PerCpuHashMap<_, SegmentKey, profiler_common::Histogram> =
         PerCpuHashMap::try_from(probes.map("HISTOGRAMS")?)?;
     let mut segments = Vec::new();
@@ -405,18 +424,16 @@ fn read_state(
             sum += h.sum_ns;
             buckets.iter_mut().zip(h.buckets).for_each(|(a, b)| *a += b);
         }
-        let (name, _, to) = namer.segment(&key);
-        segments.push(summarize(
-            name,
-            namer.hop(&key.from).name.clone(),
-            &to,
-            buckets,
-            count,
-            sum,
-        ));
+        let (name, from, to) = namer.segment(&key);
+        segments.push(summarize(name, from.name, &to, buckets, count, sum));
     }
     disambiguate(&mut segments);
     segments.sort_by(|a, b| b.count.cmp(&a.count).then(a.name.cmp(&b.name)));
+    Ok(segments)
+}
+
+/// What became of the journeys, and the events the kernel could not record.
+fn journey_counts(probes: &Probes) -> Result<(JourneyCounts, u64)> {
     let c = probes.counters()?;
     let at = |i: u32| c[i as usize];
     let ended = at(COUNTER_CONSUMED) + at(COUNTER_DROPPED) + at(COUNTER_ABANDONED);
@@ -428,7 +445,7 @@ fn read_state(
         reheaded: at(COUNTER_REHEADED),
         unfinished: at(COUNTER_STARTED).saturating_sub(ended),
     };
-    Ok((segments, counts, at(COUNTER_LOST)))
+    Ok((counts, at(COUNTER_LOST)))
 }
 
 /// Segments of one name in several namespaces (every pod's "backlog eth0") get the namespace
@@ -539,11 +556,9 @@ impl Journeys {
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>, namer: &mut Namer) -> Result<()> {
         while let Some(item) = ring.next() {
-            if item.len() < size_of::<HopEvent>() {
+            let Some(ev) = crate::collect::decode::<HopEvent>(&item) else {
                 continue;
-            }
-            // SAFETY: HopEvent is plain data written by the kernel with this exact layout.
-            let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<HopEvent>()) };
+            };
             let id = (ev.journey_head, ev.journey_start_ns);
             let hops = self.open.entry(id).or_default();
             hops.push(ev);

@@ -38,10 +38,11 @@ fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<Event>) {
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Option<Event> {
-    (bytes.len() >= size_of::<Event>())
-        // SAFETY: Event is plain data written by the kernel programs with this exact layout.
-        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+/// A record of the kernel's ring buffers (Event, HopEvent), or None for a short one.
+pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= size_of::<T>())
+        // SAFETY: T is plain data (Pod) written by the kernel programs with this exact layout.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 #[cfg(test)]
@@ -64,6 +65,6 @@ mod tests {
             std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
         };
         assert_eq!(decode(bytes), Some(ev));
-        assert_eq!(decode(&bytes[..10]), None);
+        assert_eq!(decode::<Event>(&bytes[..10]), None);
     }
 }

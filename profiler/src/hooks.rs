@@ -61,6 +61,7 @@ pub struct ProbeConfig {
 }
 
 /// Follow mode's settings (`profiler attach`), compiled into the programs at load time.
+#[derive(Clone, Copy)]
 pub struct FollowConfig {
     /// Follow one packet in `sample`.
     pub sample: u32,
