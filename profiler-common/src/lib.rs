@@ -45,6 +45,8 @@ impl Tag {
 }
 
 /// Where an event was taken. The numeric values are part of the event format.
+/// 0-9 are the stable hooks (tracepoints, tc); the rest are kernel functions and module
+/// tracepoints of one datapath each (the deep set), attached where the kernel has them.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HookId {
@@ -59,26 +61,67 @@ pub enum HookId {
     TcEgress = 8,
     /// Follow mode only: the buffer freed after use, where a journey ends.
     ConsumeSkb = 9,
+    VethXmit = 10,
+    BrHandleFrame = 11,
+    BrForward = 12,
+    BrDevXmit = 13,
+    VxlanXmit = 14,
+    VxlanXmitOne = 15,
+    UdpTunnelXmitSkb = 16,
+    VxlanRcv = 17,
+    GeneveXmit = 18,
+    GeneveRcv = 19,
+    GreXmit = 20,
+    GretapXmit = 21,
+    GreRcv = 22,
+    OvsVportReceive = 23,
+    OvsDpProcessPacket = 24,
+    OvsDpUpcall = 25,
+    OvsExecuteActions = 26,
+    OvsDoExecuteAction = 27,
+    OvsVportSend = 28,
+    MacvlanStartXmit = 29,
+    MacvlanHandleFrame = 30,
+    IpvlanQueueXmit = 31,
+    IpvlanHandleFrame = 32,
+    IpvlanProcessOutbound = 33,
+    TunNetXmit = 34,
+    VirtnetStartXmit = 35,
 }
 
 impl HookId {
-    pub const ALL: [HookId; 10] = [
-        HookId::NetDevQueue,
-        HookId::NetDevStartXmit,
-        HookId::NetDevXmit,
-        HookId::NetifReceiveSkb,
-        HookId::NetifRx,
-        HookId::NapiGroReceiveEntry,
-        HookId::KfreeSkb,
-        HookId::TcIngress,
-        HookId::TcEgress,
-        HookId::ConsumeSkb,
-    ];
+    pub const COUNT: usize = 36;
 
     pub fn from_u8(v: u8) -> Option<HookId> {
-        HookId::ALL.get(v as usize).copied()
+        if (v as usize) < Self::COUNT {
+            // SAFETY: repr(u8) with every value below COUNT a variant (checked by a test).
+            Some(unsafe { core::mem::transmute::<u8, HookId>(v) })
+        } else {
+            None
+        }
+    }
+
+    pub fn all() -> impl Iterator<Item = HookId> {
+        (0..Self::COUNT as u8).filter_map(HookId::from_u8)
     }
 }
+
+/// Where a function hook finds its packet, per kernel function (the loader fills the `FUNCS`
+/// map from the function's BTF): keyed by the function's address for kprobes, by the hook id for
+/// module tracepoints.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FuncHook {
+    pub hook: u8,
+    /// Index of the `struct sk_buff *` argument.
+    pub skb_arg: u8,
+    /// 1: the argument is a `struct sk_buff **` (rx handlers).
+    pub skb_deref: u8,
+    /// Index of a `struct net_device *` argument, or [`NO_ARG`]: the skb's device then.
+    pub dev_arg: u8,
+}
+
+pub const NO_ARG: u8 = 0xff;
 
 /// `Event::flags`: the tag was found inside an encapsulated (inner) packet.
 pub const FLAG_ENCAP: u8 = 1;
@@ -301,11 +344,22 @@ mod pod {
     unsafe impl aya::Pod for super::Histogram {}
     unsafe impl aya::Pod for super::HopEvent {}
     unsafe impl aya::Pod for super::Filter {}
+    unsafe impl aya::Pod for super::FuncHook {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hook_ids_are_dense() {
+        let ids: [u8; HookId::COUNT] = core::array::from_fn(|i| i as u8);
+        for v in ids {
+            assert_eq!(HookId::from_u8(v).map(|h| h as u8), Some(v));
+        }
+        assert_eq!(HookId::from_u8(HookId::VirtnetStartXmit as u8 + 1), None);
+        assert_eq!(HookId::VirtnetStartXmit as usize + 1, HookId::COUNT);
+    }
 
     #[test]
     fn every_value_falls_in_its_buckets_range() {

@@ -264,7 +264,7 @@ fn flight_of(head: u64, skb: u64) -> (*mut Flight, u64) {
 
 /// A device hook in follow mode; `dev_arg` as in `on_device`.
 #[inline(always)]
-pub fn on_hop<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usize>) {
+pub fn on_hop<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) {
     let ts = unsafe { bpf_ktime_get_ns() };
     let skb_ptr = unsafe { *args };
     let head = skb::head::<M>(skb_ptr as *const u8);
@@ -280,7 +280,7 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usiz
             let point = HopPoint {
                 ifindex,
                 netns,
-                hook: hook as u8,
+                hook,
                 flags: f.last.flags,
                 _pad: [0; 2],
             };
@@ -297,7 +297,7 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usiz
     let point = HopPoint {
         ifindex,
         netns,
-        hook: hook as u8,
+        hook,
         flags: flows.flags,
         _pad: [0; 2],
     };
@@ -357,17 +357,19 @@ fn restamp(head: u64) {
 /// call), from the backlog or GRO to the receive. A packet dropped in between ends its journey at
 /// kfree_skb, so the packet is not read again there.
 #[inline(always)]
-fn continues(f: &Flight, skb: u64, hook: HookId, ifindex: u32, netns: u32, ts: u64) -> bool {
+fn continues(f: &Flight, skb: u64, hook: u8, ifindex: u32, netns: u32, ts: u64) -> bool {
     let last = f.last.hook;
     let same_device = f.last.ifindex == ifindex && f.last.netns == netns;
-    let next_stage = match hook {
-        HookId::NetDevStartXmit => same_device && last == HookId::NetDevQueue as u8,
-        HookId::NetifRx => last == HookId::NetDevStartXmit as u8,
-        HookId::NetifReceiveSkb => {
-            same_device
-                && (last == HookId::NetifRx as u8 || last == HookId::NapiGroReceiveEntry as u8)
-        }
-        _ => false,
+    let is = |h: HookId| hook == h as u8;
+    let was = |h: HookId| last == h as u8;
+    let next_stage = if is(HookId::NetDevStartXmit) {
+        same_device && was(HookId::NetDevQueue)
+    } else if is(HookId::NetifRx) {
+        was(HookId::NetDevStartXmit)
+    } else if is(HookId::NetifReceiveSkb) {
+        same_device && (was(HookId::NetifRx) || was(HookId::NapiGroReceiveEntry))
+    } else {
+        false
     };
     next_stage && f.skb == skb && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS)
 }

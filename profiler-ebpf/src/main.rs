@@ -8,6 +8,7 @@
 
 mod delay;
 mod follow;
+mod func;
 mod parse;
 mod skb;
 
@@ -96,15 +97,7 @@ pub(crate) fn count(index: u32) {
 }
 
 #[inline(always)]
-fn emit(
-    hook: HookId,
-    found: &Found,
-    ifindex: u32,
-    netns: u32,
-    len: u32,
-    drop_reason: u32,
-    ts_ns: u64,
-) {
+fn emit(hook: u8, found: &Found, ifindex: u32, netns: u32, len: u32, drop_reason: u32, ts_ns: u64) {
     // Written in place in the ring, without a wakeup: waking the reader on every event cost
     // more than the rest of a program; userspace drains the ring on a timer instead.
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
@@ -119,7 +112,7 @@ fn emit(
         netns,
         len,
         drop_reason,
-        hook: hook as u8,
+        hook,
         flags: found.flags,
         _pad: [0; 2],
         // Stamped last: all but the submit is the profiler's own time, not the datapath's.
@@ -141,7 +134,7 @@ pub(crate) fn hook_device<M: KernelMem>(args: *const u64, dev_arg: Option<usize>
 /// Common body of the device tracepoints: all of them have the skb as argument 0.
 /// `dev_arg` is the index of an explicit `struct net_device *` argument, if the tracepoint has one.
 #[inline(always)]
-fn on_device<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usize>) {
+pub(crate) fn on_device<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) {
     let ts = unsafe { bpf_ktime_get_ns() };
     let skb_ptr = unsafe { *args };
     let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
@@ -149,7 +142,7 @@ fn on_device<M: KernelMem>(args: *const u64, hook: HookId, dev_arg: Option<usize
         return;
     };
     let (ifindex, netns) = skb::dev_identity::<M>(hook_device::<M>(args, dev_arg));
-    if hook == HookId::NetDevStartXmit {
+    if hook == HookId::NetDevStartXmit as u8 {
         push_xmit(skb_ptr, &found);
     }
     emit(hook, &found, ifindex, netns, skb.len(), 0, ts);
@@ -192,7 +185,7 @@ fn on_xmit_done<M: KernelMem>(args: *const u64) {
     let dev = (unsafe { *args.add(2) }) as *const u8;
     let len = (unsafe { *args.add(3) }) as u32;
     let (ifindex, netns) = skb::dev_identity::<M>(dev);
-    emit(HookId::NetDevXmit, &found, ifindex, netns, len, 0, ts);
+    emit(HookId::NetDevXmit as u8, &found, ifindex, netns, len, 0, ts);
 }
 
 #[inline(always)]
@@ -206,7 +199,7 @@ fn on_drop<M: KernelMem>(args: *const u64) {
     let reason = (unsafe { *args.add(2) }) as u32;
     let (ifindex, netns) = skb::dev_identity::<M>(skb.dev());
     emit(
-        HookId::KfreeSkb,
+        HookId::KfreeSkb as u8,
         &found,
         ifindex,
         netns,
@@ -240,7 +233,7 @@ device_tracepoint!(
     raw_net_dev_queue,
     "net_dev_queue",
     on_device,
-    HookId::NetDevQueue,
+    HookId::NetDevQueue as u8,
     None
 );
 // net_dev_start_xmit(skb, dev)
@@ -249,7 +242,7 @@ device_tracepoint!(
     raw_net_dev_start_xmit,
     "net_dev_start_xmit",
     on_device,
-    HookId::NetDevStartXmit,
+    HookId::NetDevStartXmit as u8,
     Some(1)
 );
 device_tracepoint!(
@@ -263,7 +256,7 @@ device_tracepoint!(
     raw_netif_receive_skb,
     "netif_receive_skb",
     on_device,
-    HookId::NetifReceiveSkb,
+    HookId::NetifReceiveSkb as u8,
     None
 );
 device_tracepoint!(
@@ -271,7 +264,7 @@ device_tracepoint!(
     raw_netif_rx,
     "netif_rx",
     on_device,
-    HookId::NetifRx,
+    HookId::NetifRx as u8,
     None
 );
 device_tracepoint!(
@@ -279,7 +272,7 @@ device_tracepoint!(
     raw_napi_gro_receive_entry,
     "napi_gro_receive_entry",
     on_device,
-    HookId::NapiGroReceiveEntry,
+    HookId::NapiGroReceiveEntry as u8,
     None
 );
 device_tracepoint!(tp_kfree_skb, raw_kfree_skb, "kfree_skb", on_drop);
@@ -291,7 +284,7 @@ device_tracepoint!(
     fraw_net_dev_queue,
     "net_dev_queue",
     on_hop,
-    HookId::NetDevQueue,
+    HookId::NetDevQueue as u8,
     None
 );
 device_tracepoint!(
@@ -299,7 +292,7 @@ device_tracepoint!(
     fraw_net_dev_start_xmit,
     "net_dev_start_xmit",
     on_hop,
-    HookId::NetDevStartXmit,
+    HookId::NetDevStartXmit as u8,
     Some(1)
 );
 device_tracepoint!(
@@ -307,7 +300,7 @@ device_tracepoint!(
     fraw_netif_receive_skb,
     "netif_receive_skb",
     on_hop,
-    HookId::NetifReceiveSkb,
+    HookId::NetifReceiveSkb as u8,
     None
 );
 device_tracepoint!(
@@ -315,7 +308,7 @@ device_tracepoint!(
     fraw_netif_rx,
     "netif_rx",
     on_hop,
-    HookId::NetifRx,
+    HookId::NetifRx as u8,
     None
 );
 device_tracepoint!(
@@ -323,7 +316,7 @@ device_tracepoint!(
     fraw_napi_gro_receive_entry,
     "napi_gro_receive_entry",
     on_hop,
-    HookId::NapiGroReceiveEntry,
+    HookId::NapiGroReceiveEntry as u8,
     None
 );
 // kfree_skb(skb, location, reason), consume_skb(skb, location)
@@ -342,7 +335,7 @@ fn on_tc(ctx: &TcContext, hook: HookId) -> i32 {
     if let Some(found) = parse::find_tag(ctx, global(&PORT), global(&RUN_ID)) {
         // tc cannot see the device's namespace: userspace knows it from where it attached.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        emit(hook, &found, ifindex, 0, ctx.len(), 0, ts);
+        emit(hook as u8, &found, ifindex, 0, ctx.len(), 0, ts);
     }
     // TC_ACT_UNSPEC (TCX_NEXT): never decide the packet's fate, let the next program run.
     TC_ACT_UNSPEC

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::{
     btf::KernelBtf,
-    datapath::{Mode, Point},
+    datapath::{HookSet, Mode, Point},
     doctor,
     hooks::{FollowConfig, HookStatus, ProbeConfig, Probes, ProgramCost},
     journey::HopKey,
@@ -53,6 +53,7 @@ pub struct AttachArgs {
     pub prometheus: Option<SocketAddr>,
     /// Measure each program's kernel cost (bpf_stats) while attached.
     pub stats: bool,
+    pub hooks: HookSet,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,6 +69,8 @@ pub struct AttachReport {
     pub segments: Vec<SegmentSummary>,
     pub journeys: JourneyCounts,
     pub lost_events: u64,
+    /// The hooks in effect: deep, or stable where no deep hook could attach.
+    pub hook_set: HookSet,
     pub hooks: Vec<HookStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub program_costs: Option<Vec<ProgramCost>>,
@@ -270,7 +273,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
             ..Default::default()
         },
     )?;
-    probes.attach_tracepoints(&btf, Mode::Follow)?;
+    let hook_set = probes.attach_set(&btf, Mode::Follow, args.hooks)?;
     let _stats = if args.stats {
         Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?)
     } else {
@@ -334,6 +337,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         segments,
         journeys,
         lost_events: lost,
+        hook_set,
         hooks: probes.statuses.clone(),
         program_costs: args.stats.then(|| probes.costs()),
     })
@@ -676,18 +680,7 @@ pub fn render(r: &AttachReport) -> String {
         "journeys: {} started, {} consumed, {} dropped, {} ended unseen, {} unfinished, {} kept across a reallocated buffer; {} events lost",
         j.started, j.consumed, j.dropped, j.ended_unseen, j.unfinished, j.reheaded, r.lost_events
     );
-    for h in r
-        .hooks
-        .iter()
-        .filter(|h| h.status != crate::hooks::Status::Attached)
-    {
-        let _ = writeln!(
-            out,
-            "hook {} not attached: {}",
-            h.name,
-            h.reason.as_deref().unwrap_or("")
-        );
-    }
+    out += &crate::report::render_hooks(&r.hooks);
     if let Some(costs) = &r.program_costs {
         out += &crate::report::render_costs(costs);
     }

@@ -1,14 +1,15 @@
 //! What the programs need to know about the running kernel, read from its BTF: struct member
-//! offsets (Rust eBPF has no CO-RE, so none are compiled in), drop reason names, and which
-//! tracepoints have BTF for tp_btf.
+//! offsets (Rust eBPF has no CO-RE, so none are compiled in), drop reason names, which
+//! tracepoints have BTF for tp_btf, and where a function's packet is among its arguments.
 
 use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use btf_rs::{Btf, Type};
-use profiler_common::{KernelOffsets, NO_OFFSET};
+use profiler_common::{FuncHook, HookId, KernelOffsets, NO_ARG, NO_OFFSET};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+const MODULE_BTF_DIR: &str = "/sys/kernel/btf";
 
 pub struct KernelBtf {
     btf: Btf,
@@ -124,6 +125,17 @@ impl KernelBtf {
             .is_ok_and(|ids| !ids.is_empty())
     }
 
+    pub fn vmlinux(&self) -> &Btf {
+        &self.btf
+    }
+
+    /// The BTF of a loaded module, split on vmlinux's.
+    pub fn module(&self, module: &str) -> Result<Btf> {
+        let path = format!("{MODULE_BTF_DIR}/{module}");
+        Btf::from_split_file(&path, &self.btf)
+            .map_err(|e| anyhow!("module {module} has no readable BTF ({path}: {e})"))
+    }
+
     /// enum skb_drop_reason, value to name (SKB_DROP_REASON_ prefix removed, lower case).
     pub fn drop_reasons(&self) -> HashMap<u32, String> {
         let Ok(types) = self.btf.resolve_types_by_name("skb_drop_reason") else {
@@ -140,6 +152,104 @@ impl KernelBtf {
             }
         }
         names
+    }
+}
+
+/// Where function `func`'s packet is: the first `struct sk_buff *` (or `**`) parameter and
+/// the first `struct net_device *`, from its prototype in `btf`.
+pub fn function_args(btf: &Btf, hook: HookId, func: &str) -> Result<FuncHook> {
+    let proto = btf
+        .resolve_types_by_name(func)
+        .ok()
+        .into_iter()
+        .flatten()
+        .find_map(|t| match t {
+            Type::Func(f) => match btf.resolve_chained_type(&f) {
+                Ok(Type::FuncProto(p)) => Some(p),
+                _ => None,
+            },
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("no BTF prototype for {func}"))?;
+    packet_args(btf, hook, &proto.parameters, 0).with_context(|| format!("{func}'s arguments"))
+}
+
+/// As `function_args`, for a tracepoint: BTF describes it as `btf_trace_TP`, a pointer to a
+/// prototype whose first parameter is the probe's private data, not a tracepoint argument.
+pub fn tracepoint_args(btf: &Btf, hook: HookId, tp: &str) -> Result<FuncHook> {
+    let name = format!("btf_trace_{tp}");
+    let proto = btf
+        .resolve_types_by_name(&name)
+        .ok()
+        .into_iter()
+        .flatten()
+        .find_map(|t| {
+            let Type::Typedef(td) = t else { return None };
+            let Ok(Type::Ptr(p)) = btf.resolve_chained_type(&td) else {
+                return None;
+            };
+            match btf.resolve_chained_type(&p) {
+                Ok(Type::FuncProto(fp)) => Some(fp),
+                _ => None,
+            }
+        })
+        .ok_or_else(|| anyhow!("no BTF for tracepoint {tp} ({name})"))?;
+    packet_args(btf, hook, &proto.parameters, 1)
+        .with_context(|| format!("tracepoint {tp}'s arguments"))
+}
+
+/// The skb and device argument positions among `params[skip..]`.
+fn packet_args(
+    btf: &Btf,
+    hook: HookId,
+    params: &[btf_rs::Parameter],
+    skip: usize,
+) -> Result<FuncHook> {
+    let mut found = FuncHook {
+        hook: hook as u8,
+        skb_arg: NO_ARG,
+        skb_deref: 0,
+        dev_arg: NO_ARG,
+    };
+    for (i, p) in params.iter().skip(skip).enumerate() {
+        let Ok(t) = btf.resolve_chained_type(p) else {
+            continue;
+        };
+        // Only register-passed arguments can be read: x86-64 passes six.
+        let i = i as u8;
+        match pointee(btf, t) {
+            Some((depth, name)) if name == "sk_buff" && found.skb_arg == NO_ARG && i < 6 => {
+                found.skb_arg = i;
+                found.skb_deref = (depth == 2) as u8;
+            }
+            Some((1, name)) if name == "net_device" && found.dev_arg == NO_ARG && i < 6 => {
+                found.dev_arg = i
+            }
+            _ => {}
+        }
+    }
+    if found.skb_arg == NO_ARG {
+        bail!("no struct sk_buff argument");
+    }
+    Ok(found)
+}
+
+/// For a pointer (to a pointer) to a named struct: the pointer depth and the struct's name.
+fn pointee(btf: &Btf, mut t: Type) -> Option<(u8, String)> {
+    let mut depth = 0;
+    loop {
+        t = match t {
+            Type::Ptr(ref p) => {
+                depth += 1;
+                btf.resolve_chained_type(p).ok()?
+            }
+            Type::Const(ref q) | Type::Volatile(ref q) | Type::Restrict(ref q) => {
+                btf.resolve_chained_type(q).ok()?
+            }
+            Type::Typedef(ref td) => btf.resolve_chained_type(td).ok()?,
+            Type::Struct(ref s) if depth > 0 => return Some((depth, btf.resolve_name(s).ok()?)),
+            _ => return None,
+        }
     }
 }
 
@@ -163,5 +273,29 @@ mod tests {
         assert!(btf.has_btf_tracepoint("net_dev_queue"));
         assert!(!btf.has_btf_tracepoint("no_such_tracepoint"));
         assert!(btf.drop_reasons().values().any(|n| n == "not_specified"));
+    }
+
+    /// Argument positions from this kernel's prototypes, whatever module they are in here.
+    #[test]
+    fn finds_packet_arguments_in_prototypes() -> Result<()> {
+        let Ok(kernel) = KernelBtf::load() else {
+            return Ok(());
+        };
+        let in_vmlinux = kernel.vmlinux();
+        // net_dev_start_xmit(skb, dev): a tracepoint, with its private data first.
+        let tp = tracepoint_args(in_vmlinux, HookId::NetDevStartXmit, "net_dev_start_xmit")?;
+        assert_eq!((tp.skb_arg, tp.skb_deref, tp.dev_arg), (0, 0, 1));
+        // __dev_queue_xmit(skb, sb_dev): the second is a net_device too, found as the first.
+        let f = function_args(in_vmlinux, HookId::NetDevQueue, "__dev_queue_xmit")?;
+        assert_eq!((f.skb_arg, f.skb_deref, f.dev_arg), (0, 0, 1));
+        // netif_receive_skb_list_internal has a list head, no skb.
+        assert!(function_args(
+            in_vmlinux,
+            HookId::NetifRx,
+            "netif_receive_skb_list_internal"
+        )
+        .is_err());
+        assert!(function_args(in_vmlinux, HookId::NetifRx, "no_such_function").is_err());
+        Ok(())
     }
 }

@@ -294,6 +294,7 @@ mod tests {
             schema: crate::report::RUN_SCHEMA,
             kernel: "test".into(),
             topology: topology.into(),
+            hook_set: crate::datapath::HookSet::Stable,
             traffic: TrafficReport {
                 proto: Proto::Udp,
                 size: 64,
@@ -309,6 +310,7 @@ mod tests {
                 complete_packets: 1,
                 incomplete_packets: 0,
                 missing_hops: Vec::new(),
+                other_paths: Vec::new(),
             }],
             events: EventsReport {
                 received: 0,

@@ -19,6 +19,27 @@ pub enum Attach {
     Tracepoint { tp: &'static str },
     /// A tc program on each interface of the path.
     Tc { prog: &'static str, ingress: bool },
+    /// A kernel function, by kprobe (program kp_func, or fkp_func to follow). `module` is where
+    /// the function lives when it is not built in (Debian builds every one of these as a module).
+    Function {
+        func: &'static str,
+        module: &'static str,
+    },
+    /// A tracepoint defined by a module, by raw_tp (programs raw_X and fraw_X): tp_btf would need
+    /// the module's BTF object, which the loader cannot pass.
+    ModuleTracepoint {
+        tp: &'static str,
+        module: &'static str,
+    },
+}
+
+/// Which hooks a run attaches: the stable ABI (tracepoints, tc) or, besides them, the deep
+/// hooks on the datapath's own functions, which exist only where the kernel has kprobes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookSet {
+    Stable,
+    Deep,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -29,6 +50,8 @@ pub struct HookSpec {
     pub label: &'static str,
     /// The modes with a program for this hook.
     pub modes: &'static [Mode],
+    /// The datapath the hook belongs to ("core" for the device hooks every path crosses).
+    pub datapath: &'static str,
 }
 
 impl HookSpec {
@@ -49,10 +72,36 @@ impl HookSpec {
 }
 
 impl HookSpec {
+    pub fn set(&self) -> HookSet {
+        match self.attach {
+            Attach::Tracepoint { .. } | Attach::Tc { .. } => HookSet::Stable,
+            Attach::Function { .. } | Attach::ModuleTracepoint { .. } => HookSet::Deep,
+        }
+    }
+
+    /// The program serving a deep hook in `mode`.
+    pub fn deep_program(&self, mode: Mode) -> Option<String> {
+        let prefix = match mode {
+            Mode::Tagged => "",
+            Mode::Follow => "f",
+        };
+        match self.attach {
+            Attach::Function { .. } => Some(format!("{prefix}kp_func")),
+            Attach::ModuleTracepoint { tp, .. } => Some(format!("{prefix}raw_{tp}")),
+            _ => None,
+        }
+    }
+
     /// Every program that serves this hook, in any mode.
     pub fn programs(&self) -> Vec<String> {
         match self.attach {
             Attach::Tc { prog, .. } => vec![prog.to_string()],
+            Attach::Function { .. } | Attach::ModuleTracepoint { .. } => {
+                [Mode::Tagged, Mode::Follow]
+                    .into_iter()
+                    .filter_map(|m| self.deep_program(m))
+                    .collect()
+            }
             Attach::Tracepoint { .. } => [Mode::Tagged, Mode::Follow]
                 .into_iter()
                 .filter_map(|m| self.tracepoint_programs(m))
@@ -72,6 +121,38 @@ const fn tp(id: HookId, tp: &'static str, modes: &'static [Mode]) -> HookSpec {
         attach: Attach::Tracepoint { tp },
         label: tp,
         modes,
+        datapath: "core",
+    }
+}
+
+/// A function hook of `datapath`, labelled by the function's name.
+const fn func(
+    id: HookId,
+    datapath: &'static str,
+    module: &'static str,
+    func: &'static str,
+) -> HookSpec {
+    HookSpec {
+        id,
+        attach: Attach::Function { func, module },
+        label: func,
+        modes: BOTH,
+        datapath,
+    }
+}
+
+const fn module_tp(
+    id: HookId,
+    datapath: &'static str,
+    module: &'static str,
+    tp: &'static str,
+) -> HookSpec {
+    HookSpec {
+        id,
+        attach: Attach::ModuleTracepoint { tp, module },
+        label: tp,
+        modes: BOTH,
+        datapath,
     }
 }
 
@@ -95,6 +176,7 @@ pub const HOOKS: &[HookSpec] = &[
         },
         label: "tc:egress",
         modes: TAGGED,
+        datapath: "core",
     },
     HookSpec {
         id: HookId::TcIngress,
@@ -104,6 +186,101 @@ pub const HOOKS: &[HookSpec] = &[
         },
         label: "tc:ingress",
         modes: TAGGED,
+        datapath: "core",
+    },
+    // The deep set: what each datapath does with the packet, in the order a packet meets it.
+    // Receive paths that build the skb inside the driver (tun_get_user, virtio-net's
+    // receive_buf) have no packet to read at entry: the stable receive hooks see them.
+    func(HookId::VethXmit, "veth", "veth", "veth_xmit"),
+    func(HookId::BrHandleFrame, "bridge", "bridge", "br_handle_frame"),
+    func(HookId::BrForward, "bridge", "bridge", "br_forward"),
+    func(HookId::BrDevXmit, "bridge", "bridge", "br_dev_xmit"),
+    func(HookId::VxlanXmit, "vxlan", "vxlan", "vxlan_xmit"),
+    func(HookId::VxlanXmitOne, "vxlan", "vxlan", "vxlan_xmit_one"),
+    func(
+        HookId::UdpTunnelXmitSkb,
+        "vxlan",
+        "udp_tunnel",
+        "udp_tunnel_xmit_skb",
+    ),
+    func(HookId::VxlanRcv, "vxlan", "vxlan", "vxlan_rcv"),
+    func(HookId::GeneveXmit, "geneve", "geneve", "geneve_xmit"),
+    func(
+        HookId::GeneveRcv,
+        "geneve",
+        "geneve",
+        "geneve_udp_encap_recv",
+    ),
+    func(HookId::GreXmit, "gre", "ip_gre", "ipgre_xmit"),
+    func(HookId::GretapXmit, "gre", "ip_gre", "gre_tap_xmit"),
+    func(HookId::GreRcv, "gre", "ip_gre", "gre_rcv"),
+    func(
+        HookId::OvsVportReceive,
+        "ovs",
+        "openvswitch",
+        "ovs_vport_receive",
+    ),
+    func(
+        HookId::OvsDpProcessPacket,
+        "ovs",
+        "openvswitch",
+        "ovs_dp_process_packet",
+    ),
+    // A flow-table miss: the packet goes up to ovs-vswitchd, which sends it back to be executed.
+    module_tp(HookId::OvsDpUpcall, "ovs", "openvswitch", "ovs_dp_upcall"),
+    func(
+        HookId::OvsExecuteActions,
+        "ovs",
+        "openvswitch",
+        "ovs_execute_actions",
+    ),
+    module_tp(
+        HookId::OvsDoExecuteAction,
+        "ovs",
+        "openvswitch",
+        "ovs_do_execute_action",
+    ),
+    func(HookId::OvsVportSend, "ovs", "openvswitch", "ovs_vport_send"),
+    func(
+        HookId::MacvlanStartXmit,
+        "macvlan",
+        "macvlan",
+        "macvlan_start_xmit",
+    ),
+    func(
+        HookId::MacvlanHandleFrame,
+        "macvlan",
+        "macvlan",
+        "macvlan_handle_frame",
+    ),
+    func(
+        HookId::IpvlanQueueXmit,
+        "ipvlan",
+        "ipvlan",
+        "ipvlan_queue_xmit",
+    ),
+    func(
+        HookId::IpvlanHandleFrame,
+        "ipvlan",
+        "ipvlan",
+        "ipvlan_handle_frame",
+    ),
+    func(
+        HookId::IpvlanProcessOutbound,
+        "ipvlan",
+        "ipvlan",
+        "ipvlan_process_outbound",
+    ),
+    func(HookId::TunNetXmit, "tun", "tun", "tun_net_xmit"),
+    // Drivers name their transmit alike: the label says whose it is.
+    HookSpec {
+        label: "virtnet:start_xmit",
+        ..func(
+            HookId::VirtnetStartXmit,
+            "virtio-net",
+            "virtio_net",
+            "start_xmit",
+        )
     },
 ];
 
@@ -194,7 +371,16 @@ pub fn segment_name(e: &SegmentEnds) -> String {
         }
         (Hook(TcEgress), Hook(NetDevQueue)) if same_if => format!("egress to queue {a}"),
         (Hook(NetDevQueue), Hook(NetDevStartXmit)) if same_if => format!("qdisc {a}"),
-        (Hook(NetDevStartXmit), Hook(NetifRx)) if e.peers => format!("veth {a} -> {b}"),
+        // The driver's transmit (veth_xmit with the deep hooks) handing to the peer's backlog.
+        (_, Hook(NetifRx)) if e.peers => format!("veth {a} -> {b}"),
+        // OVS: a flow-table miss goes up to ovs-vswitchd, which installs the flow and sends the
+        // packet back down to be executed.
+        (Hook(OvsDpUpcall), _) => "ovs upcall (ovs-vswitchd and back)".to_string(),
+        (Hook(OvsVportSend), _) if !same_if => format!("ovs output {a} -> {b}"),
+        (Hook(BrForward), _) if !same_if => match bridge {
+            Some(br) => format!("bridge {br} forward ({a} -> {b})"),
+            None => format!("bridge forward {a} -> {b}"),
+        },
         // Without tc hooks (follow mode): the backlog between netif_rx and the receive, and
         // bridging or routing from a device's receive to another's queue.
         (Hook(NetifRx), Hook(NetifReceiveSkb)) if same_if => format!("backlog {b}"),
@@ -219,6 +405,8 @@ pub fn segment_name(e: &SegmentEnds) -> String {
         (Hook(NetDevStartXmit), Hook(TcEgress)) if e.to_master == Some(e.from_if) => {
             format!("bridge {a} (-> port {b})")
         }
+        // Stages within one device: from one hook to the next.
+        (f, t) if same_if => format!("{} -> {} {a}", label(f), label(t)),
         (f, t) => format!("{} {a} -> {} {b}", label(f), label(t)),
     }
 }
@@ -237,7 +425,7 @@ mod tests {
 
     #[test]
     fn every_hook_id_has_one_spec() {
-        for id in HookId::ALL {
+        for id in HookId::all() {
             assert_eq!(HOOKS.iter().filter(|h| h.id == id).count(), 1, "{id:?}");
         }
     }

@@ -155,7 +155,10 @@ pub fn run() -> Doctor {
     let hooks_of = |mode| match &btf {
         Ok(btf) if missing.is_empty() => match Probes::load(btf, &ProbeConfig::default()) {
             Ok(mut probes) => match probes.attach_tracepoints(btf, mode) {
-                Ok(()) => probes.statuses.clone(),
+                Ok(()) => {
+                    probes.attach_deep(btf, mode);
+                    probes.statuses.clone()
+                }
                 Err(e) => vec![failed_hook("tracepoints", &e)],
             },
             Err(e) => vec![failed_hook("load", &e)],
@@ -180,6 +183,7 @@ fn failed_hook(name: &str, e: &anyhow::Error) -> crate::hooks::HookStatus {
         kind: "load".into(),
         status: Status::Failed,
         reason: Some(format!("{e:#}")),
+        set: crate::datapath::HookSet::Stable,
     }
 }
 
@@ -198,8 +202,8 @@ pub fn render(d: &Doctor) -> String {
     out += "program types:\n";
     d.program_types.iter().for_each(|c| out += &line(c));
     for (title, hooks) in [
-        ("device hooks (run):", &d.hooks),
-        ("device hooks (attach):", &d.follow_hooks),
+        ("hooks (run):", &d.hooks),
+        ("hooks (attach):", &d.follow_hooks),
     ] {
         out += title;
         out += "\n";

@@ -1,24 +1,30 @@
 //! Loads the eBPF object with this kernel's offsets and attaches its programs: device
-//! tracepoints (tp_btf, else raw_tp) everywhere, tc programs on the interfaces of the path.
+//! tracepoints (tp_btf, else raw_tp) everywhere, tc programs on the interfaces of the path,
+//! and with the deep set, kprobes on the datapath's functions and raw_tp on module tracepoints.
 //! Every attachment is a BPF link owned by this process, so an exiting process leaves none behind;
 //! a hook that cannot be attached is recorded with the reason, never fatal on its own.
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        tc::SchedClassifierLinkId, BtfTracePoint, RawTracePoint, SchedClassifier, TcAttachType,
+        tc::SchedClassifierLinkId, BtfTracePoint, KProbe, RawTracePoint, SchedClassifier,
+        TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
-use profiler_common::{Filter, HookId, COUNTER_COUNT};
+use profiler_common::{Filter, FuncHook, HookId, COUNTER_COUNT};
 use serde::Serialize;
 
 use crate::{
     btf::KernelBtf,
-    datapath::{Attach, HookSpec, Mode, HOOKS},
+    datapath::{Attach, HookSet, HookSpec, Mode, HOOKS},
+    kfunc::{Resolver, Target},
     netns,
 };
+
+/// Where the kernel offers kprobes (CONFIG_KPROBES): the PMU perf_event_open attaches through.
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 
 /// The eBPF object built by profiler/build.rs.
 pub(crate) static EBPF_OBJECT: &[u8] =
@@ -39,6 +45,7 @@ pub struct HookStatus {
     pub kind: String,
     pub status: Status,
     pub reason: Option<String>,
+    pub set: HookSet,
 }
 
 /// A tc attachment: tc events carry only the ifindex, so this says which namespace it was in.
@@ -144,6 +151,86 @@ impl Probes {
                 let status = self.attach_tracepoint(tp, &btf_prog, &raw_prog, &btf, kernel_btf);
                 self.statuses.push(status);
             }
+        }
+        Ok(())
+    }
+
+    /// Attaches the hooks of `set` in `mode`, and returns the set in effect: the deep set falls
+    /// back to the stable one, with a notice, where none of its hooks can attach.
+    pub fn attach_set(&mut self, btf: &KernelBtf, mode: Mode, set: HookSet) -> Result<HookSet> {
+        self.attach_tracepoints(btf, mode)?;
+        if set == HookSet::Stable {
+            return Ok(HookSet::Stable);
+        }
+        let before = self.statuses.len();
+        self.attach_deep(btf, mode);
+        let deep = &self.statuses[before..];
+        if deep.iter().any(|s| s.status == Status::Attached) {
+            return Ok(HookSet::Deep);
+        }
+        let why = deep
+            .iter()
+            .filter_map(|s| s.reason.as_deref())
+            .next()
+            .unwrap_or("no deep hook applies");
+        eprintln!("note: no deep hook attached on this kernel ({why}); using the stable hooks");
+        Ok(HookSet::Stable)
+    }
+
+    /// Attaches every deep hook of `mode` this kernel has; the others are recorded with why.
+    pub fn attach_deep(&mut self, btf: &KernelBtf, mode: Mode) {
+        let kprobes = std::path::Path::new(KPROBE_PMU).exists();
+        let mut resolver = Resolver::new(btf);
+        for spec in HOOKS.iter().filter(|h| h.set() == HookSet::Deep) {
+            let Some(prog) = spec.deep_program(mode) else {
+                continue;
+            };
+            let is_function = matches!(spec.attach, Attach::Function { .. });
+            let kind = if is_function { "kprobe" } else { "raw_tp" };
+            let result = match &mut resolver {
+                _ if is_function && !kprobes => {
+                    Err(anyhow!("this kernel has no kprobes (CONFIG_KPROBES off)"))
+                }
+                Err(e) => Err(anyhow!("{e:#}")),
+                Ok(r) => r
+                    .resolve(spec)
+                    .and_then(|target| self.attach_target(&prog, is_function, &target)),
+            };
+            let st = match result {
+                Ok(()) => status(spec.label, kind, Status::Attached, None),
+                Err(e) => status(
+                    spec.label,
+                    kind,
+                    Status::Unavailable,
+                    Some(format!("{e:#}")),
+                ),
+            };
+            self.statuses.push(HookStatus {
+                set: HookSet::Deep,
+                ..st
+            });
+        }
+    }
+
+    fn attach_target(&mut self, prog: &str, is_function: bool, target: &Target) -> Result<()> {
+        let mut funcs: BpfHashMap<_, u64, FuncHook> = BpfHashMap::try_from(self.map_mut("FUNCS")?)?;
+        funcs.insert(target.key, target.args, 0)?;
+        let attached = if is_function {
+            let p: &mut KProbe = self.program(prog)?.try_into()?;
+            if p.fd().is_err() {
+                p.load()?;
+            }
+            p.attach(&target.attach_to, 0).map(drop)
+        } else {
+            let p: &mut RawTracePoint = self.program(prog)?.try_into()?;
+            p.load()?;
+            p.attach(&target.attach_to).map(drop)
+        };
+        if let Err(e) = attached {
+            let mut funcs: BpfHashMap<_, u64, FuncHook> =
+                BpfHashMap::try_from(self.map_mut("FUNCS")?)?;
+            let _ = funcs.remove(&target.key);
+            return Err(anyhow!("attaching to {}: {e}", target.attach_to));
         }
         Ok(())
     }
@@ -356,5 +443,6 @@ fn status(name: &str, kind: &str, status: Status, reason: Option<String>) -> Hoo
         kind: kind.to_string(),
         status,
         reason,
+        set: HookSet::Stable,
     }
 }

@@ -130,6 +130,17 @@ fn journeys(obs: &[Observation], direction: u32) -> HashMap<u32, Vec<&Observatio
 /// application to the application (ties: the longest). Observing the path instead of predicting
 /// it makes any topology, or a path the profiler did not build, work the same way.
 pub fn modal_path(obs: &[Observation], direction: u32) -> Vec<HopKey> {
+    paths(obs, direction)
+        .into_iter()
+        .next()
+        .map(|(keys, _)| keys)
+        .unwrap_or_default()
+}
+
+/// Every hop sequence packets took from application to application, with how many took it,
+/// most common first (ties: the longest). Packets of one flow can differ: the first one of an
+/// OVS flow goes up to ovs-vswitchd, the others stay in the kernel.
+pub fn paths(obs: &[Observation], direction: u32) -> Vec<(Vec<HopKey>, u64)> {
     let mut counts: HashMap<Vec<HopKey>, u64> = HashMap::new();
     for seen in journeys(obs, direction).into_values() {
         let keys: Vec<HopKey> = seen.iter().map(|o| o.hop.clone()).collect();
@@ -139,11 +150,9 @@ pub fn modal_path(obs: &[Observation], direction: u32) -> Vec<HopKey> {
             *counts.entry(keys).or_default() += 1;
         }
     }
-    counts
-        .into_iter()
-        .max_by_key(|(keys, n)| (*n, keys.len()))
-        .map(|(keys, _)| keys)
-        .unwrap_or_default()
+    let mut paths: Vec<_> = counts.into_iter().collect();
+    paths.sort_by(|(a, n), (b, m)| (m, b.len(), b).cmp(&(n, a.len(), a)));
+    paths
 }
 
 /// The flags each hop of `path` saw most often (how it saw the packet: encapsulated or not).
@@ -335,6 +344,31 @@ mod tests {
                 flags: 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn every_path_is_counted_most_common_first() {
+        let mut obs = packet(0, &[100, 110, 130, 160]);
+        obs.extend(packet(1, &[200, 220, 230, 300]));
+        // Packet 2 took a detour (an OVS upcall) between the kernel hops.
+        let detour = key(Point::Hook(HookId::OvsDpUpcall), 2);
+        obs.extend(packet(2, &[400, 410, 900, 950]));
+        obs.push(Observation {
+            seq: 2,
+            direction: 0,
+            ts_ns: 420,
+            cost_ns: 0,
+            hop: detour.clone(),
+            flags: 0,
+        });
+        let p = paths(&obs, 0);
+        let mut other = path();
+        other.insert(2, detour);
+        assert_eq!(p, vec![(path(), 2), (other.clone(), 1)]);
+        assert_eq!(modal_path(&obs, 0), path());
+        let a = attribute(&obs, 0, &other);
+        assert_eq!(a.complete, 1);
+        assert_eq!(a.segments[2].mean_ns, 480.0);
     }
 
     #[test]

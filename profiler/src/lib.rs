@@ -3,7 +3,8 @@
 //! segment the packet crossed there.
 //!
 //! - [`datapath`]: hooks, link kinds and segment names, as data.
-//! - [`btf`], [`hooks`]: kernel offsets and attaching the eBPF programs.
+//! - [`btf`], [`kfunc`], [`hooks`]: kernel offsets, function hook targets, and attaching the
+//!   eBPF programs.
 //! - [`inject`]: ground-truth delay injection at a tc hook.
 //! - [`lab`], [`netns`]: the built-in topologies.
 //! - [`traffic`]: tagged request/response traffic.
@@ -19,6 +20,7 @@ pub mod filter;
 pub mod hooks;
 pub mod inject;
 pub mod journey;
+pub mod kfunc;
 pub mod lab;
 pub mod metrics;
 pub mod netns;

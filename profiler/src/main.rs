@@ -5,7 +5,9 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use profiler::{
-    attach, compare, doctor,
+    attach, compare,
+    datapath::HookSet,
+    doctor,
     hooks::FollowConfig,
     inject, lab,
     lab::{LabOptions, Placement, Topology},
@@ -93,6 +95,11 @@ struct AttachCli {
     /// Report each eBPF program's kernel cost per invocation (enables bpf_stats meanwhile).
     #[arg(long)]
     stats: bool,
+    /// Hooks to attach: stable (tracepoints, tc) or deep (also the datapath's kernel
+    /// functions: veth, bridge, vxlan, OVS, ...; falls back to stable with a notice where the
+    /// kernel has no kprobes).
+    #[arg(long, value_enum, default_value = "deep")]
+    hooks: HookSet,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -173,6 +180,11 @@ struct TrafficOpts {
     /// Report each eBPF program's kernel cost per invocation (enables bpf_stats for the run).
     #[arg(long)]
     stats: bool,
+    /// Hooks to attach: stable (tracepoints, tc) or deep (also the datapath's kernel
+    /// functions: veth, bridge, vxlan, OVS, ...; falls back to stable with a notice where the
+    /// kernel has no kprobes).
+    #[arg(long, value_enum, default_value = "deep")]
+    hooks: HookSet,
 }
 
 impl TrafficOpts {
@@ -188,6 +200,7 @@ impl TrafficOpts {
             rate: self.rate,
             port: self.port,
             stats: self.stats,
+            hooks: self.hooks,
             timeout: Duration::from_secs_f64(self.timeout),
         };
         args.spec(0).validate()?;
@@ -462,6 +475,7 @@ async fn attach_command(cli: AttachCli) -> Result<ExitCode> {
         duration,
         prometheus: cli.prometheus,
         stats: cli.stats,
+        hooks: cli.hooks,
     };
     let report = attach::attach(&args).await?;
     let table = attach::render(&report);

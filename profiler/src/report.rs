@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::{
+    datapath::HookSet,
     hooks::{HookStatus, ProgramCost, Status},
     journey::Stats,
     path::Hop,
@@ -21,6 +22,8 @@ pub struct RunReport {
     pub traffic: TrafficReport,
     pub directions: Vec<DirectionReport>,
     pub events: EventsReport,
+    /// The hooks in effect: deep, or stable where no deep hook could attach.
+    pub hook_set: HookSet,
     pub hooks: Vec<HookStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub program_costs: Option<Vec<ProgramCost>>,
@@ -46,6 +49,17 @@ pub struct DirectionReport {
     pub incomplete_packets: u64,
     /// For incomplete packets: how many missed each hop.
     pub missing_hops: Vec<MissingHop>,
+    /// The other hop sequences packets took (the first of an OVS flow, up to ovs-vswitchd),
+    /// most common first.
+    pub other_paths: Vec<OtherPath>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OtherPath {
+    pub packets: u64,
+    pub hops: Vec<Hop>,
+    pub segments: Vec<SegmentReport>,
+    pub end_to_end: Stats,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,7 +140,22 @@ pub fn render(r: &RunReport) -> String {
             d.packets, d.ifname, d.reason
         );
     }
-    for h in r.hooks.iter().filter(|h| h.status != Status::Attached) {
+    out += &render_hooks(&r.hooks);
+    if let Some(costs) = &r.program_costs {
+        out += &render_costs(costs);
+    }
+    out
+}
+
+/// Stable hooks that did not attach, each with why; deep hooks counted, with the attached ones
+/// named (a kernel without a datapath's module lacks all its functions: `profiler doctor` says
+/// why for each).
+pub fn render_hooks(hooks: &[HookStatus]) -> String {
+    let mut out = String::new();
+    for h in hooks
+        .iter()
+        .filter(|h| h.set == HookSet::Stable && h.status != Status::Attached)
+    {
         let _ = writeln!(
             out,
             "hook {} ({}) {:?}: {}",
@@ -136,8 +165,30 @@ pub fn render(r: &RunReport) -> String {
             h.reason.as_deref().unwrap_or("")
         );
     }
-    if let Some(costs) = &r.program_costs {
-        out += &render_costs(costs);
+    let deep: Vec<_> = hooks.iter().filter(|h| h.set == HookSet::Deep).collect();
+    if deep.is_empty() {
+        return out;
+    }
+    let attached: Vec<&str> = deep
+        .iter()
+        .filter(|h| h.status == Status::Attached)
+        .map(|h| h.name.as_str())
+        .collect();
+    let _ = write!(
+        out,
+        "deep hooks: {} of {} attached",
+        attached.len(),
+        deep.len()
+    );
+    if attached.is_empty() {
+        let why = deep[0].reason.as_deref().unwrap_or("");
+        let _ = writeln!(out, " ({why}; `profiler doctor` lists each)");
+    } else {
+        let _ = writeln!(
+            out,
+            " ({}; `profiler doctor` says why not the others)",
+            attached.join(", ")
+        );
     }
     out
 }
@@ -167,7 +218,25 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
         "#", "segment", "mean", "p50", "p90", "p99", "max"
     );
     let total = d.end_to_end.mean_ns.max(1.0);
-    for (i, s) in d.segments.iter().enumerate() {
+    segment_rows(out, &d.segments, total);
+    let p = &d.profiler_programs;
+    let share = format!("{:>4.1}%", p.mean_ns / total * 100.0);
+    total_row(out, "(the profiler's own programs)", p, &share);
+    let e = &d.end_to_end;
+    total_row(out, "end to end", e, &format!("({} samples)", e.samples));
+    for m in &d.missing_hops {
+        let hop = d.hops.get(m.hop).map_or("?", |h| h.name.as_str());
+        let _ = writeln!(out, "      missing hop {}: {} packets", hop, m.packets);
+    }
+    for p in &d.other_paths {
+        let _ = writeln!(out, "  another path, taken by {} packets:", p.packets);
+        segment_rows(out, &p.segments, p.end_to_end.mean_ns.max(1.0));
+        total_row(out, "end to end", &p.end_to_end, &format!("({} samples)", p.end_to_end.samples));
+    }
+}
+
+fn segment_rows(out: &mut String, segments: &[SegmentReport], total: f64) {
+    for (i, s) in segments.iter().enumerate() {
         let share = s.stats.mean_ns / total;
         let bar = "#".repeat((share * BAR_WIDTH).round().max(0.0) as usize);
         let _ = writeln!(
@@ -183,15 +252,6 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
             share * 100.0,
             bar
         );
-    }
-    let p = &d.profiler_programs;
-    let share = format!("{:>4.1}%", p.mean_ns / total * 100.0);
-    total_row(out, "(the profiler's own programs)", p, &share);
-    let e = &d.end_to_end;
-    total_row(out, "end to end", e, &format!("({} samples)", e.samples));
-    for m in &d.missing_hops {
-        let hop = d.hops.get(m.hop).map_or("?", |h| h.name.as_str());
-        let _ = writeln!(out, "      missing hop {}: {} packets", hop, m.packets);
     }
 }
 

@@ -16,19 +16,22 @@ use tokio::sync::oneshot;
 use crate::{
     btf::KernelBtf,
     collect,
-    datapath::Mode,
+    datapath::{HookSet, Mode},
     doctor,
     hooks::{ProbeConfig, Probes},
-    journey::{self, Attribution},
+    journey::{self, Attribution, HopKey, Stats},
     lab::{self, discover, Lab, LabOptions, Topology},
     path::{self, Attached, Hop, Inodes},
     report::{
-        DirectionReport, DropReport, EventsReport, MissingHop, RunReport, SegmentReport,
-        TrafficReport, RUN_SCHEMA,
+        DirectionReport, DropReport, EventsReport, MissingHop, OtherPath, RunReport,
+        SegmentReport, TrafficReport, RUN_SCHEMA,
     },
     target::{Devices, Target},
     traffic::{self, Endpoints, Proto, Spec},
 };
+
+/// Paths other than the most common one shown per direction.
+const MAX_OTHER_PATHS: usize = 3;
 
 #[derive(Clone, Debug)]
 pub struct RunArgs {
@@ -39,6 +42,7 @@ pub struct RunArgs {
     pub rate: Option<f64>,
     pub port: u16,
     pub stats: bool,
+    pub hooks: HookSet,
     pub timeout: Duration,
 }
 
@@ -82,7 +86,7 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
             ..Default::default()
         },
     )?;
-    probes.attach_tracepoints(&btf, Mode::Tagged)?;
+    let hook_set = probes.attach_set(&btf, Mode::Tagged, args.hooks)?;
     for (ns, ifname) in &lab.attach {
         probes.attach_tc(discover::ns_arg(ns), ifname);
     }
@@ -118,12 +122,31 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
     let mut directions = Vec::new();
     let mut incomplete = 0;
     for (dir, name) in [(DIR_REQUEST, "request"), (DIR_RESPONSE, "response")] {
-        let keys = journey::modal_path(&sorted.observations, dir);
-        let flags = journey::hop_flags(&sorted.observations, dir, &keys);
-        let hops = path::describe(&keys, &flags, &lab.devices, &inodes, &attached);
+        let paths = journey::paths(&sorted.observations, dir);
+        let keys = paths.first().map(|(k, _)| k.clone()).unwrap_or_default();
+        let describe = |keys: &[HopKey]| {
+            let flags = journey::hop_flags(&sorted.observations, dir, keys);
+            path::describe(keys, &flags, &lab.devices, &inodes, &attached)
+        };
         let attribution = journey::attribute(&sorted.observations, dir, &keys);
         incomplete += attribution.incomplete;
-        directions.push(direction_report(name, hops, attribution, &lab.devices));
+        let mut report = direction_report(name, describe(&keys), attribution, &lab.devices);
+        report.other_paths = paths
+            .iter()
+            .skip(1)
+            .take(MAX_OTHER_PATHS)
+            .map(|(keys, packets)| {
+                let hops = describe(keys);
+                let a = journey::attribute(&sorted.observations, dir, keys);
+                OtherPath {
+                    packets: *packets,
+                    segments: segment_reports(&hops, a.segments, &lab.devices),
+                    hops,
+                    end_to_end: a.end_to_end,
+                }
+            })
+            .collect();
+        directions.push(report);
     }
     Ok(RunReport {
         schema: RUN_SCHEMA,
@@ -144,6 +167,7 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
             fragments: sorted.fragments,
             drops: drop_report(&sorted.drops, lab, &btf),
         },
+        hook_set,
         hooks: probes.statuses.clone(),
         program_costs: costs,
     })
@@ -155,18 +179,7 @@ fn direction_report(
     a: Attribution,
     lab: &Devices,
 ) -> DirectionReport {
-    let names = path::segment_names(&hops, lab);
-    let segments = names
-        .into_iter()
-        .zip(a.segments)
-        .enumerate()
-        .map(|(i, (name, stats))| SegmentReport {
-            name,
-            from: i,
-            to: i + 1,
-            stats,
-        })
-        .collect();
+    let segments = segment_reports(&hops, a.segments, lab);
     DirectionReport {
         direction: name,
         hops,
@@ -180,7 +193,22 @@ fn direction_report(
             .into_iter()
             .map(|(hop, packets)| MissingHop { hop, packets })
             .collect(),
+        other_paths: Vec::new(),
     }
+}
+
+fn segment_reports(hops: &[Hop], stats: Vec<Stats>, lab: &Devices) -> Vec<SegmentReport> {
+    path::segment_names(hops, lab)
+        .into_iter()
+        .zip(stats)
+        .enumerate()
+        .map(|(i, (name, stats))| SegmentReport {
+            name,
+            from: i,
+            to: i + 1,
+            stats,
+        })
+        .collect()
 }
 
 fn drop_report(drops: &[Event], lab: &Target, btf: &KernelBtf) -> Vec<DropReport> {

@@ -1,0 +1,127 @@
+//! The deep hooks: kprobes on datapath functions and raw tracepoints of modules (OVS).
+//!
+//! One kprobe program serves every function: the loader maps each function's address to where
+//! its packet is (`FUNCS`, read from the function's BTF), so no argument position is compiled
+//! in and a kernel whose function gained or lost an argument still works. The packet is then
+//! handled exactly as at a device tracepoint.
+
+use aya_ebpf::{
+    helpers::{bpf_get_func_ip, bpf_probe_read_kernel},
+    macros::{kprobe, map, raw_tracepoint},
+    maps::HashMap,
+    programs::{ProbeContext, RawTracePointContext},
+    EbpfContext,
+};
+use profiler_common::{FuncHook, HookId, NO_ARG};
+
+use crate::{follow::on_hop, on_device, skb::Probed};
+
+/// Function address (kprobes) or hook id (module tracepoints) to where the packet is.
+#[map]
+static FUNCS: HashMap<u64, FuncHook> = HashMap::with_max_entries(256, 0);
+
+/// The skb and device of a hook as a device tracepoint's handlers take them: `[skb, dev]`,
+/// and the index of the device in it (None: the skb's own).
+#[inline(always)]
+fn packet(func: &FuncHook, arg: impl Fn(u8) -> Option<u64>) -> Option<([u64; 2], Option<usize>)> {
+    let mut skb = arg(func.skb_arg)?;
+    if func.skb_deref != 0 {
+        skb = unsafe { bpf_probe_read_kernel(skb as *const u64) }.ok()?;
+    }
+    if skb == 0 {
+        return None;
+    }
+    match func.dev_arg {
+        NO_ARG => Some(([skb, 0], None)),
+        i => Some(([skb, arg(i)?], Some(1))),
+    }
+}
+
+#[inline(always)]
+fn handle(func: &FuncHook, args: [u64; 2], dev_arg: Option<usize>, follow: bool) {
+    if follow {
+        on_hop::<Probed>(args.as_ptr(), func.hook, dev_arg);
+    } else {
+        on_device::<Probed>(args.as_ptr(), func.hook, dev_arg);
+    }
+}
+
+#[inline(always)]
+fn on_function(ctx: &ProbeContext, follow: bool) {
+    let ip = unsafe { bpf_get_func_ip(ctx.as_ptr()) };
+    let Some(func) = (unsafe { FUNCS.get(&ip) }) else {
+        return;
+    };
+    if let Some((args, dev_arg)) = packet(func, |i| ctx.arg::<u64>(i as usize)) {
+        handle(func, args, dev_arg, follow);
+    }
+}
+
+#[kprobe]
+pub fn kp_func(ctx: ProbeContext) -> u32 {
+    on_function(&ctx, false);
+    0
+}
+
+#[kprobe]
+pub fn fkp_func(ctx: ProbeContext) -> u32 {
+    on_function(&ctx, true);
+    0
+}
+
+/// Argument `i` of a raw tracepoint: context reads must be at constant offsets.
+#[inline(always)]
+fn tp_arg(args: *const u64, i: u8) -> Option<u64> {
+    let v = unsafe {
+        match i {
+            0 => *args,
+            1 => *args.add(1),
+            2 => *args.add(2),
+            3 => *args.add(3),
+            4 => *args.add(4),
+            5 => *args.add(5),
+            _ => return None,
+        }
+    };
+    Some(v)
+}
+
+#[inline(always)]
+fn on_module_tracepoint(ctx: &RawTracePointContext, hook: HookId, follow: bool) {
+    let Some(func) = (unsafe { FUNCS.get(&(hook as u64)) }) else {
+        return;
+    };
+    let raw = ctx.as_ptr() as *const u64;
+    if let Some((args, dev_arg)) = packet(func, |i| tp_arg(raw, i)) {
+        handle(func, args, dev_arg, follow);
+    }
+}
+
+macro_rules! module_tracepoint {
+    ($tagged:ident, $follow:ident, $tp:literal, $hook:expr) => {
+        #[raw_tracepoint(tracepoint = $tp)]
+        pub fn $tagged(ctx: RawTracePointContext) -> i32 {
+            on_module_tracepoint(&ctx, $hook, false);
+            0
+        }
+
+        #[raw_tracepoint(tracepoint = $tp)]
+        pub fn $follow(ctx: RawTracePointContext) -> i32 {
+            on_module_tracepoint(&ctx, $hook, true);
+            0
+        }
+    };
+}
+
+module_tracepoint!(
+    raw_ovs_dp_upcall,
+    fraw_ovs_dp_upcall,
+    "ovs_dp_upcall",
+    HookId::OvsDpUpcall
+);
+module_tracepoint!(
+    raw_ovs_do_execute_action,
+    fraw_ovs_do_execute_action,
+    "ovs_do_execute_action",
+    HookId::OvsDoExecuteAction
+);

@@ -1,0 +1,192 @@
+//! Where the deep hooks are on the running kernel: kallsyms says whether a function exists out
+//! of line and in which module (a module that is not loaded, or a function the compiler inlined,
+//! is absent), BTF says where its packet is among the arguments.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Result};
+use btf_rs::Btf;
+use profiler_common::FuncHook;
+
+use crate::{
+    btf::{function_args, tracepoint_args, KernelBtf},
+    datapath::{Attach, HookSpec},
+};
+
+const KALLSYMS: &str = "/proc/kallsyms";
+
+/// What a deep hook attaches to and what its program is told about it.
+#[derive(Debug)]
+pub struct Target {
+    /// The kprobe symbol ("module:function" where the name alone is ambiguous) or tracepoint.
+    pub attach_to: String,
+    /// The `FUNCS` key: the function's address (what bpf_get_func_ip returns), or the hook id
+    /// for a module tracepoint.
+    pub key: u64,
+    pub args: FuncHook,
+}
+
+pub struct Resolver<'a> {
+    kernel: &'a KernelBtf,
+    /// Text symbols by name: address and module (None: built in).
+    symbols: HashMap<String, Vec<(u64, Option<String>)>>,
+    /// Module BTF, loaded once per module.
+    modules: HashMap<String, Result<Btf, String>>,
+}
+
+impl<'a> Resolver<'a> {
+    pub fn new(kernel: &'a KernelBtf) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(KALLSYMS).map_err(|e| anyhow!("reading {KALLSYMS}: {e}"))?;
+        let symbols = parse_kallsyms(&text);
+        if symbols.values().flatten().all(|(addr, _)| *addr == 0) {
+            bail!("{KALLSYMS} hides addresses (kernel.kptr_restrict): run as root");
+        }
+        Ok(Resolver {
+            kernel,
+            symbols,
+            modules: HashMap::new(),
+        })
+    }
+
+    /// The target of a deep hook, or why this kernel has none.
+    pub fn resolve(&mut self, spec: &HookSpec) -> Result<Target> {
+        match spec.attach {
+            Attach::Function { func, module } => {
+                let (addr, in_module, ambiguous) = self.symbol(func, module)?;
+                let args = function_args(self.btf(in_module.as_deref())?, spec.id, func)?;
+                let attach_to = match (ambiguous, in_module) {
+                    (true, Some(m)) => format!("{m}:{func}"),
+                    _ => func.to_string(),
+                };
+                Ok(Target {
+                    attach_to,
+                    key: addr,
+                    args,
+                })
+            }
+            Attach::ModuleTracepoint { tp, module } => {
+                if !std::path::Path::new("/sys/module").join(module).exists() {
+                    bail!("module {module} is not loaded");
+                }
+                let args = tracepoint_args(self.btf(Some(module))?, spec.id, tp)?;
+                Ok(Target {
+                    attach_to: tp.to_string(),
+                    key: spec.id as u64,
+                    args,
+                })
+            }
+            Attach::Tracepoint { .. } | Attach::Tc { .. } => {
+                bail!("{} is a stable hook, not a kernel function", spec.label)
+            }
+        }
+    }
+
+    /// The function's address and module, and whether its name alone is ambiguous. Built-in
+    /// code is preferred to a module of another name; the hook's own module to both.
+    fn symbol(&self, func: &str, module: &str) -> Result<(u64, Option<String>, bool)> {
+        let found = self
+            .symbols
+            .get(func)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let pick = found
+            .iter()
+            .find(|(_, m)| m.as_deref() == Some(module))
+            .or_else(|| found.iter().find(|(_, m)| m.is_none()));
+        match pick {
+            Some((addr, m)) => Ok((*addr, m.clone(), found.len() > 1)),
+            None if found.is_empty() => bail!(
+                "{func} is not in this kernel's symbols (module {module} not loaded, or the function is inlined)"
+            ),
+            None => bail!("{func} is only in modules other than {module}"),
+        }
+    }
+
+    fn btf(&mut self, module: Option<&str>) -> Result<&Btf> {
+        let Some(m) = module else {
+            return Ok(self.kernel.vmlinux());
+        };
+        let kernel = self.kernel;
+        self.modules
+            .entry(m.to_string())
+            .or_insert_with(|| kernel.module(m).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow!("{e}"))
+    }
+}
+
+/// Text symbols of `/proc/kallsyms` ("ADDR TYPE NAME [MODULE]") by name.
+fn parse_kallsyms(text: &str) -> HashMap<String, Vec<(u64, Option<String>)>> {
+    let mut symbols: HashMap<String, Vec<_>> = HashMap::new();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if !kind.eq_ignore_ascii_case("t") {
+            continue;
+        }
+        let Ok(addr) = u64::from_str_radix(addr, 16) else {
+            continue;
+        };
+        let module = fields
+            .next()
+            .map(|m| m.trim_start_matches('[').trim_end_matches(']').to_string());
+        symbols
+            .entry(name.to_string())
+            .or_default()
+            .push((addr, module));
+    }
+    symbols
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_text_symbols_and_their_modules() {
+        let text = "ffffffff81000000 T _stext\n\
+                    ffffffff81234560 t start_xmit\t[virtio_net]\n\
+                    ffffffffc0001000 t start_xmit\t[other_nic]\n\
+                    ffffffff82000000 D some_data\n\
+                    ffffffffc0002000 t veth_xmit\t[veth]\n";
+        let s = parse_kallsyms(text);
+        assert_eq!(s["_stext"], [(0xffffffff81000000, None)]);
+        assert_eq!(s["start_xmit"].len(), 2);
+        assert_eq!(s["veth_xmit"], [(0xffffffffc0002000, Some("veth".into()))]);
+        assert!(!s.contains_key("some_data"));
+    }
+
+    #[test]
+    fn picks_the_hooks_own_module_and_says_when_the_name_is_shared() -> Result<()> {
+        let Ok(kernel) = KernelBtf::load() else {
+            return Ok(());
+        };
+        let mut r = Resolver {
+            kernel: &kernel,
+            symbols: parse_kallsyms(
+                "ffffffff81234560 t start_xmit\t[other_nic]\n\
+                 ffffffffc0001000 t start_xmit\t[virtio_net]\n\
+                 ffffffffc0002000 t veth_xmit\n",
+            ),
+            modules: HashMap::new(),
+        };
+        assert_eq!(
+            r.symbol("start_xmit", "virtio_net")?,
+            (0xffffffffc0001000, Some("virtio_net".into()), true)
+        );
+        assert_eq!(
+            r.symbol("veth_xmit", "veth")?,
+            (0xffffffffc0002000, None, false)
+        );
+        let e = r.symbol("ipvlan_queue_xmit", "ipvlan").unwrap_err();
+        assert!(e.to_string().contains("not loaded"), "{e}");
+        assert!(r.symbol("start_xmit", "e1000").is_err());
+        // A module that is not there has no BTF: a reason, not a panic.
+        assert!(r.btf(Some("no_such_module")).is_err());
+        Ok(())
+    }
+}
