@@ -5,7 +5,10 @@
 //! in and a kernel whose function gained or lost an argument still works. The packet is then
 //! handled exactly as at a device tracepoint.
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
+    bindings::pt_regs,
     helpers::{bpf_get_func_ip, bpf_probe_read_kernel},
     macros::{kprobe, map, raw_tracepoint},
     maps::HashMap,
@@ -52,9 +55,34 @@ fn on_function(ctx: &ProbeContext, follow: bool) {
     let Some(func) = (unsafe { FUNCS.get(&ip) }) else {
         return;
     };
-    if let Some((args, dev_arg)) = packet(func, |i| ctx.arg::<u64>(i as usize)) {
+    let regs = ctx.as_ptr() as *const pt_regs;
+    // x86-64 passes the first six arguments in these registers.
+    let r = unsafe {
+        [
+            read_volatile(&(*regs).rdi),
+            read_volatile(&(*regs).rsi),
+            read_volatile(&(*regs).rdx),
+            read_volatile(&(*regs).rcx),
+            read_volatile(&(*regs).r8),
+            read_volatile(&(*regs).r9),
+        ]
+    };
+    if let Some((args, dev_arg)) = packet(func, |i| pick(&r, i)) {
         handle(func, args, dev_arg, follow);
     }
+}
+
+/// `values[i]` without an indexed load: the verifier refuses context reads at a variable
+/// offset, so every value is read at its constant offset first and one is chosen here.
+#[inline(always)]
+fn pick<const N: usize>(values: &[u64; N], i: u8) -> Option<u64> {
+    let mut found = None;
+    for (k, v) in values.iter().enumerate() {
+        if k == i as usize {
+            found = Some(*v);
+        }
+    }
+    found
 }
 
 #[kprobe]
@@ -69,22 +97,9 @@ pub fn fkp_func(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Argument `i` of a raw tracepoint: context reads must be at constant offsets.
-#[inline(always)]
-fn tp_arg(args: *const u64, i: u8) -> Option<u64> {
-    let v = unsafe {
-        match i {
-            0 => *args,
-            1 => *args.add(1),
-            2 => *args.add(2),
-            3 => *args.add(3),
-            4 => *args.add(4),
-            5 => *args.add(5),
-            _ => return None,
-        }
-    };
-    Some(v)
-}
+/// Arguments read from a module tracepoint: both OVS tracepoints have at least four, and
+/// reading past a tracepoint's last argument would make the kernel refuse the attachment.
+const TP_ARGS: usize = 4;
 
 #[inline(always)]
 fn on_module_tracepoint(ctx: &RawTracePointContext, hook: HookId, follow: bool) {
@@ -92,7 +107,8 @@ fn on_module_tracepoint(ctx: &RawTracePointContext, hook: HookId, follow: bool) 
         return;
     };
     let raw = ctx.as_ptr() as *const u64;
-    if let Some((args, dev_arg)) = packet(func, |i| tp_arg(raw, i)) {
+    let a: [u64; TP_ARGS] = core::array::from_fn(|k| unsafe { read_volatile(raw.add(k)) });
+    if let Some((args, dev_arg)) = packet(func, |i| pick(&a, i)) {
         handle(func, args, dev_arg, follow);
     }
 }

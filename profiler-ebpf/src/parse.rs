@@ -342,12 +342,22 @@ pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
     // A fragmented outer packet (an overlay whose MTU does not fit the underlay): its later
     // fragments carry neither the tunnel header nor the tag, so the first one records the tag
     // under the outer datagram's identity too.
-    let mut outer_frag = None;
+    // A key and a flag, not an Option: before 6.5 the verifier refuses reading the stack slot of
+    // an Option's payload on the path that left it unset, which the compiler may do.
+    let mut outer_frag = FragKey {
+        saddr: [0; 4],
+        daddr: [0; 4],
+        id: [0; 2],
+        proto: 0,
+        _pad: 0,
+    };
+    let mut outer_fragmented = false;
     if !l4.later_fragment {
         if let Some((inner_ethertype, inner, kind)) = tunnel(p, &l4, ports) {
             flags |= FLAG_ENCAP | (kind << TUNNEL_SHIFT);
             if l4.fragmented {
-                outer_frag = Some(l4.frag_key());
+                outer_frag = l4.frag_key();
+                outer_fragmented = true;
             }
             let (ethertype, off) = match inner_ethertype {
                 Some(et) => (et, inner),
@@ -400,8 +410,8 @@ pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
         // The first fragment: remember the tag for the fragments that follow.
         let _ = FRAG_TAGS.insert(&l4.frag_key(), &found, 0);
     }
-    if let Some(key) = outer_frag {
-        let _ = FRAG_TAGS.insert(&key, &found, 0);
+    if outer_fragmented {
+        let _ = FRAG_TAGS.insert(&outer_frag, &found, 0);
     }
     Some(found)
 }
