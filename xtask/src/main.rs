@@ -6,6 +6,7 @@ mod netpeer;
 mod overhead;
 mod setup;
 mod test;
+mod vm;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -39,6 +40,30 @@ enum Task {
     /// Setup, build, then measure what `profiler attach` costs TCP throughput and latency on the
     /// bridge and flannel-vxlan labs, side by side with no profiler.
     Overhead,
+    /// Run a command as root in a VM on a stock Debian kernel (QEMU TCG, virtme-ng), in the
+    /// workspace root, installing what that needs first; exits with the command's status.
+    Vm {
+        #[arg(long)]
+        kernel: vm::Series,
+        /// Guest memory, in QEMU's -m syntax.
+        #[arg(long, default_value = "2G")]
+        memory: String,
+        /// Also show the guest kernel's console (boot messages, panics).
+        #[arg(long)]
+        verbose: bool,
+        /// After `--`: the command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Setup, build, then run the `vm` test target's tests (the ignored ones) in a VM on a stock
+    /// Debian kernel; exits with the tests' status.
+    VmTest {
+        #[arg(long)]
+        kernel: vm::Series,
+        /// After `--`: arguments for the test harness.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// The overhead benchmark's TCP peer, run inside a lab namespace.
     #[command(hide = true)]
     NetPeer {
@@ -70,7 +95,7 @@ enum PeerRole {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // The error chain on one line, without a backtrace even when RUST_BACKTRACE is set.
             eprintln!("error: {e:#}");
@@ -79,9 +104,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     std::env::set_current_dir(workspace_root()).context("entering the workspace root")?;
-    match cli.task {
+    let done = match cli.task {
         Task::Setup => setup::run(),
         Task::Build => {
             setup::run()?;
@@ -107,7 +132,16 @@ fn run(cli: Cli) -> Result<()> {
             PeerRole::Rr { addr, count } => netpeer::rr(addr, count),
             PeerRole::Quit { addr } => netpeer::quit(addr),
         },
-    }
+        // These exit with the guest command's status.
+        Task::Vm {
+            kernel,
+            memory,
+            verbose,
+            command,
+        } => return vm::run(kernel, &memory, verbose, &command).map(ExitCode::from),
+        Task::VmTest { kernel, args } => return vm::test(kernel, &args).map(ExitCode::from),
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 fn require_root(task: &str) -> Result<()> {

@@ -1,7 +1,9 @@
 //! `cargo xtask test`: all tests in release mode, one at a time, as root, then a leak check.
 use crate::cmd::{self, step};
 use crate::setup;
-use anyhow::{bail, Result};
+use crate::vm;
+use anyhow::{anyhow, bail, Result};
+use clap::ValueEnum as _;
 use std::process::Command;
 
 /// Name prefixes of the project's eBPF programs (as the kernel truncates them, 15 chars).
@@ -13,6 +15,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if !cmd::is_root() {
         bail!("cargo xtask test runs eBPF and network-namespace tests and must run as root");
     }
+    let vm_kernels = vm_kernels()?;
     setup::run()?;
     step("leak check before the tests");
     leak_check("before the tests (left by an earlier run, or in use by a running profiler): remove them first")?;
@@ -42,7 +45,31 @@ pub fn run(args: &[String]) -> Result<()> {
     // Check for leaks even when tests failed: a failing test is the likeliest to leak.
     step("leak check after the tests");
     let leaks = leak_check("left behind by the tests");
-    tests.and(leaks)
+
+    // The tests that need a stock kernel (kprobes, fentry, the openvswitch datapath, ...),
+    // in one guest per kernel; they run even when host tests failed, to report everything.
+    let vm_tests = if vm_kernels.is_empty() {
+        println!("VM tests: skipped (PROFILER_VM_KERNELS is empty)");
+        Ok(())
+    } else {
+        vm::test_kernels(&vm_kernels, harness_args)
+    };
+    tests.and(leaks).and(vm_tests)
+}
+
+/// The kernels for the VM tests: $PROFILER_VM_KERNELS (series separated by spaces, empty for
+/// none), else 6.1 alone, which keeps CI short.
+fn vm_kernels() -> Result<Vec<vm::Series>> {
+    let Ok(list) = std::env::var("PROFILER_VM_KERNELS") else {
+        return Ok(vec![vm::Series::V6_1]);
+    };
+    list.split_whitespace()
+        .map(|s| {
+            vm::Series::from_str(s, false).map_err(|_| {
+                anyhow!("PROFILER_VM_KERNELS: no kernel series {s:?} (known: 6.1, 6.12)")
+            })
+        })
+        .collect()
 }
 
 fn leak_check(whose: &str) -> Result<()> {
