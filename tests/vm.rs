@@ -3,6 +3,12 @@
 //! root in a VM booted from that Debian kernel, with PROFILER_VM_KERNEL set to the release it
 //! asked for (`cargo xtask test` runs them on 6.1).
 
+mod common;
+#[path = "vm/deep.rs"]
+mod deep;
+#[path = "vm/labs.rs"]
+mod labs;
+
 #[test]
 #[ignore = "runs inside the VM lab: cargo xtask vm-test"]
 fn boots_the_requested_kernel() {
