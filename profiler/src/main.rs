@@ -245,7 +245,7 @@ struct CompareCli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "host,bridge,flannel-vxlan,macvlan"
+        default_value = "host,bridge,flannel-vxlan,macvlan,ipvlan-l2,ovs-vlan,ovs-vxlan,ovs-gre"
     )]
     lab: Vec<Topology>,
     #[arg(long, value_enum, default_value = "cross-host")]

@@ -4,6 +4,8 @@
 //! pair "wire0" (198.19.0.1/24 - 198.19.0.2/24).
 //!
 //! Addresses are in 198.18.0.0/15 on our own devices only; traffic never leaves the lab.
+//! ipvlan, geneve and the OVS topologies need kernel modules this project's 6.18 kernel lacks:
+//! there `up` fails up front or midway with one line, and removes what it made.
 use std::net::Ipv4Addr;
 
 use anyhow::{bail, Result};
@@ -12,6 +14,7 @@ use crate::netns;
 
 pub mod discover;
 mod nl;
+mod ovs;
 mod setup;
 mod spec;
 mod state;
@@ -30,18 +33,36 @@ pub enum Topology {
     Host,
     /// CNI bridge per host, hosts joined by flannel's VXLAN device flannel.1.
     FlannelVxlan,
+    /// Like flannel-vxlan, the hosts joined by a Geneve device geneve0 (cross-host only).
+    Geneve,
     Macvlan,
     Vlan,
+    /// Pods on ipvlan children (mode l2) of a host's wire0.
+    IpvlanL2,
+    /// Pods on ipvlan children (mode l3) of a host's wire0, routed by the host.
+    IpvlanL3,
+    /// Kuryr/Neutron: pods on access ports of OVS br-int, hosts joined by a VLAN trunk.
+    OvsVlan,
+    /// Kuryr/Neutron: br-int with a VXLAN tunnel port to the other host (cross-host only).
+    OvsVxlan,
+    /// Kuryr/Neutron: br-int with a GRE tunnel port to the other host (cross-host only).
+    OvsGre,
 }
 
 impl Topology {
-    pub const ALL: [Topology; 6] = [
+    pub const ALL: [Topology; 12] = [
         Topology::Veth,
         Topology::Bridge,
         Topology::Host,
         Topology::FlannelVxlan,
+        Topology::Geneve,
         Topology::Macvlan,
         Topology::Vlan,
+        Topology::IpvlanL2,
+        Topology::IpvlanL3,
+        Topology::OvsVlan,
+        Topology::OvsVxlan,
+        Topology::OvsGre,
     ];
 
     /// The topology's name (the lab's name when same-host).
@@ -51,9 +72,49 @@ impl Topology {
             Topology::Bridge => "bridge",
             Topology::Host => "host",
             Topology::FlannelVxlan => "flannel-vxlan",
+            Topology::Geneve => "geneve",
             Topology::Macvlan => "macvlan",
             Topology::Vlan => "vlan",
+            Topology::IpvlanL2 => "ipvlan-l2",
+            Topology::IpvlanL3 => "ipvlan-l3",
+            Topology::OvsVlan => "ovs-vlan",
+            Topology::OvsVxlan => "ovs-vxlan",
+            Topology::OvsGre => "ovs-gre",
         }
+    }
+}
+
+/// Something a lab needs that this machine lacks, found before or while building it.
+#[derive(Debug)]
+enum Lacks {
+    /// A kernel module, by name.
+    Module(&'static str),
+    /// A program (or file), and the Debian package that has it.
+    Program(&'static str, &'static str),
+}
+
+impl std::fmt::Display for Lacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Lacks::Module(m) => write!(
+                f,
+                "the {m} kernel module, which this kernel lacks (run it in the VM lab: cargo xtask vm)"
+            ),
+            Lacks::Program(p, package) => {
+                write!(f, "{p}, which is not installed (apt-get install {package})")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Lacks {}
+
+/// `e` as one line naming what `topology` needs, if that is why it failed.
+fn explain(topology: Topology, e: anyhow::Error) -> anyhow::Error {
+    // downcast_ref finds it as the root error or as the context of any layer.
+    match e.downcast_ref::<Lacks>() {
+        Some(lacks) => anyhow::anyhow!("{} needs {lacks}", topology.name()),
+        None => e,
     }
 }
 
@@ -139,21 +200,30 @@ pub struct LabIface {
     pub netns: String,
     pub ifname: String,
     pub ifindex: u32,
-    /// "veth" | "bridge" | "vxlan" | "macvlan" | "vlan"
+    /// What netlink reports: "veth" | "bridge" | "vxlan" | "geneve" | "macvlan" | "vlan" |
+    /// "ipvlan" | "openvswitch" (the OVS datapath's device and bridges' internal ports) |
+    /// "gretap" (OVS's GRE device)
     pub kind: String,
     /// CIDR
     pub addrs: Vec<String>,
     /// veth: the other end.
     pub peer: Option<IfRef>,
-    /// Bridge port: the bridge's name (same namespace).
+    /// Bridge port: the bridge's name (same namespace); OVS port: the datapath's device,
+    /// "ovs-system".
     pub master: Option<String>,
-    /// macvlan/vlan/vxlan: the lower device's name ("wire0"), in the namespace the device was
-    /// created in (the host's).
+    /// macvlan/vlan/ipvlan/vxlan: the lower device's name ("wire0"), in the namespace the
+    /// device was created in (the host's).
     #[serde(default)]
     pub link: Option<String>,
     /// 0 in state files written before MTUs were recorded.
     #[serde(default)]
     pub mtu: u32,
+    /// A lab device numbered by the kernel inside its own namespace (Open vSwitch's devices)
+    /// rather than from the lab's reserved ifindexes: the same ifindex may name another device
+    /// of the lab in another namespace. Hops name it by namespace and ifindex; tc, whose events carry
+    /// no namespace, must not be attached to it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local_ifindex: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -164,49 +234,53 @@ pub struct Endpoint {
 }
 
 /// Builds the lab of `topology` as `options` say. An unsupported combination fails before
-/// anything is created; on a later failure, everything created so far is removed again.
+/// anything is created; on a later failure, or if the returned future is dropped (Ctrl-C),
+/// everything created so far is removed again.
 pub async fn up(topology: Topology, options: &LabOptions) -> Result<Lab> {
     if options.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
         bail!("--mtu must be between 576 and 9000");
     }
     let spec = spec::Spec::of(topology, options.placement, options.mtu)?;
     let name = lab_name(topology, options.placement);
-    let mut namespaces = spec.roles.iter().map(|role| spec::netns_name(&name, role));
-    if state::path(&name).exists() || namespaces.any(|ns| netns::exists(&ns)) {
+    if leftovers(&name, &spec) {
         bail!("lab {name} is already up (profiler lab down {name})");
     }
-    let mut undo = setup::Undo::default();
-    let built = match setup::build(&name, topology, options, &spec, &mut undo).await {
-        Ok(lab) => state::save(&lab).map(|()| lab),
-        Err(e) => Err(e),
-    };
-    if built.is_err() {
-        undo.run().await;
+    if !spec.ovs.is_empty() {
+        ovs::check().map_err(|e| explain(topology, e))?;
     }
-    built
+    let mut undo = setup::Undo::default();
+    let built = setup::build(&name, topology, options, &spec, &mut undo).await;
+    let lab = built
+        .and_then(|lab| state::save(&lab).map(|()| lab))
+        .map_err(|e| explain(topology, e))?;
+    undo.disarm();
+    Ok(lab)
 }
 
-/// Removes the lab's namespaces (and with them its devices) and its state file. Works on
-/// whatever part of a lab exists, e.g. after a crash.
+/// Whether anything of lab `name` exists: its state, a namespace, an OVS directory.
+fn leftovers(name: &str, spec: &spec::Spec) -> bool {
+    let namespaces = spec.roles.iter().map(|role| spec::netns_name(name, role));
+    state::path(name).exists()
+        || namespaces.into_iter().any(|ns| netns::exists(&ns))
+        || spec.ovs.iter().any(|b| ovs::dir(name, b.role).exists())
+}
+
+/// Stops the lab's OVS daemons, removes its namespaces (and with them its devices) and its
+/// state file. Works on whatever part of a lab exists, e.g. after a crash.
 pub async fn down(name: &str) -> Result<()> {
-    let Some((topology, placement)) = parse_lab_name(name) else {
+    let spec = parse_lab_name(name).and_then(|(t, p)| spec::Spec::of(t, p, None).ok());
+    let Some(spec) = spec.filter(|spec| leftovers(name, spec)) else {
         bail!("no lab named {name} is up");
     };
-    let namespaces: Vec<String> = match spec::Spec::of(topology, placement, None) {
-        Ok(spec) => spec
-            .roles
-            .iter()
-            .map(|role| spec::netns_name(name, role))
-            .collect(),
-        Err(_) => bail!("no lab named {name} is up"),
-    };
-    if !state::path(name).exists() && !namespaces.iter().any(|ns| netns::exists(ns)) {
-        bail!("no lab named {name} is up");
+    // Each step is tried whatever the others did; the first failure is reported.
+    let mut result = Ok(());
+    for b in &spec.ovs {
+        result = result.and(ovs::stop(&ovs::dir(name, b.role)));
     }
-    for ns in &namespaces {
-        netns::delete(ns)?;
+    for role in &spec.roles {
+        result = result.and(netns::delete(&spec::netns_name(name, role)));
     }
-    state::remove(name)
+    result.and(state::remove(name))
 }
 
 /// The labs that are up, from their state files.
@@ -247,6 +321,7 @@ mod tests {
                 master: None,
                 link: None,
                 mtu: 1500,
+                local_ifindex: false,
             }],
             client: Endpoint {
                 netns: "prof-veth-pod-a".into(),

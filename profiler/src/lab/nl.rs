@@ -7,13 +7,15 @@ use anyhow::{anyhow, Context as _, Result};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
-    BridgeStpState, LinkAttribute, LinkInfo, LinkMessage, MacVlanMode,
+    BridgeStpState, IpVlanMode, LinkAttribute, LinkInfo, LinkMessage, MacVlanMode,
 };
 use rtnetlink::packet_route::neighbour::NeighbourFlags;
 use rtnetlink::{
-    Handle, LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth, LinkVlan, LinkVxlan, RouteMessageBuilder,
+    Handle, LinkBridge, LinkGeneve, LinkIpVlan, LinkMacVlan, LinkUnspec, LinkVeth, LinkVlan,
+    LinkVxlan, RouteMessageBuilder,
 };
 
+use super::spec::ChildKind;
 use crate::netns;
 
 pub(super) struct Nl {
@@ -107,29 +109,56 @@ impl Nl {
             .with_context(|| format!("cannot create {what} in {}", self.ns))
     }
 
-    /// A macvlan (mode bridge) or, with `vlan_id`, an 802.1Q device on `parent`, with
-    /// ifindex `index`.
+    /// A macvlan (mode bridge), 802.1Q or ipvlan device on `parent`, with ifindex `index`.
     pub async fn add_child(
         &self,
         name: &str,
         parent: u32,
-        vlan_id: Option<u16>,
+        kind: ChildKind,
         index: u32,
         mtu: Option<u32>,
     ) -> Result<u32> {
-        let msg = match vlan_id {
-            Some(id) => with_mtu(LinkVlan::new(name, parent, id).index(index), mtu).build(),
-            None => with_mtu(
+        let ipvlan = |mode| with_mtu(LinkIpVlan::new(name, parent, mode).index(index), mtu).build();
+        let msg = match kind {
+            ChildKind::Macvlan => with_mtu(
                 LinkMacVlan::new(name, parent, MacVlanMode::Bridge).index(index),
                 mtu,
             )
             .build(),
+            ChildKind::Vlan(id) => {
+                with_mtu(LinkVlan::new(name, parent, id).index(index), mtu).build()
+            }
+            ChildKind::IpvlanL2 => ipvlan(IpVlanMode::L2),
+            ChildKind::IpvlanL3 => ipvlan(IpVlanMode::L3),
         };
-        let what = match vlan_id {
-            Some(id) => format!("vlan {name} (id {id}) on interface {parent}"),
-            None => format!("macvlan {name} on interface {parent}"),
+        let what = match kind {
+            ChildKind::Vlan(id) => format!("vlan {name} (id {id}) on interface {parent}"),
+            kind => format!("{} {name} on interface {parent}", kind.name()),
         };
         self.add(msg, &what).await?;
+        self.index(name).await
+    }
+
+    /// A Geneve device with a fixed MAC, point to point to `remote`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_geneve(
+        &self,
+        name: &str,
+        vni: u32,
+        port: u16,
+        remote: Ipv4Addr,
+        mac: [u8; 6],
+        mtu: u32,
+        index: u32,
+    ) -> Result<u32> {
+        let msg = LinkGeneve::new(name, vni)
+            .remote(remote)
+            .port(port)
+            .address(mac.to_vec())
+            .mtu(mtu)
+            .index(index)
+            .build();
+        self.add(msg, &format!("geneve {name} (vni {vni})")).await?;
         self.index(name).await
     }
 

@@ -1,48 +1,84 @@
 //! Turns a Spec into namespaces and devices, and remembers what it made so a failure midway
 //! can take it all back.
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, Result};
 
 use super::nl::Nl;
-use super::spec::{netns_name, Child, ChildKind, Place, Spec};
-use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Topology};
+use super::ovs;
+use super::spec::{netns_name, Child, Place, Spec, Tunnel, TunnelKind};
+use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Topology};
 use crate::netns;
 
-/// What `up` has created so far.
+/// What `up` has created so far. Dropped before `disarm` (an error, or the `up` future
+/// dropped on Ctrl-C), it removes all of it.
 #[derive(Default)]
 pub(super) struct Undo {
     namespaces: Vec<String>,
     /// Temporary devices in the caller's namespace (veth pairs, the ifindex-reserving bridges);
     /// once moved or deleted they are gone from there.
     root_links: Vec<String>,
+    /// OVS directories whose daemons may be running.
+    ovs: Vec<PathBuf>,
 }
 
 impl Undo {
+    /// The lab is up: keep it.
+    pub fn disarm(mut self) {
+        self.namespaces.clear();
+        self.root_links.clear();
+        self.ovs.clear();
+    }
+}
+
+impl Drop for Undo {
     /// Best effort: runs while the error that caused it is on its way to the caller, so
-    /// failures here are only logged.
-    pub async fn run(self) {
-        if !self.root_links.is_empty() {
-            match Nl::open(None) {
-                Ok(nl) => {
-                    for name in &self.root_links {
-                        // Deleting one end of a veth pair deletes both.
-                        if let Ok(index) = nl.index(name).await {
-                            if let Err(e) = nl.delete(index).await {
-                                log::warn!("{e:#}");
-                            }
-                        }
-                    }
-                }
-                Err(e) => log::warn!("{e:#}"),
+    /// failures here are only logged. The daemons go first: a process in a namespace keeps
+    /// it, and its devices, alive.
+    fn drop(&mut self) {
+        for dir in self.ovs.iter().rev() {
+            if let Err(e) = ovs::stop(dir) {
+                log::warn!("{e:#}");
             }
+        }
+        if !self.root_links.is_empty() {
+            delete_root_links(std::mem::take(&mut self.root_links));
         }
         for ns in self.namespaces.iter().rev() {
             if let Err(e) = netns::delete(ns) {
                 log::warn!("{e:#}");
             }
         }
+    }
+}
+
+/// Deletes `names` from the caller's namespace, on a thread with a runtime of its own: Drop
+/// cannot await, and may run on a thread of the caller's runtime.
+fn delete_root_links(names: Vec<String>) {
+    let deleted = std::thread::spawn(move || -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let nl = Nl::open(None)?;
+            for name in &names {
+                // Deleting one end of a veth pair deletes both.
+                if let Ok(index) = nl.index(name).await {
+                    if let Err(e) = nl.delete(index).await {
+                        log::warn!("{e:#}");
+                    }
+                }
+            }
+            Ok(())
+        })
+    })
+    .join();
+    match deleted {
+        Ok(Err(e)) => log::warn!("{e:#}"),
+        Err(_) => log::warn!("deleting the lab's temporary devices panicked"),
+        Ok(Ok(())) => {}
     }
 }
 
@@ -59,9 +95,10 @@ pub(super) async fn build(
         undo.namespaces.push(ns);
     }
     let temp = create_pairs(lab, spec, undo).await?;
-    // Devices made inside a lab namespace (bridges, vxlans, macvlan/vlan children) get an
-    // ifindex reserved here, so ifindexes stay unique across the lab.
-    let wanted = spec.bridges.len() + spec.vxlans.len() + spec.children.len();
+    // Devices made inside a lab namespace (bridges, tunnels, macvlan/vlan/ipvlan children) get
+    // an ifindex reserved here, so ifindexes stay unique across the lab. OVS picks its own
+    // devices' ifindexes, in their namespace: unique there only.
+    let wanted = spec.bridges.len() + spec.tunnels.len() + spec.children.len();
     let mut reserved = reserve_ifindexes(wanted, undo).await?.into_iter();
     let mut next = move || reserved.next().context("ran out of reserved ifindexes");
     for role in &spec.roles {
@@ -70,26 +107,8 @@ pub(super) async fn build(
     for child in &spec.children {
         add_child(lab, child, next()?).await?;
     }
-    for vxlan in &spec.vxlans {
-        let nl = Nl::open(Some(&netns_name(lab, vxlan.at.0)))?;
-        let dev = match vxlan.dev {
-            Some(dev) => Some(nl.index(dev).await?),
-            None => None,
-        };
-        let index = nl
-            .add_vxlan(
-                vxlan.at.1,
-                vxlan.vni,
-                vxlan.port,
-                vxlan.local,
-                dev,
-                vxlan.mac,
-                vxlan.mtu,
-                next()?,
-            )
-            .await?;
-        nl.add_addr(index, vxlan.addr.0, vxlan.addr.1).await?;
-        nl.up(index).await?;
+    for tunnel in &spec.tunnels {
+        add_tunnel(lab, tunnel, next()?).await?;
     }
     for route in &spec.routes {
         let nl = Nl::open(Some(&netns_name(lab, route.role)))?;
@@ -113,29 +132,26 @@ pub(super) async fn build(
         })
         .with_context(|| format!("cannot enable IPv4 forwarding in {ns}"))?;
     }
+    for bridge in &spec.ovs {
+        let dir = ovs::dir(lab, bridge.role);
+        undo.ovs.push(dir.clone());
+        ovs::start(&netns_name(lab, bridge.role), &dir)?;
+        ovs::add_bridge(&dir, bridge)?;
+    }
     describe(lab, topology, options, spec).await
 }
 
-/// Creates a macvlan/vlan child of its parent in the parent's namespace, moves it to its
-/// pod (it stays linked to the parent, and keeps its ifindex), then names, addresses and
+/// Creates a macvlan/vlan/ipvlan child of its parent in the parent's namespace, moves it to
+/// its pod (it stays linked to the parent, and keeps its ifindex), then names, addresses and
 /// brings it up there.
 async fn add_child(lab: &str, child: &Child, index: u32) -> Result<()> {
     let host = Nl::open(Some(&netns_name(lab, child.parent.0)))?;
     let parent = host.index(child.parent.1).await?;
-    let vlan_id = match child.kind {
-        ChildKind::Macvlan => None,
-        ChildKind::Vlan(id) => Some(id),
-    };
     let name = temp_name();
-    let index = match host
-        .add_child(&name, parent, vlan_id, index, child.mtu)
+    let index = host
+        .add_child(&name, parent, child.kind, index, child.mtu)
         .await
-    {
-        Err(e) if vlan_id.is_some() && is_eopnotsupp(&e) => {
-            return Err(e.context("this kernel has no 802.1Q VLAN support (8021q)"))
-        }
-        result => result?,
-    };
+        .map_err(|e| lacking(e, child.kind.module()))?;
     let pod_ns = netns_name(lab, child.at.0);
     if child.at.0 != child.parent.0 {
         host.move_to(index, &pod_ns).await?;
@@ -147,14 +163,44 @@ async fn add_child(lab: &str, child: &Child, index: u32) -> Result<()> {
     pod.up(index).await
 }
 
-fn is_eopnotsupp(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
+/// Creates a tunnel device in its host namespace, addressed and up.
+async fn add_tunnel(lab: &str, t: &Tunnel, index: u32) -> Result<()> {
+    let nl = Nl::open(Some(&netns_name(lab, t.at.0)))?;
+    let (name, mac) = (t.at.1, t.mac);
+    let created = match t.kind {
+        TunnelKind::Vxlan { local, dev } => {
+            let dev = match dev {
+                Some(dev) => Some(nl.index(dev).await?),
+                None => None,
+            };
+            nl.add_vxlan(name, t.vni, t.port, local, dev, mac, t.mtu, index)
+                .await
+        }
+        TunnelKind::Geneve { remote } => {
+            nl.add_geneve(name, t.vni, t.port, remote, mac, t.mtu, index)
+                .await
+        }
+    };
+    let index = created.map_err(|e| lacking(e, t.kind_name()))?;
+    nl.add_addr(index, t.addr.0, t.addr.1).await?;
+    nl.up(index).await
+}
+
+/// `e`, or what it means when the kernel does not know the kind of device asked for
+/// (EOPNOTSUPP): this kernel lacks `module`.
+fn lacking(e: anyhow::Error, module: &'static str) -> anyhow::Error {
+    let unknown_kind = e.chain().any(|c| {
         c.downcast_ref::<rtnetlink::Error>()
             .is_some_and(|e| match e {
                 rtnetlink::Error::NetlinkError(m) => m.raw_code() == -libc::EOPNOTSUPP,
                 _ => false,
             })
-    })
+    });
+    if unknown_kind {
+        e.context(Lacks::Module(module))
+    } else {
+        e
+    }
 }
 
 /// Creates every veth pair in the caller's namespace and moves its ends to their namespaces.
@@ -260,9 +306,10 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
             kind: kind.into(),
             addrs: addrs(at),
             peer: None,
-            master: None,
+            master: spec.master_of(at).map(str::to_string),
             link: None,
             mtu,
+            local_ifindex: false,
         })
     };
     let mut interfaces = Vec::new();
@@ -270,7 +317,6 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
         for (end, peer) in [(a, b), (b, a)] {
             let mut i = iface(end.at, "veth")?;
             i.peer = Some(get(peer.at)?.0);
-            i.master = end.master.map(str::to_string);
             interfaces.push(i);
         }
     }
@@ -278,18 +324,21 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
         interfaces.push(iface(bridge.at, "bridge")?);
     }
     for child in &spec.children {
-        let kind = match child.kind {
-            ChildKind::Macvlan => "macvlan",
-            ChildKind::Vlan(_) => "vlan",
-        };
-        let mut i = iface(child.at, kind)?;
+        let mut i = iface(child.at, child.kind.name())?;
         i.link = Some(child.parent.1.to_string());
         interfaces.push(i);
     }
-    for vxlan in &spec.vxlans {
-        let mut i = iface(vxlan.at, "vxlan")?;
-        i.link = vxlan.dev.map(str::to_string);
+    for tunnel in &spec.tunnels {
+        let mut i = iface(tunnel.at, tunnel.kind_name())?;
+        i.link = tunnel.dev().map(str::to_string);
         interfaces.push(i);
+    }
+    for bridge in &spec.ovs {
+        for (dev, kind) in bridge.devices() {
+            let mut i = iface((bridge.role, dev), kind)?;
+            i.local_ifindex = true;
+            interfaces.push(i);
+        }
     }
     let endpoint = |at: Place| -> Result<Endpoint> {
         let (addr, _) = spec

@@ -18,9 +18,22 @@ const WIRE_B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 /// entries are plain data, as flannel writes them from its subnet leases.
 const VTEP_MAC_A: [u8; 6] = [0x02, 0xc6, 0x12, 0x01, 0x00, 0x01];
 const VTEP_MAC_B: [u8; 6] = [0x02, 0xc6, 0x12, 0x02, 0x00, 0x01];
+/// geneve0's MAC per host, fixed for the same reason.
+const GENEVE_MAC_A: [u8; 6] = [0x02, 0xc6, 0x12, 0x01, 0x00, 0x02];
+const GENEVE_MAC_B: [u8; 6] = [0x02, 0xc6, 0x12, 0x02, 0x00, 0x02];
 const FLANNEL_MTU: u32 = 1450;
+/// Outer IPv4, UDP and VXLAN (or Geneve without options) headers and the inner Ethernet header.
 const VXLAN_OVERHEAD: u32 = 50;
+/// Outer IPv4, GRE with a key and the inner Ethernet header: Neutron's 1458-byte GRE networks.
+const GRE_OVERHEAD: u32 = 42;
 const WIRE_MTU: u32 = 1500;
+/// Kuryr/Neutron's integration bridge, and the local VLAN of the pods' network on it.
+const OVS_BRIDGE: &str = "br-int";
+const OVS_TAG: u16 = 100;
+/// The key (VNI) of the pods' network on OVS tunnels.
+const OVS_KEY: u32 = 100;
+/// The kernel datapath's own device, master of every OVS port that is a kernel device.
+pub(super) const OVS_DATAPATH: &str = "ovs-system";
 
 /// An interface by namespace role ("pod-a") and final name.
 pub(super) type Place = (&'static str, &'static str);
@@ -45,9 +58,33 @@ pub(super) enum ChildKind {
     Macvlan,
     /// 802.1Q with this VLAN id
     Vlan(u16),
+    /// ipvlan mode l2: the children share the parent's MAC, frames are switched by IP.
+    IpvlanL2,
+    /// ipvlan mode l3: no ARP; what is not for a sibling is routed by the parent's namespace.
+    IpvlanL3,
 }
 
-/// A macvlan/vlan device on `parent`, created in the parent's namespace and moved to `at`.
+impl ChildKind {
+    /// The kind netlink reports for the device.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChildKind::Macvlan => "macvlan",
+            ChildKind::Vlan(_) => "vlan",
+            ChildKind::IpvlanL2 | ChildKind::IpvlanL3 => "ipvlan",
+        }
+    }
+
+    /// The kernel module that provides it.
+    pub fn module(self) -> &'static str {
+        match self {
+            ChildKind::Vlan(_) => "8021q",
+            kind => kind.name(),
+        }
+    }
+}
+
+/// A macvlan/vlan/ipvlan device on `parent`, created in the parent's namespace and moved to
+/// `at`.
 pub(super) struct Child {
     pub kind: ChildKind,
     pub parent: Place,
@@ -56,17 +93,135 @@ pub(super) struct Child {
     pub mtu: Option<u32>,
 }
 
-pub(super) struct Vxlan {
+#[derive(Clone, Copy)]
+pub(super) enum TunnelKind {
+    /// flannel's VTEP: remote VTEPs come from the FDB.
+    Vxlan {
+        local: Ipv4Addr,
+        /// The underlay device, in the same namespace, the VTEP is bound to (flannel binds
+        /// it). None: unbound, the outer packets leave wherever the route to the peer says.
+        dev: Option<&'static str>,
+    },
+    /// Point to point to `remote` (Geneve has no FDB); never bound to a lower device.
+    Geneve { remote: Ipv4Addr },
+}
+
+/// An L2 tunnel device in a host namespace, with a fixed MAC.
+pub(super) struct Tunnel {
     pub at: Place,
+    pub kind: TunnelKind,
     pub vni: u32,
+    /// UDP destination port.
     pub port: u16,
-    pub local: Ipv4Addr,
-    /// The underlay device, in the same namespace, the VTEP is bound to (flannel binds it).
-    /// None: unbound, the outer packets leave wherever the route to the peer VTEP says.
-    pub dev: Option<&'static str>,
     pub mac: [u8; 6],
     pub addr: Cidr,
     pub mtu: u32,
+}
+
+impl Tunnel {
+    /// The kind netlink reports for the device, also the name of its kernel module.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            TunnelKind::Vxlan { .. } => "vxlan",
+            TunnelKind::Geneve { .. } => "geneve",
+        }
+    }
+
+    /// The lower device the tunnel is bound to.
+    pub fn dev(&self) -> Option<&'static str> {
+        match self.kind {
+            TunnelKind::Vxlan { dev, .. } => dev,
+            TunnelKind::Geneve { .. } => None,
+        }
+    }
+}
+
+/// An Open vSwitch bridge in host namespace `role`, with its ports. At most one per
+/// namespace: each host namespace runs its own ovsdb-server and ovs-vswitchd, since kernel
+/// datapaths are per namespace.
+pub(super) struct OvsBridge {
+    pub role: &'static str,
+    pub name: &'static str,
+    pub ports: Vec<OvsPort>,
+}
+
+pub(super) struct OvsPort {
+    pub name: String,
+    pub kind: OvsPortKind,
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum OvsPortKind {
+    /// A device of the namespace as an access port of this VLAN: frames leave it untagged.
+    Access(u16),
+    /// A device of the namespace as a trunk of this VLAN only: frames leave it tagged.
+    Trunk(u16),
+    /// A tunnel port to `remote`, access port of `tag`: the frame inside is untagged.
+    Tunnel {
+        encap: OvsTunnel,
+        local: Ipv4Addr,
+        remote: Ipv4Addr,
+        key: u32,
+        tag: u16,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum OvsTunnel {
+    Vxlan,
+    Gre,
+}
+
+impl OvsTunnel {
+    /// The Interface type in ovs-vsctl.
+    pub fn ovs_type(self) -> &'static str {
+        match self {
+            OvsTunnel::Vxlan => "vxlan",
+            OvsTunnel::Gre => "gre",
+        }
+    }
+
+    /// The kernel device the datapath creates for ports of this type (one per namespace and
+    /// type, shared by its ports), and the kind netlink reports for it.
+    pub fn device(self) -> (&'static str, &'static str) {
+        match self {
+            OvsTunnel::Vxlan => ("vxlan_sys_4789", "vxlan"),
+            OvsTunnel::Gre => ("gre_sys", "gretap"),
+        }
+    }
+
+    /// Neutron's MTU for the pods' networks over this tunnel and a 1500-byte underlay.
+    fn pod_mtu(self) -> u32 {
+        match self {
+            OvsTunnel::Vxlan => WIRE_MTU - VXLAN_OVERHEAD,
+            OvsTunnel::Gre => WIRE_MTU - GRE_OVERHEAD,
+        }
+    }
+}
+
+impl OvsBridge {
+    /// The devices OVS itself creates in the namespace, with their kinds: the datapath's
+    /// device, the bridge's internal port, and the tunnel ports' kernel devices.
+    pub fn devices(&self) -> Vec<(&'static str, &'static str)> {
+        let mut devices = vec![(OVS_DATAPATH, "openvswitch"), (self.name, "openvswitch")];
+        for p in &self.ports {
+            if let OvsPortKind::Tunnel { encap, .. } = p.kind {
+                if !devices.contains(&encap.device()) {
+                    devices.push(encap.device());
+                }
+            }
+        }
+        devices
+    }
+
+    /// Whether `dev` is a kernel device attached to the datapath (its master is
+    /// OVS_DATAPATH), rather than an internal port.
+    pub fn has_port_device(&self, dev: &str) -> bool {
+        self.ports.iter().any(|p| match p.kind {
+            OvsPortKind::Tunnel { encap, .. } => encap.device().0 == dev,
+            _ => p.name == dev,
+        })
+    }
 }
 
 pub(super) struct Route {
@@ -101,7 +256,8 @@ pub(super) struct Spec {
     pub pairs: Vec<[End; 2]>,
     pub bridges: Vec<Bridge>,
     pub children: Vec<Child>,
-    pub vxlans: Vec<Vxlan>,
+    pub tunnels: Vec<Tunnel>,
+    pub ovs: Vec<OvsBridge>,
     pub routes: Vec<Route>,
     pub neighs: Vec<Neigh>,
     pub fdbs: Vec<Fdb>,
@@ -118,21 +274,32 @@ impl Spec {
         Ok(match (topology, placement) {
             (Topology::Veth, SameHost) => veth(mtu),
             (Topology::Bridge, SameHost) => bridge(mtu),
-            (Topology::Bridge, CrossHost) => cni_cross_host(mtu, false),
-            (Topology::FlannelVxlan, CrossHost) => cni_cross_host(mtu, true),
+            (Topology::Bridge, CrossHost) => cni_cross_host(mtu, Overlay::HostGw),
+            (Topology::FlannelVxlan, CrossHost) => cni_cross_host(mtu, Overlay::Vxlan),
+            (Topology::Geneve, CrossHost) => cni_cross_host(mtu, Overlay::Geneve),
             (Topology::Host, CrossHost) => host(mtu),
             (Topology::Macvlan, p) => child_lab(ChildKind::Macvlan, p, mtu),
             (Topology::Vlan, CrossHost) => child_lab(ChildKind::Vlan(100), CrossHost, mtu),
+            (Topology::IpvlanL2, p) => child_lab(ChildKind::IpvlanL2, p, mtu),
+            (Topology::IpvlanL3, p) => child_lab(ChildKind::IpvlanL3, p, mtu),
+            (Topology::OvsVlan, p) => ovs_lab(None, p, mtu),
+            (Topology::OvsVxlan, CrossHost) => ovs_lab(Some(OvsTunnel::Vxlan), CrossHost, mtu),
+            (Topology::OvsGre, CrossHost) => ovs_lab(Some(OvsTunnel::Gre), CrossHost, mtu),
             (Topology::Veth, CrossHost) => {
                 bail!("veth connects two namespaces of one host; use --placement same-host")
             }
             (Topology::Host, SameHost) => {
                 bail!("host needs --placement cross-host (client and server are two hosts)")
             }
-            (Topology::FlannelVxlan, SameHost) => bail!(
-                "flannel-vxlan same-host would not cross the vxlan device; use --placement cross-host"
+            (Topology::FlannelVxlan | Topology::Geneve, SameHost) => bail!(
+                "{} same-host would not cross the tunnel device; use --placement cross-host",
+                topology.name()
             ),
             (Topology::Vlan, SameHost) => bail!("vlan needs --placement cross-host"),
+            (Topology::OvsVxlan | Topology::OvsGre, SameHost) => bail!(
+                "{} same-host would not cross the tunnel port (it is ovs-vlan same-host); use --placement cross-host",
+                topology.name()
+            ),
         })
     }
 
@@ -140,13 +307,18 @@ impl Spec {
         self.pairs.iter().flatten()
     }
 
-    /// Every place the spec creates a device at.
+    /// Every place the spec creates a device at, OVS's own devices included.
     pub fn places(&self) -> Vec<Place> {
+        let ovs = self
+            .ovs
+            .iter()
+            .flat_map(|b| b.devices().into_iter().map(|(dev, _)| (b.role, dev)));
         self.ends()
             .map(|e| e.at)
             .chain(self.bridges.iter().map(|b| b.at))
             .chain(self.children.iter().map(|c| c.at))
-            .chain(self.vxlans.iter().map(|v| v.at))
+            .chain(self.tunnels.iter().map(|t| t.at))
+            .chain(ovs)
             .collect()
     }
 
@@ -155,8 +327,19 @@ impl Spec {
         let ends = self.ends().filter(|e| e.at == at).filter_map(|e| e.addr);
         let bridges = self.bridges.iter().filter(|b| b.at == at).map(|b| b.addr);
         let children = self.children.iter().filter(|c| c.at == at).map(|c| c.addr);
-        let vxlans = self.vxlans.iter().filter(|v| v.at == at).map(|v| v.addr);
-        ends.chain(bridges).chain(children).chain(vxlans).next()
+        let tunnels = self.tunnels.iter().filter(|t| t.at == at).map(|t| t.addr);
+        ends.chain(bridges).chain(children).chain(tunnels).next()
+    }
+
+    /// The master netlink reports for the device at `at`: its bridge's, or the OVS
+    /// datapath's for a kernel device that is an OVS port.
+    pub fn master_of(&self, at: Place) -> Option<&'static str> {
+        let bridge = self.ends().find(|e| e.at == at).and_then(|e| e.master);
+        let ovs = self
+            .ovs
+            .iter()
+            .any(|b| b.role == at.0 && b.has_port_device(at.1));
+        bridge.or(ovs.then_some(OVS_DATAPATH))
     }
 }
 
@@ -246,13 +429,25 @@ fn host(mtu: Option<u32>) -> Spec {
     }
 }
 
+/// How cni_cross_host joins the two hosts' pod subnets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Overlay {
+    /// flannel host-gw: routes over the wire.
+    HostGw,
+    /// flannel's VXLAN device flannel.1, with its routes, neighbours and FDB entries.
+    Vxlan,
+    /// A Geneve device geneve0 per host, point to point to the other host's wire address
+    /// (port 6081), routed like flannel.1 (route via the peer's device address, onlink, and
+    /// a permanent neighbour for it); Geneve needs no FDB.
+    Geneve,
+}
+
 /// Two hosts with a CNI bridge cni0 each (pod subnets 198.18.1.0/24 and 198.18.2.0/24),
-/// joined either by host-gw routes over the wire or, `vxlan`, by flannel's flannel.1 devices.
-fn cni_cross_host(mtu: Option<u32>, vxlan: bool) -> Spec {
-    let pod_mtu = if vxlan {
-        Some(mtu.unwrap_or(FLANNEL_MTU))
-    } else {
-        mtu
+/// joined by `overlay`.
+fn cni_cross_host(mtu: Option<u32>, overlay: Overlay) -> Spec {
+    let pod_mtu = match overlay {
+        Overlay::HostGw => mtu,
+        Overlay::Vxlan | Overlay::Geneve => Some(mtu.unwrap_or(FLANNEL_MTU)),
     };
     let mut spec = Spec {
         roles: vec!["pod-a", "pod-b", "host-a", "host-b"],
@@ -296,64 +491,122 @@ fn cni_cross_host(mtu: Option<u32>, vxlan: bool) -> Spec {
             onlink: false,
         });
     }
-    let hosts = [
-        ("host-a", WIRE_A, VTEP_MAC_A, 1u8),
-        ("host-b", WIRE_B, VTEP_MAC_B, 2u8),
-    ];
-    for (i, &(role, wire_ip, mac, subnet)) in hosts.iter().enumerate() {
-        let (_, peer_wire, peer_mac, peer_subnet) = hosts[1 - i];
-        let peer_net = ip(peer_subnet, 0);
-        if !vxlan {
-            spec.routes.push(Route {
-                role,
-                dst: Some((peer_net, 24)),
-                via: peer_wire,
+    for (i, host) in CNI_HOSTS.iter().enumerate() {
+        let peer = &CNI_HOSTS[1 - i];
+        match overlay {
+            Overlay::HostGw => spec.routes.push(Route {
+                role: host.role,
+                dst: Some((peer.net(), 24)),
+                via: peer.wire,
                 dev: "wire0",
                 onlink: false,
-            });
-            continue;
+            }),
+            Overlay::Vxlan | Overlay::Geneve => add_overlay(
+                &mut spec,
+                overlay,
+                host,
+                peer,
+                pod_mtu.unwrap_or(FLANNEL_MTU),
+            ),
         }
-        let vtep_mtu = pod_mtu.unwrap_or(FLANNEL_MTU);
-        spec.vxlans.push(Vxlan {
-            at: (role, "flannel.1"),
-            vni: 1,
-            port: 8472,
-            local: wire_ip,
-            // The kernel refuses a VXLAN MTU above its lower device's MTU minus the overhead
-            // (vxlan_change_mtu: EINVAL), so a VTEP bound to wire0, as flannel binds it, can
-            // never show the mismatch. An --mtu that does not fit the wire gets an unbound
-            // VTEP (as Cilium's is): its 1550-byte outer packets are routed to wire0 and
-            // fragmented there (no DF on VXLAN by default), and host-b reassembles them.
-            dev: (vtep_mtu + VXLAN_OVERHEAD <= WIRE_MTU).then_some("wire0"),
-            mac,
-            addr: (ip(subnet, 0), 32),
-            mtu: vtep_mtu,
-        });
-        spec.routes.push(Route {
-            role,
-            dst: Some((peer_net, 24)),
-            via: peer_net,
-            dev: "flannel.1",
-            onlink: true,
-        });
-        spec.neighs.push(Neigh {
-            role,
-            dev: "flannel.1",
-            ip: peer_net,
-            mac: peer_mac,
-        });
-        spec.fdbs.push(Fdb {
-            role,
-            dev: "flannel.1",
-            mac: peer_mac,
-            dst: peer_wire,
-        });
     }
     spec
 }
 
-/// Pods whose eth0 is a macvlan/vlan child of a host's wire0, in one L2 198.18.0.0/24.
+/// One host of cni_cross_host.
+struct CniHost {
+    role: &'static str,
+    wire: Ipv4Addr,
+    vtep_mac: [u8; 6],
+    geneve_mac: [u8; 6],
+    /// The pod subnet is 198.18.SUBNET.0/24.
+    subnet: u8,
+}
+
+impl CniHost {
+    fn net(&self) -> Ipv4Addr {
+        ip(self.subnet, 0)
+    }
+}
+
+const CNI_HOSTS: [CniHost; 2] = [
+    CniHost {
+        role: "host-a",
+        wire: WIRE_A,
+        vtep_mac: VTEP_MAC_A,
+        geneve_mac: GENEVE_MAC_A,
+        subnet: 1,
+    },
+    CniHost {
+        role: "host-b",
+        wire: WIRE_B,
+        vtep_mac: VTEP_MAC_B,
+        geneve_mac: GENEVE_MAC_B,
+        subnet: 2,
+    },
+];
+
+/// `host`'s tunnel device, addressed SUBNET.0/32 as flannel addresses flannel.1, and the
+/// route to `peer`'s pods through it: via the peer device's address, onlink, with a
+/// permanent neighbour entry for that address (and for VXLAN an FDB entry to the peer VTEP).
+fn add_overlay(spec: &mut Spec, overlay: Overlay, host: &CniHost, peer: &CniHost, mtu: u32) {
+    let (dev, kind, port, mac, peer_mac) = match overlay {
+        Overlay::Geneve => (
+            "geneve0",
+            TunnelKind::Geneve { remote: peer.wire },
+            6081,
+            host.geneve_mac,
+            peer.geneve_mac,
+        ),
+        _ => {
+            let kind = TunnelKind::Vxlan {
+                local: host.wire,
+                // The kernel refuses a VXLAN MTU above its lower device's MTU minus the
+                // overhead (vxlan_change_mtu: EINVAL), so a VTEP bound to wire0, as flannel
+                // binds it, can never show the mismatch. An --mtu that does not fit the wire
+                // gets an unbound VTEP (as Cilium's is): its 1550-byte outer packets are
+                // routed to wire0 and fragmented there (no DF on VXLAN by default), and host-b
+                // reassembles them. Geneve sets no DF either and is never bound.
+                dev: (mtu + VXLAN_OVERHEAD <= WIRE_MTU).then_some("wire0"),
+            };
+            spec.fdbs.push(Fdb {
+                role: host.role,
+                dev: "flannel.1",
+                mac: peer.vtep_mac,
+                dst: peer.wire,
+            });
+            ("flannel.1", kind, 8472, host.vtep_mac, peer.vtep_mac)
+        }
+    };
+    spec.tunnels.push(Tunnel {
+        at: (host.role, dev),
+        kind,
+        vni: 1,
+        port,
+        mac,
+        addr: (host.net(), 32),
+        mtu,
+    });
+    spec.routes.push(Route {
+        role: host.role,
+        dst: Some((peer.net(), 24)),
+        via: peer.net(),
+        dev,
+        onlink: true,
+    });
+    spec.neighs.push(Neigh {
+        role: host.role,
+        dev,
+        ip: peer.net(),
+        mac: peer_mac,
+    });
+}
+
+/// Pods whose eth0 is a macvlan/vlan/ipvlan child of a host's wire0, in one 198.18.0.0/24.
 /// Same host: both on host-a's wire0, whose veth peer sits in namespace wire-peer.
+/// ipvlan l3 cross-host: the pods' packets are routed by their parent's namespace, so each
+/// host routes the other host's pod over the wire (ipvlan l3 children do no ARP, and their
+/// connected /24 reaches the other pod through the parent).
 fn child_lab(kind: ChildKind, placement: Placement, mtu: Option<u32>) -> Spec {
     let (b_role, b_host) = match placement {
         Placement::SameHost => ("wire-peer", "host-a"),
@@ -366,7 +619,7 @@ fn child_lab(kind: ChildKind, placement: Placement, mtu: Option<u32>) -> Spec {
         addr: (addr, 24),
         mtu,
     };
-    Spec {
+    let mut spec = Spec {
         roles: vec!["pod-a", "pod-b", "host-a", b_role],
         // The pods' devices are children of the wire: it must carry their MTU when larger.
         pairs: vec![wire(b_role, mtu.filter(|&m| m > 1500))],
@@ -377,52 +630,297 @@ fn child_lab(kind: ChildKind, placement: Placement, mtu: Option<u32>) -> Spec {
         client: ("pod-a", "eth0"),
         server: ("pod-b", "eth0"),
         ..Spec::default()
+    };
+    if matches!(kind, ChildKind::IpvlanL3) && placement == Placement::CrossHost {
+        for (role, peer_pod, peer_wire) in [("host-a", 2, WIRE_B), ("host-b", 1, WIRE_A)] {
+            spec.routes.push(Route {
+                role,
+                dst: Some((ip(0, peer_pod), 32)),
+                via: peer_wire,
+                dev: "wire0",
+                onlink: false,
+            });
+        }
     }
+    spec
+}
+
+/// Kuryr/Neutron's wiring: each pod's eth0 is paired with an access port (the network's
+/// local VLAN, OVS_TAG) of its host's integration bridge br-int, one L2 198.18.0.0/24.
+/// Same host: one br-int in namespace host. Cross-host, br-int reaches the other host
+/// through wire0 as a trunk port of that VLAN (ovs-vlan: frames tagged on the wire), or
+/// through a tunnel port to the other host's wire address with a fixed key (ovs-vxlan,
+/// ovs-gre: wire0 belongs to the host's stack, addressed there). Simplification: Neutron
+/// splits tunnels off into br-tun, joined to br-int by patch ports, with flows that swap the
+/// local VLAN for the tunnel key; here br-int's tunnel port is an access port of the VLAN
+/// with that key. The kernel datapath executes the same: patch ports exist only in
+/// ovs-vswitchd, which compiles both bridges' flows into one datapath flow.
+fn ovs_lab(tunnel: Option<OvsTunnel>, placement: Placement, mtu: Option<u32>) -> Spec {
+    let pod_mtu = match tunnel {
+        Some(t) => Some(mtu.unwrap_or(t.pod_mtu())),
+        None => mtu,
+    };
+    let (roles, hosts) = match placement {
+        Placement::SameHost => (vec!["pod-a", "pod-b", "host"], ["host", "host"]),
+        Placement::CrossHost => (
+            vec!["pod-a", "pod-b", "host-a", "host-b"],
+            ["host-a", "host-b"],
+        ),
+    };
+    let host_end = |role, name| End {
+        at: (role, name),
+        addr: None,
+        master: None,
+        mtu: pod_mtu,
+    };
+    let mut spec = Spec {
+        roles,
+        pairs: vec![
+            [
+                pod("pod-a", ip(0, 1), pod_mtu),
+                host_end(hosts[0], "veth-a"),
+            ],
+            [
+                pod("pod-b", ip(0, 2), pod_mtu),
+                host_end(hosts[1], "veth-b"),
+            ],
+        ],
+        client: ("pod-a", "eth0"),
+        server: ("pod-b", "eth0"),
+        ..Spec::default()
+    };
+    let access = |name: &str| OvsPort {
+        name: name.to_string(),
+        kind: OvsPortKind::Access(OVS_TAG),
+    };
+    if placement == Placement::SameHost {
+        spec.ovs.push(OvsBridge {
+            role: "host",
+            name: OVS_BRIDGE,
+            ports: vec![access("veth-a"), access("veth-b")],
+        });
+        return spec;
+    }
+    let mut wire = wire("host-b", None);
+    if tunnel.is_none() {
+        // An OVS port: its frames never reach the host's stack, which needs no address there.
+        // It carries the pods' frames, plus their tag, so it must carry their MTU when larger.
+        for end in &mut wire {
+            end.addr = None;
+            end.mtu = mtu.filter(|&m| m > WIRE_MTU);
+        }
+    }
+    spec.pairs.insert(0, wire);
+    for (role, veth, local, remote) in [
+        ("host-a", "veth-a", WIRE_A, WIRE_B),
+        ("host-b", "veth-b", WIRE_B, WIRE_A),
+    ] {
+        let uplink = match tunnel {
+            None => OvsPort {
+                name: "wire0".into(),
+                kind: OvsPortKind::Trunk(OVS_TAG),
+            },
+            // Named as Neutron names tunnel ports: type and the remote address in hex.
+            Some(encap) => OvsPort {
+                name: format!("{}-{:08x}", encap.ovs_type(), u32::from(remote)),
+                kind: OvsPortKind::Tunnel {
+                    encap,
+                    local,
+                    remote,
+                    key: OVS_KEY,
+                    tag: OVS_TAG,
+                },
+            },
+        };
+        spec.ovs.push(OvsBridge {
+            role,
+            name: OVS_BRIDGE,
+            ports: vec![access(veth), uplink],
+        });
+    }
+    spec
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn every_spec() -> Vec<(Topology, Placement, Spec)> {
+        let mut specs = Vec::new();
+        for topology in Topology::ALL {
+            for placement in [Placement::SameHost, Placement::CrossHost] {
+                if let Ok(spec) = Spec::of(topology, placement, None) {
+                    specs.push((topology, placement, spec));
+                }
+            }
+        }
+        specs
+    }
+
     /// Every place a spec names must be a device the spec creates, in a namespace it creates.
     #[test]
     fn specs_are_self_consistent() {
-        for topology in Topology::ALL {
-            for placement in [Placement::SameHost, Placement::CrossHost] {
-                let Ok(spec) = Spec::of(topology, placement, None) else {
-                    continue;
+        for (topology, placement, spec) in every_spec() {
+            let ctx = format!("{topology:?} {placement:?}");
+            let places = spec.places();
+            for at in &places {
+                assert!(spec.roles.contains(&at.0), "{ctx}: {at:?}");
+            }
+            let unique: std::collections::HashSet<_> = places.iter().collect();
+            assert_eq!(unique.len(), places.len(), "{ctx}");
+            for c in &spec.children {
+                assert!(places.contains(&c.parent), "{ctx}");
+            }
+            for r in &spec.routes {
+                assert!(places.contains(&(r.role, r.dev)), "{ctx}");
+            }
+            for t in &spec.tunnels {
+                if let Some(dev) = t.dev() {
+                    assert!(places.contains(&(t.at.0, dev)), "{ctx}");
+                }
+            }
+            let ovs_roles: std::collections::HashSet<_> = spec.ovs.iter().map(|b| b.role).collect();
+            assert_eq!(
+                ovs_roles.len(),
+                spec.ovs.len(),
+                "{ctx}: one OVS per namespace"
+            );
+            for b in &spec.ovs {
+                for p in &b.ports {
+                    if !matches!(p.kind, OvsPortKind::Tunnel { .. }) {
+                        let at = (b.role, p.name.as_str());
+                        assert!(places.iter().any(|&(r, n)| (r, n) == at), "{ctx}: {at:?}");
+                        // OVS takes every frame of its ports: an address there is unreachable.
+                        let mut ends = spec.ends().filter(|e| (e.at.0, e.at.1) == at);
+                        assert!(ends.all(|e| e.addr.is_none()), "{ctx}: {at:?}");
+                    }
+                }
+            }
+            assert!(spec.addr_of(spec.client).is_some() && spec.addr_of(spec.server).is_some());
+        }
+    }
+
+    /// Pods in 198.18.0.0/16, wires in 198.19.0.0/24: every address a spec configures or
+    /// sends to.
+    #[test]
+    fn every_address_is_in_the_benchmarking_range() {
+        let in_range = |a: Ipv4Addr| {
+            let o = a.octets();
+            o[..2] == [198, 18] || o[..3] == [198, 19, 0]
+        };
+        for (topology, placement, spec) in every_spec() {
+            let mut addrs: Vec<Ipv4Addr> = spec
+                .places()
+                .into_iter()
+                .filter_map(|at| spec.addr_of(at).map(|(a, _)| a))
+                .collect();
+            addrs.extend(
+                spec.routes
+                    .iter()
+                    .flat_map(|r| [Some(r.via), r.dst.map(|d| d.0)])
+                    .flatten(),
+            );
+            addrs.extend(spec.neighs.iter().map(|n| n.ip));
+            addrs.extend(spec.fdbs.iter().map(|f| f.dst));
+            for t in &spec.tunnels {
+                addrs.push(match t.kind {
+                    TunnelKind::Vxlan { local, .. } => local,
+                    TunnelKind::Geneve { remote } => remote,
+                });
+            }
+            for p in spec.ovs.iter().flat_map(|b| &b.ports) {
+                if let OvsPortKind::Tunnel { local, remote, .. } = p.kind {
+                    addrs.extend([local, remote]);
+                }
+            }
+            for a in addrs {
+                assert!(in_range(a), "{topology:?} {placement:?}: {a}");
+            }
+        }
+    }
+
+    /// Tunnel endpoints are the wire's addresses, each host pointing at the other.
+    #[test]
+    fn tunnels_join_the_two_wire_addresses() {
+        for (topology, _, spec) in every_spec() {
+            for t in &spec.tunnels {
+                let (local, remote) = if t.at.0 == "host-a" {
+                    (WIRE_A, WIRE_B)
+                } else {
+                    (WIRE_B, WIRE_A)
                 };
-                let places = spec.places();
-                for at in &places {
-                    assert!(spec.roles.contains(&at.0), "{topology:?}: {at:?}");
+                match t.kind {
+                    TunnelKind::Vxlan { local: l, .. } => assert_eq!(l, local, "{topology:?}"),
+                    TunnelKind::Geneve { remote: r } => assert_eq!(r, remote, "{topology:?}"),
                 }
-                let unique: std::collections::HashSet<_> = places.iter().collect();
-                assert_eq!(unique.len(), places.len(), "{topology:?}");
-                for c in &spec.children {
-                    assert!(places.contains(&c.parent), "{topology:?}");
+            }
+            for b in &spec.ovs {
+                for p in &b.ports {
+                    if let OvsPortKind::Tunnel { local, remote, .. } = p.kind {
+                        let want = if b.role == "host-a" {
+                            (WIRE_A, WIRE_B)
+                        } else {
+                            (WIRE_B, WIRE_A)
+                        };
+                        assert_eq!((local, remote), want, "{topology:?}");
+                    }
                 }
-                for r in &spec.routes {
-                    assert!(places.contains(&(r.role, r.dev)), "{topology:?}");
-                }
-                assert!(spec.addr_of(spec.client).is_some() && spec.addr_of(spec.server).is_some());
             }
         }
     }
 
     #[test]
-    fn every_address_is_in_the_benchmarking_range() {
-        for topology in Topology::ALL {
-            for placement in [Placement::SameHost, Placement::CrossHost] {
-                let Ok(spec) = Spec::of(topology, placement, None) else {
-                    continue;
-                };
-                for at in spec.places() {
-                    if let Some((a, _)) = spec.addr_of(at) {
-                        assert_eq!(a.octets()[..2], [198, a.octets()[1]]);
-                        assert!(matches!(a.octets()[1], 18 | 19), "{a}");
-                    }
-                }
-            }
+    fn ovs_labs_are_wired_as_neutron_wires_them() {
+        let spec = Spec::of(Topology::OvsVxlan, Placement::CrossHost, None).unwrap();
+        let b = &spec.ovs[0];
+        assert_eq!((b.role, b.name), ("host-a", "br-int"));
+        assert_eq!(b.ports[1].name, "vxlan-c6130002");
+        assert_eq!(
+            b.devices(),
+            [
+                ("ovs-system", "openvswitch"),
+                ("br-int", "openvswitch"),
+                ("vxlan_sys_4789", "vxlan")
+            ]
+        );
+        assert_eq!(spec.master_of(("host-a", "veth-a")), Some("ovs-system"));
+        assert_eq!(
+            spec.master_of(("host-a", "vxlan_sys_4789")),
+            Some("ovs-system")
+        );
+        assert_eq!(spec.master_of(("host-a", "br-int")), None);
+        assert_eq!(spec.addr_of(("host-a", "wire0")), Some((WIRE_A, 24)));
+        assert_eq!(spec.ends().next().unwrap().at, ("host-a", "wire0"));
+        // Neutron's MTUs: 1500 less the tunnel's overhead.
+        assert_eq!(
+            spec.ends().find(|e| e.at.0 == "pod-a").unwrap().mtu,
+            Some(1450)
+        );
+        let gre = Spec::of(Topology::OvsGre, Placement::CrossHost, None).unwrap();
+        assert_eq!(
+            gre.ends().find(|e| e.at.0 == "pod-a").unwrap().mtu,
+            Some(1458)
+        );
+        assert_eq!(gre.ovs[1].ports[1].name, "gre-c6130001");
+        let vlan = Spec::of(Topology::OvsVlan, Placement::CrossHost, None).unwrap();
+        assert!(matches!(vlan.ovs[0].ports[1].kind, OvsPortKind::Trunk(100)));
+        assert_eq!(vlan.addr_of(("host-a", "wire0")), None);
+        assert_eq!(vlan.master_of(("host-b", "wire0")), Some("ovs-system"));
+        let same = Spec::of(Topology::OvsVlan, Placement::SameHost, None).unwrap();
+        assert_eq!(same.ovs.len(), 1);
+        assert_eq!(same.ovs[0].ports.len(), 2);
+    }
+
+    #[test]
+    fn unsupported_placements_say_why() {
+        for (t, p) in [
+            (Topology::OvsVxlan, Placement::SameHost),
+            (Topology::OvsGre, Placement::SameHost),
+            (Topology::Geneve, Placement::SameHost),
+        ] {
+            let e = Spec::of(t, p, None).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("use --placement cross-host"), "{e}");
+            assert!(e.starts_with(t.name()), "{e}");
         }
     }
 }
