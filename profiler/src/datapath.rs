@@ -349,6 +349,9 @@ pub fn segment_name(e: &SegmentEnds) -> String {
         (_, Hook(NetDevXmit)) => format!("xmit return {b}"),
         (Hook(NetDevXmit), Hook(NetifReceiveSkb)) => format!("backlog queue {b}"),
         (Hook(NetDevXmit), Hook(NapiGroReceiveEntry)) => format!("wire {a} -> {b}"),
+        // A transmit that returned before the next device started its own: the packet waited
+        // in that device's qdisc, dequeued later (netem, shaping).
+        (Hook(NetDevXmit), Hook(NetDevStartXmit)) if !same_if => format!("qdisc {b}"),
         _ if e.encap.is_some() => {
             let (enter, tunnel) = e.encap.unwrap_or_default();
             format!(

@@ -212,3 +212,84 @@ fn netem_delay_under_vxlan_lands_in_its_segment() {
     }
     assert_clean();
 }
+
+/// The first packet of an OVS flow goes up to ovs-vswitchd (a flow-table miss) and comes back
+/// to be executed; the packets after it stay in the kernel. The lab's ovs-vswitchd purges its
+/// datapath flows every two seconds during the run, so a few packets miss: the report keeps them
+/// apart, as another path with the upcall as a segment, beside the in-kernel path most take.
+#[test]
+#[ignore = "runs inside the VM lab: cargo xtask vm-test"]
+fn ovs_upcall_shows_as_its_own_path() {
+    let up = profiler(&["lab", "up", "ovs-vlan"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let mut run = Command::new(crate::common::BIN)
+        .args(["run", "--lab", "ovs-vlan", "--count", "300", "--rate", "25"])
+        .args(["--hooks", "deep", "--json", "-"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("profiler run");
+    // revalidator/purge drops flows with their userspace state: unlike deleting the datapath's
+    // flows behind ovs-vswitchd's back, the next packet's upcall installs the flow again.
+    while run.try_wait().expect("waiting for the run").is_none() {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let _ = Command::new("ovs-appctl")
+            .args(["-t", "/run/profiler/ovs/ovs-vlan-host/ovs-vswitchd.ctl"])
+            .arg("revalidator/purge")
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+    let run = run.wait_with_output().expect("the run's output");
+    assert!(run.status.success(), "profiler run failed");
+    let r: Value = serde_json::from_slice(&run.stdout).expect("run JSON");
+    let down = profiler(&["lab", "down", "ovs-vlan"]);
+    assert!(down.status.success());
+
+    let req = direction(&r, "request");
+    let fast = hop_sequence(req);
+    assert_in_order(
+        &fast,
+        &[
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+        ],
+        "in-kernel path",
+    );
+    assert!(
+        !fast.iter().any(|(h, _)| h.ends_with("ovs_dp_upcall")),
+        "the most common path went up to ovs-vswitchd: {fast:?}"
+    );
+    let upcalled: Vec<&Value> = req["other_paths"]
+        .as_array()
+        .expect("other_paths")
+        .iter()
+        .filter(|p| {
+            segments(p)
+                .iter()
+                .any(|s| s["name"] == "ovs upcall (ovs-vswitchd and back)")
+        })
+        .collect();
+    assert!(
+        !upcalled.is_empty(),
+        "no path with the upcall: {}",
+        req["other_paths"]
+    );
+    let p = upcalled[0];
+    assert!(p["packets"].as_u64() >= Some(1));
+    assert_in_order(
+        &hop_sequence(p),
+        &[
+            "ovs_dp_process_packet",
+            "ovs_dp_upcall",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+        ],
+        "upcall path",
+    );
+    assert_clean();
+}
