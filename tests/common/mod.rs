@@ -81,6 +81,26 @@ pub fn segment_names(dir: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// `labels` appear in `hops`' hook labels in this order (other hops may come between).
+pub fn assert_in_order(hops: &[(String, Option<String>)], labels: &[&str], ctx: &str) {
+    let mut want = labels.iter().peekable();
+    for (hook, _) in hops {
+        // Hops are named KIND:LABEL ("kprobe:veth_xmit").
+        if want
+            .peek()
+            .is_some_and(|l| hook.rsplit(':').next() == Some(l))
+        {
+            want.next();
+        }
+    }
+    let seen: Vec<&str> = hops.iter().map(|(h, _)| h.as_str()).collect();
+    assert!(
+        want.peek().is_none(),
+        "{ctx}: expected {labels:?} in order, missing from {:?} on: {seen:?}",
+        want.collect::<Vec<_>>()
+    );
+}
+
 pub fn hop_sequence(dir: &Value) -> Vec<(String, Option<String>)> {
     dir["hops"]
         .as_array()

@@ -6,7 +6,9 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::common::{assert_clean, direction, hop_sequence, profiler, run_json, segments};
+use crate::common::{
+    assert_clean, assert_in_order, direction, hop_sequence, profiler, run_json, segments,
+};
 
 /// Deep hooks a kernel series lacks because its compiler inlined the function (no symbol).
 const INLINED: &[(&str, &[&str])] = &[
@@ -28,26 +30,6 @@ fn modprobe(modules: &[&str]) {
         .status()
         .expect("modprobe");
     assert!(st.success(), "modprobe {modules:?}");
-}
-
-/// `labels` appear in `hops`' hook labels in this order (other hops may come between).
-fn assert_in_order(hops: &[(String, Option<String>)], labels: &[&str], ctx: &str) {
-    let mut want = labels.iter().peekable();
-    for (hook, _) in hops {
-        // Hops are named KIND:LABEL ("kprobe:veth_xmit").
-        if want
-            .peek()
-            .is_some_and(|l| hook.rsplit(':').next() == Some(l))
-        {
-            want.next();
-        }
-    }
-    let seen: Vec<&str> = hops.iter().map(|(h, _)| h.as_str()).collect();
-    assert!(
-        want.peek().is_none(),
-        "{ctx}: expected {labels:?} in order, missing from {:?} on: {seen:?}",
-        want.collect::<Vec<_>>()
-    );
 }
 
 #[test]

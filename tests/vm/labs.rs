@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    assert_clean_of, assert_complete, direction, hop_sequence, profiler, run_json,
+    assert_clean_of, assert_complete, assert_in_order, direction, hop_sequence, profiler, run_json,
 };
 
 const OVS_DIR: &str = "/run/profiler/ovs";
@@ -23,6 +23,8 @@ struct Case {
     server: &'static str,
     /// Devices the request's hops must include (by name, in any namespace).
     crosses: &'static [&'static str],
+    /// Deep hooks (kernel functions) the request must meet, in this order.
+    functions: &'static [&'static str],
 }
 
 const CASES: &[Case] = &[
@@ -32,6 +34,7 @@ const CASES: &[Case] = &[
         name: "ipvlan-l2",
         server: "198.18.0.2",
         crosses: &["eth0"],
+        functions: &["ipvlan_queue_xmit"],
     },
     Case {
         topology: "ipvlan-l2",
@@ -39,6 +42,7 @@ const CASES: &[Case] = &[
         name: "ipvlan-l2-xhost",
         server: "198.18.0.2",
         crosses: &["eth0", "wire0"],
+        functions: &["ipvlan_queue_xmit", "veth_xmit", "ipvlan_handle_frame"],
     },
     Case {
         topology: "ipvlan-l3",
@@ -46,6 +50,7 @@ const CASES: &[Case] = &[
         name: "ipvlan-l3",
         server: "198.18.0.2",
         crosses: &["eth0"],
+        functions: &["ipvlan_queue_xmit"],
     },
     Case {
         topology: "ipvlan-l3",
@@ -53,6 +58,7 @@ const CASES: &[Case] = &[
         name: "ipvlan-l3-xhost",
         server: "198.18.0.2",
         crosses: &["eth0", "wire0"],
+        functions: &["ipvlan_queue_xmit", "veth_xmit", "ipvlan_handle_frame"],
     },
     Case {
         topology: "geneve",
@@ -60,6 +66,12 @@ const CASES: &[Case] = &[
         name: "geneve-xhost",
         server: "198.18.2.1",
         crosses: &["veth-a", "cni0", "geneve0", "wire0", "veth-b"],
+        functions: &[
+            "geneve_xmit",
+            "udp_tunnel_xmit_skb",
+            "veth_xmit",
+            "geneve_udp_encap_recv",
+        ],
     },
     Case {
         topology: "ovs-vlan",
@@ -67,6 +79,12 @@ const CASES: &[Case] = &[
         name: "ovs-vlan",
         server: "198.18.0.2",
         crosses: &["veth-a", "veth-b"],
+        functions: &[
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+        ],
     },
     Case {
         topology: "ovs-vlan",
@@ -74,6 +92,17 @@ const CASES: &[Case] = &[
         name: "ovs-vlan-xhost",
         server: "198.18.0.2",
         crosses: &["veth-a", "wire0", "veth-b"],
+        functions: &[
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+            "veth_xmit",
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+        ],
     },
     Case {
         topology: "ovs-vxlan",
@@ -81,6 +110,20 @@ const CASES: &[Case] = &[
         name: "ovs-vxlan-xhost",
         server: "198.18.0.2",
         crosses: &["veth-a", "vxlan_sys_4789", "wire0", "veth-b"],
+        functions: &[
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+            "vxlan_xmit",
+            "udp_tunnel_xmit_skb",
+            "veth_xmit",
+            "vxlan_rcv",
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+        ],
     },
     Case {
         topology: "ovs-gre",
@@ -88,6 +131,19 @@ const CASES: &[Case] = &[
         name: "ovs-gre-xhost",
         server: "198.18.0.2",
         crosses: &["veth-a", "gre_sys", "wire0", "veth-b"],
+        functions: &[
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+            "gre_tap_xmit",
+            "veth_xmit",
+            "gre_rcv",
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+        ],
     },
 ];
 
@@ -199,6 +255,7 @@ fn full_cycle(name: &str) {
             c.name
         );
     }
+    assert_in_order(&hops, c.functions, c.name);
     lab_down(c.name);
     assert_nothing_left(c.name);
 }
