@@ -231,7 +231,12 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
     for p in &d.other_paths {
         let _ = writeln!(out, "  another path, taken by {} packets:", p.packets);
         segment_rows(out, &p.segments, p.end_to_end.mean_ns.max(1.0));
-        total_row(out, "end to end", &p.end_to_end, &format!("({} samples)", p.end_to_end.samples));
+        total_row(
+            out,
+            "end to end",
+            &p.end_to_end,
+            &format!("({} samples)", p.end_to_end.samples),
+        );
     }
 }
 

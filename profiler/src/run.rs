@@ -23,8 +23,8 @@ use crate::{
     lab::{self, discover, Lab, LabOptions, Topology},
     path::{self, Attached, Hop, Inodes},
     report::{
-        DirectionReport, DropReport, EventsReport, MissingHop, OtherPath, RunReport,
-        SegmentReport, TrafficReport, RUN_SCHEMA,
+        DirectionReport, DropReport, EventsReport, MissingHop, OtherPath, RunReport, SegmentReport,
+        TrafficReport, RUN_SCHEMA,
     },
     target::{Devices, Target},
     traffic::{self, Endpoints, Proto, Spec},

@@ -7,9 +7,7 @@ use clap::ValueEnum as _;
 use std::process::Command;
 
 /// Name prefixes of the project's eBPF programs (as the kernel truncates them, 15 chars).
-const PROG_PREFIXES: [&str; 8] = [
-    "tp_", "raw_", "ftp_", "fraw_", "kp_", "fkp_", "tc_", "prof",
-];
+const PROG_PREFIXES: [&str; 8] = ["tp_", "raw_", "ftp_", "fraw_", "kp_", "fkp_", "tc_", "prof"];
 /// Prefix of the network namespaces the labs and tests create.
 const NETNS_PREFIX: &str = "prof-";
 
