@@ -12,6 +12,16 @@ pub enum Mode {
     Follow,
 }
 
+impl Mode {
+    /// Programs are named by mode: X in tagged runs, fX to follow.
+    fn program_prefix(self) -> &'static str {
+        match self {
+            Mode::Tagged => "",
+            Mode::Follow => "f",
+        }
+    }
+}
+
 /// How a hook is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
@@ -61,10 +71,7 @@ impl HookSpec {
         let Attach::Tracepoint { tp } = self.attach else {
             return None;
         };
-        let prefix = match mode {
-            Mode::Tagged => "",
-            Mode::Follow => "f",
-        };
+        let prefix = mode.program_prefix();
         self.modes
             .contains(&mode)
             .then(|| (format!("{prefix}tp_{tp}"), format!("{prefix}raw_{tp}")))
@@ -81,10 +88,7 @@ impl HookSpec {
 
     /// The program serving a deep hook in `mode`.
     pub fn deep_program(&self, mode: Mode) -> Option<String> {
-        let prefix = match mode {
-            Mode::Tagged => "",
-            Mode::Follow => "f",
-        };
+        let prefix = mode.program_prefix();
         match self.attach {
             Attach::Function { .. } => Some(format!("{prefix}kp_func")),
             Attach::ModuleTracepoint { tp, .. } => Some(format!("{prefix}raw_{tp}")),
