@@ -623,7 +623,7 @@ fn unsupported_combinations_error_before_creating_anything() -> Result<()> {
         (
             Topology::FlannelVxlan,
             same_host(),
-            "flannel-vxlan same-host would not cross the vxlan device; use --placement cross-host",
+            "flannel-vxlan same-host would not cross the tunnel device; use --placement cross-host",
         ),
     ];
     for (topology, options, want) in cases {
