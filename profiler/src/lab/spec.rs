@@ -33,7 +33,7 @@ const OVS_TAG: u16 = 100;
 /// The key (VNI) of the pods' network on OVS tunnels.
 const OVS_KEY: u32 = 100;
 /// The kernel datapath's own device, master of every OVS port that is a kernel device.
-pub(super) const OVS_DATAPATH: &str = "ovs-system";
+const OVS_DATAPATH: &str = "ovs-system";
 
 /// An interface by namespace role ("pod-a") and final name.
 pub(super) type Place = (&'static str, &'static str);
@@ -166,7 +166,7 @@ pub(super) enum OvsPortKind {
     },
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy)]
 pub(super) enum OvsTunnel {
     Vxlan,
     Gre,
