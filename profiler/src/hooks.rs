@@ -187,14 +187,12 @@ impl Probes {
             };
             let is_function = matches!(spec.attach, Attach::Function { .. });
             let kind = if is_function { "kprobe" } else { "raw_tp" };
-            let result = match &mut resolver {
-                _ if is_function && !kprobes => {
-                    Err(anyhow!("this kernel has no kprobes (CONFIG_KPROBES off)"))
-                }
-                Err(e) => Err(anyhow!("{e:#}")),
-                Ok(r) => r
+            let result = if is_function && !kprobes {
+                Err(anyhow!("this kernel has no kprobes (CONFIG_KPROBES off)"))
+            } else {
+                resolver
                     .resolve(spec)
-                    .and_then(|target| self.attach_target(&prog, is_function, &target)),
+                    .and_then(|target| self.attach_target(&prog, is_function, &target))
             };
             let st = match result {
                 Ok(()) => status(spec.label, kind, Status::Attached, None),
@@ -213,8 +211,6 @@ impl Probes {
     }
 
     fn attach_target(&mut self, prog: &str, is_function: bool, target: &Target) -> Result<()> {
-        let mut funcs: BpfHashMap<_, u64, FuncHook> = BpfHashMap::try_from(self.map_mut("FUNCS")?)?;
-        funcs.insert(target.key, target.args, 0)?;
         let attached = if is_function {
             let p: &mut KProbe = self.program(prog)?.try_into()?;
             if p.fd().is_err() {
@@ -226,12 +222,10 @@ impl Probes {
             p.load()?;
             p.attach(&target.attach_to).map(drop)
         };
-        if let Err(e) = attached {
-            let mut funcs: BpfHashMap<_, u64, FuncHook> =
-                BpfHashMap::try_from(self.map_mut("FUNCS")?)?;
-            let _ = funcs.remove(&target.key);
-            return Err(anyhow!("attaching to {}: {e}", target.attach_to));
-        }
+        attached.map_err(|e| anyhow!("attaching to {}: {e}", target.attach_to))?;
+        // The program ignores the function until the map has it: nothing to undo on failure.
+        let mut funcs: BpfHashMap<_, u64, FuncHook> = BpfHashMap::try_from(self.map_mut("FUNCS")?)?;
+        funcs.insert(target.key, target.args, 0)?;
         Ok(())
     }
 

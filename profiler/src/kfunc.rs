@@ -2,7 +2,7 @@
 //! of line and in which module (a module that is not loaded, or a function the compiler inlined,
 //! is absent), BTF says where its packet is among the arguments.
 
-use std::collections::HashMap;
+use std::{cell::OnceCell, collections::HashMap};
 
 use anyhow::{anyhow, bail, Result};
 use btf_rs::Btf;
@@ -26,27 +26,42 @@ pub struct Target {
     pub args: FuncHook,
 }
 
+/// Text symbols by name: address and module (None: built in).
+type Symbols = HashMap<String, Vec<(u64, Option<String>)>>;
+
 pub struct Resolver<'a> {
     kernel: &'a KernelBtf,
-    /// Text symbols by name: address and module (None: built in).
-    symbols: HashMap<String, Vec<(u64, Option<String>)>>,
+    /// Read at the first function looked up: module tracepoints, and kernels without kprobes,
+    /// need none.
+    symbols: OnceCell<Result<Symbols, String>>,
     /// Module BTF, loaded once per module.
     modules: HashMap<String, Result<Btf, String>>,
 }
 
 impl<'a> Resolver<'a> {
-    pub fn new(kernel: &'a KernelBtf) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(KALLSYMS).map_err(|e| anyhow!("reading {KALLSYMS}: {e}"))?;
-        let symbols = parse_kallsyms(&text);
-        if symbols.values().flatten().all(|(addr, _)| *addr == 0) {
-            bail!("{KALLSYMS} hides addresses (kernel.kptr_restrict): run as root");
-        }
-        Ok(Resolver {
+    pub fn new(kernel: &'a KernelBtf) -> Self {
+        Resolver {
             kernel,
-            symbols,
+            symbols: OnceCell::new(),
             modules: HashMap::new(),
-        })
+        }
+    }
+
+    fn symbols(&self) -> Result<&Symbols> {
+        self.symbols
+            .get_or_init(|| {
+                let text = std::fs::read_to_string(KALLSYMS)
+                    .map_err(|e| format!("reading {KALLSYMS}: {e}"))?;
+                let symbols = parse_kallsyms(&text);
+                if symbols.values().flatten().all(|(addr, _)| *addr == 0) {
+                    return Err(format!(
+                        "{KALLSYMS} hides addresses (kernel.kptr_restrict): run as root"
+                    ));
+                }
+                Ok(symbols)
+            })
+            .as_ref()
+            .map_err(|e| anyhow!("{e}"))
     }
 
     /// The target of a deep hook, or why this kernel has none.
@@ -86,7 +101,7 @@ impl<'a> Resolver<'a> {
     /// code is preferred to a module of another name; the hook's own module to both.
     fn symbol(&self, func: &str, module: &str) -> Result<(u64, Option<String>, bool)> {
         let found = self
-            .symbols
+            .symbols()?
             .get(func)
             .map(Vec::as_slice)
             .unwrap_or_default();
@@ -167,11 +182,11 @@ mod tests {
         };
         let mut r = Resolver {
             kernel: &kernel,
-            symbols: parse_kallsyms(
+            symbols: OnceCell::from(Ok(parse_kallsyms(
                 "ffffffff81234560 t start_xmit\t[other_nic]\n\
                  ffffffffc0001000 t start_xmit\t[virtio_net]\n\
                  ffffffffc0002000 t veth_xmit\n",
-            ),
+            ))),
             modules: HashMap::new(),
         };
         assert_eq!(
