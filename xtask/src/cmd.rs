@@ -54,6 +54,14 @@ pub fn quiet(cmd: &mut Command) -> Option<String> {
 }
 
 /// True when this process runs with effective uid 0 (read from /proc, no libc needed).
+/// Fails with "cargo xtask TASK WHY and must run as root" unless this process is root.
+pub fn require_root(task: &str, why: &str) -> Result<()> {
+    if !is_root() {
+        anyhow::bail!("cargo xtask {task} {why} and must run as root");
+    }
+    Ok(())
+}
+
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -8,7 +8,7 @@ mod setup;
 mod test;
 mod vm;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use cmd::step;
 use std::path::{Path, PathBuf};
@@ -145,10 +145,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn require_root(task: &str) -> Result<()> {
-    if !cmd::is_root() {
-        bail!("cargo xtask {task} creates network namespaces and loads eBPF programs and must run as root");
-    }
-    Ok(())
+    cmd::require_root(task, "creates network namespaces and loads eBPF programs")
 }
 
 fn workspace_root() -> &'static Path {

@@ -40,7 +40,7 @@ pub fn cache_dir() -> Result<PathBuf> {
     }
 }
 
-fn dpkg_installed(pkg: &str) -> bool {
+pub fn dpkg_installed(pkg: &str) -> bool {
     quiet(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
         .is_some_and(|s| s.trim() == "install ok installed")
 }

@@ -12,9 +12,7 @@ const PROG_PREFIXES: [&str; 8] = ["tp_", "raw_", "ftp_", "fraw_", "kp_", "fkp_",
 const NETNS_PREFIX: &str = "prof-";
 
 pub fn run(args: &[String]) -> Result<()> {
-    if !cmd::is_root() {
-        bail!("cargo xtask test runs eBPF and network-namespace tests and must run as root");
-    }
+    cmd::require_root("test", "runs eBPF and network-namespace tests")?;
     let vm_kernels = vm_kernels()?;
     setup::run()?;
     step("leak check before the tests");

@@ -109,12 +109,7 @@ pub fn test_kernels(kernels: &[Series], harness_args: &[String]) -> Result<()> {
 }
 
 fn require_root(task: &str) -> Result<()> {
-    if !cmd::is_root() {
-        bail!(
-            "cargo xtask {task} installs Debian packages and kernel modules and must run as root"
-        );
-    }
-    Ok(())
+    cmd::require_root(task, "installs Debian packages and kernel modules")
 }
 
 /// Builds the profiler and the `vm` test target; returns the test executable.
@@ -429,11 +424,7 @@ fn strip_options(words: &str) -> &str {
 /// Whether `pkg` is installed; for bpftool, whether its binary is (older releases ship it in
 /// another package, which `cargo xtask setup` may have installed).
 fn installed(pkg: &str) -> bool {
-    if pkg == "bpftool" && Path::new("/usr/sbin/bpftool").exists() {
-        return true;
-    }
-    quiet(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
-        .is_some_and(|s| s.trim() == "install ok installed")
+    (pkg == "bpftool" && Path::new("/usr/sbin/bpftool").exists()) || setup::dpkg_installed(pkg)
 }
 
 /// QEMU from bookworm-backports and PACKAGES from bookworm, those not installed yet.
