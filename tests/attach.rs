@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::{assert_clean, profiler, run_json, segment_names, segments, BIN};
+use common::{assert_clean, profiler, run_json, segment_names, segments, LabGuard, BIN};
 use serde_json::Value;
 
 /// The tests share lab names: one at a time.
@@ -77,46 +77,27 @@ impl Attach {
     }
 }
 
-/// A lab that is taken down when the test ends, passing or not.
-struct LabUp(Value);
-
-impl Drop for LabUp {
-    fn drop(&mut self) {
-        let out = profiler(&["lab", "down", self.0["name"].as_str().unwrap()]);
-        if !std::thread::panicking() {
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
+/// A lab that is up, as `profiler lab list` describes it, taken down when the test ends.
+struct LabUp {
+    info: Value,
+    _down: LabGuard,
 }
 
 fn lab_up(args: &[&str]) -> LabUp {
-    let mut all = vec!["lab", "up"];
-    all.extend_from_slice(args);
-    let out = profiler(&all);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let guard = common::lab_up(args);
     let list = profiler(&["lab", "list", "--json"]);
     let labs: Value = serde_json::from_slice(&list.stdout).expect("lab list JSON");
-    let name = match args {
-        [t, "--placement", "cross-host", ..] => format!("{t}-xhost"),
-        [t, ..] => t.to_string(),
-        [] => unreachable!(),
-    };
     let lab = labs
         .as_array()
         .unwrap()
         .iter()
-        .find(|l| l["name"] == name.as_str())
+        .find(|l| l["name"] == guard.0.as_str())
         .cloned()
-        .unwrap_or_else(|| panic!("lab {name} is not listed"));
-    LabUp(lab)
+        .unwrap_or_else(|| panic!("lab {} is not listed", guard.0));
+    LabUp {
+        info: lab,
+        _down: guard,
+    }
 }
 
 fn ping(netns: &str, to: &str, count: u32, interval: &str) {
@@ -266,8 +247,8 @@ fn filter_selects_exactly_the_matching_flows_inside_vxlan() {
     let _guard = serial();
     let lab = lab_up(&["flannel-vxlan", "--placement", "cross-host"]);
     let (client_ns, server) = (
-        lab.0["client"]["netns"].as_str().unwrap().to_string(),
-        lab.0["server"]["addr"].as_str().unwrap().to_string(),
+        lab.info["client"]["netns"].as_str().unwrap().to_string(),
+        lab.info["server"]["addr"].as_str().unwrap().to_string(),
     );
     let host_b = "prof-flannel-vxlan-xhost-host-b";
     let inner = format!("icmp and dst host {server}");

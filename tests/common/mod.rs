@@ -18,6 +18,47 @@ pub fn profiler(args: &[&str]) -> Output {
         .expect("running the profiler binary")
 }
 
+/// Takes lab NAME down when the test ends, passing or not, if it is still up (its state file is
+/// there), so a failing test leaves nothing for the next; a `down` that fails fails a test that
+/// was passing.
+pub struct LabGuard(pub String);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let state = std::path::Path::new(profiler::lab::STATE_DIR).join(format!("{}.json", self.0));
+        if !state.exists() {
+            return;
+        }
+        let out = profiler(&["lab", "down", &self.0]);
+        if !std::thread::panicking() {
+            assert!(
+                out.status.success(),
+                "lab down {}: {}",
+                self.0,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// `profiler lab up TOPOLOGY [OPTIONS]`, which must succeed, and the guard that takes it down.
+pub fn lab_up(args: &[&str]) -> LabGuard {
+    let mut all = vec!["lab", "up"];
+    all.extend_from_slice(args);
+    let out = profiler(&all);
+    assert!(
+        out.status.success(),
+        "lab up {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cross = args.windows(2).any(|w| w == ["--placement", "cross-host"]);
+    LabGuard(if cross {
+        format!("{}-xhost", args[0])
+    } else {
+        args[0].to_string()
+    })
+}
+
 /// `profiler run ARGS --json -`, which must exit 0: the profiler.run.v1 report.
 pub fn run_json(args: &[&str]) -> Value {
     let mut all = vec!["run"];

@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::common::{
-    assert_clean, assert_in_order, direction, hop_sequence, profiler, run_json, segments,
+    assert_clean, assert_in_order, direction, hop_sequence, lab_up, profiler, run_json, segments,
 };
 
 /// Deep hooks a kernel series lacks because its compiler inlined the function (no symbol).
@@ -158,12 +158,7 @@ fn p50s(r: &Value) -> Vec<(String, f64)> {
 #[ignore = "runs inside the VM lab: cargo xtask vm-test"]
 fn netem_delay_under_vxlan_lands_in_its_segment() {
     const DELAY_MS: f64 = 30.0;
-    let up = profiler(&["lab", "up", "flannel-vxlan", "--placement", "cross-host"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let lab = lab_up(&["flannel-vxlan", "--placement", "cross-host"]);
     let netem = Command::new("ip")
         .args(["netns", "exec", "prof-flannel-vxlan-xhost-host-a"])
         .args([
@@ -178,8 +173,7 @@ fn netem_delay_under_vxlan_lands_in_its_segment() {
         &["vxlan_xmit", "udp_tunnel_xmit_skb", "vxlan_rcv"],
     );
     // Taking the lab down removes the qdisc with the namespace.
-    let down = profiler(&["lab", "down", "flannel-vxlan-xhost"]);
-    assert!(down.status.success());
+    drop(lab);
 
     let p50_ms = p50s(&r).into_iter().map(|(n, p)| (n, p / 1e6));
     let (delayed, others): (Vec<_>, Vec<_>) = p50_ms.partition(|(n, _)| n == "qdisc wire0");
@@ -205,12 +199,7 @@ fn netem_delay_under_vxlan_lands_in_its_segment() {
 #[test]
 #[ignore = "runs inside the VM lab: cargo xtask vm-test"]
 fn ovs_upcall_shows_as_its_own_path() {
-    let up = profiler(&["lab", "up", "ovs-vlan"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let lab = lab_up(&["ovs-vlan"]);
     let mut run = Command::new(crate::common::BIN)
         .args(["run", "--lab", "ovs-vlan", "--count", "300", "--rate", "25"])
         .args(["--hooks", "deep", "--json", "-"])
@@ -230,8 +219,7 @@ fn ovs_upcall_shows_as_its_own_path() {
     let run = run.wait_with_output().expect("the run's output");
     assert!(run.status.success(), "profiler run failed");
     let r: Value = serde_json::from_slice(&run.stdout).expect("run JSON");
-    let down = profiler(&["lab", "down", "ovs-vlan"]);
-    assert!(down.status.success());
+    drop(lab);
 
     let req = direction(&r, "request");
     let fast = hop_sequence(req);

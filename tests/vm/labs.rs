@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    assert_clean_of, assert_complete, assert_in_order, direction, hop_sequence, profiler, run_json,
+    assert_clean_of, assert_complete, assert_in_order, direction, hop_sequence, lab_up, profiler,
+    run_json, LabGuard,
 };
 
 const OVS_DIR: &str = "/run/profiler/ovs";
@@ -154,26 +155,6 @@ fn case(name: &str) -> &'static Case {
         .expect("a case of that name")
 }
 
-/// Takes the lab down on drop, so a failed assertion leaves nothing for the next test.
-struct Down(&'static str);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = profiler(&["lab", "down", self.0]);
-    }
-}
-
-fn lab_up(c: &Case) -> Down {
-    let up = profiler(&["lab", "up", c.topology, "--placement", c.placement]);
-    assert!(
-        up.status.success(),
-        "lab up {}: {}",
-        c.name,
-        String::from_utf8_lossy(&up.stderr)
-    );
-    Down(c.name)
-}
-
 fn lab_down(name: &str) {
     let down = profiler(&["lab", "down", name]);
     assert!(
@@ -232,7 +213,7 @@ fn assert_nothing_left(name: &str) {
 /// Up, ping, a complete UDP profile whose request crosses the case's devices, down, clean.
 fn full_cycle(name: &str) {
     let c = case(name);
-    let _guard = lab_up(c);
+    let _guard = lab_up(&[c.topology, "--placement", c.placement]);
     ping(c);
     let r = run_json(&[
         "--lab",
@@ -319,7 +300,7 @@ fn ovs_gre_cross_host() {
 #[ignore = "runs inside the VM lab: cargo xtask vm-test"]
 fn a_run_removes_the_ovs_lab_it_made() {
     let c = case("ovs-vxlan-xhost");
-    let _guard = Down(c.name);
+    let _guard = LabGuard(c.name.to_string());
     let r = run_json(&[
         "--lab",
         c.topology,
@@ -338,7 +319,7 @@ fn a_run_removes_the_ovs_lab_it_made() {
 #[ignore = "runs inside the VM lab: cargo xtask vm-test"]
 fn interrupted_ovs_up_leaves_nothing() {
     let c = case("ovs-vlan-xhost");
-    let _guard = Down(c.name);
+    let _guard = LabGuard(c.name.to_string());
     let up = Command::new(crate::common::BIN)
         .args(["lab", "up", c.topology, "--placement", c.placement])
         .stdout(Stdio::piped())
