@@ -135,6 +135,46 @@ fn tcp_16k() {
     check_run("tcp", 16384);
 }
 
+/// The deep hooks need kprobes, which this machine's kernel lacks (CONFIG_KPROBES off): a run
+/// asking for them says so, uses the stable set, and reports every deep hook with why it did not
+/// attach; the run itself is whole. On a kernel with kprobes the deep set must be in effect.
+#[test]
+fn deep_hooks_fall_back_to_the_stable_set_with_reasons() {
+    let out = profiler(&[
+        "run", "--lab", "bridge", "--count", "20", "--hooks", "deep", "--json", "-",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).expect("profiler.run.v1 JSON on stdout");
+    assert_eq!(r["traffic"]["completed"], 20, "{stderr}");
+    let deep: Vec<&Value> = r["hooks"]
+        .as_array()
+        .expect("hooks")
+        .iter()
+        .filter(|h| h["set"] == "deep")
+        .collect();
+    assert!(deep.len() >= 20, "{} deep hooks reported", deep.len());
+    if std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        assert_eq!(r["hook_set"], "deep", "kprobes are there: {stderr}");
+    } else {
+        assert_eq!(r["hook_set"], "stable");
+        assert!(
+            stderr.contains("no deep hook attached") && stderr.contains("using the stable hooks"),
+            "no fallback notice: {stderr}"
+        );
+        for h in deep {
+            let reason = h["reason"].as_str().unwrap_or("");
+            assert_eq!(h["status"], "unavailable", "{h}");
+            if h["type"] == "kprobe" {
+                assert!(reason.contains("no kprobes"), "{h}");
+            } else {
+                assert!(!reason.is_empty(), "{h}");
+            }
+        }
+    }
+    assert_clean();
+}
+
 #[test]
 fn bad_input_is_one_clear_line_and_nonzero() {
     for (args, needle) in [
