@@ -175,6 +175,32 @@ fn deep_hooks_fall_back_to_the_stable_set_with_reasons() {
     assert_clean();
 }
 
+/// `doctor` lists every deep hook in both modes, each attached or with why not.
+#[test]
+fn doctor_lists_every_deep_hook_with_why() {
+    let out = profiler(&["doctor", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d: Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    for list in ["hooks", "follow_hooks"] {
+        let deep: Vec<&Value> = d[list]
+            .as_array()
+            .expect(list)
+            .iter()
+            .filter(|h| h["set"] == "deep")
+            .collect();
+        assert!(deep.len() >= 20, "{list}: {} deep hooks", deep.len());
+        for h in deep {
+            let why = h["reason"].as_str().unwrap_or("");
+            assert!(h["status"] == "attached" || !why.is_empty(), "{list}: {h}");
+        }
+    }
+    assert_clean();
+}
+
 #[test]
 fn bad_input_is_one_clear_line_and_nonzero() {
     for (args, needle) in [
