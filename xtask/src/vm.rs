@@ -19,6 +19,9 @@ use std::thread;
 const VIRTME_NG_VERSION: &str = "1.42";
 /// Guest memory for vm-test; enough for the labs, and TCG gains nothing from more.
 const TEST_MEMORY: &str = "2G";
+/// The VM suite takes 10-15 minutes under TCG: a test that hangs is stopped well inside CI's
+/// 90 minutes, and says so, instead of hanging `cargo xtask test`.
+const TEST_TIMEOUT_MINUTES: u32 = 45;
 /// Modules the labs and tests use, loaded before the command so a missing one shows up as one
 /// line up front rather than as a test failure deep inside a lab.
 const GUEST_MODULES: &str = "veth bridge vxlan macvlan macvtap ipvlan geneve ip_gre gre \
@@ -148,6 +151,9 @@ fn test_executable(messages: &str) -> Result<PathBuf> {
 fn run_tests(series: Series, exe: &Path, harness_args: &[String]) -> Result<u8> {
     let vm = provision(series)?;
     let mut command = vec![
+        "timeout".into(),
+        "--kill-after=60".into(),
+        format!("{}m", TEST_TIMEOUT_MINUTES),
         exe.to_string_lossy().into_owned(),
         "--ignored".into(),
         "--test-threads=1".into(),
@@ -160,7 +166,13 @@ fn run_tests(series: Series, exe: &Path, harness_args: &[String]) -> Result<u8> 
     ));
     let script = guest_script(&vm.release, &[("RUST_BACKTRACE", "1")], &command);
     // The tests read no input, and a terminal on stdin must not be QEMU's.
-    boot(&vm, TEST_MEMORY, false, Stdio::null(), &script)
+    let status = boot(&vm, TEST_MEMORY, false, Stdio::null(), &script)?;
+    if status == 124 {
+        eprintln!(
+            "vm: the tests did not finish within {TEST_TIMEOUT_MINUTES} minutes and were stopped"
+        );
+    }
+    Ok(status)
 }
 
 /// What booting a guest needs, all in place.
