@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_clean, hop_sequence, profiler, segment_names, BIN};
+use common::{assert_clean, doctor_json, hop_sequence, profiler, segment_names, BIN};
 use serde_json::Value;
 
 /// The bridge lab's request path, hop by hop: pod-a's socket, its eth0 (veth), the host end
@@ -178,13 +178,7 @@ fn deep_hooks_fall_back_to_the_stable_set_with_reasons() {
 /// `doctor` lists every deep hook in both modes, each attached or with why not.
 #[test]
 fn doctor_lists_every_deep_hook_with_why() {
-    let out = profiler(&["doctor", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d: Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    let d = doctor_json();
     for list in ["hooks", "follow_hooks"] {
         let deep: Vec<&Value> = d[list]
             .as_array()

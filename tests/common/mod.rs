@@ -59,6 +59,17 @@ pub fn lab_up(args: &[&str]) -> LabGuard {
     })
 }
 
+/// `profiler doctor --json`, which must succeed.
+pub fn doctor_json() -> Value {
+    let out = profiler(&["doctor", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("doctor JSON")
+}
+
 /// `profiler run ARGS --json -`, which must exit 0: the profiler.run.v1 report.
 pub fn run_json(args: &[&str]) -> Value {
     let mut all = vec!["run"];

@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::common::{
-    assert_clean, assert_in_order, direction, hop_sequence, lab_up, profiler, run_json, segments,
+    assert_clean, assert_in_order, direction, doctor_json, hop_sequence, lab_up, run_json, segments,
 };
 
 /// Deep hooks a kernel series lacks because its compiler inlined the function (no symbol).
@@ -52,13 +52,7 @@ fn every_deep_hook_passes_the_verifier_and_attaches() {
         .iter()
         .find(|(series, _)| release.starts_with(series))
         .map_or(&[], |(_, names)| names);
-    let out = profiler(&["doctor", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d: Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    let d = doctor_json();
     for list in ["hooks", "follow_hooks"] {
         let mut deep = 0;
         for h in d[list].as_array().expect(list) {
