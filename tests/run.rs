@@ -135,6 +135,12 @@ fn tcp_16k() {
     check_run("tcp", 16384);
 }
 
+/// The deep hooks (kernel functions) among a list of hook statuses.
+fn deep_hooks(hooks: &Value) -> Vec<&Value> {
+    let all = hooks.as_array().expect("a list of hooks");
+    all.iter().filter(|h| h["set"] == "deep").collect()
+}
+
 /// The deep hooks need kprobes, which this machine's kernel lacks (CONFIG_KPROBES off): a run
 /// asking for them says so, uses the stable set, and reports every deep hook with why it did not
 /// attach; the run itself is whole. On a kernel with kprobes the deep set must be in effect.
@@ -147,12 +153,7 @@ fn deep_hooks_fall_back_to_the_stable_set_with_reasons() {
     assert!(out.status.success(), "{stderr}");
     let r: Value = serde_json::from_slice(&out.stdout).expect("profiler.run.v1 JSON on stdout");
     assert_eq!(r["traffic"]["completed"], 20, "{stderr}");
-    let deep: Vec<&Value> = r["hooks"]
-        .as_array()
-        .expect("hooks")
-        .iter()
-        .filter(|h| h["set"] == "deep")
-        .collect();
+    let deep = deep_hooks(&r["hooks"]);
     assert!(deep.len() >= 20, "{} deep hooks reported", deep.len());
     if std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
         assert_eq!(r["hook_set"], "deep", "kprobes are there: {stderr}");
@@ -180,12 +181,7 @@ fn deep_hooks_fall_back_to_the_stable_set_with_reasons() {
 fn doctor_lists_every_deep_hook_with_why() {
     let d = doctor_json();
     for list in ["hooks", "follow_hooks"] {
-        let deep: Vec<&Value> = d[list]
-            .as_array()
-            .expect(list)
-            .iter()
-            .filter(|h| h["set"] == "deep")
-            .collect();
+        let deep = deep_hooks(&d[list]);
         assert!(deep.len() >= 20, "{list}: {} deep hooks", deep.len());
         for h in deep {
             let why = h["reason"].as_str().unwrap_or("");

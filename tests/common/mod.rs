@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::ValueEnum as _;
+use profiler::lab::{lab_name, Placement, Topology};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_profiler");
@@ -51,12 +53,13 @@ pub fn lab_up(args: &[&str]) -> LabGuard {
         "lab up {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let cross = args.windows(2).any(|w| w == ["--placement", "cross-host"]);
-    LabGuard(if cross {
-        format!("{}-xhost", args[0])
+    let topology = Topology::from_str(args[0], false).expect("a topology as first argument");
+    let placement = if args.windows(2).any(|w| w == ["--placement", "cross-host"]) {
+        Placement::CrossHost
     } else {
-        args[0].to_string()
-    })
+        Placement::SameHost
+    };
+    LabGuard(lab_name(topology, placement))
 }
 
 /// `profiler doctor --json`, which must succeed.

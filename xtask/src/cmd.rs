@@ -53,7 +53,6 @@ pub fn quiet(cmd: &mut Command) -> Option<String> {
     String::from_utf8(out.stdout).ok()
 }
 
-/// True when this process runs with effective uid 0 (read from /proc, no libc needed).
 /// Fails with "cargo xtask TASK WHY and must run as root" unless this process is root.
 pub fn require_root(task: &str, why: &str) -> Result<()> {
     if !is_root() {
@@ -62,6 +61,7 @@ pub fn require_root(task: &str, why: &str) -> Result<()> {
     Ok(())
 }
 
+/// True when this process runs with effective uid 0 (read from /proc, no libc needed).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
