@@ -1,5 +1,5 @@
 //! Ground truth for attribution: a known delay is injected at one tc hook of a lab (the bridge
-//! lab, and flannel-vxlan cross-host) (`profiler::inject`, in-process) while the `profiler`
+//! lab, and flannel-vxlan cross-host) (`profiler::kernel::inject`, in-process) while the `profiler`
 //! binary profiles the path, and exactly the segment that ends at that hook must grow by the
 //! injected delay; every other segment, in both directions, must stay where it was.
 //!
@@ -16,6 +16,8 @@
 //! pod-a eth0 ingress), so none of the three injection points below is crossed by responses in
 //! the injected direction: the response direction must not move at all. The same holds on
 //! flannel-vxlan (FLANNEL_POINTS): responses leave host-b and enter host-a.
+// A test crate sees every dependency of the package; the lint is for the library's.
+#![allow(unused_crate_dependencies)]
 
 use std::{
     collections::BTreeMap,
@@ -24,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler::inject::{self, DelayInjector, DelaySpec, Direction};
+use profiler::kernel::inject::{self, DelayInjector, DelaySpec, Direction};
 use serde_json::Value;
 
 mod common;
@@ -319,7 +321,7 @@ fn run_medians(lab: &LabUnderTest) -> Medians {
     if !out.status.success() {
         // The lab is shared by name with every checkout on this machine: say so when someone
         // else's `lab down` pulled it away under the run.
-        let gone = if profiler::netns::exists(lab.netns) {
+        let gone = if profiler::lab::netns::exists(lab.netns) {
             String::new()
         } else {
             format!(

@@ -2,6 +2,8 @@
 //! sees, traffic must flow pod-a -> pod-b, and `down` or a failed `up` must leave nothing.
 //! Every test holds LOCK (labs and namespace names are machine-global) and cleans up through
 //! Drop guards, so a failed assertion does not leak namespaces into the next test.
+// A test crate sees every dependency of the package; the lint is for the library's.
+#![allow(unused_crate_dependencies)]
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, UdpSocket};
 use std::path::Path;
@@ -10,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use futures::TryStreamExt as _;
+use profiler::lab::netns;
 use profiler::lab::{self, Lab, LabOptions, Placement, Topology};
-use profiler::netns;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,

@@ -5,6 +5,8 @@
 //! time, and leave nothing behind.
 //!
 //! Labs are machine-global by name, so the tests of this file take turns (LOCK).
+// A test crate sees every dependency of the package; the lint is for the library's.
+#![allow(unused_crate_dependencies)]
 
 mod common;
 
@@ -25,8 +27,8 @@ const COUNT: u64 = 500;
 /// options given, and takes it down), checks the run is complete and clean, returns the report.
 fn profile(lab: &str, args: &[&str], ctx: &str) -> Value {
     assert!(
-        !profiler::netns::exists(&format!("prof-{lab}-pod-a"))
-            && !profiler::netns::exists(&format!("prof-{lab}-host-a")),
+        !profiler::lab::netns::exists(&format!("prof-{lab}-pod-a"))
+            && !profiler::lab::netns::exists(&format!("prof-{lab}-host-a")),
         "{ctx}: lab {lab} is already up; the run would not make it with its own options"
     );
     let count = COUNT.to_string();
@@ -405,7 +407,7 @@ fn run_with_another_mtu_than_the_lab_is_refused() {
     args.extend_from_slice(&["--mtu", "1500", "--count", "10"]);
     let out = common::profiler(&args);
     let err = String::from_utf8_lossy(&out.stderr);
-    let still_up = profiler::netns::exists("prof-flannel-vxlan-xhost-host-a");
+    let still_up = profiler::lab::netns::exists("prof-flannel-vxlan-xhost-host-a");
     let down = common::profiler(&["lab", "down", "flannel-vxlan-xhost"]);
     assert!(!out.status.success(), "a run with --mtu 1500 succeeded");
     assert!(err.contains("already up with another MTU"), "{err}");

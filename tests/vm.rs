@@ -2,6 +2,8 @@
 //! datapath, ...). Ignored on the host: `cargo xtask vm-test --kernel 6.1|6.12` runs them as
 //! root in a VM booted from that Debian kernel, with PROFILER_VM_KERNEL set to the release it
 //! asked for (`cargo xtask test` runs them on 6.1).
+// A test crate sees every dependency of the package; the lint is for the library's.
+#![allow(unused_crate_dependencies)]
 
 mod common;
 #[path = "vm/deep.rs"]

@@ -1,31 +1,26 @@
 //! eBPF datapath profiler for container networks: kernel probes timestamp the profiler's own
-//! tagged packets at every hop of a path, and the time between hops is attributed to the
-//! segment the packet crossed there.
+//! tagged packets at every hop of a path (`run`), or follow real packets by their buffers
+//! (`attach`), and the time between hops is attributed to the segment the packet crossed there.
 //!
-//! - [`datapath`]: hooks, link kinds and segment names, as data.
-//! - [`btf`], [`kfunc`], [`hooks`]: kernel offsets, function hook targets, and attaching the
-//!   eBPF programs.
-//! - [`inject`]: ground-truth delay injection at a tc hook.
-//! - [`lab`], [`netns`]: the built-in topologies.
-//! - [`traffic`]: tagged request/response traffic.
-//! - [`collect`], [`journey`], [`path`]: events to journeys to per-segment latency.
-//! - [`report`], [`run`], [`compare`], [`doctor`]: what the CLI prints.
+//! The two modes, and the layers they share:
+//! - [`run`]: tagged traffic, journeys rebuilt from events, `compare`.
+//! - [`attach`]: following real traffic, the filter compiler, in-kernel histograms, metrics.
+//! - [`kernel`]: BTF, kallsyms, loading and attaching the eBPF programs, ring buffers, doctor,
+//!   the delay injector.
+//! - [`datapath`]: the hook table and the rules that name segments, as data.
+//! - [`lab`]: network namespaces, the built-in topologies, and what a run targets.
+//! - [`report`]: the report schema, and its renderings (table, JSON, HTML).
+//! - [`signal`]: SIGINT/SIGTERM for every command.
+// Set up by the CLI (main.rs) for the log records of the library's modules.
+use env_logger as _;
+// Only the integration tests use it (tests/report.rs parses the HTML page).
+#[cfg(test)]
+use roxmltree as _;
+
 pub mod attach;
-pub mod btf;
-pub mod collect;
-pub mod compare;
 pub mod datapath;
-pub mod doctor;
-pub mod filter;
-pub mod hooks;
-pub mod inject;
-pub mod journey;
-pub mod kfunc;
+pub mod kernel;
 pub mod lab;
-pub mod metrics;
-pub mod netns;
-pub mod path;
 pub mod report;
 pub mod run;
-pub mod target;
-pub mod traffic;
+pub mod signal;

@@ -1,20 +1,21 @@
 //! The `profiler` command line.
+// The CLI reaches the package's other dependencies through the library, where the lint applies.
+#![allow(unused_crate_dependencies)]
 
 use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use profiler::{
-    attach, compare,
-    datapath::HookSet,
-    doctor,
-    hooks::FollowConfig,
-    inject, lab,
-    lab::{LabOptions, Placement, Topology},
-    report,
-    run::{self, RunArgs},
-    target::Target,
-    traffic::Proto,
+    attach,
+    kernel::{doctor, inject, programs::FollowConfig},
+    lab::{self, target::RunTarget, LabOptions, Placement, Topology},
+    report::{
+        schema::{HookSet, Proto},
+        table, Format, Report,
+    },
+    run::{self, compare, RunArgs},
+    signal::{interruptible, is_interruption},
 };
 
 #[derive(Parser)]
@@ -50,6 +51,13 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Re-render a saved JSON report (run, attach, compare, doctor) as its table, as JSON, or as
+    /// an HTML page with the waterfalls drawn.
+    Report {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
 }
 
@@ -299,8 +307,12 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&d)?);
             } else {
-                print!("{}", doctor::render(&d));
+                print!("{}", table::doctor(&d));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { file, format } => {
+            print!("{}", Report::read(&file)?.render(format)?);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -361,7 +373,7 @@ async fn delay_command(cli: DelayCli) -> Result<()> {
     let held = interruptible(std::future::pending::<Result<()>>()).await;
     injector.detach()?;
     match held {
-        Err(e) if e.to_string().starts_with("interrupted by") => {
+        Err(e) if is_interruption(&e) => {
             println!("detached");
             Ok(())
         }
@@ -407,14 +419,14 @@ async fn run_command(cli: RunCli) -> Result<ExitCode> {
     let result = match (&cli.from, &cli.to) {
         (Some(from), Some(to)) => {
             let (to_ns, addr) = parse_to(to)?;
-            let target = interruptible(Target::path(from, to_ns, addr)).await?;
+            let target = interruptible(RunTarget::path(from, to_ns, addr)).await?;
             interruptible(run::profile(&args, &target)).await
         }
         _ => {
             let (lab, created) =
                 interruptible(run::ensure_lab(args.lab, &cli.lab_opts.options())).await?;
             // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
-            let result = interruptible(run::profile(&args, &Target::lab(&lab))).await;
+            let result = interruptible(run::profile(&args, &RunTarget::lab(&lab))).await;
             if created && !cli.keep_lab {
                 lab::down(&lab.name)
                     .await
@@ -424,7 +436,7 @@ async fn run_command(cli: RunCli) -> Result<ExitCode> {
         }
     };
     let report = result?;
-    output(cli.json.as_deref(), &report, report::render(&report))?;
+    output(cli.json.as_deref(), &report, table::run(&report))?;
     if report.events.lost > 0 && !cli.allow_loss {
         eprintln!(
             "error: the kernel lost {} events; rerun with a lower --rate or pass --allow-loss",
@@ -445,13 +457,13 @@ async fn compare_command(cli: CompareCli) -> Result<ExitCode> {
         .run_args(Topology::Bridge, cli.sizes.first().copied().unwrap_or(64))?;
     let result =
         interruptible(compare::compare(&cli.lab, &cli.sizes, cli.placement, &base)).await?;
-    output(cli.json.as_deref(), &result, compare::render(&result))?;
+    output(cli.json.as_deref(), &result, table::compare(&result))?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn attach_command(cli: AttachCli) -> Result<ExitCode> {
     // Bad input is refused before anything is attached.
-    let filter = profiler::filter::compile(&cli.filter)?;
+    let filter = attach::filter::compile(&cli.filter)?;
     let duration = match cli.duration {
         Some(d) if !(d > 0.0 && d.is_finite()) => {
             anyhow::bail!("--duration must be a positive number of seconds, got {d}")
@@ -478,7 +490,7 @@ async fn attach_command(cli: AttachCli) -> Result<ExitCode> {
         hooks: cli.hooks,
     };
     let report = attach::attach(&args).await?;
-    let table = attach::render(&report);
+    let table = table::attach(&report);
     match (&cli.json, cli.mode) {
         // Events own stdout: the summary goes to stderr unless it has a file.
         (None, AttachMode::Events) => eprint!("{table}"),
@@ -516,17 +528,4 @@ fn output(
         None => print!("{table}"),
     }
     Ok(())
-}
-
-/// Runs `fut` unless SIGINT or SIGTERM arrives first; then it is dropped (detaching every BPF
-/// link it holds) and the caller's cleanup still runs.
-async fn interruptible<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        r = fut => r,
-        _ = term.recv() => anyhow::bail!("interrupted by SIGTERM"),
-        _ = int.recv() => anyhow::bail!("interrupted by SIGINT"),
-    }
 }

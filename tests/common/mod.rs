@@ -205,7 +205,7 @@ pub fn assert_clean_of(lab: &str) {
 }
 
 pub fn our_programs() -> Vec<String> {
-    let ours: Vec<String> = profiler::datapath::HOOKS
+    let ours: Vec<String> = profiler::datapath::HOOK_TABLE
         .iter()
         .flat_map(|h| h.programs())
         // The kernel keeps 15 bytes of a program's name.

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use anyhow::{Context as _, Result};
 
+use super::netns;
 use super::{nl::Nl, IfRef, LabIface};
-use crate::netns;
 
 /// How the caller's own network namespace is named in hops and reports.
 pub const ROOT: &str = "(root)";

@@ -10,14 +10,14 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Result};
 
-use crate::netns;
-
 pub mod discover;
+pub mod netns;
 mod nl;
 mod ovs;
 mod setup;
 mod spec;
 mod state;
+pub mod target;
 
 pub use state::STATE_DIR;
 

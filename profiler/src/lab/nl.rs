@@ -15,8 +15,8 @@ use rtnetlink::{
     LinkVxlan, RouteMessageBuilder,
 };
 
+use super::netns;
 use super::spec::ChildKind;
-use crate::netns;
 
 pub(super) struct Nl {
     handle: Handle,

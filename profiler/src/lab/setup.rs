@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, Result};
 
+use super::netns;
 use super::nl::Nl;
 use super::ovs;
 use super::spec::{netns_name, Child, Place, Spec, Tunnel, TunnelKind};
 use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Topology};
-use crate::netns;
 
 /// What `up` has created so far. Dropped before `disarm` (an error, or the `up` future
 /// dropped on Ctrl-C), it removes all of it.

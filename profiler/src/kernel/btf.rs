@@ -137,9 +137,9 @@ impl KernelBtf {
     }
 
     /// enum skb_drop_reason, value to name (SKB_DROP_REASON_ prefix removed, lower case).
-    pub fn drop_reasons(&self) -> HashMap<u32, String> {
+    pub fn drop_reasons(&self) -> DropReasons {
         let Ok(types) = self.btf.resolve_types_by_name("skb_drop_reason") else {
-            return HashMap::new();
+            return DropReasons::default();
         };
         let mut names = HashMap::new();
         for t in types {
@@ -151,7 +151,21 @@ impl KernelBtf {
                 }
             }
         }
-        names
+        DropReasons(names)
+    }
+}
+
+/// The kernel's drop reasons by value.
+#[derive(Debug, Default)]
+pub struct DropReasons(HashMap<u32, String>);
+
+impl DropReasons {
+    /// The reason's name, or its number where this kernel's BTF does not name it.
+    pub fn name(&self, reason: u32) -> String {
+        self.0
+            .get(&reason)
+            .cloned()
+            .unwrap_or_else(|| reason.to_string())
     }
 }
 
@@ -272,7 +286,8 @@ mod tests {
         assert!(btf.offset("sk_buff", &["no_such_member"]).is_err());
         assert!(btf.has_btf_tracepoint("net_dev_queue"));
         assert!(!btf.has_btf_tracepoint("no_such_tracepoint"));
-        assert!(btf.drop_reasons().values().any(|n| n == "not_specified"));
+        let reasons = btf.drop_reasons();
+        assert!((0..8).any(|v| reasons.name(v) == "not_specified"));
     }
 
     /// Argument positions from this kernel's prototypes, whatever module they are in here.

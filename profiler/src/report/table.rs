@@ -1,102 +1,11 @@
-//! The run report: `profiler.run.v1` JSON for machines, a waterfall table for people.
+//! The tables people read: each report exactly as the command that made it printed it.
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
-
-use crate::{
-    datapath::HookSet,
-    hooks::{HookStatus, ProgramCost, Status},
-    journey::Stats,
-    path::Hop,
-    traffic::Proto,
+use super::schema::{
+    AttachReport, CompareReport, DirectionReport, DoctorReport, HookSet, HookStatus, ProgramCost,
+    RunReport, SegmentReport, Stats, Status,
 };
-
-pub const RUN_SCHEMA: &str = "profiler.run.v1";
-
-#[derive(Debug, Serialize)]
-pub struct RunReport {
-    pub schema: &'static str,
-    pub kernel: String,
-    pub topology: String,
-    pub traffic: TrafficReport,
-    pub directions: Vec<DirectionReport>,
-    pub events: EventsReport,
-    /// The hooks in effect: deep, or stable where no deep hook could attach.
-    pub hook_set: HookSet,
-    pub hooks: Vec<HookStatus>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub program_costs: Option<Vec<ProgramCost>>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct TrafficReport {
-    pub proto: Proto,
-    pub size: usize,
-    pub count: u32,
-    pub completed: u32,
-}
-
-#[derive(Debug, Serialize)]
-pub struct DirectionReport {
-    pub direction: &'static str,
-    pub hops: Vec<Hop>,
-    pub segments: Vec<SegmentReport>,
-    /// The profiler's own programs' time per packet on this path, left out of the segments.
-    pub profiler_programs: Stats,
-    pub end_to_end: Stats,
-    pub complete_packets: u64,
-    pub incomplete_packets: u64,
-    /// For incomplete packets: how many missed each hop.
-    pub missing_hops: Vec<MissingHop>,
-    /// The other hop sequences packets took (the first of an OVS flow, up to ovs-vswitchd),
-    /// most common first.
-    pub other_paths: Vec<OtherPath>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct OtherPath {
-    pub packets: u64,
-    pub hops: Vec<Hop>,
-    pub segments: Vec<SegmentReport>,
-    pub end_to_end: Stats,
-}
-
-#[derive(Debug, Serialize)]
-pub struct SegmentReport {
-    pub name: String,
-    /// Hop indices.
-    pub from: usize,
-    pub to: usize,
-    #[serde(flatten)]
-    pub stats: Stats,
-}
-
-#[derive(Debug, Serialize)]
-pub struct MissingHop {
-    pub hop: usize,
-    pub packets: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct EventsReport {
-    pub received: u64,
-    /// Events the kernel could not hand over (ring buffer full).
-    pub lost: u64,
-    pub incomplete_packets: u64,
-    /// TCP segments whose tag no hook could read (counted in the kernel).
-    pub unreadable: u64,
-    /// Events of later IPv4 fragments of tagged datagrams (the first fragment is the hop).
-    pub fragments: u64,
-    pub drops: Vec<DropReport>,
-}
-
-#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
-pub struct DropReport {
-    pub reason: String,
-    pub ifname: String,
-    pub packets: u64,
-}
 
 fn us(ns: f64) -> String {
     if ns >= 1e6 {
@@ -110,7 +19,7 @@ const BAR_WIDTH: f64 = 24.0;
 
 /// The human-readable waterfall: one table per direction, a bar per segment's share of the
 /// end-to-end mean, then what was lost, incomplete or unavailable.
-pub fn render(r: &RunReport) -> String {
+pub fn run(r: &RunReport) -> String {
     let mut out = String::new();
     let t = &r.traffic;
     let _ = writeln!(
@@ -280,6 +189,137 @@ fn truncate(s: &str, n: usize) -> String {
     } else {
         s.chars().take(n - 1).collect::<String>() + "~"
     }
+}
+
+/// `profiler attach`'s summary: every segment with its packet count and percentiles.
+pub fn attach(r: &AttachReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "attach on {} ({}) for {:.1} s, filter {:?}, 1 packet in {} followed, {} mode",
+        r.node,
+        r.targets.join(", "),
+        r.duration_s,
+        r.filter,
+        r.sample,
+        r.mode
+    );
+    let _ = writeln!(
+        out,
+        "{:<56} {:>9} {:>9} {:>9} {:>9}",
+        "segment", "packets", "p50 us", "p90 us", "p99 us"
+    );
+    for s in &r.segments {
+        let _ = writeln!(
+            out,
+            "{:<56} {:>9} {:>9.1} {:>9.1} {:>9.1}",
+            s.name,
+            s.count,
+            s.p50_ns / 1e3,
+            s.p90_ns / 1e3,
+            s.p99_ns / 1e3
+        );
+    }
+    let j = &r.journeys;
+    let _ = writeln!(
+        out,
+        "journeys: {} started, {} consumed, {} dropped, {} ended unseen, {} unfinished, {} kept across a reallocated buffer; {} events lost",
+        j.started, j.consumed, j.dropped, j.ended_unseen, j.unfinished, j.reheaded, r.lost_events
+    );
+    out += &render_hooks(&r.hooks);
+    if let Some(costs) = &r.program_costs {
+        out += &render_costs(costs);
+    }
+    out
+}
+
+/// `profiler compare`: latency per type and size, then what makes each type differ.
+pub fn compare(c: &CompareReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "request latency by network type ({:?}), microseconds",
+        c.placement
+    );
+    let _ = writeln!(
+        out,
+        "{:<20} {:>7} {:>9} {:>9} {:>10}",
+        "type", "size", "p50", "p99", "vs base"
+    );
+    for r in &c.summary {
+        let delta = r
+            .delta_ns
+            .map_or("baseline".to_string(), |d| format!("{:+.1}", d / 1e3));
+        let _ = writeln!(
+            out,
+            "{:<20} {:>7} {:>9.1} {:>9.1} {:>10}",
+            r.topology,
+            r.size,
+            r.p50_ns as f64 / 1e3,
+            r.p99_ns as f64 / 1e3,
+            delta
+        );
+    }
+    for s in &c.skipped {
+        let _ = writeln!(out, "{:<20} skipped: {}", s.topology, s.reason);
+    }
+    let _ = writeln!(
+        out,
+        "\nwhere the difference to the baseline comes from (request direction):"
+    );
+    for r in c.summary.iter().filter(|r| r.delta_ns.is_some()) {
+        let _ = writeln!(
+            out,
+            "{} at {} B ({:+.1} us):",
+            r.topology,
+            r.size,
+            r.delta_ns.unwrap_or(0.0) / 1e3
+        );
+        for s in &r.contributors {
+            let _ = writeln!(
+                out,
+                "  {:<48} {:>+8.1} us {:>6.0}%",
+                s.segment,
+                s.delta_ns / 1e3,
+                s.percent
+            );
+        }
+    }
+    out
+}
+
+/// `profiler doctor`: the checks, then every hook of both modes with why it did not attach.
+pub fn doctor(d: &DoctorReport) -> String {
+    let line = |c: &super::schema::Check| {
+        format!(
+            "  {:<28} {:<12} {}\n",
+            c.name,
+            format!("{:?}", c.status).to_lowercase(),
+            c.reason.as_deref().unwrap_or("")
+        )
+    };
+    let mut out = format!("kernel {}\n", d.kernel);
+    out += &line(&d.privileges);
+    out += &line(&d.btf);
+    out += "program types:\n";
+    d.program_types.iter().for_each(|c| out += &line(c));
+    for (title, hooks) in [
+        ("hooks (run):", &d.hooks),
+        ("hooks (attach):", &d.follow_hooks),
+    ] {
+        out += title;
+        out += "\n";
+        for h in hooks {
+            out += &format!(
+                "  {:<28} {:<12} {} {}\n",
+                h.name,
+                format!("{:?}", h.status).to_lowercase(),
+                h.kind,
+                h.reason.as_deref().unwrap_or("")
+            );
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -5,43 +5,25 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use profiler_common::{HookId, FLAG_ENCAP, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIFT, TUNNEL_VXLAN};
-use serde::Serialize;
 
-use crate::{
-    datapath::{self, Point, SegmentEnds},
-    hooks::{Probes, Status},
-    journey::HopKey,
-    lab::{discover, LabIface},
-    target::Devices,
+use super::{
+    hooks::{self, HopKey, Point, HOOK_TABLE},
+    segments::{segment_name, SegmentEnds},
 };
-
-/// A hop of the path, as reported.
-#[derive(Clone, Debug, Serialize)]
-pub struct Hop {
-    pub index: usize,
-    pub name: String,
-    pub ifname: Option<String>,
-    pub netns: Option<String>,
-    pub kind: String,
-    pub hook: String,
-    /// The hop saw the packet inside a tunnel (the tag was found in the inner packet).
-    pub encapsulated: bool,
-    /// vxlan, geneve or gre when encapsulated.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tunnel: Option<&'static str>,
-    #[serde(skip)]
-    pub key: HopKey,
-}
+use crate::{
+    lab::{discover, target::Devices, LabIface},
+    report::schema::{HookStatus, Hop, Status},
+};
 
 /// Which program type serves each attached tracepoint ("tp_btf" or "raw_tp").
 pub struct Attached(HashMap<HookId, String>);
 
 impl Attached {
-    pub fn from_probes(probes: &Probes) -> Attached {
-        let types = datapath::HOOKS
+    pub fn from_statuses(statuses: &[HookStatus]) -> Attached {
+        let types = HOOK_TABLE
             .iter()
             .filter_map(|spec| {
-                let st = probes.statuses.iter().find(|s| s.name == spec.label)?;
+                let st = statuses.iter().find(|s| s.name == spec.label)?;
                 (st.status == Status::Attached).then(|| (spec.id, st.kind.clone()))
             })
             .collect();
@@ -52,10 +34,10 @@ impl Attached {
     fn hook_name(&self, point: &Point) -> String {
         match point {
             Point::Hook(id) => match self.0.get(id) {
-                Some(kind) => format!("{kind}:{}", datapath::label(point)),
-                None => datapath::label(point).to_string(),
+                Some(kind) => format!("{kind}:{}", hooks::label(point)),
+                None => hooks::label(point).to_string(),
             },
-            _ => datapath::label(point).to_string(),
+            _ => hooks::label(point).to_string(),
         }
     }
 }
@@ -114,7 +96,7 @@ pub fn describe(
                 .interfaces
                 .iter()
                 .find(|i| i.netns == netns && i.ifindex == key.ifindex);
-            let label = datapath::label(&key.point);
+            let label = hooks::label(&key.point);
             let (ifname, kind) = match (&key.point, iface) {
                 (Point::AppSend | Point::AppRecv, _) => (None, "app".to_string()),
                 (_, Some(i)) => (Some(i.ifname.clone()), i.kind.clone()),
@@ -123,28 +105,29 @@ pub fn describe(
             let at = ifname.as_deref().map_or(String::new(), |i| format!(" {i}"));
             Hop {
                 index,
-                name: format!("{label}{at} ({netns})"),
+                name: format!("{label}{at} {}", parenthesized(&netns)),
                 ifname,
                 netns: Some(netns),
                 kind,
                 hook: attached.hook_name(&key.point),
                 encapsulated: flags & FLAG_ENCAP != 0,
-                tunnel: tunnel_name(flags),
-                key: key.clone(),
+                tunnel: tunnel_name(flags).map(str::to_string),
             }
         })
         .collect()
 }
 
-/// Names each segment between consecutive hops after what it crosses.
-pub fn segment_names(hops: &[Hop], lab: &Devices) -> Vec<String> {
+/// Names each segment between consecutive hops after what it crosses; `keys` are the hops'
+/// identities, in the same order.
+pub fn segment_names(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<String> {
     let iface = |h: &Hop| -> Option<&LabIface> {
         lab.interfaces
             .iter()
             .find(|i| Some(&i.netns) == h.netns.as_ref() && Some(&i.ifname) == h.ifname.as_ref())
     };
     hops.windows(2)
-        .map(|w| {
+        .zip(keys.windows(2))
+        .map(|(w, k)| {
             let (a, b) = (&w[0], &w[1]);
             let (ia, ib) = (iface(a), iface(b));
             let peer_of = |x: Option<&LabIface>, y: &Hop| {
@@ -152,9 +135,9 @@ pub fn segment_names(hops: &[Hop], lab: &Devices) -> Vec<String> {
                     Some(&p.ifname) == y.ifname.as_ref() && Some(&p.netns) == y.netns.as_ref()
                 })
             };
-            datapath::segment_name(&SegmentEnds {
-                from: &a.key.point,
-                to: &b.key.point,
+            segment_name(&SegmentEnds {
+                from: &k[0].point,
+                to: &k[1].point,
                 from_if: a.ifname.as_deref().unwrap_or(""),
                 to_if: b.ifname.as_deref().unwrap_or(""),
                 from_ns: short_ns(a.netns.as_deref(), lab),
@@ -167,13 +150,22 @@ pub fn segment_names(hops: &[Hop], lab: &Devices) -> Vec<String> {
                 to_link: ib.and_then(|i| i.link.as_deref()),
                 peers: peer_of(ia, b) || peer_of(ib, a),
                 encap: match (a.encapsulated, b.encapsulated) {
-                    (false, true) => Some((true, b.tunnel.unwrap_or("tunnel"))),
-                    (true, false) => Some((false, a.tunnel.unwrap_or("tunnel"))),
+                    (false, true) => Some((true, b.tunnel.as_deref().unwrap_or("tunnel"))),
+                    (true, false) => Some((false, a.tunnel.as_deref().unwrap_or("tunnel"))),
                     _ => None,
                 },
             })
         })
         .collect()
+}
+
+/// "(ns)" for a namespace name; "(root)" already is.
+fn parenthesized(ns: &str) -> String {
+    if ns.starts_with('(') && ns.ends_with(')') {
+        ns.to_string()
+    } else {
+        format!("({ns})")
+    }
 }
 
 /// "prof-bridge-pod-a" reads as "pod-a" in segment names; the full name is in the hops.
@@ -196,5 +188,11 @@ mod tests {
             Some("vxlan")
         );
         assert_eq!(tunnel_name(0), None);
+    }
+
+    #[test]
+    fn the_root_namespace_is_not_parenthesized_twice() {
+        assert_eq!(parenthesized(discover::ROOT), "(root)");
+        assert_eq!(parenthesized("prof-bridge-pod-a"), "(prof-bridge-pod-a)");
     }
 }

@@ -6,19 +6,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use hdrhistogram::Histogram;
 use profiler_common::{Event, HookId, FLAG_FRAGMENT};
-use serde::Serialize;
 
-use crate::{datapath::Point, traffic::Stamp};
-
-/// A hop's identity: what observed the packet, on which device of which namespace.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HopKey {
-    pub point: Point,
-    /// Network namespace inode.
-    pub netns: u32,
-    /// 0 for application hops.
-    pub ifindex: u32,
-}
+use super::traffic::Stamp;
+use crate::{
+    datapath::{HopKey, Point},
+    report::schema::Stats,
+};
 
 /// One observation of one packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,37 +167,25 @@ pub fn hop_flags(obs: &[Observation], direction: u32, path: &[HopKey]) -> Vec<u8
         .collect()
 }
 
-/// Latency statistics of one segment or of the whole journey.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct Stats {
-    pub samples: u64,
-    pub mean_ns: f64,
-    pub p50_ns: u64,
-    pub p90_ns: u64,
-    pub p99_ns: u64,
-    pub max_ns: u64,
-}
-
-impl Stats {
-    fn of(values: &[u64]) -> Stats {
-        if values.is_empty() {
-            return Stats::default();
-        }
-        // 1 ns to 1 hour at 3 significant digits: percentiles within 0.1%; the mean is exact.
-        let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
-            .expect("valid histogram bounds");
-        for &v in values {
-            h.saturating_record(v);
-        }
-        let sum: u128 = values.iter().map(|&v| v as u128).sum();
-        Stats {
-            samples: values.len() as u64,
-            mean_ns: sum as f64 / values.len() as f64,
-            p50_ns: h.value_at_quantile(0.50),
-            p90_ns: h.value_at_quantile(0.90),
-            p99_ns: h.value_at_quantile(0.99),
-            max_ns: h.max(),
-        }
+/// The statistics of a segment's (or the whole journey's) latencies.
+fn stats_of(values: &[u64]) -> Stats {
+    if values.is_empty() {
+        return Stats::default();
+    }
+    // 1 ns to 1 hour at 3 significant digits: percentiles within 0.1%; the mean is exact.
+    let mut h =
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds");
+    for &v in values {
+        h.saturating_record(v);
+    }
+    let sum: u128 = values.iter().map(|&v| v as u128).sum();
+    Stats {
+        samples: values.len() as u64,
+        mean_ns: sum as f64 / values.len() as f64,
+        p50_ns: h.value_at_quantile(0.50),
+        p90_ns: h.value_at_quantile(0.90),
+        p99_ns: h.value_at_quantile(0.99),
+        max_ns: h.max(),
     }
 }
 
@@ -216,7 +197,7 @@ pub struct Attribution {
     pub end_to_end: Stats,
     /// The profiler's own programs' time on the path, per packet: with the segments, it makes
     /// up the end-to-end time.
-    pub probes: Stats,
+    pub programs: Stats,
     pub complete: u64,
     /// Packets seen at some hop whose journey does not match the expected path.
     pub incomplete: u64,
@@ -232,10 +213,6 @@ pub struct Attribution {
 pub fn attribute(obs: &[Observation], direction: u32, expected: &[HopKey]) -> Attribution {
     let position: HashMap<&HopKey, usize> =
         expected.iter().enumerate().map(|(i, k)| (k, i)).collect();
-    let mut per_packet: HashMap<u32, Vec<&Observation>> = HashMap::new();
-    for o in obs.iter().filter(|o| o.direction == direction) {
-        per_packet.entry(o.seq).or_default().push(o);
-    }
     let mut out = Attribution::default();
     let mut deltas: Vec<Vec<u64>> = vec![Vec::new(); expected.len().saturating_sub(1)];
     let mut totals = Vec::new();
@@ -260,9 +237,9 @@ pub fn attribute(obs: &[Observation], direction: u32, expected: &[HopKey]) -> At
             }
         }
     }
-    out.segments = deltas.iter().map(|d| Stats::of(d)).collect();
-    out.end_to_end = Stats::of(&totals);
-    out.probes = Stats::of(&probes);
+    out.segments = deltas.iter().map(|d| stats_of(d)).collect();
+    out.end_to_end = stats_of(&totals);
+    out.programs = stats_of(&probes);
     out
 }
 
@@ -307,7 +284,7 @@ mod tests {
     #[test]
     fn percentiles_of_large_values_are_not_clamped() {
         let values: Vec<u64> = (1..=1000).map(|i| i * 1_000).collect();
-        let s = Stats::of(&values);
+        let s = stats_of(&values);
         assert_eq!(s.samples, 1000);
         assert!((s.p50_ns as f64 - 500_000.0).abs() < 1_000.0, "{s:?}");
         assert!((s.max_ns as f64 - 1_000_000.0).abs() < 1_000.0, "{s:?}");
@@ -395,7 +372,7 @@ mod tests {
         let a = attribute(&obs, 0, &path());
         let means: Vec<f64> = a.segments.iter().map(|s| s.mean_ns).collect();
         assert_eq!(means, vec![10.0, 17.0, 25.0]);
-        assert_eq!(a.probes.mean_ns, 8.0);
+        assert_eq!(a.programs.mean_ns, 8.0);
         assert_eq!(a.end_to_end.mean_ns, 60.0);
     }
 

@@ -12,10 +12,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{
-    attach::{JourneyCounts, SegmentSummary},
-    hooks::{HookStatus, Status},
-};
+use crate::report::schema::{HookStatus, JourneyCounts, SegmentSummary, Status};
 
 /// Upper bounds of the exported buckets, in seconds: 1 us to 1 s, 1-2-5 steps.
 const BOUNDS: [f64; 19] = [

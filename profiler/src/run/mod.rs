@@ -1,4 +1,10 @@
 //! `profiler run`: bring the lab up if needed, attach, drive tagged traffic, attribute, report.
+//! The tagged mode's own pieces live here: the traffic runner ([`traffic`]), journeys rebuilt
+//! from events ([`journey`]) and `profiler compare` ([`compare`]), which is runs side by side.
+
+pub mod compare;
+pub mod journey;
+pub mod traffic;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,21 +20,28 @@ use profiler_common::{Event, COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST, DIR_
 use tokio::sync::oneshot;
 
 use crate::{
-    btf::KernelBtf,
-    collect,
-    datapath::{HookSet, Mode},
-    doctor,
-    hooks::{ProbeConfig, Probes},
-    journey::{self, Attribution, HopKey, Stats},
-    lab::{self, discover, Lab, LabOptions, Topology},
-    path::{self, Attached, Hop, Inodes},
-    report::{
-        DirectionReport, DropReport, EventsReport, MissingHop, OtherPath, RunReport, SegmentReport,
-        TrafficReport, RUN_SCHEMA,
+    datapath::{
+        path::{self, Attached, Inodes},
+        HopKey, Mode,
     },
-    target::{Devices, Target},
-    traffic::{self, Endpoints, Proto, Spec},
+    kernel::{
+        self,
+        btf::KernelBtf,
+        programs::{LoadConfig, Programs},
+        ring,
+    },
+    lab::{
+        self, discover,
+        target::{Devices, RunTarget},
+        Lab, LabOptions, Topology,
+    },
+    report::schema::{
+        DirectionReport, DropReport, EventsReport, HookSet, Hop, MissingHop, OtherPath, RunReport,
+        SegmentReport, Stats, TrafficReport, RUN_SCHEMA,
+    },
 };
+use journey::Attribution;
+use traffic::{Endpoints, Proto, Spec};
 
 /// Paths other than the most common one shown per direction.
 const MAX_OTHER_PATHS: usize = 3;
@@ -66,7 +79,7 @@ impl RunArgs {
 }
 
 /// Profiles the target (a lab that is up, or a discovered path) and returns the report.
-pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
+pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     let run_id = rand_run_id();
     let spec = args.spec(run_id);
     spec.validate()?;
@@ -78,27 +91,22 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
     warm_up(&spec, &ends).await?;
 
     let btf = KernelBtf::load()?;
-    let mut probes = Probes::load(
+    let mut programs = Programs::load(
         &btf,
-        &ProbeConfig {
+        &LoadConfig {
             run_id,
             port: args.port,
             ..Default::default()
         },
     )?;
-    let hook_set = probes.attach_set(&btf, Mode::Tagged, args.hooks)?;
+    let hook_set = programs.attach_set(&btf, Mode::Tagged, args.hooks)?;
     for (ns, ifname) in &lab.attach {
-        probes.attach_tc(discover::ns_arg(ns), ifname);
+        programs.attach_tc(discover::ns_arg(ns), ifname);
     }
-    // Held for the run: the kernel counts each program's run time while this fd is open.
-    let _stats = if args.stats {
-        Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?)
-    } else {
-        None
-    };
+    let _stats = kernel::stats_while(args.stats)?;
 
     let (stop_tx, stop_rx) = oneshot::channel();
-    let collector = tokio::spawn(collect::collect(probes.take_events()?, stop_rx));
+    let collector = tokio::spawn(ring::collect(programs.take_events()?, stop_rx));
     let progress = Arc::new(AtomicU32::new(0));
     let reporter = tokio::spawn(report_progress(progress.clone(), spec.count));
     let outcome = traffic::run(&spec, &ends, progress).await;
@@ -107,12 +115,12 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
     let _ = stop_tx.send(());
     let events = collector.await.context("the event collector stopped")??;
     let outcome = outcome?;
-    let counters = probes.counters()?;
-    let costs = args.stats.then(|| probes.costs());
+    let counters = programs.counters()?;
+    let costs = args.stats.then(|| programs.costs());
 
     let inodes = Inodes::of(&lab.devices)?;
-    let attached = Attached::from_probes(&probes);
-    let tc_netns: HashMap<_, _> = probes
+    let attached = Attached::from_statuses(&programs.statuses);
+    let tc_netns: HashMap<_, _> = programs
         .tc
         .iter()
         .map(|a| ((a.hook, a.ifindex), a.netns_inode))
@@ -130,7 +138,7 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
         };
         let attribution = journey::attribute(&sorted.observations, dir, &keys);
         incomplete += attribution.incomplete;
-        let mut report = direction_report(name, describe(&keys), attribution, &lab.devices);
+        let mut report = direction_report(name, &keys, describe(&keys), attribution, &lab.devices);
         report.other_paths = paths
             .iter()
             .skip(1)
@@ -140,7 +148,7 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
                 let a = journey::attribute(&sorted.observations, dir, keys);
                 OtherPath {
                     packets: *packets,
-                    segments: segment_reports(&hops, a.segments, &lab.devices),
+                    segments: segment_reports(keys, &hops, a.segments, &lab.devices),
                     hops,
                     end_to_end: a.end_to_end,
                 }
@@ -149,8 +157,8 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
         directions.push(report);
     }
     Ok(RunReport {
-        schema: RUN_SCHEMA,
-        kernel: doctor::kernel_release(),
+        schema: RUN_SCHEMA.into(),
+        kernel: kernel::release(),
         topology: lab.devices.name.clone(),
         traffic: TrafficReport {
             proto: args.proto,
@@ -168,23 +176,24 @@ pub async fn profile(args: &RunArgs, lab: &Target) -> Result<RunReport> {
             drops: drop_report(&sorted.drops, lab, &btf),
         },
         hook_set,
-        hooks: probes.statuses.clone(),
+        hooks: programs.statuses.clone(),
         program_costs: costs,
     })
 }
 
 fn direction_report(
-    name: &'static str,
+    name: &str,
+    keys: &[HopKey],
     hops: Vec<Hop>,
     a: Attribution,
     lab: &Devices,
 ) -> DirectionReport {
-    let segments = segment_reports(&hops, a.segments, lab);
+    let segments = segment_reports(keys, &hops, a.segments, lab);
     DirectionReport {
-        direction: name,
+        direction: name.into(),
         hops,
         segments,
-        profiler_programs: a.probes,
+        profiler_programs: a.programs,
         end_to_end: a.end_to_end,
         complete_packets: a.complete,
         incomplete_packets: a.incomplete,
@@ -197,8 +206,13 @@ fn direction_report(
     }
 }
 
-fn segment_reports(hops: &[Hop], stats: Vec<Stats>, lab: &Devices) -> Vec<SegmentReport> {
-    path::segment_names(hops, lab)
+fn segment_reports(
+    keys: &[HopKey],
+    hops: &[Hop],
+    stats: Vec<Stats>,
+    lab: &Devices,
+) -> Vec<SegmentReport> {
+    path::segment_names(keys, hops, lab)
         .into_iter()
         .zip(stats)
         .enumerate()
@@ -211,14 +225,11 @@ fn segment_reports(hops: &[Hop], stats: Vec<Stats>, lab: &Devices) -> Vec<Segmen
         .collect()
 }
 
-fn drop_report(drops: &[Event], lab: &Target, btf: &KernelBtf) -> Vec<DropReport> {
+fn drop_report(drops: &[Event], lab: &RunTarget, btf: &KernelBtf) -> Vec<DropReport> {
     let reasons = btf.drop_reasons();
     let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
     for d in drops {
-        let reason = reasons
-            .get(&d.drop_reason)
-            .cloned()
-            .unwrap_or_else(|| d.drop_reason.to_string());
+        let reason = reasons.name(d.drop_reason);
         let ifname = lab
             .devices
             .interfaces
@@ -263,7 +274,7 @@ async fn report_progress(done: Arc<AtomicU32>, total: u32) {
 
 fn rand_run_id() -> u32 {
     // Nonzero and different per run; uniqueness across concurrent runs is all that matters.
-    let t = traffic::now_ns();
+    let t = kernel::monotonic_ns();
     ((t ^ (t >> 32) ^ std::process::id() as u64) as u32) | 1
 }
 

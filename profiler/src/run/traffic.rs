@@ -15,20 +15,14 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use profiler_common::{Tag, DIR_REQUEST, DIR_RESPONSE, TAG_LEN, TAG_MAGIC};
-use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
-use crate::netns;
+use crate::{kernel::monotonic_ns, lab::netns};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Udp,
-    Tcp,
-}
+pub use crate::report::schema::Proto;
 
 pub const MIN_SIZE: usize = TAG_LEN;
 pub const MAX_SIZE: usize = 64 * 1024;
@@ -93,12 +87,6 @@ pub struct Outcome {
     pub stamps: Vec<Stamp>,
     /// Exchanges whose response arrived.
     pub completed: u32,
-}
-
-pub fn now_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
 fn payload(size: usize, run_id: u32, seq: u32, direction: u32) -> Vec<u8> {
@@ -200,12 +188,12 @@ async fn run_udp(
             let Ok((n, peer)) = server.recv_from(&mut buf).await else {
                 return;
             };
-            let recv_ns = now_ns();
+            let recv_ns = monotonic_ns();
             let Some(tag) = read_tag(&buf[..n]).filter(|t| t.run_id == run_id) else {
                 continue;
             };
             let resp = payload(size, run_id, tag.seq, DIR_RESPONSE);
-            let send_ns = now_ns();
+            let send_ns = monotonic_ns();
             // Logged before sending: the client may stop this task as soon as the response lands.
             log.lock()
                 .expect("server log lock")
@@ -221,12 +209,12 @@ async fn run_udp(
     for seq in 0..spec.count {
         pace(spec, started, seq).await;
         let req = payload(size, run_id, seq, DIR_REQUEST);
-        let sent = now_ns();
+        let sent = monotonic_ns();
         client.send(&req).await.context("sending a UDP request")?;
         let deadline = tokio::time::Instant::now() + spec.timeout;
         // Late responses to earlier requests are skipped; a lost one just times out.
         while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, client.recv(&mut buf)).await {
-            let recv = now_ns();
+            let recv = monotonic_ns();
             if read_tag(&buf[..n]).is_some_and(|t| t.seq == seq && t.run_id == run_id) {
                 record(&mut out, seq, sent, recv);
                 progress.fetch_add(1, Ordering::Relaxed);
@@ -265,10 +253,10 @@ async fn run_tcp(
         let _ = conn.set_nodelay(true);
         let mut buf = vec![0u8; size];
         while conn.read_exact(&mut buf).await.is_ok() {
-            let recv_ns = now_ns();
+            let recv_ns = monotonic_ns();
             let Some(tag) = read_tag(&buf) else { return };
             let resp = payload(size, run_id, tag.seq, DIR_RESPONSE);
-            let send_ns = now_ns();
+            let send_ns = monotonic_ns();
             log.lock()
                 .expect("server log lock")
                 .push((tag.seq, recv_ns, send_ns));
@@ -291,7 +279,7 @@ async fn run_tcp(
     for seq in 0..spec.count {
         pace(spec, started, seq).await;
         let req = payload(size, run_id, seq, DIR_REQUEST);
-        let sent = now_ns();
+        let sent = monotonic_ns();
         client
             .write_all(&req)
             .await
@@ -300,7 +288,7 @@ async fn run_tcp(
             .await
             .context("the TCP server did not answer in time")?
             .context("reading a TCP response")?;
-        let recv = now_ns();
+        let recv = monotonic_ns();
         record(&mut out, seq, sent, recv);
         progress.fetch_add(1, Ordering::Relaxed);
     }

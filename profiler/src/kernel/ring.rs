@@ -11,7 +11,7 @@ use aya::maps::{MapData, RingBuf};
 use profiler_common::Event;
 use tokio::sync::oneshot;
 
-const DRAIN_EVERY: Duration = Duration::from_millis(5);
+pub const DRAIN_EVERY: Duration = Duration::from_millis(5);
 
 /// Reads events until `stop` fires, then drains what is left and returns everything.
 pub async fn collect(

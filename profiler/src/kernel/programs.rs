@@ -14,38 +14,26 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use profiler_common::{Filter, FuncHook, HookId, COUNTER_COUNT};
-use serde::Serialize;
 
-use crate::{
+use super::{
     btf::KernelBtf,
-    datapath::{Attach, HookSet, HookSpec, Mode, HOOKS},
-    kfunc::{Resolver, Target},
-    netns,
+    kfunc::{ResolvedHook, Resolver},
+};
+use crate::{
+    datapath::{Attach, HookDef, Mode, HOOK_TABLE},
+    lab::netns,
+    report::schema::{HookSet, HookStatus, ProgramCost, Status},
 };
 
-/// Where the kernel offers kprobes (CONFIG_KPROBES): the PMU perf_event_open attaches through.
-const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
-
 /// The eBPF object built by profiler/build.rs.
-pub(crate) static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Attached,
-    Unavailable,
-    Failed,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct HookStatus {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub status: Status,
-    pub reason: Option<String>,
-    pub set: HookSet,
+/// The eBPF object, or why this binary has none.
+pub fn ebpf_object() -> Result<&'static [u8]> {
+    if EBPF_OBJECT.is_empty() {
+        bail!("this profiler binary was built without its eBPF object (AYA_BUILD_SKIP); build it with `cargo xtask build`");
+    }
+    Ok(EBPF_OBJECT)
 }
 
 /// A tc attachment: tc events carry only the ifindex, so this says which namespace it was in.
@@ -59,8 +47,17 @@ pub struct TcAttachment {
     link: SchedClassifierLinkId,
 }
 
+/// The loaded eBPF object and every link it holds: dropping it detaches everything.
+pub struct Programs {
+    ebpf: Ebpf,
+    /// Every hook tried, with what became of it.
+    pub statuses: Vec<HookStatus>,
+    pub tc: Vec<TcAttachment>,
+}
+
+/// What the programs are told at load time.
 #[derive(Default)]
-pub struct ProbeConfig {
+pub struct LoadConfig {
     pub run_id: u32,
     /// Port the run's traffic uses (0: look for tags on every port).
     pub port: u16,
@@ -96,26 +93,9 @@ impl Default for FollowConfig {
     }
 }
 
-pub struct Probes {
-    ebpf: Ebpf,
-    pub statuses: Vec<HookStatus>,
-    pub tc: Vec<TcAttachment>,
-}
-
-/// Per-program kernel cost while stats were enabled.
-#[derive(Clone, Debug, Serialize)]
-pub struct ProgramCost {
-    pub program: String,
-    pub run_count: u64,
-    pub run_time_ns: u64,
-    pub ns_per_run: f64,
-}
-
-impl Probes {
-    pub fn load(btf: &KernelBtf, config: &ProbeConfig) -> Result<Self> {
-        if EBPF_OBJECT.is_empty() {
-            bail!("this profiler binary was built without its eBPF object (AYA_BUILD_SKIP); build it with `cargo xtask build`");
-        }
+impl Programs {
+    pub fn load(btf: &KernelBtf, config: &LoadConfig) -> Result<Self> {
+        let object = ebpf_object()?;
         let offsets = btf
             .kernel_offsets()
             .context("finding kernel struct offsets in BTF")?;
@@ -131,9 +111,9 @@ impl Probes {
             .override_global("BY_CGROUP", &(follow.by_cgroup as u8), true)
             .map_max_entries("FLIGHTS", follow.max_in_flight)
             .map_max_entries("BY_SKB", follow.max_in_flight)
-            .load(EBPF_OBJECT)
+            .load(object)
             .context("loading the eBPF object into the kernel")?;
-        Ok(Probes {
+        Ok(Programs {
             ebpf,
             statuses: Vec::new(),
             tc: Vec::new(),
@@ -144,7 +124,7 @@ impl Probes {
     /// did not.
     pub fn attach_tracepoints(&mut self, kernel_btf: &KernelBtf, mode: Mode) -> Result<()> {
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for tp_btf")?;
-        for spec in HOOKS {
+        for spec in HOOK_TABLE {
             if let (Attach::Tracepoint { tp }, Some((btf_prog, raw_prog))) =
                 (spec.attach, spec.tracepoint_programs(mode))
             {
@@ -179,9 +159,9 @@ impl Probes {
 
     /// Attaches every deep hook of `mode` this kernel has; the others are recorded with why.
     pub fn attach_deep(&mut self, btf: &KernelBtf, mode: Mode) {
-        let kprobes = std::path::Path::new(KPROBE_PMU).exists();
+        let kprobes = super::has_kprobes();
         let mut resolver = Resolver::new(btf);
-        for spec in HOOKS.iter().filter(|h| h.set() == HookSet::Deep) {
+        for spec in HOOK_TABLE.iter().filter(|h| h.set() == HookSet::Deep) {
             let Some(prog) = spec.deep_program(mode) else {
                 continue;
             };
@@ -210,7 +190,12 @@ impl Probes {
         }
     }
 
-    fn attach_target(&mut self, prog: &str, is_function: bool, target: &Target) -> Result<()> {
+    fn attach_target(
+        &mut self,
+        prog: &str,
+        is_function: bool,
+        target: &ResolvedHook,
+    ) -> Result<()> {
         let attached = if is_function {
             let p: &mut KProbe = self.program(prog)?.try_into()?;
             if p.fd().is_err() {
@@ -283,7 +268,7 @@ impl Probes {
 
     /// Attaches the tc ingress and egress programs to `ifname` in namespace `ns` (None: this one).
     pub fn attach_tc(&mut self, ns: Option<&str>, ifname: &str) {
-        for spec in HOOKS {
+        for spec in HOOK_TABLE {
             if let Attach::Tc { prog, ingress } = spec.attach {
                 let name = format!(
                     "{}@{}{}",
@@ -305,7 +290,7 @@ impl Probes {
 
     fn attach_tc_one(
         &mut self,
-        spec: &HookSpec,
+        spec: &HookDef,
         prog: &str,
         ingress: bool,
         ns: Option<&str>,
@@ -328,9 +313,7 @@ impl Probes {
                     ns.map(|n| format!(" in netns {n}")).unwrap_or_default()
                 )
             })?;
-            if !aya::util::KernelVersion::current()
-                .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-            {
+            if !super::has_tcx() {
                 // Before tcx, tc programs hang off a clsact qdisc.
                 let _ = aya::programs::tc::qdisc_add_clsact(ifname);
             }
@@ -424,7 +407,7 @@ impl Probes {
     }
 }
 
-impl Drop for Probes {
+impl Drop for Programs {
     fn drop(&mut self) {
         self.detach_tc();
     }

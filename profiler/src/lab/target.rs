@@ -4,12 +4,9 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Result};
 
-use crate::{
-    lab::{
-        discover::{self, ROOT},
-        Endpoint, Lab, LabIface,
-    },
-    netns,
+use super::{
+    discover::{self, ROOT},
+    netns, Endpoint, Lab, LabIface,
 };
 
 /// The devices hops are named after.
@@ -20,7 +17,9 @@ pub struct Devices {
     pub interfaces: Vec<LabIface>,
 }
 
-pub struct Target {
+/// The path a run profiles: the devices its hops are named after, its two ends, and where the
+/// tc programs attach.
+pub struct RunTarget {
     pub devices: Devices,
     pub client: Endpoint,
     pub server: Endpoint,
@@ -28,9 +27,9 @@ pub struct Target {
     pub attach: Vec<(String, String)>,
 }
 
-impl Target {
-    pub fn lab(lab: &Lab) -> Target {
-        Target {
+impl RunTarget {
+    pub fn lab(lab: &Lab) -> RunTarget {
+        RunTarget {
             devices: Devices {
                 name: lab.name.clone(),
                 namespaces: lab.namespaces.clone(),
@@ -51,7 +50,7 @@ impl Target {
     /// The path from namespace `from` to `addr` in namespace `to`, from netlink state: the
     /// devices of every namespace name its hops; tc attaches in the two end namespaces, on their
     /// veth peers, and on the other ports of those peers' bridges.
-    pub async fn path(from: &str, to: &str, addr: Ipv4Addr) -> Result<Target> {
+    pub async fn path(from: &str, to: &str, addr: Ipv4Addr) -> Result<RunTarget> {
         for ns in [from, to] {
             if ns != ROOT && !netns::exists(ns) {
                 bail!("unknown network namespace {ns}");
@@ -78,7 +77,7 @@ impl Target {
             addr: Ipv4Addr::UNSPECIFIED,
         };
         let attach = attach_points(&interfaces, &[from, to]);
-        Ok(Target {
+        Ok(RunTarget {
             devices: Devices {
                 name: format!("{from} -> {to}"),
                 namespaces,

@@ -1,60 +1,21 @@
 //! `profiler compare`: several network types side by side, like the study's comparison, but with
 //! the segments that make each type differ from the host baseline measured instead of argued.
 
-use std::{collections::HashMap, fmt::Write as _};
+use std::collections::HashMap;
 
 use anyhow::{bail, Result};
-use serde::Serialize;
 
+use super::{ensure_lab, profile, RunArgs};
 use crate::{
-    lab::{self, LabOptions, Placement, Topology},
-    report::{DirectionReport, RunReport},
-    run::{self, RunArgs},
-    target::Target,
+    lab::{self, target::RunTarget, LabOptions, Placement, Topology},
+    report::schema::{
+        CompareReport, CompareRow, Contributor, DirectionReport, RunReport, Skipped, COMPARE_SCHEMA,
+    },
 };
 
-pub const COMPARE_SCHEMA: &str = "profiler.compare.v1";
 /// How many segments to name per type: the largest contributors to its difference.
 const TOP: usize = 4;
 const PROGRAMS: &str = "(the profiler's own programs)";
-
-#[derive(Debug, Serialize)]
-pub struct Compare {
-    pub schema: &'static str,
-    pub placement: Placement,
-    pub summary: Vec<Row>,
-    /// Types whose lab this kernel cannot build (vlan without 8021q, ...), with the reason.
-    pub skipped: Vec<Skipped>,
-    pub runs: Vec<RunReport>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Skipped {
-    pub topology: String,
-    pub reason: String,
-}
-
-/// One type at one size: its request latency and what makes it differ from the baseline.
-#[derive(Debug, Serialize)]
-pub struct Row {
-    pub topology: String,
-    pub size: usize,
-    pub p50_ns: u64,
-    pub p99_ns: u64,
-    pub mean_ns: f64,
-    /// Mean request latency minus the baseline's at the same size (None for the baseline).
-    pub delta_ns: Option<f64>,
-    pub contributors: Vec<Contributor>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Contributor {
-    pub segment: String,
-    /// This segment's mean minus the same-named baseline segment's (all of it if the baseline has none).
-    pub delta_ns: f64,
-    /// Share of the type's total difference.
-    pub percent: f64,
-}
 
 /// Profiles every (type, size); the first type is the baseline. A type whose lab cannot be built
 /// is skipped with the reason, except the baseline, without which nothing compares.
@@ -63,7 +24,7 @@ pub async fn compare(
     sizes: &[usize],
     placement: Placement,
     base: &RunArgs,
-) -> Result<Compare> {
+) -> Result<CompareReport> {
     if types.is_empty() || sizes.is_empty() {
         bail!("--lab and --sizes need at least one value each");
     }
@@ -74,7 +35,7 @@ pub async fn compare(
     let mut runs = Vec::new();
     let mut skipped = Vec::new();
     for (i, &t) in types.iter().enumerate() {
-        let (lab, created) = match run::ensure_lab(t, &options).await {
+        let (lab, created) = match ensure_lab(t, &options).await {
             Ok(up) => up,
             Err(e) if i > 0 => {
                 eprintln!("skipping {}: {e:#}", t.name());
@@ -89,13 +50,13 @@ pub async fn compare(
         let mut result = Ok(());
         for &size in sizes {
             eprintln!("== {} at {size} B", lab.name);
-            match run::profile(
+            match profile(
                 &RunArgs {
                     lab: t,
                     size,
                     ..base.clone()
                 },
-                &Target::lab(&lab),
+                &RunTarget::lab(&lab),
             )
             .await
             {
@@ -112,8 +73,8 @@ pub async fn compare(
         result?;
     }
     let summary = summarize(&runs);
-    Ok(Compare {
-        schema: COMPARE_SCHEMA,
+    Ok(CompareReport {
+        schema: COMPARE_SCHEMA.into(),
         placement,
         summary,
         skipped,
@@ -126,7 +87,7 @@ fn request(r: &RunReport) -> Option<&DirectionReport> {
 }
 
 /// Rows in run order; each type's contributors against the first type at the same size.
-pub fn summarize(runs: &[RunReport]) -> Vec<Row> {
+pub fn summarize(runs: &[RunReport]) -> Vec<CompareRow> {
     let baseline_topology = runs.first().map(|r| r.topology.clone());
     let baseline: HashMap<usize, &RunReport> = runs
         .iter()
@@ -141,7 +102,7 @@ pub fn summarize(runs: &[RunReport]) -> Vec<Row> {
                 .filter(|b| b.topology != r.topology)
                 .and_then(|b| request(b));
             let delta = base.map(|b| req.end_to_end.mean_ns - b.end_to_end.mean_ns);
-            Some(Row {
+            Some(CompareRow {
                 topology: r.topology.clone(),
                 size: r.traffic.size,
                 p50_ns: req.end_to_end.p50_ns,
@@ -204,67 +165,11 @@ fn contributors(run: &DirectionReport, base: &DirectionReport, total: f64) -> Ve
     c
 }
 
-pub fn render(c: &Compare) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "request latency by network type ({:?}), microseconds",
-        c.placement
-    );
-    let _ = writeln!(
-        out,
-        "{:<20} {:>7} {:>9} {:>9} {:>10}",
-        "type", "size", "p50", "p99", "vs base"
-    );
-    for r in &c.summary {
-        let delta = r
-            .delta_ns
-            .map_or("baseline".to_string(), |d| format!("{:+.1}", d / 1e3));
-        let _ = writeln!(
-            out,
-            "{:<20} {:>7} {:>9.1} {:>9.1} {:>10}",
-            r.topology,
-            r.size,
-            r.p50_ns as f64 / 1e3,
-            r.p99_ns as f64 / 1e3,
-            delta
-        );
-    }
-    for s in &c.skipped {
-        let _ = writeln!(out, "{:<20} skipped: {}", s.topology, s.reason);
-    }
-    let _ = writeln!(
-        out,
-        "\nwhere the difference to the baseline comes from (request direction):"
-    );
-    for r in c.summary.iter().filter(|r| r.delta_ns.is_some()) {
-        let _ = writeln!(
-            out,
-            "{} at {} B ({:+.1} us):",
-            r.topology,
-            r.size,
-            r.delta_ns.unwrap_or(0.0) / 1e3
-        );
-        for s in &r.contributors {
-            let _ = writeln!(
-                out,
-                "  {:<48} {:>+8.1} us {:>6.0}%",
-                s.segment,
-                s.delta_ns / 1e3,
-                s.percent
-            );
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        journey::Stats,
-        report::{EventsReport, SegmentReport, TrafficReport},
-        traffic::Proto,
+    use crate::report::schema::{
+        EventsReport, HookSet, Proto, SegmentReport, Stats, TrafficReport, RUN_SCHEMA,
     };
 
     fn stats(mean_ns: f64) -> Stats {
@@ -291,10 +196,10 @@ mod tests {
             .collect();
         let total = segments.iter().map(|s| s.stats.mean_ns).sum();
         RunReport {
-            schema: crate::report::RUN_SCHEMA,
+            schema: RUN_SCHEMA.into(),
             kernel: "test".into(),
             topology: topology.into(),
-            hook_set: crate::datapath::HookSet::Stable,
+            hook_set: HookSet::Stable,
             traffic: TrafficReport {
                 proto: Proto::Udp,
                 size: 64,
@@ -302,7 +207,7 @@ mod tests {
                 completed: 1,
             },
             directions: vec![DirectionReport {
-                direction: "request",
+                direction: "request".into(),
                 hops: Vec::new(),
                 segments,
                 profiler_programs: stats(0.0),

@@ -8,16 +8,14 @@ use anyhow::{anyhow, bail, Result};
 use btf_rs::Btf;
 use profiler_common::FuncHook;
 
-use crate::{
-    btf::{function_args, tracepoint_args, KernelBtf},
-    datapath::{Attach, HookSpec},
-};
+use super::btf::{function_args, tracepoint_args, KernelBtf};
+use crate::datapath::{Attach, HookDef};
 
 const KALLSYMS: &str = "/proc/kallsyms";
 
 /// What a deep hook attaches to and what its program is told about it.
 #[derive(Debug)]
-pub struct Target {
+pub struct ResolvedHook {
     /// The kprobe symbol ("module:function" where the name alone is ambiguous) or tracepoint.
     pub attach_to: String,
     /// The `FUNCS` key: the function's address (what bpf_get_func_ip returns), or the hook id
@@ -65,7 +63,7 @@ impl<'a> Resolver<'a> {
     }
 
     /// The target of a deep hook, or why this kernel has none.
-    pub fn resolve(&mut self, spec: &HookSpec) -> Result<Target> {
+    pub fn resolve(&mut self, spec: &HookDef) -> Result<ResolvedHook> {
         match spec.attach {
             Attach::Function { func, module } => {
                 let (addr, in_module, ambiguous) = self.symbol(func, module)?;
@@ -74,7 +72,7 @@ impl<'a> Resolver<'a> {
                     (true, Some(m)) => format!("{m}:{func}"),
                     _ => func.to_string(),
                 };
-                Ok(Target {
+                Ok(ResolvedHook {
                     attach_to,
                     key: addr,
                     args,
@@ -85,7 +83,7 @@ impl<'a> Resolver<'a> {
                     bail!("module {module} is not loaded");
                 }
                 let args = tracepoint_args(self.btf(Some(module))?, spec.id, tp)?;
-                Ok(Target {
+                Ok(ResolvedHook {
                     attach_to: tp.to_string(),
                     key: spec.id as u64,
                     args,

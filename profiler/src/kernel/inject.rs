@@ -20,7 +20,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-use crate::{hooks::EBPF_OBJECT, netns};
+use super::programs::ebpf_object;
+use crate::lab::netns;
 
 const PROGRAM: &str = "tc_delay";
 
@@ -65,18 +66,14 @@ pub struct DelayInjector {
 
 impl DelayInjector {
     pub fn attach(spec: DelaySpec) -> Result<Self> {
-        if EBPF_OBJECT.is_empty() {
-            bail!("this profiler binary was built without its eBPF object (AYA_BUILD_SKIP); build it with `cargo xtask build`");
-        }
+        let object = ebpf_object()?;
         if spec.delay.is_zero() || spec.delay > MAX_DELAY {
             bail!(
                 "the delay must be between 1 us and {} us",
                 MAX_DELAY.as_micros()
             );
         }
-        if !aya::util::KernelVersion::current()
-            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-        {
+        if !super::has_tcx() {
             // Ordering before the profiler's own program needs tcx's multi-program API.
             bail!("delay injection needs tcx (kernel 6.6 or later)");
         }
@@ -84,7 +81,7 @@ impl DelayInjector {
         let mut ebpf = EbpfLoader::new()
             .override_global("DELAY_NS", &delay_ns, true)
             .override_global("DELAY_PORT", &spec.port, true)
-            .load(EBPF_OBJECT)
+            .load(object)
             .context("loading the eBPF object into the kernel")?;
         let p = classifier(&mut ebpf)?;
         p.load()
@@ -199,7 +196,7 @@ pub fn calibrate(
         delay,
         port: 0,
     })?;
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?;
+    let _stats = super::stats_while(true)?;
     let bind: SocketAddr = if dst.is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {

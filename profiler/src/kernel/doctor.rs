@@ -2,46 +2,17 @@
 
 use anyhow::{bail, Result};
 use aya::programs::ProgramType;
-use serde::Serialize;
 
-use crate::{
+use super::{
     btf::{KernelBtf, VMLINUX_BTF},
-    datapath::Mode,
-    hooks::{ProbeConfig, Probes, Status},
+    programs::{LoadConfig, Programs},
 };
-
-#[derive(Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum CheckStatus {
-    Ok,
-    Unavailable,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Check {
-    pub name: String,
-    pub status: CheckStatus,
-    pub reason: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Doctor {
-    pub schema: &'static str,
-    pub kernel: String,
-    pub privileges: Check,
-    pub btf: Check,
-    pub program_types: Vec<Check>,
-    /// `profiler run`'s hooks (tagged traffic).
-    pub hooks: Vec<crate::hooks::HookStatus>,
-    /// `profiler attach`'s hooks (real traffic followed by its buffers).
-    pub follow_hooks: Vec<crate::hooks::HookStatus>,
-}
-
-pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into())
-}
+use crate::{
+    datapath::Mode,
+    report::schema::{
+        Check, CheckStatus, DoctorReport, HookSet, HookStatus, Status, DOCTOR_SCHEMA,
+    },
+};
 
 /// Capabilities the profiler needs: loading programs (CAP_BPF), tracing (CAP_PERFMON), tc and
 /// namespaces (CAP_NET_ADMIN, CAP_SYS_ADMIN for setns). Root has them all.
@@ -109,7 +80,7 @@ fn check(name: &str, result: Result<(), String>) -> Check {
 
 /// Program types, each probed by loading a minimal program of that type.
 fn program_types() -> Vec<Check> {
-    let kprobe_pmu = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    let kprobe_pmu = super::has_kprobes();
     [
         ("tracepoint", ProgramType::TracePoint),
         ("raw_tracepoint", ProgramType::RawTracePoint),
@@ -136,7 +107,7 @@ fn program_types() -> Vec<Check> {
     .collect()
 }
 
-pub fn run() -> Doctor {
+pub fn run() -> DoctorReport {
     let missing = missing_capabilities();
     let privileges = check(
         "privileges",
@@ -153,11 +124,11 @@ pub fn run() -> Doctor {
     );
     // The real device hooks, loaded and attached with this kernel's offsets, then detached.
     let hooks_of = |mode| match &btf {
-        Ok(btf) if missing.is_empty() => match Probes::load(btf, &ProbeConfig::default()) {
-            Ok(mut probes) => match probes.attach_tracepoints(btf, mode) {
+        Ok(btf) if missing.is_empty() => match Programs::load(btf, &LoadConfig::default()) {
+            Ok(mut programs) => match programs.attach_tracepoints(btf, mode) {
                 Ok(()) => {
-                    probes.attach_deep(btf, mode);
-                    probes.statuses.clone()
+                    programs.attach_deep(btf, mode);
+                    programs.statuses.clone()
                 }
                 Err(e) => vec![failed_hook("tracepoints", &e)],
             },
@@ -166,9 +137,9 @@ pub fn run() -> Doctor {
         _ => Vec::new(),
     };
     let (hooks, follow_hooks) = (hooks_of(Mode::Tagged), hooks_of(Mode::Follow));
-    Doctor {
-        schema: "profiler.doctor.v1",
-        kernel: kernel_release(),
+    DoctorReport {
+        schema: DOCTOR_SCHEMA.into(),
+        kernel: super::release(),
         privileges,
         btf: btf_check,
         program_types: program_types(),
@@ -177,47 +148,14 @@ pub fn run() -> Doctor {
     }
 }
 
-fn failed_hook(name: &str, e: &anyhow::Error) -> crate::hooks::HookStatus {
-    crate::hooks::HookStatus {
+fn failed_hook(name: &str, e: &anyhow::Error) -> HookStatus {
+    HookStatus {
         name: name.into(),
         kind: "load".into(),
         status: Status::Failed,
         reason: Some(format!("{e:#}")),
-        set: crate::datapath::HookSet::Stable,
+        set: HookSet::Stable,
     }
-}
-
-pub fn render(d: &Doctor) -> String {
-    let line = |c: &Check| {
-        format!(
-            "  {:<28} {:<12} {}\n",
-            c.name,
-            format!("{:?}", c.status).to_lowercase(),
-            c.reason.as_deref().unwrap_or("")
-        )
-    };
-    let mut out = format!("kernel {}\n", d.kernel);
-    out += &line(&d.privileges);
-    out += &line(&d.btf);
-    out += "program types:\n";
-    d.program_types.iter().for_each(|c| out += &line(c));
-    for (title, hooks) in [
-        ("hooks (run):", &d.hooks),
-        ("hooks (attach):", &d.follow_hooks),
-    ] {
-        out += title;
-        out += "\n";
-        for h in hooks {
-            out += &format!(
-                "  {:<28} {:<12} {} {}\n",
-                h.name,
-                format!("{:?}", h.status).to_lowercase(),
-                h.kind,
-                h.reason.as_deref().unwrap_or("")
-            );
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -227,7 +165,7 @@ mod tests {
     /// The DaemonSet grants exactly what attach checks for.
     #[test]
     fn the_daemonset_grants_attachs_capabilities() {
-        let manifest = include_str!("../../deploy/daemonset.yaml");
+        let manifest = include_str!("../../../deploy/daemonset.yaml");
         let added = manifest
             .lines()
             .find_map(|l| l.trim().strip_prefix("add: "))

@@ -1,0 +1,110 @@
+//! `--mode events`: hops grouped into journeys, each printed as one JSON line when it ends.
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use profiler_common::{HopEvent, END_CONSUMED, END_DROPPED};
+
+use super::scope::Namer;
+use crate::{
+    kernel::{monotonic_ns, ring},
+    report::schema::{HopLine, JourneyLine},
+};
+
+/// The journeys whose end has not been seen yet, by (first buffer, start time).
+pub struct OpenJourneys {
+    open: HashMap<(u64, u64), Vec<HopEvent>>,
+    max_gap_ns: u64,
+    last_flush: Instant,
+}
+
+impl OpenJourneys {
+    pub fn new(max_gap_ns: u64) -> Self {
+        OpenJourneys {
+            open: HashMap::new(),
+            max_gap_ns,
+            last_flush: Instant::now(),
+        }
+    }
+
+    pub fn drain(&mut self, ring: &mut RingBuf<MapData>, namer: &mut Namer) -> Result<()> {
+        while let Some(item) = ring.next() {
+            let Some(ev) = ring::decode::<HopEvent>(&item) else {
+                continue;
+            };
+            let id = (ev.journey_head, ev.journey_start_ns);
+            let hops = self.open.entry(id).or_default();
+            hops.push(ev);
+            if ev.end != 0 {
+                let hops = self.open.remove(&id).unwrap_or_default();
+                let end = if ev.end == END_CONSUMED {
+                    "consumed"
+                } else {
+                    "dropped"
+                };
+                print_journey(id, &hops, end, namer)?;
+            }
+        }
+        if self.last_flush.elapsed() >= Duration::from_nanos(self.max_gap_ns) {
+            self.last_flush = Instant::now();
+            self.flush_idle(namer)?;
+        }
+        Ok(())
+    }
+
+    /// Journeys whose last hop is older than the gap limit cannot go on: print them.
+    fn flush_idle(&mut self, namer: &mut Namer) -> Result<()> {
+        let now = monotonic_ns();
+        let idle: Vec<_> = self
+            .open
+            .iter()
+            .filter(|(_, h)| {
+                h.last()
+                    .is_some_and(|e| now.saturating_sub(e.ts_ns) > self.max_gap_ns)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for id in idle {
+            let hops = self.open.remove(&id).unwrap_or_default();
+            print_journey(id, &hops, "unseen", namer)?;
+        }
+        Ok(())
+    }
+
+    pub fn flush_all(&mut self, namer: &mut Namer) -> Result<()> {
+        for (id, hops) in std::mem::take(&mut self.open) {
+            print_journey(id, &hops, "in-flight", namer)?;
+        }
+        Ok(())
+    }
+}
+
+fn print_journey(id: (u64, u64), hops: &[HopEvent], end: &str, namer: &mut Namer) -> Result<()> {
+    let start = id.1;
+    let last = hops.last();
+    let line = JourneyLine {
+        journey: format!("{:x}-{}", id.0, id.1),
+        start_ns: start,
+        end: end.into(),
+        drop_reason: last
+            .filter(|e| e.end == END_DROPPED)
+            .map(|e| namer.drop_reasons.name(e.drop_reason)),
+        hops: hops
+            .iter()
+            .map(|e| HopLine {
+                hop: namer.hop(&e.point).name.clone(),
+                at_ns: e.ts_ns.saturating_sub(start),
+                len: e.len,
+            })
+            .collect(),
+    };
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, &line)?;
+    writeln!(out)?;
+    Ok(())
+}

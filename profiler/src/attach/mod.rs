@@ -1,0 +1,220 @@
+//! `profiler attach`: per-hop latency of real traffic on a live node, without generating any.
+//!
+//! The kernel follows each packet that enters through a device in scope by its buffer and keeps
+//! per-segment histograms (profiler-ebpf's `follow`); this side resolves the targets to devices,
+//! reads the histograms, names the segments after the devices, and reports them: a table, JSON,
+//! Prometheus metrics, and in `--mode events` one JSON line per journey.
+
+pub mod events;
+pub mod filter;
+pub mod histograms;
+pub mod metrics;
+pub mod scope;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+
+use crate::{
+    datapath::{path::Attached, Mode},
+    kernel::{
+        self,
+        btf::KernelBtf,
+        programs::{FollowConfig, LoadConfig, Programs},
+        ring::DRAIN_EVERY,
+    },
+    report::schema::{AttachReport, HookSet, ATTACH_SCHEMA},
+    signal,
+};
+use events::OpenJourneys;
+use histograms::{journey_counts, read_segments};
+use scope::{scope, Namer};
+
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// How often the Prometheus snapshot is refreshed from the kernel's histograms.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+
+pub struct AttachArgs {
+    /// Network namespaces: names (ip netns), paths of namespace files, or process ids.
+    pub netns: Vec<String>,
+    /// Interfaces of the caller's namespace.
+    pub ifaces: Vec<String>,
+    /// Cgroup (v2) directories whose sockets' packets start journeys.
+    pub cgroups: Vec<std::path::PathBuf>,
+    pub filter: String,
+    pub follow: FollowConfig,
+    pub duration: Option<Duration>,
+    pub prometheus: Option<SocketAddr>,
+    /// Measure each program's kernel cost (bpf_stats) while attached.
+    pub stats: bool,
+    pub hooks: HookSet,
+}
+
+/// Attaches, follows until the duration ends or SIGINT/SIGTERM arrives, and reports. Whatever
+/// it attached is detached when it returns: every attachment is a link owned by this process.
+pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
+    let filter_text = args.filter.trim().to_string();
+    let scope = scope(args).await?;
+    let listener = match args.prometheus {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for --prometheus"))?,
+        ),
+        None => None,
+    };
+    let btf = KernelBtf::load()?;
+    if !scope.cgroups.is_empty() && btf.kernel_offsets()?.sk_cgroup == profiler_common::NO_OFFSET {
+        bail!("--cgroup: this kernel's sockets carry no cgroup (no sock.sk_cgrp_data in its BTF)");
+    }
+    let mut programs = Programs::load(
+        &btf,
+        &LoadConfig {
+            follow: args.follow,
+            ..Default::default()
+        },
+    )?;
+    let hook_set = programs.attach_set(&btf, Mode::Follow, args.hooks)?;
+    let _stats = kernel::stats_while(args.stats)?;
+    {
+        let mut map: BpfHashMap<_, [u32; 2], u8> =
+            BpfHashMap::try_from(programs.map_mut("SCOPE")?)?;
+        for p in &scope.points {
+            map.insert(p, 1, 0).context("filling the scope map")?;
+        }
+        let mut map: BpfHashMap<_, u64, u8> = BpfHashMap::try_from(programs.map_mut("CGROUPS")?)?;
+        for id in &scope.cgroups {
+            map.insert(id, 1, 0).context("filling the cgroup map")?;
+        }
+    }
+    let mut namer = Namer::new(
+        scope.devices,
+        Attached::from_statuses(&programs.statuses),
+        btf.drop_reasons(),
+    )?;
+    let node = node_name();
+    // The snapshot /metrics serves exists only with --prometheus.
+    let snapshot = listener
+        .as_ref()
+        .map(|_| Arc::new(RwLock::new(metrics::Snapshot::default())));
+    let server = listener
+        .zip(snapshot.clone())
+        .map(|(l, snap)| tokio::spawn(metrics::serve(l, snap)));
+    let mut ring = if args.follow.stream {
+        Some(programs.take_ring("HOP_EVENTS")?)
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let state = State {
+        programs: &programs,
+        node: &node,
+        snapshot: snapshot.as_deref(),
+    };
+    follow_loop(args, &state, &mut namer, ring.as_mut()).await?;
+    if let Some(s) = server {
+        s.abort();
+    }
+    let segments = read_segments(&programs, &mut namer)?;
+    let (journeys, lost) = journey_counts(&programs)?;
+    Ok(AttachReport {
+        schema: ATTACH_SCHEMA.into(),
+        kernel: kernel::release(),
+        node,
+        targets: scope.labels,
+        filter: filter_text,
+        sample: args.follow.sample.max(1),
+        mode: if args.follow.stream {
+            "events"
+        } else {
+            "summary"
+        }
+        .into(),
+        duration_s: started.elapsed().as_secs_f64(),
+        segments,
+        journeys,
+        lost_events: lost,
+        hook_set,
+        hooks: programs.statuses.clone(),
+        program_costs: args.stats.then(|| programs.costs()),
+    })
+}
+
+/// What the follow loop reads and where it publishes.
+struct State<'a> {
+    programs: &'a Programs,
+    node: &'a str,
+    /// /metrics' snapshot, with --prometheus.
+    snapshot: Option<&'a RwLock<metrics::Snapshot>>,
+}
+
+async fn follow_loop(
+    args: &AttachArgs,
+    state: &State<'_>,
+    namer: &mut Namer,
+    mut ring: Option<&mut RingBuf<MapData>>,
+) -> Result<()> {
+    let mut signals = signal::Signals::install()?;
+    let until = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let deadline = async {
+        match until {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    let mut snap = tokio::time::interval(SNAPSHOT_EVERY);
+    let mut journeys = OpenJourneys::new(args.follow.max_gap_ns);
+    let begun = Instant::now();
+    let mut last_progress = Instant::now();
+    eprintln!("attach: following; stop with Ctrl-C");
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            _ = signals.recv() => break,
+            _ = drain.tick(), if ring.is_some() => {
+                if let Some(r) = ring.as_deref_mut() {
+                    journeys.drain(r, namer)?;
+                }
+            }
+            _ = snap.tick() => {
+                let (counts, lost) = journey_counts(state.programs)?;
+                if last_progress.elapsed() >= PROGRESS_EVERY {
+                    last_progress = Instant::now();
+                    eprintln!(
+                        "attach: {:.0} s, {} journeys started, {lost} events lost",
+                        begun.elapsed().as_secs_f64(),
+                        counts.started,
+                    );
+                }
+                if let Some(snapshot) = state.snapshot {
+                    let segments = read_segments(state.programs, namer)?;
+                    *snapshot.write().unwrap_or_else(|e| e.into_inner()) = metrics::Snapshot {
+                        node: state.node.to_string(),
+                        segments,
+                        journeys: counts,
+                        lost_events: lost,
+                        hooks: state.programs.statuses.clone(),
+                    };
+                }
+            }
+        }
+    }
+    if let Some(r) = ring {
+        journeys.drain(r, namer)?;
+        journeys.flush_all(namer)?;
+    }
+    Ok(())
+}
+
+fn node_name() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.nodename().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}

@@ -1,0 +1,175 @@
+//! Where journeys start: the devices of the target namespaces and interfaces, and the cgroups
+//! whose sockets' packets are followed; and the names of the node's devices.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Result};
+use profiler_common::{HookId, HopPoint, SegmentKey};
+
+use super::AttachArgs;
+use crate::{
+    datapath::{
+        path::{self, Attached, Inodes},
+        HopKey, Point,
+    },
+    kernel::btf::DropReasons,
+    lab::{
+        discover::{self, ROOT},
+        netns,
+        target::Devices,
+    },
+    report::schema::Hop,
+};
+
+/// The devices and cgroups of the targets: where journeys start.
+pub struct Scope {
+    pub labels: Vec<String>,
+    pub points: Vec<[u32; 2]>,
+    pub cgroups: Vec<u64>,
+    pub devices: Devices,
+}
+
+/// A cgroup v2 directory's id: the kernel's kernfs node id, which is its inode number.
+fn cgroup_id(path: &std::path::Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let fs = nix::sys::statfs::statfs(path)
+        .map_err(|e| anyhow::anyhow!("cannot read cgroup {}: {e}", path.display()))?;
+    if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        bail!(
+            "{} is not a cgroup v2 directory (mounted as cgroup2, e.g. /sys/fs/cgroup)",
+            path.display()
+        );
+    }
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+/// A --netns argument as the netns module takes it: a name, or the path of a namespace file.
+fn netns_ref(arg: &str) -> Result<String> {
+    let ns = if arg.bytes().all(|b| b.is_ascii_digit()) {
+        format!("/proc/{arg}/ns/net")
+    } else {
+        arg.to_string()
+    };
+    if !netns::exists(&ns) {
+        bail!("unknown network namespace {arg}");
+    }
+    Ok(ns)
+}
+
+pub async fn scope(args: &AttachArgs) -> Result<Scope> {
+    if args.netns.is_empty() && args.ifaces.is_empty() && args.cgroups.is_empty() {
+        bail!("nothing to attach to: give --netns, --iface or --cgroup");
+    }
+    let cgroups = args
+        .cgroups
+        .iter()
+        .map(|p| cgroup_id(p))
+        .collect::<Result<Vec<_>>>()?;
+    let targets: Vec<String> = args
+        .netns
+        .iter()
+        .map(|a| netns_ref(a))
+        .collect::<Result<_>>()?;
+    let mut namespaces = discover::namespaces()?;
+    for t in &targets {
+        if !namespaces.contains(t) {
+            namespaces.push(t.clone());
+        }
+    }
+    let interfaces = discover::interfaces(&namespaces).await?;
+    let mut points = Vec::new();
+    let mut labels = Vec::new();
+    for t in &targets {
+        let inode = discover::inode(t)?;
+        points.extend(
+            interfaces
+                .iter()
+                .filter(|i| &i.netns == t)
+                .map(|i| [inode, i.ifindex]),
+        );
+        labels.push(format!("netns {t}"));
+    }
+    let root = discover::inode(ROOT)?;
+    for name in &args.ifaces {
+        let Some(i) = interfaces
+            .iter()
+            .find(|i| i.netns == ROOT && &i.ifname == name)
+        else {
+            bail!("unknown interface {name}");
+        };
+        points.push([root, i.ifindex]);
+        labels.push(format!("iface {name}"));
+    }
+    labels.extend(
+        args.cgroups
+            .iter()
+            .map(|p| format!("cgroup {}", p.display())),
+    );
+    if points.is_empty() && cgroups.is_empty() {
+        bail!("the targets have no network devices to attach to");
+    }
+    Ok(Scope {
+        labels,
+        points,
+        cgroups,
+        devices: Devices {
+            name: "node".into(),
+            namespaces,
+            interfaces,
+        },
+    })
+}
+
+/// Names hops and segments after the node's devices.
+pub struct Namer {
+    devices: Devices,
+    inodes: Inodes,
+    attached: Attached,
+    /// Each hop point met so far, with its identity and description.
+    hops: HashMap<HopPoint, (HopKey, Hop)>,
+    pub drop_reasons: DropReasons,
+}
+
+impl Namer {
+    pub fn new(devices: Devices, attached: Attached, drop_reasons: DropReasons) -> Result<Self> {
+        Ok(Namer {
+            inodes: Inodes::of(&devices)?,
+            devices,
+            attached,
+            hops: HashMap::new(),
+            drop_reasons,
+        })
+    }
+
+    fn described(&mut self, p: &HopPoint) -> &(HopKey, Hop) {
+        self.hops.entry(*p).or_insert_with(|| {
+            let key = HopKey {
+                point: Point::Hook(HookId::from_u8(p.hook).unwrap_or(HookId::NetDevQueue)),
+                netns: p.netns,
+                ifindex: p.ifindex,
+            };
+            let hop = path::describe(
+                std::slice::from_ref(&key),
+                &[p.flags],
+                &self.devices,
+                &self.inodes,
+                &self.attached,
+            )
+            .remove(0);
+            (key, hop)
+        })
+    }
+
+    pub fn hop(&mut self, p: &HopPoint) -> &Hop {
+        &self.described(p).1
+    }
+
+    /// The segment's name and its two hops.
+    pub fn segment(&mut self, k: &SegmentKey) -> (String, Hop, Hop) {
+        let (ka, a) = self.described(&k.from).clone();
+        let (kb, b) = self.described(&k.to).clone();
+        let name = path::segment_names(&[ka, kb], &[a.clone(), b.clone()], &self.devices).remove(0);
+        (name, a, b)
+    }
+}

@@ -1,0 +1,294 @@
+//! The hook table: every place in the kernel where a program observes packets, how it is
+//! attached, which program serves it in each mode, and the short label hops are named with.
+
+use profiler_common::HookId;
+
+use crate::report::schema::HookSet;
+
+/// What the programs look for: the profiler's tagged traffic (`run`), or real traffic
+/// followed by its buffers (`attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Tagged,
+    Follow,
+}
+
+impl Mode {
+    /// Programs are named by mode: X in tagged runs, fX to follow.
+    fn program_prefix(self) -> &'static str {
+        match self {
+            Mode::Tagged => "",
+            Mode::Follow => "f",
+        }
+    }
+}
+
+/// How a hook is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// A device tracepoint: tp_btf program preferred, raw_tp program where tp_btf is refused.
+    Tracepoint { tp: &'static str },
+    /// A tc program on each interface of the path.
+    Tc { prog: &'static str, ingress: bool },
+    /// A kernel function, by kprobe (program kp_func, or fkp_func to follow). `module` is where
+    /// the function lives when it is not built in (Debian builds every one of these as a module).
+    Function {
+        func: &'static str,
+        module: &'static str,
+    },
+    /// A tracepoint defined by a module, by raw_tp (programs raw_X and fraw_X): tp_btf would need
+    /// the module's BTF object, which the loader cannot pass.
+    ModuleTracepoint {
+        tp: &'static str,
+        module: &'static str,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct HookDef {
+    pub id: HookId,
+    pub attach: Attach,
+    /// Short name used in hop and segment names.
+    pub label: &'static str,
+    /// The modes with a program for this hook.
+    pub modes: &'static [Mode],
+}
+
+impl HookDef {
+    /// The tp_btf and raw_tp programs of a tracepoint hook in `mode`, named by convention
+    /// (profiler-ebpf's `device_tracepoint!`): tp_X/raw_X tagged, ftp_X/fraw_X follow.
+    pub fn tracepoint_programs(&self, mode: Mode) -> Option<(String, String)> {
+        let Attach::Tracepoint { tp } = self.attach else {
+            return None;
+        };
+        let prefix = mode.program_prefix();
+        self.modes
+            .contains(&mode)
+            .then(|| (format!("{prefix}tp_{tp}"), format!("{prefix}raw_{tp}")))
+    }
+}
+
+impl HookDef {
+    pub fn set(&self) -> HookSet {
+        match self.attach {
+            Attach::Tracepoint { .. } | Attach::Tc { .. } => HookSet::Stable,
+            Attach::Function { .. } | Attach::ModuleTracepoint { .. } => HookSet::Deep,
+        }
+    }
+
+    /// The program serving a deep hook in `mode`.
+    pub fn deep_program(&self, mode: Mode) -> Option<String> {
+        let prefix = mode.program_prefix();
+        match self.attach {
+            Attach::Function { .. } => Some(format!("{prefix}kp_func")),
+            Attach::ModuleTracepoint { tp, .. } => Some(format!("{prefix}raw_{tp}")),
+            _ => None,
+        }
+    }
+
+    /// Every program that serves this hook, in any mode.
+    pub fn programs(&self) -> Vec<String> {
+        match self.attach {
+            Attach::Tc { prog, .. } => vec![prog.to_string()],
+            Attach::Function { .. } | Attach::ModuleTracepoint { .. } => {
+                [Mode::Tagged, Mode::Follow]
+                    .into_iter()
+                    .filter_map(|m| self.deep_program(m))
+                    .collect()
+            }
+            Attach::Tracepoint { .. } => [Mode::Tagged, Mode::Follow]
+                .into_iter()
+                .filter_map(|m| self.tracepoint_programs(m))
+                .flat_map(|(btf, raw)| [btf, raw])
+                .collect(),
+        }
+    }
+}
+
+const BOTH: &[Mode] = &[Mode::Tagged, Mode::Follow];
+const TAGGED: &[Mode] = &[Mode::Tagged];
+const FOLLOW: &[Mode] = &[Mode::Follow];
+
+const fn tp(id: HookId, tp: &'static str, modes: &'static [Mode]) -> HookDef {
+    HookDef {
+        id,
+        attach: Attach::Tracepoint { tp },
+        label: tp,
+        modes,
+    }
+}
+
+/// A function hook, labelled by the function's name.
+const fn func(id: HookId, module: &'static str, func: &'static str) -> HookDef {
+    HookDef {
+        id,
+        attach: Attach::Function { func, module },
+        label: func,
+        modes: BOTH,
+    }
+}
+
+const fn module_tp(id: HookId, module: &'static str, tp: &'static str) -> HookDef {
+    HookDef {
+        id,
+        attach: Attach::ModuleTracepoint { tp, module },
+        label: tp,
+        modes: BOTH,
+    }
+}
+
+pub const HOOK_TABLE: &[HookDef] = &[
+    tp(HookId::NetDevQueue, "net_dev_queue", BOTH),
+    tp(HookId::NetDevStartXmit, "net_dev_start_xmit", BOTH),
+    // The return of a transmit: tagged runs show it; a followed packet may be gone by then.
+    tp(HookId::NetDevXmit, "net_dev_xmit", TAGGED),
+    tp(HookId::NetifRx, "netif_rx", BOTH),
+    tp(HookId::NapiGroReceiveEntry, "napi_gro_receive_entry", BOTH),
+    tp(HookId::NetifReceiveSkb, "netif_receive_skb", BOTH),
+    tp(HookId::KfreeSkb, "kfree_skb", BOTH),
+    // Where a followed packet's buffer is freed after use: its journey ends.
+    tp(HookId::ConsumeSkb, "consume_skb", FOLLOW),
+    // tc reads packets through __sk_buff, which hides the buffer a followed packet is known by.
+    HookDef {
+        id: HookId::TcEgress,
+        attach: Attach::Tc {
+            prog: "tc_egress",
+            ingress: false,
+        },
+        label: "tc:egress",
+        modes: TAGGED,
+    },
+    HookDef {
+        id: HookId::TcIngress,
+        attach: Attach::Tc {
+            prog: "tc_ingress",
+            ingress: true,
+        },
+        label: "tc:ingress",
+        modes: TAGGED,
+    },
+    // The deep set: what each datapath does with the packet, in the order a packet meets it.
+    // Receive paths that build the skb inside the driver (tun_get_user, virtio-net's
+    // receive_buf) have no packet to read at entry: the stable receive hooks see them.
+    func(HookId::VethXmit, "veth", "veth_xmit"),
+    func(HookId::BrHandleFrame, "bridge", "br_handle_frame"),
+    func(HookId::BrForward, "bridge", "br_forward"),
+    func(HookId::BrDevXmit, "bridge", "br_dev_xmit"),
+    func(HookId::VxlanXmit, "vxlan", "vxlan_xmit"),
+    func(HookId::VxlanXmitOne, "vxlan", "vxlan_xmit_one"),
+    func(
+        HookId::UdpTunnelXmitSkb,
+        "udp_tunnel",
+        "udp_tunnel_xmit_skb",
+    ),
+    func(HookId::VxlanRcv, "vxlan", "vxlan_rcv"),
+    func(HookId::GeneveXmit, "geneve", "geneve_xmit"),
+    func(HookId::GeneveRcv, "geneve", "geneve_udp_encap_recv"),
+    func(HookId::GreXmit, "ip_gre", "ipgre_xmit"),
+    func(HookId::GretapXmit, "ip_gre", "gre_tap_xmit"),
+    func(HookId::GreRcv, "ip_gre", "gre_rcv"),
+    func(HookId::OvsVportReceive, "openvswitch", "ovs_vport_receive"),
+    func(
+        HookId::OvsDpProcessPacket,
+        "openvswitch",
+        "ovs_dp_process_packet",
+    ),
+    // A flow-table miss: the packet goes up to ovs-vswitchd, which sends it back to be executed.
+    module_tp(HookId::OvsDpUpcall, "openvswitch", "ovs_dp_upcall"),
+    func(
+        HookId::OvsExecuteActions,
+        "openvswitch",
+        "ovs_execute_actions",
+    ),
+    module_tp(
+        HookId::OvsDoExecuteAction,
+        "openvswitch",
+        "ovs_do_execute_action",
+    ),
+    func(HookId::OvsVportSend, "openvswitch", "ovs_vport_send"),
+    func(HookId::MacvlanStartXmit, "macvlan", "macvlan_start_xmit"),
+    func(
+        HookId::MacvlanHandleFrame,
+        "macvlan",
+        "macvlan_handle_frame",
+    ),
+    func(HookId::IpvlanQueueXmit, "ipvlan", "ipvlan_queue_xmit"),
+    func(HookId::IpvlanHandleFrame, "ipvlan", "ipvlan_handle_frame"),
+    func(
+        HookId::IpvlanProcessOutbound,
+        "ipvlan",
+        "ipvlan_process_outbound",
+    ),
+    func(HookId::TunNetXmit, "tun", "tun_net_xmit"),
+    // Drivers name their transmit alike: the label says whose it is.
+    HookDef {
+        label: "virtnet:start_xmit",
+        ..func(HookId::VirtnetStartXmit, "virtio_net", "start_xmit")
+    },
+];
+
+pub fn hook(id: HookId) -> &'static HookDef {
+    HOOK_TABLE
+        .iter()
+        .find(|h| h.id == id)
+        .expect("every HookId has a HookDef")
+}
+
+/// Where on the path a hop is: an application timestamp or a hook on a device.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Point {
+    AppSend,
+    AppRecv,
+    Hook(HookId),
+}
+
+/// A hop's identity: what observed the packet, on which device of which namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HopKey {
+    pub point: Point,
+    /// Network namespace inode.
+    pub netns: u32,
+    /// 0 for application hops.
+    pub ifindex: u32,
+}
+
+pub fn label(p: &Point) -> &'static str {
+    match p {
+        Point::AppSend => "app:send",
+        Point::AppRecv => "app:recv",
+        Point::Hook(id) => hook(*id).label,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hook_id_has_one_spec() {
+        for id in HookId::all() {
+            assert_eq!(
+                HOOK_TABLE.iter().filter(|h| h.id == id).count(),
+                1,
+                "{id:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_program_named_here_is_in_the_ebpf_object() {
+        use object::{Object as _, ObjectSymbol as _};
+        let obj =
+            object::File::parse(crate::kernel::programs::ebpf_object().expect("the eBPF object"))
+                .expect("an ELF object");
+        let symbols: Vec<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
+        for spec in HOOK_TABLE {
+            for prog in spec.programs() {
+                assert!(
+                    symbols.contains(&prog.as_str()),
+                    "{prog} is not in the object"
+                );
+            }
+        }
+    }
+}

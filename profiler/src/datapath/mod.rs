@@ -1,0 +1,10 @@
+//! Datapath knowledge, kept as data in one place and shared by both modes: the hook table
+//! ([`hooks`]), the rules that name the time between two hops after what the packet crosses
+//! ([`segments`]), and the description of an observed path after the devices it crossed
+//! ([`path`]).
+
+pub mod hooks;
+pub mod path;
+pub mod segments;
+
+pub use hooks::{hook, label, Attach, HookDef, HopKey, Mode, Point, HOOK_TABLE};

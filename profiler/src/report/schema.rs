@@ -1,0 +1,329 @@
+//! Every report the profiler writes, as one schema: `profiler.run.v1`, `profiler.attach.v1`
+//! (and its events-mode lines), `profiler.compare.v1` and `profiler.doctor.v1`. Each type
+//! serializes to the JSON the commands have always written (fields are added, never renamed)
+//! and reads back, so a saved report can be re-rendered (`profiler report`).
+//!
+//! This module depends on nothing else of the profiler's but the lab's placement: every layer
+//! that produces a report fills these types, and the renderers read nothing else.
+
+use serde::{Deserialize, Serialize};
+
+use crate::lab::Placement;
+
+pub const RUN_SCHEMA: &str = "profiler.run.v1";
+pub const ATTACH_SCHEMA: &str = "profiler.attach.v1";
+pub const COMPARE_SCHEMA: &str = "profiler.compare.v1";
+pub const DOCTOR_SCHEMA: &str = "profiler.doctor.v1";
+
+/// The schemas `profiler report` reads.
+pub const SCHEMAS: [&str; 4] = [RUN_SCHEMA, ATTACH_SCHEMA, COMPARE_SCHEMA, DOCTOR_SCHEMA];
+
+/// Which hooks a run attaches: the stable ABI (tracepoints, tc) or, besides them, the deep
+/// hooks on the datapath's own functions, which exist only where the kernel has kprobes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookSet {
+    Stable,
+    Deep,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+/// What became of one hook when the programs were attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Attached,
+    Unavailable,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HookStatus {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub set: HookSet,
+}
+
+/// Per-program kernel cost while stats were enabled.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProgramCost {
+    pub program: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    pub ns_per_run: f64,
+}
+
+// ---- profiler.run.v1 ----
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunReport {
+    pub schema: String,
+    pub kernel: String,
+    pub topology: String,
+    pub traffic: TrafficReport,
+    pub directions: Vec<DirectionReport>,
+    pub events: EventsReport,
+    /// The hooks in effect: deep, or stable where no deep hook could attach.
+    pub hook_set: HookSet,
+    pub hooks: Vec<HookStatus>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub program_costs: Option<Vec<ProgramCost>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TrafficReport {
+    pub proto: Proto,
+    pub size: usize,
+    pub count: u32,
+    pub completed: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DirectionReport {
+    /// "request" or "response".
+    pub direction: String,
+    pub hops: Vec<Hop>,
+    pub segments: Vec<SegmentReport>,
+    /// The profiler's own programs' time per packet on this path, left out of the segments.
+    pub profiler_programs: Stats,
+    pub end_to_end: Stats,
+    pub complete_packets: u64,
+    pub incomplete_packets: u64,
+    /// For incomplete packets: how many missed each hop.
+    pub missing_hops: Vec<MissingHop>,
+    /// The other hop sequences packets took (the first of an OVS flow, up to ovs-vswitchd),
+    /// most common first.
+    pub other_paths: Vec<OtherPath>,
+}
+
+/// A hop of the path, as reported.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hop {
+    pub index: usize,
+    pub name: String,
+    pub ifname: Option<String>,
+    pub netns: Option<String>,
+    pub kind: String,
+    pub hook: String,
+    /// The hop saw the packet inside a tunnel (the tag was found in the inner packet).
+    pub encapsulated: bool,
+    /// vxlan, geneve or gre when encapsulated.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tunnel: Option<String>,
+}
+
+/// Latency statistics of one segment or of the whole journey.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub samples: u64,
+    pub mean_ns: f64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OtherPath {
+    pub packets: u64,
+    pub hops: Vec<Hop>,
+    pub segments: Vec<SegmentReport>,
+    pub end_to_end: Stats,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SegmentReport {
+    pub name: String,
+    /// Hop indices.
+    pub from: usize,
+    pub to: usize,
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MissingHop {
+    pub hop: usize,
+    pub packets: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventsReport {
+    pub received: u64,
+    /// Events the kernel could not hand over (ring buffer full).
+    pub lost: u64,
+    pub incomplete_packets: u64,
+    /// TCP segments whose tag no hook could read (counted in the kernel).
+    pub unreadable: u64,
+    /// Events of later IPv4 fragments of tagged datagrams (the first fragment is the hop).
+    pub fragments: u64,
+    pub drops: Vec<DropReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DropReport {
+    pub reason: String,
+    pub ifname: String,
+    pub packets: u64,
+}
+
+// ---- profiler.attach.v1 ----
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AttachReport {
+    pub schema: String,
+    pub kernel: String,
+    pub node: String,
+    pub targets: Vec<String>,
+    pub filter: String,
+    pub sample: u32,
+    /// "summary" or "events".
+    pub mode: String,
+    pub duration_s: f64,
+    pub segments: Vec<SegmentSummary>,
+    pub journeys: JourneyCounts,
+    pub lost_events: u64,
+    /// The hooks in effect: deep, or stable where no deep hook could attach.
+    pub hook_set: HookSet,
+    pub hooks: Vec<HookStatus>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub program_costs: Option<Vec<ProgramCost>>,
+}
+
+/// One segment's latency: two consecutive hops of followed packets.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SegmentSummary {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    /// Where the segment ends: the namespace and interface of its second hop.
+    pub netns: String,
+    pub ifname: String,
+    pub count: u64,
+    pub mean_ns: f64,
+    pub p50_ns: f64,
+    pub p90_ns: f64,
+    pub p99_ns: f64,
+    /// The kernel's histogram (for /metrics); not in the JSON.
+    #[serde(skip)]
+    pub buckets: Vec<u64>,
+    #[serde(skip)]
+    pub sum_ns: u64,
+}
+
+/// What became of the journeys: nothing is lost silently.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct JourneyCounts {
+    pub started: u64,
+    /// Ended where the buffer was freed after use (consume_skb).
+    pub consumed: u64,
+    /// Ended in a drop (kfree_skb).
+    pub dropped: u64,
+    /// Their buffer was later seen carrying another packet: freed where no hook saw it (TCP
+    /// receive frees without a tracepoint), so they ended at their last hop.
+    pub ended_unseen: u64,
+    /// Kept across a reallocated buffer.
+    pub reheaded: u64,
+    /// No end seen: still in flight, past the gap limit, or evicted from the in-flight map.
+    pub unfinished: u64,
+}
+
+/// `attach --mode events`: one line per journey, printed when it ends.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JourneyLine {
+    pub journey: String,
+    pub start_ns: u64,
+    /// consumed, dropped, or unseen (no hook saw the buffer freed within the gap limit), or
+    /// in-flight when the profiler stopped first.
+    pub end: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub drop_reason: Option<String>,
+    pub hops: Vec<HopLine>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HopLine {
+    pub hop: String,
+    /// Nanoseconds since the journey's first hop.
+    pub at_ns: u64,
+    pub len: u32,
+}
+
+// ---- profiler.compare.v1 ----
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CompareReport {
+    pub schema: String,
+    pub placement: Placement,
+    pub summary: Vec<CompareRow>,
+    /// Types whose lab this kernel cannot build (vlan without 8021q, ...), with the reason.
+    pub skipped: Vec<Skipped>,
+    pub runs: Vec<RunReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Skipped {
+    pub topology: String,
+    pub reason: String,
+}
+
+/// One type at one size: its request latency and what makes it differ from the baseline.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CompareRow {
+    pub topology: String,
+    pub size: usize,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub mean_ns: f64,
+    /// Mean request latency minus the baseline's at the same size (None for the baseline).
+    pub delta_ns: Option<f64>,
+    pub contributors: Vec<Contributor>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Contributor {
+    pub segment: String,
+    /// This segment's mean minus the same-named baseline segment's (all of it if the baseline
+    /// has none).
+    pub delta_ns: f64,
+    /// Share of the type's total difference.
+    pub percent: f64,
+}
+
+// ---- profiler.doctor.v1 ----
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Ok,
+    Unavailable,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub status: CheckStatus,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DoctorReport {
+    pub schema: String,
+    pub kernel: String,
+    pub privileges: Check,
+    pub btf: Check,
+    pub program_types: Vec<Check>,
+    /// `profiler run`'s hooks (tagged traffic).
+    pub hooks: Vec<HookStatus>,
+    /// `profiler attach`'s hooks (real traffic followed by its buffers).
+    pub follow_hooks: Vec<HookStatus>,
+}

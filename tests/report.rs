@@ -1,0 +1,121 @@
+//! `profiler report`: every saved report re-renders to exactly the table the command that made
+//! it printed (fixtures written by the commands themselves, under tests/fixtures), as JSON that
+//! reads back the same, and as an HTML page that is well-formed with one waterfall per direction.
+//! Needs no privileges and no eBPF.
+// A test crate sees every dependency of the package; the lint is for the library's.
+#![allow(unused_crate_dependencies)]
+
+use std::{path::PathBuf, process::Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_profiler");
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// `profiler report ARGS`, which must succeed: its stdout.
+fn report(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("report")
+        .args(args)
+        .output()
+        .expect("running the profiler binary");
+    assert!(
+        out.status.success(),
+        "profiler report {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+const KINDS: [&str; 5] = ["run", "run-tcp-stats", "compare", "attach", "doctor"];
+
+#[test]
+fn every_saved_report_renders_the_table_its_command_printed() {
+    for kind in KINDS {
+        let json = fixture(&format!("{kind}.json"));
+        let printed = std::fs::read_to_string(fixture(&format!("{kind}.txt")))
+            .unwrap_or_else(|e| panic!("fixture {kind}.txt: {e}"));
+        let rendered = report(&[json.to_str().unwrap()]);
+        assert_eq!(rendered, printed, "{kind}: the re-rendered table differs");
+    }
+}
+
+#[test]
+fn json_reads_back_the_same() {
+    for kind in KINDS {
+        let json = fixture(&format!("{kind}.json"));
+        let original: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let again: serde_json::Value =
+            serde_json::from_str(&report(&[json.to_str().unwrap(), "--format", "json"]))
+                .unwrap_or_else(|e| panic!("{kind}: --format json is not JSON: {e}"));
+        assert_eq!(again, original, "{kind}: fields were lost or renamed");
+    }
+}
+
+#[test]
+fn html_is_well_formed_with_one_waterfall_per_direction() {
+    let json = fixture("run.json");
+    let page = report(&[json.to_str().unwrap(), "--format", "html"]);
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(&page, options)
+        .unwrap_or_else(|e| panic!("the page is not well-formed: {e}\n{page}"));
+    let svgs: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.tag_name().name() == "svg")
+        .collect();
+    assert_eq!(svgs.len(), 2, "one SVG per direction (request, response)");
+    // One bar per segment and one for end to end, in each.
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for (svg, dir) in svgs.iter().zip(run["directions"].as_array().unwrap()) {
+        let bars = svg
+            .descendants()
+            .filter(|n| n.tag_name().name() == "rect")
+            .count();
+        let segments = dir["segments"].as_array().unwrap().len();
+        assert_eq!(bars, segments + 1, "{}", dir["direction"]);
+    }
+}
+
+#[test]
+fn what_is_not_a_report_is_refused_in_one_line() {
+    let dir = std::env::temp_dir().join(format!("profiler-report-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, text, want) in [
+        ("not-json.json", "hello", "not a profiler report"),
+        (
+            "other.json",
+            r#"{"schema": "something.else"}"#,
+            "not a profiler report",
+        ),
+        (
+            "future.json",
+            r#"{"schema": "profiler.run.v2"}"#,
+            "another version",
+        ),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["report", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was accepted");
+        assert!(err.contains(want), "{name}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{name}: {err}");
+    }
+    let missing = Command::new(BIN)
+        .args(["report", "/nonexistent/report.json"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
