@@ -57,10 +57,6 @@ static RUN_ID: u32 = 0;
 #[unsafe(no_mangle)]
 static PORT: u16 = 0;
 
-/// An extra UDP port to decapsulate as VXLAN (besides 4789 and 8472); 0: none.
-#[unsafe(no_mangle)]
-pub(crate) static VXLAN_PORT: u16 = 0;
-
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 

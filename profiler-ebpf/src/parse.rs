@@ -318,10 +318,7 @@ fn tunnel<P: Packet>(p: &P, l4: &L4, ports: [u8; 4]) -> Option<(Option<u16>, usi
                 let opts = ((h[0] & 0x3f) as usize) * 4;
                 return Some((None, l4.offset + 8 + 8 + opts, TUNNEL_GENEVE));
             }
-            let extra = crate::global(&crate::VXLAN_PORT);
-            let vxlan = dport == VXLAN_PORTS[0]
-                || dport == VXLAN_PORTS[1]
-                || (extra != 0 && dport == extra);
+            let vxlan = dport == VXLAN_PORTS[0] || dport == VXLAN_PORTS[1];
             vxlan.then_some((None, l4.offset + 8 + VXLAN_HLEN, TUNNEL_VXLAN))
         }
         IPPROTO_GRE => {

@@ -24,3 +24,101 @@ pub mod lab;
 pub mod report;
 pub mod run;
 pub mod signal;
+
+#[cfg(test)]
+mod layering {
+    //! The folders are layers: none may import another that imports it back, directly or not.
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The top-level modules each module of src/ names through `crate::`, tests included.
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut graph = BTreeMap::new();
+        for entry in std::fs::read_dir(&src).expect("src/") {
+            let path = entry.expect("an entry of src/").path();
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            if name == "lib" || name == "main" {
+                continue;
+            }
+            let mut text = String::new();
+            read_all(&path, &mut text);
+            let used: BTreeSet<String> = crate_paths(&text)
+                .into_iter()
+                .filter(|m| *m != name)
+                .collect();
+            graph.insert(name, used);
+        }
+        graph
+    }
+
+    fn read_all(path: &std::path::Path, out: &mut String) {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).expect("a module folder") {
+                read_all(&entry.expect("an entry").path(), out);
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            *out += &std::fs::read_to_string(path).expect("a source file");
+        }
+    }
+
+    /// The first segment of every `crate::` path, `use crate::{a, b::c}` included.
+    fn crate_paths(text: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for (i, _) in text.match_indices("crate::") {
+            let rest = &text[i + "crate::".len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                let mut depth = 1;
+                let mut item_start = true;
+                for (j, c) in group.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 1 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 1 => item_start = true,
+                        c if item_start && depth == 1 && (c.is_alphabetic() || c == '_') => {
+                            found.push(ident(&group[j..]));
+                            item_start = false;
+                        }
+                        _ => {}
+                    }
+                }
+            } else {
+                found.push(ident(rest));
+            }
+        }
+        found
+    }
+
+    fn ident(s: &str) -> String {
+        s.chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    }
+
+    #[test]
+    fn reads_grouped_imports() {
+        let text = "use crate::{\n    a::{b, c},\n    d,\n};\nlet x = crate::e::f();";
+        assert_eq!(crate_paths(text), ["a", "d", "e"]);
+    }
+
+    #[test]
+    fn no_module_imports_itself_through_another() {
+        let graph = imports();
+        assert!(graph.len() >= 6, "{graph:?}");
+        for start in graph.keys() {
+            // Every module reachable from `start`; reaching `start` again is a circle.
+            let mut seen = BTreeSet::new();
+            let mut todo: Vec<&String> = graph[start].iter().collect();
+            while let Some(m) = todo.pop() {
+                assert!(
+                    m != start,
+                    "{start} imports itself through {seen:?}: {graph:#?}"
+                );
+                if seen.insert(m.clone()) {
+                    todo.extend(graph.get(m).into_iter().flatten());
+                }
+            }
+        }
+    }
+}

@@ -423,3 +423,25 @@ fn status(name: &str, kind: &str, status: Status, reason: Option<String>) -> Hoo
         set: HookSet::Stable,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hook table names programs by convention; each must exist.
+    #[test]
+    fn every_program_named_here_is_in_the_ebpf_object() {
+        use object::{Object as _, ObjectSymbol as _};
+        let obj =
+            object::File::parse(ebpf_object().expect("the eBPF object")).expect("an ELF object");
+        let symbols: Vec<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
+        for spec in HOOK_TABLE {
+            for prog in spec.programs() {
+                assert!(
+                    symbols.contains(&prog.as_str()),
+                    "{prog} is not in the object"
+                );
+            }
+        }
+    }
+}
