@@ -10,7 +10,8 @@
 //! - [`datapath`]: the hook table and the rules that name segments, as data.
 //! - [`lab`]: network namespaces, the built-in topologies, and what a run targets.
 //! - [`report`]: the report schema, and its renderings (table, JSON, HTML).
-//! - [`signal`]: SIGINT/SIGTERM for every command.
+//! - [`cli`], [`signal`]: what every command shares: bounded values, reports written
+//!   atomically, progress bars, SIGINT/SIGTERM.
 // Set up by the CLI (main.rs) for the log records of the library's modules.
 use env_logger as _;
 // Only the integration tests use it (tests/report.rs parses the HTML page).
@@ -18,6 +19,7 @@ use env_logger as _;
 use roxmltree as _;
 
 pub mod attach;
+pub mod cli;
 pub mod datapath;
 pub mod kernel;
 pub mod lab;

@@ -2,14 +2,15 @@
 // The CLI reaches the package's other dependencies through the library, where the lint applies.
 #![allow(unused_crate_dependencies)]
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use profiler::{
     attach,
+    cli::{duration_within, number_within, output, JsonOut},
     kernel::{doctor, inject, programs::FollowConfig},
-    lab::{self, target::RunTarget, LabOptions, Placement, Topology},
+    lab::{self, target::RunTarget, LabOptions, Lock, Placement, Topology},
     report::{
         schema::{HookSet, Proto},
         table, Format, Report,
@@ -27,6 +28,9 @@ use profiler::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// No progress bar on stderr (there is none when stderr is not a terminal either).
+    #[arg(long, global = true)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -85,9 +89,9 @@ struct AttachCli {
     /// journey on stdout.
     #[arg(long, value_enum, default_value = "summary")]
     mode: AttachMode,
-    /// Seconds to follow (default: until Ctrl-C or SIGTERM).
-    #[arg(long)]
-    duration: Option<f64>,
+    /// How long to follow: 30, 30s, 500ms, 2m, 1h (default: until Ctrl-C or SIGTERM).
+    #[arg(long, value_parser = |s: &str| duration_within(s, Duration::from_millis(1), MAX_ATTACH))]
+    duration: Option<Duration>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) at /metrics.
     #[arg(long)]
     prometheus: Option<std::net::SocketAddr>,
@@ -124,8 +128,14 @@ enum LabCommand {
         #[command(flatten)]
         options: LabOpts,
     },
-    /// Remove a lab and everything it created.
-    Down { name: String },
+    /// Remove a lab and everything it created; with --all, every lab and every leftover the
+    /// profiler recognises as its own (after a crash or a SIGKILL).
+    Down {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
     /// The labs that are up, with their namespaces, interfaces and addresses.
     List {
         #[arg(long)]
@@ -152,22 +162,28 @@ struct DelayCli {
 
 #[derive(Args, Clone)]
 struct LabOpts {
-    /// Both pods on one host, or on two hosts joined by a wire.
-    #[arg(long, value_enum, default_value = "same-host")]
-    placement: Placement,
+    /// Both pods on one host, or on two hosts joined by a wire (default: same-host where the
+    /// topology has it).
+    #[arg(long, value_enum)]
+    placement: Option<Placement>,
     /// MTU of the pods' interfaces (and the overlay device); default: the topology's.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(576..=9000))]
     mtu: Option<u32>,
 }
 
 impl LabOpts {
-    fn options(&self) -> LabOptions {
+    fn options(&self, topology: Topology) -> LabOptions {
         LabOptions {
-            placement: self.placement,
+            placement: self
+                .placement
+                .unwrap_or_else(|| topology.default_placement()),
             mtu: self.mtu,
         }
     }
 }
+
+/// The longest `attach --duration` (30 days; for longer, leave it out: until Ctrl-C).
+const MAX_ATTACH: Duration = Duration::from_secs(30 * 86_400);
 
 #[derive(Args, Clone)]
 struct TrafficOpts {
@@ -176,15 +192,16 @@ struct TrafficOpts {
     /// Request/response exchanges.
     #[arg(long, default_value_t = 1000)]
     count: u32,
-    /// Requests per second (default: next request as soon as the response arrives).
-    #[arg(long)]
+    /// Requests per second, 0.1 to 1000000 (default: next request as soon as the response
+    /// arrives).
+    #[arg(long, value_parser = |s: &str| number_within(s, 0.1, 1e6))]
     rate: Option<f64>,
-    /// Server port of the tagged traffic.
-    #[arg(long, default_value_t = 7373)]
-    port: u16,
-    /// Seconds to wait for a response before counting it lost.
-    #[arg(long, default_value_t = 1.0)]
-    timeout: f64,
+    /// Server port of the tagged traffic (default: one of 20000-59999 chosen by the run).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// How long to wait for a response before counting it lost: 1, 1s, 200ms (up to 1h).
+    #[arg(long, default_value = "1s", value_parser = |s: &str| duration_within(s, Duration::from_millis(1), Duration::from_secs(3600)))]
+    timeout: Duration,
     /// Report each eBPF program's kernel cost per invocation (enables bpf_stats for the run).
     #[arg(long)]
     stats: bool,
@@ -196,10 +213,7 @@ struct TrafficOpts {
 }
 
 impl TrafficOpts {
-    fn run_args(&self, lab: Topology, size: usize) -> Result<RunArgs> {
-        if !(self.timeout > 0.0 && self.timeout.is_finite()) {
-            anyhow::bail!("--timeout must be a positive number of seconds");
-        }
+    fn run_args(&self, lab: Topology, size: usize, quiet: bool) -> Result<RunArgs> {
         let args = RunArgs {
             lab,
             proto: self.proto,
@@ -209,7 +223,8 @@ impl TrafficOpts {
             port: self.port,
             stats: self.stats,
             hooks: self.hooks,
-            timeout: Duration::from_secs_f64(self.timeout),
+            timeout: self.timeout,
+            quiet,
         };
         args.spec(0).validate()?;
         Ok(args)
@@ -223,7 +238,12 @@ struct RunCli {
     lab: Topology,
     /// Profile an existing path instead of a lab: the client runs in this network namespace
     /// ("(root)": this process's own).
-    #[arg(long, requires = "to", value_name = "NETNS")]
+    #[arg(
+        long,
+        requires = "to",
+        value_name = "NETNS",
+        conflicts_with_all = ["placement", "mtu", "keep_lab"]
+    )]
     from: Option<String>,
     /// ... and the server listens on IP in this namespace.
     #[arg(long, requires = "from", value_name = "NETNS:IP")]
@@ -270,7 +290,15 @@ struct CompareCli {
 
 fn main() -> ExitCode {
     env_logger::init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print as clap prints them; bad input gets one line.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("{}", first_paragraph(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -278,10 +306,20 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(anyhow::anyhow!("starting the async runtime: {e}")),
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, cli.quiet)) {
         Ok(code) => code,
         Err(e) => fail(e),
     }
+}
+
+/// clap's message up to its first blank line, on one line.
+fn first_paragraph(message: &str) -> String {
+    message
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn fail(e: anyhow::Error) -> ExitCode {
@@ -289,14 +327,14 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn dispatch(command: Command) -> Result<ExitCode> {
+async fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
     match command {
-        Command::Run(args) => run_command(args).await,
-        Command::Compare(args) => compare_command(args).await,
-        Command::Attach(args) => attach_command(args).await,
+        Command::Run(args) => run_command(args, quiet).await,
+        Command::Compare(args) => compare_command(args, quiet).await,
+        Command::Attach(args) => attach_command(args, quiet).await,
         Command::Lab { command } => {
             doctor::require_privileges()?;
-            lab_command(command).await.map(|()| ExitCode::SUCCESS)
+            lab_command(command).await
         }
         Command::Delay(args) => {
             doctor::require_privileges()?;
@@ -318,17 +356,23 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
-async fn lab_command(command: LabCommand) -> Result<()> {
+async fn lab_command(command: LabCommand) -> Result<ExitCode> {
     match command {
         LabCommand::Up { topology, options } => {
-            let lab = interruptible(lab::up(topology, &options.options())).await?;
+            let options = options.options(topology);
+            lab::check(topology, &options)?;
+            let _lock = Lock::acquire(&lab::lab_name(topology, options.placement))?;
+            let lab = interruptible(lab::up(topology, &options)).await?;
             println!(
                 "lab {} is up: namespaces {}",
                 lab.name,
                 lab.namespaces.join(", ")
             );
         }
-        LabCommand::Down { name } => {
+        LabCommand::Down { all: true, .. } => return down_all().await,
+        LabCommand::Down { name, .. } => {
+            let name = name.unwrap_or_default();
+            let _lock = Lock::acquire(&name)?;
             lab::down(&name).await?;
             println!("lab {name} is down");
         }
@@ -341,7 +385,30 @@ async fn lab_command(command: LabCommand) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lab down --all`: says what it removed, what it left because a live command uses it, and
+/// fails if anything could not be removed.
+async fn down_all() -> Result<ExitCode> {
+    let r = lab::recover::down_all().await?;
+    for line in &r.removed {
+        println!("removed {line}");
+    }
+    for line in &r.in_use {
+        println!("left {line}");
+    }
+    for line in &r.failed {
+        eprintln!("error: could not remove {line}");
+    }
+    if r.removed.is_empty() && r.in_use.is_empty() && r.failed.is_empty() {
+        println!("nothing of the profiler's was left");
+    }
+    Ok(if r.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn delay_command(cli: DelayCli) -> Result<()> {
@@ -387,10 +454,11 @@ fn print_labs(labs: &[lab::Lab]) {
     }
     for lab in labs {
         println!(
-            "{} ({}, {:?})",
+            "{} ({}, {:?}){}",
             lab.name,
             lab.topology.name(),
-            lab.placement
+            lab.placement,
+            owner_note(lab.owner.as_ref())
         );
         for i in &lab.interfaces {
             let mut extra = format!(" mtu {}", i.mtu);
@@ -413,30 +481,49 @@ fn print_labs(labs: &[lab::Lab]) {
     }
 }
 
-async fn run_command(cli: RunCli) -> Result<ExitCode> {
+/// Who made a lab, and whether it was left behind.
+fn owner_note(owner: Option<&lab::Owner>) -> String {
+    match owner {
+        None => String::new(),
+        Some(o) if o.alive() => format!(": in use by profiler {} (pid {})", o.command, o.pid),
+        Some(o) => format!(
+            ": LEFT BEHIND by profiler {} (pid {}, gone); the next run on it or `profiler lab down --all` removes it",
+            o.command, o.pid
+        ),
+    }
+}
+
+async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
+    // Bad input is refused before any work: the report's file, then the run's values.
+    let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
+    let args = cli.traffic.run_args(cli.lab, cli.size, quiet)?;
+    let to = cli.to.as_deref().map(parse_to).transpose()?;
+    if cli.from.is_none() {
+        lab::check(cli.lab, &cli.lab_opts.options(cli.lab))?;
+    }
     doctor::require_privileges()?;
-    let args = cli.traffic.run_args(cli.lab, cli.size)?;
-    let result = match (&cli.from, &cli.to) {
-        (Some(from), Some(to)) => {
-            let (to_ns, addr) = parse_to(to)?;
+    let result = match (&cli.from, to) {
+        (Some(from), Some((to_ns, addr))) => {
             let target = interruptible(RunTarget::path(from, to_ns, addr)).await?;
             interruptible(run::profile(&args, &target)).await
         }
         _ => {
-            let (lab, created) =
-                interruptible(run::ensure_lab(args.lab, &cli.lab_opts.options())).await?;
+            let options = cli.lab_opts.options(cli.lab);
+            let used = interruptible(run::ensure_lab(args.lab, &options, "run")).await?;
             // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
-            let result = interruptible(run::profile(&args, &RunTarget::lab(&lab))).await;
-            if created && !cli.keep_lab {
-                lab::down(&lab.name)
-                    .await
-                    .context("removing the lab this run created")?;
-            }
+            let result = interruptible(run::profile(&args, &RunTarget::lab(&used.lab))).await;
+            used.release(cli.keep_lab).await?;
             result
         }
     };
     let report = result?;
-    output(cli.json.as_deref(), &report, table::run(&report))?;
+    output(json.as_ref(), &report, &table::run(&report))?;
+    if report.traffic.completed == 0 {
+        eprintln!(
+            "error: no exchange completed: the server never answered within --timeout (is it reachable from the client's namespace?)"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     if report.events.lost > 0 && !cli.allow_loss {
         eprintln!(
             "error: the kernel lost {} events; rerun with a lower --rate or pass --allow-loss",
@@ -447,29 +534,31 @@ async fn run_command(cli: RunCli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn compare_command(cli: CompareCli) -> Result<ExitCode> {
-    doctor::require_privileges()?;
+async fn compare_command(cli: CompareCli, quiet: bool) -> Result<ExitCode> {
+    let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
     for &size in &cli.sizes {
-        cli.traffic.run_args(Topology::Bridge, size)?;
+        cli.traffic.run_args(Topology::Bridge, size, quiet)?;
     }
-    let base = cli
-        .traffic
-        .run_args(Topology::Bridge, cli.sizes.first().copied().unwrap_or(64))?;
-    let result =
-        interruptible(compare::compare(&cli.lab, &cli.sizes, cli.placement, &base)).await?;
-    output(cli.json.as_deref(), &result, table::compare(&result))?;
+    let base = cli.traffic.run_args(
+        Topology::Bridge,
+        cli.sizes.first().copied().unwrap_or(64),
+        quiet,
+    )?;
+    doctor::require_privileges()?;
+    // compare handles SIGINT/SIGTERM itself, so that the lab it made goes too.
+    let result = compare::compare(&cli.lab, &cli.sizes, cli.placement, &base).await?;
+    output(json.as_ref(), &result, &table::compare(&result))?;
+    if cli.lab.len() > 1 && result.skipped.len() == cli.lab.len() - 1 {
+        eprintln!("error: every type but the baseline was skipped: nothing was compared");
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn attach_command(cli: AttachCli) -> Result<ExitCode> {
+async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     // Bad input is refused before anything is attached.
+    let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
     let filter = attach::filter::compile(&cli.filter)?;
-    let duration = match cli.duration {
-        Some(d) if !(d > 0.0 && d.is_finite()) => {
-            anyhow::bail!("--duration must be a positive number of seconds, got {d}")
-        }
-        d => d.map(Duration::from_secs_f64),
-    };
     doctor::require(doctor::ATTACH_CAPS)?;
     let args = attach::AttachArgs {
         netns: cli.netns,
@@ -484,17 +573,18 @@ async fn attach_command(cli: AttachCli) -> Result<ExitCode> {
             by_cgroup: !cli.cgroup.is_empty(),
         },
         cgroups: cli.cgroup,
-        duration,
+        duration: cli.duration,
         prometheus: cli.prometheus,
         stats: cli.stats,
         hooks: cli.hooks,
+        quiet,
     };
     let report = attach::attach(&args).await?;
     let table = table::attach(&report);
-    match (&cli.json, cli.mode) {
+    match (&json, cli.mode) {
         // Events own stdout: the summary goes to stderr unless it has a file.
         (None, AttachMode::Events) => eprint!("{table}"),
-        (json, _) => output(json.as_deref(), &report, table)?,
+        (json, _) => output(json.as_ref(), &report, &table)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -503,29 +593,10 @@ async fn attach_command(cli: AttachCli) -> Result<ExitCode> {
 fn parse_to(to: &str) -> Result<(&str, std::net::Ipv4Addr)> {
     let (ns, ip) = to
         .rsplit_once(':')
-        .ok_or_else(|| anyhow::anyhow!("--to takes NETNS:IP, got {to}"))?;
+        .filter(|(ns, _)| !ns.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("--to takes NETNS:IP, got {to:?}"))?;
     let addr = ip
         .parse()
-        .map_err(|_| anyhow::anyhow!("--to: {ip} is not an IPv4 address"))?;
+        .map_err(|_| anyhow::anyhow!("--to {to}: {ip:?} is not an IPv4 address"))?;
     Ok((ns, addr))
-}
-
-/// JSON to FILE (then the table too), JSON alone to stdout for "-", else the table.
-fn output(
-    json: Option<&std::path::Path>,
-    value: &impl serde::Serialize,
-    table: String,
-) -> Result<()> {
-    match json {
-        Some(p) if p.as_os_str() == "-" => println!("{}", serde_json::to_string_pretty(value)?),
-        Some(p) => {
-            let mut f =
-                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
-            serde_json::to_writer_pretty(&mut f, value)?;
-            writeln!(f)?;
-            print!("{table}");
-        }
-        None => print!("{table}"),
-    }
-    Ok(())
 }

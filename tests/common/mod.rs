@@ -202,6 +202,16 @@ pub fn assert_clean_of(lab: &str) {
     );
     let loaded = our_programs();
     assert!(loaded.is_empty(), "BPF programs left loaded: {loaded:?}");
+    for dir in [profiler::lab::STATE_DIR, profiler::lab::owner::LOCK_DIR] {
+        let left: Vec<_> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| lab.is_empty() || n.starts_with(&format!("{lab}.")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "left in {dir}: {left:?}");
+    }
 }
 
 pub fn our_programs() -> Vec<String> {

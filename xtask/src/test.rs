@@ -10,6 +10,13 @@ use std::process::Command;
 const PROG_PREFIXES: [&str; 8] = ["tp_", "raw_", "ftp_", "fraw_", "kp_", "fkp_", "tc_", "prof"];
 /// Prefix of the network namespaces the labs and tests create.
 const NETNS_PREFIX: &str = "prof-";
+/// What the profiler keeps under /run/profiler while a lab is up or a command uses one: lab
+/// state files, OVS daemons' directories, lock files.
+const RUN_DIRS: [&str; 3] = [
+    "/run/profiler/labs",
+    "/run/profiler/ovs",
+    "/run/profiler/locks",
+];
 
 pub fn run(args: &[String]) -> Result<()> {
     cmd::require_root("test", "runs eBPF and network-namespace tests")?;
@@ -51,6 +58,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Ok(())
     } else {
         vm::test_kernels(&vm_kernels, harness_args)
+            .and_then(|()| leak_check("left behind by the VM tests (QEMU)"))
     };
     tests.and(leaks).and(vm_tests)
 }
@@ -72,12 +80,14 @@ fn vm_kernels() -> Result<Vec<vm::Series>> {
 
 fn leak_check(whose: &str) -> Result<()> {
     let mut leaks = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/run/netns") {
-        for entry in entries {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            if name.starts_with(NETNS_PREFIX) {
-                leaks.push(format!("network namespace {name} (ip netns delete {name})"));
-            }
+    for name in entries("/run/netns") {
+        if name.starts_with(NETNS_PREFIX) {
+            leaks.push(format!("network namespace {name} (ip netns delete {name})"));
+        }
+    }
+    for dir in RUN_DIRS {
+        for name in entries(dir) {
+            leaks.push(format!("{dir}/{name} (profiler lab down --all)"));
         }
     }
     let progs = cmd::output(Command::new("bpftool").args(["prog", "show", "-j"]))?;
@@ -88,17 +98,75 @@ fn leak_check(whose: &str) -> Result<()> {
             ));
         }
     }
+    let links = cmd::output(Command::new("ip").args(["-o", "link", "show"]))?;
+    for name in temporary_devices(&links) {
+        leaks.push(format!(
+            "temporary device {name} in the root namespace (profiler lab down --all)"
+        ));
+    }
+    let qdiscs = cmd::output(Command::new("tc").args(["qdisc", "show"]))?;
+    for line in qdiscs.lines().filter(|l| l.starts_with("qdisc clsact")) {
+        leaks.push(format!(
+            "{line} in the root namespace (tc qdisc del dev DEV clsact)"
+        ));
+    }
+    for (pid, name) in processes() {
+        if name.starts_with("qemu-system")
+            || name.starts_with("ovs-vswitchd")
+            || name.starts_with("ovsdb-server")
+        {
+            leaks.push(format!("process {pid} ({name})"));
+        }
+    }
     if leaks.is_empty() {
-        println!("no leftover network namespaces or BPF programs");
+        println!("nothing left: no lab namespaces, state, OVS daemons, lock files, BPF programs, temporary devices, clsact qdiscs or QEMU processes");
         return Ok(());
     }
     for leak in &leaks {
         eprintln!("leak: {leak}");
     }
-    bail!(
-        "{} leftover network namespace(s) or BPF program(s) {whose}",
-        leaks.len()
-    )
+    bail!("{} leftover(s) {whose}", leaks.len())
+}
+
+/// The names in `dir` (none if it does not exist).
+fn entries(dir: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The labs' temporary devices ("pf<pid>x<n>", see profiler's lab/setup.rs) in `ip -o link`.
+fn temporary_devices(ip_o_link: &str) -> Vec<String> {
+    ip_o_link
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name))
+        .filter(|name| {
+            name.strip_prefix("pf")
+                .and_then(|rest| rest.split_once('x'))
+                .is_some_and(|(pid, n)| {
+                    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+                    digits(pid) && digits(n)
+                })
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every process: pid and command name.
+fn processes() -> Vec<(u32, String)> {
+    entries("/proc")
+        .into_iter()
+        .filter_map(|pid| {
+            let pid: u32 = pid.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            Some((pid, comm.trim().to_string()))
+        })
+        .collect()
 }
 
 /// The string values of every `"key": "..."` in a JSON text (enough for bpftool's output,
@@ -127,6 +195,15 @@ fn json_strings<'a>(json: &'a str, key: &str) -> Vec<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::json_strings;
+
+    #[test]
+    fn finds_temporary_devices_in_ip_link_output() {
+        let out = "1: lo: <LOOPBACK,UP> mtu 65536 qdisc noqueue\n\
+                   7: pf123x0@pf123x1: <BROADCAST> mtu 1500\n\
+                   9: pfx: <BROADCAST> mtu 1500\n\
+                   10: eth0: <UP> mtu 1500\n";
+        assert_eq!(super::temporary_devices(out), ["pf123x0"]);
+    }
 
     #[test]
     fn finds_names_in_bpftool_json() {

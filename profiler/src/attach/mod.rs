@@ -21,6 +21,7 @@ use anyhow::{bail, Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 
 use crate::{
+    cli,
     datapath::{path::Attached, Mode},
     kernel::{
         self,
@@ -35,7 +36,6 @@ use events::OpenJourneys;
 use histograms::{journey_counts, read_segments};
 use scope::{scope, Namer};
 
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// How often the Prometheus snapshot is refreshed from the kernel's histograms.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 
@@ -53,6 +53,8 @@ pub struct AttachArgs {
     /// Measure each program's kernel cost (bpf_stats) while attached.
     pub stats: bool,
     pub hooks: HookSet,
+    /// No progress on stderr.
+    pub quiet: bool,
 }
 
 /// Attaches, follows until the duration ends or SIGINT/SIGTERM arrives, and reports. Whatever
@@ -172,8 +174,13 @@ async fn follow_loop(
     let mut snap = tokio::time::interval(SNAPSHOT_EVERY);
     let mut journeys = OpenJourneys::new(args.follow.max_gap_ns);
     let begun = Instant::now();
-    let mut last_progress = Instant::now();
-    eprintln!("attach: following; stop with Ctrl-C");
+    let progress = match args.duration {
+        Some(d) => cli::progress(d.as_secs().max(1), "s", args.quiet),
+        None => cli::spinner(args.quiet),
+    };
+    if !args.quiet {
+        eprintln!("attach: following; stop with Ctrl-C");
+    }
     loop {
         tokio::select! {
             _ = &mut deadline => break,
@@ -185,14 +192,11 @@ async fn follow_loop(
             }
             _ = snap.tick() => {
                 let (counts, lost) = journey_counts(state.programs)?;
-                if last_progress.elapsed() >= PROGRESS_EVERY {
-                    last_progress = Instant::now();
-                    eprintln!(
-                        "attach: {:.0} s, {} journeys started, {lost} events lost",
-                        begun.elapsed().as_secs_f64(),
-                        counts.started,
-                    );
-                }
+                progress.set_position(begun.elapsed().as_secs());
+                progress.set_message(format!(
+                    "{} journeys started, {lost} events lost",
+                    counts.started
+                ));
                 if let Some(snapshot) = state.snapshot {
                     let segments = read_segments(state.programs, namer)?;
                     *snapshot.write().unwrap_or_else(|e| e.into_inner()) = metrics::Snapshot {

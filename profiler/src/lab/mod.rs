@@ -14,11 +14,14 @@ pub mod discover;
 pub mod netns;
 mod nl;
 mod ovs;
+pub mod owner;
+pub mod recover;
 mod setup;
 mod spec;
 mod state;
 pub mod target;
 
+pub use owner::{Lock, Owner};
 pub use state::STATE_DIR;
 
 #[derive(
@@ -148,6 +151,17 @@ pub struct LabOptions {
 
 const CROSS_HOST_SUFFIX: &str = "-xhost";
 
+impl Topology {
+    /// The placement used when none is given: same-host where the topology has it.
+    pub fn default_placement(self) -> Placement {
+        if spec::Spec::of(self, Placement::SameHost, None).is_ok() {
+            Placement::SameHost
+        } else {
+            Placement::CrossHost
+        }
+    }
+}
+
 /// The lab's name: the topology's, with "-xhost" when cross-host ("bridge-xhost"); its
 /// namespaces are prof-NAME-ROLE.
 pub fn lab_name(topology: Topology, placement: Placement) -> String {
@@ -186,6 +200,10 @@ pub struct Lab {
     pub client: Endpoint,
     /// pod-b (host-b for `host`)
     pub server: Endpoint,
+    /// The run that made the lab and removes it when it ends; None: made by `lab up`, kept
+    /// until `lab down`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -236,10 +254,27 @@ pub struct Endpoint {
 /// Builds the lab of `topology` as `options` say. An unsupported combination fails before
 /// anything is created; on a later failure, or if the returned future is dropped (Ctrl-C),
 /// everything created so far is removed again.
-pub async fn up(topology: Topology, options: &LabOptions) -> Result<Lab> {
+/// Fails in one line if `topology` cannot be built as `options` say (placement, MTU), before
+/// anything is made.
+pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
         bail!("--mtu must be between 576 and 9000");
     }
+    spec::Spec::of(topology, options.placement, options.mtu).map(drop)
+}
+
+pub async fn up(topology: Topology, options: &LabOptions) -> Result<Lab> {
+    build(topology, options, None).await
+}
+
+/// Like `up`, for a lab that `owner` (a run) removes when it ends: if the owner dies first, the
+/// next run, `lab list` and `lab down --all` know the lab was left behind.
+pub async fn up_owned(topology: Topology, options: &LabOptions, owner: Owner) -> Result<Lab> {
+    build(topology, options, Some(owner)).await
+}
+
+async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -> Result<Lab> {
+    check(topology, options)?;
     let spec = spec::Spec::of(topology, options.placement, options.mtu)?;
     let name = lab_name(topology, options.placement);
     if leftovers(&name, &spec) {
@@ -251,10 +286,26 @@ pub async fn up(topology: Topology, options: &LabOptions) -> Result<Lab> {
     let mut undo = setup::Undo::default();
     let built = setup::build(&name, topology, options, &spec, &mut undo).await;
     let lab = built
+        .map(|lab| Lab { owner, ..lab })
         .and_then(|lab| state::save(&lab).map(|()| lab))
         .map_err(|e| explain(topology, e))?;
     undo.disarm();
     Ok(lab)
+}
+
+/// Whether any part of lab `name` exists without its state file (a build that was killed).
+pub fn has_parts(name: &str) -> bool {
+    parse_lab_name(name)
+        .and_then(|(t, p)| spec::Spec::of(t, p, None).ok())
+        .is_some_and(|spec| leftovers(name, &spec))
+}
+
+/// The lab becomes one that `lab up` made: it stays when the command that made it ends.
+pub fn disown(name: &str) -> Result<()> {
+    match state::load(name)? {
+        Some(lab) => state::save(&Lab { owner: None, ..lab }),
+        None => bail!("no lab named {name} is up"),
+    }
 }
 
 /// Whether anything of lab `name` exists: its state, a namespace, an OVS directory.
@@ -333,6 +384,7 @@ mod tests {
                 ifname: "eth0".into(),
                 addr: Ipv4Addr::new(198, 18, 0, 2),
             },
+            owner: None,
         }
     }
 

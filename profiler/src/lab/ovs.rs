@@ -17,7 +17,7 @@ use super::spec::{OvsBridge, OvsPortKind};
 use super::Lacks;
 
 /// Each lab host's OVS directory is RUN_DIR/LAB-ROLE.
-const RUN_DIR: &str = "/run/profiler/ovs";
+pub(super) const RUN_DIR: &str = "/run/profiler/ovs";
 const SCHEMA: &str = "/usr/share/openvswitch/vswitch.ovsschema";
 /// What the labs run, and the Debian package that has it.
 const PROGRAMS: [(&str, &str); 5] = [

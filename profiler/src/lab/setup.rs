@@ -240,11 +240,15 @@ async fn reserve_ifindexes(n: usize, undo: &mut Undo) -> Result<Vec<u32>> {
     Ok(indexes)
 }
 
+/// The prefix of temporary device names: "pf", the creating process's pid (mod 100000), "x",
+/// a counter.
+pub(super) const TEMP_PREFIX: &str = "pf";
+
 /// Unique in the caller's namespace while this process lives, and within IFNAMSIZ.
 fn temp_name() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed) % 1_000_000;
-    format!("pf{}x{n}", std::process::id() % 100_000)
+    format!("{TEMP_PREFIX}{}x{n}", std::process::id() % 100_000)
 }
 
 /// Inside namespace `role`: lo up, the bridges that live here (with reserved ifindexes), then
@@ -363,6 +367,7 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
         interfaces,
         client: endpoint(spec.client)?,
         server: endpoint(spec.server)?,
+        owner: None,
     })
 }
 

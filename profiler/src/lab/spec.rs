@@ -343,8 +343,11 @@ impl Spec {
     }
 }
 
+/// What every lab namespace's name starts with.
+pub(super) const NETNS_PREFIX: &str = "prof-";
+
 pub(super) fn netns_name(lab: &str, role: &str) -> String {
-    format!("prof-{lab}-{role}")
+    format!("{NETNS_PREFIX}{lab}-{role}")
 }
 
 fn pod(role: &'static str, addr: Ipv4Addr, mtu: Option<u32>) -> End {

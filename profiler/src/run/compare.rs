@@ -7,10 +7,11 @@ use anyhow::{bail, Result};
 
 use super::{ensure_lab, profile, RunArgs};
 use crate::{
-    lab::{self, target::RunTarget, LabOptions, Placement, Topology},
+    lab::{self, target::RunTarget, Lab, LabOptions, Placement, Topology},
     report::schema::{
         CompareReport, CompareRow, Contributor, DirectionReport, RunReport, Skipped, COMPARE_SCHEMA,
     },
+    signal::{interruptible, is_interruption},
 };
 
 /// How many segments to name per type: the largest contributors to its difference.
@@ -35,9 +36,10 @@ pub async fn compare(
     let mut runs = Vec::new();
     let mut skipped = Vec::new();
     for (i, &t) in types.iter().enumerate() {
-        let (lab, created) = match ensure_lab(t, &options).await {
-            Ok(up) => up,
-            Err(e) if i > 0 => {
+        // Ctrl-C while a lab comes up: `up` removes what it made.
+        let used = match interruptible(ensure_lab(t, &options, "compare")).await {
+            Ok(used) => used,
+            Err(e) if i > 0 && !is_interruption(&e) => {
                 eprintln!("skipping {}: {e:#}", t.name());
                 skipped.push(Skipped {
                     topology: lab::lab_name(t, placement),
@@ -45,31 +47,12 @@ pub async fn compare(
                 });
                 continue;
             }
-            Err(e) => return Err(e.context("the baseline lab")),
+            Err(e) if i == 0 => return Err(e.context("the baseline lab")),
+            Err(e) => return Err(e),
         };
-        let mut result = Ok(());
-        for &size in sizes {
-            eprintln!("== {} at {size} B", lab.name);
-            match profile(
-                &RunArgs {
-                    lab: t,
-                    size,
-                    ..base.clone()
-                },
-                &RunTarget::lab(&lab),
-            )
-            .await
-            {
-                Ok(r) => runs.push(r),
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        if created {
-            lab::down(&lab.name).await?;
-        }
+        // Ctrl-C while profiling: the lab this compare made still goes.
+        let result = interruptible(profile_sizes(t, sizes, base, &used.lab, &mut runs)).await;
+        used.release(false).await?;
         result?;
     }
     let summary = summarize(&runs);
@@ -80,6 +63,26 @@ pub async fn compare(
         skipped,
         runs,
     })
+}
+
+/// Profiles `lab` at each size, adding the reports to `runs`.
+async fn profile_sizes(
+    topology: Topology,
+    sizes: &[usize],
+    base: &RunArgs,
+    lab: &Lab,
+    runs: &mut Vec<RunReport>,
+) -> Result<()> {
+    for &size in sizes {
+        eprintln!("== {} at {size} B", lab.name);
+        let args = RunArgs {
+            lab: topology,
+            size,
+            ..base.clone()
+        };
+        runs.push(profile(&args, &RunTarget::lab(lab)).await?);
+    }
+    Ok(())
 }
 
 fn request(r: &RunReport) -> Option<&DirectionReport> {

@@ -20,6 +20,7 @@ use profiler_common::{Event, COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST, DIR_
 use tokio::sync::oneshot;
 
 use crate::{
+    cli,
     datapath::{
         path::{self, Attached, Inodes},
         HopKey, Mode,
@@ -33,7 +34,7 @@ use crate::{
     lab::{
         self, discover,
         target::{Devices, RunTarget},
-        Lab, LabOptions, Topology,
+        Lab, LabOptions, Lock, Owner, Topology,
     },
     report::schema::{
         DirectionReport, DropReport, EventsReport, HookSet, Hop, MissingHop, OtherPath, RunReport,
@@ -53,8 +54,12 @@ pub struct RunArgs {
     pub size: usize,
     pub count: u32,
     pub rate: Option<f64>,
-    pub port: u16,
+    /// Server port of the tagged traffic; None: one chosen from the run id, so that runs on
+    /// different labs at once do not share one.
+    pub port: Option<u16>,
     pub stats: bool,
+    /// No progress bar.
+    pub quiet: bool,
     pub hooks: HookSet,
     pub timeout: Duration,
 }
@@ -72,7 +77,7 @@ impl RunArgs {
             count: self.count,
             rate: self.rate,
             run_id,
-            port: self.port,
+            port: self.port.unwrap_or_else(|| port_of(run_id)),
             timeout: self.timeout,
         }
     }
@@ -95,7 +100,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         &btf,
         &LoadConfig {
             run_id,
-            port: args.port,
+            port: spec.port,
             ..Default::default()
         },
     )?;
@@ -108,7 +113,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     let (stop_tx, stop_rx) = oneshot::channel();
     let collector = tokio::spawn(ring::collect(programs.take_events()?, stop_rx));
     let progress = Arc::new(AtomicU32::new(0));
-    let reporter = tokio::spawn(report_progress(progress.clone(), spec.count));
+    let reporter = tokio::spawn(report_progress(progress.clone(), spec.count, args.quiet));
     let outcome = traffic::run(&spec, &ends, progress).await;
     reporter.abort();
     tokio::time::sleep(DRAIN).await;
@@ -262,14 +267,22 @@ async fn warm_up(spec: &Spec, ends: &Endpoints) -> Result<()> {
     Ok(())
 }
 
-/// Progress on stderr once a second for long runs.
-async fn report_progress(done: Arc<AtomicU32>, total: u32) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
+/// The exchanges done so far, as a progress bar on stderr.
+async fn report_progress(done: Arc<AtomicU32>, total: u32, quiet: bool) {
+    let bar = cli::progress(total.into(), "exchanges", quiet);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
-        eprintln!("  {} / {} exchanges", done.load(Ordering::Relaxed), total);
+        bar.set_position(done.load(Ordering::Relaxed).into());
     }
+}
+
+/// A port from the dynamic range that is the run's own: runs on different labs at once do not
+/// meet on one port (their programs would read each other's packets).
+fn port_of(run_id: u32) -> u16 {
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 40_000;
+    (FIRST + run_id % COUNT) as u16
 }
 
 fn rand_run_id() -> u32 {
@@ -278,20 +291,74 @@ fn rand_run_id() -> u32 {
     ((t ^ (t >> 32) ^ std::process::id() as u64) as u32) | 1
 }
 
-/// Brings the lab up if it is not, and says whether this call did (so it must take it down).
-pub async fn ensure_lab(topology: Topology, options: &LabOptions) -> Result<(Lab, bool)> {
+/// A lab a command uses: the lab, whether the command made it (and so removes it), and the
+/// lock that keeps other commands off it meanwhile.
+pub struct LabUse {
+    pub lab: Lab,
+    pub created: bool,
+    _lock: Lock,
+}
+
+impl LabUse {
+    /// Ends the use: a lab this command made is removed, or with `keep` left up as if `lab up`
+    /// had made it; then the lock goes.
+    pub async fn release(self, keep: bool) -> Result<()> {
+        if !self.created {
+            return Ok(());
+        }
+        if keep {
+            lab::disown(&self.lab.name)
+        } else {
+            lab::down(&self.lab.name)
+                .await
+                .context("removing the lab this command made")
+        }
+    }
+}
+
+/// Takes the lab's lock (or fails naming who holds it), then brings the lab up if it is not,
+/// owned by `command` of this process. A lab whose owning run died without removing it (or a
+/// build that was killed midway) is removed first, with a notice, and built again.
+pub async fn ensure_lab(topology: Topology, options: &LabOptions, command: &str) -> Result<LabUse> {
     let name = lab::lab_name(topology, options.placement);
-    match lab::get(&name)? {
+    let lock = Lock::acquire(&name)?;
+    let existing = lab::get(&name)?;
+    let abandoned = existing
+        .as_ref()
+        .and_then(|l| l.owner.clone())
+        .filter(|o| !o.alive());
+    if let Some(o) = &abandoned {
+        eprintln!(
+            "notice: lab {name} was made by profiler {} (pid {}), which ended without removing it; removing it",
+            o.command, o.pid
+        );
+        lab::down(&name).await?;
+    } else if existing.is_none() && lab::has_parts(&name) {
+        eprintln!(
+            "notice: parts of lab {name} were left by a build that did not finish; removing them"
+        );
+        lab::down(&name).await?;
+    }
+    match existing.filter(|_| abandoned.is_none()) {
         Some(lab) if options.mtu.is_some() && options.mtu != lab.mtu => {
             anyhow::bail!(
                 "lab {name} is already up with another MTU ({}); take it down first (profiler lab down {name})",
                 lab.mtu.map_or("the topology's default".to_string(), |m| m.to_string())
             )
         }
-        Some(lab) => Ok((lab, false)),
+        Some(lab) => Ok(LabUse {
+            lab,
+            created: false,
+            _lock: lock,
+        }),
         None => {
             eprintln!("bringing up lab {name}");
-            Ok((lab::up(topology, options).await?, true))
+            let lab = lab::up_owned(topology, options, Owner::me(command)).await?;
+            Ok(LabUse {
+                lab,
+                created: true,
+                _lock: lock,
+            })
         }
     }
 }
