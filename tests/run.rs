@@ -291,3 +291,125 @@ fn existing_path_between_namespaces() {
     }
     assert_clean();
 }
+
+/// Runs `ip ARGS`, which must succeed.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A node as container runtimes build it, with plain `ip`: two pod namespaces, each with an
+/// `eth0` of the same ifindex, whose veth peers are ports of a bridge in this namespace.
+/// Removed on drop (the pods' namespaces take their veths, and the peers, with them).
+struct RuntimeNode;
+
+impl RuntimeNode {
+    const PODS: [(&'static str, &'static str, &'static str); 2] = [
+        ("prof-rt-c1", "vethrtc1", "198.18.240.1/24"),
+        ("prof-rt-c2", "vethrtc2", "198.18.240.2/24"),
+    ];
+    const BRIDGE: &'static str = "brrt0";
+
+    fn new() -> RuntimeNode {
+        let node = RuntimeNode;
+        ip(&["link", "add", Self::BRIDGE, "type", "bridge"]);
+        ip(&["link", "set", Self::BRIDGE, "up"]);
+        for (ns, peer, addr) in Self::PODS {
+            ip(&["netns", "add", ns]);
+            // The same ifindex in both pods, as every pod's eth0 usually has.
+            ip(&[
+                "-n", ns, "link", "add", "eth0", "index", "5", "type", "veth", "peer", "name",
+                peer, "netns", "1",
+            ]);
+            ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["link", "set", peer, "master", Self::BRIDGE, "up"]);
+        }
+        node
+    }
+}
+
+impl Drop for RuntimeNode {
+    fn drop(&mut self) {
+        for (ns, _, _) in Self::PODS {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "delete", Self::BRIDGE])
+            .status();
+    }
+}
+
+/// Two pods' eth0 share an ifindex: every hop, tc's included, must still be named after the
+/// right device, because each event carries its device's namespace.
+#[test]
+fn pods_with_the_same_ifindex_are_told_apart() {
+    let node = RuntimeNode::new();
+    let out = profiler(&[
+        "run",
+        "--from",
+        "prof-rt-c1",
+        "--to",
+        "prof-rt-c2:198.18.240.2",
+        "--count",
+        "300",
+        "--json",
+        "-",
+        "--quiet",
+    ]);
+    drop(node);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    for (dir, sender, receiver) in [
+        ("request", "prof-rt-c1", "prof-rt-c2"),
+        ("response", "prof-rt-c2", "prof-rt-c1"),
+    ] {
+        let d = common::direction(&r, dir);
+        assert_eq!(d["complete_packets"], 300, "{dir}");
+        let segments = segment_names(d);
+        assert_eq!(segments[1], "egress to queue eth0", "{dir}: {segments:?}");
+        let last_device = segments[segments.len() - 2];
+        assert_eq!(
+            last_device, "receive to ingress eth0",
+            "{dir}: {segments:?}"
+        );
+        assert!(
+            segments
+                .iter()
+                .any(|s| *s == "bridge brrt0 (vethrtc1 -> vethrtc2)"
+                    || *s == "bridge brrt0 (vethrtc2 -> vethrtc1)"),
+            "{dir}: {segments:?}"
+        );
+        // Every hop on an eth0 is in the pod it belongs to: the sender's first, then the
+        // receiver's.
+        let hops: Vec<&Value> = d["hops"].as_array().unwrap().iter().collect();
+        let pods: Vec<&str> = hops
+            .iter()
+            .filter(|h| h["ifname"] == "eth0")
+            .map(|h| h["netns"].as_str().unwrap())
+            .collect();
+        let switch = pods
+            .iter()
+            .position(|p| *p == receiver)
+            .expect("receiver hops");
+        assert!(
+            pods[..switch].iter().all(|p| *p == sender)
+                && pods[switch..].iter().all(|p| *p == receiver),
+            "{dir}: eth0 hops by namespace: {pods:?}"
+        );
+        // No hop is named "((root))".
+        for h in hops {
+            assert!(!h["name"].as_str().unwrap().contains("(("), "{}", h["name"]);
+        }
+    }
+    assert_clean();
+}

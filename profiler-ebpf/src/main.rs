@@ -329,9 +329,12 @@ device_tracepoint!(
 fn on_tc(ctx: &TcContext, hook: HookId) -> i32 {
     let ts = unsafe { bpf_ktime_get_ns() };
     if let Some(found) = parse::find_tag(ctx, global(&PORT), global(&RUN_ID)) {
-        // tc cannot see the device's namespace: userspace knows it from where it attached.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        emit(hook as u8, &found, ifindex, 0, ctx.len(), 0, ts);
+        // __sk_buff has no namespace, but the context is the kernel's sk_buff: its device's
+        // namespace is read as the tracepoints read it (two ifindexes may be alike in two
+        // namespaces, as every pod's eth0 is).
+        let skb = ctx.skb.skb as *const u8;
+        let (ifindex, netns) = skb::dev_identity::<Probed>(skb::dev::<Probed>(skb));
+        emit(hook as u8, &found, ifindex, netns, ctx.len(), 0, ts);
     }
     // TC_ACT_UNSPEC (TCX_NEXT): never decide the packet's fate, let the next program run.
     TC_ACT_UNSPEC

@@ -36,14 +36,12 @@ pub fn ebpf_object() -> Result<&'static [u8]> {
     Ok(EBPF_OBJECT)
 }
 
-/// A tc attachment: tc events carry only the ifindex, so this says which namespace it was in.
+/// A tc attachment, kept to detach it in its namespace.
 #[derive(Debug)]
 pub struct TcAttachment {
     pub hook: HookId,
     pub netns: Option<String>,
-    pub netns_inode: u32,
     pub ifname: String,
-    pub ifindex: u32,
     link: SchedClassifierLinkId,
 }
 
@@ -306,8 +304,8 @@ impl Programs {
             TcAttachType::Egress
         };
         // Interface names and tc links resolve in the calling thread's namespace.
-        let (link, ifindex, netns_inode) = netns::run_in(ns, || {
-            let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|e| {
+        let link = netns::run_in(ns, || {
+            nix::net::if_::if_nametoindex(ifname).map_err(|e| {
                 anyhow!(
                     "unknown interface {ifname}{}: {e}",
                     ns.map(|n| format!(" in netns {n}")).unwrap_or_default()
@@ -317,15 +315,12 @@ impl Programs {
                 // Before tcx, tc programs hang off a clsact qdisc.
                 let _ = aya::programs::tc::qdisc_add_clsact(ifname);
             }
-            let link = p.attach(ifname, kind)?;
-            Ok((link, ifindex, netns::current_inode()?))
+            Ok(p.attach(ifname, kind)?)
         })?;
         Ok(TcAttachment {
             hook: spec.id,
             netns: ns.map(str::to_string),
-            netns_inode,
             ifname: ifname.to_string(),
-            ifindex,
             link,
         })
     }

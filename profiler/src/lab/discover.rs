@@ -89,7 +89,6 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
                     name_of(r.link)
                 },
                 mtu: r.mtu,
-                local_ifindex: false,
             }
         })
         .collect();

@@ -236,12 +236,6 @@ pub struct LabIface {
     /// 0 in state files written before MTUs were recorded.
     #[serde(default)]
     pub mtu: u32,
-    /// A lab device numbered by the kernel inside its own namespace (Open vSwitch's devices)
-    /// rather than from the lab's reserved ifindexes: the same ifindex may name another device
-    /// of the lab in another namespace. Hops name it by namespace and ifindex; tc, whose events carry
-    /// no namespace, must not be attached to it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub local_ifindex: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -372,7 +366,6 @@ mod tests {
                 master: None,
                 link: None,
                 mtu: 1500,
-                local_ifindex: false,
             }],
             client: Endpoint {
                 netns: "prof-veth-pod-a".into(),

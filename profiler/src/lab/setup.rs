@@ -313,7 +313,6 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
             master: spec.master_of(at).map(str::to_string),
             link: None,
             mtu,
-            local_ifindex: false,
         })
     };
     let mut interfaces = Vec::new();
@@ -339,9 +338,7 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
     }
     for bridge in &spec.ovs {
         for (dev, kind) in bridge.devices() {
-            let mut i = iface((bridge.role, dev), kind)?;
-            i.local_ifindex = true;
-            interfaces.push(i);
+            interfaces.push(iface((bridge.role, dev), kind)?);
         }
     }
     let endpoint = |at: Place| -> Result<Endpoint> {

@@ -37,11 +37,9 @@ impl RunTarget {
             },
             client: lab.client.clone(),
             server: lab.server.clone(),
-            // tc events carry no namespace: only devices with a lab-unique ifindex.
             attach: lab
                 .interfaces
                 .iter()
-                .filter(|i| !i.local_ifindex)
                 .map(|i| (i.netns.clone(), i.ifname.clone()))
                 .collect(),
         }

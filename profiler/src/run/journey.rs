@@ -35,14 +35,8 @@ pub struct Sorted {
     pub fragments: u64,
 }
 
-/// Turns kernel events into observations. tc events carry no namespace, so `tc_netns` says which
-/// namespace each (hook, ifindex) tc attachment is in. Drops and fragments are set apart.
-pub fn observations(
-    events: &[Event],
-    stamps: &[Stamp],
-    app_netns: [u32; 2],
-    tc_netns: &HashMap<(HookId, u32), u32>,
-) -> Sorted {
+/// Turns kernel events into observations; drops and fragments are set apart.
+pub fn observations(events: &[Event], stamps: &[Stamp], app_netns: [u32; 2]) -> Sorted {
     let mut out = Sorted {
         observations: Vec::with_capacity(events.len() + stamps.len()),
         ..Default::default()
@@ -59,15 +53,9 @@ pub fn observations(
             out.drops.push(*ev);
             continue;
         }
-        let netns = match hook {
-            HookId::TcIngress | HookId::TcEgress => {
-                tc_netns.get(&(hook, ev.ifindex)).copied().unwrap_or(0)
-            }
-            _ => ev.netns,
-        };
         let hop = HopKey {
             point: Point::Hook(hook),
-            netns,
+            netns: ev.netns,
             ifindex: ev.ifindex,
         };
         out.observations.push(Observation {
@@ -456,10 +444,11 @@ mod tests {
     }
 
     #[test]
-    fn observations_split_drops_and_resolve_tc_namespaces() {
+    fn observations_split_drops_and_keep_each_hops_namespace() {
         let tc = Event {
             hook: HookId::TcEgress as u8,
             ifindex: 5,
+            netns: 77,
             ts_ns: 1,
             ..Default::default()
         };
@@ -475,13 +464,12 @@ mod tests {
             send_ns: 10,
             recv_ns: 20,
         }];
-        let tc_netns = HashMap::from([((HookId::TcEgress, 5), 77)]);
         let frag = Event {
             hook: HookId::NetifRx as u8,
             flags: FLAG_FRAGMENT,
             ..Default::default()
         };
-        let sorted = observations(&[tc, drop, frag], &stamps, [1, 2], &tc_netns);
+        let sorted = observations(&[tc, drop, frag], &stamps, [1, 2]);
         let (obs, drops) = (&sorted.observations, &sorted.drops);
         assert_eq!((drops.len(), sorted.fragments), (1, 1));
         assert_eq!(obs[0].hop.netns, 77);

@@ -7,7 +7,7 @@ pub mod journey;
 pub mod traffic;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::{
         atomic::{AtomicU32, Ordering},
         Arc,
@@ -125,13 +125,8 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
 
     let inodes = Inodes::of(&lab.devices)?;
     let attached = Attached::from_statuses(&programs.statuses);
-    let tc_netns: HashMap<_, _> = programs
-        .tc
-        .iter()
-        .map(|a| ((a.hook, a.ifindex), a.netns_inode))
-        .collect();
     let app_netns = [inodes.get(&lab.client.netns), inodes.get(&lab.server.netns)];
-    let sorted = journey::observations(&events, &outcome.stamps, app_netns, &tc_netns);
+    let sorted = journey::observations(&events, &outcome.stamps, app_netns);
     let mut directions = Vec::new();
     let mut incomplete = 0;
     for (dir, name) in [(DIR_REQUEST, "request"), (DIR_RESPONSE, "response")] {
@@ -178,7 +173,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
             incomplete_packets: incomplete,
             unreadable: counters[COUNTER_UNREADABLE as usize],
             fragments: sorted.fragments,
-            drops: drop_report(&sorted.drops, lab, &btf),
+            drops: drop_report(&sorted.drops, lab, &inodes, &btf),
         },
         hook_set,
         hooks: programs.statuses.clone(),
@@ -230,16 +225,22 @@ fn segment_reports(
         .collect()
 }
 
-fn drop_report(drops: &[Event], lab: &RunTarget, btf: &KernelBtf) -> Vec<DropReport> {
+fn drop_report(
+    drops: &[Event],
+    lab: &RunTarget,
+    inodes: &Inodes,
+    btf: &KernelBtf,
+) -> Vec<DropReport> {
     let reasons = btf.drop_reasons();
     let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
     for d in drops {
         let reason = reasons.name(d.drop_reason);
+        // An ifindex names a device only within its namespace.
         let ifname = lab
             .devices
             .interfaces
             .iter()
-            .find(|i| i.ifindex == d.ifindex)
+            .find(|i| i.ifindex == d.ifindex && inodes.get(&i.netns) == d.netns)
             .map_or(format!("ifindex {}", d.ifindex), |i| i.ifname.clone());
         *counts.entry((reason, ifname)).or_default() += 1;
     }
