@@ -13,8 +13,16 @@ fn refused(args: &[&str], want: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} was accepted: {err}");
     assert!(err.contains(want), "{args:?}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line, got {err}");
-    assert!(out.stdout.is_empty(), "{args:?} printed {:?}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: one line, got {err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{args:?} printed {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -28,7 +36,10 @@ fn out_of_range_values_are_refused() {
     refused(&["run", "--rate", "NaN"], "out of range");
     refused(&["run", "--size", "8"], "--size");
     refused(&["run", "--count", "0"], "--count");
-    refused(&["attach", "--netns", "x", "--duration", "1e20"], "out of range");
+    refused(
+        &["attach", "--netns", "x", "--duration", "1e20"],
+        "out of range",
+    );
     refused(&["attach", "--netns", "x", "--duration=-1"], "--duration");
     refused(&["compare", "--timeout", "0"], "out of range");
     assert_clean();
@@ -37,31 +48,68 @@ fn out_of_range_values_are_refused() {
 #[test]
 fn malformed_and_conflicting_paths_are_refused() {
     refused(&["run", "--from", "a", "--to", "b"], "--to takes NETNS:IP");
-    refused(&["run", "--from", "a", "--to", ":198.18.0.1"], "--to takes NETNS:IP");
-    refused(&["run", "--from", "a", "--to", "b:300.1.1.1"], "is not an IPv4 address");
+    refused(
+        &["run", "--from", "a", "--to", ":198.18.0.1"],
+        "--to takes NETNS:IP",
+    );
+    refused(
+        &["run", "--from", "a", "--to", "b:300.1.1.1"],
+        "is not an IPv4 address",
+    );
     refused(&["run", "--to", "b:198.18.0.1"], "--from");
-    for flag in [["--placement", "cross-host"], ["--mtu", "1400"], ["--keep-lab", ""]] {
+    for flag in [
+        ["--placement", "cross-host"],
+        ["--mtu", "1400"],
+        ["--keep-lab", ""],
+    ] {
         let mut args = vec!["run", "--from", "a", "--to", "b:198.18.0.1"];
         args.extend(flag.iter().filter(|f| !f.is_empty()));
         refused(&args, "cannot be used with");
     }
-    refused(&["run", "--from", "no-such-ns", "--to", "b:198.18.0.1"], "unknown network namespace");
+    refused(
+        &["run", "--from", "no-such-ns", "--to", "b:198.18.0.1"],
+        "unknown network namespace",
+    );
     assert_clean();
 }
 
 #[test]
 fn a_placement_the_topology_does_not_have_is_refused_before_the_lab() {
-    refused(&["run", "--lab", "flannel-vxlan", "--placement", "same-host"], "cross-host");
-    refused(&["run", "--lab", "veth", "--placement", "cross-host"], "same-host");
-    refused(&["lab", "up", "host", "--placement", "same-host"], "cross-host");
+    refused(
+        &["run", "--lab", "flannel-vxlan", "--placement", "same-host"],
+        "cross-host",
+    );
+    refused(
+        &["run", "--lab", "veth", "--placement", "cross-host"],
+        "same-host",
+    );
+    refused(
+        &["lab", "up", "host", "--placement", "same-host"],
+        "cross-host",
+    );
     assert_clean();
 }
 
 #[test]
 fn a_report_file_that_cannot_be_written_is_refused_before_the_lab() {
-    refused(&["run", "--json", "/nonexistent-dir/run.json"], "does not exist");
-    refused(&["compare", "--json", "/nonexistent-dir/c.json"], "does not exist");
-    refused(&["attach", "--netns", "x", "--json", "/nonexistent-dir/a.json"], "does not exist");
+    refused(
+        &["run", "--json", "/nonexistent-dir/run.json"],
+        "does not exist",
+    );
+    refused(
+        &["compare", "--json", "/nonexistent-dir/c.json"],
+        "does not exist",
+    );
+    refused(
+        &[
+            "attach",
+            "--netns",
+            "x",
+            "--json",
+            "/nonexistent-dir/a.json",
+        ],
+        "does not exist",
+    );
     assert_clean();
 }
 
@@ -69,15 +117,26 @@ fn a_report_file_that_cannot_be_written_is_refused_before_the_lab() {
 fn a_topology_with_one_placement_uses_it_without_being_told() {
     // host has only cross-host: no --placement needed.
     let out = profiler(&["run", "--lab", "host", "--count", "20", "--quiet"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("on host-xhost"));
     assert_clean();
 }
 
 /// Runs `ip ARGS`, which must succeed.
 fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip").args(args).output().expect("running ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Two namespaces built with plain `ip`, each with a veth pair of its own and an address, not
@@ -92,7 +151,9 @@ impl Islands {
         let guard = Islands;
         for (ns, addr) in [(Self::A, "198.18.250.2/24"), (Self::B, "198.18.250.1/24")] {
             ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+            ip(&[
+                "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+            ]);
             ip(&["-n", ns, "addr", "add", addr, "dev", "v0"]);
             ip(&["-n", ns, "link", "set", "v0", "up"]);
             ip(&["-n", ns, "link", "set", "v1", "up"]);
@@ -105,7 +166,9 @@ impl Islands {
 impl Drop for Islands {
     fn drop(&mut self) {
         for ns in [Self::A, Self::B] {
-            let _ = std::process::Command::new("ip").args(["netns", "delete", ns]).status();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "delete", ns])
+                .status();
         }
     }
 }
@@ -126,7 +189,10 @@ fn a_run_in_which_no_exchange_completed_fails() {
         "--quiet",
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a run with nothing completed must fail: {err}");
+    assert!(
+        !out.status.success(),
+        "a run with nothing completed must fail: {err}"
+    );
     assert!(err.contains("no exchange completed"), "{err}");
     drop(islands);
     assert_clean();

@@ -44,14 +44,21 @@ fn signal(child: &Child, sig: nix::sys::signal::Signal) {
 
 fn stderr_of(child: Child) -> (std::process::ExitStatus, String) {
     let out = child.wait_with_output().expect("waiting for the profiler");
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A run on lab `lab` that lasts a while (paced), killed with SIGKILL once traffic flows.
 fn kill_a_run(lab: &str) -> u32 {
-    let child = spawn(&["run", "--lab", lab, "--count", "100000", "--rate", "200", "--quiet"]);
+    let child = spawn(&[
+        "run", "--lab", lab, "--count", "100000", "--rate", "200", "--quiet",
+    ]);
     let pid = child.id();
-    wait_for("the run's lab", Duration::from_secs(60), || state(lab).exists());
+    wait_for("the run's lab", Duration::from_secs(60), || {
+        state(lab).exists()
+    });
     std::thread::sleep(Duration::from_secs(2));
     signal(&child, nix::sys::signal::Signal::SIGKILL);
     let (status, _) = stderr_of(child);
@@ -61,17 +68,22 @@ fn kill_a_run(lab: &str) -> u32 {
 
 /// Devices named like a lab's temporary ones ("pf<pid>x<n>") in this namespace.
 fn temporary_devices() -> Vec<String> {
-    let out = Command::new("ip").args(["-o", "link", "show"]).output().unwrap();
+    let out = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap_or(n).to_string())
         .filter(|n| {
-            n.strip_prefix("pf").and_then(|r| r.split_once('x')).is_some_and(|(p, c)| {
-                !p.is_empty()
-                    && !c.is_empty()
-                    && p.bytes().chain(c.bytes()).all(|b| b.is_ascii_digit())
-            })
+            n.strip_prefix("pf")
+                .and_then(|r| r.split_once('x'))
+                .is_some_and(|(p, c)| {
+                    !p.is_empty()
+                        && !c.is_empty()
+                        && p.bytes().chain(c.bytes()).all(|b| b.is_ascii_digit())
+                })
         })
         .collect()
 }
@@ -87,7 +99,11 @@ fn a_killed_run_leaves_a_lab_that_lab_down_all_removes() {
     );
     let down = profiler(&["lab", "down", "--all"]);
     let said = String::from_utf8_lossy(&down.stdout);
-    assert!(down.status.success(), "{said}{}", String::from_utf8_lossy(&down.stderr));
+    assert!(
+        down.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
     assert!(said.contains("removed lab veth"), "{said}");
     assert_clean_of("veth");
     // Nothing is left for a second pass.
@@ -106,7 +122,9 @@ fn the_next_run_removes_a_lab_a_killed_run_left() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains(&format!("lab veth was made by profiler run (pid {pid}), which ended without removing it")),
+        err.contains(&format!(
+            "lab veth was made by profiler run (pid {pid}), which ended without removing it"
+        )),
         "the run should say it removed the abandoned lab: {err}"
     );
     assert_clean_of("veth");
@@ -129,24 +147,37 @@ fn a_killed_lab_up_leaves_parts_that_lab_down_all_removes() {
         );
         assert_clean_of("flannel-vxlan-xhost");
         let temp = temporary_devices();
-        assert!(temp.is_empty(), "after {after_ms} ms, temporary devices left: {temp:?}");
+        assert!(
+            temp.is_empty(),
+            "after {after_ms} ms, temporary devices left: {temp:?}"
+        );
     }
 }
 
 #[test]
 fn a_second_run_on_a_lab_in_use_is_refused_and_the_first_is_unharmed() {
-    let first = spawn(&["run", "--lab", "bridge", "--count", "1500", "--rate", "300", "--quiet"]);
-    wait_for("the first run's lab", Duration::from_secs(60), || state("bridge").exists());
+    let first = spawn(&[
+        "run", "--lab", "bridge", "--count", "1500", "--rate", "300", "--quiet",
+    ]);
+    wait_for("the first run's lab", Duration::from_secs(60), || {
+        state("bridge").exists()
+    });
     let second = profiler(&["run", "--lab", "bridge", "--count", "10", "--quiet"]);
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(!second.status.success(), "the second run must not share the lab");
+    assert!(
+        !second.status.success(),
+        "the second run must not share the lab"
+    );
     assert!(
         err.contains(&format!("lab bridge is in use by pid {}", first.id())),
         "the refusal names the first run: {err}"
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     let down = profiler(&["lab", "down", "bridge"]);
-    assert!(!down.status.success(), "lab down must not take the lab from under a run");
+    assert!(
+        !down.status.success(),
+        "lab down must not take the lab from under a run"
+    );
     let (status, err) = stderr_of(first);
     assert!(status.success(), "the first run: {err}");
     assert_clean_of("bridge");
@@ -154,8 +185,12 @@ fn a_second_run_on_a_lab_in_use_is_refused_and_the_first_is_unharmed() {
 
 #[test]
 fn runs_on_different_labs_at_once_both_complete() {
-    let a = spawn(&["run", "--lab", "veth", "--count", "800", "--json", "-", "--quiet"]);
-    let b = spawn(&["run", "--lab", "bridge", "--count", "800", "--json", "-", "--quiet"]);
+    let a = spawn(&[
+        "run", "--lab", "veth", "--count", "800", "--json", "-", "--quiet",
+    ]);
+    let b = spawn(&[
+        "run", "--lab", "bridge", "--count", "800", "--json", "-", "--quiet",
+    ]);
     for (name, child) in [("veth", a), ("bridge", b)] {
         let out = child.wait_with_output().unwrap();
         assert!(
@@ -171,17 +206,36 @@ fn runs_on_different_labs_at_once_both_complete() {
 
 #[test]
 fn an_interrupted_compare_removes_the_lab_it_made() {
-    for sig in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+    for sig in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
         let child = spawn(&[
-            "compare", "--lab", "host,bridge", "--sizes", "64", "--count", "100000", "--rate", "200",
+            "compare",
+            "--lab",
+            "host,bridge",
+            "--sizes",
+            "64",
+            "--count",
+            "100000",
+            "--rate",
+            "200",
             "--quiet",
         ]);
-        wait_for("compare's first lab", Duration::from_secs(60), || state("host-xhost").exists());
+        wait_for("compare's first lab", Duration::from_secs(60), || {
+            state("host-xhost").exists()
+        });
         std::thread::sleep(Duration::from_secs(1));
         signal(&child, sig);
         let (status, err) = stderr_of(child);
-        assert!(!status.success(), "{sig}: an interrupted compare reports no comparison");
-        assert!(err.contains(&format!("interrupted by {sig}")), "{sig}: {err}");
+        assert!(
+            !status.success(),
+            "{sig}: an interrupted compare reports no comparison"
+        );
+        assert!(
+            err.contains(&format!("interrupted by {sig}")),
+            "{sig}: {err}"
+        );
         assert_clean_of("host-xhost");
     }
 }
