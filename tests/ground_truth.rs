@@ -297,9 +297,13 @@ type Medians = BTreeMap<(String, String), f64>;
 
 /// One profiler run on the (already up) lab: p50 of every segment by (direction, name).
 fn run_medians(lab: &LabUnderTest) -> Medians {
+    let port = PORT.to_string();
     let out = Command::new(BIN)
         .args([
             "run",
+            // The port the injector holds.
+            "--port",
+            &port,
             "--lab",
             lab.topology,
             "--placement",
