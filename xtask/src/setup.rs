@@ -12,6 +12,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn run() -> Result<()> {
     debian_packages()?;
     nightly()?;
+    clippy()?;
     let linker_bin = bpf_linker(&cache_dir()?)?;
     let path = env::var_os("PATH").unwrap_or_default();
     let path = env::join_paths(std::iter::once(linker_bin).chain(env::split_paths(&path)))
@@ -122,6 +123,16 @@ fn nightly_output(args: &[&str]) -> Result<String> {
             .args(["run", "nightly", "rustc"])
             .args(args),
     )
+}
+
+/// Clippy for the workspace's toolchain: `cargo xtask test` lints with it.
+fn clippy() -> Result<()> {
+    if quiet(Command::new("cargo").args(["clippy", "--version"])).is_some() {
+        step("clippy: already installed");
+        return Ok(());
+    }
+    step("clippy: adding the component");
+    cmd::run(Command::new("rustup").args(["component", "add", "clippy"]))
 }
 
 /// The `nightly` toolchain (aya-build builds the eBPF crate with it) and its rust-src.

@@ -22,6 +22,7 @@ pub fn run(args: &[String]) -> Result<()> {
     cmd::require_root("test", "runs eBPF and network-namespace tests")?;
     let vm_kernels = vm_kernels()?;
     setup::run()?;
+    lint()?;
     step("leak check before the tests");
     leak_check("before the tests (left by an earlier run, or in use by a running profiler): remove them first")?;
 
@@ -61,6 +62,25 @@ pub fn run(args: &[String]) -> Result<()> {
             .and_then(|()| leak_check("left behind by the VM tests (QEMU)"))
     };
     tests.and(leaks).and(vm_tests)
+}
+
+/// Clippy on every target, warnings as errors: the workspace lints (unused_crate_dependencies
+/// among them) stay clean. The eBPF crate is linted as aya-build compiles it.
+fn lint() -> Result<()> {
+    let mut clippy = Command::new("cargo");
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "profiler-ebpf",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    step(cmd::describe(&clippy));
+    cmd::run(&mut clippy)
 }
 
 /// The kernels for the VM tests: $PROFILER_VM_KERNELS (series separated by spaces, empty for
