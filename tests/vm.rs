@@ -10,6 +10,8 @@ mod common;
 mod deep;
 #[path = "vm/labs.rs"]
 mod labs;
+#[path = "vm/recovery.rs"]
+mod recovery;
 
 #[test]
 #[ignore = "runs inside the VM lab: cargo xtask vm-test"]

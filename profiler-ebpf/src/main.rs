@@ -7,6 +7,7 @@
 #![no_main]
 
 mod delay;
+mod floor;
 mod follow;
 mod func;
 mod parse;

@@ -56,6 +56,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Empty programs at attach's tracepoints until Ctrl-C: the physical floor the overhead
+    /// benchmark compares attach with.
+    #[command(hide = true)]
+    Floor,
     /// Re-render a saved JSON report (run, attach, compare, doctor) as its table, as JSON, or as
     /// an HTML page with the waterfalls drawn.
     Report {
@@ -349,6 +353,10 @@ async fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Floor => {
+            doctor::require(doctor::ATTACH_CAPS)?;
+            floor_command().await.map(|()| ExitCode::SUCCESS)
+        }
         Command::Report { file, format } => {
             print!("{}", Report::read(&file)?.render(format)?);
             Ok(ExitCode::SUCCESS)
@@ -391,7 +399,10 @@ async fn lab_command(command: LabCommand) -> Result<ExitCode> {
 /// `lab down --all`: says what it removed, what it left because a live command uses it, and
 /// fails if anything could not be removed.
 async fn down_all() -> Result<ExitCode> {
-    let r = lab::recover::down_all().await?;
+    let mut r = lab::recover::down_all().await?;
+    let (removed, failed) = profiler::kernel::tc::recover()?;
+    r.removed.extend(removed);
+    r.failed.extend(failed);
     for line in &r.removed {
         println!("removed {line}");
     }
@@ -444,6 +455,21 @@ async fn delay_command(cli: DelayCli) -> Result<()> {
             println!("detached");
             Ok(())
         }
+        other => other,
+    }
+}
+
+async fn floor_command() -> Result<()> {
+    let btf = profiler::kernel::btf::KernelBtf::load()?;
+    let mut programs = profiler::kernel::programs::Programs::load(&btf, &Default::default())?;
+    let attached = programs.attach_floor()?;
+    for s in programs.statuses.iter().filter(|s| s.reason.is_some()) {
+        eprintln!("{}: {}", s.name, s.reason.as_deref().unwrap_or(""));
+    }
+    eprintln!("floor: {attached} empty programs attached; following until Ctrl-C");
+    let held = interruptible(std::future::pending::<Result<()>>()).await;
+    match held {
+        Err(e) if is_interruption(&e) => Ok(()),
         other => other,
     }
 }

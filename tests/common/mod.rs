@@ -202,7 +202,11 @@ pub fn assert_clean_of(lab: &str) {
     );
     let loaded = our_programs();
     assert!(loaded.is_empty(), "BPF programs left loaded: {loaded:?}");
-    for dir in [profiler::lab::STATE_DIR, profiler::lab::owner::LOCK_DIR] {
+    for dir in [
+        profiler::lab::STATE_DIR,
+        profiler::lab::owner::LOCK_DIR,
+        profiler::kernel::tc::TC_DIR,
+    ] {
         let left: Vec<_> = std::fs::read_dir(dir)
             .map(|d| {
                 d.filter_map(|e| e.ok()?.file_name().into_string().ok())

@@ -194,7 +194,7 @@ fn ovs_daemons_of(name: &str) -> Vec<String> {
 }
 
 /// Nothing of lab `name` is left: namespaces, BPF programs, OVS daemons and directories, state.
-fn assert_nothing_left(name: &str) {
+pub(crate) fn assert_nothing_left(name: &str) {
     assert_clean_of(name);
     let daemons = ovs_daemons_of(name);
     assert!(daemons.is_empty(), "{name}: OVS daemons left: {daemons:?}");

@@ -2,6 +2,7 @@
 //! `cargo xtask demo` and `cargo xtask test`; both install what they need first.
 mod bench;
 mod cmd;
+mod fuzz;
 mod netpeer;
 mod overhead;
 mod setup;
@@ -33,13 +34,26 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the property tests (packet parser, filter compiler, ring decoders) with many cases.
+    Fuzz {
+        /// Cases per property test (`cargo test` runs 1000 or 2000).
+        #[arg(long, default_value_t = 100_000)]
+        cases: u32,
+        /// After `--`: arguments for the test harness (default `prop_`, every property test).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Setup, build, then profile UDP through the bridge lab and tear the lab down.
     Demo,
     /// Setup, build, then measure the eBPF programs' kernel cost for tagged and untagged packets.
     Bench,
     /// Setup, build, then measure what `profiler attach` costs TCP throughput and latency on the
     /// bridge and flannel-vxlan labs, side by side with no profiler.
-    Overhead,
+    Overhead {
+        /// Also write everything measured as JSON to FILE.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Run a command as root in a VM on a stock Debian kernel (QEMU TCG, virtme-ng), in the
     /// workspace root, installing what that needs first; exits with the command's status.
     Vm {
@@ -115,16 +129,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(())
         }
         Task::Test { args } => test::run(&args),
+        Task::Fuzz { cases, args } => fuzz::run(cases, &args),
         Task::Demo => demo(),
         Task::Bench => {
             require_root("bench")?;
             setup::run()?;
             bench::run(&build()?)
         }
-        Task::Overhead => {
+        Task::Overhead { json } => {
             require_root("overhead")?;
             setup::run()?;
-            overhead::run(&build()?)
+            setup::debian_package("bpftrace")?;
+            overhead::run(&build()?, json.as_deref())
         }
         Task::NetPeer { role } => match role {
             PeerRole::Serve { addr } => netpeer::serve(addr),

@@ -1,7 +1,11 @@
-//! `cargo xtask overhead`: what `profiler attach` costs the traffic it watches. On the bridge and
-//! flannel-vxlan labs, TCP stream throughput and TCP request/response p50 with no profiler, with
-//! attach in summary mode and in events mode, interleaved round by round so that the machine's
-//! drift hits all three alike; then each program's kernel cost from one attach with bpf_stats.
+//! `cargo xtask overhead`: what `profiler attach` costs the traffic it watches, against the
+//! physical floor measured in the same run. On the bridge and flannel-vxlan labs, TCP stream
+//! throughput and TCP request/response p50 with nothing attached, with empty programs at the
+//! tracepoints attach uses (the floor: what the kernel charges for calling any program there),
+//! with attach in its modes, and with a bpftrace script on the same tracepoints; interleaved
+//! round by round so the machine's drift hits all alike. Then, with bpf_stats on, each
+//! watcher's kernel cost per invocation; and the tagged run's own share of the bridge path.
+//! Every goal of the project's overhead issue is printed as met or not met.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -12,14 +16,17 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::cmd::{self, step};
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 4;
 const STREAM_SECONDS: &str = "2";
 const RR_COUNT: &str = "5000";
 const PORT: u16 = 5201;
+/// The bpftrace script the comparison runs (relative to the workspace root).
+const BPFTRACE_SCRIPT: &str = "xtask/bpftrace/attach.bt";
+const TRACEFS: &str = "/sys/kernel/tracing";
 
 struct LabCase {
     up: &'static [&'static str],
@@ -37,40 +44,139 @@ const LABS: &[LabCase] = &[
     },
 ];
 
-#[derive(Clone, Copy, PartialEq)]
-enum Profiler {
-    None,
+/// What watches the traffic in a round.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Watcher {
+    Nothing,
+    Floor,
     Summary,
     Sampled,
     Events,
+    /// attach with a filter no packet passes: every invocation is a packet not followed.
+    Unfollowed,
+    Bpftrace,
 }
 
-impl Profiler {
-    const ALL: [Profiler; 4] = [
-        Profiler::None,
-        Profiler::Summary,
-        Profiler::Sampled,
-        Profiler::Events,
+impl Watcher {
+    /// The rows of the throughput and latency table, in the order each round runs them.
+    const ROUNDS: [Watcher; 6] = [
+        Watcher::Nothing,
+        Watcher::Floor,
+        Watcher::Summary,
+        Watcher::Sampled,
+        Watcher::Events,
+        Watcher::Bpftrace,
+    ];
+    /// The watchers whose kernel cost per invocation is measured.
+    const COSTED: [Watcher; 4] = [
+        Watcher::Floor,
+        Watcher::Unfollowed,
+        Watcher::Summary,
+        Watcher::Bpftrace,
     ];
 
     fn label(self) -> &'static str {
         match self {
-            Profiler::None => "no profiler",
-            Profiler::Summary => "attach, summary mode",
-            Profiler::Sampled => "summary, --sample 100",
-            Profiler::Events => "attach, events mode",
+            Watcher::Nothing => "nothing attached",
+            Watcher::Floor => "floor: empty programs",
+            Watcher::Summary => "attach, summary mode",
+            Watcher::Sampled => "summary, --sample 100",
+            Watcher::Events => "attach, events mode",
+            Watcher::Unfollowed => "attach, nothing followed",
+            Watcher::Bpftrace => "bpftrace script",
         }
     }
 
-    /// attach's arguments besides the targets; None: no attach.
-    fn args(self) -> Option<&'static [&'static str]> {
+    fn key(self) -> &'static str {
         match self {
-            Profiler::None => None,
-            Profiler::Summary => Some(&[]),
-            Profiler::Sampled => Some(&["--sample", "100"]),
-            Profiler::Events => Some(&["--mode", "events"]),
+            Watcher::Nothing => "nothing",
+            Watcher::Floor => "floor",
+            Watcher::Summary => "summary",
+            Watcher::Sampled => "sampled",
+            Watcher::Events => "events",
+            Watcher::Unfollowed => "unfollowed",
+            Watcher::Bpftrace => "bpftrace",
         }
     }
+
+    /// Starts watching the path's two ends, once the watcher says it is attached.
+    fn start(self, profiler: &Path, ends: &Ends) -> Result<Option<Child>> {
+        let attach = |extra: &[&str]| -> Command {
+            let mut c = Command::new(profiler);
+            c.args(["attach", "--netns", &ends.client, "--netns", &ends.server])
+                .args(extra);
+            c
+        };
+        let (mut command, ready) = match self {
+            Watcher::Nothing => return Ok(None),
+            Watcher::Floor => (
+                {
+                    let mut c = Command::new(profiler);
+                    c.arg("floor");
+                    c
+                },
+                "following",
+            ),
+            Watcher::Summary => (attach(&[]), "following"),
+            Watcher::Sampled => (attach(&["--sample", "100"]), "following"),
+            Watcher::Events => (attach(&["--mode", "events"]), "following"),
+            // The traffic is TCP on PORT: no packet passes this.
+            Watcher::Unfollowed => (attach(&["--filter", "udp port 9"]), "following"),
+            Watcher::Bpftrace => (
+                {
+                    let mut c = Command::new("bpftrace");
+                    c.arg(BPFTRACE_SCRIPT);
+                    c
+                },
+                "Attaching",
+            ),
+        };
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {}", self.label()))?;
+        let (tx, rx) = mpsc::channel();
+        // The readiness line comes on stderr (profiler) or stdout (bpftrace); the rest of both
+        // is drained so that the watcher never blocks on a full pipe.
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if line.contains(ready) {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+        }
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} did not start", self.label());
+        }
+        Ok(Some(child))
+    }
+}
+
+/// SIGINT (each watcher ends cleanly on it), then its exit.
+fn stop(child: Child, what: Watcher) -> Result<()> {
+    cmd::run(Command::new("kill").args(["-INT", &child.id().to_string()]))?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{} exited with {}", what.label(), out.status);
+    }
+    Ok(())
 }
 
 /// The ends of a lab's path: client namespace, server namespace and address.
@@ -80,22 +186,52 @@ struct Ends {
     addr: String,
 }
 
-pub fn run(profiler: &Path) -> Result<()> {
+pub fn run(profiler: &Path, json_out: Option<&Path>) -> Result<()> {
     let xtask = std::env::current_exe().context("finding the xtask binary")?;
-    let mut report = String::new();
-    for lab in LABS {
-        step(format!("profiler lab up {}", lab.up.join(" ")));
-        cmd::run(Command::new(profiler).args(["lab", "up"]).args(lab.up))?;
-        let result = measure_lab(profiler, &xtask, lab);
-        step(format!("profiler lab down {}", lab.name));
-        cmd::run(Command::new(profiler).args(["lab", "down", lab.name]))?;
-        report += &result?;
+    let mounted = mount_tracefs()?;
+    let result = measure(profiler, &xtask);
+    if mounted {
+        let _ = Command::new("umount").arg(TRACEFS).status();
     }
-    println!("{report}");
+    let (text, value) = result?;
+    println!("{text}");
+    if let Some(path) = json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 
-fn measure_lab(profiler: &Path, xtask: &Path, lab: &LabCase) -> Result<String> {
+/// bpftrace finds tracepoints through tracefs; mounted here if it is not (and unmounted after).
+fn mount_tracefs() -> Result<bool> {
+    if Path::new(TRACEFS).join("events").exists() {
+        return Ok(false);
+    }
+    step(format!("mounting tracefs on {TRACEFS} for bpftrace"));
+    cmd::run(Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS]))?;
+    Ok(true)
+}
+
+fn measure(profiler: &Path, xtask: &Path) -> Result<(String, Value)> {
+    let mut text = String::new();
+    let mut labs = Vec::new();
+    for lab in LABS {
+        step(format!("profiler lab up {}", lab.up.join(" ")));
+        cmd::run(Command::new(profiler).args(["lab", "up"]).args(lab.up))?;
+        let result = measure_lab(profiler, xtask, lab);
+        step(format!("profiler lab down {}", lab.name));
+        cmd::run(Command::new(profiler).args(["lab", "down", lab.name]))?;
+        let (t, v) = result?;
+        text += &t;
+        labs.push(v);
+    }
+    Ok((
+        text,
+        json!({ "schema": "profiler.overhead.v1", "labs": labs }),
+    ))
+}
+
+fn measure_lab(profiler: &Path, xtask: &Path, lab: &LabCase) -> Result<(String, Value)> {
     let ends = ends(profiler, lab.name)?;
     let server = Command::new("ip")
         .args(["netns", "exec", &ends.server])
@@ -103,42 +239,112 @@ fn measure_lab(profiler: &Path, xtask: &Path, lab: &LabCase) -> Result<String> {
         .args(["net-peer", "serve", &ends.addr])
         .spawn()
         .context("starting the TCP server")?;
-    let result = rounds(profiler, xtask, &ends);
+    let result = rounds(profiler, xtask, &ends).and_then(|samples| {
+        let costs = costs(profiler, xtask, &ends)?;
+        Ok((samples, costs))
+    });
     let _ = peer(xtask, &ends, &["quit"]);
     let _ = wait_quietly(server);
     let (samples, costs) = result?;
-    Ok(summary(lab.name, &samples, &costs))
+    let tagged = if lab.name == "bridge" {
+        Some(tagged_share(profiler)?)
+    } else {
+        None
+    };
+    Ok(report(lab.name, &samples, &costs, tagged))
 }
 
-type Samples = Vec<(Profiler, f64, f64)>;
+/// (watcher, Gbit/s, RR p50 us) of every round.
+type Samples = Vec<(Watcher, f64, f64)>;
 
-fn rounds(profiler: &Path, xtask: &Path, ends: &Ends) -> Result<(Samples, String)> {
+fn rounds(profiler: &Path, xtask: &Path, ends: &Ends) -> Result<Samples> {
     let mut samples = Vec::new();
     for round in 1..=ROUNDS {
-        for p in Profiler::ALL {
-            step(format!("round {round}/{ROUNDS}: {}", p.label()));
-            let attach = match p.args() {
-                None => None,
-                Some(args) => Some(start_attach(profiler, ends, args)?),
-            };
+        for w in Watcher::ROUNDS {
+            step(format!("round {round}/{ROUNDS}: {}", w.label()));
+            let child = w.start(profiler, ends)?;
             let measured = stream_and_rr(xtask, ends);
-            if let Some(a) = attach {
-                stop_attach(a)?;
+            if let Some(c) = child {
+                stop(c, w)?;
             }
             let (gbps, p50) = measured?;
-            samples.push((p, gbps, p50));
+            samples.push((w, gbps, p50));
         }
     }
-    step("per-program kernel cost: attach --stats over one stream and one request/response run");
-    let attach = start_attach(profiler, ends, &["--stats"])?;
-    let measured = stream_and_rr(xtask, ends);
-    let table = stop_attach(attach)?;
-    measured?;
-    let costs = table
-        .split_once("kernel cost per program invocation")
-        .map(|(_, c)| format!("kernel cost per program invocation{c}"))
-        .unwrap_or_default();
-    Ok((samples, costs))
+    Ok(samples)
+}
+
+/// Per watcher, its programs' (name, runs, ns per run) over one stream and one
+/// request/response run with bpf_stats on (they add two clock reads per run, so the
+/// throughput rounds run without them).
+type Costs = Vec<(Watcher, Vec<(String, u64, f64)>)>;
+
+fn costs(profiler: &Path, xtask: &Path, ends: &Ends) -> Result<Costs> {
+    let before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .unwrap_or_else(|_| "0".into());
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling bpf_stats")?;
+    let result = Watcher::COSTED
+        .into_iter()
+        .map(|w| {
+            step(format!("kernel cost per invocation: {}", w.label()));
+            let child = w.start(profiler, ends)?.expect("a costed watcher attaches");
+            let pid = child.id();
+            let measured = stream_and_rr(xtask, ends);
+            let programs = programs_of(pid);
+            stop(child, w)?;
+            measured?;
+            Ok((w, programs?))
+        })
+        .collect();
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", before.trim());
+    result
+}
+
+/// The programs process `pid` holds, with their run counts and time (bpftool's JSON).
+fn programs_of(pid: u32) -> Result<Vec<(String, u64, f64)>> {
+    let out = cmd::output(Command::new("bpftool").args(["prog", "show", "-j"]))?;
+    let progs: Value = serde_json::from_str(&out).context("reading bpftool prog show -j")?;
+    let mut found: Vec<(String, u64, f64)> = progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["pids"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|x| x["pid"].as_u64() == Some(pid.into())))
+        })
+        .filter_map(|p| {
+            let runs = p["run_cnt"].as_u64()?;
+            let ns = p["run_time_ns"].as_u64()?;
+            (runs > 0).then(|| {
+                (
+                    p["name"].as_str().unwrap_or("?").to_string(),
+                    runs,
+                    ns as f64 / runs as f64,
+                )
+            })
+        })
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(found)
+}
+
+/// The tagged run's own programs as a share of the bridge path's end-to-end mean.
+fn tagged_share(profiler: &Path) -> Result<f64> {
+    step("tagged run: profiler run --lab bridge --count 2000 (its own programs' share)");
+    let out = cmd::output(Command::new(profiler).args([
+        "run", "--lab", "bridge", "--count", "2000", "--quiet", "--json", "-",
+    ]))?;
+    let r: Value = serde_json::from_str(&out).context("reading the run's JSON")?;
+    let request = r["directions"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["direction"] == "request"))
+        .context("the run has no request direction")?;
+    let own = request["profiler_programs"]["mean_ns"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let e2e = request["end_to_end"]["mean_ns"].as_f64().unwrap_or(1.0);
+    Ok(own / e2e)
 }
 
 fn stream_and_rr(xtask: &Path, ends: &Ends) -> Result<(f64, f64)> {
@@ -183,47 +389,6 @@ fn ends(profiler: &Path, lab: &str) -> Result<Ends> {
     })
 }
 
-/// `profiler attach` on both ends' namespaces, once it reports that it follows.
-fn start_attach(profiler: &Path, ends: &Ends, extra: &[&str]) -> Result<Child> {
-    let mut child = Command::new(profiler)
-        .args(["attach", "--netns", &ends.client, "--netns", &ends.server])
-        .args(extra)
-        .stdout(if extra.contains(&"events") {
-            Stdio::null()
-        } else {
-            Stdio::piped()
-        })
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting profiler attach")?;
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().expect("piped stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("following") {
-                let _ = tx.send(());
-            } else {
-                eprintln!("{line}");
-            }
-        }
-    });
-    if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-        let _ = child.kill();
-        bail!("profiler attach did not start");
-    }
-    Ok(child)
-}
-
-/// SIGINT, then the report attach printed on stdout (empty in events mode).
-fn stop_attach(child: Child) -> Result<String> {
-    cmd::run(Command::new("kill").args(["-INT", &child.id().to_string()]))?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("profiler attach exited with {}", out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn wait_quietly(mut child: Child) -> Result<()> {
     for _ in 0..50 {
         if child.try_wait()?.is_some() {
@@ -240,32 +405,201 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn summary(lab: &str, samples: &Samples, costs: &str) -> String {
-    let of = |p: Profiler, f: fn(&(Profiler, f64, f64)) -> f64| {
-        median(samples.iter().filter(|s| s.0 == p).map(f).collect())
+/// One watcher's medians: throughput loss (fraction of the unwatched throughput) and added RR
+/// p50 (us), with the raw medians.
+#[derive(Clone, Copy)]
+struct Cost {
+    gbps: f64,
+    p50: f64,
+    loss: f64,
+    added: f64,
+}
+
+fn medians(samples: &Samples) -> Vec<(Watcher, Cost)> {
+    let of = |w: Watcher, f: fn(&(Watcher, f64, f64)) -> f64| {
+        median(samples.iter().filter(|s| s.0 == w).map(f).collect())
     };
-    let (base_gbps, base_p50) = (of(Profiler::None, |s| s.1), of(Profiler::None, |s| s.2));
-    let mut out = format!(
-        "\n{lab}: TCP stream throughput and TCP request/response p50, medians of {ROUNDS} interleaved rounds\n{:<24} {:>10} {:>8} {:>12} {:>10}\n",
-        "", "Gbit/s", "ratio", "RR p50 us", "added us"
-    );
-    for p in Profiler::ALL {
-        let (gbps, p50) = (of(p, |s| s.1), of(p, |s| s.2));
-        out += &format!(
-            "{:<24} {gbps:>10.2} {:>7.1}% {p50:>12.1} {:>+10.1}\n",
-            p.label(),
-            gbps / base_gbps * 100.0,
-            p50 - base_p50
-        );
+    let (base_gbps, base_p50) = (of(Watcher::Nothing, |s| s.1), of(Watcher::Nothing, |s| s.2));
+    Watcher::ROUNDS
+        .into_iter()
+        .map(|w| {
+            let (gbps, p50) = (of(w, |s| s.1), of(w, |s| s.2));
+            let cost = Cost {
+                gbps,
+                p50,
+                loss: 1.0 - gbps / base_gbps,
+                added: p50 - base_p50,
+            };
+            (w, cost)
+        })
+        .collect()
+}
+
+/// `x` as a multiple of `floor`, for the table ("-" where the floor is not above noise).
+fn times(x: f64, floor: f64) -> String {
+    if floor > 1e-9 {
+        format!("{:.2}x", x / floor)
+    } else {
+        "-".into()
     }
-    let (gbps, p50) = (
-        of(Profiler::Summary, |s| s.1),
-        of(Profiler::Summary, |s| s.2),
-    );
-    let met = gbps / base_gbps >= 0.97 && p50 - base_p50 < 2.0;
-    out += &format!(
-        "summary mode goal, every packet followed (>= 97% throughput, < 2 us added p50): {}\n{costs}",
+}
+
+/// A goal's line: met when `value <= bound`.
+fn goal(out: &mut String, goals: &mut Vec<Value>, what: String, value: f64, bound: f64) {
+    let met = value <= bound;
+    *out += &format!(
+        "  {:<72} {:>8.3} <= {:<8.3} {}\n",
+        what,
+        value,
+        bound,
         if met { "met" } else { "NOT met" }
     );
+    goals.push(json!({ "goal": what, "value": value, "bound": bound, "met": met }));
+}
+
+fn report(lab: &str, samples: &Samples, costs: &Costs, tagged: Option<f64>) -> (String, Value) {
+    let m = medians(samples);
+    let get = |w: Watcher| {
+        m.iter()
+            .find(|(x, _)| *x == w)
+            .map(|(_, c)| *c)
+            .expect("measured")
+    };
+    let floor = get(Watcher::Floor);
+    let mut out = format!(
+        "\n{lab}: TCP stream throughput and TCP request/response p50, medians of {ROUNDS} interleaved rounds\n{:<26} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9}\n",
+        "", "Gbit/s", "loss", "vs floor", "RR p50 us", "added us", "vs floor"
+    );
+    for (w, c) in &m {
+        out += &format!(
+            "{:<26} {:>8.2} {:>7.1}% {:>9} {:>10.1} {:>+9.1} {:>9}\n",
+            w.label(),
+            c.gbps,
+            c.loss * 100.0,
+            times(c.loss, floor.loss),
+            c.p50,
+            c.added,
+            times(c.added, floor.added)
+        );
+    }
+    let mut goals = Vec::new();
+    out += "goals (relative to the floor measured above):\n";
+    for (w, factor) in [(Watcher::Summary, 1.5), (Watcher::Sampled, 1.2)] {
+        let c = get(w);
+        goal(
+            &mut out,
+            &mut goals,
+            format!("{}: throughput loss / floor's", w.label()),
+            c.loss,
+            factor * floor.loss,
+        );
+        goal(
+            &mut out,
+            &mut goals,
+            format!("{}: added RR p50 (us) / floor's", w.label()),
+            c.added,
+            factor * floor.added,
+        );
+    }
+    let bpftrace = get(Watcher::Bpftrace);
+    for w in [Watcher::Summary, Watcher::Sampled] {
+        let c = get(w);
+        goal(
+            &mut out,
+            &mut goals,
+            format!("{}: throughput loss, below bpftrace's", w.label()),
+            c.loss,
+            bpftrace.loss,
+        );
+        goal(
+            &mut out,
+            &mut goals,
+            format!("{}: added RR p50 (us), below bpftrace's", w.label()),
+            c.added,
+            bpftrace.added,
+        );
+    }
+    out += &per_invocation(costs, &mut goals);
+    if let Some(share) = tagged {
+        out += "tagged run (profiler run --lab bridge --count 2000):\n";
+        goal(
+            &mut out,
+            &mut goals,
+            "the run's own programs, share of the end-to-end mean".into(),
+            share,
+            0.05,
+        );
+    }
+    let value = json!({
+        "lab": lab,
+        "rounds": ROUNDS,
+        "watchers": m.iter().map(|(w, c)| json!({
+            "watcher": w.key(), "label": w.label(), "gbps": c.gbps, "loss": c.loss,
+            "rr_p50_us": c.p50, "added_us": c.added,
+        })).collect::<Vec<_>>(),
+        "per_invocation": costs.iter().map(|(w, progs)| json!({
+            "watcher": w.key(),
+            "programs": progs.iter().map(|(n, runs, ns)| json!({"program": n, "runs": runs, "ns_per_run": ns})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "tagged_own_share": tagged,
+        "goals": goals,
+    });
+    (out, value)
+}
+
+/// Each watcher's programs with their cost per invocation, and the per-invocation goals:
+/// attach's programs against the empty program at the same tracepoint.
+/// Whether bpftool's `name` is program `full`: the kernel keeps 15 bytes of a name, which
+/// bpftool shows where the program has no BTF to tell the rest.
+fn same_program(name: &str, full: &str) -> bool {
+    name == full || (name.len() == 15 && full.starts_with(name))
+}
+
+fn per_invocation(costs: &Costs, goals: &mut Vec<Value>) -> String {
+    let mut out = String::from("kernel cost per program invocation (bpf_stats):\n");
+    for (w, progs) in costs {
+        out += &format!("  {}:\n", w.label());
+        for (name, runs, ns) in progs {
+            out += &format!("    {name:<34} {runs:>10} runs {ns:>8.1} ns/run\n");
+        }
+    }
+    let floor_of = |tp: &str| {
+        costs
+            .iter()
+            .find(|(w, _)| *w == Watcher::Floor)
+            .and_then(|(_, p)| {
+                p.iter()
+                    .find(|(n, _, _)| same_program(n, &format!("floor_{tp}")))
+            })
+            .map(|(_, _, ns)| *ns)
+    };
+    for (w, factor, what) in [
+        (Watcher::Unfollowed, 1.5, "a packet not followed"),
+        (
+            Watcher::Summary,
+            3.0,
+            "a followed packet (every packet followed)",
+        ),
+    ] {
+        let Some((_, progs)) = costs.iter().find(|(x, _)| *x == w) else {
+            continue;
+        };
+        for (name, _, ns) in progs {
+            // ftp_X (tp_btf) and fraw_X (raw_tp) serve tracepoint X; the floor is floor_X.
+            let tp = name
+                .strip_prefix("ftp_")
+                .or_else(|| name.strip_prefix("fraw_"))
+                .unwrap_or(name);
+            if let Some(empty) = floor_of(tp) {
+                goal(
+                    &mut out,
+                    goals,
+                    format!("{what}: {name} ns / empty program's"),
+                    *ns,
+                    factor * empty,
+                );
+            }
+        }
+    }
     out
 }

@@ -59,6 +59,17 @@ fn apt_get(args: &[&str]) -> Result<()> {
     )
 }
 
+/// Installs Debian package `pkg` if it is not (for the tasks that need it).
+pub fn debian_package(pkg: &str) -> Result<()> {
+    if dpkg_installed(pkg) {
+        step(format_args!("Debian package {pkg}: already installed"));
+        return Ok(());
+    }
+    step(format_args!("Debian package {pkg}: installing"));
+    apt_get(&["update"])?;
+    apt_get(&["install", "-y", "--no-install-recommends", pkg])
+}
+
 /// iproute2 (`ip netns`, for users and tests), bpftool (the tests' leak check) and iputils-ping
 /// (the benchmark's untagged background traffic).
 fn debian_packages() -> Result<()> {

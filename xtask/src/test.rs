@@ -7,15 +7,18 @@ use clap::ValueEnum as _;
 use std::process::Command;
 
 /// Name prefixes of the project's eBPF programs (as the kernel truncates them, 15 chars).
-const PROG_PREFIXES: [&str; 8] = ["tp_", "raw_", "ftp_", "fraw_", "kp_", "fkp_", "tc_", "prof"];
+const PROG_PREFIXES: [&str; 9] = [
+    "tp_", "raw_", "ftp_", "fraw_", "kp_", "fkp_", "tc_", "prof", "floor_",
+];
 /// Prefix of the network namespaces the labs and tests create.
 const NETNS_PREFIX: &str = "prof-";
 /// What the profiler keeps under /run/profiler while a lab is up or a command uses one: lab
-/// state files, OVS daemons' directories, lock files.
-const RUN_DIRS: [&str; 3] = [
+/// state files, OVS daemons' directories, lock files, tc filters recorded before tcx.
+const RUN_DIRS: [&str; 4] = [
     "/run/profiler/labs",
     "/run/profiler/ovs",
     "/run/profiler/locks",
+    "/run/profiler/tc",
 ];
 
 pub fn run(args: &[String]) -> Result<()> {

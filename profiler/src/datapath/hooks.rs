@@ -86,6 +86,17 @@ impl HookDef {
         }
     }
 
+    /// The empty program at a tracepoint attach uses (profiler-ebpf's floor.rs): what calling
+    /// any program there costs, for the overhead benchmark.
+    pub fn floor_program(&self) -> Option<String> {
+        let Attach::Tracepoint { tp } = self.attach else {
+            return None;
+        };
+        self.modes
+            .contains(&Mode::Follow)
+            .then(|| format!("floor_{tp}"))
+    }
+
     /// Every program that serves this hook, in any mode.
     pub fn programs(&self) -> Vec<String> {
         match self.attach {
@@ -100,6 +111,7 @@ impl HookDef {
                 .into_iter()
                 .filter_map(|m| self.tracepoint_programs(m))
                 .flat_map(|(btf, raw)| [btf, raw])
+                .chain(self.floor_program())
                 .collect(),
         }
     }

@@ -8,6 +8,7 @@ pub mod inject;
 pub mod kfunc;
 pub mod programs;
 pub mod ring;
+pub mod tc;
 
 use anyhow::{Context as _, Result};
 

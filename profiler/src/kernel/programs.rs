@@ -8,8 +8,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        tc::SchedClassifierLinkId, BtfTracePoint, KProbe, RawTracePoint, SchedClassifier,
-        TcAttachType,
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        BtfTracePoint, KProbe, RawTracePoint, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -18,6 +18,7 @@ use profiler_common::{Filter, FuncHook, HookId, COUNTER_COUNT};
 use super::{
     btf::KernelBtf,
     kfunc::{ResolvedHook, Resolver},
+    tc,
 };
 use crate::{
     datapath::{Attach, HookDef, Mode, HOOK_TABLE},
@@ -36,6 +37,9 @@ pub fn ebpf_object() -> Result<&'static [u8]> {
     Ok(EBPF_OBJECT)
 }
 
+/// The first netlink priority the tc programs take before tcx (one each after it).
+const NETLINK_PRIORITY: u16 = 40_000;
+
 /// A tc attachment, kept to detach it in its namespace.
 #[derive(Debug)]
 pub struct TcAttachment {
@@ -51,6 +55,8 @@ pub struct Programs {
     /// Every hook tried, with what became of it.
     pub statuses: Vec<HookStatus>,
     pub tc: Vec<TcAttachment>,
+    /// Before tcx: the devices with tc filters, recorded until they are detached.
+    tc_devices: Vec<tc::Device>,
 }
 
 /// What the programs are told at load time.
@@ -115,6 +121,7 @@ impl Programs {
             ebpf,
             statuses: Vec::new(),
             tc: Vec::new(),
+            tc_devices: Vec::new(),
         })
     }
 
@@ -131,6 +138,26 @@ impl Programs {
             }
         }
         Ok(())
+    }
+
+    /// Attaches the empty programs at attach's tracepoints (the benchmark's floor); returns how
+    /// many attached.
+    pub fn attach_floor(&mut self) -> Result<usize> {
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for tp_btf")?;
+        let mut attached = 0;
+        for spec in HOOK_TABLE {
+            if let (Attach::Tracepoint { tp }, Some(prog)) = (spec.attach, spec.floor_program()) {
+                let st = match self.attach_btf(&prog, tp, &btf) {
+                    Ok(()) => {
+                        attached += 1;
+                        status(&prog, "tp_btf", Status::Attached, None)
+                    }
+                    Err(e) => status(&prog, "tp_btf", Status::Failed, Some(format!("{e:#}"))),
+                };
+                self.statuses.push(st);
+            }
+        }
+        Ok(attached)
     }
 
     /// Attaches the hooks of `set` in `mode`, and returns the set in effect: the deep set falls
@@ -294,6 +321,7 @@ impl Programs {
         ns: Option<&str>,
         ifname: &str,
     ) -> Result<TcAttachment> {
+        let priority = NETLINK_PRIORITY + self.tc.len() as u16;
         let p: &mut SchedClassifier = self.program(prog)?.try_into()?;
         if p.fd().is_err() {
             p.load()?;
@@ -303,20 +331,34 @@ impl Programs {
         } else {
             TcAttachType::Egress
         };
+        let tcx = super::has_tcx();
+        // Before tcx, aya tells netlink links apart by ifindex, attach type and priority: a
+        // priority of each attachment's own keeps alike ifindexes of two namespaces apart.
+        let options = NlOptions {
+            priority,
+            ..Default::default()
+        };
         // Interface names and tc links resolve in the calling thread's namespace.
-        let link = netns::run_in(ns, || {
+        let (attached, clsact_added) = netns::run_in(ns, || {
             nix::net::if_::if_nametoindex(ifname).map_err(|e| {
                 anyhow!(
                     "unknown interface {ifname}{}: {e}",
                     ns.map(|n| format!(" in netns {n}")).unwrap_or_default()
                 )
             })?;
-            if !super::has_tcx() {
-                // Before tcx, tc programs hang off a clsact qdisc.
-                let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+            if tcx {
+                return Ok((p.attach(ifname, kind), false));
             }
-            Ok(p.attach(ifname, kind)?)
+            // Before tcx, tc programs hang off a clsact qdisc (Err: it was there already).
+            let added = aya::programs::tc::qdisc_add_clsact(ifname).is_ok();
+            let options = TcAttachOptions::Netlink(options);
+            Ok((p.attach_with_options(ifname, kind, options), added))
         })?;
+        if !tcx {
+            // Recorded whether or not the program attached: the qdisc may be new.
+            self.remember_tc_device(ns, ifname, clsact_added)?;
+        }
+        let link = attached?;
         Ok(TcAttachment {
             hook: spec.id,
             netns: ns.map(str::to_string),
@@ -325,7 +367,30 @@ impl Programs {
         })
     }
 
-    /// Detaches the tc programs inside their namespaces (netlink-based tc links detach by name).
+    /// Before tcx, filters outlive the process: the device is recorded until detach_tc.
+    fn remember_tc_device(
+        &mut self,
+        ns: Option<&str>,
+        ifname: &str,
+        clsact_added: bool,
+    ) -> Result<()> {
+        let known = self
+            .tc_devices
+            .iter_mut()
+            .find(|d| d.netns.as_deref() == ns && d.ifname == ifname);
+        match known {
+            Some(d) => d.clsact_added |= clsact_added,
+            None => self.tc_devices.push(tc::Device {
+                netns: ns.map(str::to_string),
+                ifname: ifname.to_string(),
+                clsact_added,
+            }),
+        }
+        tc::record(&self.tc_devices)
+    }
+
+    /// Detaches the tc programs inside their namespaces (netlink-based tc links detach by name),
+    /// and removes the clsact qdiscs that were added for them.
     pub fn detach_tc(&mut self) {
         for att in std::mem::take(&mut self.tc) {
             let prog = if att.hook == HookId::TcIngress {
@@ -339,6 +404,17 @@ impl Programs {
             };
             let _ = netns::run_in(att.netns.as_deref(), || Ok(p.detach(att.link)?));
         }
+        if self.tc_devices.is_empty() {
+            return;
+        }
+        for d in std::mem::take(&mut self.tc_devices) {
+            if d.clsact_added {
+                if let Err(e) = tc::remove_clsact(&d) {
+                    log::warn!("{e:#}");
+                }
+            }
+        }
+        tc::forget();
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {

@@ -328,6 +328,16 @@ pub async fn down(name: &str) -> Result<()> {
     result.and(state::remove(name))
 }
 
+/// Deletes the clsact qdisc of `ifname` in namespace `ns` (None: this one), and with it every
+/// tc filter on the device; callable where nothing can be awaited.
+pub fn remove_clsact(ns: Option<&str>, ifname: &str) -> Result<()> {
+    let ifname = ifname.to_string();
+    nl::blocking(ns.map(str::to_string), |nl| async move {
+        let index = nl.index(&ifname).await?;
+        nl.del_clsact(index).await
+    })
+}
+
 /// The labs that are up, from their state files.
 pub fn list() -> Result<Vec<Lab>> {
     let mut labs = Vec::new();
@@ -382,14 +392,17 @@ mod tests {
     }
 
     #[test]
-    fn state_json_round_trips() -> Result<()> {
+    fn state_json_round_trips() {
         let lab = sample();
-        let json = serde_json::to_string(&lab)?;
+        let json = serde_json::to_string(&lab).expect("serializing the sample lab");
         assert!(json.contains(r#""topology":"veth""#), "{json}");
         assert!(json.contains(r#""placement":"same-host""#), "{json}");
-        let back: Lab = serde_json::from_str(&json)?;
-        assert_eq!(serde_json::to_string(&back)?, json);
-        Ok(())
+        let back: Lab = serde_json::from_str(&json)
+            .unwrap_or_else(|e| panic!("reading back the lab's own JSON {json}: {e}"));
+        assert_eq!(
+            serde_json::to_string(&back).expect("serializing the lab read back"),
+            json
+        );
     }
 
     #[test]

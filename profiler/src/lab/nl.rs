@@ -10,6 +10,7 @@ use rtnetlink::packet_route::link::{
     BridgeStpState, IpVlanMode, LinkAttribute, LinkInfo, LinkMessage, MacVlanMode,
 };
 use rtnetlink::packet_route::neighbour::NeighbourFlags;
+use rtnetlink::packet_route::tc::TcHandle;
 use rtnetlink::{
     Handle, LinkBridge, LinkGeneve, LinkIpVlan, LinkMacVlan, LinkUnspec, LinkVeth, LinkVlan,
     LinkVxlan, RouteMessageBuilder,
@@ -17,6 +18,24 @@ use rtnetlink::{
 
 use super::netns;
 use super::spec::ChildKind;
+
+/// Runs `f` with a connection in `ns` on a thread of its own, with a runtime of its own: for
+/// callers that cannot await (Drop), possibly on a thread of another runtime.
+pub(super) fn blocking<T, F, Fut>(ns: Option<String>, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Nl) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async { f(Nl::open(ns.as_deref())?).await })
+    })
+    .join()
+    .map_err(|_| anyhow!("a netlink thread panicked"))?
+}
 
 pub(super) struct Nl {
     handle: Handle,
@@ -337,6 +356,23 @@ impl Nl {
                     self.ns
                 )
             })
+    }
+
+    /// Deletes the device's clsact qdisc, and with it every tc filter hanging off it.
+    pub async fn del_clsact(&self, index: u32) -> Result<()> {
+        let mut req = self.handle.qdisc().del(index as i32);
+        let header = &mut req.message_mut().header;
+        header.parent = TcHandle::CLSACT;
+        header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        req.execute().await.with_context(|| {
+            format!(
+                "cannot delete the clsact qdisc of interface {index} in {}",
+                self.ns
+            )
+        })
     }
 
     pub async fn delete(&self, index: u32) -> Result<()> {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context as _, Result};
 
 use super::netns;
-use super::nl::Nl;
+use super::nl::{self, Nl};
 use super::ovs;
 use super::spec::{netns_name, Child, Place, Spec, Tunnel, TunnelKind};
 use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Topology};
@@ -54,31 +54,21 @@ impl Drop for Undo {
     }
 }
 
-/// Deletes `names` from the caller's namespace, on a thread with a runtime of its own: Drop
-/// cannot await, and may run on a thread of the caller's runtime.
+/// Deletes `names` from the caller's namespace (Drop cannot await).
 fn delete_root_links(names: Vec<String>) {
-    let deleted = std::thread::spawn(move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let nl = Nl::open(None)?;
-            for name in &names {
-                // Deleting one end of a veth pair deletes both.
-                if let Ok(index) = nl.index(name).await {
-                    if let Err(e) = nl.delete(index).await {
-                        log::warn!("{e:#}");
-                    }
+    let deleted = nl::blocking(None, |nl| async move {
+        for name in &names {
+            // Deleting one end of a veth pair deletes both.
+            if let Ok(index) = nl.index(name).await {
+                if let Err(e) = nl.delete(index).await {
+                    log::warn!("{e:#}");
                 }
             }
-            Ok(())
-        })
-    })
-    .join();
-    match deleted {
-        Ok(Err(e)) => log::warn!("{e:#}"),
-        Err(_) => log::warn!("deleting the lab's temporary devices panicked"),
-        Ok(Ok(())) => {}
+        }
+        Ok(())
+    });
+    if let Err(e) = deleted {
+        log::warn!("deleting the lab's temporary devices: {e:#}");
     }
 }
 

@@ -1,0 +1,213 @@
+//! Recovery on a stock kernel: SIGKILL during `lab up` of an OVS lab (its daemons outlive the
+//! profiler), and, before tcx (6.1), the tc filters that netlink attachments leave on devices
+//! the profiler did not make, after a clean exit and after SIGKILL.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{assert_clean_of, profiler, BIN};
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sigkill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL to our own child");
+}
+
+fn down_all() -> String {
+    let out = profiler(&["lab", "down", "--all"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "lab down --all: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said
+}
+
+fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILL once ovs-vswitchd of host-a runs: the daemons and the half-built lab stay, and
+/// `lab down --all` stops and removes all of it.
+#[test]
+#[ignore = "runs inside the VM lab: cargo xtask vm-test"]
+fn a_killed_ovs_lab_up_is_removed_by_lab_down_all() {
+    let name = "ovs-vlan-xhost";
+    let up = Command::new(BIN)
+        .args(["lab", "up", "ovs-vlan", "--placement", "cross-host"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running profiler lab up");
+    let started = Path::new("/run/profiler/ovs").join(format!("{name}-host-a/ovs-vswitchd.pid"));
+    wait_for("ovs-vswitchd", Duration::from_secs(180), || {
+        started.exists()
+    });
+    sigkill(up.id());
+    let _ = up.wait_with_output();
+    let said = down_all();
+    assert!(said.contains("OVS daemons and directory"), "{said}");
+    crate::labs::assert_nothing_left(name);
+    assert_clean_of(name);
+}
+
+/// Two namespaces the profiler did not make, joined by a veth pair.
+struct Pair;
+
+impl Pair {
+    const A: &'static str = "prof-vmtc-a";
+    const B: &'static str = "prof-vmtc-b";
+
+    fn new() -> Pair {
+        let pair = Pair;
+        ip(&["netns", "add", Self::A]);
+        ip(&["netns", "add", Self::B]);
+        ip(&[
+            "-n",
+            Self::A,
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            Self::B,
+        ]);
+        for (ns, addr) in [(Self::A, "198.18.230.1/24"), (Self::B, "198.18.230.2/24")] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// `tc qdisc show` and `tc filter show` of both ends.
+    fn tc_state(&self) -> String {
+        let mut all = String::new();
+        for ns in [Self::A, Self::B] {
+            for what in [
+                &["qdisc", "show", "dev", "eth0"][..],
+                &["filter", "show", "dev", "eth0", "ingress"],
+                &["filter", "show", "dev", "eth0", "egress"],
+            ] {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", ns, "tc"])
+                    .args(what)
+                    .output()
+                    .expect("running tc");
+                all += &String::from_utf8_lossy(&out.stdout);
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [Self::A, Self::B] {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+fn has_tcx() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 6)
+}
+
+/// Before tcx, a run on a path it did not make leaves no filter and no clsact qdisc when it ends;
+/// after SIGKILL it leaves both, and `lab down --all` removes them.
+#[test]
+#[ignore = "runs inside the VM lab: cargo xtask vm-test"]
+fn tc_filters_of_a_killed_run_are_removed_by_lab_down_all() {
+    let pair = Pair::new();
+    let to = format!("{}:198.18.230.2", Pair::B);
+    let args = [
+        "run",
+        "--from",
+        Pair::A,
+        "--to",
+        &to,
+        "--hooks",
+        "stable",
+        "--quiet",
+    ];
+    let clean = Command::new(BIN)
+        .args(args)
+        .args(["--count", "10"])
+        .output()
+        .expect("running the profiler");
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    let after = pair.tc_state();
+    assert!(
+        !after.contains("clsact") && !after.contains("tc_"),
+        "after a clean exit: {after}"
+    );
+
+    let run = Command::new(BIN)
+        .args(args)
+        .args(["--count", "100000", "--rate", "20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running the profiler");
+    let recorded = Path::new(profiler::kernel::tc::TC_DIR).join(format!("{}.json", run.id()));
+    if has_tcx() {
+        println!("this kernel has tcx: its links die with the process, nothing is recorded");
+        // Long enough under TCG for the programs to be attached and traffic to flow.
+        std::thread::sleep(Duration::from_secs(40));
+        sigkill(run.id());
+        let _ = run.wait_with_output();
+        assert!(!recorded.exists());
+        let left = pair.tc_state();
+        assert!(!left.contains("tc_"), "tcx: {left}");
+        return;
+    }
+    wait_for("the run's tc record", Duration::from_secs(180), || {
+        recorded.exists()
+    });
+    sigkill(run.id());
+    let _ = run.wait_with_output();
+    let left = pair.tc_state();
+    assert!(
+        left.contains("clsact") && left.contains("tc_ingress"),
+        "SIGKILL leaves the filters: {left}"
+    );
+    let said = down_all();
+    assert!(said.contains("tc filters on eth0"), "{said}");
+    let after = pair.tc_state();
+    assert!(
+        !after.contains("clsact") && !after.contains("tc_"),
+        "after lab down --all: {after}"
+    );
+    assert!(!recorded.exists());
+    drop(pair);
+    assert_clean_of("vmtc");
+}
