@@ -10,7 +10,6 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
 use futures::TryStreamExt as _;
 use profiler::lab::netns;
 use profiler::lab::{self, Lab, LabOptions, Placement, Topology};
@@ -89,16 +88,22 @@ struct Link {
 
 /// All links of netns `ns` (None: the test's own) by name, read through a netlink socket
 /// opened inside it.
-async fn links_in(ns: Option<&str>) -> Result<HashMap<String, Link>> {
+async fn links_in(ns: Option<&str>) -> HashMap<String, Link> {
+    let where_ = ns.unwrap_or("the test's own namespace");
     let rt = tokio::runtime::Handle::current();
     let (conn, handle, _) = netns::run_in(ns, || {
         let _rt = rt.enter();
         Ok(rtnetlink::new_connection()?)
-    })?;
+    })
+    .unwrap_or_else(|e| panic!("netlink connection in {where_}: {e:#}"));
     let conn = tokio::spawn(conn);
     let mut addrs: HashMap<u32, Vec<String>> = HashMap::new();
     let mut dump = handle.address().get().execute();
-    while let Some(msg) = dump.try_next().await? {
+    while let Some(msg) = dump
+        .try_next()
+        .await
+        .unwrap_or_else(|e| panic!("dumping the addresses in {where_}: {e}"))
+    {
         for attr in &msg.attributes {
             if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
                 addrs
@@ -110,7 +115,11 @@ async fn links_in(ns: Option<&str>) -> Result<HashMap<String, Link>> {
     }
     let mut links = HashMap::new();
     let mut dump = handle.link().get().execute();
-    while let Some(msg) = dump.try_next().await? {
+    while let Some(msg) = dump
+        .try_next()
+        .await
+        .unwrap_or_else(|e| panic!("dumping the links in {where_}: {e}"))
+    {
         let mut name = String::new();
         let mut link = Link {
             index: msg.header.index,
@@ -160,16 +169,16 @@ async fn links_in(ns: Option<&str>) -> Result<HashMap<String, Link>> {
         links.insert(name, link);
     }
     conn.abort();
-    Ok(links)
+    links
 }
 
 /// Every interface the Lab names exists in its namespace with that ifindex, kind, addresses,
 /// peer and master; everything is up, lo included; ifindexes are unique across the lab and
 /// the test's own namespace.
-async fn check_against_netlink(lab: &Lab) -> Result<()> {
-    let mut seen: HashSet<u32> = links_in(None).await?.values().map(|l| l.index).collect();
+async fn check_against_netlink(lab: &Lab) {
+    let mut seen: HashSet<u32> = links_in(None).await.values().map(|l| l.index).collect();
     for ns in &lab.namespaces {
-        let links = links_in(Some(ns)).await?;
+        let links = links_in(Some(ns)).await;
         assert!(
             links.get("lo").is_some_and(|lo| lo.up),
             "lo is not up in {ns}"
@@ -177,7 +186,7 @@ async fn check_against_netlink(lab: &Lab) -> Result<()> {
         for iface in lab.interfaces.iter().filter(|i| &i.netns == ns) {
             let link = links
                 .get(&iface.ifname)
-                .with_context(|| format!("{} missing in {ns}", iface.ifname))?;
+                .unwrap_or_else(|| panic!("{} missing in {ns}", iface.ifname));
             assert_eq!(link.index, iface.ifindex, "{iface:?}");
             assert_eq!(link.kind.as_deref(), Some(iface.kind.as_str()), "{iface:?}");
             assert!(link.up, "{iface:?} is down");
@@ -194,8 +203,13 @@ async fn check_against_netlink(lab: &Lab) -> Result<()> {
                 "macvlan" | "vlan" => {
                     // The parent lives in a host namespace: a lab interface of that name
                     // with the ifindex netlink reports.
-                    let parent = link.link.context("child without IFLA_LINK")?;
-                    let lower = iface.link.as_deref().context("child without link")?;
+                    let parent = link
+                        .link
+                        .unwrap_or_else(|| panic!("{iface:?}: child without IFLA_LINK"));
+                    let lower = iface
+                        .link
+                        .as_deref()
+                        .unwrap_or_else(|| panic!("{iface:?}: child without link"));
                     assert!(
                         lab.interfaces
                             .iter()
@@ -209,9 +223,9 @@ async fn check_against_netlink(lab: &Lab) -> Result<()> {
                         links
                             .get(l)
                             .map(|l| l.index)
-                            .with_context(|| format!("no lower device {l}"))
+                            .unwrap_or_else(|| panic!("{iface:?}: no lower device {l} in {ns}"))
                     });
-                    assert_eq!(link.vxlan_link, lower.transpose()?, "{iface:?}");
+                    assert_eq!(link.vxlan_link, lower, "{iface:?}");
                 }
                 _ => assert_eq!(link.link, None, "{iface:?}"),
             }
@@ -227,17 +241,16 @@ async fn check_against_netlink(lab: &Lab) -> Result<()> {
             );
         }
     }
-    Ok(())
 }
 
 /// A UDP datagram from the client's address reaches the server, and the reply comes back.
 /// Bounded retries: the first datagram waits for ARP, which may take a moment.
-fn check_udp(lab: &Lab) -> Result<()> {
+fn check_udp(lab: &Lab) {
     check_udp_payload(lab, b"ping")
 }
 
 /// `check_udp` with a datagram of `payload` (and the same back).
-fn check_udp_payload(lab: &Lab, payload: &[u8]) -> Result<()> {
+fn check_udp_payload(lab: &Lab, payload: &[u8]) {
     let (client, server) = (&lab.client, &lab.server);
     let bind = |ns: &str, addr| {
         netns::run_in(Some(ns), || {
@@ -245,23 +258,32 @@ fn check_udp_payload(lab: &Lab, payload: &[u8]) -> Result<()> {
             sock.set_read_timeout(Some(Duration::from_millis(300)))?;
             Ok(sock)
         })
+        .unwrap_or_else(|e| panic!("binding a UDP socket to {addr} in {ns}: {e:#}"))
     };
     let (tx, rx) = (
-        bind(&client.netns, client.addr)?,
-        bind(&server.netns, server.addr)?,
+        bind(&client.netns, client.addr),
+        bind(&server.netns, server.addr),
+    );
+    let (tx_addr, rx_addr) = (
+        tx.local_addr().expect("the client socket's address"),
+        rx.local_addr().expect("the server socket's address"),
     );
     let mut buf = vec![0u8; payload.len() + 64];
     for _ in 0..10 {
-        tx.send_to(payload, rx.local_addr()?)?;
+        tx.send_to(payload, rx_addr)
+            .unwrap_or_else(|e| panic!("sending from {tx_addr} to {rx_addr}: {e}"));
         if let Ok((n, from)) = rx.recv_from(&mut buf) {
-            assert_eq!((&buf[..n], from), (payload, tx.local_addr()?));
-            rx.send_to(payload, from)?;
-            let (n, _) = tx.recv_from(&mut buf).context("no reply from the server")?;
+            assert_eq!((&buf[..n], from), (payload, tx_addr));
+            rx.send_to(payload, from)
+                .unwrap_or_else(|e| panic!("replying from {rx_addr} to {from}: {e}"));
+            let (n, _) = tx
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("no reply from the server {rx_addr}: {e}"));
             assert_eq!(&buf[..n], payload);
-            return Ok(());
+            return;
         }
     }
-    anyhow::bail!("no datagram from {} reached {}", client.addr, server.addr)
+    panic!("no datagram from {} reached {}", client.addr, server.addr)
 }
 
 fn assert_gone(name: &str, namespaces: &[String]) {
@@ -281,12 +303,12 @@ fn assert_gone(name: &str, namespaces: &[String]) {
 
 /// Packets sent by `dev` in `ns` so far (netlink stats; /sys would show the test's own
 /// namespace).
-fn tx_packets(ns: &str, dev: &str) -> Result<u64> {
-    let links = runtime().block_on(links_in(Some(ns)))?;
-    Ok(links
+fn tx_packets(ns: &str, dev: &str) -> u64 {
+    let links = runtime().block_on(links_in(Some(ns)));
+    links
         .get(dev)
-        .with_context(|| format!("no {dev} in {ns}"))?
-        .tx_packets)
+        .unwrap_or_else(|| panic!("no {dev} in {ns}"))
+        .tx_packets
 }
 
 /// Up, check against netlink, UDP both ways, `extra` checks, state, refusal of a second up,
@@ -296,14 +318,16 @@ fn full_cycle(
     options: &LabOptions,
     namespaces: &[&str],
     ifaces: &[(&str, &str, &str, u32)],
-    extra: impl Fn(&Lab) -> Result<()>,
-) -> Result<()> {
+    extra: impl Fn(&Lab),
+) {
     let _serial = serial();
     let rt = runtime();
     let name = lab::lab_name(topology, options.placement);
     // Guards are armed only once the lab is ours: other users of this machine may have a lab
     // of the same name up, and a failed `up` cleans up after itself.
-    let lab = rt.block_on(lab::up(topology, options))?;
+    let lab = rt
+        .block_on(lab::up(topology, options))
+        .unwrap_or_else(|e| panic!("lab {name} up: {e:#}"));
     let _guard = LabGuard::new(&name);
 
     assert_eq!((lab.name.as_str(), lab.topology), (name.as_str(), topology));
@@ -333,13 +357,21 @@ fn full_cycle(
         .map(|&(ns, ifname, addrs, mtu)| (ns, ifname, addrs.to_string(), mtu))
         .collect();
     assert_eq!(got, want);
-    rt.block_on(check_against_netlink(&lab))?;
-    check_udp(&lab)?;
-    extra(&lab)?;
+    rt.block_on(check_against_netlink(&lab));
+    check_udp(&lab);
+    extra(&lab);
 
-    let stored = lab::get(&name)?.context("no state after up")?;
-    assert_eq!(serde_json::to_value(&stored)?, serde_json::to_value(&lab)?);
-    assert!(lab::list()?.iter().any(|l| l.name == name));
+    let stored = lab::get(&name)
+        .unwrap_or_else(|e| panic!("reading the state of {name}: {e:#}"))
+        .unwrap_or_else(|| panic!("no state of {name} after up"));
+    assert_eq!(
+        serde_json::to_value(&stored).expect("the stored lab as JSON"),
+        serde_json::to_value(&lab).expect("the lab `up` returned as JSON")
+    );
+    assert!(lab::list()
+        .unwrap_or_else(|e| panic!("listing the labs: {e:#}"))
+        .iter()
+        .any(|l| l.name == name));
 
     let again = rt
         .block_on(lab::up(topology, options))
@@ -350,30 +382,29 @@ fn full_cycle(
         format!("lab {name} is already up (profiler lab down {name})")
     );
 
-    rt.block_on(lab::down(&name))?;
+    rt.block_on(lab::down(&name))
+        .unwrap_or_else(|e| panic!("lab {name} down: {e:#}"));
     assert_gone(&name, &lab.namespaces);
-    assert!(lab::get(&name)?.is_none());
-    Ok(())
+    assert!(lab::get(&name)
+        .unwrap_or_else(|e| panic!("reading the state of {name} after down: {e:#}"))
+        .is_none());
 }
 
-fn no_extra(_: &Lab) -> Result<()> {
-    Ok(())
-}
+fn no_extra(_: &Lab) {}
 
 /// Another UDP exchange raises `dev`'s tx packet count in `ns`: the traffic crosses it.
-fn crosses(lab: &Lab, ns: &str, dev: &str) -> Result<()> {
-    let before = tx_packets(ns, dev)?;
-    check_udp(lab)?;
-    let after = tx_packets(ns, dev)?;
+fn crosses(lab: &Lab, ns: &str, dev: &str) {
+    let before = tx_packets(ns, dev);
+    check_udp(lab);
+    let after = tx_packets(ns, dev);
     assert!(
         after > before,
         "{dev} in {ns}: tx_packets {before} -> {after}"
     );
-    Ok(())
 }
 
 #[test]
-fn veth_lab_up_traffic_down() -> Result<()> {
+fn veth_lab_up_traffic_down() {
     full_cycle(
         Topology::Veth,
         &same_host(),
@@ -387,7 +418,7 @@ fn veth_lab_up_traffic_down() -> Result<()> {
 }
 
 #[test]
-fn bridge_lab_up_traffic_down() -> Result<()> {
+fn bridge_lab_up_traffic_down() {
     full_cycle(
         Topology::Bridge,
         &same_host(),
@@ -404,7 +435,7 @@ fn bridge_lab_up_traffic_down() -> Result<()> {
 }
 
 #[test]
-fn host_cross_host_lab_up_traffic_down() -> Result<()> {
+fn host_cross_host_lab_up_traffic_down() {
     full_cycle(
         Topology::Host,
         &cross_host(None),
@@ -424,7 +455,7 @@ fn host_cross_host_lab_up_traffic_down() -> Result<()> {
 const BX: &str = "prof-bridge-xhost";
 
 #[test]
-fn bridge_cross_host_lab_up_traffic_down() -> Result<()> {
+fn bridge_cross_host_lab_up_traffic_down() {
     let ns = |role: &str| format!("{BX}-{role}");
     let (pa, pb, ha, hb) = (ns("pod-a"), ns("pod-b"), ns("host-a"), ns("host-b"));
     full_cycle(
@@ -442,15 +473,15 @@ fn bridge_cross_host_lab_up_traffic_down() -> Result<()> {
             (&hb, "cni0", "198.18.2.254/24", 1500),
         ],
         |lab| {
-            crosses(lab, &ha, "wire0")?;
-            crosses(lab, &hb, "wire0")
+            crosses(lab, &ha, "wire0");
+            crosses(lab, &hb, "wire0");
         },
     )
 }
 
 const FX: &str = "prof-flannel-vxlan-xhost";
 
-fn flannel_cycle(mtu: Option<u32>, pod_mtu: u32) -> Result<()> {
+fn flannel_cycle(mtu: Option<u32>, pod_mtu: u32) {
     let ns = |role: &str| format!("{FX}-{role}");
     let (pa, pb, ha, hb) = (ns("pod-a"), ns("pod-b"), ns("host-a"), ns("host-b"));
     // The underlay keeps Ethernet's MTU whatever the pods get.
@@ -476,54 +507,53 @@ fn flannel_cycle(mtu: Option<u32>, pod_mtu: u32) -> Result<()> {
                 .interfaces
                 .iter()
                 .find(|i| i.ifname == "flannel.1")
-                .context("no flannel.1")?;
+                .expect("no flannel.1 among the lab's interfaces");
             // Bound to wire0 as flannel binds it, unless the pods' MTU does not fit the wire:
             // the kernel refuses such an MTU on a bound VTEP, so the lab leaves it unbound.
             let bound = (pod_mtu + 50 <= wire).then_some("wire0");
             assert_eq!((vx.kind.as_str(), vx.link.as_deref()), ("vxlan", bound));
             // The request leaves through host-a's flannel.1, the reply through host-b's.
-            crosses(lab, &ha, "flannel.1")?;
-            crosses(lab, &hb, "flannel.1")?;
-            crosses(lab, &ha, "wire0")?;
+            crosses(lab, &ha, "flannel.1");
+            crosses(lab, &hb, "flannel.1");
+            crosses(lab, &ha, "wire0");
             // The largest datagram the pods send unfragmented, both ways. With pod MTU 1500 its
             // VXLAN packet (1550 bytes) does not fit the 1500 wire: the kernel fragments the
             // outer packet (vxlan does not set DF) and host-b reassembles it, so it still
             // arrives, as two packets on the wire. (A few unrelated packets, e.g. IPv6
             // neighbour discovery after link up, may cross too: hence the range.)
             let payload = vec![0x5a; pod_mtu as usize - 28];
-            let before = tx_packets(&ha, "wire0")?;
+            let before = tx_packets(&ha, "wire0");
             for _ in 0..10 {
-                check_udp_payload(lab, &payload)?;
+                check_udp_payload(lab, &payload);
             }
-            let sent = tx_packets(&ha, "wire0")? - before;
+            let sent = tx_packets(&ha, "wire0") - before;
             let per_datagram = if pod_mtu + 50 > wire { 2 } else { 1 };
             assert!(
                 (10 * per_datagram..10 * per_datagram + 5).contains(&sent),
                 "host-a wire0 sent {sent} packets for 10 {pod_mtu}-byte packets"
             );
-            Ok(())
         },
     )
 }
 
 #[test]
-fn flannel_vxlan_cross_host_lab_up_traffic_down() -> Result<()> {
+fn flannel_vxlan_cross_host_lab_up_traffic_down() {
     flannel_cycle(None, 1450)
 }
 
 #[test]
-fn flannel_vxlan_mtu_option_sets_the_pods_mtu() -> Result<()> {
+fn flannel_vxlan_mtu_option_sets_the_pods_mtu() {
     flannel_cycle(Some(1400), 1400)
 }
 
 /// The mismatch flannel's 1450 avoids: pods at 1500 over a 1500 wire.
 #[test]
-fn flannel_vxlan_mtu_1500_fragments_the_outer_packets() -> Result<()> {
+fn flannel_vxlan_mtu_1500_fragments_the_outer_packets() {
     flannel_cycle(Some(1500), 1500)
 }
 
 #[test]
-fn macvlan_same_host_lab_up_traffic_down() -> Result<()> {
+fn macvlan_same_host_lab_up_traffic_down() {
     let ns = |role: &str| format!("prof-macvlan-{role}");
     let (pa, pb, ha, wp) = (ns("pod-a"), ns("pod-b"), ns("host-a"), ns("wire-peer"));
     full_cycle(
@@ -539,13 +569,12 @@ fn macvlan_same_host_lab_up_traffic_down() -> Result<()> {
         |lab| {
             let kinds: Vec<_> = lab.interfaces.iter().map(|i| i.kind.as_str()).collect();
             assert_eq!(kinds, ["veth", "veth", "macvlan", "macvlan"]);
-            Ok(())
         },
     )
 }
 
 #[test]
-fn macvlan_cross_host_lab_up_traffic_down() -> Result<()> {
+fn macvlan_cross_host_lab_up_traffic_down() {
     let ns = |role: &str| format!("prof-macvlan-xhost-{role}");
     let (pa, pb, ha, hb) = (ns("pod-a"), ns("pod-b"), ns("host-a"), ns("host-b"));
     full_cycle(
@@ -563,7 +592,7 @@ fn macvlan_cross_host_lab_up_traffic_down() -> Result<()> {
 }
 
 #[test]
-fn vlan_cross_host_lab_up_traffic_down() -> Result<()> {
+fn vlan_cross_host_lab_up_traffic_down() {
     let ns = |role: &str| format!("prof-vlan-xhost-{role}");
     let (pa, pb, ha, hb) = (ns("pod-a"), ns("pod-b"), ns("host-a"), ns("host-b"));
     {
@@ -573,13 +602,15 @@ fn vlan_cross_host_lab_up_traffic_down() -> Result<()> {
         match runtime().block_on(lab::up(Topology::Vlan, &cross_host(None))) {
             Err(e) if e.to_string().contains("needs the 8021q kernel module") => {
                 assert_gone("vlan-xhost", &[pa, pb, ha, hb]);
-                eprintln!("skipped: {e:#}");
-                return Ok(());
+                eprintln!("skipped: this kernel cannot make vlan devices: {e:#}");
+                return;
             }
-            Err(e) => return Err(e),
+            Err(e) => panic!("lab vlan-xhost up: {e:#}"),
             Ok(_) => {
                 let _guard = LabGuard::new("vlan-xhost");
-                runtime().block_on(lab::down("vlan-xhost"))?
+                runtime()
+                    .block_on(lab::down("vlan-xhost"))
+                    .unwrap_or_else(|e| panic!("lab vlan-xhost down: {e:#}"))
             }
         }
     }
@@ -596,14 +627,14 @@ fn vlan_cross_host_lab_up_traffic_down() -> Result<()> {
         |lab| {
             let kinds: Vec<_> = lab.interfaces.iter().map(|i| i.kind.as_str()).collect();
             assert_eq!(kinds, ["veth", "veth", "vlan", "vlan"]);
-            crosses(lab, &ns("host-a"), "wire0")
+            crosses(lab, &ns("host-a"), "wire0");
         },
     )
 }
 
 /// Combinations that do not exist fail with one line, before any namespace is made.
 #[test]
-fn unsupported_combinations_error_before_creating_anything() -> Result<()> {
+fn unsupported_combinations_error_before_creating_anything() {
     let _serial = serial();
     let rt = runtime();
     let cases = [
@@ -640,20 +671,22 @@ fn unsupported_combinations_error_before_creating_anything() -> Result<()> {
         let msg = format!("{err:#}");
         assert!(msg.starts_with(want) && !msg.contains('\n'), "{msg}");
         let prefix = format!("prof-{name}-");
-        let leftovers: Vec<_> = std::fs::read_dir(netns::NETNS_DIR)?
+        let leftovers: Vec<_> = std::fs::read_dir(netns::NETNS_DIR)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", netns::NETNS_DIR))
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter(|n| n.starts_with(&prefix))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
-    Ok(())
 }
 
 #[test]
-fn bridge_lab_goes_through_the_host() -> Result<()> {
+fn bridge_lab_goes_through_the_host() {
     let _serial = serial();
     let rt = runtime();
-    let lab = rt.block_on(lab::up(Topology::Bridge, &same_host()))?;
+    let lab = rt
+        .block_on(lab::up(Topology::Bridge, &same_host()))
+        .unwrap_or_else(|e| panic!("lab bridge up: {e:#}"));
     let _guard = LabGuard::new("bridge");
     assert_eq!(lab.client.netns, "prof-bridge-pod-a");
     assert_eq!(lab.client.addr.to_string(), "198.18.0.1");
@@ -664,7 +697,6 @@ fn bridge_lab_goes_through_the_host() -> Result<()> {
         .filter(|i| i.master.as_deref() == Some("br0"))
         .count();
     assert_eq!(ports, 2);
-    Ok(())
 }
 
 #[test]
@@ -679,10 +711,11 @@ fn down_of_a_lab_that_is_not_up_errors() {
 
 /// A namespace of the lab's name that someone else made blocks `up`, and stays untouched.
 #[test]
-fn up_refuses_a_foreign_namespace_and_leaves_it_alone() -> Result<()> {
+fn up_refuses_a_foreign_namespace_and_leaves_it_alone() {
     let _serial = serial();
     let rt = runtime();
-    netns::add("prof-bridge-host")?;
+    netns::add("prof-bridge-host")
+        .unwrap_or_else(|e| panic!("making the foreign namespace prof-bridge-host: {e:#}"));
     let _foreign = NsGuard("prof-bridge-host");
     let err = match rt.block_on(lab::up(Topology::Bridge, &same_host())) {
         Ok(_) => {
@@ -697,20 +730,21 @@ fn up_refuses_a_foreign_namespace_and_leaves_it_alone() -> Result<()> {
     );
     assert!(netns::exists("prof-bridge-host"));
     assert!(!netns::exists("prof-bridge-pod-a") && !netns::exists("prof-bridge-pod-b"));
-    Ok(())
 }
 
 /// `up` fails at its very last step (a directory squats the state file's temporary name), after
 /// every namespace and device exists: all of them must be gone again, root-namespace veths too.
 #[test]
-fn failed_up_removes_everything_it_made() -> Result<()> {
+fn failed_up_removes_everything_it_made() {
     let _serial = serial();
     let rt = runtime();
     let squat = Path::new(lab::STATE_DIR).join("bridge.json.tmp");
-    std::fs::create_dir_all(&squat)?;
-    let root_before = rt.block_on(link_names_here())?;
+    std::fs::create_dir_all(&squat)
+        .unwrap_or_else(|e| panic!("making the squatting directory {}: {e}", squat.display()));
+    let root_before = rt.block_on(link_names_here());
     let result = rt.block_on(lab::up(Topology::Bridge, &same_host()));
-    std::fs::remove_dir(&squat)?;
+    std::fs::remove_dir(&squat)
+        .unwrap_or_else(|e| panic!("removing the squatting directory {}: {e}", squat.display()));
     let _guard = result.is_ok().then(|| LabGuard::new("bridge"));
     let err = result.map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("bridge.json.tmp"), "{err:#}");
@@ -722,47 +756,56 @@ fn failed_up_removes_everything_it_made() -> Result<()> {
             "prof-bridge-host".into(),
         ],
     );
-    assert_eq!(rt.block_on(link_names_here())?, root_before);
-    Ok(())
+    assert_eq!(rt.block_on(link_names_here()), root_before);
 }
 
 /// Names of the links in the test's own namespace, sorted.
-async fn link_names_here() -> Result<Vec<String>> {
-    let mut names: Vec<String> = links_in(None).await?.into_keys().collect();
+async fn link_names_here() -> Vec<String> {
+    let mut names: Vec<String> = links_in(None).await.into_keys().collect();
     names.sort();
-    Ok(names)
+    names
 }
 
 #[test]
-fn run_in_switches_namespace_and_inode_matches() -> Result<()> {
+fn run_in_switches_namespace_and_inode_matches() {
     let _serial = serial();
-    netns::add("prof-test-runin")?;
+    netns::add("prof-test-runin")
+        .unwrap_or_else(|e| panic!("making namespace prof-test-runin: {e:#}"));
     let _ns = NsGuard("prof-test-runin");
     let err = netns::add("prof-test-runin").unwrap_err();
     assert_eq!(
         err.to_string(),
         "network namespace prof-test-runin already exists"
     );
-    let inside = netns::run_in(Some("prof-test-runin"), netns::current_inode)?;
-    assert_eq!(inside, netns::inode("prof-test-runin")?);
-    assert_ne!(inside, netns::current_inode()?);
+    let here =
+        || netns::current_inode().unwrap_or_else(|e| panic!("this namespace's inode: {e:#}"));
+    let inside = netns::run_in(Some("prof-test-runin"), netns::current_inode)
+        .unwrap_or_else(|e| panic!("the inode seen inside prof-test-runin: {e:#}"));
     assert_eq!(
-        netns::run_in(None, netns::current_inode)?,
-        netns::current_inode()?
+        inside,
+        netns::inode("prof-test-runin")
+            .unwrap_or_else(|e| panic!("the inode of prof-test-runin: {e:#}"))
     );
-    netns::delete("prof-test-runin")?;
+    assert_ne!(inside, here());
+    assert_eq!(
+        netns::run_in(None, netns::current_inode)
+            .unwrap_or_else(|e| panic!("the inode seen through run_in(None): {e:#}")),
+        here()
+    );
+    netns::delete("prof-test-runin")
+        .unwrap_or_else(|e| panic!("deleting namespace prof-test-runin: {e:#}"));
     assert!(!netns::exists("prof-test-runin"));
-    netns::delete("prof-test-runin")?;
+    netns::delete("prof-test-runin")
+        .unwrap_or_else(|e| panic!("deleting prof-test-runin a second time: {e:#}"));
     let err = netns::run_in(Some("prof-test-runin"), || Ok(())).unwrap_err();
     assert_eq!(err.to_string(), "unknown network namespace prof-test-runin");
-    Ok(())
 }
 
 /// The topologies that need modules this project's 6.18 kernel lacks (ipvlan, geneve,
 /// openvswitch; tests/vm.rs runs them in the VM lab) fail with one line naming the module and
 /// leave nothing behind; on a kernel that has the modules they come up and carry traffic.
 #[test]
-fn vm_lab_topologies_fail_cleanly_without_their_modules() -> Result<()> {
+fn vm_lab_topologies_fail_cleanly_without_their_modules() {
     let _serial = serial();
     let cases = [
         (Topology::IpvlanL2, same_host(), "ipvlan"),
@@ -778,7 +821,7 @@ fn vm_lab_topologies_fail_cleanly_without_their_modules() -> Result<()> {
         match runtime().block_on(lab::up(topology, &options)) {
             Ok(lab) => {
                 let _guard = LabGuard::new(&name);
-                check_udp(&lab)?;
+                check_udp(&lab);
             }
             Err(e) => {
                 assert_eq!(
@@ -805,9 +848,13 @@ fn vm_lab_topologies_fail_cleanly_without_their_modules() -> Result<()> {
                     ovs.is_empty(),
                     "{name}: OVS directories {ovs:?} left behind"
                 );
-                assert!(lab::get(&name)?.is_none(), "{name}: state left behind");
+                assert!(
+                    lab::get(&name)
+                        .unwrap_or_else(|e| panic!("reading the state of {name}: {e:#}"))
+                        .is_none(),
+                    "{name}: state left behind"
+                );
             }
         }
     }
-    Ok(())
 }

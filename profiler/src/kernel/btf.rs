@@ -274,7 +274,13 @@ mod tests {
     /// Runs against the running kernel's BTF: offsets must be found and plausible.
     #[test]
     fn finds_offsets_on_this_kernel() {
-        let Ok(btf) = KernelBtf::load() else { return };
+        let btf = match KernelBtf::load() {
+            Ok(btf) => btf,
+            Err(e) => {
+                eprintln!("skipped: cannot read this kernel's BTF: {e:#}");
+                return;
+            }
+        };
         let off = btf.kernel_offsets().expect("offsets");
         // sk_buff: the pointers come after the length fields on every kernel since 4.x.
         assert!(off.skb_head > off.skb_len, "{off:?}");
@@ -292,16 +298,22 @@ mod tests {
 
     /// Argument positions from this kernel's prototypes, whatever module they are in here.
     #[test]
-    fn finds_packet_arguments_in_prototypes() -> Result<()> {
-        let Ok(kernel) = KernelBtf::load() else {
-            return Ok(());
+    fn finds_packet_arguments_in_prototypes() {
+        let kernel = match KernelBtf::load() {
+            Ok(kernel) => kernel,
+            Err(e) => {
+                eprintln!("skipped: cannot read this kernel's BTF: {e:#}");
+                return;
+            }
         };
         let in_vmlinux = kernel.vmlinux();
         // net_dev_start_xmit(skb, dev): a tracepoint, with its private data first.
-        let tp = tracepoint_args(in_vmlinux, HookId::NetDevStartXmit, "net_dev_start_xmit")?;
+        let tp = tracepoint_args(in_vmlinux, HookId::NetDevStartXmit, "net_dev_start_xmit")
+            .unwrap_or_else(|e| panic!("arguments of tracepoint net_dev_start_xmit: {e:#}"));
         assert_eq!((tp.skb_arg, tp.skb_deref, tp.dev_arg), (0, 0, 1));
         // __dev_queue_xmit(skb, sb_dev): the second is a net_device too, found as the first.
-        let f = function_args(in_vmlinux, HookId::NetDevQueue, "__dev_queue_xmit")?;
+        let f = function_args(in_vmlinux, HookId::NetDevQueue, "__dev_queue_xmit")
+            .unwrap_or_else(|e| panic!("arguments of __dev_queue_xmit: {e:#}"));
         assert_eq!((f.skb_arg, f.skb_deref, f.dev_arg), (0, 0, 1));
         // netif_receive_skb_list_internal has a list head, no skb.
         assert!(function_args(
@@ -311,6 +323,5 @@ mod tests {
         )
         .is_err());
         assert!(function_args(in_vmlinux, HookId::NetifRx, "no_such_function").is_err());
-        Ok(())
     }
 }

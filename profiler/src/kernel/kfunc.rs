@@ -174,9 +174,13 @@ mod tests {
     }
 
     #[test]
-    fn picks_the_hooks_own_module_and_says_when_the_name_is_shared() -> Result<()> {
-        let Ok(kernel) = KernelBtf::load() else {
-            return Ok(());
+    fn picks_the_hooks_own_module_and_says_when_the_name_is_shared() {
+        let kernel = match KernelBtf::load() {
+            Ok(kernel) => kernel,
+            Err(e) => {
+                eprintln!("skipped: cannot read this kernel's BTF: {e:#}");
+                return;
+            }
         };
         let mut r = Resolver {
             kernel: &kernel,
@@ -188,11 +192,13 @@ mod tests {
             modules: HashMap::new(),
         };
         assert_eq!(
-            r.symbol("start_xmit", "virtio_net")?,
+            r.symbol("start_xmit", "virtio_net")
+                .unwrap_or_else(|e| panic!("start_xmit in virtio_net: {e:#}")),
             (0xffffffffc0001000, Some("virtio_net".into()), true)
         );
         assert_eq!(
-            r.symbol("veth_xmit", "veth")?,
+            r.symbol("veth_xmit", "veth")
+                .unwrap_or_else(|e| panic!("veth_xmit in veth: {e:#}")),
             (0xffffffffc0002000, None, false)
         );
         let e = r.symbol("ipvlan_queue_xmit", "ipvlan").unwrap_err();
@@ -200,6 +206,5 @@ mod tests {
         assert!(r.symbol("start_xmit", "e1000").is_err());
         // A module that is not there has no BTF: a reason, not a panic.
         assert!(r.btf(Some("no_such_module")).is_err());
-        Ok(())
     }
 }
