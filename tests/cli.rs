@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_clean, profiler};
+use common::{assert_clean, ip, profiler};
 
 /// `profiler ARGS` must fail in one line containing `want`, and leave nothing behind.
 fn refused(args: &[&str], want: &str) {
@@ -126,18 +126,6 @@ fn a_topology_with_one_placement_uses_it_without_being_told() {
     assert_clean();
 }
 
-/// Runs `ip ARGS`, which must succeed.
-fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Two namespaces built with plain `ip`, each with a veth pair of its own and an address, not
 /// joined: the client's requests find no one. Removed on drop.

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_clean, doctor_json, hop_sequence, profiler, segment_names, BIN};
+use common::{assert_clean, doctor_json, hop_sequence, ip, profiler, segment_names, BIN};
 use serde_json::Value;
 
 /// The bridge lab's request path, hop by hop: pod-a's socket, its eth0 (veth), the host end
@@ -294,15 +294,6 @@ fn existing_path_between_namespaces() {
     assert_clean();
 }
 
-/// Runs `ip ARGS`, which must succeed.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A node as container runtimes build it, with plain `ip`: two pod namespaces, each with an
 /// `eth0` of the same ifindex, whose veth peers are ports of a bridge in this namespace.

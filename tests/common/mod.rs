@@ -62,6 +62,17 @@ pub fn lab_up(args: &[&str]) -> LabGuard {
     LabGuard(lab_name(topology, placement))
 }
 
+/// `ip ARGS`, which must succeed: for tests that build namespaces the way people do, without
+/// the lab code.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `profiler doctor --json`, which must succeed.
 pub fn doctor_json() -> Value {
     let out = profiler(&["doctor", "--json"]);
