@@ -391,6 +391,69 @@ fn sampling_one_in_ten() {
     assert_clean();
 }
 
+/// Followed packets are grouped by the way they took: the request's path through the bridge
+/// lab is one waterfall, its segments in the order the packets met them, in the JSON and in
+/// the table.
+#[test]
+fn journeys_are_shown_as_the_paths_they_took() {
+    let _guard = serial();
+    let lab = lab_up(&["bridge"]);
+    let json = tmp("paths.json");
+    let attach = Attach::start(&[
+        "--netns",
+        "prof-bridge-pod-a",
+        "--filter",
+        "icmp and dst host 198.18.0.2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    ping("prof-bridge-pod-a", "198.18.0.2", 200, "0.01");
+    let (table, _) = attach.stop();
+    drop(lab);
+    let r = report(&json);
+    let paths = r["paths"].as_array().expect("paths");
+    let top = &paths[0];
+    let names: Vec<&str> = top["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "qdisc eth0",
+            "veth eth0 -> veth-a",
+            "backlog veth-a",
+            "bridge br0 (veth-a -> veth-b)",
+            "qdisc veth-b",
+            "veth veth-b -> eth0",
+            "backlog eth0",
+        ],
+        "{top}"
+    );
+    let packets = top["packets"].as_u64().unwrap();
+    assert!(
+        (190..=200).contains(&packets),
+        "{packets} of 200 requests on the path"
+    );
+    assert_eq!(top["hops"].as_array().unwrap().len(), names.len() + 1);
+    // Every journey is on a path shown or counted as rare.
+    let on_paths: u64 = paths
+        .iter()
+        .map(|p| p["packets"].as_u64().unwrap())
+        .sum::<u64>()
+        + r["rare_paths"]["packets"].as_u64().unwrap();
+    assert_eq!(on_paths, started(&r), "{r}");
+    assert!(
+        table.contains(&format!("path taken by {packets} packets")),
+        "{table}"
+    );
+    assert!(table.contains("bridge br0 (veth-a -> veth-b)"), "{table}");
+    let _ = std::fs::remove_file(json);
+    assert_clean();
+}
+
 /// `--mode events`: one JSON line per journey on stdout, its hops in time order, and
 /// `--prometheus`: the histograms, labelled, on /metrics while it runs.
 #[test]

@@ -221,12 +221,27 @@ pub struct HopPoint {
     pub _pad: [u8; 2],
 }
 
-/// A segment: two consecutive hops of one packet's journey.
+/// A segment: two consecutive hops of one packet's journey, and the path that led to the
+/// first of them ([`path_hash`] of every hop up to `from`). Journeys that took different ways
+/// to the same two hops keep histograms apart, so userspace can show each path whole.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SegmentKey {
     pub from: HopPoint,
     pub to: HopPoint,
+    pub path: u32,
+}
+
+/// The path of a journey extended by hop `p`: a hash of its hops in order (start from 0).
+#[inline(always)]
+pub fn path_hash(path: u32, p: &HopPoint) -> u32 {
+    let hop = (p.ifindex as u64)
+        ^ ((p.netns as u64) << 32)
+        ^ ((p.hook as u64) << 24)
+        ^ ((p.flags as u64) << 16);
+    let mixed = ((path as u64) << 32 | path as u64) ^ hop;
+    // Fibonacci hashing: every input bit reaches the high half.
+    (mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
 }
 
 /// Log-linear histogram buckets: values below [`HIST_SUB`] ns exactly, then [`HIST_SUB`]

@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use profiler_common::{
-    hist_bucket, Filter, FilterTerm, Histogram, HookId, HopEvent, HopPoint, SegmentKey,
+    hist_bucket, path_hash, Filter, FilterTerm, Histogram, HookId, HopEvent, HopPoint, SegmentKey,
     COUNTER_ABANDONED, COUNTER_CONSUMED, COUNTER_DROPPED, COUNTER_LOST, COUNTER_REHEADED,
     COUNTER_STARTED, END_CONSUMED, END_DROPPED, FIELD_ADDR, FIELD_DST_ADDR, FIELD_DST_PORT,
     FIELD_FAMILY, FIELD_PORT, FIELD_PROTO, FIELD_SRC_ADDR, FIELD_SRC_PORT, FILTER_CLAUSES,
@@ -86,6 +86,8 @@ pub struct Flight {
     last_ts: u64,
     fingerprint: u64,
     last: HopPoint,
+    /// path_hash of every hop so far, `last` included.
+    path: u32,
 }
 
 /// Journeys in flight by buffer; the loader sizes it (`--max-in-flight`), LRU keeps it bounded.
@@ -188,8 +190,8 @@ fn filter_matches(f: &Flow) -> bool {
 }
 
 #[inline(never)]
-fn record(from: HopPoint, to: HopPoint, ns: u64) {
-    let key = SegmentKey { from, to };
+fn record(from: HopPoint, to: HopPoint, path: u32, ns: u64) {
+    let key = SegmentKey { from, to, path };
     let mut h = HISTOGRAMS.get_ptr_mut(&key);
     if h.is_none() {
         let Some(zero) = ZERO.get_ptr(0) else { return };
@@ -334,6 +336,7 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) 
         last_ts: ts,
         fingerprint: fp,
         last: point,
+        path: path_hash(0, &point),
     };
     if FLIGHTS.insert(&head, &f, 0).is_ok() {
         let _ = BY_SKB.insert(&skb_ptr, &head, 0);
@@ -377,7 +380,8 @@ fn continues(f: &Flight, skb: u64, hook: u8, ifindex: u32, netns: u32, ts: u64) 
 /// Adds the segment from the journey's last hop to `point`.
 #[inline(always)]
 fn extend(f: &mut Flight, point: HopPoint, ts: u64, skb: u64, len: u32) {
-    record(f.last, point, ts - f.last_ts);
+    record(f.last, point, f.path, ts - f.last_ts);
+    f.path = path_hash(f.path, &point);
     f.last = point;
     f.last_ts = ts;
     // The skb that carries the packet now (a clone, after a copy) is the one whose free ends

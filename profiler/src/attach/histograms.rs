@@ -1,40 +1,187 @@
 //! The kernel's per-segment histograms, read, named after the node's devices, and summarized.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context as _, Result};
 use aya::maps::PerCpuHashMap;
 use profiler_common::{
-    hist_bucket_range, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED, COUNTER_DROPPED,
-    COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, HIST_BUCKETS,
+    hist_bucket_range, path_hash, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED,
+    COUNTER_DROPPED, COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, HIST_BUCKETS,
 };
 
 use super::scope::Namer;
 use crate::{
     kernel::programs::Programs,
-    report::schema::{Hop, JourneyCounts, SegmentSummary},
+    report::schema::{AttachPath, Hop, JourneyCounts, RarePaths, SegmentSummary},
 };
 
-/// The kernel's histograms, named.
-pub fn read_segments(programs: &Programs, namer: &mut Namer) -> Result<Vec<SegmentSummary>> {
+/// One of the kernel's histograms: a segment, as reached by one path.
+struct Raw {
+    key: SegmentKey,
+    buckets: Vec<u64>,
+    count: u64,
+    sum: u64,
+}
+
+impl Raw {
+    fn add(&mut self, buckets: &[u64], count: u64, sum: u64) {
+        self.count += count;
+        self.sum += sum;
+        self.buckets
+            .iter_mut()
+            .zip(buckets)
+            .for_each(|(a, b)| *a += b);
+    }
+}
+
+/// Every histogram, summed over CPUs.
+fn read_raw(programs: &Programs) -> Result<Vec<Raw>> {
     let map: PerCpuHashMap<_, SegmentKey, profiler_common::Histogram> =
         PerCpuHashMap::try_from(programs.map("HISTOGRAMS")?)?;
-    let mut segments = Vec::new();
+    let mut raw = Vec::new();
     for entry in map.iter() {
         let (key, per_cpu) = entry.context("reading the segment histograms")?;
-        let mut buckets = vec![0u64; HIST_BUCKETS];
-        let (mut count, mut sum) = (0, 0);
+        let mut r = Raw {
+            key,
+            buckets: vec![0u64; HIST_BUCKETS],
+            count: 0,
+            sum: 0,
+        };
         for h in per_cpu.iter() {
-            count += h.count;
-            sum += h.sum_ns;
-            buckets.iter_mut().zip(h.buckets).for_each(|(a, b)| *a += b);
+            r.add(&h.buckets, h.count, h.sum_ns);
         }
-        let (name, from, to) = namer.segment(&key);
-        segments.push(summarize(name, from.name, &to, buckets, count, sum));
+        raw.push(r);
     }
+    Ok(raw)
+}
+
+/// The kernel's histograms, named, one per segment whatever the paths that reached it.
+pub fn read_segments(programs: &Programs, namer: &mut Namer) -> Result<Vec<SegmentSummary>> {
+    Ok(segments(&read_raw(programs)?, namer))
+}
+
+/// The segments, and the paths journeys took through them.
+pub fn read_segments_and_paths(
+    programs: &Programs,
+    namer: &mut Namer,
+) -> Result<(Vec<SegmentSummary>, Vec<AttachPath>, RarePaths)> {
+    let raw = read_raw(programs)?;
+    let (paths, rare) = paths(&raw, namer);
+    Ok((segments(&raw, namer), paths, rare))
+}
+
+fn segments(raw: &[Raw], namer: &mut Namer) -> Vec<SegmentSummary> {
+    let mut merged: BTreeMap<(HopPoint, HopPoint), Raw> = BTreeMap::new();
+    for r in raw {
+        merged
+            .entry((r.key.from, r.key.to))
+            .or_insert_with(|| Raw {
+                key: SegmentKey { path: 0, ..r.key },
+                buckets: vec![0u64; HIST_BUCKETS],
+                count: 0,
+                sum: 0,
+            })
+            .add(&r.buckets, r.count, r.sum);
+    }
+    let mut segments: Vec<SegmentSummary> = merged.into_values().map(|r| named(r, namer)).collect();
     disambiguate(&mut segments);
     segments.sort_by(|a, b| b.count.cmp(&a.count).then(a.name.cmp(&b.name)));
-    Ok(segments)
+    segments
+}
+
+fn named(r: Raw, namer: &mut Namer) -> SegmentSummary {
+    let (name, from, to) = namer.segment(&r.key);
+    summarize(name, from.name, &to, r.buckets, r.count, r.sum)
+}
+
+/// Paths shown whole: at most this many, each taken by at least MIN_SHARE of the journeys.
+const MAX_PATHS: usize = 8;
+const MIN_SHARE: f64 = 0.01;
+
+/// The hop sequences journeys took, most taken first. A histogram's key holds the path up to
+/// its first hop, so the segments of one path chain up: the next segment of (path p, a -> b)
+/// is keyed (path_hash(p, b), b -> ...). Journeys that went no further than a segment are those
+/// it counted and its successors did not.
+fn paths(raw: &[Raw], namer: &mut Namer) -> (Vec<AttachPath>, RarePaths) {
+    let mut next: HashMap<(u32, HopPoint), Vec<usize>> = HashMap::new();
+    for (i, r) in raw.iter().enumerate() {
+        next.entry((r.key.path, r.key.from)).or_default().push(i);
+    }
+    let mut found = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        if r.key.path == path_hash(0, &r.key.from) {
+            walk(raw, &next, i, &mut Vec::new(), &mut found);
+        }
+    }
+    found.sort_by(|a, b| b.1.cmp(&a.1));
+    let total: u64 = found.iter().map(|(_, n)| n).sum();
+    let shown = found
+        .iter()
+        .take(MAX_PATHS)
+        .take_while(|(_, n)| *n as f64 >= MIN_SHARE * total as f64)
+        .count();
+    let rare = RarePaths {
+        paths: found.len() - shown,
+        packets: found[shown..].iter().map(|(_, n)| n).sum(),
+    };
+    let paths = found
+        .into_iter()
+        .take(shown)
+        .map(|(chain, packets)| path_report(raw, &chain, packets, namer))
+        .collect();
+    (paths, rare)
+}
+
+/// Longer chains than this are not followed (a hash collision could make a cycle).
+const MAX_HOPS: usize = 64;
+
+fn walk(
+    raw: &[Raw],
+    next: &HashMap<(u32, HopPoint), Vec<usize>>,
+    i: usize,
+    chain: &mut Vec<usize>,
+    found: &mut Vec<(Vec<usize>, u64)>,
+) {
+    chain.push(i);
+    let key = raw[i].key;
+    let children = next
+        .get(&(path_hash(key.path, &key.to), key.to))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let onward: u64 = children.iter().map(|&c| raw[c].count).sum();
+    let ended = raw[i].count.saturating_sub(onward);
+    if ended > 0 {
+        found.push((chain.clone(), ended));
+    }
+    if chain.len() < MAX_HOPS {
+        for &c in children {
+            walk(raw, next, c, chain, found);
+        }
+    }
+    chain.pop();
+}
+
+fn path_report(raw: &[Raw], chain: &[usize], packets: u64, namer: &mut Namer) -> AttachPath {
+    let first = raw[chain[0]].key.from;
+    let mut hops = vec![namer.hop(&first).name.clone()];
+    let mut segments = Vec::new();
+    for &i in chain {
+        let r = &raw[i];
+        hops.push(namer.hop(&r.key.to).name.clone());
+        let copy = Raw {
+            key: r.key,
+            buckets: r.buckets.clone(),
+            count: r.count,
+            sum: r.sum,
+        };
+        segments.push(named(copy, namer));
+    }
+    disambiguate(&mut segments);
+    AttachPath {
+        packets,
+        hops,
+        segments,
+    }
 }
 
 /// What became of the journeys, and the events the kernel could not record.
@@ -120,7 +267,68 @@ pub fn quantile(buckets: &[u64], count: u64, q: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{datapath::path::Attached, lab::target::Devices};
     use profiler_common::hist_bucket;
+
+    fn point(ifindex: u32) -> HopPoint {
+        HopPoint {
+            ifindex,
+            netns: 1,
+            hook: profiler_common::HookId::NetDevQueue as u8,
+            ..Default::default()
+        }
+    }
+
+    /// The histogram of segment a -> b reached by the path `before` (the hops before b).
+    fn raw(before: &[u32], to: u32, count: u64) -> Raw {
+        let path = before.iter().fold(0, |h, &i| path_hash(h, &point(i)));
+        Raw {
+            key: SegmentKey {
+                from: point(*before.last().expect("a first hop")),
+                to: point(to),
+                path,
+            },
+            buckets: vec![0; HIST_BUCKETS],
+            count,
+            sum: count * 1000,
+        }
+    }
+
+    #[test]
+    fn segments_chain_into_the_paths_journeys_took() {
+        let namer = || {
+            let devices = Devices {
+                name: "test".into(),
+                namespaces: Vec::new(),
+                interfaces: Vec::new(),
+            };
+            Namer::new(devices, Attached::from_statuses(&[]), Default::default()).expect("a namer")
+        };
+        // 16 journeys cross 1 -> 2; 10 go on to 3, 5 to 4 (then 4 -> 5), 1 ends at 2. Another
+        // way reaches 2 -> 3 from 9: its histogram is its own.
+        let raw = vec![
+            raw(&[1], 2, 16),
+            raw(&[1, 2], 3, 10),
+            raw(&[1, 2], 4, 5),
+            raw(&[1, 2, 4], 5, 5),
+            raw(&[9], 2, 3),
+            raw(&[9, 2], 3, 3),
+        ];
+        let (paths, rare) = paths(&raw, &mut namer());
+        let shape: Vec<(u64, usize)> = paths
+            .iter()
+            .map(|p| (p.packets, p.segments.len()))
+            .collect();
+        assert_eq!(shape, [(10, 2), (5, 3), (3, 2), (1, 1)], "{paths:#?}");
+        assert_eq!(paths[0].hops.len(), 3);
+        assert_eq!(
+            paths[1].segments[0].count, 16,
+            "a shared first segment counts every journey"
+        );
+        assert_eq!((rare.paths, rare.packets), (0, 0));
+        // The merged view has one segment per (from, to).
+        assert_eq!(segments(&raw, &mut namer()).len(), 5);
+    }
 
     #[test]
     fn quantiles_come_from_the_bucket_of_the_rank() {

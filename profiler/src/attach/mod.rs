@@ -33,7 +33,7 @@ use crate::{
     signal,
 };
 use events::OpenJourneys;
-use histograms::{journey_counts, read_segments};
+use histograms::{journey_counts, read_segments, read_segments_and_paths};
 use scope::{scope, Namer};
 
 /// How often the Prometheus snapshot is refreshed from the kernel's histograms.
@@ -122,7 +122,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
     if let Some(s) = server {
         s.abort();
     }
-    let segments = read_segments(&programs, &mut namer)?;
+    let (segments, paths, rare_paths) = read_segments_and_paths(&programs, &mut namer)?;
     let (journeys, lost) = journey_counts(&programs)?;
     Ok(AttachReport {
         schema: ATTACH_SCHEMA.into(),
@@ -139,6 +139,8 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         .into(),
         duration_s: started.elapsed().as_secs_f64(),
         segments,
+        paths,
+        rare_paths,
         journeys,
         lost_events: lost,
         hook_set,

@@ -190,6 +190,12 @@ pub struct AttachReport {
     pub mode: String,
     pub duration_s: f64,
     pub segments: Vec<SegmentSummary>,
+    /// The hop sequences followed packets took, most taken first, each with its segments in
+    /// order (the waterfall); paths taken by few packets are only counted, in `rare_paths`.
+    #[serde(default)]
+    pub paths: Vec<AttachPath>,
+    #[serde(default)]
+    pub rare_paths: RarePaths,
     pub journeys: JourneyCounts,
     pub lost_events: u64,
     /// The hooks in effect: deep, or stable where no deep hook could attach.
@@ -218,6 +224,24 @@ pub struct SegmentSummary {
     pub buckets: Vec<u64>,
     #[serde(skip)]
     pub sum_ns: u64,
+}
+
+/// One way through the node, and the journeys that took it to its end.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttachPath {
+    /// Journeys whose last segment was this path's last.
+    pub packets: u64,
+    pub hops: Vec<String>,
+    /// From hop k to hop k+1; each counts every journey that crossed it on this way, those that
+    /// went on further included.
+    pub segments: Vec<SegmentSummary>,
+}
+
+/// The paths too rarely taken to show whole.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RarePaths {
+    pub paths: usize,
+    pub packets: u64,
 }
 
 /// What became of the journeys: nothing is lost silently.

@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 
 use super::schema::{
-    AttachReport, CompareReport, DirectionReport, DoctorReport, HookSet, HookStatus, ProgramCost,
-    RunReport, SegmentReport, Stats, Status,
+    AttachPath, AttachReport, CompareReport, DirectionReport, DoctorReport, HookSet, HookStatus,
+    ProgramCost, RunReport, SegmentReport, SegmentSummary, Stats, Status,
 };
 
 fn us(ns: f64) -> String {
@@ -204,20 +204,18 @@ pub fn attach(r: &AttachReport) -> String {
         r.sample,
         r.mode
     );
-    let _ = writeln!(
-        out,
-        "{:<56} {:>9} {:>9} {:>9} {:>9}",
-        "segment", "packets", "p50 us", "p90 us", "p99 us"
-    );
-    for s in &r.segments {
+    if r.paths.is_empty() {
+        // Reports written before paths were kept: every segment, the most crossed first.
+        segment_list(&mut out, &r.segments);
+    }
+    for p in &r.paths {
+        path_waterfall(&mut out, p);
+    }
+    if r.rare_paths.paths > 0 {
         let _ = writeln!(
             out,
-            "{:<56} {:>9} {:>9.1} {:>9.1} {:>9.1}",
-            s.name,
-            s.count,
-            s.p50_ns / 1e3,
-            s.p90_ns / 1e3,
-            s.p99_ns / 1e3
+            "{} other paths, taken by {} packets in all",
+            r.rare_paths.paths, r.rare_paths.packets
         );
     }
     let j = &r.journeys;
@@ -231,6 +229,67 @@ pub fn attach(r: &AttachReport) -> String {
         out += &render_costs(costs);
     }
     out
+}
+
+fn segment_list(out: &mut String, segments: &[SegmentSummary]) {
+    let _ = writeln!(
+        out,
+        "{:<56} {:>9} {:>9} {:>9} {:>9}",
+        "segment", "packets", "p50 us", "p90 us", "p99 us"
+    );
+    for s in segments {
+        let _ = writeln!(
+            out,
+            "{:<56} {:>9} {:>9.1} {:>9.1} {:>9.1}",
+            s.name,
+            s.count,
+            s.p50_ns / 1e3,
+            s.p90_ns / 1e3,
+            s.p99_ns / 1e3
+        );
+    }
+}
+
+/// A path of followed packets as a waterfall: its segments in order, each with its share of
+/// the path's summed means.
+fn path_waterfall(out: &mut String, p: &AttachPath) {
+    let total: f64 = p.segments.iter().map(|s| s.mean_ns).sum::<f64>().max(1.0);
+    let _ = writeln!(
+        out,
+        "\npath taken by {} packets, {} -> {}:",
+        p.packets,
+        p.hops.first().map_or("?", String::as_str),
+        p.hops.last().map_or("?", String::as_str)
+    );
+    let _ = writeln!(
+        out,
+        "  {:>2}  {:<44} {:>8} {:>8} {:>8} {:>8} {:>8}  share",
+        "#", "segment", "packets", "mean", "p50", "p90", "p99"
+    );
+    for (i, s) in p.segments.iter().enumerate() {
+        let share = s.mean_ns / total;
+        let bar = "#".repeat((share * BAR_WIDTH).round().max(0.0) as usize);
+        let _ = writeln!(
+            out,
+            "  {:>2}  {:<44} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>4.1}% {}",
+            i + 1,
+            truncate(&s.name, 44),
+            s.count,
+            us(s.mean_ns),
+            us(s.p50_ns),
+            us(s.p90_ns),
+            us(s.p99_ns),
+            share * 100.0,
+            bar
+        );
+    }
+    let _ = writeln!(
+        out,
+        "      {:<44} {:>8} {:>8}",
+        "sum of the means",
+        "",
+        us(total)
+    );
 }
 
 /// `profiler compare`: latency per type and size, then what makes each type differ.
