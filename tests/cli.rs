@@ -126,7 +126,6 @@ fn a_topology_with_one_placement_uses_it_without_being_told() {
     assert_clean();
 }
 
-
 /// Two namespaces built with plain `ip`, each with a veth pair of its own and an address, not
 /// joined: the client's requests find no one. Removed on drop.
 struct Islands;

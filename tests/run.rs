@@ -294,7 +294,6 @@ fn existing_path_between_namespaces() {
     assert_clean();
 }
 
-
 /// A node as container runtimes build it, with plain `ip`: two pod namespaces, each with an
 /// `eth0` of the same ifindex, whose veth peers are ports of a bridge in this namespace.
 /// Removed on drop (the pods' namespaces take their veths, and the peers, with them).

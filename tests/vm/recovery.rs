@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::{assert_clean_of, ip, profiler, BIN};
 
-
 fn sigkill(pid: u32) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
