@@ -184,3 +184,61 @@ fn a_run_in_which_no_exchange_completed_fails() {
     drop(islands);
     assert_clean();
 }
+
+/// A comparison whose every type but the baseline was skipped compared nothing: it says so and
+/// fails. vlan needs 8021q, which this machine's kernel lacks.
+#[test]
+fn a_compare_that_skipped_every_type_fails() {
+    let out = profiler(&[
+        "compare",
+        "--lab",
+        "host,vlan",
+        "--sizes",
+        "64",
+        "--count",
+        "20",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("skipping vlan") {
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("every type but the baseline was skipped"),
+            "{err}"
+        );
+    } else {
+        println!("skipped: this kernel can build the vlan lab, so compare did not skip it");
+    }
+    assert_clean();
+}
+
+/// Progress is a bar on a terminal, and nothing when stderr is not one or with --quiet.
+#[test]
+fn progress_shows_on_a_terminal_only() {
+    let bin = common::BIN;
+    let run = format!("{bin} run --lab veth --count 3000 --rate 1000");
+    // `script` gives the command a pseudo-terminal and copies what it printed.
+    let on_terminal = std::process::Command::new("script")
+        .args(["-qec", &run, "/dev/null"])
+        .output()
+        .expect("running script (util-linux)");
+    let shown = String::from_utf8_lossy(&on_terminal.stdout);
+    assert!(on_terminal.status.success(), "{shown}");
+    assert!(
+        shown.contains("/3000 exchanges"),
+        "no progress bar on a terminal: {shown}"
+    );
+    let quiet = std::process::Command::new("script")
+        .args(["-qec", &format!("{run} --quiet"), "/dev/null"])
+        .output()
+        .expect("running script (util-linux)");
+    let shown = String::from_utf8_lossy(&quiet.stdout);
+    assert!(
+        !shown.contains("exchanges ("),
+        "a bar despite --quiet: {shown}"
+    );
+    let piped = profiler(&["run", "--lab", "veth", "--count", "300"]);
+    let err = String::from_utf8_lossy(&piped.stderr);
+    assert!(!err.contains("exchanges ("), "a bar on a pipe: {err}");
+    assert_clean();
+}
