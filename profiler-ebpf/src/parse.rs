@@ -1,11 +1,16 @@
 //! Finds the profiler's tag in a packet: Ethernet, up to two 802.1Q/802.1ad tags, IPv4 or IPv6,
 //! UDP or TCP, and through one level of encapsulation (VXLAN, Geneve, GRE/GRETAP). Shared by every
 //! program; only the way bytes are read differs ([`Packet`]).
+//!
+//! Everything but the `kernel` part at the end (the maps tags are remembered in, tc's
+//! [`Packet`]) is plain Rust over the two traits, free of aya-ebpf and of the rest of this crate:
+//! the host tests (tests/parse.rs) include this file as it is and run it on byte slices. There,
+//! built with cfg(test), the `kernel` part is left out, and the keys get the derives a hash map
+//! needs; the eBPF crate itself is never built as a test.
 
-use aya_ebpf::{macros::map, maps::LruHashMap};
 use profiler_common::{
-    Tag, COUNTER_UNREADABLE, FLAG_ENCAP, FLAG_FRAGMENT, FLAG_VLAN, TAG_LEN, TAG_MAGIC,
-    TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIFT, TUNNEL_VXLAN, VXLAN_PORTS,
+    Tag, FLAG_ENCAP, FLAG_FRAGMENT, FLAG_VLAN, TAG_LEN, TAG_MAGIC, TUNNEL_GENEVE, TUNNEL_GRE,
+    TUNNEL_SHIFT, TUNNEL_VXLAN, VXLAN_PORTS,
 };
 
 const ETH_HLEN: usize = 14;
@@ -30,9 +35,23 @@ pub trait Packet {
     fn has_paged_payload(&self, offset: usize) -> bool;
 }
 
+/// Where tags are remembered from one packet for the next ones that do not carry them: the
+/// kernel's LRU maps (`kernel`), a hash map in the host tests.
+pub trait TagMemory {
+    /// The tag a hook that reads paged payload found in this TCP segment.
+    fn tcp_tag(&self, seg: &TcpSeg) -> Option<Found>;
+    fn remember_tcp_tag(&self, seg: &TcpSeg, found: &Found);
+    /// The tag the first fragment of this IPv4 datagram carried.
+    fn frag_tag(&self, key: &FragKey) -> Option<Found>;
+    fn remember_frag_tag(&self, key: &FragKey, found: &Found);
+    /// A TCP segment whose payload lies out of reach (paged) and whose tag was not remembered.
+    fn count_unreadable(&self);
+}
+
 /// A tag found in a packet, with how the packet carried it.
 #[repr(C)]
 #[derive(Clone, Copy)]
+#[cfg_attr(test, derive(Debug, PartialEq, Eq))]
 pub struct Found {
     pub tag: Tag,
     pub flags: u8,
@@ -42,6 +61,7 @@ pub struct Found {
 /// A TCP segment's identity along the path: addresses (IPv4 in the first 4 bytes), ports, seq.
 #[repr(C)]
 #[derive(Clone, Copy)]
+#[cfg_attr(test, derive(Debug, PartialEq, Eq, Hash))]
 pub struct TcpSeg {
     saddr: [u8; 16],
     daddr: [u8; 16],
@@ -49,14 +69,10 @@ pub struct TcpSeg {
     seq: [u8; 4],
 }
 
-/// Tags of TCP segments, recorded by the hooks that can read paged payload (tc) for the
-/// tracepoints that cannot: TCP keeps its payload in page fragments, out of a tracepoint's reach.
-#[map]
-static TCP_TAGS: LruHashMap<TcpSeg, Found> = LruHashMap::with_max_entries(8192, 0);
-
 /// An IPv4 datagram's identity, shared by all its fragments.
 #[repr(C)]
 #[derive(Clone, Copy)]
+#[cfg_attr(test, derive(Debug, PartialEq, Eq, Hash))]
 pub struct FragKey {
     saddr: [u8; 4],
     daddr: [u8; 4],
@@ -64,11 +80,6 @@ pub struct FragKey {
     proto: u8,
     _pad: u8,
 }
-
-/// Tags of fragmented datagrams, recorded at their first fragment so that the other fragments
-/// (no L4 header, no tag) are recognised and counted.
-#[map]
-static FRAG_TAGS: LruHashMap<FragKey, Found> = LruHashMap::with_max_entries(4096, 0);
 
 /// Always 0, but writable (.bss), so the verifier cannot know it: see [`opaque`].
 static mut ZERO: usize = 0;
@@ -285,7 +296,11 @@ pub fn flows<P: Packet>(p: &P, out: &mut Flows) -> Option<()> {
         let (et, off) = match inner_ethertype {
             Some(et) => (et, at),
             None => {
-                let (et, off, vlan) = l2(p, at)?;
+                // Like a missing inner IP header: the outer headers stand on their own (a short
+                // datagram to a tunnel's port, a tunnel header cut short).
+                let Some((et, off, vlan)) = l2(p, at) else {
+                    return Some(());
+                };
                 out.flags |= vlan;
                 (et, off)
             }
@@ -338,8 +353,15 @@ fn tunnel<P: Packet>(p: &P, l4: &L4, ports: [u8; 4]) -> Option<(Option<u16>, usi
 
 /// The run's tag in this packet, if it carries one. `port` (0: any) filters on the innermost
 /// L4 ports before the payload is read, so that other traffic costs a few header reads.
+/// `memory` keeps tags for the packets that do not carry one themselves (later fragments, TCP
+/// segments whose payload a tracepoint cannot read).
 #[inline(always)]
-pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
+pub fn find_tag_in<P: Packet, M: TagMemory>(
+    p: &P,
+    memory: &M,
+    port: u16,
+    run_id: u32,
+) -> Option<Found> {
     // Offsets are hidden from the verifier where the paths join (see `opaque`): a tracepoint
     // program verifies in 33 ms instead of 160 ms on the host, 2-3 s instead of 10 s under TCG.
     let (ethertype, off, mut flags) = l2(p, 0)?;
@@ -388,7 +410,7 @@ pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
         }
     }
     if l4.later_fragment {
-        let mut found = *(unsafe { FRAG_TAGS.get(&l4.frag_key()) }?);
+        let mut found = memory.frag_tag(&l4.frag_key())?;
         found.flags |= flags | FLAG_FRAGMENT;
         return Some(found);
     }
@@ -414,23 +436,24 @@ pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
                 ports,
                 seq: [hdr[4], hdr[5], hdr[6], hdr[7]],
             };
-            tcp_tag(p, l4.offset + doff, &seg, run_id, flags)?
+            tcp_tag(p, memory, l4.offset + doff, &seg, run_id, flags)?
         }
         _ => return None,
     };
     if l4.fragmented {
         // The first fragment: remember the tag for the fragments that follow.
-        let _ = FRAG_TAGS.insert(&l4.frag_key(), &found, 0);
+        memory.remember_frag_tag(&l4.frag_key(), &found);
     }
     if outer_fragmented {
-        let _ = FRAG_TAGS.insert(&outer_frag, &found, 0);
+        memory.remember_frag_tag(&outer_frag, &found);
     }
     Some(found)
 }
 
 #[inline(always)]
-fn tcp_tag<P: Packet>(
+fn tcp_tag<P: Packet, M: TagMemory>(
     p: &P,
+    memory: &M,
     payload: usize,
     seg: &TcpSeg,
     run_id: u32,
@@ -442,33 +465,92 @@ fn tcp_tag<P: Packet>(
             flags,
             _pad: [0; 3],
         };
-        let _ = TCP_TAGS.insert(seg, &found, 0);
+        memory.remember_tcp_tag(seg, &found);
         return Some(found);
     }
     if !p.reaches_paged() {
-        if let Some(found) = unsafe { TCP_TAGS.get(seg) } {
-            return Some(Found { flags, ..*found });
+        if let Some(found) = memory.tcp_tag(seg) {
+            return Some(Found { flags, ..found });
         }
         // Segments that continue a message (no tag at their start) are counted here too.
         if p.has_paged_payload(payload) {
-            crate::count(COUNTER_UNREADABLE);
+            memory.count_unreadable();
         }
     }
     None
 }
 
-impl Packet for aya_ebpf::programs::TcContext {
+/// The eBPF programs' side: the maps tags are remembered in, and tc's packet access.
+#[cfg(not(test))]
+mod kernel {
+    use aya_ebpf::{macros::map, maps::LruHashMap, programs::TcContext};
+    use profiler_common::COUNTER_UNREADABLE;
+
+    use super::{find_tag_in, Found, FragKey, Packet, TagMemory, TcpSeg};
+
+    /// Tags of TCP segments, recorded by the hooks that can read paged payload (tc) for the
+    /// tracepoints that cannot: TCP keeps its payload in page fragments, out of a tracepoint's
+    /// reach.
+    #[map]
+    static TCP_TAGS: LruHashMap<TcpSeg, Found> = LruHashMap::with_max_entries(8192, 0);
+
+    /// Tags of fragmented datagrams, recorded at their first fragment so that the other
+    /// fragments (no L4 header, no tag) are recognised and counted.
+    #[map]
+    static FRAG_TAGS: LruHashMap<FragKey, Found> = LruHashMap::with_max_entries(4096, 0);
+
+    /// TCP_TAGS and FRAG_TAGS.
+    struct Maps;
+
+    impl TagMemory for Maps {
+        #[inline(always)]
+        fn tcp_tag(&self, seg: &TcpSeg) -> Option<Found> {
+            unsafe { TCP_TAGS.get(seg) }.copied()
+        }
+
+        #[inline(always)]
+        fn remember_tcp_tag(&self, seg: &TcpSeg, found: &Found) {
+            let _ = TCP_TAGS.insert(seg, found, 0);
+        }
+
+        #[inline(always)]
+        fn frag_tag(&self, key: &FragKey) -> Option<Found> {
+            unsafe { FRAG_TAGS.get(key) }.copied()
+        }
+
+        #[inline(always)]
+        fn remember_frag_tag(&self, key: &FragKey, found: &Found) {
+            let _ = FRAG_TAGS.insert(key, found, 0);
+        }
+
+        #[inline(always)]
+        fn count_unreadable(&self) {
+            crate::count(COUNTER_UNREADABLE);
+        }
+    }
+
+    /// [`find_tag_in`] with the kernel's maps.
     #[inline(always)]
-    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        // bpf_skb_load_bytes: reaches paged data too, so TCP payloads are found here directly.
-        self.load::<[u8; N]>(offset).ok()
+    pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
+        find_tag_in(p, &Maps, port, run_id)
     }
 
-    fn reaches_paged(&self) -> bool {
-        true
-    }
+    impl Packet for TcContext {
+        #[inline(always)]
+        fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+            // bpf_skb_load_bytes: reaches paged data too, so TCP payloads are found here directly.
+            self.load::<[u8; N]>(offset).ok()
+        }
 
-    fn has_paged_payload(&self, _offset: usize) -> bool {
-        false
+        fn reaches_paged(&self) -> bool {
+            true
+        }
+
+        fn has_paged_payload(&self, _offset: usize) -> bool {
+            false
+        }
     }
 }
+
+#[cfg(not(test))]
+pub use kernel::find_tag;

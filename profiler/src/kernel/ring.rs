@@ -67,4 +67,74 @@ mod tests {
         assert_eq!(decode(bytes), Some(ev));
         assert_eq!(decode::<Event>(&bytes[..10]), None);
     }
+
+    use std::mem::offset_of;
+
+    use profiler_common::HopEvent;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::test_runner::Config as ProptestConfig;
+
+    /// `cases`, or $PROPTEST_CASES (`cargo xtask fuzz`); no regression files in the source tree.
+    fn config(cases: u32) -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(cases);
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// The native-endian integer of N bytes at `at`, as the kernel wrote it.
+    fn ne<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+        b[at..at + N].try_into().unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(config(2000))]
+
+        /// Any record, at any alignment: decoded field by field from its bytes when it is long
+        /// enough, refused when it is short, never a panic.
+        #[test]
+        fn prop_any_bytes_decode_or_are_refused(bytes in vec(any::<u8>(), 0..160), skip in 0..8usize) {
+            let b = &bytes[skip.min(bytes.len())..];
+            match decode::<Event>(b) {
+                Some(ev) => {
+                    prop_assert!(b.len() >= size_of::<Event>());
+                    let u32_at = |at| u32::from_ne_bytes(ne(b, at));
+                    prop_assert_eq!(ev.ts_ns, u64::from_ne_bytes(ne(b, offset_of!(Event, ts_ns))));
+                    prop_assert_eq!(ev.seq, u32_at(offset_of!(Event, seq)));
+                    prop_assert_eq!(ev.direction, u32_at(offset_of!(Event, direction)));
+                    prop_assert_eq!(ev.ifindex, u32_at(offset_of!(Event, ifindex)));
+                    prop_assert_eq!(ev.netns, u32_at(offset_of!(Event, netns)));
+                    prop_assert_eq!(ev.len, u32_at(offset_of!(Event, len)));
+                    prop_assert_eq!(ev.drop_reason, u32_at(offset_of!(Event, drop_reason)));
+                    prop_assert_eq!((ev.hook, ev.flags), (b[offset_of!(Event, hook)], b[offset_of!(Event, flags)]));
+                    prop_assert_eq!(ev.cost_ns, u32_at(offset_of!(Event, cost_ns)));
+                }
+                None => prop_assert!(b.len() < size_of::<Event>()),
+            }
+            match decode::<HopEvent>(b) {
+                Some(hop) => {
+                    prop_assert!(b.len() >= size_of::<HopEvent>());
+                    let u64_at = |at| u64::from_ne_bytes(ne(b, at));
+                    let u32_at = |at| u32::from_ne_bytes(ne(b, at));
+                    prop_assert_eq!(hop.ts_ns, u64_at(offset_of!(HopEvent, ts_ns)));
+                    prop_assert_eq!(hop.journey_head, u64_at(offset_of!(HopEvent, journey_head)));
+                    prop_assert_eq!(hop.journey_start_ns, u64_at(offset_of!(HopEvent, journey_start_ns)));
+                    let point = offset_of!(HopEvent, point);
+                    prop_assert_eq!(hop.point.ifindex, u32_at(point));
+                    prop_assert_eq!(hop.point.netns, u32_at(point + 4));
+                    prop_assert_eq!((hop.point.hook, hop.point.flags), (b[point + 8], b[point + 9]));
+                    prop_assert_eq!(hop.len, u32_at(offset_of!(HopEvent, len)));
+                    prop_assert_eq!(hop.drop_reason, u32_at(offset_of!(HopEvent, drop_reason)));
+                    prop_assert_eq!(hop.end, b[offset_of!(HopEvent, end)]);
+                }
+                None => prop_assert!(b.len() < size_of::<HopEvent>()),
+            }
+        }
+    }
 }
