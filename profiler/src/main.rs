@@ -399,10 +399,11 @@ async fn lab_command(command: LabCommand) -> Result<ExitCode> {
 /// `lab down --all`: says what it removed, what it left because a live command uses it, and
 /// fails if anything could not be removed.
 async fn down_all() -> Result<ExitCode> {
+    // tc filters first: they may be on devices of namespaces that go next.
+    let (tc_removed, tc_failed) = profiler::kernel::tc::recover()?;
     let mut r = lab::recover::down_all().await?;
-    let (removed, failed) = profiler::kernel::tc::recover()?;
-    r.removed.extend(removed);
-    r.failed.extend(failed);
+    r.removed.splice(0..0, tc_removed);
+    r.failed.splice(0..0, tc_failed);
     for line in &r.removed {
         println!("removed {line}");
     }

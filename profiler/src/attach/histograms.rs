@@ -113,7 +113,7 @@ fn paths(raw: &[Raw], namer: &mut Namer) -> (Vec<AttachPath>, RarePaths) {
             walk(raw, &next, i, &mut Vec::new(), &mut found);
         }
     }
-    found.sort_by(|a, b| b.1.cmp(&a.1));
+    found.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     let total: u64 = found.iter().map(|(_, n)| n).sum();
     let shown = found
         .iter()

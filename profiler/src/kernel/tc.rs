@@ -82,7 +82,8 @@ pub fn recover() -> Result<(Vec<String>, Vec<String>)> {
         }
         for d in record.map(|r| r.devices).unwrap_or_default() {
             match remove_left(&d) {
-                Ok(()) => removed.push(format!(
+                Ok(false) => {}
+                Ok(true) => removed.push(format!(
                     "tc filters on {}{}",
                     d.ifname,
                     d.netns
@@ -98,26 +99,30 @@ pub fn recover() -> Result<(Vec<String>, Vec<String>)> {
     Ok((removed, failed))
 }
 
-/// The clsact qdisc if the profiler added it, else the profiler's filters by name. A device
-/// that is gone took them with it.
-fn remove_left(d: &Device) -> Result<()> {
+/// The clsact qdisc if the profiler added it, else the profiler's filters by name; whether
+/// anything was there to remove (a device that is gone took them with it).
+fn remove_left(d: &Device) -> Result<bool> {
     if d.netns.as_deref().is_some_and(|ns| !netns::exists(ns)) {
-        return Ok(());
+        return Ok(false);
     }
     let exists = netns::run_in(d.netns.as_deref(), || {
         Ok(nix::net::if_::if_nametoindex(d.ifname.as_str()).is_ok())
     })?;
     if !exists {
-        return Ok(());
+        return Ok(false);
     }
     if d.clsact_added {
-        return remove_clsact(d);
+        remove_clsact(d)?;
+        return Ok(true);
     }
     netns::run_in(d.netns.as_deref(), || {
-        for (name, kind) in PROGRAMS {
-            // NotFound: this one was not attached, or already detached.
-            let _ = aya::programs::tc::qdisc_detach_program(&d.ifname, kind, name);
-        }
-        Ok(())
+        // NotFound: this one was not attached, or already detached.
+        Ok(PROGRAMS
+            .iter()
+            .filter(|(name, kind)| {
+                aya::programs::tc::qdisc_detach_program(&d.ifname, *kind, name).is_ok()
+            })
+            .count()
+            > 0)
     })
 }
