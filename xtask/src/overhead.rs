@@ -169,14 +169,26 @@ impl Watcher {
     }
 }
 
-/// SIGINT (each watcher ends cleanly on it), then its exit.
-fn stop(child: Child, what: Watcher) -> Result<()> {
-    cmd::run(Command::new("kill").args(["-INT", &child.id().to_string()]))?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{} exited with {}", what.label(), out.status);
+/// SIGINT (each watcher ends cleanly on it), then its exit. bpftrace sometimes misses a SIGINT
+/// that arrives while it is busy (seen with 0.17 under load): the signal is sent again, and the
+/// last resort is SIGKILL, which fails the measurement.
+fn stop(mut child: Child, what: Watcher) -> Result<()> {
+    let pid = child.id().to_string();
+    for _ in 0..3 {
+        cmd::run(Command::new("kill").args(["-INT", &pid]))?;
+        for _ in 0..100 {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("{} exited with {status}", what.label());
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
-    Ok(())
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!("{} did not end on SIGINT", what.label())
 }
 
 /// The ends of a lab's path: client namespace, server namespace and address.
@@ -300,19 +312,17 @@ fn costs(profiler: &Path, xtask: &Path, ends: &Ends) -> Result<Costs> {
     result
 }
 
-/// The programs process `pid` holds, with their run counts and time (bpftool's JSON).
+/// The programs process `pid` holds (the prog_id of its BPF program fds, in /proc/PID/fdinfo),
+/// with their run counts and time from bpftool's JSON.
 fn programs_of(pid: u32) -> Result<Vec<(String, u64, f64)>> {
+    let ids = prog_ids(pid)?;
     let out = cmd::output(Command::new("bpftool").args(["prog", "show", "-j"]))?;
     let progs: Value = serde_json::from_str(&out).context("reading bpftool prog show -j")?;
     let mut found: Vec<(String, u64, f64)> = progs
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|p| {
-            p["pids"]
-                .as_array()
-                .is_some_and(|ps| ps.iter().any(|x| x["pid"].as_u64() == Some(pid.into())))
-        })
+        .filter(|p| p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
         .filter_map(|p| {
             let runs = p["run_cnt"].as_u64()?;
             let ns = p["run_time_ns"].as_u64()?;
@@ -327,6 +337,20 @@ fn programs_of(pid: u32) -> Result<Vec<(String, u64, f64)>> {
         .collect();
     found.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(found)
+}
+
+/// The ids of the BPF programs whose fds process `pid` holds.
+fn prog_ids(pid: u32) -> Result<Vec<u64>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let entries = std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))?;
+    Ok(entries
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|id| id.trim().parse().ok())
+        })
+        .collect())
 }
 
 /// The tagged run's own programs as a share of the bridge path's end-to-end mean.
