@@ -44,6 +44,8 @@ pub fn run(args: &[String]) -> Result<()> {
         // Every test target, no doc-tests: the crates have none, and an empty doc-test run
         // would be the last thing cargo prints.
         "--tests",
+        // Every target runs even when one fails, so one run reports every failure.
+        "--no-fail-fast",
     ])
     .args(cargo_args)
     .args(["--", "--test-threads=1"])

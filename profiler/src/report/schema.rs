@@ -192,9 +192,9 @@ pub struct AttachReport {
     pub segments: Vec<SegmentSummary>,
     /// The hop sequences followed packets took, most taken first, each with its segments in
     /// order (the waterfall); paths taken by few packets are only counted, in `rare_paths`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<AttachPath>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "RarePaths::is_none")]
     pub rare_paths: RarePaths,
     pub journeys: JourneyCounts,
     pub lost_events: u64,
@@ -242,6 +242,12 @@ pub struct AttachPath {
 pub struct RarePaths {
     pub paths: usize,
     pub packets: u64,
+}
+
+impl RarePaths {
+    fn is_none(&self) -> bool {
+        self.paths == 0
+    }
 }
 
 /// What became of the journeys: nothing is lost silently.
