@@ -28,7 +28,19 @@ pub fn compile(expr: &str) -> Result<Filter> {
     if tokens.is_empty() {
         return Ok(Filter::default());
     }
-    let mut p = Parser { tokens, at: 0 };
+    // The parser and the expansion recurse as deep as the expression: bounded here, so that no
+    // input can exhaust the stack. A filter the kernel can take is far below both bounds.
+    if tokens.len() > MAX_TOKENS {
+        bail!(
+            "filter is too long: {} words and symbols (at most {MAX_TOKENS})",
+            tokens.len()
+        );
+    }
+    let mut p = Parser {
+        tokens,
+        at: 0,
+        depth: 0,
+    };
     let ast = p.or()?;
     if let Some(t) = p.peek() {
         bail!("invalid filter {expr:?}: unexpected {t:?}");
@@ -66,9 +78,15 @@ fn tokenize(expr: &str) -> Vec<String> {
     spaced.split_whitespace().map(str::to_lowercase).collect()
 }
 
+/// Bounds on an expression's length and on how deep `not` and parentheses nest.
+const MAX_TOKENS: usize = 512;
+const MAX_NESTING: usize = 32;
+
 struct Parser {
     tokens: Vec<String>,
     at: usize,
+    /// How many `not` and `(` enclose the current position.
+    depth: usize,
 }
 
 impl Parser {
@@ -108,11 +126,11 @@ impl Parser {
         match self.peek() {
             Some("not") => {
                 self.at += 1;
-                Ok(Expr::Not(Box::new(self.unary()?)))
+                Ok(Expr::Not(Box::new(self.nested(Self::unary)?)))
             }
             Some("(") => {
                 self.at += 1;
-                let e = self.or()?;
+                let e = self.nested(Self::or)?;
                 match self.next("')'")?.as_str() {
                     ")" => Ok(e),
                     t => bail!("invalid filter: ')' expected, found {t:?}"),
@@ -120,6 +138,17 @@ impl Parser {
             }
             _ => self.primitive(),
         }
+    }
+
+    /// What a `not` or a `(` encloses, one level deeper.
+    fn nested(&mut self, parse: fn(&mut Self) -> Result<Expr>) -> Result<Expr> {
+        if self.depth >= MAX_NESTING {
+            bail!("invalid filter: 'not' and parentheses nest more than {MAX_NESTING} deep");
+        }
+        self.depth += 1;
+        let e = parse(self);
+        self.depth -= 1;
+        e
     }
 
     fn primitive(&mut self) -> Result<Expr> {
@@ -296,6 +325,21 @@ mod tests {
             vec![vec![(FIELD_PROTO, 0, 6), (FIELD_DST_PORT, 0, 443)]]
         );
         assert_eq!(compile("tcp dst port 443").unwrap(), f);
+    }
+
+    #[test]
+    fn deep_or_long_expressions_are_refused_not_overflowing_the_stack() {
+        let deep_not = format!("{}tcp", "! ".repeat(130_000));
+        let e = compile(&deep_not).expect_err("too deep");
+        assert!(format!("{e:#}").contains("too long"), "{e:#}");
+        let parens = format!("{}tcp{}", "(".repeat(40), ")".repeat(40));
+        let e = compile(&parens).expect_err("too deep");
+        assert!(format!("{e:#}").contains("nest more than 32 deep"), "{e:#}");
+        let ok = format!("{}tcp{}", "(".repeat(32), ")".repeat(32));
+        compile(&ok).expect("32 levels are fine");
+        let long = vec!["tcp"; 300].join(" and ");
+        let e = compile(&long).expect_err("too long");
+        assert!(format!("{e:#}").contains("too long"), "{e:#}");
     }
 
     #[test]
