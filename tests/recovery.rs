@@ -76,15 +76,7 @@ fn temporary_devices() -> Vec<String> {
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap_or(n).to_string())
-        .filter(|n| {
-            n.strip_prefix("pf")
-                .and_then(|r| r.split_once('x'))
-                .is_some_and(|(p, c)| {
-                    !p.is_empty()
-                        && !c.is_empty()
-                        && p.bytes().chain(c.bytes()).all(|b| b.is_ascii_digit())
-                })
-        })
+        .filter(|n| profiler::lab::recover::temp_device_pid(n).is_some())
         .collect()
 }
 

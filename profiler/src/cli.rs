@@ -126,7 +126,7 @@ pub fn output(json: Option<&JsonOut>, value: &impl serde::Serialize, table: &str
 /// Progress of long work on stderr: a bar with rate and ETA where stderr is a terminal and
 /// `quiet` is off, nothing otherwise (logs and pipes get no redrawn lines).
 pub fn progress(total: u64, unit: &str, quiet: bool) -> ProgressBar {
-    if quiet || !std::io::stderr().is_terminal() {
+    if !shown(quiet) {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
@@ -138,9 +138,14 @@ pub fn progress(total: u64, unit: &str, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// Progress is for people: on a terminal, unless --quiet.
+fn shown(quiet: bool) -> bool {
+    !quiet && std::io::stderr().is_terminal()
+}
+
 /// Work of unknown length on stderr: a spinner with a message, under the same rules.
 pub fn spinner(quiet: bool) -> ProgressBar {
-    if quiet || !std::io::stderr().is_terminal() {
+    if !shown(quiet) {
         return ProgressBar::hidden();
     }
     ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())

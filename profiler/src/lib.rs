@@ -27,6 +27,21 @@ pub mod report;
 pub mod run;
 pub mod signal;
 
+/// The library's property tests: `cases`, or $PROPTEST_CASES (`cargo xtask fuzz`); no
+/// regression files in the source tree.
+#[cfg(test)]
+pub(crate) fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(cases);
+    proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    }
+}
+
 #[cfg(test)]
 mod layering {
     //! The folders are layers: none may import another that imports it back, directly or not.

@@ -16,7 +16,7 @@ use profiler::{
         table, Format, Report,
     },
     run::{self, compare, RunArgs},
-    signal::{interruptible, is_interruption},
+    signal::{interruptible, until_interrupted},
 };
 
 #[derive(Parser)]
@@ -448,16 +448,12 @@ async fn delay_command(cli: DelayCli) -> Result<()> {
             .map(|n| format!(" in netns {n}"))
             .unwrap_or_default()
     );
-    // Returns (as an error) on SIGINT/SIGTERM; either way the injector is detached.
-    let held = interruptible(std::future::pending::<Result<()>>()).await;
+    let held = until_interrupted().await;
+    // Detached whatever the wait returned.
     injector.detach()?;
-    match held {
-        Err(e) if is_interruption(&e) => {
-            println!("detached");
-            Ok(())
-        }
-        other => other,
-    }
+    held?;
+    println!("detached");
+    Ok(())
 }
 
 async fn floor_command() -> Result<()> {
@@ -468,11 +464,7 @@ async fn floor_command() -> Result<()> {
         eprintln!("{}: {}", s.name, s.reason.as_deref().unwrap_or(""));
     }
     eprintln!("floor: {attached} empty programs attached; following until Ctrl-C");
-    let held = interruptible(std::future::pending::<Result<()>>()).await;
-    match held {
-        Err(e) if is_interruption(&e) => Ok(()),
-        other => other,
-    }
+    until_interrupted().await
 }
 
 fn print_labs(labs: &[lab::Lab]) {

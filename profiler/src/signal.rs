@@ -34,6 +34,12 @@ pub fn is_interruption(e: &anyhow::Error) -> bool {
 
 const INTERRUPTED: &str = "interrupted by";
 
+/// Waits for SIGINT or SIGTERM (for commands that hold something until stopped).
+pub async fn until_interrupted() -> Result<()> {
+    Signals::install()?.recv().await;
+    Ok(())
+}
+
 /// Runs `fut` unless SIGINT or SIGTERM arrives first; then it is dropped and an error says which.
 pub async fn interruptible<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     let mut signals = Signals::install()?;

@@ -409,20 +409,6 @@ mod tests {
 
     use proptest::collection::vec;
     use proptest::prelude::*;
-    use proptest::test_runner::Config as ProptestConfig;
-
-    /// `cases`, or $PROPTEST_CASES; no regression files in the source tree.
-    fn config(cases: u32) -> ProptestConfig {
-        let cases = std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(cases);
-        ProptestConfig {
-            cases,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
 
     /// What the kernel evaluates a filter on: one set of IP and L4 headers (parse.rs's Flow).
     #[derive(Clone, Debug)]
@@ -748,7 +734,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(config(2000))]
+        #![proptest_config(crate::proptest_config(2000))]
 
         #[test]
         fn prop_compiled_filter_accepts_what_the_expression_accepts(

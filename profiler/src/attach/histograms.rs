@@ -16,6 +16,7 @@ use crate::{
 };
 
 /// One of the kernel's histograms: a segment, as reached by one path.
+#[derive(Clone)]
 struct Raw {
     key: SegmentKey,
     buckets: Vec<u64>,
@@ -24,6 +25,15 @@ struct Raw {
 }
 
 impl Raw {
+    fn empty(key: SegmentKey) -> Raw {
+        Raw {
+            key,
+            buckets: vec![0u64; HIST_BUCKETS],
+            count: 0,
+            sum: 0,
+        }
+    }
+
     fn add(&mut self, buckets: &[u64], count: u64, sum: u64) {
         self.count += count;
         self.sum += sum;
@@ -41,12 +51,7 @@ fn read_raw(programs: &Programs) -> Result<Vec<Raw>> {
     let mut raw = Vec::new();
     for entry in map.iter() {
         let (key, per_cpu) = entry.context("reading the segment histograms")?;
-        let mut r = Raw {
-            key,
-            buckets: vec![0u64; HIST_BUCKETS],
-            count: 0,
-            sum: 0,
-        };
+        let mut r = Raw::empty(key);
         for h in per_cpu.iter() {
             r.add(&h.buckets, h.count, h.sum_ns);
         }
@@ -75,12 +80,7 @@ fn segments(raw: &[Raw], namer: &mut Namer) -> Vec<SegmentSummary> {
     for r in raw {
         merged
             .entry((r.key.from, r.key.to))
-            .or_insert_with(|| Raw {
-                key: SegmentKey { path: 0, ..r.key },
-                buckets: vec![0u64; HIST_BUCKETS],
-                count: 0,
-                sum: 0,
-            })
+            .or_insert_with(|| Raw::empty(SegmentKey { path: 0, ..r.key }))
             .add(&r.buckets, r.count, r.sum);
     }
     let mut segments: Vec<SegmentSummary> = merged.into_values().map(|r| named(r, namer)).collect();
@@ -168,13 +168,7 @@ fn path_report(raw: &[Raw], chain: &[usize], packets: u64, namer: &mut Namer) ->
     for &i in chain {
         let r = &raw[i];
         hops.push(namer.hop(&r.key.to).name.clone());
-        let copy = Raw {
-            key: r.key,
-            buckets: r.buckets.clone(),
-            count: r.count,
-            sum: r.sum,
-        };
-        segments.push(named(copy, namer));
+        segments.push(named(r.clone(), namer));
     }
     disambiguate(&mut segments);
     AttachPath {

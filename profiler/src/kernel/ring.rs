@@ -73,20 +73,6 @@ mod tests {
     use profiler_common::HopEvent;
     use proptest::collection::vec;
     use proptest::prelude::*;
-    use proptest::test_runner::Config as ProptestConfig;
-
-    /// `cases`, or $PROPTEST_CASES (`cargo xtask fuzz`); no regression files in the source tree.
-    fn config(cases: u32) -> ProptestConfig {
-        let cases = std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(cases);
-        ProptestConfig {
-            cases,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
 
     /// The native-endian integer of N bytes at `at`, as the kernel wrote it.
     fn ne<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
@@ -94,7 +80,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(config(2000))]
+        #![proptest_config(crate::proptest_config(2000))]
 
         /// Any record, at any alignment: decoded field by field from its bytes when it is long
         /// enough, refused when it is short, never a panic.

@@ -57,7 +57,8 @@ fn start_time(pid: u32) -> Option<u64> {
 /// A lab's lock, held while a command uses the lab; released (and its file removed) on drop.
 #[derive(Debug)]
 pub struct Lock {
-    file: Flock<File>,
+    /// Held for its drop, which unlocks.
+    _file: Flock<File>,
     path: PathBuf,
 }
 
@@ -99,7 +100,7 @@ impl Lock {
             file.set_len(0)?;
             let me = std::env::args().take(2).collect::<Vec<_>>().join(" ");
             write!(file, "pid {} ({me})", std::process::id())?;
-            return Ok(Ok(Lock { file, path }));
+            return Ok(Ok(Lock { _file: file, path }));
         }
     }
 
@@ -119,9 +120,9 @@ fn holder(path: &Path) -> String {
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        // Removed while still locked, so a process that opens it next gets a new file.
+        // Removed while still locked (the lock goes with `_file`, dropped after this), so a
+        // process that opens it next gets a new file.
         let _ = std::fs::remove_file(&self.path);
-        let _ = &self.file;
     }
 }
 

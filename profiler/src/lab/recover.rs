@@ -145,7 +145,7 @@ async fn leftover_devices(r: &mut Recovery) {
 }
 
 /// The pid (mod 100000) in a temporary device's name "pf<pid>x<n>".
-fn temp_device_pid(name: &str) -> Option<u32> {
+pub fn temp_device_pid(name: &str) -> Option<u32> {
     let (pid, n) = name.strip_prefix(TEMP_PREFIX)?.split_once('x')?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     (digits(pid) && digits(n))
