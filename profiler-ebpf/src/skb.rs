@@ -38,7 +38,15 @@ fn probe<T>(addr: *const u8) -> Option<T> {
 /// How kernel struct members are read.
 pub trait KernelMem {
     fn load<T: Copy>(base: *const u8, offset: usize) -> Option<T>;
+    /// A pointer member as a number that can be hashed (follow mode's table slots).
+    fn number(pointer: u64) -> u64;
 }
+
+/// Per CPU, where a pointer becomes a number: the verifier allows no arithmetic on a pointer
+/// loaded through a BTF type, but what is loaded from a map value is a plain number. (The
+/// lookup of a per-CPU array is inlined on 6.10 and later.)
+#[map]
+static NUMBER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// tp_btf: BTF-typed pointers, loaded from directly.
 pub struct Direct;
@@ -53,12 +61,28 @@ impl KernelMem for Direct {
         }
         Some(unsafe { core::ptr::read_volatile(base.add(offset) as *const T) })
     }
+
+    #[inline(always)]
+    fn number(pointer: u64) -> u64 {
+        // Only an interrupt between the two accesses whose handler runs one of these programs
+        // could change the value in between: the packet would then miss its journey's slot.
+        NUMBER.get_ptr_mut(0).map_or(0, |n| unsafe {
+            core::ptr::write_volatile(n, pointer);
+            core::ptr::read_volatile(n)
+        })
+    }
 }
 
 impl KernelMem for Probed {
     #[inline(always)]
     fn load<T: Copy>(base: *const u8, offset: usize) -> Option<T> {
         probe(unsafe { base.add(offset) })
+    }
+
+    #[inline(always)]
+    fn number(pointer: u64) -> u64 {
+        // Read through bpf_probe_read_kernel, it is a number already.
+        pointer
     }
 }
 
@@ -150,7 +174,7 @@ impl<M: KernelMem> Packet for KernelSkb<M> {
 /// The skb's data buffer: the packet's identity in follow mode.
 #[inline(always)]
 pub fn head<M: KernelMem>(skb: *const u8) -> u64 {
-    M::load(skb, offset!(skb_head)).unwrap_or(0)
+    M::number(M::load(skb, offset!(skb_head)).unwrap_or(0))
 }
 
 /// skb->len, without reading the packet.
