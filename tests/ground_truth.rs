@@ -229,6 +229,42 @@ const HOST_POINTS: &[Point] = &[
     },
 ];
 
+/// The dpdk lab: testpmd takes the request from veth-a's packet socket and sends it out of
+/// veth-b (tests/dpdk.rs). Request hops around it:
+///
+///   ... netif_receive_skb veth-a -> tc:ingress veth-a -> [testpmd] -> tc:egress veth-b
+///   -> net_dev_queue veth-b -> ... -> netif_receive_skb eth0 (pod-b) -> tc:ingress eth0 -> app
+const DPDK: LabUnderTest = LabUnderTest {
+    topology: "dpdk",
+    placement: "same-host",
+    name: "dpdk",
+    netns: "prof-dpdk-host",
+    segments: 15,
+};
+
+const DPDK_POINTS: &[Point] = &[
+    // veth-b egress: testpmd's send runs __dev_queue_xmit(veth-b) in its own system call, so
+    // a hold at the first tc egress hook is time testpmd spends sending: it lands in the
+    // segment ending at tc:egress veth-b, which is the userspace segment. Responses enter
+    // veth-b at ingress: unaffected.
+    Point {
+        netns: "prof-dpdk-host",
+        iface: "veth-b",
+        direction: Direction::Egress,
+        port: PORT,
+        request_segment: "userspace datapath dpdk-testpmd veth-a -> veth-b",
+    },
+    // pod-b's eth0 ingress, after the userspace datapath: the hold is in "receive to ingress
+    // eth0" and must not move the userspace segment. Responses leave through eth0's egress.
+    Point {
+        netns: "prof-dpdk-pod-b",
+        iface: "eth0",
+        direction: Direction::Ingress,
+        port: PORT,
+        request_segment: "receive to ingress eth0",
+    },
+];
+
 const DELAYS_US: &[u64] = &[20, 200];
 
 /// Any other segment may move by less than this (p50, both directions).
@@ -387,6 +423,17 @@ fn injected_delay_lands_in_the_segment_ending_at_that_hop_on_macvlan() {
 #[test]
 fn injected_delay_lands_in_the_segment_ending_at_that_hop_on_host() {
     ground_truth(&HOST, HOST_POINTS);
+}
+
+/// A userspace datapath: a delay after testpmd lands in the kernel segment ending there, and
+/// one in testpmd's own send in the userspace segment.
+#[test]
+fn injected_delay_lands_in_the_segment_ending_at_that_hop_on_dpdk() {
+    if !std::path::Path::new("/usr/bin/dpdk-testpmd").exists() {
+        println!("skipped: dpdk-testpmd is not installed (apt-get install dpdk-dev)");
+        return;
+    }
+    ground_truth(&DPDK, DPDK_POINTS);
 }
 
 fn ground_truth(lab: &'static LabUnderTest, points: &[Point]) {

@@ -8,7 +8,7 @@ use profiler_common::{HookId, FLAG_ENCAP, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIF
 
 use super::{
     hooks::{self, HopKey, Point, HOOK_TABLE},
-    segments::{segment_name, SegmentEnds},
+    segments::{segment, Named, SegmentEnds},
 };
 use crate::{
     lab::{discover, target::Devices, LabIface},
@@ -120,6 +120,14 @@ pub fn describe(
 /// Names each segment between consecutive hops after what it crosses; `keys` are the hops'
 /// identities, in the same order.
 pub fn segment_names(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<String> {
+    segments(keys, hops, lab)
+        .into_iter()
+        .map(|n| n.name)
+        .collect()
+}
+
+/// Each segment between consecutive hops: its name, and whether it spans userspace.
+pub fn segments(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<Named> {
     let iface = |h: &Hop| -> Option<&LabIface> {
         lab.interfaces
             .iter()
@@ -135,7 +143,7 @@ pub fn segment_names(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<String
                     Some(&p.ifname) == y.ifname.as_ref() && Some(&p.netns) == y.netns.as_ref()
                 })
             };
-            segment_name(&SegmentEnds {
+            segment(&SegmentEnds {
                 from: &k[0].point,
                 to: &k[1].point,
                 from_if: a.ifname.as_deref().unwrap_or(""),
@@ -154,6 +162,8 @@ pub fn segment_names(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<String
                     (true, false) => Some((false, a.tunnel.as_deref().unwrap_or("tunnel"))),
                     _ => None,
                 },
+                from_userspace: ia.and_then(|i| i.userspace.as_deref()),
+                to_userspace: ib.and_then(|i| i.userspace.as_deref()),
             })
         })
         .collect()

@@ -27,18 +27,40 @@ pub struct SegmentEnds<'a> {
     pub peers: bool,
     /// The packet enters (true) or leaves (false) a tunnel between the two hops, and which.
     pub encap: Option<(bool, &'a str)>,
+    /// The userspace datapaths the interfaces are ports of ("dpdk-testpmd"), if any.
+    pub from_userspace: Option<&'a str>,
+    pub to_userspace: Option<&'a str>,
+}
+
+/// A segment's name, and whether the packet spends it in a userspace process (no kernel hook
+/// can split it; user probes can).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Named {
+    pub name: String,
+    pub userspace: bool,
 }
 
 /// Names the segment between two consecutive hops after what the packet crosses there: the
 /// first of [`RULES`] that matches.
 pub fn segment_name(e: &SegmentEnds) -> String {
+    segment(e).name
+}
+
+/// The segment's name and whether it spans userspace.
+pub fn segment(e: &SegmentEnds) -> Named {
     let c = Ctx::new(e);
     let rule = rule_for(e, &c);
     let name = (rule.names)(e, &c);
     // RUST_LOG=trace says which rule named each segment.
     log::trace!("segment {name:?}: rule {:?}", rule.name);
-    name
+    Named {
+        name,
+        userspace: rule.name == USERSPACE_RULE,
+    }
 }
+
+/// The rule of segments spent in a userspace datapath.
+const USERSPACE_RULE: &str = "userspace datapath";
 
 /// The name of the rule that names `e`, so that tests see which one fired.
 #[cfg(test)]
@@ -114,6 +136,19 @@ const RULES: &[Rule] = &[
         name: "stack and socket",
         matches: |e, _| *e.to == AppRecv,
         names: |e, _| format!("stack and socket ({})", e.to_ns),
+    },
+    // A userspace datapath (DPDK's testpmd, a vswitch) took the packet from one of its ports
+    // through a packet socket and sent a copy out of another: from the last hook that saw it
+    // on the way in to the first that saw the copy, it was in the process.
+    Rule {
+        name: USERSPACE_RULE,
+        matches: |e, c| {
+            !c.same_if && e.from_userspace.is_some() && e.from_userspace == e.to_userspace
+        },
+        names: |e, c| {
+            let datapath = e.from_userspace.unwrap_or_default();
+            format!("userspace datapath {datapath} {} -> {}", c.a, c.b)
+        },
     },
     // One device's driver transmit, from its start to its return.
     Rule {
@@ -334,6 +369,12 @@ mod tests {
         match (e.from, e.to) {
             (AppSend, _) => format!("socket and stack ({})", e.from_ns),
             (_, AppRecv) => format!("stack and socket ({})", e.to_ns),
+            _ if !same_if && e.from_userspace.is_some() && e.from_userspace == e.to_userspace => {
+                format!(
+                    "userspace datapath {} {a} -> {b}",
+                    e.from_userspace.unwrap_or_default()
+                )
+            }
             (Hook(NetDevStartXmit), Hook(NetDevXmit)) if same_if => format!("driver xmit {a}"),
             (_, Hook(NetDevXmit)) => format!("xmit return {b}"),
             (Hook(NetDevXmit), Hook(NetifReceiveSkb)) => format!("backlog queue {b}"),
@@ -447,7 +488,10 @@ mod tests {
                                 for from_link in [None, Some(to_if), Some("lower0")] {
                                     for to_link in [None, Some(from_if), Some("lower0")] {
                                         for peers in [false, true] {
-                                            for encap in encaps {
+                                            for (encap, userspace) in encaps
+                                                .iter()
+                                                .flat_map(|&x| [(x, None), (x, Some("dp"))])
+                                            {
                                                 let e = SegmentEnds {
                                                     from,
                                                     to,
@@ -463,6 +507,8 @@ mod tests {
                                                     to_link,
                                                     peers,
                                                     encap,
+                                                    from_userspace: userspace,
+                                                    to_userspace: userspace,
                                                 };
                                                 assert_eq!(segment_name(&e), reference(&e));
                                                 fired.insert(matching_rule(&e));
@@ -501,6 +547,8 @@ mod tests {
             to_link: None,
             peers: false,
             encap: None,
+            from_userspace: None,
+            to_userspace: None,
         }
     }
 
@@ -527,6 +575,15 @@ mod tests {
                 "stack and socket",
                 ends(&Hook(TcIngress), &AppRecv),
                 "stack and socket (host)",
+            ),
+            (
+                USERSPACE_RULE,
+                SegmentEnds {
+                    from_userspace: Some("dpdk-testpmd"),
+                    to_userspace: Some("dpdk-testpmd"),
+                    ..ends(&Hook(TcIngress), &Hook(TcEgress))
+                },
+                "userspace datapath dpdk-testpmd veth-a -> veth-b",
             ),
             (
                 "driver xmit",
@@ -721,6 +778,7 @@ mod tests {
         ];
         for (rule, e, name) in &cases {
             assert_eq!((matching_rule(e), segment_name(e).as_str()), (*rule, *name));
+            assert_eq!(segment(e).userspace, *rule == USERSPACE_RULE, "{name}");
         }
         for r in RULES {
             assert!(

@@ -167,6 +167,15 @@ fn segment_rows(out: &mut String, segments: &[SegmentReport], total: f64) {
             bar
         );
     }
+    // Named in full (the column truncates), with why no kernel hook splits them.
+    for (i, s) in segments.iter().enumerate().filter(|(_, s)| s.userspace) {
+        let _ = writeln!(
+            out,
+            "      segment {} spans userspace ({}): no kernel hook inside, user probes (--uprobe) split it",
+            i + 1,
+            s.name
+        );
+    }
 }
 
 /// A row below the segments: its statistics, then `tail`.

@@ -194,6 +194,7 @@ mod tests {
                 name: name.to_string(),
                 from: i,
                 to: i + 1,
+                userspace: false,
                 stats: stats(*mean),
             })
             .collect();

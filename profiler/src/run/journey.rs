@@ -239,6 +239,10 @@ fn timeline(
     hops: usize,
     out: &mut Attribution,
 ) -> Option<Vec<(u64, u64)>> {
+    if hops == 0 {
+        // No path was observed: nothing to attribute to.
+        return None;
+    }
     let mut ts: Vec<Option<(u64, u64)>> = vec![None; hops];
     let mut order = Vec::with_capacity(hops);
     for o in seen {

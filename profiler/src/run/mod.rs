@@ -212,14 +212,15 @@ fn segment_reports(
     stats: Vec<Stats>,
     lab: &Devices,
 ) -> Vec<SegmentReport> {
-    path::segment_names(keys, hops, lab)
+    path::segments(keys, hops, lab)
         .into_iter()
         .zip(stats)
         .enumerate()
-        .map(|(i, (name, stats))| SegmentReport {
-            name,
+        .map(|(i, (named, stats))| SegmentReport {
+            name: named.name,
             from: i,
             to: i + 1,
+            userspace: named.userspace,
             stats,
         })
         .collect()
