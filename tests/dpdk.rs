@@ -41,7 +41,7 @@ fn recorded_testpmd() -> (u32, u64) {
     let state: Value = serde_json::from_slice(&std::fs::read(&path).expect("the dpdk lab's state"))
         .expect("state JSON");
     let f = &state["forwarder"];
-    assert_eq!(f["program"], "dpdk-testpmd", "{state}");
+    assert_eq!(f["program"], TESTPMD, "{state}");
     assert_eq!(
         f["ports"],
         serde_json::json!(["veth-a", "veth-b"]),
@@ -219,7 +219,7 @@ fn a_run_that_made_the_lab_stops_testpmd_also_on_sigterm() {
     );
     assert!(!Path::new(RUN_DIR).exists(), "{RUN_DIR} left by the run");
     // SIGTERM while the run that made the lab is under way.
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args([
             "run", "--lab", LAB, "--count", "100000", "--rate", "1000", "--quiet",
         ])

@@ -12,6 +12,7 @@ mod follow;
 mod func;
 mod parse;
 mod skb;
+mod uprobe;
 
 use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},

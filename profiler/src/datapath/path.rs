@@ -15,8 +15,9 @@ use crate::{
     report::schema::{HookStatus, Hop, Status},
 };
 
-/// Which program type serves each attached tracepoint ("tp_btf" or "raw_tp").
-pub struct Attached(HashMap<HookId, String>);
+/// Which program type serves each attached tracepoint ("tp_btf" or "raw_tp"), and the user
+/// probes' hop names ("uprobe:LABEL") by index.
+pub struct Attached(HashMap<HookId, String>, Vec<String>);
 
 impl Attached {
     pub fn from_statuses(statuses: &[HookStatus]) -> Attached {
@@ -27,7 +28,20 @@ impl Attached {
                 (st.status == Status::Attached).then(|| (spec.id, st.kind.clone()))
             })
             .collect();
-        Attached(types)
+        let uprobes = statuses
+            .iter()
+            .filter(|s| s.kind == "uprobe")
+            .map(|s| s.name.clone())
+            .collect();
+        Attached(types, uprobes)
+    }
+
+    /// A user probe's hop name.
+    fn uprobe(&self, index: u32) -> String {
+        self.1
+            .get(index as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("uprobe:{index}"))
     }
 
     /// The hook's reported name: "tp_btf:net_dev_queue", "tc:egress", "app:send".
@@ -37,6 +51,7 @@ impl Attached {
                 Some(kind) => format!("{kind}:{}", hooks::label(point)),
                 None => hooks::label(point).to_string(),
             },
+            Point::Uprobe(i) => self.uprobe(*i),
             _ => hooks::label(point).to_string(),
         }
     }
@@ -89,6 +104,9 @@ pub fn describe(
         .zip(flags)
         .enumerate()
         .map(|(index, (key, &flags))| {
+            if let Point::Uprobe(i) = key.point {
+                return uprobe_hop(index, attached.uprobe(i));
+            }
             let netns = inodes
                 .name(key.netns)
                 .map_or_else(|| format!("netns {}", key.netns), str::to_string);
@@ -115,6 +133,20 @@ pub fn describe(
             }
         })
         .collect()
+}
+
+/// A user probe's hop: in a process, on no device.
+fn uprobe_hop(index: usize, name: String) -> Hop {
+    Hop {
+        index,
+        name: name.clone(),
+        ifname: None,
+        netns: None,
+        kind: "uprobe".into(),
+        hook: name,
+        encapsulated: false,
+        tunnel: None,
+    }
 }
 
 /// Names each segment between consecutive hops after what it crosses; `keys` are the hops'
@@ -146,8 +178,9 @@ pub fn segments(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<Named> {
             segment(&SegmentEnds {
                 from: &k[0].point,
                 to: &k[1].point,
-                from_if: a.ifname.as_deref().unwrap_or(""),
-                to_if: b.ifname.as_deref().unwrap_or(""),
+                // A user probe's "interface" is its hop name.
+                from_if: place(a),
+                to_if: place(b),
                 from_ns: short_ns(a.netns.as_deref(), lab),
                 to_ns: short_ns(b.netns.as_deref(), lab),
                 from_master: ia.and_then(|i| i.master.as_deref()),
@@ -167,6 +200,14 @@ pub fn segments(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<Named> {
             })
         })
         .collect()
+}
+
+/// The device a hop is on, or a user probe's name.
+fn place(h: &Hop) -> &str {
+    match h.kind.as_str() {
+        "uprobe" => &h.hook,
+        _ => h.ifname.as_deref().unwrap_or(""),
+    }
 }
 
 /// "(ns)" for a namespace name; "(root)" already is.

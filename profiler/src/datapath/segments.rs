@@ -55,12 +55,14 @@ pub fn segment(e: &SegmentEnds) -> Named {
     log::trace!("segment {name:?}: rule {:?}", rule.name);
     Named {
         name,
-        userspace: rule.name == USERSPACE_RULE,
+        userspace: matches!(rule.name, USERSPACE_RULE | USER_PROBE_RULE),
     }
 }
 
 /// The rule of segments spent in a userspace datapath.
 const USERSPACE_RULE: &str = "userspace datapath";
+/// The rule of segments that start or end at a user probe: in the process too.
+const USER_PROBE_RULE: &str = "user probe";
 
 /// The name of the rule that names `e`, so that tests see which one fired.
 #[cfg(test)]
@@ -136,6 +138,14 @@ const RULES: &[Rule] = &[
         name: "stack and socket",
         matches: |e, _| *e.to == AppRecv,
         names: |e, _| format!("stack and socket ({})", e.to_ns),
+    },
+    // A user probe (`run --uprobe`) on either side: the packet is in a userspace process, between
+    // the kernel hook or probe before and the probe or kernel hook after; a probe's "interface"
+    // is its hop name.
+    Rule {
+        name: USER_PROBE_RULE,
+        matches: |e, _| matches!(e.from, Uprobe(_)) || matches!(e.to, Uprobe(_)),
+        names: |e, _| format!("userspace {} -> {}", e.from_if, e.to_if),
     },
     // A userspace datapath (DPDK's testpmd, a vswitch) took the packet from one of its ports
     // through a packet socket and sent a copy out of another: from the last hook that saw it
@@ -369,6 +379,7 @@ mod tests {
         match (e.from, e.to) {
             (AppSend, _) => format!("socket and stack ({})", e.from_ns),
             (_, AppRecv) => format!("stack and socket ({})", e.to_ns),
+            (Uprobe(_), _) | (_, Uprobe(_)) => format!("userspace {} -> {}", e.from_if, e.to_if),
             _ if !same_if && e.from_userspace.is_some() && e.from_userspace == e.to_userspace => {
                 format!(
                     "userspace datapath {} {a} -> {b}",
@@ -453,6 +464,7 @@ mod tests {
         let points = [
             AppSend,
             AppRecv,
+            Uprobe(0),
             Hook(NetDevQueue),
             Hook(NetDevStartXmit),
             Hook(NetDevXmit),
@@ -575,6 +587,14 @@ mod tests {
                 "stack and socket",
                 ends(&Hook(TcIngress), &AppRecv),
                 "stack and socket (host)",
+            ),
+            (
+                USER_PROBE_RULE,
+                SegmentEnds {
+                    to_if: "uprobe:receive",
+                    ..ends(&Hook(TcIngress), &Uprobe(0))
+                },
+                "userspace veth-a -> uprobe:receive",
             ),
             (
                 USERSPACE_RULE,

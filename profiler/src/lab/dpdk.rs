@@ -45,6 +45,13 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
+    /// The program's file name: the datapath's name in segment names.
+    pub fn name(&self) -> String {
+        Path::new(&self.program)
+            .file_name()
+            .map_or(self.program.clone(), |n| n.to_string_lossy().into_owned())
+    }
+
     fn alive(&self) -> bool {
         owner::start_time(self.pid) == Some(self.start_time)
     }
@@ -102,8 +109,19 @@ fn args(prefix: &str, ports: &[String]) -> Vec<String> {
 /// itself: nothing ever arrives, and it outlives the command that started it. It runs in a
 /// process group of its own, so a Ctrl-C at the terminal reaches only the profiler, whose undo
 /// then stops it.
-pub(super) fn start(lab: &str, ns: &str, ports: &[String], dir: &Path) -> Result<Forwarder> {
-    let program = find().ok_or(Lacks::Program(PROGRAM, PACKAGE))?;
+/// `custom`: a program to run instead, as `PATH PORT_A PORT_B`, which behaves like testpmd
+/// here (prints READY_LINE once it forwards, exits on a line or end of file on its input).
+pub(super) fn start(
+    lab: &str,
+    ns: &str,
+    ports: &[String],
+    dir: &Path,
+    custom: Option<&Path>,
+) -> Result<Forwarder> {
+    let program = match custom {
+        Some(p) => p.to_path_buf(),
+        None => find().ok_or(Lacks::Program(PROGRAM, PACKAGE))?,
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let fifo = dir.join("stdin");
     nix::unistd::mkfifo(
@@ -127,7 +145,10 @@ pub(super) fn start(lab: &str, ns: &str, ports: &[String], dir: &Path) -> Result
     let child = Command::new("ip")
         .args(["netns", "exec", ns, "stdbuf", "-oL"])
         .arg(&program)
-        .args(args(&prefix, ports))
+        .args(match custom {
+            Some(_) => ports.to_vec(),
+            None => args(&prefix, ports),
+        })
         .stdin(stdin)
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -136,7 +157,7 @@ pub(super) fn start(lab: &str, ns: &str, ports: &[String], dir: &Path) -> Result
         .with_context(|| format!("cannot run {PROGRAM} in {ns}"))?;
     let pid = child.id();
     let forwarder = Forwarder {
-        program: PROGRAM.into(),
+        program: program.to_string_lossy().into_owned(),
         pid,
         start_time: owner::start_time(pid).unwrap_or(0),
         file_prefix: prefix,

@@ -153,6 +153,8 @@ pub struct LabOptions {
     /// MTU of the pods' interfaces (and the overlay device); None: the topology's default
     /// (flannel: 1450 inside, 1500 wire).
     pub mtu: Option<u32>,
+    /// A program to run in place of the topology's userspace datapath (dpdk: testpmd).
+    pub forwarder: Option<std::path::PathBuf>,
 }
 
 const CROSS_HOST_SUFFIX: &str = "-xhost";
@@ -267,7 +269,16 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
         bail!("--mtu must be between 576 and 9000");
     }
-    spec::Spec::of(topology, options.placement, options.mtu).map(drop)
+    let spec = spec::Spec::of(topology, options.placement, options.mtu)?;
+    if let Some(f) = &options.forwarder {
+        if spec.userspace.is_none() {
+            bail!("--forwarder: {} has no userspace datapath", topology.name());
+        }
+        if !f.is_file() {
+            bail!("--forwarder: no file {}", f.display());
+        }
+    }
+    Ok(())
 }
 
 pub async fn up(topology: Topology, options: &LabOptions) -> Result<Lab> {
@@ -290,7 +301,7 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
     if !spec.ovs.is_empty() {
         ovs::check().map_err(|e| explain(topology, e))?;
     }
-    if spec.userspace.is_some() {
+    if spec.userspace.is_some() && options.forwarder.is_none() {
         dpdk::check().map_err(|e| explain(topology, e))?;
     }
     let mut undo = setup::Undo::default();

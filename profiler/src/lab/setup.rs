@@ -138,10 +138,20 @@ pub(super) async fn build(
         ovs::add_bridge(&dir, bridge)?;
     }
     let forwarder = match &spec.userspace {
-        Some(u) => Some(start_userspace(lab, u, undo)?),
+        Some(u) => Some(start_userspace(lab, u, options, undo)?),
         None => None,
     };
-    let described = describe(lab, topology, options, spec).await?;
+    let mut described = describe(lab, topology, options, spec).await?;
+    if let Some(f) = &forwarder {
+        // Segments are named after the program that forwards.
+        for i in described
+            .interfaces
+            .iter_mut()
+            .filter(|i| i.userspace.is_some())
+        {
+            i.userspace = Some(f.name());
+        }
+    }
     Ok(Lab {
         forwarder,
         ..described
@@ -149,14 +159,25 @@ pub(super) async fn build(
 }
 
 /// Prepares the pods for the userspace datapath and starts it.
-fn start_userspace(lab: &str, u: &Userspace, undo: &mut Undo) -> Result<dpdk::Forwarder> {
+fn start_userspace(
+    lab: &str,
+    u: &Userspace,
+    options: &LabOptions,
+    undo: &mut Undo,
+) -> Result<dpdk::Forwarder> {
     for (role, ifname) in u.pods {
         dpdk::tx_checksum_off(&netns_name(lab, role), ifname)?;
     }
     let dir = dpdk::dir(lab, u.role);
     undo.dpdk = Some(dir.clone());
     let ports = u.ports.map(String::from);
-    dpdk::start(lab, &netns_name(lab, u.role), &ports, &dir)
+    dpdk::start(
+        lab,
+        &netns_name(lab, u.role),
+        &ports,
+        &dir,
+        options.forwarder.as_deref(),
+    )
 }
 
 /// Creates a macvlan/vlan/ipvlan child of its parent in the parent's namespace, moves it to

@@ -32,6 +32,7 @@ pub async fn compare(
     let options = LabOptions {
         placement,
         mtu: None,
+        forwarder: None,
     };
     let mut runs = Vec::new();
     let mut skipped = Vec::new();

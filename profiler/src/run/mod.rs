@@ -30,6 +30,7 @@ use crate::{
         btf::KernelBtf,
         programs::{LoadConfig, Programs},
         ring,
+        uprobe::UprobeSpec,
     },
     lab::{
         self, discover,
@@ -62,6 +63,8 @@ pub struct RunArgs {
     pub quiet: bool,
     pub hooks: HookSet,
     pub timeout: Duration,
+    /// User probes to add as hops (`--uprobe`).
+    pub uprobes: Vec<UprobeSpec>,
 }
 
 /// Waits this long after the last exchange for the ring buffer to deliver its last events.
@@ -105,6 +108,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         },
     )?;
     let hook_set = programs.attach_set(&btf, Mode::Tagged, args.hooks)?;
+    programs.attach_uprobes(&args.uprobes)?;
     for (ns, ifname) in &lab.attach {
         programs.attach_tc(discover::ns_arg(ns), ifname);
     }
