@@ -2,7 +2,9 @@
 //! af_packet), a userspace datapath. The lab comes up and goes down leaving no testpmd, no
 //! namespace, no device and no DPDK runtime directory; tagged UDP and TCP runs profile
 //! completely, with the time in testpmd as one named segment that the report flags as
-//! userspace; a run that made the lab stops testpmd, also on SIGTERM.
+//! userspace; a run that made the lab stops testpmd, also on SIGTERM. With a forwarder of its
+//! own in testpmd's place (built with symbols, tests/bin/userspace_fwd.rs), user probes on its
+//! receive, forward and send functions split that segment in order.
 //! (The ground truth across testpmd is in ground_truth.rs, with the other labs'.)
 // A test crate sees every dependency of the package; the lint is for the library's.
 #![allow(unused_crate_dependencies)]
@@ -37,11 +39,16 @@ fn have_testpmd() -> bool {
 
 /// The testpmd the lab's state records: (pid, start time).
 fn recorded_testpmd() -> (u32, u64) {
+    recorded_testpmd_or_forwarder(TESTPMD)
+}
+
+/// The forwarder (`program`) the lab's state records: (pid, start time).
+fn recorded_testpmd_or_forwarder(program: &str) -> (u32, u64) {
     let path = Path::new(profiler::lab::STATE_DIR).join(format!("{LAB}.json"));
     let state: Value = serde_json::from_slice(&std::fs::read(&path).expect("the dpdk lab's state"))
         .expect("state JSON");
     let f = &state["forwarder"];
-    assert_eq!(f["program"], TESTPMD, "{state}");
+    assert_eq!(f["program"], program, "{state}");
     assert_eq!(
         f["ports"],
         serde_json::json!(["veth-a", "veth-b"]),
@@ -246,5 +253,114 @@ fn a_run_that_made_the_lab_stops_testpmd_also_on_sigterm() {
         !out.status.success(),
         "a run ended by SIGTERM exits non-zero"
     );
+    assert_gone(pid);
+}
+
+/// The test forwarder (tests/bin/userspace_fwd.rs), built with symbols.
+const FORWARDER: &str = env!("CARGO_BIN_EXE_userspace-fwd");
+
+/// The userspace segments of a direction: (name, mean ns), in path order.
+fn userspace_segments(dir: &Value) -> Vec<(String, f64)> {
+    segments(dir)
+        .iter()
+        .filter(|s| s["userspace"] == true)
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["mean_ns"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn uprobe_hops_split_the_userspace_segment_in_order() {
+    let guard = lab_up(&[LAB, "--forwarder", FORWARDER]);
+    let (pid, _) = recorded_testpmd_or_forwarder(FORWARDER);
+    let run = [
+        "--lab",
+        LAB,
+        "--count",
+        "1000",
+        "--rate",
+        "2000",
+        "--keep-lab",
+    ];
+    let without = run_json(&run);
+    let probes = [
+        "fwd_receive@receive",
+        "fwd_forward@forward",
+        "fwd_send@send",
+    ]
+    .map(|p| format!("{FORWARDER}:{p}"));
+    let mut args: Vec<&str> = run.to_vec();
+    for p in &probes {
+        args.extend(["--uprobe", p.as_str()]);
+    }
+    let with = run_json(&args);
+    for r in [&without, &with] {
+        assert_eq!(r["events"]["lost"], 0, "lost events");
+        assert_eq!(r["traffic"]["completed"], 1000);
+    }
+    for (name, from, to) in [
+        ("request", "veth-a", "veth-b"),
+        ("response", "veth-b", "veth-a"),
+    ] {
+        let (base, split) = (direction(&without, name), direction(&with, name));
+        for d in [base, split] {
+            let complete = d["complete_packets"].as_u64().unwrap();
+            assert!(
+                complete >= 950,
+                "{name}: {complete} of 1000 journeys complete"
+            );
+        }
+        let whole = userspace_segments(base);
+        assert_eq!(
+            whole.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+            [format!("userspace datapath userspace-fwd {from} -> {to}")],
+            "{name} without probes"
+        );
+        let parts = userspace_segments(split);
+        let names: Vec<&str> = parts.iter().map(|s| s.0.as_str()).collect();
+        let want = [
+            format!("userspace {from} -> uprobe:receive"),
+            "userspace uprobe:receive -> uprobe:forward".to_string(),
+            "userspace uprobe:forward -> uprobe:send".to_string(),
+            format!("userspace uprobe:send -> {to}"),
+        ];
+        assert_eq!(names, want, "{name} with probes");
+        // The probes' hops sit, in order, between the two ports' hops.
+        let hops: Vec<String> = hop_sequence(split).into_iter().map(|h| h.0).collect();
+        let at = hops
+            .iter()
+            .position(|h| h == "uprobe:receive")
+            .unwrap_or_else(|| panic!("{name}: no uprobe:receive hop in {hops:?}"));
+        assert_eq!(
+            hops[at..at + 3],
+            ["uprobe:receive", "uprobe:forward", "uprobe:send"],
+            "{name}: {hops:?}"
+        );
+        let sum: f64 = parts.iter().map(|s| s.1).sum();
+        let alone = whole[0].1;
+        // What the three probes add (their traps; the programs' own time is already apart).
+        let per_probe = (sum - alone) / 3.0;
+        println!(
+            "{name}: userspace segment {:.1} us alone, {:.1} us as the sum of its {} parts: {:+.1} us per probe{}",
+            alone / 1000.0,
+            sum / 1000.0,
+            parts.len(),
+            per_probe / 1000.0,
+            if (sum - alone).abs() <= 0.1 * alone {
+                " (within 10%)"
+            } else {
+                " (the probe cost)"
+            }
+        );
+        assert!(
+            sum > 0.0 && parts.iter().all(|s| s.1 > 0.0),
+            "{name}: a userspace part is empty: {parts:?}"
+        );
+    }
+    drop(guard);
     assert_gone(pid);
 }

@@ -12,10 +12,19 @@
 use std::io::{BufRead as _, Write as _};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 
+/// The last frame lengths received and forwarded: each function keeps its own, so that the
+/// compiler cannot fold the two into one address (a probe on one would then fire for both).
+/// Volatile stores, which the compiler keeps though nothing reads them; not an atomic count:
+/// the kernel refuses a uprobe on a lock-prefixed instruction.
+static mut RECEIVED: usize = 0;
+static mut FORWARDED: usize = 0;
+
 /// The frame was just received from a packet socket.
 #[inline(never)]
 #[no_mangle]
 pub extern "C" fn fwd_receive(buf: *const u8, len: usize) -> usize {
+    // SAFETY: only the forwarding thread writes it.
+    unsafe { std::ptr::addr_of_mut!(RECEIVED).write_volatile(len) };
     std::hint::black_box((buf, len)).1
 }
 
@@ -23,6 +32,8 @@ pub extern "C" fn fwd_receive(buf: *const u8, len: usize) -> usize {
 #[inline(never)]
 #[no_mangle]
 pub extern "C" fn fwd_forward(buf: *const u8, len: usize) -> usize {
+    // SAFETY: only the forwarding thread writes it.
+    unsafe { std::ptr::addr_of_mut!(FORWARDED).write_volatile(len) };
     std::hint::black_box((buf, len)).1
 }
 

@@ -798,7 +798,11 @@ mod tests {
         ];
         for (rule, e, name) in &cases {
             assert_eq!((matching_rule(e), segment_name(e).as_str()), (*rule, *name));
-            assert_eq!(segment(e).userspace, *rule == USERSPACE_RULE, "{name}");
+            assert_eq!(
+                segment(e).userspace,
+                matches!(*rule, USERSPACE_RULE | USER_PROBE_RULE),
+                "{name}"
+            );
         }
         for r in RULES {
             assert!(

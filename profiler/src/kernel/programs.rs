@@ -410,8 +410,10 @@ impl Programs {
             };
             p.attach(point, &probe.binary, UProbeScope::AllProcesses)
                 .map_err(|e| {
+                    // The kernel also refuses some first instructions (lock-prefixed ones) once a
+                    // process runs the binary.
                     anyhow!(
-                        "cannot attach --uprobe {}:{}: {e}",
+                        "cannot attach --uprobe {}:{}: {e} (no such symbol, or an instruction the kernel cannot probe)",
                         probe.binary.display(),
                         probe.symbol
                     )
