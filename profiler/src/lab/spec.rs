@@ -832,6 +832,12 @@ mod tests {
             for r in &spec.routes {
                 assert!(places.contains(&(r.role, r.dev)), "{ctx}");
             }
+            if let Some(u) = &spec.userspace {
+                let ports = u.ports.iter().map(|p| (u.role, *p));
+                for at in ports.chain(u.pods) {
+                    assert!(places.contains(&at), "{ctx}: {at:?}");
+                }
+            }
             for t in &spec.tunnels {
                 if let Some(dev) = t.dev() {
                     assert!(places.contains(&(t.at.0, dev)), "{ctx}");
