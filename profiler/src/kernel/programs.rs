@@ -293,10 +293,14 @@ impl Programs {
             .ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))
     }
 
-    /// Attaches the tc ingress and egress programs to `ifname` in namespace `ns` (None: this one).
-    pub fn attach_tc(&mut self, ns: Option<&str>, ifname: &str) {
+    /// Attaches the tc egress program, and the ingress one if `at_ingress`, to `ifname` in
+    /// namespace `ns` (None: this one).
+    pub fn attach_tc(&mut self, ns: Option<&str>, ifname: &str, at_ingress: bool) {
         for spec in HOOK_TABLE {
             if let Attach::Tc { prog, ingress } = spec.attach {
+                if ingress && !at_ingress {
+                    continue;
+                }
                 let name = format!(
                     "{}@{}{}",
                     spec.label,

@@ -109,8 +109,8 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     )?;
     let hook_set = programs.attach_set(&btf, Mode::Tagged, args.hooks)?;
     programs.attach_uprobes(&args.uprobes)?;
-    for (ns, ifname) in &lab.attach {
-        programs.attach_tc(discover::ns_arg(ns), ifname);
+    for p in &lab.attach {
+        programs.attach_tc(discover::ns_arg(&p.netns), &p.ifname, p.ingress);
     }
     let _stats = kernel::stats_while(args.stats)?;
 
