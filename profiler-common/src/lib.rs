@@ -106,6 +106,10 @@ impl HookId {
     }
 }
 
+/// `Event::hook` of a user probe (`run --uprobe`), outside HookId's kernel hooks; the event's
+/// ifindex is then the probe's index in the run's list.
+pub const HOOK_UPROBE: u8 = 0xfe;
+
 /// Where a function hook finds its packet, per kernel function (the loader fills the `FUNCS`
 /// map from the function's BTF): keyed by the function's address for kprobes, by the hook id for
 /// module tracepoints.

@@ -12,6 +12,7 @@ mod follow;
 mod func;
 mod parse;
 mod skb;
+mod uprobe;
 
 use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
@@ -335,10 +336,28 @@ fn on_tc(ctx: &TcContext, hook: HookId) -> i32 {
         // namespaces, as every pod's eth0 is).
         let skb = ctx.skb.skb as *const u8;
         let (ifindex, netns) = skb::dev_identity::<Probed>(skb::dev::<Probed>(skb));
+        linearize_headers(ctx);
         emit(hook as u8, &found, ifindex, netns, ctx.len(), 0, ts);
     }
     // TC_ACT_UNSPEC (TCX_NEXT): never decide the packet's fate, let the next program run.
     TC_ACT_UNSPEC
+}
+
+/// Below this many linear bytes even the IPv4 header is paged: never so in a packet the
+/// stack built, but a packet socket's transmit ring (a userspace datapath such as DPDK's
+/// af_packet port) hands the kernel the Ethernet header alone in the linear part.
+const PAGED_HEADERS: usize = 14 + 20;
+/// Enough for the headers and the tag of a tagged UDP or TCP packet.
+const PULL: u32 = 128;
+
+/// The tracepoints after this hook read only the linear part: for a tagged packet whose
+/// headers are paged, pull its first bytes into it (a copy of at most PULL bytes, counted in
+/// this program's own time, not in a segment).
+#[inline(always)]
+fn linearize_headers(ctx: &TcContext) {
+    if ctx.data_end() - ctx.data() < PAGED_HEADERS {
+        let _ = ctx.pull_data(ctx.len().min(PULL));
+    }
 }
 
 #[classifier]

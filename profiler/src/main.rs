@@ -132,6 +132,10 @@ enum LabCommand {
         topology: Topology,
         #[command(flatten)]
         options: LabOpts,
+        /// A forwarder to run in place of dpdk-testpmd (dpdk lab): started as `PATH PORT_A
+        /// PORT_B` in the host namespace, it prints `Press enter to exit` once it forwards.
+        #[arg(long, value_name = "PATH")]
+        forwarder: Option<PathBuf>,
     },
     /// Remove a lab and everything it created; with --all, every lab and every leftover the
     /// profiler recognises as its own (after a crash or a SIGKILL).
@@ -183,6 +187,7 @@ impl LabOpts {
                 .placement
                 .unwrap_or_else(|| topology.default_placement()),
             mtu: self.mtu,
+            forwarder: None,
         }
     }
 }
@@ -230,6 +235,7 @@ impl TrafficOpts {
             hooks: self.hooks,
             timeout: self.timeout,
             quiet,
+            uprobes: Vec::new(),
         };
         args.spec(0).validate()?;
         Ok(args)
@@ -269,6 +275,11 @@ struct RunCli {
     /// Leave a lab this run brought up in place afterwards.
     #[arg(long)]
     keep_lab: bool,
+    /// A user function that holds a frame, as a hop `uprobe:LABEL` (default label: SYMBOL):
+    /// its first argument points to the frame (Ethernet header on), the second is its length.
+    /// Repeatable.
+    #[arg(long, value_name = "BINARY:SYMBOL[@LABEL]")]
+    uprobe: Vec<profiler::kernel::uprobe::UprobeSpec>,
 }
 
 #[derive(Parser)]
@@ -367,8 +378,15 @@ async fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
 
 async fn lab_command(command: LabCommand) -> Result<ExitCode> {
     match command {
-        LabCommand::Up { topology, options } => {
-            let options = options.options(topology);
+        LabCommand::Up {
+            topology,
+            options,
+            forwarder,
+        } => {
+            let options = LabOptions {
+                forwarder,
+                ..options.options(topology)
+            };
             lab::check(topology, &options)?;
             let _lock = Lock::acquire(&lab::lab_name(topology, options.placement))?;
             let lab = interruptible(lab::up(topology, &options)).await?;
@@ -516,7 +534,8 @@ fn owner_note(owner: Option<&lab::Owner>) -> String {
 async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     // Bad input is refused before any work: the report's file, then the run's values.
     let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
-    let args = cli.traffic.run_args(cli.lab, cli.size, quiet)?;
+    let mut args = cli.traffic.run_args(cli.lab, cli.size, quiet)?;
+    args.uprobes = cli.uprobe.clone();
     let to = cli.to.as_deref().map(parse_to).transpose()?;
     if cli.from.is_none() {
         lab::check(cli.lab, &cli.lab_opts.options(cli.lab))?;

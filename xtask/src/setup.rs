@@ -70,6 +70,15 @@ pub fn debian_package(pkg: &str) -> Result<()> {
     apt_get(&["install", "-y", "--no-install-recommends", pkg])
 }
 
+/// Debian's package with dpdk-testpmd, the userspace datapath of the dpdk lab (`dpdk` itself
+/// has only scripts). The lab says the same when it is missing.
+pub const DPDK_PACKAGE: &str = "dpdk-dev";
+
+/// What the tests need besides the build's packages: dpdk-testpmd for tests/dpdk.rs.
+pub fn test_packages() -> Result<()> {
+    debian_package(DPDK_PACKAGE)
+}
+
 /// iproute2 (`ip netns`, for users and tests), bpftool (the tests' leak check) and iputils-ping
 /// (the benchmark's untagged background traffic).
 fn debian_packages() -> Result<()> {

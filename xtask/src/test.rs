@@ -7,16 +7,22 @@ use clap::ValueEnum as _;
 use std::process::Command;
 
 /// Name prefixes of the project's eBPF programs (as the kernel truncates them, 15 chars).
-const PROG_PREFIXES: [&str; 9] = [
-    "tp_", "raw_", "ftp_", "fraw_", "kp_", "fkp_", "tc_", "prof", "floor_",
+const PROG_PREFIXES: [&str; 10] = [
+    "tp_", "raw_", "ftp_", "fraw_", "kp_", "fkp_", "tc_", "prof", "floor_", "up_",
 ];
+/// The --file-prefix of the dpdk lab's testpmd (profiler's lab/dpdk.rs): its command line
+/// and its DPDK runtime directory carry it.
+const DPDK_PREFIX: &str = "--file-prefix=profiler-";
+const DPDK_RUNTIME: &str = "/var/run/dpdk";
 /// Prefix of the network namespaces the labs and tests create.
 const NETNS_PREFIX: &str = "prof-";
 /// What the profiler keeps under /run/profiler while a lab is up or a command uses one: lab
-/// state files, OVS daemons' directories, lock files, tc filters recorded before tcx.
-const RUN_DIRS: [&str; 4] = [
+/// state files, OVS daemons' and testpmd's directories, lock files, tc filters recorded
+/// before tcx.
+const RUN_DIRS: [&str; 5] = [
     "/run/profiler/labs",
     "/run/profiler/ovs",
+    "/run/profiler/dpdk",
     "/run/profiler/locks",
     "/run/profiler/tc",
 ];
@@ -25,6 +31,7 @@ pub fn run(args: &[String]) -> Result<()> {
     cmd::require_root("test", "runs eBPF and network-namespace tests")?;
     let vm_kernels = vm_kernels()?;
     setup::run()?;
+    setup::test_packages()?;
     lint()?;
     step("leak check before the tests");
     leak_check("before the tests (left by an earlier run, or in use by a running profiler): remove them first")?;
@@ -142,9 +149,21 @@ fn leak_check(whose: &str) -> Result<()> {
         {
             leaks.push(format!("process {pid} ({name})"));
         }
+        if name.starts_with("dpdk-testpmd")
+            && cmdline(pid).iter().any(|a| a.starts_with(DPDK_PREFIX))
+        {
+            leaks.push(format!(
+                "process {pid} ({name}, the dpdk lab's; profiler lab down --all)"
+            ));
+        }
+    }
+    for name in entries(DPDK_RUNTIME) {
+        if name.starts_with(&DPDK_PREFIX["--file-prefix=".len()..]) {
+            leaks.push(format!("DPDK runtime directory {DPDK_RUNTIME}/{name}"));
+        }
     }
     if leaks.is_empty() {
-        println!("nothing left: no lab namespaces, state, OVS daemons, lock files, BPF programs, temporary devices, clsact qdiscs or QEMU processes");
+        println!("nothing left: no lab namespaces, state, OVS daemons, testpmd, lock files, BPF programs, temporary devices, clsact qdiscs or QEMU processes");
         return Ok(());
     }
     for leak in &leaks {
@@ -192,6 +211,17 @@ fn processes() -> Vec<(u32, String)> {
             Some((pid, comm.trim().to_string()))
         })
         .collect()
+}
+
+/// The arguments of process `pid` (none if it is gone).
+fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The string values of every `"key": "..."` in a JSON text (enough for bpftool's output,

@@ -252,6 +252,8 @@ pub enum Point {
     AppSend,
     AppRecv,
     Hook(HookId),
+    /// A user probe (`run --uprobe`), by its index in the run's list.
+    Uprobe(u32),
 }
 
 /// A hop's identity: what observed the packet, on which device of which namespace.
@@ -269,6 +271,7 @@ pub fn label(p: &Point) -> &'static str {
         Point::AppSend => "app:send",
         Point::AppRecv => "app:recv",
         Point::Hook(id) => hook(*id).label,
+        Point::Uprobe(_) => "uprobe",
     }
 }
 

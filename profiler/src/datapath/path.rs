@@ -8,15 +8,16 @@ use profiler_common::{HookId, FLAG_ENCAP, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIF
 
 use super::{
     hooks::{self, HopKey, Point, HOOK_TABLE},
-    segments::{segment_name, SegmentEnds},
+    segments::{segment, Named, SegmentEnds},
 };
 use crate::{
     lab::{discover, target::Devices, LabIface},
     report::schema::{HookStatus, Hop, Status},
 };
 
-/// Which program type serves each attached tracepoint ("tp_btf" or "raw_tp").
-pub struct Attached(HashMap<HookId, String>);
+/// Which program type serves each attached tracepoint ("tp_btf" or "raw_tp"), and the user
+/// probes' hop names ("uprobe:LABEL") by index.
+pub struct Attached(HashMap<HookId, String>, Vec<String>);
 
 impl Attached {
     pub fn from_statuses(statuses: &[HookStatus]) -> Attached {
@@ -27,7 +28,20 @@ impl Attached {
                 (st.status == Status::Attached).then(|| (spec.id, st.kind.clone()))
             })
             .collect();
-        Attached(types)
+        let uprobes = statuses
+            .iter()
+            .filter(|s| s.kind == "uprobe")
+            .map(|s| s.name.clone())
+            .collect();
+        Attached(types, uprobes)
+    }
+
+    /// A user probe's hop name.
+    fn uprobe(&self, index: u32) -> String {
+        self.1
+            .get(index as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("uprobe:{index}"))
     }
 
     /// The hook's reported name: "tp_btf:net_dev_queue", "tc:egress", "app:send".
@@ -37,6 +51,7 @@ impl Attached {
                 Some(kind) => format!("{kind}:{}", hooks::label(point)),
                 None => hooks::label(point).to_string(),
             },
+            Point::Uprobe(i) => self.uprobe(*i),
             _ => hooks::label(point).to_string(),
         }
     }
@@ -89,6 +104,9 @@ pub fn describe(
         .zip(flags)
         .enumerate()
         .map(|(index, (key, &flags))| {
+            if let Point::Uprobe(i) = key.point {
+                return uprobe_hop(index, attached.uprobe(i));
+            }
             let netns = inodes
                 .name(key.netns)
                 .map_or_else(|| format!("netns {}", key.netns), str::to_string);
@@ -117,9 +135,31 @@ pub fn describe(
         .collect()
 }
 
+/// A user probe's hop: in a process, on no device.
+fn uprobe_hop(index: usize, name: String) -> Hop {
+    Hop {
+        index,
+        name: name.clone(),
+        ifname: None,
+        netns: None,
+        kind: "uprobe".into(),
+        hook: name,
+        encapsulated: false,
+        tunnel: None,
+    }
+}
+
 /// Names each segment between consecutive hops after what it crosses; `keys` are the hops'
 /// identities, in the same order.
 pub fn segment_names(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<String> {
+    segments(keys, hops, lab)
+        .into_iter()
+        .map(|n| n.name)
+        .collect()
+}
+
+/// Each segment between consecutive hops: its name, and whether it spans userspace.
+pub fn segments(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<Named> {
     let iface = |h: &Hop| -> Option<&LabIface> {
         lab.interfaces
             .iter()
@@ -135,11 +175,12 @@ pub fn segment_names(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<String
                     Some(&p.ifname) == y.ifname.as_ref() && Some(&p.netns) == y.netns.as_ref()
                 })
             };
-            segment_name(&SegmentEnds {
+            segment(&SegmentEnds {
                 from: &k[0].point,
                 to: &k[1].point,
-                from_if: a.ifname.as_deref().unwrap_or(""),
-                to_if: b.ifname.as_deref().unwrap_or(""),
+                // A user probe's "interface" is its hop name.
+                from_if: place(a),
+                to_if: place(b),
                 from_ns: short_ns(a.netns.as_deref(), lab),
                 to_ns: short_ns(b.netns.as_deref(), lab),
                 from_master: ia.and_then(|i| i.master.as_deref()),
@@ -154,9 +195,19 @@ pub fn segment_names(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<String
                     (true, false) => Some((false, a.tunnel.as_deref().unwrap_or("tunnel"))),
                     _ => None,
                 },
+                from_userspace: ia.and_then(|i| i.userspace.as_deref()),
+                to_userspace: ib.and_then(|i| i.userspace.as_deref()),
             })
         })
         .collect()
+}
+
+/// The device a hop is on, or a user probe's name.
+fn place(h: &Hop) -> &str {
+    match h.kind.as_str() {
+        "uprobe" => &h.hook,
+        _ => h.ifname.as_deref().unwrap_or(""),
+    }
 }
 
 /// "(ns)" for a namespace name; "(root)" already is.

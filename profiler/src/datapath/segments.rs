@@ -27,18 +27,42 @@ pub struct SegmentEnds<'a> {
     pub peers: bool,
     /// The packet enters (true) or leaves (false) a tunnel between the two hops, and which.
     pub encap: Option<(bool, &'a str)>,
+    /// The userspace datapaths the interfaces are ports of ("dpdk-testpmd"), if any.
+    pub from_userspace: Option<&'a str>,
+    pub to_userspace: Option<&'a str>,
+}
+
+/// A segment's name, and whether the packet spends it in a userspace process (no kernel hook
+/// can split it; user probes can).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Named {
+    pub name: String,
+    pub userspace: bool,
 }
 
 /// Names the segment between two consecutive hops after what the packet crosses there: the
 /// first of [`RULES`] that matches.
 pub fn segment_name(e: &SegmentEnds) -> String {
+    segment(e).name
+}
+
+/// The segment's name and whether it spans userspace.
+pub fn segment(e: &SegmentEnds) -> Named {
     let c = Ctx::new(e);
     let rule = rule_for(e, &c);
     let name = (rule.names)(e, &c);
     // RUST_LOG=trace says which rule named each segment.
     log::trace!("segment {name:?}: rule {:?}", rule.name);
-    name
+    Named {
+        name,
+        userspace: matches!(rule.name, USERSPACE_RULE | USER_PROBE_RULE),
+    }
 }
+
+/// The rule of segments spent in a userspace datapath.
+const USERSPACE_RULE: &str = "userspace datapath";
+/// The rule of segments that start or end at a user probe: in the process too.
+const USER_PROBE_RULE: &str = "user probe";
 
 /// The name of the rule that names `e`, so that tests see which one fired.
 #[cfg(test)]
@@ -114,6 +138,27 @@ const RULES: &[Rule] = &[
         name: "stack and socket",
         matches: |e, _| *e.to == AppRecv,
         names: |e, _| format!("stack and socket ({})", e.to_ns),
+    },
+    // A user probe (`run --uprobe`) on either side: the packet is in a userspace process, between
+    // the kernel hook or probe before and the probe or kernel hook after; a probe's "interface"
+    // is its hop name.
+    Rule {
+        name: USER_PROBE_RULE,
+        matches: |e, _| matches!(e.from, Uprobe(_)) || matches!(e.to, Uprobe(_)),
+        names: |e, _| format!("userspace {} -> {}", e.from_if, e.to_if),
+    },
+    // A userspace datapath (DPDK's testpmd, a vswitch) took the packet from one of its ports
+    // through a packet socket and sent a copy out of another: from the last hook that saw it
+    // on the way in to the first that saw the copy, it was in the process.
+    Rule {
+        name: USERSPACE_RULE,
+        matches: |e, c| {
+            !c.same_if && e.from_userspace.is_some() && e.from_userspace == e.to_userspace
+        },
+        names: |e, c| {
+            let datapath = e.from_userspace.unwrap_or_default();
+            format!("userspace datapath {datapath} {} -> {}", c.a, c.b)
+        },
     },
     // One device's driver transmit, from its start to its return.
     Rule {
@@ -334,6 +379,13 @@ mod tests {
         match (e.from, e.to) {
             (AppSend, _) => format!("socket and stack ({})", e.from_ns),
             (_, AppRecv) => format!("stack and socket ({})", e.to_ns),
+            (Uprobe(_), _) | (_, Uprobe(_)) => format!("userspace {} -> {}", e.from_if, e.to_if),
+            _ if !same_if && e.from_userspace.is_some() && e.from_userspace == e.to_userspace => {
+                format!(
+                    "userspace datapath {} {a} -> {b}",
+                    e.from_userspace.unwrap_or_default()
+                )
+            }
             (Hook(NetDevStartXmit), Hook(NetDevXmit)) if same_if => format!("driver xmit {a}"),
             (_, Hook(NetDevXmit)) => format!("xmit return {b}"),
             (Hook(NetDevXmit), Hook(NetifReceiveSkb)) => format!("backlog queue {b}"),
@@ -412,6 +464,7 @@ mod tests {
         let points = [
             AppSend,
             AppRecv,
+            Uprobe(0),
             Hook(NetDevQueue),
             Hook(NetDevStartXmit),
             Hook(NetDevXmit),
@@ -447,7 +500,10 @@ mod tests {
                                 for from_link in [None, Some(to_if), Some("lower0")] {
                                     for to_link in [None, Some(from_if), Some("lower0")] {
                                         for peers in [false, true] {
-                                            for encap in encaps {
+                                            for (encap, userspace) in encaps
+                                                .iter()
+                                                .flat_map(|&x| [(x, None), (x, Some("dp"))])
+                                            {
                                                 let e = SegmentEnds {
                                                     from,
                                                     to,
@@ -463,6 +519,8 @@ mod tests {
                                                     to_link,
                                                     peers,
                                                     encap,
+                                                    from_userspace: userspace,
+                                                    to_userspace: userspace,
                                                 };
                                                 assert_eq!(segment_name(&e), reference(&e));
                                                 fired.insert(matching_rule(&e));
@@ -501,6 +559,8 @@ mod tests {
             to_link: None,
             peers: false,
             encap: None,
+            from_userspace: None,
+            to_userspace: None,
         }
     }
 
@@ -527,6 +587,23 @@ mod tests {
                 "stack and socket",
                 ends(&Hook(TcIngress), &AppRecv),
                 "stack and socket (host)",
+            ),
+            (
+                USER_PROBE_RULE,
+                SegmentEnds {
+                    to_if: "uprobe:receive",
+                    ..ends(&Hook(TcIngress), &Uprobe(0))
+                },
+                "userspace veth-a -> uprobe:receive",
+            ),
+            (
+                USERSPACE_RULE,
+                SegmentEnds {
+                    from_userspace: Some("dpdk-testpmd"),
+                    to_userspace: Some("dpdk-testpmd"),
+                    ..ends(&Hook(TcIngress), &Hook(TcEgress))
+                },
+                "userspace datapath dpdk-testpmd veth-a -> veth-b",
             ),
             (
                 "driver xmit",
@@ -721,6 +798,11 @@ mod tests {
         ];
         for (rule, e, name) in &cases {
             assert_eq!((matching_rule(e), segment_name(e).as_str()), (*rule, *name));
+            assert_eq!(
+                segment(e).userspace,
+                matches!(*rule, USERSPACE_RULE | USER_PROBE_RULE),
+                "{name}"
+            );
         }
         for r in RULES {
             assert!(

@@ -9,6 +9,7 @@ pub mod kfunc;
 pub mod programs;
 pub mod ring;
 pub mod tc;
+pub mod uprobe;
 
 use anyhow::{Context as _, Result};
 

@@ -9,7 +9,8 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
-        BtfTracePoint, KProbe, RawTracePoint, SchedClassifier, TcAttachType,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        BtfTracePoint, KProbe, RawTracePoint, SchedClassifier, TcAttachType, UProbe,
     },
     Ebpf, EbpfLoader,
 };
@@ -19,6 +20,7 @@ use super::{
     btf::KernelBtf,
     kfunc::{ResolvedHook, Resolver},
     tc,
+    uprobe::UprobeSpec,
 };
 use crate::{
     datapath::{Attach, HookDef, Mode, HOOK_TABLE},
@@ -294,10 +296,14 @@ impl Programs {
             .ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))
     }
 
-    /// Attaches the tc ingress and egress programs to `ifname` in namespace `ns` (None: this one).
-    pub fn attach_tc(&mut self, ns: Option<&str>, ifname: &str) {
+    /// Attaches the tc egress program, and the ingress one if `at_ingress`, to `ifname` in
+    /// namespace `ns` (None: this one).
+    pub fn attach_tc(&mut self, ns: Option<&str>, ifname: &str, at_ingress: bool) {
         for spec in HOOK_TABLE {
             if let Attach::Tc { prog, ingress } = spec.attach {
+                if ingress && !at_ingress {
+                    continue;
+                }
                 let name = format!(
                     "{}@{}{}",
                     spec.label,
@@ -390,6 +396,44 @@ impl Programs {
             }),
         }
         tc::record(&self.tc_devices)
+    }
+
+    /// Attaches `up_hop` at every user probe, the probe's index as its cookie. A probe that
+    /// cannot attach (no such symbol) fails the run: the user asked for that hop.
+    pub fn attach_uprobes(&mut self, probes: &[UprobeSpec]) -> Result<()> {
+        if probes.is_empty() {
+            return Ok(());
+        }
+        let p: &mut UProbe = self
+            .ebpf
+            .program_mut("up_hop")
+            .context("program up_hop is missing from the eBPF object")?
+            .try_into()?;
+        p.load()?;
+        for (i, probe) in probes.iter().enumerate() {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::Symbol(&probe.symbol),
+                cookie: Some(i as u64),
+            };
+            p.attach(point, &probe.binary, UProbeScope::AllProcesses)
+                .map_err(|e| {
+                    // The kernel also refuses some first instructions (lock-prefixed ones) once a
+                    // process runs the binary.
+                    anyhow!(
+                        "cannot attach --uprobe {}:{}: {e} (no such symbol, or an instruction the kernel cannot probe)",
+                        probe.binary.display(),
+                        probe.symbol
+                    )
+                })?;
+            self.statuses.push(HookStatus {
+                name: probe.hop_name(),
+                kind: "uprobe".into(),
+                status: Status::Attached,
+                reason: None,
+                set: HookSet::Stable,
+            });
+        }
+        Ok(())
     }
 
     /// Detaches the tc programs inside their namespaces (netlink-based tc links detach by name),

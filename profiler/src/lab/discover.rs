@@ -89,6 +89,8 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
                     name_of(r.link)
                 },
                 mtu: r.mtu,
+                // A packet socket's process is not in netlink's view of a device.
+                userspace: None,
             }
         })
         .collect();

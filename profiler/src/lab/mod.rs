@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use anyhow::{bail, Result};
 
 pub mod discover;
+pub mod dpdk;
 pub mod netns;
 mod nl;
 mod ovs;
@@ -50,10 +51,13 @@ pub enum Topology {
     OvsVxlan,
     /// Kuryr/Neutron: br-int with a GRE tunnel port to the other host (cross-host only).
     OvsGre,
+    /// The pods' veth peers are ports of dpdk-testpmd (af_packet), a userspace datapath
+    /// (same-host only).
+    Dpdk,
 }
 
 impl Topology {
-    pub const ALL: [Topology; 12] = [
+    pub const ALL: [Topology; 13] = [
         Topology::Veth,
         Topology::Bridge,
         Topology::Host,
@@ -66,6 +70,7 @@ impl Topology {
         Topology::OvsVlan,
         Topology::OvsVxlan,
         Topology::OvsGre,
+        Topology::Dpdk,
     ];
 
     /// The topology's name (the lab's name when same-host).
@@ -83,6 +88,7 @@ impl Topology {
             Topology::OvsVlan => "ovs-vlan",
             Topology::OvsVxlan => "ovs-vxlan",
             Topology::OvsGre => "ovs-gre",
+            Topology::Dpdk => "dpdk",
         }
     }
 }
@@ -147,6 +153,8 @@ pub struct LabOptions {
     /// MTU of the pods' interfaces (and the overlay device); None: the topology's default
     /// (flannel: 1450 inside, 1500 wire).
     pub mtu: Option<u32>,
+    /// A program to run in place of the topology's userspace datapath (dpdk: testpmd).
+    pub forwarder: Option<std::path::PathBuf>,
 }
 
 const CROSS_HOST_SUFFIX: &str = "-xhost";
@@ -204,6 +212,9 @@ pub struct Lab {
     /// until `lab down`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+    /// The userspace datapath process the lab runs (dpdk: testpmd), stopped by its pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarder: Option<dpdk::Forwarder>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -236,6 +247,10 @@ pub struct LabIface {
     /// 0 in state files written before MTUs were recorded.
     #[serde(default)]
     pub mtu: u32,
+    /// A port of a userspace datapath (a packet socket takes what it receives, and the
+    /// process sends it out of another port): the datapath's name, "dpdk-testpmd".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userspace: Option<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -254,7 +269,16 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
         bail!("--mtu must be between 576 and 9000");
     }
-    spec::Spec::of(topology, options.placement, options.mtu).map(drop)
+    let spec = spec::Spec::of(topology, options.placement, options.mtu)?;
+    if let Some(f) = &options.forwarder {
+        if spec.userspace.is_none() {
+            bail!("--forwarder: {} has no userspace datapath", topology.name());
+        }
+        if !f.is_file() {
+            bail!("--forwarder: no file {}", f.display());
+        }
+    }
+    Ok(())
 }
 
 pub async fn up(topology: Topology, options: &LabOptions) -> Result<Lab> {
@@ -276,6 +300,9 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
     }
     if !spec.ovs.is_empty() {
         ovs::check().map_err(|e| explain(topology, e))?;
+    }
+    if spec.userspace.is_some() && options.forwarder.is_none() {
+        dpdk::check().map_err(|e| explain(topology, e))?;
     }
     let mut undo = setup::Undo::default();
     let built = setup::build(&name, topology, options, &spec, &mut undo).await;
@@ -308,9 +335,13 @@ fn leftovers(name: &str, spec: &spec::Spec) -> bool {
     state::path(name).exists()
         || namespaces.into_iter().any(|ns| netns::exists(&ns))
         || spec.ovs.iter().any(|b| ovs::dir(name, b.role).exists())
+        || spec
+            .userspace
+            .as_ref()
+            .is_some_and(|u| dpdk::dir(name, u.role).exists())
 }
 
-/// Stops the lab's OVS daemons, removes its namespaces (and with them its devices) and its
+/// Stops the lab's OVS daemons and userspace datapath, removes its namespaces (and with them its devices) and its
 /// state file. Works on whatever part of a lab exists, e.g. after a crash.
 pub async fn down(name: &str) -> Result<()> {
     let spec = parse_lab_name(name).and_then(|(t, p)| spec::Spec::of(t, p, None).ok());
@@ -321,6 +352,10 @@ pub async fn down(name: &str) -> Result<()> {
     let mut result = Ok(());
     for b in &spec.ovs {
         result = result.and(ovs::stop(&ovs::dir(name, b.role)));
+    }
+    // Before the namespaces: a process in one keeps it, and its devices, alive.
+    if let Some(u) = &spec.userspace {
+        result = result.and(dpdk::stop(&dpdk::dir(name, u.role)));
     }
     for role in &spec.roles {
         result = result.and(netns::delete(&spec::netns_name(name, role)));
@@ -376,6 +411,7 @@ mod tests {
                 master: None,
                 link: None,
                 mtu: 1500,
+                userspace: None,
             }],
             client: Endpoint {
                 netns: "prof-veth-pod-a".into(),
@@ -388,6 +424,7 @@ mod tests {
                 addr: Ipv4Addr::new(198, 18, 0, 2),
             },
             owner: None,
+            forwarder: None,
         }
     }
 

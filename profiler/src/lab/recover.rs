@@ -9,7 +9,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::{
-    down, lab_name, netns, nl::Nl, ovs, owner::Lock, setup::TEMP_PREFIX, state, Placement, Topology,
+    down, dpdk, lab_name, netns, nl::Nl, ovs, owner::Lock, setup::TEMP_PREFIX, state, Placement,
+    Topology,
 };
 
 /// What `down_all` did.
@@ -35,6 +36,7 @@ pub async fn down_all() -> Result<Recovery> {
         }
     }
     leftover_ovs(&mut r)?;
+    leftover_dpdk(&mut r)?;
     leftover_namespaces(&mut r)?;
     leftover_devices(&mut r).await;
     stale_locks(&mut r)?;
@@ -88,6 +90,23 @@ fn leftover_ovs(r: &mut Recovery) -> Result<()> {
                 .removed
                 .push(format!("OVS daemons and directory {}/{dir}", ovs::RUN_DIR)),
             Err(e) => r.failed.push(format!("{}/{dir}: {e:#}", ovs::RUN_DIR)),
+        }
+    }
+    Ok(())
+}
+
+fn leftover_dpdk(r: &mut Recovery) -> Result<()> {
+    for dir in entries(Path::new(dpdk::RUN_DIR))? {
+        if in_use(&dir, r)? {
+            continue;
+        }
+        match dpdk::stop(&Path::new(dpdk::RUN_DIR).join(&dir)) {
+            Ok(()) => r.removed.push(format!(
+                "{} and directory {}/{dir}",
+                dpdk::PROGRAM,
+                dpdk::RUN_DIR
+            )),
+            Err(e) => r.failed.push(format!("{}/{dir}: {e:#}", dpdk::RUN_DIR)),
         }
     }
     Ok(())

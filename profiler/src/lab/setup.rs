@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, Result};
 
+use super::dpdk;
 use super::netns;
 use super::nl::{self, Nl};
 use super::ovs;
-use super::spec::{netns_name, Child, Place, Spec, Tunnel, TunnelKind};
+use super::spec::{netns_name, Child, Place, Spec, Tunnel, TunnelKind, Userspace};
 use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Topology};
 
 /// What `up` has created so far. Dropped before `disarm` (an error, or the `up` future
@@ -22,6 +23,8 @@ pub(super) struct Undo {
     root_links: Vec<String>,
     /// OVS directories whose daemons may be running.
     ovs: Vec<PathBuf>,
+    /// The userspace datapath's directory, whose process may be running.
+    dpdk: Option<PathBuf>,
 }
 
 impl Undo {
@@ -30,6 +33,7 @@ impl Undo {
         self.namespaces.clear();
         self.root_links.clear();
         self.ovs.clear();
+        self.dpdk = None;
     }
 }
 
@@ -40,6 +44,11 @@ impl Drop for Undo {
     fn drop(&mut self) {
         for dir in self.ovs.iter().rev() {
             if let Err(e) = ovs::stop(dir) {
+                log::warn!("{e:#}");
+            }
+        }
+        if let Some(dir) = &self.dpdk {
+            if let Err(e) = dpdk::stop(dir) {
                 log::warn!("{e:#}");
             }
         }
@@ -128,7 +137,47 @@ pub(super) async fn build(
         ovs::start(&netns_name(lab, bridge.role), &dir)?;
         ovs::add_bridge(&dir, bridge)?;
     }
-    describe(lab, topology, options, spec).await
+    let forwarder = match &spec.userspace {
+        Some(u) => Some(start_userspace(lab, u, options, undo)?),
+        None => None,
+    };
+    let mut described = describe(lab, topology, options, spec).await?;
+    if let Some(f) = &forwarder {
+        // Segments are named after the program that forwards.
+        for i in described
+            .interfaces
+            .iter_mut()
+            .filter(|i| i.userspace.is_some())
+        {
+            i.userspace = Some(f.name());
+        }
+    }
+    Ok(Lab {
+        forwarder,
+        ..described
+    })
+}
+
+/// Prepares the pods for the userspace datapath and starts it.
+fn start_userspace(
+    lab: &str,
+    u: &Userspace,
+    options: &LabOptions,
+    undo: &mut Undo,
+) -> Result<dpdk::Forwarder> {
+    for (role, ifname) in u.pods {
+        dpdk::tx_checksum_off(&netns_name(lab, role), ifname)?;
+    }
+    let dir = dpdk::dir(lab, u.role);
+    undo.dpdk = Some(dir.clone());
+    let ports = u.ports.map(String::from);
+    dpdk::start(
+        lab,
+        &netns_name(lab, u.role),
+        &ports,
+        &dir,
+        options.forwarder.as_deref(),
+    )
 }
 
 /// Creates a macvlan/vlan/ipvlan child of its parent in the parent's namespace, moves it to
@@ -303,6 +352,11 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
             master: spec.master_of(at).map(str::to_string),
             link: None,
             mtu,
+            userspace: spec
+                .userspace
+                .as_ref()
+                .filter(|u| u.role == at.0 && u.ports.contains(&at.1))
+                .map(|u| u.name.to_string()),
         })
     };
     let mut interfaces = Vec::new();
@@ -355,6 +409,7 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
         client: endpoint(spec.client)?,
         server: endpoint(spec.server)?,
         owner: None,
+        forwarder: None,
     })
 }
 

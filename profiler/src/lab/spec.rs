@@ -224,6 +224,18 @@ impl OvsBridge {
     }
 }
 
+/// A userspace datapath in host namespace `role`: a process that takes every frame its
+/// `ports` receive through a packet socket and sends it out of the other port.
+pub(super) struct Userspace {
+    pub role: &'static str,
+    /// Its name in segment names, and the program that is it.
+    pub name: &'static str,
+    pub ports: [&'static str; 2],
+    /// The pods' ends of the ports' veth pairs, whose transmit checksum offload is turned off
+    /// (see dpdk::tx_checksum_off).
+    pub pods: [Place; 2],
+}
+
 pub(super) struct Route {
     pub role: &'static str,
     /// None: the default route.
@@ -263,6 +275,8 @@ pub(super) struct Spec {
     pub fdbs: Vec<Fdb>,
     /// Roles with net.ipv4.ip_forward=1.
     pub forwarding: Vec<&'static str>,
+    /// A userspace datapath between devices of a host namespace.
+    pub userspace: Option<Userspace>,
     pub client: Place,
     pub server: Place,
 }
@@ -285,6 +299,10 @@ impl Spec {
             (Topology::OvsVlan, p) => ovs_lab(None, p, mtu),
             (Topology::OvsVxlan, CrossHost) => ovs_lab(Some(OvsTunnel::Vxlan), CrossHost, mtu),
             (Topology::OvsGre, CrossHost) => ovs_lab(Some(OvsTunnel::Gre), CrossHost, mtu),
+            (Topology::Dpdk, SameHost) => dpdk(mtu),
+            (Topology::Dpdk, CrossHost) => {
+                bail!("dpdk is same-host (testpmd joins two pods of one host); use --placement same-host")
+            }
             (Topology::Veth, CrossHost) => {
                 bail!("veth connects two namespaces of one host; use --placement same-host")
             }
@@ -418,6 +436,43 @@ fn bridge(mtu: Option<u32>) -> Spec {
         client: ("pod-a", "eth0"),
         server: ("pod-b", "eth0"),
         ..Spec::default()
+    }
+}
+
+/// Like `bridge`, with dpdk-testpmd in place of the bridge: the host-side veth ends are
+/// unbridged and unaddressed ports of the userspace datapath.
+fn dpdk(mtu: Option<u32>) -> Spec {
+    Spec {
+        roles: vec!["pod-a", "pod-b", "host"],
+        pairs: vec![
+            [
+                pod("pod-a", ip(0, 1), mtu),
+                port_of_nothing("host", "veth-a", mtu),
+            ],
+            [
+                pod("pod-b", ip(0, 2), mtu),
+                port_of_nothing("host", "veth-b", mtu),
+            ],
+        ],
+        userspace: Some(Userspace {
+            role: "host",
+            name: super::dpdk::PROGRAM,
+            ports: ["veth-a", "veth-b"],
+            pods: [("pod-a", "eth0"), ("pod-b", "eth0")],
+        }),
+        client: ("pod-a", "eth0"),
+        server: ("pod-b", "eth0"),
+        ..Spec::default()
+    }
+}
+
+/// A veth end without address or master.
+fn port_of_nothing(role: &'static str, name: &'static str, mtu: Option<u32>) -> End {
+    End {
+        at: (role, name),
+        addr: None,
+        master: None,
+        mtu,
     }
 }
 
@@ -776,6 +831,12 @@ mod tests {
             }
             for r in &spec.routes {
                 assert!(places.contains(&(r.role, r.dev)), "{ctx}");
+            }
+            if let Some(u) = &spec.userspace {
+                let ports = u.ports.iter().map(|p| (u.role, *p));
+                for at in ports.chain(u.pods) {
+                    assert!(places.contains(&at), "{ctx}: {at:?}");
+                }
             }
             for t in &spec.tunnels {
                 if let Some(dev) = t.dev() {

@@ -23,8 +23,15 @@ pub struct RunTarget {
     pub devices: Devices,
     pub client: Endpoint,
     pub server: Endpoint,
-    /// (namespace, interface) pairs the tc programs attach to.
-    pub attach: Vec<(String, String)>,
+    /// The devices the tc programs attach to.
+    pub attach: Vec<TcPoint>,
+}
+
+/// A device the tc programs attach to, at egress and, unless `ingress` is false, at ingress.
+pub struct TcPoint {
+    pub netns: String,
+    pub ifname: String,
+    pub ingress: bool,
 }
 
 impl RunTarget {
@@ -37,10 +44,17 @@ impl RunTarget {
             },
             client: lab.client.clone(),
             server: lab.server.clone(),
+            // A userspace datapath's port: its packet socket copies the frame before tc
+            // ingress, so a tc:ingress hop there would run alongside the datapath (and the
+            // copy may reach the other port first), not before it.
             attach: lab
                 .interfaces
                 .iter()
-                .map(|i| (i.netns.clone(), i.ifname.clone()))
+                .map(|i| TcPoint {
+                    netns: i.netns.clone(),
+                    ifname: i.ifname.clone(),
+                    ingress: i.userspace.is_none(),
+                })
                 .collect(),
         }
     }
@@ -74,7 +88,14 @@ impl RunTarget {
             ifname: String::new(),
             addr: Ipv4Addr::UNSPECIFIED,
         };
-        let attach = attach_points(&interfaces, &[from, to]);
+        let attach = attach_points(&interfaces, &[from, to])
+            .into_iter()
+            .map(|(netns, ifname)| TcPoint {
+                netns,
+                ifname,
+                ingress: true,
+            })
+            .collect();
         Ok(RunTarget {
             devices: Devices {
                 name: format!("{from} -> {to}"),

@@ -146,8 +146,16 @@ pub struct SegmentReport {
     /// Hop indices.
     pub from: usize,
     pub to: usize,
+    /// The packet spent this segment in a userspace datapath: no kernel hook splits it.
+    /// Left out when false, so reports written before read back unchanged.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub userspace: bool,
     #[serde(flatten)]
     pub stats: Stats,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -167,6 +167,26 @@ fn segment_rows(out: &mut String, segments: &[SegmentReport], total: f64) {
             bar
         );
     }
+    // Which segments no kernel hook can split; one alone is named in full (the column
+    // truncates).
+    let userspace: Vec<(usize, &SegmentReport)> = segments
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.userspace)
+        .map(|(i, s)| (i + 1, s))
+        .collect();
+    let which = match userspace.as_slice() {
+        [] => return,
+        [(i, s)] => format!("segment {i} ({})", s.name),
+        many => {
+            let numbers: Vec<String> = many.iter().map(|(i, _)| i.to_string()).collect();
+            format!("segments {}", numbers.join(", "))
+        }
+    };
+    let _ = writeln!(
+        out,
+        "      userspace: {which}; no kernel hook inside, user probes (--uprobe) split it"
+    );
 }
 
 /// A row below the segments: its statistics, then `tail`.

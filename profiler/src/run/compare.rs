@@ -32,6 +32,7 @@ pub async fn compare(
     let options = LabOptions {
         placement,
         mtu: None,
+        forwarder: None,
     };
     let mut runs = Vec::new();
     let mut skipped = Vec::new();
@@ -194,6 +195,7 @@ mod tests {
                 name: name.to_string(),
                 from: i,
                 to: i + 1,
+                userspace: false,
                 stats: stats(*mean),
             })
             .collect();

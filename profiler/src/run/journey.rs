@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use hdrhistogram::Histogram;
-use profiler_common::{Event, HookId, FLAG_FRAGMENT};
+use profiler_common::{Event, HookId, FLAG_FRAGMENT, HOOK_UPROBE};
 
 use super::traffic::Stamp;
 use crate::{
@@ -42,6 +42,22 @@ pub fn observations(events: &[Event], stamps: &[Stamp], app_netns: [u32; 2]) -> 
         ..Default::default()
     };
     for ev in events {
+        if ev.hook == HOOK_UPROBE {
+            // A user probe: its index rides in ifindex; it has no device.
+            out.observations.push(Observation {
+                seq: ev.seq,
+                direction: ev.direction,
+                ts_ns: ev.ts_ns,
+                cost_ns: ev.cost_ns as u64,
+                hop: HopKey {
+                    point: Point::Uprobe(ev.ifindex),
+                    netns: 0,
+                    ifindex: 0,
+                },
+                flags: ev.flags,
+            });
+            continue;
+        }
         let Some(hook) = HookId::from_u8(ev.hook) else {
             continue;
         };
@@ -239,6 +255,10 @@ fn timeline(
     hops: usize,
     out: &mut Attribution,
 ) -> Option<Vec<(u64, u64)>> {
+    if hops == 0 {
+        // No path was observed: nothing to attribute to.
+        return None;
+    }
     let mut ts: Vec<Option<(u64, u64)>> = vec![None; hops];
     let mut order = Vec::with_capacity(hops);
     for o in seen {

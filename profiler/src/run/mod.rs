@@ -30,6 +30,7 @@ use crate::{
         btf::KernelBtf,
         programs::{LoadConfig, Programs},
         ring,
+        uprobe::UprobeSpec,
     },
     lab::{
         self, discover,
@@ -62,6 +63,8 @@ pub struct RunArgs {
     pub quiet: bool,
     pub hooks: HookSet,
     pub timeout: Duration,
+    /// User probes to add as hops (`--uprobe`).
+    pub uprobes: Vec<UprobeSpec>,
 }
 
 /// Waits this long after the last exchange for the ring buffer to deliver its last events.
@@ -105,8 +108,9 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         },
     )?;
     let hook_set = programs.attach_set(&btf, Mode::Tagged, args.hooks)?;
-    for (ns, ifname) in &lab.attach {
-        programs.attach_tc(discover::ns_arg(ns), ifname);
+    programs.attach_uprobes(&args.uprobes)?;
+    for p in &lab.attach {
+        programs.attach_tc(discover::ns_arg(&p.netns), &p.ifname, p.ingress);
     }
     let _stats = kernel::stats_while(args.stats)?;
 
@@ -212,14 +216,15 @@ fn segment_reports(
     stats: Vec<Stats>,
     lab: &Devices,
 ) -> Vec<SegmentReport> {
-    path::segment_names(keys, hops, lab)
+    path::segments(keys, hops, lab)
         .into_iter()
         .zip(stats)
         .enumerate()
-        .map(|(i, (name, stats))| SegmentReport {
-            name,
+        .map(|(i, (named, stats))| SegmentReport {
+            name: named.name,
             from: i,
             to: i + 1,
+            userspace: named.userspace,
             stats,
         })
         .collect()
