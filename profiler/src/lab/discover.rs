@@ -23,6 +23,12 @@ pub fn inode(ns: &str) -> Result<u32> {
     }
 }
 
+/// A named namespace deleted since it was listed: on a node pods (and other tools'
+/// namespaces) come and go while a command starts, which is no error.
+pub fn gone(ns: &str) -> bool {
+    ns_arg(ns).is_some_and(|n| !netns::exists(n))
+}
+
 /// Every namespace to look in: the caller's and the named ones.
 pub fn namespaces() -> Result<Vec<String>> {
     let mut names = vec![ROOT.to_string()];
@@ -43,9 +49,8 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
     for ns in namespaces {
         let nl = match Nl::open(ns_arg(ns)) {
             Ok(nl) => nl,
-            // Deleted since it was listed (pods, and other tools' namespaces, come and go): it
-            // has no interfaces left to read.
-            Err(_) if ns_arg(ns).is_some_and(|n| !netns::exists(n)) => continue,
+            // Deleted since it was listed: no interfaces left to read.
+            Err(_) if gone(ns) => continue,
             Err(e) => return Err(e),
         };
         let links = nl
