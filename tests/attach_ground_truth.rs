@@ -235,18 +235,20 @@ impl Delay {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let tc = tcx_programs(point.netns, point.iface, point.direction);
-        assert!(
-            tc.contains(&"tc_delay".into()),
-            "no tc_delay attached: {tc:?}"
-        );
-        Delay {
+        // The guard first: a failed check below still stops the process.
+        let delay = Delay {
             child,
             stdout,
             netns: point.netns,
             iface: point.iface,
             direction: point.direction,
-        }
+        };
+        let tc = tcx_programs(point.netns, point.iface, point.direction);
+        assert!(
+            tc.contains(&"tc_delay".into()),
+            "no tc_delay attached: {tc:?}"
+        );
+        delay
     }
 }
 
