@@ -7,166 +7,23 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    process::{Child, Command, Stdio},
-    sync::{mpsc, Mutex, MutexGuard},
-    thread::JoinHandle,
+    io::{Read as _, Write as _},
+    process::Command,
+    sync::{Mutex, MutexGuard},
     time::Duration,
 };
 
-use common::{assert_clean, profiler, run_json, segment_names, segments, LabGuard, BIN};
+use common::{
+    assert_clean,
+    attach::{lab_up, ping, report, started, tmp, udp_echo, Attach},
+    profiler, run_json, segment_names, segments, BIN,
+};
 use serde_json::Value;
 
 /// The tests share lab names: one at a time.
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A running `profiler attach`, started once it reports that it follows.
-struct Attach {
-    child: Child,
-    stderr: JoinHandle<String>,
-}
-
-impl Attach {
-    fn start(args: &[&str]) -> Attach {
-        let mut child = Command::new(BIN)
-            .arg("attach")
-            .args(args)
-            // A safety net: a test that panics before stopping it leaves it running this long.
-            .args(["--duration", "120"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning profiler attach");
-        let (tx, rx) = mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if line.contains("following") {
-                    let _ = tx.send(());
-                }
-                all += &line;
-                all.push('\n');
-            }
-            all
-        });
-        let started = rx.recv_timeout(Duration::from_secs(30));
-        let a = Attach { child, stderr };
-        if started.is_err() {
-            let (_, err) = a.stop();
-            panic!("profiler attach {args:?} did not start: {err}");
-        }
-        a
-    }
-
-    /// SIGINT, the usual way to end an attach: it reports and exits 0.
-    fn stop(mut self) -> (String, String) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let status = self.child.wait().expect("wait");
-        let err = self.stderr.join().unwrap();
-        assert!(status.success(), "attach exited with {status}: {err}");
-        (out, err)
-    }
-}
-
-/// A lab that is up, as `profiler lab list` describes it, taken down when the test ends.
-struct LabUp {
-    info: Value,
-    _down: LabGuard,
-}
-
-fn lab_up(args: &[&str]) -> LabUp {
-    let guard = common::lab_up(args);
-    let list = profiler(&["lab", "list", "--json"]);
-    let labs: Value = serde_json::from_slice(&list.stdout).expect("lab list JSON");
-    let lab = labs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == guard.0.as_str())
-        .cloned()
-        .unwrap_or_else(|| panic!("lab {} is not listed", guard.0));
-    LabUp {
-        info: lab,
-        _down: guard,
-    }
-}
-
-fn ping(netns: &str, to: &str, count: u32, interval: &str) {
-    let n = count.to_string();
-    let out = Command::new("ip")
-        .args([
-            "netns", "exec", netns, "ping", "-q", "-c", &n, "-i", interval, to,
-        ])
-        .output()
-        .expect("ping");
-    assert!(
-        out.status.success(),
-        "ping: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
-fn report(json_path: &std::path::Path) -> Value {
-    let text = std::fs::read_to_string(json_path).expect("the attach report");
-    let r: Value = serde_json::from_str(&text).expect("profiler.attach.v1 JSON");
-    assert_eq!(r["schema"], "profiler.attach.v1");
-    assert_eq!(r["lost_events"], 0);
-    r
-}
-
-fn started(r: &Value) -> u64 {
-    r["journeys"]["started"].as_u64().unwrap()
-}
-
-fn tmp(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!(
-        "profiler-attach-test-{}-{name}",
-        std::process::id()
-    ))
-}
-
-/// UDP request/response traffic of the test's own, untagged: `count` exchanges of `size`
-/// bytes from `client_ns` to `server`:`port` in `server_ns`.
-fn udp_echo(client_ns: &str, server_ns: &str, server: &str, port: u16, count: u32, size: usize) {
-    use std::net::UdpSocket;
-    let addr: std::net::SocketAddr = format!("{server}:{port}").parse().unwrap();
-    let srv = profiler::lab::netns::run_in(Some(server_ns), || Ok(UdpSocket::bind(addr)?)).unwrap();
-    let cli = profiler::lab::netns::run_in(Some(client_ns), || Ok(UdpSocket::bind("0.0.0.0:0")?))
-        .unwrap();
-    srv.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    cli.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    let echo = std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        let mut served = 0;
-        while served < count {
-            match srv.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    srv.send_to(&buf[..n], from).unwrap();
-                    served += 1;
-                }
-                Err(_) => break,
-            }
-        }
-    });
-    let payload = vec![0x55u8; size];
-    let mut buf = [0u8; 2048];
-    for _ in 0..count {
-        cli.send_to(&payload, addr).unwrap();
-        cli.recv(&mut buf).expect("the echo's response");
-    }
-    echo.join().unwrap();
 }
 
 /// attach on untagged traffic against a tagged run on the same path, each alone (two programs
@@ -193,12 +50,12 @@ fn attach_agrees_with_a_tagged_run() {
         json.to_str().unwrap(),
     ]);
     udp_echo(
-        "prof-bridge-pod-a",
-        "prof-bridge-pod-b",
+        ("prof-bridge-pod-a", "prof-bridge-pod-b"),
         "198.18.0.2",
         7374,
         2000,
         64,
+        Duration::ZERO,
     );
     let (_, err) = attach.stop();
     drop(lab);

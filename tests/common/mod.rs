@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests that drive the `profiler` binary (run.rs,
-//! overlay.rs, ground_truth.rs). Each test crate uses a different subset.
+//! overlay.rs, ground_truth.rs, attach.rs, ...). Each test crate uses a different subset.
 #![allow(dead_code)]
+
+pub mod attach;
+pub mod truth;
 
 use std::{
     process::{Command, Output},
@@ -12,6 +15,9 @@ use profiler::lab::{lab_name, Placement, Topology};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_profiler");
+
+/// How long `lab_up` waits for a lab someone else has up.
+const LAB_WAIT: Duration = Duration::from_secs(300);
 
 pub fn profiler(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -44,15 +50,25 @@ impl Drop for LabGuard {
 }
 
 /// `profiler lab up TOPOLOGY [OPTIONS]`, which must succeed, and the guard that takes it down.
+/// Labs are shared by name with every checkout on this machine: one that someone else has up is
+/// waited for (up to LAB_WAIT), never taken down.
 pub fn lab_up(args: &[&str]) -> LabGuard {
     let mut all = vec!["lab", "up"];
     all.extend_from_slice(args);
-    let out = profiler(&all);
-    assert!(
-        out.status.success(),
-        "lab up {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let deadline = Instant::now() + LAB_WAIT;
+    loop {
+        let out = profiler(&all);
+        if out.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            (err.contains("already up") || err.contains("in use by")) && Instant::now() < deadline,
+            "lab up {args:?}: {err}"
+        );
+        eprintln!("lab up {args:?}: {}; waiting", err.trim());
+        std::thread::sleep(Duration::from_secs(5));
+    }
     let topology = Topology::from_str(args[0], false).expect("a topology as first argument");
     let placement = if args.windows(2).any(|w| w == ["--placement", "cross-host"]) {
         Placement::CrossHost

@@ -65,7 +65,11 @@ impl Inodes {
         let map = lab
             .namespaces
             .iter()
-            .map(|n| Ok((n.clone(), discover::inode(n)?)))
+            .filter_map(|n| match discover::inode(n) {
+                Ok(i) => Some(Ok((n.clone(), i))),
+                Err(_) if discover::gone(n) => None,
+                Err(e) => Some(Err(e)),
+            })
             .collect::<Result<_>>()?;
         Ok(Inodes(map))
     }
@@ -245,5 +249,18 @@ mod tests {
     fn the_root_namespace_is_not_parenthesized_twice() {
         assert_eq!(parenthesized(discover::ROOT), "(root)");
         assert_eq!(parenthesized("prof-bridge-pod-a"), "(prof-bridge-pod-a)");
+    }
+    /// A namespace deleted since the devices were read has no inode to resolve: skipped.
+    #[test]
+    fn a_namespace_gone_since_read_has_no_inode() {
+        let gone = format!("prof-gone-{}", std::process::id());
+        let devices = Devices {
+            name: "node".into(),
+            namespaces: vec![discover::ROOT.into(), gone.clone()],
+            interfaces: Vec::new(),
+        };
+        let inodes = Inodes::of(&devices).expect("resolving inodes");
+        assert_ne!(inodes.get(discover::ROOT), 0);
+        assert_eq!(inodes.get(&gone), 0);
     }
 }

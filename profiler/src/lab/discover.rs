@@ -23,6 +23,12 @@ pub fn inode(ns: &str) -> Result<u32> {
     }
 }
 
+/// A named namespace deleted since it was listed: on a node pods (and other tools'
+/// namespaces) come and go while a command starts, which is no error.
+pub fn gone(ns: &str) -> bool {
+    ns_arg(ns).is_some_and(|n| !netns::exists(n))
+}
+
 /// Every namespace to look in: the caller's and the named ones.
 pub fn namespaces() -> Result<Vec<String>> {
     let mut names = vec![ROOT.to_string()];
@@ -41,7 +47,12 @@ pub fn namespaces() -> Result<Vec<String>> {
 pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
     let mut rows = Vec::new();
     for ns in namespaces {
-        let nl = Nl::open(ns_arg(ns))?;
+        let nl = match Nl::open(ns_arg(ns)) {
+            Ok(nl) => nl,
+            // Deleted since it was listed: no interfaces left to read.
+            Err(_) if gone(ns) => continue,
+            Err(e) => return Err(e),
+        };
         let links = nl
             .links()
             .await
@@ -95,4 +106,22 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
         })
         .collect();
     Ok(ifaces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A namespace listed and then deleted before it is read (another tool's, a pod's) is
+    /// skipped: attach on a busy node must not fail because a pod went away meanwhile.
+    #[tokio::test]
+    async fn a_namespace_gone_since_listed_is_skipped() {
+        let gone = format!("prof-gone-{}", std::process::id());
+        let namespaces = [ROOT.to_string(), gone.clone()];
+        let found = interfaces(&namespaces).await.expect("reading interfaces");
+        assert!(
+            found.iter().all(|i| i.netns == ROOT),
+            "{gone} has interfaces"
+        );
+    }
 }

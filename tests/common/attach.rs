@@ -1,0 +1,228 @@
+//! Driving `profiler attach` (attach.rs, attach_ground_truth.rs): the process, the labs it
+//! watches, its report, and traffic of the tests' own that it follows.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use profiler::lab::netns::run_in;
+use serde_json::Value;
+
+use super::{profiler, LabGuard, BIN};
+
+/// A running `profiler attach`, started once it reports that it follows.
+pub struct Attach {
+    pub child: Child,
+    pub stderr: JoinHandle<String>,
+}
+
+impl Attach {
+    pub fn start(args: &[&str]) -> Attach {
+        let mut child = Command::new(BIN)
+            .arg("attach")
+            .args(args)
+            // A safety net: a test that panics before stopping it leaves it running this long.
+            .args(["--duration", "120"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning profiler attach");
+        let (tx, rx) = mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if line.contains("following") {
+                    let _ = tx.send(());
+                }
+                all += &line;
+                all.push('\n');
+            }
+            all
+        });
+        let started = rx.recv_timeout(Duration::from_secs(30));
+        let a = Attach { child, stderr };
+        if started.is_err() {
+            let (_, err) = a.stop();
+            panic!("profiler attach {args:?} did not start: {err}");
+        }
+        a
+    }
+
+    /// SIGINT, the usual way to end an attach: it reports and exits 0.
+    pub fn stop(mut self) -> (String, String) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let status = self.child.wait().expect("wait");
+        let err = self.stderr.join().unwrap();
+        assert!(status.success(), "attach exited with {status}: {err}");
+        (out, err)
+    }
+}
+
+/// A lab that is up, as `profiler lab list` describes it, taken down when the test ends.
+pub struct LabUp {
+    pub info: Value,
+    _down: LabGuard,
+}
+
+pub fn lab_up(args: &[&str]) -> LabUp {
+    let guard = super::lab_up(args);
+    let list = profiler(&["lab", "list", "--json"]);
+    let labs: Value = serde_json::from_slice(&list.stdout).expect("lab list JSON");
+    let lab = labs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == guard.0.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("lab {} is not listed", guard.0));
+    LabUp {
+        info: lab,
+        _down: guard,
+    }
+}
+
+/// The `profiler.attach.v1` report attach wrote, which lost no event.
+pub fn report(json_path: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(json_path).expect("the attach report");
+    let r: Value = serde_json::from_str(&text).expect("profiler.attach.v1 JSON");
+    assert_eq!(r["schema"], "profiler.attach.v1");
+    assert_eq!(r["lost_events"], 0, "events lost: {}", r["journeys"]);
+    r
+}
+
+pub fn started(r: &Value) -> u64 {
+    r["journeys"]["started"].as_u64().unwrap()
+}
+
+pub fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "profiler-attach-test-{}-{name}",
+        std::process::id()
+    ))
+}
+
+/// `count` pings from `netns` to `to`, `interval` seconds apart: each reply's round trip.
+pub fn ping(netns: &str, to: &str, count: u32, interval: &str) -> Vec<Duration> {
+    let n = count.to_string();
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "ping", "-c", &n, "-i", interval, to])
+        .output()
+        .expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ping: {text}");
+    // "64 bytes from ...: icmp_seq=1 ttl=64 time=0.045 ms"
+    text.lines()
+        .filter_map(|l| l.split("time=").nth(1)?.strip_suffix(" ms")?.parse().ok())
+        .map(|ms: f64| Duration::from_secs_f64(ms / 1000.0))
+        .collect()
+}
+
+/// Waits until `slot` (one exchange every `period`, from `start`); no wait for a zero period.
+fn pace(start: Instant, period: Duration, slot: u32) {
+    let at = start + period * slot;
+    if let Some(wait) = at.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
+    }
+}
+
+/// UDP request/response traffic of the test's own, untagged: `count` exchanges of `size` bytes
+/// from `client_ns` to `server`:`port` in `server_ns`, one every `period`. Each round trip.
+pub fn udp_echo(
+    (client_ns, server_ns): (&str, &str),
+    server: &str,
+    port: u16,
+    count: u32,
+    size: usize,
+    period: Duration,
+) -> Vec<Duration> {
+    let addr: SocketAddr = format!("{server}:{port}").parse().unwrap();
+    let srv = run_in(Some(server_ns), || Ok(UdpSocket::bind(addr)?)).unwrap();
+    let cli = run_in(Some(client_ns), || Ok(UdpSocket::bind("0.0.0.0:0")?)).unwrap();
+    srv.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    cli.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut served = 0;
+        while served < count {
+            match srv.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    srv.send_to(&buf[..n], from).unwrap();
+                    served += 1;
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    let payload = vec![0x55u8; size];
+    let mut buf = [0u8; 2048];
+    let start = Instant::now();
+    let rtts = (0..count)
+        .map(|i| {
+            pace(start, period, i);
+            let sent = Instant::now();
+            cli.send_to(&payload, addr).unwrap();
+            cli.recv(&mut buf).expect("the echo's response");
+            sent.elapsed()
+        })
+        .collect();
+    echo.join().unwrap();
+    rtts
+}
+
+/// The same over one TCP connection (TCP_NODELAY): `count` requests of `size` bytes, each
+/// echoed whole before the next, one every `period`. Each round trip.
+pub fn tcp_echo(
+    (client_ns, server_ns): (&str, &str),
+    server: &str,
+    port: u16,
+    count: u32,
+    size: usize,
+    period: Duration,
+) -> Vec<Duration> {
+    let addr: SocketAddr = format!("{server}:{port}").parse().unwrap();
+    let listener = run_in(Some(server_ns), || Ok(TcpListener::bind(addr)?)).unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accepting the client");
+        conn.set_nodelay(true).unwrap();
+        let mut buf = vec![0u8; size];
+        for _ in 0..count {
+            conn.read_exact(&mut buf).expect("a request");
+            conn.write_all(&buf).expect("the response");
+        }
+    });
+    let mut cli = run_in(Some(client_ns), || {
+        Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(2))?)
+    })
+    .expect("connecting to the echo server");
+    cli.set_nodelay(true).unwrap();
+    cli.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let payload = vec![0x55u8; size];
+    let mut buf = vec![0u8; size];
+    let start = Instant::now();
+    let rtts = (0..count)
+        .map(|i| {
+            pace(start, period, i);
+            let sent = Instant::now();
+            cli.write_all(&payload).unwrap();
+            cli.read_exact(&mut buf).expect("the echo's response");
+            sent.elapsed()
+        })
+        .collect();
+    drop(cli);
+    echo.join().unwrap();
+    rtts
+}

@@ -1,0 +1,224 @@
+//! Ground truth for attribution, shared by `run` (ground_truth.rs) and `attach`
+//! (attach_ground_truth.rs): a known delay is injected at one hop while the profiler measures,
+//! and exactly the segments that must absorb it grow by it; every other one stays put.
+//!
+//! Segment medians drift with the load others put on this 2-core machine: the wake-up segments
+//! by up to ~4 us from one baseline to the next when it is quiet, by 10-20 us while other jobs
+//! compile. So each injected measurement is bracketed by baseline ones and compared with their
+//! mean. A bracket is measured again (up to MAX_ATTEMPTS times, within the caller's time budget)
+//! when its two baselines disagree by more than BRACKET_DRIFT_NS, or when it violates a bound: a
+//! misattribution is systematic and shows again in a fresh bracket, a burst of load during one
+//! injected measurement does not. The bounds themselves are not relaxed, and the last attempt's
+//! violations are failures.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+/// p50 (ns) by (group, segment): a group is a direction of a run, or a kind of traffic.
+pub type Medians = BTreeMap<(String, String), f64>;
+
+/// Any segment not expected to grow may move by less than this.
+pub const OTHER_TOLERANCE_NS: f64 = 5_000.0;
+
+/// Two baselines bracketing an injected measurement must agree this well on every segment for
+/// the comparison to count.
+pub const BRACKET_DRIFT_NS: f64 = 2_500.0;
+pub const MAX_ATTEMPTS: u32 = 4;
+
+pub fn us(ns: f64) -> String {
+    format!("{:.1}us", ns / 1000.0)
+}
+
+/// The largest change of a segment's median between two measurements, and which segment
+/// (`watched` ones aside).
+pub fn max_drift(a: &Medians, b: &Medians, watched: &[(String, String)]) -> (f64, String) {
+    a.iter()
+        .filter(|(k, _)| !watched.contains(k))
+        .filter_map(|(k, v)| Some(((b.get(k)? - v).abs(), format!("{} {}", k.0, k.1))))
+        .fold((0.0, String::new()), |m, x| if x.0 > m.0 { x } else { m })
+}
+
+/// What one bracket says about an injection point.
+pub struct Verdict {
+    /// How much each expected and each watched segment grew (ns).
+    pub growth: BTreeMap<(String, String), f64>,
+    /// The largest move of any other segment (ns), and which one.
+    pub max_other: (f64, String),
+    /// The bounds this bracket violates.
+    pub violations: Vec<String>,
+}
+
+/// Compares the injected measurement with the mean of the baselines around it: each `expected`
+/// segment must grow by the delay within 10% or 5 us, every other segment move by less than
+/// 5 us; `watched` ones are only reported. `ctx` says where the delay was, for the messages.
+pub fn judge(
+    Injection {
+        ctx,
+        expected,
+        watched,
+        delay_us,
+    }: &Injection,
+    before: &Medians,
+    injected: &Medians,
+    after: &Medians,
+) -> Verdict {
+    for m in [injected, after] {
+        assert_eq!(
+            m.keys().collect::<Vec<_>>(),
+            before.keys().collect::<Vec<_>>(),
+            "{ctx}: segments differ from the baseline's"
+        );
+    }
+    for key in expected.iter() {
+        assert!(
+            before.contains_key(key),
+            "{ctx}: segment {} missing from {}: {:?}",
+            key.1,
+            key.0,
+            before.keys().collect::<Vec<_>>()
+        );
+    }
+    let delay_ns = *delay_us as f64 * 1000.0;
+    let tolerance = (0.1 * delay_ns).max(5_000.0);
+    let mut verdict = Verdict {
+        growth: BTreeMap::new(),
+        max_other: (0.0, String::new()),
+        violations: Vec::new(),
+    };
+    for (key, &p50) in injected {
+        let moved = p50 - (before[key] + after[key]) / 2.0;
+        let what = format!(
+            "{ctx} +{delay_us}us: {} segment {} moved by {} (baselines {} and {}, injected {})",
+            key.0,
+            key.1,
+            us(moved),
+            us(before[key]),
+            us(after[key]),
+            us(p50)
+        );
+        if watched.contains(key) {
+            verdict.growth.insert(key.clone(), moved);
+        } else if expected.contains(key) {
+            verdict.growth.insert(key.clone(), moved);
+            if (moved - delay_ns).abs() > tolerance {
+                verdict.violations.push(format!(
+                    "{what}: expected {} +- {}",
+                    us(delay_ns),
+                    us(tolerance)
+                ));
+            }
+        } else {
+            if moved.abs() > verdict.max_other.0.abs() {
+                verdict.max_other = (moved, format!("{} {}", key.0, key.1));
+            }
+            if moved.abs() >= OTHER_TOLERANCE_NS {
+                verdict.violations.push(what);
+            }
+        }
+    }
+    verdict
+}
+
+/// One delay at one point: what must grow, and where the delay is (for the messages).
+pub struct Injection<'a> {
+    pub ctx: String,
+    pub expected: &'a [(String, String)],
+    /// Measured and reported, but bound by neither rule, nor a reason to measure again.
+    pub watched: &'a [(String, String)],
+    pub delay_us: u64,
+}
+
+/// Brackets injected measurements with baselines, re-measuring doubtful brackets, and collects
+/// the violations of the final attempts.
+pub struct Brackets {
+    started: Instant,
+    budget: Duration,
+    before: Medians,
+    pub remeasured: u32,
+    pub failures: Vec<String>,
+}
+
+impl Brackets {
+    /// Takes the first baseline. Brackets stop being measured again after `budget`.
+    pub fn new(budget: Duration, baseline: Medians) -> Brackets {
+        Brackets {
+            started: Instant::now(),
+            budget,
+            before: baseline,
+            remeasured: 0,
+            failures: Vec::new(),
+        }
+    }
+
+    /// Measures with the delay (`inject` attaches it; dropping its result detaches it), then
+    /// without, and judges against the baselines on both sides; the baseline after is the next
+    /// bracket's baseline before.
+    pub fn bracket<G>(
+        &mut self,
+        what: &Injection,
+        measure: &mut impl FnMut() -> Medians,
+        inject: &mut impl FnMut() -> G,
+    ) -> Verdict {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let injector = inject();
+            let injected = measure();
+            drop(injector);
+            let after = measure();
+            let verdict = judge(what, &self.before, &injected, &after);
+            let (drift, seg) = max_drift(&self.before, &after, what.watched);
+            self.before = after;
+            let doubtful = drift > BRACKET_DRIFT_NS || !verdict.violations.is_empty();
+            if !doubtful || attempt == MAX_ATTEMPTS || self.started.elapsed() > self.budget {
+                if drift > BRACKET_DRIFT_NS {
+                    println!("  (baselines still drift by {} on {seg})", us(drift));
+                }
+                self.failures.extend(verdict.violations.iter().cloned());
+                return verdict;
+            }
+            let why = if drift > BRACKET_DRIFT_NS {
+                format!("baselines drifted by {} on {seg}", us(drift))
+            } else {
+                verdict.violations.join("; ")
+            };
+            println!(
+                "  {} +{}us: {why}, measuring again",
+                what.ctx, what.delay_us
+            );
+            self.remeasured += 1;
+        }
+    }
+
+    /// Prints how long it took and fails with every violation of the final attempts.
+    pub fn finish(self, lab: &str) {
+        println!(
+            "ground truth on {lab} took {:.1}s, {} brackets measured again",
+            self.started.elapsed().as_secs_f64(),
+            self.remeasured
+        );
+        assert!(
+            self.failures.is_empty(),
+            "attribution errors:\n{}",
+            self.failures.join("\n")
+        );
+    }
+}
+
+/// The kernel frees a detached program asynchronously: give it a moment.
+pub fn assert_no_injector_left() {
+    let loaded = || -> Vec<String> {
+        aya::programs::loaded_programs()
+            .filter_map(|p| p.ok()?.name_as_str().map(str::to_string))
+            .filter(|n| n == "tc_delay")
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !loaded().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = loaded();
+    assert!(left.is_empty(), "tc_delay still loaded: {left:?}");
+}
