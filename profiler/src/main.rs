@@ -8,11 +8,13 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use profiler::{
     attach,
+    bench::{self, BenchArgs},
     cli::{duration_within, number_within, output, JsonOut},
     kernel::{doctor, inject, programs::FollowConfig},
     lab::{self, target::RunTarget, LabOptions, Lock, Placement, Topology},
     report::{
-        schema::{HookSet, Proto},
+        self, html,
+        schema::{CellStatus, HookSet, Proto},
         table, Format, Report,
     },
     run::{self, compare, RunArgs},
@@ -40,6 +42,12 @@ enum Command {
     /// Several network types side by side: latency per type and size, and the segments that
     /// make each differ from the first (the baseline).
     Compare(CompareCli),
+    /// Benchmarks: `paper` runs the study's experiments on every network type this kernel can
+    /// build and judges its findings.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Follow real traffic on this node (no traffic generated): per-segment latency kept in
     /// the kernel, reported at the end, on /metrics, or per packet.
     Attach(AttachCli),
@@ -67,6 +75,45 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The study's matrix: network types x placements x {request/response and stream at
+    /// 64 B..64 KiB, all-to-all with 2 and 4 processes per pod}; then findings 1-7 judged.
+    Paper(PaperCli),
+}
+
+#[derive(Parser)]
+struct PaperCli {
+    /// Fewer sizes and exchanges: under 3 minutes instead of under 20.
+    #[arg(long)]
+    quick: bool,
+    /// Network types; one this kernel cannot build is skipped with the reason.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "host,bridge,flannel-vxlan,macvlan,ipvlan-l2,ovs-vlan,ovs-vxlan"
+    )]
+    types: Vec<Topology>,
+    /// Placements; each type runs at those it has.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "same-host,cross-host"
+    )]
+    placement: Vec<Placement>,
+    /// Write the profiler.bench.v1 JSON to FILE ("-" for stdout instead of the table).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write the HTML page (charts, all-to-all table, findings) to FILE.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// Write the results as Markdown (BENCHMARKS.md) to FILE.
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -336,6 +383,9 @@ async fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
         Command::Run(args) => run_command(args, quiet).await,
         Command::Compare(args) => compare_command(args, quiet).await,
         Command::Attach(args) => attach_command(args, quiet).await,
+        Command::Bench {
+            command: BenchCommand::Paper(args),
+        } => paper_command(args, quiet).await,
         Command::Lab { command } => {
             doctor::require_privileges()?;
             lab_command(command).await
@@ -569,6 +619,43 @@ async fn compare_command(cli: CompareCli, quiet: bool) -> Result<ExitCode> {
     output(json.as_ref(), &result, &table::compare(&result))?;
     if cli.lab.len() > 1 && result.skipped.len() == cli.lab.len() - 1 {
         eprintln!("error: every type but the baseline was skipped: nothing was compared");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn paper_command(cli: PaperCli, quiet: bool) -> Result<ExitCode> {
+    // Every output file is checked before any work: the matrix takes minutes.
+    let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
+    let checked =
+        |flag, path: Option<PathBuf>| path.map(|p| JsonOut::checked_as(flag, &p)).transpose();
+    let html = checked("--html", cli.html)?;
+    let markdown = checked("--markdown", cli.markdown)?;
+    doctor::require_privileges()?;
+    let args = BenchArgs {
+        types: cli.types,
+        placements: cli.placement,
+        quick: cli.quick,
+        quiet,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    // bench handles SIGINT/SIGTERM itself, so that the lab it made goes too.
+    let report = bench::paper(&args).await?;
+    if let Some(out) = &html {
+        out.write_text(&html::bench_page(&report))?;
+    }
+    if let Some(out) = &markdown {
+        out.write_text(&report::bench::markdown(&report))?;
+    }
+    output(json.as_ref(), &report, &report::bench::table(&report))?;
+    eprintln!("bench paper: {:.0} s", report.elapsed_s);
+    let failed = report
+        .cells
+        .iter()
+        .filter(|c| c.status == CellStatus::Failed)
+        .count();
+    if failed > 0 {
+        eprintln!("error: {failed} cell(s) failed (their errors are in the report)");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

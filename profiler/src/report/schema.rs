@@ -1,5 +1,6 @@
 //! Every report the profiler writes, as one schema: `profiler.run.v1`, `profiler.attach.v1`
-//! (and its events-mode lines), `profiler.compare.v1` and `profiler.doctor.v1`. Each type
+//! (and its events-mode lines), `profiler.compare.v1`, `profiler.bench.v1` and
+//! `profiler.doctor.v1`. Each type
 //! serializes to the JSON the commands have always written (fields are added, never renamed)
 //! and reads back, so a saved report can be re-rendered (`profiler report`).
 //!
@@ -14,9 +15,16 @@ pub const RUN_SCHEMA: &str = "profiler.run.v1";
 pub const ATTACH_SCHEMA: &str = "profiler.attach.v1";
 pub const COMPARE_SCHEMA: &str = "profiler.compare.v1";
 pub const DOCTOR_SCHEMA: &str = "profiler.doctor.v1";
+pub const BENCH_SCHEMA: &str = "profiler.bench.v1";
 
 /// The schemas `profiler report` reads.
-pub const SCHEMAS: [&str; 4] = [RUN_SCHEMA, ATTACH_SCHEMA, COMPARE_SCHEMA, DOCTOR_SCHEMA];
+pub const SCHEMAS: [&str; 5] = [
+    RUN_SCHEMA,
+    ATTACH_SCHEMA,
+    COMPARE_SCHEMA,
+    BENCH_SCHEMA,
+    DOCTOR_SCHEMA,
+];
 
 /// Which hooks a run attaches: the stable ABI (tracepoints, tc) or, besides them, the deep
 /// hooks on the datapath's own functions, which exist only where the kernel has kprobes.
@@ -327,6 +335,137 @@ pub struct Contributor {
     pub delta_ns: f64,
     /// Share of the type's total difference.
     pub percent: f64,
+}
+
+// ---- profiler.bench.v1 ----
+
+/// `profiler bench paper`: the study's matrix run on this machine, and its findings judged.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub schema: String,
+    /// The command line that made the report.
+    pub command: String,
+    pub quick: bool,
+    pub kernel: String,
+    /// CPUs, their model and the memory of the machine it ran on.
+    pub machine: String,
+    /// The commit of the checkout it ran in (`git describe --always --dirty`), if any.
+    pub commit: Option<String>,
+    pub elapsed_s: f64,
+    /// Labs this kernel cannot build, with the reason.
+    pub skipped: Vec<Skipped>,
+    pub cells: Vec<BenchCell>,
+    pub findings: Vec<Finding>,
+}
+
+/// The three experiments of the study.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Experiment {
+    /// Request/response latency (sockperf).
+    Rr,
+    /// Bulk throughput (iperf, netperf).
+    Stream,
+    /// Round latency of MPI_Alltoall between pods.
+    Alltoall,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CellStatus {
+    Ok,
+    /// Not run, and why (a traffic kind this build lacks).
+    Skipped,
+    /// Run, and failed: the error.
+    Failed,
+}
+
+/// One point of the matrix: a lab, an experiment and its parameters.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BenchCell {
+    /// The lab's name: topology, with -xhost when cross-host.
+    pub lab: String,
+    pub topology: String,
+    pub placement: Placement,
+    pub experiment: Experiment,
+    pub proto: Proto,
+    /// Payload bytes per message.
+    pub size: usize,
+    /// rr: exchanges; alltoall: rounds; stream: 0 (it runs for `duration_s`).
+    pub count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    /// alltoall: pods per host and processes per pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub procs: Option<u32>,
+    pub status: CellStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub elapsed_s: f64,
+    pub result: CellResult,
+    /// The cell's full run report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunReport>,
+}
+
+/// A cell's figures; each experiment fills its own.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CellResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gbit_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_s: Option<f64>,
+    /// rr: one-way request latency (end to end); stream: the tagged messages' latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_p99_ms: Option<f64>,
+}
+
+/// One of the study's findings, judged on this machine.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Finding {
+    /// 1 to 7, as numbered in the study.
+    pub number: u8,
+    /// What the study says.
+    pub claim: String,
+    /// What was tested of it here.
+    pub test: String,
+    /// Whether it holds here; None when it could not be tested, and `why`.
+    pub holds: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// The figures that decide it.
+    pub numbers: Vec<FindingNumber>,
+    /// Per compared pair: the segments that account for the difference.
+    pub segments: Vec<SegmentDifference>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FindingNumber {
+    pub lab: String,
+    pub size: usize,
+    /// What was measured: "gbit_per_s", "p50_us", "round_p50_ms".
+    pub metric: String,
+    pub value: f64,
+}
+
+/// The segments that make `lab` differ from `versus` (compare's attribution).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SegmentDifference {
+    pub lab: String,
+    pub versus: String,
+    pub size: usize,
+    pub experiment: Experiment,
+    /// Mean latency of `lab` minus that of `versus`.
+    pub delta_ns: f64,
+    pub contributors: Vec<Contributor>,
 }
 
 // ---- profiler.doctor.v1 ----

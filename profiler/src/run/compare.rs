@@ -100,24 +100,29 @@ pub fn summarize(runs: &[RunReport]) -> Vec<CompareRow> {
     runs.iter()
         .filter_map(|r| {
             let req = request(r)?;
-            let base = baseline
+            let difference = baseline
                 .get(&r.traffic.size)
                 .filter(|b| b.topology != r.topology)
-                .and_then(|b| request(b));
-            let delta = base.map(|b| req.end_to_end.mean_ns - b.end_to_end.mean_ns);
+                .and_then(|b| difference(r, b));
             Some(CompareRow {
                 topology: r.topology.clone(),
                 size: r.traffic.size,
                 p50_ns: req.end_to_end.p50_ns,
                 p99_ns: req.end_to_end.p99_ns,
                 mean_ns: req.end_to_end.mean_ns,
-                delta_ns: delta,
-                contributors: base
-                    .map(|b| contributors(req, b, delta.unwrap_or(0.0)))
-                    .unwrap_or_default(),
+                delta_ns: difference.as_ref().map(|d| d.0),
+                contributors: difference.map(|d| d.1).unwrap_or_default(),
             })
         })
         .collect()
+}
+
+/// How much longer `run`'s requests take than `base`'s (mean, ns), and the segments that
+/// account for it, largest first; None if either has no request direction.
+pub fn difference(run: &RunReport, base: &RunReport) -> Option<(f64, Vec<Contributor>)> {
+    let (req, base) = (request(run)?, request(base)?);
+    let delta = req.end_to_end.mean_ns - base.end_to_end.mean_ns;
+    Some((delta, contributors(req, base, delta)))
 }
 
 /// What a segment is compared by: its name, except the first and last (the sending and
