@@ -147,6 +147,9 @@ pub struct LabOptions {
     /// MTU of the pods' interfaces (and the overlay device); None: the topology's default
     /// (flannel: 1450 inside, 1500 wire).
     pub mtu: Option<u32>,
+    /// Pods per host (each end's host); None: the topology's two pods (one per host
+    /// cross-host).
+    pub pods: Option<u32>,
 }
 
 const CROSS_HOST_SUFFIX: &str = "-xhost";

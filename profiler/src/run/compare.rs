@@ -32,6 +32,7 @@ pub async fn compare(
     let options = LabOptions {
         placement,
         mtu: None,
+        pods: None,
     };
     let mut runs = Vec::new();
     let mut skipped = Vec::new();
@@ -230,6 +231,8 @@ mod tests {
             },
             hooks: Vec::new(),
             program_costs: None,
+            stream: None,
+            alltoall: None,
         }
     }
 

@@ -38,7 +38,7 @@ use crate::{
     },
     report::schema::{
         DirectionReport, DropReport, EventsReport, HookSet, Hop, MissingHop, OtherPath, RunReport,
-        SegmentReport, Stats, TrafficReport, RUN_SCHEMA,
+        SegmentReport, Stats, TrafficKind, TrafficReport, RUN_SCHEMA,
     },
 };
 use journey::Attribution;
@@ -62,6 +62,29 @@ pub struct RunArgs {
     pub quiet: bool,
     pub hooks: HookSet,
     pub timeout: Duration,
+    pub traffic: TrafficKind,
+    /// How long a stream runs.
+    pub duration: Duration,
+    /// stream: one message in N is tagged; alltoall: one round in N (every message of it).
+    /// None: the traffic's default; Some(0): nothing tagged.
+    pub tag_every: Option<u32>,
+    /// alltoall: pods per host, processes per pod.
+    pub pods: u32,
+    pub procs: u32,
+}
+
+pub const DEFAULT_STREAM: Duration = Duration::from_secs(5);
+pub const DEFAULT_PODS: u32 = 8;
+pub const DEFAULT_PROCS: u32 = 2;
+
+/// `--size` when none is given: 64 B ping-pong (sockperf's), 1400 B stream datagrams (one
+/// per packet at the usual MTU), 16 KiB all-to-all messages (the study's).
+pub fn default_size(kind: TrafficKind) -> usize {
+    match kind {
+        TrafficKind::Rr => 64,
+        TrafficKind::Stream => 1400,
+        TrafficKind::Alltoall => 16 * 1024,
+    }
 }
 
 /// Waits this long after the last exchange for the ring buffer to deliver its last events.
@@ -178,6 +201,8 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         hook_set,
         hooks: programs.statuses.clone(),
         program_costs: costs,
+        stream: None,
+        alltoall: None,
     })
 }
 
