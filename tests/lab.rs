@@ -57,6 +57,7 @@ fn cross_host(mtu: Option<u32>) -> LabOptions {
     LabOptions {
         placement: Placement::CrossHost,
         mtu,
+        pods: None,
     }
 }
 

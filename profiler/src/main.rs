@@ -14,7 +14,7 @@ use profiler::{
     lab::{self, target::RunTarget, LabOptions, Lock, Placement, Topology},
     report::{
         self, html,
-        schema::{CellStatus, HookSet, Proto},
+        schema::{CellStatus, HookSet, Proto, TrafficKind},
         table, Format, Report,
     },
     run::{self, compare, RunArgs},
@@ -220,6 +220,10 @@ struct LabOpts {
     /// MTU of the pods' interfaces (and the overlay device); default: the topology's.
     #[arg(long, value_parser = clap::value_parser!(u32).range(576..=9000))]
     mtu: Option<u32>,
+    /// Pods per host, 2 to 16 (default: the topology's two pods, one per host cross-host;
+    /// run --traffic alltoall: 8).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=16))]
+    pods: Option<u32>,
 }
 
 impl LabOpts {
@@ -229,6 +233,7 @@ impl LabOpts {
                 .placement
                 .unwrap_or_else(|| topology.default_placement()),
             mtu: self.mtu,
+            pods: self.pods,
         }
     }
 }
@@ -276,6 +281,11 @@ impl TrafficOpts {
             hooks: self.hooks,
             timeout: self.timeout,
             quiet,
+            traffic: TrafficKind::Rr,
+            duration: run::DEFAULT_STREAM,
+            tag_every: None,
+            pods: run::DEFAULT_PODS,
+            procs: run::DEFAULT_PROCS,
         };
         args.spec(0).validate()?;
         Ok(args)
@@ -301,11 +311,26 @@ struct RunCli {
     to: Option<String>,
     #[command(flatten)]
     lab_opts: LabOpts,
-    /// Payload bytes per request and per response (16 to 65536).
-    #[arg(long, default_value_t = 64)]
-    size: usize,
+    /// Payload bytes per request and per response, per stream or all-to-all message (16 to
+    /// 65536; default 64, stream 1400, alltoall 16384).
+    #[arg(long)]
+    size: Option<usize>,
     #[command(flatten)]
     traffic: TrafficOpts,
+    /// rr: request/response ping-pong; stream: a one-way stream with tagged messages inside;
+    /// alltoall: in rounds, every process of every pod sends one message to every other.
+    #[arg(long = "traffic", value_enum, default_value = "rr")]
+    kind: TrafficKind,
+    /// How long a stream runs: 5, 5s, 500ms, 1m (up to 1h).
+    #[arg(long, default_value = "5s", value_parser = |s: &str| duration_within(s, Duration::from_millis(100), Duration::from_secs(3600)))]
+    duration: Duration,
+    /// stream: tag one message in N (default 1000); alltoall: every message of one round in
+    /// N (default 10); 0 tags nothing.
+    #[arg(long)]
+    tag_every: Option<u32>,
+    /// alltoall: processes (each with its own sockets) per pod, 1 to 8.
+    #[arg(long, default_value_t = run::DEFAULT_PROCS, value_parser = clap::value_parser!(u32).range(1..=8))]
+    procs: u32,
     /// Write the profiler.run.v1 JSON report to FILE ("-" for stdout instead of the table).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -565,10 +590,25 @@ fn owner_note(owner: Option<&lab::Owner>) -> String {
 async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     // Bad input is refused before any work: the report's file, then the run's values.
     let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
-    let args = cli.traffic.run_args(cli.lab, cli.size, quiet)?;
+    let size = cli.size.unwrap_or(run::default_size(cli.kind));
+    let args = RunArgs {
+        traffic: cli.kind,
+        duration: cli.duration,
+        tag_every: cli.tag_every,
+        pods: cli.lab_opts.pods.unwrap_or(run::DEFAULT_PODS),
+        procs: cli.procs,
+        ..cli.traffic.run_args(cli.lab, size, quiet)?
+    };
     let to = cli.to.as_deref().map(parse_to).transpose()?;
+    let options = LabOptions {
+        // All-to-all needs its pods; other traffic uses the lab's first two.
+        pods: (cli.kind == TrafficKind::Alltoall)
+            .then_some(args.pods)
+            .or(cli.lab_opts.pods),
+        ..cli.lab_opts.options(cli.lab)
+    };
     if cli.from.is_none() {
-        lab::check(cli.lab, &cli.lab_opts.options(cli.lab))?;
+        lab::check(cli.lab, &options)?;
     }
     doctor::require_privileges()?;
     let result = match (&cli.from, to) {
@@ -577,7 +617,6 @@ async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
             interruptible(run::profile(&args, &target)).await
         }
         _ => {
-            let options = cli.lab_opts.options(cli.lab);
             let used = interruptible(run::ensure_lab(args.lab, &options, "run")).await?;
             // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
             let result = interruptible(run::profile(&args, &RunTarget::lab(&used.lab))).await;

@@ -70,22 +70,21 @@ pub fn debian_package(pkg: &str) -> Result<()> {
     apt_get(&["install", "-y", "--no-install-recommends", pkg])
 }
 
-/// iproute2 (`ip netns`, for users and tests), bpftool (the tests' leak check) and iputils-ping
-/// (the benchmark's untagged background traffic).
+/// iproute2 (`ip netns`, for users and tests), bpftool (the tests' leak check), iputils-ping
+/// (the benchmark's untagged background traffic), iperf3 (the stream tests' reference, and
+/// the workload of `attach -- COMMAND`'s test) and chromium (the bench test loads bench's HTML
+/// page in it, headless).
 fn debian_packages() -> Result<()> {
+    const PLAIN: [&str; 4] = ["iproute2", "iputils-ping", "iperf3", "chromium"];
     let have_bpftool = dpkg_installed("bpftool") || Path::new("/usr/sbin/bpftool").exists();
-    let mut missing: Vec<&str> = Vec::new();
-    if !dpkg_installed("iproute2") {
-        missing.push("iproute2");
-    }
+    let mut missing: Vec<&str> = PLAIN.into_iter().filter(|p| !dpkg_installed(p)).collect();
     if !have_bpftool {
         missing.push("bpftool");
     }
-    if !dpkg_installed("iputils-ping") {
-        missing.push("iputils-ping");
-    }
     if missing.is_empty() {
-        step("Debian packages iproute2, bpftool, iputils-ping: already installed");
+        step(
+            "Debian packages iproute2, bpftool, iputils-ping, iperf3, chromium: already installed",
+        );
         return Ok(());
     }
     step(format_args!(

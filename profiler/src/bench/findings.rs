@@ -5,7 +5,7 @@
 use crate::{
     lab::{self, LabOptions, Placement, Topology},
     report::schema::{
-        BenchCell, CellStatus, Experiment, Finding, FindingNumber, SegmentDifference, Skipped,
+        BenchCell, CellStatus, Finding, FindingNumber, SegmentDifference, Skipped, TrafficKind,
     },
     run::compare,
 };
@@ -22,11 +22,11 @@ pub enum Metric {
 }
 
 impl Metric {
-    fn experiment(self) -> Experiment {
+    fn experiment(self) -> TrafficKind {
         match self {
-            Metric::Throughput => Experiment::Stream,
-            Metric::LatencyP50 => Experiment::Rr,
-            Metric::RoundP50 { .. } => Experiment::Alltoall,
+            Metric::Throughput => TrafficKind::Stream,
+            Metric::LatencyP50 => TrafficKind::Rr,
+            Metric::RoundP50 { .. } => TrafficKind::Alltoall,
         }
     }
 
@@ -260,7 +260,7 @@ impl Context<'_> {
         let name = lab::lab_name(t, placement);
         let options = LabOptions {
             placement,
-            mtu: None,
+            ..LabOptions::default()
         };
         if let Err(e) = lab::check(t, &options) {
             return format!("no such lab ({e:#})");
@@ -346,7 +346,13 @@ fn differences(better: &Side, worse: &Side) -> Vec<SegmentDifference> {
             let (Some(br), Some(wr)) = (&bc.run, &wc.run) else {
                 continue;
             };
-            if let Some((delta_ns, contributors)) = compare::difference(br, wr) {
+            let direction = match bc.experiment {
+                TrafficKind::Rr => "request",
+                TrafficKind::Stream => "stream",
+                // Between pods on different hosts: what placement changes.
+                TrafficKind::Alltoall => "cross host",
+            };
+            if let Some((delta_ns, contributors)) = compare::difference(br, wr, direction) {
                 out.push(SegmentDifference {
                     lab: bc.lab.clone(),
                     versus: wc.lab.clone(),

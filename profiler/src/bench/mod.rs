@@ -5,7 +5,7 @@
 
 pub mod findings;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use indicatif::ProgressBar;
@@ -16,11 +16,11 @@ use crate::{
     report::{
         self,
         schema::{
-            BenchCell, BenchReport, CellResult, CellStatus, Experiment, HookSet, Proto, RunReport,
-            Skipped, BENCH_SCHEMA,
+            BenchCell, BenchReport, CellResult, CellStatus, HookSet, Proto, RunReport, Skipped,
+            TrafficKind, BENCH_SCHEMA,
         },
     },
-    run::{ensure_lab, profile, RunArgs},
+    run::{self, ensure_lab, profile, RunArgs},
     signal::{interruptible, is_interruption},
 };
 
@@ -30,6 +30,7 @@ pub struct Plan {
     /// Message sizes of rr and stream: 64 B to 64 KiB (65507 B, the largest UDP payload).
     pub sizes: &'static [usize],
     pub rr_count: u32,
+    pub stream_duration: Duration,
     /// Processes per pod of the all-to-all cells (the study's 2 then 4).
     pub procs: &'static [u32],
 }
@@ -38,6 +39,7 @@ pub struct Plan {
 pub const FULL: Plan = Plan {
     sizes: &[64, 1024, 8192, 16384, 65507],
     rr_count: 2000,
+    stream_duration: Duration::from_secs(3),
     procs: &[2, 4],
 };
 
@@ -45,6 +47,7 @@ pub const FULL: Plan = Plan {
 pub const QUICK: Plan = Plan {
     sizes: &[64, 16384],
     rr_count: 300,
+    stream_duration: Duration::from_secs(1),
     procs: &[2, 4],
 };
 
@@ -63,7 +66,7 @@ pub struct BenchArgs {
 /// One cell to run: the experiment and its parameters.
 #[derive(Clone, Copy, Debug)]
 struct CellSpec {
-    experiment: Experiment,
+    experiment: TrafficKind,
     proto: Proto,
     size: usize,
     procs: Option<u32>,
@@ -80,10 +83,10 @@ impl Plan {
             })
         };
         // The study's latency is sockperf's UDP; its throughput iperf's TCP.
-        sized(Experiment::Rr, Proto::Udp)
-            .chain(sized(Experiment::Stream, Proto::Tcp))
+        sized(TrafficKind::Rr, Proto::Udp)
+            .chain(sized(TrafficKind::Stream, Proto::Tcp))
             .chain(self.procs.iter().map(|&p| CellSpec {
-                experiment: Experiment::Alltoall,
+                experiment: TrafficKind::Alltoall,
                 proto: Proto::Tcp,
                 size: ALLTOALL_SIZE,
                 procs: Some(p),
@@ -103,7 +106,7 @@ pub fn labs(types: &[Topology], placements: &[Placement]) -> Vec<(Topology, Plac
                 t,
                 &LabOptions {
                     placement,
-                    mtu: None,
+                    ..LabOptions::default()
                 },
             )
             .is_ok()
@@ -127,7 +130,7 @@ pub async fn paper(args: &BenchArgs) -> Result<BenchReport> {
     for &(topology, placement) in &labs {
         let options = LabOptions {
             placement,
-            mtu: None,
+            ..LabOptions::default()
         };
         let used = match interruptible(ensure_lab(topology, &options, "bench")).await {
             Ok(used) => used,
@@ -204,37 +207,62 @@ enum Outcome {
 }
 
 async fn run_cell(plan: &Plan, spec: &CellSpec, lab: &Lab, topology: Topology) -> Result<Outcome> {
-    match spec.experiment {
-        Experiment::Rr => {
-            let args = RunArgs {
-                lab: topology,
-                proto: spec.proto,
-                size: spec.size,
-                count: plan.rr_count,
-                rate: None,
-                port: None,
-                stats: false,
-                quiet: true,
-                // The study's hosts had no deep hooks to offer either; every cell alike.
-                hooks: HookSet::Stable,
-                timeout: std::time::Duration::from_secs(1),
-            };
-            let report = profile(&args, &RunTarget::lab(lab)).await?;
-            Ok(Outcome::Ran(rr_result(&report), Box::new(report)))
-        }
-        Experiment::Stream | Experiment::Alltoall => Ok(Outcome::Skipped(format!(
-            "`profiler run --traffic {}` is not in this build yet (issue 14, branch traffic)",
-            report::bench::experiment_name(spec.experiment)
-        ))),
+    let args = RunArgs {
+        lab: topology,
+        proto: spec.proto,
+        size: spec.size,
+        count: plan.rr_count,
+        rate: None,
+        port: None,
+        stats: false,
+        quiet: true,
+        // The study's hosts had no deep hooks to offer either; every cell alike.
+        hooks: HookSet::Stable,
+        timeout: Duration::from_secs(1),
+        traffic: spec.experiment,
+        duration: plan.stream_duration,
+        tag_every: None,
+        pods: run::DEFAULT_PODS,
+        procs: spec.procs.unwrap_or(run::DEFAULT_PROCS),
+    };
+    if spec.experiment == TrafficKind::Alltoall {
+        return Ok(Outcome::Skipped(
+            "`profiler run --traffic alltoall` is not in this build yet (issue 14, branch traffic)"
+                .into(),
+        ));
+    }
+    let report = profile(&args, &RunTarget::lab(lab)).await?;
+    let result = match spec.experiment {
+        TrafficKind::Rr => direction_result(&report, "request"),
+        TrafficKind::Stream => stream_result(&report),
+        TrafficKind::Alltoall => alltoall_result(&report),
+    };
+    Ok(Outcome::Ran(result, Box::new(report)))
+}
+
+/// The one-way latency of a direction's tagged messages, end to end.
+fn direction_result(r: &RunReport, direction: &str) -> CellResult {
+    let d = r.directions.iter().find(|d| d.direction == direction);
+    CellResult {
+        p50_ns: d.map(|d| d.end_to_end.p50_ns),
+        p99_ns: d.map(|d| d.end_to_end.p99_ns),
+        ..CellResult::default()
     }
 }
 
-/// rr's figures: the request's one-way latency, end to end.
-fn rr_result(r: &RunReport) -> CellResult {
-    let request = r.directions.iter().find(|d| d.direction == "request");
+/// The stream's throughput, and its tagged messages' latency.
+fn stream_result(r: &RunReport) -> CellResult {
     CellResult {
-        p50_ns: request.map(|d| d.end_to_end.p50_ns),
-        p99_ns: request.map(|d| d.end_to_end.p99_ns),
+        gbit_per_s: r.stream.as_ref().map(|s| s.gbit_per_s),
+        messages_per_s: r.stream.as_ref().map(|s| s.messages_per_s),
+        ..direction_result(r, "stream")
+    }
+}
+
+fn alltoall_result(r: &RunReport) -> CellResult {
+    CellResult {
+        round_p50_ms: r.alltoall.as_ref().map(|a| a.round_p50_ms),
+        round_p99_ms: r.alltoall.as_ref().map(|a| a.round_p99_ms),
         ..CellResult::default()
     }
 }
@@ -266,10 +294,11 @@ fn cell(
         proto: spec.proto,
         size: spec.size,
         count: match spec.experiment {
-            Experiment::Rr => plan.rr_count,
+            TrafficKind::Rr => plan.rr_count,
             _ => 0,
         },
-        duration_s: None,
+        duration_s: (spec.experiment == TrafficKind::Stream)
+            .then(|| plan.stream_duration.as_secs_f64()),
         pods: None,
         procs: spec.procs,
         status,

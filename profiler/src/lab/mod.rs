@@ -147,6 +147,9 @@ pub struct LabOptions {
     /// MTU of the pods' interfaces (and the overlay device); None: the topology's default
     /// (flannel: 1450 inside, 1500 wire).
     pub mtu: Option<u32>,
+    /// Pods per host (each end's host); None: the topology's two pods (one per host
+    /// cross-host).
+    pub pods: Option<u32>,
 }
 
 const CROSS_HOST_SUFFIX: &str = "-xhost";
@@ -200,6 +203,13 @@ pub struct Lab {
     pub client: Endpoint,
     /// pod-b (host-b for `host`)
     pub server: Endpoint,
+    /// The --pods the lab was made with (None: its two pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods_per_host: Option<u32>,
+    /// Every pod, client and server first (empty in state files written before pods were
+    /// listed: those are client and server).
+    #[serde(default)]
+    pub pods: Vec<Pod>,
     /// The run that made the lab and removes it when it ends; None: made by `lab up`, kept
     /// until `lab down`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -245,6 +255,15 @@ pub struct Endpoint {
     pub addr: Ipv4Addr,
 }
 
+/// A pod of a lab and the host it is on.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Pod {
+    #[serde(flatten)]
+    pub end: Endpoint,
+    /// The host's role: "host" same-host, "host-a" or "host-b" cross-host.
+    pub host: String,
+}
+
 /// Builds the lab of `topology` as `options` say. An unsupported combination fails before
 /// anything is created; on a later failure, or if the returned future is dropped (Ctrl-C),
 /// everything created so far is removed again.
@@ -254,7 +273,7 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
         bail!("--mtu must be between 576 and 9000");
     }
-    spec::Spec::of(topology, options.placement, options.mtu).map(drop)
+    spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods).map(drop)
 }
 
 pub async fn up(topology: Topology, options: &LabOptions) -> Result<Lab> {
@@ -269,7 +288,7 @@ pub async fn up_owned(topology: Topology, options: &LabOptions, owner: Owner) ->
 
 async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -> Result<Lab> {
     check(topology, options)?;
-    let spec = spec::Spec::of(topology, options.placement, options.mtu)?;
+    let spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
     let name = lab_name(topology, options.placement);
     if leftovers(&name, &spec) {
         bail!("lab {name} is already up (profiler lab down {name})");
@@ -290,7 +309,7 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
 /// Whether any part of lab `name` exists without its state file (a build that was killed).
 pub fn has_parts(name: &str) -> bool {
     parse_lab_name(name)
-        .and_then(|(t, p)| spec::Spec::of(t, p, None).ok())
+        .and_then(|(t, p)| spec::Spec::widest(t, p))
         .is_some_and(|spec| leftovers(name, &spec))
 }
 
@@ -313,7 +332,7 @@ fn leftovers(name: &str, spec: &spec::Spec) -> bool {
 /// Stops the lab's OVS daemons, removes its namespaces (and with them its devices) and its
 /// state file. Works on whatever part of a lab exists, e.g. after a crash.
 pub async fn down(name: &str) -> Result<()> {
-    let spec = parse_lab_name(name).and_then(|(t, p)| spec::Spec::of(t, p, None).ok());
+    let spec = parse_lab_name(name).and_then(|(t, p)| spec::Spec::widest(t, p));
     let Some(spec) = spec.filter(|spec| leftovers(name, spec)) else {
         bail!("no lab named {name} is up");
     };
@@ -387,6 +406,8 @@ mod tests {
                 ifname: "eth0".into(),
                 addr: Ipv4Addr::new(198, 18, 0, 2),
             },
+            pods_per_host: None,
+            pods: Vec::new(),
             owner: None,
         }
     }

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use super::schema::{
-    BenchCell, BenchReport, CellStatus, Experiment, Finding, FindingNumber, SegmentDifference,
+    BenchCell, BenchReport, CellStatus, Finding, FindingNumber, SegmentDifference, TrafficKind,
 };
 
 /// One experiment's figures: a title, column heads, and a row per lab.
@@ -16,14 +16,14 @@ pub struct Grid {
     pub rows: Vec<(String, Vec<String>)>,
 }
 
-const EXPERIMENTS: [(Experiment, &str); 3] = [
+const EXPERIMENTS: [(TrafficKind, &str); 3] = [
     (
-        Experiment::Rr,
+        TrafficKind::Rr,
         "request/response: UDP one-way request latency, p50 / p99 (us)",
     ),
-    (Experiment::Stream, "stream: TCP throughput (Gbit/s)"),
+    (TrafficKind::Stream, "stream: TCP throughput (Gbit/s)"),
     (
-        Experiment::Alltoall,
+        TrafficKind::Alltoall,
         "all-to-all, 16 KiB messages: round latency p50 / p99 (ms)",
     ),
 ];
@@ -82,11 +82,11 @@ fn value(c: &BenchCell) -> String {
     match (c.status, c.experiment) {
         (CellStatus::Skipped, _) => "skipped".into(),
         (CellStatus::Failed, _) => "failed".into(),
-        (CellStatus::Ok, Experiment::Rr) => pair(r.p50_ns.map(us), r.p99_ns.map(us)),
-        (CellStatus::Ok, Experiment::Stream) => {
+        (CellStatus::Ok, TrafficKind::Rr) => pair(r.p50_ns.map(us), r.p99_ns.map(us)),
+        (CellStatus::Ok, TrafficKind::Stream) => {
             r.gbit_per_s.map_or("-".into(), |g| format!("{g:.2}"))
         }
-        (CellStatus::Ok, Experiment::Alltoall) => pair(r.round_p50_ms, r.round_p99_ms),
+        (CellStatus::Ok, TrafficKind::Alltoall) => pair(r.round_p50_ms, r.round_p99_ms),
     }
 }
 
@@ -104,7 +104,7 @@ fn pair(a: Option<f64>, b: Option<f64>) -> String {
 /// The line printed when a cell finishes.
 pub fn cell_line(c: &BenchCell) -> String {
     let what = match c.experiment {
-        Experiment::Alltoall => format!("alltoall {} procs", c.procs.unwrap_or(0)),
+        TrafficKind::Alltoall => format!("alltoall {} procs", c.procs.unwrap_or(0)),
         e => format!("{} {} B", experiment_name(e), c.size),
     };
     let result = match c.status {
@@ -114,11 +114,11 @@ pub fn cell_line(c: &BenchCell) -> String {
     format!("{:<22} {:<22} {result} ({:.1} s)", c.lab, what, c.elapsed_s)
 }
 
-pub fn experiment_name(e: Experiment) -> &'static str {
+pub fn experiment_name(e: TrafficKind) -> &'static str {
     match e {
-        Experiment::Rr => "rr",
-        Experiment::Stream => "stream",
-        Experiment::Alltoall => "alltoall",
+        TrafficKind::Rr => "rr",
+        TrafficKind::Stream => "stream",
+        TrafficKind::Alltoall => "alltoall",
     }
 }
 

@@ -11,7 +11,7 @@ use svg::{
 use super::{
     bench::verdict,
     charts::{self, Series, Stack},
-    schema::{BenchCell, BenchReport, CellStatus, DirectionReport, Experiment, RunReport},
+    schema::{BenchCell, BenchReport, CellStatus, DirectionReport, RunReport, TrafficKind},
     Report,
 };
 
@@ -186,15 +186,15 @@ fn bench_title(b: &BenchReport) -> String {
 /// The charts against message size, each size's segments per lab, the all-to-all table and
 /// the findings.
 fn bench_body(b: &BenchReport) -> String {
-    let ok = |e: Experiment| {
+    let ok = |e: TrafficKind| {
         b.cells
             .iter()
             .filter(move |c| c.experiment == e && c.status == CellStatus::Ok)
     };
-    let rr = series(ok(Experiment::Rr), |c| {
+    let rr = series(ok(TrafficKind::Rr), |c| {
         c.result.p50_ns.map(|n| n as f64 / 1e3)
     });
-    let stream = series(ok(Experiment::Stream), |c| c.result.gbit_per_s);
+    let stream = series(ok(TrafficKind::Stream), |c| c.result.gbit_per_s);
     let mut out = String::from("<h2>Against message size</h2>\n");
     out += &charts::lines("UDP request latency, p50", "one-way latency (us)", &rr);
     out += &charts::lines("TCP stream throughput", "Gbit/s", &stream);
@@ -247,7 +247,7 @@ fn stacks(b: &BenchReport) -> String {
     let rr: Vec<&BenchCell> = b
         .cells
         .iter()
-        .filter(|c| c.experiment == Experiment::Rr)
+        .filter(|c| c.experiment == TrafficKind::Rr)
         .collect();
     let request = |c: &BenchCell| -> Vec<(String, f64)> {
         let run = c.run.as_ref();
@@ -301,7 +301,7 @@ fn alltoall_table(b: &BenchReport) -> String {
     let cells: Vec<&BenchCell> = b
         .cells
         .iter()
-        .filter(|c| c.experiment == Experiment::Alltoall)
+        .filter(|c| c.experiment == TrafficKind::Alltoall)
         .collect();
     let mut types: Vec<&str> = Vec::new();
     for c in &cells {

@@ -42,6 +42,17 @@ pub enum Proto {
     Tcp,
 }
 
+/// The traffic a run drives: request/response ping-pong (the default), a one-way stream with
+/// tagged messages inside it, or the MPI_Alltoall pattern between the processes of N pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrafficKind {
+    #[default]
+    Rr,
+    Stream,
+    Alltoall,
+}
+
 /// What became of one hook when the programs were attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -85,6 +96,68 @@ pub struct RunReport {
     pub hooks: Vec<HookStatus>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub program_costs: Option<Vec<ProgramCost>>,
+    /// `--traffic stream`: the stream's throughput; `directions` holds the tagged messages'
+    /// one direction ("stream").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamResult>,
+    /// `--traffic alltoall`: round latency; `directions` holds one waterfall per path kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alltoall: Option<AlltoallResult>,
+}
+
+/// A one-way stream's throughput, measured at the receiver, and its tagged messages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamResult {
+    pub proto: Proto,
+    /// Bytes per message (per write, per UDP datagram).
+    pub size: usize,
+    pub duration_s: f64,
+    /// Payload received.
+    pub bytes: u64,
+    pub messages: u64,
+    /// Payload bits per second received.
+    pub gbit_per_s: f64,
+    pub messages_per_s: f64,
+    /// UDP: messages sent that never arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_messages: Option<u64>,
+    /// One message in this many is tagged (0: none).
+    pub tag_every: u32,
+    /// Tagged messages that arrived.
+    pub tagged: u64,
+}
+
+/// MPI_Alltoall over TCP: every round, every process sends one message to every other and
+/// waits for all of its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlltoallResult {
+    /// Pods per host, and processes per pod.
+    pub pods: u32,
+    pub procs: u32,
+    pub size: usize,
+    pub rounds: u32,
+    pub completed_rounds: u32,
+    /// A round: from the first process starting it to the last one having all its messages.
+    pub round_p50_ms: f64,
+    pub round_p99_ms: f64,
+    /// One round in this many is tagged (every message of it).
+    pub tag_every: u32,
+    pub path_kinds: Vec<PathKindResult>,
+}
+
+/// The pairs of processes whose messages take one kind of path.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PathKindResult {
+    /// "same pod" (loopback), "same host" (pod to pod), "cross host".
+    pub kind: String,
+    /// Ordered pod pairs of this kind.
+    pub pod_pairs: u32,
+    /// Tagged messages received.
+    pub tagged: u64,
+    /// Tagged messages whose journey matched their pod pair's path hop for hop.
+    pub attributed: u64,
+    /// Pod pairs none of whose tagged messages was attributed.
+    pub unattributed_pairs: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -358,18 +431,6 @@ pub struct BenchReport {
     pub findings: Vec<Finding>,
 }
 
-/// The three experiments of the study.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Experiment {
-    /// Request/response latency (sockperf).
-    Rr,
-    /// Bulk throughput (iperf, netperf).
-    Stream,
-    /// Round latency of MPI_Alltoall between pods.
-    Alltoall,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CellStatus {
@@ -387,7 +448,8 @@ pub struct BenchCell {
     pub lab: String,
     pub topology: String,
     pub placement: Placement,
-    pub experiment: Experiment,
+    /// The study's three experiments: rr (sockperf), stream (iperf), alltoall (MPI_Alltoall).
+    pub experiment: TrafficKind,
     pub proto: Proto,
     /// Payload bytes per message.
     pub size: usize,
@@ -462,7 +524,7 @@ pub struct SegmentDifference {
     pub lab: String,
     pub versus: String,
     pub size: usize,
-    pub experiment: Experiment,
+    pub experiment: TrafficKind,
     /// Mean latency of `lab` minus that of `versus`.
     pub delta_ns: f64,
     pub contributors: Vec<Contributor>,

@@ -32,6 +32,7 @@ pub async fn compare(
     let options = LabOptions {
         placement,
         mtu: None,
+        pods: None,
     };
     let mut runs = Vec::new();
     let mut skipped = Vec::new();
@@ -85,8 +86,12 @@ async fn profile_sizes(
     Ok(())
 }
 
+fn named<'a>(r: &'a RunReport, direction: &str) -> Option<&'a DirectionReport> {
+    r.directions.iter().find(|d| d.direction == direction)
+}
+
 fn request(r: &RunReport) -> Option<&DirectionReport> {
-    r.directions.iter().find(|d| d.direction == "request")
+    named(r, "request")
 }
 
 /// Rows in run order; each type's contributors against the first type at the same size.
@@ -103,7 +108,7 @@ pub fn summarize(runs: &[RunReport]) -> Vec<CompareRow> {
             let difference = baseline
                 .get(&r.traffic.size)
                 .filter(|b| b.topology != r.topology)
-                .and_then(|b| difference(r, b));
+                .and_then(|b| difference(r, b, "request"));
             Some(CompareRow {
                 topology: r.topology.clone(),
                 size: r.traffic.size,
@@ -117,12 +122,17 @@ pub fn summarize(runs: &[RunReport]) -> Vec<CompareRow> {
         .collect()
 }
 
-/// How much longer `run`'s requests take than `base`'s (mean, ns), and the segments that
-/// account for it, largest first; None if either has no request direction.
-pub fn difference(run: &RunReport, base: &RunReport) -> Option<(f64, Vec<Contributor>)> {
-    let (req, base) = (request(run)?, request(base)?);
-    let delta = req.end_to_end.mean_ns - base.end_to_end.mean_ns;
-    Some((delta, contributors(req, base, delta)))
+/// How much longer `run`'s tagged packets of `direction` ("request", "stream", ...) take than
+/// `base`'s (mean, ns), and the segments that account for it, largest first; None if either
+/// has no such direction.
+pub fn difference(
+    run: &RunReport,
+    base: &RunReport,
+    direction: &str,
+) -> Option<(f64, Vec<Contributor>)> {
+    let (ours, theirs) = (named(run, direction)?, named(base, direction)?);
+    let delta = ours.end_to_end.mean_ns - theirs.end_to_end.mean_ns;
+    Some((delta, contributors(ours, theirs, delta)))
 }
 
 /// What a segment is compared by: its name, except the first and last (the sending and
@@ -235,6 +245,8 @@ mod tests {
             },
             hooks: Vec::new(),
             program_costs: None,
+            stream: None,
+            alltoall: None,
         }
     }
 
