@@ -366,3 +366,110 @@ fn differences(better: &Side, worse: &Side) -> Vec<SegmentDifference> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::schema::{CellResult, Proto};
+
+    fn cell(lab: &str, experiment: TrafficKind, size: usize, result: CellResult) -> BenchCell {
+        let placement = if lab.ends_with("-xhost") {
+            Placement::CrossHost
+        } else {
+            Placement::SameHost
+        };
+        BenchCell {
+            lab: lab.into(),
+            topology: lab.trim_end_matches("-xhost").into(),
+            placement,
+            experiment,
+            proto: Proto::Tcp,
+            size,
+            count: 0,
+            duration_s: None,
+            pods: None,
+            procs: None,
+            status: CellStatus::Ok,
+            reason: None,
+            elapsed_s: 1.0,
+            result,
+            run: None,
+        }
+    }
+
+    fn gbit(lab: &str, size: usize, g: f64) -> BenchCell {
+        let result = CellResult {
+            gbit_per_s: Some(g),
+            ..CellResult::default()
+        };
+        cell(lab, TrafficKind::Stream, size, result)
+    }
+
+    const TYPES: [Topology; 4] = [
+        Topology::Host,
+        Topology::Bridge,
+        Topology::FlannelVxlan,
+        Topology::Macvlan,
+    ];
+    const BOTH: [Placement; 2] = [Placement::SameHost, Placement::CrossHost];
+
+    fn finding2(cells: &[BenchCell]) -> Finding {
+        judge(cells, &[], &TYPES, &BOTH).swap_remove(1)
+    }
+
+    #[test]
+    fn a_finding_holds_only_if_it_holds_at_every_size() {
+        let holds = finding2(&[gbit("bridge", 64, 1.0), gbit("macvlan", 64, 2.0)]);
+        assert_eq!(holds.holds, Some(true), "{holds:?}");
+        assert_eq!(holds.numbers.len(), 2);
+        // The types this kernel cannot build are named, with why.
+        assert!(
+            holds.why.as_deref().unwrap().contains("ipvlan-l2"),
+            "{holds:?}"
+        );
+        let mixed = finding2(&[
+            gbit("bridge", 64, 1.0),
+            gbit("macvlan", 64, 2.0),
+            gbit("bridge", 16384, 9.0),
+            gbit("macvlan", 16384, 8.0),
+        ]);
+        assert_eq!(mixed.holds, Some(false), "{mixed:?}");
+    }
+
+    #[test]
+    fn a_finding_without_its_cells_says_why() {
+        let mut skipped = gbit("macvlan", 64, 0.0);
+        skipped.status = CellStatus::Skipped;
+        skipped.reason = Some("no stream here".into());
+        let f = finding2(&[gbit("bridge", 64, 1.0), skipped]);
+        assert_eq!(f.holds, None);
+        assert!(f.why.unwrap().contains("macvlan: no stream here"));
+        // Hardware and VM findings are never judged.
+        let all = judge(&[], &[], &TYPES, &BOTH);
+        for i in [2, 4, 5] {
+            assert_eq!(all[i].holds, None);
+            assert!(all[i].why.is_some());
+        }
+    }
+
+    #[test]
+    fn lower_is_better_for_latency() {
+        let p50 = |lab: &str, us: u64| {
+            let result = CellResult {
+                p50_ns: Some(us * 1000),
+                ..CellResult::default()
+            };
+            cell(lab, TrafficKind::Rr, 16384, result)
+        };
+        let cells = [
+            p50("macvlan-xhost", 70),
+            p50("bridge-xhost", 150),
+            p50("flannel-vxlan-xhost", 250),
+        ];
+        let f = judge(&cells, &[], &TYPES, &BOTH).swap_remove(3);
+        assert_eq!(f.holds, Some(true), "{f:?}");
+        let slower = [p50("macvlan-xhost", 200), p50("bridge-xhost", 150)];
+        let f = judge(&slower, &[], &TYPES, &BOTH).swap_remove(3);
+        assert_eq!(f.holds, Some(false), "{f:?}");
+    }
+}
