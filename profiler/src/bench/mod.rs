@@ -298,7 +298,7 @@ fn cell(
             _ => 0,
         },
         duration_s: (spec.experiment == TrafficKind::Stream)
-            .then(|| plan.stream_duration.as_secs_f64()),
+            .then_some(plan.stream_duration.as_secs_f64()),
         pods: None,
         procs: spec.procs,
         status,
