@@ -550,6 +550,10 @@ async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
         ..cli.traffic.run_args(cli.lab, size, quiet)?
     };
     let to = cli.to.as_deref().map(parse_to).transpose()?;
+    if to.is_some() && cli.kind == TrafficKind::Alltoall {
+        anyhow::bail!("--traffic alltoall runs between a lab's pods: use --lab, not --from/--to");
+    }
+    args.validate()?;
     let options = LabOptions {
         // All-to-all needs its pods; other traffic uses the lab's first two.
         pods: (cli.kind == TrafficKind::Alltoall)
