@@ -116,6 +116,10 @@ struct AttachCli {
     /// kernel has no kprobes).
     #[arg(long, value_enum, default_value = "deep")]
     hooks: HookSet,
+    /// A workload to run once attached (`-- iperf3 -c ...`): followed until it exits, and
+    /// attach exits with its status; Ctrl-C or SIGTERM stops both.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -640,6 +644,7 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         stats: cli.stats,
         hooks: cli.hooks,
         quiet,
+        command: cli.command,
     };
     let report = attach::attach(&args).await?;
     let table = table::attach(&report);
@@ -648,7 +653,10 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         (None, AttachMode::Events) => eprint!("{table}"),
         (json, _) => output(json.as_ref(), &report, &table)?,
     }
-    Ok(ExitCode::SUCCESS)
+    // Profiling succeeded: the workload's status is the command's.
+    Ok(report.command.as_ref().map_or(ExitCode::SUCCESS, |c| {
+        ExitCode::from(attach::workload::exit_code(c))
+    }))
 }
 
 /// "NETNS:IP" of --to.
