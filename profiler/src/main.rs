@@ -163,6 +163,10 @@ struct AttachCli {
     /// kernel has no kprobes).
     #[arg(long, value_enum, default_value = "deep")]
     hooks: HookSet,
+    /// A workload to run once attached (`-- iperf3 -c ...`): followed until it exits, and
+    /// attach exits with its status; Ctrl-C or SIGTERM stops both.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -600,6 +604,10 @@ async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
         ..cli.traffic.run_args(cli.lab, size, quiet)?
     };
     let to = cli.to.as_deref().map(parse_to).transpose()?;
+    if to.is_some() && cli.kind == TrafficKind::Alltoall {
+        anyhow::bail!("--traffic alltoall runs between a lab's pods: use --lab, not --from/--to");
+    }
+    args.validate()?;
     let options = LabOptions {
         // All-to-all needs its pods; other traffic uses the lab's first two.
         pods: (cli.kind == TrafficKind::Alltoall)
@@ -723,6 +731,7 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         stats: cli.stats,
         hooks: cli.hooks,
         quiet,
+        command: cli.command,
     };
     let report = attach::attach(&args).await?;
     let table = table::attach(&report);
@@ -731,7 +740,10 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         (None, AttachMode::Events) => eprint!("{table}"),
         (json, _) => output(json.as_ref(), &report, &table)?,
     }
-    Ok(ExitCode::SUCCESS)
+    // Profiling succeeded: the workload's status is the command's.
+    Ok(report.command.as_ref().map_or(ExitCode::SUCCESS, |c| {
+        ExitCode::from(attach::workload::exit_code(c))
+    }))
 }
 
 /// "NETNS:IP" of --to.

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 
 use super::{
     discover::{self, ROOT},
-    netns, Endpoint, Lab, LabIface,
+    netns, Endpoint, Lab, LabIface, Pod,
 };
 
 /// The devices hops are named after.
@@ -25,6 +25,8 @@ pub struct RunTarget {
     pub server: Endpoint,
     /// (namespace, interface) pairs the tc programs attach to.
     pub attach: Vec<(String, String)>,
+    /// Every pod, client and server first (all-to-all's processes run in them).
+    pub pods: Vec<Pod>,
 }
 
 impl RunTarget {
@@ -37,6 +39,7 @@ impl RunTarget {
             },
             client: lab.client.clone(),
             server: lab.server.clone(),
+            pods: lab.pods.clone(),
             attach: lab
                 .interfaces
                 .iter()
@@ -84,6 +87,7 @@ impl RunTarget {
             client,
             server,
             attach,
+            pods: Vec::new(),
         })
     }
 }

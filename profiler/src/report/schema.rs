@@ -284,6 +284,19 @@ pub struct AttachReport {
     pub hooks: Vec<HookStatus>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub program_costs: Option<Vec<ProgramCost>>,
+    /// `attach -- COMMAND`: the workload profiled until it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandOutcome>,
+}
+
+/// The workload `attach -- COMMAND` ran, and how it ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandOutcome {
+    pub argv: Vec<String>,
+    /// Its exit status; None when a signal ended it.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it.
+    pub signal: Option<i32>,
 }
 
 /// One segment's latency: two consecutive hops of followed packets.

@@ -240,6 +240,14 @@ pub fn attach(r: &AttachReport) -> String {
         r.sample,
         r.mode
     );
+    if let Some(c) = &r.command {
+        let how = match (c.exit_code, c.signal) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(sig)) => format!("was ended by signal {sig}"),
+            (None, None) => "ended".to_string(),
+        };
+        let _ = writeln!(out, "command: {} {how}", c.argv.join(" "));
+    }
     if r.paths.is_empty() {
         // Reports written before paths were kept: every segment, the most crossed first.
         segment_list(&mut out, &r.segments);

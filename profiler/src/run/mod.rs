@@ -2,6 +2,7 @@
 //! The tagged mode's own pieces live here: the traffic runner ([`traffic`]), journeys rebuilt
 //! from events ([`journey`]) and `profiler compare` ([`compare`]), which is runs side by side.
 
+pub mod alltoall;
 pub mod compare;
 pub mod journey;
 pub mod stream;
@@ -35,13 +36,15 @@ use crate::{
     lab::{
         self, discover,
         target::{Devices, RunTarget},
-        Lab, LabOptions, Lock, Owner, Topology,
+        Lab, LabOptions, Lock, Owner, Pod, Topology,
     },
     report::schema::{
-        DirectionReport, DropReport, EventsReport, HookSet, Hop, MissingHop, OtherPath, RunReport,
-        SegmentReport, Stats, TrafficKind, TrafficReport, RUN_SCHEMA,
+        AlltoallResult, DirectionReport, DropReport, EventsReport, HookSet, Hop, MissingHop,
+        OtherPath, PathKindResult, RunReport, SegmentReport, Stats, TrafficKind, TrafficReport,
+        RUN_SCHEMA,
     },
 };
+use alltoall::AlltoallSpec;
 use journey::Attribution;
 use stream::StreamSpec;
 use traffic::{Endpoints, Proto, Spec};
@@ -112,6 +115,7 @@ impl RunArgs {
 enum Driven {
     Rr(traffic::Outcome),
     Stream(StreamSpec, stream::StreamOutcome),
+    Alltoall(AlltoallSpec, alltoall::AlltoallOutcome),
 }
 
 impl Driven {
@@ -120,6 +124,7 @@ impl Driven {
         match self {
             Driven::Rr(o) => o.completed,
             Driven::Stream(_, o) => o.stamps.len() as u32,
+            Driven::Alltoall(_, o) => o.rounds.len() as u32,
         }
     }
 
@@ -127,6 +132,7 @@ impl Driven {
         match self {
             Driven::Rr(o) => &o.stamps,
             Driven::Stream(_, o) => &o.stamps,
+            Driven::Alltoall(_, o) => &o.stamps,
         }
     }
 
@@ -138,6 +144,8 @@ impl Driven {
                 (DIR_RESPONSE, "response".into()),
             ],
             Driven::Stream(..) => vec![(DIR_REQUEST, "stream".into())],
+            // One per path kind, chosen once the journeys are known.
+            Driven::Alltoall(..) => Vec::new(),
         }
     }
 }
@@ -159,7 +167,27 @@ impl RunArgs {
         match self.traffic {
             TrafficKind::Rr => self.spec(0).validate(),
             TrafficKind::Stream => self.stream_spec(0, 1).validate(),
-            TrafficKind::Alltoall => Ok(()),
+            TrafficKind::Alltoall => self.alltoall_spec(&[], 0, 1).validate_values(),
+        }
+    }
+
+    fn alltoall_spec(&self, pods: &[Pod], run_id: u32, port: u16) -> AlltoallSpec {
+        AlltoallSpec {
+            pods: pods
+                .iter()
+                .map(|p| alltoall::PodEnd {
+                    netns: discover::ns_arg(&p.end.netns).map(str::to_string),
+                    addr: p.end.addr,
+                    host: p.host.clone(),
+                })
+                .collect(),
+            procs: self.procs,
+            size: self.size,
+            rounds: self.count,
+            tag_every: self.tag_every.unwrap_or(alltoall::DEFAULT_TAG_EVERY),
+            run_id,
+            port,
+            timeout: self.timeout,
         }
     }
 }
@@ -168,6 +196,7 @@ impl RunArgs {
 async fn drive(
     args: &RunArgs,
     spec: &Spec,
+    lab: &RunTarget,
     ends: &Endpoints,
     progress: Arc<AtomicU32>,
 ) -> Result<Driven> {
@@ -186,7 +215,11 @@ async fn drive(
             ticker.abort();
             Ok(Driven::Stream(s, out?))
         }
-        TrafficKind::Alltoall => anyhow::bail!("--traffic alltoall is not there yet"),
+        TrafficKind::Alltoall => {
+            let s = args.alltoall_spec(&lab.pods, spec.run_id, spec.port);
+            let out = alltoall::run(&s, progress).await?;
+            Ok(Driven::Alltoall(s, out))
+        }
     }
 }
 
@@ -231,7 +264,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     let progress = Arc::new(AtomicU32::new(0));
     let (total, unit) = progress_of(args);
     let reporter = tokio::spawn(report_progress(progress.clone(), total, unit, args.quiet));
-    let driven = drive(args, &spec, &ends, progress).await;
+    let driven = drive(args, &spec, lab, &ends, progress).await;
     reporter.abort();
     tokio::time::sleep(DRAIN).await;
     let _ = stop_tx.send(());
@@ -242,8 +275,19 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
 
     let inodes = Inodes::of(&lab.devices)?;
     let attached = Attached::from_statuses(&programs.statuses);
-    let app_netns = [inodes.get(&lab.client.netns), inodes.get(&lab.server.netns)];
-    let sorted = journey::observations(&events, driven.stamps(), app_netns);
+    let sorted = match &driven {
+        Driven::Alltoall(s, o) => {
+            let pod_ns: Vec<u32> = lab.pods.iter().map(|p| inodes.get(&p.end.netns)).collect();
+            journey::observations_by(&events, &o.stamps, |st| {
+                let (a, b) = s.pods_of(st.direction);
+                (pod_ns[a as usize], pod_ns[b as usize])
+            })
+        }
+        _ => {
+            let app_netns = [inodes.get(&lab.client.netns), inodes.get(&lab.server.netns)];
+            journey::observations(&events, driven.stamps(), app_netns)
+        }
+    };
     let mut directions = Vec::new();
     let mut incomplete = 0;
     for (dir, name) in driven.directions() {
@@ -251,12 +295,24 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         incomplete += report.incomplete_packets;
         directions.push(report);
     }
+    let alltoall = match &driven {
+        Driven::Alltoall(s, o) => {
+            let a = alltoall_report(s, o, &sorted.observations, lab, &inodes, &attached);
+            incomplete += a.incomplete;
+            directions.extend(a.directions);
+            Some(a.result)
+        }
+        _ => None,
+    };
     Ok(RunReport {
         schema: RUN_SCHEMA.into(),
         kernel: kernel::release(),
         topology: lab.devices.name.clone(),
         traffic: TrafficReport {
-            proto: args.proto,
+            proto: match args.traffic {
+                TrafficKind::Alltoall => Proto::Tcp,
+                _ => args.proto,
+            },
             size: args.size,
             count: args.count,
             completed: driven.completed(),
@@ -277,8 +333,99 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
             Driven::Stream(s, o) => Some(o.result(s)),
             _ => None,
         },
-        alltoall: None,
+        alltoall,
     })
+}
+
+/// All-to-all's figures, and the waterfall of each path kind's best-attributed pod pair.
+struct AlltoallReport {
+    result: AlltoallResult,
+    directions: Vec<DirectionReport>,
+    /// Tagged messages whose journey did not match their pod pair's path.
+    incomplete: u64,
+}
+
+fn alltoall_report(
+    spec: &AlltoallSpec,
+    out: &alltoall::AlltoallOutcome,
+    observations: &[journey::Observation],
+    lab: &RunTarget,
+    inodes: &Inodes,
+    attached: &Attached,
+) -> AlltoallReport {
+    let n = spec.pods.len() as u32;
+    // The pod's role: the last two words of its namespace's name (prof-bridge-pod-c).
+    let pod_name = |p: u32| {
+        let ns = &lab.pods[p as usize].end.netns;
+        let at = ns.rfind('-').and_then(|i| ns[..i].rfind('-'));
+        ns[at.map_or(0, |i| i + 1)..].to_string()
+    };
+    let mut kinds: Vec<(String, PathKindResult, Option<(u64, u32)>)> = Vec::new();
+    let mut incomplete = 0;
+    for (a, b) in (0..n).flat_map(|a| (0..n).map(move |b| (a, b))) {
+        if a == b && spec.procs < 2 {
+            continue;
+        }
+        let kind = spec.path_kind(a, b);
+        let pair = spec.pair(a, b);
+        let tagged = out.stamps.iter().filter(|s| s.direction == pair).count() as u64;
+        let keys = journey::modal_path(observations, pair);
+        let attribution = journey::attribute(observations, pair, &keys);
+        incomplete += attribution.incomplete;
+        let i = match kinds.iter().position(|k| k.0 == kind) {
+            Some(i) => i,
+            None => {
+                let result = PathKindResult {
+                    kind: kind.to_string(),
+                    pod_pairs: 0,
+                    tagged: 0,
+                    attributed: 0,
+                    unattributed_pairs: 0,
+                };
+                kinds.push((kind.to_string(), result, None));
+                kinds.len() - 1
+            }
+        };
+        let k = &mut kinds[i];
+        k.1.pod_pairs += 1;
+        k.1.tagged += tagged;
+        k.1.attributed += attribution.complete;
+        k.1.unattributed_pairs += u32::from(attribution.complete == 0);
+        if k.2.is_none_or(|(best, _)| attribution.complete > best) {
+            k.2 = Some((attribution.complete, pair));
+        }
+    }
+    let directions = kinds
+        .iter()
+        .filter_map(|(kind, _, best)| {
+            let (_, pair) = (*best)?;
+            let (a, b) = spec.pods_of(pair);
+            let title = format!("{kind} ({} -> {})", pod_name(a), pod_name(b));
+            Some(direction(&title, pair, observations, lab, inodes, attached))
+        })
+        .collect();
+    let mut rounds: Vec<u64> = out.rounds.iter().map(|d| d.as_nanos() as u64).collect();
+    rounds.sort_unstable();
+    let ms = |q: f64| {
+        rounds
+            .get(((rounds.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |&ns| ns as f64 / 1e6)
+    };
+    AlltoallReport {
+        result: AlltoallResult {
+            pods: n / spec.hosts(),
+            procs: spec.procs,
+            size: spec.size,
+            rounds: spec.rounds,
+            completed_rounds: out.rounds.len() as u32,
+            round_p50_ms: ms(0.5),
+            round_p99_ms: ms(0.99),
+            tag_every: spec.tag_every,
+            path_kinds: kinds.into_iter().map(|k| k.1).collect(),
+        },
+        directions,
+        incomplete,
+    }
 }
 
 /// One direction's waterfall: its most common path, and the others packets took.
