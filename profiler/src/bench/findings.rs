@@ -349,8 +349,11 @@ fn differences(better: &Side, worse: &Side) -> Vec<SegmentDifference> {
             let direction = match bc.experiment {
                 TrafficKind::Rr => "request",
                 TrafficKind::Stream => "stream",
-                // Between pods on different hosts: what placement changes.
-                TrafficKind::Alltoall => "cross host",
+                // The pod pairs the placement is about.
+                TrafficKind::Alltoall => match bc.placement {
+                    Placement::SameHost => "same host",
+                    Placement::CrossHost => "cross host",
+                },
             };
             if let Some((delta_ns, contributors)) = compare::difference(br, wr, direction) {
                 out.push(SegmentDifference {
@@ -438,12 +441,18 @@ mod tests {
 
     #[test]
     fn a_finding_without_its_cells_says_why() {
-        let mut skipped = gbit("macvlan", 64, 0.0);
-        skipped.status = CellStatus::Skipped;
-        skipped.reason = Some("no stream here".into());
-        let f = finding2(&[gbit("bridge", 64, 1.0), skipped]);
+        let mut failed = gbit("macvlan", 64, 0.0);
+        failed.status = CellStatus::Failed;
+        failed.reason = Some("the stream broke".into());
+        let f = finding2(&[gbit("bridge", 64, 1.0), failed]);
         assert_eq!(f.holds, None);
-        assert!(f.why.unwrap().contains("macvlan: no stream here"));
+        assert!(
+            f.why
+                .as_deref()
+                .unwrap()
+                .contains("macvlan: the stream broke"),
+            "{f:?}"
+        );
         // Hardware and VM findings are never judged.
         let all = judge(&[], &[], &TYPES, &BOTH);
         for i in [2, 4, 5] {

@@ -33,6 +33,9 @@ pub struct Plan {
     pub stream_duration: Duration,
     /// Processes per pod of the all-to-all cells (the study's 2 then 4).
     pub procs: &'static [u32],
+    /// Pods per host of every lab (the all-to-all's; rr and stream use the first two).
+    pub pods: u32,
+    pub rounds: u32,
 }
 
 /// The whole matrix: about N minutes on this 2-core machine (BENCHMARKS.md says how long).
@@ -41,14 +44,20 @@ pub const FULL: Plan = Plan {
     rr_count: 2000,
     stream_duration: Duration::from_secs(3),
     procs: &[2, 4],
+    // The study's 8 pods per node.
+    pods: 8,
+    rounds: 20,
 };
 
-/// `--quick`: the sizes the findings need (small, and above the study's 8 KB), fewer exchanges.
+/// `--quick`: the sizes the findings need (small, and above the study's 8 KB), fewer exchanges,
+/// pods and rounds.
 pub const QUICK: Plan = Plan {
     sizes: &[64, 16384],
     rr_count: 300,
     stream_duration: Duration::from_secs(1),
     procs: &[2, 4],
+    pods: 4,
+    rounds: 5,
 };
 
 /// The message size of the all-to-all cells, as in the study's Table 3.
@@ -130,6 +139,7 @@ pub async fn paper(args: &BenchArgs) -> Result<BenchReport> {
     for &(topology, placement) in &labs {
         let options = LabOptions {
             placement,
+            pods: Some(plan.pods),
             ..LabOptions::default()
         };
         let used = match interruptible(ensure_lab(topology, &options, "bench")).await {
@@ -200,44 +210,37 @@ async fn run_cells(
     Ok(())
 }
 
-/// What became of a cell that did not fail.
-enum Outcome {
-    Ran(CellResult, Box<RunReport>),
-    Skipped(String),
-}
+/// A cell that did not fail: its figures and its run.
+struct Outcome(CellResult, Box<RunReport>);
 
 async fn run_cell(plan: &Plan, spec: &CellSpec, lab: &Lab, topology: Topology) -> Result<Outcome> {
+    let alltoall = spec.experiment == TrafficKind::Alltoall;
     let args = RunArgs {
         lab: topology,
         proto: spec.proto,
         size: spec.size,
-        count: plan.rr_count,
+        count: if alltoall { plan.rounds } else { plan.rr_count },
         rate: None,
         port: None,
         stats: false,
         quiet: true,
         // The study's hosts had no deep hooks to offer either; every cell alike.
         hooks: HookSet::Stable,
-        timeout: Duration::from_secs(1),
+        // A round of 8 pods x 4 processes across hosts takes about a second here.
+        timeout: Duration::from_secs(if alltoall { 20 } else { 1 }),
         traffic: spec.experiment,
         duration: plan.stream_duration,
         tag_every: None,
-        pods: run::DEFAULT_PODS,
+        pods: plan.pods,
         procs: spec.procs.unwrap_or(run::DEFAULT_PROCS),
     };
-    if spec.experiment == TrafficKind::Alltoall {
-        return Ok(Outcome::Skipped(
-            "`profiler run --traffic alltoall` is not in this build yet (issue 14, branch traffic)"
-                .into(),
-        ));
-    }
     let report = profile(&args, &RunTarget::lab(lab)).await?;
     let result = match spec.experiment {
         TrafficKind::Rr => direction_result(&report, "request"),
         TrafficKind::Stream => stream_result(&report),
         TrafficKind::Alltoall => alltoall_result(&report),
     };
-    Ok(Outcome::Ran(result, Box::new(report)))
+    Ok(Outcome(result, Box::new(report)))
 }
 
 /// The one-way latency of a direction's tagged messages, end to end.
@@ -276,8 +279,7 @@ fn cell(
     elapsed_s: f64,
 ) -> Result<BenchCell> {
     let (status, reason, result, run) = match outcome {
-        Ok(Outcome::Ran(result, run)) => (CellStatus::Ok, None, result, Some(*run)),
-        Ok(Outcome::Skipped(why)) => (CellStatus::Skipped, Some(why), CellResult::default(), None),
+        Ok(Outcome(result, run)) => (CellStatus::Ok, None, result, Some(*run)),
         Err(e) if is_interruption(&e) => return Err(e),
         Err(e) => (
             CellStatus::Failed,
@@ -295,11 +297,12 @@ fn cell(
         size: spec.size,
         count: match spec.experiment {
             TrafficKind::Rr => plan.rr_count,
-            _ => 0,
+            TrafficKind::Stream => 0,
+            TrafficKind::Alltoall => plan.rounds,
         },
         duration_s: (spec.experiment == TrafficKind::Stream)
             .then_some(plan.stream_duration.as_secs_f64()),
-        pods: None,
+        pods: spec.procs.map(|_| plan.pods),
         procs: spec.procs,
         status,
         reason,

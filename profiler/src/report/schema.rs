@@ -448,8 +448,6 @@ pub struct BenchReport {
 #[serde(rename_all = "lowercase")]
 pub enum CellStatus {
     Ok,
-    /// Not run, and why (a traffic kind this build lacks).
-    Skipped,
     /// Run, and failed: the error.
     Failed,
 }

@@ -87,7 +87,9 @@ async fn profile_sizes(
 }
 
 fn named<'a>(r: &'a RunReport, direction: &str) -> Option<&'a DirectionReport> {
-    r.directions.iter().find(|d| d.direction == direction)
+    r.directions
+        .iter()
+        .find(|d| d.direction.starts_with(direction))
 }
 
 fn request(r: &RunReport) -> Option<&DirectionReport> {
@@ -122,9 +124,10 @@ pub fn summarize(runs: &[RunReport]) -> Vec<CompareRow> {
         .collect()
 }
 
-/// How much longer `run`'s tagged packets of `direction` ("request", "stream", ...) take than
-/// `base`'s (mean, ns), and the segments that account for it, largest first; None if either
-/// has no such direction.
+/// How much longer `run`'s tagged packets of `direction` take than `base`'s (mean, ns), and the
+/// segments that account for it, largest first; None if either has no such direction. The
+/// direction is the first whose name starts with `direction`: "request", "stream", or an
+/// all-to-all path kind ("cross host", named "cross host (pod-a -> pod-b)").
 pub fn difference(
     run: &RunReport,
     base: &RunReport,
