@@ -137,11 +137,18 @@ pub async fn paper(args: &BenchArgs) -> Result<BenchReport> {
     let mut cells = Vec::new();
     let mut skipped = Vec::new();
     for &(topology, placement) in &labs {
-        let options = LabOptions {
+        let mut options = LabOptions {
             placement,
             pods: Some(plan.pods),
             ..LabOptions::default()
         };
+        // A topology without more pods still runs rr and stream on its two.
+        let no_pods = lab::check(topology, &options)
+            .err()
+            .map(|e| format!("{e:#}"));
+        if no_pods.is_some() {
+            options.pods = None;
+        }
         let used = match interruptible(ensure_lab(topology, &options, "bench")).await {
             Ok(used) => used,
             Err(e) if !is_interruption(&e) => {
@@ -159,10 +166,15 @@ pub async fn paper(args: &BenchArgs) -> Result<BenchReport> {
             }
             Err(e) => return Err(e),
         };
-        let ran = interruptible(run_cells(
-            &plan, &specs, &used.lab, topology, &bar, &mut cells,
-        ));
-        let ran = ran.await;
+        let ran = run_cells(
+            &plan,
+            &specs,
+            &used.lab,
+            no_pods.as_deref(),
+            &bar,
+            &mut cells,
+        );
+        let ran = interruptible(ran).await;
         used.release(false).await?;
         ran?;
     }
@@ -191,7 +203,7 @@ async fn run_cells(
     plan: &Plan,
     specs: &[CellSpec],
     lab: &Lab,
-    topology: Topology,
+    no_pods: Option<&str>,
     bar: &ProgressBar,
     cells: &mut Vec<BenchCell>,
 ) -> Result<()> {
@@ -201,7 +213,12 @@ async fn run_cells(
             lab.name, spec.experiment, spec.size
         ));
         let started = Instant::now();
-        let outcome = run_cell(plan, spec, lab, topology).await;
+        let outcome = match no_pods {
+            Some(why) if spec.experiment == TrafficKind::Alltoall => {
+                Ok(Outcome::Skipped(why.to_string()))
+            }
+            _ => run_cell(plan, spec, lab).await,
+        };
         let cell = cell(spec, lab, plan, outcome, started.elapsed().as_secs_f64())?;
         say(bar, &report::bench::cell_line(&cell));
         cells.push(cell);
@@ -210,13 +227,16 @@ async fn run_cells(
     Ok(())
 }
 
-/// A cell that did not fail: its figures and its run.
-struct Outcome(CellResult, Box<RunReport>);
+/// What became of a cell that did not fail.
+enum Outcome {
+    Ran(CellResult, Box<RunReport>),
+    Skipped(String),
+}
 
-async fn run_cell(plan: &Plan, spec: &CellSpec, lab: &Lab, topology: Topology) -> Result<Outcome> {
+async fn run_cell(plan: &Plan, spec: &CellSpec, lab: &Lab) -> Result<Outcome> {
     let alltoall = spec.experiment == TrafficKind::Alltoall;
     let args = RunArgs {
-        lab: topology,
+        lab: lab.topology,
         proto: spec.proto,
         size: spec.size,
         count: if alltoall { plan.rounds } else { plan.rr_count },
@@ -240,7 +260,7 @@ async fn run_cell(plan: &Plan, spec: &CellSpec, lab: &Lab, topology: Topology) -
         TrafficKind::Stream => stream_result(&report),
         TrafficKind::Alltoall => alltoall_result(&report),
     };
-    Ok(Outcome(result, Box::new(report)))
+    Ok(Outcome::Ran(result, Box::new(report)))
 }
 
 /// The one-way latency of a direction's tagged messages, end to end.
@@ -279,7 +299,8 @@ fn cell(
     elapsed_s: f64,
 ) -> Result<BenchCell> {
     let (status, reason, result, run) = match outcome {
-        Ok(Outcome(result, run)) => (CellStatus::Ok, None, result, Some(*run)),
+        Ok(Outcome::Ran(result, run)) => (CellStatus::Ok, None, result, Some(*run)),
+        Ok(Outcome::Skipped(why)) => (CellStatus::Skipped, Some(why), CellResult::default(), None),
         Err(e) if is_interruption(&e) => return Err(e),
         Err(e) => (
             CellStatus::Failed,

@@ -80,6 +80,7 @@ fn head(size: usize, procs: Option<u32>) -> String {
 fn value(c: &BenchCell) -> String {
     let r = &c.result;
     match (c.status, c.experiment) {
+        (CellStatus::Skipped, _) => "skipped".into(),
         (CellStatus::Failed, _) => "failed".into(),
         (CellStatus::Ok, TrafficKind::Rr) => pair(r.p50_ns.map(us), r.p99_ns.map(us)),
         (CellStatus::Ok, TrafficKind::Stream) => {

@@ -448,6 +448,8 @@ pub struct BenchReport {
 #[serde(rename_all = "lowercase")]
 pub enum CellStatus {
     Ok,
+    /// Not run, and why (an all-to-all on a topology that has no more than two pods).
+    Skipped,
     /// Run, and failed: the error.
     Failed,
 }
