@@ -111,7 +111,18 @@ pub fn cell_line(c: &BenchCell) -> String {
         CellStatus::Ok => value(c),
         _ => format!("{}: {}", value(c), c.reason.as_deref().unwrap_or("")),
     };
-    format!("{:<22} {:<22} {result} ({:.1} s)", c.lab, what, c.elapsed_s)
+    format!(
+        "{:<22} {:<22} {result} ({:.1} s){}",
+        c.lab,
+        what,
+        c.elapsed_s,
+        lost(c).map_or(String::new(), |n| format!(", {n} EVENTS LOST"))
+    )
+}
+
+/// Events the kernel could not hand over in the cell's run, if any.
+fn lost(c: &BenchCell) -> Option<u64> {
+    c.run.as_ref().map(|r| r.events.lost).filter(|&n| n > 0)
 }
 
 pub fn experiment_name(e: TrafficKind) -> &'static str {
@@ -122,7 +133,8 @@ pub fn experiment_name(e: TrafficKind) -> &'static str {
     }
 }
 
-/// The cells not run, grouped by reason: "12 stream cells: reason".
+/// The cells not run, grouped by reason ("12 cell(s) alltoall skipped: reason"), and those
+/// whose run lost events.
 fn not_run(r: &BenchReport) -> Vec<String> {
     let mut groups: Vec<(String, usize)> = Vec::new();
     for c in r.cells.iter().filter(|c| c.status != CellStatus::Ok) {
@@ -137,10 +149,12 @@ fn not_run(r: &BenchReport) -> Vec<String> {
             None => groups.push((key, 1)),
         }
     }
-    groups
-        .into_iter()
-        .map(|(k, n)| format!("{n} cell(s) {k}"))
-        .collect()
+    let groups = groups.into_iter().map(|(k, n)| format!("{n} cell(s) {k}"));
+    let losses = r.cells.iter().filter_map(|c| {
+        let what = format!("{} {} {} B", c.lab, experiment_name(c.experiment), c.size);
+        lost(c).map(|n| format!("{what}: {n} events lost (its segments miss those packets)"))
+    });
+    groups.chain(losses).collect()
 }
 
 pub fn verdict(f: &Finding) -> &'static str {
