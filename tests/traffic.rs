@@ -82,8 +82,8 @@ impl Drop for Iperf3Server {
     }
 }
 
-/// iperf3's UDP throughput from pod-a to pod-b, received payload in Gbit/s.
-fn iperf3_udp(port: u16) -> f64 {
+/// iperf3's UDP throughput from pod-a to pod-b, payload in Gbit/s: (sent, received).
+fn iperf3_udp(port: u16) -> (f64, f64) {
     let port = port.to_string();
     let out = Command::new("ip")
         .args([
@@ -98,10 +98,13 @@ fn iperf3_udp(port: u16) -> f64 {
         String::from_utf8_lossy(&out.stdout)
     );
     let r: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    r["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("iperf3's received throughput")
-        / 1e9
+    let gbit = |side: &str| {
+        r["end"][side]["bits_per_second"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("iperf3's {side}"))
+            / 1e9
+    };
+    (gbit("sum_sent"), gbit("sum_received"))
 }
 
 /// `profiler run --traffic stream` over UDP on the lab that is up.
@@ -123,8 +126,13 @@ fn stream(tag_every: &str) -> Value {
     ])
 }
 
-fn gbit(r: &Value) -> f64 {
-    r["stream"]["gbit_per_s"].as_f64().expect("gbit_per_s")
+/// The stream's payload throughput, Gbit/s: (sent, received).
+fn gbit(r: &Value) -> (f64, f64) {
+    let s = &r["stream"];
+    (
+        s["sent_gbit_per_s"].as_f64().expect("sent_gbit_per_s"),
+        s["gbit_per_s"].as_f64().expect("gbit_per_s"),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -134,6 +142,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// A UDP stream's throughput is iperf3's on the same path (within 10%) and its tags cost
 /// nothing measurable (within 3%); the tagged messages crossed every hop of the path.
+///
+/// Throughput is compared where the generator makes it: at the sender, which here also carries
+/// every packet through veth, the bridge and into the receiving socket (veth hands packets to
+/// the backlog of the sending CPU). What arrives depends on how fast each receiver's loop drains
+/// its socket (iperf3's server selects before each read and drops more): printed, not compared.
 #[test]
 fn udp_stream_matches_iperf3_and_its_tags_cost_nothing() {
     if !iperf3_installed() {
@@ -160,10 +173,11 @@ fn udp_stream_matches_iperf3_and_its_tags_cost_nothing() {
         last_tagged = stream("1000");
         let tagged = gbit(&last_tagged);
         eprintln!(
-            "round {round}: iperf3 {reference:.3}, stream tagged {tagged:.3}, untagged {plain:.3} Gbit/s"
+            "round {round}: Gbit/s sent (received): iperf3 {:.3} ({:.3}), stream tagged {:.3} ({:.3}), untagged {:.3} ({:.3})",
+            reference.0, reference.1, tagged.0, tagged.1, plain.0, plain.1
         );
-        vs_iperf3.push(tagged / reference);
-        vs_untagged.push(tagged / plain);
+        vs_iperf3.push(tagged.0 / reference.0);
+        vs_untagged.push(tagged.0 / plain.0);
     }
     // A round's runs are seconds apart: its ratios see the same machine, whatever other work
     // comes and goes on it.
