@@ -634,10 +634,8 @@ async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     };
     let report = result?;
     output(json.as_ref(), &report, &table::run(&report))?;
-    if report.traffic.completed == 0 {
-        eprintln!(
-            "error: no exchange completed: the server never answered within --timeout (is it reachable from the client's namespace?)"
-        );
+    if let Some(nothing) = nothing_done(&report) {
+        eprintln!("error: {nothing}");
         return Ok(ExitCode::FAILURE);
     }
     if report.events.lost > 0 && !cli.allow_loss {
@@ -744,6 +742,17 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     Ok(report.command.as_ref().map_or(ExitCode::SUCCESS, |c| {
         ExitCode::from(attach::workload::exit_code(c))
     }))
+}
+
+/// Why a run did nothing, if it did nothing: no exchange, no stream message, no round.
+fn nothing_done(report: &profiler::report::schema::RunReport) -> Option<&'static str> {
+    match (&report.stream, &report.alltoall) {
+        (Some(s), _) => (s.messages == 0).then_some("no stream message arrived at the receiver"),
+        (_, Some(a)) => (a.completed_rounds == 0).then_some("no all-to-all round completed"),
+        _ => (report.traffic.completed == 0).then_some(
+            "no exchange completed: the server never answered within --timeout (is it reachable from the client's namespace?)",
+        ),
+    }
 }
 
 /// "NETNS:IP" of --to.

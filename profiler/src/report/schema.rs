@@ -117,6 +117,9 @@ pub struct StreamResult {
     pub messages: u64,
     /// Payload bits per second received.
     pub gbit_per_s: f64,
+    /// Payload bits per second the sender wrote (UDP: what it offered, lost messages too).
+    #[serde(default)]
+    pub sent_gbit_per_s: f64,
     pub messages_per_s: f64,
     /// UDP: messages sent that never arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -66,8 +66,8 @@ fn render_stream(out: &mut String, s: &StreamResult, topology: &str, kernel: &st
     });
     let _ = writeln!(
         out,
-        "{proto} stream of {} B messages for {:.1} s on {topology} (kernel {kernel}): {:.2} Gbit/s, {:.0} messages/s{lost}",
-        s.size, s.duration_s, s.gbit_per_s, s.messages_per_s
+        "{proto} stream of {} B messages for {:.1} s on {topology} (kernel {kernel}): {:.2} Gbit/s ({:.2} sent), {:.0} messages/s{lost}",
+        s.size, s.duration_s, s.gbit_per_s, s.sent_gbit_per_s, s.messages_per_s
     );
     let _ = writeln!(
         out,

@@ -79,6 +79,8 @@ pub struct StreamOutcome {
     pub bytes: u64,
     /// First to last byte received.
     pub elapsed: Duration,
+    /// The sender's time, from its first message to its last.
+    pub send_elapsed: Duration,
     pub stamps: Vec<Stamp>,
 }
 
@@ -92,6 +94,9 @@ impl StreamOutcome {
             bytes: self.bytes,
             messages: self.received,
             gbit_per_s: self.bytes as f64 * 8.0 / secs / 1e9,
+            sent_gbit_per_s: (self.sent * spec.size as u64) as f64 * 8.0
+                / self.send_elapsed.as_secs_f64().max(1e-9)
+                / 1e9,
             messages_per_s: self.received as f64 / secs,
             lost_messages: (spec.proto == Proto::Udp)
                 .then(|| self.sent.saturating_sub(self.received)),
@@ -132,7 +137,12 @@ pub async fn run(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
 }
 
 /// Joins the sender's stamps (seq, sent at) with the receiver's.
-fn outcome(sent: u64, sends: Vec<(u32, u64)>, rx: Received) -> StreamOutcome {
+fn outcome(
+    sent: u64,
+    send_elapsed: Duration,
+    sends: Vec<(u32, u64)>,
+    rx: Received,
+) -> StreamOutcome {
     let recv: std::collections::HashMap<u32, u64> = rx.stamps.into_iter().collect();
     let stamps = sends
         .into_iter()
@@ -149,6 +159,7 @@ fn outcome(sent: u64, sends: Vec<(u32, u64)>, rx: Received) -> StreamOutcome {
         sent,
         received: rx.messages,
         bytes: rx.bytes,
+        send_elapsed,
         elapsed: match (rx.first, rx.last) {
             (Some(f), Some(l)) => l - f,
             _ => Duration::ZERO,
@@ -200,7 +211,8 @@ fn run_udp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
     let mut buf = message(spec.size);
     let mut sends = Vec::new();
     let mut sent = 0u64;
-    let end = Instant::now() + spec.duration;
+    let begun = Instant::now();
+    let end = begun + spec.duration;
     while Instant::now() < end {
         let seq = spec.tagged(sent);
         if let Some(seq) = seq {
@@ -219,11 +231,12 @@ fn run_udp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
             buf[..TAG_LEN].fill(FILLER);
         }
     }
+    let sending = begun.elapsed();
     done.store(true, Ordering::Relaxed);
     let rx = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the UDP receiver panicked"))??;
-    Ok(outcome(sent, sends, rx))
+    Ok(outcome(sent, sending, sends, rx))
 }
 
 fn receive_udp(socket: &UdpSocket, run_id: u32, done: &AtomicBool) -> Result<Received> {
@@ -269,7 +282,8 @@ fn run_tcp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
     let mut buf = message(spec.size);
     let mut sends = Vec::new();
     let mut sent = 0u64;
-    let end = Instant::now() + spec.duration;
+    let begun = Instant::now();
+    let end = begun + spec.duration;
     while Instant::now() < end {
         let seq = spec.tagged(sent);
         if let Some(seq) = seq {
@@ -287,11 +301,12 @@ fn run_tcp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
             buf[..TAG_LEN].fill(FILLER);
         }
     }
+    let sending = begun.elapsed();
     drop(client);
     let rx = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the TCP receiver panicked"))??;
-    Ok(outcome(sent, sends, rx))
+    Ok(outcome(sent, sending, sends, rx))
 }
 
 /// The whole of `buf`, each call with `flags`.
