@@ -682,7 +682,11 @@ async fn paper_command(cli: PaperCli, quiet: bool) -> Result<ExitCode> {
         placements: cli.placement,
         quick: cli.quick,
         quiet,
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        // As people type it: `profiler`, whatever path it was run by.
+        command: std::iter::once("profiler".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
     };
     // bench handles SIGINT/SIGTERM itself, so that the lab it made goes too.
     let report = bench::paper(&args).await?;

@@ -127,6 +127,7 @@ pub fn labs(types: &[Topology], placements: &[Placement]) -> Vec<(Topology, Plac
 /// build it), its cells run one after the other, and it is taken down again.
 pub async fn paper(args: &BenchArgs) -> Result<BenchReport> {
     let started = Instant::now();
+    let load_start = load();
     let plan = if args.quick { QUICK } else { FULL };
     let labs = labs(&args.types, &args.placements);
     if labs.is_empty() {
@@ -188,6 +189,8 @@ pub async fn paper(args: &BenchArgs) -> Result<BenchReport> {
         machine: machine(),
         commit: commit(),
         elapsed_s: started.elapsed().as_secs_f64(),
+        load_start,
+        load_end: load(),
         skipped,
         cells,
         findings,
@@ -213,6 +216,7 @@ async fn run_cells(
             lab.name, spec.experiment, spec.size
         ));
         let started = Instant::now();
+        let load_start = load();
         let outcome = match no_pods {
             Some(why) if spec.experiment == TrafficKind::Alltoall => {
                 Ok(Outcome::Skipped(why.to_string()))
@@ -349,6 +353,15 @@ fn machine() -> String {
         .and_then(|l| l.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0);
     format!("{cpus} x {model}, {:.1} GiB", kib / (1024.0 * 1024.0))
+}
+
+/// The 1-minute load average (0 if /proc/loadavg cannot be read).
+fn load() -> f64 {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The commit of the checkout the bench runs in, if it runs in one.

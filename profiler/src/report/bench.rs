@@ -262,10 +262,16 @@ pub fn markdown(r: &BenchReport) -> String {
     );
     let _ = writeln!(
         out,
-        "- {} cells in {:.0} s ({:.1} min)\n",
+        "- {} cells in {:.0} s ({:.1} min)",
         r.cells.len(),
         r.elapsed_s,
         r.elapsed_s / 60.0
+    );
+    let _ = writeln!(
+        out,
+        "- load average {:.2} at the start, {:.2} at the end: the machine is shared, and other \
+         work running meanwhile shows in the figures (p99 most)\n",
+        r.load_start, r.load_end
     );
     for g in grids(r).iter().filter(|g| !g.rows.is_empty()) {
         let _ = writeln!(out, "## {}\n", g.title);

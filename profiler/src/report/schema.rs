@@ -441,6 +441,10 @@ pub struct BenchReport {
     /// The commit of the checkout it ran in (`git describe --always --dirty`), if any.
     pub commit: Option<String>,
     pub elapsed_s: f64,
+    /// The 1-minute load average when the bench started and when it ended: above 0 on an idle
+    /// machine's count of CPUs, other work shared the machine.
+    pub load_start: f64,
+    pub load_end: f64,
     /// Labs this kernel cannot build, with the reason.
     pub skipped: Vec<Skipped>,
     pub cells: Vec<BenchCell>,
