@@ -364,7 +364,7 @@ fn receive_tcp(mut conn: TcpStream, spec: &StreamSpec) -> Result<Received> {
         };
         let now = Instant::now();
         rx.count(n, now);
-        scan.feed(&buf[..n], || monotonic_ns(), &mut rx.stamps);
+        scan.feed(&buf[..n], monotonic_ns, &mut rx.stamps);
     }
     rx.messages = rx.bytes / spec.size as u64;
     Ok(rx)
