@@ -224,9 +224,9 @@ struct LabOpts {
     /// MTU of the pods' interfaces (and the overlay device); default: the topology's.
     #[arg(long, value_parser = clap::value_parser!(u32).range(576..=9000))]
     mtu: Option<u32>,
-    /// Pods per host, 2 to 16 (default: the topology's two pods, one per host cross-host;
+    /// Pods per host, 2 to 13 (default: the topology's two pods, one per host cross-host;
     /// run --traffic alltoall: 8).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=16))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=lab::MAX_PODS as i64))]
     pods: Option<u32>,
 }
 

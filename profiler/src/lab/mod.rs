@@ -22,6 +22,7 @@ mod state;
 pub mod target;
 
 pub use owner::{Lock, Owner};
+pub use spec::MAX_PODS;
 pub use state::STATE_DIR;
 
 #[derive(

@@ -167,7 +167,7 @@ pub fn hop_flags(obs: &[Observation], direction: u32, path: &[HopKey]) -> Vec<u8
 }
 
 /// The statistics of a segment's (or the whole journey's) latencies.
-fn stats_of(values: &[u64]) -> Stats {
+pub fn stats_of(values: &[u64]) -> Stats {
     if values.is_empty() {
         return Stats::default();
     }

@@ -345,6 +345,38 @@ struct AlltoallReport {
     incomplete: u64,
 }
 
+/// One path kind's pod pairs, added up, and its best-attributed pair (attributed, pair).
+struct KindTally {
+    result: PathKindResult,
+    best: Option<(u64, u32)>,
+}
+
+impl KindTally {
+    fn new(kind: &str) -> KindTally {
+        KindTally {
+            result: PathKindResult {
+                kind: kind.to_string(),
+                pod_pairs: 0,
+                tagged: 0,
+                attributed: 0,
+                unattributed_pairs: 0,
+            },
+            best: None,
+        }
+    }
+
+    fn add(&mut self, pair: u32, tagged: u64, attributed: u64) {
+        let r = &mut self.result;
+        r.pod_pairs += 1;
+        r.tagged += tagged;
+        r.attributed += attributed;
+        r.unattributed_pairs += u32::from(attributed == 0);
+        if self.best.is_none_or(|(best, _)| attributed > best) {
+            self.best = Some((attributed, pair));
+        }
+    }
+}
+
 fn alltoall_report(
     spec: &AlltoallSpec,
     out: &alltoall::AlltoallOutcome,
@@ -360,57 +392,34 @@ fn alltoall_report(
         let at = ns.rfind('-').and_then(|i| ns[..i].rfind('-'));
         ns[at.map_or(0, |i| i + 1)..].to_string()
     };
-    let mut kinds: Vec<(String, PathKindResult, Option<(u64, u32)>)> = Vec::new();
+    let mut kinds: BTreeMap<&str, KindTally> = BTreeMap::new();
     let mut incomplete = 0;
     for (a, b) in (0..n).flat_map(|a| (0..n).map(move |b| (a, b))) {
         if a == b && spec.procs < 2 {
             continue;
         }
-        let kind = spec.path_kind(a, b);
         let pair = spec.pair(a, b);
-        let tagged = out.stamps.iter().filter(|s| s.direction == pair).count() as u64;
         let keys = journey::modal_path(observations, pair);
         let attribution = journey::attribute(observations, pair, &keys);
         incomplete += attribution.incomplete;
-        let i = match kinds.iter().position(|k| k.0 == kind) {
-            Some(i) => i,
-            None => {
-                let result = PathKindResult {
-                    kind: kind.to_string(),
-                    pod_pairs: 0,
-                    tagged: 0,
-                    attributed: 0,
-                    unattributed_pairs: 0,
-                };
-                kinds.push((kind.to_string(), result, None));
-                kinds.len() - 1
-            }
-        };
-        let k = &mut kinds[i];
-        k.1.pod_pairs += 1;
-        k.1.tagged += tagged;
-        k.1.attributed += attribution.complete;
-        k.1.unattributed_pairs += u32::from(attribution.complete == 0);
-        if k.2.is_none_or(|(best, _)| attribution.complete > best) {
-            k.2 = Some((attribution.complete, pair));
-        }
+        let tagged = out.stamps.iter().filter(|s| s.direction == pair).count() as u64;
+        let kind = spec.path_kind(a, b);
+        kinds
+            .entry(kind)
+            .or_insert_with(|| KindTally::new(kind))
+            .add(pair, tagged, attribution.complete);
     }
     let directions = kinds
         .iter()
-        .filter_map(|(kind, _, best)| {
-            let (_, pair) = (*best)?;
+        .filter_map(|(kind, tally)| {
+            let (_, pair) = tally.best?;
             let (a, b) = spec.pods_of(pair);
             let title = format!("{kind} ({} -> {})", pod_name(a), pod_name(b));
             Some(direction(&title, pair, observations, lab, inodes, attached))
         })
         .collect();
-    let mut rounds: Vec<u64> = out.rounds.iter().map(|d| d.as_nanos() as u64).collect();
-    rounds.sort_unstable();
-    let ms = |q: f64| {
-        rounds
-            .get(((rounds.len() as f64 - 1.0) * q).round() as usize)
-            .map_or(0.0, |&ns| ns as f64 / 1e6)
-    };
+    let rounds: Vec<u64> = out.rounds.iter().map(|d| d.as_nanos() as u64).collect();
+    let rounds = journey::stats_of(&rounds);
     AlltoallReport {
         result: AlltoallResult {
             pods: n / spec.hosts(),
@@ -418,10 +427,10 @@ fn alltoall_report(
             size: spec.size,
             rounds: spec.rounds,
             completed_rounds: out.rounds.len() as u32,
-            round_p50_ms: ms(0.5),
-            round_p99_ms: ms(0.99),
+            round_p50_ms: rounds.p50_ns as f64 / 1e6,
+            round_p99_ms: rounds.p99_ns as f64 / 1e6,
             tag_every: spec.tag_every,
-            path_kinds: kinds.into_iter().map(|k| k.1).collect(),
+            path_kinds: kinds.into_values().map(|k| k.result).collect(),
         },
         directions,
         incomplete,

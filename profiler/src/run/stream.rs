@@ -3,8 +3,11 @@
 //! messages, stamped by both ends like ping-pong's, give the per-hop latency under load.
 //!
 //! Blocking sockets on threads of their own, one send or receive call per message (as iperf3
-//! does), so the stream runs as fast as a plain sender would. Untagged messages are filled with
-//! 0xa5 bytes, which never read as the tag's magic.
+//! does), so the stream runs as fast as a plain sender would. The sender is pinned to the first
+//! CPU and the receiver to the second (as `iperf3 -A 0,1`): left to the scheduler, the
+//! receiver is often woken onto the sender's CPU (a socket's wakeup is a sync one), which
+//! halves the stream on two CPUs, run by run at random.
+//! Untagged messages are filled with 0xa5 bytes, which never read as the tag's magic.
 //!
 //! TCP has no message boundaries, but the kernel finds a tag only at the start of a segment's
 //! payload. So the message before a tagged one is written with MSG_EOR: the kernel then
@@ -25,7 +28,11 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use nix::sys::socket::{send, MsgFlags};
+use nix::{
+    sched::{sched_setaffinity, CpuSet},
+    sys::socket::{send, MsgFlags},
+    unistd::Pid,
+};
 use profiler_common::{Tag, DIR_REQUEST, TAG_LEN, TAG_MAGIC};
 
 use super::traffic::{Endpoints, Proto, Stamp, MAX_SIZE, MAX_UDP_SIZE, MIN_SIZE};
@@ -128,12 +135,15 @@ impl Received {
 pub async fn run(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
     spec.validate()?;
     let (spec, ends) = (spec.clone(), ends.clone());
-    tokio::task::spawn_blocking(move || match spec.proto {
-        Proto::Udp => run_udp(&spec, &ends),
-        Proto::Tcp => run_tcp(&spec, &ends),
-    })
-    .await
-    .context("the stream's thread panicked")?
+    // A thread of its own, not the runtime's blocking pool: it is pinned to a CPU.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(match spec.proto {
+            Proto::Udp => run_udp(&spec, &ends),
+            Proto::Tcp => run_tcp(&spec, &ends),
+        });
+    });
+    rx.await.context("the stream's thread panicked")?
 }
 
 /// Joins the sender's stamps (seq, sent at) with the receiver's.
@@ -206,8 +216,12 @@ fn run_udp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
     let run_id = spec.run_id;
     let receiver = {
         let done = done.clone();
-        std::thread::spawn(move || receive_udp(&server, run_id, &done))
+        std::thread::spawn(move || {
+            pin(RECEIVER_CPU);
+            receive_udp(&server, run_id, &done)
+        })
     };
+    pin(SENDER_CPU);
     let mut buf = message(spec.size);
     let mut sends = Vec::new();
     let mut sent = 0u64;
@@ -271,6 +285,7 @@ fn run_tcp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
     let receiver = {
         let spec = spec.clone();
         std::thread::spawn(move || -> Result<Received> {
+            pin(RECEIVER_CPU);
             let (conn, _) = listener.accept().context("accepting the stream")?;
             receive_tcp(conn, &spec)
         })
@@ -279,6 +294,7 @@ fn run_tcp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
         TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))
             .with_context(|| format!("connecting to the TCP receiver at {server_addr}"))
     })?;
+    pin(SENDER_CPU);
     let mut buf = message(spec.size);
     let mut sends = Vec::new();
     let mut sent = 0u64;
@@ -309,6 +325,19 @@ fn run_tcp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
     Ok(outcome(sent, sending, sends, rx))
 }
 
+const SENDER_CPU: usize = 0;
+const RECEIVER_CPU: usize = 1;
+
+/// Pins the calling thread to `cpu` (modulo the CPUs there are). Best effort: a thread that
+/// stays unpinned still streams.
+fn pin(cpu: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut set = CpuSet::new();
+    if set.set(cpu % cpus).is_ok() {
+        let _ = sched_setaffinity(Pid::from_raw(0), &set);
+    }
+}
+
 /// The whole of `buf`, each call with `flags`.
 pub(super) fn send_all(conn: &TcpStream, mut buf: &[u8], flags: MsgFlags) -> Result<()> {
     while !buf.is_empty() {
@@ -335,7 +364,7 @@ fn receive_tcp(mut conn: TcpStream, spec: &StreamSpec) -> Result<Received> {
         };
         let now = Instant::now();
         rx.count(n, now);
-        scan.feed(&buf[..n], || monotonic_ns(), &mut rx.stamps);
+        scan.feed(&buf[..n], monotonic_ns, &mut rx.stamps);
     }
     rx.messages = rx.bytes / spec.size as u64;
     Ok(rx)
