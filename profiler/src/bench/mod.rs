@@ -216,7 +216,6 @@ async fn run_cells(
             lab.name, spec.experiment, spec.size
         ));
         let started = Instant::now();
-        let load_start = load();
         let outcome = match no_pods {
             Some(why) if spec.experiment == TrafficKind::Alltoall => {
                 Ok(Outcome::Skipped(why.to_string()))
