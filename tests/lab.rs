@@ -58,6 +58,7 @@ fn cross_host(mtu: Option<u32>) -> LabOptions {
         placement: Placement::CrossHost,
         mtu,
         forwarder: None,
+        pods: None,
     }
 }
 

@@ -55,6 +55,11 @@ pub enum JsonOut {
 impl JsonOut {
     /// "-" or a file whose directory exists and is writable (tried by creating a file there).
     pub fn checked(arg: &Path) -> Result<JsonOut> {
+        JsonOut::checked_as("--json", arg)
+    }
+
+    /// As [`JsonOut::checked`], for the option `flag` (--html, --markdown, ...).
+    pub fn checked_as(flag: &str, arg: &Path) -> Result<JsonOut> {
         if arg.as_os_str() == "-" {
             return Ok(JsonOut::Stdout);
         }
@@ -64,7 +69,7 @@ impl JsonOut {
         };
         if !dir.is_dir() {
             bail!(
-                "--json {}: directory {} does not exist",
+                "{flag} {}: directory {} does not exist",
                 arg.display(),
                 dir.display()
             );
@@ -72,7 +77,7 @@ impl JsonOut {
         let probe = temporary(arg);
         std::fs::File::create(&probe).with_context(|| {
             format!(
-                "--json {}: cannot write in {}",
+                "{flag} {}: cannot write in {}",
                 arg.display(),
                 dir.display()
             )
@@ -84,7 +89,11 @@ impl JsonOut {
     /// Writes `value` as pretty JSON; a file through a temporary one and a rename, so a crash
     /// never leaves half a report.
     pub fn write(&self, value: &impl serde::Serialize) -> Result<()> {
-        let json = serde_json::to_string_pretty(value)? + "\n";
+        self.write_text(&(serde_json::to_string_pretty(value)? + "\n"))
+    }
+
+    /// Writes `text` the same way (HTML, Markdown).
+    pub fn write_text(&self, json: &str) -> Result<()> {
         match self {
             JsonOut::Stdout => print!("{json}"),
             JsonOut::File(path) => {

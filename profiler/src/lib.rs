@@ -5,6 +5,7 @@
 //! The two modes, and the layers they share:
 //! - [`run`]: tagged traffic, journeys rebuilt from events, `compare`.
 //! - [`attach`]: following real traffic, the filter compiler, in-kernel histograms, metrics.
+//! - [`bench`]: the study's experiments as a matrix of runs, and its findings judged.
 //! - [`kernel`]: BTF, kallsyms, loading and attaching the eBPF programs, ring buffers, doctor,
 //!   the delay injector.
 //! - [`datapath`]: the hook table and the rules that name segments, as data.
@@ -14,11 +15,15 @@
 //!   atomically, progress bars, SIGINT/SIGTERM.
 // Set up by the CLI (main.rs) for the log records of the library's modules.
 use env_logger as _;
-// Only the integration tests use it (tests/report.rs parses the HTML page).
+// Only the integration tests use these (tests/report.rs parses the HTML page, tests/bench.rs
+// decodes a screenshot of bench's page).
+#[cfg(test)]
+use png as _;
 #[cfg(test)]
 use roxmltree as _;
 
 pub mod attach;
+pub mod bench;
 pub mod cli;
 pub mod datapath;
 pub mod kernel;

@@ -8,11 +8,13 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use profiler::{
     attach,
+    bench::{self, BenchArgs},
     cli::{duration_within, number_within, output, JsonOut},
     kernel::{doctor, inject, programs::FollowConfig},
     lab::{self, target::RunTarget, LabOptions, Lock, Placement, Topology},
     report::{
-        schema::{HookSet, Proto},
+        self, html,
+        schema::{CellStatus, HookSet, Proto, TrafficKind},
         table, Format, Report,
     },
     run::{self, compare, RunArgs},
@@ -40,6 +42,12 @@ enum Command {
     /// Several network types side by side: latency per type and size, and the segments that
     /// make each differ from the first (the baseline).
     Compare(CompareCli),
+    /// Benchmarks: `paper` runs the study's experiments on every network type this kernel can
+    /// build and judges its findings.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Follow real traffic on this node (no traffic generated): per-segment latency kept in
     /// the kernel, reported at the end, on /metrics, or per packet.
     Attach(AttachCli),
@@ -67,6 +75,45 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The study's matrix: network types x placements x {request/response and stream at
+    /// 64 B..64 KiB, all-to-all with 2 and 4 processes per pod}; then findings 1-7 judged.
+    Paper(PaperCli),
+}
+
+#[derive(Parser)]
+struct PaperCli {
+    /// Fewer sizes and exchanges: under 3 minutes instead of under 20.
+    #[arg(long)]
+    quick: bool,
+    /// Network types; one this kernel cannot build is skipped with the reason.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "host,bridge,flannel-vxlan,macvlan,ipvlan-l2,ovs-vlan,ovs-vxlan"
+    )]
+    types: Vec<Topology>,
+    /// Placements; each type runs at those it has.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "same-host,cross-host"
+    )]
+    placement: Vec<Placement>,
+    /// Write the profiler.bench.v1 JSON to FILE ("-" for stdout instead of the table).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write the HTML page (charts, all-to-all table, findings) to FILE.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// Write the results as Markdown (BENCHMARKS.md) to FILE.
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -117,6 +164,10 @@ struct AttachCli {
     /// kernel has no kprobes).
     #[arg(long, value_enum, default_value = "deep")]
     hooks: HookSet,
+    /// A workload to run once attached (`-- iperf3 -c ...`): followed until it exits, and
+    /// attach exits with its status; Ctrl-C or SIGTERM stops both.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -178,6 +229,10 @@ struct LabOpts {
     /// MTU of the pods' interfaces (and the overlay device); default: the topology's.
     #[arg(long, value_parser = clap::value_parser!(u32).range(576..=9000))]
     mtu: Option<u32>,
+    /// Pods per host, 2 to 13 (default: the topology's two pods, one per host cross-host;
+    /// run --traffic alltoall: 8).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=lab::MAX_PODS as i64))]
+    pods: Option<u32>,
 }
 
 impl LabOpts {
@@ -188,6 +243,7 @@ impl LabOpts {
                 .unwrap_or_else(|| topology.default_placement()),
             mtu: self.mtu,
             forwarder: None,
+            pods: self.pods,
         }
     }
 }
@@ -236,6 +292,11 @@ impl TrafficOpts {
             timeout: self.timeout,
             quiet,
             uprobes: Vec::new(),
+            traffic: TrafficKind::Rr,
+            duration: run::DEFAULT_STREAM,
+            tag_every: None,
+            pods: run::DEFAULT_PODS,
+            procs: run::DEFAULT_PROCS,
         };
         args.spec(0).validate()?;
         Ok(args)
@@ -261,11 +322,26 @@ struct RunCli {
     to: Option<String>,
     #[command(flatten)]
     lab_opts: LabOpts,
-    /// Payload bytes per request and per response (16 to 65536).
-    #[arg(long, default_value_t = 64)]
-    size: usize,
+    /// Payload bytes per request and per response, per stream or all-to-all message (16 to
+    /// 65536; default 64, stream 1400, alltoall 16384).
+    #[arg(long)]
+    size: Option<usize>,
     #[command(flatten)]
     traffic: TrafficOpts,
+    /// rr: request/response ping-pong; stream: a one-way stream with tagged messages inside;
+    /// alltoall: in rounds, every process of every pod sends one message to every other.
+    #[arg(long = "traffic", value_enum, default_value = "rr")]
+    kind: TrafficKind,
+    /// How long a stream runs: 5, 5s, 500ms, 1m (up to 1h).
+    #[arg(long, default_value = "5s", value_parser = |s: &str| duration_within(s, Duration::from_millis(100), Duration::from_secs(3600)))]
+    duration: Duration,
+    /// stream: tag one message in N (default 1000); alltoall: every message of one round in
+    /// N (default 10); 0 tags nothing.
+    #[arg(long)]
+    tag_every: Option<u32>,
+    /// alltoall: processes (each with its own sockets) per pod, 1 to 8.
+    #[arg(long, default_value_t = run::DEFAULT_PROCS, value_parser = clap::value_parser!(u32).range(1..=8))]
+    procs: u32,
     /// Write the profiler.run.v1 JSON report to FILE ("-" for stdout instead of the table).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -348,6 +424,9 @@ async fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
         Command::Run(args) => run_command(args, quiet).await,
         Command::Compare(args) => compare_command(args, quiet).await,
         Command::Attach(args) => attach_command(args, quiet).await,
+        Command::Bench {
+            command: BenchCommand::Paper(args),
+        } => paper_command(args, quiet).await,
         Command::Lab { command } => {
             doctor::require_privileges()?;
             lab_command(command).await
@@ -534,11 +613,30 @@ fn owner_note(owner: Option<&lab::Owner>) -> String {
 async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     // Bad input is refused before any work: the report's file, then the run's values.
     let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
-    let mut args = cli.traffic.run_args(cli.lab, cli.size, quiet)?;
+    let size = cli.size.unwrap_or(run::default_size(cli.kind));
+    let mut args = RunArgs {
+        traffic: cli.kind,
+        duration: cli.duration,
+        tag_every: cli.tag_every,
+        pods: cli.lab_opts.pods.unwrap_or(run::DEFAULT_PODS),
+        procs: cli.procs,
+        ..cli.traffic.run_args(cli.lab, size, quiet)?
+    };
     args.uprobes = cli.uprobe.clone();
     let to = cli.to.as_deref().map(parse_to).transpose()?;
+    if to.is_some() && cli.kind == TrafficKind::Alltoall {
+        anyhow::bail!("--traffic alltoall runs between a lab's pods: use --lab, not --from/--to");
+    }
+    args.validate()?;
+    let options = LabOptions {
+        // All-to-all needs its pods; other traffic uses the lab's first two.
+        pods: (cli.kind == TrafficKind::Alltoall)
+            .then_some(args.pods)
+            .or(cli.lab_opts.pods),
+        ..cli.lab_opts.options(cli.lab)
+    };
     if cli.from.is_none() {
-        lab::check(cli.lab, &cli.lab_opts.options(cli.lab))?;
+        lab::check(cli.lab, &options)?;
     }
     doctor::require_privileges()?;
     let result = match (&cli.from, to) {
@@ -547,7 +645,6 @@ async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
             interruptible(run::profile(&args, &target)).await
         }
         _ => {
-            let options = cli.lab_opts.options(cli.lab);
             let used = interruptible(run::ensure_lab(args.lab, &options, "run")).await?;
             // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
             let result = interruptible(run::profile(&args, &RunTarget::lab(&used.lab))).await;
@@ -557,10 +654,8 @@ async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     };
     let report = result?;
     output(json.as_ref(), &report, &table::run(&report))?;
-    if report.traffic.completed == 0 {
-        eprintln!(
-            "error: no exchange completed: the server never answered within --timeout (is it reachable from the client's namespace?)"
-        );
+    if let Some(nothing) = nothing_done(&report) {
+        eprintln!("error: {nothing}");
         return Ok(ExitCode::FAILURE);
     }
     if report.events.lost > 0 && !cli.allow_loss {
@@ -594,6 +689,47 @@ async fn compare_command(cli: CompareCli, quiet: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn paper_command(cli: PaperCli, quiet: bool) -> Result<ExitCode> {
+    // Every output file is checked before any work: the matrix takes minutes.
+    let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
+    let checked =
+        |flag, path: Option<PathBuf>| path.map(|p| JsonOut::checked_as(flag, &p)).transpose();
+    let html = checked("--html", cli.html)?;
+    let markdown = checked("--markdown", cli.markdown)?;
+    doctor::require_privileges()?;
+    let args = BenchArgs {
+        types: cli.types,
+        placements: cli.placement,
+        quick: cli.quick,
+        quiet,
+        // As people type it: `profiler`, whatever path it was run by.
+        command: std::iter::once("profiler".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    // bench handles SIGINT/SIGTERM itself, so that the lab it made goes too.
+    let report = bench::paper(&args).await?;
+    if let Some(out) = &html {
+        out.write_text(&html::bench_page(&report))?;
+    }
+    if let Some(out) = &markdown {
+        out.write_text(&report::bench::markdown(&report))?;
+    }
+    output(json.as_ref(), &report, &report::bench::table(&report))?;
+    eprintln!("bench paper: {:.0} s", report.elapsed_s);
+    let failed = report
+        .cells
+        .iter()
+        .filter(|c| c.status == CellStatus::Failed)
+        .count();
+    if failed > 0 {
+        eprintln!("error: {failed} cell(s) failed (their errors are in the report)");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     // Bad input is refused before anything is attached.
     let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
@@ -617,6 +753,7 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         stats: cli.stats,
         hooks: cli.hooks,
         quiet,
+        command: cli.command,
     };
     let report = attach::attach(&args).await?;
     let table = table::attach(&report);
@@ -625,7 +762,21 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         (None, AttachMode::Events) => eprint!("{table}"),
         (json, _) => output(json.as_ref(), &report, &table)?,
     }
-    Ok(ExitCode::SUCCESS)
+    // Profiling succeeded: the workload's status is the command's.
+    Ok(report.command.as_ref().map_or(ExitCode::SUCCESS, |c| {
+        ExitCode::from(attach::workload::exit_code(c))
+    }))
+}
+
+/// Why a run did nothing, if it did nothing: no exchange, no stream message, no round.
+fn nothing_done(report: &profiler::report::schema::RunReport) -> Option<&'static str> {
+    match (&report.stream, &report.alltoall) {
+        (Some(s), _) => (s.messages == 0).then_some("no stream message arrived at the receiver"),
+        (_, Some(a)) => (a.completed_rounds == 0).then_some("no all-to-all round completed"),
+        _ => (report.traffic.completed == 0).then_some(
+            "no exchange completed: the server never answered within --timeout (is it reachable from the client's namespace?)",
+        ),
+    }
 }
 
 /// "NETNS:IP" of --to.

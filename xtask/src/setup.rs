@@ -74,24 +74,24 @@ pub fn debian_package(pkg: &str) -> Result<()> {
 /// has only scripts). The lab says the same when it is missing.
 pub const DPDK_PACKAGE: &str = "dpdk-dev";
 
-/// What the tests need besides the build's packages: dpdk-testpmd for tests/dpdk.rs.
+/// What the tests need besides the build's packages: dpdk-testpmd for tests/dpdk.rs, iperf3
+/// (the stream tests' reference, and the workload of `attach -- COMMAND`'s test) and chromium
+/// (the bench test loads bench's HTML page in it, headless).
 pub fn test_packages() -> Result<()> {
-    debian_package(DPDK_PACKAGE)
+    for pkg in [DPDK_PACKAGE, "iperf3", "chromium"] {
+        debian_package(pkg)?;
+    }
+    Ok(())
 }
 
 /// iproute2 (`ip netns`, for users and tests), bpftool (the tests' leak check) and iputils-ping
 /// (the benchmark's untagged background traffic).
 fn debian_packages() -> Result<()> {
+    const PLAIN: [&str; 2] = ["iproute2", "iputils-ping"];
     let have_bpftool = dpkg_installed("bpftool") || Path::new("/usr/sbin/bpftool").exists();
-    let mut missing: Vec<&str> = Vec::new();
-    if !dpkg_installed("iproute2") {
-        missing.push("iproute2");
-    }
+    let mut missing: Vec<&str> = PLAIN.into_iter().filter(|p| !dpkg_installed(p)).collect();
     if !have_bpftool {
         missing.push("bpftool");
-    }
-    if !dpkg_installed("iputils-ping") {
-        missing.push("iputils-ping");
     }
     if missing.is_empty() {
         step("Debian packages iproute2, bpftool, iputils-ping: already installed");

@@ -10,6 +10,7 @@ pub mod filter;
 pub mod histograms;
 pub mod metrics;
 pub mod scope;
+pub mod workload;
 
 use std::{
     net::SocketAddr,
@@ -55,6 +56,8 @@ pub struct AttachArgs {
     pub hooks: HookSet,
     /// No progress on stderr.
     pub quiet: bool,
+    /// A workload to run once everything is attached, followed until it exits (empty: none).
+    pub command: Vec<String>,
 }
 
 /// Attaches, follows until the duration ends or SIGINT/SIGTERM arrives, and reports. Whatever
@@ -117,7 +120,12 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         node: &node,
         snapshot: snapshot.as_deref(),
     };
-    follow_loop(args, &state, &mut namer, ring.as_mut()).await?;
+    let mut child = workload::spawn(&args.command)?;
+    let ended = follow_loop(args, &state, &mut namer, ring.as_mut(), child.as_mut()).await?;
+    let command = match child {
+        Some(c) => Some(workload::finish(c, &args.command, ended).await?),
+        None => None,
+    };
     if let Some(s) = server {
         s.abort();
     }
@@ -145,6 +153,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         hook_set,
         hooks: programs.statuses.clone(),
         program_costs: args.stats.then(|| programs.costs()),
+        command,
     })
 }
 
@@ -156,12 +165,14 @@ struct State<'a> {
     snapshot: Option<&'a RwLock<metrics::Snapshot>>,
 }
 
+/// Follows until the duration ends, a signal arrives or the workload exits, and says which.
 async fn follow_loop(
     args: &AttachArgs,
     state: &State<'_>,
     namer: &mut Namer,
     mut ring: Option<&mut RingBuf<MapData>>,
-) -> Result<()> {
+    mut child: Option<&mut tokio::process::Child>,
+) -> Result<workload::Ended> {
     let mut signals = signal::Signals::install()?;
     let until = args.duration.map(|d| tokio::time::Instant::now() + d);
     let deadline = async {
@@ -180,12 +191,18 @@ async fn follow_loop(
         None => cli::spinner(args.quiet),
     };
     if !args.quiet {
-        eprintln!("attach: following; stop with Ctrl-C");
+        let until = if child.is_some() {
+            "until the command exits or Ctrl-C"
+        } else {
+            "stop with Ctrl-C"
+        };
+        eprintln!("attach: following; {until}");
     }
-    loop {
+    let ended = loop {
         tokio::select! {
-            _ = &mut deadline => break,
-            _ = signals.recv() => break,
+            _ = &mut deadline => break workload::Ended::Duration,
+            name = signals.recv() => break workload::Ended::Signal(name),
+            status = workload::wait(child.as_deref_mut()) => break workload::Ended::Exited(status?),
             _ = drain.tick(), if ring.is_some() => {
                 if let Some(r) = ring.as_deref_mut() {
                     journeys.drain(r, namer)?;
@@ -210,12 +227,12 @@ async fn follow_loop(
                 }
             }
         }
-    }
+    };
     if let Some(r) = ring {
         journeys.drain(r, namer)?;
         journeys.flush_all(namer)?;
     }
-    Ok(())
+    Ok(ended)
 }
 
 fn node_name() -> String {

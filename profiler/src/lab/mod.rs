@@ -23,6 +23,7 @@ mod state;
 pub mod target;
 
 pub use owner::{Lock, Owner};
+pub use spec::MAX_PODS;
 pub use state::STATE_DIR;
 
 #[derive(
@@ -155,6 +156,9 @@ pub struct LabOptions {
     pub mtu: Option<u32>,
     /// A program to run in place of the topology's userspace datapath (dpdk: testpmd).
     pub forwarder: Option<std::path::PathBuf>,
+    /// Pods per host (each end's host); None: the topology's two pods (one per host
+    /// cross-host).
+    pub pods: Option<u32>,
 }
 
 const CROSS_HOST_SUFFIX: &str = "-xhost";
@@ -208,6 +212,13 @@ pub struct Lab {
     pub client: Endpoint,
     /// pod-b (host-b for `host`)
     pub server: Endpoint,
+    /// The --pods the lab was made with (None: its two pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods_per_host: Option<u32>,
+    /// Every pod, client and server first (empty in state files written before pods were
+    /// listed: those are client and server).
+    #[serde(default)]
+    pub pods: Vec<Pod>,
     /// The run that made the lab and removes it when it ends; None: made by `lab up`, kept
     /// until `lab down`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -260,6 +271,15 @@ pub struct Endpoint {
     pub addr: Ipv4Addr,
 }
 
+/// A pod of a lab and the host it is on.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Pod {
+    #[serde(flatten)]
+    pub end: Endpoint,
+    /// The host's role: "host" same-host, "host-a" or "host-b" cross-host.
+    pub host: String,
+}
+
 /// Builds the lab of `topology` as `options` say. An unsupported combination fails before
 /// anything is created; on a later failure, or if the returned future is dropped (Ctrl-C),
 /// everything created so far is removed again.
@@ -269,7 +289,7 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
         bail!("--mtu must be between 576 and 9000");
     }
-    let spec = spec::Spec::of(topology, options.placement, options.mtu)?;
+    let spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
     if let Some(f) = &options.forwarder {
         if spec.userspace.is_none() {
             bail!("--forwarder: {} has no userspace datapath", topology.name());
@@ -293,7 +313,7 @@ pub async fn up_owned(topology: Topology, options: &LabOptions, owner: Owner) ->
 
 async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -> Result<Lab> {
     check(topology, options)?;
-    let spec = spec::Spec::of(topology, options.placement, options.mtu)?;
+    let spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
     let name = lab_name(topology, options.placement);
     if leftovers(&name, &spec) {
         bail!("lab {name} is already up (profiler lab down {name})");
@@ -317,7 +337,7 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
 /// Whether any part of lab `name` exists without its state file (a build that was killed).
 pub fn has_parts(name: &str) -> bool {
     parse_lab_name(name)
-        .and_then(|(t, p)| spec::Spec::of(t, p, None).ok())
+        .and_then(|(t, p)| spec::Spec::widest(t, p))
         .is_some_and(|spec| leftovers(name, &spec))
 }
 
@@ -344,7 +364,7 @@ fn leftovers(name: &str, spec: &spec::Spec) -> bool {
 /// Stops the lab's OVS daemons and userspace datapath, removes its namespaces (and with them its devices) and its
 /// state file. Works on whatever part of a lab exists, e.g. after a crash.
 pub async fn down(name: &str) -> Result<()> {
-    let spec = parse_lab_name(name).and_then(|(t, p)| spec::Spec::of(t, p, None).ok());
+    let spec = parse_lab_name(name).and_then(|(t, p)| spec::Spec::widest(t, p));
     let Some(spec) = spec.filter(|spec| leftovers(name, spec)) else {
         bail!("no lab named {name} is up");
     };
@@ -423,6 +443,8 @@ mod tests {
                 ifname: "eth0".into(),
                 addr: Ipv4Addr::new(198, 18, 0, 2),
             },
+            pods_per_host: None,
+            pods: Vec::new(),
             owner: None,
             forwarder: None,
         }

@@ -11,7 +11,7 @@ use super::netns;
 use super::nl::{self, Nl};
 use super::ovs;
 use super::spec::{netns_name, Child, Place, Spec, Tunnel, TunnelKind, Userspace};
-use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Topology};
+use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Pod, Topology};
 
 /// What `up` has created so far. Dropped before `disarm` (an error, or the `up` future
 /// dropped on Ctrl-C), it removes all of it.
@@ -408,6 +408,17 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
         interfaces,
         client: endpoint(spec.client)?,
         server: endpoint(spec.server)?,
+        pods_per_host: options.pods,
+        pods: spec
+            .pods
+            .iter()
+            .map(|&(at, host)| {
+                endpoint(at).map(|end| Pod {
+                    end,
+                    host: host.to_string(),
+                })
+            })
+            .collect::<Result<_>>()?,
         owner: None,
         forwarder: None,
     })

@@ -279,13 +279,52 @@ pub(super) struct Spec {
     pub userspace: Option<Userspace>,
     pub client: Place,
     pub server: Place,
+    /// Every pod's interface and its host's role, client and server first (a pod of the
+    /// `host` topology is the host itself).
+    pub pods: Vec<(Place, &'static str)>,
 }
+
+/// Pod roles and their veth peers' names: pods beyond the first two are named on from pod-c.
+const POD_ROLES: [&str; 26] = [
+    "pod-a", "pod-b", "pod-c", "pod-d", "pod-e", "pod-f", "pod-g", "pod-h", "pod-i", "pod-j",
+    "pod-k", "pod-l", "pod-m", "pod-n", "pod-o", "pod-p", "pod-q", "pod-r", "pod-s", "pod-t",
+    "pod-u", "pod-v", "pod-w", "pod-x", "pod-y", "pod-z",
+];
+const POD_PEERS: [&str; 26] = [
+    "veth-a", "veth-b", "veth-c", "veth-d", "veth-e", "veth-f", "veth-g", "veth-h", "veth-i",
+    "veth-j", "veth-k", "veth-l", "veth-m", "veth-n", "veth-o", "veth-p", "veth-q", "veth-r",
+    "veth-s", "veth-t", "veth-u", "veth-v", "veth-w", "veth-x", "veth-y", "veth-z",
+];
+/// Most pods per host: the names above, over two hosts.
+pub const MAX_PODS: u32 = 13;
 
 impl Spec {
     /// The spec of a topology and placement, or why that combination does not exist.
+    /// The topology with `pods` pods per host (None: its two pods).
+    pub fn with_pods(
+        topology: Topology,
+        placement: Placement,
+        mtu: Option<u32>,
+        pods: Option<u32>,
+    ) -> Result<Spec> {
+        let mut spec = Spec::of(topology, placement, mtu)?;
+        if let Some(n) = pods {
+            add_pods(&mut spec, topology, placement, mtu, n)?;
+        }
+        Ok(spec)
+    }
+
+    /// The lab with as many pods as it can have: every namespace a lab of this name may have
+    /// made, for its removal.
+    pub fn widest(topology: Topology, placement: Placement) -> Option<Spec> {
+        Spec::with_pods(topology, placement, None, Some(MAX_PODS))
+            .or_else(|_| Spec::of(topology, placement, None))
+            .ok()
+    }
+
     pub fn of(topology: Topology, placement: Placement, mtu: Option<u32>) -> Result<Spec> {
         use Placement::{CrossHost, SameHost};
-        Ok(match (topology, placement) {
+        let mut spec = match (topology, placement) {
             (Topology::Veth, SameHost) => veth(mtu),
             (Topology::Bridge, SameHost) => bridge(mtu),
             (Topology::Bridge, CrossHost) => cni_cross_host(mtu, Overlay::HostGw),
@@ -318,7 +357,18 @@ impl Spec {
                 "{} same-host would not cross the tunnel port (it is ovs-vlan same-host); use --placement cross-host",
                 topology.name()
             ),
-        })
+        };
+        // Which host a pod is on: all on one same-host, the first on host-a cross-host.
+        let host_of = |at: Place| match placement {
+            SameHost => "host",
+            CrossHost if at == spec.client => "host-a",
+            CrossHost => "host-b",
+        };
+        spec.pods = [spec.client, spec.server]
+            .into_iter()
+            .map(|at| (at, host_of(at)))
+            .collect();
+        Ok(spec)
     }
 
     pub fn ends(&self) -> impl Iterator<Item = &End> {
@@ -703,6 +753,76 @@ fn child_lab(kind: ChildKind, placement: Placement, mtu: Option<u32>) -> Spec {
     spec
 }
 
+/// Adds pods up to `n` per host: pod-c on, alternating between the hosts cross-host, wired
+/// as the topology wires its first two. Topologies whose pods are wired one by one (routes per
+/// pod, OVS ports) have their two pods only.
+fn add_pods(
+    spec: &mut Spec,
+    topology: Topology,
+    placement: Placement,
+    mtu: Option<u32>,
+    n: u32,
+) -> Result<()> {
+    if !(2..=MAX_PODS).contains(&n) {
+        bail!("--pods must be between 2 and {MAX_PODS}, got {n}");
+    }
+    let hosts = match placement {
+        Placement::SameHost => 1,
+        Placement::CrossHost => 2,
+    };
+    let total = (n * hosts) as usize;
+    let first = spec.pods.len();
+    for k in first..total {
+        let (role, peer) = (POD_ROLES[k], POD_PEERS[k]);
+        let on_b = placement == Placement::CrossHost && k % 2 == 1;
+        // The k-th pod's place on its host: 0 for pod-a and pod-b, 1 for pod-c and pod-d...
+        let slot = if hosts == 2 { k / 2 } else { k } as u8;
+        let host = spec.pods[usize::from(on_b)].1;
+        match (topology, placement) {
+            (Topology::Bridge, Placement::SameHost) => {
+                spec.pairs.push([pod(role, ip(0, slot + 1), mtu), port("host", peer, "br0", mtu)]);
+            }
+            (Topology::Bridge | Topology::FlannelVxlan | Topology::Geneve, Placement::CrossHost) => {
+                let h = &CNI_HOSTS[usize::from(on_b)];
+                let pod_mtu = spec.pairs[1 + usize::from(on_b)][0].mtu;
+                spec.pairs.push([
+                    pod(role, ip(h.subnet, slot + 1), pod_mtu),
+                    port(h.role, peer, "cni0", pod_mtu),
+                ]);
+                spec.routes.push(Route {
+                    role,
+                    dst: None,
+                    via: ip(h.subnet, 254),
+                    dev: "eth0",
+                    onlink: false,
+                });
+            }
+            (Topology::Macvlan, _) => {
+                let parent = spec.children[usize::from(on_b)].parent;
+                spec.children.push(Child {
+                    kind: ChildKind::Macvlan,
+                    parent,
+                    at: (role, "eth0"),
+                    addr: (ip(0, k as u8 + 1), 24),
+                    mtu,
+                });
+            }
+            // Host networking: every pod of a host is the host itself.
+            (Topology::Host, _) => {
+                spec.pods.push((spec.pods[usize::from(on_b)].0, host));
+                continue;
+            }
+            _ => bail!(
+                "--pods is not supported by {} (bridge, flannel-vxlan, geneve, macvlan and host have it)",
+                topology.name()
+            ),
+        }
+        spec.roles.push(role);
+        spec.pods.push(((role, "eth0"), host));
+    }
+    Ok(())
+}
+
 /// Kuryr/Neutron's wiring: each pod's eth0 is paired with an access port (the network's
 /// local VLAN, OVS_TAG) of its host's integration bridge br-int, one L2 198.18.0.0/24.
 /// Same host: one br-int in namespace host. Cross-host, br-int reaches the other host
@@ -808,6 +928,10 @@ mod tests {
         for topology in Topology::ALL {
             for placement in [Placement::SameHost, Placement::CrossHost] {
                 if let Ok(spec) = Spec::of(topology, placement, None) {
+                    specs.push((topology, placement, spec));
+                }
+                if let Ok(spec) = Spec::with_pods(topology, placement, None, Some(5)) {
+                    assert_eq!(spec.pods.len(), 5 * (placement as usize + 1));
                     specs.push((topology, placement, spec));
                 }
             }

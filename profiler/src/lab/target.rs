@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 
 use super::{
     discover::{self, ROOT},
-    netns, Endpoint, Lab, LabIface,
+    netns, Endpoint, Lab, LabIface, Pod,
 };
 
 /// The devices hops are named after.
@@ -25,6 +25,8 @@ pub struct RunTarget {
     pub server: Endpoint,
     /// The devices the tc programs attach to.
     pub attach: Vec<TcPoint>,
+    /// Every pod, client and server first (all-to-all's processes run in them).
+    pub pods: Vec<Pod>,
 }
 
 /// A device the tc programs attach to, at egress and, unless `ingress` is false, at ingress.
@@ -44,6 +46,7 @@ impl RunTarget {
             },
             client: lab.client.clone(),
             server: lab.server.clone(),
+            pods: lab.pods.clone(),
             // A userspace datapath's port: its packet socket copies the frame before tc
             // ingress, so a tc:ingress hop there would run alongside the datapath (and the
             // copy may reach the other port first), not before it.
@@ -105,6 +108,7 @@ impl RunTarget {
             client,
             server,
             attach,
+            pods: Vec::new(),
         })
     }
 }

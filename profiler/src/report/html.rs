@@ -1,6 +1,7 @@
 //! One self-contained HTML page per report (no script, no network): the table the command
 //! printed, and for run reports (and each run of a comparison) the waterfall of every direction
-//! drawn as an SVG, one bar per segment starting where the previous one ended.
+//! drawn as an SVG, one bar per segment starting where the previous one ended. A bench report
+//! gets its charts ([`super::charts`]), the all-to-all table and the findings instead.
 
 use svg::{
     node::element::{Rectangle, Text, Title},
@@ -8,7 +9,9 @@ use svg::{
 };
 
 use super::{
-    schema::{DirectionReport, RunReport},
+    bench::verdict,
+    charts::{self, Series, Stack},
+    schema::{BenchCell, BenchReport, CellStatus, DirectionReport, RunReport, TrafficKind},
     Report,
 };
 
@@ -20,25 +23,38 @@ const VALUES: f64 = 90.0;
 const ROW: f64 = 20.0;
 
 pub fn page(report: &Report) -> String {
-    let (title, waterfalls) = match report {
+    let (title, body) = match report {
         Report::Run(r) => (run_title(r), run_waterfalls(r)),
         Report::Compare(c) => (
             format!("profiler compare ({:?})", c.placement),
             c.runs.iter().map(run_waterfalls).collect(),
         ),
+        Report::Bench(b) => (bench_title(b), bench_body(b)),
         Report::Attach(a) => (format!("profiler attach on {}", a.node), String::new()),
         Report::Doctor(d) => (
             format!("profiler doctor: kernel {}", d.kernel),
             String::new(),
         ),
     };
+    skeleton(&title, &body, &report.table())
+}
+
+/// `bench paper --html`: the same page as `profiler report FILE --format html` draws.
+pub fn bench_page(b: &BenchReport) -> String {
+    skeleton(&bench_title(b), &bench_body(b), &super::bench::table(b))
+}
+
+/// The page every report shares: its title, what is drawn of it, and its table.
+fn skeleton(title: &str, body: &str, table: &str) -> String {
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\"/>\n<title>{t}</title>\n\
          <style>body{{font-family:sans-serif;margin:2em}}pre{{font-size:12px}}\
-         svg text{{font-family:monospace;font-size:12px}}</style>\n</head>\n<body>\n\
-         <h1>{t}</h1>\n{waterfalls}<h2>Table</h2>\n<pre>{table}</pre>\n</body>\n</html>\n",
-        t = escape(&title),
-        table = escape(&report.table()),
+         svg text{{font-family:monospace;font-size:12px}}\
+         table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px}}\
+         .key{{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}}</style>\n\
+         </head>\n<body>\n<h1>{t}</h1>\n{body}<h2>Table</h2>\n<pre>{table}</pre>\n</body>\n</html>\n",
+        t = escape(title),
+        table = escape(table),
     )
 }
 
@@ -156,4 +172,175 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
         .replace('"', "&quot;")
         .replace('\'', "&#39;")
+}
+
+fn bench_title(b: &BenchReport) -> String {
+    format!(
+        "profiler bench paper{} (kernel {}, {})",
+        if b.quick { " --quick" } else { "" },
+        b.kernel,
+        b.machine
+    )
+}
+
+/// The charts against message size, each size's segments per lab, the all-to-all table and
+/// the findings.
+fn bench_body(b: &BenchReport) -> String {
+    let ok = |e: TrafficKind| {
+        b.cells
+            .iter()
+            .filter(move |c| c.experiment == e && c.status == CellStatus::Ok)
+    };
+    let rr = series(ok(TrafficKind::Rr), |c| {
+        c.result.p50_ns.map(|n| n as f64 / 1e3)
+    });
+    let stream = series(ok(TrafficKind::Stream), |c| c.result.gbit_per_s);
+    let mut out = String::from("<h2>Against message size</h2>\n");
+    out += &charts::lines("UDP request latency, p50", "one-way latency (us)", &rr);
+    out += &charts::lines("TCP stream throughput", "Gbit/s", &stream);
+    out += &stacks(b);
+    out += &alltoall_table(b);
+    out += "<h2>The study's findings on this machine</h2>\n<ol>\n";
+    for f in &b.findings {
+        let colour = match f.holds {
+            Some(true) => "#2e7d32",
+            Some(false) => "#c62828",
+            None => "#757575",
+        };
+        out += &format!(
+            "<li><b style=\"color:{colour}\">{}</b>: {}<br/><small>tested: {}{}</small></li>\n",
+            verdict(f),
+            escape(&f.claim),
+            escape(&f.test),
+            f.why
+                .as_deref()
+                .map(|w| format!("<br/>{}", escape(w)))
+                .unwrap_or_default()
+        );
+    }
+    out + "</ol>\n"
+}
+
+/// One line per lab through its cells' values, in size order.
+fn series<'a>(
+    cells: impl Iterator<Item = &'a BenchCell>,
+    value: impl Fn(&BenchCell) -> Option<f64>,
+) -> Vec<Series> {
+    let mut out: Vec<Series> = Vec::new();
+    for c in cells {
+        let Some(v) = value(c) else { continue };
+        let point = (c.size as f64, v);
+        match out.iter_mut().find(|s| s.name == c.lab) {
+            Some(s) => s.points.push(point),
+            None => out.push(Series {
+                name: c.lab.clone(),
+                points: vec![point],
+            }),
+        }
+    }
+    out
+}
+
+/// Per rr size: each lab's request segments as one stacked bar, a segment name coloured alike
+/// in every chart, and the key below.
+fn stacks(b: &BenchReport) -> String {
+    let rr: Vec<&BenchCell> = b
+        .cells
+        .iter()
+        .filter(|c| c.experiment == TrafficKind::Rr)
+        .collect();
+    let request = |c: &BenchCell| -> Vec<(String, f64)> {
+        let run = c.run.as_ref();
+        let request = run.and_then(|r| r.directions.iter().find(|d| d.direction == "request"));
+        request.map_or(Vec::new(), |d| {
+            let means = d
+                .segments
+                .iter()
+                .map(|s| (s.name.clone(), s.stats.mean_ns / 1e3));
+            means.collect()
+        })
+    };
+    let mut names: Vec<String> = Vec::new();
+    for c in &rr {
+        for (name, _) in request(c) {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    let colour_of = |n: &str| charts::colour(names.iter().position(|x| x == n).unwrap_or(0));
+    let mut sizes: Vec<usize> = rr.iter().map(|c| c.size).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut out = String::from("<h2>Where the time goes (request direction)</h2>\n");
+    for size in sizes {
+        let bars: Vec<Stack> = rr
+            .iter()
+            .filter(|c| c.size == size)
+            .map(|c| Stack {
+                lab: c.lab.clone(),
+                segments: request(c),
+            })
+            .filter(|s| !s.segments.is_empty())
+            .collect();
+        out += &charts::stacked(&format!("segments at {size} B"), &bars, &colour_of);
+    }
+    out += "<p>";
+    for n in &names {
+        out += &format!(
+            "<span class=\"key\" style=\"background:{}\"></span>{}",
+            charts::hex(colour_of(n)),
+            escape(n)
+        );
+    }
+    out + "</p>\n"
+}
+
+/// Round latency per type, a row per placement and process count, as the study's Table 3.
+fn alltoall_table(b: &BenchReport) -> String {
+    let cells: Vec<&BenchCell> = b
+        .cells
+        .iter()
+        .filter(|c| c.experiment == TrafficKind::Alltoall)
+        .collect();
+    let mut types: Vec<&str> = Vec::new();
+    for c in &cells {
+        if !types.contains(&c.topology.as_str()) {
+            types.push(&c.topology);
+        }
+    }
+    let mut rows: Vec<(crate::lab::Placement, Option<u32>)> =
+        cells.iter().map(|c| (c.placement, c.procs)).collect();
+    rows.sort_by_key(|&(p, procs)| (p == crate::lab::Placement::CrossHost, procs));
+    rows.dedup();
+    let mut out = String::from(
+        "<h2>All-to-all round latency, ms (p50 / p99), as the study's Table 3</h2>\n<table>\n<tr><th>case</th>",
+    );
+    for t in &types {
+        out += &format!("<th>{}</th>", escape(t));
+    }
+    out += "</tr>\n";
+    for (placement, procs) in rows {
+        out += &format!(
+            "<tr><td>{placement:?}, {} procs per pod</td>",
+            procs.unwrap_or(0)
+        );
+        for t in &types {
+            let cell = cells
+                .iter()
+                .find(|c| c.topology == *t && c.placement == placement && c.procs == procs);
+            let text = match cell {
+                Some(c) if c.status == CellStatus::Ok => format!(
+                    "{:.2} / {:.2}",
+                    c.result.round_p50_ms.unwrap_or(f64::NAN),
+                    c.result.round_p99_ms.unwrap_or(f64::NAN)
+                ),
+                Some(c) => format!("{:?}", c.status).to_lowercase(),
+                None => "-".into(),
+            };
+            out += &format!("<td>{}</td>", escape(&text));
+        }
+        out += "</tr>\n";
+    }
+    out + "</table>\n"
 }

@@ -3,6 +3,8 @@
 //! from rendering: `profiler report FILE` re-renders a saved report exactly as the command that
 //! made it printed it.
 
+pub mod bench;
+pub mod charts;
 pub mod html;
 pub mod schema;
 pub mod table;
@@ -13,8 +15,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde::de::DeserializeOwned;
 
 use schema::{
-    AttachReport, CompareReport, DoctorReport, RunReport, ATTACH_SCHEMA, COMPARE_SCHEMA,
-    DOCTOR_SCHEMA, RUN_SCHEMA, SCHEMAS,
+    AttachReport, BenchReport, CompareReport, DoctorReport, RunReport, ATTACH_SCHEMA, BENCH_SCHEMA,
+    COMPARE_SCHEMA, DOCTOR_SCHEMA, RUN_SCHEMA, SCHEMAS,
 };
 
 /// Any report the profiler writes.
@@ -23,6 +25,7 @@ pub enum Report {
     Run(RunReport),
     Attach(AttachReport),
     Compare(CompareReport),
+    Bench(BenchReport),
     Doctor(DoctorReport),
 }
 
@@ -59,6 +62,7 @@ impl Report {
             RUN_SCHEMA => typed(value, &schema).map(Report::Run),
             ATTACH_SCHEMA => typed(value, &schema).map(Report::Attach),
             COMPARE_SCHEMA => typed(value, &schema).map(Report::Compare),
+            BENCH_SCHEMA => typed(value, &schema).map(Report::Bench),
             DOCTOR_SCHEMA => typed(value, &schema).map(Report::Doctor),
             other if other.starts_with("profiler.") => bail!(
                 "schema {other} is not one this profiler reads ({}): a report of another version",
@@ -82,6 +86,7 @@ impl Report {
             Report::Run(r) => table::run(r),
             Report::Attach(r) => table::attach(r),
             Report::Compare(r) => table::compare(r),
+            Report::Bench(r) => bench::table(r),
             Report::Doctor(r) => table::doctor(r),
         }
     }
@@ -91,6 +96,7 @@ impl Report {
             Report::Run(r) => serde_json::to_string_pretty(r)?,
             Report::Attach(r) => serde_json::to_string_pretty(r)?,
             Report::Compare(r) => serde_json::to_string_pretty(r)?,
+            Report::Bench(r) => serde_json::to_string_pretty(r)?,
             Report::Doctor(r) => serde_json::to_string_pretty(r)?,
         })
     }

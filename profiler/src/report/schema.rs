@@ -1,5 +1,6 @@
 //! Every report the profiler writes, as one schema: `profiler.run.v1`, `profiler.attach.v1`
-//! (and its events-mode lines), `profiler.compare.v1` and `profiler.doctor.v1`. Each type
+//! (and its events-mode lines), `profiler.compare.v1`, `profiler.bench.v1` and
+//! `profiler.doctor.v1`. Each type
 //! serializes to the JSON the commands have always written (fields are added, never renamed)
 //! and reads back, so a saved report can be re-rendered (`profiler report`).
 //!
@@ -14,9 +15,16 @@ pub const RUN_SCHEMA: &str = "profiler.run.v1";
 pub const ATTACH_SCHEMA: &str = "profiler.attach.v1";
 pub const COMPARE_SCHEMA: &str = "profiler.compare.v1";
 pub const DOCTOR_SCHEMA: &str = "profiler.doctor.v1";
+pub const BENCH_SCHEMA: &str = "profiler.bench.v1";
 
 /// The schemas `profiler report` reads.
-pub const SCHEMAS: [&str; 4] = [RUN_SCHEMA, ATTACH_SCHEMA, COMPARE_SCHEMA, DOCTOR_SCHEMA];
+pub const SCHEMAS: [&str; 5] = [
+    RUN_SCHEMA,
+    ATTACH_SCHEMA,
+    COMPARE_SCHEMA,
+    BENCH_SCHEMA,
+    DOCTOR_SCHEMA,
+];
 
 /// Which hooks a run attaches: the stable ABI (tracepoints, tc) or, besides them, the deep
 /// hooks on the datapath's own functions, which exist only where the kernel has kprobes.
@@ -32,6 +40,17 @@ pub enum HookSet {
 pub enum Proto {
     Udp,
     Tcp,
+}
+
+/// The traffic a run drives: request/response ping-pong (the default), a one-way stream with
+/// tagged messages inside it, or the MPI_Alltoall pattern between the processes of N pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrafficKind {
+    #[default]
+    Rr,
+    Stream,
+    Alltoall,
 }
 
 /// What became of one hook when the programs were attached.
@@ -77,6 +96,71 @@ pub struct RunReport {
     pub hooks: Vec<HookStatus>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub program_costs: Option<Vec<ProgramCost>>,
+    /// `--traffic stream`: the stream's throughput; `directions` holds the tagged messages'
+    /// one direction ("stream").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamResult>,
+    /// `--traffic alltoall`: round latency; `directions` holds one waterfall per path kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alltoall: Option<AlltoallResult>,
+}
+
+/// A one-way stream's throughput, measured at the receiver, and its tagged messages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamResult {
+    pub proto: Proto,
+    /// Bytes per message (per write, per UDP datagram).
+    pub size: usize,
+    pub duration_s: f64,
+    /// Payload received.
+    pub bytes: u64,
+    pub messages: u64,
+    /// Payload bits per second received.
+    pub gbit_per_s: f64,
+    /// Payload bits per second the sender wrote (UDP: what it offered, lost messages too).
+    #[serde(default)]
+    pub sent_gbit_per_s: f64,
+    pub messages_per_s: f64,
+    /// UDP: messages sent that never arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_messages: Option<u64>,
+    /// One message in this many is tagged (0: none).
+    pub tag_every: u32,
+    /// Tagged messages that arrived.
+    pub tagged: u64,
+}
+
+/// MPI_Alltoall over TCP: every round, every process sends one message to every other and
+/// waits for all of its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlltoallResult {
+    /// Pods per host, and processes per pod.
+    pub pods: u32,
+    pub procs: u32,
+    pub size: usize,
+    pub rounds: u32,
+    pub completed_rounds: u32,
+    /// A round: from the first process starting it to the last one having all its messages.
+    pub round_p50_ms: f64,
+    pub round_p99_ms: f64,
+    /// One round in this many is tagged (every message of it).
+    pub tag_every: u32,
+    pub path_kinds: Vec<PathKindResult>,
+}
+
+/// The pairs of processes whose messages take one kind of path.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PathKindResult {
+    /// "same pod" (loopback), "same host" (pod to pod), "cross host".
+    pub kind: String,
+    /// Ordered pod pairs of this kind.
+    pub pod_pairs: u32,
+    /// Tagged messages received.
+    pub tagged: u64,
+    /// Tagged messages whose journey matched their pod pair's path hop for hop.
+    pub attributed: u64,
+    /// Pod pairs none of whose tagged messages was attributed.
+    pub unattributed_pairs: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -211,6 +295,19 @@ pub struct AttachReport {
     pub hooks: Vec<HookStatus>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub program_costs: Option<Vec<ProgramCost>>,
+    /// `attach -- COMMAND`: the workload profiled until it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandOutcome>,
+}
+
+/// The workload `attach -- COMMAND` ran, and how it ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandOutcome {
+    pub argv: Vec<String>,
+    /// Its exit status; None when a signal ended it.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it.
+    pub signal: Option<i32>,
 }
 
 /// One segment's latency: two consecutive hops of followed packets.
@@ -335,6 +432,130 @@ pub struct Contributor {
     pub delta_ns: f64,
     /// Share of the type's total difference.
     pub percent: f64,
+}
+
+// ---- profiler.bench.v1 ----
+
+/// `profiler bench paper`: the study's matrix run on this machine, and its findings judged.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub schema: String,
+    /// The command line that made the report.
+    pub command: String,
+    pub quick: bool,
+    pub kernel: String,
+    /// CPUs, their model and the memory of the machine it ran on.
+    pub machine: String,
+    /// The commit of the checkout it ran in (`git describe --always --dirty`), if any.
+    pub commit: Option<String>,
+    pub elapsed_s: f64,
+    /// The 1-minute load average when the bench started and when it ended: above 0 on an idle
+    /// machine's count of CPUs, other work shared the machine.
+    pub load_start: f64,
+    pub load_end: f64,
+    /// Labs this kernel cannot build, with the reason.
+    pub skipped: Vec<Skipped>,
+    pub cells: Vec<BenchCell>,
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CellStatus {
+    Ok,
+    /// Not run, and why (an all-to-all on a topology that has no more than two pods).
+    Skipped,
+    /// Run, and failed: the error.
+    Failed,
+}
+
+/// One point of the matrix: a lab, an experiment and its parameters.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BenchCell {
+    /// The lab's name: topology, with -xhost when cross-host.
+    pub lab: String,
+    pub topology: String,
+    pub placement: Placement,
+    /// The study's three experiments: rr (sockperf), stream (iperf), alltoall (MPI_Alltoall).
+    pub experiment: TrafficKind,
+    pub proto: Proto,
+    /// Payload bytes per message.
+    pub size: usize,
+    /// rr: exchanges; alltoall: rounds; stream: 0 (it runs for `duration_s`).
+    pub count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    /// alltoall: pods per host and processes per pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub procs: Option<u32>,
+    pub status: CellStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub elapsed_s: f64,
+    pub result: CellResult,
+    /// The cell's full run report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunReport>,
+}
+
+/// A cell's figures; each experiment fills its own.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CellResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gbit_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_s: Option<f64>,
+    /// rr: one-way request latency (end to end); stream: the tagged messages' latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_p99_ms: Option<f64>,
+}
+
+/// One of the study's findings, judged on this machine.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Finding {
+    /// 1 to 7, as numbered in the study.
+    pub number: u8,
+    /// What the study says.
+    pub claim: String,
+    /// What was tested of it here.
+    pub test: String,
+    /// Whether it holds here; None when it could not be tested, and `why`.
+    pub holds: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// The figures that decide it.
+    pub numbers: Vec<FindingNumber>,
+    /// Per compared pair: the segments that account for the difference.
+    pub segments: Vec<SegmentDifference>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FindingNumber {
+    pub lab: String,
+    pub size: usize,
+    /// What was measured: "gbit_per_s", "p50_us", "round_p50_ms".
+    pub metric: String,
+    pub value: f64,
+}
+
+/// The segments that make `lab` differ from `versus` (compare's attribution).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SegmentDifference {
+    pub lab: String,
+    pub versus: String,
+    pub size: usize,
+    pub experiment: TrafficKind,
+    /// Mean latency of `lab` minus that of `versus`.
+    pub delta_ns: f64,
+    pub contributors: Vec<Contributor>,
 }
 
 // ---- profiler.doctor.v1 ----

@@ -3,8 +3,9 @@
 use std::fmt::Write as _;
 
 use super::schema::{
-    AttachPath, AttachReport, CompareReport, DirectionReport, DoctorReport, HookSet, HookStatus,
-    ProgramCost, RunReport, SegmentReport, SegmentSummary, Stats, Status,
+    AlltoallResult, AttachPath, AttachReport, CompareReport, DirectionReport, DoctorReport,
+    HookSet, HookStatus, ProgramCost, RunReport, SegmentReport, SegmentSummary, Stats, Status,
+    StreamResult,
 };
 
 fn us(ns: f64) -> String {
@@ -22,17 +23,18 @@ const BAR_WIDTH: f64 = 24.0;
 pub fn run(r: &RunReport) -> String {
     let mut out = String::new();
     let t = &r.traffic;
-    let _ = writeln!(
-        out,
-        "{} {} B x {} on {} (kernel {}): {} of {} exchanges completed",
-        format!("{:?}", t.proto).to_uppercase(),
-        t.size,
-        t.count,
-        r.topology,
-        r.kernel,
-        t.completed,
-        t.count
-    );
+    let proto = format!("{:?}", t.proto).to_uppercase();
+    match (&r.stream, &r.alltoall) {
+        (Some(s), _) => render_stream(&mut out, s, &r.topology, &r.kernel),
+        (_, Some(a)) => render_alltoall(&mut out, a, &r.topology, &r.kernel),
+        _ => {
+            let _ = writeln!(
+                out,
+                "{proto} {} B x {} on {} (kernel {}): {} of {} exchanges completed",
+                t.size, t.count, r.topology, r.kernel, t.completed, t.count
+            );
+        }
+    }
     for d in &r.directions {
         render_direction(&mut out, d);
     }
@@ -54,6 +56,40 @@ pub fn run(r: &RunReport) -> String {
         out += &render_costs(costs);
     }
     out
+}
+
+fn render_stream(out: &mut String, s: &StreamResult, topology: &str, kernel: &str) {
+    let proto = format!("{:?}", s.proto).to_uppercase();
+    let lost = s.lost_messages.map_or(String::new(), |l| {
+        let sent = (s.messages + l).max(1);
+        format!(", {l} lost ({:.2}%)", l as f64 * 100.0 / sent as f64)
+    });
+    let _ = writeln!(
+        out,
+        "{proto} stream of {} B messages for {:.1} s on {topology} (kernel {kernel}): {:.2} Gbit/s ({:.2} sent), {:.0} messages/s{lost}",
+        s.size, s.duration_s, s.gbit_per_s, s.sent_gbit_per_s, s.messages_per_s
+    );
+    let _ = writeln!(
+        out,
+        "tagged: 1 message in {}, {} arrived",
+        s.tag_every, s.tagged
+    );
+}
+
+fn render_alltoall(out: &mut String, a: &AlltoallResult, topology: &str, kernel: &str) {
+    let _ = writeln!(
+        out,
+        "all-to-all of {} B messages, {} pods x {} processes on {topology} (kernel {kernel}): {} of {} rounds, round p50 {:.3} ms, p99 {:.3} ms",
+        a.size, a.pods, a.procs, a.completed_rounds, a.rounds, a.round_p50_ms, a.round_p99_ms
+    );
+    let _ = writeln!(out, "tagged: every message of 1 round in {}", a.tag_every);
+    for k in &a.path_kinds {
+        let _ = writeln!(
+            out,
+            "  {:<10} {:>3} pod pairs, {} tagged messages, {} attributed, {} pairs with none attributed",
+            k.kind, k.pod_pairs, k.tagged, k.attributed, k.unattributed_pairs
+        );
+    }
 }
 
 /// Stable hooks that did not attach, each with why; deep hooks counted, with the attached ones
@@ -224,6 +260,14 @@ pub fn attach(r: &AttachReport) -> String {
         r.sample,
         r.mode
     );
+    if let Some(c) = &r.command {
+        let how = match (c.exit_code, c.signal) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(sig)) => format!("was ended by signal {sig}"),
+            (None, None) => "ended".to_string(),
+        };
+        let _ = writeln!(out, "command: {} {how}", c.argv.join(" "));
+    }
     if r.paths.is_empty() {
         // Reports written before paths were kept: every segment, the most crossed first.
         segment_list(&mut out, &r.segments);

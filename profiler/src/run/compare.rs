@@ -33,6 +33,7 @@ pub async fn compare(
         placement,
         mtu: None,
         forwarder: None,
+        pods: None,
     };
     let mut runs = Vec::new();
     let mut skipped = Vec::new();
@@ -86,8 +87,14 @@ async fn profile_sizes(
     Ok(())
 }
 
+fn named<'a>(r: &'a RunReport, direction: &str) -> Option<&'a DirectionReport> {
+    r.directions
+        .iter()
+        .find(|d| d.direction.starts_with(direction))
+}
+
 fn request(r: &RunReport) -> Option<&DirectionReport> {
-    r.directions.iter().find(|d| d.direction == "request")
+    named(r, "request")
 }
 
 /// Rows in run order; each type's contributors against the first type at the same size.
@@ -101,24 +108,35 @@ pub fn summarize(runs: &[RunReport]) -> Vec<CompareRow> {
     runs.iter()
         .filter_map(|r| {
             let req = request(r)?;
-            let base = baseline
+            let difference = baseline
                 .get(&r.traffic.size)
                 .filter(|b| b.topology != r.topology)
-                .and_then(|b| request(b));
-            let delta = base.map(|b| req.end_to_end.mean_ns - b.end_to_end.mean_ns);
+                .and_then(|b| difference(r, b, "request"));
             Some(CompareRow {
                 topology: r.topology.clone(),
                 size: r.traffic.size,
                 p50_ns: req.end_to_end.p50_ns,
                 p99_ns: req.end_to_end.p99_ns,
                 mean_ns: req.end_to_end.mean_ns,
-                delta_ns: delta,
-                contributors: base
-                    .map(|b| contributors(req, b, delta.unwrap_or(0.0)))
-                    .unwrap_or_default(),
+                delta_ns: difference.as_ref().map(|d| d.0),
+                contributors: difference.map(|d| d.1).unwrap_or_default(),
             })
         })
         .collect()
+}
+
+/// How much longer `run`'s tagged packets of `direction` take than `base`'s (mean, ns), and the
+/// segments that account for it, largest first; None if either has no such direction. The
+/// direction is the first whose name starts with `direction`: "request", "stream", or an
+/// all-to-all path kind ("cross host", named "cross host (pod-a -> pod-b)").
+pub fn difference(
+    run: &RunReport,
+    base: &RunReport,
+    direction: &str,
+) -> Option<(f64, Vec<Contributor>)> {
+    let (ours, theirs) = (named(run, direction)?, named(base, direction)?);
+    let delta = ours.end_to_end.mean_ns - theirs.end_to_end.mean_ns;
+    Some((delta, contributors(ours, theirs, delta)))
 }
 
 /// What a segment is compared by: its name, except the first and last (the sending and
@@ -232,6 +250,8 @@ mod tests {
             },
             hooks: Vec::new(),
             program_costs: None,
+            stream: None,
+            alltoall: None,
         }
     }
 

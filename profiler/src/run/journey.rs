@@ -35,8 +35,24 @@ pub struct Sorted {
     pub fragments: u64,
 }
 
-/// Turns kernel events into observations; drops and fragments are set apart.
+/// Turns kernel events into observations; drops and fragments are set apart. `app_netns` is
+/// the [client, server] namespace of ping-pong's stamps: requests go from the client.
 pub fn observations(events: &[Event], stamps: &[Stamp], app_netns: [u32; 2]) -> Sorted {
+    observations_by(events, stamps, |s| {
+        if s.direction == 0 {
+            (app_netns[0], app_netns[1])
+        } else {
+            (app_netns[1], app_netns[0])
+        }
+    })
+}
+
+/// [`observations`] with each stamp's (sending, receiving) namespace given by `ends`.
+pub fn observations_by(
+    events: &[Event],
+    stamps: &[Stamp],
+    ends: impl Fn(&Stamp) -> (u32, u32),
+) -> Sorted {
     let mut out = Sorted {
         observations: Vec::with_capacity(events.len() + stamps.len()),
         ..Default::default()
@@ -84,12 +100,7 @@ pub fn observations(events: &[Event], stamps: &[Stamp], app_netns: [u32; 2]) -> 
         });
     }
     for s in stamps {
-        // Requests go client -> server, responses server -> client.
-        let (from, to) = if s.direction == 0 {
-            (app_netns[0], app_netns[1])
-        } else {
-            (app_netns[1], app_netns[0])
-        };
+        let (from, to) = ends(s);
         let app = |point, netns, ts_ns| Observation {
             seq: s.seq,
             direction: s.direction,
@@ -172,7 +183,7 @@ pub fn hop_flags(obs: &[Observation], direction: u32, path: &[HopKey]) -> Vec<u8
 }
 
 /// The statistics of a segment's (or the whole journey's) latencies.
-fn stats_of(values: &[u64]) -> Stats {
+pub fn stats_of(values: &[u64]) -> Stats {
     if values.is_empty() {
         return Stats::default();
     }

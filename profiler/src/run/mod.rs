@@ -2,8 +2,10 @@
 //! The tagged mode's own pieces live here: the traffic runner ([`traffic`]), journeys rebuilt
 //! from events ([`journey`]) and `profiler compare` ([`compare`]), which is runs side by side.
 
+pub mod alltoall;
 pub mod compare;
 pub mod journey;
+pub mod stream;
 pub mod traffic;
 
 use std::{
@@ -35,14 +37,17 @@ use crate::{
     lab::{
         self, discover,
         target::{Devices, RunTarget},
-        Lab, LabOptions, Lock, Owner, Topology,
+        Lab, LabOptions, Lock, Owner, Pod, Topology,
     },
     report::schema::{
-        DirectionReport, DropReport, EventsReport, HookSet, Hop, MissingHop, OtherPath, RunReport,
-        SegmentReport, Stats, TrafficReport, RUN_SCHEMA,
+        AlltoallResult, DirectionReport, DropReport, EventsReport, HookSet, Hop, MissingHop,
+        OtherPath, PathKindResult, RunReport, SegmentReport, Stats, TrafficKind, TrafficReport,
+        RUN_SCHEMA,
     },
 };
+use alltoall::AlltoallSpec;
 use journey::Attribution;
+use stream::StreamSpec;
 use traffic::{Endpoints, Proto, Spec};
 
 /// Paths other than the most common one shown per direction.
@@ -65,6 +70,29 @@ pub struct RunArgs {
     pub timeout: Duration,
     /// User probes to add as hops (`--uprobe`).
     pub uprobes: Vec<UprobeSpec>,
+    pub traffic: TrafficKind,
+    /// How long a stream runs.
+    pub duration: Duration,
+    /// stream: one message in N is tagged; alltoall: one round in N (every message of it).
+    /// None: the traffic's default; Some(0): nothing tagged.
+    pub tag_every: Option<u32>,
+    /// alltoall: pods per host, processes per pod.
+    pub pods: u32,
+    pub procs: u32,
+}
+
+pub const DEFAULT_STREAM: Duration = Duration::from_secs(5);
+pub const DEFAULT_PODS: u32 = 8;
+pub const DEFAULT_PROCS: u32 = 2;
+
+/// `--size` when none is given: 64 B ping-pong (sockperf's), 1400 B stream datagrams (one
+/// per packet at the usual MTU), 16 KiB all-to-all messages (the study's).
+pub fn default_size(kind: TrafficKind) -> usize {
+    match kind {
+        TrafficKind::Rr => 64,
+        TrafficKind::Stream => 1400,
+        TrafficKind::Alltoall => 16 * 1024,
+    }
 }
 
 /// Waits this long after the last exchange for the ring buffer to deliver its last events.
@@ -86,11 +114,132 @@ impl RunArgs {
     }
 }
 
+/// What the traffic did: its stamps, and what each kind measures besides.
+enum Driven {
+    Rr(traffic::Outcome),
+    Stream(StreamSpec, stream::StreamOutcome),
+    Alltoall(AlltoallSpec, alltoall::AlltoallOutcome),
+}
+
+impl Driven {
+    /// Exchanges completed (rr), tagged messages received (stream).
+    fn completed(&self) -> u32 {
+        match self {
+            Driven::Rr(o) => o.completed,
+            Driven::Stream(_, o) => o.stamps.len() as u32,
+            Driven::Alltoall(_, o) => o.rounds.len() as u32,
+        }
+    }
+
+    fn stamps(&self) -> &[traffic::Stamp] {
+        match self {
+            Driven::Rr(o) => &o.stamps,
+            Driven::Stream(_, o) => &o.stamps,
+            Driven::Alltoall(_, o) => &o.stamps,
+        }
+    }
+
+    /// The directions reported: tag direction and name.
+    fn directions(&self) -> Vec<(u32, String)> {
+        match self {
+            Driven::Rr(_) => vec![
+                (DIR_REQUEST, "request".into()),
+                (DIR_RESPONSE, "response".into()),
+            ],
+            Driven::Stream(..) => vec![(DIR_REQUEST, "stream".into())],
+            // One per path kind, chosen once the journeys are known.
+            Driven::Alltoall(..) => Vec::new(),
+        }
+    }
+}
+
+impl RunArgs {
+    fn stream_spec(&self, run_id: u32, port: u16) -> StreamSpec {
+        StreamSpec {
+            proto: self.proto,
+            size: self.size,
+            duration: self.duration,
+            tag_every: self.tag_every.unwrap_or(stream::DEFAULT_TAG_EVERY),
+            run_id,
+            port,
+        }
+    }
+
+    /// Refuses values the traffic cannot use, before any work.
+    pub fn validate(&self) -> Result<()> {
+        match self.traffic {
+            TrafficKind::Rr => self.spec(0).validate(),
+            TrafficKind::Stream => self.stream_spec(0, 1).validate(),
+            TrafficKind::Alltoall => self.alltoall_spec(&[], 0, 1).validate_values(),
+        }
+    }
+
+    fn alltoall_spec(&self, pods: &[Pod], run_id: u32, port: u16) -> AlltoallSpec {
+        AlltoallSpec {
+            pods: pods
+                .iter()
+                .map(|p| alltoall::PodEnd {
+                    netns: discover::ns_arg(&p.end.netns).map(str::to_string),
+                    addr: p.end.addr,
+                    host: p.host.clone(),
+                })
+                .collect(),
+            procs: self.procs,
+            size: self.size,
+            rounds: self.count,
+            tag_every: self.tag_every.unwrap_or(alltoall::DEFAULT_TAG_EVERY),
+            run_id,
+            port,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// Runs the traffic of `args.traffic`.
+async fn drive(
+    args: &RunArgs,
+    spec: &Spec,
+    lab: &RunTarget,
+    ends: &Endpoints,
+    progress: Arc<AtomicU32>,
+) -> Result<Driven> {
+    match args.traffic {
+        TrafficKind::Rr => Ok(Driven::Rr(traffic::run(spec, ends, progress).await?)),
+        TrafficKind::Stream => {
+            let s = args.stream_spec(spec.run_id, spec.port);
+            let ticker = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tick.tick().await;
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let out = stream::run(&s, ends).await;
+            ticker.abort();
+            Ok(Driven::Stream(s, out?))
+        }
+        TrafficKind::Alltoall => {
+            let s = args.alltoall_spec(&lab.pods, spec.run_id, spec.port);
+            let out = alltoall::run(&s, progress).await?;
+            Ok(Driven::Alltoall(s, out))
+        }
+    }
+}
+
+/// The progress bar's length and unit.
+fn progress_of(args: &RunArgs) -> (u32, &'static str) {
+    match args.traffic {
+        TrafficKind::Stream => ((args.duration.as_millis() / 100) as u32, "x 100 ms"),
+        TrafficKind::Rr => (args.count, "exchanges"),
+        TrafficKind::Alltoall => (args.count, "rounds"),
+    }
+}
+
 /// Profiles the target (a lab that is up, or a discovered path) and returns the report.
 pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
+    args.validate()?;
     let run_id = rand_run_id();
     let spec = args.spec(run_id);
-    spec.validate()?;
     let ends = Endpoints {
         client_ns: discover::ns_arg(&lab.client.netns).map(str::to_string),
         server_ns: discover::ns_arg(&lab.server.netns).map(str::to_string),
@@ -117,58 +266,60 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     let (stop_tx, stop_rx) = oneshot::channel();
     let collector = tokio::spawn(ring::collect(programs.take_events()?, stop_rx));
     let progress = Arc::new(AtomicU32::new(0));
-    let reporter = tokio::spawn(report_progress(progress.clone(), spec.count, args.quiet));
-    let outcome = traffic::run(&spec, &ends, progress).await;
+    let (total, unit) = progress_of(args);
+    let reporter = tokio::spawn(report_progress(progress.clone(), total, unit, args.quiet));
+    let driven = drive(args, &spec, lab, &ends, progress).await;
     reporter.abort();
     tokio::time::sleep(DRAIN).await;
     let _ = stop_tx.send(());
     let events = collector.await.context("the event collector stopped")??;
-    let outcome = outcome?;
+    let driven = driven?;
     let counters = programs.counters()?;
     let costs = args.stats.then(|| programs.costs());
 
     let inodes = Inodes::of(&lab.devices)?;
     let attached = Attached::from_statuses(&programs.statuses);
-    let app_netns = [inodes.get(&lab.client.netns), inodes.get(&lab.server.netns)];
-    let sorted = journey::observations(&events, &outcome.stamps, app_netns);
+    let sorted = match &driven {
+        Driven::Alltoall(s, o) => {
+            let pod_ns: Vec<u32> = lab.pods.iter().map(|p| inodes.get(&p.end.netns)).collect();
+            journey::observations_by(&events, &o.stamps, |st| {
+                let (a, b) = s.pods_of(st.direction);
+                (pod_ns[a as usize], pod_ns[b as usize])
+            })
+        }
+        _ => {
+            let app_netns = [inodes.get(&lab.client.netns), inodes.get(&lab.server.netns)];
+            journey::observations(&events, driven.stamps(), app_netns)
+        }
+    };
     let mut directions = Vec::new();
     let mut incomplete = 0;
-    for (dir, name) in [(DIR_REQUEST, "request"), (DIR_RESPONSE, "response")] {
-        let paths = journey::paths(&sorted.observations, dir);
-        let keys = paths.first().map(|(k, _)| k.clone()).unwrap_or_default();
-        let describe = |keys: &[HopKey]| {
-            let flags = journey::hop_flags(&sorted.observations, dir, keys);
-            path::describe(keys, &flags, &lab.devices, &inodes, &attached)
-        };
-        let attribution = journey::attribute(&sorted.observations, dir, &keys);
-        incomplete += attribution.incomplete;
-        let mut report = direction_report(name, &keys, describe(&keys), attribution, &lab.devices);
-        report.other_paths = paths
-            .iter()
-            .skip(1)
-            .take(MAX_OTHER_PATHS)
-            .map(|(keys, packets)| {
-                let hops = describe(keys);
-                let a = journey::attribute(&sorted.observations, dir, keys);
-                OtherPath {
-                    packets: *packets,
-                    segments: segment_reports(keys, &hops, a.segments, &lab.devices),
-                    hops,
-                    end_to_end: a.end_to_end,
-                }
-            })
-            .collect();
+    for (dir, name) in driven.directions() {
+        let report = direction(&name, dir, &sorted.observations, lab, &inodes, &attached);
+        incomplete += report.incomplete_packets;
         directions.push(report);
     }
+    let alltoall = match &driven {
+        Driven::Alltoall(s, o) => {
+            let a = alltoall_report(s, o, &sorted.observations, lab, &inodes, &attached);
+            incomplete += a.incomplete;
+            directions.extend(a.directions);
+            Some(a.result)
+        }
+        _ => None,
+    };
     Ok(RunReport {
         schema: RUN_SCHEMA.into(),
         kernel: kernel::release(),
         topology: lab.devices.name.clone(),
         traffic: TrafficReport {
-            proto: args.proto,
+            proto: match args.traffic {
+                TrafficKind::Alltoall => Proto::Tcp,
+                _ => args.proto,
+            },
             size: args.size,
             count: args.count,
-            completed: outcome.completed,
+            completed: driven.completed(),
         },
         directions,
         events: EventsReport {
@@ -182,7 +333,147 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         hook_set,
         hooks: programs.statuses.clone(),
         program_costs: costs,
+        stream: match &driven {
+            Driven::Stream(s, o) => Some(o.result(s)),
+            _ => None,
+        },
+        alltoall,
     })
+}
+
+/// All-to-all's figures, and the waterfall of each path kind's best-attributed pod pair.
+struct AlltoallReport {
+    result: AlltoallResult,
+    directions: Vec<DirectionReport>,
+    /// Tagged messages whose journey did not match their pod pair's path.
+    incomplete: u64,
+}
+
+/// One path kind's pod pairs, added up, and its best-attributed pair (attributed, pair).
+struct KindTally {
+    result: PathKindResult,
+    best: Option<(u64, u32)>,
+}
+
+impl KindTally {
+    fn new(kind: &str) -> KindTally {
+        KindTally {
+            result: PathKindResult {
+                kind: kind.to_string(),
+                pod_pairs: 0,
+                tagged: 0,
+                attributed: 0,
+                unattributed_pairs: 0,
+            },
+            best: None,
+        }
+    }
+
+    fn add(&mut self, pair: u32, tagged: u64, attributed: u64) {
+        let r = &mut self.result;
+        r.pod_pairs += 1;
+        r.tagged += tagged;
+        r.attributed += attributed;
+        r.unattributed_pairs += u32::from(attributed == 0);
+        if self.best.is_none_or(|(best, _)| attributed > best) {
+            self.best = Some((attributed, pair));
+        }
+    }
+}
+
+fn alltoall_report(
+    spec: &AlltoallSpec,
+    out: &alltoall::AlltoallOutcome,
+    observations: &[journey::Observation],
+    lab: &RunTarget,
+    inodes: &Inodes,
+    attached: &Attached,
+) -> AlltoallReport {
+    let n = spec.pods.len() as u32;
+    // The pod's role: the last two words of its namespace's name (prof-bridge-pod-c).
+    let pod_name = |p: u32| {
+        let ns = &lab.pods[p as usize].end.netns;
+        let at = ns.rfind('-').and_then(|i| ns[..i].rfind('-'));
+        ns[at.map_or(0, |i| i + 1)..].to_string()
+    };
+    let mut kinds: BTreeMap<&str, KindTally> = BTreeMap::new();
+    let mut incomplete = 0;
+    for (a, b) in (0..n).flat_map(|a| (0..n).map(move |b| (a, b))) {
+        if a == b && spec.procs < 2 {
+            continue;
+        }
+        let pair = spec.pair(a, b);
+        let keys = journey::modal_path(observations, pair);
+        let attribution = journey::attribute(observations, pair, &keys);
+        incomplete += attribution.incomplete;
+        let tagged = out.stamps.iter().filter(|s| s.direction == pair).count() as u64;
+        let kind = spec.path_kind(a, b);
+        kinds
+            .entry(kind)
+            .or_insert_with(|| KindTally::new(kind))
+            .add(pair, tagged, attribution.complete);
+    }
+    let directions = kinds
+        .iter()
+        .filter_map(|(kind, tally)| {
+            let (_, pair) = tally.best?;
+            let (a, b) = spec.pods_of(pair);
+            let title = format!("{kind} ({} -> {})", pod_name(a), pod_name(b));
+            Some(direction(&title, pair, observations, lab, inodes, attached))
+        })
+        .collect();
+    let rounds: Vec<u64> = out.rounds.iter().map(|d| d.as_nanos() as u64).collect();
+    let rounds = journey::stats_of(&rounds);
+    AlltoallReport {
+        result: AlltoallResult {
+            pods: n / spec.hosts(),
+            procs: spec.procs,
+            size: spec.size,
+            rounds: spec.rounds,
+            completed_rounds: out.rounds.len() as u32,
+            round_p50_ms: rounds.p50_ns as f64 / 1e6,
+            round_p99_ms: rounds.p99_ns as f64 / 1e6,
+            tag_every: spec.tag_every,
+            path_kinds: kinds.into_values().map(|k| k.result).collect(),
+        },
+        directions,
+        incomplete,
+    }
+}
+
+/// One direction's waterfall: its most common path, and the others packets took.
+fn direction(
+    name: &str,
+    dir: u32,
+    observations: &[journey::Observation],
+    lab: &RunTarget,
+    inodes: &Inodes,
+    attached: &Attached,
+) -> DirectionReport {
+    let paths = journey::paths(observations, dir);
+    let keys = paths.first().map(|(k, _)| k.clone()).unwrap_or_default();
+    let describe = |keys: &[HopKey]| {
+        let flags = journey::hop_flags(observations, dir, keys);
+        path::describe(keys, &flags, &lab.devices, inodes, attached)
+    };
+    let attribution = journey::attribute(observations, dir, &keys);
+    let mut report = direction_report(name, &keys, describe(&keys), attribution, &lab.devices);
+    report.other_paths = paths
+        .iter()
+        .skip(1)
+        .take(MAX_OTHER_PATHS)
+        .map(|(keys, packets)| {
+            let hops = describe(keys);
+            let a = journey::attribute(observations, dir, keys);
+            OtherPath {
+                packets: *packets,
+                segments: segment_reports(keys, &hops, a.segments, &lab.devices),
+                hops,
+                end_to_end: a.end_to_end,
+            }
+        })
+        .collect();
+    report
 }
 
 fn direction_report(
@@ -274,8 +565,8 @@ async fn warm_up(spec: &Spec, ends: &Endpoints) -> Result<()> {
 }
 
 /// The exchanges done so far, as a progress bar on stderr.
-async fn report_progress(done: Arc<AtomicU32>, total: u32, quiet: bool) {
-    let bar = cli::progress(total.into(), "exchanges", quiet);
+async fn report_progress(done: Arc<AtomicU32>, total: u32, unit: &str, quiet: bool) {
+    let bar = cli::progress(total.into(), unit, quiet);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
@@ -350,6 +641,12 @@ pub async fn ensure_lab(topology: Topology, options: &LabOptions, command: &str)
             anyhow::bail!(
                 "lab {name} is already up with another MTU ({}); take it down first (profiler lab down {name})",
                 lab.mtu.map_or("the topology's default".to_string(), |m| m.to_string())
+            )
+        }
+        Some(lab) if options.pods.is_some() && options.pods != lab.pods_per_host => {
+            anyhow::bail!(
+                "lab {name} is already up with {} pods per host; take it down first (profiler lab down {name})",
+                lab.pods_per_host.map_or("its two".to_string(), |n| n.to_string())
             )
         }
         Some(lab) => Ok(LabUse {
