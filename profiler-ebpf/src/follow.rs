@@ -330,7 +330,7 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) 
         let f = unsafe { &mut *flight };
         // The next stage of a packet passed over is the same packet (as `continues` trusts for
         // a followed one): not read again. Anything else is decided anew.
-        if next_stage(f, skb_id, hook, ifindex, netns) {
+        if next_stage(&f.last, f.skb, skb_id, hook, ifindex, netns) {
             f.last.hook = hook;
             f.last.ifindex = ifindex;
             f.last.netns = netns;
@@ -448,11 +448,17 @@ fn start(f: &Flight, skb: u64) -> bool {
 /// call), from the backlog or GRO to the receive. A packet dropped in between ends its journey at
 /// kfree_skb, so the packet is not read again there.
 #[inline(always)]
-fn next_stage(f: &Flight, skb: u64, hook: u8, ifindex: u32, netns: u32) -> bool {
-    let last = f.last.hook;
-    let same_device = f.last.ifindex == ifindex && f.last.netns == netns;
+pub(crate) fn next_stage(
+    last: &HopPoint,
+    last_skb: u64,
+    skb: u64,
+    hook: u8,
+    ifindex: u32,
+    netns: u32,
+) -> bool {
+    let same_device = last.ifindex == ifindex && last.netns == netns;
     let is = |h: HookId| hook == h as u8;
-    let was = |h: HookId| last == h as u8;
+    let was = |h: HookId| last.hook == h as u8;
     let next = if is(HookId::NetDevStartXmit) {
         same_device && was(HookId::NetDevQueue)
     } else if is(HookId::NetifRx) {
@@ -462,13 +468,14 @@ fn next_stage(f: &Flight, skb: u64, hook: u8, ifindex: u32, netns: u32) -> bool 
     } else {
         false
     };
-    next && f.skb == skb
+    next && last_skb == skb
 }
 
 /// A followed journey's next stage, within the gap limit.
 #[inline(always)]
 fn continues(f: &Flight, skb: u64, hook: u8, ifindex: u32, netns: u32, ts: u64) -> bool {
-    next_stage(f, skb, hook, ifindex, netns) && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS)
+    next_stage(&f.last, f.skb, skb, hook, ifindex, netns)
+        && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS)
 }
 
 /// Adds the segment from the journey's last hop to `point`.

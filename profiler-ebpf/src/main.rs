@@ -18,11 +18,13 @@ use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, classifier, map, raw_tracepoint},
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TcContext},
     EbpfContext,
 };
-use profiler_common::{Event, HookId, KernelOffsets, COUNTER_COUNT, COUNTER_LOST};
+use profiler_common::{
+    slot_hash, Event, HookId, HopPoint, KernelOffsets, COUNTER_COUNT, COUNTER_LOST,
+};
 
 use crate::{
     follow::{on_free, on_hop},
@@ -135,16 +137,54 @@ pub(crate) fn hook_device<M: KernelMem>(args: *const u64, dev_arg: Option<usize>
 pub(crate) fn on_device<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) {
     let ts = unsafe { bpf_ktime_get_ns() };
     let skb_ptr = unsafe { *args };
+    let (ifindex, netns) = skb::dev_identity::<M>(hook_device::<M>(args, dev_arg));
+    let here = HopPoint {
+        ifindex,
+        netns,
+        hook,
+        flags: 0,
+        _pad: [0; 2],
+    };
+    let id = M::number(skb_ptr);
+    let seen = UNTAGGED.get_ptr_mut(slot_hash(id) & (UNTAGGED_SLOTS - 1));
+    if let Some(seen) = seen {
+        let seen = unsafe { &mut *seen };
+        // The next stage of a packet read without a tag is the same packet: not read again.
+        if follow::next_stage(&seen.last, seen.skb, id, hook, ifindex, netns) {
+            seen.last = here;
+            return;
+        }
+    }
     let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
-    let Some(found) = parse::find_tag(&skb, global(&PORT), global(&RUN_ID)) else {
+    let found = parse::find_tag(&skb, global(&PORT), global(&RUN_ID));
+    if let Some(seen) = seen {
+        // A tagged packet in a recycled skb must not meet the entry of the one before it.
+        let skb = if found.is_some() { 0 } else { id };
+        unsafe { *seen = Seen { skb, last: here } };
+    }
+    let Some(found) = found else {
         return;
     };
-    let (ifindex, netns) = skb::dev_identity::<M>(hook_device::<M>(args, dev_arg));
     if hook == HookId::NetDevStartXmit as u8 {
         push_xmit(skb_ptr, &found);
     }
     emit(hook, &found, ifindex, netns, skb.len(), 0, ts);
 }
+
+/// A packet the tagged programs read and found no tag in, and the last hop they saw it at.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Seen {
+    skb: u64,
+    last: HopPoint,
+}
+
+/// Tagged mode: untagged packets by skb, direct-mapped, so that their next stages (the rule
+/// follow mode trusts too: follow::next_stage) skip the packet read. A stream's untagged
+/// messages and the node's other traffic then cost a read per device, not per hook.
+const UNTAGGED_SLOTS: u32 = 4096;
+#[map]
+static UNTAGGED: Array<Seen> = Array::with_max_entries(UNTAGGED_SLOTS, 0);
 
 #[inline(always)]
 fn push_xmit(skb: u64, found: &Found) {
