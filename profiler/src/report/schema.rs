@@ -128,6 +128,13 @@ pub struct StreamResult {
     pub tag_every: u32,
     /// Tagged messages that arrived.
     pub tagged: u64,
+    /// The same stream run first, untagged, with none of the profiler's programs attached:
+    /// the path's throughput as iperf3 would see it (the profiled figures above include what
+    /// the programs cost at every hop). Received and sent Gbit/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unprofiled_gbit_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unprofiled_sent_gbit_per_s: Option<f64>,
 }
 
 /// MPI_Alltoall over TCP: every round, every process sends one message to every other and

@@ -69,6 +69,12 @@ fn render_stream(out: &mut String, s: &StreamResult, topology: &str, kernel: &st
         "{proto} stream of {} B messages for {:.1} s on {topology} (kernel {kernel}): {:.2} Gbit/s ({:.2} sent), {:.0} messages/s{lost}",
         s.size, s.duration_s, s.gbit_per_s, s.sent_gbit_per_s, s.messages_per_s
     );
+    if let (Some(g), Some(sent)) = (s.unprofiled_gbit_per_s, s.unprofiled_sent_gbit_per_s) {
+        let _ = writeln!(
+            out,
+            "without the profiler's programs: {g:.2} Gbit/s ({sent:.2} sent), the same stream untagged just before"
+        );
+    }
     let _ = writeln!(
         out,
         "tagged: 1 message in {}, {} arrived",

@@ -41,7 +41,7 @@ use crate::{
     },
     report::schema::{
         AlltoallResult, DirectionReport, DropReport, EventsReport, HookSet, Hop, MissingHop,
-        OtherPath, PathKindResult, RunReport, SegmentReport, Stats, TrafficKind, TrafficReport,
+        OtherPath, PathKindResult, RunReport, SegmentReport, Stats, StreamResult, TrafficKind, TrafficReport,
         RUN_SCHEMA,
     },
 };
@@ -195,6 +195,24 @@ impl RunArgs {
     }
 }
 
+/// A stream's throughput with nothing of the profiler's attached (the same stream, untagged,
+/// before the programs load): the profiled run's figures include the programs' cost at every
+/// hop, which the path does not have.
+async fn unprofiled_stream(
+    args: &RunArgs,
+    spec: &Spec,
+    ends: &Endpoints,
+) -> Result<Option<StreamResult>> {
+    if args.traffic != TrafficKind::Stream {
+        return Ok(None);
+    }
+    let s = StreamSpec {
+        tag_every: 0,
+        ..args.stream_spec(spec.run_id, spec.port)
+    };
+    Ok(Some(stream::run(&s, ends).await?.result(&s)))
+}
+
 /// Runs the traffic of `args.traffic`.
 async fn drive(
     args: &RunArgs,
@@ -246,6 +264,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         server_addr: lab.server.addr,
     };
     warm_up(&spec, &ends).await?;
+    let unprofiled = unprofiled_stream(args, &spec, &ends).await?;
 
     let btf = KernelBtf::load()?;
     let mut programs = Programs::load(
@@ -334,7 +353,11 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         hooks: programs.statuses.clone(),
         program_costs: costs,
         stream: match &driven {
-            Driven::Stream(s, o) => Some(o.result(s)),
+            Driven::Stream(s, o) => Some(StreamResult {
+                unprofiled_gbit_per_s: unprofiled.as_ref().map(|u| u.gbit_per_s),
+                unprofiled_sent_gbit_per_s: unprofiled.as_ref().map(|u| u.sent_gbit_per_s),
+                ..o.result(s)
+            }),
             _ => None,
         },
         alltoall,

@@ -109,6 +109,8 @@ impl StreamOutcome {
                 .then(|| self.sent.saturating_sub(self.received)),
             tag_every: spec.tag_every,
             tagged: self.stamps.len() as u64,
+            unprofiled_gbit_per_s: None,
+            unprofiled_sent_gbit_per_s: None,
         }
     }
 }
