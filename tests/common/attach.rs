@@ -100,6 +100,26 @@ pub fn report(json_path: &std::path::Path) -> Value {
     let r: Value = serde_json::from_str(&text).expect("profiler.attach.v1 JSON");
     assert_eq!(r["schema"], "profiler.attach.v1");
     assert_eq!(r["lost_events"], 0, "events lost: {}", r["journeys"]);
+    // raw_tp is the fallback for kernels without tp_btf: on a kernel with BTF, a stable hook
+    // attached as raw_tp means the verifier refused the tp_btf program (each load then costs a
+    // helper call), which no other check would notice.
+    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        const STABLE: [&str; 7] = [
+            "net_dev_queue",
+            "net_dev_start_xmit",
+            "netif_rx",
+            "napi_gro_receive_entry",
+            "netif_receive_skb",
+            "kfree_skb",
+            "consume_skb",
+        ];
+        for h in r["hooks"].as_array().expect("hooks") {
+            let stable = STABLE.iter().any(|s| h["name"] == *s);
+            if stable && h["status"] == "attached" && h["type"] == "raw_tp" {
+                panic!("{} attached as raw_tp: {}", h["name"], h["reason"]);
+            }
+        }
+    }
     r
 }
 
