@@ -11,30 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_clean, doctor_json, hop_sequence, ip, profiler, segment_names, BIN};
+use common::{
+    assert_clean, doctor_json, hop_sequence, ip, profiler, segment_names, BIN, BRIDGE_REQUEST,
+};
 use serde_json::Value;
-
-/// The bridge lab's request path, hop by hop: pod-a's socket, its eth0 (veth), the host end
-/// veth-a, the bridge forwarding to veth-b, pod-b's eth0, pod-b's socket. veth delivers to the
-/// peer's backlog inside ndo_start_xmit, so the peer's netif_rx precedes the sender's net_dev_xmit.
-const BRIDGE_REQUEST: &[(&str, Option<&str>)] = &[
-    ("app:send", None),
-    ("tc:egress", Some("eth0")),
-    ("tp_btf:net_dev_queue", Some("eth0")),
-    ("tp_btf:net_dev_start_xmit", Some("eth0")),
-    ("tp_btf:netif_rx", Some("veth-a")),
-    ("tp_btf:net_dev_xmit", Some("eth0")),
-    ("tp_btf:netif_receive_skb", Some("veth-a")),
-    ("tc:ingress", Some("veth-a")),
-    ("tc:egress", Some("veth-b")),
-    ("tp_btf:net_dev_queue", Some("veth-b")),
-    ("tp_btf:net_dev_start_xmit", Some("veth-b")),
-    ("tp_btf:netif_rx", Some("eth0")),
-    ("tp_btf:net_dev_xmit", Some("veth-b")),
-    ("tp_btf:netif_receive_skb", Some("eth0")),
-    ("tc:ingress", Some("eth0")),
-    ("app:recv", None),
-];
 
 fn expected(dir: &str) -> Vec<(String, Option<String>)> {
     let mut hops: Vec<_> = BRIDGE_REQUEST

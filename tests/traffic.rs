@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_clean_of, hop_sequence, lab_up, profiler, run_json, segment_names};
+use common::{
+    assert_clean_of, hop_sequence, lab_up, profiler, run_json, segment_names, BRIDGE_REQUEST,
+};
 use serde_json::Value;
 
 const POD_A: &str = "prof-bridge-pod-a";
@@ -23,26 +25,6 @@ const ROUNDS: usize = 9;
 const SECONDS: &str = "2";
 /// UDP datagrams of one packet each at the bridge's MTU, as iperf3 -l sends them.
 const SIZE: &str = "1400";
-
-/// The bridge lab's path from pod-a to pod-b, hop by hop (as in tests/run.rs).
-const BRIDGE_PATH: &[(&str, Option<&str>)] = &[
-    ("app:send", None),
-    ("tc:egress", Some("eth0")),
-    ("tp_btf:net_dev_queue", Some("eth0")),
-    ("tp_btf:net_dev_start_xmit", Some("eth0")),
-    ("tp_btf:netif_rx", Some("veth-a")),
-    ("tp_btf:net_dev_xmit", Some("eth0")),
-    ("tp_btf:netif_receive_skb", Some("veth-a")),
-    ("tc:ingress", Some("veth-a")),
-    ("tc:egress", Some("veth-b")),
-    ("tp_btf:net_dev_queue", Some("veth-b")),
-    ("tp_btf:net_dev_start_xmit", Some("veth-b")),
-    ("tp_btf:netif_rx", Some("eth0")),
-    ("tp_btf:net_dev_xmit", Some("veth-b")),
-    ("tp_btf:netif_receive_skb", Some("eth0")),
-    ("tc:ingress", Some("eth0")),
-    ("app:recv", None),
-];
 
 fn iperf3_installed() -> bool {
     let found = Command::new("iperf3")
@@ -228,7 +210,7 @@ fn udp_stream_tagged_messages_cross_every_segment() {
     assert_eq!(r["events"]["lost"], 0, "lost events");
     let dir = &r["directions"][0];
     assert_eq!(dir["direction"], "stream");
-    let expected: Vec<_> = BRIDGE_PATH
+    let expected: Vec<_> = BRIDGE_REQUEST
         .iter()
         .map(|(h, i)| (h.to_string(), i.map(str::to_string)))
         .collect();
@@ -244,7 +226,7 @@ fn udp_stream_tagged_messages_cross_every_segment() {
         r["stream"]
     );
     let names = segment_names(dir);
-    assert_eq!(names.len(), BRIDGE_PATH.len() - 1);
+    assert_eq!(names.len(), BRIDGE_REQUEST.len() - 1);
     assert!(
         names.iter().any(|n| n.starts_with("bridge br0")),
         "{names:?}"
