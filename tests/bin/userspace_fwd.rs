@@ -127,7 +127,7 @@ fn forward(ports: &[OwnedFd; 2]) -> ! {
                     &mut from_len,
                 )
             };
-            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             let len = fwd_receive(buf.as_ptr(), n as usize);
