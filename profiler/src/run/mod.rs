@@ -263,8 +263,9 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         server_ns: discover::ns_arg(&lab.server.netns).map(str::to_string),
         server_addr: lab.server.addr,
     };
-    warm_up(&spec, &ends).await?;
+    // Before the warm-up, whose server may still hold the port for a moment after it.
     let unprofiled = unprofiled_stream(args, &spec, &ends).await?;
+    warm_up(&spec, &ends).await?;
 
     let btf = KernelBtf::load()?;
     let mut programs = Programs::load(
