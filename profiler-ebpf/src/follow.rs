@@ -8,18 +8,17 @@
 //! innermost headers: what NAT and encapsulation leave alone) before extending a journey.
 
 use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use profiler_common::{
-    device_key, hist_bucket, path_hash, segment_slot, slot_hash, Filter, FilterTerm, Histogram,
-    HookId, HopEvent, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED, COUNTER_DROPPED,
-    COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, END_CONSUMED, END_DROPPED, FIELD_ADDR,
-    FIELD_DST_ADDR, FIELD_DST_PORT, FIELD_FAMILY, FIELD_PORT, FIELD_PROTO, FIELD_SRC_ADDR,
-    FIELD_SRC_PORT, FILTER_CLAUSES, FILTER_TERMS, HIST_BUCKETS, HIST_PROBES, HIST_SLOTS,
-    SCOPE_PROBES, SCOPE_SLOTS,
+    hist_bucket, path_hash, Filter, FilterTerm, Histogram, HookId, HopEvent, HopPoint, SegmentKey,
+    COUNTER_ABANDONED, COUNTER_CONSUMED, COUNTER_DROPPED, COUNTER_LOST, COUNTER_REHEADED,
+    COUNTER_STARTED, END_CONSUMED, END_DROPPED, FIELD_ADDR, FIELD_DST_ADDR, FIELD_DST_PORT,
+    FIELD_FAMILY, FIELD_PORT, FIELD_PROTO, FIELD_SRC_ADDR, FIELD_SRC_PORT, FILTER_CLAUSES,
+    FILTER_TERMS, HIST_BUCKETS,
 };
 
 use crate::{
@@ -56,11 +55,9 @@ static FILTER: Filter = Filter {
     len: 0,
 };
 
-/// Devices where journeys may start, by `device_key`, direct-mapped with linear probing (the
-/// loader places each within SCOPE_PROBES slots of its hash): an array lookup is inlined by the
-/// verifier, where a hash map lookup is a helper call paid by every packet of the node.
+/// Devices where journeys may start, as [netns inode, ifindex].
 #[map]
-static SCOPE: Array<u64> = Array::with_max_entries(SCOPE_SLOTS, 0);
+static SCOPE: HashMap<[u32; 2], u8> = HashMap::with_max_entries(1024, 0);
 
 /// Cgroups (v2 ids) whose sockets' packets start journeys; looked at only when BY_CGROUP is set.
 #[map]
@@ -69,75 +66,45 @@ static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
 #[unsafe(no_mangle)]
 static BY_CGROUP: u8 = 0;
 
-#[inline(always)]
-fn device_in_scope(netns: u32, ifindex: u32) -> bool {
-    let key = device_key(netns, ifindex);
-    let first = slot_hash(key);
-    for i in 0..SCOPE_PROBES {
-        match SCOPE.get((first + i) & (SCOPE_SLOTS - 1)) {
-            Some(&k) if k == key => return true,
-            Some(&0) | None => return false,
-            Some(_) => {}
-        }
-    }
-    false
-}
-
 /// Whether a packet not yet followed may start a journey here: a device in scope, or sent by a
 /// socket of a cgroup in scope.
 #[inline(always)]
 fn in_scope<M: KernelMem>(netns: u32, ifindex: u32, skb: u64) -> bool {
-    device_in_scope(netns, ifindex)
-        || global(&BY_CGROUP) != 0
-            && unsafe { CGROUPS.get(&skb::cgroup_id::<M>(skb as *const u8)) }.is_some()
+    if unsafe { SCOPE.get(&[netns, ifindex]) }.is_some() {
+        return true;
+    }
+    global(&BY_CGROUP) != 0
+        && unsafe { CGROUPS.get(&skb::cgroup_id::<M>(skb as *const u8)) }.is_some()
 }
-
-/// A slot's state: empty, a journey followed, or a packet seen and not followed (filtered out
-/// or not sampled), so that its later hops need not read it again.
-const EMPTY: u8 = 0;
-const FOLLOWED: u8 = 1;
-const PASSED: u8 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Flight {
-    /// The buffer the slot is for (its key).
-    head: u64,
     skb: u64,
     first_head: u64,
     first_ts: u64,
     last_ts: u64,
     fingerprint: u64,
-    /// The last hop; for a PASSED packet, the hop where it was passed over.
     last: HopPoint,
     /// path_hash of every hop so far, `last` included.
     path: u32,
-    state: u8,
-    _pad: [u8; 3],
 }
 
-/// Journeys in flight, direct-mapped by buffer: slot_hash(head) masked to the table's size (a
-/// power of two, `--max-in-flight`), checked against the stored head. Array lookups are inlined
-/// by the verifier; a collision replaces the older journey and counts it (COUNTER_ABANDONED).
+/// Journeys in flight by buffer; the loader sizes it (`--max-in-flight`), LRU keeps it bounded.
+/// Per-CPU LRU lists: inserting takes no lock shared by all CPUs.
 #[map]
-static FLIGHTS: Array<Flight> = Array::with_max_entries(65536, 0);
+static FLIGHTS: LruHashMap<u64, Flight> = LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
-/// Where the journey of a skb whose buffer was reallocated is: [skb, its journey's head],
-/// direct-mapped by skb.
+/// The buffer each followed skb had last, to find a journey whose buffer was reallocated.
 #[map]
-static BY_SKB: Array<[u64; 2]> = Array::with_max_entries(65536, 0);
-
-/// FLIGHTS' and BY_SKB's size minus one, set by the loader.
-#[unsafe(no_mangle)]
-static FLIGHT_MASK: u32 = 65535;
-
-#[inline(always)]
-fn slot<T>(map: &Array<T>, key: u64) -> Option<*mut T> {
-    map.get_ptr_mut(slot_hash(key) & global(&FLIGHT_MASK))
-}
+static BY_SKB: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
 #[map]
-static HISTOGRAMS: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(HIST_SLOTS, 0);
+static HISTOGRAMS: PerCpuHashMap<SegmentKey, Histogram> = PerCpuHashMap::with_max_entries(1024, 0);
+
+/// An all-zero histogram to insert from: a Histogram does not fit on the BPF stack.
+#[map]
+static ZERO: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static HOP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
@@ -151,7 +118,7 @@ fn fingerprint(f: &Flow) -> u64 {
 fn sampled(fingerprint: u64) -> bool {
     let n = global(&SAMPLE);
     // Fibonacci hashing spreads consecutive IP ids and sequence numbers evenly.
-    n <= 1 || slot_hash(fingerprint) % n == 0
+    n <= 1 || (fingerprint.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n as u64 == 0
 }
 
 /// FILTER is read member by member (a copy of a term per clause would not fit on the stack),
@@ -225,26 +192,23 @@ fn filter_matches(f: &Flow) -> bool {
 #[inline(never)]
 fn record(from: HopPoint, to: HopPoint, path: u32, ns: u64) {
     let key = SegmentKey { from, to, path };
-    let first = segment_slot(&key);
-    for i in 0..HIST_PROBES {
-        let Some(h) = HISTOGRAMS.get_ptr_mut((first + i) & (HIST_SLOTS - 1)) else {
-            break;
-        };
-        let h = unsafe { &mut *h };
-        if h.count == 0 {
-            h.key = key;
-        }
-        if h.key == key {
-            h.count += 1;
-            h.sum_ns += ns;
-            // The volatile read keeps the mask that proves the index in bounds to the verifier.
-            let i = unsafe { core::ptr::read_volatile(&hist_bucket(ns)) } & (HIST_BUCKETS - 1);
-            h.buckets[i] += 1;
-            return;
-        }
+    let mut h = HISTOGRAMS.get_ptr_mut(&key);
+    if h.is_none() {
+        let Some(zero) = ZERO.get_ptr(0) else { return };
+        let _ = HISTOGRAMS.insert(&key, unsafe { &*zero }, BPF_NOEXIST as u64);
+        h = HISTOGRAMS.get_ptr_mut(&key);
     }
-    // The segment's slots are taken by others: its sample is lost, and counted.
-    count(COUNTER_LOST);
+    let Some(h) = h else {
+        // The histogram map is full: the segment's sample is lost, and counted.
+        count(COUNTER_LOST);
+        return;
+    };
+    let h = unsafe { &mut *h };
+    h.count += 1;
+    h.sum_ns += ns;
+    // The volatile read keeps the mask that proves the index in bounds to the verifier.
+    let i = unsafe { core::ptr::read_volatile(&hist_bucket(ns)) } & (HIST_BUCKETS - 1);
+    h.buckets[i] += 1;
 }
 
 /// `ending`: the END_* value in the high 32 bits, the drop reason in the low ones (BPF
@@ -283,73 +247,37 @@ fn parse_flows<M: KernelMem>(skb: &KernelSkb<M>) -> Option<&'static Flows> {
     Some(out)
 }
 
-/// The slot of this skb's buffer if it holds an entry for it, or, if the buffer was
-/// reallocated, the slot of the journey found through the skb; and the head that slot is for.
-/// Null when there is none (an Option of the pair would leave bytes uninitialised, which the
-/// verifier refuses to copy).
+/// The journey of this skb, by its buffer or, if the buffer was reallocated, by the skb; and
+/// the buffer it is keyed by. Null when there is none (an Option of the pair would leave bytes
+/// uninitialised, which the verifier refuses to copy).
 #[inline(always)]
 fn flight_of(head: u64, skb: u64) -> (*mut Flight, u64) {
-    if let Some(f) = slot(&FLIGHTS, head) {
-        if unsafe { (*f).head } == head && unsafe { (*f).state } != EMPTY {
-            return (f, head);
-        }
+    if let Some(f) = FLIGHTS.get_ptr_mut(&head) {
+        return (f, head);
     }
-    let Some(by) = slot(&BY_SKB, skb) else {
-        return (core::ptr::null_mut(), 0);
-    };
-    let [s, old] = unsafe { *by };
-    if s != skb || old == 0 {
-        return (core::ptr::null_mut(), 0);
-    }
-    match slot(&FLIGHTS, old) {
-        Some(f) if unsafe { (*f).head == old && (*f).state == FOLLOWED } => (f, old),
-        _ => (core::ptr::null_mut(), 0),
+    match unsafe { BY_SKB.get(&skb) } {
+        Some(&old) => (
+            FLIGHTS.get_ptr_mut(&old).unwrap_or(core::ptr::null_mut()),
+            old,
+        ),
+        None => (core::ptr::null_mut(), 0),
     }
 }
 
-/// A device hook in follow mode; `dev_arg` as in `on_device`. A packet nobody follows costs a
-/// few loads and inlined array lookups: no helper call, no clock read, no packet read, except at
-/// the first hop in scope where it is read once to decide.
+/// A device hook in follow mode; `dev_arg` as in `on_device`.
 #[inline(always)]
 pub fn on_hop<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) {
+    let ts = unsafe { bpf_ktime_get_ns() };
     let skb_ptr = unsafe { *args };
     let head = skb::head::<M>(skb_ptr as *const u8);
-    let skb_id = M::number(skb_ptr);
-    let (flight, key) = flight_of(head, skb_id);
-    let followed = !flight.is_null() && unsafe { (*flight).state } == FOLLOWED;
-    // A followed packet's clock is read before anything else, so that the segment ending here
-    // holds as little of this program as the tagged mode's does; no other packet reads it
-    // unless it starts a journey.
-    let ts = if followed {
-        unsafe { bpf_ktime_get_ns() }
-    } else {
-        0
-    };
+    let (flight, key) = flight_of(head, skb_ptr);
     let (ifindex, netns) = skb::dev_identity::<M>(crate::hook_device::<M>(args, dev_arg));
-    if !flight.is_null() && !followed {
-        let f = unsafe { &mut *flight };
-        // The next stage of a packet passed over is the same packet (as `continues` trusts for
-        // a followed one): not read again. Anything else is decided anew.
-        if next_stage(&f.last, f.skb, skb_id, hook, ifindex, netns) {
-            f.last.hook = hook;
-            f.last.ifindex = ifindex;
-            f.last.netns = netns;
-            return;
-        }
-        if !in_scope::<M>(netns, ifindex, skb_ptr) {
-            return;
-        }
-    } else if flight.is_null() && !in_scope::<M>(netns, ifindex, skb_ptr) {
+    if flight.is_null() && !in_scope::<M>(netns, ifindex, skb_ptr) {
         return;
     }
-    let ts = if followed {
-        ts
-    } else {
-        unsafe { bpf_ktime_get_ns() }
-    };
-    if followed && key == head {
+    if !flight.is_null() && key == head {
         let f = unsafe { &mut *flight };
-        if continues(f, skb_id, hook, ifindex, netns, ts) {
+        if continues(f, skb_ptr, hook, ifindex, netns, ts) {
             // The encapsulation does not change between these stages.
             let point = HopPoint {
                 ifindex,
@@ -358,7 +286,7 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) 
                 flags: f.last.flags,
                 _pad: [0; 2],
             };
-            extend(f, point, ts, skb_id, skb::len::<M>(skb_ptr as *const u8));
+            extend(f, point, ts, skb_ptr, skb::len::<M>(skb_ptr as *const u8));
             f.last_ts = unsafe { bpf_ktime_get_ns() };
             return;
         }
@@ -375,78 +303,84 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) 
         flags: flows.flags,
         _pad: [0; 2],
     };
-    if followed {
+    if !flight.is_null() {
         let f = unsafe { &mut *flight };
         if f.fingerprint == fp && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS) {
-            extend(f, point, ts, skb_id, skb.len());
+            extend(f, point, ts, skb_ptr, skb.len());
             if key != head {
-                let mut moved = *f;
-                moved.head = head;
-                f.state = EMPTY;
-                start(&moved, skb_id);
+                let _ = FLIGHTS.insert(&head, f, 0);
+                let _ = FLIGHTS.remove(&key);
+                let _ = BY_SKB.insert(&skb_ptr, &head, 0);
                 count(COUNTER_REHEADED);
+                restamp(head);
             } else {
                 f.last_ts = unsafe { bpf_ktime_get_ns() };
             }
             return;
         }
         // The buffer carries another packet now: the journey ended where no hook saw it.
-        f.state = EMPTY;
+        let _ = FLIGHTS.remove(&key);
         count(COUNTER_ABANDONED);
         if !in_scope::<M>(netns, ifindex, skb_ptr) {
             return;
         }
     }
     let matches = filter_matches(&flows.outer) || (flows.has_inner && filter_matches(&flows.inner));
-    let mut f = Flight {
-        head,
-        skb: skb_id,
+    if !matches || !sampled(fp) {
+        return;
+    }
+    let f = Flight {
+        skb: skb_ptr,
         first_head: head,
         first_ts: ts,
         last_ts: ts,
         fingerprint: fp,
         last: point,
         path: path_hash(0, &point),
-        state: FOLLOWED,
-        _pad: [0; 3],
     };
-    if !matches || !sampled(fp) {
-        f.state = PASSED;
-        start(&f, skb_id);
-        return;
-    }
-    if start(&f, skb_id) {
+    if FLIGHTS.insert(&head, &f, 0).is_ok() {
+        let _ = BY_SKB.insert(&skb_ptr, &head, 0);
         count(COUNTER_STARTED);
         stream(&f, ts, &point, skb.len(), 0);
+        restamp(head);
     }
 }
 
-/// Puts `f` in its buffer's slot (a journey there before it ends unseen, and is counted), with
-/// the way back from its skb for a followed one; the next segment starts when this program is
-/// done: its own cost belongs to no segment of the datapath.
-#[inline(never)]
-fn start(f: &Flight, skb: u64) -> bool {
-    let Some(at) = slot(&FLIGHTS, f.head) else {
-        return false;
-    };
-    let at = unsafe { &mut *at };
-    if at.state == FOLLOWED && at.head != f.head {
-        count(COUNTER_ABANDONED);
+/// The next segment starts when this program is done: its own cost (more where a journey
+/// starts: two map inserts) belongs to no segment of the datapath.
+#[inline(always)]
+fn restamp(head: u64) {
+    if let Some(f) = FLIGHTS.get_ptr_mut(&head) {
+        unsafe { (*f).last_ts = bpf_ktime_get_ns() };
     }
-    *at = *f;
-    if f.state == FOLLOWED {
-        if let Some(by) = slot(&BY_SKB, skb) {
-            unsafe { *by = [skb, f.head] };
-        }
-        at.last_ts = unsafe { bpf_ktime_get_ns() };
-    }
-    true
 }
 
 /// The next stage for the same skb and buffer where no other packet can begin: from a device's
 /// queue to its driver, from a driver to the backlog of its veth peer (inside the same xmit
 /// call), from the backlog or GRO to the receive. A packet dropped in between ends its journey at
 /// kfree_skb, so the packet is not read again there.
+#[inline(always)]
+fn continues(f: &Flight, skb: u64, hook: u8, ifindex: u32, netns: u32, ts: u64) -> bool {
+    let last = f.last.hook;
+    let same_device = f.last.ifindex == ifindex && f.last.netns == netns;
+    let is = |h: HookId| hook == h as u8;
+    let was = |h: HookId| last == h as u8;
+    let next_stage = if is(HookId::NetDevStartXmit) {
+        same_device && was(HookId::NetDevQueue)
+    } else if is(HookId::NetifRx) {
+        was(HookId::NetDevStartXmit)
+    } else if is(HookId::NetifReceiveSkb) {
+        same_device && (was(HookId::NetifRx) || was(HookId::NapiGroReceiveEntry))
+    } else {
+        false
+    };
+    next_stage && f.skb == skb && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS)
+}
+
+/// The next stage of the same skb where no other packet can begin (the rule `continues`
+/// applies to a followed journey): from a device's queue to its driver, from a driver to the
+/// backlog of its veth peer, from the backlog or GRO to the receive. Tagged mode uses it to
+/// skip reading again a packet it read without a tag.
 #[inline(always)]
 pub(crate) fn next_stage(
     last: &HopPoint,
@@ -471,13 +405,6 @@ pub(crate) fn next_stage(
     next && last_skb == skb
 }
 
-/// A followed journey's next stage, within the gap limit.
-#[inline(always)]
-fn continues(f: &Flight, skb: u64, hook: u8, ifindex: u32, netns: u32, ts: u64) -> bool {
-    next_stage(&f.last, f.skb, skb, hook, ifindex, netns)
-        && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS)
-}
-
 /// Adds the segment from the journey's last hop to `point`.
 #[inline(always)]
 fn extend(f: &mut Flight, point: HopPoint, ts: u64, skb: u64, len: u32) {
@@ -491,30 +418,18 @@ fn extend(f: &mut Flight, point: HopPoint, ts: u64, skb: u64, len: u32) {
     stream(f, ts, &point, len, 0);
 }
 
-/// Where a buffer is freed: consume_skb (after use) or kfree_skb (a drop, `reason_arg`). This
-/// runs for every buffer the node frees, so a buffer nobody follows costs one inlined lookup.
+/// Where a buffer is freed: consume_skb (after use) or kfree_skb (a drop, `reason_arg`).
 #[inline(always)]
 pub fn on_free<M: KernelMem>(args: *const u64, reason_arg: Option<usize>) {
+    let ts = unsafe { bpf_ktime_get_ns() };
     let skb_ptr = unsafe { *args };
     let head = skb::head::<M>(skb_ptr as *const u8);
-    let skb_id = M::number(skb_ptr);
-    let Some(at) = slot(&FLIGHTS, head) else {
+    let Some(f) = FLIGHTS.get_ptr_mut(&head) else {
         return;
     };
-    let at = unsafe { &mut *at };
+    let f = unsafe { *f };
     // A clone may share the buffer with a packet still on its way: only its own skb ends it.
-    if at.head != head || at.skb != skb_id || at.state == EMPTY {
-        return;
-    }
-    if at.state == PASSED {
-        at.state = EMPTY;
-        return;
-    }
-    let ts = unsafe { bpf_ktime_get_ns() };
-    let f = *at;
-    at.state = EMPTY;
-    if ts.wrapping_sub(f.last_ts) >= global(&MAX_GAP_NS) {
-        count(COUNTER_ABANDONED);
+    if f.skb != skb_ptr || ts.wrapping_sub(f.last_ts) >= global(&MAX_GAP_NS) {
         return;
     }
     let (end, counter, reason) = match reason_arg {
@@ -534,5 +449,7 @@ pub fn on_free<M: KernelMem>(args: *const u64, reason_arg: Option<usize>) {
         ..f.last
     };
     stream(&f, ts, &point, 0, (end as u64) << 32 | reason as u64);
+    let _ = FLIGHTS.remove(&head);
+    let _ = BY_SKB.remove(&skb_ptr);
     count(counter);
 }

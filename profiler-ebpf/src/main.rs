@@ -138,30 +138,13 @@ pub(crate) fn on_device<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Optio
     let ts = unsafe { bpf_ktime_get_ns() };
     let skb_ptr = unsafe { *args };
     let (ifindex, netns) = skb::dev_identity::<M>(hook_device::<M>(args, dev_arg));
-    let here = HopPoint {
-        ifindex,
-        netns,
-        hook,
-        flags: 0,
-        _pad: [0; 2],
-    };
     let id = M::number(skb_ptr);
-    let seen = UNTAGGED.get_ptr_mut(slot_hash(id) & (UNTAGGED_SLOTS - 1));
-    if let Some(seen) = seen {
-        let seen = unsafe { &mut *seen };
-        // The next stage of a packet read without a tag is the same packet: not read again.
-        if follow::next_stage(&seen.last, seen.skb, id, hook, ifindex, netns) {
-            seen.last = here;
-            return;
-        }
+    if passed_over(id, hook, ifindex, netns) {
+        return;
     }
     let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
     let found = parse::find_tag(&skb, global(&PORT), global(&RUN_ID));
-    if let Some(seen) = seen {
-        // A tagged packet in a recycled skb must not meet the entry of the one before it.
-        let skb = if found.is_some() { 0 } else { id };
-        unsafe { *seen = Seen { skb, last: here } };
-    }
+    remember(id, found.is_some(), hook, ifindex, netns);
     let Some(found) = found else {
         return;
     };
@@ -185,6 +168,45 @@ pub struct Seen {
 const UNTAGGED_SLOTS: u32 = 4096;
 #[map]
 static UNTAGGED: Array<Seen> = Array::with_max_entries(UNTAGGED_SLOTS, 0);
+
+/// Whether this hook is the next stage of a packet read before without a tag: the same
+/// packet, not read again. Not inlined, like `remember`: the verifier then walks the packet
+/// parse once, not once per state of the table's slot.
+#[inline(never)]
+fn passed_over(id: u64, hook: u8, ifindex: u32, netns: u32) -> bool {
+    let Some(seen) = UNTAGGED.get_ptr_mut(slot_hash(id) & (UNTAGGED_SLOTS - 1)) else {
+        return false;
+    };
+    let seen = unsafe { &mut *seen };
+    if !follow::next_stage(&seen.last, seen.skb, id, hook, ifindex, netns) {
+        return false;
+    }
+    seen.last = HopPoint {
+        ifindex,
+        netns,
+        hook,
+        flags: 0,
+        _pad: [0; 2],
+    };
+    true
+}
+
+/// Records the packet as read here; a tagged one clears the slot, so that it cannot meet the
+/// entry of a packet before it in a recycled skb.
+#[inline(never)]
+fn remember(id: u64, tagged: bool, hook: u8, ifindex: u32, netns: u32) {
+    if let Some(seen) = UNTAGGED.get_ptr_mut(slot_hash(id) & (UNTAGGED_SLOTS - 1)) {
+        let last = HopPoint {
+            ifindex,
+            netns,
+            hook,
+            flags: 0,
+            _pad: [0; 2],
+        };
+        let skb = if tagged { 0 } else { id };
+        unsafe { *seen = Seen { skb, last } };
+    }
+}
 
 #[inline(always)]
 fn push_xmit(skb: u64, found: &Found) {

@@ -80,8 +80,7 @@ pub struct FollowConfig {
     /// Stream every hop (`--mode events`) besides keeping histograms.
     pub stream: bool,
     pub filter: Filter,
-    /// Entries of the direct-mapped in-flight table: the memory bound (rounded up to a power
-    /// of two).
+    /// Entries of the in-flight map (LRU): the memory bound.
     pub max_in_flight: u32,
     /// Whether journeys may start by the sending socket's cgroup (`--cgroup`).
     pub by_cgroup: bool,
@@ -107,7 +106,6 @@ impl Programs {
             .kernel_offsets()
             .context("finding kernel struct offsets in BTF")?;
         let follow = &config.follow;
-        let flights = follow.max_in_flight.next_power_of_two();
         let ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("RUN_ID", &config.run_id, true)
@@ -117,9 +115,8 @@ impl Programs {
             .override_global("STREAM", &(follow.stream as u8), true)
             .override_global("FILTER", &follow.filter, true)
             .override_global("BY_CGROUP", &(follow.by_cgroup as u8), true)
-            .override_global("FLIGHT_MASK", &(flights - 1), true)
-            .map_max_entries("FLIGHTS", flights)
-            .map_max_entries("BY_SKB", flights)
+            .map_max_entries("FLIGHTS", follow.max_in_flight)
+            .map_max_entries("BY_SKB", follow.max_in_flight)
             .load(object)
             .context("loading the eBPF object into the kernel")?;
         Ok(Programs {

@@ -41,8 +41,8 @@ use crate::{
     },
     report::schema::{
         AlltoallResult, DirectionReport, DropReport, EventsReport, HookSet, Hop, MissingHop,
-        OtherPath, PathKindResult, RunReport, SegmentReport, Stats, StreamResult, TrafficKind, TrafficReport,
-        RUN_SCHEMA,
+        OtherPath, PathKindResult, RunReport, SegmentReport, Stats, StreamResult, TrafficKind,
+        TrafficReport, RUN_SCHEMA,
     },
 };
 use alltoall::AlltoallSpec;
