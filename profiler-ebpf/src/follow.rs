@@ -361,20 +361,8 @@ fn restamp(head: u64) {
 /// kfree_skb, so the packet is not read again there.
 #[inline(always)]
 fn continues(f: &Flight, skb: u64, hook: u8, ifindex: u32, netns: u32, ts: u64) -> bool {
-    let last = f.last.hook;
-    let same_device = f.last.ifindex == ifindex && f.last.netns == netns;
-    let is = |h: HookId| hook == h as u8;
-    let was = |h: HookId| last == h as u8;
-    let next_stage = if is(HookId::NetDevStartXmit) {
-        same_device && was(HookId::NetDevQueue)
-    } else if is(HookId::NetifRx) {
-        was(HookId::NetDevStartXmit)
-    } else if is(HookId::NetifReceiveSkb) {
-        same_device && (was(HookId::NetifRx) || was(HookId::NapiGroReceiveEntry))
-    } else {
-        false
-    };
-    next_stage && f.skb == skb && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS)
+    next_stage(&f.last, f.skb, skb, hook, ifindex, netns)
+        && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS)
 }
 
 /// The next stage of the same skb where no other packet can begin (the rule `continues`
