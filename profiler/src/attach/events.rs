@@ -2,7 +2,7 @@
 
 use std::{
     collections::HashMap,
-    io::Write as _,
+    io::{BufWriter, Stdout, Write},
     time::{Duration, Instant},
 };
 
@@ -21,6 +21,10 @@ pub struct OpenJourneys {
     open: HashMap<(u64, u64), Vec<HopEvent>>,
     max_gap_ns: u64,
     last_flush: Instant,
+    /// Hop events read from the ring so far.
+    pub read: u64,
+    /// Journey lines, written out once per drain: stdout alone would make a write per line.
+    out: BufWriter<Stdout>,
 }
 
 impl OpenJourneys {
@@ -29,6 +33,8 @@ impl OpenJourneys {
             open: HashMap::new(),
             max_gap_ns,
             last_flush: Instant::now(),
+            read: 0,
+            out: BufWriter::with_capacity(1 << 16, std::io::stdout()),
         }
     }
 
@@ -37,6 +43,7 @@ impl OpenJourneys {
             let Some(ev) = ring::decode::<HopEvent>(&item) else {
                 continue;
             };
+            self.read += 1;
             let id = (ev.journey_head, ev.journey_start_ns);
             let hops = self.open.entry(id).or_default();
             hops.push(ev);
@@ -47,13 +54,14 @@ impl OpenJourneys {
                 } else {
                     "dropped"
                 };
-                print_journey(id, &hops, end, namer)?;
+                print_journey(&mut self.out, id, &hops, end, namer)?;
             }
         }
         if self.last_flush.elapsed() >= Duration::from_nanos(self.max_gap_ns) {
             self.last_flush = Instant::now();
             self.flush_idle(namer)?;
         }
+        self.out.flush()?;
         Ok(())
     }
 
@@ -71,20 +79,27 @@ impl OpenJourneys {
             .collect();
         for id in idle {
             let hops = self.open.remove(&id).unwrap_or_default();
-            print_journey(id, &hops, "unseen", namer)?;
+            print_journey(&mut self.out, id, &hops, "unseen", namer)?;
         }
         Ok(())
     }
 
     pub fn flush_all(&mut self, namer: &mut Namer) -> Result<()> {
         for (id, hops) in std::mem::take(&mut self.open) {
-            print_journey(id, &hops, "in-flight", namer)?;
+            print_journey(&mut self.out, id, &hops, "in-flight", namer)?;
         }
+        self.out.flush()?;
         Ok(())
     }
 }
 
-fn print_journey(id: (u64, u64), hops: &[HopEvent], end: &str, namer: &mut Namer) -> Result<()> {
+fn print_journey(
+    out: &mut impl Write,
+    id: (u64, u64),
+    hops: &[HopEvent],
+    end: &str,
+    namer: &mut Namer,
+) -> Result<()> {
     let start = id.1;
     let last = hops.last();
     let line = JourneyLine {
@@ -103,8 +118,7 @@ fn print_journey(id: (u64, u64), hops: &[HopEvent], end: &str, namer: &mut Namer
             })
             .collect(),
     };
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, &line)?;
+    serde_json::to_writer(&mut *out, &line)?;
     writeln!(out)?;
     Ok(())
 }

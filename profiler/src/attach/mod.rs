@@ -122,7 +122,8 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         snapshot: snapshot.as_deref(),
     };
     let mut child = workload::spawn(&args.command)?;
-    let ended = follow_loop(args, &state, &mut namer, ring.as_mut(), child.as_mut()).await?;
+    let (ended, events_read) =
+        follow_loop(args, &state, &mut namer, ring.as_mut(), child.as_mut()).await?;
     let command = match child {
         Some(c) => Some(workload::finish(c, &args.command, ended).await?),
         None => None,
@@ -151,6 +152,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         rare_paths,
         journeys,
         lost_events: lost,
+        events_read,
         hook_set,
         hooks: programs.statuses.clone(),
         program_costs: args.stats.then(|| programs.costs()),
@@ -166,14 +168,15 @@ struct State<'a> {
     snapshot: Option<&'a RwLock<metrics::Snapshot>>,
 }
 
-/// Follows until the duration ends, a signal arrives or the workload exits, and says which.
+/// Follows until the duration ends, a signal arrives or the workload exits, and says which;
+/// with the ring (events mode), how many hop events it read.
 async fn follow_loop(
     args: &AttachArgs,
     state: &State<'_>,
     namer: &mut Namer,
     mut ring: Option<&mut RingBuf<MapData>>,
     mut child: Option<&mut tokio::process::Child>,
-) -> Result<workload::Ended> {
+) -> Result<(workload::Ended, Option<u64>)> {
     let mut signals = signal::Signals::install()?;
     let until = args.duration.map(|d| tokio::time::Instant::now() + d);
     let deadline = async {
@@ -229,11 +232,12 @@ async fn follow_loop(
             }
         }
     };
-    if let Some(r) = ring {
-        journeys.drain(r, namer)?;
-        journeys.flush_all(namer)?;
-    }
-    Ok(ended)
+    let Some(r) = ring else {
+        return Ok((ended, None));
+    };
+    journeys.drain(r, namer)?;
+    journeys.flush_all(namer)?;
+    Ok((ended, Some(journeys.read)))
 }
 
 fn node_name() -> String {

@@ -514,6 +514,7 @@ impl Programs {
                     run_count,
                     run_time_ns,
                     ns_per_run,
+                    verified_insns: info.verified_instruction_count(),
                 })
             })
             .collect();

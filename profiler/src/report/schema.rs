@@ -79,6 +79,10 @@ pub struct ProgramCost {
     pub run_count: u64,
     pub run_time_ns: u64,
     pub ns_per_run: f64,
+    /// Instructions the verifier walked to load it (kernels from 5.16): what makes a program
+    /// slow to load, on old kernels and under emulation most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_insns: Option<u32>,
 }
 
 // ---- profiler.run.v1 ----
@@ -297,6 +301,10 @@ pub struct AttachReport {
     pub rare_paths: RarePaths,
     pub journeys: JourneyCounts,
     pub lost_events: u64,
+    /// `--mode events`: the hop events read from the kernel (with `lost_events`, the events
+    /// pipeline's rate and loss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_read: Option<u64>,
     /// The hooks in effect: deep, or stable where no deep hook could attach.
     pub hook_set: HookSet,
     pub hooks: Vec<HookStatus>,

@@ -148,11 +148,15 @@ pub fn render_hooks(hooks: &[HookStatus]) -> String {
 pub fn render_costs(costs: &[ProgramCost]) -> String {
     let mut out = String::from("\nkernel cost per program invocation (bpf_stats):\n");
     for c in costs.iter().filter(|c| c.run_count > 0) {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "  {:<28} {:>10} runs {:>8.1} ns/run",
             c.program, c.run_count, c.ns_per_run
         );
+        let _ = match c.verified_insns {
+            Some(n) => writeln!(out, " {n:>9} insns verified"),
+            None => writeln!(out),
+        };
     }
     out
 }
