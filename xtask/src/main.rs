@@ -101,6 +101,14 @@ enum PeerRole {
         #[arg(long)]
         count: usize,
     },
+    /// Paced small UDP datagrams.
+    Udp {
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        pps: u64,
+        #[arg(long)]
+        seconds: f64,
+    },
     Quit {
         addr: std::net::SocketAddr,
     },
@@ -146,6 +154,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             PeerRole::Serve { addr } => netpeer::serve(addr),
             PeerRole::Stream { addr, seconds } => netpeer::stream(addr, seconds),
             PeerRole::Rr { addr, count } => netpeer::rr(addr, count),
+            PeerRole::Udp { addr, pps, seconds } => netpeer::udp(addr, pps, seconds),
             PeerRole::Quit { addr } => netpeer::quit(addr),
         },
         // These exit with the guest command's status.

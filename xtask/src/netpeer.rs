@@ -1,10 +1,11 @@
-//! TCP traffic for the overhead benchmark, run inside lab namespaces (`ip netns exec NS xtask
-//! net-peer ...`): a server, a bulk stream that reports its throughput, and a request/response
-//! loop that reports its latency. Plain std sockets, so nothing outside the workspace is needed.
+//! Traffic for the overhead benchmark, run inside lab namespaces (`ip netns exec NS xtask
+//! net-peer ...`): a server, a TCP bulk stream that reports its throughput, a TCP
+//! request/response loop that reports its latency, and paced small UDP datagrams (the events
+//! pipeline's load). Plain std sockets, so nothing outside the workspace is needed.
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -14,9 +15,15 @@ use anyhow::{bail, Context as _, Result};
 const RR_SIZE: usize = 64;
 const STREAM_CHUNK: usize = 128 * 1024;
 
-/// Serves connections one after the other: the first byte says what the client wants.
+/// Serves connections one after the other: the first byte says what the client wants. UDP
+/// datagrams to the same address are read and dropped.
 pub fn serve(addr: SocketAddr) -> Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    let udp = UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while udp.recv(&mut buf).is_ok() {}
+    });
     for conn in listener.incoming() {
         let mut conn = conn?;
         conn.set_nodelay(true)?;
@@ -87,6 +94,31 @@ pub fn rr(addr: SocketAddr, count: usize) -> Result<()> {
     }
     times.sort_unstable();
     println!("{:.3}", times[times.len() / 2] as f64 / 1e3);
+    Ok(())
+}
+
+/// Sends `pps` datagrams of RR_SIZE bytes a second for `seconds`, paced per millisecond, and
+/// prints how many it sent.
+pub fn udp(addr: SocketAddr, pps: u64, seconds: f64) -> Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket")?;
+    socket
+        .connect(addr)
+        .with_context(|| format!("connecting to {addr}"))?;
+    let buf = [0x5au8; RR_SIZE];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        let due = (start.elapsed().as_secs_f64() * pps as f64) as u64;
+        if sent >= due {
+            std::thread::sleep(Duration::from_micros(500));
+            continue;
+        }
+        // A full socket buffer is the path's limit, not an error of the benchmark.
+        if socket.send(&buf).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("{sent}");
     Ok(())
 }
 
