@@ -320,6 +320,7 @@ fn events_and_prometheus_metrics() {
     let lab = lab_up(&["bridge"]);
     let port = 19464 + (std::process::id() % 1000) as u16;
     let addr = format!("127.0.0.1:{port}");
+    let report = std::env::temp_dir().join(format!("profiler-events-{}.json", std::process::id()));
     let attach = Attach::start(&[
         "--netns",
         "prof-bridge-pod-a",
@@ -329,6 +330,8 @@ fn events_and_prometheus_metrics() {
         "events",
         "--prometheus",
         &addr,
+        "--json",
+        report.to_str().unwrap(),
     ]);
     ping("prof-bridge-pod-a", "198.18.0.2", 20, "0.01");
     // The snapshot is refreshed every second.
@@ -374,6 +377,15 @@ fn events_and_prometheus_metrics() {
             .collect();
         assert!(at.windows(2).all(|w| w[0] <= w[1]), "{j}");
     }
+    // Every hop event read is in a printed line, and the report counts them.
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap())
+        .expect("attach's JSON report");
+    let hops: usize = journeys
+        .iter()
+        .map(|j| j["hops"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(report["lost_events"], 0, "{report}");
+    assert_eq!(report["events_read"], hops as u64, "{report}");
     assert!(
         metrics.contains("profiler_segment_latency_seconds_bucket{")
             && metrics.contains("netns=\"prof-bridge-host\"")
@@ -430,6 +442,10 @@ fn bad_input_is_refused_before_attaching() {
             "--duration <DURATION>': \"0\" is out of range",
         ),
         (&[], "nothing to attach to"),
+        (
+            &["--iface", "lo", "--mode", "events", "--json", "-"],
+            "give --json a file, not -",
+        ),
         (&["--cgroup", "/proc"], "is not a cgroup v2 directory"),
         (
             &["--cgroup", "/no/such/cgroup"],

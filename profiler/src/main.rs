@@ -732,6 +732,10 @@ async fn paper_command(cli: PaperCli, quiet: bool) -> Result<ExitCode> {
 async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     // Bad input is refused before anything is attached.
     let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
+    let events = matches!(cli.mode, AttachMode::Events);
+    if events && matches!(json, Some(JsonOut::Stdout)) {
+        anyhow::bail!("--mode events prints its journeys on stdout: give --json a file, not -");
+    }
     let filter = attach::filter::compile(&cli.filter)?;
     doctor::require(doctor::ATTACH_CAPS)?;
     let args = attach::AttachArgs {
@@ -741,7 +745,7 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         follow: FollowConfig {
             sample: cli.sample,
             max_gap_ns: cli.max_gap_ms * 1_000_000,
-            stream: matches!(cli.mode, AttachMode::Events),
+            stream: events,
             filter,
             max_in_flight: cli.max_in_flight,
             by_cgroup: !cli.cgroup.is_empty(),
@@ -756,10 +760,14 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     };
     let report = attach::attach(&args).await?;
     let table = table::attach(&report);
-    match (&json, cli.mode) {
-        // Events own stdout: the summary goes to stderr unless it has a file.
-        (None, AttachMode::Events) => eprint!("{table}"),
-        (json, _) => output(json.as_ref(), &report, &table)?,
+    if events {
+        // Events own stdout: the summary goes to stderr, its JSON to the file.
+        if let Some(file) = &json {
+            file.write(&report)?;
+        }
+        eprint!("{table}");
+    } else {
+        output(json.as_ref(), &report, &table)?;
     }
     // Profiling succeeded: the workload's status is the command's.
     Ok(report.command.as_ref().map_or(ExitCode::SUCCESS, |c| {
