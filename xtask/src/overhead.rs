@@ -323,7 +323,7 @@ fn events_pipeline(profiler: &Path, xtask: &Path, ends: &Ends) -> Result<Vec<Pip
         let mut attach = Command::new(profiler);
         attach
             .args(["attach", "--netns", &ends.client, "--netns", &ends.server])
-            .args(["--mode", "events", "--quiet", "--json"])
+            .args(["--mode", "events", "--json"])
             .arg(&report)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
