@@ -120,10 +120,16 @@ impl std::fmt::Display for Lacks {
             Lacks::Program(p, package) => {
                 write!(f, "{p}, which is not installed (apt-get install {package})")
             }
-            Lacks::Nics(n, driver) => write!(
-                f,
-                "{n} SR-IOV NIC(s) ({driver}) without VFs, which this machine lacks (the VM lab has two: cargo xtask vm --nic igb)"
-            ),
+            Lacks::Nics(n, driver) => {
+                let nics = match n {
+                    1 => "an SR-IOV NIC".to_string(),
+                    n => format!("{n} SR-IOV NICs"),
+                };
+                write!(
+                    f,
+                    "{nics} ({driver}) without VFs, which this machine lacks (the VM lab has two: cargo xtask vm --nic igb)"
+                )
+            }
         }
     }
 }

@@ -231,11 +231,10 @@ async fn add_child(lab: &str, child: &Child, index: u32) -> Result<()> {
 /// up). Returns the PF's name.
 async fn add_vfs(lab: &str, spec: &Spec, pf: &Pf, undo: &mut Undo) -> Result<String> {
     let dev = sriov::pf_device(pf.nic)?;
-    let name = sriov::net_name(&dev)?;
+    let (name, index) = sriov::net_device(&dev)?;
     let root = Nl::open(None)?;
     let host = Nl::open(Some(&netns_name(lab, pf.role)))?;
-    root.move_to(root.index(&name).await?, &netns_name(lab, pf.role))
-        .await?;
+    root.move_to(index, &netns_name(lab, pf.role)).await?;
     // A moved device keeps its ifindex unless the namespace has it already (ip_gre's gre0,
     // gretap0 and erspan0 are in every namespace): look it up again.
     let index = host.index(&name).await?;
@@ -250,18 +249,20 @@ async fn add_vfs(lab: &str, spec: &Spec, pf: &Pf, undo: &mut Undo) -> Result<Str
     }
     for vf in vfs {
         let vf_dev = sriov::bind_vf(&dev, vf.vf)?;
-        sriov::pin_irqs(&vf_dev)?;
-        let vf_name = sriov::net_name(&vf_dev)?;
+        let (vf_name, vf_index) = sriov::net_device(&vf_dev)?;
         let pod_ns = netns_name(lab, vf.at.0);
-        root.move_to(root.index(&vf_name).await?, &pod_ns).await?;
+        root.move_to(vf_index, &pod_ns).await?;
+        // The pod's own devices (lo, ip_gre's) are the first few ifindexes, which a VF made
+        // after every device of the root namespace does not have: it keeps its own.
         let pod = Nl::open(Some(&pod_ns))?;
-        let vf_index = pod.index(&vf_name).await?;
         pod.rename(vf_index, vf.at.1).await?;
         if let Some(mtu) = vf.mtu {
             pod.set_mtu(vf_index, mtu).await?;
         }
         pod.add_addr(vf_index, vf.addr.0, vf.addr.1).await?;
         pod.up(vf_index).await?;
+        // The driver requests its interrupts when the device opens.
+        sriov::pin_irqs(&vf_dev)?;
         wait_carrier(&pod, vf_index, &vf_name).await?;
     }
     Ok(name)

@@ -77,18 +77,23 @@ fn write(dev: &Path, file: &str, value: &str) -> Result<()> {
     std::fs::write(&path, value).with_context(|| format!("writing {value} to {}", path.display()))
 }
 
-/// The network device of PCI device `dev`, as this process's namespace sees it, waiting up to
-/// WAIT for a driver that is still binding.
-pub(super) fn net_name(dev: &Path) -> Result<String> {
+/// The network device of PCI device `dev` as this process's namespace sees it, name and
+/// ifindex, waiting up to WAIT for a driver that is still binding. (udev may rename a new
+/// device at any time: its ifindex is what stays.)
+pub(super) fn net_device(dev: &Path) -> Result<(String, u32)> {
     let deadline = Instant::now() + WAIT;
     loop {
-        let name = std::fs::read_dir(dev.join("net"))
+        let found = std::fs::read_dir(dev.join("net"))
             .ok()
             .and_then(|mut d| d.next())
             .and_then(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned());
-        match name {
-            Some(name) => return Ok(name),
+            .and_then(|e| {
+                let index = std::fs::read_to_string(e.path().join("ifindex")).ok()?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                Some((name, index.trim().parse().ok()?))
+            });
+        match found {
+            Some(found) => return Ok(found),
             None if Instant::now() > deadline => {
                 bail!("{} has no network device", dev.display())
             }
