@@ -860,3 +860,38 @@ fn vm_lab_topologies_fail_cleanly_without_their_modules() {
         }
     }
 }
+
+/// sriov needs SR-IOV NICs (igb), which only the VM lab has (`cargo xtask vm --nic igb`): a
+/// machine without them is told so in one line, before anything is made.
+#[test]
+fn sriov_fails_cleanly_without_an_sriov_nic() {
+    let has_igb = std::fs::read_dir("/sys/bus/pci/drivers/igb").is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.path().join("sriov_totalvfs").exists())
+    });
+    if has_igb {
+        println!("skipped: this machine has an igb NIC (tests/vm/sriov.rs runs the lab)");
+        return;
+    }
+    let _serial = serial();
+    for (options, wanted) in [
+        (same_host(), "an SR-IOV NIC"),
+        (cross_host(None), "2 SR-IOV NICs"),
+    ] {
+        let name = lab::lab_name(Topology::Sriov, options.placement);
+        let e = runtime()
+            .block_on(lab::up(Topology::Sriov, &options))
+            .expect_err("sriov came up without an SR-IOV NIC");
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "sriov needs {wanted} (igb) without VFs, which this machine lacks (the VM lab \
+                 has two: cargo xtask vm --nic igb)"
+            )
+        );
+        assert!(
+            !netns::exists(&format!("prof-{name}-pod-a")),
+            "{name}: namespace made"
+        );
+    }
+}

@@ -12,6 +12,8 @@ mod deep;
 mod labs;
 #[path = "vm/recovery.rs"]
 mod recovery;
+#[path = "vm/sriov.rs"]
+mod sriov;
 
 #[test]
 #[ignore = "runs inside the VM lab: cargo xtask vm-test"]

@@ -87,10 +87,12 @@ pub enum HookId {
     IpvlanProcessOutbound = 33,
     TunNetXmit = 34,
     VirtnetStartXmit = 35,
+    /// The transmit function of a NIC the table does not list, found from its netdev_ops.
+    DriverXmit = 36,
 }
 
 impl HookId {
-    pub const COUNT: usize = 36;
+    pub const COUNT: usize = 37;
 
     pub fn from_u8(v: u8) -> Option<HookId> {
         if (v as usize) < Self::COUNT {

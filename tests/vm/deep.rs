@@ -76,6 +76,7 @@ fn every_deep_hook_passes_the_verifier_and_attaches() {
         }
         assert!(deep >= 20, "{list}: {deep} deep hooks");
     }
+    crate::sriov::assert_driver_xmit_found(&d);
     assert_clean();
 }
 

@@ -62,6 +62,10 @@ enum Task {
         /// Guest memory, in QEMU's -m syntax.
         #[arg(long, default_value = "2G")]
         memory: String,
+        /// Emulated NICs for the guest (`igb`: two SR-IOV capable Intel 82576 on one QEMU
+        /// hub, for the `sriov` lab); the guest then boots as a PCI machine, not a microvm.
+        #[arg(long)]
+        nic: Option<vm::Nic>,
         /// Also show the guest kernel's console (boot messages, panics).
         #[arg(long)]
         verbose: bool,
@@ -161,9 +165,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::Vm {
             kernel,
             memory,
+            nic,
             verbose,
             command,
-        } => return vm::run(kernel, &memory, verbose, &command).map(ExitCode::from),
+        } => return vm::run(kernel, &memory, nic, verbose, &command).map(ExitCode::from),
         Task::VmTest { kernel, args } => return vm::test(kernel, &args).map(ExitCode::from),
     };
     done.map(|()| ExitCode::SUCCESS)

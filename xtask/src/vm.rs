@@ -19,6 +19,8 @@ use std::thread;
 const VIRTME_NG_VERSION: &str = "1.42";
 /// Guest memory for vm-test; enough for the labs, and TCG gains nothing from more.
 const TEST_MEMORY: &str = "2G";
+/// The VM suite's NICs: the sriov lab's VFs, and a driver the curated hooks do not list.
+const TEST_NIC: Option<Nic> = Some(Nic::Igb);
 /// The VM suite takes 10-15 minutes under TCG: a test that hangs is stopped well inside CI's
 /// 90 minutes, and says so, instead of hanging `cargo xtask test`.
 const TEST_TIMEOUT_MINUTES: u32 = 45;
@@ -42,6 +44,40 @@ const PACKAGES: [&str; 9] = [
 /// From bookworm-backports: bookworm's QEMU 7.2 conflicts with the preinstalled qemu-utils 10.
 const QEMU_PACKAGE: &str = "qemu-system-x86";
 const BACKPORTS: &str = "bookworm-backports";
+
+/// An emulated NIC the guest can have besides virtme-ng's own devices.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Nic {
+    /// Two Intel 82576 (QEMU's `igb`, SR-IOV capable, 7 VFs each) on one QEMU hub, each behind
+    /// a PCIe root port: the PFs are joined as by a switch, and the VFs of one PF are switched
+    /// by that NIC (the `sriov` lab).
+    Igb,
+}
+
+impl Nic {
+    /// QEMU options for the NICs. PCIe root ports need a PCI machine: vng's microvm has none.
+    fn qemu_opts(self) -> String {
+        match self {
+            Nic::Igb => (0..2)
+                .map(|i| {
+                    let n = i + 1;
+                    format!(
+                        "-device pcie-root-port,id=rp{i},slot={n},chassis={n} \
+                         -netdev hubport,id=igb{i},hubid=0 -device igb,bus=rp{i},netdev=igb{i}"
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+
+    /// The guest's drivers for the NIC (the PF's and the VFs').
+    fn modules(self) -> &'static str {
+        match self {
+            Nic::Igb => "igb igbvf",
+        }
+    }
+}
 
 /// A Debian kernel series the VM can boot.
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,11 +113,22 @@ impl fmt::Display for Series {
 
 /// `cargo xtask vm`: runs `command` as root in a guest on `series`, in the workspace root;
 /// returns its exit status.
-pub fn run(series: Series, memory: &str, verbose: bool, command: &[String]) -> Result<u8> {
+pub fn run(
+    series: Series,
+    memory: &str,
+    nic: Option<Nic>,
+    verbose: bool,
+    command: &[String],
+) -> Result<u8> {
     require_root("vm")?;
     let vm = provision(series).context("vm")?;
-    let script = guest_script(&vm.release, &[], command);
-    boot(&vm, memory, verbose, Stdio::inherit(), &script).context("vm")
+    let script = guest_script(&vm.release, nic, &[], command);
+    let boot_opts = Boot {
+        memory,
+        nic,
+        verbose,
+    };
+    boot(&vm, &boot_opts, Stdio::inherit(), &script).context("vm")
 }
 
 /// `cargo xtask vm-test`: setup, build, then the `vm` test target's ignored tests in one guest
@@ -164,9 +211,14 @@ fn run_tests(series: Series, exe: &Path, harness_args: &[String]) -> Result<u8> 
         vm.release,
         command.join(" ")
     ));
-    let script = guest_script(&vm.release, &[("RUST_BACKTRACE", "1")], &command);
+    let script = guest_script(&vm.release, TEST_NIC, &[("RUST_BACKTRACE", "1")], &command);
+    let boot_opts = Boot {
+        memory: TEST_MEMORY,
+        nic: TEST_NIC,
+        verbose: false,
+    };
     // The tests read no input, and a terminal on stdin must not be QEMU's.
-    let status = boot(&vm, TEST_MEMORY, false, Stdio::null(), &script)?;
+    let status = boot(&vm, &boot_opts, Stdio::null(), &script)?;
     if status == 124 {
         eprintln!(
             "vm: the tests did not finish within {TEST_TIMEOUT_MINUTES} minutes and were stopped"
@@ -196,9 +248,18 @@ fn provision(series: Series) -> Result<Vm> {
     })
 }
 
+/// How a guest is booted.
+struct Boot<'a> {
+    memory: &'a str,
+    nic: Option<Nic>,
+    /// Show the guest kernel's console.
+    verbose: bool,
+}
+
 /// Boots the guest and runs `script` in it; returns the script's exit status, which vng
 /// propagates (255 if the guest died before reporting one). The guest's stdin is `stdin`.
-fn boot(vm: &Vm, memory: &str, verbose: bool, stdin: Stdio, script: &str) -> Result<u8> {
+fn boot(vm: &Vm, opts: &Boot, stdin: Stdio, script: &str) -> Result<u8> {
+    let memory = opts.memory;
     let mut vng = Command::new(&vm.vng);
     // vng runs the venv's virtme-run by name.
     let venv_bin = vm.vng.parent().context("vng has no directory")?;
@@ -213,8 +274,13 @@ fn boot(vm: &Vm, memory: &str, verbose: bool, stdin: Stdio, script: &str) -> Res
         .arg("--cwd")
         .arg(crate::workspace_root())
         .args(["--exec", script]);
-    if verbose {
+    if opts.verbose {
         vng.arg("--verbose");
+    }
+    if let Some(nic) = opts.nic {
+        // `=`: an option value that starts with `-` would be taken for an option.
+        vng.arg("--disable-microvm")
+            .arg(format!("--qemu-opts={}", nic.qemu_opts()));
     }
     step(format_args!(
         "booting {} under QEMU TCG with virtme-ng ({memory}, 2 CPUs)",
@@ -272,9 +338,19 @@ fn forward(mut from: impl Read, mut to: impl Write) -> io::Result<()> {
     }
 }
 
-/// The guest's shell script: modules, the filesystems the profiler and the labs use, then
-/// `command` with `env` and PROFILER_VM_KERNEL (the release the host asked for).
-fn guest_script(release: &str, env: &[(&str, &str)], command: &[String]) -> String {
+/// The guest's shell script: modules (the NIC's drivers too), the filesystems the profiler and
+/// the labs use, then `command` with `env` and PROFILER_VM_KERNEL (the release the host asked
+/// for).
+fn guest_script(
+    release: &str,
+    nic: Option<Nic>,
+    env: &[(&str, &str)],
+    command: &[String],
+) -> String {
+    let modules = match nic {
+        Some(nic) => format!("{GUEST_MODULES} {}", nic.modules()),
+        None => GUEST_MODULES.to_string(),
+    };
     let mut exports = format!("export PROFILER_VM_KERNEL={}\n", shell_quote(release));
     for (name, value) in env {
         exports.push_str(&format!("export {name}={}\n", shell_quote(value)));
@@ -282,8 +358,8 @@ fn guest_script(release: &str, env: &[(&str, &str)], command: &[String]) -> Stri
     let command: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
     format!(
         "missing=
-modprobe -q -a {GUEST_MODULES}
-for m in {GUEST_MODULES}; do [ -d /sys/module/$m ] || missing=\"$missing $m\"; done
+modprobe -q -a {modules}
+for m in {modules}; do [ -d /sys/module/$m ] || missing=\"$missing $m\"; done
 [ -z \"$missing\" ] || echo \"vm: kernel $(uname -r) could not load:$missing\" >&2
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing

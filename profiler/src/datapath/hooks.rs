@@ -36,6 +36,9 @@ pub enum Attach {
         func: &'static str,
         module: &'static str,
     },
+    /// The transmit function of each NIC the table does not list by name, found on the running
+    /// kernel from the device's `netdev_ops->ndo_start_xmit`, by kprobe as `Function`.
+    DriverXmit,
     /// A tracepoint defined by a module, by raw_tp (programs raw_X and fraw_X): tp_btf would need
     /// the module's BTF object, which the loader cannot pass.
     ModuleTracepoint {
@@ -72,7 +75,9 @@ impl HookDef {
     pub fn set(&self) -> HookSet {
         match self.attach {
             Attach::Tracepoint { .. } | Attach::Tc { .. } => HookSet::Stable,
-            Attach::Function { .. } | Attach::ModuleTracepoint { .. } => HookSet::Deep,
+            Attach::Function { .. } | Attach::DriverXmit | Attach::ModuleTracepoint { .. } => {
+                HookSet::Deep
+            }
         }
     }
 
@@ -80,7 +85,7 @@ impl HookDef {
     pub fn deep_program(&self, mode: Mode) -> Option<String> {
         let prefix = mode.program_prefix();
         match self.attach {
-            Attach::Function { .. } => Some(format!("{prefix}kp_func")),
+            Attach::Function { .. } | Attach::DriverXmit => Some(format!("{prefix}kp_func")),
             Attach::ModuleTracepoint { tp, .. } => Some(format!("{prefix}raw_{tp}")),
             _ => None,
         }
@@ -101,7 +106,7 @@ impl HookDef {
     pub fn programs(&self) -> Vec<String> {
         match self.attach {
             Attach::Tc { prog, .. } => vec![prog.to_string()],
-            Attach::Function { .. } | Attach::ModuleTracepoint { .. } => {
+            Attach::Function { .. } | Attach::DriverXmit | Attach::ModuleTracepoint { .. } => {
                 [Mode::Tagged, Mode::Follow]
                     .into_iter()
                     .filter_map(|m| self.deep_program(m))
@@ -236,6 +241,14 @@ pub const HOOK_TABLE: &[HookDef] = &[
     HookDef {
         label: "virtnet:start_xmit",
         ..func(HookId::VirtnetStartXmit, "virtio_net", "start_xmit")
+    },
+    // Any other NIC's transmit (igb_xmit_frame, igbvf_xmit_frame, e1000_xmit_frame, ...): the
+    // hop is on the device, so the label need not say whose it is.
+    HookDef {
+        id: HookId::DriverXmit,
+        attach: Attach::DriverXmit,
+        label: "driver:xmit",
+        modes: BOTH,
     },
 ];
 

@@ -180,6 +180,22 @@ const RULES: &[Rule] = &[
         matches: |e, _| from_to(e, NetDevXmit, NetifReceiveSkb),
         names: |_, c| format!("backlog queue {}", c.b),
     },
+    // Two VFs of one SR-IOV NIC: the NIC's own switch took the frame from one VF's transmit
+    // ring to the other's receive ring (under QEMU, software emulating that switch).
+    Rule {
+        name: "NIC switch",
+        matches: |e, _| {
+            from_to(e, NetDevXmit, NapiGroReceiveEntry)
+                && e.from_kind == e.to_kind
+                && e.from_link.is_some()
+                && e.from_link == e.to_link
+                && vf_nic(e.from_kind).is_some()
+        },
+        names: |e, c| {
+            let nic = vf_nic(e.from_kind).unwrap_or_default();
+            format!("NIC switch {} -> {} ({nic})", c.a, c.b)
+        },
+    },
     // A transmit and the next device's NAPI receive: the wire (or virtual link) between them.
     Rule {
         name: "wire",
@@ -322,6 +338,18 @@ const RULES: &[Rule] = &[
     },
 ];
 
+/// SR-IOV VF drivers (a VF's device kind) and the driver of their NIC, whose switch joins
+/// the VFs of one PF.
+const VF_DRIVERS: &[(&str, &str)] = &[("igbvf", "igb"), ("ixgbevf", "ixgbe")];
+
+/// The NIC of a VF of device kind `kind`.
+fn vf_nic(kind: &str) -> Option<&'static str> {
+    VF_DRIVERS
+        .iter()
+        .find(|(vf, _)| *vf == kind)
+        .map(|(_, nic)| *nic)
+}
+
 /// Whether `p` is the hook `id`.
 fn at(p: &Point, id: HookId) -> bool {
     *p == Hook(id)
@@ -389,6 +417,13 @@ mod tests {
             (Hook(NetDevStartXmit), Hook(NetDevXmit)) if same_if => format!("driver xmit {a}"),
             (_, Hook(NetDevXmit)) => format!("xmit return {b}"),
             (Hook(NetDevXmit), Hook(NetifReceiveSkb)) => format!("backlog queue {b}"),
+            (Hook(NetDevXmit), Hook(NapiGroReceiveEntry))
+                if (e.from_kind, e.to_kind) == ("igbvf", "igbvf")
+                    && e.from_link.is_some()
+                    && e.from_link == e.to_link =>
+            {
+                format!("NIC switch {a} -> {b} (igb)")
+            }
             (Hook(NetDevXmit), Hook(NapiGroReceiveEntry)) => format!("wire {a} -> {b}"),
             // A transmit that returned before the next device started its own: the packet waited
             // in that device's qdisc, dequeued later (netem, shaping).
@@ -493,7 +528,10 @@ mod tests {
         let mut fired = std::collections::BTreeSet::new();
         for from in &points {
             for to in &points {
-                for (from_if, to_if) in ifs {
+                for ((from_if, to_if), (from_kind, to_kind)) in ifs
+                    .into_iter()
+                    .flat_map(|i| [(i, ("macvlan", "vlan")), (i, ("igbvf", "igbvf"))])
+                {
                     for to_ns in ["host", "ns1"] {
                         for from_master in masters {
                             for to_master in masters {
@@ -513,8 +551,8 @@ mod tests {
                                                     to_ns,
                                                     from_master,
                                                     to_master,
-                                                    from_kind: "macvlan",
-                                                    to_kind: "vlan",
+                                                    from_kind,
+                                                    to_kind,
                                                     from_link,
                                                     to_link,
                                                     peers,
@@ -632,6 +670,36 @@ mod tests {
                     ..ends(&Hook(NetDevXmit), &Hook(NapiGroReceiveEntry))
                 },
                 "wire eth0 (host) -> eth0 (host-b)",
+            ),
+            (
+                "NIC switch",
+                SegmentEnds {
+                    from_if: "eth0",
+                    to_if: "eth0",
+                    from_ns: "pod-a",
+                    to_ns: "pod-b",
+                    from_kind: "igbvf",
+                    to_kind: "igbvf",
+                    from_link: Some("enp1s0"),
+                    to_link: Some("enp1s0"),
+                    ..ends(&Hook(NetDevXmit), &Hook(NapiGroReceiveEntry))
+                },
+                "NIC switch eth0 (pod-a) -> eth0 (pod-b) (igb)",
+            ),
+            (
+                "wire",
+                SegmentEnds {
+                    from_if: "eth0",
+                    to_if: "eth0",
+                    from_ns: "pod-a",
+                    to_ns: "pod-b",
+                    from_kind: "igbvf",
+                    to_kind: "igbvf",
+                    from_link: Some("enp1s0"),
+                    to_link: Some("enp2s0"),
+                    ..ends(&Hook(NetDevXmit), &Hook(NapiGroReceiveEntry))
+                },
+                "wire eth0 (pod-a) -> eth0 (pod-b)",
             ),
             (
                 "qdisc after return",

@@ -89,10 +89,40 @@ impl<'a> Resolver<'a> {
                     args,
                 })
             }
+            Attach::DriverXmit => bail!("{} is resolved per NIC", spec.label),
             Attach::Tracepoint { .. } | Attach::Tc { .. } => {
                 bail!("{} is a stable hook, not a kernel function", spec.label)
             }
         }
+    }
+
+    /// The function at `addr` (a NIC's `ndo_start_xmit`) as a target of `spec`'s hook, with
+    /// its name and module.
+    pub fn resolve_at(
+        &mut self,
+        spec: &HookDef,
+        addr: u64,
+    ) -> Result<(String, Option<String>, ResolvedHook)> {
+        let symbols = self.symbols()?;
+        let (func, module) = symbols
+            .iter()
+            .find_map(|(name, at)| {
+                let (_, m) = at.iter().find(|(a, _)| *a == addr)?;
+                Some((name.clone(), m.clone()))
+            })
+            .ok_or_else(|| anyhow!("no function symbol at {addr:#x}"))?;
+        let ambiguous = symbols.get(&func).is_some_and(|at| at.len() > 1);
+        let args = function_args(self.btf(module.as_deref())?, spec.id, &func)?;
+        let attach_to = match (&module, ambiguous) {
+            (Some(m), true) => format!("{m}:{func}"),
+            _ => func.clone(),
+        };
+        let hook = ResolvedHook {
+            attach_to,
+            key: addr,
+            args,
+        };
+        Ok((func, module, hook))
     }
 
     /// The function's address and module, and whether its name alone is ambiguous. Built-in

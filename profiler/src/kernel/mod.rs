@@ -6,6 +6,7 @@ pub mod btf;
 pub mod doctor;
 pub mod inject;
 pub mod kfunc;
+pub mod nics;
 pub mod programs;
 pub mod ring;
 pub mod tc;

@@ -4,6 +4,8 @@
 //! Every attachment is a BPF link owned by this process, so an exiting process leaves none behind;
 //! a hook that cannot be attached is recorded with the reason, never fatal on its own.
 
+use std::collections::BTreeMap;
+
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
@@ -19,7 +21,7 @@ use profiler_common::{Filter, FuncHook, HookId, COUNTER_COUNT};
 use super::{
     btf::KernelBtf,
     kfunc::{ResolvedHook, Resolver},
-    tc,
+    nics, tc,
     uprobe::UprobeSpec,
 };
 use crate::{
@@ -192,7 +194,11 @@ impl Programs {
             let Some(prog) = spec.deep_program(mode) else {
                 continue;
             };
-            let is_function = matches!(spec.attach, Attach::Function { .. });
+            if spec.attach == Attach::DriverXmit && kprobes {
+                self.attach_driver_xmits(btf, &mut resolver, spec, &prog);
+                continue;
+            }
+            let is_function = matches!(spec.attach, Attach::Function { .. } | Attach::DriverXmit);
             let kind = if is_function { "kprobe" } else { "raw_tp" };
             let result = if is_function && !kprobes {
                 Err(anyhow!("this kernel has no kprobes (CONFIG_KPROBES off)"))
@@ -214,6 +220,52 @@ impl Programs {
                 set: HookSet::Deep,
                 ..st
             });
+        }
+    }
+
+    /// The driver transmit hook on each NIC's `ndo_start_xmit` that the table does not list by
+    /// name: one status per function, naming it, its module and its NICs.
+    fn attach_driver_xmits(
+        &mut self,
+        btf: &KernelBtf,
+        resolver: &mut Resolver,
+        spec: &HookDef,
+        prog: &str,
+    ) {
+        let unavailable = |name: String, e: anyhow::Error| HookStatus {
+            set: HookSet::Deep,
+            ..status(&name, "kprobe", Status::Unavailable, Some(format!("{e:#}")))
+        };
+        let nics = match nics::nics(btf) {
+            Ok(nics) if nics.is_empty() => Err(anyhow!("no NIC (a device on a bus) here")),
+            found => found,
+        };
+        let nics = match nics {
+            Ok(nics) => nics,
+            Err(e) => return self.statuses.push(unavailable(spec.label.to_string(), e)),
+        };
+        let mut by_xmit: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for nic in nics {
+            by_xmit.entry(nic.xmit).or_default().push(nic.name);
+        }
+        for (addr, names) in by_xmit {
+            let names = names.join(", ");
+            let st = match resolver.resolve_at(spec, addr) {
+                Ok((func, module, _)) if curated(&func, module.as_deref()) => continue,
+                Ok((func, module, target)) => {
+                    let module = module.map(|m| format!(" [{m}]")).unwrap_or_default();
+                    let name = format!("{} {func}{module} ({names})", spec.label);
+                    match self.attach_target(prog, true, &target) {
+                        Ok(()) => HookStatus {
+                            set: HookSet::Deep,
+                            ..status(&name, "kprobe", Status::Attached, None)
+                        },
+                        Err(e) => unavailable(name, e),
+                    }
+                }
+                Err(e) => unavailable(format!("{} at {addr:#x} ({names})", spec.label), e),
+            };
+            self.statuses.push(st);
         }
     }
 
@@ -527,6 +579,14 @@ impl Drop for Programs {
     fn drop(&mut self) {
         self.detach_tc();
     }
+}
+
+/// Whether the table lists `func` of `module` as a hook of its own (virtio-net's start_xmit).
+fn curated(func: &str, module: Option<&str>) -> bool {
+    HOOK_TABLE.iter().any(|h| match h.attach {
+        Attach::Function { func: f, module: m } => f == func && module.is_none_or(|x| x == m),
+        _ => false,
+    })
 }
 
 fn status(name: &str, kind: &str, status: Status, reason: Option<String>) -> HookStatus {

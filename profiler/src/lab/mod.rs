@@ -19,6 +19,7 @@ pub mod owner;
 pub mod recover;
 mod setup;
 mod spec;
+mod sriov;
 mod state;
 pub mod target;
 
@@ -55,10 +56,12 @@ pub enum Topology {
     /// The pods' veth peers are ports of dpdk-testpmd (af_packet), a userspace datapath
     /// (same-host only).
     Dpdk,
+    /// Each pod owns a virtual function of an SR-IOV NIC (igb; the VM lab's `--nic igb`).
+    Sriov,
 }
 
 impl Topology {
-    pub const ALL: [Topology; 13] = [
+    pub const ALL: [Topology; 14] = [
         Topology::Veth,
         Topology::Bridge,
         Topology::Host,
@@ -72,6 +75,7 @@ impl Topology {
         Topology::OvsVxlan,
         Topology::OvsGre,
         Topology::Dpdk,
+        Topology::Sriov,
     ];
 
     /// The topology's name (the lab's name when same-host).
@@ -90,6 +94,7 @@ impl Topology {
             Topology::OvsVxlan => "ovs-vxlan",
             Topology::OvsGre => "ovs-gre",
             Topology::Dpdk => "dpdk",
+            Topology::Sriov => "sriov",
         }
     }
 }
@@ -101,6 +106,8 @@ enum Lacks {
     Module(&'static str),
     /// A program (or file), and the Debian package that has it.
     Program(&'static str, &'static str),
+    /// This many SR-IOV NICs of this driver, without VFs.
+    Nics(usize, &'static str),
 }
 
 impl std::fmt::Display for Lacks {
@@ -112,6 +119,16 @@ impl std::fmt::Display for Lacks {
             ),
             Lacks::Program(p, package) => {
                 write!(f, "{p}, which is not installed (apt-get install {package})")
+            }
+            Lacks::Nics(n, driver) => {
+                let nics = match n {
+                    1 => "an SR-IOV NIC".to_string(),
+                    n => format!("{n} SR-IOV NICs"),
+                };
+                write!(
+                    f,
+                    "{nics} ({driver}) without VFs, which this machine lacks (the VM lab has two: cargo xtask vm --nic igb)"
+                )
             }
         }
     }
@@ -324,6 +341,7 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
     if spec.userspace.is_some() && options.forwarder.is_none() {
         dpdk::check().map_err(|e| explain(topology, e))?;
     }
+    sriov::check(&spec).map_err(|e| explain(topology, e))?;
     let mut undo = setup::Undo::default();
     let built = setup::build(&name, topology, options, &spec, &mut undo).await;
     let lab = built
@@ -376,6 +394,10 @@ pub async fn down(name: &str) -> Result<()> {
     // Before the namespaces: a process in one keeps it, and its devices, alive.
     if let Some(u) = &spec.userspace {
         result = result.and(dpdk::stop(&dpdk::dir(name, u.role)));
+    }
+    // Before the namespaces: the VFs go, and the PFs then return to the root namespace.
+    for pf in &spec.pfs {
+        result = result.and(sriov::release(pf.nic));
     }
     for role in &spec.roles {
         result = result.and(netns::delete(&spec::netns_name(name, role)));

@@ -7,7 +7,8 @@ use anyhow::{anyhow, Context as _, Result};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
-    BridgeStpState, IpVlanMode, LinkAttribute, LinkInfo, LinkMessage, MacVlanMode,
+    BridgeStpState, IpVlanMode, LinkAttribute, LinkInfo, LinkMessage, LinkVfInfo, MacVlanMode,
+    VfInfo, VfInfoMac,
 };
 use rtnetlink::packet_route::neighbour::NeighbourFlags;
 use rtnetlink::packet_route::tc::TcHandle;
@@ -324,6 +325,34 @@ impl Nl {
             format!("move interface {index} to network namespace {ns}")
         })
         .await
+    }
+
+    /// Whether the link has carrier.
+    pub async fn carrier(&self, index: u32) -> Result<bool> {
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .with_context(|| format!("cannot read interface {index} in {}", self.ns))?
+            .ok_or_else(|| anyhow!("no interface {index} in {}", self.ns))?;
+        Ok(link
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::Carrier(1))))
+    }
+
+    /// Has SR-IOV PF `pf` give its VF `vf` the MAC `mac` (`ip link set PF vf N mac M`).
+    pub async fn set_vf_mac(&self, pf: u32, vf: u32, mac: [u8; 6]) -> Result<()> {
+        let info = LinkVfInfo(vec![VfInfo::Mac(VfInfoMac::new(vf, &mac))]);
+        let msg = LinkUnspec::new_with_index(pf)
+            .append_extra_attribute(LinkAttribute::VfInfoList(vec![info]))
+            .build();
+        self.change(msg, || format!("set the MAC of VF {vf} of interface {pf}"))
+            .await
     }
 
     pub async fn rename(&self, index: u32, name: &str) -> Result<()> {

@@ -10,7 +10,8 @@ use super::dpdk;
 use super::netns;
 use super::nl::{self, Nl};
 use super::ovs;
-use super::spec::{netns_name, Child, Place, Spec, Tunnel, TunnelKind, Userspace};
+use super::spec::{netns_name, Child, Pf, Place, Spec, Tunnel, TunnelKind, Userspace};
+use super::sriov;
 use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Pod, Topology};
 
 /// What `up` has created so far. Dropped before `disarm` (an error, or the `up` future
@@ -25,6 +26,8 @@ pub(super) struct Undo {
     ovs: Vec<PathBuf>,
     /// The userspace datapath's directory, whose process may be running.
     dpdk: Option<PathBuf>,
+    /// SR-IOV PFs (PCI devices) whose VFs were created.
+    pfs: Vec<PathBuf>,
 }
 
 impl Undo {
@@ -34,6 +37,7 @@ impl Undo {
         self.root_links.clear();
         self.ovs.clear();
         self.dpdk = None;
+        self.pfs.clear();
     }
 }
 
@@ -54,6 +58,11 @@ impl Drop for Undo {
         }
         if !self.root_links.is_empty() {
             delete_root_links(std::mem::take(&mut self.root_links));
+        }
+        for dev in &self.pfs {
+            if let Err(e) = sriov::release_device(dev) {
+                log::warn!("{e:#}");
+            }
         }
         for ns in self.namespaces.iter().rev() {
             if let Err(e) = netns::delete(ns) {
@@ -106,6 +115,10 @@ pub(super) async fn build(
     for child in &spec.children {
         add_child(lab, child, next()?).await?;
     }
+    let mut pf_names = HashMap::new();
+    for pf in &spec.pfs {
+        pf_names.insert(pf.nic, add_vfs(lab, spec, pf, undo).await?);
+    }
     for tunnel in &spec.tunnels {
         add_tunnel(lab, tunnel, next()?).await?;
     }
@@ -142,6 +155,17 @@ pub(super) async fn build(
         None => None,
     };
     let mut described = describe(lab, topology, options, spec).await?;
+    // A VF's hops are named after its PF (the NIC that switches it).
+    for vf in &spec.vfs {
+        let ns = netns_name(lab, vf.at.0);
+        for i in described
+            .interfaces
+            .iter_mut()
+            .filter(|i| i.netns == ns && i.ifname == vf.at.1)
+        {
+            i.link = pf_names.get(&vf.nic).cloned();
+        }
+    }
     if let Some(f) = &forwarder {
         // Segments are named after the program that forwards.
         for i in described
@@ -200,6 +224,60 @@ async fn add_child(lab: &str, child: &Child, index: u32) -> Result<()> {
     pod.rename(index, child.at.1).await?;
     pod.add_addr(index, child.addr.0, child.addr.1).await?;
     pod.up(index).await
+}
+
+/// Moves SR-IOV PF `pf` into its host namespace and brings it up, creates its VFs of the
+/// spec, gives each its MAC, binds its driver, and hands it to its pod (renamed, addressed,
+/// up). Returns the PF's name.
+async fn add_vfs(lab: &str, spec: &Spec, pf: &Pf, undo: &mut Undo) -> Result<String> {
+    let dev = sriov::pf_device(pf.nic)?;
+    let (name, index) = sriov::net_device(&dev)?;
+    let root = Nl::open(None)?;
+    let host = Nl::open(Some(&netns_name(lab, pf.role)))?;
+    root.move_to(index, &netns_name(lab, pf.role)).await?;
+    // A moved device keeps its ifindex unless the namespace has it already (ip_gre's gre0,
+    // gretap0 and erspan0 are in every namespace): look it up again.
+    let index = host.index(&name).await?;
+    // The PF must be up for its VFs to be: the NIC switches nothing while it is down.
+    host.up(index).await?;
+    wait_carrier(&host, index, &name).await?;
+    let vfs: Vec<_> = spec.vfs.iter().filter(|v| v.nic == pf.nic).collect();
+    undo.pfs.push(dev.clone());
+    sriov::create_vfs(&dev, vfs.len() as u32)?;
+    for vf in &vfs {
+        host.set_vf_mac(index, vf.vf, vf.mac).await?;
+    }
+    for vf in vfs {
+        let vf_dev = sriov::bind_vf(&dev, vf.vf)?;
+        let (vf_name, vf_index) = sriov::net_device(&vf_dev)?;
+        let pod_ns = netns_name(lab, vf.at.0);
+        root.move_to(vf_index, &pod_ns).await?;
+        // The pod's own devices (lo, ip_gre's) are the first few ifindexes, which a VF made
+        // after every device of the root namespace does not have: it keeps its own.
+        let pod = Nl::open(Some(&pod_ns))?;
+        pod.rename(vf_index, vf.at.1).await?;
+        if let Some(mtu) = vf.mtu {
+            pod.set_mtu(vf_index, mtu).await?;
+        }
+        pod.add_addr(vf_index, vf.addr.0, vf.addr.1).await?;
+        pod.up(vf_index).await?;
+        // The driver requests its interrupts when the device opens.
+        sriov::pin_irqs(&vf_dev)?;
+        wait_carrier(&pod, vf_index, &vf_name).await?;
+    }
+    Ok(name)
+}
+
+/// Waits up to sriov::WAIT for interface `index` (`name`) to have carrier.
+async fn wait_carrier(nl: &Nl, index: u32, name: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + sriov::WAIT;
+    while !nl.carrier(index).await? {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("{name} has no carrier after {:?}", sriov::WAIT);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    Ok(())
 }
 
 /// Creates a tunnel device in its host namespace, addressed and up.
@@ -384,6 +462,9 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
         for (dev, kind) in bridge.devices() {
             interfaces.push(iface((bridge.role, dev), kind)?);
         }
+    }
+    for vf in &spec.vfs {
+        interfaces.push(iface(vf.at, sriov::VF_DRIVER)?);
     }
     let endpoint = |at: Place| -> Result<Endpoint> {
         let (addr, _) = spec

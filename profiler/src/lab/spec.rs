@@ -236,6 +236,24 @@ pub(super) struct Userspace {
     pub pods: [Place; 2],
 }
 
+/// An SR-IOV NIC's physical function (the `nic`-th igb NIC of the machine), moved into host
+/// namespace `role`, which owns it as a host owns its NIC.
+pub(super) struct Pf {
+    pub nic: usize,
+    pub role: &'static str,
+}
+
+/// Virtual function `vf` of the `nic`-th PF, given to a pod as `at`, with a MAC the PF sets
+/// (as an administrator does: the NIC switches frames to a VF by it).
+pub(super) struct Vf {
+    pub nic: usize,
+    pub vf: u32,
+    pub at: Place,
+    pub addr: Cidr,
+    pub mac: [u8; 6],
+    pub mtu: Option<u32>,
+}
+
 pub(super) struct Route {
     pub role: &'static str,
     /// None: the default route.
@@ -277,6 +295,9 @@ pub(super) struct Spec {
     pub forwarding: Vec<&'static str>,
     /// A userspace datapath between devices of a host namespace.
     pub userspace: Option<Userspace>,
+    /// SR-IOV NICs and the VFs the pods own.
+    pub pfs: Vec<Pf>,
+    pub vfs: Vec<Vf>,
     pub client: Place,
     pub server: Place,
     /// Every pod's interface and its host's role, client and server first (a pod of the
@@ -339,6 +360,7 @@ impl Spec {
             (Topology::OvsVxlan, CrossHost) => ovs_lab(Some(OvsTunnel::Vxlan), CrossHost, mtu),
             (Topology::OvsGre, CrossHost) => ovs_lab(Some(OvsTunnel::Gre), CrossHost, mtu),
             (Topology::Dpdk, SameHost) => dpdk(mtu),
+            (Topology::Sriov, p) => sriov(p, mtu),
             (Topology::Dpdk, CrossHost) => {
                 bail!("dpdk is same-host (testpmd joins two pods of one host); use --placement same-host")
             }
@@ -386,6 +408,7 @@ impl Spec {
             .chain(self.bridges.iter().map(|b| b.at))
             .chain(self.children.iter().map(|c| c.at))
             .chain(self.tunnels.iter().map(|t| t.at))
+            .chain(self.vfs.iter().map(|v| v.at))
             .chain(ovs)
             .collect()
     }
@@ -396,7 +419,12 @@ impl Spec {
         let bridges = self.bridges.iter().filter(|b| b.at == at).map(|b| b.addr);
         let children = self.children.iter().filter(|c| c.at == at).map(|c| c.addr);
         let tunnels = self.tunnels.iter().filter(|t| t.at == at).map(|t| t.addr);
-        ends.chain(bridges).chain(children).chain(tunnels).next()
+        let vfs = self.vfs.iter().filter(|v| v.at == at).map(|v| v.addr);
+        ends.chain(bridges)
+            .chain(children)
+            .chain(tunnels)
+            .chain(vfs)
+            .next()
     }
 
     /// The master netlink reports for the device at `at`: its bridge's, or the OVS
@@ -510,6 +538,55 @@ fn dpdk(mtu: Option<u32>) -> Spec {
             ports: ["veth-a", "veth-b"],
             pods: [("pod-a", "eth0"), ("pod-b", "eth0")],
         }),
+        client: ("pod-a", "eth0"),
+        server: ("pod-b", "eth0"),
+        ..Spec::default()
+    }
+}
+
+/// Each pod owns a VF of an SR-IOV NIC: same-host, two VFs of one PF, switched by the NIC
+/// itself; cross-host, a VF of each host's PF, the two NICs joined by a wire (QEMU's hub).
+fn sriov(placement: Placement, mtu: Option<u32>) -> Spec {
+    let cross = placement == Placement::CrossHost;
+    let (pfs, b_nic, b_vf) = if cross {
+        (
+            vec![
+                Pf {
+                    nic: 0,
+                    role: "host-a",
+                },
+                Pf {
+                    nic: 1,
+                    role: "host-b",
+                },
+            ],
+            1,
+            0,
+        )
+    } else {
+        (
+            vec![Pf {
+                nic: 0,
+                role: "host",
+            }],
+            0,
+            1,
+        )
+    };
+    let vf = |nic, vf, role, d: u8| Vf {
+        nic,
+        vf,
+        at: (role, "eth0"),
+        addr: (ip(0, d), 24),
+        mac: [0x02, 0xc6, 0x12, 0x0f, 0x00, d],
+        mtu,
+    };
+    let mut roles = vec!["pod-a", "pod-b"];
+    roles.extend(pfs.iter().map(|p| p.role));
+    Spec {
+        roles,
+        pfs,
+        vfs: vec![vf(0, 0, "pod-a", 1), vf(b_nic, b_vf, "pod-b", 2)],
         client: ("pod-a", "eth0"),
         server: ("pod-b", "eth0"),
         ..Spec::default()
