@@ -12,8 +12,17 @@ use super::{
 };
 use crate::{
     lab::{discover, target::Devices, LabIface},
-    report::schema::{HookStatus, Hop, Status},
+    report::schema::{HookStatus, Hop, Status, HOST_NODE},
 };
+
+/// Separates a guest's name from its namespace's in the namespace names of nested paths
+/// ("vm1:pod-b"); a name without it is the host's.
+pub const NODE_SEP: char = ':';
+
+/// The kernel (node) a namespace name belongs to: "host", or the guest's name.
+pub fn node_of(ns: &str) -> &str {
+    ns.split_once(NODE_SEP).map_or(HOST_NODE, |(node, _)| node)
+}
 
 /// Which program type serves each attached tracepoint ("tp_btf" or "raw_tp"), and the user
 /// probes' hop names ("uprobe:LABEL") by index.
@@ -74,6 +83,11 @@ impl Inodes {
         Ok(Inodes(map))
     }
 
+    /// A namespace the host cannot resolve (a guest's), by the id its hops are keyed with.
+    pub fn insert(&mut self, ns: String, id: u32) {
+        self.0.insert(ns, id);
+    }
+
     pub fn get(&self, ns: &str) -> u32 {
         self.0.get(ns).copied().unwrap_or(0)
     }
@@ -127,6 +141,7 @@ pub fn describe(
             let at = ifname.as_deref().map_or(String::new(), |i| format!(" {i}"));
             Hop {
                 index,
+                node: node_of(&netns).to_string(),
                 name: format!("{label}{at} {}", parenthesized(&netns)),
                 ifname,
                 netns: Some(netns),
@@ -150,6 +165,7 @@ fn uprobe_hop(index: usize, name: String) -> Hop {
         hook: name,
         encapsulated: false,
         tunnel: None,
+        node: HOST_NODE.to_string(),
     }
 }
 

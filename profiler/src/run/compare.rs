@@ -214,6 +214,7 @@ mod tests {
                 from: i,
                 to: i + 1,
                 userspace: false,
+                estimated: false,
                 stats: stats(*mean),
             })
             .collect();
@@ -252,6 +253,7 @@ mod tests {
             program_costs: None,
             stream: None,
             alltoall: None,
+            crossings: Vec::new(),
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod alltoall;
 pub mod compare;
+pub mod crossing;
 pub mod journey;
 pub mod stream;
 pub mod traffic;
@@ -362,6 +363,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
             _ => None,
         },
         alltoall,
+        crossings: Vec::new(),
     })
 }
 
@@ -540,6 +542,7 @@ fn segment_reports(
             from: i,
             to: i + 1,
             userspace: named.userspace,
+            estimated: named.estimated,
             stats,
         })
         .collect()
