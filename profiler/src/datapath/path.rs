@@ -15,14 +15,7 @@ use crate::{
     report::schema::{HookStatus, Hop, Status, HOST_NODE},
 };
 
-/// Separates a guest's name from its namespace's in the namespace names of nested paths
-/// ("vm1:pod-b"); a name without it is the host's.
-pub const NODE_SEP: char = ':';
-
-/// The kernel (node) a namespace name belongs to: "host", or the guest's name.
-pub fn node_of(ns: &str) -> &str {
-    ns.split_once(NODE_SEP).map_or(HOST_NODE, |(node, _)| node)
-}
+pub use crate::lab::target::node_of;
 
 /// Which program type serves each attached tracepoint ("tp_btf" or "raw_tp"), and the user
 /// probes' hop names ("uprobe:LABEL") by index.

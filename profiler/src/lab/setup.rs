@@ -421,6 +421,7 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
             .collect::<Result<_>>()?,
         owner: None,
         forwarder: None,
+        guests: Vec::new(),
     })
 }
 

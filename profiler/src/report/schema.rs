@@ -243,7 +243,7 @@ pub fn host_node() -> String {
     HOST_NODE.to_string()
 }
 
-pub const HOST_NODE: &str = "host";
+pub use crate::lab::target::HOST_NODE;
 
 /// Latency statistics of one segment or of the whole journey.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -31,9 +31,7 @@ pub async fn compare(
     }
     let options = LabOptions {
         placement,
-        mtu: None,
-        forwarder: None,
-        pods: None,
+        ..LabOptions::default()
     };
     let mut runs = Vec::new();
     let mut skipped = Vec::new();
