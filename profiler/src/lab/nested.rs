@@ -39,7 +39,9 @@ pub const QEMU_NAME_PREFIX: &str = "profiler-";
 /// The virtio-serial port the agent listens on: /dev/virtio-ports/NAME in the guest.
 pub const AGENT_PORT: &str = "profiler";
 /// The first request on the agent's channel, as JSON: the agent answers with its [`Inventory`].
-pub const HELLO: &str = "\"hello\"";
+/// The lab's request on the agent's channel, as JSON: `{"setup": [ip commands]}`; the agent
+/// runs them and answers with a [`SetupAnswer`].
+pub const SETUP: &str = "setup";
 /// The guest of a bmp2vmp lab.
 const GUEST: &str = "vm1";
 const TAP: &str = "tap-vm1";
@@ -200,14 +202,14 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
         ip(&cmd)?;
     }
     let gdir = dir(name, GUEST);
-    let script = guest_script(&std::env::current_exe()?, inner, mtu);
+    let script = guest_script(&std::env::current_exe()?);
     let guest = start(name, &host, &gdir, &vng, &vmlinuz, &release, &script)?;
     let guest = Guest {
         inner,
         outer,
         ..guest
     };
-    let inventory = hello(&guest).await?;
+    let inventory = setup(&guest, setup_commands(inner, mtu)).await?;
     let guest = Guest {
         namespaces: inventory.namespaces.clone(),
         ..guest
@@ -360,7 +362,7 @@ fn host_commands(host: &str, pod_a: &str, inner: Inner, mtu: Option<u32>) -> Vec
 }
 
 /// Runs `ip ARGS` ("bridge" for fdb entries), failing with its error in one line.
-fn ip(args: &str) -> Result<()> {
+pub fn ip(args: &str) -> Result<()> {
     let words: Vec<&str> = args.split_whitespace().collect();
     let (prog, words) = match words.iter().position(|w| *w == "fdb") {
         Some(i) => ("bridge", [&words[..i], &words[i..]].concat()),
@@ -379,26 +381,28 @@ fn ip(args: &str) -> Result<()> {
     Ok(())
 }
 
-/// The guest's shell script: modules and filesystems the profiler needs, the NIC (found by its
-/// MAC) renamed eth0 on the outer network, the guest's pod network, then the agent.
-fn guest_script(profiler: &Path, inner: Inner, mtu: Option<u32>) -> String {
-    let mut s = String::from(
+/// The guest's shell script, kept short (virtme-ng passes it on the kernel's command line, at
+/// most 2 KiB on 6.1): modules and filesystems the profiler needs, the NIC (found by its MAC)
+/// renamed eth0, then the agent, which builds the rest when the lab asks (`setup_commands`).
+fn guest_script(profiler: &Path) -> String {
+    format!(
         "modprobe -q -a virtio_net virtio_console veth bridge vxlan 8021q sch_netem\n\
-         mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf\n\
-         mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing\n\
-         mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug\n\
-         mkdir -p /run/netns\n\
-         sysctl -qw net.ipv4.ip_forward=1\n",
-    );
-    s += &format!(
-        "nic=$(for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = {GUEST_MAC} ] && basename $d; done)\n\
-         [ -n \"$nic\" ] || {{ echo 'guest: no NIC with MAC {GUEST_MAC}' >&2; exit 1; }}\n\
-         ip link set $nic name eth0\n\
-         ip addr add {OUTER_GUEST}/24 dev eth0\n\
-         ip link set eth0 up\n\
-         ip netns add pod-b\n"
-    );
-    let cmds = node_commands(
+         mount -t bpf bpf /sys/fs/bpf; mount -t tracefs tracefs /sys/kernel/tracing\n\
+         mkdir -p /run/netns; sysctl -qw net.ipv4.ip_forward=1\n\
+         for d in /sys/class/net/*; do [ $(cat $d/address) = {GUEST_MAC} ] && ip link set ${{d##*/}} name eth0; done\n\
+         exec {} agent --serial {AGENT_PORT} --node {GUEST}\n",
+        profiler.display()
+    )
+}
+
+/// The guest side, run by its agent: eth0 on the outer network, its pod network.
+fn setup_commands(inner: Inner, mtu: Option<u32>) -> Vec<String> {
+    let mut c = vec![
+        format!("addr add {OUTER_GUEST}/24 dev eth0"),
+        "link set eth0 up".to_string(),
+        "netns add pod-b".to_string(),
+    ];
+    c.extend(node_commands(
         None,
         "pod-b",
         POD_NET_GUEST,
@@ -406,20 +410,21 @@ fn guest_script(profiler: &Path, inner: Inner, mtu: Option<u32>) -> String {
         ("eth0", OUTER_GUEST, OUTER_HOST),
         inner,
         mtu,
-    );
-    for c in cmds {
-        s += &format!("ip {c} || {{ echo 'guest: ip {c} failed' >&2; exit 1; }}\n");
-    }
+    ));
     if inner == Inner::FlannelVxlan {
-        s += &format!(
-            "bridge fdb append {VTEP_MAC_HOST} dev flannel.1 dst {OUTER_HOST} self permanent || exit 1\n"
-        );
+        c.push(format!(
+            "fdb append {VTEP_MAC_HOST} dev flannel.1 dst {OUTER_HOST} self permanent"
+        ));
     }
-    s += &format!(
-        "exec {} agent --serial {AGENT_PORT} --node {GUEST}\n",
-        profiler.display()
-    );
-    s
+    c
+}
+
+/// The agent's answer to the lab's setup request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetupAnswer {
+    Inventory(Inventory),
+    Failed(String),
 }
 
 /// Boots the guest in namespace `host`, its NIC the tap, its agent's port a Unix socket in
@@ -454,7 +459,7 @@ fn start(
     let child = Command::new("ip")
         .args(["netns", "exec", host])
         .arg(vng)
-        .args(["--disable-kvm", "--memory", GUEST_MEMORY, "--cpus", "2"])
+        .args(["--disable-kvm", "--verbose", "--memory", GUEST_MEMORY, "--cpus", "2"])
         .arg("--name")
         .arg(format!("{QEMU_NAME_PREFIX}{lab}-{GUEST}"))
         .arg("--run")
@@ -488,9 +493,9 @@ fn start(
     Ok(guest)
 }
 
-/// Waits for the guest's agent and asks for its inventory. Fails with the end of the console
-/// log if the guest stops first.
-async fn hello(guest: &Guest) -> Result<Inventory> {
+/// Waits for the guest's agent, has it run `commands` and asks for its inventory. Fails with
+/// the end of the console log if the guest stops first.
+async fn setup(guest: &Guest, commands: Vec<String>) -> Result<Inventory> {
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let log = guest.socket.with_file_name("console.log");
     let failed = |what: &str| {
@@ -515,7 +520,8 @@ async fn hello(guest: &Guest) -> Result<Inventory> {
         }
     };
     let (read, mut write) = stream.into_split();
-    write.write_all(format!("{HELLO}\n").as_bytes()).await?;
+    let request = serde_json::json!({ SETUP: commands }).to_string() + "\n";
+    write.write_all(request.as_bytes()).await?;
     let mut lines = BufReader::new(read).lines();
     let left = deadline.saturating_duration_since(Instant::now());
     let alive = async {
@@ -528,8 +534,11 @@ async fn hello(guest: &Guest) -> Result<Inventory> {
         () = alive => return Err(failed("the guest stopped before its agent answered")),
     };
     match line {
-        Ok(Ok(Some(line))) => serde_json::from_str(&line)
-            .with_context(|| format!("guest {}: unreadable answer {line:?}", guest.name)),
+        Ok(Ok(Some(line))) => match serde_json::from_str(&line) {
+            Ok(SetupAnswer::Inventory(inv)) => Ok(inv),
+            Ok(SetupAnswer::Failed(e)) => bail!("guest {}: {e}", guest.name),
+            Err(e) => bail!("guest {}: unreadable answer {line:?}: {e}", guest.name),
+        },
         Ok(Ok(None)) => Err(failed("QEMU closed the agent's channel")),
         Ok(Err(e)) => Err(e).context("reading the agent's answer"),
         Err(_) => Err(failed("its agent did not answer within 10 minutes")),
@@ -599,9 +608,12 @@ mod tests {
         let host = host_commands("h", "p", Inner::FlannelVxlan, None).join("\n");
         assert!(host.contains("local 198.19.0.1 dev br0"), "{host}");
         assert!(host.contains("fdb append 02:c6:12:02:00:01 dev flannel.1 dst 198.19.0.2"));
-        let guest = guest_script(Path::new("/p"), Inner::FlannelVxlan, None);
+        let guest = setup_commands(Inner::FlannelVxlan, None).join("\n");
         assert!(guest.contains("local 198.19.0.2 dev eth0"), "{guest}");
         assert!(guest.contains("route add 198.18.0.0/24 via 198.18.0.0 dev flannel.1 onlink"));
-        assert!(guest.contains("exec /p agent --serial profiler --node vm1"));
+        let script = guest_script(Path::new("/p"));
+        assert!(script.contains("exec /p agent --serial profiler --node vm1"));
+        // virtme-ng puts it on the kernel command line, base64: 2 KiB in all on 6.1.
+        assert!(script.len() < 600, "{} bytes", script.len());
     }
 }

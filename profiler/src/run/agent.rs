@@ -39,7 +39,7 @@ use crate::{
     },
     lab::{
         discover,
-        nested::{self, Guest, Inventory},
+        nested::{self, Guest, Inventory, SetupAnswer},
     },
     report::schema::{CrossingReport, HookSet, HookStatus},
 };
@@ -54,8 +54,8 @@ const DRAIN: Duration = Duration::from_millis(500);
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Request {
-    /// Answered with the guest's [`Inventory`].
-    Hello,
+    /// A lab's: `ip` commands that build the guest's side; answered with a [`SetupAnswer`].
+    Setup(Vec<String>),
     Start(Start),
     Stop { run_id: u32 },
 }
@@ -230,7 +230,10 @@ async fn session(mut lines: Reader, mut write: Writer, node: &str, serial: bool)
             }
         };
         let answer = match request {
-            Request::Hello => serde_json::to_string(&inventory().await?)?,
+            Request::Setup(commands) => serde_json::to_string(&match run_setup(&commands) {
+                Ok(()) => SetupAnswer::Inventory(inventory().await?),
+                Err(e) => SetupAnswer::Failed(format!("{e:#}")),
+            })?,
             Request::Start(s) => {
                 // A run whose host went away without stopping it.
                 running = None;
@@ -264,6 +267,10 @@ async fn session(mut lines: Reader, mut write: Writer, node: &str, serial: bool)
         write.write_all(b"\n").await?;
         write.flush().await?;
     }
+}
+
+fn run_setup(commands: &[String]) -> Result<()> {
+    commands.iter().try_for_each(|c| nested::ip(c))
 }
 
 /// The guest's kernel, namespaces (with inodes) and devices.
@@ -495,8 +502,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hello_is_the_labs_first_request() {
-        assert_eq!(serde_json::to_string(&Request::Hello).unwrap(), nested::HELLO);
+    fn the_labs_setup_request_is_understood() {
+        let cmds = vec!["link set eth0 up".to_string()];
+        let lab = serde_json::json!({ nested::SETUP: cmds.clone() }).to_string();
+        assert!(matches!(serde_json::from_str(&lab), Ok(Request::Setup(c)) if c == cmds));
     }
 
     #[test]
