@@ -85,7 +85,12 @@ enum Command {
 struct AgentCli {
     /// Listen on the virtio-serial port of this name (/dev/virtio-ports/NAME; QEMU:
     /// -device virtserialport,name=NAME,chardev=... with a socket chardev on the host).
-    #[arg(long, value_name = "NAME", required_unless_present = "listen", conflicts_with = "listen")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "listen",
+        conflicts_with = "listen"
+    )]
     serial: Option<String>,
     /// Listen on this TCP address instead (a real node).
     #[arg(long, value_name = "ADDR")]

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use super::{
-    discover, netns, owner, vm_cache as vm, spec::netns_name, target::NODE_SEP, Endpoint, Lab, LabIface,
-    LabOptions, Placement, Pod, Topology,
+    discover, netns, owner, spec::netns_name, target::NODE_SEP, vm_cache as vm, Endpoint, Lab,
+    LabIface, LabOptions, Placement, Pod, Topology,
 };
 
 /// Each guest's files (pid record, QEMU's socket for the agent, console log): RUN_DIR/LAB-GUEST.
@@ -63,9 +63,7 @@ const VTEP_MAC_HOST: &str = "02:c6:12:01:00:01";
 const VTEP_MAC_GUEST: &str = "02:c6:12:02:00:01";
 
 /// The container network inside the VM (and on the bare-metal node).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[clap(rename_all = "kebab-case")]
 pub enum Inner {
@@ -77,9 +75,7 @@ pub enum Inner {
 }
 
 /// The network the VM's NIC sits on, on the host.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[clap(rename_all = "kebab-case")]
 pub enum Outer {
@@ -146,7 +142,10 @@ const ROLES: [&str; 2] = ["host", "pod-a"];
 /// Fails in one line when the options do not fit a nested lab.
 pub(super) fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.placement != Placement::SameHost {
-        bail!("{}: only --placement same-host is built so far", topology.name());
+        bail!(
+            "{}: only --placement same-host is built so far",
+            topology.name()
+        );
     }
     if options.pods.is_some() || options.forwarder.is_some() {
         bail!("{}: --pods and --forwarder do not apply", topology.name());
@@ -201,6 +200,7 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
     for cmd in host_commands(&host, &pod_a, inner, mtu) {
         ip(&cmd)?;
     }
+    super::setup::enable_forwarding(&host)?;
     let gdir = dir(name, GUEST);
     let script = guest_script(&std::env::current_exe()?);
     let guest = start(name, &host, &gdir, &vng, &vmlinuz, &release, &script)?;
@@ -300,7 +300,11 @@ fn node_commands(
         Inner::FlannelVxlan => FLANNEL_MTU,
     });
     let gw = pod_ip(net, 1);
-    let veth = if net == POD_NET_HOST { "veth-a" } else { "veth-b" };
+    let veth = if net == POD_NET_HOST {
+        "veth-a"
+    } else {
+        "veth-b"
+    };
     let mut c = vec![
         format!("{n}link add cni0 mtu {pod_mtu} type bridge forward_delay 0 stp_state 0"),
         format!("{n}addr add {gw}/24 dev cni0"),
@@ -314,7 +318,9 @@ fn node_commands(
     ];
     let other_net = format!("198.18.{other}.0/24");
     match inner {
-        Inner::Bridge => c.push(format!("{n}route add {other_net} via {remote} dev {outer_dev}")),
+        Inner::Bridge => c.push(format!(
+            "{n}route add {other_net} via {remote} dev {outer_dev}"
+        )),
         Inner::FlannelVxlan => {
             let (mine, theirs) = if net == POD_NET_HOST {
                 (VTEP_MAC_HOST, VTEP_MAC_GUEST)
@@ -459,7 +465,14 @@ fn start(
     let child = Command::new("ip")
         .args(["netns", "exec", host])
         .arg(vng)
-        .args(["--disable-kvm", "--verbose", "--memory", GUEST_MEMORY, "--cpus", "2"])
+        .args([
+            "--disable-kvm",
+            "--verbose",
+            "--memory",
+            GUEST_MEMORY,
+            "--cpus",
+            "2",
+        ])
         .arg("--name")
         .arg(format!("{QEMU_NAME_PREFIX}{lab}-{GUEST}"))
         .arg("--run")
@@ -579,7 +592,11 @@ fn stop_group(g: &Guest) -> Result<()> {
     }
     reap(g.pid);
     if ours && kill(group, None).is_ok() && g.alive() {
-        bail!("guest {} (QEMU, process group {}) did not exit", g.name, g.pid);
+        bail!(
+            "guest {} (QEMU, process group {}) did not exit",
+            g.name,
+            g.pid
+        );
     }
     Ok(())
 }

@@ -13,6 +13,15 @@ use super::ovs;
 use super::spec::{netns_name, Child, Place, Spec, Tunnel, TunnelKind, Userspace};
 use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Pod, Topology};
 
+/// net.ipv4.ip_forward=1 in namespace `ns`.
+pub(super) fn enable_forwarding(ns: &str) -> Result<()> {
+    netns::run_in(Some(ns), || {
+        const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+        std::fs::write(PATH, "1").with_context(|| format!("cannot write {PATH}"))
+    })
+    .with_context(|| format!("cannot enable IPv4 forwarding in {ns}"))
+}
+
 /// What `up` has created so far. Dropped before `disarm` (an error, or the `up` future
 /// dropped on Ctrl-C), it removes all of it.
 #[derive(Default)]
@@ -124,12 +133,7 @@ pub(super) async fn build(
         nl.add_fdb(nl.index(f.dev).await?, f.mac, f.dst).await?;
     }
     for role in &spec.forwarding {
-        let ns = netns_name(lab, role);
-        netns::run_in(Some(&ns), || {
-            const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-            std::fs::write(PATH, "1").with_context(|| format!("cannot write {PATH}"))
-        })
-        .with_context(|| format!("cannot enable IPv4 forwarding in {ns}"))?;
+        enable_forwarding(&netns_name(lab, role))?;
     }
     for bridge in &spec.ovs {
         let dir = ovs::dir(lab, bridge.role);

@@ -59,13 +59,13 @@ pub fn vng_in(vm_dir: &Path) -> PathBuf {
 /// The release and vmlinuz of a cached series, if it was installed completely.
 pub fn cached(series: &str) -> Result<Option<(String, PathBuf)>> {
     let kdir = kernel_dir(&vm_dir(&cache_dir()?), series);
-    let (Ok(release), vmlinuz) = (
-        std::fs::read_to_string(release_file(&kdir)),
-        vmlinuz(&kdir),
-    ) else {
+    let (Ok(release), vmlinuz) = (std::fs::read_to_string(release_file(&kdir)), vmlinuz(&kdir))
+    else {
         return Ok(None);
     };
-    Ok(vmlinuz.exists().then(|| (release.trim().to_string(), vmlinuz)))
+    Ok(vmlinuz
+        .exists()
+        .then(|| (release.trim().to_string(), vmlinuz)))
 }
 
 /// The guest kernel for `choice` (a series, or the path of a bzImage; None: the newest cached

@@ -57,7 +57,9 @@ pub enum Request {
     /// A lab's: `ip` commands that build the guest's side; answered with a [`SetupAnswer`].
     Setup(Vec<String>),
     Start(Start),
-    Stop { run_id: u32 },
+    Stop {
+        run_id: u32,
+    },
 }
 
 /// A run's part in the guest.
@@ -175,8 +177,7 @@ pub async fn serve(listen: Listen, node: &str) -> Result<()> {
                 eprintln!("agent {node}: host {peer} connected");
                 let (r, w) = conn.into_split();
                 let r: Pin<Box<dyn AsyncRead + Send>> = Box::pin(r);
-                if let Err(e) = session(BufReader::new(r).lines(), Box::pin(w), node, false).await
-                {
+                if let Err(e) = session(BufReader::new(r).lines(), Box::pin(w), node, false).await {
                     eprintln!("agent {node}: {e:#}");
                 }
             }
@@ -188,9 +189,9 @@ pub async fn serve(listen: Listen, node: &str) -> Result<()> {
 /// may be missing in a minimal guest).
 fn serial_port(name: &str) -> Result<PathBuf> {
     let dir = std::path::Path::new("/sys/class/virtio-ports");
-    for entry in std::fs::read_dir(dir).with_context(|| {
-        format!("cannot list {} (no virtio-serial device?)", dir.display())
-    })? {
+    for entry in std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {} (no virtio-serial device?)", dir.display()))?
+    {
         let entry = entry?;
         if std::fs::read_to_string(entry.path().join("name")).is_ok_and(|n| n.trim() == name) {
             return Ok(PathBuf::from("/dev").join(entry.file_name()));
@@ -313,13 +314,16 @@ async fn start(s: &Start) -> Result<(Running, Answer)> {
     let log = ServerLog::default();
     let run_id = s.run_id;
     // The host's warm-up exchanges carry run id 0: answered, not logged.
-    let server = tokio::spawn(traffic::serve_udp(socket, s.size, log.clone(), move |id| {
-        match id {
+    let server = tokio::spawn(traffic::serve_udp(
+        socket,
+        s.size,
+        log.clone(),
+        move |id| match id {
             0 => Some(false),
             id if id == run_id => Some(true),
             _ => None,
-        }
-    }));
+        },
+    ));
     let answer = Answer::Ready {
         run_id,
         hook_set,
@@ -464,7 +468,11 @@ pub fn merge(
         c.host(e.seq, e.direction == DIR_REQUEST, e.ts_ns);
     }
     for s in &stamps.stamps {
-        let ts = if s.direction == DIR_REQUEST { s.send_ns } else { s.recv_ns };
+        let ts = if s.direction == DIR_REQUEST {
+            s.send_ns
+        } else {
+            s.recv_ns
+        };
         c.host(s.seq, s.direction == DIR_REQUEST, ts);
     }
     let guest: Vec<Event> = done.events.iter().map(from_wire).collect();

@@ -42,9 +42,9 @@ use crate::{
         Lab, LabOptions, Lock, Owner, Pod, Topology,
     },
     report::schema::{
-        AlltoallResult, DirectionReport, DropReport, EventsReport, HookSet, HookStatus, Hop, MissingHop,
-        OtherPath, PathKindResult, RunReport, SegmentReport, Stats, StreamResult, TrafficKind,
-        TrafficReport, RUN_SCHEMA,
+        AlltoallResult, DirectionReport, DropReport, EventsReport, HookSet, HookStatus, Hop,
+        MissingHop, OtherPath, PathKindResult, RunReport, SegmentReport, Stats, StreamResult,
+        TrafficKind, TrafficReport, RUN_SCHEMA,
     },
 };
 use alltoall::AlltoallSpec;
@@ -405,8 +405,12 @@ async fn start_agent(
     if args.traffic != TrafficKind::Rr {
         anyhow::bail!("a nested path is profiled with --traffic rr (UDP) only, so far");
     }
-    let server_ns = lab::nested::in_guest(&guest.name, &lab.server.netns)
-        .with_context(|| format!("the server {} is not in guest {}", lab.server.netns, guest.name))?;
+    let server_ns = lab::nested::in_guest(&guest.name, &lab.server.netns).with_context(|| {
+        format!(
+            "the server {} is not in guest {}",
+            lab.server.netns, guest.name
+        )
+    })?;
     let mut remote = agent::Remote::guest(guest).await?;
     eprintln!(
         "guest {}: attaching its programs (TCG: this takes a while)",
@@ -424,7 +428,6 @@ async fn start_agent(
         .await?;
     Ok(Some((remote, hooks)))
 }
-
 
 /// All-to-all's figures, and the waterfall of each path kind's best-attributed pod pair.
 struct AlltoallReport {

@@ -120,7 +120,9 @@ pub async fn run(spec: &Spec, ends: &Endpoints, progress: Arc<AtomicU32>) -> Res
     let server_log = ServerLog::default();
     let mut outcome = match spec.proto {
         Proto::Udp => run_udp(spec, ends, server_log.clone(), &progress).await?,
-        Proto::Tcp if ends.remote_server => bail!("a remote server (a guest's agent) runs UDP only"),
+        Proto::Tcp if ends.remote_server => {
+            bail!("a remote server (a guest's agent) runs UDP only")
+        }
         Proto::Tcp => run_tcp(spec, ends, server_log.clone(), &progress).await?,
     };
     if !ends.remote_server {
@@ -233,8 +235,7 @@ fn spawn_udp_server(
 /// A nonblocking UDP socket bound to `addr` in namespace `ns`.
 pub fn udp_server(ns: Option<&str>, addr: SocketAddr) -> Result<UdpSocket> {
     let server = netns::run_in(ns, || {
-        std::net::UdpSocket::bind(addr)
-            .with_context(|| format!("binding the UDP server to {addr}"))
+        std::net::UdpSocket::bind(addr).with_context(|| format!("binding the UDP server to {addr}"))
     })?;
     Ok(UdpSocket::from_std(nonblocking_udp(server)?)?)
 }
