@@ -8,7 +8,9 @@ mod overhead;
 mod setup;
 mod test;
 mod vm;
-/// The VM lab's cache layout, shared with the nested labs that find their guests' kernels in it.
+/// The VM lab's cache layout, shared with the nested labs that find their guests' kernels in it
+/// (their lookups are the lab's, unused here).
+#[allow(dead_code)]
 #[path = "../../profiler/src/lab/vm_cache.rs"]
 mod vm_cache;
 
