@@ -258,3 +258,161 @@ fn lab_up_and_down_and_sigint_during_up_leave_nothing() {
     drop(guard);
     assert_nothing_left();
 }
+
+/// The run's JSON on the lab that is up (the run leaves it up).
+fn run_json(port: &str) -> Value {
+    let out = profiler(&[
+        "run",
+        "--lab",
+        LAB,
+        "--hooks",
+        "stable",
+        "--count",
+        "150",
+        "--rate",
+        "10",
+        "--timeout",
+        "2s",
+        "--port",
+        port,
+        "--quiet",
+        "--json",
+        "-",
+    ]);
+    assert!(
+        out.status.success(),
+        "run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the run's JSON")
+}
+
+/// The request's segments by (node, name): p50 and p90 in ns.
+fn request_segments(r: &Value) -> Vec<(String, u64, u64)> {
+    let d = &r["directions"][0];
+    let hops = d["hops"].as_array().unwrap();
+    d["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let to = &hops[s["to"].as_u64().unwrap() as usize];
+            let name = format!(
+                "[{}] {}",
+                to["node"].as_str().unwrap(),
+                s["name"].as_str().unwrap()
+            );
+            (
+                name,
+                s["p50_ns"].as_u64().unwrap(),
+                s["p90_ns"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Asks the lab's guest agent to run `commands` (its setup request), as the lab does.
+fn guest_commands(commands: &[&str]) {
+    use std::io::{BufRead as _, Write as _};
+    let socket = Path::new(profiler::lab::nested::RUN_DIR)
+        .join(format!("{LAB}-vm1"))
+        .join("agent.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("the agent's socket");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let req = serde_json::json!({ profiler::lab::nested::SETUP: commands }).to_string() + "\n";
+    s.write_all(req.as_bytes()).expect("asking the agent");
+    let mut line = String::new();
+    std::io::BufReader::new(&s)
+        .read_line(&mut line)
+        .expect("the agent's answer");
+    assert!(line.contains("\"inventory\""), "agent: {line}");
+}
+
+/// Where a delay lands: the segment `which` of `delayed` moved by `delay` within max(10%, 5 us)
+/// against `base`; every other segment by less than its baseline's own spread allows.
+fn check_delay(base: &Value, delayed: &Value, which: &str, delay_ns: u64) {
+    let (b, d) = (request_segments(base), request_segments(delayed));
+    assert_eq!(
+        b.iter().map(|s| &s.0).collect::<Vec<_>>(),
+        d.iter().map(|s| &s.0).collect::<Vec<_>>(),
+        "the delay changed the path"
+    );
+    let bound = (delay_ns / 10).max(5_000) as i64;
+    let mut found = false;
+    for ((name, b50, b90), (_, d50, _)) in b.iter().zip(&d) {
+        let moved = *d50 as i64 - *b50 as i64;
+        if name.contains(which) {
+            println!("{name}: moved {moved} ns, delay {delay_ns} ns, bound {bound} ns");
+            assert!(
+                (moved - delay_ns as i64).abs() <= bound,
+                "{name}: moved {moved} ns for a {delay_ns} ns delay (bound {bound})"
+            );
+            found = true;
+        } else {
+            // The baseline's own spread (p90 - p50), twice, and 20 us of TCG scheduling noise.
+            let spread = 2 * (b90 - b50) as i64 + 20_000;
+            println!("{name}: moved {moved} ns, allowed {spread} ns");
+            assert!(
+                moved.abs() <= spread,
+                "{name}: moved {moved} ns, allowed {spread} ns"
+            );
+        }
+    }
+    assert!(found, "no segment {which}: {b:#?}");
+}
+
+#[test]
+fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
+    if !have_guest_kernel() {
+        return;
+    }
+    const PORT: &str = "40123";
+    const DELAY_US: u64 = 3000;
+    let guard = common::lab_up(&[LAB, "--inner", "bridge", "--guest-kernel", KERNEL]);
+    let base = run_json(PORT);
+    // On the host: held at the tap's tc egress, in the segment that ends there.
+    let mut delay = Command::new(BIN)
+        .args([
+            "delay",
+            "--netns",
+            "prof-bmp2vmp-host",
+            "--iface",
+            "tap-vm1",
+            "--direction",
+            "egress",
+            "--delay-us",
+            &DELAY_US.to_string(),
+            "--port",
+            PORT,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the delay injector");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(delay.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .expect("the injector's first line");
+    assert!(first.starts_with("holding"), "{first}");
+    let host_delayed = run_json(PORT);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(delay.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("stopping the injector");
+    assert!(delay.wait().expect("the injector").success());
+    check_delay(
+        &base,
+        &host_delayed,
+        "[host] bridge br0 (-> port tap-vm1)",
+        DELAY_US * 1000,
+    );
+    // In the guest: netem on veth-b's root qdisc, toward pod-b.
+    guest_commands(&["tc qdisc add dev veth-b root netem delay 3ms"]);
+    let guest_delayed = run_json(PORT);
+    guest_commands(&["tc qdisc del dev veth-b root"]);
+    check_delay(&base, &guest_delayed, "[vm1] qdisc veth-b", DELAY_US * 1000);
+    drop(guard);
+    assert_nothing_left();
+}

@@ -48,6 +48,10 @@ const TAP: &str = "tap-vm1";
 /// The guest NIC's MAC, by which the guest's script finds it (its PCI slot names it).
 const GUEST_MAC: &str = "52:54:00:c6:12:01";
 const GUEST_MEMORY: &str = "1G";
+/// One vCPU: under TCG each vCPU's clock drifts from the others' (enough to reorder a packet's
+/// guest hops and to make an exchange's crossing sum negative), and the host's two cores are
+/// shared anyway.
+const GUEST_CPUS: &str = "1";
 /// Booting under TCG on a busy machine, then loading nothing yet: a minute or two.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -367,12 +371,14 @@ fn host_commands(host: &str, pod_a: &str, inner: Inner, mtu: Option<u32>) -> Vec
     c
 }
 
-/// Runs `ip ARGS` ("bridge" for fdb entries), failing with its error in one line.
+/// Runs `ip ARGS` ("bridge" for fdb entries; "tc ARGS" is tc's, for qdiscs such as a test's
+/// netem in the guest), failing with its error in one line.
 pub fn ip(args: &str) -> Result<()> {
     let words: Vec<&str> = args.split_whitespace().collect();
-    let (prog, words) = match words.iter().position(|w| *w == "fdb") {
-        Some(i) => ("bridge", [&words[..i], &words[i..]].concat()),
-        None => ("ip", words),
+    let (prog, words) = match (words.first(), words.iter().position(|w| *w == "fdb")) {
+        (Some(&"tc"), _) => ("tc", words[1..].to_vec()),
+        (_, Some(_)) => ("bridge", words),
+        _ => ("ip", words),
     };
     let out = Command::new(prog)
         .args(&words)
@@ -471,7 +477,7 @@ fn start(
             "--memory",
             GUEST_MEMORY,
             "--cpus",
-            "2",
+            GUEST_CPUS,
         ])
         .arg("--name")
         .arg(format!("{QEMU_NAME_PREFIX}{lab}-{GUEST}"))

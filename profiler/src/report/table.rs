@@ -79,11 +79,14 @@ fn render_crossing(c: &CrossingReport) -> String {
     )
 }
 
+/// A clock offset: seconds when it is (guests boot later than their host), else as `us`.
 fn signed_us(ns: i64) -> String {
-    if ns < 0 {
-        format!("-{}", us(-ns as f64))
+    let sign = if ns < 0 { "-" } else { "" };
+    let abs = ns.unsigned_abs() as f64;
+    if abs >= 1e9 {
+        format!("{sign}{:.6}s", abs / 1e9)
     } else {
-        us(ns as f64)
+        format!("{sign}{}", us(abs))
     }
 }
 
