@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use profiler_common::{Event, COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST};
+use profiler_common::{Event, HookId, COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader, Lines},
@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use super::{
-    crossing::{Collect, Estimate},
+    crossing::{self, Collect, Estimate},
     traffic::{self, ServerLog},
 };
 use crate::{
@@ -450,6 +450,19 @@ fn guest_ids(node: &str, index: u32, namespaces: &[String], ids: &mut Inodes) ->
         .collect()
 }
 
+/// Whether `e` is on the side where its packet leaves the kernel (`host`: the host's, toward
+/// the guest): the request on the host, the response in the guest.
+fn leaving(e: &Event, host: bool) -> bool {
+    (e.direction == DIR_REQUEST) == host
+}
+
+/// A transmit's return: the end of a (nested) transmit's unwinding, not packet movement. Under
+/// TCG the guest's comes after QEMU has handed the packet to the host, which may already have
+/// delivered it.
+fn unwinding(e: &Event) -> bool {
+    e.hook == HookId::NetDevXmit as u8
+}
+
 /// Puts a guest's events and the server's stamps on the host's timeline: estimates the guest
 /// clock per exchange (crossing.rs) from the host's events and client stamps and the guest's,
 /// moves the guest's events into `events` and completes `stamps`. Returns how the clocks were
@@ -464,7 +477,10 @@ pub fn merge(
     inodes: &mut Inodes,
 ) -> CrossingReport {
     let mut c = Collect::default();
-    for e in events.iter() {
+    for e in events
+        .iter()
+        .filter(|e| !(leaving(e, true) && unwinding(e)))
+    {
         c.host(e.seq, e.direction == DIR_REQUEST, e.ts_ns);
     }
     for s in &stamps.stamps {
@@ -475,15 +491,27 @@ pub fn merge(
         };
         c.host(s.seq, s.direction == DIR_REQUEST, ts);
     }
-    let guest: Vec<Event> = done.events.iter().map(from_wire).collect();
-    for e in &guest {
+    let mut guest: Vec<Event> = done.events.iter().map(from_wire).collect();
+    for e in guest
+        .iter()
+        .filter(|e| !(leaving(e, false) && unwinding(e)))
+    {
         c.guest(e.seq, e.direction == DIR_REQUEST, e.ts_ns);
     }
     for &(seq, recv, send) in &done.stamps {
         c.guest(seq, true, recv);
         c.guest(seq, false, send);
     }
-    let est = Estimate::of(node, &c.complete());
+    let exchanges = c.complete();
+    // The returns of the transmits that handed the packet over, once it was in the other
+    // kernel: not where the packet is.
+    let handed_over = |e: &Event, host: bool| {
+        let last = |x: &crossing::Exchange| if host { x.t1 } else { x.t3 };
+        leaving(e, host) && unwinding(e) && exchanges.get(&e.seq).is_some_and(|x| e.ts_ns > last(x))
+    };
+    events.retain(|e| !handed_over(e, true));
+    guest.retain(|e| !handed_over(e, false));
+    let est = Estimate::of(node, &exchanges);
     let names: Vec<String> = guest_namespaces.iter().map(|(n, _)| n.clone()).collect();
     let ids = guest_ids(node, index, &names, inodes);
     let by_inode: HashMap<u32, u32> = guest_namespaces

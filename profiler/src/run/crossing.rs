@@ -17,7 +17,8 @@ use crate::report::schema::CrossingReport;
 /// How the crossing segments were estimated, for the report.
 pub const METHOD: &str = "per exchange: sum (t4-t1)-(t3-t2) measured, split half and half \
      (each direction is biased by half the exchange's asymmetry); guest clock offset \
-     ((t2-t1)+(t3-t4))/2";
+     ((t2-t1)+(t3-t4))/2; t1 and t3 are the last hops before the packet is handed over, not \
+     the returns of the transmits that handed it over (those are left out)";
 
 /// One exchange's four times: t1 and t4 on the host's clock, t2 and t3 on the guest's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
