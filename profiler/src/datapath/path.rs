@@ -60,6 +60,7 @@ impl Attached {
 }
 
 /// Namespace inodes of the lab, resolved once, both ways.
+#[derive(Default)]
 pub struct Inodes(HashMap<String, u32>);
 
 impl Inodes {

@@ -544,6 +544,66 @@ mod tests {
         assert!(matches!(serde_json::from_str(&lab), Ok(Request::Setup(c)) if c == cmds));
     }
 
+    fn ev(seq: u32, direction: u32, hook: HookId, ts_ns: u64) -> Event {
+        Event {
+            ts_ns,
+            seq,
+            direction,
+            hook: hook as u8,
+            ..Event::default()
+        }
+    }
+
+    /// The host hands the request over at 1000 and unwinds until 1500 (a late return); the
+    /// guest (clock 10^6 ahead) has it at 1_001_200 and hands the response over at 1_001_400,
+    /// unwinding until 1_002_000, after the host got it at 1800. The returns after the hand-over
+    /// are left out, and each crossing gets half of (1800 - 1000) - (1400 - 1200) = 600.
+    #[test]
+    fn transmit_returns_after_the_hand_over_are_no_hops() {
+        use profiler_common::DIR_RESPONSE;
+        use HookId::*;
+        let mut events = vec![
+            ev(1, DIR_REQUEST, NetDevStartXmit, 1000),
+            ev(1, DIR_REQUEST, NetDevXmit, 1500),
+            ev(1, DIR_RESPONSE, NetifReceiveSkb, 1800),
+            ev(1, DIR_RESPONSE, NetDevXmit, 1900),
+        ];
+        let done = Done {
+            run_id: 1,
+            events: [
+                ev(1, DIR_REQUEST, NapiGroReceiveEntry, 1_001_200),
+                ev(1, DIR_RESPONSE, NetDevStartXmit, 1_001_400),
+                ev(1, DIR_RESPONSE, NetDevXmit, 1_002_000),
+            ]
+            .iter()
+            .map(to_wire)
+            .collect(),
+            stamps: Vec::new(),
+            lost: 0,
+            unreadable: 0,
+        };
+        let mut outcome = traffic::Outcome::default();
+        let mut inodes = Inodes::default();
+        let report = merge("vm1", 0, done, &[], &mut events, &mut outcome, &mut inodes);
+        let mut ts: Vec<(u32, u8, u64)> = events
+            .iter()
+            .map(|e| (e.direction, e.hook, e.ts_ns))
+            .collect();
+        ts.sort_by_key(|t| t.2);
+        assert_eq!(
+            ts,
+            [
+                (DIR_REQUEST, NetDevStartXmit as u8, 1000),
+                (DIR_REQUEST, NapiGroReceiveEntry as u8, 1300),
+                (DIR_RESPONSE, NetDevStartXmit as u8, 1500),
+                (DIR_RESPONSE, NetifReceiveSkb as u8, 1800),
+                (DIR_RESPONSE, NetDevXmit as u8, 1900),
+            ]
+        );
+        assert_eq!(report.offset_ns, 1_000_000 - 100);
+        assert_eq!(report.crossing_sum.mean_ns, 600.0);
+    }
+
     #[test]
     fn events_cross_the_wire_unchanged() {
         let e = Event {
