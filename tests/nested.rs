@@ -287,23 +287,24 @@ fn run_json(port: &str) -> Value {
     serde_json::from_slice(&out.stdout).expect("the run's JSON")
 }
 
-/// The request's segments by (node, name): p50 and p90 in ns.
-fn request_segments(r: &Value) -> Vec<(String, u64, u64)> {
+/// The request's segments: "[node] name", the two hops it spans, p50 and p90 in ns.
+fn request_segments(r: &Value) -> Vec<(String, String, u64, u64)> {
     let d = &r["directions"][0];
     let hops = d["hops"].as_array().unwrap();
+    let hop = |s: &Value, end: &str| &hops[s[end].as_u64().unwrap() as usize];
     d["segments"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| {
-            let to = &hops[s["to"].as_u64().unwrap() as usize];
-            let name = format!(
-                "[{}] {}",
-                to["node"].as_str().unwrap(),
-                s["name"].as_str().unwrap()
-            );
+            let (from, to) = (hop(s, "from"), hop(s, "to"));
             (
-                name,
+                format!(
+                    "[{}] {}",
+                    to["node"].as_str().unwrap(),
+                    s["name"].as_str().unwrap()
+                ),
+                format!("{} -> {}", from["name"], to["name"]),
                 s["p50_ns"].as_u64().unwrap(),
                 s["p90_ns"].as_u64().unwrap(),
             )
@@ -330,15 +331,16 @@ fn guest_commands(commands: &[&str]) {
 
 /// Where a delay lands: the segment `which` of `delayed` moved by `delay` within max(10%, 5 us)
 /// against `base`; every other segment both runs have by less than its baseline's own spread
-/// allows. Segments are matched by name: a qdisc that holds packets (netem) changes the order of
-/// the transmit returns around it.
+/// allows. Segments are matched by name and the two hops they span: a qdisc that holds packets
+/// (netem) changes the order of the transmit returns around it, and a segment between other
+/// hops is another segment.
 fn check_delay(base: &Value, delayed: &Value, which: &str, delay_ns: u64) {
     let (b, d) = (request_segments(base), request_segments(delayed));
     let bound = (delay_ns / 10).max(5_000) as i64;
     let mut found = false;
-    for (name, d50, _) in &d {
-        let Some((_, b50, b90)) = b.iter().find(|s| &s.0 == name) else {
-            println!("{name}: only with the delay");
+    for (name, ends, d50, _) in &d {
+        let Some((_, _, b50, b90)) = b.iter().find(|s| &s.0 == name && &s.1 == ends) else {
+            println!("{name} ({ends}): only with the delay");
             continue;
         };
         let moved = *d50 as i64 - *b50 as i64;

@@ -218,6 +218,8 @@ async fn session(mut lines: Reader, mut write: Writer, node: &str, serial: bool)
         let line = match lines.next_line().await? {
             Some(l) => l,
             None if serial => {
+                // The host went away: a run it did not stop ends here, its programs detached.
+                running = None;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
