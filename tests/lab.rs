@@ -57,8 +57,7 @@ fn cross_host(mtu: Option<u32>) -> LabOptions {
     LabOptions {
         placement: Placement::CrossHost,
         mtu,
-        forwarder: None,
-        pods: None,
+        ..LabOptions::default()
     }
 }
 

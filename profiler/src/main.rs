@@ -68,6 +68,10 @@ enum Command {
     /// benchmark compares attach with.
     #[command(hide = true)]
     Floor,
+    /// Inside a VM on a nested path: attach the guest's probes for a host run and send it the
+    /// events (started by nested labs in their guests; on a real VM, start it yourself and
+    /// point `profiler run --agent` at it).
+    Agent(AgentCli),
     /// Re-render a saved JSON report (run, attach, compare, doctor) as its table, as JSON, or as
     /// an HTML page with the waterfalls drawn.
     Report {
@@ -75,6 +79,25 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+}
+
+#[derive(Parser)]
+struct AgentCli {
+    /// Listen on the virtio-serial port of this name (/dev/virtio-ports/NAME; QEMU:
+    /// -device virtserialport,name=NAME,chardev=... with a socket chardev on the host).
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "listen",
+        conflicts_with = "listen"
+    )]
+    serial: Option<String>,
+    /// Listen on this TCP address instead (a real node).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// This node's name in hops and namespaces ("vm1" makes "vm1:pod-b").
+    #[arg(long, default_value = "vm1")]
+    node: String,
 }
 
 #[derive(Subcommand)]
@@ -232,6 +255,16 @@ struct LabOpts {
     /// run --traffic alltoall: 8).
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=lab::MAX_PODS as i64))]
     pods: Option<u32>,
+    /// Nested labs (bmp2vmp): the container network inside the VM (default bridge).
+    #[arg(long, value_enum)]
+    inner: Option<lab::nested::Inner>,
+    /// Nested labs: the network the VM's NIC sits on, on the host (default bridge).
+    #[arg(long, value_enum)]
+    outer: Option<lab::nested::Outer>,
+    /// Nested labs: the guest's kernel, 6.1, 6.12 (provisioned by `cargo xtask vm --kernel
+    /// SERIES`) or the path of a kernel image (default: the newest provisioned).
+    #[arg(long, value_name = "6.1|6.12|PATH")]
+    guest_kernel: Option<String>,
 }
 
 impl LabOpts {
@@ -243,6 +276,9 @@ impl LabOpts {
             mtu: self.mtu,
             forwarder: None,
             pods: self.pods,
+            inner: self.inner,
+            outer: self.outer,
+            guest_kernel: self.guest_kernel.clone(),
         }
     }
 }
@@ -430,6 +466,17 @@ async fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
             doctor::require_privileges()?;
             lab_command(command).await
         }
+        Command::Agent(args) => {
+            doctor::require_privileges()?;
+            let listen = match (args.serial, args.listen) {
+                (Some(name), _) => run::agent::Listen::Serial(name),
+                (None, Some(addr)) => run::agent::Listen::Tcp(addr),
+                (None, None) => anyhow::bail!("--serial NAME or --listen ADDR"),
+            };
+            run::agent::serve(listen, &args.node)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Delay(args) => {
             doctor::require_privileges()?;
             delay_command(args).await.map(|()| ExitCode::SUCCESS)
@@ -576,6 +623,16 @@ fn print_labs(labs: &[lab::Lab]) {
             lab.placement,
             owner_note(lab.owner.as_ref())
         );
+        for g in &lab.guests {
+            println!(
+                "  guest {}: QEMU (process group {}), kernel {}, NIC {} (tap), agent {}",
+                g.name,
+                g.pid,
+                g.kernel,
+                g.tap,
+                g.socket.display()
+            );
+        }
         for i in &lab.interfaces {
             let mut extra = format!(" mtu {}", i.mtu);
             if let Some(m) = &i.master {

@@ -8,6 +8,11 @@ mod overhead;
 mod setup;
 mod test;
 mod vm;
+/// The VM lab's cache layout, shared with the nested labs that find their guests' kernels in it
+/// (their lookups are the lab's, unused here).
+#[allow(dead_code)]
+#[path = "../../profiler/src/lab/vm_cache.rs"]
+mod vm_cache;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};

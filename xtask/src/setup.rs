@@ -24,21 +24,7 @@ pub fn run() -> Result<()> {
 
 /// $PROFILER_CACHE_DIR, else $XDG_CACHE_HOME/profiler, else $HOME/.cache/profiler.
 pub fn cache_dir() -> Result<PathBuf> {
-    let nonempty = |var| {
-        env::var_os(var)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(dir) = nonempty("PROFILER_CACHE_DIR") {
-        return Ok(dir);
-    }
-    if let Some(dir) = nonempty("XDG_CACHE_HOME") {
-        return Ok(dir.join("profiler"));
-    }
-    match nonempty("HOME") {
-        Some(home) => Ok(home.join(".cache/profiler")),
-        None => bail!("cannot choose a cache directory: set PROFILER_CACHE_DIR or HOME"),
-    }
+    crate::vm_cache::cache_dir()
 }
 
 pub fn dpkg_installed(pkg: &str) -> bool {

@@ -19,7 +19,8 @@ const NETNS_PREFIX: &str = "prof-";
 /// What the profiler keeps under /run/profiler while a lab is up or a command uses one: lab
 /// state files, OVS daemons' and testpmd's directories, lock files, tc filters recorded
 /// before tcx.
-const RUN_DIRS: [&str; 5] = [
+const RUN_DIRS: [&str; 6] = [
+    "/run/profiler/vm",
     "/run/profiler/labs",
     "/run/profiler/ovs",
     "/run/profiler/dpdk",
@@ -32,6 +33,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let vm_kernels = vm_kernels()?;
     setup::run()?;
     setup::test_packages()?;
+    // The nested labs' tests (tests/nested.rs) boot guests on this kernel.
+    vm::provision(vm::Series::V6_1)?;
     lint()?;
     step("leak check before the tests");
     leak_check("before the tests (left by an earlier run, or in use by a running profiler): remove them first")?;

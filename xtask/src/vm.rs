@@ -7,6 +7,7 @@
 //! first and prints one line, so a second run only checks.
 use crate::cmd::{self, quiet, step};
 use crate::setup;
+use crate::vm_cache;
 use anyhow::{bail, Context as _, Result};
 use clap::ValueEnum;
 use std::fmt;
@@ -228,15 +229,16 @@ fn run_tests(series: Series, exe: &Path, harness_args: &[String]) -> Result<u8> 
 }
 
 /// What booting a guest needs, all in place.
-struct Vm {
+pub struct Vm {
     /// The kernel release, e.g. 6.1.0-50-amd64.
     release: String,
     vmlinuz: PathBuf,
     vng: PathBuf,
 }
 
-fn provision(series: Series) -> Result<Vm> {
-    let dir = setup::cache_dir()?.join("vm");
+/// Everything a guest on `series` needs; also for the nested labs' tests, before they run.
+pub fn provision(series: Series) -> Result<Vm> {
+    let dir = vm_cache::vm_dir(&setup::cache_dir()?);
     let mut apt = Apt::new(&dir);
     packages(&mut apt)?;
     let (release, vmlinuz) = kernel(&mut apt, &dir, series)?;
@@ -588,10 +590,10 @@ impl Drop for NoServices {
 /// The series' kernel: vmlinuz in CACHE/vm/kernel-SERIES/, modules in /usr/lib/modules/.
 /// Returns its release and its vmlinuz.
 fn kernel(apt: &mut Apt, dir: &Path, series: Series) -> Result<(String, PathBuf)> {
-    let kdir = dir.join(format!("kernel-{series}"));
-    let vmlinuz = kdir.join("vmlinuz");
+    let kdir = vm_cache::kernel_dir(dir, series.name());
+    let vmlinuz = vm_cache::vmlinuz(&kdir);
     // Written last, so its presence means the kernel was installed completely once.
-    let release_file = kdir.join("release");
+    let release_file = vm_cache::release_file(&kdir);
     if let Ok(release) = fs::read_to_string(&release_file) {
         let release = release.trim().to_string();
         if vmlinuz.exists() && modules_dir(&release).join("modules.dep").exists() {
@@ -701,7 +703,7 @@ fn install_kernel(kdir: &Path, deb: &Path) -> Result<String> {
         modules_dir(&release).display()
     ));
     let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
-    fs::copy(&vmlinuz, kdir.join("vmlinuz"))
+    fs::copy(&vmlinuz, vm_cache::vmlinuz(kdir))
         .with_context(|| format!("copying {}", vmlinuz.display()))?;
     let installed = modules_dir(&release);
     if installed.exists() {
@@ -737,8 +739,8 @@ fn only_entry(dir: &Path) -> Result<String> {
 
 /// virtme-ng from PyPI in a venv in CACHE/vm/virtme-ng; returns its `vng`.
 fn virtme_ng(dir: &Path) -> Result<PathBuf> {
-    let venv = dir.join("virtme-ng");
-    let vng = venv.join("bin/vng");
+    let venv = vm_cache::virtme_ng_dir(dir);
+    let vng = vm_cache::vng_in(dir);
     let wanted = format!("virtme-ng {VIRTME_NG_VERSION}");
     if quiet(Command::new(&vng).arg("--version")).is_some_and(|v| v.trim() == wanted) {
         step(format_args!(

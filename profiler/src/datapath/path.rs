@@ -12,8 +12,10 @@ use super::{
 };
 use crate::{
     lab::{discover, target::Devices, LabIface},
-    report::schema::{HookStatus, Hop, Status},
+    report::schema::{HookStatus, Hop, Status, HOST_NODE},
 };
+
+pub use crate::lab::target::node_of;
 
 /// Which program type serves each attached tracepoint ("tp_btf" or "raw_tp"), and the user
 /// probes' hop names ("uprobe:LABEL") by index.
@@ -58,6 +60,7 @@ impl Attached {
 }
 
 /// Namespace inodes of the lab, resolved once, both ways.
+#[derive(Default)]
 pub struct Inodes(HashMap<String, u32>);
 
 impl Inodes {
@@ -72,6 +75,11 @@ impl Inodes {
             })
             .collect::<Result<_>>()?;
         Ok(Inodes(map))
+    }
+
+    /// A namespace the host cannot resolve (a guest's), by the id its hops are keyed with.
+    pub fn insert(&mut self, ns: String, id: u32) {
+        self.0.insert(ns, id);
     }
 
     pub fn get(&self, ns: &str) -> u32 {
@@ -127,6 +135,7 @@ pub fn describe(
             let at = ifname.as_deref().map_or(String::new(), |i| format!(" {i}"));
             Hop {
                 index,
+                node: node_of(&netns).to_string(),
                 name: format!("{label}{at} {}", parenthesized(&netns)),
                 ifname,
                 netns: Some(netns),
@@ -150,6 +159,7 @@ fn uprobe_hop(index: usize, name: String) -> Hop {
         hook: name,
         encapsulated: false,
         tunnel: None,
+        node: HOST_NODE.to_string(),
     }
 }
 

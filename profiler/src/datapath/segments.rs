@@ -2,9 +2,12 @@
 
 use profiler_common::HookId::{self, *};
 
-use super::hooks::{
-    label,
-    Point::{self, *},
+use super::{
+    hooks::{
+        label,
+        Point::{self, *},
+    },
+    path::node_of,
 };
 
 /// What a segment name needs to know about the two hops around it.
@@ -38,6 +41,8 @@ pub struct SegmentEnds<'a> {
 pub struct Named {
     pub name: String,
     pub userspace: bool,
+    /// Between two kernels: estimated, not measured on one clock.
+    pub estimated: bool,
 }
 
 /// Names the segment between two consecutive hops after what the packet crosses there: the
@@ -56,11 +61,14 @@ pub fn segment(e: &SegmentEnds) -> Named {
     Named {
         name,
         userspace: matches!(rule.name, USERSPACE_RULE | USER_PROBE_RULE),
+        estimated: rule.name == CROSSING_RULE,
     }
 }
 
 /// The rule of segments spent in a userspace datapath.
 const USERSPACE_RULE: &str = "userspace datapath";
+/// The rule of segments between two kernels.
+const CROSSING_RULE: &str = "crossing";
 /// The rule of segments that start or end at a user probe: in the process too.
 const USER_PROBE_RULE: &str = "user probe";
 
@@ -158,6 +166,21 @@ const RULES: &[Rule] = &[
         names: |e, c| {
             let datapath = e.from_userspace.unwrap_or_default();
             format!("userspace datapath {datapath} {} -> {}", c.a, c.b)
+        },
+    },
+    // From one kernel to another (host tap -> guest virtio-net, and back): the hypervisor's
+    // part, whose time is estimated from both clocks (run/crossing.rs).
+    Rule {
+        name: CROSSING_RULE,
+        matches: |e, _| node_of(e.from_ns) != node_of(e.to_ns),
+        names: |e, _| {
+            format!(
+                "crossing {} ({}) -> {} ({})",
+                e.from_if,
+                node_of(e.from_ns),
+                e.to_if,
+                node_of(e.to_ns)
+            )
         },
     },
     // One device's driver transmit, from its start to its return.
@@ -414,6 +437,14 @@ mod tests {
                     e.from_userspace.unwrap_or_default()
                 )
             }
+            _ if node_of(e.from_ns) != node_of(e.to_ns) => {
+                format!(
+                    "crossing {} (host) -> {} ({})",
+                    e.from_if,
+                    e.to_if,
+                    node_of(e.to_ns)
+                )
+            }
             (Hook(NetDevStartXmit), Hook(NetDevXmit)) if same_if => format!("driver xmit {a}"),
             (_, Hook(NetDevXmit)) => format!("xmit return {b}"),
             (Hook(NetDevXmit), Hook(NetifReceiveSkb)) => format!("backlog queue {b}"),
@@ -532,7 +563,7 @@ mod tests {
                     .into_iter()
                     .flat_map(|i| [(i, ("macvlan", "vlan")), (i, ("igbvf", "igbvf"))])
                 {
-                    for to_ns in ["host", "ns1"] {
+                    for to_ns in ["host", "ns1", "vm1:pod-b"] {
                         for from_master in masters {
                             for to_master in masters {
                                 for from_link in [None, Some(to_if), Some("lower0")] {
@@ -642,6 +673,16 @@ mod tests {
                     ..ends(&Hook(TcIngress), &Hook(TcEgress))
                 },
                 "userspace datapath dpdk-testpmd veth-a -> veth-b",
+            ),
+            (
+                CROSSING_RULE,
+                SegmentEnds {
+                    from_if: "tap-vm1",
+                    to_if: "eth0",
+                    to_ns: "vm1:(root)",
+                    ..ends(&Hook(NetDevXmit), &Hook(NapiGroReceiveEntry))
+                },
+                "crossing tap-vm1 (host) -> eth0 (vm1)",
             ),
             (
                 "driver xmit",

@@ -12,6 +12,7 @@ use anyhow::{bail, Result};
 
 pub mod discover;
 pub mod dpdk;
+pub mod nested;
 pub mod netns;
 mod nl;
 mod ovs;
@@ -22,6 +23,7 @@ mod spec;
 mod sriov;
 mod state;
 pub mod target;
+pub mod vm_cache;
 
 pub use owner::{Lock, Owner};
 pub use spec::MAX_PODS;
@@ -58,10 +60,12 @@ pub enum Topology {
     Dpdk,
     /// Each pod owns a virtual function of an SR-IOV NIC (igb; the VM lab's `--nic igb`).
     Sriov,
+    /// Nested: a pod on this machine and a pod in a QEMU guest (--inner, --outer).
+    Bmp2vmp,
 }
 
 impl Topology {
-    pub const ALL: [Topology; 14] = [
+    pub const ALL: [Topology; 15] = [
         Topology::Veth,
         Topology::Bridge,
         Topology::Host,
@@ -76,6 +80,7 @@ impl Topology {
         Topology::OvsGre,
         Topology::Dpdk,
         Topology::Sriov,
+        Topology::Bmp2vmp,
     ];
 
     /// The topology's name (the lab's name when same-host).
@@ -95,7 +100,13 @@ impl Topology {
             Topology::OvsGre => "ovs-gre",
             Topology::Dpdk => "dpdk",
             Topology::Sriov => "sriov",
+            Topology::Bmp2vmp => "bmp2vmp",
         }
+    }
+
+    /// Whether its pods are in guests (a lab of its own kind: nested.rs).
+    pub fn nested(self) -> bool {
+        self == Topology::Bmp2vmp
     }
 }
 
@@ -176,6 +187,11 @@ pub struct LabOptions {
     /// Pods per host (each end's host); None: the topology's two pods (one per host
     /// cross-host).
     pub pods: Option<u32>,
+    /// Nested labs: the container network in the guest, the network its NIC is on, and its
+    /// kernel (a series or an image; None: the newest cached).
+    pub inner: Option<nested::Inner>,
+    pub outer: Option<nested::Outer>,
+    pub guest_kernel: Option<String>,
 }
 
 const CROSS_HOST_SUFFIX: &str = "-xhost";
@@ -183,7 +199,7 @@ const CROSS_HOST_SUFFIX: &str = "-xhost";
 impl Topology {
     /// The placement used when none is given: same-host where the topology has it.
     pub fn default_placement(self) -> Placement {
-        if spec::Spec::of(self, Placement::SameHost, None).is_ok() {
+        if self.nested() || spec::Spec::of(self, Placement::SameHost, None).is_ok() {
             Placement::SameHost
         } else {
             Placement::CrossHost
@@ -243,6 +259,9 @@ pub struct Lab {
     /// The userspace datapath process the lab runs (dpdk: testpmd), stopped by its pid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarder: Option<dpdk::Forwarder>,
+    /// Nested labs: the QEMU guests it runs, stopped by their process groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guests: Vec<nested::Guest>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -306,6 +325,12 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
         bail!("--mtu must be between 576 and 9000");
     }
+    if topology.nested() {
+        return nested::check(topology, options);
+    }
+    if options.inner.is_some() || options.outer.is_some() || options.guest_kernel.is_some() {
+        bail!("--inner, --outer and --guest-kernel are for nested labs (bmp2vmp)");
+    }
     let spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
     if let Some(f) = &options.forwarder {
         if spec.userspace.is_none() {
@@ -330,6 +355,19 @@ pub async fn up_owned(topology: Topology, options: &LabOptions, owner: Owner) ->
 
 async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -> Result<Lab> {
     check(topology, options)?;
+    if topology.nested() {
+        let name = lab_name(topology, options.placement);
+        if state::path(&name).exists() || nested::leftovers(&name) {
+            bail!("lab {name} is already up (profiler lab down {name})");
+        }
+        let lab = nested::build(&name, options).await?;
+        let lab = Lab { owner, ..lab };
+        if let Err(e) = state::save(&lab) {
+            let _ = nested::remove(&name);
+            return Err(e);
+        }
+        return Ok(lab);
+    }
     let spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
     let name = lab_name(topology, options.placement);
     if leftovers(&name, &spec) {
@@ -354,6 +392,9 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
 
 /// Whether any part of lab `name` exists without its state file (a build that was killed).
 pub fn has_parts(name: &str) -> bool {
+    if parse_lab_name(name).is_some_and(|(t, _)| t.nested()) {
+        return nested::leftovers(name);
+    }
     parse_lab_name(name)
         .and_then(|(t, p)| spec::Spec::widest(t, p))
         .is_some_and(|spec| leftovers(name, &spec))
@@ -382,6 +423,12 @@ fn leftovers(name: &str, spec: &spec::Spec) -> bool {
 /// Stops the lab's OVS daemons and userspace datapath, removes its namespaces (and with them its devices) and its
 /// state file. Works on whatever part of a lab exists, e.g. after a crash.
 pub async fn down(name: &str) -> Result<()> {
+    if parse_lab_name(name).is_some_and(|(t, _)| t.nested()) {
+        if !state::path(name).exists() && !nested::leftovers(name) {
+            bail!("no lab named {name} is up");
+        }
+        return nested::remove(name).and(state::remove(name));
+    }
     let spec = parse_lab_name(name).and_then(|(t, p)| spec::Spec::widest(t, p));
     let Some(spec) = spec.filter(|spec| leftovers(name, spec)) else {
         bail!("no lab named {name} is up");
@@ -469,6 +516,7 @@ mod tests {
             pods: Vec::new(),
             owner: None,
             forwarder: None,
+            guests: Vec::new(),
         }
     }
 

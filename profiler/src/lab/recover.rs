@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::{
-    down, dpdk, lab_name, netns, nl::Nl, ovs, owner::Lock, setup::TEMP_PREFIX, state, Placement,
-    Topology,
+    down, dpdk, lab_name, nested, netns, nl::Nl, ovs, owner::Lock, setup::TEMP_PREFIX, state,
+    Placement, Topology,
 };
 
 /// What `down_all` did.
@@ -37,6 +37,7 @@ pub async fn down_all() -> Result<Recovery> {
     }
     leftover_ovs(&mut r)?;
     leftover_dpdk(&mut r)?;
+    leftover_guests(&mut r)?;
     leftover_namespaces(&mut r)?;
     leftover_devices(&mut r).await;
     stale_locks(&mut r)?;
@@ -107,6 +108,24 @@ fn leftover_dpdk(r: &mut Recovery) -> Result<()> {
                 dpdk::RUN_DIR
             )),
             Err(e) => r.failed.push(format!("{}/{dir}: {e:#}", dpdk::RUN_DIR)),
+        }
+    }
+    Ok(())
+}
+
+/// Guests of nested labs (QEMU process groups) whose lab has no state: before the namespaces,
+/// since QEMU holds its tap.
+fn leftover_guests(r: &mut Recovery) -> Result<()> {
+    for dir in entries(Path::new(nested::RUN_DIR))? {
+        if in_use(&dir, r)? {
+            continue;
+        }
+        match nested::stop(&Path::new(nested::RUN_DIR).join(&dir)) {
+            Ok(()) => r.removed.push(format!(
+                "QEMU guest and directory {}/{dir}",
+                nested::RUN_DIR
+            )),
+            Err(e) => r.failed.push(format!("{}/{dir}: {e:#}", nested::RUN_DIR)),
         }
     }
     Ok(())

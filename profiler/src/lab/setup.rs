@@ -14,6 +14,15 @@ use super::spec::{netns_name, Child, Pf, Place, Spec, Tunnel, TunnelKind, Usersp
 use super::sriov;
 use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Pod, Topology};
 
+/// net.ipv4.ip_forward=1 in namespace `ns`.
+pub(super) fn enable_forwarding(ns: &str) -> Result<()> {
+    netns::run_in(Some(ns), || {
+        const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+        std::fs::write(PATH, "1").with_context(|| format!("cannot write {PATH}"))
+    })
+    .with_context(|| format!("cannot enable IPv4 forwarding in {ns}"))
+}
+
 /// What `up` has created so far. Dropped before `disarm` (an error, or the `up` future
 /// dropped on Ctrl-C), it removes all of it.
 #[derive(Default)]
@@ -137,12 +146,7 @@ pub(super) async fn build(
         nl.add_fdb(nl.index(f.dev).await?, f.mac, f.dst).await?;
     }
     for role in &spec.forwarding {
-        let ns = netns_name(lab, role);
-        netns::run_in(Some(&ns), || {
-            const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-            std::fs::write(PATH, "1").with_context(|| format!("cannot write {PATH}"))
-        })
-        .with_context(|| format!("cannot enable IPv4 forwarding in {ns}"))?;
+        enable_forwarding(&netns_name(lab, role))?;
     }
     for bridge in &spec.ovs {
         let dir = ovs::dir(lab, bridge.role);
@@ -502,6 +506,7 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
             .collect::<Result<_>>()?,
         owner: None,
         forwarder: None,
+        guests: Vec::new(),
     })
 }
 

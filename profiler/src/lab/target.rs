@@ -6,8 +6,20 @@ use anyhow::{bail, Result};
 
 use super::{
     discover::{self, ROOT},
+    nested::Guest,
     netns, Endpoint, Lab, LabIface, Pod,
 };
+
+/// The node of everything on this machine's own kernel.
+pub const HOST_NODE: &str = "host";
+/// Separates a guest's name from its namespace's in the namespace names of nested paths
+/// ("vm1:pod-b"); a name without it is the host's.
+pub const NODE_SEP: char = ':';
+
+/// The kernel (node) a namespace name belongs to: "host", or the guest's name.
+pub fn node_of(ns: &str) -> &str {
+    ns.split_once(NODE_SEP).map_or(HOST_NODE, |(node, _)| node)
+}
 
 /// The devices hops are named after.
 pub struct Devices {
@@ -27,6 +39,8 @@ pub struct RunTarget {
     pub attach: Vec<TcPoint>,
     /// Every pod, client and server first (all-to-all's processes run in them).
     pub pods: Vec<Pod>,
+    /// Nested paths: the guests whose agents attach inside them and run the server.
+    pub guests: Vec<Guest>,
 }
 
 /// A device the tc programs attach to, at egress and, unless `ingress` is false, at ingress.
@@ -47,12 +61,15 @@ impl RunTarget {
             client: lab.client.clone(),
             server: lab.server.clone(),
             pods: lab.pods.clone(),
+            guests: lab.guests.clone(),
             // A userspace datapath's port: its packet socket copies the frame before tc
             // ingress, so a tc:ingress hop there would run alongside the datapath (and the
             // copy may reach the other port first), not before it.
+            // A guest's devices are attached to by its agent.
             attach: lab
                 .interfaces
                 .iter()
+                .filter(|i| node_of(&i.netns) == HOST_NODE)
                 .map(|i| TcPoint {
                     netns: i.netns.clone(),
                     ifname: i.ifname.clone(),
@@ -109,6 +126,7 @@ impl RunTarget {
             server,
             attach,
             pods: Vec::new(),
+            guests: Vec::new(),
         })
     }
 }

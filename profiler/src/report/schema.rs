@@ -107,6 +107,29 @@ pub struct RunReport {
     /// `--traffic alltoall`: round latency; `directions` holds one waterfall per path kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alltoall: Option<AlltoallResult>,
+    /// Nested paths: how each guest's clock was related to the host's, and the crossing
+    /// segments estimated from it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crossings: Vec<CrossingReport>,
+}
+
+/// A guest kernel on the path: its clock's offset from the host's and the crossings' sum, from
+/// request/response exchanges (run/crossing.rs says how).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CrossingReport {
+    /// The guest's node name.
+    pub node: String,
+    pub method: String,
+    /// Exchanges both kernels saw both ways.
+    pub exchanges: u64,
+    /// The guest clock minus the host clock (median over the exchanges).
+    pub offset_ns: i64,
+    /// The exchanges' offsets at the 10th and 90th percentile.
+    pub offset_p10_p90_ns: (i64, i64),
+    /// How fast the offset changed over the run.
+    pub drift_ppm: f64,
+    /// Both crossings' time per exchange, (t4 - t1) - (t3 - t2): measured, not estimated.
+    pub crossing_sum: Stats,
 }
 
 /// A one-way stream's throughput, measured at the receiver, and its tagged messages.
@@ -214,7 +237,17 @@ pub struct Hop {
     /// vxlan, geneve or gre when encapsulated.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tunnel: Option<String>,
+    /// The kernel the hop is in: "host", or a guest's name on a nested path.
+    #[serde(default = "host_node")]
+    pub node: String,
 }
+
+/// The node of hops in reports written before nested paths.
+pub fn host_node() -> String {
+    HOST_NODE.to_string()
+}
+
+pub use crate::lab::target::HOST_NODE;
 
 /// Latency statistics of one segment or of the whole journey.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -245,6 +278,10 @@ pub struct SegmentReport {
     /// Left out when false, so reports written before read back unchanged.
     #[serde(default, skip_serializing_if = "is_false")]
     pub userspace: bool,
+    /// The segment crosses between two kernels: its time is estimated from both clocks (see
+    /// `crossings`), not measured on one.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub estimated: bool,
     #[serde(flatten)]
     pub stats: Stats,
 }

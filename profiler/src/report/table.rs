@@ -3,9 +3,9 @@
 use std::fmt::Write as _;
 
 use super::schema::{
-    AlltoallResult, AttachPath, AttachReport, CompareReport, DirectionReport, DoctorReport,
-    HookSet, HookStatus, ProgramCost, RunReport, SegmentReport, SegmentSummary, Stats, Status,
-    StreamResult,
+    AlltoallResult, AttachPath, AttachReport, CompareReport, CrossingReport, DirectionReport,
+    DoctorReport, HookSet, HookStatus, Hop, ProgramCost, RunReport, SegmentReport, SegmentSummary,
+    Stats, Status, StreamResult, HOST_NODE,
 };
 
 fn us(ns: f64) -> String {
@@ -51,11 +51,43 @@ pub fn run(r: &RunReport) -> String {
             d.packets, d.ifname, d.reason
         );
     }
+    for c in &r.crossings {
+        out += &render_crossing(c);
+    }
     out += &render_hooks(&r.hooks);
     if let Some(costs) = &r.program_costs {
         out += &render_costs(costs);
     }
     out
+}
+
+/// How a guest's clock was related to the host's, under the tables' "~" segments.
+fn render_crossing(c: &CrossingReport) -> String {
+    let (p10, p90) = c.offset_p10_p90_ns;
+    format!(
+        "crossings host <-> {} (~ estimated): clock offset {} (p10 {}, p90 {}), drift {:.1} ppm, \
+         both crossings together {} mean, {} p50, over {} exchanges; split: {}\n",
+        c.node,
+        signed_us(c.offset_ns),
+        signed_us(p10),
+        signed_us(p90),
+        c.drift_ppm,
+        us(c.crossing_sum.mean_ns),
+        us(c.crossing_sum.p50_ns as f64),
+        c.exchanges,
+        c.method
+    )
+}
+
+/// A clock offset: seconds when it is (guests boot later than their host), else as `us`.
+fn signed_us(ns: i64) -> String {
+    let sign = if ns < 0 { "-" } else { "" };
+    let abs = ns.unsigned_abs() as f64;
+    if abs >= 1e9 {
+        format!("{sign}{:.6}s", abs / 1e9)
+    } else {
+        format!("{sign}{}", us(abs))
+    }
 }
 
 fn render_stream(out: &mut String, s: &StreamResult, topology: &str, kernel: &str) {
@@ -173,7 +205,7 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
         "#", "segment", "mean", "p50", "p90", "p99", "max"
     );
     let total = d.end_to_end.mean_ns.max(1.0);
-    segment_rows(out, &d.segments, total);
+    segment_rows(out, &d.segments, &d.hops, total);
     let p = &d.profiler_programs;
     let share = format!("{:>4.1}%", p.mean_ns / total * 100.0);
     total_row(out, "(the profiler's own programs)", p, &share);
@@ -185,7 +217,7 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
     }
     for p in &d.other_paths {
         let _ = writeln!(out, "  another path, taken by {} packets:", p.packets);
-        segment_rows(out, &p.segments, p.end_to_end.mean_ns.max(1.0));
+        segment_rows(out, &p.segments, &p.hops, p.end_to_end.mean_ns.max(1.0));
         total_row(
             out,
             "end to end",
@@ -195,15 +227,33 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
     }
 }
 
-fn segment_rows(out: &mut String, segments: &[SegmentReport], total: f64) {
+/// On a nested path (hops in more than one kernel), the kernel each segment is measured in
+/// ("vm1", or "host>vm1" where it crosses), to go before its name.
+fn segment_node(s: &SegmentReport, hops: &[Hop]) -> Option<String> {
+    if hops.iter().all(|h| h.node == HOST_NODE) {
+        return None;
+    }
+    let node = |i: usize| hops.get(i).map_or("?", |h| h.node.as_str());
+    let (a, b) = (node(s.from), node(s.to));
+    Some(if a == b {
+        format!("[{a}] ")
+    } else {
+        format!("[{a}>{b}] ")
+    })
+}
+
+fn segment_rows(out: &mut String, segments: &[SegmentReport], hops: &[Hop], total: f64) {
     for (i, s) in segments.iter().enumerate() {
         let share = s.stats.mean_ns / total;
         let bar = "#".repeat((share * BAR_WIDTH).round().max(0.0) as usize);
+        // "~": estimated from two clocks, not measured on one.
+        let mark = if s.estimated { '~' } else { ' ' };
+        let name = segment_node(s, hops).unwrap_or_default() + &s.name;
         let _ = writeln!(
             out,
-            "  {:>2}  {:<44} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>4.1}% {}",
+            "  {:>2}{mark} {:<44} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>4.1}% {}",
             i + 1,
-            truncate(&s.name, 44),
+            truncate(&name, 44),
             us(s.stats.mean_ns),
             us(s.stats.p50_ns as f64),
             us(s.stats.p90_ns as f64),

@@ -31,9 +31,7 @@ pub async fn compare(
     }
     let options = LabOptions {
         placement,
-        mtu: None,
-        forwarder: None,
-        pods: None,
+        ..LabOptions::default()
     };
     let mut runs = Vec::new();
     let mut skipped = Vec::new();
@@ -214,6 +212,7 @@ mod tests {
                 from: i,
                 to: i + 1,
                 userspace: false,
+                estimated: false,
                 stats: stats(*mean),
             })
             .collect();
@@ -252,6 +251,7 @@ mod tests {
             program_costs: None,
             stream: None,
             alltoall: None,
+            crossings: Vec::new(),
         }
     }
 

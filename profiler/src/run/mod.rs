@@ -2,8 +2,10 @@
 //! The tagged mode's own pieces live here: the traffic runner ([`traffic`]), journeys rebuilt
 //! from events ([`journey`]) and `profiler compare` ([`compare`]), which is runs side by side.
 
+pub mod agent;
 pub mod alltoall;
 pub mod compare;
+pub mod crossing;
 pub mod journey;
 pub mod stream;
 pub mod traffic;
@@ -40,9 +42,9 @@ use crate::{
         Lab, LabOptions, Lock, Owner, Pod, Topology,
     },
     report::schema::{
-        AlltoallResult, DirectionReport, DropReport, EventsReport, HookSet, Hop, MissingHop,
-        OtherPath, PathKindResult, RunReport, SegmentReport, Stats, StreamResult, TrafficKind,
-        TrafficReport, RUN_SCHEMA,
+        AlltoallResult, DirectionReport, DropReport, EventsReport, HookSet, HookStatus, Hop,
+        MissingHop, OtherPath, PathKindResult, RunReport, SegmentReport, Stats, StreamResult,
+        TrafficKind, TrafficReport, RUN_SCHEMA,
     },
 };
 use alltoall::AlltoallSpec;
@@ -262,7 +264,10 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         client_ns: discover::ns_arg(&lab.client.netns).map(str::to_string),
         server_ns: discover::ns_arg(&lab.server.netns).map(str::to_string),
         server_addr: lab.server.addr,
+        remote_server: !lab.guests.is_empty(),
     };
+    // A guest's agent attaches there and runs the server, before anything is sent.
+    let mut remote = start_agent(args, &spec, lab).await?;
     // Before the warm-up, whose server may still hold the port for a moment after it.
     let unprofiled = unprofiled_stream(args, &spec, &ends).await?;
     warm_up(&spec, &ends).await?;
@@ -292,12 +297,34 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     reporter.abort();
     tokio::time::sleep(DRAIN).await;
     let _ = stop_tx.send(());
-    let events = collector.await.context("the event collector stopped")??;
-    let driven = driven?;
-    let counters = programs.counters()?;
+    let mut events = collector.await.context("the event collector stopped")??;
+    let mut driven = driven?;
+    let mut counters = programs.counters()?;
     let costs = args.stats.then(|| programs.costs());
 
-    let inodes = Inodes::of(&lab.devices)?;
+    let mut inodes = Inodes::of(&lab.devices)?;
+    let mut crossings = Vec::new();
+    let mut hooks = programs.statuses.clone();
+    if let (Some((remote, guest_hooks)), Driven::Rr(outcome)) = (remote.as_mut(), &mut driven) {
+        let done = remote.stop(run_id).await?;
+        counters[COUNTER_LOST as usize] += done.lost;
+        counters[COUNTER_UNREADABLE as usize] += done.unreadable;
+        let guest = &lab.guests[0];
+        crossings.push(agent::merge(
+            &guest.name,
+            0,
+            done,
+            &guest.namespaces,
+            &mut events,
+            outcome,
+            &mut inodes,
+        ));
+        hooks.extend(guest_hooks.drain(..).map(|h| HookStatus {
+            name: format!("{} {}", guest.name, h.name),
+            ..h
+        }));
+    }
+
     let attached = Attached::from_statuses(&programs.statuses);
     let sorted = match &driven {
         Driven::Alltoall(s, o) => {
@@ -351,7 +378,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
             drops: drop_report(&sorted.drops, lab, &inodes, &btf),
         },
         hook_set,
-        hooks: programs.statuses.clone(),
+        hooks,
         program_costs: costs,
         stream: match &driven {
             Driven::Stream(s, o) => Some(StreamResult {
@@ -362,7 +389,44 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
             _ => None,
         },
         alltoall,
+        crossings,
     })
+}
+
+/// A nested path's guest agent, started for the run: its channel and the hooks it attached.
+async fn start_agent(
+    args: &RunArgs,
+    spec: &Spec,
+    lab: &RunTarget,
+) -> Result<Option<(agent::Remote, Vec<HookStatus>)>> {
+    let Some(guest) = lab.guests.first() else {
+        return Ok(None);
+    };
+    if args.traffic != TrafficKind::Rr {
+        anyhow::bail!("a nested path is profiled with --traffic rr (UDP) only, so far");
+    }
+    let server_ns = lab::nested::in_guest(&guest.name, &lab.server.netns).with_context(|| {
+        format!(
+            "the server {} is not in guest {}",
+            lab.server.netns, guest.name
+        )
+    })?;
+    let mut remote = agent::Remote::guest(guest).await?;
+    eprintln!(
+        "guest {}: attaching its programs (TCG: this takes a while)",
+        guest.name
+    );
+    let (_, hooks) = remote
+        .start(agent::Start {
+            run_id: spec.run_id,
+            port: spec.port,
+            hooks: args.hooks,
+            server_ns: server_ns.to_string(),
+            server_addr: lab.server.addr,
+            size: spec.size,
+        })
+        .await?;
+    Ok(Some((remote, hooks)))
 }
 
 /// All-to-all's figures, and the waterfall of each path kind's best-attributed pod pair.
@@ -540,6 +604,7 @@ fn segment_reports(
             from: i,
             to: i + 1,
             userspace: named.userspace,
+            estimated: named.estimated,
             stats,
         })
         .collect()

@@ -486,6 +486,7 @@ mod tests {
                 client_ns: None,
                 server_ns: None,
                 server_addr: Ipv4Addr::LOCALHOST,
+                remote_server: false,
             };
             let out = run(&spec, &ends).await.expect("stream");
             assert!(out.received > 100, "{proto:?}: {out:?}");

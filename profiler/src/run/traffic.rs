@@ -71,6 +71,9 @@ pub struct Endpoints {
     pub client_ns: Option<String>,
     pub server_ns: Option<String>,
     pub server_addr: Ipv4Addr,
+    /// The server runs elsewhere (a guest's agent), which keeps the server's stamps: the
+    /// outcome has the client's half only.
+    pub remote_server: bool,
 }
 
 /// Application timestamps of one direction of one exchange.
@@ -109,7 +112,7 @@ fn read_tag(buf: &[u8]) -> Option<Tag> {
 }
 
 /// Server-side stamps: half of each exchange's timestamps come from the server.
-type ServerLog = Arc<Mutex<Vec<(u32, u64, u64)>>>;
+pub type ServerLog = Arc<Mutex<Vec<(u32, u64, u64)>>>;
 
 /// Runs `spec.count` exchanges; `progress` counts completed ones as they happen.
 pub async fn run(spec: &Spec, ends: &Endpoints, progress: Arc<AtomicU32>) -> Result<Outcome> {
@@ -117,12 +120,22 @@ pub async fn run(spec: &Spec, ends: &Endpoints, progress: Arc<AtomicU32>) -> Res
     let server_log = ServerLog::default();
     let mut outcome = match spec.proto {
         Proto::Udp => run_udp(spec, ends, server_log.clone(), &progress).await?,
+        Proto::Tcp if ends.remote_server => {
+            bail!("a remote server (a guest's agent) runs UDP only")
+        }
         Proto::Tcp => run_tcp(spec, ends, server_log.clone(), &progress).await?,
     };
-    // Server log: seq -> (request received, response sent).
+    if !ends.remote_server {
+        let log = server_log.lock().expect("server log lock").clone();
+        apply_server_log(&mut outcome, &log);
+    }
+    Ok(outcome)
+}
+
+/// Completes the stamps with the server's (seq, request received, response sent), and keeps
+/// only the exchanges with all four.
+pub fn apply_server_log(outcome: &mut Outcome, server_log: &[(u32, u64, u64)]) {
     let log: HashMap<u32, (u64, u64)> = server_log
-        .lock()
-        .expect("server log lock")
         .iter()
         .map(|&(seq, recv, send)| (seq, (recv, send)))
         .collect();
@@ -135,7 +148,6 @@ pub async fn run(spec: &Spec, ends: &Endpoints, progress: Arc<AtomicU32>) -> Res
         }
     }
     outcome.stamps.retain(|s| s.send_ns != 0 && s.recv_ns != 0);
-    Ok(outcome)
 }
 
 async fn pace(spec: &Spec, started: tokio::time::Instant, i: u32) {
@@ -168,10 +180,10 @@ async fn run_udp(
     progress: &AtomicU32,
 ) -> Result<Outcome> {
     let server_addr = SocketAddr::from((ends.server_addr, spec.port));
-    let server = netns::run_in(ends.server_ns.as_deref(), || {
-        std::net::UdpSocket::bind(server_addr)
-            .with_context(|| format!("binding the UDP server to {server_addr}"))
-    })?;
+    let server_task = match ends.remote_server {
+        true => None,
+        false => Some(spawn_udp_server(spec, ends, log)?),
+    };
     let client = netns::run_in(ends.client_ns.as_deref(), || {
         let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .context("binding the UDP client")?;
@@ -179,30 +191,8 @@ async fn run_udp(
             .with_context(|| format!("connecting the UDP client to {server_addr}"))?;
         Ok(s)
     })?;
-    let server = UdpSocket::from_std(nonblocking_udp(server)?)?;
     let client = UdpSocket::from_std(nonblocking_udp(client)?)?;
     let (size, run_id) = (spec.size, spec.run_id);
-    let server_task = tokio::spawn(async move {
-        let mut buf = vec![0u8; MAX_SIZE];
-        loop {
-            let Ok((n, peer)) = server.recv_from(&mut buf).await else {
-                return;
-            };
-            let recv_ns = monotonic_ns();
-            let Some(tag) = read_tag(&buf[..n]).filter(|t| t.run_id == run_id) else {
-                continue;
-            };
-            let resp = payload(size, run_id, tag.seq, DIR_RESPONSE);
-            let send_ns = monotonic_ns();
-            // Logged before sending: the client may stop this task as soon as the response lands.
-            log.lock()
-                .expect("server log lock")
-                .push((tag.seq, recv_ns, send_ns));
-            if server.send_to(&resp, peer).await.is_err() {
-                return;
-            }
-        }
-    });
     let mut out = Outcome::default();
     let mut buf = vec![0u8; MAX_SIZE];
     let started = tokio::time::Instant::now();
@@ -222,8 +212,64 @@ async fn run_udp(
             }
         }
     }
-    server_task.abort();
+    if let Some(t) = server_task {
+        t.abort();
+    }
     Ok(out)
+}
+
+/// The UDP echo server of `spec`, bound in the server's namespace, answering until aborted.
+fn spawn_udp_server(
+    spec: &Spec,
+    ends: &Endpoints,
+    log: ServerLog,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let addr = SocketAddr::from((ends.server_addr, spec.port));
+    let server = udp_server(ends.server_ns.as_deref(), addr)?;
+    let (size, run_id) = (spec.size, spec.run_id);
+    Ok(tokio::spawn(serve_udp(server, size, log, move |id| {
+        (id == run_id).then_some(true)
+    })))
+}
+
+/// A nonblocking UDP socket bound to `addr` in namespace `ns`.
+pub fn udp_server(ns: Option<&str>, addr: SocketAddr) -> Result<UdpSocket> {
+    let server = netns::run_in(ns, || {
+        std::net::UdpSocket::bind(addr).with_context(|| format!("binding the UDP server to {addr}"))
+    })?;
+    Ok(UdpSocket::from_std(nonblocking_udp(server)?)?)
+}
+
+/// Answers every tagged request whose run id `accept` takes (Some(log it)) with a `size`-byte
+/// response of the same run id, and logs (seq, received, sent) of those it says to.
+pub async fn serve_udp(
+    server: UdpSocket,
+    size: usize,
+    log: ServerLog,
+    accept: impl Fn(u32) -> Option<bool>,
+) {
+    let mut buf = vec![0u8; MAX_SIZE];
+    loop {
+        let Ok((n, peer)) = server.recv_from(&mut buf).await else {
+            return;
+        };
+        let recv_ns = monotonic_ns();
+        let Some((tag, logged)) = read_tag(&buf[..n]).and_then(|t| Some((t, accept(t.run_id)?)))
+        else {
+            continue;
+        };
+        let resp = payload(size, tag.run_id, tag.seq, DIR_RESPONSE);
+        let send_ns = monotonic_ns();
+        // Logged before sending: the client may stop this task as soon as the response lands.
+        if logged {
+            log.lock()
+                .expect("server log lock")
+                .push((tag.seq, recv_ns, send_ns));
+        }
+        if server.send_to(&resp, peer).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn nonblocking_udp(s: std::net::UdpSocket) -> Result<std::net::UdpSocket> {
@@ -383,6 +429,7 @@ mod tests {
                 client_ns: None,
                 server_ns: None,
                 server_addr: Ipv4Addr::LOCALHOST,
+                remote_server: false,
             };
             let progress = Arc::new(AtomicU32::new(0));
             let out = run(&spec, &ends, progress.clone()).await.expect("run");

@@ -1,0 +1,642 @@
+//! Nested labs: pods inside a QEMU guest (the study's BMP2VMP). The host side is network
+//! namespaces as in every lab: `host` holds the outer network (bridge br0, 198.19.0.1/24) with
+//! the guest's NIC, a tap device whose other end is QEMU's virtio-net, and this machine's own
+//! pod network (cni0 198.18.0.1/24 with pod-a). The guest is one of the VM lab's Debian kernels
+//! booted by virtme-ng under TCG, with this machine's root (so its profiler binary) shared
+//! read-only; its script builds the guest's pod network (cni0 198.18.1.1/24 with pod-b, its NIC
+//! eth0 198.19.0.2/24) and starts `profiler agent`, which talks to the host over a virtio-serial
+//! port (QEMU's end is a Unix socket in the lab's directory).
+//!
+//! The two pod networks are joined as the inner network says: `bridge` routes each pod subnet
+//! via the other node's outer address (flannel host-gw), `flannel-vxlan` through a flannel.1
+//! VXLAN device on each node over the outer network.
+//!
+//! QEMU runs in a process group of its own (vng, virtme-run, qemu), recorded by its leader's pid
+//! and start time in RUN_DIR/LAB-GUEST, so that `lab down`, a run's end, Ctrl-C during `lab up`
+//! and `lab down --all` after a crash all stop it.
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+
+use super::{
+    discover, netns, owner, spec::netns_name, target::NODE_SEP, vm_cache as vm, Endpoint, Lab,
+    LabIface, LabOptions, Placement, Pod, Topology,
+};
+
+/// Each guest's files (pid record, QEMU's socket for the agent, console log): RUN_DIR/LAB-GUEST.
+pub const RUN_DIR: &str = "/run/profiler/vm";
+/// QEMU's -name (and the guest's hostname) is QEMU_NAME_PREFIX + "LAB-GUEST": the leak check
+/// looks for it.
+pub const QEMU_NAME_PREFIX: &str = "profiler-";
+/// The virtio-serial port the agent listens on: /dev/virtio-ports/NAME in the guest.
+pub const AGENT_PORT: &str = "profiler";
+/// The first request on the agent's channel, as JSON: the agent answers with its [`Inventory`].
+/// The lab's request on the agent's channel, as JSON: `{"setup": [ip commands]}`; the agent
+/// runs them and answers with a [`SetupAnswer`].
+pub const SETUP: &str = "setup";
+/// The guest of a bmp2vmp lab.
+const GUEST: &str = "vm1";
+const TAP: &str = "tap-vm1";
+/// The guest NIC's MAC, by which the guest's script finds it (its PCI slot names it).
+const GUEST_MAC: &str = "52:54:00:c6:12:01";
+const GUEST_MEMORY: &str = "1G";
+/// One vCPU: under TCG each vCPU's clock drifts from the others' (enough to reorder a packet's
+/// guest hops and to make an exchange's crossing sum negative), and the host's two cores are
+/// shared anyway.
+const GUEST_CPUS: &str = "1";
+/// Booting under TCG on a busy machine, then loading nothing yet: a minute or two.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+const OUTER_HOST: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+const OUTER_GUEST: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+/// Pod subnets: 198.18.0.0/24 on the host, 198.18.1.0/24 in the guest; the node's bridge is .1,
+/// its pod .2.
+const POD_NET_HOST: u8 = 0;
+const POD_NET_GUEST: u8 = 1;
+const FLANNEL_MTU: u32 = 1450;
+const VXLAN_PORT: u16 = 8472;
+const VTEP_MAC_HOST: &str = "02:c6:12:01:00:01";
+const VTEP_MAC_GUEST: &str = "02:c6:12:02:00:01";
+
+/// The container network inside the VM (and on the bare-metal node).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[clap(rename_all = "kebab-case")]
+pub enum Inner {
+    /// cni0 per node, pod subnets routed via the nodes' outer addresses (flannel host-gw).
+    #[default]
+    Bridge,
+    /// cni0 per node, joined by flannel.1 (VXLAN) over the outer network.
+    FlannelVxlan,
+}
+
+/// The network the VM's NIC sits on, on the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[clap(rename_all = "kebab-case")]
+pub enum Outer {
+    /// The tap is a port of the host's bridge br0, which has the host's outer address.
+    #[default]
+    Bridge,
+}
+
+/// A guest a lab runs, as its state records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guest {
+    /// Its node name in hops and namespaces ("vm1:pod-b").
+    pub name: String,
+    /// The leader of its process group (vng, then virtme-run and qemu).
+    pub pid: u32,
+    /// Clock ticks since boot, as for a lab's owner.
+    pub start_time: u64,
+    /// Its kernel release.
+    pub kernel: String,
+    /// Its NIC's host end, in the lab's host namespace.
+    pub tap: String,
+    /// The host end of the agent's channel (QEMU's Unix socket).
+    pub socket: PathBuf,
+    pub inner: Inner,
+    pub outer: Outer,
+    /// Its namespaces as it names them ("(root)", "pod-b"), with their inodes in its kernel:
+    /// its events carry those.
+    #[serde(default)]
+    pub namespaces: Vec<(String, u32)>,
+}
+
+impl Guest {
+    fn alive(&self) -> bool {
+        owner::start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+/// What the agent reports of its guest: its kernel and devices.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Inventory {
+    pub release: String,
+    /// Named namespaces and the root ("(root)"), with their inodes.
+    pub namespaces: Vec<(String, u32)>,
+    pub interfaces: Vec<LabIface>,
+}
+
+/// A guest's namespace as the host names it: "vm1:pod-b", "vm1:(root)".
+pub fn guest_ns(node: &str, ns: &str) -> String {
+    format!("{node}{NODE_SEP}{ns}")
+}
+
+/// The guest's own name of a namespace the host names `ns`, if it is the guest's.
+pub fn in_guest<'a>(node: &str, ns: &'a str) -> Option<&'a str> {
+    ns.strip_prefix(node)?.strip_prefix(NODE_SEP)
+}
+
+pub(super) fn dir(lab: &str, guest: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{lab}-{guest}"))
+}
+
+/// The lab's host namespaces, by role.
+const ROLES: [&str; 2] = ["host", "pod-a"];
+
+/// Fails in one line when the options do not fit a nested lab.
+pub(super) fn check(topology: Topology, options: &LabOptions) -> Result<()> {
+    if options.placement != Placement::SameHost {
+        bail!(
+            "{}: only --placement same-host is built so far",
+            topology.name()
+        );
+    }
+    if options.pods.is_some() || options.forwarder.is_some() {
+        bail!("{}: --pods and --forwarder do not apply", topology.name());
+    }
+    vm::kernel(options.guest_kernel.as_deref())?;
+    Ok(())
+}
+
+/// Whether any part of nested lab `name` exists.
+pub(super) fn leftovers(name: &str) -> bool {
+    ROLES.iter().any(|r| netns::exists(&netns_name(name, r))) || dir(name, GUEST).exists()
+}
+
+/// Removes what a build made so far unless disarmed: the guest first (QEMU holds the tap).
+struct Undo {
+    name: Option<String>,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if let Some(name) = self.name.take() {
+            if let Err(e) = remove(&name) {
+                log::warn!("{e:#}");
+            }
+        }
+    }
+}
+
+/// Stops the guests and removes the namespaces and directories of nested lab `name`.
+pub(super) fn remove(name: &str) -> Result<()> {
+    let mut result = stop(&dir(name, GUEST));
+    for role in ROLES {
+        result = result.and(netns::delete(&netns_name(name, role)));
+    }
+    result
+}
+
+pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
+    let (release, vmlinuz) = vm::kernel(options.guest_kernel.as_deref())?;
+    let vng = vm::vng()?;
+    let inner = options.inner.unwrap_or_default();
+    let outer = options.outer.unwrap_or_default();
+    let mtu = options.mtu;
+    let mut undo = Undo {
+        name: Some(name.to_string()),
+    };
+    let host = netns_name(name, "host");
+    let pod_a = netns_name(name, "pod-a");
+    for ns in [&host, &pod_a] {
+        netns::add(ns)?;
+    }
+    for cmd in host_commands(&host, &pod_a, inner, mtu) {
+        ip(&cmd)?;
+    }
+    super::setup::enable_forwarding(&host)?;
+    let gdir = dir(name, GUEST);
+    let script = guest_script(&std::env::current_exe()?);
+    let guest = start(name, &host, &gdir, &vng, &vmlinuz, &release, &script)?;
+    let guest = Guest {
+        inner,
+        outer,
+        ..guest
+    };
+    let inventory = setup(&guest, setup_commands(inner, mtu)).await?;
+    let guest = Guest {
+        namespaces: inventory.namespaces.clone(),
+        ..guest
+    };
+    let lab = assemble(name, &host, &pod_a, guest, inventory).await?;
+    undo.name = None;
+    Ok(lab)
+}
+
+/// The lab's record: the host's devices as netlink reads them, the guest's as its agent did.
+async fn assemble(
+    name: &str,
+    host: &str,
+    pod_a: &str,
+    guest: Guest,
+    inv: Inventory,
+) -> Result<Lab> {
+    let host_ns = vec![host.to_string(), pod_a.to_string()];
+    let mut interfaces = discover::interfaces(&host_ns).await?;
+    interfaces.extend(inv.interfaces.into_iter().map(|i| rename(&guest.name, i)));
+    let mut namespaces = host_ns;
+    namespaces.extend(inv.namespaces.iter().map(|(n, _)| guest_ns(&guest.name, n)));
+    let client = Endpoint {
+        netns: pod_a.to_string(),
+        ifname: "eth0".into(),
+        addr: pod_ip(POD_NET_HOST, 2),
+    };
+    let server = Endpoint {
+        netns: guest_ns(&guest.name, "pod-b"),
+        ifname: "eth0".into(),
+        addr: pod_ip(POD_NET_GUEST, 2),
+    };
+    Ok(Lab {
+        name: name.to_string(),
+        topology: Topology::Bmp2vmp,
+        placement: Placement::SameHost,
+        mtu: None,
+        namespaces,
+        interfaces,
+        pods: vec![
+            Pod {
+                end: client.clone(),
+                host: "host".into(),
+            },
+            Pod {
+                end: server.clone(),
+                host: guest.name.clone(),
+            },
+        ],
+        client,
+        server,
+        pods_per_host: None,
+        owner: None,
+        forwarder: None,
+        guests: vec![guest],
+    })
+}
+
+/// A guest's interface with its namespaces named as the host names them.
+pub fn rename(node: &str, mut i: LabIface) -> LabIface {
+    i.netns = guest_ns(node, &i.netns);
+    if let Some(p) = &mut i.peer {
+        p.netns = guest_ns(node, &p.netns);
+    }
+    i
+}
+
+fn pod_ip(net: u8, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, net, host)
+}
+
+/// The commands (`ip` arguments) of one node's pod network: cni0 with one pod, and the way to
+/// the other node's pods. `ns`: `-n NS` prefix for the node's namespace (None: the current
+/// one, the guest's root).
+fn node_commands(
+    ns: Option<&str>,
+    pod_ns: &str,
+    net: u8,
+    other: u8,
+    outer: (&str, Ipv4Addr, Ipv4Addr),
+    inner: Inner,
+    mtu: Option<u32>,
+) -> Vec<String> {
+    let n = ns.map_or(String::new(), |ns| format!("-n {ns} "));
+    let (outer_dev, local, remote) = outer;
+    let pod_mtu = mtu.unwrap_or(match inner {
+        Inner::Bridge => 1500,
+        Inner::FlannelVxlan => FLANNEL_MTU,
+    });
+    let gw = pod_ip(net, 1);
+    let veth = if net == POD_NET_HOST {
+        "veth-a"
+    } else {
+        "veth-b"
+    };
+    let mut c = vec![
+        format!("{n}link add cni0 mtu {pod_mtu} type bridge forward_delay 0 stp_state 0"),
+        format!("{n}addr add {gw}/24 dev cni0"),
+        format!("{n}link set cni0 up"),
+        format!("{n}link add {veth} mtu {pod_mtu} type veth peer name eth0 mtu {pod_mtu} netns {pod_ns}"),
+        format!("{n}link set {veth} master cni0 up"),
+        format!("-n {pod_ns} link set lo up"),
+        format!("-n {pod_ns} addr add {}/24 dev eth0", pod_ip(net, 2)),
+        format!("-n {pod_ns} link set eth0 up"),
+        format!("-n {pod_ns} route add default via {gw}"),
+    ];
+    let other_net = format!("198.18.{other}.0/24");
+    match inner {
+        Inner::Bridge => c.push(format!(
+            "{n}route add {other_net} via {remote} dev {outer_dev}"
+        )),
+        Inner::FlannelVxlan => {
+            let (mine, theirs) = if net == POD_NET_HOST {
+                (VTEP_MAC_HOST, VTEP_MAC_GUEST)
+            } else {
+                (VTEP_MAC_GUEST, VTEP_MAC_HOST)
+            };
+            let vtep = format!("198.18.{other}.0");
+            c.extend([
+                format!("{n}link add flannel.1 address {mine} mtu {FLANNEL_MTU} type vxlan id 1 local {local} dev {outer_dev} dstport {VXLAN_PORT} nolearning"),
+                format!("{n}addr add 198.18.{net}.0/32 dev flannel.1"),
+                format!("{n}link set flannel.1 up"),
+                format!("{n}neigh add {vtep} lladdr {theirs} dev flannel.1 nud permanent"),
+                format!("{n}route add {other_net} via {vtep} dev flannel.1 onlink"),
+            ]);
+        }
+    }
+    c
+}
+
+/// The host side: outer bridge br0 with the tap, and this node's pod network.
+fn host_commands(host: &str, pod_a: &str, inner: Inner, mtu: Option<u32>) -> Vec<String> {
+    let n = format!("-n {host} ");
+    let mut c = vec![
+        format!("{n}link add br0 type bridge forward_delay 0 stp_state 0"),
+        format!("{n}addr add {OUTER_HOST}/24 dev br0"),
+        format!("{n}link set br0 up"),
+        format!("{n}tuntap add dev {TAP} mode tap"),
+        format!("{n}link set {TAP} master br0 up"),
+    ];
+    c.extend(node_commands(
+        Some(host),
+        pod_a,
+        POD_NET_HOST,
+        POD_NET_GUEST,
+        ("br0", OUTER_HOST, OUTER_GUEST),
+        inner,
+        mtu,
+    ));
+    if inner == Inner::FlannelVxlan {
+        c.push(format!(
+            "{n}fdb append {VTEP_MAC_GUEST} dev flannel.1 dst {OUTER_GUEST} self permanent"
+        ));
+    }
+    c
+}
+
+/// Runs `ip ARGS` ("bridge" for fdb entries; "tc ARGS" is tc's, for qdiscs such as a test's
+/// netem in the guest), failing with its error in one line.
+pub fn ip(args: &str) -> Result<()> {
+    let words: Vec<&str> = args.split_whitespace().collect();
+    let (prog, words) = match (words.first(), words.iter().position(|w| *w == "fdb")) {
+        (Some(&"tc"), _) => ("tc", words[1..].to_vec()),
+        (_, Some(_)) => ("bridge", words),
+        _ => ("ip", words),
+    };
+    let out = Command::new(prog)
+        .args(&words)
+        .output()
+        .with_context(|| format!("cannot run {prog}"))?;
+    if !out.status.success() {
+        bail!(
+            "{prog} {args}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The guest's shell script, kept short (virtme-ng passes it on the kernel's command line, at
+/// most 2 KiB on 6.1): modules and filesystems the profiler needs, the NIC (found by its MAC)
+/// renamed eth0, then the agent, which builds the rest when the lab asks (`setup_commands`).
+fn guest_script(profiler: &Path) -> String {
+    format!(
+        "modprobe -q -a virtio_net virtio_console veth bridge vxlan 8021q sch_netem\n\
+         mount -t bpf bpf /sys/fs/bpf; mount -t tracefs tracefs /sys/kernel/tracing\n\
+         mkdir -p /run/netns; sysctl -qw net.ipv4.ip_forward=1\n\
+         for d in /sys/class/net/*; do [ $(cat $d/address) = {GUEST_MAC} ] && ip link set ${{d##*/}} name eth0; done\n\
+         exec {} agent --serial {AGENT_PORT} --node {GUEST}\n",
+        profiler.display()
+    )
+}
+
+/// The guest side, run by its agent: eth0 on the outer network, its pod network.
+fn setup_commands(inner: Inner, mtu: Option<u32>) -> Vec<String> {
+    let mut c = vec![
+        format!("addr add {OUTER_GUEST}/24 dev eth0"),
+        "link set eth0 up".to_string(),
+        "netns add pod-b".to_string(),
+    ];
+    c.extend(node_commands(
+        None,
+        "pod-b",
+        POD_NET_GUEST,
+        POD_NET_HOST,
+        ("eth0", OUTER_GUEST, OUTER_HOST),
+        inner,
+        mtu,
+    ));
+    if inner == Inner::FlannelVxlan {
+        c.push(format!(
+            "fdb append {VTEP_MAC_HOST} dev flannel.1 dst {OUTER_HOST} self permanent"
+        ));
+    }
+    c
+}
+
+/// The agent's answer to the lab's setup request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetupAnswer {
+    Inventory(Inventory),
+    Failed(String),
+}
+
+/// Boots the guest in namespace `host`, its NIC the tap, its agent's port a Unix socket in
+/// `gdir`; returns once its process group is recorded (the agent answers later).
+fn start(
+    lab: &str,
+    host: &str,
+    gdir: &Path,
+    vng: &Path,
+    vmlinuz: &Path,
+    release: &str,
+    script: &str,
+) -> Result<Guest> {
+    std::fs::create_dir_all(gdir).with_context(|| format!("cannot create {}", gdir.display()))?;
+    let socket = gdir.join("agent.sock");
+    let log_path = gdir.join("console.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let qemu_opts = format!(
+        "-netdev tap,id=t0,ifname={TAP},script=no,downscript=no \
+         -device virtio-net-pci,netdev=t0,mac={GUEST_MAC} \
+         -device virtio-serial-pci \
+         -chardev socket,id=agent,path={},server=on,wait=off \
+         -device virtserialport,chardev=agent,name={AGENT_PORT}",
+        socket.display()
+    );
+    let venv_bin = vng.parent().context("vng has no directory")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(
+        std::iter::once(venv_bin.to_path_buf()).chain(std::env::split_paths(&path)),
+    )?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", host])
+        .arg(vng)
+        .args([
+            "--disable-kvm",
+            "--verbose",
+            "--memory",
+            GUEST_MEMORY,
+            "--cpus",
+            GUEST_CPUS,
+        ])
+        .arg("--name")
+        .arg(format!("{QEMU_NAME_PREFIX}{lab}-{GUEST}"))
+        .arg("--run")
+        .arg(vmlinuz)
+        .args(["--cwd", "/"])
+        .arg(format!("--qemu-opts={qemu_opts}"))
+        .args(["--exec", script])
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot run {}", vng.display()))?;
+    let pid = child.id();
+    // Reaped by `stop` (or init, once this process has exited).
+    std::mem::forget(child);
+    let guest = Guest {
+        name: GUEST.to_string(),
+        pid,
+        start_time: owner::start_time(pid).unwrap_or(0),
+        kernel: release.to_string(),
+        tap: TAP.to_string(),
+        socket,
+        inner: Inner::default(),
+        outer: Outer::default(),
+        namespaces: Vec::new(),
+    };
+    std::fs::write(gdir.join("pid"), serde_json::to_vec(&guest)?)
+        .context("cannot record the guest's pid")?;
+    Ok(guest)
+}
+
+/// Waits for the guest's agent, has it run `commands` and asks for its inventory. Fails with
+/// the end of the console log if the guest stops first.
+async fn setup(guest: &Guest, commands: Vec<String>) -> Result<Inventory> {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let log = guest.socket.with_file_name("console.log");
+    let failed = |what: &str| {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        anyhow::anyhow!(
+            "guest {}: {what}: {}",
+            guest.name,
+            lines[lines.len().saturating_sub(3)..].join(" / ")
+        )
+    };
+    let stream = loop {
+        if !guest.alive() {
+            return Err(failed("QEMU exited"));
+        }
+        if Instant::now() > deadline {
+            return Err(failed("no socket from QEMU"));
+        }
+        match tokio::net::UnixStream::connect(&guest.socket).await {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let request = serde_json::json!({ SETUP: commands }).to_string() + "\n";
+    write.write_all(request.as_bytes()).await?;
+    let mut lines = BufReader::new(read).lines();
+    let left = deadline.saturating_duration_since(Instant::now());
+    let alive = async {
+        while guest.alive() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let line = tokio::select! {
+        l = tokio::time::timeout(left, lines.next_line()) => l,
+        () = alive => return Err(failed("the guest stopped before its agent answered")),
+    };
+    match line {
+        Ok(Ok(Some(line))) => match serde_json::from_str(&line) {
+            Ok(SetupAnswer::Inventory(inv)) => Ok(inv),
+            Ok(SetupAnswer::Failed(e)) => bail!("guest {}: {e}", guest.name),
+            Err(e) => bail!("guest {}: unreadable answer {line:?}: {e}", guest.name),
+        },
+        Ok(Ok(None)) => Err(failed("QEMU closed the agent's channel")),
+        Ok(Err(e)) => Err(e).context("reading the agent's answer"),
+        Err(_) => Err(failed("its agent did not answer within 10 minutes")),
+    }
+}
+
+/// The guest recorded in `dir`, if any.
+fn recorded(dir: &Path) -> Option<Guest> {
+    serde_json::from_slice(&std::fs::read(dir.join("pid")).ok()?).ok()
+}
+
+/// Stops the guest recorded in `dir` (its whole process group: SIGTERM, then SIGKILL) and
+/// removes `dir`. Works on whatever part exists.
+pub(super) fn stop(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if let Some(g) = recorded(dir) {
+        stop_group(&g)?;
+    }
+    std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))
+}
+
+fn stop_group(g: &Guest) -> Result<()> {
+    let group = Pid::from_raw(-(g.pid as i32));
+    // Only a group whose leader is the recorded process: its pid may have been reused.
+    let ours = g.alive();
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        if !ours || kill(group, None).is_err() {
+            break;
+        }
+        let _ = kill(group, signal);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while kill(group, None).is_ok() && Instant::now() < deadline {
+            reap(g.pid);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    reap(g.pid);
+    if ours && kill(group, None).is_ok() && g.alive() {
+        bail!(
+            "guest {} (QEMU, process group {}) did not exit",
+            g.name,
+            g.pid
+        );
+    }
+    Ok(())
+}
+
+fn reap(pid: u32) {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_namespaces_round_trip() {
+        let ns = guest_ns("vm1", "pod-b");
+        assert_eq!(ns, "vm1:pod-b");
+        assert_eq!(in_guest("vm1", &ns), Some("pod-b"));
+        assert_eq!(in_guest("vm1", "prof-bmp2vmp-host"), None);
+        assert_eq!(super::super::target::node_of(&ns), "vm1");
+        assert_eq!(super::super::target::node_of("prof-bmp2vmp-host"), "host");
+    }
+
+    #[test]
+    fn flannel_nodes_point_at_each_other() {
+        let host = host_commands("h", "p", Inner::FlannelVxlan, None).join("\n");
+        assert!(host.contains("local 198.19.0.1 dev br0"), "{host}");
+        assert!(host.contains("fdb append 02:c6:12:02:00:01 dev flannel.1 dst 198.19.0.2"));
+        let guest = setup_commands(Inner::FlannelVxlan, None).join("\n");
+        assert!(guest.contains("local 198.19.0.2 dev eth0"), "{guest}");
+        assert!(guest.contains("route add 198.18.0.0/24 via 198.18.0.0 dev flannel.1 onlink"));
+        let script = guest_script(Path::new("/p"));
+        assert!(script.contains("exec /p agent --serial profiler --node vm1"));
+        // virtme-ng puts it on the kernel command line, base64: 2 KiB in all on 6.1.
+        assert!(script.len() < 600, "{} bytes", script.len());
+    }
+}

@@ -1,0 +1,425 @@
+//! Nested paths (BMP2VMP): a pod on this machine, a pod in a QEMU guest (TCG) whose agent
+//! attaches the guest's probes; one waterfall across both kernels. Each test boots one guest
+//! (about a minute under TCG) on the VM lab's 6.1 kernel, which `cargo xtask test` provisions;
+//! without it the tests say so and pass.
+// A test crate sees every dependency of the package; the lint is for the library's.
+#![allow(unused_crate_dependencies)]
+
+mod common;
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{profiler, BIN};
+use serde_json::Value;
+
+const LAB: &str = "bmp2vmp";
+const KERNEL: &str = "6.1";
+
+/// Whether the guest kernel is provisioned; says why not otherwise.
+fn have_guest_kernel() -> bool {
+    match profiler::lab::vm_cache::cached(KERNEL) {
+        Ok(Some(_)) => true,
+        _ => {
+            eprintln!(
+                "skipped: VM kernel {KERNEL} is not provisioned (cargo xtask vm --kernel {KERNEL} -- true)"
+            );
+            false
+        }
+    }
+}
+
+/// The pids of QEMU processes of this lab (by the -name the lab gives them).
+fn lab_qemus() -> Vec<u32> {
+    let name = format!("{}{LAB}-", profiler::lab::nested::QEMU_NAME_PREFIX);
+    std::fs::read_dir("/proc")
+        .expect("listing /proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&name))
+        })
+        .collect()
+}
+
+/// Nothing of the lab is left: QEMU, namespaces (and with them the tap), directory, state.
+fn assert_nothing_left() {
+    // A process that got SIGKILL may take a moment to go.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lab_qemus().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(lab_qemus(), Vec::<u32>::new(), "QEMU processes left");
+    let namespaces: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .filter(|n| n.starts_with(&format!("prof-{LAB}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(namespaces.is_empty(), "namespaces left: {namespaces:?}");
+    let dir = Path::new(profiler::lab::nested::RUN_DIR).join(format!("{LAB}-vm1"));
+    assert!(!dir.exists(), "{} left", dir.display());
+    let state = Path::new(profiler::lab::STATE_DIR).join(format!("{LAB}.json"));
+    assert!(!state.exists(), "{} left", state.display());
+}
+
+fn hop_names(dir: &Value) -> Vec<(String, String, String)> {
+    dir["hops"]
+        .as_array()
+        .expect("hops")
+        .iter()
+        .map(|h| {
+            (
+                h["node"].as_str().unwrap_or("?").to_string(),
+                h["netns"].as_str().unwrap_or("").to_string(),
+                h["ifname"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Where in the hops a device is first met: (node, netns, ifname).
+fn position(hops: &[(String, String, String)], ns: &str, ifname: &str) -> usize {
+    hops.iter()
+        .position(|(_, n, i)| n == ns && i == ifname)
+        .unwrap_or_else(|| panic!("no hop on {ifname} in {ns}: {hops:#?}"))
+}
+
+/// One direction's hops from both kernels, in order, complete, with one estimated segment.
+fn check_direction(dir: &Value, order: &[(&str, &str)], first_node: &str) {
+    let name = dir["direction"].as_str().unwrap_or("?");
+    let (complete, incomplete) = (
+        dir["complete_packets"].as_u64().unwrap(),
+        dir["incomplete_packets"].as_u64().unwrap(),
+    );
+    let share = complete as f64 / (complete + incomplete).max(1) as f64;
+    println!(
+        "{name}: {complete} complete, {incomplete} incomplete ({:.1}%)",
+        share * 100.0
+    );
+    assert!(
+        share >= 0.95,
+        "{name}: {complete} complete, {incomplete} incomplete"
+    );
+    let hops = hop_names(dir);
+    let positions: Vec<usize> = order.iter().map(|(ns, i)| position(&hops, ns, i)).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "{name}: hops out of order {order:?} at {positions:?}: {hops:#?}"
+    );
+    // One kernel, then the other: the node changes once.
+    let changes = hops.windows(2).filter(|w| w[0].0 != w[1].0).count();
+    assert_eq!(changes, 1, "{name}: {hops:#?}");
+    assert_eq!(hops[0].0, first_node, "{name}: {hops:#?}");
+    let estimated: Vec<&Value> = dir["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["estimated"] == true)
+        .collect();
+    assert_eq!(estimated.len(), 1, "{name}: {:#?}", dir["segments"]);
+    let crossing = estimated[0]["name"].as_str().unwrap();
+    assert!(crossing.starts_with("crossing "), "{crossing}");
+    println!(
+        "{name}: crossing segment {crossing:?}, mean {} ns",
+        estimated[0]["mean_ns"]
+    );
+}
+
+#[test]
+fn bmp2vmp_flannel_profiles_both_kernels_in_order() {
+    if !have_guest_kernel() {
+        return;
+    }
+    let out = profiler(&[
+        "run",
+        "--lab",
+        LAB,
+        "--inner",
+        "flannel-vxlan",
+        "--outer",
+        "bridge",
+        "--guest-kernel",
+        KERNEL,
+        "--hooks",
+        "stable",
+        "--count",
+        "200",
+        "--rate",
+        "20",
+        "--timeout",
+        "2s",
+        "--quiet",
+        "--json",
+        "-",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run failed: {stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).expect("the run's JSON");
+    assert_eq!(r["events"]["lost"], 0, "{}", r["events"]);
+    let completed = r["traffic"]["completed"].as_u64().unwrap();
+    assert!(completed >= 190, "{completed} of 200 exchanges");
+    let host = "prof-bmp2vmp-host";
+    let request = &r["directions"][0];
+    check_direction(
+        request,
+        &[
+            ("prof-bmp2vmp-pod-a", "eth0"),
+            (host, "veth-a"),
+            (host, "flannel.1"),
+            (host, "br0"),
+            (host, "tap-vm1"),
+            ("vm1:(root)", "eth0"),
+            ("vm1:(root)", "flannel.1"),
+            ("vm1:(root)", "cni0"),
+            ("vm1:(root)", "veth-b"),
+            ("vm1:pod-b", "eth0"),
+        ],
+        "host",
+    );
+    check_direction(
+        &r["directions"][1],
+        &[
+            ("vm1:pod-b", "eth0"),
+            ("vm1:(root)", "veth-b"),
+            ("vm1:(root)", "flannel.1"),
+            ("vm1:(root)", "eth0"),
+            (host, "tap-vm1"),
+            (host, "br0"),
+            (host, "flannel.1"),
+            (host, "veth-a"),
+            ("prof-bmp2vmp-pod-a", "eth0"),
+        ],
+        "vm1",
+    );
+    // Double encapsulation seen as such: the outer hops see the tag inside VXLAN.
+    let encapsulated: Vec<String> = request["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["encapsulated"] == true)
+        .map(|h| format!("{} {}", h["node"], h["ifname"]))
+        .collect();
+    assert!(
+        encapsulated.iter().any(|h| h.contains("tap-vm1"))
+            && encapsulated.iter().any(|h| h.contains("\"vm1\" \"eth0\"")),
+        "encapsulated hops: {encapsulated:?}"
+    );
+    let c = &r["crossings"][0];
+    assert_eq!(c["node"], "vm1");
+    let exchanges = c["exchanges"].as_u64().unwrap();
+    assert!(exchanges * 100 >= completed * 95, "{c}");
+    println!(
+        "guest clock offset {} ns, drift {} ppm, crossings' sum mean {} ns over {exchanges} exchanges",
+        c["offset_ns"], c["drift_ppm"], c["crossing_sum"]["mean_ns"]
+    );
+    // The run made the lab: it is gone with everything it started.
+    assert_nothing_left();
+}
+
+#[test]
+fn lab_up_and_down_and_sigint_during_up_leave_nothing() {
+    if !have_guest_kernel() {
+        return;
+    }
+    // SIGINT while the guest boots.
+    let child = Command::new(BIN)
+        .args(["lab", "up", LAB, "--guest-kernel", KERNEL])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting lab up");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lab_qemus().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!lab_qemus().is_empty(), "lab up started no QEMU");
+    std::thread::sleep(Duration::from_secs(2));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT to lab up");
+    let out = child.wait_with_output().expect("waiting for lab up");
+    assert!(!out.status.success(), "lab up interrupted exits non-zero");
+    assert_nothing_left();
+
+    // Up, listed with its guest, down.
+    let guard = common::lab_up(&[LAB, "--guest-kernel", KERNEL]);
+    assert!(!lab_qemus().is_empty(), "the lab runs no QEMU");
+    let list = profiler(&["lab", "list"]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("guest vm1: QEMU"), "{text}");
+    assert!(text.contains("vm1:pod-b"), "{text}");
+    drop(guard);
+    assert_nothing_left();
+}
+
+/// The run's JSON on the lab that is up (the run leaves it up).
+fn run_json(port: &str) -> Value {
+    let out = profiler(&[
+        "run",
+        "--lab",
+        LAB,
+        "--hooks",
+        "stable",
+        "--count",
+        "150",
+        "--rate",
+        "10",
+        "--timeout",
+        "2s",
+        "--port",
+        port,
+        "--quiet",
+        "--json",
+        "-",
+    ]);
+    assert!(
+        out.status.success(),
+        "run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the run's JSON")
+}
+
+/// The request's segments: "[node] name", the two hops it spans, p50 and p90 in ns.
+fn request_segments(r: &Value) -> Vec<(String, String, u64, u64)> {
+    let d = &r["directions"][0];
+    let hops = d["hops"].as_array().unwrap();
+    let hop = |s: &Value, end: &str| &hops[s[end].as_u64().unwrap() as usize];
+    d["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let (from, to) = (hop(s, "from"), hop(s, "to"));
+            (
+                format!(
+                    "[{}] {}",
+                    to["node"].as_str().unwrap(),
+                    s["name"].as_str().unwrap()
+                ),
+                format!("{} -> {}", from["name"], to["name"]),
+                s["p50_ns"].as_u64().unwrap(),
+                s["p90_ns"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Asks the lab's guest agent to run `commands` (its setup request), as the lab does.
+fn guest_commands(commands: &[&str]) {
+    use std::io::{BufRead as _, Write as _};
+    let socket = Path::new(profiler::lab::nested::RUN_DIR)
+        .join(format!("{LAB}-vm1"))
+        .join("agent.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("the agent's socket");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let req = serde_json::json!({ profiler::lab::nested::SETUP: commands }).to_string() + "\n";
+    s.write_all(req.as_bytes()).expect("asking the agent");
+    let mut line = String::new();
+    std::io::BufReader::new(&s)
+        .read_line(&mut line)
+        .expect("the agent's answer");
+    assert!(line.contains("\"inventory\""), "agent: {line}");
+}
+
+/// Where a delay lands: the segment `which` of `delayed` moved by `delay` within max(10%, 5 us)
+/// against `base`; every other segment both runs have by less than its baseline's own spread
+/// allows. Segments are matched by name and the two hops they span: a qdisc that holds packets
+/// (netem) changes the order of the transmit returns around it, and a segment between other
+/// hops is another segment (the delayed one excepted: it is found by name).
+fn check_delay(base: &Value, delayed: &Value, which: &str, delay_ns: u64) {
+    let (b, d) = (request_segments(base), request_segments(delayed));
+    let bound = (delay_ns / 10).max(5_000) as i64;
+    let mut found = false;
+    for (name, ends, d50, _) in &d {
+        // The delayed segment by name alone: the held qdisc is entered after other hops.
+        let same =
+            |s: &&(String, String, u64, u64)| &s.0 == name && (name == which || &s.1 == ends);
+        let Some((_, _, b50, b90)) = b.iter().find(same) else {
+            println!("{name} ({ends}): only with the delay");
+            continue;
+        };
+        let moved = *d50 as i64 - *b50 as i64;
+        if name == which {
+            println!("{name}: moved {moved} ns, delay {delay_ns} ns, bound {bound} ns");
+            assert!(
+                (moved - delay_ns as i64).abs() <= bound,
+                "{name}: moved {moved} ns for a {delay_ns} ns delay (bound {bound})"
+            );
+            found = true;
+        } else {
+            // The baseline's own spread (p90 - p50), twice, and 20 us of TCG scheduling noise.
+            let spread = 2 * (b90 - b50) as i64 + 20_000;
+            println!("{name}: moved {moved} ns, allowed {spread} ns");
+            assert!(
+                moved.abs() <= spread,
+                "{name}: moved {moved} ns, allowed {spread} ns"
+            );
+        }
+    }
+    assert!(found, "no segment {which} in both runs: {b:#?} {d:#?}");
+}
+
+#[test]
+fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
+    if !have_guest_kernel() {
+        return;
+    }
+    const PORT: &str = "40123";
+    const DELAY_US: u64 = 5000;
+    let guard = common::lab_up(&[LAB, "--inner", "bridge", "--guest-kernel", KERNEL]);
+    let base = run_json(PORT);
+    // On the host: held at the tap's tc egress, in the segment that ends there.
+    let mut delay = Command::new(BIN)
+        .args([
+            "delay",
+            "--netns",
+            "prof-bmp2vmp-host",
+            "--iface",
+            "tap-vm1",
+            "--direction",
+            "egress",
+            "--delay-us",
+            &DELAY_US.to_string(),
+            "--port",
+            PORT,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the delay injector");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(delay.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .expect("the injector's first line");
+    assert!(first.starts_with("holding"), "{first}");
+    let host_delayed = run_json(PORT);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(delay.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("stopping the injector");
+    assert!(delay.wait().expect("the injector").success());
+    check_delay(
+        &base,
+        &host_delayed,
+        "[host] bridge br0 (-> port tap-vm1)",
+        DELAY_US * 1000,
+    );
+    // In the guest: netem on veth-b's root qdisc, toward pod-b. 5 ms: netem's timer slack under
+    // TCG is a few hundred microseconds, well inside 10% of it.
+    guest_commands(&["tc qdisc add dev veth-b root netem delay 5ms"]);
+    let guest_delayed = run_json(PORT);
+    guest_commands(&["tc qdisc del dev veth-b root"]);
+    check_delay(&base, &guest_delayed, "[vm1] qdisc veth-b", DELAY_US * 1000);
+    drop(guard);
+    assert_nothing_left();
+}
