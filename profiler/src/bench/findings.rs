@@ -119,7 +119,7 @@ pub const RULES: [Rule; 7] = [
         claim: "SR-IOV wins below 16 KB messages, loses above (the NIC's switch runs at link speed, kernel switching is CPU-bound)",
         test_text: "needs an SR-IOV VF in a pod",
         test: Test::Untestable(
-            "needs an SR-IOV NIC: this machine has none, and the VM lab's emulated igb VFs do not pass unicast yet",
+            "needs an SR-IOV NIC: this machine has none; the VM lab's emulated igb VFs carry traffic (the sriov lab), but QEMU's switch is software under TCG, so its timings say nothing about a NIC's",
         ),
     },
     Rule {
