@@ -386,8 +386,8 @@ mod tests {
         for v in ids {
             assert_eq!(HookId::from_u8(v).map(|h| h as u8), Some(v));
         }
-        assert_eq!(HookId::from_u8(HookId::VirtnetStartXmit as u8 + 1), None);
-        assert_eq!(HookId::VirtnetStartXmit as usize + 1, HookId::COUNT);
+        assert_eq!(HookId::from_u8(HookId::DriverXmit as u8 + 1), None);
+        assert_eq!(HookId::DriverXmit as usize + 1, HookId::COUNT);
     }
 
     #[test]
