@@ -195,10 +195,14 @@ fn netem_delay_under_vxlan_lands_in_its_segment() {
 #[ignore = "runs inside the VM lab: cargo xtask vm-test"]
 fn ovs_upcall_shows_as_its_own_path() {
     let lab = lab_up(&["ovs-vlan"]);
+    // The report goes to a file: on a pipe nobody reads until the run ends, a report larger
+    // than the pipe's buffer would block the run for ever.
+    let report = std::env::temp_dir().join(format!("profiler-upcall-{}.json", std::process::id()));
     let mut run = Command::new(crate::common::BIN)
         .args(["run", "--lab", "ovs-vlan", "--count", "300", "--rate", "25"])
-        .args(["--hooks", "deep", "--json", "-"])
-        .stdout(std::process::Stdio::piped())
+        .args(["--hooks", "deep", "--quiet", "--json"])
+        .arg(&report)
+        .stdout(std::process::Stdio::null())
         .spawn()
         .expect("profiler run");
     // revalidator/purge drops flows with their userspace state: unlike deleting the datapath's
@@ -211,9 +215,12 @@ fn ovs_upcall_shows_as_its_own_path() {
             .stdout(std::process::Stdio::null())
             .status();
     }
-    let run = run.wait_with_output().expect("the run's output");
-    assert!(run.status.success(), "profiler run failed");
-    let r: Value = serde_json::from_slice(&run.stdout).expect("run JSON");
+    let status = run.wait().expect("the run's exit");
+    assert!(status.success(), "profiler run failed");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("the run's report"))
+            .expect("run JSON");
+    let _ = std::fs::remove_file(&report);
     drop(lab);
 
     let req = direction(&r, "request");
