@@ -265,8 +265,8 @@ fn measure_lab(profiler: &Path, xtask: &Path, lab: &LabCase) -> Result<(String, 
     let _ = wait_quietly(server);
     let (samples, costs) = result?;
     let (tagged, pipeline) = if lab.name == "bridge" {
-        let pipeline = events_pipeline(profiler, xtask, &ends);
-        (Some(tagged_share(profiler)?), Some(pipeline?))
+        let pipeline = events_pipeline(profiler, xtask, &ends)?;
+        (Some(tagged_share(profiler)?), Some(pipeline))
     } else {
         (None, None)
     };
