@@ -117,6 +117,9 @@ enum PeerRole {
         pps: u64,
         #[arg(long)]
         seconds: f64,
+        /// Sending threads, each with its own socket and an equal share of the rate.
+        #[arg(long, default_value_t = 1)]
+        threads: u64,
     },
     Quit {
         addr: std::net::SocketAddr,
@@ -163,7 +166,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             PeerRole::Serve { addr } => netpeer::serve(addr),
             PeerRole::Stream { addr, seconds } => netpeer::stream(addr, seconds),
             PeerRole::Rr { addr, count } => netpeer::rr(addr, count),
-            PeerRole::Udp { addr, pps, seconds } => netpeer::udp(addr, pps, seconds),
+            PeerRole::Udp {
+                addr,
+                pps,
+                seconds,
+                threads,
+            } => netpeer::udp(addr, pps, seconds, threads),
             PeerRole::Quit { addr } => netpeer::quit(addr),
         },
         // These exit with the guest command's status.

@@ -97,9 +97,25 @@ pub fn rr(addr: SocketAddr, count: usize) -> Result<()> {
     Ok(())
 }
 
-/// Sends `pps` datagrams of RR_SIZE bytes a second for `seconds`, paced per millisecond, and
-/// prints how many it sent.
-pub fn udp(addr: SocketAddr, pps: u64, seconds: f64) -> Result<()> {
+/// Sends `pps` datagrams of RR_SIZE bytes a second for `seconds` from `threads` sockets (one
+/// sender saturates its CPU with the path's kernel work long before the reader of events does),
+/// each paced per millisecond, and prints how many were sent.
+pub fn udp(addr: SocketAddr, pps: u64, seconds: f64, threads: u64) -> Result<()> {
+    let threads = threads.max(1);
+    let sent = std::thread::scope(|s| {
+        let senders: Vec<_> = (0..threads)
+            .map(|_| s.spawn(move || udp_sender(addr, pps / threads, seconds)))
+            .collect();
+        senders
+            .into_iter()
+            .map(|t| t.join().expect("a UDP sender panicked"))
+            .sum::<Result<u64>>()
+    })?;
+    println!("{sent}");
+    Ok(())
+}
+
+fn udp_sender(addr: SocketAddr, pps: u64, seconds: f64) -> Result<u64> {
     let socket = UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket")?;
     socket
         .connect(addr)
@@ -118,8 +134,7 @@ pub fn udp(addr: SocketAddr, pps: u64, seconds: f64) -> Result<()> {
             sent += 1;
         }
     }
-    println!("{sent}");
-    Ok(())
+    Ok(sent)
 }
 
 /// Asks the server to exit.

@@ -301,6 +301,9 @@ fn rounds(profiler: &Path, xtask: &Path, ends: &Ends) -> Result<Samples> {
 /// PIPELINE_SECONDS.
 const PIPELINE_PPS: [u64; 5] = [25_000, 50_000, 100_000, 200_000, 400_000];
 const PIPELINE_SECONDS: f64 = 3.0;
+/// Sending threads: one saturates its CPU with the path's kernel work at ~95 k datagrams/s,
+/// long before the reader.
+const PIPELINE_SENDERS: u64 = 2;
 /// The events pipeline's goal: hop events a second drained with nothing lost.
 const PIPELINE_GOAL: f64 = 2e6;
 
@@ -317,47 +320,60 @@ struct PipelineStep {
 fn events_pipeline(profiler: &Path, xtask: &Path, ends: &Ends) -> Result<Vec<PipelineStep>> {
     let report =
         std::env::temp_dir().join(format!("profiler-pipeline-{}.json", std::process::id()));
-    let mut steps = Vec::new();
-    for pps in PIPELINE_PPS {
-        step(format!("events pipeline: {pps} datagrams/s"));
-        let mut attach = Command::new(profiler);
-        attach
-            .args(["attach", "--netns", &ends.client, "--netns", &ends.server])
-            .args(["--mode", "events", "--json"])
-            .arg(&report)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let child = started(attach.spawn().context("starting attach")?, "following")?;
-        let sent = peer(
-            xtask,
-            ends,
-            &[
-                "udp",
-                "--pps",
-                &pps.to_string(),
-                "--seconds",
-                &PIPELINE_SECONDS.to_string(),
-            ],
-        );
-        stop(child, Watcher::Events)?;
-        let json: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)
-            .context("reading attach's report")?;
-        let _ = std::fs::remove_file(&report);
-        steps.push(PipelineStep {
-            pps,
-            sent: number(&sent?)? as u64,
-            read: json["events_read"]
-                .as_u64()
-                .context("attach's report has no events_read")?,
-            lost: json["lost_events"].as_u64().unwrap_or(0),
-        });
-    }
-    Ok(steps)
+    let steps = PIPELINE_PPS
+        .iter()
+        .map(|&pps| pipeline_step(profiler, xtask, ends, &report, pps))
+        .collect();
+    // Also when a step failed after attach wrote its report.
+    let _ = std::fs::remove_file(&report);
+    steps
+}
+
+fn pipeline_step(
+    profiler: &Path,
+    xtask: &Path,
+    ends: &Ends,
+    report: &Path,
+    pps: u64,
+) -> Result<PipelineStep> {
+    step(format!("events pipeline: {pps} datagrams/s"));
+    let mut attach = Command::new(profiler);
+    attach
+        .args(["attach", "--netns", &ends.client, "--netns", &ends.server])
+        .args(["--mode", "events", "--json"])
+        .arg(report)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = started(attach.spawn().context("starting attach")?, "following")?;
+    let sent = peer(
+        xtask,
+        ends,
+        &[
+            "udp",
+            "--pps",
+            &pps.to_string(),
+            "--seconds",
+            &PIPELINE_SECONDS.to_string(),
+            "--threads",
+            &PIPELINE_SENDERS.to_string(),
+        ],
+    );
+    stop(child, Watcher::Events)?;
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(report)?)
+        .context("reading attach's report")?;
+    Ok(PipelineStep {
+        pps,
+        sent: number(&sent?)? as u64,
+        read: json["events_read"]
+            .as_u64()
+            .context("attach's report has no events_read")?,
+        lost: json["lost_events"].as_u64().unwrap_or(0),
+    })
 }
 
 fn pipeline_report(steps: &[PipelineStep], value: &mut Value) -> String {
     let mut out = format!(
-        "events pipeline (attach --mode events under paced 64 B UDP, {PIPELINE_SECONDS} s a step):\n  {:>12} {:>12} {:>14} {:>10}\n",
+        "events pipeline (attach --mode events under paced 64 B UDP from {PIPELINE_SENDERS} sockets, {PIPELINE_SECONDS} s a step):\n  {:>12} {:>12} {:>14} {:>10}\n",
         "offered/s", "sent/s", "events read/s", "lost"
     );
     let rate = |n: u64| n as f64 / PIPELINE_SECONDS;
