@@ -158,6 +158,19 @@ fn pace(start: Instant, period: Duration, slot: u32) {
     }
 }
 
+/// `count` exchanges, one every `period`: each one's round trip.
+fn round_trips(count: u32, period: Duration, mut exchange: impl FnMut()) -> Vec<Duration> {
+    let start = Instant::now();
+    (0..count)
+        .map(|i| {
+            pace(start, period, i);
+            let sent = Instant::now();
+            exchange();
+            sent.elapsed()
+        })
+        .collect()
+}
+
 /// UDP request/response traffic of the test's own, untagged: `count` exchanges of `size` bytes
 /// from `client_ns` to `server`:`port` in `server_ns`, one every `period`. Each round trip.
 pub fn udp_echo(
@@ -189,16 +202,10 @@ pub fn udp_echo(
     });
     let payload = vec![0x55u8; size];
     let mut buf = [0u8; 2048];
-    let start = Instant::now();
-    let rtts = (0..count)
-        .map(|i| {
-            pace(start, period, i);
-            let sent = Instant::now();
-            cli.send_to(&payload, addr).unwrap();
-            cli.recv(&mut buf).expect("the echo's response");
-            sent.elapsed()
-        })
-        .collect();
+    let rtts = round_trips(count, period, || {
+        cli.send_to(&payload, addr).unwrap();
+        cli.recv(&mut buf).expect("the echo's response");
+    });
     echo.join().unwrap();
     rtts
 }
@@ -232,16 +239,10 @@ pub fn tcp_echo(
     cli.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     let payload = vec![0x55u8; size];
     let mut buf = vec![0u8; size];
-    let start = Instant::now();
-    let rtts = (0..count)
-        .map(|i| {
-            pace(start, period, i);
-            let sent = Instant::now();
-            cli.write_all(&payload).unwrap();
-            cli.read_exact(&mut buf).expect("the echo's response");
-            sent.elapsed()
-        })
-        .collect();
+    let rtts = round_trips(count, period, || {
+        cli.write_all(&payload).unwrap();
+        cli.read_exact(&mut buf).expect("the echo's response");
+    });
     drop(cli);
     echo.join().unwrap();
     rtts

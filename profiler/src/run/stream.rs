@@ -148,11 +148,20 @@ pub async fn run(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
     rx.await.context("the stream's thread panicked")?
 }
 
-/// Joins the sender's stamps (seq, sent at) with the receiver's.
-fn outcome(
+/// What the sender did: messages sent, the tagged ones' stamps (seq, sent at), time spent.
+struct Sent {
     sent: u64,
-    send_elapsed: Duration,
     sends: Vec<(u32, u64)>,
+    elapsed: Duration,
+}
+
+/// Joins the sender's stamps with the receiver's.
+fn outcome(
+    Sent {
+        sent,
+        sends,
+        elapsed: send_elapsed,
+    }: Sent,
     rx: Received,
 ) -> StreamOutcome {
     let recv: std::collections::HashMap<u32, u64> = rx.stamps.into_iter().collect();
@@ -224,35 +233,17 @@ fn run_udp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
         })
     };
     pin(SENDER_CPU);
-    let mut buf = message(spec.size);
-    let mut sends = Vec::new();
-    let mut sent = 0u64;
-    let begun = Instant::now();
-    let end = begun + spec.duration;
-    while Instant::now() < end {
-        let seq = spec.tagged(sent);
-        if let Some(seq) = seq {
-            put_tag(&mut buf, run_id, seq);
-            sends.push((seq, monotonic_ns()));
-        }
-        match client.send(&buf) {
-            Ok(_) => sent += 1,
-            // The device queue is full: the datagram was not sent, as iperf3 counts it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                sends.pop_if(|_| seq.is_some());
-            }
-            Err(e) => return Err(e).context("sending a UDP datagram"),
-        }
-        if seq.is_some() {
-            buf[..TAG_LEN].fill(FILLER);
-        }
-    }
-    let sending = begun.elapsed();
+    let sent = send_for(spec, |buf, _| match client.send(buf) {
+        Ok(_) => Ok(true),
+        // The device queue is full: the datagram was not sent, as iperf3 counts it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(false),
+        Err(e) => Err(e).context("sending a UDP datagram"),
+    })?;
     done.store(true, Ordering::Relaxed);
     let rx = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the UDP receiver panicked"))??;
-    Ok(outcome(sent, sending, sends, rx))
+    Ok(outcome(sent, rx))
 }
 
 fn receive_udp(socket: &UdpSocket, run_id: u32, done: &AtomicBool) -> Result<Received> {
@@ -297,6 +288,25 @@ fn run_tcp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
             .with_context(|| format!("connecting to the TCP receiver at {server_addr}"))
     })?;
     pin(SENDER_CPU);
+    let sent = send_for(spec, |buf, sent| {
+        // The message before a tagged one ends a buffer, so that the tagged one starts one.
+        let flags = match spec.tagged(sent + 1) {
+            Some(_) => MsgFlags::MSG_EOR,
+            None => MsgFlags::empty(),
+        };
+        send_all(&client, buf, flags).map(|()| true)
+    })?;
+    drop(client);
+    let rx = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("the TCP receiver panicked"))??;
+    Ok(outcome(sent, rx))
+}
+
+/// Sends messages of the spec's size until its duration is over, tagging the ones it follows.
+/// `send` gets the message and how many were sent before it, and says whether it left (a full
+/// UDP device queue refuses one).
+fn send_for(spec: &StreamSpec, mut send: impl FnMut(&[u8], u64) -> Result<bool>) -> Result<Sent> {
     let mut buf = message(spec.size);
     let mut sends = Vec::new();
     let mut sent = 0u64;
@@ -308,23 +318,20 @@ fn run_tcp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
             put_tag(&mut buf, spec.run_id, seq);
             sends.push((seq, monotonic_ns()));
         }
-        // The message before a tagged one ends a buffer, so that the tagged one starts one.
-        let flags = match spec.tagged(sent + 1) {
-            Some(_) => MsgFlags::MSG_EOR,
-            None => MsgFlags::empty(),
-        };
-        send_all(&client, &buf, flags)?;
-        sent += 1;
+        if send(&buf, sent)? {
+            sent += 1;
+        } else if seq.is_some() {
+            sends.pop();
+        }
         if seq.is_some() {
             buf[..TAG_LEN].fill(FILLER);
         }
     }
-    let sending = begun.elapsed();
-    drop(client);
-    let rx = receiver
-        .join()
-        .map_err(|_| anyhow::anyhow!("the TCP receiver panicked"))??;
-    Ok(outcome(sent, sending, sends, rx))
+    Ok(Sent {
+        sent,
+        sends,
+        elapsed: begun.elapsed(),
+    })
 }
 
 const SENDER_CPU: usize = 0;
