@@ -23,7 +23,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use profiler_common::{
-    slot_hash, Event, HookId, HopPoint, KernelOffsets, COUNTER_COUNT, COUNTER_LOST,
+    slot_hash, Event, HookId, HopPoint, KernelOffsets, Tag, COUNTER_COUNT, COUNTER_LOST, TAG_MAGIC,
 };
 
 use crate::{
@@ -139,12 +139,15 @@ pub(crate) fn on_device<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Optio
     let skb_ptr = unsafe { *args };
     let (ifindex, netns) = skb::dev_identity::<M>(hook_device::<M>(args, dev_arg));
     let id = M::number(skb_ptr);
-    if passed_over(id, hook, ifindex, netns) {
-        return;
-    }
     let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
-    let found = parse::find_tag(&skb, global(&PORT), global(&RUN_ID));
-    remember(id, found.is_some(), hook, ifindex, netns);
+    let found = match passed_over(id, hook, ifindex, netns) {
+        READ_IT => {
+            let found = parse::find_tag(&skb, global(&PORT), global(&RUN_ID));
+            remember(id, hook, ifindex, netns, pack(&found));
+            found
+        }
+        seen => unpack(seen),
+    };
     let Some(found) = found else {
         return;
     };
@@ -154,32 +157,70 @@ pub(crate) fn on_device<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Optio
     emit(hook, &found, ifindex, netns, skb.len(), 0, ts);
 }
 
-/// A packet the tagged programs read and found no tag in, and the last hop they saw it at.
+/// A packet the tagged programs read, the last hop they saw it at, and what they found in it
+/// (`pack`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Seen {
     skb: u64,
     last: HopPoint,
+    found: u64,
 }
 
-/// Tagged mode: untagged packets by skb, direct-mapped, so that their next stages (the rule
-/// follow mode trusts too: follow::next_stage) skip the packet read. A stream's untagged
-/// messages and the node's other traffic then cost a read per device, not per hook.
-const UNTAGGED_SLOTS: u32 = 4096;
+/// Tagged mode: packets by skb, direct-mapped, so that their next stages (the rule follow mode
+/// trusts too: follow::next_stage) skip the packet read. A stream's untagged messages and the
+/// node's other traffic then cost a read per device, not per hook; a tagged packet is read
+/// once per device instead of at each of its hooks.
+const SEEN_SLOTS: u32 = 4096;
 #[map]
-static UNTAGGED: Array<Seen> = Array::with_max_entries(UNTAGGED_SLOTS, 0);
+static SEEN: Array<Seen> = Array::with_max_entries(SEEN_SLOTS, 0);
 
-/// Whether this hook is the next stage of a packet read before without a tag: the same
-/// packet, not read again. Not inlined, like `remember`: the verifier then walks the packet
-/// parse once, not once per state of the table's slot.
+/// What a read found, as one scalar: the table's functions are not inlined, and a pointer to
+/// a tag on the caller's stack would make the verifier tell apart every way the parse can end
+/// (4x the instructions it walks). READ_IT: nothing known; UNTAGGED; else TAGGED with the
+/// seq (bits 0-31), direction (32-39) and flags (40-47).
+const READ_IT: u64 = 0;
+const UNTAGGED: u64 = 1 << 62;
+const TAGGED: u64 = 1 << 63;
+
+#[inline(always)]
+fn pack(found: &Option<Found>) -> u64 {
+    match found {
+        Some(f) => {
+            TAGGED
+                | f.tag.seq as u64
+                | ((f.tag.direction as u64 & 0xff) << 32)
+                | ((f.flags as u64) << 40)
+        }
+        None => UNTAGGED,
+    }
+}
+
+#[inline(always)]
+fn unpack(v: u64) -> Option<Found> {
+    (v & TAGGED != 0).then(|| Found {
+        tag: Tag {
+            magic: TAG_MAGIC,
+            run_id: global(&RUN_ID),
+            seq: v as u32,
+            direction: (v >> 32) as u8 as u32,
+        },
+        flags: (v >> 40) as u8,
+        _pad: [0; 3],
+    })
+}
+
+/// What a read of this packet at its previous stage found (`pack`), READ_IT if this hook is
+/// not the next stage of a packet read before. Not inlined, like `remember`: the verifier then
+/// walks the packet parse once, not once per state of the table's slot.
 #[inline(never)]
-fn passed_over(id: u64, hook: u8, ifindex: u32, netns: u32) -> bool {
-    let Some(seen) = UNTAGGED.get_ptr_mut(slot_hash(id) & (UNTAGGED_SLOTS - 1)) else {
-        return false;
+fn passed_over(id: u64, hook: u8, ifindex: u32, netns: u32) -> u64 {
+    let Some(seen) = SEEN.get_ptr_mut(slot_hash(id) & (SEEN_SLOTS - 1)) else {
+        return READ_IT;
     };
     let seen = unsafe { &mut *seen };
     if !follow::next_stage(&seen.last, seen.skb, id, hook, ifindex, netns) {
-        return false;
+        return READ_IT;
     }
     seen.last = HopPoint {
         ifindex,
@@ -188,14 +229,14 @@ fn passed_over(id: u64, hook: u8, ifindex: u32, netns: u32) -> bool {
         flags: 0,
         _pad: [0; 2],
     };
-    true
+    seen.found
 }
 
-/// Records the packet as read here; a tagged one clears the slot, so that it cannot meet the
-/// entry of a packet before it in a recycled skb.
+/// Records what the read of the packet found here: the slot is overwritten, so the entry of a
+/// packet before it in a recycled skb cannot meet this one.
 #[inline(never)]
-fn remember(id: u64, tagged: bool, hook: u8, ifindex: u32, netns: u32) {
-    if let Some(seen) = UNTAGGED.get_ptr_mut(slot_hash(id) & (UNTAGGED_SLOTS - 1)) {
+fn remember(id: u64, hook: u8, ifindex: u32, netns: u32, found: u64) {
+    if let Some(slot) = SEEN.get_ptr_mut(slot_hash(id) & (SEEN_SLOTS - 1)) {
         let last = HopPoint {
             ifindex,
             netns,
@@ -203,8 +244,13 @@ fn remember(id: u64, tagged: bool, hook: u8, ifindex: u32, netns: u32) {
             flags: 0,
             _pad: [0; 2],
         };
-        let skb = if tagged { 0 } else { id };
-        unsafe { *seen = Seen { skb, last } };
+        unsafe {
+            *slot = Seen {
+                skb: id,
+                last,
+                found,
+            }
+        };
     }
 }
 
