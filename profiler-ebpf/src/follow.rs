@@ -366,7 +366,7 @@ fn continues(f: &Flight, skb: u64, hook: u8, ifindex: u32, netns: u32, ts: u64) 
 }
 
 /// The next stage of the same skb where no other packet can begin (the rule `continues`
-/// applies to a followed journey): from a device's queue to its driver, from a driver to the
+/// applies to a followed journey): from tc egress to the device's queue, from the queue to its driver, from a driver to the
 /// backlog of its veth peer, from the backlog or GRO to the receive. Tagged mode uses it to
 /// skip reading again a packet it read without a tag.
 #[inline(always)]
@@ -381,7 +381,10 @@ pub(crate) fn next_stage(
     let same_device = last.ifindex == ifindex && last.netns == netns;
     let is = |h: HookId| hook == h as u8;
     let was = |h: HookId| last.hook == h as u8;
-    let next = if is(HookId::NetDevStartXmit) {
+    let next = if is(HookId::NetDevQueue) {
+        // Only tagged runs see tc egress, which runs in the same dev_queue_xmit call.
+        same_device && was(HookId::TcEgress)
+    } else if is(HookId::NetDevStartXmit) {
         same_device && was(HookId::NetDevQueue)
     } else if is(HookId::NetifRx) {
         was(HookId::NetDevStartXmit)

@@ -438,12 +438,23 @@ device_tracepoint!(
 #[inline(always)]
 fn on_tc(ctx: &TcContext, hook: HookId) -> i32 {
     let ts = unsafe { bpf_ktime_get_ns() };
-    if let Some(found) = parse::find_tag(ctx, global(&PORT), global(&RUN_ID)) {
-        // __sk_buff has no namespace, but the context is the kernel's sk_buff: its device's
-        // namespace is read as the tracepoints read it (two ifindexes may be alike in two
-        // namespaces, as every pod's eth0 is).
-        let skb = ctx.skb.skb as *const u8;
-        let (ifindex, netns) = skb::dev_identity::<Probed>(skb::dev::<Probed>(skb));
+    let found = parse::find_tag(ctx, global(&PORT), global(&RUN_ID));
+    // The device's queue comes next in the same call: what this cheap read of the packet
+    // found spares that tracepoint's read (through the kernel's pointers) of every packet.
+    let egress = hook == HookId::TcEgress;
+    if found.is_none() && !egress {
+        return TC_ACT_UNSPEC;
+    }
+    // __sk_buff has no namespace, but the context is the kernel's sk_buff: its device's
+    // namespace is read as the tracepoints read it (two ifindexes may be alike in two
+    // namespaces, as every pod's eth0 is).
+    let skb = ctx.skb.skb as *const u8;
+    let (ifindex, netns) = skb::dev_identity::<Probed>(skb::dev::<Probed>(skb));
+    if egress {
+        let id = Direct::number(skb as u64);
+        remember(id, hook as u8, ifindex, netns, pack(&found));
+    }
+    if let Some(found) = found {
         linearize_headers(ctx);
         emit(hook as u8, &found, ifindex, netns, ctx.len(), 0, ts);
     }
