@@ -334,10 +334,32 @@ pub fn on_hop<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) 
 
 /// The decision program of a hook, tail-called by its `on_hop` program with the same
 /// arguments: the packet read at the first hop in scope (or to check a journey's buffer).
+/// Nothing computed before the read is kept across it (the packet's identity is read again
+/// after): every value that may differ by branch (a failed read's 0, a scope test) would make
+/// the verifier walk the parse once more per combination (6.1 under TCG took minutes each).
 #[inline(always)]
 pub fn on_undecided<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) {
+    if !worth_reading::<M>(args, dev_arg) {
+        return;
+    }
+    // A followed packet's segment ends before the read.
+    let ts = unsafe { bpf_ktime_get_ns() };
+    let skb = KernelSkb::<M>::new(unsafe { *args } as *const u8);
+    if !skb.readable() {
+        return;
+    }
+    let Some(flows) = parse_flows(&skb) else {
+        return;
+    };
     let (skb_ptr, head, skb_id, dev) = hop_packet::<M>(args, dev_arg);
-    decide::<M>(skb_ptr, head, skb_id, dev, hook);
+    decide::<M>(flows, ts, skb_ptr, head, skb_id, dev, hook);
+}
+
+/// Whether the packet is on a journey or may start one here.
+#[inline(always)]
+fn worth_reading<M: KernelMem>(args: *const u64, dev_arg: Option<usize>) -> bool {
+    let (skb_ptr, head, skb_id, dev) = hop_packet::<M>(args, dev_arg);
+    followed(head, skb_id) || in_scope::<M>(dev, skb_ptr)
 }
 
 /// The hop of a packet whose fate is known without reading it: the next stage of a journey
@@ -400,19 +422,16 @@ fn point(dev: u64, hook: u8, flags: u8) -> HopPoint {
 /// The packet read: a followed journey checked against its fingerprint (and moved to a new
 /// buffer), or a journey started or the packet passed over, as filter and sampling say.
 #[inline(always)]
-fn decide<M: KernelMem>(skb_ptr: u64, head: u64, skb_id: u64, dev: u64, hook: u8) {
-    if !followed(head, skb_id) && !in_scope::<M>(dev, skb_ptr) {
-        return;
-    }
-    // A followed packet's segment ends before the read. The clock is read for any packet, and
-    // its journey looked up again after the read: nothing that differs by branch is live
-    // across the parse, so that the verifier walks the parse once (6.1 under TCG took minutes
-    // per state).
-    let ts = unsafe { bpf_ktime_get_ns() };
-    let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
-    let Some(flows) = parse_flows(&skb) else {
-        return;
-    };
+fn decide<M: KernelMem>(
+    flows: &Flows,
+    ts: u64,
+    skb_ptr: u64,
+    head: u64,
+    skb_id: u64,
+    dev: u64,
+    hook: u8,
+) {
+    let len = skb::len::<M>(skb_ptr as *const u8);
     let (flight, key) = flight_of(head, skb_id);
     let followed = !flight.is_null() && unsafe { (*flight).state } == FOLLOWED;
     let fp = fingerprint(flows.innermost());
@@ -420,7 +439,7 @@ fn decide<M: KernelMem>(skb_ptr: u64, head: u64, skb_id: u64, dev: u64, hook: u8
     if followed {
         let f = unsafe { &mut *flight };
         if f.fingerprint == fp && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS) {
-            extend(f, here, ts, skb_id, skb.len());
+            extend(f, here, ts, skb_id, len);
             if key != head {
                 let mut moved = *f;
                 moved.head = head;
@@ -461,7 +480,7 @@ fn decide<M: KernelMem>(skb_ptr: u64, head: u64, skb_id: u64, dev: u64, hook: u8
     };
     if start(&f, skb_id) && follow {
         count(COUNTER_STARTED);
-        stream(&f, ts, &here, skb.len(), 0);
+        stream(&f, ts, &here, len, 0);
     }
 }
 
