@@ -352,7 +352,27 @@ pub fn on_undecided<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<us
         return;
     };
     let (skb_ptr, head, skb_id, dev) = hop_packet::<M>(args, dev_arg);
-    decide::<M>(flows, ts, skb_ptr, head, skb_id, dev, hook);
+    let hop = Hop {
+        ts,
+        skb_ptr,
+        head,
+        skb_id,
+        dev,
+        len: skb::len::<M>(skb_ptr as *const u8),
+        hook,
+    };
+    decide::<M>(flows, &hop);
+}
+
+/// A hop being decided, passed by reference: BPF functions take five arguments at most.
+struct Hop {
+    ts: u64,
+    skb_ptr: u64,
+    head: u64,
+    skb_id: u64,
+    dev: u64,
+    len: u32,
+    hook: u8,
 }
 
 /// Whether the packet is on a journey or may start one here.
@@ -420,18 +440,20 @@ fn point(dev: u64, hook: u8, flags: u8) -> HopPoint {
 }
 
 /// The packet read: a followed journey checked against its fingerprint (and moved to a new
-/// buffer), or a journey started or the packet passed over, as filter and sampling say.
-#[inline(always)]
-fn decide<M: KernelMem>(
-    flows: &Flows,
-    ts: u64,
-    skb_ptr: u64,
-    head: u64,
-    skb_id: u64,
-    dev: u64,
-    hook: u8,
-) {
-    let len = skb::len::<M>(skb_ptr as *const u8);
+/// buffer), or a journey started or the packet passed over, as filter and sampling say. Not
+/// inlined: its frame (two journeys) beside the caller's and the parse's would pass the 512
+/// bytes 6.1 allows a chain of calls (the kprobe's registers take room in the caller).
+#[inline(never)]
+fn decide<M: KernelMem>(flows: &Flows, hop: &Hop) {
+    let &Hop {
+        ts,
+        skb_ptr,
+        head,
+        skb_id,
+        dev,
+        len,
+        hook,
+    } = hop;
     let (flight, key) = flight_of(head, skb_id);
     let followed = !flight.is_null() && unsafe { (*flight).state } == FOLLOWED;
     let fp = fingerprint(flows.innermost());
