@@ -208,20 +208,32 @@ pub const COUNTER_STARTED: u32 = 2;
 pub const COUNTER_CONSUMED: u32 = 3;
 /// Journeys that ended in a drop (kfree_skb).
 pub const COUNTER_DROPPED: u32 = 4;
-/// Journeys abandoned because their buffer carried another packet (freed where no hook saw it,
-/// then reused) or their last hop was older than the gap limit.
+/// Journeys whose end no hook saw: their buffer carried another packet (freed where no hook saw
+/// it, then reused), their last hop was older than the gap limit, or another journey took their
+/// slot of the direct-mapped in-flight table.
 pub const COUNTER_ABANDONED: u32 = 5;
 /// Journeys kept across a reallocated buffer (the skb found under a new head).
 pub const COUNTER_REHEADED: u32 = 6;
 pub const COUNTER_COUNT: u32 = 7;
 
-/// The slot of a direct-mapped table for a key such as a pointer: Fibonacci hashing, so that
-/// aligned pointers and consecutive values spread over every slot. The caller masks it to the
-/// table's power-of-two size.
+/// The slot of a direct-mapped table (follow mode's in-flight journeys, scope) for a key such
+/// as a pointer: Fibonacci hashing, so that aligned pointers and consecutive values spread
+/// over every slot. The caller masks it to the table's power-of-two size.
 #[inline(always)]
 pub fn slot_hash(key: u64) -> u32 {
     (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
 }
+
+/// The key of a device in follow mode's scope table: [netns inode, ifindex] as one word.
+#[inline(always)]
+pub fn device_key(netns: u32, ifindex: u32) -> u64 {
+    (netns as u64) << 32 | ifindex as u64
+}
+
+/// Entries of the scope table (a power of two) and how many consecutive slots a key may be
+/// placed in (linear probing, unrolled in the programs).
+pub const SCOPE_SLOTS: u32 = 2048;
+pub const SCOPE_PROBES: u32 = 4;
 
 /// A hop as the kernel keys it in follow mode.
 #[repr(C)]
@@ -258,16 +270,31 @@ pub fn path_hash(path: u32, p: &HopPoint) -> u32 {
     (mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
 }
 
+/// The first slot of a segment in the histogram table (masked by the caller).
+#[inline(always)]
+pub fn segment_slot(key: &SegmentKey) -> u32 {
+    path_hash(path_hash(key.path, &key.from), &key.to)
+}
+
 /// Log-linear histogram buckets: values below [`HIST_SUB`] ns exactly, then [`HIST_SUB`]
 /// buckets per power of two (about 6% wide), up to 2^35 ns.
 pub const HIST_SUB_BITS: u32 = 4;
 pub const HIST_SUB: u64 = 1 << HIST_SUB_BITS;
 pub const HIST_BUCKETS: usize = 512;
 
-/// One segment's latency histogram, per CPU, in the kernel.
+/// Slots of the kernel's per-CPU histogram table (a power of two), and how many consecutive
+/// slots a segment may take (linear probing, unrolled).
+pub const HIST_SLOTS: u32 = 1024;
+pub const HIST_PROBES: u32 = 4;
+
+/// One segment's latency histogram, per CPU, in a slot of the kernel's direct-mapped table (a
+/// per-CPU array: no hash map lookup on the hot path). A slot with count 0 is free; a CPU
+/// may place a segment in another slot than the next CPU does, so readers merge by key.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Histogram {
+    pub key: SegmentKey,
+    pub _pad: u32,
     pub count: u64,
     pub sum_ns: u64,
     pub buckets: [u64; HIST_BUCKETS],

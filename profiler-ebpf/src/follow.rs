@@ -8,17 +8,18 @@
 //! innermost headers: what NAT and encapsulation leave alone) before extending a journey.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use profiler_common::{
-    hist_bucket, path_hash, Filter, FilterTerm, Histogram, HookId, HopEvent, HopPoint, SegmentKey,
-    COUNTER_ABANDONED, COUNTER_CONSUMED, COUNTER_DROPPED, COUNTER_LOST, COUNTER_REHEADED,
-    COUNTER_STARTED, END_CONSUMED, END_DROPPED, FIELD_ADDR, FIELD_DST_ADDR, FIELD_DST_PORT,
-    FIELD_FAMILY, FIELD_PORT, FIELD_PROTO, FIELD_SRC_ADDR, FIELD_SRC_PORT, FILTER_CLAUSES,
-    FILTER_TERMS, HIST_BUCKETS,
+    device_key, hist_bucket, path_hash, segment_slot, slot_hash, Filter, FilterTerm, Histogram,
+    HookId, HopEvent, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED, COUNTER_DROPPED,
+    COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, END_CONSUMED, END_DROPPED, FIELD_ADDR,
+    FIELD_DST_ADDR, FIELD_DST_PORT, FIELD_FAMILY, FIELD_PORT, FIELD_PROTO, FIELD_SRC_ADDR,
+    FIELD_SRC_PORT, FILTER_CLAUSES, FILTER_TERMS, HIST_BUCKETS, HIST_PROBES, HIST_SLOTS,
+    SCOPE_PROBES, SCOPE_SLOTS,
 };
 
 use crate::{
@@ -55,9 +56,11 @@ static FILTER: Filter = Filter {
     len: 0,
 };
 
-/// Devices where journeys may start, as [netns inode, ifindex].
+/// Devices where journeys may start, by `device_key`, direct-mapped with linear probing (the
+/// loader places each within SCOPE_PROBES slots of its hash): an array lookup is inlined by the
+/// verifier, where a hash map lookup is a helper call paid by every packet of the node.
 #[map]
-static SCOPE: HashMap<[u32; 2], u8> = HashMap::with_max_entries(1024, 0);
+static SCOPE: Array<u64> = Array::with_max_entries(SCOPE_SLOTS, 0);
 
 /// Cgroups (v2 ids) whose sockets' packets start journeys; looked at only when BY_CGROUP is set.
 #[map]
@@ -66,45 +69,74 @@ static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
 #[unsafe(no_mangle)]
 static BY_CGROUP: u8 = 0;
 
+#[inline(always)]
+fn device_in_scope(key: u64) -> bool {
+    let first = slot_hash(key);
+    for i in 0..SCOPE_PROBES {
+        match SCOPE.get((first + i) & (SCOPE_SLOTS - 1)) {
+            Some(&k) if k == key => return true,
+            Some(&0) | None => return false,
+            Some(_) => {}
+        }
+    }
+    false
+}
+
 /// Whether a packet not yet followed may start a journey here: a device in scope, or sent by a
 /// socket of a cgroup in scope.
 #[inline(always)]
-fn in_scope<M: KernelMem>(netns: u32, ifindex: u32, skb: u64) -> bool {
-    if unsafe { SCOPE.get(&[netns, ifindex]) }.is_some() {
-        return true;
-    }
-    global(&BY_CGROUP) != 0
-        && unsafe { CGROUPS.get(&skb::cgroup_id::<M>(skb as *const u8)) }.is_some()
+fn in_scope<M: KernelMem>(dev: u64, skb: u64) -> bool {
+    device_in_scope(dev)
+        || global(&BY_CGROUP) != 0
+            && unsafe { CGROUPS.get(&skb::cgroup_id::<M>(skb as *const u8)) }.is_some()
 }
+
+/// A slot's state: empty, a journey followed, or a packet seen and not followed (filtered out
+/// or not sampled), so that its later hops need not read it again.
+const EMPTY: u8 = 0;
+const FOLLOWED: u8 = 1;
+const PASSED: u8 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Flight {
+    /// The buffer the slot is for (its key).
+    head: u64,
     skb: u64,
     first_head: u64,
     first_ts: u64,
     last_ts: u64,
     fingerprint: u64,
+    /// The last hop; for a PASSED packet, the hop where it was passed over.
     last: HopPoint,
     /// path_hash of every hop so far, `last` included.
     path: u32,
+    state: u8,
+    _pad: [u8; 3],
 }
 
-/// Journeys in flight by buffer; the loader sizes it (`--max-in-flight`), LRU keeps it bounded.
-/// Per-CPU LRU lists: inserting takes no lock shared by all CPUs.
+/// Journeys in flight, direct-mapped by buffer: slot_hash(head) masked to the table's size (a
+/// power of two, `--max-in-flight`), checked against the stored head. Array lookups are inlined
+/// by the verifier; a collision replaces the older journey and counts it (COUNTER_ABANDONED).
 #[map]
-static FLIGHTS: LruHashMap<u64, Flight> = LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+static FLIGHTS: Array<Flight> = Array::with_max_entries(65536, 0);
 
-/// The buffer each followed skb had last, to find a journey whose buffer was reallocated.
+/// Where the journey of a skb whose buffer was reallocated is: [skb, its journey's head],
+/// direct-mapped by skb.
 #[map]
-static BY_SKB: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+static BY_SKB: Array<[u64; 2]> = Array::with_max_entries(65536, 0);
+
+/// FLIGHTS' and BY_SKB's size minus one, set by the loader.
+#[unsafe(no_mangle)]
+static FLIGHT_MASK: u32 = 65535;
+
+#[inline(always)]
+fn slot<T>(map: &Array<T>, key: u64) -> Option<*mut T> {
+    map.get_ptr_mut(slot_hash(key) & global(&FLIGHT_MASK))
+}
 
 #[map]
-static HISTOGRAMS: PerCpuHashMap<SegmentKey, Histogram> = PerCpuHashMap::with_max_entries(1024, 0);
-
-/// An all-zero histogram to insert from: a Histogram does not fit on the BPF stack.
-#[map]
-static ZERO: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(1, 0);
+static HISTOGRAMS: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(HIST_SLOTS, 0);
 
 #[map]
 static HOP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
@@ -118,7 +150,7 @@ fn fingerprint(f: &Flow) -> u64 {
 fn sampled(fingerprint: u64) -> bool {
     let n = global(&SAMPLE);
     // Fibonacci hashing spreads consecutive IP ids and sequence numbers evenly.
-    n <= 1 || (fingerprint.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n as u64 == 0
+    n <= 1 || slot_hash(fingerprint) % n == 0
 }
 
 /// FILTER is read member by member (a copy of a term per clause would not fit on the stack),
@@ -192,23 +224,26 @@ fn filter_matches(f: &Flow) -> bool {
 #[inline(never)]
 fn record(from: HopPoint, to: HopPoint, path: u32, ns: u64) {
     let key = SegmentKey { from, to, path };
-    let mut h = HISTOGRAMS.get_ptr_mut(&key);
-    if h.is_none() {
-        let Some(zero) = ZERO.get_ptr(0) else { return };
-        let _ = HISTOGRAMS.insert(&key, unsafe { &*zero }, BPF_NOEXIST as u64);
-        h = HISTOGRAMS.get_ptr_mut(&key);
+    let first = segment_slot(&key);
+    for i in 0..HIST_PROBES {
+        let Some(h) = HISTOGRAMS.get_ptr_mut((first + i) & (HIST_SLOTS - 1)) else {
+            break;
+        };
+        let h = unsafe { &mut *h };
+        if h.count == 0 {
+            h.key = key;
+        }
+        if h.key == key {
+            h.count += 1;
+            h.sum_ns += ns;
+            // The volatile read keeps the mask that proves the index in bounds to the verifier.
+            let i = unsafe { core::ptr::read_volatile(&hist_bucket(ns)) } & (HIST_BUCKETS - 1);
+            h.buckets[i] += 1;
+            return;
+        }
     }
-    let Some(h) = h else {
-        // The histogram map is full: the segment's sample is lost, and counted.
-        count(COUNTER_LOST);
-        return;
-    };
-    let h = unsafe { &mut *h };
-    h.count += 1;
-    h.sum_ns += ns;
-    // The volatile read keeps the mask that proves the index in bounds to the verifier.
-    let i = unsafe { core::ptr::read_volatile(&hist_bucket(ns)) } & (HIST_BUCKETS - 1);
-    h.buckets[i] += 1;
+    // The segment's slots are taken by others: its sample is lost, and counted.
+    count(COUNTER_LOST);
 }
 
 /// `ending`: the END_* value in the high 32 bits, the drop reason in the low ones (BPF
@@ -247,138 +282,260 @@ fn parse_flows<M: KernelMem>(skb: &KernelSkb<M>) -> Option<&'static Flows> {
     Some(out)
 }
 
-/// The journey of this skb, by its buffer or, if the buffer was reallocated, by the skb; and
-/// the buffer it is keyed by. Null when there is none (an Option of the pair would leave bytes
-/// uninitialised, which the verifier refuses to copy).
+/// The slot of this skb's buffer if it holds an entry for it, or, if the buffer was
+/// reallocated, the slot of the journey found through the skb; and the head that slot is for.
+/// Null when there is none (an Option of the pair would leave bytes uninitialised, which the
+/// verifier refuses to copy).
 #[inline(always)]
 fn flight_of(head: u64, skb: u64) -> (*mut Flight, u64) {
-    if let Some(f) = FLIGHTS.get_ptr_mut(&head) {
-        return (f, head);
+    if let Some(f) = slot(&FLIGHTS, head) {
+        if unsafe { (*f).head } == head && unsafe { (*f).state } != EMPTY {
+            return (f, head);
+        }
     }
-    match unsafe { BY_SKB.get(&skb) } {
-        Some(&old) => (
-            FLIGHTS.get_ptr_mut(&old).unwrap_or(core::ptr::null_mut()),
-            old,
-        ),
-        None => (core::ptr::null_mut(), 0),
+    let Some(by) = slot(&BY_SKB, skb) else {
+        return (core::ptr::null_mut(), 0);
+    };
+    let [s, old] = unsafe { *by };
+    if s != skb || old == 0 {
+        return (core::ptr::null_mut(), 0);
+    }
+    match slot(&FLIGHTS, old) {
+        Some(f) if unsafe { (*f).head == old && (*f).state == FOLLOWED } => (f, old),
+        _ => (core::ptr::null_mut(), 0),
     }
 }
 
-/// A device hook in follow mode; `dev_arg` as in `on_device`.
+/// The packet of a hook: its skb, buffer, skb number and device key.
 #[inline(always)]
-pub fn on_hop<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) {
-    let ts = unsafe { bpf_ktime_get_ns() };
+fn hop_packet<M: KernelMem>(args: *const u64, dev_arg: Option<usize>) -> (u64, u64, u64, u64) {
     let skb_ptr = unsafe { *args };
     let head = skb::head::<M>(skb_ptr as *const u8);
-    let (flight, key) = flight_of(head, skb_ptr);
     let (ifindex, netns) = skb::dev_identity::<M>(crate::hook_device::<M>(args, dev_arg));
-    if flight.is_null() && !in_scope::<M>(netns, ifindex, skb_ptr) {
+    (
+        skb_ptr,
+        head,
+        M::number(skb_ptr),
+        device_key(netns, ifindex),
+    )
+}
+
+/// A device hook in follow mode, the cheap half (its own program); `dev_arg` as in
+/// `on_device`. A packet nobody follows costs a few loads and inlined array lookups: no helper
+/// call, no clock read, no packet read. True when the packet must be read to decide: the
+/// caller then tail-calls its hook's decision program (`on_undecided`), so that the verifier
+/// checks the packet parse in a program of its own, not behind every branch of this one (6.1
+/// under TCG did not finish verifying the two in one program).
+#[inline(always)]
+pub fn on_hop<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) -> bool {
+    let (skb_ptr, head, skb_id, dev) = hop_packet::<M>(args, dev_arg);
+    !settled(head, skb_id, dev, hook, skb::len::<M>(skb_ptr as *const u8))
+}
+
+/// The decision program of a hook, tail-called by its `on_hop` program with the same
+/// arguments: the packet read at the first hop in scope (or to check a journey's buffer).
+/// Nothing computed before the read is kept across it (the packet's identity is read again
+/// after): every value that may differ by branch (a failed read's 0, a scope test) would make
+/// the verifier walk the parse once more per combination (6.1 under TCG took minutes each).
+#[inline(always)]
+pub fn on_undecided<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) {
+    if !worth_reading::<M>(args, dev_arg) {
         return;
     }
-    if !flight.is_null() && key == head {
-        let f = unsafe { &mut *flight };
-        if continues(f, skb_ptr, hook, ifindex, netns, ts) {
-            // The encapsulation does not change between these stages.
-            let point = HopPoint {
-                ifindex,
-                netns,
-                hook,
-                flags: f.last.flags,
-                _pad: [0; 2],
-            };
-            extend(f, point, ts, skb_ptr, skb::len::<M>(skb_ptr as *const u8));
-            f.last_ts = unsafe { bpf_ktime_get_ns() };
-            return;
-        }
+    // A followed packet's segment ends before the read.
+    let ts = unsafe { bpf_ktime_get_ns() };
+    let skb = KernelSkb::<M>::new(unsafe { *args } as *const u8);
+    if !skb.readable() {
+        return;
     }
-    let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
     let Some(flows) = parse_flows(&skb) else {
         return;
     };
-    let fp = fingerprint(flows.innermost());
-    let point = HopPoint {
-        ifindex,
-        netns,
+    let (skb_ptr, head, skb_id, dev) = hop_packet::<M>(args, dev_arg);
+    let hop = Hop {
+        ts,
+        skb_ptr,
+        head,
+        skb_id,
+        dev,
+        len: skb::len::<M>(skb_ptr as *const u8),
         hook,
-        flags: flows.flags,
-        _pad: [0; 2],
     };
-    if !flight.is_null() {
+    decide::<M>(flows, &hop);
+}
+
+/// A hop being decided, passed by reference: BPF functions take five arguments at most.
+struct Hop {
+    ts: u64,
+    skb_ptr: u64,
+    head: u64,
+    skb_id: u64,
+    dev: u64,
+    len: u32,
+    hook: u8,
+}
+
+/// Whether the packet is on a journey or may start one here.
+#[inline(always)]
+fn worth_reading<M: KernelMem>(args: *const u64, dev_arg: Option<usize>) -> bool {
+    let (skb_ptr, head, skb_id, dev) = hop_packet::<M>(args, dev_arg);
+    followed(head, skb_id) || in_scope::<M>(dev, skb_ptr)
+}
+
+/// The hop of a packet whose fate is known without reading it: the next stage of a journey
+/// (extended) or of a packet passed over, or a packet on no journey at a device out of scope.
+/// False when the packet must be read.
+#[inline(always)]
+fn settled(head: u64, skb: u64, dev: u64, hook: u8, len: u32) -> bool {
+    let here = point(dev, hook, 0);
+    let Some(f) = slot(&FLIGHTS, head) else {
+        return false;
+    };
+    let f = unsafe { &mut *f };
+    if f.head != head || f.state == EMPTY {
+        // On no journey, unless its buffer was reallocated under a followed skb.
+        return !device_in_scope(dev) && global(&BY_CGROUP) == 0 && !rehomed(skb);
+    }
+    let next = next_stage(&f.last, f.skb, skb, hook, dev);
+    if f.state == PASSED {
+        if f.skb == skb && (next || !device_in_scope(dev)) {
+            // Kept along devices out of scope too, so the next in scope may be its next stage.
+            f.last = here;
+            return true;
+        }
+        return !device_in_scope(dev) && global(&BY_CGROUP) == 0;
+    }
+    let ts = unsafe { bpf_ktime_get_ns() };
+    if !next || ts.wrapping_sub(f.last_ts) >= global(&MAX_GAP_NS) {
+        return false;
+    }
+    // The encapsulation does not change between these stages.
+    extend(f, point(dev, hook, f.last.flags), ts, skb, len);
+    f.last_ts = unsafe { bpf_ktime_get_ns() };
+    true
+}
+
+/// Whether this skb's packet is on a journey.
+#[inline(always)]
+fn followed(head: u64, skb: u64) -> bool {
+    let (f, _) = flight_of(head, skb);
+    !f.is_null() && unsafe { (*f).state } == FOLLOWED
+}
+
+/// Whether a followed journey's buffer was reallocated under this skb.
+#[inline(always)]
+fn rehomed(skb: u64) -> bool {
+    slot(&BY_SKB, skb).is_some_and(|by| unsafe { (*by)[0] == skb && (*by)[1] != 0 })
+}
+
+#[inline(always)]
+fn point(dev: u64, hook: u8, flags: u8) -> HopPoint {
+    HopPoint {
+        ifindex: dev as u32,
+        netns: (dev >> 32) as u32,
+        hook,
+        flags,
+        _pad: [0; 2],
+    }
+}
+
+/// The packet read: a followed journey checked against its fingerprint (and moved to a new
+/// buffer), or a journey started or the packet passed over, as filter and sampling say. Not
+/// inlined: its frame (two journeys) beside the caller's and the parse's would pass the 512
+/// bytes 6.1 allows a chain of calls (the kprobe's registers take room in the caller).
+#[inline(never)]
+fn decide<M: KernelMem>(flows: &Flows, hop: &Hop) {
+    let &Hop {
+        ts,
+        skb_ptr,
+        head,
+        skb_id,
+        dev,
+        len,
+        hook,
+    } = hop;
+    let (flight, key) = flight_of(head, skb_id);
+    let followed = !flight.is_null() && unsafe { (*flight).state } == FOLLOWED;
+    let fp = fingerprint(flows.innermost());
+    let here = point(dev, hook, flows.flags);
+    if followed {
         let f = unsafe { &mut *flight };
         if f.fingerprint == fp && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS) {
-            extend(f, point, ts, skb_ptr, skb.len());
+            extend(f, here, ts, skb_id, len);
             if key != head {
-                let _ = FLIGHTS.insert(&head, f, 0);
-                let _ = FLIGHTS.remove(&key);
-                let _ = BY_SKB.insert(&skb_ptr, &head, 0);
+                let mut moved = *f;
+                moved.head = head;
+                f.state = EMPTY;
+                start(&moved, skb_id);
                 count(COUNTER_REHEADED);
-                restamp(head);
             } else {
                 f.last_ts = unsafe { bpf_ktime_get_ns() };
             }
             return;
         }
         // The buffer carries another packet now: the journey ended where no hook saw it.
-        let _ = FLIGHTS.remove(&key);
+        f.state = EMPTY;
         count(COUNTER_ABANDONED);
-        if !in_scope::<M>(netns, ifindex, skb_ptr) {
+        if !in_scope::<M>(dev, skb_ptr) {
             return;
         }
     }
-    let matches = filter_matches(&flows.outer) || (flows.has_inner && filter_matches(&flows.inner));
-    if !matches || !sampled(fp) {
-        return;
-    }
+    let follow = (filter_matches(&flows.outer)
+        || (flows.has_inner && filter_matches(&flows.inner)))
+        && sampled(fp);
+    let ts = if follow {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     let f = Flight {
-        skb: skb_ptr,
+        head,
+        skb: skb_id,
         first_head: head,
         first_ts: ts,
         last_ts: ts,
         fingerprint: fp,
-        last: point,
-        path: path_hash(0, &point),
+        last: here,
+        path: path_hash(0, &here),
+        state: if follow { FOLLOWED } else { PASSED },
+        _pad: [0; 3],
     };
-    if FLIGHTS.insert(&head, &f, 0).is_ok() {
-        let _ = BY_SKB.insert(&skb_ptr, &head, 0);
+    if start(&f, skb_id) && follow {
         count(COUNTER_STARTED);
-        stream(&f, ts, &point, skb.len(), 0);
-        restamp(head);
+        stream(&f, ts, &here, len, 0);
     }
 }
 
-/// The next segment starts when this program is done: its own cost (more where a journey
-/// starts: two map inserts) belongs to no segment of the datapath.
-#[inline(always)]
-fn restamp(head: u64) {
-    if let Some(f) = FLIGHTS.get_ptr_mut(&head) {
-        unsafe { (*f).last_ts = bpf_ktime_get_ns() };
+/// Puts `f` in its buffer's slot (a journey there before it ends unseen, and is counted), with
+/// the way back from its skb for a followed one; the next segment starts when this program is
+/// done: its own cost belongs to no segment of the datapath.
+#[inline(never)]
+fn start(f: &Flight, skb: u64) -> bool {
+    let Some(at) = slot(&FLIGHTS, f.head) else {
+        return false;
+    };
+    let at = unsafe { &mut *at };
+    if at.state == FOLLOWED && at.head != f.head {
+        count(COUNTER_ABANDONED);
     }
+    *at = *f;
+    if f.state == FOLLOWED {
+        if let Some(by) = slot(&BY_SKB, skb) {
+            unsafe { *by = [skb, f.head] };
+        }
+        at.last_ts = unsafe { bpf_ktime_get_ns() };
+    }
+    true
 }
 
-/// The next stage for the same skb and buffer where no other packet can begin: from a device's
-/// queue to its driver, from a driver to the backlog of its veth peer (inside the same xmit
-/// call), from the backlog or GRO to the receive. A packet dropped in between ends its journey at
-/// kfree_skb, so the packet is not read again there.
+/// The next stage of the same skb where no other packet can begin (followed journeys and
+/// packets passed over trust it instead of reading the packet again): from tc egress to the
+/// device's queue (tagged runs only), from a device's queue to its driver, from a driver to the
+/// backlog of its veth peer (inside the same xmit call), from the backlog or GRO to the
+/// receive. A packet dropped in between ends at kfree_skb.
 #[inline(always)]
-fn continues(f: &Flight, skb: u64, hook: u8, ifindex: u32, netns: u32, ts: u64) -> bool {
-    next_stage(&f.last, f.skb, skb, hook, ifindex, netns)
-        && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS)
-}
-
-/// The next stage of the same skb where no other packet can begin (the rule `continues`
-/// applies to a followed journey): from tc egress to the device's queue, from the queue to its driver, from a driver to the
-/// backlog of its veth peer, from the backlog or GRO to the receive. Tagged mode uses it to
-/// skip reading again a packet it read without a tag.
-#[inline(always)]
-pub(crate) fn next_stage(
-    last: &HopPoint,
-    last_skb: u64,
-    skb: u64,
-    hook: u8,
-    ifindex: u32,
-    netns: u32,
-) -> bool {
-    let same_device = last.ifindex == ifindex && last.netns == netns;
+pub(crate) fn next_stage(last: &HopPoint, last_skb: u64, skb: u64, hook: u8, dev: u64) -> bool {
+    let same_device = device_key(last.netns, last.ifindex) == dev;
     let is = |h: HookId| hook == h as u8;
     let was = |h: HookId| last.hook == h as u8;
     let next = if is(HookId::NetDevQueue) {
@@ -409,22 +566,30 @@ fn extend(f: &mut Flight, point: HopPoint, ts: u64, skb: u64, len: u32) {
     stream(f, ts, &point, len, 0);
 }
 
-/// Where a buffer is freed: consume_skb (after use) or kfree_skb (a drop, `reason_arg`).
+/// Where a buffer is freed: consume_skb (after use) or kfree_skb (a drop, `reason_arg`). This
+/// runs for every buffer the node frees, so a buffer nobody follows costs one inlined lookup.
 #[inline(always)]
 pub fn on_free<M: KernelMem>(args: *const u64, reason_arg: Option<usize>) {
     let skb_ptr = unsafe { *args };
     let head = skb::head::<M>(skb_ptr as *const u8);
-    // Every buffer the node frees comes here: one nobody follows costs a lookup, no clock read.
-    let Some(f) = FLIGHTS.get_ptr_mut(&head) else {
+    let skb_id = M::number(skb_ptr);
+    let Some(at) = slot(&FLIGHTS, head) else {
         return;
     };
-    let f = unsafe { *f };
+    let at = unsafe { &mut *at };
     // A clone may share the buffer with a packet still on its way: only its own skb ends it.
-    if f.skb != skb_ptr {
+    if at.head != head || at.skb != skb_id || at.state == EMPTY {
+        return;
+    }
+    if at.state == PASSED {
+        at.state = EMPTY;
         return;
     }
     let ts = unsafe { bpf_ktime_get_ns() };
+    let f = *at;
+    at.state = EMPTY;
     if ts.wrapping_sub(f.last_ts) >= global(&MAX_GAP_NS) {
+        count(COUNTER_ABANDONED);
         return;
     }
     let (end, counter, reason) = match reason_arg {
@@ -444,7 +609,5 @@ pub fn on_free<M: KernelMem>(args: *const u64, reason_arg: Option<usize>) {
         ..f.last
     };
     stream(&f, ts, &point, 0, (end as u64) << 32 | reason as u64);
-    let _ = FLIGHTS.remove(&head);
-    let _ = BY_SKB.remove(&skb_ptr);
     count(counter);
 }

@@ -11,13 +11,27 @@ use aya_ebpf::{
     bindings::pt_regs,
     helpers::{bpf_get_func_ip, bpf_probe_read_kernel},
     macros::{kprobe, map, raw_tracepoint},
-    maps::HashMap,
+    maps::{HashMap, ProgramArray},
     programs::{ProbeContext, RawTracePointContext},
     EbpfContext,
 };
 use profiler_common::{FuncHook, HookId, NO_ARG};
 
-use crate::{follow::on_hop, on_device, skb::Probed};
+use crate::{
+    decide_in,
+    follow::{on_hop, on_undecided},
+    on_device,
+    skb::Probed,
+};
+
+/// Which program handles the packet: tagged mode's, follow mode's cheap one, or follow mode's
+/// decision program (tail-called by the cheap one, see main.rs's `follow_tracepoint!`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Tagged,
+    Follow,
+    Decide,
+}
 
 /// Function address (kprobes) or hook id (module tracepoints) to where the packet is.
 #[map]
@@ -40,20 +54,22 @@ fn packet(func: &FuncHook, arg: impl Fn(u8) -> Option<u64>) -> Option<([u64; 2],
     }
 }
 
+/// True when follow mode's cheap program must tail-call the decision program.
 #[inline(always)]
-fn handle(func: &FuncHook, args: [u64; 2], dev_arg: Option<usize>, follow: bool) {
-    if follow {
-        on_hop::<Probed>(args.as_ptr(), func.hook, dev_arg);
-    } else {
-        on_device::<Probed>(args.as_ptr(), func.hook, dev_arg);
+fn handle(func: &FuncHook, args: [u64; 2], dev_arg: Option<usize>, role: Role) -> bool {
+    match role {
+        Role::Tagged => on_device::<Probed>(args.as_ptr(), func.hook, dev_arg),
+        Role::Follow => return on_hop::<Probed>(args.as_ptr(), func.hook, dev_arg),
+        Role::Decide => on_undecided::<Probed>(args.as_ptr(), func.hook, dev_arg),
     }
+    false
 }
 
 #[inline(always)]
-fn on_function(ctx: &ProbeContext, follow: bool) {
+fn on_function(ctx: &ProbeContext, role: Role) -> bool {
     let ip = unsafe { bpf_get_func_ip(ctx.as_ptr()) };
     let Some(func) = (unsafe { FUNCS.get(&ip) }) else {
-        return;
+        return false;
     };
     let regs = ctx.as_ptr() as *const pt_regs;
     // x86-64 passes the first six arguments in these registers.
@@ -67,9 +83,7 @@ fn on_function(ctx: &ProbeContext, follow: bool) {
             read_volatile(&(*regs).r9),
         ]
     };
-    if let Some((args, dev_arg)) = packet(func, |i| pick(&r, i)) {
-        handle(func, args, dev_arg, follow);
-    }
+    packet(func, |i| pick(&r, i)).is_some_and(|(args, dev_arg)| handle(func, args, dev_arg, role))
 }
 
 /// `values[i]` without an indexed load: the verifier refuses context reads at a variable
@@ -85,15 +99,27 @@ fn pick<const N: usize>(values: &[u64; N], i: u8) -> Option<u64> {
     found
 }
 
+/// fkp_func's decision program (`Role::Decide`), in slot 0.
+#[map]
+static DKP_FUNC: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 #[kprobe]
 pub fn kp_func(ctx: ProbeContext) -> u32 {
-    on_function(&ctx, false);
+    on_function(&ctx, Role::Tagged);
     0
 }
 
 #[kprobe]
 pub fn fkp_func(ctx: ProbeContext) -> u32 {
-    on_function(&ctx, true);
+    if on_function(&ctx, Role::Follow) {
+        decide_in(&DKP_FUNC, &ctx);
+    }
+    0
+}
+
+#[kprobe]
+pub fn dkp_func(ctx: ProbeContext) -> u32 {
+    on_function(&ctx, Role::Decide);
     0
 }
 
@@ -102,28 +128,39 @@ pub fn fkp_func(ctx: ProbeContext) -> u32 {
 const TP_ARGS: usize = 4;
 
 #[inline(always)]
-fn on_module_tracepoint(ctx: &RawTracePointContext, hook: HookId, follow: bool) {
+fn on_module_tracepoint(ctx: &RawTracePointContext, hook: HookId, role: Role) -> bool {
     let Some(func) = (unsafe { FUNCS.get(&(hook as u64)) }) else {
-        return;
+        return false;
     };
     let raw = ctx.as_ptr() as *const u64;
     let a: [u64; TP_ARGS] = core::array::from_fn(|k| unsafe { read_volatile(raw.add(k)) });
-    if let Some((args, dev_arg)) = packet(func, |i| pick(&a, i)) {
-        handle(func, args, dev_arg, follow);
-    }
+    packet(func, |i| pick(&a, i)).is_some_and(|(args, dev_arg)| handle(func, args, dev_arg, role))
 }
 
+/// A module tracepoint's tagged program, follow program and its decision program (tail-called
+/// through `$deciders`, as at the device tracepoints).
 macro_rules! module_tracepoint {
-    ($tagged:ident, $follow:ident, $tp:literal, $hook:expr) => {
+    ($tagged:ident, $follow:ident, $decide:ident, $deciders:ident, $tp:literal, $hook:expr) => {
+        #[map]
+        static $deciders: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
         #[raw_tracepoint(tracepoint = $tp)]
         pub fn $tagged(ctx: RawTracePointContext) -> i32 {
-            on_module_tracepoint(&ctx, $hook, false);
+            on_module_tracepoint(&ctx, $hook, Role::Tagged);
             0
         }
 
         #[raw_tracepoint(tracepoint = $tp)]
         pub fn $follow(ctx: RawTracePointContext) -> i32 {
-            on_module_tracepoint(&ctx, $hook, true);
+            if on_module_tracepoint(&ctx, $hook, Role::Follow) {
+                decide_in(&$deciders, &ctx);
+            }
+            0
+        }
+
+        #[raw_tracepoint(tracepoint = $tp)]
+        pub fn $decide(ctx: RawTracePointContext) -> i32 {
+            on_module_tracepoint(&ctx, $hook, Role::Decide);
             0
         }
     };
@@ -132,12 +169,16 @@ macro_rules! module_tracepoint {
 module_tracepoint!(
     raw_ovs_dp_upcall,
     fraw_ovs_dp_upcall,
+    draw_ovs_dp_upcall,
+    DRAW_OVS_DP_UPCALL,
     "ovs_dp_upcall",
     HookId::OvsDpUpcall
 );
 module_tracepoint!(
     raw_ovs_do_execute_action,
     fraw_ovs_do_execute_action,
+    draw_ovs_do_execute_action,
+    DRAW_OVS_DO_EXECUTE_ACTION,
     "ovs_do_execute_action",
     HookId::OvsDoExecuteAction
 );

@@ -18,16 +18,17 @@ use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, classifier, map, raw_tracepoint},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, ProgramArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TcContext},
     EbpfContext,
 };
 use profiler_common::{
-    slot_hash, Event, HookId, HopPoint, KernelOffsets, Tag, COUNTER_COUNT, COUNTER_LOST, TAG_MAGIC,
+    device_key, slot_hash, Event, HookId, HopPoint, KernelOffsets, Tag, COUNTER_COUNT,
+    COUNTER_LOST, TAG_MAGIC,
 };
 
 use crate::{
-    follow::{on_free, on_hop},
+    follow::{on_free, on_hop, on_undecided},
     parse::Found,
     skb::{Direct, KernelMem, KernelSkb, Probed},
 };
@@ -219,7 +220,7 @@ fn passed_over(id: u64, hook: u8, ifindex: u32, netns: u32) -> u64 {
         return READ_IT;
     };
     let seen = unsafe { &mut *seen };
-    if !follow::next_stage(&seen.last, seen.skb, id, hook, ifindex, netns) {
+    if !follow::next_stage(&seen.last, seen.skb, id, hook, device_key(netns, ifindex)) {
         return READ_IT;
     }
     seen.last = HopPoint {
@@ -383,45 +384,110 @@ device_tracepoint!(
 );
 device_tracepoint!(tp_kfree_skb, raw_kfree_skb, "kfree_skb", on_drop);
 
-// Follow mode: the same tracepoints for untagged traffic (`follow`), and the frees that end
-// a journey. net_dev_xmit is left out: it is the return of a transmit, not packet movement.
-device_tracepoint!(
+/// Follow mode's device tracepoints: for each, a cheap program (`on_hop`, attached) that
+/// tail-calls a decision program of the same hook (`on_undecided`, in slot 0 of its own program
+/// array, filled by the loader) for a packet it must read. Tail calls between tracing programs
+/// need the same program type and, for tp_btf, the same attach target: one array per program.
+macro_rules! follow_tracepoint {
+    ($btf:ident, $raw:ident, $dbtf:ident, $draw:ident, $mbtf:ident, $mraw:ident,
+     $tp:literal, $hook:expr, $dev:expr) => {
+        #[map]
+        static $mbtf: ProgramArray = ProgramArray::with_max_entries(1, 0);
+        #[map]
+        static $mraw: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+        #[btf_tracepoint(function = $tp)]
+        pub fn $btf(ctx: BtfTracePointContext) -> i32 {
+            if on_hop::<Direct>(ctx.as_ptr() as *const u64, $hook, $dev) {
+                decide_in(&$mbtf, &ctx);
+            }
+            0
+        }
+
+        #[btf_tracepoint(function = $tp)]
+        pub fn $dbtf(ctx: BtfTracePointContext) -> i32 {
+            on_undecided::<Direct>(ctx.as_ptr() as *const u64, $hook, $dev);
+            0
+        }
+
+        #[raw_tracepoint(tracepoint = $tp)]
+        pub fn $raw(ctx: RawTracePointContext) -> i32 {
+            if on_hop::<Probed>(ctx.as_ptr() as *const u64, $hook, $dev) {
+                decide_in(&$mraw, &ctx);
+            }
+            0
+        }
+
+        #[raw_tracepoint(tracepoint = $tp)]
+        pub fn $draw(ctx: RawTracePointContext) -> i32 {
+            on_undecided::<Probed>(ctx.as_ptr() as *const u64, $hook, $dev);
+            0
+        }
+    };
+}
+
+/// Tail-calls the decision program in `deciders`; returns only if it could not (an empty slot),
+/// and the hop is then lost, and counted.
+#[inline(always)]
+pub(crate) fn decide_in<C: EbpfContext>(deciders: &ProgramArray, ctx: &C) {
+    unsafe { deciders.tail_call(ctx, 0) };
+    count(COUNTER_LOST);
+}
+
+// Follow mode: the same tracepoints for untagged traffic, and the frees that end a journey.
+// net_dev_xmit is left out: it is the return of a transmit, not packet movement.
+follow_tracepoint!(
     ftp_net_dev_queue,
     fraw_net_dev_queue,
+    dtp_net_dev_queue,
+    draw_net_dev_queue,
+    DTP_NET_DEV_QUEUE,
+    DRAW_NET_DEV_QUEUE,
     "net_dev_queue",
-    on_hop,
     HookId::NetDevQueue as u8,
     None
 );
-device_tracepoint!(
+follow_tracepoint!(
     ftp_net_dev_start_xmit,
     fraw_net_dev_start_xmit,
+    dtp_net_dev_start_xmit,
+    draw_net_dev_start_xmit,
+    DTP_NET_DEV_START_XMIT,
+    DRAW_NET_DEV_START_XMIT,
     "net_dev_start_xmit",
-    on_hop,
     HookId::NetDevStartXmit as u8,
     Some(1)
 );
-device_tracepoint!(
+follow_tracepoint!(
     ftp_netif_receive_skb,
     fraw_netif_receive_skb,
+    dtp_netif_receive_skb,
+    draw_netif_receive_skb,
+    DTP_NETIF_RECEIVE_SKB,
+    DRAW_NETIF_RECEIVE_SKB,
     "netif_receive_skb",
-    on_hop,
     HookId::NetifReceiveSkb as u8,
     None
 );
-device_tracepoint!(
+follow_tracepoint!(
     ftp_netif_rx,
     fraw_netif_rx,
+    dtp_netif_rx,
+    draw_netif_rx,
+    DTP_NETIF_RX,
+    DRAW_NETIF_RX,
     "netif_rx",
-    on_hop,
     HookId::NetifRx as u8,
     None
 );
-device_tracepoint!(
+follow_tracepoint!(
     ftp_napi_gro_receive_entry,
     fraw_napi_gro_receive_entry,
+    dtp_napi_gro_receive_entry,
+    draw_napi_gro_receive_entry,
+    DTP_NAPI_GRO_RECEIVE_ENTRY,
+    DRAW_NAPI_GRO_RECEIVE_ENTRY,
     "napi_gro_receive_entry",
-    on_hop,
     HookId::NapiGroReceiveEntry as u8,
     None
 );

@@ -124,6 +124,12 @@ impl<M: KernelMem> KernelSkb<M> {
         len::<M>(self.skb)
     }
 
+    /// Whether the headers could be read (nothing can be parsed otherwise).
+    #[inline(always)]
+    pub fn readable(&self) -> bool {
+        self.head.is_some()
+    }
+
     pub fn dev(&self) -> *const u8 {
         dev::<M>(self.skb)
     }

@@ -169,7 +169,8 @@ struct AttachCli {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) at /metrics.
     #[arg(long)]
     prometheus: Option<std::net::SocketAddr>,
-    /// Packets followed at once at most (the in-flight map's size: the memory bound).
+    /// Packets followed at once at most (the in-flight table's size, rounded up to a power of
+    /// two: the memory bound).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=1 << 22))]
     max_in_flight: u32,
     /// Milliseconds after which a packet's next hop no longer extends its journey.

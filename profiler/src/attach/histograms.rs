@@ -3,10 +3,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context as _, Result};
-use aya::maps::PerCpuHashMap;
+use aya::maps::PerCpuArray;
 use profiler_common::{
     hist_bucket_range, path_hash, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED,
-    COUNTER_DROPPED, COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, HIST_BUCKETS,
+    COUNTER_DROPPED, COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, HIST_BUCKETS, HIST_SLOTS,
 };
 
 use super::scope::Namer;
@@ -44,20 +44,23 @@ impl Raw {
     }
 }
 
-/// Every histogram, summed over CPUs.
+/// Every histogram, summed over CPUs (merged by key: each CPU has its own table).
 fn read_raw(programs: &Programs) -> Result<Vec<Raw>> {
-    let map: PerCpuHashMap<_, SegmentKey, profiler_common::Histogram> =
-        PerCpuHashMap::try_from(programs.map("HISTOGRAMS")?)?;
-    let mut raw = Vec::new();
-    for entry in map.iter() {
-        let (key, per_cpu) = entry.context("reading the segment histograms")?;
-        let mut r = Raw::empty(key);
-        for h in per_cpu.iter() {
-            r.add(&h.buckets, h.count, h.sum_ns);
+    let map: PerCpuArray<_, profiler_common::Histogram> =
+        PerCpuArray::try_from(programs.map("HISTOGRAMS")?)?;
+    let mut merged: HashMap<SegmentKey, Raw> = HashMap::new();
+    for slot in 0..HIST_SLOTS {
+        let per_cpu = map
+            .get(&slot, 0)
+            .context("reading the segment histograms")?;
+        for h in per_cpu.iter().filter(|h| h.count > 0) {
+            merged
+                .entry(h.key)
+                .or_insert_with(|| Raw::empty(h.key))
+                .add(&h.buckets, h.count, h.sum_ns);
         }
-        raw.push(r);
     }
-    Ok(raw)
+    Ok(merged.into_values().collect())
 }
 
 /// The kernel's histograms, named, one per segment whatever the paths that reached it.

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
 
 use crate::{
     cli,
@@ -87,10 +87,9 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
     let hook_set = programs.attach_set(&btf, Mode::Follow, args.hooks)?;
     let _stats = kernel::stats_while(args.stats)?;
     {
-        let mut map: BpfHashMap<_, [u32; 2], u8> =
-            BpfHashMap::try_from(programs.map_mut("SCOPE")?)?;
-        for p in &scope.points {
-            map.insert(p, 1, 0).context("filling the scope map")?;
+        let mut map: Array<_, u64> = Array::try_from(programs.map_mut("SCOPE")?)?;
+        for (slot, key) in scope::slots(&scope.points)? {
+            map.set(slot, key, 0).context("filling the scope map")?;
         }
         let mut map: BpfHashMap<_, u64, u8> = BpfHashMap::try_from(programs.map_mut("CGROUPS")?)?;
         for id in &scope.cgroups {

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
-use profiler_common::{HookId, HopPoint, SegmentKey};
+use profiler_common::{
+    device_key, slot_hash, HookId, HopPoint, SegmentKey, SCOPE_PROBES, SCOPE_SLOTS,
+};
 
 use super::AttachArgs;
 use crate::{
@@ -121,6 +123,32 @@ pub async fn scope(args: &AttachArgs) -> Result<Scope> {
     })
 }
 
+/// Where each device of the scope goes in the kernel's direct-mapped scope table, as the
+/// programs look for it: from its key's hash, in the first free of SCOPE_PROBES slots.
+pub fn slots(points: &[[u32; 2]]) -> Result<Vec<(u32, u64)>> {
+    let mut table = vec![0u64; SCOPE_SLOTS as usize];
+    let mut placed = Vec::new();
+    for &[netns, ifindex] in points {
+        let key = device_key(netns, ifindex);
+        let first = slot_hash(key);
+        let free = (0..SCOPE_PROBES)
+            .map(|i| (first + i) & (SCOPE_SLOTS - 1))
+            .find(|&s| table[s as usize] == 0 || table[s as usize] == key);
+        let Some(s) = free else {
+            bail!(
+                "too many devices in scope ({}): the scope table has {SCOPE_SLOTS} slots; \
+                 attach to fewer namespaces or interfaces",
+                points.len()
+            );
+        };
+        if table[s as usize] == 0 {
+            table[s as usize] = key;
+            placed.push((s, key));
+        }
+    }
+    Ok(placed)
+}
+
 /// Names hops and segments after the node's devices.
 pub struct Namer {
     devices: Devices,
@@ -171,5 +199,53 @@ impl Namer {
         let (kb, b) = self.described(&k.to).clone();
         let name = path::segment_names(&[ka, kb], &[a.clone(), b.clone()], &self.devices).remove(0);
         (name, a, b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The programs' lookup (profiler-ebpf/src/follow.rs, device_in_scope), on the table.
+    fn found(table: &[u64], netns: u32, ifindex: u32) -> bool {
+        let key = device_key(netns, ifindex);
+        let first = slot_hash(key);
+        for i in 0..SCOPE_PROBES {
+            match table[((first + i) & (SCOPE_SLOTS - 1)) as usize] {
+                k if k == key => return true,
+                0 => return false,
+                _ => {}
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn every_device_in_scope_is_found_and_no_other() {
+        // A node's worth of devices: 40 namespaces of 8 devices, and the root's 100.
+        let points: Vec<[u32; 2]> = (0..40u32)
+            .flat_map(|ns| (1..=8).map(move |i| [0xf000_0000 + ns, i]))
+            .chain((1..=100).map(|i| [0xefff_ffff, i]))
+            .collect();
+        let mut table = vec![0u64; SCOPE_SLOTS as usize];
+        for (slot, key) in slots(&points).expect("placing 420 devices") {
+            table[slot as usize] = key;
+        }
+        for &[ns, i] in &points {
+            assert!(found(&table, ns, i), "device {i} of netns {ns} not found");
+        }
+        for i in 9..100 {
+            assert!(
+                !found(&table, 0xf000_0000, i),
+                "device {i} found but not in scope"
+            );
+        }
+    }
+
+    #[test]
+    fn a_scope_larger_than_the_table_is_refused() {
+        let points: Vec<[u32; 2]> = (1..=SCOPE_SLOTS + 1).map(|i| [1, i]).collect();
+        let err = slots(&points).expect_err("more devices than slots");
+        assert!(err.to_string().contains("too many devices"), "{err}");
     }
 }

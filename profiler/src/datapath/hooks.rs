@@ -71,6 +71,19 @@ impl HookDef {
     }
 }
 
+/// The decision program that follow program `prog` tail-calls, and its program array (slot
+/// 0), named by convention (profiler-ebpf's `follow_tracepoint!` and `module_tracepoint!`): fX
+/// calls dX through the array DX. None for a program without one.
+pub fn decision_program(prog: &str) -> Option<(String, String)> {
+    let rest = ["ftp_", "fraw_", "fkp_"]
+        .iter()
+        .find_map(|p| prog.strip_prefix(p).map(|rest| (&p[1..], rest)));
+    let (kind, rest) = rest?;
+    let name = format!("d{kind}{rest}");
+    let array = name.to_uppercase();
+    Some((name, array))
+}
+
 impl HookDef {
     pub fn set(&self) -> HookSet {
         match self.attach {

@@ -7,4 +7,4 @@ pub mod hooks;
 pub mod path;
 pub mod segments;
 
-pub use hooks::{hook, label, Attach, HookDef, HopKey, Mode, Point, HOOK_TABLE};
+pub use hooks::{decision_program, hook, label, Attach, HookDef, HopKey, Mode, Point, HOOK_TABLE};

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
@@ -25,7 +25,7 @@ use super::{
     uprobe::UprobeSpec,
 };
 use crate::{
-    datapath::{Attach, HookDef, Mode, HOOK_TABLE},
+    datapath::{decision_program, Attach, HookDef, Mode, HOOK_TABLE},
     lab::netns,
     report::schema::{HookSet, HookStatus, ProgramCost, Status},
 };
@@ -82,7 +82,8 @@ pub struct FollowConfig {
     /// Stream every hop (`--mode events`) besides keeping histograms.
     pub stream: bool,
     pub filter: Filter,
-    /// Entries of the in-flight map (LRU): the memory bound.
+    /// Entries of the direct-mapped in-flight table: the memory bound (rounded up to a power
+    /// of two).
     pub max_in_flight: u32,
     /// Whether journeys may start by the sending socket's cgroup (`--cgroup`).
     pub by_cgroup: bool,
@@ -108,6 +109,7 @@ impl Programs {
             .kernel_offsets()
             .context("finding kernel struct offsets in BTF")?;
         let follow = &config.follow;
+        let flights = follow.max_in_flight.next_power_of_two();
         let ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("RUN_ID", &config.run_id, true)
@@ -117,8 +119,9 @@ impl Programs {
             .override_global("STREAM", &(follow.stream as u8), true)
             .override_global("FILTER", &follow.filter, true)
             .override_global("BY_CGROUP", &(follow.by_cgroup as u8), true)
-            .map_max_entries("FLIGHTS", follow.max_in_flight)
-            .map_max_entries("BY_SKB", follow.max_in_flight)
+            .override_global("FLIGHT_MASK", &(flights - 1), true)
+            .map_max_entries("FLIGHTS", flights)
+            .map_max_entries("BY_SKB", flights)
             .load(object)
             .context("loading the eBPF object into the kernel")?;
         Ok(Programs {
@@ -276,12 +279,14 @@ impl Programs {
         target: &ResolvedHook,
     ) -> Result<()> {
         let attached = if is_function {
+            self.load_decider(prog, |p| Ok(<&mut KProbe>::try_from(p)?.load()?))?;
             let p: &mut KProbe = self.program(prog)?.try_into()?;
             if p.fd().is_err() {
                 p.load()?;
             }
             p.attach(&target.attach_to, 0).map(drop)
         } else {
+            self.load_decider(prog, |p| Ok(<&mut RawTracePoint>::try_from(p)?.load()?))?;
             let p: &mut RawTracePoint = self.program(prog)?.try_into()?;
             p.load()?;
             p.attach(&target.attach_to).map(drop)
@@ -326,6 +331,9 @@ impl Programs {
     }
 
     fn attach_btf(&mut self, prog: &str, tp: &str, btf: &aya::Btf) -> Result<()> {
+        self.load_decider(prog, |p| {
+            Ok(<&mut BtfTracePoint>::try_from(p)?.load(tp, btf)?)
+        })?;
         let p: &mut BtfTracePoint = self.program(prog)?.try_into()?;
         p.load(tp, btf)?;
         p.attach()?;
@@ -333,9 +341,36 @@ impl Programs {
     }
 
     fn attach_raw(&mut self, prog: &str, tp: &str) -> Result<()> {
+        self.load_decider(prog, |p| Ok(<&mut RawTracePoint>::try_from(p)?.load()?))?;
         let p: &mut RawTracePoint = self.program(prog)?.try_into()?;
         p.load()?;
         p.attach(tp)?;
+        Ok(())
+    }
+
+    /// Loads the decision program that follow program `prog` tail-calls (`load`: as `prog`
+    /// itself is loaded, same type and target) into slot 0 of its program array, before
+    /// `prog` is attached: a packet it must read is never met with an empty slot.
+    fn load_decider(
+        &mut self,
+        prog: &str,
+        load: impl FnOnce(&mut aya::programs::Program) -> Result<()>,
+    ) -> Result<()> {
+        // The frees' programs read no packet: they have none.
+        let Some((name, array)) = decision_program(prog) else {
+            return Ok(());
+        };
+        let Some(p) = self.ebpf.program_mut(&name) else {
+            return Ok(());
+        };
+        if p.fd().is_err() {
+            load(p).with_context(|| format!("loading {name}"))?;
+        }
+        let fd = p.fd()?.try_clone()?;
+        let mut deciders = ProgramArray::try_from(self.map_mut(&array)?)?;
+        deciders
+            .set(0, &fd, 0)
+            .with_context(|| format!("putting {name} in {array}"))?;
         Ok(())
     }
 
@@ -617,6 +652,30 @@ mod tests {
                     symbols.contains(&prog.as_str()),
                     "{prog} is not in the object"
                 );
+            }
+        }
+    }
+
+    /// Every follow program of a hook that reads packets tail-calls a decision program, which
+    /// the loader finds by convention; only the frees have none.
+    #[test]
+    fn every_follow_hop_program_has_its_decision_program() {
+        use object::{Object as _, ObjectSymbol as _};
+        let obj =
+            object::File::parse(ebpf_object().expect("the eBPF object")).expect("an ELF object");
+        let symbols: Vec<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
+        let frees = [HookId::KfreeSkb, HookId::ConsumeSkb];
+        for spec in HOOK_TABLE.iter().filter(|h| !frees.contains(&h.id)) {
+            for prog in spec.programs() {
+                let Some((decider, array)) = decision_program(&prog) else {
+                    continue;
+                };
+                for name in [&decider, &array] {
+                    assert!(
+                        symbols.contains(&name.as_str()),
+                        "{name} (for {prog}) is not in the object"
+                    );
+                }
             }
         }
     }
