@@ -60,6 +60,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const OUTER_HOST: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 /// Cross-host, the second host namespace's bridge.
 const OUTER_HOST_B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 254);
+/// `--outer vxlan`: the hosts' addresses on wire0, under their VXLAN.
+const WIRE: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 19, 1, 1), Ipv4Addr::new(198, 19, 1, 2)];
 /// Pod subnets: 198.18.0.0/24 on the host, 198.18.N.0/24 in guest vmN; the node's bridge is
 /// .1, its pod .2.
 const POD_NET_HOST: u8 = 0;
@@ -83,9 +85,16 @@ pub enum Inner {
 #[serde(rename_all = "kebab-case")]
 #[clap(rename_all = "kebab-case")]
 pub enum Outer {
-    /// The tap is a port of the host's bridge br0, which has the host's outer address.
+    /// The tap is a port of the host's bridge br0, which has the host's outer address
+    /// (cross-host, the two hosts' bridges are joined by the veth wire0).
     #[default]
     Bridge,
+    /// Cross-host: the two hosts' bridges are joined by a VXLAN device vxlan0 (VNI 2, port
+    /// 4789) over the routed wire0, so the guests' frames are encapsulated again on the host.
+    Vxlan,
+    /// A VLAN on the hosts' bridges: not built, this machine's kernel has no 8021q and no
+    /// bridge VLAN filtering to check it on (the guests' has: --inner vlan).
+    Vlan,
 }
 
 /// A guest a lab runs, as its state records it.
@@ -148,6 +157,12 @@ pub(super) fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if topology == Topology::Bmp2vmp && options.placement != Placement::SameHost {
         bail!("bmp2vmp: the bare-metal pod is on the VM's host: --placement same-host only");
     }
+    match options.outer.unwrap_or_default() {
+        Outer::Bridge => {}
+        Outer::Vxlan if topology == Topology::Vmp2vmp && options.placement == Placement::CrossHost => {}
+        Outer::Vxlan => bail!("--outer vxlan joins two host namespaces: vmp2vmp --placement cross-host only"),
+        Outer::Vlan => bail!("--outer vlan is not built: this machine's kernel has no 8021q and no bridge VLAN filtering to build and check it on"),
+    }
     if options.pods.is_some() || options.forwarder.is_some() {
         bail!("{}: --pods and --forwarder do not apply", topology.name());
     }
@@ -197,7 +212,7 @@ pub(super) async fn build(name: &str, topology: Topology, options: &LabOptions) 
     let mut undo = Undo {
         name: Some(name.to_string()),
     };
-    let layout = Layout::of(name, topology, options.placement);
+    let layout = Layout::of(name, topology, options.placement, outer);
     for ns in layout.namespaces() {
         netns::add(&ns)?;
     }
@@ -291,12 +306,13 @@ struct Layout {
     /// bmp2vmp's bare-metal pod network.
     host_pod: Option<Node>,
     guests: Vec<GuestPlan>,
-    /// Cross-host: the veth wire0 joining the two hosts' bridges.
-    wire: bool,
+    /// Cross-host: the veth wire0 joining the two hosts, a port of their bridges (`Bridge`)
+    /// or the underlay of a VXLAN vxlan0 that is (`Vxlan`).
+    wire: Option<Outer>,
 }
 
 impl Layout {
-    fn of(name: &str, topology: Topology, placement: Placement) -> Layout {
+    fn of(name: &str, topology: Topology, placement: Placement, outer: Outer) -> Layout {
         let ns = |role: &str| netns_name(name, role);
         let guest = |n: u8, pod: &str, host_ns: String| GuestPlan {
             node: Node::guest(n, pod),
@@ -312,13 +328,13 @@ impl Layout {
                     guest(1, "pod-a", ns("host-a")),
                     guest(2, "pod-b", ns("host-b")),
                 ],
-                wire: true,
+                wire: Some(outer),
             },
             (Topology::Vmp2vmp, _) => Layout {
                 hosts: vec![(ns("host"), OUTER_HOST)],
                 host_pod: None,
                 guests: vec![guest(1, "pod-a", ns("host")), guest(2, "pod-b", ns("host"))],
-                wire: false,
+                wire: None,
             },
             _ => Layout {
                 hosts: vec![(ns("host"), OUTER_HOST)],
@@ -331,7 +347,7 @@ impl Layout {
                     outer: OUTER_HOST,
                 }),
                 guests: vec![guest(1, "pod-b", ns("host"))],
-                wire: false,
+                wire: None,
             },
         }
     }
@@ -483,13 +499,21 @@ fn host_commands(layout: &Layout, inner: Inner, mtu: Option<u32>) -> Vec<String>
             c.push(format!("{n}link set {} master br0 up", g.tap));
         }
     }
-    if let [(a, _), (b, _)] = &layout.hosts[..] {
-        if layout.wire {
-            c.extend([
-                format!("-n {a} link add wire0 type veth peer name wire0 netns {b}"),
-                format!("-n {a} link set wire0 master br0 up"),
-                format!("-n {b} link set wire0 master br0 up"),
-            ]);
+    if let ([(a, _), (b, _)], Some(outer)) = (&layout.hosts[..], layout.wire) {
+        c.push(format!(
+            "-n {a} link add wire0 type veth peer name wire0 netns {b}"
+        ));
+        for (k, (me, them)) in [(a, WIRE[1]), (b, WIRE[0])].into_iter().enumerate() {
+            let n = format!("-n {me} ");
+            match outer {
+                Outer::Vxlan => c.extend([
+                    format!("{n}addr add {}/24 dev wire0", WIRE[k]),
+                    format!("{n}link set wire0 up"),
+                    format!("{n}link add vxlan0 type vxlan id 2 local {} remote {them} dev wire0 dstport 4789", WIRE[k]),
+                    format!("{n}link set vxlan0 master br0 up"),
+                ]),
+                _ => c.push(format!("{n}link set wire0 master br0 up")),
+            }
         }
     }
     if let Some(node) = &layout.host_pod {
@@ -748,7 +772,7 @@ mod tests {
 
     #[test]
     fn flannel_nodes_point_at_each_other() {
-        let layout = Layout::of("bmp2vmp", Topology::Bmp2vmp, Placement::SameHost);
+        let layout = Layout::of("bmp2vmp", Topology::Bmp2vmp, Placement::SameHost, Outer::Bridge);
         let host = host_commands(&layout, Inner::FlannelVxlan, None).join("\n");
         assert!(host.contains("local 198.19.0.1 dev br0"), "{host}");
         assert!(host.contains(
@@ -769,7 +793,12 @@ mod tests {
     /// the guests' pod networks pointing at each other (no pod on the host).
     #[test]
     fn vmp2vmp_cross_host_joins_two_hosts_by_the_wire() {
-        let layout = Layout::of("vmp2vmp-xhost", Topology::Vmp2vmp, Placement::CrossHost);
+        let layout = Layout::of(
+            "vmp2vmp-xhost",
+            Topology::Vmp2vmp,
+            Placement::CrossHost,
+            Outer::Bridge,
+        );
         assert_eq!(
             layout.namespaces(),
             ["prof-vmp2vmp-xhost-host-a", "prof-vmp2vmp-xhost-host-b"]
@@ -792,9 +821,44 @@ mod tests {
         assert!(vm2.contains("addr add 198.19.0.3/24 dev eth0"), "{vm2}");
         assert!(vm2.contains("route add 198.18.1.0/24 via 198.19.0.2 dev eth0"), "{vm2}");
         assert_eq!(layout.guests[1].mac, "52:54:00:c6:12:02");
-        let same = Layout::of("vmp2vmp", Topology::Vmp2vmp, Placement::SameHost);
+        let same = Layout::of("vmp2vmp", Topology::Vmp2vmp, Placement::SameHost, Outer::Bridge);
         let host = host_commands(&same, Inner::Bridge, None).join("\n");
         assert!(host.contains("-n prof-vmp2vmp-host link set tap-vm2 master br0 up"));
         assert!(!host.contains("wire0"), "{host}");
+    }
+
+    /// `--outer vxlan`: wire0 is routed between the hosts and carries vxlan0, the bridges'
+    /// port, so a flannel packet from a guest is encapsulated a second time on the host.
+    #[test]
+    fn outer_vxlan_bridges_the_hosts_over_a_vxlan_on_the_wire() {
+        let layout = Layout::of(
+            "vmp2vmp-xhost",
+            Topology::Vmp2vmp,
+            Placement::CrossHost,
+            Outer::Vxlan,
+        );
+        let host = host_commands(&layout, Inner::FlannelVxlan, None);
+        for cmd in [
+            "-n prof-vmp2vmp-xhost-host-a addr add 198.19.1.1/24 dev wire0",
+            "-n prof-vmp2vmp-xhost-host-a link add vxlan0 type vxlan id 2 local 198.19.1.1 remote 198.19.1.2 dev wire0 dstport 4789",
+            "-n prof-vmp2vmp-xhost-host-b link add vxlan0 type vxlan id 2 local 198.19.1.2 remote 198.19.1.1 dev wire0 dstport 4789",
+            "-n prof-vmp2vmp-xhost-host-b link set vxlan0 master br0 up",
+        ] {
+            assert!(host.iter().any(|c| c == cmd), "{cmd}: {host:#?}");
+        }
+        assert!(!host.iter().any(|c| c.contains("wire0 master")), "{host:#?}");
+        let options = |topology, placement, outer| {
+            let o = LabOptions {
+                placement,
+                outer: Some(outer),
+                guest_kernel: Some("/nonexistent".into()),
+                ..LabOptions::default()
+            };
+            check(topology, &o).map_err(|e| e.to_string())
+        };
+        let same = options(Topology::Vmp2vmp, Placement::SameHost, Outer::Vxlan);
+        assert!(same.unwrap_err().contains("cross-host only"));
+        let vlan = options(Topology::Vmp2vmp, Placement::CrossHost, Outer::Vlan);
+        assert!(vlan.unwrap_err().contains("no 8021q"));
     }
 }
