@@ -141,7 +141,10 @@ fn check_direction(dir: &Value, order: &[(&str, &str)], nodes: &[&str]) {
     for s in estimated {
         let crossing = s["name"].as_str().unwrap();
         assert!(crossing.starts_with("crossing "), "{crossing}");
-        println!("{name}: crossing segment {crossing:?}, mean {} ns", s["mean_ns"]);
+        println!(
+            "{name}: crossing segment {crossing:?}, mean {} ns",
+            s["mean_ns"]
+        );
     }
 }
 
@@ -462,7 +465,12 @@ fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
     }
     let list = profiler(&["lab", "list"]);
     let text = String::from_utf8_lossy(&list.stdout);
-    for want in ["guest vm1: QEMU", "guest vm2: QEMU", "vm1:pod-a", "vm2:pod-b"] {
+    for want in [
+        "guest vm1: QEMU",
+        "guest vm2: QEMU",
+        "vm1:pod-a",
+        "vm2:pod-b",
+    ] {
         assert!(text.contains(want), "{want}: {text}");
     }
     let out = profiler(&[
@@ -525,7 +533,10 @@ fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
         &["vm2", "host", "vm1"],
     );
     let crossings = r["crossings"].as_array().expect("crossings");
-    let nodes: Vec<&str> = crossings.iter().filter_map(|c| c["node"].as_str()).collect();
+    let nodes: Vec<&str> = crossings
+        .iter()
+        .filter_map(|c| c["node"].as_str())
+        .collect();
     assert_eq!(nodes, ["vm1", "vm2"], "{crossings:#?}");
     for c in crossings {
         let exchanges = c["exchanges"].as_u64().unwrap();

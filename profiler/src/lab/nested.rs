@@ -355,7 +355,9 @@ impl Layout {
     /// The host namespaces: the hosts', then the bare-metal pod's.
     fn namespaces(&self) -> Vec<String> {
         let hosts = self.hosts.iter().map(|(ns, _)| ns.clone());
-        hosts.chain(self.host_pod.iter().map(|n| n.pod.clone())).collect()
+        hosts
+            .chain(self.host_pod.iter().map(|n| n.pod.clone()))
+            .collect()
     }
 
     /// The two nodes with a pod: the client's, then the server's.
@@ -443,7 +445,10 @@ fn vtep_mac(net: u8) -> String {
 /// The commands (`ip` arguments) of one node's pod network: cni0 with one pod, and the way to
 /// the peer node's pods.
 fn node_commands(me: &Node, peer: &Node, inner: Inner, mtu: Option<u32>) -> Vec<String> {
-    let n = me.ns.as_ref().map_or(String::new(), |ns| format!("-n {ns} "));
+    let n = me
+        .ns
+        .as_ref()
+        .map_or(String::new(), |ns| format!("-n {ns} "));
     let (pod_ns, veth, net) = (&me.pod, me.veth(), me.net);
     let pod_mtu = mtu.unwrap_or(match inner {
         Inner::Bridge => 1500,
@@ -772,7 +777,12 @@ mod tests {
 
     #[test]
     fn flannel_nodes_point_at_each_other() {
-        let layout = Layout::of("bmp2vmp", Topology::Bmp2vmp, Placement::SameHost, Outer::Bridge);
+        let layout = Layout::of(
+            "bmp2vmp",
+            Topology::Bmp2vmp,
+            Placement::SameHost,
+            Outer::Bridge,
+        );
         let host = host_commands(&layout, Inner::FlannelVxlan, None).join("\n");
         assert!(host.contains("local 198.19.0.1 dev br0"), "{host}");
         assert!(host.contains(
@@ -819,9 +829,17 @@ mod tests {
         assert!(vm1.contains("route add 198.18.2.0/24 via 198.18.2.0 dev flannel.1 onlink"));
         let vm2 = guest_commands(&layout, 1, Inner::Bridge);
         assert!(vm2.contains("addr add 198.19.0.3/24 dev eth0"), "{vm2}");
-        assert!(vm2.contains("route add 198.18.1.0/24 via 198.19.0.2 dev eth0"), "{vm2}");
+        assert!(
+            vm2.contains("route add 198.18.1.0/24 via 198.19.0.2 dev eth0"),
+            "{vm2}"
+        );
         assert_eq!(layout.guests[1].mac, "52:54:00:c6:12:02");
-        let same = Layout::of("vmp2vmp", Topology::Vmp2vmp, Placement::SameHost, Outer::Bridge);
+        let same = Layout::of(
+            "vmp2vmp",
+            Topology::Vmp2vmp,
+            Placement::SameHost,
+            Outer::Bridge,
+        );
         let host = host_commands(&same, Inner::Bridge, None).join("\n");
         assert!(host.contains("-n prof-vmp2vmp-host link set tap-vm2 master br0 up"));
         assert!(!host.contains("wire0"), "{host}");
@@ -846,7 +864,10 @@ mod tests {
         ] {
             assert!(host.iter().any(|c| c == cmd), "{cmd}: {host:#?}");
         }
-        assert!(!host.iter().any(|c| c.contains("wire0 master")), "{host:#?}");
+        assert!(
+            !host.iter().any(|c| c.contains("wire0 master")),
+            "{host:#?}"
+        );
         let options = |topology, placement, outer| {
             let o = LabOptions {
                 placement,

@@ -370,7 +370,10 @@ fn client_stamps(out: &traffic::Outcome) -> Vec<(u32, u64, u64)> {
             _ => e.1 = s.recv_ns,
         }
     }
-    by_seq.into_iter().map(|(seq, (a, b))| (seq, a, b)).collect()
+    by_seq
+        .into_iter()
+        .map(|(seq, (a, b))| (seq, a, b))
+        .collect()
 }
 
 /// Loads and attaches the guest's programs for the run (tc on every device of the guest) and
@@ -612,7 +615,12 @@ pub fn merge(
     }
     for s in host_client {
         let request = s.direction == DIR_REQUEST;
-        add(true, s.seq, request, if request { s.send_ns } else { s.recv_ns });
+        add(
+            true,
+            s.seq,
+            request,
+            if request { s.send_ns } else { s.recv_ns },
+        );
     }
     let mut guest: Vec<Event> = part.done.events.iter().map(from_wire).collect();
     for e in guest.iter().filter(|e| hops(e, guest_side)) {
@@ -648,7 +656,10 @@ pub fn merge(
         .collect();
     let on_host = |stamps: &[(u32, u64, u64)]| -> Vec<(u32, u64, u64)> {
         let at = |seq, ts| est.to_host(seq, ts);
-        stamps.iter().map(|&(s, a, b)| (s, at(s, a), at(s, b))).collect()
+        stamps
+            .iter()
+            .map(|&(s, a, b)| (s, at(s, a), at(s, b)))
+            .collect()
     };
     Merged {
         events: guest

@@ -115,11 +115,7 @@ pub struct Estimate {
 
 impl Estimate {
     /// `guest_originates`: the guest sends the requests (t1, t4 are the guest's).
-    pub fn of(
-        node: &str,
-        exchanges: &BTreeMap<u32, Exchange>,
-        guest_originates: bool,
-    ) -> Estimate {
+    pub fn of(node: &str, exchanges: &BTreeMap<u32, Exchange>, guest_originates: bool) -> Estimate {
         let sign = if guest_originates { -1 } else { 1 };
         let offsets: BTreeMap<u32, i64> = exchanges
             .iter()
@@ -277,8 +273,13 @@ mod tests {
             assert!((req - resp).abs() <= 1, "seq {seq}: {req} vs {resp}");
             assert!((req + resp - e.crossing_sum()).abs() <= 1);
         }
-        let ppm = Estimate::of("vm1", &synthetic(0, 50.0, 1, 1), true).report.drift_ppm;
-        assert!((ppm + 50.0).abs() < 1.0, "drift {ppm} ppm: the host's 50 seen from the guest");
+        let ppm = Estimate::of("vm1", &synthetic(0, 50.0, 1, 1), true)
+            .report
+            .drift_ppm;
+        assert!(
+            (ppm + 50.0).abs() < 1.0,
+            "drift {ppm} ppm: the host's 50 seen from the guest"
+        );
     }
 
     #[test]

@@ -445,7 +445,10 @@ async fn start_agents(args: &RunArgs, spec: &Spec, lab: &RunTarget) -> Result<Ve
         .iter()
         .any(|g| lab::nested::in_guest(&g.name, &lab.server.netns).is_some())
     {
-        anyhow::bail!("the server {} is in none of the lab's guests", lab.server.netns);
+        anyhow::bail!(
+            "the server {} is in none of the lab's guests",
+            lab.server.netns
+        );
     }
     let mut agents = Vec::new();
     for (index, guest) in lab.guests.iter().enumerate() {
