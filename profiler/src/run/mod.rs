@@ -460,8 +460,9 @@ async fn start_agents(args: &RunArgs, spec: &Spec, lab: &RunTarget) -> Result<Ve
         });
     }
     let names: Vec<&str> = lab.guests.iter().map(|g| g.name.as_str()).collect();
+    let whose = if names.len() == 1 { "its" } else { "their" };
     eprintln!(
-        "guests {}: attaching their programs (TCG: this takes a while)",
+        "{}: attaching {whose} programs (TCG: this takes a while)",
         names.join(", ")
     );
     let starts = agents.iter_mut().map(|a| {
