@@ -66,6 +66,8 @@ const WIRE: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 19, 1, 1), Ipv4Addr::new(198, 19
 /// .1, its pod .2.
 const POD_NET_HOST: u8 = 0;
 const FLANNEL_MTU: u32 = 1450;
+/// `--inner vlan`: the pods' VLAN, and the third byte of their subnet.
+const VLAN_ID: u16 = 100;
 const VXLAN_PORT: u16 = 8472;
 
 /// The container network inside the VM (and on the bare-metal node).
@@ -78,6 +80,9 @@ pub enum Inner {
     Bridge,
     /// cni0 per node, joined by flannel.1 (VXLAN) over the outer network.
     FlannelVxlan,
+    /// Each pod's eth0 is a VLAN (id 100) child of its guest's NIC, the pods on one subnet
+    /// 198.18.100.0/24 (vmp2vmp: the bare-metal node would need 8021q).
+    Vlan,
 }
 
 /// The network the VM's NIC sits on, on the host.
@@ -156,6 +161,9 @@ const ROLES: [&str; 4] = ["host", "pod-a", "host-a", "host-b"];
 pub(super) fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if topology == Topology::Bmp2vmp && options.placement != Placement::SameHost {
         bail!("bmp2vmp: the bare-metal pod is on the VM's host: --placement same-host only");
+    }
+    if topology == Topology::Bmp2vmp && options.inner == Some(Inner::Vlan) {
+        bail!("bmp2vmp: --inner vlan needs 8021q on the bare-metal node, which this machine's kernel has not (vmp2vmp has it in both guests)");
     }
     match options.outer.unwrap_or_default() {
         Outer::Bridge => {}
@@ -240,7 +248,7 @@ pub(super) async fn build(name: &str, topology: Topology, options: &LabOptions) 
         let inventory = setup(&guest, commands).await?;
         parts.push((guest, inventory));
     }
-    let lab = assemble(name, topology, options.placement, &layout, parts).await?;
+    let lab = assemble(name, topology, options.placement, &layout, inner, parts).await?;
     undo.name = None;
     Ok(lab)
 }
@@ -279,6 +287,14 @@ impl Node {
         match self.ns {
             Some(_) => self.pod.clone(),
             None => guest_ns(&self.name, &self.pod),
+        }
+    }
+
+    /// Its pod's address: .2 of its subnet, or .NET of the VLAN's.
+    fn pod_addr(&self, inner: Inner) -> Ipv4Addr {
+        match inner {
+            Inner::Vlan => Ipv4Addr::new(198, 18, VLAN_ID as u8, self.net),
+            _ => pod_ip(self.net, 2),
         }
     }
 
@@ -381,6 +397,7 @@ async fn assemble(
     topology: Topology,
     placement: Placement,
     layout: &Layout,
+    inner: Inner,
     parts: Vec<(Guest, Inventory)>,
 ) -> Result<Lab> {
     let host_ns = layout.namespaces();
@@ -402,7 +419,7 @@ async fn assemble(
             end: Endpoint {
                 netns: n.pod_netns(),
                 ifname: "eth0".into(),
-                addr: pod_ip(n.net, 2),
+                addr: n.pod_addr(inner),
             },
             host: n.name.clone(),
         })
@@ -451,9 +468,12 @@ fn node_commands(me: &Node, peer: &Node, inner: Inner, mtu: Option<u32>) -> Vec<
         .map_or(String::new(), |ns| format!("-n {ns} "));
     let (pod_ns, veth, net) = (&me.pod, me.veth(), me.net);
     let pod_mtu = mtu.unwrap_or(match inner {
-        Inner::Bridge => 1500,
         Inner::FlannelVxlan => FLANNEL_MTU,
+        _ => 1500,
     });
+    if inner == Inner::Vlan {
+        return vlan_pod_commands(me, pod_mtu);
+    }
     let gw = pod_ip(net, 1);
     let mut c = vec![
         format!("{n}link add cni0 mtu {pod_mtu} type bridge forward_delay 0 stp_state 0"),
@@ -468,24 +488,40 @@ fn node_commands(me: &Node, peer: &Node, inner: Inner, mtu: Option<u32>) -> Vec<
     ];
     let other_net = format!("198.18.{}.0/24", peer.net);
     let (outer_dev, local, remote) = (me.outer_dev, me.outer, peer.outer);
-    match inner {
-        Inner::Bridge => c.push(format!(
+    // Bridge: flannel host-gw; else flannel's VXLAN (VLAN pods returned above).
+    if inner == Inner::Bridge {
+        c.push(format!(
             "{n}route add {other_net} via {remote} dev {outer_dev}"
-        )),
-        Inner::FlannelVxlan => {
-            let (mine, theirs) = (vtep_mac(net), vtep_mac(peer.net));
-            let vtep = format!("198.18.{}.0", peer.net);
-            c.extend([
-                format!("{n}link add flannel.1 address {mine} mtu {FLANNEL_MTU} type vxlan id 1 local {local} dev {outer_dev} dstport {VXLAN_PORT} nolearning"),
-                format!("{n}addr add 198.18.{net}.0/32 dev flannel.1"),
-                format!("{n}link set flannel.1 up"),
-                format!("{n}neigh add {vtep} lladdr {theirs} dev flannel.1 nud permanent"),
-                format!("{n}fdb append {theirs} dev flannel.1 dst {remote} self permanent"),
-                format!("{n}route add {other_net} via {vtep} dev flannel.1 onlink"),
-            ]);
-        }
+        ));
+    } else {
+        let (mine, theirs) = (vtep_mac(net), vtep_mac(peer.net));
+        let vtep = format!("198.18.{}.0", peer.net);
+        c.extend([
+            format!("{n}link add flannel.1 address {mine} mtu {FLANNEL_MTU} type vxlan id 1 local {local} dev {outer_dev} dstport {VXLAN_PORT} nolearning"),
+            format!("{n}addr add 198.18.{net}.0/32 dev flannel.1"),
+            format!("{n}link set flannel.1 up"),
+            format!("{n}neigh add {vtep} lladdr {theirs} dev flannel.1 nud permanent"),
+            format!("{n}fdb append {theirs} dev flannel.1 dst {remote} self permanent"),
+            format!("{n}route add {other_net} via {vtep} dev flannel.1 onlink"),
+        ]);
     }
     c
+}
+
+/// A pod whose eth0 is a VLAN child of its node's outer device (created in the pod's
+/// namespace, where the name eth0 is free).
+fn vlan_pod_commands(me: &Node, mtu: u32) -> Vec<String> {
+    let n = me
+        .ns
+        .as_ref()
+        .map_or(String::new(), |ns| format!("-n {ns} "));
+    let (pod, dev) = (&me.pod, me.outer_dev);
+    vec![
+        format!("{n}link add link {dev} name eth0 mtu {mtu} netns {pod} type vlan id {VLAN_ID}"),
+        format!("-n {pod} link set lo up"),
+        format!("-n {pod} addr add {}/24 dev eth0", me.pod_addr(Inner::Vlan)),
+        format!("-n {pod} link set eth0 up"),
+    ]
 }
 
 /// The host side: an outer bridge br0 per host namespace with its guests' taps (cross-host the
@@ -881,5 +917,35 @@ mod tests {
         assert!(same.unwrap_err().contains("cross-host only"));
         let vlan = options(Topology::Vmp2vmp, Placement::CrossHost, Outer::Vlan);
         assert!(vlan.unwrap_err().contains("no 8021q"));
+    }
+
+    /// `--inner vlan`: each guest's pod on a VLAN child of its eth0, one subnet for both; not
+    /// on bmp2vmp, whose bare-metal node has no 8021q here.
+    #[test]
+    fn inner_vlan_puts_each_pod_on_a_vlan_of_its_guest_nic() {
+        let layout = Layout::of(
+            "vmp2vmp",
+            Topology::Vmp2vmp,
+            Placement::SameHost,
+            Outer::Bridge,
+        );
+        let vm2 = guest_commands(&layout, 1, Inner::Vlan);
+        assert_eq!(
+            vm2,
+            "addr add 198.19.0.3/24 dev eth0\nlink set eth0 up\nnetns add pod-b\n\
+             link add link eth0 name eth0 mtu 1500 netns pod-b type vlan id 100\n\
+             -n pod-b link set lo up\n-n pod-b addr add 198.18.100.2/24 dev eth0\n\
+             -n pod-b link set eth0 up"
+        );
+        assert_eq!(
+            layout.guests[0].node.pod_addr(Inner::Vlan),
+            Ipv4Addr::new(198, 18, 100, 1)
+        );
+        let bmp = LabOptions {
+            inner: Some(Inner::Vlan),
+            ..LabOptions::default()
+        };
+        let err = check(Topology::Bmp2vmp, &bmp).unwrap_err().to_string();
+        assert!(err.contains("8021q"), "{err}");
     }
 }

@@ -500,7 +500,10 @@ mod tests {
     /// vmp2vmp's wire0: a veth whose peer in the other host namespace has the same ifindex.
     #[test]
     fn a_peer_elsewhere_with_the_same_index_is_kept() {
-        let elsewhere = row(3, vec![LinkAttribute::Link(3), LinkAttribute::LinkNetNsId(0)]);
+        let elsewhere = row(
+            3,
+            vec![LinkAttribute::Link(3), LinkAttribute::LinkNetNsId(0)],
+        );
         assert_eq!((elsewhere.link, elsewhere.link_elsewhere), (Some(3), true));
         assert_eq!(row(3, vec![LinkAttribute::Link(3)]).link, None);
         assert_eq!(row(3, vec![LinkAttribute::Link(5)]).link, Some(5));
