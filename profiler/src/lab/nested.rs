@@ -508,8 +508,8 @@ fn node_commands(me: &Node, peer: &Node, inner: Inner, mtu: Option<u32>) -> Vec<
     c
 }
 
-/// A pod whose eth0 is a VLAN child of its node's outer device (created in the pod's
-/// namespace, where the name eth0 is free).
+/// A pod whose eth0 is a VLAN child of its node's outer device (made under another name:
+/// the kernel checks the name where the command runs, which has its own eth0).
 fn vlan_pod_commands(me: &Node, mtu: u32) -> Vec<String> {
     let n = me
         .ns
@@ -517,7 +517,9 @@ fn vlan_pod_commands(me: &Node, mtu: u32) -> Vec<String> {
         .map_or(String::new(), |ns| format!("-n {ns} "));
     let (pod, dev) = (&me.pod, me.outer_dev);
     vec![
-        format!("{n}link add link {dev} name eth0 mtu {mtu} netns {pod} type vlan id {VLAN_ID}"),
+        format!("{n}link add link {dev} name vlan{VLAN_ID} mtu {mtu} type vlan id {VLAN_ID}"),
+        format!("{n}link set vlan{VLAN_ID} netns {pod}"),
+        format!("-n {pod} link set vlan{VLAN_ID} name eth0"),
         format!("-n {pod} link set lo up"),
         format!("-n {pod} addr add {}/24 dev eth0", me.pod_addr(Inner::Vlan)),
         format!("-n {pod} link set eth0 up"),
@@ -933,7 +935,8 @@ mod tests {
         assert_eq!(
             vm2,
             "addr add 198.19.0.3/24 dev eth0\nlink set eth0 up\nnetns add pod-b\n\
-             link add link eth0 name eth0 mtu 1500 netns pod-b type vlan id 100\n\
+             link add link eth0 name vlan100 mtu 1500 type vlan id 100\n\
+             link set vlan100 netns pod-b\n-n pod-b link set vlan100 name eth0\n\
              -n pod-b link set lo up\n-n pod-b addr add 198.18.100.2/24 dev eth0\n\
              -n pod-b link set eth0 up"
         );
