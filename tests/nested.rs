@@ -1,7 +1,8 @@
 //! Nested paths (BMP2VMP): a pod on this machine, a pod in a QEMU guest (TCG) whose agent
-//! attaches the guest's probes; one waterfall across both kernels. Each test boots one guest
-//! (about a minute under TCG) on the VM lab's 6.1 kernel, which `cargo xtask test` provisions;
-//! without it the tests say so and pass.
+//! attaches the guest's probes; one waterfall across both kernels. VMP2VMP: a pod in each of
+//! two guests, across both guests' kernels and the host's. Each test boots its guests (about a
+//! minute under TCG) on the VM lab's 6.1 kernel, which `cargo xtask test` provisions; without
+//! it the tests say so and pass.
 // A test crate sees every dependency of the package; the lint is for the library's.
 #![allow(unused_crate_dependencies)]
 
@@ -32,9 +33,15 @@ fn have_guest_kernel() -> bool {
     }
 }
 
-/// The pids of QEMU processes of this lab (by the -name the lab gives them).
-fn lab_qemus() -> Vec<u32> {
-    let name = format!("{}{LAB}-", profiler::lab::nested::QEMU_NAME_PREFIX);
+/// The pids of QEMU processes of lab `lab` (by the -name the lab gives them).
+fn lab_qemus(lab: &str) -> Vec<u32> {
+    qemus_named(&format!("{lab}-"))
+}
+
+/// The pids of the processes (vng, virtme-run, QEMU) of the guests whose -name starts with
+/// the prefix and `name`.
+fn qemus_named(name: &str) -> Vec<u32> {
+    let name = format!("{}{name}", profiler::lab::nested::QEMU_NAME_PREFIX);
     std::fs::read_dir("/proc")
         .expect("listing /proc")
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -45,25 +52,28 @@ fn lab_qemus() -> Vec<u32> {
         .collect()
 }
 
-/// Nothing of the lab is left: QEMU, namespaces (and with them the tap), directory, state.
-fn assert_nothing_left() {
+/// Nothing of lab `lab` is left: QEMU, namespaces (and with them the taps and the wire),
+/// the guests' directories, state.
+fn assert_nothing_left(lab: &str) {
     // A process that got SIGKILL may take a moment to go.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !lab_qemus().is_empty() && Instant::now() < deadline {
+    while !lab_qemus(lab).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(lab_qemus(), Vec::<u32>::new(), "QEMU processes left");
+    assert_eq!(lab_qemus(lab), Vec::<u32>::new(), "QEMU processes left");
     let namespaces: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {
             d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
-                .filter(|n| n.starts_with(&format!("prof-{LAB}-")))
+                .filter(|n| n.starts_with(&format!("prof-{lab}-")))
                 .collect()
         })
         .unwrap_or_default();
     assert!(namespaces.is_empty(), "namespaces left: {namespaces:?}");
-    let dir = Path::new(profiler::lab::nested::RUN_DIR).join(format!("{LAB}-vm1"));
-    assert!(!dir.exists(), "{} left", dir.display());
-    let state = Path::new(profiler::lab::STATE_DIR).join(format!("{LAB}.json"));
+    for guest in ["vm1", "vm2"] {
+        let dir = Path::new(profiler::lab::nested::RUN_DIR).join(format!("{lab}-{guest}"));
+        assert!(!dir.exists(), "{} left", dir.display());
+    }
+    let state = Path::new(profiler::lab::STATE_DIR).join(format!("{lab}.json"));
     assert!(!state.exists(), "{} left", state.display());
 }
 
@@ -89,8 +99,9 @@ fn position(hops: &[(String, String, String)], ns: &str, ifname: &str) -> usize 
         .unwrap_or_else(|| panic!("no hop on {ifname} in {ns}: {hops:#?}"))
 }
 
-/// One direction's hops from both kernels, in order, complete, with one estimated segment.
-fn check_direction(dir: &Value, order: &[(&str, &str)], first_node: &str) {
+/// One direction's hops from the kernels `nodes` (in the order the packet meets them), in
+/// order, complete, with one estimated segment per change of kernel.
+fn check_direction(dir: &Value, order: &[(&str, &str)], nodes: &[&str]) {
     let name = dir["direction"].as_str().unwrap_or("?");
     let (complete, incomplete) = (
         dir["complete_packets"].as_u64().unwrap(),
@@ -111,23 +122,30 @@ fn check_direction(dir: &Value, order: &[(&str, &str)], first_node: &str) {
         positions.windows(2).all(|w| w[0] < w[1]),
         "{name}: hops out of order {order:?} at {positions:?}: {hops:#?}"
     );
-    // One kernel, then the other: the node changes once.
-    let changes = hops.windows(2).filter(|w| w[0].0 != w[1].0).count();
-    assert_eq!(changes, 1, "{name}: {hops:#?}");
-    assert_eq!(hops[0].0, first_node, "{name}: {hops:#?}");
+    // One kernel after the other, each met once.
+    let mut met: Vec<&str> = hops.iter().map(|h| h.0.as_str()).collect();
+    met.dedup();
+    assert_eq!(met, nodes, "{name}: {hops:#?}");
     let estimated: Vec<&Value> = dir["segments"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|s| s["estimated"] == true)
         .collect();
-    assert_eq!(estimated.len(), 1, "{name}: {:#?}", dir["segments"]);
-    let crossing = estimated[0]["name"].as_str().unwrap();
-    assert!(crossing.starts_with("crossing "), "{crossing}");
-    println!(
-        "{name}: crossing segment {crossing:?}, mean {} ns",
-        estimated[0]["mean_ns"]
+    assert_eq!(
+        estimated.len(),
+        nodes.len() - 1,
+        "{name}: {:#?}",
+        dir["segments"]
     );
+    for s in estimated {
+        let crossing = s["name"].as_str().unwrap();
+        assert!(crossing.starts_with("crossing "), "{crossing}");
+        println!(
+            "{name}: crossing segment {crossing:?}, mean {} ns",
+            s["mean_ns"]
+        );
+    }
 }
 
 #[test]
@@ -179,7 +197,7 @@ fn bmp2vmp_flannel_profiles_both_kernels_in_order() {
             ("vm1:(root)", "veth-b"),
             ("vm1:pod-b", "eth0"),
         ],
-        "host",
+        &["host", "vm1"],
     );
     check_direction(
         &r["directions"][1],
@@ -194,7 +212,7 @@ fn bmp2vmp_flannel_profiles_both_kernels_in_order() {
             (host, "veth-a"),
             ("prof-bmp2vmp-pod-a", "eth0"),
         ],
-        "vm1",
+        &["vm1", "host"],
     );
     // Double encapsulation seen as such: the outer hops see the tag inside VXLAN.
     let encapsulated: Vec<String> = request["hops"]
@@ -218,7 +236,7 @@ fn bmp2vmp_flannel_profiles_both_kernels_in_order() {
         c["offset_ns"], c["drift_ppm"], c["crossing_sum"]["mean_ns"]
     );
     // The run made the lab: it is gone with everything it started.
-    assert_nothing_left();
+    assert_nothing_left(LAB);
 }
 
 #[test]
@@ -234,10 +252,10 @@ fn lab_up_and_down_and_sigint_during_up_leave_nothing() {
         .spawn()
         .expect("starting lab up");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while lab_qemus().is_empty() && Instant::now() < deadline {
+    while lab_qemus(LAB).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!lab_qemus().is_empty(), "lab up started no QEMU");
+    assert!(!lab_qemus(LAB).is_empty(), "lab up started no QEMU");
     std::thread::sleep(Duration::from_secs(2));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -246,17 +264,17 @@ fn lab_up_and_down_and_sigint_during_up_leave_nothing() {
     .expect("SIGINT to lab up");
     let out = child.wait_with_output().expect("waiting for lab up");
     assert!(!out.status.success(), "lab up interrupted exits non-zero");
-    assert_nothing_left();
+    assert_nothing_left(LAB);
 
     // Up, listed with its guest, down.
     let guard = common::lab_up(&[LAB, "--guest-kernel", KERNEL]);
-    assert!(!lab_qemus().is_empty(), "the lab runs no QEMU");
+    assert!(!lab_qemus(LAB).is_empty(), "the lab runs no QEMU");
     let list = profiler(&["lab", "list"]);
     let text = String::from_utf8_lossy(&list.stdout);
     assert!(text.contains("guest vm1: QEMU"), "{text}");
     assert!(text.contains("vm1:pod-b"), "{text}");
     drop(guard);
-    assert_nothing_left();
+    assert_nothing_left(LAB);
 }
 
 /// The run's JSON on the lab that is up (the run leaves it up).
@@ -421,5 +439,113 @@ fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
     guest_commands(&["tc qdisc del dev veth-b root"]);
     check_delay(&base, &guest_delayed, "[vm1] qdisc veth-b", DELAY_US * 1000);
     drop(guard);
-    assert_nothing_left();
+    assert_nothing_left(LAB);
+}
+
+/// VMP2VMP cross-host: a pod in each of two guests, vm1's tap on host-a's bridge, vm2's on
+/// host-b's, the bridges joined by wire0 (bridged frames pass br0's ports, not br0 itself). One boot of both guests: `lab up`, `lab list`, a run
+/// that profiles vm1, the host and vm2 in order (two crossings, each estimated against the host
+/// with the guest on either side of the exchange), then `lab down`, which leaves nothing.
+#[test]
+fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
+    if !have_guest_kernel() {
+        return;
+    }
+    const XLAB: &str = "vmp2vmp-xhost";
+    let guard = common::lab_up(&[
+        "vmp2vmp",
+        "--placement",
+        "cross-host",
+        "--guest-kernel",
+        KERNEL,
+    ]);
+    for guest in ["vm1", "vm2"] {
+        let qemus = qemus_named(&format!("{XLAB}-{guest}"));
+        assert!(!qemus.is_empty(), "the lab runs no QEMU for {guest}");
+    }
+    let list = profiler(&["lab", "list"]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    for want in [
+        "guest vm1: QEMU",
+        "guest vm2: QEMU",
+        "vm1:pod-a",
+        "vm2:pod-b",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    let out = profiler(&[
+        "run",
+        "--lab",
+        "vmp2vmp",
+        "--placement",
+        "cross-host",
+        "--hooks",
+        "stable",
+        "--count",
+        "100",
+        "--rate",
+        "10",
+        "--timeout",
+        "2s",
+        "--quiet",
+        "--json",
+        "-",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run failed: {stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).expect("the run's JSON");
+    assert_eq!(r["events"]["lost"], 0, "{}", r["events"]);
+    let completed = r["traffic"]["completed"].as_u64().unwrap();
+    assert!(completed >= 95, "{completed} of 100 exchanges");
+    let (a, b) = ("prof-vmp2vmp-xhost-host-a", "prof-vmp2vmp-xhost-host-b");
+    check_direction(
+        &r["directions"][0],
+        &[
+            ("vm1:pod-a", "eth0"),
+            ("vm1:(root)", "veth-a"),
+            ("vm1:(root)", "cni0"),
+            ("vm1:(root)", "eth0"),
+            (a, "tap-vm1"),
+            (a, "wire0"),
+            (b, "wire0"),
+            (b, "tap-vm2"),
+            ("vm2:(root)", "eth0"),
+            ("vm2:(root)", "cni0"),
+            ("vm2:(root)", "veth-b"),
+            ("vm2:pod-b", "eth0"),
+        ],
+        &["vm1", "host", "vm2"],
+    );
+    check_direction(
+        &r["directions"][1],
+        &[
+            ("vm2:pod-b", "eth0"),
+            ("vm2:(root)", "veth-b"),
+            ("vm2:(root)", "eth0"),
+            (b, "tap-vm2"),
+            (b, "wire0"),
+            (a, "wire0"),
+            (a, "tap-vm1"),
+            ("vm1:(root)", "eth0"),
+            ("vm1:(root)", "veth-a"),
+            ("vm1:pod-a", "eth0"),
+        ],
+        &["vm2", "host", "vm1"],
+    );
+    let crossings = r["crossings"].as_array().expect("crossings");
+    let nodes: Vec<&str> = crossings
+        .iter()
+        .filter_map(|c| c["node"].as_str())
+        .collect();
+    assert_eq!(nodes, ["vm1", "vm2"], "{crossings:#?}");
+    for c in crossings {
+        let exchanges = c["exchanges"].as_u64().unwrap();
+        assert!(exchanges * 100 >= completed * 95, "{c}");
+        println!(
+            "{}: clock offset {} ns, drift {} ppm, crossings' sum mean {} ns over {exchanges} exchanges",
+            c["node"], c["offset_ns"], c["drift_ppm"], c["crossing_sum"]["mean_ns"]
+        );
+    }
+    drop(guard);
+    assert_nothing_left(XLAB);
 }

@@ -256,7 +256,7 @@ struct LabOpts {
     /// run --traffic alltoall: 8).
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=lab::MAX_PODS as i64))]
     pods: Option<u32>,
-    /// Nested labs (bmp2vmp): the container network inside the VM (default bridge).
+    /// Nested labs (bmp2vmp, vmp2vmp): the container network inside the VMs (default bridge).
     #[arg(long, value_enum)]
     inner: Option<lab::nested::Inner>,
     /// Nested labs: the network the VM's NIC sits on, on the host (default bridge).

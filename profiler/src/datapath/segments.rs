@@ -439,8 +439,9 @@ mod tests {
             }
             _ if node_of(e.from_ns) != node_of(e.to_ns) => {
                 format!(
-                    "crossing {} (host) -> {} ({})",
+                    "crossing {} ({}) -> {} ({})",
                     e.from_if,
+                    node_of(e.from_ns),
                     e.to_if,
                     node_of(e.to_ns)
                 )

@@ -62,10 +62,12 @@ pub enum Topology {
     Sriov,
     /// Nested: a pod on this machine and a pod in a QEMU guest (--inner, --outer).
     Bmp2vmp,
+    /// Nested: a pod in each of two QEMU guests (--inner, --outer, --placement).
+    Vmp2vmp,
 }
 
 impl Topology {
-    pub const ALL: [Topology; 15] = [
+    pub const ALL: [Topology; 16] = [
         Topology::Veth,
         Topology::Bridge,
         Topology::Host,
@@ -81,6 +83,7 @@ impl Topology {
         Topology::Dpdk,
         Topology::Sriov,
         Topology::Bmp2vmp,
+        Topology::Vmp2vmp,
     ];
 
     /// The topology's name (the lab's name when same-host).
@@ -101,12 +104,13 @@ impl Topology {
             Topology::Dpdk => "dpdk",
             Topology::Sriov => "sriov",
             Topology::Bmp2vmp => "bmp2vmp",
+            Topology::Vmp2vmp => "vmp2vmp",
         }
     }
 
     /// Whether its pods are in guests (a lab of its own kind: nested.rs).
     pub fn nested(self) -> bool {
-        self == Topology::Bmp2vmp
+        matches!(self, Topology::Bmp2vmp | Topology::Vmp2vmp)
     }
 }
 
@@ -329,7 +333,7 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
         return nested::check(topology, options);
     }
     if options.inner.is_some() || options.outer.is_some() || options.guest_kernel.is_some() {
-        bail!("--inner, --outer and --guest-kernel are for nested labs (bmp2vmp)");
+        bail!("--inner, --outer and --guest-kernel are for nested labs (bmp2vmp, vmp2vmp)");
     }
     let spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
     if let Some(f) = &options.forwarder {
@@ -360,7 +364,7 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
         if state::path(&name).exists() || nested::leftovers(&name) {
             bail!("lab {name} is already up (profiler lab down {name})");
         }
-        let lab = nested::build(&name, options).await?;
+        let lab = nested::build(&name, topology, options).await?;
         let lab = Lab { owner, ..lab };
         if let Err(e) = state::save(&lab) {
             let _ = nested::remove(&name);

@@ -1,4 +1,4 @@
-//! Nested labs: pods inside a QEMU guest (the study's BMP2VMP). The host side is network
+//! Nested labs: pods inside QEMU guests (the study's BMP2VMP and VMP2VMP). The host side is network
 //! namespaces as in every lab: `host` holds the outer network (bridge br0, 198.19.0.1/24) with
 //! the guest's NIC, a tap device whose other end is QEMU's virtio-net, and this machine's own
 //! pod network (cni0 198.18.0.1/24 with pod-a). The guest is one of the VM lab's Debian kernels
@@ -10,6 +10,11 @@
 //! The two pod networks are joined as the inner network says: `bridge` routes each pod subnet
 //! via the other node's outer address (flannel host-gw), `flannel-vxlan` through a flannel.1
 //! VXLAN device on each node over the outer network.
+//!
+//! VMP2VMP has no pod on the host: guests vm1 (pod-a, 198.18.1.0/24, outer 198.19.0.2) and vm2
+//! (pod-b, 198.18.2.0/24, outer 198.19.0.3). Same-host both taps are ports of `host`'s br0;
+//! cross-host vm1's tap is a port of br0 in `host-a` and vm2's of br0 in `host-b`, the two
+//! bridges joined by a veth `wire0` (one L2 outer network across two host namespaces).
 //!
 //! QEMU runs in a process group of its own (vng, virtme-run, qemu), recorded by its leader's pid
 //! and start time in RUN_DIR/LAB-GUEST, so that `lab down`, a run's end, Ctrl-C during `lab up`
@@ -42,11 +47,8 @@ pub const AGENT_PORT: &str = "profiler";
 /// The lab's request on the agent's channel, as JSON: `{"setup": [ip commands]}`; the agent
 /// runs them and answers with a [`SetupAnswer`].
 pub const SETUP: &str = "setup";
-/// The guest of a bmp2vmp lab.
-const GUEST: &str = "vm1";
-const TAP: &str = "tap-vm1";
-/// The guest NIC's MAC, by which the guest's script finds it (its PCI slot names it).
-const GUEST_MAC: &str = "52:54:00:c6:12:01";
+/// Every guest a nested lab may run (bmp2vmp: vm1; vmp2vmp: both).
+const GUESTS: [&str; 2] = ["vm1", "vm2"];
 const GUEST_MEMORY: &str = "1G";
 /// One vCPU: under TCG each vCPU's clock drifts from the others' (enough to reorder a packet's
 /// guest hops and to make an exchange's crossing sum negative), and the host's two cores are
@@ -56,15 +58,17 @@ const GUEST_CPUS: &str = "1";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const OUTER_HOST: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
-const OUTER_GUEST: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
-/// Pod subnets: 198.18.0.0/24 on the host, 198.18.1.0/24 in the guest; the node's bridge is .1,
-/// its pod .2.
+/// Cross-host, the second host namespace's bridge.
+const OUTER_HOST_B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 254);
+/// `--outer vxlan`: the hosts' addresses on wire0, under their VXLAN.
+const WIRE: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 19, 1, 1), Ipv4Addr::new(198, 19, 1, 2)];
+/// Pod subnets: 198.18.0.0/24 on the host, 198.18.N.0/24 in guest vmN; the node's bridge is
+/// .1, its pod .2.
 const POD_NET_HOST: u8 = 0;
-const POD_NET_GUEST: u8 = 1;
 const FLANNEL_MTU: u32 = 1450;
+/// `--inner vlan`: the pods' VLAN, and the third byte of their subnet.
+const VLAN_ID: u16 = 100;
 const VXLAN_PORT: u16 = 8472;
-const VTEP_MAC_HOST: &str = "02:c6:12:01:00:01";
-const VTEP_MAC_GUEST: &str = "02:c6:12:02:00:01";
 
 /// The container network inside the VM (and on the bare-metal node).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -76,6 +80,9 @@ pub enum Inner {
     Bridge,
     /// cni0 per node, joined by flannel.1 (VXLAN) over the outer network.
     FlannelVxlan,
+    /// Each pod's eth0 is a VLAN (id 100) child of its guest's NIC, the pods on one subnet
+    /// 198.18.100.0/24 (vmp2vmp: the bare-metal node would need 8021q).
+    Vlan,
 }
 
 /// The network the VM's NIC sits on, on the host.
@@ -83,9 +90,16 @@ pub enum Inner {
 #[serde(rename_all = "kebab-case")]
 #[clap(rename_all = "kebab-case")]
 pub enum Outer {
-    /// The tap is a port of the host's bridge br0, which has the host's outer address.
+    /// The tap is a port of the host's bridge br0, which has the host's outer address
+    /// (cross-host, the two hosts' bridges are joined by the veth wire0).
     #[default]
     Bridge,
+    /// Cross-host: the two hosts' bridges are joined by a VXLAN device vxlan0 (VNI 2, port
+    /// 4789) over the routed wire0, so the guests' frames are encapsulated again on the host.
+    Vxlan,
+    /// A VLAN on the hosts' bridges: not built, this machine's kernel has no 8021q and no
+    /// bridge VLAN filtering to check it on (the guests' has: --inner vlan).
+    Vlan,
 }
 
 /// A guest a lab runs, as its state records it.
@@ -140,16 +154,22 @@ pub(super) fn dir(lab: &str, guest: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{lab}-{guest}"))
 }
 
-/// The lab's host namespaces, by role.
-const ROLES: [&str; 2] = ["host", "pod-a"];
+/// Every host namespace a nested lab may have, by role.
+const ROLES: [&str; 4] = ["host", "pod-a", "host-a", "host-b"];
 
 /// Fails in one line when the options do not fit a nested lab.
 pub(super) fn check(topology: Topology, options: &LabOptions) -> Result<()> {
-    if options.placement != Placement::SameHost {
-        bail!(
-            "{}: only --placement same-host is built so far",
-            topology.name()
-        );
+    if topology == Topology::Bmp2vmp && options.placement != Placement::SameHost {
+        bail!("bmp2vmp: the bare-metal pod is on the VM's host: --placement same-host only");
+    }
+    if topology == Topology::Bmp2vmp && options.inner == Some(Inner::Vlan) {
+        bail!("bmp2vmp: --inner vlan needs 8021q on the bare-metal node, which this machine's kernel has not (vmp2vmp has it in both guests)");
+    }
+    match options.outer.unwrap_or_default() {
+        Outer::Bridge => {}
+        Outer::Vxlan if topology == Topology::Vmp2vmp && options.placement == Placement::CrossHost => {}
+        Outer::Vxlan => bail!("--outer vxlan joins two host namespaces: vmp2vmp --placement cross-host only"),
+        Outer::Vlan => bail!("--outer vlan is not built: this machine's kernel has no 8021q and no bridge VLAN filtering to build and check it on"),
     }
     if options.pods.is_some() || options.forwarder.is_some() {
         bail!("{}: --pods and --forwarder do not apply", topology.name());
@@ -160,7 +180,8 @@ pub(super) fn check(topology: Topology, options: &LabOptions) -> Result<()> {
 
 /// Whether any part of nested lab `name` exists.
 pub(super) fn leftovers(name: &str) -> bool {
-    ROLES.iter().any(|r| netns::exists(&netns_name(name, r))) || dir(name, GUEST).exists()
+    ROLES.iter().any(|r| netns::exists(&netns_name(name, r)))
+        || GUESTS.iter().any(|g| dir(name, g).exists())
 }
 
 /// Removes what a build made so far unless disarmed: the guest first (QEMU holds the tap).
@@ -180,14 +201,17 @@ impl Drop for Undo {
 
 /// Stops the guests and removes the namespaces and directories of nested lab `name`.
 pub(super) fn remove(name: &str) -> Result<()> {
-    let mut result = stop(&dir(name, GUEST));
+    let mut result = Ok(());
+    for g in GUESTS {
+        result = result.and(stop(&dir(name, g)));
+    }
     for role in ROLES {
         result = result.and(netns::delete(&netns_name(name, role)));
     }
     result
 }
 
-pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
+pub(super) async fn build(name: &str, topology: Topology, options: &LabOptions) -> Result<Lab> {
     let (release, vmlinuz) = vm::kernel(options.guest_kernel.as_deref())?;
     let vng = vm::vng()?;
     let inner = options.inner.unwrap_or_default();
@@ -196,79 +220,224 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
     let mut undo = Undo {
         name: Some(name.to_string()),
     };
-    let host = netns_name(name, "host");
-    let pod_a = netns_name(name, "pod-a");
-    for ns in [&host, &pod_a] {
-        netns::add(ns)?;
+    let layout = Layout::of(name, topology, options.placement, outer);
+    for ns in layout.namespaces() {
+        netns::add(&ns)?;
     }
-    for cmd in host_commands(&host, &pod_a, inner, mtu) {
+    for cmd in host_commands(&layout, inner, mtu) {
         ip(&cmd)?;
     }
-    super::setup::enable_forwarding(&host)?;
-    let gdir = dir(name, GUEST);
-    let script = guest_script(&std::env::current_exe()?);
-    let guest = start(name, &host, &gdir, &vng, &vmlinuz, &release, &script)?;
-    let guest = Guest {
-        inner,
-        outer,
-        ..guest
-    };
-    let inventory = setup(&guest, setup_commands(inner, mtu)).await?;
-    let guest = Guest {
-        namespaces: inventory.namespaces.clone(),
-        ..guest
-    };
-    let lab = assemble(name, &host, &pod_a, guest, inventory).await?;
+    for (ns, _) in &layout.hosts {
+        super::setup::enable_forwarding(ns)?;
+    }
+    let exe = std::env::current_exe()?;
+    // All guests boot at once; each agent is then asked in turn.
+    let mut started = Vec::new();
+    for g in &layout.guests {
+        let script = guest_script(&exe, &g.node.name, &g.mac);
+        let guest = start(name, g, &vng, &vmlinuz, &release, &script)?;
+        started.push(Guest {
+            inner,
+            outer,
+            ..guest
+        });
+    }
+    let mut parts = Vec::new();
+    for (guest, g) in started.into_iter().zip(&layout.guests) {
+        let commands = setup_commands(&g.node, layout.peer(&g.node), inner, mtu);
+        let inventory = setup(&guest, commands).await?;
+        parts.push((guest, inventory));
+    }
+    let lab = assemble(name, topology, options.placement, &layout, inner, parts).await?;
     undo.name = None;
     Ok(lab)
 }
 
-/// The lab's record: the host's devices as netlink reads them, the guest's as its agent did.
+/// One node's pod network: where its commands run, its pod, its place on the outer network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Node {
+    /// Its node name in hops ("host", "vm1").
+    name: String,
+    /// Its host namespace; None for a guest, whose agent runs the commands in its root.
+    ns: Option<String>,
+    /// Its pod's namespace as the node names it.
+    pod: String,
+    /// Its pod subnet, 198.18.NET.0/24.
+    net: u8,
+    /// Its device and address on the outer network.
+    outer_dev: &'static str,
+    outer: Ipv4Addr,
+}
+
+impl Node {
+    /// A guest's node: vmN with pod subnet N, outer address 198.19.0.N+1.
+    fn guest(n: u8, pod: &str) -> Node {
+        Node {
+            name: GUESTS[n as usize - 1].to_string(),
+            ns: None,
+            pod: pod.to_string(),
+            net: n,
+            outer_dev: "eth0",
+            outer: Ipv4Addr::new(198, 19, 0, n + 1),
+        }
+    }
+
+    /// The pod's namespace as the host names it.
+    fn pod_netns(&self) -> String {
+        match self.ns {
+            Some(_) => self.pod.clone(),
+            None => guest_ns(&self.name, &self.pod),
+        }
+    }
+
+    /// Its pod's address: .2 of its subnet, or .NET of the VLAN's.
+    fn pod_addr(&self, inner: Inner) -> Ipv4Addr {
+        match inner {
+            Inner::Vlan => Ipv4Addr::new(198, 18, VLAN_ID as u8, self.net),
+            _ => pod_ip(self.net, 2),
+        }
+    }
+
+    /// Its pod's veth on cni0: veth-a for pod-a.
+    fn veth(&self) -> String {
+        let pod = self.pod.rsplit('-').next().unwrap_or("a");
+        format!("veth-{pod}")
+    }
+}
+
+/// A guest to boot: its node, its NIC (tap and MAC) and the host namespace of its tap.
+#[derive(Clone, Debug)]
+struct GuestPlan {
+    node: Node,
+    tap: String,
+    /// The guest NIC's MAC, by which the guest's script finds it (its PCI slot names it).
+    mac: String,
+    host_ns: String,
+}
+
+/// What a nested lab is made of.
+struct Layout {
+    /// Host namespaces with an outer bridge br0, and its address.
+    hosts: Vec<(String, Ipv4Addr)>,
+    /// bmp2vmp's bare-metal pod network.
+    host_pod: Option<Node>,
+    guests: Vec<GuestPlan>,
+    /// Cross-host: the veth wire0 joining the two hosts, a port of their bridges (`Bridge`)
+    /// or the underlay of a VXLAN vxlan0 that is (`Vxlan`).
+    wire: Option<Outer>,
+}
+
+impl Layout {
+    fn of(name: &str, topology: Topology, placement: Placement, outer: Outer) -> Layout {
+        let ns = |role: &str| netns_name(name, role);
+        let guest = |n: u8, pod: &str, host_ns: String| GuestPlan {
+            node: Node::guest(n, pod),
+            tap: format!("tap-vm{n}"),
+            mac: format!("52:54:00:c6:12:{n:02x}"),
+            host_ns,
+        };
+        match (topology, placement) {
+            (Topology::Vmp2vmp, Placement::CrossHost) => Layout {
+                hosts: vec![(ns("host-a"), OUTER_HOST), (ns("host-b"), OUTER_HOST_B)],
+                host_pod: None,
+                guests: vec![
+                    guest(1, "pod-a", ns("host-a")),
+                    guest(2, "pod-b", ns("host-b")),
+                ],
+                wire: Some(outer),
+            },
+            (Topology::Vmp2vmp, _) => Layout {
+                hosts: vec![(ns("host"), OUTER_HOST)],
+                host_pod: None,
+                guests: vec![guest(1, "pod-a", ns("host")), guest(2, "pod-b", ns("host"))],
+                wire: None,
+            },
+            _ => Layout {
+                hosts: vec![(ns("host"), OUTER_HOST)],
+                host_pod: Some(Node {
+                    name: "host".into(),
+                    ns: Some(ns("host")),
+                    pod: ns("pod-a"),
+                    net: POD_NET_HOST,
+                    outer_dev: "br0",
+                    outer: OUTER_HOST,
+                }),
+                guests: vec![guest(1, "pod-b", ns("host"))],
+                wire: None,
+            },
+        }
+    }
+
+    /// The host namespaces: the hosts', then the bare-metal pod's.
+    fn namespaces(&self) -> Vec<String> {
+        let hosts = self.hosts.iter().map(|(ns, _)| ns.clone());
+        hosts
+            .chain(self.host_pod.iter().map(|n| n.pod.clone()))
+            .collect()
+    }
+
+    /// The two nodes with a pod: the client's, then the server's.
+    fn pod_nodes(&self) -> Vec<&Node> {
+        let guests = self.guests.iter().map(|g| &g.node);
+        self.host_pod.iter().chain(guests).collect()
+    }
+
+    /// The other pod node of `node`.
+    fn peer(&self, node: &Node) -> &Node {
+        self.pod_nodes()
+            .into_iter()
+            .find(|n| *n != node)
+            .expect("a nested lab has two pod nodes")
+    }
+}
+
+/// The lab's record: the host's devices as netlink reads them, the guests' as their agents did.
 async fn assemble(
     name: &str,
-    host: &str,
-    pod_a: &str,
-    guest: Guest,
-    inv: Inventory,
+    topology: Topology,
+    placement: Placement,
+    layout: &Layout,
+    inner: Inner,
+    parts: Vec<(Guest, Inventory)>,
 ) -> Result<Lab> {
-    let host_ns = vec![host.to_string(), pod_a.to_string()];
+    let host_ns = layout.namespaces();
     let mut interfaces = discover::interfaces(&host_ns).await?;
-    interfaces.extend(inv.interfaces.into_iter().map(|i| rename(&guest.name, i)));
     let mut namespaces = host_ns;
-    namespaces.extend(inv.namespaces.iter().map(|(n, _)| guest_ns(&guest.name, n)));
-    let client = Endpoint {
-        netns: pod_a.to_string(),
-        ifname: "eth0".into(),
-        addr: pod_ip(POD_NET_HOST, 2),
-    };
-    let server = Endpoint {
-        netns: guest_ns(&guest.name, "pod-b"),
-        ifname: "eth0".into(),
-        addr: pod_ip(POD_NET_GUEST, 2),
-    };
+    let mut guests = Vec::new();
+    for (guest, inv) in parts {
+        interfaces.extend(inv.interfaces.into_iter().map(|i| rename(&guest.name, i)));
+        namespaces.extend(inv.namespaces.iter().map(|(n, _)| guest_ns(&guest.name, n)));
+        guests.push(Guest {
+            namespaces: inv.namespaces,
+            ..guest
+        });
+    }
+    let pods: Vec<Pod> = layout
+        .pod_nodes()
+        .into_iter()
+        .map(|n| Pod {
+            end: Endpoint {
+                netns: n.pod_netns(),
+                ifname: "eth0".into(),
+                addr: n.pod_addr(inner),
+            },
+            host: n.name.clone(),
+        })
+        .collect();
     Ok(Lab {
         name: name.to_string(),
-        topology: Topology::Bmp2vmp,
-        placement: Placement::SameHost,
+        topology,
+        placement,
         mtu: None,
         namespaces,
         interfaces,
-        pods: vec![
-            Pod {
-                end: client.clone(),
-                host: "host".into(),
-            },
-            Pod {
-                end: server.clone(),
-                host: guest.name.clone(),
-            },
-        ],
-        client,
-        server,
+        client: pods[0].end.clone(),
+        server: pods[1].end.clone(),
+        pods,
         pods_per_host: None,
         owner: None,
         forwarder: None,
-        guests: vec![guest],
+        guests,
     })
 }
 
@@ -285,30 +454,27 @@ fn pod_ip(net: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, net, host)
 }
 
+/// The MAC of node NET's flannel.1: each node's fdb names the other's.
+fn vtep_mac(net: u8) -> String {
+    format!("02:c6:12:{:02x}:00:01", net + 1)
+}
+
 /// The commands (`ip` arguments) of one node's pod network: cni0 with one pod, and the way to
-/// the other node's pods. `ns`: `-n NS` prefix for the node's namespace (None: the current
-/// one, the guest's root).
-fn node_commands(
-    ns: Option<&str>,
-    pod_ns: &str,
-    net: u8,
-    other: u8,
-    outer: (&str, Ipv4Addr, Ipv4Addr),
-    inner: Inner,
-    mtu: Option<u32>,
-) -> Vec<String> {
-    let n = ns.map_or(String::new(), |ns| format!("-n {ns} "));
-    let (outer_dev, local, remote) = outer;
+/// the peer node's pods.
+fn node_commands(me: &Node, peer: &Node, inner: Inner, mtu: Option<u32>) -> Vec<String> {
+    let n = me
+        .ns
+        .as_ref()
+        .map_or(String::new(), |ns| format!("-n {ns} "));
+    let (pod_ns, veth, net) = (&me.pod, me.veth(), me.net);
     let pod_mtu = mtu.unwrap_or(match inner {
-        Inner::Bridge => 1500,
         Inner::FlannelVxlan => FLANNEL_MTU,
+        _ => 1500,
     });
+    if inner == Inner::Vlan {
+        return vlan_pod_commands(me, pod_mtu);
+    }
     let gw = pod_ip(net, 1);
-    let veth = if net == POD_NET_HOST {
-        "veth-a"
-    } else {
-        "veth-b"
-    };
     let mut c = vec![
         format!("{n}link add cni0 mtu {pod_mtu} type bridge forward_delay 0 stp_state 0"),
         format!("{n}addr add {gw}/24 dev cni0"),
@@ -320,53 +486,81 @@ fn node_commands(
         format!("-n {pod_ns} link set eth0 up"),
         format!("-n {pod_ns} route add default via {gw}"),
     ];
-    let other_net = format!("198.18.{other}.0/24");
-    match inner {
-        Inner::Bridge => c.push(format!(
+    let other_net = format!("198.18.{}.0/24", peer.net);
+    let (outer_dev, local, remote) = (me.outer_dev, me.outer, peer.outer);
+    // Bridge: flannel host-gw; else flannel's VXLAN (VLAN pods returned above).
+    if inner == Inner::Bridge {
+        c.push(format!(
             "{n}route add {other_net} via {remote} dev {outer_dev}"
-        )),
-        Inner::FlannelVxlan => {
-            let (mine, theirs) = if net == POD_NET_HOST {
-                (VTEP_MAC_HOST, VTEP_MAC_GUEST)
-            } else {
-                (VTEP_MAC_GUEST, VTEP_MAC_HOST)
-            };
-            let vtep = format!("198.18.{other}.0");
-            c.extend([
-                format!("{n}link add flannel.1 address {mine} mtu {FLANNEL_MTU} type vxlan id 1 local {local} dev {outer_dev} dstport {VXLAN_PORT} nolearning"),
-                format!("{n}addr add 198.18.{net}.0/32 dev flannel.1"),
-                format!("{n}link set flannel.1 up"),
-                format!("{n}neigh add {vtep} lladdr {theirs} dev flannel.1 nud permanent"),
-                format!("{n}route add {other_net} via {vtep} dev flannel.1 onlink"),
-            ]);
-        }
+        ));
+    } else {
+        let (mine, theirs) = (vtep_mac(net), vtep_mac(peer.net));
+        let vtep = format!("198.18.{}.0", peer.net);
+        c.extend([
+            format!("{n}link add flannel.1 address {mine} mtu {FLANNEL_MTU} type vxlan id 1 local {local} dev {outer_dev} dstport {VXLAN_PORT} nolearning"),
+            format!("{n}addr add 198.18.{net}.0/32 dev flannel.1"),
+            format!("{n}link set flannel.1 up"),
+            format!("{n}neigh add {vtep} lladdr {theirs} dev flannel.1 nud permanent"),
+            format!("{n}fdb append {theirs} dev flannel.1 dst {remote} self permanent"),
+            format!("{n}route add {other_net} via {vtep} dev flannel.1 onlink"),
+        ]);
     }
     c
 }
 
-/// The host side: outer bridge br0 with the tap, and this node's pod network.
-fn host_commands(host: &str, pod_a: &str, inner: Inner, mtu: Option<u32>) -> Vec<String> {
-    let n = format!("-n {host} ");
-    let mut c = vec![
-        format!("{n}link add br0 type bridge forward_delay 0 stp_state 0"),
-        format!("{n}addr add {OUTER_HOST}/24 dev br0"),
-        format!("{n}link set br0 up"),
-        format!("{n}tuntap add dev {TAP} mode tap"),
-        format!("{n}link set {TAP} master br0 up"),
-    ];
-    c.extend(node_commands(
-        Some(host),
-        pod_a,
-        POD_NET_HOST,
-        POD_NET_GUEST,
-        ("br0", OUTER_HOST, OUTER_GUEST),
-        inner,
-        mtu,
-    ));
-    if inner == Inner::FlannelVxlan {
+/// A pod whose eth0 is a VLAN child of its node's outer device (made under another name:
+/// the kernel checks the name where the command runs, which has its own eth0).
+fn vlan_pod_commands(me: &Node, mtu: u32) -> Vec<String> {
+    let n = me
+        .ns
+        .as_ref()
+        .map_or(String::new(), |ns| format!("-n {ns} "));
+    let (pod, dev) = (&me.pod, me.outer_dev);
+    vec![
+        format!("{n}link add link {dev} name vlan{VLAN_ID} mtu {mtu} type vlan id {VLAN_ID}"),
+        format!("{n}link set vlan{VLAN_ID} netns {pod}"),
+        format!("-n {pod} link set vlan{VLAN_ID} name eth0"),
+        format!("-n {pod} link set lo up"),
+        format!("-n {pod} addr add {}/24 dev eth0", me.pod_addr(Inner::Vlan)),
+        format!("-n {pod} link set eth0 up"),
+    ]
+}
+
+/// The host side: an outer bridge br0 per host namespace with its guests' taps (cross-host the
+/// two bridges joined by wire0), and bmp2vmp's bare-metal pod network.
+fn host_commands(layout: &Layout, inner: Inner, mtu: Option<u32>) -> Vec<String> {
+    let mut c = Vec::new();
+    for (host, addr) in &layout.hosts {
+        let n = format!("-n {host} ");
+        c.extend([
+            format!("{n}link add br0 type bridge forward_delay 0 stp_state 0"),
+            format!("{n}addr add {addr}/24 dev br0"),
+            format!("{n}link set br0 up"),
+        ]);
+        for g in layout.guests.iter().filter(|g| &g.host_ns == host) {
+            c.push(format!("{n}tuntap add dev {} mode tap", g.tap));
+            c.push(format!("{n}link set {} master br0 up", g.tap));
+        }
+    }
+    if let ([(a, _), (b, _)], Some(outer)) = (&layout.hosts[..], layout.wire) {
         c.push(format!(
-            "{n}fdb append {VTEP_MAC_GUEST} dev flannel.1 dst {OUTER_GUEST} self permanent"
+            "-n {a} link add wire0 type veth peer name wire0 netns {b}"
         ));
+        for (k, (me, them)) in [(a, WIRE[1]), (b, WIRE[0])].into_iter().enumerate() {
+            let n = format!("-n {me} ");
+            match outer {
+                Outer::Vxlan => c.extend([
+                    format!("{n}addr add {}/24 dev wire0", WIRE[k]),
+                    format!("{n}link set wire0 up"),
+                    format!("{n}link add vxlan0 type vxlan id 2 local {} remote {them} dev wire0 dstport 4789", WIRE[k]),
+                    format!("{n}link set vxlan0 master br0 up"),
+                ]),
+                _ => c.push(format!("{n}link set wire0 master br0 up")),
+            }
+        }
+    }
+    if let Some(node) = &layout.host_pod {
+        c.extend(node_commands(node, layout.peer(node), inner, mtu));
     }
     c
 }
@@ -396,38 +590,25 @@ pub fn ip(args: &str) -> Result<()> {
 /// The guest's shell script, kept short (virtme-ng passes it on the kernel's command line, at
 /// most 2 KiB on 6.1): modules and filesystems the profiler needs, the NIC (found by its MAC)
 /// renamed eth0, then the agent, which builds the rest when the lab asks (`setup_commands`).
-fn guest_script(profiler: &Path) -> String {
+fn guest_script(profiler: &Path, node: &str, mac: &str) -> String {
     format!(
         "modprobe -q -a virtio_net virtio_console veth bridge vxlan 8021q sch_netem\n\
          mount -t bpf bpf /sys/fs/bpf; mount -t tracefs tracefs /sys/kernel/tracing\n\
          mkdir -p /run/netns; sysctl -qw net.ipv4.ip_forward=1\n\
-         for d in /sys/class/net/*; do [ $(cat $d/address) = {GUEST_MAC} ] && ip link set ${{d##*/}} name eth0; done\n\
-         exec {} agent --serial {AGENT_PORT} --node {GUEST}\n",
+         for d in /sys/class/net/*; do [ $(cat $d/address) = {mac} ] && ip link set ${{d##*/}} name eth0; done\n\
+         exec {} agent --serial {AGENT_PORT} --node {node}\n",
         profiler.display()
     )
 }
 
-/// The guest side, run by its agent: eth0 on the outer network, its pod network.
-fn setup_commands(inner: Inner, mtu: Option<u32>) -> Vec<String> {
+/// A guest's side, run by its agent: eth0 on the outer network, its pod network.
+fn setup_commands(node: &Node, peer: &Node, inner: Inner, mtu: Option<u32>) -> Vec<String> {
     let mut c = vec![
-        format!("addr add {OUTER_GUEST}/24 dev eth0"),
+        format!("addr add {}/24 dev eth0", node.outer),
         "link set eth0 up".to_string(),
-        "netns add pod-b".to_string(),
+        format!("netns add {}", node.pod),
     ];
-    c.extend(node_commands(
-        None,
-        "pod-b",
-        POD_NET_GUEST,
-        POD_NET_HOST,
-        ("eth0", OUTER_GUEST, OUTER_HOST),
-        inner,
-        mtu,
-    ));
-    if inner == Inner::FlannelVxlan {
-        c.push(format!(
-            "fdb append {VTEP_MAC_HOST} dev flannel.1 dst {OUTER_HOST} self permanent"
-        ));
-    }
+    c.extend(node_commands(node, peer, inner, mtu));
     c
 }
 
@@ -439,25 +620,26 @@ pub enum SetupAnswer {
     Failed(String),
 }
 
-/// Boots the guest in namespace `host`, its NIC the tap, its agent's port a Unix socket in
-/// `gdir`; returns once its process group is recorded (the agent answers later).
+/// Boots a guest in its host namespace, its NIC its tap, its agent's port a Unix socket in
+/// its directory; returns once its process group is recorded (the agent answers later).
 fn start(
     lab: &str,
-    host: &str,
-    gdir: &Path,
+    plan: &GuestPlan,
     vng: &Path,
     vmlinuz: &Path,
     release: &str,
     script: &str,
 ) -> Result<Guest> {
+    let (name, tap, mac) = (&plan.node.name, &plan.tap, &plan.mac);
+    let gdir = &dir(lab, name);
     std::fs::create_dir_all(gdir).with_context(|| format!("cannot create {}", gdir.display()))?;
     let socket = gdir.join("agent.sock");
     let log_path = gdir.join("console.log");
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("cannot create {}", log_path.display()))?;
     let qemu_opts = format!(
-        "-netdev tap,id=t0,ifname={TAP},script=no,downscript=no \
-         -device virtio-net-pci,netdev=t0,mac={GUEST_MAC} \
+        "-netdev tap,id=t0,ifname={tap},script=no,downscript=no \
+         -device virtio-net-pci,netdev=t0,mac={mac} \
          -device virtio-serial-pci \
          -chardev socket,id=agent,path={},server=on,wait=off \
          -device virtserialport,chardev=agent,name={AGENT_PORT}",
@@ -469,7 +651,7 @@ fn start(
         std::iter::once(venv_bin.to_path_buf()).chain(std::env::split_paths(&path)),
     )?;
     let child = Command::new("ip")
-        .args(["netns", "exec", host])
+        .args(["netns", "exec", &plan.host_ns])
         .arg(vng)
         .args([
             "--disable-kvm",
@@ -480,7 +662,7 @@ fn start(
             GUEST_CPUS,
         ])
         .arg("--name")
-        .arg(format!("{QEMU_NAME_PREFIX}{lab}-{GUEST}"))
+        .arg(format!("{QEMU_NAME_PREFIX}{lab}-{name}"))
         .arg("--run")
         .arg(vmlinuz)
         .args(["--cwd", "/"])
@@ -497,11 +679,11 @@ fn start(
     // Reaped by `stop` (or init, once this process has exited).
     std::mem::forget(child);
     let guest = Guest {
-        name: GUEST.to_string(),
+        name: name.clone(),
         pid,
         start_time: owner::start_time(pid).unwrap_or(0),
         kernel: release.to_string(),
-        tap: TAP.to_string(),
+        tap: tap.clone(),
         socket,
         inner: Inner::default(),
         outer: Outer::default(),
@@ -626,17 +808,147 @@ mod tests {
         assert_eq!(super::super::target::node_of("prof-bmp2vmp-host"), "host");
     }
 
+    fn guest_commands(layout: &Layout, k: usize, inner: Inner) -> String {
+        let node = &layout.guests[k].node;
+        setup_commands(node, layout.peer(node), inner, None).join("\n")
+    }
+
     #[test]
     fn flannel_nodes_point_at_each_other() {
-        let host = host_commands("h", "p", Inner::FlannelVxlan, None).join("\n");
+        let layout = Layout::of(
+            "bmp2vmp",
+            Topology::Bmp2vmp,
+            Placement::SameHost,
+            Outer::Bridge,
+        );
+        let host = host_commands(&layout, Inner::FlannelVxlan, None).join("\n");
         assert!(host.contains("local 198.19.0.1 dev br0"), "{host}");
-        assert!(host.contains("fdb append 02:c6:12:02:00:01 dev flannel.1 dst 198.19.0.2"));
-        let guest = setup_commands(Inner::FlannelVxlan, None).join("\n");
+        assert!(host.contains(
+            "-n prof-bmp2vmp-host fdb append 02:c6:12:02:00:01 dev flannel.1 dst 198.19.0.2"
+        ));
+        let guest = guest_commands(&layout, 0, Inner::FlannelVxlan);
         assert!(guest.contains("local 198.19.0.2 dev eth0"), "{guest}");
+        assert!(guest.contains("fdb append 02:c6:12:01:00:01 dev flannel.1 dst 198.19.0.1"));
         assert!(guest.contains("route add 198.18.0.0/24 via 198.18.0.0 dev flannel.1 onlink"));
-        let script = guest_script(Path::new("/p"));
+        assert!(guest.contains("netns add pod-b"), "{guest}");
+        let script = guest_script(Path::new("/p"), "vm1", "52:54:00:c6:12:01");
         assert!(script.contains("exec /p agent --serial profiler --node vm1"));
         // virtme-ng puts it on the kernel command line, base64: 2 KiB in all on 6.1.
         assert!(script.len() < 600, "{} bytes", script.len());
+    }
+
+    /// VMP2VMP cross-host: each tap on its own host's bridge, the bridges joined by wire0, and
+    /// the guests' pod networks pointing at each other (no pod on the host).
+    #[test]
+    fn vmp2vmp_cross_host_joins_two_hosts_by_the_wire() {
+        let layout = Layout::of(
+            "vmp2vmp-xhost",
+            Topology::Vmp2vmp,
+            Placement::CrossHost,
+            Outer::Bridge,
+        );
+        assert_eq!(
+            layout.namespaces(),
+            ["prof-vmp2vmp-xhost-host-a", "prof-vmp2vmp-xhost-host-b"]
+        );
+        let host = host_commands(&layout, Inner::FlannelVxlan, None);
+        for cmd in [
+            "-n prof-vmp2vmp-xhost-host-a tuntap add dev tap-vm1 mode tap",
+            "-n prof-vmp2vmp-xhost-host-b link set tap-vm2 master br0 up",
+            "-n prof-vmp2vmp-xhost-host-a link add wire0 type veth peer name wire0 netns prof-vmp2vmp-xhost-host-b",
+            "-n prof-vmp2vmp-xhost-host-b link set wire0 master br0 up",
+        ] {
+            assert!(host.iter().any(|c| c == cmd), "{cmd}: {host:#?}");
+        }
+        assert!(!host.iter().any(|c| c.contains("cni0")), "{host:#?}");
+        let vm1 = guest_commands(&layout, 0, Inner::FlannelVxlan);
+        assert!(vm1.contains("veth-a mtu 1450 type veth peer name eth0 mtu 1450 netns pod-a"));
+        assert!(vm1.contains("fdb append 02:c6:12:03:00:01 dev flannel.1 dst 198.19.0.3"));
+        assert!(vm1.contains("route add 198.18.2.0/24 via 198.18.2.0 dev flannel.1 onlink"));
+        let vm2 = guest_commands(&layout, 1, Inner::Bridge);
+        assert!(vm2.contains("addr add 198.19.0.3/24 dev eth0"), "{vm2}");
+        assert!(
+            vm2.contains("route add 198.18.1.0/24 via 198.19.0.2 dev eth0"),
+            "{vm2}"
+        );
+        assert_eq!(layout.guests[1].mac, "52:54:00:c6:12:02");
+        let same = Layout::of(
+            "vmp2vmp",
+            Topology::Vmp2vmp,
+            Placement::SameHost,
+            Outer::Bridge,
+        );
+        let host = host_commands(&same, Inner::Bridge, None).join("\n");
+        assert!(host.contains("-n prof-vmp2vmp-host link set tap-vm2 master br0 up"));
+        assert!(!host.contains("wire0"), "{host}");
+    }
+
+    /// `--outer vxlan`: wire0 is routed between the hosts and carries vxlan0, the bridges'
+    /// port, so a flannel packet from a guest is encapsulated a second time on the host.
+    #[test]
+    fn outer_vxlan_bridges_the_hosts_over_a_vxlan_on_the_wire() {
+        let layout = Layout::of(
+            "vmp2vmp-xhost",
+            Topology::Vmp2vmp,
+            Placement::CrossHost,
+            Outer::Vxlan,
+        );
+        let host = host_commands(&layout, Inner::FlannelVxlan, None);
+        for cmd in [
+            "-n prof-vmp2vmp-xhost-host-a addr add 198.19.1.1/24 dev wire0",
+            "-n prof-vmp2vmp-xhost-host-a link add vxlan0 type vxlan id 2 local 198.19.1.1 remote 198.19.1.2 dev wire0 dstport 4789",
+            "-n prof-vmp2vmp-xhost-host-b link add vxlan0 type vxlan id 2 local 198.19.1.2 remote 198.19.1.1 dev wire0 dstport 4789",
+            "-n prof-vmp2vmp-xhost-host-b link set vxlan0 master br0 up",
+        ] {
+            assert!(host.iter().any(|c| c == cmd), "{cmd}: {host:#?}");
+        }
+        assert!(
+            !host.iter().any(|c| c.contains("wire0 master")),
+            "{host:#?}"
+        );
+        let options = |topology, placement, outer| {
+            let o = LabOptions {
+                placement,
+                outer: Some(outer),
+                guest_kernel: Some("/nonexistent".into()),
+                ..LabOptions::default()
+            };
+            check(topology, &o).map_err(|e| e.to_string())
+        };
+        let same = options(Topology::Vmp2vmp, Placement::SameHost, Outer::Vxlan);
+        assert!(same.unwrap_err().contains("cross-host only"));
+        let vlan = options(Topology::Vmp2vmp, Placement::CrossHost, Outer::Vlan);
+        assert!(vlan.unwrap_err().contains("no 8021q"));
+    }
+
+    /// `--inner vlan`: each guest's pod on a VLAN child of its eth0, one subnet for both; not
+    /// on bmp2vmp, whose bare-metal node has no 8021q here.
+    #[test]
+    fn inner_vlan_puts_each_pod_on_a_vlan_of_its_guest_nic() {
+        let layout = Layout::of(
+            "vmp2vmp",
+            Topology::Vmp2vmp,
+            Placement::SameHost,
+            Outer::Bridge,
+        );
+        let vm2 = guest_commands(&layout, 1, Inner::Vlan);
+        assert_eq!(
+            vm2,
+            "addr add 198.19.0.3/24 dev eth0\nlink set eth0 up\nnetns add pod-b\n\
+             link add link eth0 name vlan100 mtu 1500 type vlan id 100\n\
+             link set vlan100 netns pod-b\n-n pod-b link set vlan100 name eth0\n\
+             -n pod-b link set lo up\n-n pod-b addr add 198.18.100.2/24 dev eth0\n\
+             -n pod-b link set eth0 up"
+        );
+        assert_eq!(
+            layout.guests[0].node.pod_addr(Inner::Vlan),
+            Ipv4Addr::new(198, 18, 100, 1)
+        );
+        let bmp = LabOptions {
+            inner: Some(Inner::Vlan),
+            ..LabOptions::default()
+        };
+        let err = check(Topology::Bmp2vmp, &bmp).unwrap_err().to_string();
+        assert!(err.contains("8021q"), "{err}");
     }
 }

@@ -454,7 +454,7 @@ impl LinkRow {
             match a {
                 LinkAttribute::IfName(n) => row.name = n.clone(),
                 LinkAttribute::Mtu(v) => row.mtu = *v,
-                LinkAttribute::Link(l) if *l != 0 && *l != m.header.index => row.link = Some(*l),
+                LinkAttribute::Link(l) if *l != 0 => row.link = Some(*l),
                 LinkAttribute::LinkNetNsId(_) => row.link_elsewhere = true,
                 LinkAttribute::Controller(c) => row.master = Some(*c),
                 LinkAttribute::LinkInfo(infos) => {
@@ -467,6 +467,11 @@ impl LinkRow {
                 _ => {}
             }
         }
+        // A device's link to itself is none; a veth whose peer in another namespace happens
+        // to have its own ifindex (two namespaces built alike: vmp2vmp's wire0) keeps it.
+        if row.link == Some(row.index) && !row.link_elsewhere {
+            row.link = None;
+        }
         row.addrs = addrs
             .iter()
             .filter(|a| a.header.index == m.header.index)
@@ -478,5 +483,29 @@ impl LinkRow {
             })
             .collect();
         row
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(index: u32, attributes: Vec<LinkAttribute>) -> LinkRow {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.attributes = attributes;
+        LinkRow::of(&m, &[])
+    }
+
+    /// vmp2vmp's wire0: a veth whose peer in the other host namespace has the same ifindex.
+    #[test]
+    fn a_peer_elsewhere_with_the_same_index_is_kept() {
+        let elsewhere = row(
+            3,
+            vec![LinkAttribute::Link(3), LinkAttribute::LinkNetNsId(0)],
+        );
+        assert_eq!((elsewhere.link, elsewhere.link_elsewhere), (Some(3), true));
+        assert_eq!(row(3, vec![LinkAttribute::Link(3)]).link, None);
+        assert_eq!(row(3, vec![LinkAttribute::Link(5)]).link, Some(5));
     }
 }

@@ -375,7 +375,9 @@ impl Spec {
                 topology.name()
             ),
             (Topology::Vlan, SameHost) => bail!("vlan needs --placement cross-host"),
-            (Topology::Bmp2vmp, _) => bail!("bmp2vmp is a nested lab (lab/nested.rs), not a spec"),
+            (t @ (Topology::Bmp2vmp | Topology::Vmp2vmp), _) => {
+                bail!("{} is a nested lab (lab/nested.rs), not a spec", t.name())
+            }
             (Topology::OvsVxlan | Topology::OvsGre, SameHost) => bail!(
                 "{} same-host would not cross the tunnel port (it is ovs-vlan same-host); use --placement cross-host",
                 topology.name()

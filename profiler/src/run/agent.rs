@@ -57,6 +57,8 @@ pub enum Request {
     /// A lab's: `ip` commands that build the guest's side; answered with a [`SetupAnswer`].
     Setup(Vec<String>),
     Start(Start),
+    /// Runs the client in the guest's pod (answered with [`Answer::Client`] once it is done).
+    Client(Client),
     Stop {
         run_id: u32,
     },
@@ -68,10 +70,36 @@ pub struct Start {
     pub run_id: u32,
     pub port: u16,
     pub hooks: HookSet,
-    /// The server's namespace as the guest names it ("(root)" for its own).
-    pub server_ns: String,
+    /// The server's namespace as the guest names it ("(root)" for its own), when the server
+    /// is in this guest.
+    pub server_ns: Option<String>,
     pub server_addr: Ipv4Addr,
     pub size: usize,
+}
+
+/// The request/response client of a run whose client pod is in the guest (vmp2vmp).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Client {
+    pub run_id: u32,
+    /// The client's namespace as the guest names it.
+    pub client_ns: String,
+    pub server_addr: Ipv4Addr,
+    pub port: u16,
+    pub size: usize,
+    pub count: u32,
+    pub rate: Option<f64>,
+    pub timeout: Duration,
+    /// Untagged exchanges first (run id 0), so neighbour resolution is not measured.
+    pub warm_up: u32,
+}
+
+impl Client {
+    /// At most how long the client takes: its pace, a timeout per exchange, and slack.
+    fn within(&self) -> Duration {
+        let paced = self.rate.map_or(0.0, |r| f64::from(self.count) / r);
+        let waits = self.timeout * (self.count + self.warm_up);
+        Duration::from_secs_f64(paced) + waits + Duration::from_secs(60)
+    }
 }
 
 /// What the agent answers to Start and Stop; each names its run, so an answer left in the
@@ -85,6 +113,11 @@ pub enum Answer {
         hooks: Vec<HookStatus>,
     },
     Done(Done),
+    /// The client's stamps, on the guest's clock: (seq, request sent, response received).
+    Client {
+        run_id: u32,
+        stamps: Vec<(u32, u64, u64)>,
+    },
     Error {
         run_id: u32,
         error: String,
@@ -206,7 +239,7 @@ struct Running {
     programs: Programs,
     stop: oneshot::Sender<()>,
     collector: JoinHandle<Result<Vec<Event>>>,
-    server: JoinHandle<()>,
+    server: Option<JoinHandle<()>>,
     log: ServerLog,
 }
 
@@ -252,6 +285,7 @@ async fn session(mut lines: Reader, mut write: Writer, node: &str, serial: bool)
                     })?,
                 }
             }
+            Request::Client(c) => serde_json::to_string(&run_client(&c).await)?,
             Request::Stop { run_id } => {
                 let answer = match running.take().filter(|r| r.run_id == run_id) {
                     Some(r) => finish(r).await.unwrap_or_else(|e| Answer::Error {
@@ -290,6 +324,58 @@ async fn inventory() -> Result<Inventory> {
     })
 }
 
+/// Runs the client as `c` says: a warm-up, then the run's exchanges.
+async fn run_client(c: &Client) -> Answer {
+    let spec = |run_id, count, rate| traffic::Spec {
+        proto: traffic::Proto::Udp,
+        size: c.size,
+        count,
+        rate,
+        run_id,
+        port: c.port,
+        timeout: c.timeout,
+    };
+    let ends = traffic::Endpoints {
+        client_ns: discover::ns_arg(&c.client_ns).map(str::to_string),
+        server_ns: None,
+        server_addr: c.server_addr,
+        remote_server: true,
+    };
+    let progress = std::sync::Arc::default();
+    let run = async {
+        traffic::run(&spec(0, c.warm_up, None), &ends, std::sync::Arc::default())
+            .await
+            .context("warming up the path")?;
+        traffic::run(&spec(c.run_id, c.count, c.rate), &ends, progress).await
+    };
+    match run.await {
+        Ok(out) => Answer::Client {
+            run_id: c.run_id,
+            stamps: client_stamps(&out),
+        },
+        Err(e) => Answer::Error {
+            run_id: c.run_id,
+            error: format!("{e:#}"),
+        },
+    }
+}
+
+/// The client's half of an outcome: (seq, request sent, response received).
+fn client_stamps(out: &traffic::Outcome) -> Vec<(u32, u64, u64)> {
+    let mut by_seq: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
+    for s in &out.stamps {
+        let e = by_seq.entry(s.seq).or_default();
+        match s.direction {
+            DIR_REQUEST => e.0 = s.send_ns,
+            _ => e.1 = s.recv_ns,
+        }
+    }
+    by_seq
+        .into_iter()
+        .map(|(seq, (a, b))| (seq, a, b))
+        .collect()
+}
+
 /// Loads and attaches the guest's programs for the run (tc on every device of the guest) and
 /// starts its server.
 async fn start(s: &Start) -> Result<(Running, Answer)> {
@@ -309,23 +395,26 @@ async fn start(s: &Start) -> Result<(Running, Answer)> {
     }
     let (stop, stop_rx) = oneshot::channel();
     let collector = tokio::spawn(ring::collect(programs.take_events()?, stop_rx));
-    let socket = traffic::udp_server(
-        discover::ns_arg(&s.server_ns),
-        SocketAddr::from((s.server_addr, s.port)),
-    )?;
     let log = ServerLog::default();
     let run_id = s.run_id;
-    // The host's warm-up exchanges carry run id 0: answered, not logged.
-    let server = tokio::spawn(traffic::serve_udp(
-        socket,
-        s.size,
-        log.clone(),
-        move |id| match id {
-            0 => Some(false),
-            id if id == run_id => Some(true),
-            _ => None,
-        },
-    ));
+    let server = match &s.server_ns {
+        Some(ns) => {
+            let addr = SocketAddr::from((s.server_addr, s.port));
+            let socket = traffic::udp_server(discover::ns_arg(ns), addr)?;
+            // The warm-up exchanges carry run id 0: answered, not logged.
+            Some(tokio::spawn(traffic::serve_udp(
+                socket,
+                s.size,
+                log.clone(),
+                move |id| match id {
+                    0 => Some(false),
+                    id if id == run_id => Some(true),
+                    _ => None,
+                },
+            )))
+        }
+        None => None,
+    };
     let answer = Answer::Ready {
         run_id,
         hook_set,
@@ -346,7 +435,9 @@ async fn finish(r: Running) -> Result<Answer> {
     tokio::time::sleep(DRAIN).await;
     let _ = r.stop.send(());
     let events = r.collector.await.context("the event collector stopped")??;
-    r.server.abort();
+    if let Some(server) = r.server {
+        server.abort();
+    }
     let counters = r.programs.counters()?;
     let stamps = r.log.lock().expect("server log lock").clone();
     Ok(Answer::Done(Done {
@@ -419,6 +510,17 @@ impl Remote {
         }
     }
 
+    /// Runs the client in the guest; returns its (seq, sent, received) stamps, one per
+    /// completed exchange, on the guest's clock.
+    pub async fn client(&mut self, c: Client) -> Result<Vec<(u32, u64, u64)>> {
+        let (run_id, within) = (c.run_id, c.within());
+        match self.ask(&Request::Client(c), run_id, within).await? {
+            Answer::Client { stamps, .. } => Ok(stamps),
+            Answer::Error { error, .. } => bail!("agent {}: {error}", self.node),
+            a => bail!("agent {}: unexpected answer {a:?}", self.node),
+        }
+    }
+
     pub async fn stop(&mut self, run_id: u32) -> Result<Done> {
         match self
             .ask(&Request::Stop { run_id }, run_id, STOP_TIMEOUT)
@@ -433,7 +535,9 @@ impl Remote {
 
 fn answer_run(a: &Answer) -> u32 {
     match a {
-        Answer::Ready { run_id, .. } | Answer::Error { run_id, .. } => *run_id,
+        Answer::Ready { run_id, .. }
+        | Answer::Client { run_id, .. }
+        | Answer::Error { run_id, .. } => *run_id,
         Answer::Done(d) => d.run_id,
     }
 }
@@ -452,10 +556,10 @@ fn guest_ids(node: &str, index: u32, namespaces: &[String], ids: &mut Inodes) ->
         .collect()
 }
 
-/// Whether `e` is on the side where its packet leaves the kernel (`host`: the host's, toward
-/// the guest): the request on the host, the response in the guest.
-fn leaving(e: &Event, host: bool) -> bool {
-    (e.direction == DIR_REQUEST) == host
+/// Whether `e` is on the side where its packet leaves the kernel toward the other (the request
+/// on the exchange's originator, the response on its responder).
+fn leaving(e: &Event, originator: bool) -> bool {
+    (e.direction == DIR_REQUEST) == originator
 }
 
 /// A transmit's return: the end of a (nested) transmit's unwinding, not packet movement. Under
@@ -465,74 +569,111 @@ fn unwinding(e: &Event) -> bool {
     e.hook == HookId::NetDevXmit as u8
 }
 
-/// Puts a guest's events and the server's stamps on the host's timeline: estimates the guest
-/// clock per exchange (crossing.rs) from the host's events and client stamps and the guest's,
-/// moves the guest's events into `events` and completes `stamps`. Returns how the clocks were
-/// related.
+/// One guest's part of a run, as its agent handed it over.
+pub struct GuestPart<'a> {
+    pub node: &'a str,
+    /// Its place among the run's guests (its namespaces' ids depend on it).
+    pub index: u32,
+    pub done: Done,
+    /// Its namespaces with their inodes in its kernel.
+    pub namespaces: &'a [(String, u32)],
+    /// Its client's (seq, sent, received) stamps when its pod sent the requests: it is then
+    /// the exchanges' originator (t1, t4 on its side), else the responder.
+    pub client: Option<Vec<(u32, u64, u64)>>,
+}
+
+/// A guest's part on the host's timeline.
+pub struct Merged {
+    pub events: Vec<Event>,
+    /// Its client's stamps, if it ran the client.
+    pub client: Vec<(u32, u64, u64)>,
+    /// Its server's (seq, received, sent) stamps, if it ran the server.
+    pub server: Vec<(u32, u64, u64)>,
+    pub report: CrossingReport,
+}
+
+/// Puts a guest's events and stamps on the host's timeline: estimates the guest clock per
+/// exchange (crossing.rs) from the host's events (`host_events`, the host's alone) and client
+/// stamps (`host_client`, when the host ran the client) and the guest's. Drops from
+/// `host_events` the returns of transmits that handed a packet to the guest.
 pub fn merge(
-    node: &str,
-    index: u32,
-    done: Done,
-    guest_namespaces: &[(String, u32)],
-    events: &mut Vec<Event>,
-    stamps: &mut traffic::Outcome,
+    part: GuestPart,
+    host_events: &mut Vec<Event>,
+    host_client: &[traffic::Stamp],
     inodes: &mut Inodes,
-) -> CrossingReport {
+) -> Merged {
+    let guest_side = part.client.is_some();
+    let host_side = !guest_side;
     let mut c = Collect::default();
-    for e in events
-        .iter()
-        .filter(|e| !(leaving(e, true) && unwinding(e)))
-    {
-        c.host(e.seq, e.direction == DIR_REQUEST, e.ts_ns);
+    let mut add = |originator: bool, seq, request, ts| match originator {
+        true => c.originator(seq, request, ts),
+        false => c.responder(seq, request, ts),
+    };
+    let hops = |e: &&Event, originator| !(leaving(e, originator) && unwinding(e));
+    for e in host_events.iter().filter(|e| hops(e, host_side)) {
+        add(host_side, e.seq, e.direction == DIR_REQUEST, e.ts_ns);
     }
-    for s in &stamps.stamps {
-        let ts = if s.direction == DIR_REQUEST {
-            s.send_ns
-        } else {
-            s.recv_ns
-        };
-        c.host(s.seq, s.direction == DIR_REQUEST, ts);
+    for s in host_client {
+        let request = s.direction == DIR_REQUEST;
+        add(
+            true,
+            s.seq,
+            request,
+            if request { s.send_ns } else { s.recv_ns },
+        );
     }
-    let mut guest: Vec<Event> = done.events.iter().map(from_wire).collect();
-    for e in guest
-        .iter()
-        .filter(|e| !(leaving(e, false) && unwinding(e)))
-    {
-        c.guest(e.seq, e.direction == DIR_REQUEST, e.ts_ns);
+    let mut guest: Vec<Event> = part.done.events.iter().map(from_wire).collect();
+    for e in guest.iter().filter(|e| hops(e, guest_side)) {
+        add(guest_side, e.seq, e.direction == DIR_REQUEST, e.ts_ns);
     }
-    for &(seq, recv, send) in &done.stamps {
-        c.guest(seq, true, recv);
-        c.guest(seq, false, send);
+    for &(seq, recv, send) in &part.done.stamps {
+        add(false, seq, true, recv);
+        add(false, seq, false, send);
+    }
+    for &(seq, sent, recv) in part.client.iter().flatten() {
+        add(true, seq, true, sent);
+        add(true, seq, false, recv);
     }
     let exchanges = c.complete();
     // The returns of the transmits that handed the packet over, once it was in the other
     // kernel: not where the packet is.
-    let handed_over = |e: &Event, host: bool| {
-        let last = |x: &crossing::Exchange| if host { x.t1 } else { x.t3 };
-        leaving(e, host) && unwinding(e) && exchanges.get(&e.seq).is_some_and(|x| e.ts_ns > last(x))
+    let handed_over = |e: &Event, originator: bool| {
+        let last = |x: &crossing::Exchange| if originator { x.t1 } else { x.t3 };
+        leaving(e, originator)
+            && unwinding(e)
+            && exchanges.get(&e.seq).is_some_and(|x| e.ts_ns > last(x))
     };
-    events.retain(|e| !handed_over(e, true));
-    guest.retain(|e| !handed_over(e, false));
-    let est = Estimate::of(node, &exchanges);
-    let names: Vec<String> = guest_namespaces.iter().map(|(n, _)| n.clone()).collect();
-    let ids = guest_ids(node, index, &names, inodes);
-    let by_inode: HashMap<u32, u32> = guest_namespaces
+    host_events.retain(|e| !handed_over(e, host_side));
+    guest.retain(|e| !handed_over(e, guest_side));
+    let est = Estimate::of(part.node, &exchanges, guest_side);
+    let names: Vec<String> = part.namespaces.iter().map(|(n, _)| n.clone()).collect();
+    let ids = guest_ids(part.node, part.index, &names, inodes);
+    let by_inode: HashMap<u32, u32> = part
+        .namespaces
         .iter()
         .zip(ids)
         .map(|((_, inode), id)| (*inode, id))
         .collect();
-    events.extend(guest.into_iter().map(|e| Event {
-        ts_ns: est.to_host(e.seq, e.ts_ns),
-        netns: by_inode.get(&e.netns).copied().unwrap_or(0),
-        ..e
-    }));
-    let on_host: Vec<(u32, u64, u64)> = done
-        .stamps
-        .iter()
-        .map(|&(seq, recv, send)| (seq, est.to_host(seq, recv), est.to_host(seq, send)))
-        .collect();
-    traffic::apply_server_log(stamps, &on_host);
-    est.report
+    let on_host = |stamps: &[(u32, u64, u64)]| -> Vec<(u32, u64, u64)> {
+        let at = |seq, ts| est.to_host(seq, ts);
+        stamps
+            .iter()
+            .map(|&(s, a, b)| (s, at(s, a), at(s, b)))
+            .collect()
+    };
+    Merged {
+        events: guest
+            .into_iter()
+            .map(|e| Event {
+                ts_ns: est.to_host(e.seq, e.ts_ns),
+                netns: by_inode.get(&e.netns).copied().unwrap_or(0),
+                ..e
+            })
+            .collect(),
+        client: on_host(part.client.as_deref().unwrap_or_default()),
+        server: on_host(&part.done.stamps),
+        report: est.report,
+    }
 }
 
 #[cfg(test)]
@@ -584,9 +725,17 @@ mod tests {
             lost: 0,
             unreadable: 0,
         };
-        let mut outcome = traffic::Outcome::default();
         let mut inodes = Inodes::default();
-        let report = merge("vm1", 0, done, &[], &mut events, &mut outcome, &mut inodes);
+        let part = GuestPart {
+            node: "vm1",
+            index: 0,
+            done,
+            namespaces: &[],
+            client: None,
+        };
+        let merged = merge(part, &mut events, &[], &mut inodes);
+        let report = merged.report;
+        events.extend(merged.events);
         let mut ts: Vec<(u32, u8, u64)> = events
             .iter()
             .map(|e| (e.direction, e.hook, e.ts_ns))
@@ -604,6 +753,80 @@ mod tests {
         );
         assert_eq!(report.offset_ns, 1_000_000 - 100);
         assert_eq!(report.crossing_sum.mean_ns, 600.0);
+    }
+
+    fn done(events: &[Event], stamps: Vec<(u32, u64, u64)>) -> Done {
+        Done {
+            run_id: 1,
+            events: events.iter().map(to_wire).collect(),
+            stamps,
+            lost: 0,
+            unreadable: 0,
+        }
+    }
+
+    /// VMP2VMP: vm1 (clock 10^6 ahead) sends the request through the host to vm2 (clock
+    /// 2 * 10^6 ahead), each crossing taking 200 ns both ways. vm1 is the originator of its
+    /// exchanges with the host, the host of its with vm2: both guests' events, the client's
+    /// and the server's stamps land at their true host times.
+    #[test]
+    fn two_guests_each_side_of_the_host_land_on_its_timeline() {
+        use profiler_common::DIR_RESPONSE;
+        use HookId::*;
+        let (vm1, vm2) = (1_000_000, 2_000_000);
+        let mut events = vec![
+            ev(1, DIR_REQUEST, NetifReceiveSkb, 1200),
+            ev(1, DIR_REQUEST, NetDevStartXmit, 1300),
+            ev(1, DIR_RESPONSE, NetifReceiveSkb, 2000),
+            ev(1, DIR_RESPONSE, NetDevStartXmit, 2100),
+        ];
+        let first = done(
+            &[
+                ev(1, DIR_REQUEST, NetDevStartXmit, vm1 + 1000),
+                ev(1, DIR_RESPONSE, NapiGroReceiveEntry, vm1 + 2300),
+            ],
+            Vec::new(),
+        );
+        let second = done(
+            &[
+                ev(1, DIR_REQUEST, NapiGroReceiveEntry, vm2 + 1500),
+                ev(1, DIR_RESPONSE, NetDevStartXmit, vm2 + 1800),
+            ],
+            vec![(1, vm2 + 1600, vm2 + 1700)],
+        );
+        let mut inodes = Inodes::default();
+        let one = merge(
+            GuestPart {
+                node: "vm1",
+                index: 0,
+                done: first,
+                namespaces: &[],
+                client: Some(vec![(1, vm1 + 900, vm1 + 2400)]),
+            },
+            &mut events,
+            &[],
+            &mut inodes,
+        );
+        let two = merge(
+            GuestPart {
+                node: "vm2",
+                index: 1,
+                done: second,
+                namespaces: &[],
+                client: None,
+            },
+            &mut events,
+            &[],
+            &mut inodes,
+        );
+        assert_eq!(one.report.offset_ns, vm1 as i64);
+        assert_eq!(two.report.offset_ns, vm2 as i64);
+        assert_eq!(one.client, [(1, 900, 2400)]);
+        assert_eq!(two.server, [(1, 1600, 1700)]);
+        events.extend(one.events.into_iter().chain(two.events));
+        let mut ts: Vec<u64> = events.iter().map(|e| e.ts_ns).collect();
+        ts.sort_unstable();
+        assert_eq!(ts, [1000, 1200, 1300, 1500, 1800, 2000, 2100, 2300]);
     }
 
     #[test]

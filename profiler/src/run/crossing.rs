@@ -1,10 +1,12 @@
 //! The segments that cross between two kernels (host tap -> guest virtio-net and back), whose
 //! ends are stamped by two clocks that nothing synchronises. Neither clock is trusted: for each
-//! request/response exchange the host's t1 (the request's last host hop) and t4 (the response's
-//! first host hop) and the guest's t2 (the request's first guest hop) and t3 (the response's last
-//! guest hop) give the two crossings' sum exactly, (t4 - t1) - (t3 - t2), and, NTP's way, the
-//! guest clock's offset ((t2 - t1) + (t3 - t4)) / 2 under the assumption that both crossings take
-//! as long. Each exchange's guest times are moved onto the host clock with its own offset, so
+//! request/response exchange the originator's t1 (the request's last hop on the side that sends
+//! it: the host for a bare-metal client, the guest for a client in the guest) and t4 (the
+//! response's first hop there) and the responder's t2 (the request's first hop on the other
+//! side) and t3 (the response's last) give the two crossings' sum exactly,
+//! (t4 - t1) - (t3 - t2), and, NTP's way, the responder clock's offset
+//! ((t2 - t1) + (t3 - t4)) / 2 under the assumption that both crossings take as long; the
+//! report gives it as the guest's clock minus the host's either way. Each exchange's guest times are moved onto the host clock with its own offset, so
 //! each crossing gets half of that exchange's sum: the split is symmetric by construction, and
 //! each direction's estimate is off by half the exchange's asymmetry (d_req - d_resp) / 2, which
 //! no clock reading can reveal. The sum, and every segment within one kernel, are exact.
@@ -15,12 +17,14 @@ use super::journey::stats_of;
 use crate::report::schema::CrossingReport;
 
 /// How the crossing segments were estimated, for the report.
-pub const METHOD: &str = "per exchange: sum (t4-t1)-(t3-t2) measured, split half and half \
-     (each direction is biased by half the exchange's asymmetry); guest clock offset \
-     ((t2-t1)+(t3-t4))/2; t1 and t3 are the last hops before the packet is handed over, not \
-     the returns of the transmits that handed it over (those are left out)";
+pub const METHOD: &str = "per exchange: sum (t4-t1)-(t3-t2) measured (t1, t4 on the side that \
+     sends the request), split half and half (each direction is biased by half the exchange's \
+     asymmetry); clock offset ((t2-t1)+(t3-t4))/2, given as guest minus host; t1 and t3 are the \
+     last hops before the packet is handed over, not the returns of the transmits that handed \
+     it over (those are left out)";
 
-/// One exchange's four times: t1 and t4 on the host's clock, t2 and t3 on the guest's.
+/// One exchange's four times: t1 and t4 on the originator's clock, t2 and t3 on the
+/// responder's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Exchange {
     pub t1: u64,
@@ -30,7 +34,7 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    /// The guest clock minus the host clock, assuming both crossings take as long.
+    /// The responder's clock minus the originator's, assuming both crossings take as long.
     pub fn offset(&self) -> i64 {
         let (t1, t2, t3, t4) = (
             self.t1 as i128,
@@ -41,7 +45,7 @@ impl Exchange {
         (((t2 - t1) + (t3 - t4)) / 2) as i64
     }
 
-    /// Both crossings' time together: the round trip less the guest's residence.
+    /// Both crossings' time together: the round trip less the responder's residence.
     pub fn crossing_sum(&self) -> i64 {
         (self.t4 as i64 - self.t1 as i64) - (self.t3 as i64 - self.t2 as i64)
     }
@@ -62,8 +66,8 @@ struct Partial {
 }
 
 impl Collect {
-    /// A host time of the request (`request`) or the response of exchange `seq`.
-    pub fn host(&mut self, seq: u32, request: bool, ts: u64) {
+    /// An originator's time of the request (`request`) or the response of exchange `seq`.
+    pub fn originator(&mut self, seq: u32, request: bool, ts: u64) {
         let p = self.exchanges.entry(seq).or_default();
         if request {
             p.t1 = Some(p.t1.map_or(ts, |t| t.max(ts)));
@@ -72,8 +76,8 @@ impl Collect {
         }
     }
 
-    /// A guest time of the request or the response of exchange `seq`.
-    pub fn guest(&mut self, seq: u32, request: bool, ts: u64) {
+    /// A responder's time of the request or the response of exchange `seq`.
+    pub fn responder(&mut self, seq: u32, request: bool, ts: u64) {
         let p = self.exchanges.entry(seq).or_default();
         if request {
             p.t2 = Some(p.t2.map_or(ts, |t| t.min(ts)));
@@ -101,7 +105,7 @@ impl Collect {
     }
 }
 
-/// The guest clock's offset per exchange, and what the report says of it.
+/// The guest clock's offset from the host's per exchange, and what the report says of it.
 pub struct Estimate {
     offsets: BTreeMap<u32, i64>,
     /// For exchanges without all four times: the median offset.
@@ -110,8 +114,13 @@ pub struct Estimate {
 }
 
 impl Estimate {
-    pub fn of(node: &str, exchanges: &BTreeMap<u32, Exchange>) -> Estimate {
-        let offsets: BTreeMap<u32, i64> = exchanges.iter().map(|(&s, e)| (s, e.offset())).collect();
+    /// `guest_originates`: the guest sends the requests (t1, t4 are the guest's).
+    pub fn of(node: &str, exchanges: &BTreeMap<u32, Exchange>, guest_originates: bool) -> Estimate {
+        let sign = if guest_originates { -1 } else { 1 };
+        let offsets: BTreeMap<u32, i64> = exchanges
+            .iter()
+            .map(|(&s, e)| (s, sign * e.offset()))
+            .collect();
         let mut sorted: Vec<i64> = offsets.values().copied().collect();
         sorted.sort_unstable();
         let at = |q: f64| {
@@ -133,7 +142,7 @@ impl Estimate {
                 exchanges: exchanges.len() as u64,
                 offset_ns: median,
                 offset_p10_p90_ns: (at(0.1), at(0.9)),
-                drift_ppm: drift_ppm(exchanges),
+                drift_ppm: drift_ppm(exchanges, &offsets),
                 crossing_sum: stats_of(&sums),
             },
             offsets,
@@ -147,17 +156,18 @@ impl Estimate {
     }
 }
 
-/// The slope of the offsets over host time (least squares), in parts per million: how fast the
-/// guest clock runs away from the host's during the run.
-fn drift_ppm(exchanges: &BTreeMap<u32, Exchange>) -> f64 {
+/// The slope of the offsets over the originator's time (least squares; either clock does for
+/// a slope in ppm), in parts per million: how fast the guest clock runs away from the host's
+/// during the run.
+fn drift_ppm(exchanges: &BTreeMap<u32, Exchange>, offsets: &BTreeMap<u32, i64>) -> f64 {
     let n = exchanges.len() as f64;
     if n < 2.0 {
         return 0.0;
     }
     let t0 = exchanges.values().map(|e| e.t1).min().unwrap_or(0);
     let points: Vec<(f64, f64)> = exchanges
-        .values()
-        .map(|e| ((e.t1 - t0) as f64, e.offset() as f64))
+        .iter()
+        .map(|(s, e)| ((e.t1 - t0) as f64, offsets[s] as f64))
         .collect();
     let (mx, my) = points
         .iter()
@@ -206,7 +216,7 @@ mod tests {
     fn the_sum_is_exact_and_the_offset_is_off_by_half_the_asymmetry() {
         let (offset, d_req, d_resp) = (-123_456_789_i64, 900_000, 300_000);
         let exchanges = synthetic(offset, 0.0, d_req, d_resp);
-        let est = Estimate::of("vm1", &exchanges);
+        let est = Estimate::of("vm1", &exchanges, false);
         let half_asymmetry = (d_req as i64 - d_resp as i64) / 2;
         let error = est.report.offset_ns - offset;
         println!(
@@ -232,7 +242,7 @@ mod tests {
     #[test]
     fn each_direction_gets_half_the_sum_on_the_host_clock() {
         let exchanges = synthetic(5_000_000_000, 0.0, 700_000, 100_000);
-        let est = Estimate::of("vm1", &exchanges);
+        let est = Estimate::of("vm1", &exchanges, false);
         for (&seq, e) in &exchanges {
             let req = est.to_host(seq, e.t2) as i64 - e.t1 as i64;
             let resp = e.t4 as i64 - est.to_host(seq, e.t3) as i64;
@@ -244,9 +254,37 @@ mod tests {
         }
     }
 
+    /// VMP2VMP: the guest sends the requests, so t1 and t4 are on its clock and t2 and t3 on
+    /// the host's; the offset is still reported as the guest's minus the host's, and guest
+    /// times still land on the host clock with half the sum per crossing.
+    #[test]
+    fn a_guest_that_sends_the_requests_is_the_originator() {
+        let (offset, d_req, d_resp) = (300_000_000_i64, 500_000, 500_000);
+        // Seen from the guest, the host runs `-offset` ahead.
+        let exchanges = synthetic(-offset, 0.0, d_req, d_resp);
+        let est = Estimate::of("vm1", &exchanges, true);
+        let error = est.report.offset_ns - offset;
+        println!("guest as originator: offset error {error} ns (jitter up to 20 us per part)");
+        assert!(error.abs() <= 10_000, "offset error {error} ns");
+        for (&seq, e) in &exchanges {
+            // The guest's t1 on the host clock, then the request's crossing to the host's t2.
+            let req = e.t2 as i64 - est.to_host(seq, e.t1) as i64;
+            let resp = est.to_host(seq, e.t4) as i64 - e.t3 as i64;
+            assert!((req - resp).abs() <= 1, "seq {seq}: {req} vs {resp}");
+            assert!((req + resp - e.crossing_sum()).abs() <= 1);
+        }
+        let ppm = Estimate::of("vm1", &synthetic(0, 50.0, 1, 1), true)
+            .report
+            .drift_ppm;
+        assert!(
+            (ppm + 50.0).abs() < 1.0,
+            "drift {ppm} ppm: the host's 50 seen from the guest"
+        );
+    }
+
     #[test]
     fn drift_is_measured() {
-        let est = Estimate::of("vm1", &synthetic(0, 50.0, 200_000, 200_000));
+        let est = Estimate::of("vm1", &synthetic(0, 50.0, 200_000, 200_000), false);
         let ppm = est.report.drift_ppm;
         assert!((ppm - 50.0).abs() < 1.0, "drift {ppm} ppm, made 50");
     }
@@ -254,14 +292,14 @@ mod tests {
     #[test]
     fn an_exchange_missing_a_time_is_not_complete() {
         let mut c = Collect::default();
-        c.host(1, true, 10);
-        c.host(1, true, 20);
-        c.guest(1, true, 1000);
-        c.guest(1, true, 900);
-        c.guest(1, false, 1100);
-        c.host(1, false, 300);
-        c.host(1, false, 250);
-        c.host(2, true, 400);
+        c.originator(1, true, 10);
+        c.originator(1, true, 20);
+        c.responder(1, true, 1000);
+        c.responder(1, true, 900);
+        c.responder(1, false, 1100);
+        c.originator(1, false, 300);
+        c.originator(1, false, 250);
+        c.originator(2, true, 400);
         let done = c.complete();
         assert_eq!(done.len(), 1);
         assert_eq!(

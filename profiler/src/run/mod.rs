@@ -267,10 +267,14 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         remote_server: !lab.guests.is_empty(),
     };
     // A guest's agent attaches there and runs the server, before anything is sent.
-    let mut remote = start_agent(args, &spec, lab).await?;
+    let mut agents = start_agents(args, &spec, lab).await?;
+    let client_agent = agents.iter().position(|a| a.client);
     // Before the warm-up, whose server may still hold the port for a moment after it.
     let unprofiled = unprofiled_stream(args, &spec, &ends).await?;
-    warm_up(&spec, &ends).await?;
+    // A client in a guest warms the path up itself.
+    if client_agent.is_none() {
+        warm_up(&spec, &ends).await?;
+    }
 
     let btf = KernelBtf::load()?;
     let mut programs = Programs::load(
@@ -293,7 +297,16 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     let progress = Arc::new(AtomicU32::new(0));
     let (total, unit) = progress_of(args);
     let reporter = tokio::spawn(report_progress(progress.clone(), total, unit, args.quiet));
-    let driven = drive(args, &spec, lab, &ends, progress).await;
+    let mut guest_client = None;
+    let driven = match client_agent {
+        Some(k) => remote_client(args, &spec, lab, &mut agents[k])
+            .await
+            .map(|stamps| {
+                guest_client = Some(stamps);
+                Driven::Rr(traffic::Outcome::default())
+            }),
+        None => drive(args, &spec, lab, &ends, progress).await,
+    };
     reporter.abort();
     tokio::time::sleep(DRAIN).await;
     let _ = stop_tx.send(());
@@ -305,24 +318,38 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     let mut inodes = Inodes::of(&lab.devices)?;
     let mut crossings = Vec::new();
     let mut hooks = programs.statuses.clone();
-    if let (Some((remote, guest_hooks)), Driven::Rr(outcome)) = (remote.as_mut(), &mut driven) {
-        let done = remote.stop(run_id).await?;
-        counters[COUNTER_LOST as usize] += done.lost;
-        counters[COUNTER_UNREADABLE as usize] += done.unreadable;
-        let guest = &lab.guests[0];
-        crossings.push(agent::merge(
-            &guest.name,
-            0,
-            done,
-            &guest.namespaces,
-            &mut events,
-            outcome,
-            &mut inodes,
-        ));
-        hooks.extend(guest_hooks.drain(..).map(|h| HookStatus {
-            name: format!("{} {}", guest.name, h.name),
-            ..h
-        }));
+    if let (false, Driven::Rr(outcome)) = (agents.is_empty(), &mut driven) {
+        // Each guest against the host's events alone; then all on the host's timeline.
+        let (mut guest_events, mut server, mut client) = (Vec::new(), Vec::new(), None);
+        for a in &mut agents {
+            let guest = &lab.guests[a.index];
+            let done = a.remote.stop(run_id).await?;
+            counters[COUNTER_LOST as usize] += done.lost;
+            counters[COUNTER_UNREADABLE as usize] += done.unreadable;
+            let part = agent::GuestPart {
+                node: &guest.name,
+                index: a.index as u32,
+                done,
+                namespaces: &guest.namespaces,
+                client: if a.client { guest_client.take() } else { None },
+            };
+            let merged = agent::merge(part, &mut events, &outcome.stamps, &mut inodes);
+            guest_events.extend(merged.events);
+            server.extend(merged.server);
+            if a.client {
+                client = Some(traffic::client_outcome(&merged.client));
+            }
+            crossings.push(merged.report);
+            hooks.extend(a.hooks.drain(..).map(|h| HookStatus {
+                name: format!("{} {}", guest.name, h.name),
+                ..h
+            }));
+        }
+        events.extend(guest_events);
+        if let Some(c) = client {
+            *outcome = c;
+        }
+        traffic::apply_server_log(outcome, &server);
     }
 
     let attached = Attached::from_statuses(&programs.statuses);
@@ -393,40 +420,97 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     })
 }
 
-/// A nested path's guest agent, started for the run: its channel and the hooks it attached.
-async fn start_agent(
-    args: &RunArgs,
-    spec: &Spec,
-    lab: &RunTarget,
-) -> Result<Option<(agent::Remote, Vec<HookStatus>)>> {
-    let Some(guest) = lab.guests.first() else {
-        return Ok(None);
-    };
+/// A nested path's guest agent, started for the run.
+struct Agent {
+    remote: agent::Remote,
+    /// The hooks it attached.
+    hooks: Vec<HookStatus>,
+    /// Its guest's place in the lab's guests.
+    index: usize,
+    /// Its guest's pod runs the client (vmp2vmp's vm1).
+    client: bool,
+}
+
+/// The agents of a nested path's guests, each attached for the run, the server's running the
+/// server (all at once: attaching takes minutes under TCG).
+async fn start_agents(args: &RunArgs, spec: &Spec, lab: &RunTarget) -> Result<Vec<Agent>> {
+    if lab.guests.is_empty() {
+        return Ok(Vec::new());
+    }
     if args.traffic != TrafficKind::Rr {
         anyhow::bail!("a nested path is profiled with --traffic rr (UDP) only, so far");
     }
-    let server_ns = lab::nested::in_guest(&guest.name, &lab.server.netns).with_context(|| {
-        format!(
-            "the server {} is not in guest {}",
-            lab.server.netns, guest.name
-        )
-    })?;
-    let mut remote = agent::Remote::guest(guest).await?;
+    if !lab
+        .guests
+        .iter()
+        .any(|g| lab::nested::in_guest(&g.name, &lab.server.netns).is_some())
+    {
+        anyhow::bail!(
+            "the server {} is in none of the lab's guests",
+            lab.server.netns
+        );
+    }
+    let mut agents = Vec::new();
+    for (index, guest) in lab.guests.iter().enumerate() {
+        agents.push(Agent {
+            remote: agent::Remote::guest(guest).await?,
+            hooks: Vec::new(),
+            index,
+            client: lab::nested::in_guest(&guest.name, &lab.client.netns).is_some(),
+        });
+    }
+    let names: Vec<&str> = lab.guests.iter().map(|g| g.name.as_str()).collect();
+    let whose = if names.len() == 1 { "its" } else { "their" };
     eprintln!(
-        "guest {}: attaching its programs (TCG: this takes a while)",
-        guest.name
+        "{}: attaching {whose} programs (TCG: this takes a while)",
+        names.join(", ")
     );
-    let (_, hooks) = remote
-        .start(agent::Start {
+    let starts = agents.iter_mut().map(|a| {
+        let guest = &lab.guests[a.index];
+        let server_ns = lab::nested::in_guest(&guest.name, &lab.server.netns);
+        a.remote.start(agent::Start {
             run_id: spec.run_id,
             port: spec.port,
             hooks: args.hooks,
-            server_ns: server_ns.to_string(),
+            server_ns: server_ns.map(str::to_string),
             server_addr: lab.server.addr,
             size: spec.size,
         })
-        .await?;
-    Ok(Some((remote, hooks)))
+    });
+    let started = futures::future::try_join_all(starts).await?;
+    for (a, (_, hooks)) in agents.iter_mut().zip(started) {
+        a.hooks = hooks;
+    }
+    Ok(agents)
+}
+
+/// Runs the run's exchanges from the client pod in a guest, through its agent; returns the
+/// client's stamps on the guest's clock.
+async fn remote_client(
+    args: &RunArgs,
+    spec: &Spec,
+    lab: &RunTarget,
+    a: &mut Agent,
+) -> Result<Vec<(u32, u64, u64)>> {
+    let guest = &lab.guests[a.index];
+    let client_ns = lab::nested::in_guest(&guest.name, &lab.client.netns)
+        .context("the client is not in this guest")?;
+    if !args.quiet {
+        eprintln!("guest {}: running the client", guest.name);
+    }
+    a.remote
+        .client(agent::Client {
+            run_id: spec.run_id,
+            client_ns: client_ns.to_string(),
+            server_addr: lab.server.addr,
+            port: spec.port,
+            size: spec.size,
+            count: spec.count,
+            rate: spec.rate,
+            timeout: spec.timeout,
+            warm_up: WARMUP,
+        })
+        .await
 }
 
 /// All-to-all's figures, and the waterfall of each path kind's best-attributed pod pair.

@@ -150,6 +150,16 @@ pub fn apply_server_log(outcome: &mut Outcome, server_log: &[(u32, u64, u64)]) {
     outcome.stamps.retain(|s| s.send_ns != 0 && s.recv_ns != 0);
 }
 
+/// The client's half of an outcome from its (seq, request sent, response received) stamps,
+/// one per completed exchange (a client that ran elsewhere: a guest's agent).
+pub fn client_outcome(stamps: &[(u32, u64, u64)]) -> Outcome {
+    let mut out = Outcome::default();
+    for &(seq, sent, recv) in stamps {
+        record(&mut out, seq, sent, recv);
+    }
+    out
+}
+
 async fn pace(spec: &Spec, started: tokio::time::Instant, i: u32) {
     if let Some(rate) = spec.rate {
         tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
