@@ -338,7 +338,9 @@ fn guest_commands(commands: &[&str]) {
         .join("agent.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("the agent's socket");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let req = serde_json::json!({ profiler::lab::nested::SETUP: commands }).to_string() + "\n";
+    let setup =
+        profiler::run::agent::Request::Setup(commands.iter().map(|c| c.to_string()).collect());
+    let req = serde_json::to_string(&setup).unwrap() + "\n";
     s.write_all(req.as_bytes()).expect("asking the agent");
     let mut line = String::new();
     std::io::BufReader::new(&s)
@@ -438,8 +440,85 @@ fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
     let guest_delayed = run_json(PORT);
     guest_commands(&["tc qdisc del dev veth-b root"]);
     check_delay(&base, &guest_delayed, "[vm1] qdisc veth-b", DELAY_US * 1000);
+    // The same lab as a VM the profiler did not make: a run from the host's namespace with
+    // nothing but the guest agent's TCP address (the lab's agent listens there too).
+    agent_over_tcp_profiles_the_path();
     drop(guard);
     assert_nothing_left(LAB);
+}
+
+/// `profiler run --from --to NODE:NETNS:IP --agent ADDR`, run where the VM's address is
+/// reachable (the lab's host namespace), on addresses read from `lab list --json`.
+fn agent_over_tcp_profiles_the_path() {
+    let list = profiler(&["lab", "list", "--json"]);
+    let labs: Value = serde_json::from_slice(&list.stdout).expect("lab list's JSON");
+    let lab = labs
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == LAB))
+        .unwrap_or_else(|| panic!("{LAB} not in {labs}"));
+    let server = lab["server"]["addr"]
+        .as_str()
+        .expect("the server's address");
+    let outer = lab["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["netns"] == "vm1:(root)" && i["ifname"] == "eth0")
+        .and_then(|i| i["addrs"][0].as_str()?.split('/').next())
+        .expect("the guest's eth0 address");
+    let to = format!("vm1:pod-b:{server}");
+    let agent = format!("{outer}:{}", profiler::run::agent::TCP_PORT);
+    let host = "prof-bmp2vmp-host";
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            host,
+            BIN,
+            "run",
+            "--from",
+            "prof-bmp2vmp-pod-a",
+        ])
+        .args([
+            "--to", &to, "--agent", &agent, "--hooks", "stable", "--count", "100",
+        ])
+        .args(["--rate", "10", "--timeout", "2s", "--quiet", "--json", "-"])
+        .output()
+        .expect("running profiler run --agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run --agent {agent} failed: {stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).expect("the run's JSON");
+    assert_eq!(r["events"]["lost"], 0, "{}", r["events"]);
+    let completed = r["traffic"]["completed"].as_u64().unwrap();
+    assert!(completed >= 95, "{completed} of 100 exchanges");
+    let pod_a = "prof-bmp2vmp-pod-a";
+    check_direction(
+        &r["directions"][0],
+        &[
+            (pod_a, "eth0"),
+            (host, "veth-a"),
+            (host, "br0"),
+            (host, "tap-vm1"),
+            ("vm1:(root)", "eth0"),
+            ("vm1:(root)", "cni0"),
+            ("vm1:(root)", "veth-b"),
+            ("vm1:pod-b", "eth0"),
+        ],
+        &["host", "vm1"],
+    );
+    check_direction(
+        &r["directions"][1],
+        &[
+            ("vm1:pod-b", "eth0"),
+            ("vm1:(root)", "veth-b"),
+            ("vm1:(root)", "eth0"),
+            (host, "tap-vm1"),
+            (host, "veth-a"),
+            (pod_a, "eth0"),
+        ],
+        &["vm1", "host"],
+    );
+    assert_eq!(r["crossings"][0]["node"], "vm1", "{}", r["crossings"]);
 }
 
 /// VMP2VMP cross-host: a pod in each of two guests, vm1's tap on host-a's bridge, vm2's on

@@ -85,14 +85,10 @@ enum Command {
 struct AgentCli {
     /// Listen on the virtio-serial port of this name (/dev/virtio-ports/NAME; QEMU:
     /// -device virtserialport,name=NAME,chardev=... with a socket chardev on the host).
-    #[arg(
-        long,
-        value_name = "NAME",
-        required_unless_present = "listen",
-        conflicts_with = "listen"
-    )]
+    #[arg(long, value_name = "NAME", required_unless_present = "listen")]
     serial: Option<String>,
-    /// Listen on this TCP address instead (a real node).
+    /// Listen on this TCP address (too): what `profiler run --agent` connects to. Anyone who
+    /// reaches it can attach programs for a run: bind a management address only.
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
     /// This node's name in hops and namespaces ("vm1" makes "vm1:pod-b").
@@ -356,6 +352,12 @@ struct RunCli {
     /// ... and the server listens on IP in this namespace.
     #[arg(long, requires = "from", value_name = "NETNS:IP")]
     to: Option<String>,
+    /// The server is in a VM whose `profiler agent --listen` is at this address: --to names
+    /// its namespace as NODE:NETNS:IP (NODE: the VM's name in the report, e.g.
+    /// vm1:pod-b:10.0.0.2, vm1:(root):10.0.0.2); the agent attaches inside the VM and runs the
+    /// server there.
+    #[arg(long, requires = "from", value_name = "IP:PORT")]
+    agent: Option<std::net::SocketAddr>,
     #[command(flatten)]
     lab_opts: LabOpts,
     /// Payload bytes per request and per response, per stream or all-to-all message (16 to
@@ -469,10 +471,9 @@ async fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
         }
         Command::Agent(args) => {
             doctor::require_privileges()?;
-            let listen = match (args.serial, args.listen) {
-                (Some(name), _) => run::agent::Listen::Serial(name),
-                (None, Some(addr)) => run::agent::Listen::Tcp(addr),
-                (None, None) => anyhow::bail!("--serial NAME or --listen ADDR"),
+            let listen = run::agent::Listen {
+                serial: args.serial,
+                tcp: args.listen,
             };
             run::agent::serve(listen, &args.node)
                 .await
@@ -698,7 +699,7 @@ async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     doctor::require_privileges()?;
     let result = match (&cli.from, to) {
         (Some(from), Some((to_ns, addr))) => {
-            let target = interruptible(RunTarget::path(from, to_ns, addr)).await?;
+            let target = interruptible(RunTarget::path(from, to_ns, addr, cli.agent)).await?;
             interruptible(run::profile(&args, &target)).await
         }
         _ => {

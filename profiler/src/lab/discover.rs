@@ -29,17 +29,20 @@ pub fn gone(ns: &str) -> bool {
     ns_arg(ns).is_some_and(|n| !netns::exists(n))
 }
 
-/// Every namespace to look in: the caller's and the named ones.
+/// Every namespace to look in: the caller's and the named ones. The caller's is left out when
+/// it is a named one (`ip netns exec NS profiler ...`), so that each namespace has one name.
 pub fn namespaces() -> Result<Vec<String>> {
-    let mut names = vec![ROOT.to_string()];
-    if let Ok(dir) = std::fs::read_dir(netns::NETNS_DIR) {
-        let mut named: Vec<String> = dir
+    let mut named: Vec<String> = match std::fs::read_dir(netns::NETNS_DIR) {
+        Ok(dir) => dir
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .collect();
-        named.sort();
-        names.extend(named);
-    }
-    Ok(names)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    named.sort();
+    let own = netns::current_inode()?;
+    let is_own = |n: &String| netns::inode(n).is_ok_and(|i| i == own);
+    let root = (!named.iter().any(is_own)).then(|| ROOT.to_string());
+    Ok(root.into_iter().chain(named).collect())
 }
 
 /// The interfaces of `namespaces`, with veth peers matched across namespaces (each end's

@@ -1,14 +1,19 @@
 //! What a run profiles: a lab, or the path between two namespaces the profiler did not build.
 
-use std::net::Ipv4Addr;
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+};
 
 use anyhow::{bail, Result};
 
 use super::{
     discover::{self, ROOT},
-    nested::Guest,
+    nested::{self, Guest},
     netns, Endpoint, Lab, LabIface, Pod,
 };
+use crate::run::agent::Remote;
 
 /// The node of everything on this machine's own kernel.
 pub const HOST_NODE: &str = "host";
@@ -40,7 +45,43 @@ pub struct RunTarget {
     /// Every pod, client and server first (all-to-all's processes run in them).
     pub pods: Vec<Pod>,
     /// Nested paths: the guests whose agents attach inside them and run the server.
-    pub guests: Vec<Guest>,
+    pub guests: Vec<GuestEnd>,
+}
+
+/// A guest on the path, as a run needs it: its node name, its namespaces (with their inodes
+/// in its kernel: its events carry those), and where its agent listens.
+#[derive(Clone)]
+pub struct GuestEnd {
+    pub name: String,
+    pub namespaces: Vec<(String, u32)>,
+    pub agent: AgentAt,
+}
+
+#[derive(Clone)]
+pub enum AgentAt {
+    /// A lab's guest: QEMU's Unix socket for its virtio-serial port.
+    Socket(PathBuf),
+    /// A VM the profiler did not make (`profiler run --agent`).
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for AgentAt {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            AgentAt::Socket(p) => write!(f, "{}", p.display()),
+            AgentAt::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+impl From<&Guest> for GuestEnd {
+    fn from(g: &Guest) -> GuestEnd {
+        GuestEnd {
+            name: g.name.clone(),
+            namespaces: g.namespaces.clone(),
+            agent: AgentAt::Socket(g.socket.clone()),
+        }
+    }
 }
 
 /// A device the tc programs attach to, at egress and, unless `ingress` is false, at ingress.
@@ -61,7 +102,7 @@ impl RunTarget {
             client: lab.client.clone(),
             server: lab.server.clone(),
             pods: lab.pods.clone(),
-            guests: lab.guests.clone(),
+            guests: lab.guests.iter().map(GuestEnd::from).collect(),
             // A userspace datapath's port: its packet socket copies the frame before tc
             // ingress, so a tc:ingress hop there would run alongside the datapath (and the
             // copy may reach the other port first), not before it.
@@ -81,15 +122,55 @@ impl RunTarget {
 
     /// The path from namespace `from` to `addr` in namespace `to`, from netlink state: the
     /// devices of every namespace name its hops; tc attaches in the two end namespaces, on their
-    /// veth peers, and on the other ports of those peers' bridges.
-    pub async fn path(from: &str, to: &str, addr: Ipv4Addr) -> Result<RunTarget> {
-        for ns in [from, to] {
+    /// veth peers, and on the other ports of those peers' bridges. With `agent`, `to` is a
+    /// namespace of a VM ("vm1:pod-b", "vm1:(root)") whose agent listens there: its devices
+    /// come from the agent, which attaches inside the VM for the run; tc attaches on this
+    /// machine's taps too.
+    pub async fn path(
+        from: &str,
+        to: &str,
+        addr: Ipv4Addr,
+        agent: Option<SocketAddr>,
+    ) -> Result<RunTarget> {
+        let guest = match agent {
+            Some(at) => Some(guest_of(to, at).await?),
+            None => None,
+        };
+        let ends: &[&str] = if guest.is_some() {
+            &[from]
+        } else {
+            &[from, to]
+        };
+        for &ns in ends {
             if ns != ROOT && !netns::exists(ns) {
                 bail!("unknown network namespace {ns}");
             }
         }
-        let namespaces = discover::namespaces()?;
-        let interfaces = discover::interfaces(&namespaces).await?;
+        let mut namespaces = discover::namespaces()?;
+        let mut interfaces = discover::interfaces(&namespaces).await?;
+        let mut points = attach_points(&interfaces, ends);
+        if let Some((g, inv)) = &guest {
+            // The taps a VM's NIC may be on: tc there sees the packet leave toward the VM.
+            points.extend(
+                interfaces
+                    .iter()
+                    .filter(|i| i.kind == "tun")
+                    .map(|i| (i.netns.clone(), i.ifname.clone())),
+            );
+            points.sort();
+            points.dedup();
+            interfaces.extend(
+                inv.interfaces
+                    .iter()
+                    .cloned()
+                    .map(|i| nested::rename(&g.name, i)),
+            );
+            namespaces.extend(
+                inv.namespaces
+                    .iter()
+                    .map(|(n, _)| nested::guest_ns(&g.name, n)),
+            );
+        }
         let Some(server_if) = interfaces.iter().find(|i| {
             i.netns == to
                 && i.addrs
@@ -108,7 +189,7 @@ impl RunTarget {
             ifname: String::new(),
             addr: Ipv4Addr::UNSPECIFIED,
         };
-        let attach = attach_points(&interfaces, &[from, to])
+        let attach = points
             .into_iter()
             .map(|(netns, ifname)| TcPoint {
                 netns,
@@ -126,9 +207,34 @@ impl RunTarget {
             server,
             attach,
             pods: Vec::new(),
-            guests: Vec::new(),
+            guests: guest.into_iter().map(|(g, _)| g).collect(),
         })
     }
+}
+
+/// The VM whose namespace `to` ("vm1:pod-b") is, with the inventory its agent at `at` sends.
+async fn guest_of(to: &str, at: SocketAddr) -> Result<(GuestEnd, nested::Inventory)> {
+    let Some((node, ns)) = to
+        .split_once(NODE_SEP)
+        .filter(|(n, ns)| !n.is_empty() && !ns.is_empty())
+    else {
+        bail!("with --agent, --to names the VM's namespace as NODE:NETNS:IP (vm1:pod-b:IP, vm1:(root):IP)");
+    };
+    let mut g = GuestEnd {
+        name: node.to_string(),
+        namespaces: Vec::new(),
+        agent: AgentAt::Tcp(at),
+    };
+    let inv = Remote::connect(&g).await?.setup(Vec::new()).await?;
+    if !inv.namespaces.iter().any(|(n, _)| n == ns) {
+        let names: Vec<&str> = inv.namespaces.iter().map(|(n, _)| n.as_str()).collect();
+        bail!(
+            "the VM at {at} has no namespace {ns} (it has {})",
+            names.join(", ")
+        );
+    }
+    g.namespaces = inv.namespaces.clone();
+    Ok((g, inv))
 }
 
 fn attach_points(ifaces: &[LabIface], ends: &[&str]) -> Vec<(String, String)> {

@@ -39,7 +39,8 @@ use crate::{
     },
     lab::{
         discover,
-        nested::{self, Guest, Inventory, SetupAnswer},
+        nested::{self, Inventory, SetupAnswer},
+        target::{AgentAt, GuestEnd},
     },
     report::schema::{CrossingReport, HookSet, HookStatus},
 };
@@ -47,6 +48,7 @@ use crate::{
 /// The agent's programs load under TCG in minutes on 6.1 with deep hooks.
 const START_TIMEOUT: Duration = Duration::from_secs(900);
 const STOP_TIMEOUT: Duration = Duration::from_secs(300);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// As the run's: the ring buffer's last events, after the last exchange.
 const DRAIN: Duration = Duration::from_millis(500);
 
@@ -172,50 +174,78 @@ fn from_wire(w: &WireEvent) -> Event {
 type Reader = Lines<BufReader<Pin<Box<dyn AsyncRead + Send>>>>;
 type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 
-/// Where the agent listens.
-pub enum Listen {
-    /// A virtio-serial port by name.
-    Serial(String),
-    Tcp(SocketAddr),
+/// The TCP port lab guests' agents listen on, beside their serial port (so `profiler run
+/// --agent` can be tried on a lab).
+pub const TCP_PORT: u16 = 7450;
+
+/// Where the agent listens: a virtio-serial port by name, a TCP address, or both.
+pub struct Listen {
+    pub serial: Option<String>,
+    pub tcp: Option<SocketAddr>,
 }
 
 /// `profiler agent`: serves host runs until killed.
 pub async fn serve(listen: Listen, node: &str) -> Result<()> {
-    match listen {
-        Listen::Serial(name) => {
-            let path = serial_port(&name)?;
-            let file = tokio::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .await
-                .with_context(|| format!("cannot open {}", path.display()))?;
-            let write = file.try_clone().await?;
-            eprintln!("agent {node}: listening on {}", path.display());
-            session(
-                BufReader::new(Box::pin(file) as Pin<Box<dyn AsyncRead + Send>>).lines(),
-                Box::pin(write),
-                node,
-                true,
-            )
-            .await
+    let serial = async {
+        match &listen.serial {
+            Some(name) => serve_serial(name, node).await,
+            None => std::future::pending().await,
         }
-        Listen::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            eprintln!("agent {node}: listening on {addr}");
-            loop {
-                let (conn, peer) = listener.accept().await?;
-                eprintln!("agent {node}: host {peer} connected");
-                let (r, w) = conn.into_split();
-                let r: Pin<Box<dyn AsyncRead + Send>> = Box::pin(r);
-                if let Err(e) = session(BufReader::new(r).lines(), Box::pin(w), node, false).await {
-                    eprintln!("agent {node}: {e:#}");
-                }
-            }
+    };
+    let tcp = async {
+        match listen.tcp {
+            Some(addr) => serve_tcp(addr, node).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::try_join!(serial, tcp).map(|_| ())
+}
+
+async fn serve_serial(name: &str, node: &str) -> Result<()> {
+    let path = serial_port(name)?;
+    let file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .await
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let write = file.try_clone().await?;
+    eprintln!("agent {node}: listening on {}", path.display());
+    session(
+        BufReader::new(Box::pin(file) as Pin<Box<dyn AsyncRead + Send>>).lines(),
+        Box::pin(write),
+        node,
+        Channel::Serial,
+    )
+    .await
+}
+
+/// One host at a time: a run's connection ends before the next is taken.
+async fn serve_tcp(addr: SocketAddr, node: &str) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    eprintln!("agent {node}: listening on {addr}");
+    loop {
+        let (conn, peer) = listener.accept().await?;
+        eprintln!("agent {node}: host {peer} connected");
+        let (r, w) = conn.into_split();
+        let r: Pin<Box<dyn AsyncRead + Send>> = Box::pin(r);
+        let lines = BufReader::new(r).lines();
+        if let Err(e) = session(lines, Box::pin(w), node, Channel::Tcp).await {
+            eprintln!("agent {node}: {e:#}");
         }
     }
+}
+
+/// The channel a session runs on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    /// A virtio-serial port: only the VM's host can write to it; it reads end of file while
+    /// no host is connected, which is not an end.
+    Serial,
+    /// Anyone who reaches the address: it may ask for the inventory, not run setup commands.
+    Tcp,
 }
 
 /// /dev/vportNpM of the virtio-serial port named `name` (udev's /dev/virtio-ports/NAME link
@@ -243,14 +273,13 @@ struct Running {
     log: ServerLog,
 }
 
-/// Answers requests until the channel ends. `serial`: a virtio-serial port reads end of file
-/// while no host is connected, which is not an end.
-async fn session(mut lines: Reader, mut write: Writer, node: &str, serial: bool) -> Result<()> {
+/// Answers requests until the channel ends.
+async fn session(mut lines: Reader, mut write: Writer, node: &str, channel: Channel) -> Result<()> {
     let mut running: Option<Running> = None;
     loop {
         let line = match lines.next_line().await? {
             Some(l) => l,
-            None if serial => {
+            None if channel == Channel::Serial => {
                 // The host went away: a run it did not stop ends here, its programs detached.
                 running = None;
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -266,10 +295,12 @@ async fn session(mut lines: Reader, mut write: Writer, node: &str, serial: bool)
             }
         };
         let answer = match request {
-            Request::Setup(commands) => serde_json::to_string(&match run_setup(&commands) {
-                Ok(()) => SetupAnswer::Inventory(inventory().await?),
-                Err(e) => SetupAnswer::Failed(format!("{e:#}")),
-            })?,
+            Request::Setup(commands) => {
+                serde_json::to_string(&match run_setup(&commands, channel) {
+                    Ok(()) => SetupAnswer::Inventory(inventory().await?),
+                    Err(e) => SetupAnswer::Failed(format!("{e:#}")),
+                })?
+            }
             Request::Start(s) => {
                 // A run whose host went away without stopping it.
                 running = None;
@@ -306,7 +337,10 @@ async fn session(mut lines: Reader, mut write: Writer, node: &str, serial: bool)
     }
 }
 
-fn run_setup(commands: &[String]) -> Result<()> {
+fn run_setup(commands: &[String], channel: Channel) -> Result<()> {
+    if channel == Channel::Tcp && !commands.is_empty() {
+        bail!("setup commands are taken on the serial channel only, not over TCP");
+    }
     commands.iter().try_for_each(|c| nested::ip(c))
 }
 
@@ -457,16 +491,31 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// The agent of a lab's guest, through QEMU's socket.
-    pub async fn guest(g: &Guest) -> Result<Remote> {
-        let s = tokio::net::UnixStream::connect(&g.socket)
-            .await
-            .with_context(|| format!("cannot reach the agent of guest {}", g.name))?;
-        let (r, w) = s.into_split();
-        Ok(Remote::over(&g.name, Box::pin(r), Box::pin(w)))
+    /// The agent of a guest on the run's path.
+    pub async fn connect(g: &GuestEnd) -> Result<Remote> {
+        let cannot = || format!("cannot reach the agent of {} at {}", g.name, g.agent);
+        match &g.agent {
+            AgentAt::Socket(path) => {
+                let (r, w) = tokio::net::UnixStream::connect(path)
+                    .await
+                    .with_context(cannot)?
+                    .into_split();
+                Ok(Remote::over(&g.name, Box::pin(r), Box::pin(w)))
+            }
+            AgentAt::Tcp(addr) => {
+                let connect = tokio::net::TcpStream::connect(addr);
+                let (r, w) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
+                    .with_context(cannot)?
+                    .with_context(cannot)?
+                    .into_split();
+                Ok(Remote::over(&g.name, Box::pin(r), Box::pin(w)))
+            }
+        }
     }
 
-    fn over(node: &str, r: Pin<Box<dyn AsyncRead + Send>>, w: Writer) -> Remote {
+    pub fn over(node: &str, r: Pin<Box<dyn AsyncRead + Send>>, w: Writer) -> Remote {
         Remote {
             node: node.to_string(),
             lines: BufReader::new(r).lines(),
@@ -474,11 +523,30 @@ impl Remote {
         }
     }
 
-    /// Sends `req` and waits for the answer about run `run_id`.
-    async fn ask(&mut self, req: &Request, run_id: u32, within: Duration) -> Result<Answer> {
+    /// Has the agent run a lab's `commands` (none over TCP) and answer with its guest's
+    /// inventory.
+    pub async fn setup(&mut self, commands: Vec<String>) -> Result<Inventory> {
+        self.send(&Request::Setup(commands)).await?;
+        let node = &self.node;
+        let Some(line) = self.lines.next_line().await? else {
+            bail!("the agent of {node} closed its channel");
+        };
+        match serde_json::from_str(&line) {
+            Ok(SetupAnswer::Inventory(inv)) => Ok(inv),
+            Ok(SetupAnswer::Failed(e)) => bail!("agent {node}: {e}"),
+            Err(e) => bail!("agent {node}: unreadable answer {line:?}: {e}"),
+        }
+    }
+
+    async fn send(&mut self, req: &Request) -> Result<()> {
         let line = serde_json::to_string(req)? + "\n";
         self.write.write_all(line.as_bytes()).await?;
-        self.write.flush().await?;
+        Ok(self.write.flush().await?)
+    }
+
+    /// Sends `req` and waits for the answer about run `run_id`.
+    async fn ask(&mut self, req: &Request, run_id: u32, within: Duration) -> Result<Answer> {
+        self.send(req).await?;
         let node = self.node.clone();
         let answer = async {
             loop {
@@ -679,13 +747,6 @@ pub fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_labs_setup_request_is_understood() {
-        let cmds = vec!["link set eth0 up".to_string()];
-        let lab = serde_json::json!({ nested::SETUP: cmds.clone() }).to_string();
-        assert!(matches!(serde_json::from_str(&lab), Ok(Request::Setup(c)) if c == cmds));
-    }
 
     fn ev(seq: u32, direction: u32, hook: HookId, ts_ns: u64) -> Event {
         Event {

@@ -453,7 +453,7 @@ async fn start_agents(args: &RunArgs, spec: &Spec, lab: &RunTarget) -> Result<Ve
     let mut agents = Vec::new();
     for (index, guest) in lab.guests.iter().enumerate() {
         agents.push(Agent {
-            remote: agent::Remote::guest(guest).await?,
+            remote: agent::Remote::connect(guest).await?,
             hooks: Vec::new(),
             index,
             client: lab::nested::in_guest(&guest.name, &lab.client.netns).is_some(),
