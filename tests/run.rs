@@ -185,6 +185,19 @@ fn bad_input_is_one_clear_line_and_nonzero() {
         ),
         (&["run", "--count", "0"][..], "--count must be at least 1"),
         (&["lab", "down", "nosuch"][..], "no lab named nosuch is up"),
+        // Checked before the agent is asked anything.
+        (
+            &[
+                "run",
+                "--from",
+                "(root)",
+                "--to",
+                "pod-b:198.18.1.2",
+                "--agent",
+                "198.19.0.2:7450",
+            ][..],
+            "--to names the VM's namespace as NODE:NETNS:IP",
+        ),
     ] {
         let out = profiler(args);
         let err = String::from_utf8_lossy(&out.stderr);
