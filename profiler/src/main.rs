@@ -627,12 +627,13 @@ fn print_labs(labs: &[lab::Lab]) {
         );
         for g in &lab.guests {
             println!(
-                "  guest {}: QEMU (process group {}), kernel {}, NIC {} (tap), agent {}",
+                "  guest {}: QEMU (process group {}), kernel {}, NIC {} (tap), agent {} and TCP port {}",
                 g.name,
                 g.pid,
                 g.kernel,
                 g.tap,
-                g.socket.display()
+                g.socket.display(),
+                run::agent::TCP_PORT
             );
         }
         for i in &lab.interfaces {

@@ -167,6 +167,16 @@ impl DropReasons {
             .cloned()
             .unwrap_or_else(|| reason.to_string())
     }
+
+    #[cfg(test)]
+    pub fn named<'a>(names: impl IntoIterator<Item = (u32, &'a str)>) -> DropReasons {
+        DropReasons(names.into_iter().map(|(v, n)| (v, n.to_string())).collect())
+    }
+
+    /// The number of the reason this kernel names `name` ("not_specified").
+    pub fn value(&self, name: &str) -> Option<u32> {
+        self.0.iter().find(|(_, n)| *n == name).map(|(v, _)| *v)
+    }
 }
 
 /// Where function `func`'s packet is: the first `struct sk_buff *` (or `**`) parameter and

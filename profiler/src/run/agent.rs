@@ -33,7 +33,7 @@ use super::{
 use crate::{
     datapath::{path::Inodes, Mode},
     kernel::{
-        btf::KernelBtf,
+        btf::{DropReasons, KernelBtf},
         programs::{LoadConfig, Programs},
         ring,
     },
@@ -135,6 +135,27 @@ pub struct Done {
     pub stamps: Vec<(u32, u64, u64)>,
     pub lost: u64,
     pub unreadable: u64,
+    /// The names of the reasons its drops carry, by its kernel's numbers (the host's differ
+    /// between kernel versions).
+    #[serde(default)]
+    pub drop_reasons: Vec<(u32, String)>,
+}
+
+impl Done {
+    /// Its drops' reasons in the host's numbering (`host`), by name; a reason the host's
+    /// kernel does not name keeps its number.
+    pub fn renumber_drops(&mut self, host: &DropReasons) {
+        let names: HashMap<u32, &str> = self
+            .drop_reasons
+            .iter()
+            .map(|(n, name)| (*n, name.as_str()))
+            .collect();
+        for e in &mut self.events {
+            if e.7 == HookId::KfreeSkb as u8 {
+                e.6 = names.get(&e.6).and_then(|n| host.value(n)).unwrap_or(e.6);
+            }
+        }
+    }
 }
 
 /// An event as (ts_ns, seq, direction, ifindex, netns, len, drop_reason, hook, flags, cost_ns).
@@ -474,12 +495,21 @@ async fn finish(r: Running) -> Result<Answer> {
     }
     let counters = r.programs.counters()?;
     let stamps = r.log.lock().expect("server log lock").clone();
+    let reasons = KernelBtf::load()?.drop_reasons();
+    let mut drop_reasons: Vec<(u32, String)> = events
+        .iter()
+        .filter(|e| e.hook == HookId::KfreeSkb as u8)
+        .map(|e| (e.drop_reason, reasons.name(e.drop_reason)))
+        .collect();
+    drop_reasons.sort();
+    drop_reasons.dedup();
     Ok(Answer::Done(Done {
         run_id: r.run_id,
         events: events.iter().map(to_wire).collect(),
         stamps,
         lost: counters[COUNTER_LOST as usize],
         unreadable: counters[COUNTER_UNREADABLE as usize],
+        drop_reasons,
     }))
 }
 
@@ -785,6 +815,7 @@ mod tests {
             stamps: Vec::new(),
             lost: 0,
             unreadable: 0,
+            drop_reasons: Vec::new(),
         };
         let mut inodes = Inodes::default();
         let part = GuestPart {
@@ -823,6 +854,7 @@ mod tests {
             stamps,
             lost: 0,
             unreadable: 0,
+            drop_reasons: Vec::new(),
         }
     }
 
@@ -888,6 +920,28 @@ mod tests {
         let mut ts: Vec<u64> = events.iter().map(|e| e.ts_ns).collect();
         ts.sort_unstable();
         assert_eq!(ts, [1000, 1200, 1300, 1500, 1800, 2000, 2100, 2300]);
+    }
+
+    /// A 6.1 guest's "not_specified" (1) is the host's 2 on 6.18: renumbered by name; a
+    /// reason the host does not name, and events that are no drops, keep their numbers.
+    #[test]
+    fn guest_drop_reasons_are_renumbered_by_name() {
+        let drop = |reason| Event {
+            hook: HookId::KfreeSkb as u8,
+            drop_reason: reason,
+            ..Event::default()
+        };
+        let other = Event {
+            hook: HookId::NetifRx as u8,
+            drop_reason: 1,
+            ..Event::default()
+        };
+        let mut d = done(&[drop(1), drop(40), other], Vec::new());
+        d.drop_reasons = vec![(1, "not_specified".into()), (40, "guest_only".into())];
+        let host = DropReasons::named([(2, "not_specified"), (1, "consumed")]);
+        d.renumber_drops(&host);
+        let reasons: Vec<u32> = d.events.iter().map(|e| e.6).collect();
+        assert_eq!(reasons, [2, 40, 1]);
     }
 
     #[test]

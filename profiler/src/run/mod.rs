@@ -31,7 +31,7 @@ use crate::{
     },
     kernel::{
         self,
-        btf::KernelBtf,
+        btf::{DropReasons, KernelBtf},
         programs::{LoadConfig, Programs},
         ring,
         uprobe::UprobeSpec,
@@ -315,6 +315,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     let mut counters = programs.counters()?;
     let costs = args.stats.then(|| programs.costs());
 
+    let drop_reasons = btf.drop_reasons();
     let mut inodes = Inodes::of(&lab.devices)?;
     let mut crossings = Vec::new();
     let mut hooks = programs.statuses.clone();
@@ -323,7 +324,8 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         let (mut guest_events, mut server, mut client) = (Vec::new(), Vec::new(), None);
         for a in &mut agents {
             let guest = &lab.guests[a.index];
-            let done = a.remote.stop(run_id).await?;
+            let mut done = a.remote.stop(run_id).await?;
+            done.renumber_drops(&drop_reasons);
             counters[COUNTER_LOST as usize] += done.lost;
             counters[COUNTER_UNREADABLE as usize] += done.unreadable;
             let part = agent::GuestPart {
@@ -366,6 +368,10 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
             journey::observations(&events, driven.stamps(), app_netns)
         }
     };
+    let mut drops = sorted.drops;
+    if let Some(unspecified) = drop_reasons.value("not_specified") {
+        journey::drop_transmit_frees(&mut drops, &events, unspecified);
+    }
     let mut directions = Vec::new();
     let mut incomplete = 0;
     for (dir, name) in driven.directions() {
@@ -402,7 +408,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
             incomplete_packets: incomplete,
             unreadable: counters[COUNTER_UNREADABLE as usize],
             fragments: sorted.fragments,
-            drops: drop_report(&sorted.drops, lab, &inodes, &btf),
+            drops: drop_report(&drops, lab, &inodes, &drop_reasons),
         },
         hook_set,
         hooks,
@@ -698,9 +704,8 @@ fn drop_report(
     drops: &[Event],
     lab: &RunTarget,
     inodes: &Inodes,
-    btf: &KernelBtf,
+    reasons: &DropReasons,
 ) -> Vec<DropReport> {
-    let reasons = btf.drop_reasons();
     let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
     for d in drops {
         let reason = reasons.name(d.drop_reason);
