@@ -215,8 +215,20 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
         let hop = d.hops.get(m.hop).map_or("?", |h| h.name.as_str());
         let _ = writeln!(out, "      missing hop {}: {} packets", hop, m.packets);
     }
+    let names = |hops: &[Hop]| hops.iter().map(|h| h.name.clone()).collect::<Vec<_>>();
+    let main = names(&d.hops);
     for p in &d.other_paths {
-        let _ = writeln!(out, "  another path, taken by {} packets:", p.packets);
+        let other = names(&p.hops);
+        // Such packets are complete on the main path too: say so, or they look counted twice.
+        let note = if passes_in_order(&main, &other) {
+            format!(
+                " (every hop of the path above and {} more: also counted complete above)",
+                other.len() - main.len()
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(out, "  another path, taken by {} packets{note}:", p.packets);
         segment_rows(out, &p.segments, &p.hops, p.end_to_end.mean_ns.max(1.0));
         total_row(
             out,
@@ -225,6 +237,12 @@ fn render_direction(out: &mut String, d: &DirectionReport) {
             &format!("({} samples)", p.end_to_end.samples),
         );
     }
+}
+
+/// Whether `other` meets every hop of `main` in `main`'s order, with hops of its own between.
+fn passes_in_order(main: &[String], other: &[String]) -> bool {
+    let mut rest = other.iter();
+    main.iter().all(|hop| rest.any(|o| o == hop))
 }
 
 /// On a nested path (hops in more than one kernel), the kernel each segment is measured in
@@ -515,5 +533,13 @@ mod tests {
         assert_eq!(us(2_500_000.0), "2.50ms");
         assert_eq!(truncate("abcdef", 4), "abc~");
         assert_eq!(truncate("abc", 4), "abc");
+    }
+
+    #[test]
+    fn a_path_with_extra_hops_around_the_main_one_passes_it_in_order() {
+        let v = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert!(passes_in_order(&v("a c d"), &v("a b c x d")));
+        assert!(!passes_in_order(&v("a c d"), &v("a d c")));
+        assert!(!passes_in_order(&v("a c d"), &v("a b d")));
     }
 }
