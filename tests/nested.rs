@@ -363,10 +363,25 @@ fn lab_up_and_down_and_sigint_or_sigterm_during_up_leave_nothing() {
 /// `profiler run ARGS --quiet --json -`, which must succeed with no event lost and at least
 /// `min_completed` exchanges completed; its report.
 fn nested_run(args: &[&str], min_completed: u64) -> Value {
-    let mut all = vec!["run"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--quiet", "--json", "-"]);
-    let out = profiler(&all);
+    nested_run_in(None, args, min_completed)
+}
+
+/// [`nested_run`] in network namespace `netns` (`ip netns exec`), if given.
+fn nested_run_in(netns: Option<&str>, args: &[&str], min_completed: u64) -> Value {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let out = cmd
+        .arg("run")
+        .args(args)
+        .args(["--quiet", "--json", "-"])
+        .output()
+        .expect("running profiler run");
     assert!(
         out.status.success(),
         "run {args:?} failed: {}",
@@ -571,28 +586,26 @@ fn agent_over_tcp_profiles_the_path() {
     let to = format!("vm1:pod-b:{server}");
     let agent = format!("{outer}:{}", profiler::run::agent::TCP_PORT);
     let host = "prof-bmp2vmp-host";
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            host,
-            BIN,
-            "run",
+    let r = nested_run_in(
+        Some(host),
+        &[
             "--from",
             "prof-bmp2vmp-pod-a",
-        ])
-        .args([
-            "--to", &to, "--agent", &agent, "--hooks", "stable", "--count", "100",
-        ])
-        .args(["--rate", "10", "--timeout", "2s", "--quiet", "--json", "-"])
-        .output()
-        .expect("running profiler run --agent");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "run --agent {agent} failed: {stderr}");
-    let r: Value = serde_json::from_slice(&out.stdout).expect("the run's JSON");
-    assert_eq!(r["events"]["lost"], 0, "{}", r["events"]);
-    let completed = r["traffic"]["completed"].as_u64().unwrap();
-    assert!(completed >= 95, "{completed} of 100 exchanges");
+            "--to",
+            &to,
+            "--agent",
+            &agent,
+            "--hooks",
+            "stable",
+            "--count",
+            "100",
+            "--rate",
+            "10",
+            "--timeout",
+            "2s",
+        ],
+        95,
+    );
     let pod_a = "prof-bmp2vmp-pod-a";
     check_direction(
         &r["directions"][0],
