@@ -13,7 +13,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use parse::{
-    find_tag_in, flows, ports_match, Flow, Flows, Found, FragKey, Packet, TagMemory, TcpSeg,
+    find_tag_in, find_tag_through, flows, ports_match, Flow, Flows, Found, FragKey, Packet,
+    TagMemory, TcpSeg,
 };
 use profiler_common::{
     depth_flags, Tag, DIR_REQUEST, FLAG_ENCAP, FLAG_ENCAP2, FLAG_FRAGMENT, FLAG_VLAN, TAG_LEN,
@@ -688,8 +689,14 @@ fn reference(b: &[u8], port: u16) -> Expect {
     walk(b, port).unwrap_or(Expect::NoTag)
 }
 
+/// A step of the reference: None, the packet ends before it; Err, the verdict on the packet.
+type Step<T> = Option<Result<T, Expect>>;
+/// A tunnel's kind, where its inner packet starts, and that packet's ethertype if it is not
+/// an Ethernet frame.
+type TunnelAt = (u8, usize, Option<u16>);
+
 /// An IP packet's L3 verdict, or its protocol, L4 offset and payload length.
-fn ref_l3(b: &[u8], ethertype: u16, at: usize) -> Option<Result<(u8, usize, Option<usize>), Expect>> {
+fn ref_l3(b: &[u8], ethertype: u16, at: usize) -> Step<(u8, usize, Option<usize>)> {
     Some(match ref_ip(b, ethertype, at)? {
         RefL3::Ip { proto, l4, payload } => Ok((proto, l4, payload)),
         RefL3::NotIp => Err(Expect::NoTag),
@@ -697,9 +704,8 @@ fn ref_l3(b: &[u8], ethertype: u16, at: usize) -> Option<Result<(u8, usize, Opti
     })
 }
 
-/// The tunnel `proto` at `l4` is (4 bytes there): its kind, where its inner packet starts and
-/// that packet's ethertype if it is not an Ethernet frame; Ok(None): no tunnel.
-fn ref_tunnel(b: &[u8], proto: u8, l4: usize) -> Option<Result<Option<(u8, usize, Option<u16>)>, Expect>> {
+/// The tunnel `proto` at `l4` is (4 bytes there); Ok(None): no tunnel.
+fn ref_tunnel(b: &[u8], proto: u8, l4: usize) -> Step<Option<TunnelAt>> {
     let dport = u16_at(b, l4 + 2)?;
     Some(Ok(match proto {
         17 if dport == GENEVE_PORT => {
@@ -1109,6 +1115,18 @@ fn two_tunnels_deep() {
             }
         }
     }
+    // Through one tunnel only (the function hooks' programs): two deep is not entered, one is.
+    let one_level = |s: &Spec| {
+        let b = build(s).bytes;
+        find_tag_through::<_, _, false>(&Wire::new(&b), &Memory::default(), 0, RUN)
+    };
+    let vm = Spec::tunneled(Tunnel::Vxlan(8472), false, false);
+    assert_eq!(one_level(&vm), found(vm.seq, vm.flags()));
+    let deep = Spec {
+        host: Some(Tunnel::Vxlan(4789)),
+        ..vm
+    };
+    assert_eq!(one_level(&deep), None);
     // The host's tunnel around a packet of no overlay: one tunnel.
     let s = Spec {
         host: Some(Tunnel::Geneve(0)),
@@ -1155,7 +1173,10 @@ fn fragments_two_tunnels_deep() {
     };
     assert_eq!(tc(&build(&later).bytes), None);
     assert_eq!(tc(&build(&first).bytes), found(21, deep.flags()));
-    assert_eq!(tc(&build(&later).bytes), found(21, deep.flags() | FLAG_FRAGMENT));
+    assert_eq!(
+        tc(&build(&later).bytes),
+        found(21, deep.flags() | FLAG_FRAGMENT)
+    );
 
     // The VM's datagram fragmented (its overlay MTU too large), each fragment encapsulated by
     // the host: the first fragment seen on the tap (one tunnel) or inside the host's (two), the
@@ -1164,10 +1185,17 @@ fn fragments_two_tunnels_deep() {
         let memory = Memory::default();
         let tc = |b: &[u8]| find_tag_in(&Wire::new(b), &memory, 0, RUN);
         let first = piece(&vm, Piece::First);
-        let first = if first_inside_host { host(&first) } else { first };
+        let first = if first_inside_host {
+            host(&first)
+        } else {
+            first
+        };
         assert_eq!(tc(&build(&first).bytes), found(21, first.flags()));
         let later = piece(&vm, Piece::Later);
-        assert_eq!(tc(&build(&later).bytes), found(21, vm.flags() | FLAG_FRAGMENT));
+        assert_eq!(
+            tc(&build(&later).bytes),
+            found(21, vm.flags() | FLAG_FRAGMENT)
+        );
         let later = host(&later);
         assert_eq!(
             tc(&build(&later).bytes),
@@ -1188,7 +1216,10 @@ fn fragments_two_tunnels_deep() {
         piece: Piece::Later,
         ..deep.clone()
     };
-    assert_eq!(tc(&build(&later).bytes), found(21, deep.flags() | FLAG_FRAGMENT));
+    assert_eq!(
+        tc(&build(&later).bytes),
+        found(21, deep.flags() | FLAG_FRAGMENT)
+    );
 }
 
 #[test]

@@ -20,7 +20,7 @@ use profiler_common::{FuncHook, HookId, NO_ARG};
 use crate::{
     decide_in,
     follow::{on_hop, on_undecided},
-    on_device,
+    on_device_through,
     skb::Probed,
 };
 
@@ -58,7 +58,10 @@ fn packet(func: &FuncHook, arg: impl Fn(u8) -> Option<u64>) -> Option<([u64; 2],
 #[inline(always)]
 fn handle(func: &FuncHook, args: [u64; 2], dev_arg: Option<usize>, role: Role) -> bool {
     match role {
-        Role::Tagged => on_device::<Probed>(args.as_ptr(), func.hook, dev_arg),
+        // One tunnel level: this program carries on_device twice (with and without a device
+        // argument) and was at half the verifier's 1M-instruction limit on 6.1 already; two
+        // tunnels deep is the host's view of a VM's overlay, and this host has no kprobes.
+        Role::Tagged => on_device_through::<Probed, false>(args.as_ptr(), func.hook, dev_arg),
         Role::Follow => return on_hop::<Probed>(args.as_ptr(), func.hook, dev_arg),
         Role::Decide => on_undecided::<Probed>(args.as_ptr(), func.hook, dev_arg),
     }

@@ -136,6 +136,16 @@ pub(crate) fn hook_device<M: KernelMem>(args: *const u64, dev_arg: Option<usize>
 /// `dev_arg` is the index of an explicit `struct net_device *` argument, if the tracepoint has one.
 #[inline(always)]
 pub(crate) fn on_device<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) {
+    on_device_through::<M, true>(args, hook, dev_arg)
+}
+
+/// [`on_device`], the tag looked for through a second tunnel if `SECOND`.
+#[inline(always)]
+pub(crate) fn on_device_through<M: KernelMem, const SECOND: bool>(
+    args: *const u64,
+    hook: u8,
+    dev_arg: Option<usize>,
+) {
     let ts = unsafe { bpf_ktime_get_ns() };
     let skb_ptr = unsafe { *args };
     let (ifindex, netns) = skb::dev_identity::<M>(hook_device::<M>(args, dev_arg));
@@ -143,7 +153,8 @@ pub(crate) fn on_device<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Optio
     let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
     let found = match passed_over(id, hook, ifindex, netns) {
         READ_IT => {
-            let found = parse::find_tag(&skb, global(&PORT), global(&RUN_ID));
+            let found =
+                parse::find_tag_through_maps::<_, SECOND>(&skb, global(&PORT), global(&RUN_ID));
             remember(id, hook, ifindex, netns, pack(&found));
             found
         }

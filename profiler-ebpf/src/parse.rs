@@ -418,7 +418,8 @@ fn below(found: &Found, depth: u8, kind: u8) -> Found {
 fn fragment(stored: Found, flags: u8) -> Found {
     let any = flags | stored.flags;
     // 1 + 1 makes two: FLAG_ENCAP2 from both FLAG_ENCAPs.
-    let depth = any & (FLAG_ENCAP | FLAG_ENCAP2) | (flags & stored.flags & FLAG_ENCAP) * FLAG_ENCAP2;
+    let depth =
+        any & (FLAG_ENCAP | FLAG_ENCAP2) | ((flags & stored.flags & FLAG_ENCAP) * FLAG_ENCAP2);
     // The kind of the tunnels around the fragment here, if any, else the stored one's.
     let here = 0u8.wrapping_sub(flags & FLAG_ENCAP);
     let kind = (flags & here | stored.flags & !here) & TUNNEL_BITS;
@@ -435,6 +436,17 @@ fn fragment(stored: Found, flags: u8) -> Found {
 /// cannot read).
 #[inline(always)]
 pub fn find_tag_in<P: Packet, M: TagMemory>(
+    p: &P,
+    memory: &M,
+    port: u16,
+    run_id: u32,
+) -> Option<Found> {
+    find_tag_through::<P, M, true>(p, memory, port, run_id)
+}
+
+/// [`find_tag_in`], through a second tunnel if `SECOND`.
+#[inline(always)]
+pub fn find_tag_through<P: Packet, M: TagMemory, const SECOND: bool>(
     p: &P,
     memory: &M,
     port: u16,
@@ -463,7 +475,7 @@ pub fn find_tag_in<P: Packet, M: TagMemory>(
             // once, not once per way through the first.
             (flags, frags) = (opaque8(flags), opaque8(frags));
             // The second level: one more bounded step, no loop.
-            if !l4.later_fragment {
+            if SECOND && !l4.later_fragment {
                 if let Some((inner_ethertype, at, kind)) = tunnel(p, &l4, ports) {
                     flags |= FLAG_ENCAP2;
                     (frag1, kind1) = (l4.frag_key(), kind);
@@ -553,7 +565,7 @@ mod kernel {
     use aya_ebpf::{macros::map, maps::LruHashMap, programs::TcContext};
     use profiler_common::COUNTER_UNREADABLE;
 
-    use super::{find_tag_in, Found, FragKey, Packet, TagMemory, TcpSeg};
+    use super::{find_tag_through, Found, FragKey, Packet, TagMemory, TcpSeg};
 
     /// Tags of TCP segments, recorded by the hooks that can read paged payload (tc) for the
     /// tracepoints that cannot: TCP keeps its payload in page fragments, out of a tracepoint's
@@ -596,10 +608,20 @@ mod kernel {
         }
     }
 
-    /// [`find_tag_in`] with the kernel's maps.
+    /// [`find_tag_in`](super::find_tag_in) with the kernel's maps, through two tunnels.
     #[inline(always)]
     pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
-        find_tag_in(p, &Maps, port, run_id)
+        find_tag_through::<P, Maps, true>(p, &Maps, port, run_id)
+    }
+
+    /// [`find_tag`], through a second tunnel if `SECOND`.
+    #[inline(always)]
+    pub fn find_tag_through_maps<P: Packet, const SECOND: bool>(
+        p: &P,
+        port: u16,
+        run_id: u32,
+    ) -> Option<Found> {
+        find_tag_through::<P, Maps, SECOND>(p, &Maps, port, run_id)
     }
 
     impl Packet for TcContext {
@@ -620,4 +642,4 @@ mod kernel {
 }
 
 #[cfg(not(test))]
-pub use kernel::find_tag;
+pub use kernel::{find_tag, find_tag_through_maps};
