@@ -13,7 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use parse::{
-    find_tag_in, find_tag_through, flows, ports_match, Flow, Flows, Found, FragKey, Packet,
+    find_tag_in, find_tag_one_level, flows, ports_match, Flow, Flows, Found, FragKey, Packet,
     TagMemory, TcpSeg,
 };
 use profiler_common::{
@@ -1118,7 +1118,7 @@ fn two_tunnels_deep() {
     // Through one tunnel only (the function hooks' programs): two deep is not entered, one is.
     let one_level = |s: &Spec| {
         let b = build(s).bytes;
-        find_tag_through::<_, _, false>(&Wire::new(&b), &Memory::default(), 0, RUN)
+        find_tag_one_level(&Wire::new(&b), &Memory::default(), 0, RUN)
     };
     let vm = Spec::tunneled(Tunnel::Vxlan(8472), false, false);
     assert_eq!(one_level(&vm), found(vm.seq, vm.flags()));

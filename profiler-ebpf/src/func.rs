@@ -58,9 +58,7 @@ fn packet(func: &FuncHook, arg: impl Fn(u8) -> Option<u64>) -> Option<([u64; 2],
 #[inline(always)]
 fn handle(func: &FuncHook, args: [u64; 2], dev_arg: Option<usize>, role: Role) -> bool {
     match role {
-        // One tunnel level: this program carries on_device twice (with and without a device
-        // argument) and was at half the verifier's 1M-instruction limit on 6.1 already; two
-        // tunnels deep is the host's view of a VM's overlay, and this host has no kprobes.
+        // One tunnel level: see parse::find_tag_one_level.
         Role::Tagged => on_device_through::<Probed, false>(args.as_ptr(), func.hook, dev_arg),
         Role::Follow => return on_hop::<Probed>(args.as_ptr(), func.hook, dev_arg),
         Role::Decide => on_undecided::<Probed>(args.as_ptr(), func.hook, dev_arg),

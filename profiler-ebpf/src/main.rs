@@ -153,8 +153,7 @@ pub(crate) fn on_device_through<M: KernelMem, const SECOND: bool>(
     let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
     let found = match passed_over(id, hook, ifindex, netns) {
         READ_IT => {
-            let found =
-                parse::find_tag_through_maps::<_, SECOND>(&skb, global(&PORT), global(&RUN_ID));
+            let found = parse::find_tag_through::<_, SECOND>(&skb, global(&PORT), global(&RUN_ID));
             remember(id, hook, ifindex, netns, pack(&found));
             found
         }

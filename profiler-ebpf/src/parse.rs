@@ -441,17 +441,6 @@ pub fn find_tag_in<P: Packet, M: TagMemory>(
     port: u16,
     run_id: u32,
 ) -> Option<Found> {
-    find_tag_through::<P, M, true>(p, memory, port, run_id)
-}
-
-/// [`find_tag_in`], through a second tunnel if `SECOND`.
-#[inline(always)]
-pub fn find_tag_through<P: Packet, M: TagMemory, const SECOND: bool>(
-    p: &P,
-    memory: &M,
-    port: u16,
-    run_id: u32,
-) -> Option<Found> {
     // Offsets are hidden from the verifier where the paths join (see `opaque`): a tracepoint
     // program verifies in 33 ms instead of 160 ms on the host, 2-3 s instead of 10 s under TCG.
     let (ethertype, off, mut flags) = l2(p, 0)?;
@@ -475,7 +464,7 @@ pub fn find_tag_through<P: Packet, M: TagMemory, const SECOND: bool>(
             // once, not once per way through the first.
             (flags, frags) = (opaque8(flags), opaque8(frags));
             // The second level: one more bounded step, no loop.
-            if SECOND && !l4.later_fragment {
+            if !l4.later_fragment {
                 if let Some((inner_ethertype, at, kind)) = tunnel(p, &l4, ports) {
                     flags |= FLAG_ENCAP2;
                     (frag1, kind1) = (l4.frag_key(), kind);
@@ -529,6 +518,106 @@ pub fn find_tag_through<P: Packet, M: TagMemory, const SECOND: bool>(
     Some(found)
 }
 
+/// [`find_tag_in`] through one tunnel only, as before the second level: the function hooks'
+/// programs (kprobes, module tracepoints) carry it twice and were at half the verifier's
+/// 1M-instruction limit on Debian 12's 6.1 with it; with the second level their run did not
+/// load in minutes there. Two tunnels deep is the host's view of a VM's overlay, and this
+/// machine's host has no kprobes.
+#[inline(always)]
+pub fn find_tag_one_level<P: Packet, M: TagMemory>(
+    p: &P,
+    memory: &M,
+    port: u16,
+    run_id: u32,
+) -> Option<Found> {
+    // Offsets are hidden from the verifier where the paths join (see `opaque`): a tracepoint
+    // program verifies in 33 ms instead of 160 ms on the host, 2-3 s instead of 10 s under TCG.
+    let (ethertype, off, mut flags) = l2(p, 0)?;
+    let off = opaque(off);
+    let mut l4 = l3(p, ethertype, off)?;
+    let mut ports: [u8; 4] = if l4.later_fragment {
+        [0; 4]
+    } else {
+        p.read(l4.offset)?
+    };
+    // A fragmented outer packet (an overlay whose MTU does not fit the underlay): its later
+    // fragments carry neither the tunnel header nor the tag, so the first one records the tag
+    // under the outer datagram's identity too.
+    // A key and a flag, not an Option: before 6.5 the verifier refuses reading the stack slot of
+    // an Option's payload on the path that left it unset, which the compiler may do.
+    let mut outer_frag = FragKey {
+        saddr: [0; 4],
+        daddr: [0; 4],
+        id: [0; 2],
+        proto: 0,
+        _pad: 0,
+    };
+    let mut outer_fragmented = false;
+    if !l4.later_fragment {
+        if let Some((inner_ethertype, inner, kind)) = tunnel(p, &l4, ports) {
+            flags |= FLAG_ENCAP | (kind << TUNNEL_SHIFT);
+            if l4.fragmented {
+                outer_frag = l4.frag_key();
+                outer_fragmented = true;
+            }
+            let inner = opaque(inner);
+            let (ethertype, off) = match inner_ethertype {
+                Some(et) => (et, inner),
+                None => {
+                    let (et, off, vlan) = l2(p, inner)?;
+                    flags |= vlan;
+                    (et, opaque(off))
+                }
+            };
+            l4 = l3(p, ethertype, off)?;
+            ports = if l4.later_fragment {
+                [0; 4]
+            } else {
+                p.read(l4.offset)?
+            };
+        }
+    }
+    if l4.later_fragment {
+        let mut found = memory.frag_tag(&l4.frag_key())?;
+        found.flags |= flags | FLAG_FRAGMENT;
+        return Some(found);
+    }
+    if port != 0 && be16([ports[0], ports[1]]) != port && be16([ports[2], ports[3]]) != port {
+        return None;
+    }
+    let found = match l4.proto {
+        IPPROTO_UDP => Found {
+            tag: read_tag(p, l4.offset + 8, run_id)?,
+            flags,
+            _pad: [0; 3],
+        },
+        IPPROTO_TCP => {
+            let hdr: [u8; 13] = p.read(l4.offset)?;
+            let doff = ((hdr[12] >> 4) as usize) * 4;
+            // A bare ACK carries the seq of the next data byte: it must not match that data's tag.
+            if l4.len != 0 && l4.len <= doff {
+                return None;
+            }
+            let seg = TcpSeg {
+                saddr: l4.saddr,
+                daddr: l4.daddr,
+                ports,
+                seq: [hdr[4], hdr[5], hdr[6], hdr[7]],
+            };
+            tcp_tag(p, memory, l4.offset + doff, &seg, run_id, flags)?
+        }
+        _ => return None,
+    };
+    if l4.fragmented {
+        // The first fragment: remember the tag for the fragments that follow.
+        memory.remember_frag_tag(&l4.frag_key(), &found);
+    }
+    if outer_fragmented {
+        memory.remember_frag_tag(&outer_frag, &found);
+    }
+    Some(found)
+}
+
 #[inline(always)]
 fn tcp_tag<P: Packet, M: TagMemory>(
     p: &P,
@@ -565,7 +654,7 @@ mod kernel {
     use aya_ebpf::{macros::map, maps::LruHashMap, programs::TcContext};
     use profiler_common::COUNTER_UNREADABLE;
 
-    use super::{find_tag_through, Found, FragKey, Packet, TagMemory, TcpSeg};
+    use super::{find_tag_in, find_tag_one_level, Found, FragKey, Packet, TagMemory, TcpSeg};
 
     /// Tags of TCP segments, recorded by the hooks that can read paged payload (tc) for the
     /// tracepoints that cannot: TCP keeps its payload in page fragments, out of a tracepoint's
@@ -608,20 +697,24 @@ mod kernel {
         }
     }
 
-    /// [`find_tag_in`](super::find_tag_in) with the kernel's maps, through two tunnels.
+    /// [`find_tag_in`] with the kernel's maps; [`find_tag_one_level`] if not `SECOND`.
     #[inline(always)]
-    pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
-        find_tag_through::<P, Maps, true>(p, &Maps, port, run_id)
-    }
-
-    /// [`find_tag`], through a second tunnel if `SECOND`.
-    #[inline(always)]
-    pub fn find_tag_through_maps<P: Packet, const SECOND: bool>(
+    pub fn find_tag_through<P: Packet, const SECOND: bool>(
         p: &P,
         port: u16,
         run_id: u32,
     ) -> Option<Found> {
-        find_tag_through::<P, Maps, SECOND>(p, &Maps, port, run_id)
+        if SECOND {
+            find_tag_in(p, &Maps, port, run_id)
+        } else {
+            find_tag_one_level(p, &Maps, port, run_id)
+        }
+    }
+
+    /// [`find_tag_in`] with the kernel's maps.
+    #[inline(always)]
+    pub fn find_tag<P: Packet>(p: &P, port: u16, run_id: u32) -> Option<Found> {
+        find_tag_through::<P, true>(p, port, run_id)
     }
 
     impl Packet for TcContext {
@@ -642,4 +735,4 @@ mod kernel {
 }
 
 #[cfg(not(test))]
-pub use kernel::{find_tag, find_tag_through_maps};
+pub use kernel::{find_tag, find_tag_through};
