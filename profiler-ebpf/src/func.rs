@@ -20,7 +20,7 @@ use profiler_common::{FuncHook, HookId, NO_ARG};
 use crate::{
     decide_in,
     follow::{on_hop, on_undecided},
-    on_device_through,
+    on_device,
     skb::Probed,
 };
 
@@ -58,8 +58,7 @@ fn packet(func: &FuncHook, arg: impl Fn(u8) -> Option<u64>) -> Option<([u64; 2],
 #[inline(always)]
 fn handle(func: &FuncHook, args: [u64; 2], dev_arg: Option<usize>, role: Role) -> bool {
     match role {
-        // One tunnel level: see parse::find_tag_one_level.
-        Role::Tagged => on_device_through::<Probed, false>(args.as_ptr(), func.hook, dev_arg),
+        Role::Tagged => on_device::<Probed>(args.as_ptr(), func.hook, dev_arg),
         Role::Follow => return on_hop::<Probed>(args.as_ptr(), func.hook, dev_arg),
         Role::Decide => on_undecided::<Probed>(args.as_ptr(), func.hook, dev_arg),
     }

@@ -136,16 +136,6 @@ pub(crate) fn hook_device<M: KernelMem>(args: *const u64, dev_arg: Option<usize>
 /// `dev_arg` is the index of an explicit `struct net_device *` argument, if the tracepoint has one.
 #[inline(always)]
 pub(crate) fn on_device<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<usize>) {
-    on_device_through::<M, true>(args, hook, dev_arg)
-}
-
-/// [`on_device`], the tag looked for through a second tunnel if `SECOND`.
-#[inline(always)]
-pub(crate) fn on_device_through<M: KernelMem, const SECOND: bool>(
-    args: *const u64,
-    hook: u8,
-    dev_arg: Option<usize>,
-) {
     let ts = unsafe { bpf_ktime_get_ns() };
     let skb_ptr = unsafe { *args };
     let (ifindex, netns) = skb::dev_identity::<M>(hook_device::<M>(args, dev_arg));
@@ -153,7 +143,7 @@ pub(crate) fn on_device_through<M: KernelMem, const SECOND: bool>(
     let skb = KernelSkb::<M>::new(skb_ptr as *const u8);
     let found = match passed_over(id, hook, ifindex, netns) {
         READ_IT => {
-            let found = parse::find_tag_through::<_, SECOND>(&skb, global(&PORT), global(&RUN_ID));
+            let found = parse::find_tag(&skb, global(&PORT), global(&RUN_ID));
             remember(id, hook, ifindex, netns, pack(&found));
             found
         }
@@ -514,7 +504,9 @@ device_tracepoint!(
 #[inline(always)]
 fn on_tc(ctx: &TcContext, hook: HookId) -> i32 {
     let ts = unsafe { bpf_ktime_get_ns() };
-    let found = parse::find_tag(ctx, global(&PORT), global(&RUN_ID));
+    // Two tunnels deep at tc only: the host's VXLAN around a VM's overlay, on the host's
+    // underlay devices (their tracepoints see one level: see parse::find_tag).
+    let found = parse::find_tag_two_levels(ctx, global(&PORT), global(&RUN_ID));
     // The device's queue comes next in the same call: what this cheap read of the packet
     // found spares that tracepoint's read (through the kernel's pointers) of every packet.
     let egress = hook == HookId::TcEgress;
