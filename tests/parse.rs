@@ -13,11 +13,12 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use parse::{
-    find_tag_in, flows, ports_match, Flow, Flows, Found, FragKey, Packet, TagMemory, TcpSeg,
+    find_tag_in, find_tag_one_level, flows, ports_match, Flow, Flows, Found, FragKey, Packet,
+    TagMemory, TcpSeg,
 };
 use profiler_common::{
-    Tag, DIR_REQUEST, FLAG_ENCAP, FLAG_FRAGMENT, FLAG_VLAN, TAG_LEN, TAG_MAGIC, TUNNEL_GENEVE,
-    TUNNEL_GRE, TUNNEL_SHIFT, TUNNEL_VXLAN, VXLAN_PORTS,
+    depth_flags, Tag, DIR_REQUEST, FLAG_ENCAP, FLAG_ENCAP2, FLAG_FRAGMENT, FLAG_VLAN, TAG_LEN,
+    TAG_MAGIC, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIFT, TUNNEL_VXLAN, VXLAN_PORTS,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -27,10 +28,11 @@ const RUN: u32 = 0x0bad_cafe;
 const GENEVE_PORT: u16 = 6081;
 /// Bytes a tracepoint reads at once from the packet's start (profiler-ebpf/src/skb.rs).
 const HEAD: usize = 128;
-/// No read of the parser starts this far in: its deepest header (two VLAN tags, IPv6, GRE with
-/// every optional word, a tunnel's inner IPv4 with options, TCP with options) ends well before.
+/// No read of the parser starts this far in: its deepest header (two VLAN tags, IPv6, two
+/// Geneve tunnels with every option word, the inner IPv4 with options, TCP with options) ends
+/// well before.
 const MAX_OFFSET: usize = 1024;
-/// Reads of one call, at most: the parser has no loop but the two VLAN tags.
+/// Reads of one call, at most: the parser has no loop but the VLAN tags of each frame.
 const MAX_READS: usize = 32;
 
 // ---------------------------------------------------------------------------------------------
@@ -235,6 +237,9 @@ const OUTER_V6: [[u8; 16]; 2] = [v6(0x2001, 1), v6(0x2001, 2)];
 const OUTER_SPORT: u16 = 51234;
 const INNER_ID: u16 = 0x1234;
 const OUTER_ID: u16 = 0x4321;
+/// The host's tunnel around a VM's (IPv4).
+const HOST_V4: [[u8; 4]; 2] = [[172, 16, 0, 1], [172, 16, 0, 2]];
+const HOST_ID: u16 = 0x5678;
 /// What follows the tag in a tagged payload.
 const TRAILER: &[u8] = b"payload!";
 
@@ -425,6 +430,10 @@ struct Spec {
     /// Of the innermost IPv4 datagram, and of the outer one of a tunnel.
     piece: Piece,
     outer_piece: Piece,
+    /// A second tunnel around the whole packet (a VM's packet encapsulated again on the host),
+    /// over IPv4 without VLAN tags, and which piece of its datagram this is.
+    host: Option<Tunnel>,
+    host_piece: Piece,
 }
 
 impl Spec {
@@ -443,6 +452,8 @@ impl Spec {
             tcp_options: 0,
             piece: Piece::Whole,
             outer_piece: Piece::Whole,
+            host: None,
+            host_piece: Piece::Whole,
         }
     }
 
@@ -470,8 +481,10 @@ impl Spec {
         if !self.vlans.is_empty() || inner_tagged {
             flags |= FLAG_VLAN;
         }
-        if let Some(t) = self.tunnel {
-            flags |= FLAG_ENCAP | t.kind() << TUNNEL_SHIFT;
+        let depth = self.tunnel.is_some() as u8 + self.host.is_some() as u8;
+        // The kind is the outermost tunnel's.
+        if let Some(t) = self.host.or(self.tunnel) {
+            flags |= depth_flags(depth) | t.kind() << TUNNEL_SHIFT;
         }
         flags
     }
@@ -505,6 +518,27 @@ fn ip(
     }
 }
 
+/// A tunnel's L4 part (protocol, bytes) around an IP packet, or the Ethernet `frame` of it.
+fn wrap(t: Tunnel, ip_et: u16, ip_packet: &[u8], frame: &[u8]) -> (u8, Vec<u8>) {
+    match t {
+        Tunnel::Vxlan(port) => (17, udp(OUTER_SPORT, port, &vxlan(frame))),
+        Tunnel::Geneve(words) => (17, udp(OUTER_SPORT, GENEVE_PORT, &geneve(words, frame))),
+        Tunnel::Gre {
+            csum,
+            key,
+            seq,
+            teb,
+        } => {
+            let gre = if teb {
+                gre(csum, key, seq, 0x6558, frame)
+            } else {
+                gre(csum, key, seq, ip_et, ip_packet)
+            };
+            (47, gre)
+        }
+    }
+}
+
 fn build(s: &Spec) -> Built {
     let mut payload = tag(s.seq).to_bytes().to_vec();
     payload.extend(TRAILER);
@@ -532,29 +566,22 @@ fn build(s: &Spec) -> Built {
         None => (ip_et, ip_packet),
         Some(t) => {
             let frame = eth(&s.inner_vlans, ip_et, &ip_packet);
-            let (proto, l4) = match t {
-                Tunnel::Vxlan(port) => (17, udp(OUTER_SPORT, port, &vxlan(&frame))),
-                Tunnel::Geneve(words) => {
-                    (17, udp(OUTER_SPORT, GENEVE_PORT, &geneve(words, &frame)))
-                }
-                Tunnel::Gre {
-                    csum,
-                    key,
-                    seq,
-                    teb,
-                } => {
-                    let gre = if teb {
-                        gre(csum, key, seq, 0x6558, &frame)
-                    } else {
-                        gre(csum, key, seq, ip_et, &ip_packet)
-                    };
-                    (47, gre)
-                }
-            };
+            let (proto, l4) = wrap(t, ip_et, &ip_packet, &frame);
             let outer_later = s.outer_piece == Piece::Later && !s.v6;
             later |= outer_later;
             let l4 = if outer_later { vec![0x66; 48] } else { l4 };
             ip(s.v6, proto, false, OUTER_ID, s.outer_piece, 0, &l4)
+        }
+    };
+    let (et, l3) = match s.host {
+        None => (et, l3),
+        Some(t) => {
+            let (proto, l4) = wrap(t, et, &l3, &eth(&[], et, &l3));
+            let host_later = s.host_piece == Piece::Later;
+            later |= host_later;
+            let l4 = if host_later { vec![0x77; 56] } else { l4 };
+            let frag = s.host_piece.frag_field();
+            (0x0800, ipv4(proto, HOST_V4, HOST_ID, frag, 0, &l4))
         }
     };
     let bytes = eth(&s.vlans, et, &l3);
@@ -571,10 +598,11 @@ enum Expect {
     TagAt {
         at: usize,
         flags: u8,
-        /// Innermost protocol and ports; outermost protocol and first 4 bytes of L4 (ports).
-        inner: (u8, u16, u16),
+        /// Outermost protocol and first 4 bytes of L4 (ports).
         outer: (u8, u16, u16),
-        tunnel: bool,
+        /// What `flows` (one tunnel level) reports: whether there is an inner packet, the
+        /// flags, the protocol and ports of the innermost packet it reaches.
+        flows: (bool, u8, (u8, u16, u16)),
     },
     /// No tag: not IP over Ethernet, not UDP or TCP, a bare ACK, another port, or cut short.
     NoTag,
@@ -661,14 +689,59 @@ fn reference(b: &[u8], port: u16) -> Expect {
     walk(b, port).unwrap_or(Expect::NoTag)
 }
 
+/// A step of the reference: None, the packet ends before it; Err, the verdict on the packet.
+type Step<T> = Option<Result<T, Expect>>;
+/// A tunnel's kind, where its inner packet starts, and that packet's ethertype if it is not
+/// an Ethernet frame.
+type TunnelAt = (u8, usize, Option<u16>);
+
+/// An IP packet's L3 verdict, or its protocol, L4 offset and payload length.
+fn ref_l3(b: &[u8], ethertype: u16, at: usize) -> Step<(u8, usize, Option<usize>)> {
+    Some(match ref_ip(b, ethertype, at)? {
+        RefL3::Ip { proto, l4, payload } => Ok((proto, l4, payload)),
+        RefL3::NotIp => Err(Expect::NoTag),
+        RefL3::Unknown => Err(Expect::Unknown),
+    })
+}
+
+/// The tunnel `proto` at `l4` is (4 bytes there); Ok(None): no tunnel.
+fn ref_tunnel(b: &[u8], proto: u8, l4: usize) -> Step<Option<TunnelAt>> {
+    let dport = u16_at(b, l4 + 2)?;
+    Some(Ok(match proto {
+        17 if dport == GENEVE_PORT => {
+            let geneve = l4 + 8;
+            let first = *b.get(geneve)?;
+            if first >> 6 != 0 || u16_at(b, geneve + 2)? != 0x6558 {
+                return Some(Err(Expect::Unknown));
+            }
+            let options = (first & 0x3f) as usize * 4;
+            Some((TUNNEL_GENEVE, geneve + 8 + options, None))
+        }
+        17 if VXLAN_PORTS.contains(&dport) => Some((TUNNEL_VXLAN, l4 + 8 + 8, None)),
+        47 => {
+            let (c, r, k, s) = (b[l4] & 0x80, b[l4] & 0x40, b[l4] & 0x20, b[l4] & 0x10);
+            if r != 0 || b[l4 + 1] & 7 != 0 {
+                return Some(Err(Expect::Unknown));
+            }
+            let words = [c, k, s].iter().filter(|&&bit| bit != 0).count();
+            let inner = l4 + 4 + 4 * words;
+            match u16_at(b, l4 + 2)? {
+                0x6558 => Some((TUNNEL_GRE, inner, None)),
+                et @ (0x0800 | 0x86dd) => Some((TUNNEL_GRE, inner, Some(et))),
+                _ => return Some(Err(Expect::NoTag)),
+            }
+        }
+        _ => None,
+    }))
+}
+
 /// None: the packet ends before the tag.
 fn walk(b: &[u8], port: u16) -> Option<Expect> {
     let (ethertype, l3, vlan) = ref_ethernet(b, 0)?;
     let mut flags = if vlan { FLAG_VLAN } else { 0 };
-    let (mut proto, mut l4, mut payload) = match ref_ip(b, ethertype, l3)? {
-        RefL3::Ip { proto, l4, payload } => (proto, l4, payload),
-        RefL3::NotIp => return Some(Expect::NoTag),
-        RefL3::Unknown => return Some(Expect::Unknown),
+    let (mut proto, mut l4, mut payload) = match ref_l3(b, ethertype, l3)? {
+        Ok(l) => l,
+        Err(e) => return Some(e),
     };
     if ![6, 17, 47].contains(&proto) {
         return Some(Expect::NoTag);
@@ -677,35 +750,19 @@ fn walk(b: &[u8], port: u16) -> Option<Expect> {
     has(b, l4, 4)?;
     let outer_ports = (u16_at(b, l4)?, u16_at(b, l4 + 2)?);
 
-    // One tunnel: where its inner packet starts, and whether that is an Ethernet frame.
-    let tunnel = match proto {
-        17 if outer_ports.1 == GENEVE_PORT => {
-            let geneve = l4 + 8;
-            let first = *b.get(geneve)?;
-            if first >> 6 != 0 || u16_at(b, geneve + 2)? != 0x6558 {
-                return Some(Expect::Unknown);
-            }
-            let options = (first & 0x3f) as usize * 4;
-            Some((TUNNEL_GENEVE, geneve + 8 + options, None))
+    // Up to two tunnels, each: where its inner packet starts, and whether that is a frame.
+    let (mut depth, mut kind, mut flows) = (0, 0, None);
+    while depth < 2 && [17, 47].contains(&proto) {
+        has(b, l4, 4)?;
+        let (k, inner, ethertype) = match ref_tunnel(b, proto, l4)? {
+            Ok(Some(t)) => t,
+            Ok(None) => break,
+            Err(e) => return Some(e),
+        };
+        if depth == 0 {
+            kind = k << TUNNEL_SHIFT;
         }
-        17 if VXLAN_PORTS.contains(&outer_ports.1) => Some((TUNNEL_VXLAN, l4 + 8 + 8, None)),
-        47 => {
-            let (c, r, k, s) = (b[l4] & 0x80, b[l4] & 0x40, b[l4] & 0x20, b[l4] & 0x10);
-            if r != 0 || b[l4 + 1] & 7 != 0 {
-                return Some(Expect::Unknown);
-            }
-            let words = [c, k, s].iter().filter(|&&bit| bit != 0).count();
-            let inner = l4 + 4 + 4 * words;
-            match u16_at(b, l4 + 2)? {
-                0x6558 => Some((TUNNEL_GRE, inner, None)),
-                et @ (0x0800 | 0x86dd) => Some((TUNNEL_GRE, inner, Some(et))),
-                _ => return Some(Expect::NoTag),
-            }
-        }
-        _ => None,
-    };
-    if let Some((kind, inner, ethertype)) = tunnel {
-        flags |= FLAG_ENCAP | kind << TUNNEL_SHIFT;
+        depth += 1;
         let (ethertype, l3) = match ethertype {
             Some(et) => (et, inner),
             None => {
@@ -716,12 +773,17 @@ fn walk(b: &[u8], port: u16) -> Option<Expect> {
                 (et, l3)
             }
         };
-        (proto, l4, payload) = match ref_ip(b, ethertype, l3)? {
-            RefL3::Ip { proto, l4, payload } => (proto, l4, payload),
-            RefL3::NotIp => return Some(Expect::NoTag),
-            RefL3::Unknown => return Some(Expect::Unknown),
+        (proto, l4, payload) = match ref_l3(b, ethertype, l3)? {
+            Ok(l) => l,
+            Err(e) => return Some(e),
         };
+        if depth == 1 {
+            // flows stops here: the ports, if there, of the packet inside the first tunnel.
+            let ports = (u16_at(b, l4).unwrap_or(0), u16_at(b, l4 + 2).unwrap_or(0));
+            flows = Some((true, flags | FLAG_ENCAP | kind, (proto, ports.0, ports.1)));
+        }
     }
+    flags |= depth_flags(depth) | kind;
 
     if proto != 6 && proto != 17 {
         return Some(Expect::NoTag);
@@ -746,9 +808,8 @@ fn walk(b: &[u8], port: u16) -> Option<Expect> {
     Some(Expect::TagAt {
         at: l4 + header,
         flags,
-        inner: (proto, sport, dport),
         outer: (outer_proto, outer_ports.0, outer_ports.1),
-        tunnel: tunnel.is_some(),
+        flows: flows.unwrap_or((false, flags, (proto, sport, dport))),
     })
 }
 
@@ -780,9 +841,8 @@ fn check_against_reference(b: &[u8], port: u16) {
         Expect::TagAt {
             at,
             flags,
-            inner,
             outer,
-            tunnel,
+            flows: want_flows,
         } => {
             let want = tag_at(b, at).map(|tag| Found {
                 tag,
@@ -795,10 +855,13 @@ fn check_against_reference(b: &[u8], port: u16) {
             }
             let f = flows.unwrap_or_else(|| panic!("flows of {b:02x?}"));
             let i = f.innermost();
-            assert_eq!((i.proto, i.sport, i.dport), inner, "innermost of {b:02x?}");
             let o = &f.outer;
             assert_eq!((o.proto, o.sport, o.dport), outer, "outermost of {b:02x?}");
-            assert_eq!((f.has_inner, f.flags), (tunnel, flags), "flows of {b:02x?}");
+            assert_eq!(
+                (f.has_inner, f.flags, (i.proto, i.sport, i.dport)),
+                want_flows,
+                "flows of {b:02x?}"
+            );
             let has_ports = outer.0 == 6 || outer.0 == 17;
             assert_eq!(ports_match(&Wire::new(b), outer.1), has_ports, "{b:02x?}");
             assert_eq!(ports_match(&Wire::new(b), outer.2), has_ports, "{b:02x?}");
@@ -1022,6 +1085,143 @@ fn ipv4_fragments_first_and_later() {
     }
 }
 
+/// A VM's overlay packet encapsulated again by the host: the tag two tunnels deep, any tunnel
+/// inside any other, with FLAG_ENCAP2 and the outer tunnel's kind.
+#[test]
+fn two_tunnels_deep() {
+    let tunnels = [
+        Tunnel::Vxlan(8472),
+        Tunnel::Vxlan(4789),
+        Tunnel::Geneve(3),
+        PLAIN_GRE,
+        Tunnel::Gre {
+            csum: true,
+            key: true,
+            seq: true,
+            teb: true,
+        },
+    ];
+    for vm in tunnels {
+        for host in tunnels {
+            for (inner_v6, tcp) in [(false, false), (true, true)] {
+                let s = Spec {
+                    host: Some(host),
+                    vlans: vec![0x8100],
+                    ..Spec::tunneled(vm, inner_v6, tcp)
+                };
+                let want = FLAG_ENCAP | FLAG_ENCAP2 | FLAG_VLAN | host.kind() << TUNNEL_SHIFT;
+                assert_eq!(s.flags(), want, "{s:?}");
+                assert_found(&s);
+            }
+        }
+    }
+    // Through one tunnel only (the function hooks' programs): two deep is not entered, one is.
+    let one_level = |s: &Spec| {
+        let b = build(s).bytes;
+        find_tag_one_level(&Wire::new(&b), &Memory::default(), 0, RUN)
+    };
+    let vm = Spec::tunneled(Tunnel::Vxlan(8472), false, false);
+    assert_eq!(one_level(&vm), found(vm.seq, vm.flags()));
+    let deep = Spec {
+        host: Some(Tunnel::Vxlan(4789)),
+        ..vm
+    };
+    assert_eq!(one_level(&deep), None);
+    // The host's tunnel around a packet of no overlay: one tunnel.
+    let s = Spec {
+        host: Some(Tunnel::Geneve(0)),
+        ..Spec::plain(false, true)
+    };
+    assert_eq!(s.flags(), FLAG_ENCAP | TUNNEL_GENEVE << TUNNEL_SHIFT);
+    assert_found(&s);
+    // VXLAN to flannel's port 8 bytes into UDP, 14 + 20 + 8 + 8 bytes per level.
+    let b = build(&Spec {
+        host: Some(Tunnel::Vxlan(4789)),
+        ..Spec::tunneled(Tunnel::Vxlan(8472), false, false)
+    });
+    assert_eq!(b.tag_at, Some(2 * (14 + 20 + 8 + 8) + 14 + 20 + 8));
+}
+
+/// Fragments of a packet two tunnels deep find their tag through what their first fragment
+/// left: the host's datagram fragmented, the VM's inside it, each seen inside the host's
+/// tunnel or without it (on the VM's tap, before the host encapsulates).
+#[test]
+fn fragments_two_tunnels_deep() {
+    let vm = Spec {
+        seq: 21,
+        ..Spec::tunneled(Tunnel::Vxlan(8472), false, false)
+    };
+    let host = |s: &Spec| Spec {
+        host: Some(Tunnel::Geneve(1)),
+        ..s.clone()
+    };
+    let piece = |s: &Spec, outer_piece| Spec {
+        outer_piece,
+        ..s.clone()
+    };
+    let deep = host(&vm);
+    // The host's datagram fragmented: its later fragments carry no tunnel header.
+    let memory = Memory::default();
+    let tc = |b: &[u8]| find_tag_in(&Wire::new(b), &memory, 0, RUN);
+    let first = Spec {
+        host_piece: Piece::First,
+        ..deep.clone()
+    };
+    let later = Spec {
+        host_piece: Piece::Later,
+        ..deep.clone()
+    };
+    assert_eq!(tc(&build(&later).bytes), None);
+    assert_eq!(tc(&build(&first).bytes), found(21, deep.flags()));
+    assert_eq!(
+        tc(&build(&later).bytes),
+        found(21, deep.flags() | FLAG_FRAGMENT)
+    );
+
+    // The VM's datagram fragmented (its overlay MTU too large), each fragment encapsulated by
+    // the host: the first fragment seen on the tap (one tunnel) or inside the host's (two), the
+    // later ones either way; each time with the depth where it is seen.
+    for first_inside_host in [false, true] {
+        let memory = Memory::default();
+        let tc = |b: &[u8]| find_tag_in(&Wire::new(b), &memory, 0, RUN);
+        let first = piece(&vm, Piece::First);
+        let first = if first_inside_host {
+            host(&first)
+        } else {
+            first
+        };
+        assert_eq!(tc(&build(&first).bytes), found(21, first.flags()));
+        let later = piece(&vm, Piece::Later);
+        assert_eq!(
+            tc(&build(&later).bytes),
+            found(21, vm.flags() | FLAG_FRAGMENT)
+        );
+        let later = host(&later);
+        assert_eq!(
+            tc(&build(&later).bytes),
+            found(21, deep.flags() | FLAG_FRAGMENT),
+            "first fragment inside the host's tunnel: {first_inside_host}"
+        );
+    }
+
+    // The innermost datagram fragmented, two tunnels deep.
+    let memory = Memory::default();
+    let tc = |b: &[u8]| find_tag_in(&Wire::new(b), &memory, 0, RUN);
+    let first = Spec {
+        piece: Piece::First,
+        ..deep.clone()
+    };
+    assert_eq!(tc(&build(&first).bytes), found(21, deep.flags()));
+    let later = Spec {
+        piece: Piece::Later,
+        ..deep.clone()
+    };
+    assert_eq!(
+        tc(&build(&later).bytes),
+        found(21, deep.flags() | FLAG_FRAGMENT)
+    );
+}
+
 #[test]
 fn truncated_headers_find_nothing() {
     // assert_found cuts every packet at every length; here the cuts inside each header.
@@ -1220,6 +1420,12 @@ fn spec() -> impl Strategy<Value = Spec> {
         1 => (0u8..64).prop_map(|w| Some(Tunnel::Geneve(w))),
         1 => any::<[bool; 4]>().prop_map(|[csum, key, seq, teb]| Some(Tunnel::Gre { csum, key, seq, teb })),
     ];
+    let host = prop_oneof![
+        3 => Just(None),
+        1 => prop::sample::select(VXLAN_PORTS.to_vec()).prop_map(|p| Some(Tunnel::Vxlan(p))),
+        1 => (0u8..64).prop_map(|w| Some(Tunnel::Geneve(w))),
+        1 => any::<[bool; 4]>().prop_map(|[csum, key, seq, teb]| Some(Tunnel::Gre { csum, key, seq, teb })),
+    ];
     let piece =
         || prop_oneof![6 => Just(Piece::Whole), 1 => Just(Piece::First), 1 => Just(Piece::Later)];
     (
@@ -1232,15 +1438,18 @@ fn spec() -> impl Strategy<Value = Spec> {
         ),
         (any::<bool>(), any::<u16>(), any::<u16>(), any::<u32>()),
         (0u8..=10, 0u8..=10, piece(), piece()),
+        (host, piece()),
     )
         .prop_map(
             |(
                 (vlans, v6, tunnel, inner_vlans, inner_v6),
                 (tcp, sport, mut dport, seq),
                 (ip_options, tcp_options, piece, outer_piece),
+                (host, host_piece),
             )| {
-                // Plain UDP to a tunnel's port is that tunnel to the parser.
-                if tunnel.is_none() && !tcp && [4789, 8472, GENEVE_PORT].contains(&dport) {
+                // Plain UDP to a tunnel's port is that tunnel to the parser, up to two deep.
+                let deepest = tunnel.is_some() && host.is_some();
+                if !deepest && !tcp && [4789, 8472, GENEVE_PORT].contains(&dport) {
                     dport = 9;
                 }
                 Spec {
@@ -1257,6 +1466,8 @@ fn spec() -> impl Strategy<Value = Spec> {
                     tcp_options,
                     piece,
                     outer_piece,
+                    host,
+                    host_piece,
                 }
             },
         )

@@ -135,7 +135,25 @@ pub const FLAG_ENCAP: u8 = 1;
 pub const FLAG_VLAN: u8 = 2;
 /// `Event::flags`: a later IPv4 fragment of a tagged datagram (recognised by its IP id).
 pub const FLAG_FRAGMENT: u8 = 4;
-/// `Event::flags >> TUNNEL_SHIFT`: which tunnel the packet was inside (0: none).
+/// `Event::flags`, with FLAG_ENCAP: the tag was inside two tunnels (a VM's overlay carried by
+/// the host's). The tunnel kind is then the outer one's.
+pub const FLAG_ENCAP2: u8 = 8;
+
+/// How many tunnels `flags` say the tag was inside: 0, 1 or 2.
+pub const fn encap_depth(flags: u8) -> u8 {
+    (flags & FLAG_ENCAP) + ((flags & FLAG_ENCAP2) >> 3)
+}
+
+/// FLAG_ENCAP and FLAG_ENCAP2 for `depth` tunnels (2 at most).
+pub const fn depth_flags(depth: u8) -> u8 {
+    match depth {
+        0 => 0,
+        1 => FLAG_ENCAP,
+        _ => FLAG_ENCAP | FLAG_ENCAP2,
+    }
+}
+/// `Event::flags >> TUNNEL_SHIFT`: which tunnel the packet was inside (0: none), the outermost
+/// of two.
 pub const TUNNEL_SHIFT: u8 = 4;
 pub const TUNNEL_VXLAN: u8 = 1;
 pub const TUNNEL_GENEVE: u8 = 2;
@@ -425,5 +443,14 @@ mod tests {
             assert!(width * 16 <= low.max(16), "{v}: bucket too wide");
         }
         assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+    }
+
+    #[test]
+    fn encapsulation_depth_round_trips_through_the_flags() {
+        for depth in 0..=2 {
+            let flags = depth_flags(depth) | FLAG_VLAN | FLAG_FRAGMENT | TUNNEL_GRE << TUNNEL_SHIFT;
+            assert_eq!(encap_depth(flags), depth, "flags {flags:#x}");
+        }
+        assert_eq!(depth_flags(3), depth_flags(2));
     }
 }

@@ -504,7 +504,9 @@ device_tracepoint!(
 #[inline(always)]
 fn on_tc(ctx: &TcContext, hook: HookId) -> i32 {
     let ts = unsafe { bpf_ktime_get_ns() };
-    let found = parse::find_tag(ctx, global(&PORT), global(&RUN_ID));
+    // Two tunnels deep at tc only: the host's VXLAN around a VM's overlay, on the host's
+    // underlay devices (their tracepoints see one level: see parse::find_tag).
+    let found = parse::find_tag_two_levels(ctx, global(&PORT), global(&RUN_ID));
     // The device's queue comes next in the same call: what this cheap read of the packet
     // found spares that tracepoint's read (through the kernel's pointers) of every packet.
     let egress = hook == HookId::TcEgress;

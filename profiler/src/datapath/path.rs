@@ -1,10 +1,12 @@
 //! Describes the hops of an observed path after the devices of the lab they are on, and names
 //! the segments between them.
 
-use std::collections::HashMap;
+use std::{cmp::Ordering, collections::HashMap};
 
 use anyhow::Result;
-use profiler_common::{HookId, FLAG_ENCAP, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIFT, TUNNEL_VXLAN};
+use profiler_common::{
+    encap_depth, HookId, FLAG_ENCAP, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIFT, TUNNEL_VXLAN,
+};
 
 use super::{
     hooks::{self, HopKey, Point, HOOK_TABLE},
@@ -142,6 +144,7 @@ pub fn describe(
                 kind,
                 hook: attached.hook_name(&key.point),
                 encapsulated: flags & FLAG_ENCAP != 0,
+                encap_depth: encap_depth(flags),
                 tunnel: tunnel_name(flags).map(str::to_string),
             }
         })
@@ -158,6 +161,7 @@ fn uprobe_hop(index: usize, name: String) -> Hop {
         kind: "uprobe".into(),
         hook: name,
         encapsulated: false,
+        encap_depth: 0,
         tunnel: None,
         node: HOST_NODE.to_string(),
     }
@@ -204,16 +208,24 @@ pub fn segments(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<Named> {
                 from_link: ia.and_then(|i| i.link.as_deref()),
                 to_link: ib.and_then(|i| i.link.as_deref()),
                 peers: peer_of(ia, b) || peer_of(ib, a),
-                encap: match (a.encapsulated, b.encapsulated) {
-                    (false, true) => Some((true, b.tunnel.as_deref().unwrap_or("tunnel"))),
-                    (true, false) => Some((false, a.tunnel.as_deref().unwrap_or("tunnel"))),
-                    _ => None,
-                },
+                encap: encap(a, b),
                 from_userspace: ia.and_then(|i| i.userspace.as_deref()),
                 to_userspace: ib.and_then(|i| i.userspace.as_deref()),
             })
         })
         .collect()
+}
+
+/// Whether the segment from `a` to `b` encapsulates (true) or decapsulates the packet, and in
+/// which tunnel: the one added (`b`'s outer) or removed (`a`'s outer), from one level to the
+/// next (0 -> 1, or 1 -> 2 where the host encapsulates a VM's overlay packet again).
+fn encap<'a>(a: &'a Hop, b: &'a Hop) -> Option<(bool, &'a str)> {
+    let tunnel = |h: &'a Hop| h.tunnel.as_deref().unwrap_or("tunnel");
+    match a.depth().cmp(&b.depth()) {
+        Ordering::Less => Some((true, tunnel(b))),
+        Ordering::Greater => Some((false, tunnel(a))),
+        Ordering::Equal => None,
+    }
 }
 
 /// The device a hop is on, or a user probe's name.
@@ -246,6 +258,8 @@ fn short_ns<'a>(ns: Option<&'a str>, lab: &Devices) -> &'a str {
 mod tests {
     use super::*;
 
+    use profiler_common::FLAG_ENCAP2;
+
     #[test]
     fn tunnel_kind_from_flags() {
         assert_eq!(
@@ -253,6 +267,83 @@ mod tests {
             Some("vxlan")
         );
         assert_eq!(tunnel_name(0), None);
+    }
+
+    /// Two hosts joined by wire0, each with a vxlan0 over it: a VM's flannel packet (one
+    /// tunnel) crosses them inside the host's VXLAN or Geneve (two).
+    fn double_encapsulation(host_tunnel: u8) -> Vec<String> {
+        let iface = |netns: &str, ifname: &str, ifindex, kind: &str, link: Option<&str>| LabIface {
+            netns: netns.into(),
+            ifname: ifname.into(),
+            ifindex,
+            kind: kind.into(),
+            addrs: Vec::new(),
+            peer: None,
+            master: None,
+            link: link.map(str::to_string),
+            mtu: 1500,
+            userspace: None,
+        };
+        let (a, b) = ("prof-x-host-a", "prof-x-host-b");
+        let devices = Devices {
+            name: "x".into(),
+            namespaces: vec![a.into(), b.into()],
+            interfaces: vec![
+                iface(a, "vxlan0", 3, "vxlan", Some("wire0")),
+                iface(a, "wire0", 2, "veth", None),
+                iface(b, "wire0", 2, "veth", None),
+                iface(b, "vxlan0", 3, "vxlan", Some("wire0")),
+            ],
+        };
+        let mut inodes = Inodes::default();
+        inodes.insert(a.into(), 11);
+        inodes.insert(b.into(), 12);
+        let vm = FLAG_ENCAP | TUNNEL_VXLAN << TUNNEL_SHIFT;
+        let host = FLAG_ENCAP | FLAG_ENCAP2 | host_tunnel << TUNNEL_SHIFT;
+        let hop = |id, netns, ifindex| HopKey {
+            point: Point::Hook(id),
+            netns,
+            ifindex,
+        };
+        let (keys, flags): (Vec<HopKey>, Vec<u8>) = [
+            (hop(HookId::NetDevStartXmit, 11, 3), vm),
+            (hop(HookId::NetDevQueue, 11, 2), host),
+            (hop(HookId::NetDevXmit, 11, 2), host),
+            (hop(HookId::NapiGroReceiveEntry, 12, 2), host),
+            (hop(HookId::NapiGroReceiveEntry, 12, 3), vm),
+        ]
+        .into_iter()
+        .unzip();
+        let attached = Attached(HashMap::new(), Vec::new());
+        let hops = describe(&keys, &flags, &devices, &inodes, &attached);
+        let depths: Vec<u8> = hops.iter().map(Hop::depth).collect();
+        assert_eq!(depths, [1, 2, 2, 2, 1]);
+        assert!(hops.iter().all(|h| h.encapsulated));
+        segment_names(&keys, &hops, &devices)
+    }
+
+    #[test]
+    fn the_host_tunnel_around_a_vms_is_named_where_it_is_added_and_removed() {
+        let names = double_encapsulation(TUNNEL_VXLAN);
+        assert_eq!(names[0], "vxlan encap vxlan0 -> wire0", "{names:?}");
+        assert_eq!(names[3], "vxlan decap wire0 -> vxlan0", "{names:?}");
+        // Hops at the same depth: no tunnel between them.
+        assert!(!names[1..3].iter().any(|n| n.contains("cap ")), "{names:?}");
+        // The outer tunnel names the segment, not the VM's inside it.
+        let names = double_encapsulation(TUNNEL_GENEVE);
+        assert_eq!(names[0], "geneve encap vxlan0 -> wire0", "{names:?}");
+        assert_eq!(names[3], "geneve decap wire0 -> vxlan0", "{names:?}");
+    }
+
+    /// Reports written before `encap_depth` existed still name their tunnels.
+    #[test]
+    fn a_hop_without_a_depth_is_one_tunnel_deep_if_encapsulated() {
+        let hop: Hop = serde_json::from_value(serde_json::json!({
+            "index": 0, "name": "n", "ifname": null, "netns": null, "kind": "veth",
+            "hook": "h", "encapsulated": true, "tunnel": "vxlan"
+        }))
+        .expect("an old hop");
+        assert_eq!(hop.depth(), 1);
     }
 
     #[test]

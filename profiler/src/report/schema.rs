@@ -234,12 +234,24 @@ pub struct Hop {
     pub hook: String,
     /// The hop saw the packet inside a tunnel (the tag was found in the inner packet).
     pub encapsulated: bool,
-    /// vxlan, geneve or gre when encapsulated.
+    /// Inside how many tunnels: 1, or 2 where a VM's overlay packet is encapsulated again by
+    /// the host. Left out when 0; reports written before it have `encapsulated` only (see
+    /// [`Hop::depth`]).
+    #[serde(skip_serializing_if = "is_zero", default)]
+    pub encap_depth: u8,
+    /// vxlan, geneve or gre when encapsulated (the outer tunnel of two).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tunnel: Option<String>,
     /// The kernel the hop is in: "host", or a guest's name on a nested path.
     #[serde(default = "host_node")]
     pub node: String,
+}
+
+impl Hop {
+    /// How many tunnels the hop saw the packet inside, also in reports without `encap_depth`.
+    pub fn depth(&self) -> u8 {
+        self.encap_depth.max(self.encapsulated as u8)
+    }
 }
 
 /// The node of hops in reports written before nested paths.
@@ -288,6 +300,10 @@ pub struct SegmentReport {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Serialize, Deserialize)]
