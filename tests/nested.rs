@@ -584,7 +584,7 @@ fn agent_over_tcp_profiles_the_path() {
         .and_then(|i| i["addrs"][0].as_str()?.split('/').next())
         .expect("the guest's eth0 address");
     let to = format!("vm1:pod-b:{server}");
-    let agent = format!("{outer}:{}", profiler::run::agent::TCP_PORT);
+    let agent = format!("{outer}:{}", profiler::lab::nested::AGENT_TCP_PORT);
     let host = "prof-bmp2vmp-host";
     let r = nested_run_in(
         Some(host),

@@ -633,7 +633,7 @@ fn print_labs(labs: &[lab::Lab]) {
                 g.kernel,
                 g.tap,
                 g.socket.display(),
-                run::agent::TCP_PORT
+                lab::nested::AGENT_TCP_PORT
             );
         }
         for i in &lab.interfaces {
@@ -700,7 +700,11 @@ async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     doctor::require_privileges()?;
     let result = match (&cli.from, to) {
         (Some(from), Some((to_ns, addr))) => {
-            let target = interruptible(RunTarget::path(from, to_ns, addr, cli.agent)).await?;
+            let guest = match cli.agent {
+                Some(at) => Some(interruptible(run::agent::guest_of(to_ns, at)).await?),
+                None => None,
+            };
+            let target = interruptible(RunTarget::path(from, to_ns, addr, guest)).await?;
             interruptible(run::profile(&args, &target)).await
         }
         _ => {

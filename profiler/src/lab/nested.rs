@@ -29,12 +29,12 @@ use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use super::{
     discover, netns, owner, spec::netns_name, target::NODE_SEP, vm_cache as vm, Endpoint, Lab,
     LabIface, LabOptions, Placement, Pod, Topology,
 };
-use crate::run::agent;
 
 /// Each guest's files (pid record, QEMU's socket for the agent, console log): RUN_DIR/LAB-GUEST.
 pub const RUN_DIR: &str = "/run/profiler/vm";
@@ -43,6 +43,12 @@ pub const RUN_DIR: &str = "/run/profiler/vm";
 pub const QEMU_NAME_PREFIX: &str = "profiler-";
 /// The virtio-serial port the agent listens on: /dev/virtio-ports/NAME in the guest.
 pub const AGENT_PORT: &str = "profiler";
+/// The lab's request on the agent's channel, as JSON: `{"setup": [ip commands]}`; the agent
+/// runs them and answers with a [`SetupAnswer`].
+pub const SETUP: &str = "setup";
+/// The TCP port lab guests' agents listen on beside their serial port (so that `profiler run
+/// --agent` can be tried on a lab).
+pub const AGENT_TCP_PORT: u16 = 7450;
 /// Every guest a nested lab may run (bmp2vmp: vm1; vmp2vmp: both).
 const GUESTS: [&str; 2] = ["vm1", "vm2"];
 const GUEST_MEMORY: &str = "1G";
@@ -594,7 +600,7 @@ fn guest_script(profiler: &Path, node: &str, mac: &str) -> String {
          for d in /sys/class/net/*; do [ $(cat $d/address) = {mac} ] && ip link set ${{d##*/}} name eth0; done\n\
          exec {} agent --serial {AGENT_PORT} --listen 0.0.0.0:{} --node {node}\n",
         profiler.display(),
-        agent::TCP_PORT
+        AGENT_TCP_PORT
     )
 }
 
@@ -717,19 +723,29 @@ async fn setup(guest: &Guest, commands: Vec<String>) -> Result<Inventory> {
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
-    let (read, write) = stream.into_split();
-    let mut remote = agent::Remote::over(&guest.name, Box::pin(read), Box::pin(write));
+    let (read, mut write) = stream.into_split();
+    let request = serde_json::json!({ SETUP: commands }).to_string() + "\n";
+    write.write_all(request.as_bytes()).await?;
+    let mut lines = BufReader::new(read).lines();
     let left = deadline.saturating_duration_since(Instant::now());
     let alive = async {
         while guest.alive() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     };
-    tokio::select! {
-        r = tokio::time::timeout(left, remote.setup(commands)) => {
-            r.map_err(|_| failed("its agent did not answer within 10 minutes"))?
-        }
-        () = alive => Err(failed("the guest stopped before its agent answered")),
+    let line = tokio::select! {
+        l = tokio::time::timeout(left, lines.next_line()) => l,
+        () = alive => return Err(failed("the guest stopped before its agent answered")),
+    };
+    match line {
+        Ok(Ok(Some(line))) => match serde_json::from_str(&line) {
+            Ok(SetupAnswer::Inventory(inv)) => Ok(inv),
+            Ok(SetupAnswer::Failed(e)) => bail!("guest {}: {e}", guest.name),
+            Err(e) => bail!("guest {}: unreadable answer {line:?}: {e}", guest.name),
+        },
+        Ok(Ok(None)) => Err(failed("QEMU closed the agent's channel")),
+        Ok(Err(e)) => Err(e).context("reading the agent's answer"),
+        Err(_) => Err(failed("its agent did not answer within 10 minutes")),
     }
 }
 

@@ -13,7 +13,6 @@ use super::{
     nested::{self, Guest},
     netns, Endpoint, Lab, LabIface, Pod,
 };
-use crate::run::agent::Remote;
 
 /// The node of everything on this machine's own kernel.
 pub const HOST_NODE: &str = "host";
@@ -125,17 +124,13 @@ impl RunTarget {
     /// veth peers, and on the other ports of those peers' bridges. With `agent`, `to` is a
     /// namespace of a VM ("vm1:pod-b", "vm1:(root)") whose agent listens there: its devices
     /// come from the agent, which attaches inside the VM for the run; tc attaches on this
-    /// machine's taps too.
+    /// machine's taps too. `guest`: that VM, as its agent described it.
     pub async fn path(
         from: &str,
         to: &str,
         addr: Ipv4Addr,
-        agent: Option<SocketAddr>,
+        guest: Option<(GuestEnd, nested::Inventory)>,
     ) -> Result<RunTarget> {
-        let guest = match agent {
-            Some(at) => Some(guest_of(to, at).await?),
-            None => None,
-        };
         let ends: &[&str] = if guest.is_some() {
             &[from]
         } else {
@@ -210,31 +205,6 @@ impl RunTarget {
             guests: guest.into_iter().map(|(g, _)| g).collect(),
         })
     }
-}
-
-/// The VM whose namespace `to` ("vm1:pod-b") is, with the inventory its agent at `at` sends.
-async fn guest_of(to: &str, at: SocketAddr) -> Result<(GuestEnd, nested::Inventory)> {
-    let Some((node, ns)) = to
-        .split_once(NODE_SEP)
-        .filter(|(n, ns)| !n.is_empty() && !ns.is_empty())
-    else {
-        bail!("with --agent, --to names the VM's namespace as NODE:NETNS:IP (vm1:pod-b:IP, vm1:(root):IP)");
-    };
-    let mut g = GuestEnd {
-        name: node.to_string(),
-        namespaces: Vec::new(),
-        agent: AgentAt::Tcp(at),
-    };
-    let inv = Remote::connect(&g).await?.setup(Vec::new()).await?;
-    if !inv.namespaces.iter().any(|(n, _)| n == ns) {
-        let names: Vec<&str> = inv.namespaces.iter().map(|(n, _)| n.as_str()).collect();
-        bail!(
-            "the VM at {at} has no namespace {ns} (it has {})",
-            names.join(", ")
-        );
-    }
-    g.namespaces = inv.namespaces.clone();
-    Ok((g, inv))
 }
 
 fn attach_points(ifaces: &[LabIface], ends: &[&str]) -> Vec<(String, String)> {

@@ -40,7 +40,7 @@ use crate::{
     lab::{
         discover,
         nested::{self, Inventory, SetupAnswer},
-        target::{AgentAt, GuestEnd},
+        target::{AgentAt, GuestEnd, NODE_SEP},
     },
     report::schema::{CrossingReport, HookSet, HookStatus},
 };
@@ -194,10 +194,6 @@ fn from_wire(w: &WireEvent) -> Event {
 
 type Reader = Lines<BufReader<Pin<Box<dyn AsyncRead + Send>>>>;
 type Writer = Pin<Box<dyn AsyncWrite + Send>>;
-
-/// The TCP port lab guests' agents listen on, beside their serial port (so `profiler run
-/// --agent` can be tried on a lab).
-pub const TCP_PORT: u16 = 7450;
 
 /// Where the agent listens: a virtio-serial port by name, a TCP address, or both.
 pub struct Listen {
@@ -513,6 +509,32 @@ async fn finish(r: Running) -> Result<Answer> {
     }))
 }
 
+/// The VM whose namespace `to` ("vm1:pod-b") is, with the inventory its agent at `at` sends
+/// (`profiler run --agent`).
+pub async fn guest_of(to: &str, at: SocketAddr) -> Result<(GuestEnd, Inventory)> {
+    let Some((node, ns)) = to
+        .split_once(NODE_SEP)
+        .filter(|(n, ns)| !n.is_empty() && !ns.is_empty())
+    else {
+        bail!("with --agent, --to names the VM's namespace as NODE:NETNS:IP (vm1:pod-b:IP, vm1:(root):IP)");
+    };
+    let mut g = GuestEnd {
+        name: node.to_string(),
+        namespaces: Vec::new(),
+        agent: AgentAt::Tcp(at),
+    };
+    let inv = Remote::connect(&g).await?.setup(Vec::new()).await?;
+    if !inv.namespaces.iter().any(|(n, _)| n == ns) {
+        let names: Vec<&str> = inv.namespaces.iter().map(|(n, _)| n.as_str()).collect();
+        bail!(
+            "the VM at {at} has no namespace {ns} (it has {})",
+            names.join(", ")
+        );
+    }
+    g.namespaces = inv.namespaces.clone();
+    Ok((g, inv))
+}
+
 /// The host's end of an agent's channel.
 pub struct Remote {
     pub node: String,
@@ -545,7 +567,7 @@ impl Remote {
         }
     }
 
-    pub fn over(node: &str, r: Pin<Box<dyn AsyncRead + Send>>, w: Writer) -> Remote {
+    fn over(node: &str, r: Pin<Box<dyn AsyncRead + Send>>, w: Writer) -> Remote {
         Remote {
             node: node.to_string(),
             lines: BufReader::new(r).lines(),
@@ -777,6 +799,13 @@ pub fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_labs_setup_request_is_understood() {
+        let cmds = vec!["link set eth0 up".to_string()];
+        let lab = serde_json::json!({ nested::SETUP: cmds.clone() }).to_string();
+        assert!(matches!(serde_json::from_str(&lab), Ok(Request::Setup(c)) if c == cmds));
+    }
 
     fn ev(seq: u32, direction: u32, hook: HookId, ts_ns: u64) -> Event {
         Event {
