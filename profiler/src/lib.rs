@@ -10,6 +10,8 @@
 //!   the delay injector.
 //! - [`datapath`]: the hook table and the rules that name segments, as data.
 //! - [`lab`]: network namespaces, the built-in topologies, and what a run targets.
+//! - [`pods`]: which namespace is which pod, from the container runtime (CRI), the CNI cache
+//!   or /run/netns.
 //! - [`report`]: the report schema, and its renderings (table, JSON, HTML).
 //! - [`cli`], [`signal`]: what every command shares: bounded values, reports written
 //!   atomically, progress bars, SIGINT/SIGTERM.
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod datapath;
 pub mod kernel;
 pub mod lab;
+pub mod pods;
 pub mod report;
 pub mod run;
 pub mod signal;
