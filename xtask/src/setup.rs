@@ -70,17 +70,18 @@ pub fn test_packages() -> Result<()> {
     Ok(())
 }
 
-/// iproute2 (`ip netns`, for users and tests), bpftool (the tests' leak check) and iputils-ping
-/// (the benchmark's untagged background traffic).
+/// iproute2 (`ip netns`, for users and tests), bpftool (the tests' leak check), iputils-ping
+/// (the benchmark's untagged background traffic) and protobuf-compiler (k8s-cri's build
+/// generates the CRI client with protoc).
 fn debian_packages() -> Result<()> {
-    const PLAIN: [&str; 2] = ["iproute2", "iputils-ping"];
+    const PLAIN: [&str; 3] = ["iproute2", "iputils-ping", "protobuf-compiler"];
     let have_bpftool = dpkg_installed("bpftool") || Path::new("/usr/sbin/bpftool").exists();
     let mut missing: Vec<&str> = PLAIN.into_iter().filter(|p| !dpkg_installed(p)).collect();
     if !have_bpftool {
         missing.push("bpftool");
     }
     if missing.is_empty() {
-        step("Debian packages iproute2, bpftool, iputils-ping: already installed");
+        step("Debian packages iproute2, bpftool, iputils-ping, protobuf-compiler: already installed");
         return Ok(());
     }
     step(format_args!(
