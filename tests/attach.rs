@@ -442,6 +442,8 @@ fn bad_input_is_refused_before_attaching() {
             "--duration <DURATION>': \"0\" is out of range",
         ),
         (&[], "nothing to attach to"),
+        (&["--pod", "prof-no-such-pod"], "unknown pod prof-no-such-pod"),
+        (&["--pod", "shop/["], "bad pod pattern"),
         (
             &["--iface", "lo", "--mode", "events", "--json", "-"],
             "give --json a file, not -",
@@ -462,6 +464,18 @@ fn bad_input_is_refused_before_attaching() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
+    // A CRI socket that does not answer: one line says so, and the next source is used.
+    let out = profiler(&["attach", "--pod", "x", "--cri-socket", "/no/such.sock"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attach --pod x succeeded: {err}");
+    let lines: Vec<&str> = err.trim().lines().collect();
+    assert_eq!(lines.len(), 2, "a notice and the error: {err}");
+    assert!(
+        lines[0].contains("cannot connect to the CRI socket /no/such.sock")
+            && lines[0].contains("trying the next source"),
+        "{err}"
+    );
+    assert!(lines[1].contains("unknown pod x"), "{err}");
     // Without privileges (an unprivileged user, all capabilities dropped).
     let out = Command::new("setpriv")
         .args([
@@ -476,6 +490,54 @@ fn bad_input_is_refused_before_attaching() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "unprivileged attach succeeded");
     assert!(err.contains("privileges") || err.contains("CAP_"), "{err}");
+    assert_clean();
+}
+
+/// Pods that come after attach started are followed within 2 s of their network being ready,
+/// and a pod that goes is forgotten but its segments stay in the report. Here the pods are the
+/// bridge lab's namespaces, found by their /run/netns names (no container runtime; the node
+/// lab's tests do the same through CRI).
+#[test]
+fn pods_are_followed_as_they_come_and_go() {
+    let _guard = serial();
+    let json = tmp("come-and-go.json");
+    let attach = Attach::start(&[
+        "--pod",
+        "prof-bridge-pod-*",
+        "--filter",
+        "icmp and dst host 198.18.0.2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let lab = lab_up(&["bridge"]);
+    std::thread::sleep(Duration::from_secs(2));
+    ping("prof-bridge-pod-a", "198.18.0.2", 100, "0.01");
+    drop(lab);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_table, err) = attach.stop();
+    let r = report(&json);
+    let _ = std::fs::remove_file(&json);
+    for pod in ["prof-bridge-pod-a", "prof-bridge-pod-b"] {
+        assert!(
+            err.contains(&format!("attach: following pod {pod}")),
+            "{pod} not followed: {err}"
+        );
+        assert!(
+            err.contains(&format!("attach: pod {pod} went away")),
+            "{pod} not forgotten: {err}"
+        );
+    }
+    // Every request was followed from pod-a's eth0, the first hop in scope.
+    let started = started(&r);
+    assert!((100..=110).contains(&started), "{started} journeys of 100 requests: {r}");
+    let first = segments(&r)
+        .iter()
+        .find(|s| s["name"] == "qdisc eth0")
+        .unwrap_or_else(|| panic!("no qdisc eth0 segment after the lab went: {r}"));
+    assert!(
+        first["count"].as_u64().unwrap() >= 98,
+        "the departed pod's segment kept {first}"
+    );
     assert_clean();
 }
 

@@ -276,6 +276,18 @@ pub struct SegmentKey {
     pub path: u32,
 }
 
+/// Follow mode: journeys that ended in a drop, by the last hop that saw them and the kernel's
+/// drop reason (`DROPS`, per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropKey {
+    pub last: HopPoint,
+    pub reason: u32,
+}
+
+/// Distinct (hop, reason) pairs counted at most; more are counted in COUNTER_DROPPED only.
+pub const DROP_KEYS: u32 = 1024;
+
 /// The path of a journey extended by hop `p`: a hash of its hops in order (start from 0).
 #[inline(always)]
 pub fn path_hash(path: u32, p: &HopPoint) -> u32 {
@@ -415,6 +427,7 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::HopPoint {}
     unsafe impl aya::Pod for super::SegmentKey {}
+    unsafe impl aya::Pod for super::DropKey {}
     unsafe impl aya::Pod for super::Histogram {}
     unsafe impl aya::Pod for super::HopEvent {}
     unsafe impl aya::Pod for super::Filter {}

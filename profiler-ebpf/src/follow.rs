@@ -11,14 +11,14 @@ use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use profiler_common::{
-    device_key, hist_bucket, path_hash, segment_slot, slot_hash, Filter, FilterTerm, Histogram,
+    device_key, hist_bucket, path_hash, segment_slot, slot_hash, DropKey, Filter, FilterTerm, Histogram,
     HookId, HopEvent, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED, COUNTER_DROPPED,
     COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, END_CONSUMED, END_DROPPED, FIELD_ADDR,
     FIELD_DST_ADDR, FIELD_DST_PORT, FIELD_FAMILY, FIELD_PORT, FIELD_PROTO, FIELD_SRC_ADDR,
-    FIELD_SRC_PORT, FILTER_CLAUSES, FILTER_TERMS, HIST_BUCKETS, HIST_PROBES, HIST_SLOTS,
+    FIELD_SRC_PORT, FILTER_CLAUSES, FILTER_TERMS, HIST_BUCKETS, HIST_PROBES, HIST_SLOTS, DROP_KEYS,
     SCOPE_PROBES, SCOPE_SLOTS,
 };
 
@@ -65,6 +65,10 @@ static SCOPE: Array<u64> = Array::with_max_entries(SCOPE_SLOTS, 0);
 /// Cgroups (v2 ids) whose sockets' packets start journeys; looked at only when BY_CGROUP is set.
 #[map]
 static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
+
+/// Journeys ended in a drop, by last hop and reason: what the kernel says of why.
+#[map]
+static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(DROP_KEYS, 0);
 
 #[unsafe(no_mangle)]
 static BY_CGROUP: u8 = 0;
@@ -361,7 +365,11 @@ pub fn on_undecided<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<us
         len: skb::len::<M>(skb_ptr as *const u8),
         hook,
     };
-    decide::<M>(flows, &hop);
+    // Here, not in `decide`: its frame, the filter's and the filter's callee's would pass the
+    // 512 bytes a chain of calls may take (6.18: 104 + 184 + 328 + 24).
+    let wanted =
+        filter_matches(&flows.outer) || (flows.has_inner && filter_matches(&flows.inner));
+    decide::<M>(flows, &hop, wanted);
 }
 
 /// A hop being decided, passed by reference: BPF functions take five arguments at most.
@@ -440,11 +448,12 @@ fn point(dev: u64, hook: u8, flags: u8) -> HopPoint {
 }
 
 /// The packet read: a followed journey checked against its fingerprint (and moved to a new
-/// buffer), or a journey started or the packet passed over, as filter and sampling say. Not
+/// buffer), or a journey started or the packet passed over, as the filter (`wanted`) and
+/// sampling say. Not
 /// inlined: its frame (two journeys) beside the caller's and the parse's would pass the 512
 /// bytes 6.1 allows a chain of calls (the kprobe's registers take room in the caller).
 #[inline(never)]
-fn decide<M: KernelMem>(flows: &Flows, hop: &Hop) {
+fn decide<M: KernelMem>(flows: &Flows, hop: &Hop, wanted: bool) {
     let &Hop {
         ts,
         skb_ptr,
@@ -480,9 +489,7 @@ fn decide<M: KernelMem>(flows: &Flows, hop: &Hop) {
             return;
         }
     }
-    let follow = (filter_matches(&flows.outer)
-        || (flows.has_inner && filter_matches(&flows.inner)))
-        && sampled(fp);
+    let follow = wanted && sampled(fp);
     let ts = if follow {
         unsafe { bpf_ktime_get_ns() }
     } else {
@@ -610,4 +617,21 @@ pub fn on_free<M: KernelMem>(args: *const u64, reason_arg: Option<usize>) {
     };
     stream(&f, ts, &point, 0, (end as u64) << 32 | reason as u64);
     count(counter);
+    if reason_arg.is_some() {
+        count_drop(&DropKey {
+            last: f.last,
+            reason,
+        });
+    }
+}
+
+#[inline(always)]
+fn count_drop(key: &DropKey) {
+    match DROPS.get_ptr_mut(key) {
+        Some(n) => unsafe { *n += 1 },
+        // A full map keeps the drop in COUNTER_DROPPED only.
+        None => {
+            let _ = DROPS.insert(key, &1, 0);
+        }
+    }
 }

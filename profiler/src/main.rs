@@ -137,6 +137,15 @@ struct PaperCli {
 
 #[derive(Parser)]
 struct AttachCli {
+    /// Pod whose devices start journeys: [NAMESPACE/]NAME (without NAMESPACE, in any), each part
+    /// a glob (`web-*`, `shop/*`). Pods matching later are followed as they come, and forgotten
+    /// when they go. Read from the node's container runtime (CRI), else the CNI cache, else the
+    /// names under /run/netns. Repeatable.
+    #[arg(long, value_name = "[NAMESPACE/]NAME")]
+    pod: Vec<profiler::pods::Pattern>,
+    /// The container runtime's CRI socket (default: containerd's, then CRI-O's).
+    #[arg(long, value_name = "PATH")]
+    cri_socket: Option<PathBuf>,
     /// Network namespace whose devices start journeys: a name (ip netns), the path of a
     /// namespace file, or a process id. Repeatable.
     #[arg(long)]
@@ -803,6 +812,11 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     let filter = attach::filter::compile(&cli.filter)?;
     doctor::require(doctor::ATTACH_CAPS)?;
     let args = attach::AttachArgs {
+        pods: cli.pod,
+        pod_sources: profiler::pods::Sources {
+            cri_socket: cli.cri_socket,
+            cni_cache: None,
+        },
         netns: cli.netns,
         ifaces: cli.iface,
         filter: cli.filter,

@@ -111,10 +111,15 @@ fn print_journey(
             .map(|e| namer.drop_reasons.name(e.drop_reason)),
         hops: hops
             .iter()
-            .map(|e| HopLine {
-                hop: namer.hop(&e.point).name.clone(),
-                at_ns: e.ts_ns.saturating_sub(start),
-                len: e.len,
+            .map(|e| {
+                let hop = namer.hop(&e.point);
+                HopLine {
+                    hop: hop.name.clone(),
+                    at_ns: e.ts_ns.saturating_sub(start),
+                    len: e.len,
+                    pod: hop.pod.clone(),
+                    namespace: hop.namespace.clone(),
+                }
             })
             .collect(),
     };

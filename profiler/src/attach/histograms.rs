@@ -3,16 +3,16 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context as _, Result};
-use aya::maps::PerCpuArray;
+use aya::maps::{PerCpuArray, PerCpuHashMap};
 use profiler_common::{
-    hist_bucket_range, path_hash, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED,
+    hist_bucket_range, path_hash, DropKey, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED,
     COUNTER_DROPPED, COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, HIST_BUCKETS, HIST_SLOTS,
 };
 
 use super::scope::Namer;
 use crate::{
     kernel::programs::Programs,
-    report::schema::{AttachPath, Hop, JourneyCounts, RarePaths, SegmentSummary},
+    report::schema::{AttachDrop, AttachPath, Hop, JourneyCounts, RarePaths, SegmentSummary},
 };
 
 /// One of the kernel's histograms: a segment, as reached by one path.
@@ -42,6 +42,63 @@ impl Raw {
             .zip(buckets)
             .for_each(|(a, b)| *a += b);
     }
+
+    /// What was added since `base` was read.
+    fn since(&mut self, base: &Raw) {
+        self.count = self.count.saturating_sub(base.count);
+        self.sum = self.sum.saturating_sub(base.sum);
+        self.buckets
+            .iter_mut()
+            .zip(&base.buckets)
+            .for_each(|(a, b)| *a = a.saturating_sub(*b));
+    }
+}
+
+/// The segments of devices that went away while attached (a deleted pod's), taken out of the
+/// live histograms: named while their devices were known, kept for the final report, and left
+/// out of /metrics from then on. The kernel's histograms are not cleared (the programs may be
+/// writing to the same slots): what they held then is subtracted from later reads, since a
+/// new pod's namespace may get a departed one's inode, and its hops the same keys.
+#[derive(Default)]
+pub struct Retired {
+    base: HashMap<SegmentKey, Raw>,
+    pub segments: Vec<SegmentSummary>,
+}
+
+impl Retired {
+    /// Retires every segment with a hop that `gone` says went away; returns how many.
+    pub fn retire(
+        &mut self,
+        programs: &Programs,
+        namer: &mut Namer,
+        gone: impl Fn(&HopPoint) -> bool,
+    ) -> Result<usize> {
+        let leaving: Vec<Raw> = self
+            .live(read_raw(programs)?)
+            .into_iter()
+            .filter(|r| gone(&r.key.from) || gone(&r.key.to))
+            .collect();
+        let named = segments(&leaving, namer);
+        for r in leaving {
+            self.base
+                .entry(r.key)
+                .or_insert_with(|| Raw::empty(r.key))
+                .add(&r.buckets, r.count, r.sum);
+        }
+        self.segments.extend(named.iter().cloned());
+        Ok(named.len())
+    }
+
+    /// The histograms less what was retired.
+    fn live(&self, mut raw: Vec<Raw>) -> Vec<Raw> {
+        for r in &mut raw {
+            if let Some(base) = self.base.get(&r.key) {
+                r.since(base);
+            }
+        }
+        raw.retain(|r| r.count > 0);
+        raw
+    }
 }
 
 /// Every histogram, summed over CPUs (merged by key: each CPU has its own table).
@@ -63,19 +120,28 @@ fn read_raw(programs: &Programs) -> Result<Vec<Raw>> {
     Ok(merged.into_values().collect())
 }
 
-/// The kernel's histograms, named, one per segment whatever the paths that reached it.
-pub fn read_segments(programs: &Programs, namer: &mut Namer) -> Result<Vec<SegmentSummary>> {
-    Ok(segments(&read_raw(programs)?, namer))
+/// The kernel's histograms of the devices there now, named, one per segment whatever the paths
+/// that reached it.
+pub fn read_segments(
+    programs: &Programs,
+    namer: &mut Namer,
+    retired: &Retired,
+) -> Result<Vec<SegmentSummary>> {
+    Ok(segments(&retired.live(read_raw(programs)?), namer))
 }
 
-/// The segments, and the paths journeys took through them.
+/// The segments, those retired included, and the paths journeys took through the devices
+/// there now.
 pub fn read_segments_and_paths(
     programs: &Programs,
     namer: &mut Namer,
+    retired: &Retired,
 ) -> Result<(Vec<SegmentSummary>, Vec<AttachPath>, RarePaths)> {
-    let raw = read_raw(programs)?;
+    let raw = retired.live(read_raw(programs)?);
     let (paths, rare) = paths(&raw, namer);
-    Ok((segments(&raw, namer), paths, rare))
+    let mut all = segments(&raw, namer);
+    all.extend(retired.segments.iter().cloned());
+    Ok((all, paths, rare))
 }
 
 fn segments(raw: &[Raw], namer: &mut Namer) -> Vec<SegmentSummary> {
@@ -94,7 +160,19 @@ fn segments(raw: &[Raw], namer: &mut Namer) -> Vec<SegmentSummary> {
 
 fn named(r: Raw, namer: &mut Namer) -> SegmentSummary {
     let (name, from, to) = namer.segment(&r.key);
-    summarize(name, from.name, &to, r.buckets, r.count, r.sum)
+    let mut s = summarize(name, from.name.clone(), &to, r.buckets, r.count, r.sum);
+    // The pod whose device the segment ends at, else the one it starts from.
+    let pod = if to.pod.is_some() { &to } else { &from };
+    s.pod.clone_from(&pod.pod);
+    s.namespace.clone_from(&pod.namespace);
+    // Named after its pod: on a node, devices' names (veth1a2b3c, eth0) say nothing.
+    if let Some(name) = &s.pod {
+        s.name = match &s.namespace {
+            Some(ns) => format!("{} [{ns}/{name}]", s.name),
+            None => format!("{} [{name}]", s.name),
+        };
+    }
+    s
 }
 
 /// Paths shown whole: at most this many, each taken by at least MIN_SHARE of the journeys.
@@ -181,6 +259,26 @@ fn path_report(raw: &[Raw], chain: &[usize], packets: u64, namer: &mut Namer) ->
     }
 }
 
+/// The journeys that ended in a drop, by last hop and reason, most first.
+pub fn read_drops(programs: &Programs, namer: &mut Namer) -> Result<Vec<AttachDrop>> {
+    let map: PerCpuHashMap<_, DropKey, u64> = PerCpuHashMap::try_from(programs.map("DROPS")?)?;
+    let mut drops = Vec::new();
+    for entry in map.iter() {
+        let (key, per_cpu) = entry.context("reading the drop counts")?;
+        let reason = namer.drop_reasons.name(key.reason);
+        let hop = namer.hop(&key.last);
+        drops.push(AttachDrop {
+            reason,
+            after: hop.name.clone(),
+            pod: hop.pod.clone(),
+            namespace: hop.namespace.clone(),
+            packets: per_cpu.iter().sum(),
+        });
+    }
+    drops.sort_by(|a, b| b.packets.cmp(&a.packets).then(a.after.cmp(&b.after)));
+    Ok(drops)
+}
+
 /// What became of the journeys, and the events the kernel could not record.
 pub fn journey_counts(programs: &Programs) -> Result<(JourneyCounts, u64)> {
     let c = programs.counters()?;
@@ -238,6 +336,8 @@ fn summarize(
         p50_ns: q(0.5),
         p90_ns: q(0.9),
         p99_ns: q(0.99),
+        pod: None,
+        namespace: None,
         buckets,
         sum_ns,
     }
@@ -298,6 +398,7 @@ mod tests {
                 name: "test".into(),
                 namespaces: Vec::new(),
                 interfaces: Vec::new(),
+                pods: Vec::new(),
             };
             Namer::new(devices, Attached::from_statuses(&[]), Default::default()).expect("a namer")
         };

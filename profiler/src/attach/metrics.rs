@@ -61,6 +61,8 @@ impl Collector for SnapshotCollector {
         for s in &snap.segments {
             let labels = [
                 ("node", snap.node.as_str()),
+                ("namespace", s.namespace.as_deref().unwrap_or("")),
+                ("pod", s.pod.as_deref().unwrap_or("")),
                 ("netns", s.netns.as_str()),
                 ("interface", s.ifname.as_str()),
                 ("segment", s.name.as_str()),

@@ -34,13 +34,20 @@ use crate::{
     signal,
 };
 use events::OpenJourneys;
-use histograms::{journey_counts, read_segments, read_segments_and_paths};
-use scope::{scope, Namer};
+use histograms::{journey_counts, read_drops, read_segments, read_segments_and_paths, Retired};
+use scope::{scope, Fingerprint, Namer};
 
 /// How often the Prometheus snapshot is refreshed from the kernel's histograms.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+/// How often the node is looked at for pods that came or went (a cheap look: a directory and
+/// one CRI call; the scope is resolved again only when they changed).
+const RESCAN_EVERY: Duration = Duration::from_millis(500);
 
 pub struct AttachArgs {
+    /// Pods by [NAMESPACE/]NAME pattern, followed as they come and go.
+    pub pods: Vec<crate::pods::Pattern>,
+    /// Where pods are looked up: the CRI runtime, the CNI cache, /run/netns.
+    pub pod_sources: crate::pods::Sources,
     /// Network namespaces: names (ip netns), paths of namespace files, or process ids.
     pub netns: Vec<String>,
     /// Interfaces of the caller's namespace.
@@ -64,7 +71,7 @@ pub struct AttachArgs {
 /// it attached is detached when it returns: every attachment is a link owned by this process.
 pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
     let filter_text = args.filter.trim().to_string();
-    let scope = scope(args).await?;
+    let scope = scope(args, true).await?;
     let listener = match args.prometheus {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -86,16 +93,21 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
     )?;
     let hook_set = programs.attach_set(&btf, Mode::Follow, args.hooks)?;
     let _stats = kernel::stats_while(args.stats)?;
+    let slots = write_scope(&mut programs, &[], &scope.points)?;
     {
-        let mut map: Array<_, u64> = Array::try_from(programs.map_mut("SCOPE")?)?;
-        for (slot, key) in scope::slots(&scope.points)? {
-            map.set(slot, key, 0).context("filling the scope map")?;
-        }
         let mut map: BpfHashMap<_, u64, u8> = BpfHashMap::try_from(programs.map_mut("CGROUPS")?)?;
         for id in &scope.cgroups {
             map.insert(id, 1, 0).context("filling the cgroup map")?;
         }
     }
+    let mut tracked = Tracked {
+        current: scope.labels.clone(),
+        labels: scope.labels,
+        fingerprint: scope.fingerprint,
+        source: scope.source,
+        slots,
+        retired: Retired::default(),
+    };
     let mut namer = Namer::new(
         scope.devices,
         Attached::from_statuses(&programs.statuses),
@@ -115,14 +127,15 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         None
     };
     let started = Instant::now();
-    let state = State {
-        programs: &programs,
+    let mut child = workload::spawn(&args.command)?;
+    let mut state = State {
+        programs: &mut programs,
         node: &node,
         snapshot: snapshot.as_deref(),
+        tracked: &mut tracked,
     };
-    let mut child = workload::spawn(&args.command)?;
     let (ended, events_read) =
-        follow_loop(args, &state, &mut namer, ring.as_mut(), child.as_mut()).await?;
+        follow_loop(args, &mut state, &mut namer, ring.as_mut(), child.as_mut()).await?;
     let command = match child {
         Some(c) => Some(workload::finish(c, &args.command, ended).await?),
         None => None,
@@ -130,13 +143,15 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
     if let Some(s) = server {
         s.abort();
     }
-    let (segments, paths, rare_paths) = read_segments_and_paths(&programs, &mut namer)?;
+    let (segments, paths, rare_paths) =
+        read_segments_and_paths(&programs, &mut namer, &tracked.retired)?;
     let (journeys, lost) = journey_counts(&programs)?;
+    let drops = read_drops(&programs, &mut namer)?;
     Ok(AttachReport {
         schema: ATTACH_SCHEMA.into(),
         kernel: kernel::release(),
         node,
-        targets: scope.labels,
+        targets: tracked.labels,
         filter: filter_text,
         sample: args.follow.sample.max(1),
         mode: if args.follow.stream {
@@ -150,6 +165,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         paths,
         rare_paths,
         journeys,
+        drops,
         lost_events: lost,
         events_read,
         hook_set,
@@ -161,17 +177,94 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
 
 /// What the follow loop reads and where it publishes.
 struct State<'a> {
-    programs: &'a Programs,
+    programs: &'a mut Programs,
     node: &'a str,
     /// /metrics' snapshot, with --prometheus.
     snapshot: Option<&'a RwLock<metrics::Snapshot>>,
+    tracked: &'a mut Tracked,
+}
+
+/// The scope as it changes while attached: pods that come and go.
+struct Tracked {
+    /// Every target followed at some time, for the report.
+    labels: Vec<String>,
+    /// The targets of the scope now.
+    current: Vec<String>,
+    fingerprint: Fingerprint,
+    source: crate::pods::Source,
+    /// The scope table's filled slots.
+    slots: Vec<(u32, u64)>,
+    retired: Retired,
+}
+
+/// Fills the kernel's scope table for `points`, given the slots filled before: the new keys
+/// first, then the slots no longer used cleared, so a device in both scopes is never missed.
+fn write_scope(
+    programs: &mut Programs,
+    before: &[(u32, u64)],
+    points: &[[u32; 2]],
+) -> Result<Vec<(u32, u64)>> {
+    let after = scope::slots(points)?;
+    let mut map: Array<_, u64> = Array::try_from(programs.map_mut("SCOPE")?)?;
+    for &(slot, key) in after.iter().filter(|s| !before.contains(s)) {
+        map.set(slot, key, 0).context("filling the scope map")?;
+    }
+    for &(slot, _) in before.iter().filter(|(s, _)| !after.iter().any(|(a, _)| a == s)) {
+        map.set(slot, 0, 0).context("clearing the scope map")?;
+    }
+    Ok(after)
+}
+
+/// Looks at the node again if its pods or namespaces changed: new pods' devices join the
+/// scope, departed ones' leave it and their segments are retired.
+async fn rescan(args: &AttachArgs, state: &mut State<'_>, namer: &mut Namer) -> Result<()> {
+    let fingerprint = Fingerprint::of(&args.pod_sources, &state.tracked.source).await;
+    if fingerprint == state.tracked.fingerprint {
+        return Ok(());
+    }
+    let new = scope(args, false).await?;
+    let gone = namer.departures(&new.devices);
+    if !gone.is_empty() {
+        state
+            .tracked
+            .retired
+            .retire(state.programs, namer, |p| gone.has(p))?;
+    }
+    state.tracked.slots = write_scope(state.programs, &state.tracked.slots, &new.points)?;
+    if !args.quiet {
+        say_changes(&state.tracked.current, &new.labels);
+    }
+    state.tracked.current.clone_from(&new.labels);
+    namer.update(new.devices)?;
+    state.tracked.fingerprint = new.fingerprint;
+    state.tracked.source = new.source;
+    for label in new.labels {
+        if !state.tracked.labels.contains(&label) {
+            state.tracked.labels.push(label);
+        }
+    }
+    Ok(())
+}
+
+/// "attach: + pod shop/web-3", "attach: - pod shop/web-2" on stderr.
+fn say_changes(before: &[String], after: &[String]) {
+    let pods = |l: &[String]| -> Vec<String> {
+        l.iter().filter(|l| l.starts_with("pod ")).cloned().collect()
+    };
+    let (before, after) = (pods(before), pods(after));
+    for l in after.iter().filter(|l| !before.contains(l)) {
+        eprintln!("attach: following {l}");
+    }
+    for l in before.iter().filter(|l| !after.contains(l)) {
+        eprintln!("attach: {l} went away; its segments are kept for the report");
+    }
 }
 
 /// Follows until the duration ends, a signal arrives or the workload exits, and says which;
 /// with the ring (events mode), how many hop events it read.
 async fn follow_loop(
     args: &AttachArgs,
-    state: &State<'_>,
+    state: &mut State<'_>,
     namer: &mut Namer,
     mut ring: Option<&mut RingBuf<MapData>>,
     mut child: Option<&mut tokio::process::Child>,
@@ -187,6 +280,9 @@ async fn follow_loop(
     tokio::pin!(deadline);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     let mut snap = tokio::time::interval(SNAPSHOT_EVERY);
+    let mut look = tokio::time::interval(RESCAN_EVERY);
+    // One notice per distinct failure to look at the node again, not one per look.
+    let mut last_failure = String::new();
     let mut journeys = OpenJourneys::new(args.follow.max_gap_ns);
     let begun = Instant::now();
     let progress = match args.duration {
@@ -211,6 +307,15 @@ async fn follow_loop(
                     journeys.drain(r, namer)?;
                 }
             }
+            _ = look.tick() => {
+                if let Err(e) = rescan(args, state, namer).await {
+                    let text = format!("{e:#}");
+                    if text != last_failure && !args.quiet {
+                        eprintln!("attach: cannot look for pods that came or went: {text}");
+                    }
+                    last_failure = text;
+                }
+            }
             _ = snap.tick() => {
                 let (counts, lost) = journey_counts(state.programs)?;
                 progress.set_position(begun.elapsed().as_secs());
@@ -219,7 +324,7 @@ async fn follow_loop(
                     counts.started
                 ));
                 if let Some(snapshot) = state.snapshot {
-                    let segments = read_segments(state.programs, namer)?;
+                    let segments = read_segments(state.programs, namer, &state.tracked.retired)?;
                     *snapshot.write().unwrap_or_else(|e| e.into_inner()) = metrics::Snapshot {
                         node: state.node.to_string(),
                         segments,

@@ -1,7 +1,7 @@
 //! Where journeys start: the devices of the target namespaces and interfaces, and the cgroups
 //! whose sockets' packets are followed; and the names of the node's devices.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{bail, Result};
 use profiler_common::{
@@ -18,8 +18,9 @@ use crate::{
     lab::{
         discover::{self, ROOT},
         netns,
-        target::Devices,
+        target::{Devices, PodName},
     },
+    pods::{self, Pod},
     report::schema::Hop,
 };
 
@@ -29,6 +30,10 @@ pub struct Scope {
     pub points: Vec<[u32; 2]>,
     pub cgroups: Vec<u64>,
     pub devices: Devices,
+    /// What the node looked like when this scope was resolved (see [`Fingerprint`]).
+    pub fingerprint: Fingerprint,
+    /// Where its pods were read.
+    pub source: pods::Source,
 }
 
 /// A cgroup v2 directory's id: the kernel's kernfs node id, which is its inode number.
@@ -53,15 +58,54 @@ fn netns_ref(arg: &str) -> Result<String> {
     } else {
         arg.to_string()
     };
-    if !netns::exists(&ns) {
-        bail!("unknown network namespace {arg}");
+    if netns::exists(&ns) {
+        return Ok(ns);
     }
-    Ok(ns)
+    // There but unreadable (no permission, a process's namespace): say so, not "unknown".
+    match netns::inode(&ns) {
+        Err(e) if !e.to_string().starts_with("unknown") => bail!("--netns {arg}: {e}"),
+        _ => bail!("unknown network namespace {arg}"),
+    }
 }
 
-pub async fn scope(args: &AttachArgs) -> Result<Scope> {
-    if args.netns.is_empty() && args.ifaces.is_empty() && args.cgroups.is_empty() {
-        bail!("nothing to attach to: give --netns, --iface or --cgroup");
+/// The node's namespaces, and each listed pod's under the name it has among them (a pod's
+/// runtime gives a path, /var/run/netns/cni-...; `ip netns` names it cni-...). Pods whose
+/// namespace is gone since they were listed are left out.
+fn name_pods(listed: &[Pod], namespaces: &mut Vec<String>) -> Vec<(PodName, u32)> {
+    let inodes: Vec<(String, Option<u32>)> = namespaces
+        .iter()
+        .map(|n| (n.clone(), discover::inode(n).ok()))
+        .collect();
+    let mut named = Vec::new();
+    for pod in listed {
+        let Ok(inode) = netns::inode(&pod.netns) else { continue };
+        let netns = match inodes.iter().find(|(_, i)| *i == Some(inode)) {
+            Some((n, _)) => n.clone(),
+            None => {
+                namespaces.push(pod.netns.clone());
+                pod.netns.clone()
+            }
+        };
+        let name = PodName {
+            netns,
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            qualified: pod.qualified(),
+        };
+        named.push((name, inode));
+    }
+    named
+}
+
+/// Resolves the targets. At start (`strict`) an unknown target fails; later (a refresh while
+/// attached) targets that went away are left out.
+pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
+    if args.netns.is_empty()
+        && args.ifaces.is_empty()
+        && args.cgroups.is_empty()
+        && args.pods.is_empty()
+    {
+        bail!("nothing to attach to: give --pod, --netns, --iface or --cgroup");
     }
     let cgroups = args
         .cgroups
@@ -72,13 +116,27 @@ pub async fn scope(args: &AttachArgs) -> Result<Scope> {
         .netns
         .iter()
         .map(|a| netns_ref(a))
+        .filter(|t| strict || t.is_ok())
         .collect::<Result<_>>()?;
+    let listing = args.pod_sources.list().await?;
+    if strict && !args.quiet {
+        for notice in &listing.notices {
+            eprintln!("attach: {notice}");
+        }
+    }
     let mut namespaces = discover::namespaces()?;
     for t in &targets {
         if !namespaces.contains(t) {
             namespaces.push(t.clone());
         }
     }
+    let fingerprint = Fingerprint::of(&args.pod_sources, &listing.source).await;
+    let named = name_pods(&listing.pods, &mut namespaces);
+    let selected = if strict {
+        pods::select(&listing.pods, &args.pods, &listing.source)?
+    } else {
+        pods::select_present(&listing.pods, &args.pods)
+    };
     let interfaces = discover::interfaces(&namespaces).await?;
     let mut points = Vec::new();
     let mut labels = Vec::new();
@@ -92,6 +150,19 @@ pub async fn scope(args: &AttachArgs) -> Result<Scope> {
         );
         labels.push(format!("netns {t}"));
     }
+    for pod in selected {
+        let Some((name, inode)) = named.iter().find(|(n, _)| pod.qualified() == n.qualified) else {
+            continue;
+        };
+        points.extend(
+            interfaces
+                .iter()
+                .filter(|i| i.netns == name.netns)
+                .map(|i| [*inode, i.ifindex]),
+        );
+        labels.push(format!("pod {}", name.qualified));
+    }
+    labels.extend(args.pods.iter().map(|p| format!("--pod {p}")));
     let root = discover::inode(ROOT)?;
     for name in &args.ifaces {
         let Some(i) = interfaces
@@ -108,9 +179,15 @@ pub async fn scope(args: &AttachArgs) -> Result<Scope> {
             .iter()
             .map(|p| format!("cgroup {}", p.display())),
     );
-    if points.is_empty() && cgroups.is_empty() {
+    // Pods may come later; other targets must have devices now.
+    if strict && points.is_empty() && cgroups.is_empty() && args.pods.is_empty() {
         bail!("the targets have no network devices to attach to");
     }
+    // Only the runtime and the CNI cache say more of a namespace than its name.
+    let pods = match &listing.source {
+        pods::Source::NetnsNames => Vec::new(),
+        _ => named.into_iter().map(|(n, _)| n).collect(),
+    };
     Ok(Scope {
         labels,
         points,
@@ -119,8 +196,26 @@ pub async fn scope(args: &AttachArgs) -> Result<Scope> {
             name: "node".into(),
             namespaces,
             interfaces,
+            pods,
         },
+        fingerprint,
+        source: listing.source,
     })
+}
+
+/// What changes when pods come or go, cheap to read every second: the namespaces under
+/// /run/netns, and the runtime's ready sandboxes (a pod's network is ready before its sandbox
+/// is) or the CNI cache's results. A scope is resolved again only when it changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fingerprint(Vec<String>);
+
+impl Fingerprint {
+    pub async fn of(sources: &pods::Sources, source: &pods::Source) -> Fingerprint {
+        let mut names = pods::netns_names();
+        names.extend(sources.ids(source).await);
+        names.sort();
+        Fingerprint(names)
+    }
 }
 
 /// Where each device of the scope goes in the kernel's direct-mapped scope table, as the
@@ -149,6 +244,23 @@ pub fn slots(points: &[[u32; 2]]) -> Result<Vec<(u32, u64)>> {
     Ok(placed)
 }
 
+/// Namespaces (by inode) and devices (namespace inode, ifindex) that went away.
+#[derive(Default)]
+pub struct Departures {
+    pub netns: HashSet<u32>,
+    pub devices: HashSet<(u32, u32)>,
+}
+
+impl Departures {
+    pub fn is_empty(&self) -> bool {
+        self.netns.is_empty() && self.devices.is_empty()
+    }
+
+    pub fn has(&self, p: &HopPoint) -> bool {
+        self.netns.contains(&p.netns) || self.devices.contains(&(p.netns, p.ifindex))
+    }
+}
+
 /// Names hops and segments after the node's devices.
 pub struct Namer {
     devices: Devices,
@@ -168,6 +280,38 @@ impl Namer {
             hops: HashMap::new(),
             drop_reasons,
         })
+    }
+
+    /// The node's devices changed (pods came or went): hops are named after `devices` from now
+    /// on. Hops named before are forgotten: a new namespace may have a departed one's inode.
+    pub fn update(&mut self, devices: Devices) -> Result<()> {
+        self.inodes = Inodes::of(&devices)?;
+        self.devices = devices;
+        self.hops.clear();
+        Ok(())
+    }
+
+    /// What `devices` no longer has of the devices hops are named after now.
+    pub fn departures(&self, devices: &Devices) -> Departures {
+        let mut gone = Departures::default();
+        for ns in &self.devices.namespaces {
+            let inode = self.inodes.get(ns);
+            if !devices.namespaces.contains(ns) {
+                gone.netns.insert(inode);
+                continue;
+            }
+            let was = self.devices.interfaces.iter().filter(|i| &i.netns == ns);
+            for i in was {
+                let kept = devices
+                    .interfaces
+                    .iter()
+                    .any(|n| n.netns == i.netns && n.ifindex == i.ifindex);
+                if !kept {
+                    gone.devices.insert((inode, i.ifindex));
+                }
+            }
+        }
+        gone
     }
 
     fn described(&mut self, p: &HopPoint) -> &(HopKey, Hop) {

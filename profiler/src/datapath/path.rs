@@ -135,10 +135,19 @@ pub fn describe(
                 (_, None) => (Some(format!("ifindex {}", key.ifindex)), "nic".to_string()),
             };
             let at = ifname.as_deref().map_or(String::new(), |i| format!(" {i}"));
+            // A pod's devices, and the host side of its veth, are named after the pod.
+            let pod = iface.and_then(|i| lab.pod_of(i)).or_else(|| lab.pod_in(&netns));
+            let place = match pod {
+                Some(p) if p.netns == netns => format!("({})", p.qualified),
+                Some(p) => format!("{}, {})", parenthesized(&netns).trim_end_matches(')'), p.qualified),
+                None => parenthesized(&netns),
+            };
             Hop {
                 index,
                 node: node_of(&netns).to_string(),
-                name: format!("{label}{at} {}", parenthesized(&netns)),
+                name: format!("{label}{at} {place}"),
+                pod: pod.map(|p| p.name.clone()),
+                namespace: pod.map(|p| p.namespace.clone()).filter(|n| !n.is_empty()),
                 ifname,
                 netns: Some(netns),
                 kind,
@@ -164,6 +173,8 @@ fn uprobe_hop(index: usize, name: String) -> Hop {
         encap_depth: 0,
         tunnel: None,
         node: HOST_NODE.to_string(),
+        pod: None,
+        namespace: None,
     }
 }
 
@@ -245,9 +256,13 @@ fn parenthesized(ns: &str) -> String {
     }
 }
 
-/// "prof-bridge-pod-a" reads as "pod-a" in segment names; the full name is in the hops.
-fn short_ns<'a>(ns: Option<&'a str>, lab: &Devices) -> &'a str {
+/// "prof-bridge-pod-a" reads as "pod-a" in segment names, a pod's namespace as the pod
+/// ("shop/web-1"); the full name is in the hops.
+fn short_ns<'a>(ns: Option<&'a str>, lab: &'a Devices) -> &'a str {
     let ns = ns.unwrap_or("");
+    if let Some(pod) = lab.pod_in(ns) {
+        return &pod.qualified;
+    }
     ns.strip_prefix("prof-")
         .and_then(|rest| rest.strip_prefix(lab.name.as_str()))
         .and_then(|r| r.strip_prefix('-'))
@@ -286,6 +301,7 @@ mod tests {
         };
         let (a, b) = ("prof-x-host-a", "prof-x-host-b");
         let devices = Devices {
+            pods: Vec::new(),
             name: "x".into(),
             namespaces: vec![a.into(), b.into()],
             interfaces: vec![
@@ -359,6 +375,7 @@ mod tests {
             name: "node".into(),
             namespaces: vec![discover::ROOT.into(), gone.clone()],
             interfaces: Vec::new(),
+            pods: Vec::new(),
         };
         let inodes = Inodes::of(&devices).expect("resolving inodes");
         assert_ne!(inodes.get(discover::ROOT), 0);

@@ -31,6 +31,33 @@ pub struct Devices {
     /// Every namespace whose devices may carry the path (hops are named from these).
     pub namespaces: Vec<String>,
     pub interfaces: Vec<LabIface>,
+    /// The namespaces that are pods of a container runtime (attach --pod), by netns name.
+    pub pods: Vec<PodName>,
+}
+
+/// A namespace's pod, as the container runtime names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodName {
+    /// The namespace's name in `namespaces` (e.g. "cni-1b2c...").
+    pub netns: String,
+    /// The Kubernetes namespace ("" when only the pod's name is known).
+    pub namespace: String,
+    pub name: String,
+    /// "NAMESPACE/NAME", or NAME: how hops and segments name the pod.
+    pub qualified: String,
+}
+
+impl Devices {
+    /// The pod whose namespace `netns` is.
+    pub fn pod_in(&self, netns: &str) -> Option<&PodName> {
+        self.pods.iter().find(|p| p.netns == netns)
+    }
+
+    /// The pod a device belongs to: its namespace's, or for a host-side veth, its peer's.
+    pub fn pod_of(&self, iface: &LabIface) -> Option<&PodName> {
+        self.pod_in(&iface.netns)
+            .or_else(|| iface.peer.as_ref().and_then(|p| self.pod_in(&p.netns)))
+    }
 }
 
 /// The path a run profiles: the devices its hops are named after, its two ends, and where the
@@ -94,6 +121,7 @@ impl RunTarget {
     pub fn lab(lab: &Lab) -> RunTarget {
         RunTarget {
             devices: Devices {
+                pods: Vec::new(),
                 name: lab.name.clone(),
                 namespaces: lab.namespaces.clone(),
                 interfaces: lab.interfaces.clone(),
@@ -194,6 +222,7 @@ impl RunTarget {
             .collect();
         Ok(RunTarget {
             devices: Devices {
+                pods: Vec::new(),
                 name: format!("{from} -> {to}"),
                 namespaces,
                 interfaces,

@@ -50,9 +50,11 @@ pub fn pods(dir: &Path) -> Result<Vec<Pod>> {
         // A result removed since the listing, or unreadable, is skipped.
         let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
         let Some(pod) = parse(&text, dir) else { continue };
-        // One result per network and interface: the first names the pod.
-        if !pods.iter().any(|p| p.sandbox == pod.sandbox) {
-            pods.push(pod);
+        // One result per network and interface (containerd's loopback one has no address):
+        // one pod per sandbox, with its address where a result has one.
+        match pods.iter_mut().find(|p| p.sandbox == pod.sandbox) {
+            Some(known) => known.ip = known.ip.or(pod.ip),
+            None => pods.push(pod),
         }
     }
     Ok(pods)

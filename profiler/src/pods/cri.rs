@@ -7,7 +7,7 @@ use anyhow::{anyhow, Context as _, Result};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
     runtime_service_client::RuntimeServiceClient, ListPodSandboxRequest, PodSandboxFilter,
-    PodSandboxState, PodSandboxStateValue, PodSandboxStatusRequest,
+    PodSandbox, PodSandboxState, PodSandboxStateValue, PodSandboxStatusRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -41,20 +41,32 @@ pub async fn connect(socket: &Path) -> Result<Client> {
     Ok(RuntimeServiceClient::new(channel))
 }
 
-/// The ready pod sandboxes and their network namespaces.
-pub async fn pods(client: &mut Client, socket: &Path) -> Result<Vec<Pod>> {
+/// The ready pod sandboxes.
+async fn ready(client: &mut Client) -> Result<Vec<PodSandbox>> {
     let ready = PodSandboxFilter {
         state: Some(PodSandboxStateValue {
             state: PodSandboxState::SandboxReady as i32,
         }),
         ..Default::default()
     };
-    let items = client
+    Ok(client
         .list_pod_sandbox(ListPodSandboxRequest { filter: Some(ready) })
         .await
-        .map_err(|s| anyhow!("CRI ListPodSandbox on {}: {}", socket.display(), s.message()))?
+        .map_err(|s| anyhow!("CRI ListPodSandbox: {}", s.message()))?
         .into_inner()
-        .items;
+        .items)
+}
+
+/// The ids of the ready pod sandboxes: what changes when pods come or go.
+pub async fn ready_ids(client: &mut Client) -> Result<Vec<String>> {
+    Ok(ready(client).await?.into_iter().map(|s| s.id).collect())
+}
+
+/// The ready pod sandboxes and their network namespaces.
+pub async fn pods(client: &mut Client, socket: &Path) -> Result<Vec<Pod>> {
+    let items = ready(client)
+        .await
+        .with_context(|| format!("the CRI runtime at {}", socket.display()))?;
     let mut pods = Vec::with_capacity(items.len());
     for sandbox in items {
         let status = client

@@ -103,7 +103,9 @@ impl Sources {
             .cni_cache
             .clone()
             .unwrap_or_else(|| PathBuf::from(cni::CACHE_DIR));
-        match cni::pods(&cache) {
+        // No cache at all is no node of a CNI runtime: nothing to say.
+        let cached = if cache.exists() { cni::pods(&cache) } else { Ok(Vec::new()) };
+        match cached {
             Ok(pods) if !pods.is_empty() => {
                 return Ok(Listing {
                     pods,
@@ -111,10 +113,7 @@ impl Sources {
                     notices,
                 })
             }
-            Ok(_) => notices.push(format!(
-                "the CNI cache {} names no pod; using /run/netns names",
-                cache.display()
-            )),
+            Ok(_) => {}
             Err(e) => notices.push(format!("{e:#}; using /run/netns names")),
         }
         Ok(Listing {
@@ -125,21 +124,51 @@ impl Sources {
     }
 }
 
+impl Sources {
+    /// What identifies the pods `source` has now, cheaply (one CRI call, one directory
+    /// read): the runtime's ready sandboxes, or the CNI cache's results. Empty if it cannot
+    /// be read.
+    pub async fn ids(&self, source: &Source) -> Vec<String> {
+        match source {
+            Source::Cri(socket) => match cri::connect(socket).await {
+                Ok(mut client) => cri::ready_ids(&mut client).await.unwrap_or_default(),
+                Err(_) => Vec::new(),
+            },
+            Source::CniCache(dir) => std::fs::read_dir(dir)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Source::NetnsNames => Vec::new(),
+        }
+    }
+}
+
 async fn cri_pods(socket: &Path) -> Result<Vec<Pod>> {
     let mut client = cri::connect(socket).await?;
     cri::pods(&mut client, socket).await
 }
 
-/// Every named namespace under /run/netns as a pod of that name (none if there is no such
-/// directory).
-fn netns_pods() -> Result<Vec<Pod>> {
+/// The names under /run/netns, sorted (none if there is no such directory).
+pub fn netns_names() -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-        return Ok(Vec::new());
+        return Vec::new();
     };
-    let mut pods: Vec<Pod> = entries
+    let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
-        .map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Every named namespace under /run/netns as a pod of that name.
+fn netns_pods() -> Result<Vec<Pod>> {
+    Ok(netns_names()
+        .into_iter()
+        .map(|name| {
             Pod {
                 namespace: String::new(),
                 uid: String::new(),
@@ -150,9 +179,7 @@ fn netns_pods() -> Result<Vec<Pod>> {
                 source: Source::NetnsNames,
             }
         })
-        .collect();
-    pods.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(pods)
+        .collect())
 }
 
 /// A --pod argument: [NAMESPACE/]NAME, each part a glob (`*`, `?`, `[..]`); without a
@@ -213,10 +240,15 @@ pub fn select<'a>(pods: &'a [Pod], patterns: &[Pattern], source: &Source) -> Res
             bail!("{}", unknown(p, pods, source));
         }
     }
-    Ok(pods
-        .iter()
+    Ok(select_present(pods, patterns))
+}
+
+/// The pods that `patterns` select now, without failing on one that matches nothing (it went
+/// away, or is yet to come).
+pub fn select_present<'a>(pods: &'a [Pod], patterns: &[Pattern]) -> Vec<&'a Pod> {
+    pods.iter()
         .filter(|pod| patterns.iter().any(|p| p.matches(pod)))
-        .collect())
+        .collect()
 }
 
 /// "unknown pod X (from SOURCE); closest: a, b, c".

@@ -245,6 +245,13 @@ pub struct Hop {
     /// The kernel the hop is in: "host", or a guest's name on a nested path.
     #[serde(default = "host_node")]
     pub node: String,
+    /// The container runtime's pod the device belongs to (its namespace's, or for a host-side
+    /// veth its peer's), where attach knows pods.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pod: Option<String>,
+    /// The pod's Kubernetes namespace.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub namespace: Option<String>,
 }
 
 impl Hop {
@@ -353,6 +360,10 @@ pub struct AttachReport {
     #[serde(default, skip_serializing_if = "RarePaths::is_none")]
     pub rare_paths: RarePaths,
     pub journeys: JourneyCounts,
+    /// The journeys that ended in a drop, by the last hop that saw them and the kernel's drop
+    /// reason, most first (left out when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drops: Vec<AttachDrop>,
     pub lost_events: u64,
     /// `--mode events`: the hop events read from the kernel (with `lost_events`, the events
     /// pipeline's rate and loss).
@@ -392,6 +403,12 @@ pub struct SegmentSummary {
     pub p50_ns: f64,
     pub p90_ns: f64,
     pub p99_ns: f64,
+    /// The pod the segment ends at (or starts from), where attach knows pods.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pod: Option<String>,
+    /// That pod's Kubernetes namespace.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub namespace: Option<String>,
     /// The kernel's histogram (for /metrics); not in the JSON.
     #[serde(skip)]
     pub buckets: Vec<u64>,
@@ -440,6 +457,20 @@ pub struct JourneyCounts {
     pub unfinished: u64,
 }
 
+/// Journeys that ended in a drop after the same hop, for the same reason.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AttachDrop {
+    /// The kernel's drop reason (its BTF's name, lowercase: "no_socket").
+    pub reason: String,
+    /// The last hop that saw the packets.
+    pub after: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub namespace: Option<String>,
+    pub packets: u64,
+}
+
 /// `attach --mode events`: one line per journey, printed when it ends.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JourneyLine {
@@ -459,6 +490,11 @@ pub struct HopLine {
     /// Nanoseconds since the journey's first hop.
     pub at_ns: u64,
     pub len: u32,
+    /// The hop's pod and its namespace, where attach knows pods.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub namespace: Option<String>,
 }
 
 // ---- profiler.compare.v1 ----

@@ -366,6 +366,9 @@ pub fn attach(r: &AttachReport) -> String {
         "journeys: {} started, {} consumed, {} dropped, {} ended unseen, {} unfinished, {} kept across a reallocated buffer; {} events lost",
         j.started, j.consumed, j.dropped, j.ended_unseen, j.unfinished, j.reheaded, r.lost_events
     );
+    for d in &r.drops {
+        let _ = writeln!(out, "  dropped: {} packets after {} ({})", d.packets, d.after, d.reason);
+    }
     out += &render_hooks(&r.hooks);
     if let Some(costs) = &r.program_costs {
         out += &render_costs(costs);
