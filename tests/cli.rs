@@ -47,7 +47,8 @@ fn out_of_range_values_are_refused() {
 
 #[test]
 fn malformed_and_conflicting_paths_are_refused() {
-    refused(&["run", "--from", "a", "--to", "b"], "--to takes NETNS:IP");
+    // Without an address, --to names a pod (and --from too).
+    refused(&["run", "--from", "a", "--to", "b"], "unknown pod a");
     refused(
         &["run", "--from", "a", "--to", ":198.18.0.1"],
         "--to takes NETNS:IP",

@@ -358,9 +358,15 @@ struct RunCli {
         conflicts_with_all = ["placement", "mtu", "keep_lab"]
     )]
     from: Option<String>,
-    /// ... and the server listens on IP in this namespace.
+    /// ... and the server listens on IP in this namespace. Or --from POD --to POD: two pods of
+    /// the node's container runtime, [NAMESPACE/]NAME each (a --to without ":IP" is a pod);
+    /// the server listens on the pod's address.
     #[arg(long, requires = "from", value_name = "NETNS:IP")]
     to: Option<String>,
+    /// The container runtime's CRI socket, for pods in --from and --to (default: containerd's,
+    /// then CRI-O's).
+    #[arg(long, requires = "from", value_name = "PATH")]
+    cri_socket: Option<PathBuf>,
     /// The server is in a VM whose `profiler agent --listen` is at this address: --to names
     /// its namespace as NODE:NETNS:IP (NODE: the VM's name in the report, e.g.
     /// vm1:pod-b:10.0.0.2, vm1:(root):10.0.0.2); the agent attaches inside the VM and runs the
@@ -691,8 +697,17 @@ async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
         ..cli.traffic.run_args(cli.lab, size, quiet)?
     };
     args.uprobes = cli.uprobe.clone();
-    let to = cli.to.as_deref().map(parse_to).transpose()?;
-    if to.is_some() && cli.kind == TrafficKind::Alltoall {
+    // A --to without an address (NETNS:IP) names a pod, and so does --from then.
+    let pods = cli
+        .from
+        .as_deref()
+        .zip(cli.to.as_deref())
+        .filter(|(_, to)| cli.agent.is_none() && !to.contains(':'));
+    let to = match pods {
+        Some(_) => None,
+        None => cli.to.as_deref().map(parse_to).transpose()?,
+    };
+    if cli.from.is_some() && cli.kind == TrafficKind::Alltoall {
         anyhow::bail!("--traffic alltoall runs between a lab's pods: use --lab, not --from/--to");
     }
     args.validate()?;
@@ -708,6 +723,15 @@ async fn run_command(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     }
     doctor::require_privileges()?;
     let result = match (&cli.from, to) {
+        _ if pods.is_some() => {
+            let (from, to) = pods.unwrap_or_default();
+            let sources = profiler::pods::Sources {
+                cri_socket: cli.cri_socket.clone(),
+                cni_cache: None,
+            };
+            let target = interruptible(lab::target::between_pods(from, to, &sources)).await?;
+            interruptible(run::profile(&args, &target)).await
+        }
         (Some(from), Some((to_ns, addr))) => {
             let guest = match cli.agent {
                 Some(at) => Some(interruptible(run::agent::guest_of(to_ns, at)).await?),

@@ -18,9 +18,9 @@ use crate::{
     lab::{
         discover::{self, ROOT},
         netns,
-        target::{Devices, PodName},
+        target::Devices,
     },
-    pods::{self, Pod},
+    pods,
     report::schema::Hop,
 };
 
@@ -68,35 +68,6 @@ fn netns_ref(arg: &str) -> Result<String> {
     }
 }
 
-/// The node's namespaces, and each listed pod's under the name it has among them (a pod's
-/// runtime gives a path, /var/run/netns/cni-...; `ip netns` names it cni-...). Pods whose
-/// namespace is gone since they were listed are left out.
-fn name_pods(listed: &[Pod], namespaces: &mut Vec<String>) -> Vec<(PodName, u32)> {
-    let inodes: Vec<(String, Option<u32>)> = namespaces
-        .iter()
-        .map(|n| (n.clone(), discover::inode(n).ok()))
-        .collect();
-    let mut named = Vec::new();
-    for pod in listed {
-        let Ok(inode) = netns::inode(&pod.netns) else { continue };
-        let netns = match inodes.iter().find(|(_, i)| *i == Some(inode)) {
-            Some((n, _)) => n.clone(),
-            None => {
-                namespaces.push(pod.netns.clone());
-                pod.netns.clone()
-            }
-        };
-        let name = PodName {
-            netns,
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            qualified: pod.qualified(),
-        };
-        named.push((name, inode));
-    }
-    named
-}
-
 /// Resolves the targets. At start (`strict`) an unknown target fails; later (a refresh while
 /// attached) targets that went away are left out.
 pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
@@ -131,7 +102,7 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
         }
     }
     let fingerprint = Fingerprint::of(&args.pod_sources, &listing.source).await;
-    let named = name_pods(&listing.pods, &mut namespaces);
+    let named = discover::pod_names(&listing.pods, &mut namespaces);
     let selected = if strict {
         pods::select(&listing.pods, &args.pods, &listing.source)?
     } else {

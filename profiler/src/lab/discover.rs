@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use anyhow::{Context as _, Result};
 
 use super::netns;
-use super::{nl::Nl, IfRef, LabIface};
+use super::{nl::Nl, target::PodName, IfRef, LabIface};
+use crate::pods::Pod;
 
 /// How the caller's own network namespace is named in hops and reports.
 pub const ROOT: &str = "(root)";
@@ -109,6 +110,35 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
         })
         .collect();
     Ok(ifaces)
+}
+
+/// The node's namespaces, and each listed pod's under the name it has among them (a pod's
+/// runtime gives a path, /var/run/netns/cni-...; `ip netns` names it cni-...). Pods whose
+/// namespace is gone since they were listed are left out.
+pub fn pod_names(listed: &[Pod], namespaces: &mut Vec<String>) -> Vec<(PodName, u32)> {
+    let inodes: Vec<(String, Option<u32>)> = namespaces
+        .iter()
+        .map(|n| (n.clone(), inode(n).ok()))
+        .collect();
+    let mut named = Vec::new();
+    for pod in listed {
+        let Ok(inode) = netns::inode(&pod.netns) else { continue };
+        let netns = match inodes.iter().find(|(_, i)| *i == Some(inode)) {
+            Some((n, _)) => n.clone(),
+            None => {
+                namespaces.push(pod.netns.clone());
+                pod.netns.clone()
+            }
+        };
+        let name = PodName {
+            netns,
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            qualified: pod.qualified(),
+        };
+        named.push((name, inode));
+    }
+    named
 }
 
 #[cfg(test)]

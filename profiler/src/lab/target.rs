@@ -8,6 +8,8 @@ use std::{
 
 use anyhow::{bail, Result};
 
+use crate::pods;
+
 use super::{
     discover::{self, ROOT},
     nested::{self, Guest},
@@ -234,6 +236,36 @@ impl RunTarget {
             guests: guest.into_iter().map(|(g, _)| g).collect(),
         })
     }
+}
+
+/// `run --from POD --to POD`: the path between two pods of the node's container runtime,
+/// its hops named after the pods; the server listens on `to`'s address.
+pub async fn between_pods(from: &str, to: &str, sources: &pods::Sources) -> Result<RunTarget> {
+    let listing = sources.list().await?;
+    for notice in &listing.notices {
+        eprintln!("run: {notice}");
+    }
+    let mut namespaces = discover::namespaces()?;
+    let named = discover::pod_names(&listing.pods, &mut namespaces);
+    let end = |arg: &str| -> Result<(&PodName, Option<Ipv4Addr>)> {
+        let pattern: pods::Pattern = arg.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        let found = pods::select(&listing.pods, std::slice::from_ref(&pattern), &listing.source)?;
+        let [pod] = found[..] else {
+            bail!("{arg} names {} pods: give NAMESPACE/NAME", found.len());
+        };
+        let Some((name, _)) = named.iter().find(|(n, _)| n.qualified == pod.qualified()) else {
+            bail!("pod {arg}: its network namespace {} is gone", pod.netns);
+        };
+        Ok((name, pod.ip))
+    };
+    let (client, _) = end(from)?;
+    let (server, ip) = end(to)?;
+    let Some(addr) = ip else {
+        bail!("pod {to}: {} does not say its address", listing.source);
+    };
+    let mut target = RunTarget::path(&client.netns, &server.netns, addr, None).await?;
+    target.devices.pods = named.into_iter().map(|(n, _)| n).collect();
+    Ok(target)
 }
 
 fn attach_points(ifaces: &[LabIface], ends: &[&str]) -> Vec<(String, String)> {

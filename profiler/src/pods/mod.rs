@@ -264,7 +264,7 @@ fn unknown(p: &Pattern, pods: &[Pod], source: &Source) -> String {
     names.sort();
     let closest: Vec<String> = names.into_iter().take(3).map(|(_, q)| q).collect();
     if closest.is_empty() {
-        format!("unknown pod {p}: {source} lists no pods")
+        format!("unknown pod {p}: no pod in {source}")
     } else {
         format!("unknown pod {p} (in {source}); closest: {}", closest.join(", "))
     }
