@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod attach;
+pub mod prometheus;
 pub mod truth;
 
 use std::{

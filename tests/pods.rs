@@ -1,0 +1,341 @@
+//! Pods of a real container runtime (the node lab: containerd, runc and the CNI plugins, pods
+//! made through CRI as kubelet makes them) named by `attach` and `run`, followed as they come
+//! and go, and scraped by a real Prometheus with the project's alert rules and dashboard.
+// A test crate sees every dependency of the package; the lint is for the library's.
+#![allow(unused_crate_dependencies)]
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{
+    assert_clean,
+    attach::{report, started, tmp, udp_echo, Attach},
+    lab_up, profiler,
+    prometheus::{free_port, Prometheus},
+    LabGuard, BIN,
+};
+use serde_json::Value;
+
+/// The node lab's Kubernetes namespace (profiler's lab/node.rs).
+const NAMESPACE: &str = "prof-node";
+const UDP_PORT: u16 = 7411;
+
+/// A pod of the node lab, as `lab list --json` and the kernel describe it.
+struct NodePod {
+    name: String,
+    netns: String,
+    ip: String,
+    /// The host side of its veth, in this namespace.
+    host_veth: String,
+}
+
+struct Node {
+    socket: String,
+    pods: Vec<NodePod>,
+    _down: LabGuard,
+}
+
+fn node(pods: u32) -> Node {
+    let guard = lab_up(&["node", "--pods", &pods.to_string()]);
+    let (socket, pods) = read_node();
+    Node {
+        socket,
+        pods,
+        _down: guard,
+    }
+}
+
+/// The node lab's CRI socket and pods, from `lab list --json`.
+fn read_node() -> (String, Vec<NodePod>) {
+    let out = profiler(&["lab", "list", "--json"]);
+    let labs: Value = serde_json::from_slice(&out.stdout).expect("lab list JSON");
+    let lab = labs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "node")
+        .unwrap_or_else(|| panic!("the node lab is not listed: {labs}"));
+    let node = &lab["node"];
+    let pods = node["pods"]
+        .as_array()
+        .expect("the node lab's pods")
+        .iter()
+        .map(|p| {
+            let netns = p["netns"].as_str().unwrap().to_string();
+            NodePod {
+                name: p["name"].as_str().unwrap().to_string(),
+                host_veth: host_veth(&netns),
+                ip: p["ip"].as_str().unwrap().to_string(),
+                netns,
+            }
+        })
+        .collect();
+    (node["socket"].as_str().unwrap().to_string(), pods)
+}
+
+/// The host-side peer of eth0 in `netns`: the device whose ifindex eth0's iflink names.
+fn host_veth(netns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "cat", "/sys/class/net/eth0/iflink"])
+        .output()
+        .expect("ip netns exec");
+    let index = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let links = Command::new("ip").args(["-o", "link"]).output().expect("ip link");
+    String::from_utf8_lossy(&links.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.split(": ");
+            (parts.next()? == index).then(|| parts.next())?
+        })
+        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+        .unwrap_or_else(|| panic!("no device {index} here (eth0's peer in {netns})"))
+}
+
+/// `profiler delay` on a device of this namespace, until dropped (SIGINT, then waited for).
+struct Delay(Child);
+
+impl Delay {
+    fn start(iface: &str, direction: &str, us: u64) -> Delay {
+        let mut child = Command::new(BIN)
+            .args(["delay", "--iface", iface, "--direction", direction])
+            .args(["--delay-us", &us.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("profiler delay");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("delay's first line");
+        assert!(line.starts_with("holding"), "profiler delay did not hold: {line}");
+        Delay(child)
+    }
+}
+
+impl Drop for Delay {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+    }
+}
+
+/// attach names every hop and segment of the pods' traffic after the pods, as the runtime
+/// knows them; Prometheus scrapes its /metrics and answers queries by pod; a slowed pod's
+/// segment makes the project's slow-segment alert pending; every query of the project's
+/// Grafana dashboard returns data.
+#[test]
+fn attach_names_pods_and_prometheus_queries_them_by_pod() {
+    let node = node(2);
+    let (a, b) = (&node.pods[0], &node.pods[1]);
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let json = tmp("pods.json");
+    let attach = Attach::start(&[
+        "--pod",
+        &format!("{NAMESPACE}/pod-*"),
+        "--cri-socket",
+        &node.socket,
+        "--filter",
+        &format!("udp and port {UDP_PORT}"),
+        "--prometheus",
+        &metrics,
+        "--mode",
+        "events",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let prometheus = Prometheus::start(metrics.parse().unwrap());
+    // pod-b's host-side veth holds what the bridge forwards to it: the segment into pod-b.
+    let delay = Delay::start(&b.host_veth, "egress", 150);
+    let traffic = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            udp_echo((&a.netns, &b.netns), &b.ip, UDP_PORT, 40_000, 64, Duration::from_millis(2))
+        });
+        let alert = format!(
+            "ALERTS{{alertname=\"ProfilerSegmentSlow\", namespace=\"{NAMESPACE}\", pod=\"{}\"}}",
+            b.name
+        );
+        let alerts = prometheus.wait_for(&alert, Duration::from_secs(60));
+        for pod in [&a.name, &b.name] {
+            let by_pod = format!(
+                "profiler_segment_latency_seconds_count{{namespace=\"{NAMESPACE}\", pod=\"{pod}\"}}"
+            );
+            prometheus.wait_for(&by_pod, Duration::from_secs(10));
+        }
+        let empty = dashboard_queries()
+            .into_iter()
+            .filter(|q| prometheus.query(q).is_empty())
+            .collect::<Vec<_>>();
+        // The traffic ends on its own (bounded); the test only waits for it.
+        let rtts = t.join().expect("the UDP exchanges");
+        (alerts, empty, rtts)
+    });
+    drop(delay);
+    let (alerts, empty, rtts) = traffic;
+    assert!(empty.is_empty(), "dashboard queries without data: {empty:#?}\n{}", prometheus.log());
+    assert!(
+        alerts.iter().any(|a| a["metric"]["alertstate"] == "pending" || a["metric"]["alertstate"] == "firing"),
+        "{alerts:?}"
+    );
+    drop(prometheus);
+    let (events, _) = attach.stop();
+    let r = report(&json);
+    let _ = std::fs::remove_file(&json);
+    assert!(started(&r) >= rtts.len() as u64, "{}", r["journeys"]);
+    let slowed = format!("[{NAMESPACE}/{}]", b.name);
+    let into_b = r["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"].as_str().unwrap().ends_with(&slowed))
+        .map(|s| (s["name"].as_str().unwrap().to_string(), s["p50_ns"].as_f64().unwrap()))
+        .collect::<Vec<_>>();
+    assert!(
+        into_b.iter().any(|(_, p50)| *p50 > 140_000.0),
+        "no segment named after {} holds the 150 us: {into_b:?}",
+        b.name
+    );
+    // Events lines carry the pods too.
+    let line = events.lines().next().expect("an events line");
+    let journey: Value = serde_json::from_str(line).expect("an events line is JSON");
+    let pods: BTreeSet<&str> = journey["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["pod"].as_str())
+        .collect();
+    assert!(pods.contains(a.name.as_str()) && pods.contains(b.name.as_str()), "{line}");
+    drop(node);
+    assert_clean();
+}
+
+/// Every PromQL query of deploy/grafana's dashboard, its variables set to match all.
+fn dashboard_queries() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/profiler-dashboard.json");
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the dashboard")).expect("JSON");
+    dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| {
+            t["expr"]
+                .as_str()
+                .expect("a PromQL expr")
+                .replace("$__rate_interval", "1m")
+                .replace("$node", ".*")
+                .replace("$namespace", ".*")
+                .replace("$pod", ".*")
+        })
+        .collect()
+}
+
+/// Pods created and deleted one after another while attached, traffic in each: every pod's
+/// journeys are counted under its own name, and attach's memory stays bounded.
+#[test]
+fn pods_that_come_and_go_are_each_counted_under_their_name() {
+    const CHURN: usize = 20;
+    const PINGS: u32 = 20;
+    let node = node(1);
+    let server = &node.pods[0];
+    let json = tmp("churn.json");
+    let attach = Attach::start(&[
+        "--pod",
+        &format!("{NAMESPACE}/churn-*"),
+        "--cri-socket",
+        &node.socket,
+        "--filter",
+        &format!("icmp and dst host {}", server.ip),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let pid = attach.child.id();
+    let mut rss = Vec::new();
+    for i in 0..CHURN {
+        let name = format!("churn-{i}");
+        let out = profiler(&["lab", "pod", "add", "node", &name]);
+        assert!(out.status.success(), "pod add {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let (_, pods) = read_node();
+        let pod = pods.iter().find(|p| p.name == name).expect("the new pod");
+        // Followed within 2 s of its network being ready (the add returns once it is).
+        std::thread::sleep(Duration::from_secs(2));
+        let sent = Instant::now();
+        common::attach::ping(&pod.netns, &server.ip, PINGS, "0.01");
+        assert!(sent.elapsed() < Duration::from_secs(5));
+        let out = profiler(&["lab", "pod", "rm", "node", &name]);
+        assert!(out.status.success(), "pod rm {name}: {}", String::from_utf8_lossy(&out.stderr));
+        rss.push(rss_kib(pid));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, err) = attach.stop();
+    let r = report(&json);
+    let _ = std::fs::remove_file(&json);
+    for i in 0..CHURN {
+        let name = format!("churn-{i}");
+        assert!(err.contains(&format!("following pod {NAMESPACE}/{name}")), "{name}: {err}");
+        assert!(err.contains(&format!("pod {NAMESPACE}/{name} went away")), "{name}: {err}");
+        // Each ping's first segment starts at the pod's eth0 and is the pod's.
+        let counted: u64 = r["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["pod"] == name.as_str() && s["from"].as_str().unwrap().contains("eth0"))
+            .map(|s| s["count"].as_u64().unwrap())
+            .max()
+            .unwrap_or(0);
+        assert!(counted >= PINGS as u64 - 1, "{name}: {counted} of {PINGS} pings counted: {r}");
+    }
+    // Bounded: after the first pods, 20 pods more cost attach under 8 MiB (a retired pod keeps
+    // a few named segments: hundreds of bytes each).
+    let grown = rss[CHURN - 1].saturating_sub(rss[2]);
+    assert!(grown < 8 * 1024, "attach grew by {grown} KiB over {} pods: {rss:?}", CHURN - 3);
+    drop(node);
+    assert_clean();
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("attach's status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// `run --from POD --to POD` between two pods of the runtime: hops named after the pods.
+#[test]
+fn a_run_between_two_pods_names_them() {
+    let node = node(2);
+    let (a, b) = (&node.pods[0], &node.pods[1]);
+    let from = format!("{NAMESPACE}/{}", a.name);
+    let to = format!("{NAMESPACE}/{}", b.name);
+    let out = profiler(&[
+        "run", "--from", &from, "--to", &to, "--cri-socket", &node.socket, "--count", "50",
+        "--json", "-",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(&text).expect("the run's JSON");
+    let hops = common::direction(&r, "request")["hops"]
+        .as_array()
+        .expect("request hops");
+    for pod in [&a.name, &b.name] {
+        assert!(
+            hops.iter().any(|h| h["pod"] == pod.as_str() && h["namespace"] == NAMESPACE),
+            "no hop of {pod}: {hops:?}"
+        );
+    }
+    assert!(
+        hops.iter().any(|h| h["name"].as_str().unwrap().contains(&format!("({to})"))),
+        "{hops:?}"
+    );
+    drop(node);
+    assert_clean();
+}
