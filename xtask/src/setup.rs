@@ -75,7 +75,10 @@ pub fn test_packages() -> Result<()> {
         "libc6-dev",
         "iptables",
     ];
-    for pkg in [DPDK_PACKAGE, "iperf3", "chromium"].into_iter().chain(NODE_PACKAGES) {
+    for pkg in [DPDK_PACKAGE, "iperf3", "chromium"]
+        .into_iter()
+        .chain(NODE_PACKAGES)
+    {
         debian_package(pkg)?;
     }
     Ok(())
@@ -92,7 +95,9 @@ fn debian_packages() -> Result<()> {
         missing.push("bpftool");
     }
     if missing.is_empty() {
-        step("Debian packages iproute2, bpftool, iputils-ping, protobuf-compiler: already installed");
+        step(
+            "Debian packages iproute2, bpftool, iputils-ping, protobuf-compiler: already installed",
+        );
         return Ok(());
     }
     step(format_args!(

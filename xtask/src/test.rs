@@ -189,7 +189,9 @@ fn node_leaks(ip_o_link: &str) -> Vec<String> {
     let mut leaks = Vec::new();
     for (pid, name) in processes() {
         if cmdline(pid).iter().any(|a| a.contains(NODE_DIR)) {
-            leaks.push(format!("process {pid} ({name}, the node lab's; profiler lab down --all)"));
+            leaks.push(format!(
+                "process {pid} ({name}, the node lab's; profiler lab down --all)"
+            ));
         }
     }
     for name in entries("/var/lib/cni/results") {
@@ -197,15 +199,22 @@ fn node_leaks(ip_o_link: &str) -> Vec<String> {
             leaks.push(format!("CNI cache file /var/lib/cni/results/{name}"));
         }
     }
-    if std::path::Path::new("/var/lib/cni/networks").join(NODE_NETWORK).exists() {
-        leaks.push(format!("CNI addresses /var/lib/cni/networks/{NODE_NETWORK}"));
+    if std::path::Path::new("/var/lib/cni/networks")
+        .join(NODE_NETWORK)
+        .exists()
+    {
+        leaks.push(format!(
+            "CNI addresses /var/lib/cni/networks/{NODE_NETWORK}"
+        ));
     }
     let devices = ip_o_link
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
         .map(|name| name.split('@').next().unwrap_or(name));
     for name in devices.filter(|n| NODE_DEVICES.contains(n)) {
-        leaks.push(format!("device {name}, the node lab's (profiler lab down --all)"));
+        leaks.push(format!(
+            "device {name}, the node lab's (profiler lab down --all)"
+        ));
     }
     leaks
 }

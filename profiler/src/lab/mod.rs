@@ -211,7 +211,10 @@ const CROSS_HOST_SUFFIX: &str = "-xhost";
 impl Topology {
     /// The placement used when none is given: same-host where the topology has it.
     pub fn default_placement(self) -> Placement {
-        if self.nested() || self == Topology::Node || spec::Spec::of(self, Placement::SameHost, None).is_ok() {
+        if self.nested()
+            || self == Topology::Node
+            || spec::Spec::of(self, Placement::SameHost, None).is_ok()
+        {
             Placement::SameHost
         } else {
             Placement::CrossHost

@@ -18,9 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig,
-    ListPodSandboxRequest, PodSandboxConfig, PodSandboxMetadata,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
-    VersionRequest,
+    ListPodSandboxRequest, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -154,11 +153,13 @@ pub(super) fn check(options: &LabOptions) -> Result<()> {
     if options.inner.is_some() || options.outer.is_some() || options.guest_kernel.is_some() {
         bail!("--inner, --outer and --guest-kernel are for nested labs (bmp2vmp, vmp2vmp)");
     }
-    if options.pods.is_some_and(|n| !(2..=super::MAX_PODS).contains(&n)) {
+    if options
+        .pods
+        .is_some_and(|n| !(2..=super::MAX_PODS).contains(&n))
+    {
         bail!("--pods must be between 2 and {}", super::MAX_PODS);
     }
-    programs(options.cni.unwrap_or_default())
-        .map_err(|lacks| anyhow!("node needs {lacks}"))
+    programs(options.cni.unwrap_or_default()).map_err(|lacks| anyhow!("node needs {lacks}"))
 }
 
 /// The programs and files the lab uses, and the Debian packages that have them.
@@ -516,7 +517,9 @@ async fn sandbox_network(
     let pod = pods
         .iter()
         .find(|p| p.sandbox == sandbox)
-        .with_context(|| format!("pod sandbox {sandbox} is not ready or has no network namespace"))?;
+        .with_context(|| {
+            format!("pod sandbox {sandbox} is not ready or has no network namespace")
+        })?;
     let netns = Path::new(&pod.netns)
         .file_name()
         .and_then(|n| n.to_str())
@@ -527,7 +530,11 @@ async fn sandbox_network(
     Ok((netns.to_string(), ip))
 }
 
-async fn start_echo(client: &mut cri::Client, sandbox: &str, config: PodSandboxConfig) -> Result<()> {
+async fn start_echo(
+    client: &mut cri::Client,
+    sandbox: &str,
+    config: PodSandboxConfig,
+) -> Result<()> {
     let container = ContainerConfig {
         metadata: Some(ContainerMetadata {
             name: "echo".to_string(),
@@ -561,7 +568,11 @@ async fn start_echo(client: &mut cri::Client, sandbox: &str, config: PodSandboxC
 /// `lab pod add`: a pod more in node lab `name`, which is up; its state is updated.
 pub async fn pod_add(name: &str, pod: &str, namespace: &str) -> Result<NodePod> {
     let (lab, mut node) = node_lab(name)?;
-    if node.pods.iter().any(|p| p.name == pod && p.namespace == namespace) {
+    if node
+        .pods
+        .iter()
+        .any(|p| p.name == pod && p.namespace == namespace)
+    {
         bail!("lab {name} already has pod {namespace}/{pod}");
     }
     let mut client = client(&node.socket).await?;
@@ -658,7 +669,11 @@ pub(super) fn remove(name: &str) -> Result<()> {
         }
     }
     result = result.and(remove_cgroups());
-    let sandboxes: Vec<String> = record.iter().flat_map(|n| &n.pods).map(|p| p.sandbox.clone()).collect();
+    let sandboxes: Vec<String> = record
+        .iter()
+        .flat_map(|n| &n.pods)
+        .map(|p| p.sandbox.clone())
+        .collect();
     result = result.and(remove_cni_files(&sandboxes));
     for device in [BRIDGE, MACVLAN_PARENT] {
         if Path::new("/sys/class/net").join(device).exists() {
@@ -774,7 +789,10 @@ fn kill_all(pids: &[u32], what: &str) -> Result<()> {
     }
     let deadline = Instant::now() + STOP_TIMEOUT;
     while Instant::now() < deadline {
-        if pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+        if pids
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+        {
             return Ok(());
         }
         pids.iter().for_each(|&p| reap(Pid::from_raw(p as i32)));
@@ -814,7 +832,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn remove_cgroups() -> Result<()> {
     for dir in cgroup_dirs() {
-        std::fs::remove_dir(&dir).with_context(|| format!("cannot remove cgroup {}", dir.display()))?;
+        std::fs::remove_dir(&dir)
+            .with_context(|| format!("cannot remove cgroup {}", dir.display()))?;
     }
     Ok(())
 }
@@ -842,7 +861,7 @@ fn remove_cni_files(sandboxes: &[String]) -> Result<()> {
         std::fs::remove_dir_all(&networks)
             .with_context(|| format!("cannot remove {}", networks.display()))?;
     }
-    for file in cni_result_files(&sandboxes) {
+    for file in cni_result_files(sandboxes) {
         std::fs::remove_file(&file).with_context(|| format!("cannot remove {}", file.display()))?;
     }
     Ok(())
@@ -890,7 +909,8 @@ fn images() -> Result<(PathBuf, PathBuf)> {
     if pause.exists() && echo.exists() {
         return Ok((pause, echo));
     }
-    std::fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
+    std::fs::create_dir_all(&cache)
+        .with_context(|| format!("cannot create {}", cache.display()))?;
     let work = cache.join(format!("build-{}", std::process::id()));
     let built = build_images(&work, &pause, &echo);
     let _ = std::fs::remove_dir_all(&work);
@@ -950,7 +970,10 @@ fn oci_archive(work: &Path, rootfs: &Path, image: &str, cmd: &[&str], dest: &Pat
                        "annotations": {"io.containerd.image.name": image}}],
     });
     std::fs::write(layout.join("index.json"), index.to_string())?;
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
     let tmp = dest.with_extension("tar.tmp");
     run(Command::new("tar")
         .arg("-C")
@@ -968,7 +991,11 @@ fn blob(blobs: &Path, data: &[u8]) -> Result<(String, usize)> {
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot run sha256sum")?;
-    child.stdin.take().context("sha256sum's stdin")?.write_all(data)?;
+    child
+        .stdin
+        .take()
+        .context("sha256sum's stdin")?
+        .write_all(data)?;
     let out = child.wait_with_output()?;
     let hex = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
@@ -1005,7 +1032,9 @@ mod tests {
             assert_eq!(v["name"], NETWORK);
             let plugin = &v["plugins"][0];
             assert_eq!(plugin["type"], cni.name());
-            let subnet = plugin["ipam"]["ranges"][0][0]["subnet"].as_str().expect("subnet");
+            let subnet = plugin["ipam"]["ranges"][0][0]["subnet"]
+                .as_str()
+                .expect("subnet");
             assert!(subnet.starts_with("198.18."), "{subnet}");
         }
         assert!(cni_config(Cni::Bridge).contains(BRIDGE));

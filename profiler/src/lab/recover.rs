@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::{
-    down, dpdk, lab_name, nested, netns, nl::Nl, node, ovs, owner::Lock, setup::TEMP_PREFIX,
-    state, Placement, Topology,
+    down, dpdk, lab_name, nested, netns, nl::Nl, node, ovs, owner::Lock, setup::TEMP_PREFIX, state,
+    Placement, Topology,
 };
 
 /// What `down_all` did.
