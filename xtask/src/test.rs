@@ -17,10 +17,10 @@ const DPDK_PREFIX: &str = "--file-prefix=profiler-";
 const DPDK_RUNTIME: &str = "/var/run/dpdk";
 /// The node lab's (profiler's lab/node.rs): its containerd's directories, whose socket its
 /// containerd and shims name in their command lines; its CNI network's cache and address
-/// files; its bridge and macvlan parent.
+/// files; its bridge and macvlan parent (a veth pair).
 const NODE_DIR: &str = "/run/profiler/node/";
 const NODE_NETWORK: &str = "prof-node";
-const NODE_DEVICES: [&str; 2] = ["prof-cni0", "prof-node-mv0"];
+const NODE_DEVICES: [&str; 3] = ["prof-cni0", "prof-node-mv0", "prof-node-mv1"];
 /// Prefix of the network namespaces the labs and tests create.
 const NETNS_PREFIX: &str = "prof-";
 /// What the profiler keeps under /run/profiler while a lab is up or a command uses one: lab

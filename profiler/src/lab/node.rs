@@ -39,9 +39,11 @@ pub const RUN_DIR: &str = "/run/profiler/node";
 pub const NETWORK: &str = "prof-node";
 /// The Kubernetes namespace of the lab's pods unless told otherwise.
 pub const POD_NAMESPACE: &str = "prof-node";
-/// The bridge of `--cni bridge`, and the dummy parent of `--cni macvlan`'s pods.
+/// The bridge of `--cni bridge`, and the parent of `--cni macvlan`'s pods: one end of a veth
+/// pair (this kernel has no dummy devices), whose other end is MACVLAN_PARENT_PEER.
 pub const BRIDGE: &str = "prof-cni0";
 pub const MACVLAN_PARENT: &str = "prof-node-mv0";
+const MACVLAN_PARENT_PEER: &str = "prof-node-mv1";
 /// The cgroup (in every hierarchy) under which containerd puts the pods.
 pub const CGROUP_PARENT: &str = "prof-node-pods";
 /// The port on which every pod's echo server answers UDP and TCP.
@@ -58,6 +60,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// StopPodSandbox runs CNI DEL and waits for the pod's processes: more than a query.
 const CRI_TIMEOUT: Duration = Duration::from_secs(20);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+const SETTLE_STEP: Duration = Duration::from_millis(150);
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 const CNI_RESULTS: &str = "/var/lib/cni/results";
 const CNI_NETWORKS: &str = "/var/lib/cni/networks";
@@ -72,7 +76,7 @@ pub enum Cni {
     Bridge,
     /// A veth per pod routed by the host (no bridge), as Calico does.
     Ptp,
-    /// Pods on macvlan children (mode bridge) of the lab's dummy device prof-node-mv0.
+    /// Pods on macvlan children (mode bridge) of the lab's device prof-node-mv0.
     Macvlan,
 }
 
@@ -250,8 +254,11 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
     std::fs::create_dir_all(netns::NETNS_DIR)?;
     netns::make_dir_shared()?;
     if cni == Cni::Macvlan {
-        ip(&format!("link add {MACVLAN_PARENT} type dummy"))?;
+        ip(&format!(
+            "link add {MACVLAN_PARENT} type veth peer name {MACVLAN_PARENT_PEER}"
+        ))?;
         ip(&format!("link set {MACVLAN_PARENT} up"))?;
+        ip(&format!("link set {MACVLAN_PARENT_PEER} up"))?;
     }
     std::fs::write(dir.join("cni/10-prof-node.conflist"), cni_config(cni))?;
     std::fs::write(dir.join("config.toml"), containerd_config(&dir))?;
@@ -661,11 +668,11 @@ pub(super) fn remove(name: &str) -> Result<()> {
     result = result.and(kill_shims(&dir));
     result = result.and(kill_cgroup_processes());
     result = result.and(unmount_under(&dir));
-    if let Some(node) = &record {
-        for pod in &node.pods {
-            if netns::exists(&pod.netns) {
-                result = result.and(netns::delete(&pod.netns));
-            }
+    // Recorded pods', and those whose CNI ADD was done when containerd died.
+    let recorded = record.iter().flat_map(|n| &n.pods).map(|p| p.netns.clone());
+    for ns in recorded.chain(cached_namespaces()) {
+        if netns::exists(&ns) {
+            result = result.and(netns::delete(&ns));
         }
     }
     result = result.and(remove_cgroups());
@@ -708,19 +715,41 @@ fn in_runtime(fut: impl std::future::Future<Output = Result<()>> + Send + 'stati
 }
 
 /// Every sandbox of the lab's own containerd is the lab's: also one made but not yet recorded.
+/// A RunPodSandbox cut short by a signal goes on in containerd: its sandbox is listed once it
+/// is made, its namespace removed if it fails. So sandboxes are removed until none is listed
+/// and no cni-* namespace came or went for a while.
 async fn stop_all_pods(socket: PathBuf) -> Result<()> {
     let mut client = client(&socket).await?;
-    let items = client
-        .list_pod_sandbox(ListPodSandboxRequest { filter: None })
-        .await
-        .map_err(|s| anyhow!("CRI ListPodSandbox: {}", s.message()))?
-        .into_inner()
-        .items;
-    let mut result = Ok(());
-    for sandbox in items {
-        result = result.and(remove_sandbox(&mut client, &sandbox.id).await);
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let (mut quiet, mut result) = (0, Ok(()));
+    while quiet < 2 && Instant::now() < deadline {
+        let namespaces = cni_namespaces();
+        let items = client
+            .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+            .await
+            .map_err(|s| anyhow!("CRI ListPodSandbox: {}", s.message()))?
+            .into_inner()
+            .items;
+        for sandbox in &items {
+            result = result.and(remove_sandbox(&mut client, &sandbox.id).await);
+        }
+        tokio::time::sleep(SETTLE_STEP).await;
+        let settled = items.is_empty() && cni_namespaces() == namespaces;
+        quiet = if settled { quiet + 1 } else { 0 };
     }
     result
+}
+
+fn cni_namespaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(netns::NETNS_DIR)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("cni-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 fn stop_containerd(node: &Node) -> Result<()> {
@@ -888,6 +917,24 @@ fn cni_result_files(sandboxes: &[String]) -> Vec<PathBuf> {
         })
         .map(|n| Path::new(CNI_RESULTS).join(n))
         .collect()
+}
+
+/// The pods' namespaces named in the CNI cache files of the lab's network (the result's
+/// interface with a "sandbox", /var/run/netns/cni-*).
+fn cached_namespaces() -> Vec<String> {
+    let names = cni_result_files(&[]).into_iter().filter_map(|file| {
+        let cache: serde_json::Value = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+        let interfaces = cache.pointer("/result/interfaces")?.as_array()?.clone();
+        interfaces.iter().find_map(|i| {
+            let path = Path::new(i.get("sandbox")?.as_str()?);
+            let name = path.file_name()?.to_str()?;
+            let in_netns_dir = path.parent().is_some_and(|d| {
+                d == Path::new(netns::NETNS_DIR) || d == Path::new("/var/run/netns")
+            });
+            (in_netns_dir && name.starts_with("cni-")).then(|| name.to_string())
+        })
+    });
+    names.collect()
 }
 
 /// The sandbox of a cache file of the lab's network, "prof-node-SANDBOX-eth0".
