@@ -229,6 +229,31 @@ enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add or remove a pod of a node lab that is up (through CRI, as kubelet does).
+    Pod {
+        #[command(subcommand)]
+        command: PodCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodCommand {
+    /// Create pod NAME (sandbox and echo container); prints its netns and IP.
+    Add {
+        /// The node lab ("node").
+        lab: String,
+        name: String,
+        /// Its Kubernetes namespace.
+        #[arg(long, default_value = lab::node::POD_NAMESPACE)]
+        namespace: String,
+    },
+    /// Stop and remove pod NAME.
+    Rm {
+        lab: String,
+        name: String,
+        #[arg(long, default_value = lab::node::POD_NAMESPACE)]
+        namespace: String,
+    },
 }
 
 #[derive(Parser)]
@@ -271,6 +296,9 @@ struct LabOpts {
     /// SERIES`) or the path of a kernel image (default: the newest provisioned).
     #[arg(long, value_name = "6.1|6.12|PATH")]
     guest_kernel: Option<String>,
+    /// The node lab: the CNI plugin that wires its pods (default bridge).
+    #[arg(long, value_enum)]
+    cni: Option<lab::node::Cni>,
 }
 
 impl LabOpts {
@@ -285,6 +313,7 @@ impl LabOpts {
             inner: self.inner,
             outer: self.outer,
             guest_kernel: self.guest_kernel.clone(),
+            cni: self.cni,
         }
     }
 }
@@ -545,6 +574,7 @@ async fn lab_command(command: LabCommand) -> Result<ExitCode> {
             lab::down(&name).await?;
             println!("lab {name} is down");
         }
+        LabCommand::Pod { command } => pod_command(command).await?,
         LabCommand::List { json } => {
             let labs = lab::list()?;
             if json {
@@ -555,6 +585,30 @@ async fn lab_command(command: LabCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn pod_command(command: PodCommand) -> Result<()> {
+    match command {
+        PodCommand::Add {
+            lab,
+            name,
+            namespace,
+        } => {
+            let _lock = Lock::acquire(&lab)?;
+            let pod = interruptible(lab::node::pod_add(&lab, &name, &namespace)).await?;
+            println!("pod {namespace}/{name}: netns {} ip {}", pod.netns, pod.ip);
+        }
+        PodCommand::Rm {
+            lab,
+            name,
+            namespace,
+        } => {
+            let _lock = Lock::acquire(&lab)?;
+            let pod = lab::node::pod_rm(&lab, &name, &namespace).await?;
+            println!("pod {namespace}/{name} removed (netns {})", pod.netns);
+        }
+    }
+    Ok(())
 }
 
 /// `lab down --all`: says what it removed, what it left because a live command uses it, and
@@ -650,6 +704,20 @@ fn print_labs(labs: &[lab::Lab]) {
                 g.socket.display(),
                 lab::nested::AGENT_TCP_PORT
             );
+        }
+        if let Some(node) = &lab.node {
+            println!(
+                "  containerd pid {}, CRI socket {}, CNI {:?}",
+                node.containerd,
+                node.socket.display(),
+                node.cni
+            );
+            for p in &node.pods {
+                println!(
+                    "  pod {}/{}: netns {} ip {} sandbox {}",
+                    p.namespace, p.name, p.netns, p.ip, p.sandbox
+                );
+            }
         }
         for i in &lab.interfaces {
             let mut extra = format!(" mtu {}", i.mtu);

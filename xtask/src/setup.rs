@@ -61,10 +61,24 @@ pub fn debian_package(pkg: &str) -> Result<()> {
 pub const DPDK_PACKAGE: &str = "dpdk-dev";
 
 /// What the tests need besides the build's packages: dpdk-testpmd for tests/dpdk.rs, iperf3
-/// (the stream tests' reference, and the workload of `attach -- COMMAND`'s test) and chromium
-/// (the bench test loads bench's HTML page in it, headless).
+/// (the stream tests' reference, and the workload of `attach -- COMMAND`'s test), chromium
+/// (the bench test loads bench's HTML page in it, headless), and the node lab's runtime
+/// (tests/node.rs): containerd, runc, the CNI plugins, busybox-static (its images), gcc and
+/// libc6-dev (its static echo server) and iptables (what CNI plugins may use).
 pub fn test_packages() -> Result<()> {
-    for pkg in [DPDK_PACKAGE, "iperf3", "chromium"] {
+    const NODE_PACKAGES: [&str; 7] = [
+        "containerd",
+        "runc",
+        "containernetworking-plugins",
+        "busybox-static",
+        "gcc",
+        "libc6-dev",
+        "iptables",
+    ];
+    for pkg in [DPDK_PACKAGE, "iperf3", "chromium"]
+        .into_iter()
+        .chain(NODE_PACKAGES)
+    {
         debian_package(pkg)?;
     }
     Ok(())
@@ -81,7 +95,9 @@ fn debian_packages() -> Result<()> {
         missing.push("bpftool");
     }
     if missing.is_empty() {
-        step("Debian packages iproute2, bpftool, iputils-ping, protobuf-compiler: already installed");
+        step(
+            "Debian packages iproute2, bpftool, iputils-ping, protobuf-compiler: already installed",
+        );
         return Ok(());
     }
     step(format_args!(

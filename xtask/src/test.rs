@@ -15,13 +15,20 @@ const PROG_PREFIXES: [&str; 13] = [
 /// and its DPDK runtime directory carry it.
 const DPDK_PREFIX: &str = "--file-prefix=profiler-";
 const DPDK_RUNTIME: &str = "/var/run/dpdk";
+/// The node lab's (profiler's lab/node.rs): its containerd's directories, whose socket its
+/// containerd and shims name in their command lines; its CNI network's cache and address
+/// files; its bridge and macvlan parent (a veth pair).
+const NODE_DIR: &str = "/run/profiler/node/";
+const NODE_NETWORK: &str = "prof-node";
+const NODE_DEVICES: [&str; 3] = ["prof-cni0", "prof-node-mv0", "prof-node-mv1"];
 /// Prefix of the network namespaces the labs and tests create.
 const NETNS_PREFIX: &str = "prof-";
 /// What the profiler keeps under /run/profiler while a lab is up or a command uses one: lab
 /// state files, OVS daemons' and testpmd's directories, lock files, tc filters recorded
 /// before tcx.
-const RUN_DIRS: [&str; 6] = [
+const RUN_DIRS: [&str; 7] = [
     "/run/profiler/vm",
+    "/run/profiler/node",
     "/run/profiler/labs",
     "/run/profiler/ovs",
     "/run/profiler/dpdk",
@@ -161,19 +168,55 @@ fn leak_check(whose: &str) -> Result<()> {
             ));
         }
     }
+    leaks.extend(node_leaks(&links));
     for name in entries(DPDK_RUNTIME) {
         if name.starts_with(&DPDK_PREFIX["--file-prefix=".len()..]) {
             leaks.push(format!("DPDK runtime directory {DPDK_RUNTIME}/{name}"));
         }
     }
     if leaks.is_empty() {
-        println!("nothing left: no lab namespaces, state, OVS daemons, testpmd, lock files, BPF programs, temporary devices, clsact qdiscs or QEMU processes");
+        println!("nothing left: no lab namespaces, state, OVS daemons, testpmd, node lab containerd or CNI files, lock files, BPF programs, temporary devices, clsact qdiscs or QEMU processes");
         return Ok(());
     }
     for leak in &leaks {
         eprintln!("leak: {leak}");
     }
     bail!("{} leftover(s) {whose}", leaks.len())
+}
+
+/// What the node lab could leave: its containerd and shims, CNI cache and address files, devices.
+fn node_leaks(ip_o_link: &str) -> Vec<String> {
+    let mut leaks = Vec::new();
+    for (pid, name) in processes() {
+        if cmdline(pid).iter().any(|a| a.contains(NODE_DIR)) {
+            leaks.push(format!(
+                "process {pid} ({name}, the node lab's; profiler lab down --all)"
+            ));
+        }
+    }
+    for name in entries("/var/lib/cni/results") {
+        if name.starts_with(&format!("{NODE_NETWORK}-")) {
+            leaks.push(format!("CNI cache file /var/lib/cni/results/{name}"));
+        }
+    }
+    if std::path::Path::new("/var/lib/cni/networks")
+        .join(NODE_NETWORK)
+        .exists()
+    {
+        leaks.push(format!(
+            "CNI addresses /var/lib/cni/networks/{NODE_NETWORK}"
+        ));
+    }
+    let devices = ip_o_link
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name));
+    for name in devices.filter(|n| NODE_DEVICES.contains(n)) {
+        leaks.push(format!(
+            "device {name}, the node lab's (profiler lab down --all)"
+        ));
+    }
+    leaks
 }
 
 /// The names in `dir` (none if it does not exist).

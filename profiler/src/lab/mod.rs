@@ -15,6 +15,7 @@ pub mod dpdk;
 pub mod nested;
 pub mod netns;
 mod nl;
+pub mod node;
 mod ovs;
 pub mod owner;
 pub mod recover;
@@ -64,10 +65,13 @@ pub enum Topology {
     Bmp2vmp,
     /// Nested: a pod in each of two QEMU guests (--inner, --outer, --placement).
     Vmp2vmp,
+    /// A Kubernetes-like node: pods made through CRI by a containerd of the lab's own, wired
+    /// by the CNI plugins (--cni).
+    Node,
 }
 
 impl Topology {
-    pub const ALL: [Topology; 16] = [
+    pub const ALL: [Topology; 17] = [
         Topology::Veth,
         Topology::Bridge,
         Topology::Host,
@@ -84,6 +88,7 @@ impl Topology {
         Topology::Sriov,
         Topology::Bmp2vmp,
         Topology::Vmp2vmp,
+        Topology::Node,
     ];
 
     /// The topology's name (the lab's name when same-host).
@@ -105,6 +110,7 @@ impl Topology {
             Topology::Sriov => "sriov",
             Topology::Bmp2vmp => "bmp2vmp",
             Topology::Vmp2vmp => "vmp2vmp",
+            Topology::Node => "node",
         }
     }
 
@@ -196,6 +202,8 @@ pub struct LabOptions {
     pub inner: Option<nested::Inner>,
     pub outer: Option<nested::Outer>,
     pub guest_kernel: Option<String>,
+    /// The node lab: the CNI plugin that wires its pods (None: bridge).
+    pub cni: Option<node::Cni>,
 }
 
 const CROSS_HOST_SUFFIX: &str = "-xhost";
@@ -203,7 +211,10 @@ const CROSS_HOST_SUFFIX: &str = "-xhost";
 impl Topology {
     /// The placement used when none is given: same-host where the topology has it.
     pub fn default_placement(self) -> Placement {
-        if self.nested() || spec::Spec::of(self, Placement::SameHost, None).is_ok() {
+        if self.nested()
+            || self == Topology::Node
+            || spec::Spec::of(self, Placement::SameHost, None).is_ok()
+        {
             Placement::SameHost
         } else {
             Placement::CrossHost
@@ -266,6 +277,9 @@ pub struct Lab {
     /// Nested labs: the QEMU guests it runs, stopped by their process groups.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guests: Vec<nested::Guest>,
+    /// The node lab: its containerd, CNI plugin and pods, as made through CRI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<node::Node>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -329,6 +343,12 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
         bail!("--mtu must be between 576 and 9000");
     }
+    if topology == Topology::Node {
+        return node::check(options);
+    }
+    if options.cni.is_some() {
+        bail!("--cni is for the node lab");
+    }
     if topology.nested() {
         return nested::check(topology, options);
     }
@@ -359,6 +379,9 @@ pub async fn up_owned(topology: Topology, options: &LabOptions, owner: Owner) ->
 
 async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -> Result<Lab> {
     check(topology, options)?;
+    if topology == Topology::Node {
+        return build_node(options, owner).await;
+    }
     if topology.nested() {
         let name = lab_name(topology, options.placement);
         if state::path(&name).exists() || nested::leftovers(&name) {
@@ -394,8 +417,26 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
     Ok(lab)
 }
 
+/// The node lab: its parts are recorded in its directory as they are made.
+async fn build_node(options: &LabOptions, owner: Option<Owner>) -> Result<Lab> {
+    let name = lab_name(Topology::Node, Placement::SameHost);
+    if state::path(&name).exists() || node::leftovers(&name) {
+        bail!("lab {name} is already up (profiler lab down {name})");
+    }
+    let lab = node::build(&name, options).await?;
+    let lab = Lab { owner, ..lab };
+    if let Err(e) = state::save(&lab) {
+        let _ = node::remove(&name);
+        return Err(e);
+    }
+    Ok(lab)
+}
+
 /// Whether any part of lab `name` exists without its state file (a build that was killed).
 pub fn has_parts(name: &str) -> bool {
+    if parse_lab_name(name) == Some((Topology::Node, Placement::SameHost)) {
+        return node::leftovers(name);
+    }
     if parse_lab_name(name).is_some_and(|(t, _)| t.nested()) {
         return nested::leftovers(name);
     }
@@ -427,6 +468,12 @@ fn leftovers(name: &str, spec: &spec::Spec) -> bool {
 /// Stops the lab's OVS daemons and userspace datapath, removes its namespaces (and with them its devices) and its
 /// state file. Works on whatever part of a lab exists, e.g. after a crash.
 pub async fn down(name: &str) -> Result<()> {
+    if parse_lab_name(name) == Some((Topology::Node, Placement::SameHost)) {
+        if !state::path(name).exists() && !node::leftovers(name) {
+            bail!("no lab named {name} is up");
+        }
+        return node::remove(name).and(state::remove(name));
+    }
     if parse_lab_name(name).is_some_and(|(t, _)| t.nested()) {
         if !state::path(name).exists() && !nested::leftovers(name) {
             bail!("no lab named {name} is up");
@@ -521,6 +568,7 @@ mod tests {
             owner: None,
             forwarder: None,
             guests: Vec::new(),
+            node: None,
         }
     }
 

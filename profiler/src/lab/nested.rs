@@ -440,6 +440,7 @@ async fn assemble(
         owner: None,
         forwarder: None,
         guests,
+        node: None,
     })
 }
 

@@ -122,7 +122,7 @@ fn path_of(name: &str) -> Result<PathBuf> {
 
 /// Makes NETNS_DIR a shared mount point, as iproute2 does, so namespace mounts made later
 /// propagate to other mount namespaces (e.g. one that `ip netns exec` creates).
-fn make_dir_shared() -> Result<()> {
+pub(super) fn make_dir_shared() -> Result<()> {
     let shared = || {
         mount(
             None::<&str>,

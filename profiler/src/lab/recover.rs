@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::{
-    down, dpdk, lab_name, nested, netns, nl::Nl, ovs, owner::Lock, setup::TEMP_PREFIX, state,
+    down, dpdk, lab_name, nested, netns, nl::Nl, node, ovs, owner::Lock, setup::TEMP_PREFIX, state,
     Placement, Topology,
 };
 
@@ -38,6 +38,7 @@ pub async fn down_all() -> Result<Recovery> {
     leftover_ovs(&mut r)?;
     leftover_dpdk(&mut r)?;
     leftover_guests(&mut r)?;
+    leftover_node(&mut r)?;
     leftover_namespaces(&mut r)?;
     leftover_devices(&mut r).await;
     stale_locks(&mut r)?;
@@ -126,6 +127,24 @@ fn leftover_guests(r: &mut Recovery) -> Result<()> {
                 nested::RUN_DIR
             )),
             Err(e) => r.failed.push(format!("{}/{dir}: {e:#}", nested::RUN_DIR)),
+        }
+    }
+    Ok(())
+}
+
+/// Node labs without state (a build that was killed): their record says what they made.
+fn leftover_node(r: &mut Recovery) -> Result<()> {
+    for name in entries(Path::new(node::RUN_DIR))? {
+        if let Some(holder) = Lock::held(&name)? {
+            r.in_use.push(format!("lab {name}: in use by {holder}"));
+            continue;
+        }
+        match node::remove(&name) {
+            Ok(()) => r.removed.push(format!(
+                "node lab {name}: its pods, containerd and directory {}/{name}",
+                node::RUN_DIR
+            )),
+            Err(e) => r.failed.push(format!("{}/{name}: {e:#}", node::RUN_DIR)),
         }
     }
     Ok(())

@@ -507,6 +507,7 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
         owner: None,
         forwarder: None,
         guests: Vec::new(),
+        node: None,
     })
 }
 

@@ -378,6 +378,7 @@ impl Spec {
             (t @ (Topology::Bmp2vmp | Topology::Vmp2vmp), _) => {
                 bail!("{} is a nested lab (lab/nested.rs), not a spec", t.name())
             }
+            (Topology::Node, _) => bail!("node is a lab of its own kind (lab/node.rs), not a spec"),
             (Topology::OvsVxlan | Topology::OvsGre, SameHost) => bail!(
                 "{} same-host would not cross the tunnel port (it is ovs-vlan same-host); use --placement cross-host",
                 topology.name()

@@ -25,11 +25,17 @@ pub type Client = RuntimeServiceClient<Channel>;
 
 /// A client of the CRI runtime listening on the unix socket `socket`.
 pub async fn connect(socket: &Path) -> Result<Client> {
+    Ok(RuntimeServiceClient::new(channel(socket, TIMEOUT).await?))
+}
+
+/// A channel to the unix socket `socket` whose requests time out after `timeout` (for
+/// clients of other CRI services, or calls slower than a query).
+pub async fn channel(socket: &Path, timeout: Duration) -> Result<Channel> {
     let path = socket.to_path_buf();
     // The URI is unused: every connection goes to the socket.
-    let channel = Endpoint::from_static("http://[::1]")
+    Endpoint::from_static("http://[::1]")
         .connect_timeout(TIMEOUT)
-        .timeout(TIMEOUT)
+        .timeout(timeout)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
@@ -37,8 +43,7 @@ pub async fn connect(socket: &Path) -> Result<Client> {
             }
         }))
         .await
-        .with_context(|| format!("cannot connect to the CRI socket {}", socket.display()))?;
-    Ok(RuntimeServiceClient::new(channel))
+        .with_context(|| format!("cannot connect to the CRI socket {}", socket.display()))
 }
 
 /// The ready pod sandboxes.
