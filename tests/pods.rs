@@ -15,7 +15,7 @@ use std::{
 
 use common::{
     assert_clean,
-    attach::{report, started, tmp, udp_echo, Attach},
+    attach::{lab_info, report, started, tmp, udp_echo, Attach},
     lab_up, profiler,
     prometheus::{free_port, Prometheus},
     LabGuard, BIN,
@@ -53,14 +53,7 @@ fn node(pods: u32) -> Node {
 
 /// The node lab's CRI socket and pods, from `lab list --json`.
 fn read_node() -> (String, Vec<NodePod>) {
-    let out = profiler(&["lab", "list", "--json"]);
-    let labs: Value = serde_json::from_slice(&out.stdout).expect("lab list JSON");
-    let lab = labs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "node")
-        .unwrap_or_else(|| panic!("the node lab is not listed: {labs}"));
+    let lab = lab_info("node");
     let node = &lab["node"];
     let pods = node["pods"]
         .as_array()
@@ -70,31 +63,13 @@ fn read_node() -> (String, Vec<NodePod>) {
             let netns = p["netns"].as_str().unwrap().to_string();
             NodePod {
                 name: p["name"].as_str().unwrap().to_string(),
-                host_veth: host_veth(&netns),
+                host_veth: common::host_veth(&netns),
                 ip: p["ip"].as_str().unwrap().to_string(),
                 netns,
             }
         })
         .collect();
     (node["socket"].as_str().unwrap().to_string(), pods)
-}
-
-/// The host-side peer of eth0 in `netns`: the device whose ifindex eth0's iflink names.
-fn host_veth(netns: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "cat", "/sys/class/net/eth0/iflink"])
-        .output()
-        .expect("ip netns exec");
-    let index = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let links = Command::new("ip").args(["-o", "link"]).output().expect("ip link");
-    String::from_utf8_lossy(&links.stdout)
-        .lines()
-        .find_map(|l| {
-            let mut parts = l.split(": ");
-            (parts.next()? == index).then(|| parts.next())?
-        })
-        .map(|name| name.split('@').next().unwrap_or(name).to_string())
-        .unwrap_or_else(|| panic!("no device {index} here (eth0's peer in {netns})"))
 }
 
 /// `profiler delay` on a device of this namespace, until dropped (SIGINT, then waited for).

@@ -79,19 +79,22 @@ pub struct LabUp {
 
 pub fn lab_up(args: &[&str]) -> LabUp {
     let guard = super::lab_up(args);
-    let list = profiler(&["lab", "list", "--json"]);
-    let labs: Value = serde_json::from_slice(&list.stdout).expect("lab list JSON");
-    let lab = labs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == guard.0.as_str())
-        .cloned()
-        .unwrap_or_else(|| panic!("lab {} is not listed", guard.0));
     LabUp {
-        info: lab,
+        info: lab_info(&guard.0),
         _down: guard,
     }
+}
+
+/// Lab `name` as `profiler lab list --json` describes it now.
+pub fn lab_info(name: &str) -> Value {
+    let list = profiler(&["lab", "list", "--json"]);
+    let labs: Value = serde_json::from_slice(&list.stdout).expect("lab list JSON");
+    labs.as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("lab {name} is not listed: {labs}"))
 }
 
 /// The `profiler.attach.v1` report attach wrote, which lost no event.

@@ -280,3 +280,21 @@ pub const BRIDGE_REQUEST: &[(&str, Option<&str>)] = &[
     ("tc:ingress", Some("eth0")),
     ("app:recv", None),
 ];
+
+/// The host-side peer of eth0 in `netns`: the device whose ifindex eth0's iflink names.
+pub fn host_veth(netns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "cat", "/sys/class/net/eth0/iflink"])
+        .output()
+        .expect("ip netns exec");
+    let index = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let links = Command::new("ip").args(["-o", "link"]).output().expect("ip link");
+    String::from_utf8_lossy(&links.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.split(": ");
+            (parts.next()? == index).then(|| parts.next())?
+        })
+        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+        .unwrap_or_else(|| panic!("no device {index} here (eth0's peer in {netns})"))
+}
