@@ -54,6 +54,9 @@ fn runnable() -> bool {
 struct Before {
     ip_forward: String,
     netns: BTreeSet<String>,
+    /// Every containerd's shims' sockets and runc's default state, shared with the lab's.
+    shared: BTreeSet<String>,
+    run_containerd: bool,
 }
 
 impl Before {
@@ -61,8 +64,24 @@ impl Before {
         Before {
             ip_forward: std::fs::read_to_string(IP_FORWARD).expect("ip_forward"),
             netns: cni_namespaces(),
+            shared: shared_files(),
+            run_containerd: Path::new("/run/containerd").exists(),
         }
     }
+}
+
+fn shared_files() -> BTreeSet<String> {
+    ["/run/containerd/s", "/run/containerd/runc/k8s.io"]
+        .into_iter()
+        .flat_map(|dir| {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .filter_map(move |e| {
+                    Some(format!("{dir}/{}", e.ok()?.file_name().into_string().ok()?))
+                })
+        })
+        .collect()
 }
 
 /// Takes the lab down when the test ends, whatever happened (`lab down node` also removes a
@@ -214,6 +233,13 @@ fn assert_clean(before: &Before) {
         if path.exists() {
             leaks.push(format!("{}", path.display()));
         }
+    }
+    let shared: Vec<_> = shared_files().difference(&before.shared).cloned().collect();
+    if !shared.is_empty() {
+        leaks.push(format!("files {shared:?}"));
+    }
+    if !before.run_containerd && Path::new("/run/containerd").exists() {
+        leaks.push("/run/containerd, which the lab's containerd made".to_string());
     }
     let ip_forward = std::fs::read_to_string(IP_FORWARD).expect("ip_forward");
     if ip_forward != before.ip_forward {

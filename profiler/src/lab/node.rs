@@ -65,6 +65,9 @@ const SETTLE_STEP: Duration = Duration::from_millis(150);
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 const CNI_RESULTS: &str = "/var/lib/cni/results";
 const CNI_NETWORKS: &str = "/var/lib/cni/networks";
+/// Where every containerd 1.6's shims put their sockets, whatever its state directory:
+/// SHIM_DIR/sha256(ADDRESS/NAMESPACE/ID) in hex.
+const SHIM_DIR: &str = "/run/containerd/s";
 
 /// The CNI plugin that wires the pods.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -111,6 +114,10 @@ pub struct Node {
     pub dir: PathBuf,
     /// net.ipv4.ip_forward before the lab ("0" or "1"): the CNI plugins set it.
     pub ip_forward: String,
+    /// Whether the lab's containerd made SHIM_DIR's /run/containerd (no containerd had run
+    /// here): then the lab removes it once empty.
+    #[serde(default)]
+    pub made_run_containerd: bool,
     pub pods: Vec<NodePod>,
 }
 
@@ -246,6 +253,7 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
         socket: dir.join("containerd.sock"),
         dir: dir.clone(),
         ip_forward,
+        made_run_containerd: !Path::new("/run/containerd").exists(),
         pods: Vec::new(),
     };
     save_record(&node)?;
@@ -370,6 +378,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   sandbox_image = "{PAUSE_IMAGE}"
   # This process lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj otherwise.
   restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  # runc's state beside containerd's, not in /run/containerd/runc.
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+    Root = "{d}/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{d}/cni"
@@ -687,6 +700,9 @@ pub(super) fn remove(name: &str) -> Result<()> {
             result = result.and(ip(&format!("link del {device}")));
         }
     }
+    if record.as_ref().is_some_and(|n| n.made_run_containerd) {
+        remove_run_containerd();
+    }
     if let Some(node) = &record {
         result = result.and(
             std::fs::write(IP_FORWARD, &node.ip_forward)
@@ -792,11 +808,46 @@ pub fn processes_naming(needle: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Shims left by a containerd that died: they name its socket (-address) in their command line.
+/// Shims left by a containerd that died: they name its socket (-address) in their command
+/// line. Killed, they leave their sockets in SHIM_DIR, which go too.
 fn kill_shims(dir: &Path) -> Result<()> {
-    let socket = dir.join("containerd.sock");
-    let shims = processes_naming(&socket.to_string_lossy());
-    kill_all(&shims, "containerd-shim-runc-v2")
+    let socket = dir.join("containerd.sock").to_string_lossy().into_owned();
+    let shims = processes_naming(&socket);
+    let ids: Vec<String> = shims.iter().filter_map(|&pid| shim_id(pid)).collect();
+    kill_all(&shims, "containerd-shim-runc-v2")?;
+    for id in ids {
+        let hash = sha256_hex(format!("{socket}/{CTR_NAMESPACE}/{id}").as_bytes())?;
+        let path = Path::new(SHIM_DIR).join(hash);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The `-id` argument of shim `pid`.
+fn shim_id(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let at = args.iter().position(|a| a == "-id")?;
+    args.get(at + 1).cloned()
+}
+
+/// /run/containerd, if the lab's containerd made it, once nothing is left in it.
+fn remove_run_containerd() {
+    for dir in [
+        SHIM_DIR,
+        "/run/containerd/runc/k8s.io",
+        "/run/containerd/runc",
+        "/run/containerd",
+    ] {
+        // Not empty: another containerd uses it since.
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// The pods' processes (pause, echo) left by shims that died: they are in the lab's cgroup.
@@ -1033,6 +1084,12 @@ fn oci_archive(work: &Path, rootfs: &Path, image: &str, cmd: &[&str], dest: &Pat
 
 /// Stores `data` as a blob; its digest ("sha256:...") and size.
 fn blob(blobs: &Path, data: &[u8]) -> Result<(String, usize)> {
+    let hex = sha256_hex(data)?;
+    std::fs::write(blobs.join(&hex), data)?;
+    Ok((format!("sha256:{hex}"), data.len()))
+}
+
+fn sha256_hex(data: &[u8]) -> Result<String> {
     let mut child = Command::new("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -1050,8 +1107,7 @@ fn blob(blobs: &Path, data: &[u8]) -> Result<(String, usize)> {
         .filter(|h| h.len() == 64)
         .context("sha256sum gave no digest")?
         .to_string();
-    std::fs::write(blobs.join(&hex), data)?;
-    Ok((format!("sha256:{hex}"), data.len()))
+    Ok(hex)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
