@@ -227,11 +227,18 @@ fn assert_clean(before: &Before) {
         &state(),
         &Path::new("/sys/class/net").join(node::BRIDGE),
         &Path::new("/sys/class/net").join(node::MACVLAN_PARENT),
-        &Path::new("/sys/fs/cgroup/pids").join(node::CGROUP_PARENT),
-        &Path::new("/sys/fs/cgroup/memory").join(node::CGROUP_PARENT),
     ] {
         if path.exists() {
             leaks.push(format!("{}", path.display()));
+        }
+    }
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+        .expect("cgroups")
+        .flatten()
+    {
+        let cgroup = hierarchy.path().join(node::CGROUP_PARENT);
+        if cgroup.exists() {
+            leaks.push(format!("cgroup {}", cgroup.display()));
         }
     }
     let shared: Vec<_> = shared_files().difference(&before.shared).cloned().collect();
