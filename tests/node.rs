@@ -472,6 +472,9 @@ fn bad_input_is_refused_in_one_line() {
         &["lab", "up", "node", "--placement", "cross-host"],
         &["lab", "up", "bridge", "--cni", "ptp"],
         &["lab", "pod", "add", "node", "web"],
+        &["lab", "pod", "add", "node", "Web/1"],
+        &["lab", "pod", "add", "../bridge", "web"],
+        &["lab", "pod", "add", "node", "web", "--namespace", ""],
         &["lab", "pod", "rm", "node", "web"],
     ] {
         let out = profiler(args);

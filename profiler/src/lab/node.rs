@@ -585,8 +585,30 @@ async fn start_echo(
     Ok(())
 }
 
+/// Refuses what Kubernetes refuses: a pod name that is not a DNS-1123 subdomain, a namespace
+/// that is not a DNS-1123 label.
+pub fn check_names(pod: &str, namespace: &str) -> Result<()> {
+    let label = |s: &str| {
+        (1..=63).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    if pod.len() > 253 || !pod.split('.').all(label) {
+        bail!(
+            "pod name {pod:?} is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')"
+        );
+    }
+    if !label(namespace) {
+        bail!("namespace {namespace:?} is not a DNS-1123 label (lowercase letters, digits and '-', up to 63)");
+    }
+    Ok(())
+}
+
 /// `lab pod add`: a pod more in node lab `name`, which is up; its state is updated.
 pub async fn pod_add(name: &str, pod: &str, namespace: &str) -> Result<NodePod> {
+    check_names(pod, namespace)?;
     let (lab, mut node) = node_lab(name)?;
     if node
         .pods
@@ -1142,6 +1164,22 @@ mod tests {
         }
         assert!(cni_config(Cni::Bridge).contains(BRIDGE));
         assert!(cni_config(Cni::Macvlan).contains(MACVLAN_PARENT));
+    }
+
+    #[test]
+    fn names_are_checked_as_kubernetes_does() {
+        assert!(check_names("pod-0", "prof-node").is_ok());
+        assert!(check_names("web.v2", "shop").is_ok());
+        for (pod, ns) in [
+            ("", "a"),
+            ("a/b", "a"),
+            ("A", "a"),
+            ("-a", "a"),
+            ("a", ""),
+            ("a", "x.y"),
+        ] {
+            assert!(check_names(pod, ns).is_err(), "{pod:?} {ns:?}");
+        }
     }
 
     #[test]
