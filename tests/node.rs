@@ -484,3 +484,29 @@ fn bad_input_is_refused_in_one_line() {
     }
     assert!(!Path::new(LAB_DIR).exists(), "a refused up made nothing");
 }
+
+/// Another node lab's bridge (one in another mount namespace shares this network namespace):
+/// `lab up` refuses, and its undo does not remove what is not its own.
+#[test]
+fn another_node_labs_bridge_is_left_alone() {
+    let _serial = serial();
+    if !runnable() {
+        return;
+    }
+    common::ip(&["link", "add", node::BRIDGE, "type", "bridge"]);
+    let out = profiler(&["lab", "up", "node"]);
+    let bridge = Path::new("/sys/class/net").join(node::BRIDGE);
+    let kept = bridge.exists();
+    common::ip(&["link", "del", node::BRIDGE]);
+    assert!(
+        !out.status.success(),
+        "lab up beside another node lab's bridge"
+    );
+    assert!(
+        stderr(&out).contains("another node lab"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(kept, "the other lab's bridge was removed");
+    assert!(!Path::new(LAB_DIR).exists(), "a refused up made nothing");
+}

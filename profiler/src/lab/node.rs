@@ -235,6 +235,10 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
     let cni = options.cni.unwrap_or_default();
     let count = options.pods.unwrap_or(2);
     let (pause, echo) = images().context("building the node lab's images")?;
+    // Before anything is made, so that the undo never removes another's.
+    if let Some(other) = machine_wide_parts() {
+        bail!("{other} exists: another node lab is up on this machine (in another mount namespace?) or left it; `profiler lab down node` there");
+    }
     let dir = dir(name);
     let mut undo = Undo {
         name: Some(name.to_string()),
@@ -283,6 +287,19 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
     let lab = assemble(name, node).await?;
     undo.name = None;
     Ok(lab)
+}
+
+/// What every node lab makes outside its directory and /run/netns, shared by all mount
+/// namespaces: its devices and its pods' cgroup.
+fn machine_wide_parts() -> Option<String> {
+    let devices =
+        [BRIDGE, MACVLAN_PARENT, MACVLAN_PARENT_PEER].map(|d| Path::new("/sys/class/net").join(d));
+    let cgroups = cgroup_roots();
+    devices
+        .iter()
+        .chain(&cgroups)
+        .find(|p| p.exists())
+        .map(|p| p.display().to_string())
 }
 
 /// The lab as the rest of the profiler sees it: pod-0 the client, pod-1 the server.
@@ -903,18 +920,21 @@ fn kill_all(pids: &[u32], what: &str) -> Result<()> {
     bail!("{what}es {pids:?} did not exit")
 }
 
-/// The lab's cgroup directories in every hierarchy, deepest first.
-fn cgroup_dirs() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
-        return dirs;
-    };
+/// The lab's cgroup in every hierarchy (whether it exists or not).
+fn cgroup_roots() -> Vec<PathBuf> {
+    let hierarchies = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten();
     let mut roots: Vec<PathBuf> = hierarchies
         .filter_map(|e| e.ok().map(|e| e.path().join(CGROUP_PARENT)))
         .collect();
     // cgroup v2 alone: the hierarchy is /sys/fs/cgroup itself.
     roots.push(Path::new("/sys/fs/cgroup").join(CGROUP_PARENT));
-    for root in roots.into_iter().filter(|r| r.is_dir()) {
+    roots
+}
+
+/// The lab's cgroup directories in every hierarchy, deepest first.
+fn cgroup_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for root in cgroup_roots().into_iter().filter(|r| r.is_dir()) {
         walk(&root, &mut dirs);
     }
     dirs
