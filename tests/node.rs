@@ -54,6 +54,9 @@ fn runnable() -> bool {
 struct Before {
     ip_forward: String,
     netns: BTreeSet<String>,
+    /// Every containerd's shims' sockets and runc's default state, shared with the lab's.
+    shared: BTreeSet<String>,
+    run_containerd: bool,
 }
 
 impl Before {
@@ -61,8 +64,24 @@ impl Before {
         Before {
             ip_forward: std::fs::read_to_string(IP_FORWARD).expect("ip_forward"),
             netns: cni_namespaces(),
+            shared: shared_files(),
+            run_containerd: Path::new("/run/containerd").exists(),
         }
     }
+}
+
+fn shared_files() -> BTreeSet<String> {
+    ["/run/containerd/s", "/run/containerd/runc/k8s.io"]
+        .into_iter()
+        .flat_map(|dir| {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .filter_map(move |e| {
+                    Some(format!("{dir}/{}", e.ok()?.file_name().into_string().ok()?))
+                })
+        })
+        .collect()
 }
 
 /// Takes the lab down when the test ends, whatever happened (`lab down node` also removes a
@@ -208,12 +227,26 @@ fn assert_clean(before: &Before) {
         &state(),
         &Path::new("/sys/class/net").join(node::BRIDGE),
         &Path::new("/sys/class/net").join(node::MACVLAN_PARENT),
-        &Path::new("/sys/fs/cgroup/pids").join(node::CGROUP_PARENT),
-        &Path::new("/sys/fs/cgroup/memory").join(node::CGROUP_PARENT),
     ] {
         if path.exists() {
             leaks.push(format!("{}", path.display()));
         }
+    }
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+        .expect("cgroups")
+        .flatten()
+    {
+        let cgroup = hierarchy.path().join(node::CGROUP_PARENT);
+        if cgroup.exists() {
+            leaks.push(format!("cgroup {}", cgroup.display()));
+        }
+    }
+    let shared: Vec<_> = shared_files().difference(&before.shared).cloned().collect();
+    if !shared.is_empty() {
+        leaks.push(format!("files {shared:?}"));
+    }
+    if !before.run_containerd && Path::new("/run/containerd").exists() {
+        leaks.push("/run/containerd, which the lab's containerd made".to_string());
     }
     let ip_forward = std::fs::read_to_string(IP_FORWARD).expect("ip_forward");
     if ip_forward != before.ip_forward {
@@ -439,6 +472,9 @@ fn bad_input_is_refused_in_one_line() {
         &["lab", "up", "node", "--placement", "cross-host"],
         &["lab", "up", "bridge", "--cni", "ptp"],
         &["lab", "pod", "add", "node", "web"],
+        &["lab", "pod", "add", "node", "Web/1"],
+        &["lab", "pod", "add", "../bridge", "web"],
+        &["lab", "pod", "add", "node", "web", "--namespace", ""],
         &["lab", "pod", "rm", "node", "web"],
     ] {
         let out = profiler(args);
@@ -446,5 +482,31 @@ fn bad_input_is_refused_in_one_line() {
         assert!(!out.status.success(), "{args:?} was accepted");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
+    assert!(!Path::new(LAB_DIR).exists(), "a refused up made nothing");
+}
+
+/// Another node lab's bridge (one in another mount namespace shares this network namespace):
+/// `lab up` refuses, and its undo does not remove what is not its own.
+#[test]
+fn another_node_labs_bridge_is_left_alone() {
+    let _serial = serial();
+    if !runnable() {
+        return;
+    }
+    common::ip(&["link", "add", node::BRIDGE, "type", "bridge"]);
+    let out = profiler(&["lab", "up", "node"]);
+    let bridge = Path::new("/sys/class/net").join(node::BRIDGE);
+    let kept = bridge.exists();
+    common::ip(&["link", "del", node::BRIDGE]);
+    assert!(
+        !out.status.success(),
+        "lab up beside another node lab's bridge"
+    );
+    assert!(
+        stderr(&out).contains("another node lab"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(kept, "the other lab's bridge was removed");
     assert!(!Path::new(LAB_DIR).exists(), "a refused up made nothing");
 }

@@ -588,6 +588,11 @@ async fn lab_command(command: LabCommand) -> Result<ExitCode> {
 }
 
 async fn pod_command(command: PodCommand) -> Result<()> {
+    let (PodCommand::Add { lab, .. } | PodCommand::Rm { lab, .. }) = &command;
+    let node = lab::lab_name(Topology::Node, Placement::SameHost);
+    if *lab != node {
+        anyhow::bail!("lab {lab:?}: pods are added to and removed from the node lab ({node})");
+    }
     match command {
         PodCommand::Add {
             lab,

@@ -17,9 +17,10 @@ const DPDK_PREFIX: &str = "--file-prefix=profiler-";
 const DPDK_RUNTIME: &str = "/var/run/dpdk";
 /// The node lab's (profiler's lab/node.rs): its containerd's directories, whose socket its
 /// containerd and shims name in their command lines; its CNI network's cache and address
-/// files; its bridge and macvlan parent (a veth pair).
+/// files; its pods' cgroup; its bridge and macvlan parent (a veth pair).
 const NODE_DIR: &str = "/run/profiler/node/";
 const NODE_NETWORK: &str = "prof-node";
+const NODE_CGROUP: &str = "prof-node-pods";
 const NODE_DEVICES: [&str; 3] = ["prof-cni0", "prof-node-mv0", "prof-node-mv1"];
 /// Prefix of the network namespaces the labs and tests create.
 const NETNS_PREFIX: &str = "prof-";
@@ -206,6 +207,12 @@ fn node_leaks(ip_o_link: &str) -> Vec<String> {
         leaks.push(format!(
             "CNI addresses /var/lib/cni/networks/{NODE_NETWORK}"
         ));
+    }
+    for hierarchy in entries("/sys/fs/cgroup") {
+        let cgroup = format!("/sys/fs/cgroup/{hierarchy}/{NODE_CGROUP}");
+        if std::path::Path::new(&cgroup).exists() {
+            leaks.push(format!("cgroup {cgroup}, the node lab's pods'"));
+        }
     }
     let devices = ip_o_link
         .lines()

@@ -65,6 +65,9 @@ const SETTLE_STEP: Duration = Duration::from_millis(150);
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 const CNI_RESULTS: &str = "/var/lib/cni/results";
 const CNI_NETWORKS: &str = "/var/lib/cni/networks";
+/// Where every containerd 1.6's shims put their sockets, whatever its state directory:
+/// SHIM_DIR/sha256(ADDRESS/NAMESPACE/ID) in hex.
+const SHIM_DIR: &str = "/run/containerd/s";
 
 /// The CNI plugin that wires the pods.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -111,6 +114,10 @@ pub struct Node {
     pub dir: PathBuf,
     /// net.ipv4.ip_forward before the lab ("0" or "1"): the CNI plugins set it.
     pub ip_forward: String,
+    /// Whether the lab's containerd made SHIM_DIR's /run/containerd (no containerd had run
+    /// here): then the lab removes it once empty.
+    #[serde(default)]
+    pub made_run_containerd: bool,
     pub pods: Vec<NodePod>,
 }
 
@@ -228,6 +235,10 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
     let cni = options.cni.unwrap_or_default();
     let count = options.pods.unwrap_or(2);
     let (pause, echo) = images().context("building the node lab's images")?;
+    // Before anything is made, so that the undo never removes another's.
+    if let Some(other) = machine_wide_parts() {
+        bail!("{other} exists: another node lab is up on this machine (in another mount namespace?) or left it; `profiler lab down node` there");
+    }
     let dir = dir(name);
     let mut undo = Undo {
         name: Some(name.to_string()),
@@ -246,6 +257,7 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
         socket: dir.join("containerd.sock"),
         dir: dir.clone(),
         ip_forward,
+        made_run_containerd: !Path::new("/run/containerd").exists(),
         pods: Vec::new(),
     };
     save_record(&node)?;
@@ -275,6 +287,19 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
     let lab = assemble(name, node).await?;
     undo.name = None;
     Ok(lab)
+}
+
+/// What every node lab makes outside its directory and /run/netns, shared by all mount
+/// namespaces: its devices and its pods' cgroup.
+fn machine_wide_parts() -> Option<String> {
+    let devices =
+        [BRIDGE, MACVLAN_PARENT, MACVLAN_PARENT_PEER].map(|d| Path::new("/sys/class/net").join(d));
+    let cgroups = cgroup_roots();
+    devices
+        .iter()
+        .chain(&cgroups)
+        .find(|p| p.exists())
+        .map(|p| p.display().to_string())
 }
 
 /// The lab as the rest of the profiler sees it: pod-0 the client, pod-1 the server.
@@ -370,6 +395,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   sandbox_image = "{PAUSE_IMAGE}"
   # This process lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj otherwise.
   restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  # runc's state beside containerd's, not in runc's default root, shared by every containerd.
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+    Root = "{d}/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{d}/cni"
@@ -572,8 +602,30 @@ async fn start_echo(
     Ok(())
 }
 
+/// Refuses what Kubernetes refuses: a pod name that is not a DNS-1123 subdomain, a namespace
+/// that is not a DNS-1123 label.
+pub fn check_names(pod: &str, namespace: &str) -> Result<()> {
+    let label = |s: &str| {
+        (1..=63).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    if pod.len() > 253 || !pod.split('.').all(label) {
+        bail!(
+            "pod name {pod:?} is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')"
+        );
+    }
+    if !label(namespace) {
+        bail!("namespace {namespace:?} is not a DNS-1123 label (lowercase letters, digits and '-', up to 63)");
+    }
+    Ok(())
+}
+
 /// `lab pod add`: a pod more in node lab `name`, which is up; its state is updated.
 pub async fn pod_add(name: &str, pod: &str, namespace: &str) -> Result<NodePod> {
+    check_names(pod, namespace)?;
     let (lab, mut node) = node_lab(name)?;
     if node
         .pods
@@ -687,6 +739,9 @@ pub(super) fn remove(name: &str) -> Result<()> {
             result = result.and(ip(&format!("link del {device}")));
         }
     }
+    if record.as_ref().is_some_and(|n| n.made_run_containerd) {
+        remove_run_containerd();
+    }
     if let Some(node) = &record {
         result = result.and(
             std::fs::write(IP_FORWARD, &node.ip_forward)
@@ -792,11 +847,46 @@ pub fn processes_naming(needle: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Shims left by a containerd that died: they name its socket (-address) in their command line.
+/// Shims left by a containerd that died: they name its socket (-address) in their command
+/// line. Killed, they leave their sockets in SHIM_DIR, which go too.
 fn kill_shims(dir: &Path) -> Result<()> {
-    let socket = dir.join("containerd.sock");
-    let shims = processes_naming(&socket.to_string_lossy());
-    kill_all(&shims, "containerd-shim-runc-v2")
+    let socket = dir.join("containerd.sock").to_string_lossy().into_owned();
+    let shims = processes_naming(&socket);
+    let ids: Vec<String> = shims.iter().filter_map(|&pid| shim_id(pid)).collect();
+    kill_all(&shims, "containerd-shim-runc-v2")?;
+    for id in ids {
+        let hash = sha256_hex(format!("{socket}/{CTR_NAMESPACE}/{id}").as_bytes())?;
+        let path = Path::new(SHIM_DIR).join(hash);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The `-id` argument of shim `pid`.
+fn shim_id(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let at = args.iter().position(|a| a == "-id")?;
+    args.get(at + 1).cloned()
+}
+
+/// /run/containerd, if the lab's containerd made it, once nothing is left in it.
+fn remove_run_containerd() {
+    for dir in [
+        SHIM_DIR,
+        "/run/containerd/runc/k8s.io",
+        "/run/containerd/runc",
+        "/run/containerd",
+    ] {
+        // Not empty: another containerd uses it since.
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// The pods' processes (pause, echo) left by shims that died: they are in the lab's cgroup.
@@ -830,18 +920,21 @@ fn kill_all(pids: &[u32], what: &str) -> Result<()> {
     bail!("{what}es {pids:?} did not exit")
 }
 
-/// The lab's cgroup directories in every hierarchy, deepest first.
-fn cgroup_dirs() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
-        return dirs;
-    };
+/// The lab's cgroup in every hierarchy (whether it exists or not).
+fn cgroup_roots() -> Vec<PathBuf> {
+    let hierarchies = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten();
     let mut roots: Vec<PathBuf> = hierarchies
         .filter_map(|e| e.ok().map(|e| e.path().join(CGROUP_PARENT)))
         .collect();
     // cgroup v2 alone: the hierarchy is /sys/fs/cgroup itself.
     roots.push(Path::new("/sys/fs/cgroup").join(CGROUP_PARENT));
-    for root in roots.into_iter().filter(|r| r.is_dir()) {
+    roots
+}
+
+/// The lab's cgroup directories in every hierarchy, deepest first.
+fn cgroup_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for root in cgroup_roots().into_iter().filter(|r| r.is_dir()) {
         walk(&root, &mut dirs);
     }
     dirs
@@ -1033,6 +1126,12 @@ fn oci_archive(work: &Path, rootfs: &Path, image: &str, cmd: &[&str], dest: &Pat
 
 /// Stores `data` as a blob; its digest ("sha256:...") and size.
 fn blob(blobs: &Path, data: &[u8]) -> Result<(String, usize)> {
+    let hex = sha256_hex(data)?;
+    std::fs::write(blobs.join(&hex), data)?;
+    Ok((format!("sha256:{hex}"), data.len()))
+}
+
+fn sha256_hex(data: &[u8]) -> Result<String> {
     let mut child = Command::new("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -1050,8 +1149,7 @@ fn blob(blobs: &Path, data: &[u8]) -> Result<(String, usize)> {
         .filter(|h| h.len() == 64)
         .context("sha256sum gave no digest")?
         .to_string();
-    std::fs::write(blobs.join(&hex), data)?;
-    Ok((format!("sha256:{hex}"), data.len()))
+    Ok(hex)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -1089,10 +1187,27 @@ mod tests {
     }
 
     #[test]
+    fn names_are_checked_as_kubernetes_does() {
+        assert!(check_names("pod-0", "prof-node").is_ok());
+        assert!(check_names("web.v2", "shop").is_ok());
+        for (pod, ns) in [
+            ("", "a"),
+            ("a/b", "a"),
+            ("A", "a"),
+            ("-a", "a"),
+            ("a", ""),
+            ("a", "x.y"),
+        ] {
+            assert!(check_names(pod, ns).is_err(), "{pod:?} {ns:?}");
+        }
+    }
+
+    #[test]
     fn containerd_keeps_to_the_labs_directory() {
         let config = containerd_config(Path::new("/run/profiler/node/node"));
         assert!(config.contains("restrict_oom_score_adj = true"));
-        for line in config.lines().filter(|l| l.contains('/')) {
+        // Every path it is given.
+        for line in config.lines().filter(|l| l.contains("= \"/")) {
             assert!(
                 line.contains("/run/profiler/node/node") || line.contains("/usr/lib/cni"),
                 "{line}"
