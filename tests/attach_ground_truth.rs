@@ -371,7 +371,7 @@ fn injected_delay_lands_in_the_attach_segment_named_after_the_pod_on_a_node() {
     let qualified = format!("prof-node/{}", pod(1)["name"].as_str().unwrap());
     let socket = leak(info["node"]["socket"].as_str().unwrap().to_string());
     let point = Point {
-        netns: "/proc/1/ns/net",
+        netns: "/proc/self/ns/net",
         iface: b,
         direction: "egress",
         port: 0,

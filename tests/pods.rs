@@ -8,6 +8,8 @@ mod common;
 
 use std::{
     collections::BTreeSet,
+    net::UdpSocket,
+    sync::atomic::{AtomicBool, Ordering},
     io::{BufRead as _, BufReader},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -15,16 +17,18 @@ use std::{
 
 use common::{
     assert_clean,
-    attach::{lab_info, report, started, tmp, udp_echo, Attach},
+    attach::{lab_info, report, started, tmp, Attach},
     lab_up, profiler,
     prometheus::{free_port, Prometheus},
     LabGuard, BIN,
 };
+use profiler::lab::netns::run_in;
 use serde_json::Value;
 
 /// The node lab's Kubernetes namespace (profiler's lab/node.rs).
 const NAMESPACE: &str = "prof-node";
-const UDP_PORT: u16 = 7411;
+/// The node lab's pods echo UDP and TCP on this port (profiler's lab/node.rs).
+const ECHO_PORT: u16 = 7;
 
 /// A pod of the node lab, as `lab list --json` and the kernel describe it.
 struct NodePod {
@@ -72,8 +76,9 @@ fn read_node() -> (String, Vec<NodePod>) {
     (node["socket"].as_str().unwrap().to_string(), pods)
 }
 
-/// `profiler delay` on a device of this namespace, until dropped (SIGINT, then waited for).
-struct Delay(Child);
+/// `profiler delay` on a device of this namespace, until dropped (SIGINT, then waited for). Its
+/// stdout stays open: a closed pipe would end it at its next line.
+struct Delay(Child, BufReader<std::process::ChildStdout>);
 
 impl Delay {
     fn start(iface: &str, direction: &str, us: u64) -> Delay {
@@ -84,18 +89,18 @@ impl Delay {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("profiler delay");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("delay's first line");
+        out.read_line(&mut line).expect("delay's first line");
         assert!(line.starts_with("holding"), "profiler delay did not hold: {line}");
-        Delay(child)
+        Delay(child, out)
     }
 }
 
 impl Drop for Delay {
     fn drop(&mut self) {
         unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = std::io::Read::read_to_string(&mut self.1, &mut String::new());
         let _ = self.0.wait();
     }
 }
@@ -106,6 +111,11 @@ impl Drop for Delay {
 /// Grafana dashboard returns data.
 #[test]
 fn attach_names_pods_and_prometheus_queries_them_by_pod() {
+    let check = Command::new("promtool")
+        .args(["check", "rules", common::prometheus::RULES])
+        .output()
+        .expect("promtool");
+    assert!(check.status.success(), "promtool check rules: {}", String::from_utf8_lossy(&check.stderr));
     let node = node(2);
     let (a, b) = (&node.pods[0], &node.pods[1]);
     let port = free_port();
@@ -117,21 +127,18 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
         "--cri-socket",
         &node.socket,
         "--filter",
-        &format!("udp and port {UDP_PORT}"),
+        &format!("udp and port {ECHO_PORT}"),
         "--prometheus",
         &metrics,
-        "--mode",
-        "events",
         "--json",
         json.to_str().unwrap(),
     ]);
     let prometheus = Prometheus::start(metrics.parse().unwrap());
     // pod-b's host-side veth holds what the bridge forwards to it: the segment into pod-b.
     let delay = Delay::start(&b.host_veth, "egress", 150);
+    let done = AtomicBool::new(false);
     let traffic = std::thread::scope(|s| {
-        let t = s.spawn(|| {
-            udp_echo((&a.netns, &b.netns), &b.ip, UDP_PORT, 40_000, 64, Duration::from_millis(2))
-        });
+        let t = s.spawn(|| paced_udp(&a.netns, &b.ip, &done));
         let alert = format!(
             "ALERTS{{alertname=\"ProfilerSegmentSlow\", namespace=\"{NAMESPACE}\", pod=\"{}\"}}",
             b.name
@@ -147,22 +154,22 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
             .into_iter()
             .filter(|q| prometheus.query(q).is_empty())
             .collect::<Vec<_>>();
-        // The traffic ends on its own (bounded); the test only waits for it.
-        let rtts = t.join().expect("the UDP exchanges");
-        (alerts, empty, rtts)
+        done.store(true, Ordering::Relaxed);
+        let answered = t.join().expect("the UDP exchanges");
+        (alerts, empty, answered)
     });
     drop(delay);
-    let (alerts, empty, rtts) = traffic;
+    let (alerts, empty, answered) = traffic;
     assert!(empty.is_empty(), "dashboard queries without data: {empty:#?}\n{}", prometheus.log());
     assert!(
         alerts.iter().any(|a| a["metric"]["alertstate"] == "pending" || a["metric"]["alertstate"] == "firing"),
         "{alerts:?}"
     );
     drop(prometheus);
-    let (events, _) = attach.stop();
+    attach.stop();
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
-    assert!(started(&r) >= rtts.len() as u64, "{}", r["journeys"]);
+    assert!(started(&r) >= answered, "{} answered: {}", answered, r["journeys"]);
     let slowed = format!("[{NAMESPACE}/{}]", b.name);
     let into_b = r["segments"]
         .as_array()
@@ -176,7 +183,13 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
         "no segment named after {} holds the 150 us: {into_b:?}",
         b.name
     );
-    // Events lines carry the pods too.
+    // Events lines carry the pods too (stdout is read only at the end: a few lines).
+    let pods_arg = format!("{NAMESPACE}/pod-*");
+    let events = Attach::start(&[
+        "--pod", &pods_arg, "--cri-socket", &node.socket, "--filter", "icmp", "--mode", "events",
+    ]);
+    common::attach::ping(&a.netns, &b.ip, 5, "0.01");
+    let (events, _) = events.stop();
     let line = events.lines().next().expect("an events line");
     let journey: Value = serde_json::from_str(line).expect("an events line is JSON");
     let pods: BTreeSet<&str> = journey["hops"]
@@ -188,6 +201,27 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
     assert!(pods.contains(a.name.as_str()) && pods.contains(b.name.as_str()), "{line}");
     drop(node);
     assert_clean();
+}
+
+/// UDP requests from `netns` to the node lab's echo server at `server`, one every 2 ms, until
+/// `done` (or 120 s: bounded whatever happens); a request unanswered in 1 s is not retried.
+/// How many were answered.
+fn paced_udp(netns: &str, server: &str, done: &AtomicBool) -> u64 {
+    let to: std::net::SocketAddr = format!("{server}:{ECHO_PORT}").parse().unwrap();
+    let socket = run_in(Some(netns), || Ok(UdpSocket::bind("0.0.0.0:0")?)).expect("a UDP socket");
+    socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let (start, mut answered, mut buf) = (Instant::now(), 0, [0u8; 128]);
+    for i in 0u32.. {
+        if done.load(Ordering::Relaxed) || start.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        if let Some(wait) = (start + Duration::from_millis(2) * i).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        socket.send_to(&[0x55; 64], to).expect("sending a request");
+        answered += socket.recv(&mut buf).is_ok() as u64;
+    }
+    answered
 }
 
 /// Every PromQL query of deploy/grafana's dashboard, its variables set to match all.
@@ -218,7 +252,7 @@ fn dashboard_queries() -> Vec<String> {
 fn pods_that_come_and_go_are_each_counted_under_their_name() {
     const CHURN: usize = 20;
     const PINGS: u32 = 20;
-    let node = node(1);
+    let node = node(2);
     let server = &node.pods[0];
     let json = tmp("churn.json");
     let attach = Attach::start(&[
@@ -269,6 +303,7 @@ fn pods_that_come_and_go_are_each_counted_under_their_name() {
     }
     // Bounded: after the first pods, 20 pods more cost attach under 8 MiB (a retired pod keeps
     // a few named segments: hundreds of bytes each).
+    println!("attach's RSS (KiB) after each pod: {rss:?}");
     let grown = rss[CHURN - 1].saturating_sub(rss[2]);
     assert!(grown < 8 * 1024, "attach grew by {grown} KiB over {} pods: {rss:?}", CHURN - 3);
     drop(node);

@@ -85,7 +85,11 @@ impl Prometheus {
             if !r.is_empty() {
                 return r;
             }
-            assert!(Instant::now() < deadline, "{promql} returned nothing in {timeout:?}");
+            if Instant::now() > deadline {
+                let targets = http_get(self.addr, "/api/v1/targets").unwrap_or_default();
+                let rules = http_get(self.addr, "/api/v1/rules").unwrap_or_default();
+                panic!("{promql} returned nothing in {timeout:?}; targets: {targets}; rules: {rules}");
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
     }
