@@ -718,6 +718,7 @@ pub(super) fn remove(name: &str) -> Result<()> {
         result = result.and(stop_containerd(node));
     }
     result = result.and(kill_shims(&dir));
+    result = result.and(remove_shim_sockets(&dir));
     result = result.and(kill_cgroup_processes());
     result = result.and(unmount_under(&dir));
     // Recorded pods', and those whose CNI ADD was done when containerd died.
@@ -854,6 +855,29 @@ fn kill_shims(dir: &Path) -> Result<()> {
     let shims = processes_naming(&socket);
     let ids: Vec<String> = shims.iter().filter_map(|&pid| shim_id(pid)).collect();
     kill_all(&shims, "containerd-shim-runc-v2")?;
+    for id in ids {
+        let hash = sha256_hex(format!("{socket}/{CTR_NAMESPACE}/{id}").as_bytes())?;
+        let path = Path::new(SHIM_DIR).join(hash);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The sockets in SHIM_DIR of every shim the lab's containerd started (its log names each id,
+/// "starting signal loop ... path=.../k8s.io/ID"): a shim started for a RunPodSandbox cut short
+/// by a signal may end on its own before `kill_shims` sees it, and leave its socket.
+fn remove_shim_sockets(dir: &Path) -> Result<()> {
+    let socket = dir.join("containerd.sock").to_string_lossy().into_owned();
+    let log = std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default();
+    let mut ids: Vec<&str> = log
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .filter(|w| w.len() == 64)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
     for id in ids {
         let hash = sha256_hex(format!("{socket}/{CTR_NAMESPACE}/{id}").as_bytes())?;
         let path = Path::new(SHIM_DIR).join(hash);
