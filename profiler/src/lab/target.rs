@@ -264,6 +264,7 @@ pub async fn between_pods(from: &str, to: &str, sources: &pods::Sources) -> Resu
         bail!("pod {to}: {} does not say its address", listing.source);
     };
     let mut target = RunTarget::path(&client.netns, &server.netns, addr, None).await?;
+    target.devices.name = format!("{} -> {}", client.qualified, server.qualified);
     target.devices.pods = named.into_iter().map(|(n, _)| n).collect();
     Ok(target)
 }
