@@ -64,7 +64,8 @@ pub const DPDK_PACKAGE: &str = "dpdk-dev";
 /// (the stream tests' reference, and the workload of `attach -- COMMAND`'s test), chromium
 /// (the bench test loads bench's HTML page in it, headless), and the node lab's runtime
 /// (tests/node.rs): containerd, runc, the CNI plugins, busybox-static (its images), gcc and
-/// libc6-dev (its static echo server) and iptables (what CNI plugins may use).
+/// libc6-dev (its static echo server) and iptables (what CNI plugins may use); prometheus (its
+/// server and promtool: tests/pods.rs scrapes attach and checks deploy's rules and dashboard).
 pub fn test_packages() -> Result<()> {
     const NODE_PACKAGES: [&str; 7] = [
         "containerd",
@@ -75,7 +76,7 @@ pub fn test_packages() -> Result<()> {
         "libc6-dev",
         "iptables",
     ];
-    for pkg in [DPDK_PACKAGE, "iperf3", "chromium"]
+    for pkg in [DPDK_PACKAGE, "iperf3", "chromium", "prometheus"]
         .into_iter()
         .chain(NODE_PACKAGES)
     {
