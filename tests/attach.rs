@@ -541,6 +541,48 @@ fn pods_are_followed_as_they_come_and_go() {
     assert_clean();
 }
 
+/// A journey that ends in a drop is counted with the kernel's reason and the last hop that saw
+/// it: UDP datagrams to a port nobody listens on are freed as no_socket in pod-b.
+#[test]
+fn drops_say_the_kernels_reason_and_where() {
+    let _guard = serial();
+    let lab = lab_up(&["bridge"]);
+    let json = tmp("drops.json");
+    let attach = Attach::start(&[
+        "--netns",
+        "prof-bridge-pod-a",
+        "--filter",
+        "udp and dst port 9",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let socket = profiler::lab::netns::run_in(Some("prof-bridge-pod-a"), || {
+        Ok(std::net::UdpSocket::bind("0.0.0.0:0")?)
+    })
+    .expect("a UDP socket in pod-a");
+    for _ in 0..10 {
+        socket.send_to(b"nobody listens", "198.18.0.2:9").expect("sending");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (table, _) = attach.stop();
+    drop(lab);
+    let r = report(&json);
+    let _ = std::fs::remove_file(&json);
+    let after = "netif_receive_skb eth0 (prof-bridge-pod-b)";
+    let drops = r["drops"].as_array().unwrap_or_else(|| panic!("no drops: {r}"));
+    assert!(
+        drops
+            .iter()
+            .any(|d| d["reason"] == "no_socket" && d["after"] == after && d["packets"] == 10),
+        "{drops:?}"
+    );
+    assert!(
+        table.contains(&format!("dropped: 10 packets after {after} (no_socket)")),
+        "{table}"
+    );
+    assert_clean();
+}
+
 /// SIGTERM ends an attach like Ctrl-C: it reports, and no program, link or map stays behind.
 #[test]
 fn sigterm_detaches_everything() {

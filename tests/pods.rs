@@ -255,11 +255,20 @@ fn pods_that_come_and_go_are_each_counted_under_their_name() {
     let node = node(2);
     let server = &node.pods[0];
     let json = tmp("churn.json");
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let series = |name: &str| {
+        common::prometheus::http_get(metrics, "/metrics")
+            .expect("attach's /metrics")
+            .lines()
+            .any(|l| l.contains(&format!("pod=\"{name}\"")))
+    };
     let attach = Attach::start(&[
         "--pod",
         &format!("{NAMESPACE}/churn-*"),
         "--cri-socket",
         &node.socket,
+        "--prometheus",
+        &metrics.to_string(),
         "--filter",
         &format!("icmp and dst host {}", server.ip),
         "--json",
@@ -278,12 +287,23 @@ fn pods_that_come_and_go_are_each_counted_under_their_name() {
         let sent = Instant::now();
         common::attach::ping(&pod.netns, &server.ip, PINGS, "0.01");
         assert!(sent.elapsed() < Duration::from_secs(5));
+        if i < 3 {
+            // /metrics is refreshed every second.
+            std::thread::sleep(Duration::from_millis(1200));
+            assert!(series(&name), "no series of {name} on /metrics");
+        }
         let out = profiler(&["lab", "pod", "rm", "node", &name]);
         assert!(out.status.success(), "pod rm {name}: {}", String::from_utf8_lossy(&out.stderr));
         rss.push(rss_kib(pid));
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // A departed pod's series expire: gone from /metrics once attach saw it go.
+    std::thread::sleep(Duration::from_secs(2));
+    let left: Vec<String> = (0..CHURN)
+        .map(|i| format!("churn-{i}"))
+        .filter(|name| series(name))
+        .collect();
     let (_, err) = attach.stop();
+    assert!(left.is_empty(), "series of departed pods on /metrics: {left:?}");
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
     for i in 0..CHURN {
