@@ -464,6 +464,20 @@ fn bad_input_is_refused_before_attaching() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
+    // A namespace that is there but unreadable says why (here PID 1's, where the sandbox
+    // forbids it; elsewhere this check has nothing to show).
+    match std::fs::metadata("/proc/1/ns/net") {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let out = profiler(&["attach", "--netns", "1"]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "attach --netns 1 succeeded");
+            assert!(
+                err.trim() == "error: --netns 1: cannot stat /proc/1/ns/net: Permission denied (os error 13)",
+                "{err}"
+            );
+        }
+        other => println!("skipped the unreadable-namespace case: /proc/1/ns/net is {other:?}"),
+    }
     // A CRI socket that does not answer: one line says so, and the next source is used.
     let out = profiler(&["attach", "--pod", "x", "--cri-socket", "/no/such.sock"]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -222,7 +222,8 @@ async fn rescan(args: &AttachArgs, state: &mut State<'_>, namer: &mut Namer) -> 
     if fingerprint == state.tracked.fingerprint {
         return Ok(());
     }
-    let new = scope(args, false).await?;
+    let mut new = scope(args, false).await?;
+    namer.keep_pod_names(&mut new.devices);
     let gone = namer.departures(&new.devices);
     if !gone.is_empty() {
         state

@@ -262,6 +262,16 @@ impl Namer {
         Ok(())
     }
 
+    /// A pod whose sandbox is stopping is no longer listed while its namespace still exists:
+    /// its namespace keeps the pod's name until it goes, so its segments are retired under it.
+    pub fn keep_pod_names(&self, devices: &mut Devices) {
+        for pod in &self.devices.pods {
+            if devices.namespaces.contains(&pod.netns) && devices.pod_in(&pod.netns).is_none() {
+                devices.pods.push(pod.clone());
+            }
+        }
+    }
+
     /// What `devices` no longer has of the devices hops are named after now.
     pub fn departures(&self, devices: &Devices) -> Departures {
         let mut gone = Departures::default();

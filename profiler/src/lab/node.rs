@@ -118,6 +118,10 @@ pub struct Node {
     /// here): then the lab removes it once empty.
     #[serde(default)]
     pub made_run_containerd: bool,
+    /// The sockets in SHIM_DIR before the lab started: a new one that nothing listens on at
+    /// teardown was left by a shim of the lab's (another runtime's shims would be listening).
+    #[serde(default)]
+    pub shim_sockets_before: Vec<String>,
     pub pods: Vec<NodePod>,
 }
 
@@ -258,6 +262,7 @@ pub(super) async fn build(name: &str, options: &LabOptions) -> Result<Lab> {
         dir: dir.clone(),
         ip_forward,
         made_run_containerd: !Path::new("/run/containerd").exists(),
+        shim_sockets_before: shim_sockets(),
         pods: Vec::new(),
     };
     save_record(&node)?;
@@ -719,6 +724,9 @@ pub(super) fn remove(name: &str) -> Result<()> {
     }
     result = result.and(kill_shims(&dir));
     result = result.and(remove_shim_sockets(&dir));
+    if let Some(node) = &record {
+        result = result.and(remove_dead_shim_sockets(&node.shim_sockets_before));
+    }
     result = result.and(kill_cgroup_processes());
     result = result.and(unmount_under(&dir));
     // Recorded pods', and those whose CNI ADD was done when containerd died.
@@ -882,6 +890,32 @@ fn remove_shim_sockets(dir: &Path) -> Result<()> {
         let hash = sha256_hex(format!("{socket}/{CTR_NAMESPACE}/{id}").as_bytes())?;
         let path = Path::new(SHIM_DIR).join(hash);
         if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The names in SHIM_DIR.
+fn shim_sockets() -> Vec<String> {
+    std::fs::read_dir(SHIM_DIR)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sockets that appeared in SHIM_DIR since the lab started and that no process listens on
+/// (/proc/net/unix lists every bound path): a shim that ended without removing its socket, which
+/// `remove_shim_sockets` could not name (its id never reached containerd's log).
+fn remove_dead_shim_sockets(before: &[String]) -> Result<()> {
+    let bound = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    for name in shim_sockets() {
+        let path = Path::new(SHIM_DIR).join(&name);
+        let listening = bound.lines().any(|l| l.ends_with(&*path.to_string_lossy()));
+        if !before.contains(&name) && !listening {
             std::fs::remove_file(&path)
                 .with_context(|| format!("cannot remove {}", path.display()))?;
         }
