@@ -7,7 +7,6 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
     process::Command,
     sync::{Mutex, MutexGuard},
     time::Duration,
@@ -336,7 +335,8 @@ fn events_and_prometheus_metrics() {
     ping("prof-bridge-pod-a", "198.18.0.2", 20, "0.01");
     // The snapshot is refreshed every second.
     std::thread::sleep(Duration::from_millis(2500));
-    let metrics = http_get(&addr, "/metrics");
+    let metrics = common::prometheus::http_get(addr.parse().unwrap(), "/metrics")
+        .expect("/metrics answers 200");
     let (out, _) = attach.stop();
     drop(lab);
     let journeys: Vec<Value> = out
@@ -399,19 +399,6 @@ fn events_and_prometheus_metrics() {
     );
     assert!(metrics.contains("profiler_hook_attached{"), "{metrics}");
     assert_clean();
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connecting to /metrics");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body
 }
 
 /// Bad input: a one-line error, a non-zero exit, and nothing attached.

@@ -115,12 +115,13 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-/// GET over HTTP/1.0: the body, or None if nothing answered.
+/// GET over HTTP/1.0: the body of a 200 answer, or None if nothing answered 200.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_string())
 }

@@ -723,7 +723,6 @@ pub(super) fn remove(name: &str) -> Result<()> {
         result = result.and(stop_containerd(node));
     }
     result = result.and(kill_shims(&dir));
-    result = result.and(remove_shim_sockets(&dir));
     if let Some(node) = &record {
         result = result.and(remove_dead_shim_sockets(&node.shim_sockets_before));
     }
@@ -874,29 +873,6 @@ fn kill_shims(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The sockets in SHIM_DIR of every shim the lab's containerd started (its log names each id,
-/// "starting signal loop ... path=.../k8s.io/ID"): a shim started for a RunPodSandbox cut short
-/// by a signal may end on its own before `kill_shims` sees it, and leave its socket.
-fn remove_shim_sockets(dir: &Path) -> Result<()> {
-    let socket = dir.join("containerd.sock").to_string_lossy().into_owned();
-    let log = std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default();
-    let mut ids: Vec<&str> = log
-        .split(|c: char| !c.is_ascii_hexdigit())
-        .filter(|w| w.len() == 64)
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    for id in ids {
-        let hash = sha256_hex(format!("{socket}/{CTR_NAMESPACE}/{id}").as_bytes())?;
-        let path = Path::new(SHIM_DIR).join(hash);
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove {}", path.display()))?;
-        }
-    }
-    Ok(())
-}
-
 /// The names in SHIM_DIR.
 fn shim_sockets() -> Vec<String> {
     std::fs::read_dir(SHIM_DIR)
@@ -908,8 +884,8 @@ fn shim_sockets() -> Vec<String> {
 }
 
 /// Sockets that appeared in SHIM_DIR since the lab started and that no process listens on
-/// (/proc/net/unix lists every bound path): a shim that ended without removing its socket, which
-/// `remove_shim_sockets` could not name (its id never reached containerd's log).
+/// (/proc/net/unix lists every bound path): a shim started for a RunPodSandbox cut short by a
+/// signal may end on its own, before `kill_shims` sees it, and leave its socket.
 fn remove_dead_shim_sockets(before: &[String]) -> Result<()> {
     let bound = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
     for name in shim_sockets() {
