@@ -103,7 +103,9 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
     let mut tracked = Tracked {
         current: scope.labels.clone(),
         labels: scope.labels,
-        fingerprint: scope.fingerprint,
+        // None yet: the first look resolves the scope again, with its fingerprint taken
+        // before its listing.
+        fingerprint: Fingerprint::default(),
         source: scope.source,
         slots,
         retired: Retired::default(),
@@ -237,7 +239,7 @@ async fn rescan(args: &AttachArgs, state: &mut State<'_>, namer: &mut Namer) -> 
     }
     state.tracked.current.clone_from(&new.labels);
     namer.update(new.devices)?;
-    state.tracked.fingerprint = new.fingerprint;
+    state.tracked.fingerprint = fingerprint;
     state.tracked.source = new.source;
     for label in new.labels {
         if !state.tracked.labels.contains(&label) {

@@ -30,8 +30,6 @@ pub struct Scope {
     pub points: Vec<[u32; 2]>,
     pub cgroups: Vec<u64>,
     pub devices: Devices,
-    /// What the node looked like when this scope was resolved (see [`Fingerprint`]).
-    pub fingerprint: Fingerprint,
     /// Where its pods were read.
     pub source: pods::Source,
 }
@@ -101,7 +99,6 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
             namespaces.push(t.clone());
         }
     }
-    let fingerprint = Fingerprint::of(&args.pod_sources, &listing.source).await;
     let named = discover::pod_names(&listing.pods, &mut namespaces);
     let selected = if strict {
         pods::select(&listing.pods, &args.pods, &listing.source)?
@@ -169,14 +166,14 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
             interfaces,
             pods,
         },
-        fingerprint,
         source: listing.source,
     })
 }
 
 /// What changes when pods come or go, cheap to read every second: the namespaces under
 /// /run/netns, and the runtime's ready sandboxes (a pod's network is ready before its sandbox
-/// is) or the CNI cache's results. A scope is resolved again only when it changes.
+/// is) or the CNI cache's results. A scope is resolved again only when it changes. Taken before
+/// the listing it stands for: a pod ready in between then shows as a change at the next look.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fingerprint(Vec<String>);
 
