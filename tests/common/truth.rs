@@ -25,7 +25,7 @@ pub const OTHER_TOLERANCE_NS: f64 = 5_000.0;
 /// Two baselines bracketing an injected measurement must agree this well on every segment for
 /// the comparison to count.
 pub const BRACKET_DRIFT_NS: f64 = 2_500.0;
-pub const MAX_ATTEMPTS: u32 = 4;
+pub const MAX_ATTEMPTS: u32 = 8;
 
 pub fn us(ns: f64) -> String {
     format!("{:.1}us", ns / 1000.0)
