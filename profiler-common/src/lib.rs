@@ -196,6 +196,7 @@ pub struct KernelOffsets {
     pub skb_end: u32,
     pub skb_mac_header: u32,
     pub skb_network_header: u32,
+    pub skb_protocol: u32,
     pub skb_dev: u32,
     pub dev_ifindex: u32,
     /// net_device.nd_net.net: the struct net pointer.
@@ -276,16 +277,22 @@ pub struct SegmentKey {
     pub path: u32,
 }
 
-/// Follow mode: journeys that ended in a drop, by the last hop that saw them and the kernel's
-/// drop reason (`DROPS`, per CPU).
+/// Follow mode: journeys that ended in a drop, by the last hop that saw them, the kernel's
+/// drop reason and what was dropped (`DROPS`, per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DropKey {
     pub last: HopPoint,
     pub reason: u32,
+    /// skb->protocol: the EtherType, in network byte order as the kernel keeps it.
+    pub ethertype: u16,
+    /// The IP protocol (IPv4) or first next header (IPv6) at the network header; 0 otherwise.
+    pub ip_proto: u8,
+    pub _pad: u8,
 }
 
-/// Distinct (hop, reason) pairs counted at most; more are counted in COUNTER_DROPPED only.
+/// Distinct (hop, reason, protocol) keys counted at most; more are counted in COUNTER_DROPPED
+/// only.
 pub const DROP_KEYS: u32 = 1024;
 
 /// The path of a journey extended by hop `p`: a hash of its hops in order (start from 0).

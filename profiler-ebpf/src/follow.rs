@@ -618,9 +618,13 @@ pub fn on_free<M: KernelMem>(args: *const u64, reason_arg: Option<usize>) {
     stream(&f, ts, &point, 0, (end as u64) << 32 | reason as u64);
     count(counter);
     if reason_arg.is_some() {
+        let (ethertype, ip_proto) = skb::protocols::<M>(skb_ptr as *const u8);
         count_drop(&DropKey {
             last: f.last,
             reason,
+            ethertype,
+            ip_proto,
+            _pad: 0,
         });
     }
 }

@@ -43,6 +43,7 @@ pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     skb_end: 0,
     skb_mac_header: 0,
     skb_network_header: 0,
+    skb_protocol: 0,
     skb_dev: 0,
     dev_ifindex: 0,
     dev_nd_net: 0,

@@ -189,6 +189,23 @@ pub fn len<M: KernelMem>(skb: *const u8) -> u32 {
     M::load(skb, offset!(skb_len)).unwrap_or(0)
 }
 
+/// What the skb carries: its EtherType (network byte order) and, for IPv4 and IPv6, the
+/// protocol byte of the network header (0 where there is none or it cannot be read). Read only
+/// for dropped packets, so through bpf_probe_read_kernel alike for both program kinds.
+#[inline(always)]
+pub fn protocols<M: KernelMem>(skb: *const u8) -> (u16, u8) {
+    let ethertype: u16 = M::load(skb, offset!(skb_protocol)).unwrap_or(0);
+    let at = match u16::from_be(ethertype) {
+        0x0800 => 9,
+        0x86dd => 6,
+        _ => return (ethertype, 0),
+    };
+    let head = head::<M>(skb);
+    let network: u16 = M::load(skb, offset!(skb_network_header)).unwrap_or(0);
+    let proto = probe::<u8>((head + network as u64 + at) as *const u8).unwrap_or(0);
+    (ethertype, proto)
+}
+
 /// The device the skb is on.
 #[inline(always)]
 pub fn dev<M: KernelMem>(skb: *const u8) -> *const u8 {

@@ -11,6 +11,7 @@ use profiler_common::{
 
 use super::scope::Namer;
 use crate::{
+    datapath::protocols,
     kernel::programs::Programs,
     report::schema::{AttachDrop, AttachPath, Hop, JourneyCounts, RarePaths, SegmentSummary},
 };
@@ -266,9 +267,12 @@ pub fn read_drops(programs: &Programs, namer: &mut Namer) -> Result<Vec<AttachDr
     for entry in map.iter() {
         let (key, per_cpu) = entry.context("reading the drop counts")?;
         let reason = namer.drop_reasons.name(key.reason);
+        let protocol = protocols::name(key.ethertype, key.ip_proto);
         let hop = namer.hop(&key.last);
         drops.push(AttachDrop {
+            hint: protocols::hint(&reason, &protocol).map(str::to_string),
             reason,
+            protocol,
             after: hop.name.clone(),
             pod: hop.pod.clone(),
             namespace: hop.namespace.clone(),

@@ -12,7 +12,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::report::schema::{HookStatus, JourneyCounts, SegmentSummary, Status};
+use crate::report::schema::{AttachDrop, HookStatus, JourneyCounts, SegmentSummary, Status};
 
 /// Upper bounds of the exported buckets, in seconds: 1 us to 1 s, 1-2-5 steps.
 const BOUNDS: [f64; 19] = [
@@ -25,6 +25,7 @@ pub struct Snapshot {
     pub node: String,
     pub segments: Vec<SegmentSummary>,
     pub journeys: JourneyCounts,
+    pub drops: Vec<AttachDrop>,
     pub lost_events: u64,
     pub hooks: Vec<HookStatus>,
 }
@@ -92,6 +93,23 @@ impl Collector for SnapshotCollector {
             ("reheaded", j.reheaded),
         ] {
             ConstCounter::new(n).encode(journeys.encode_family(&[("outcome", outcome)])?)?;
+        }
+        let mut drops = encoder.encode_descriptor(
+            "profiler_drops",
+            "Followed packets the kernel dropped, by its reason, what they were and the last hop",
+            None,
+            MetricType::Counter,
+        )?;
+        for d in &snap.drops {
+            let labels = [
+                ("node", snap.node.as_str()),
+                ("namespace", d.namespace.as_deref().unwrap_or("")),
+                ("pod", d.pod.as_deref().unwrap_or("")),
+                ("after", d.after.as_str()),
+                ("reason", d.reason.as_str()),
+                ("protocol", d.protocol.as_str()),
+            ];
+            ConstCounter::new(d.packets).encode(drops.encode_family(&labels)?)?;
         }
         let lost = ConstCounter::new(snap.lost_events);
         lost.encode(encoder.encode_descriptor(

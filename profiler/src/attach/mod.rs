@@ -328,10 +328,12 @@ async fn follow_loop(
                 ));
                 if let Some(snapshot) = state.snapshot {
                     let segments = read_segments(state.programs, namer, &state.tracked.retired)?;
+                    let drops = read_drops(state.programs, namer)?;
                     *snapshot.write().unwrap_or_else(|e| e.into_inner()) = metrics::Snapshot {
                         node: state.node.to_string(),
                         segments,
                         journeys: counts,
+                        drops,
                         lost_events: lost,
                         hooks: state.programs.statuses.clone(),
                     };

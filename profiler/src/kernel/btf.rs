@@ -104,6 +104,7 @@ impl KernelBtf {
             skb_end: skb("end")?,
             skb_mac_header: skb("mac_header")?,
             skb_network_header: skb("network_header")?,
+            skb_protocol: skb("protocol")?,
             skb_dev: skb("dev")?,
             dev_ifindex: self.offset("net_device", &["ifindex"])?,
             dev_nd_net: self.offset("net_device", &["nd_net", "net"])?,

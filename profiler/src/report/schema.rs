@@ -462,6 +462,12 @@ pub struct JourneyCounts {
 pub struct AttachDrop {
     /// The kernel's drop reason (its BTF's name, lowercase: "no_socket").
     pub reason: String,
+    /// What the packets were: "ipv4/udp", "ipv6/icmpv6", "arp" (reports before it: empty).
+    #[serde(default)]
+    pub protocol: String,
+    /// What drops of this reason and protocol usually are, where they are a known harmless kind.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hint: Option<String>,
     /// The last hop that saw the packets.
     pub after: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]

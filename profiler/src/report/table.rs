@@ -367,7 +367,18 @@ pub fn attach(r: &AttachReport) -> String {
         j.started, j.consumed, j.dropped, j.ended_unseen, j.unfinished, j.reheaded, r.lost_events
     );
     for d in &r.drops {
-        let _ = writeln!(out, "  dropped: {} packets after {} ({})", d.packets, d.after, d.reason);
+        let what = match d.protocol.as_str() {
+            "" => String::new(),
+            p => format!(" {p}"),
+        };
+        let _ = writeln!(
+            out,
+            "  dropped: {}{what} packets after {} ({})",
+            d.packets, d.after, d.reason
+        );
+        if let Some(hint) = &d.hint {
+            let _ = writeln!(out, "    ({hint})");
+        }
     }
     out += &render_hooks(&r.hooks);
     if let Some(costs) = &r.program_costs {
