@@ -369,3 +369,93 @@ fn a_run_between_two_pods_names_them() {
     drop(node);
     assert_clean();
 }
+
+/// The node lab's bridge address: the pods' gateway (profiler's lab/node.rs).
+const GATEWAY: &str = "198.18.100.1";
+
+/// Hook names a person should never have to read in a segment's name.
+const RAW_HOOKS: &[&str] = &[
+    "net_dev_queue",
+    "net_dev_start_xmit",
+    "net_dev_xmit",
+    "netif_receive_skb",
+    "netif_rx",
+    "napi_gro",
+    "tc:",
+];
+
+/// Pod traffic routed through the pods' gateway, as a CNI with a route to the pod subnet via
+/// the bridge makes it (a hairpin: up from the bridge to the host, routed, back down through the
+/// bridge), next to traffic bridged straight to the gateway: every segment has a name a person
+/// reads (no hook pairs, no doubled parentheses), a path's segments that also carry another
+/// path's packets say so in the table, and the echo replies, whose journeys start where they
+/// enter the pod, form paths of their own.
+#[test]
+fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
+    let node = node(2);
+    let (a, b) = (&node.pods[0], &node.pods[1]);
+    let in_a = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &a.netns])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // pod-b through the gateway, and the redirect the host sends about it ignored.
+    in_a(&["ip", "route", "add", &format!("{}/32", b.ip), "via", GATEWAY]);
+    in_a(&["sysctl", "-qw", "net.ipv4.conf.all.accept_redirects=0"]);
+    in_a(&["sysctl", "-qw", "net.ipv4.conf.eth0.accept_redirects=0"]);
+    let json = tmp("hairpin.json");
+    let pod_a = format!("{NAMESPACE}/{}", a.name);
+    let attach = Attach::start(&[
+        "--pod", &pod_a, "--cri-socket", &node.socket, "--filter", "icmp", "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(common::attach::ping(&a.netns, &b.ip, 40, "0.02").len(), 40, "pod-b answers");
+    assert_eq!(common::attach::ping(&a.netns, GATEWAY, 20, "0.02").len(), 20, "the gateway answers");
+    let (table, _) = attach.stop();
+    let to_b = format!("bridge prof-cni0 (-> port {}) [{NAMESPACE}/{}]", b.host_veth, b.name);
+    drop(node);
+    let r = report(&json);
+    let _ = std::fs::remove_file(&json);
+    let paths = r["paths"].as_array().expect("paths");
+    let names = |p: &Value| -> Vec<String> {
+        p["segments"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+    };
+    let all: Vec<String> = paths.iter().flat_map(names).chain(
+        r["segments"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()),
+    ).collect();
+    let unread: Vec<&String> = all
+        .iter()
+        .filter(|n| n.contains("((") || RAW_HOOKS.iter().any(|h| n.contains(h)))
+        .collect();
+    assert!(unread.is_empty(), "segments named after hooks: {unread:?}\n{table}");
+    let through = paths
+        .iter()
+        .find(|p| names(p).iter().any(|n| n.starts_with("forward prof-cni0 -> prof-cni0")))
+        .unwrap_or_else(|| panic!("no path routed back out of prof-cni0:\n{table}"));
+    assert!(names(through).contains(&to_b), "no {to_b:?} on {:?}", names(through));
+    // The requests to the gateway and to pod-b share their first segments, up to the bridge.
+    let mut said = 0;
+    for p in paths {
+        let packets = p["packets"].as_u64().unwrap();
+        for s in p["segments"].as_array().unwrap() {
+            let count = s["count"].as_u64().unwrap();
+            if count > packets {
+                let line = format!("{count} packets, {} of which took another way", count - packets);
+                assert!(table.contains(&line), "no {line:?} for {} in\n{table}", s["name"]);
+                said += 1;
+            }
+        }
+    }
+    assert!(said >= 2, "no shared segments said:\n{table}");
+    // Replies enter pod-a's eth0 from its veth peer (netif_rx): journeys of their own.
+    let replies: u64 = paths
+        .iter()
+        .filter(|p| p["hops"][0].as_str().unwrap().starts_with("netif_rx eth0"))
+        .map(|p| p["packets"].as_u64().unwrap())
+        .sum();
+    assert!(replies >= 55, "{replies} of 60 replies on paths of their own:\n{table}");
+    assert_clean();
+}

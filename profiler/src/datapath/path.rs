@@ -248,7 +248,7 @@ fn place(h: &Hop) -> &str {
 }
 
 /// "(ns)" for a namespace name; "(root)" already is.
-fn parenthesized(ns: &str) -> String {
+pub fn parenthesized(ns: &str) -> String {
     if ns.starts_with('(') && ns.ends_with(')') {
         ns.to_string()
     } else {

@@ -7,7 +7,7 @@ use super::{
         label,
         Point::{self, *},
     },
-    path::node_of,
+    path::{node_of, parenthesized},
 };
 
 /// What a segment name needs to know about the two hops around it.
@@ -102,8 +102,8 @@ impl<'a> Ctx<'a> {
         // Interfaces of the same name on both sides (eth0 -> eth0) are told apart by namespace.
         let (a, b) = if e.from_if == e.to_if && !same_if {
             (
-                format!("{} ({})", e.from_if, e.from_ns),
-                format!("{} ({})", e.to_if, e.to_ns),
+                format!("{} {}", e.from_if, parenthesized(e.from_ns)),
+                format!("{} {}", e.to_if, parenthesized(e.to_ns)),
             )
         } else {
             (e.from_if.to_string(), e.to_if.to_string())
@@ -139,13 +139,13 @@ const RULES: &[Rule] = &[
     Rule {
         name: "socket and stack",
         matches: |e, _| *e.from == AppSend,
-        names: |e, _| format!("socket and stack ({})", e.from_ns),
+        names: |e, _| format!("socket and stack {}", parenthesized(e.from_ns)),
     },
     // From the last hook up through the stack to the receiving socket.
     Rule {
         name: "stack and socket",
         matches: |e, _| *e.to == AppRecv,
-        names: |e, _| format!("stack and socket ({})", e.to_ns),
+        names: |e, _| format!("stack and socket {}", parenthesized(e.to_ns)),
     },
     // A user probe (`run --uprobe`) on either side: the packet is in a userspace process, between
     // the kernel hook or probe before and the probe or kernel hook after; a probe's "interface"
@@ -341,10 +341,15 @@ const RULES: &[Rule] = &[
         matches: |e, _| from_to(e, TcIngress, NetifReceiveSkb) && e.from_master == Some(e.to_if),
         names: to_host_stack,
     },
-    // A bridge device transmitting through one of its ports.
+    // A bridge device transmitting through one of its ports (to its egress hook, or without tc
+    // hooks to its queue): the host stack sent through the bridge.
     Rule {
         name: "bridge to port",
-        matches: |e, _| from_to(e, NetDevStartXmit, TcEgress) && e.to_master == Some(e.from_if),
+        matches: |e, _| {
+            at(e.from, NetDevStartXmit)
+                && at_any(e.to, &[TcEgress, NetDevQueue])
+                && e.to_master == Some(e.from_if)
+        },
         names: |_, c| format!("bridge {} (-> port {})", c.a, c.b),
     },
     // Stages within one device: from one hook to the next.
@@ -397,7 +402,7 @@ fn tunnel(e: &SegmentEnds, c: &Ctx) -> String {
 fn bridge_or_forward(e: &SegmentEnds, c: &Ctx) -> String {
     match c.bridge {
         Some(br) => format!("bridge {br} ({} -> {})", c.a, c.b),
-        None => format!("forward {} -> {} ({})", c.a, c.b, e.from_ns),
+        None => format!("forward {} -> {} {}", c.a, c.b, parenthesized(e.from_ns)),
     }
 }
 
@@ -417,8 +422,8 @@ mod tests {
         // Interfaces of the same name on both sides (eth0 -> eth0) are told apart by namespace.
         let (a, b) = if e.from_if == e.to_if && !same_if {
             (
-                format!("{} ({})", e.from_if, e.from_ns),
-                format!("{} ({})", e.to_if, e.to_ns),
+                format!("{} {}", e.from_if, parenthesized(e.from_ns)),
+                format!("{} {}", e.to_if, parenthesized(e.to_ns)),
             )
         } else {
             (e.from_if.to_string(), e.to_if.to_string())
@@ -427,9 +432,10 @@ mod tests {
             (Some(x), Some(y)) if x == y && e.from_ns == e.to_ns => Some(x),
             _ => None,
         };
+        let from_ns = parenthesized(e.from_ns);
         match (e.from, e.to) {
-            (AppSend, _) => format!("socket and stack ({})", e.from_ns),
-            (_, AppRecv) => format!("stack and socket ({})", e.to_ns),
+            (AppSend, _) => format!("socket and stack {from_ns}"),
+            (_, AppRecv) => format!("stack and socket {}", parenthesized(e.to_ns)),
             (Uprobe(_), _) | (_, Uprobe(_)) => format!("userspace {} -> {}", e.from_if, e.to_if),
             _ if !same_if && e.from_userspace.is_some() && e.from_userspace == e.to_userspace => {
                 format!(
@@ -497,7 +503,7 @@ mod tests {
             (Hook(NetifRx), Hook(NetifReceiveSkb)) if same_if => format!("backlog {b}"),
             (Hook(NetifReceiveSkb), Hook(NetDevQueue)) => match bridge {
                 Some(br) => format!("bridge {br} ({a} -> {b})"),
-                None => format!("forward {a} -> {b} ({})", e.from_ns),
+                None => format!("forward {a} -> {b} {from_ns}"),
             },
             (Hook(NetifReceiveSkb), Hook(NetifReceiveSkb)) if e.from_master == Some(e.to_if) => {
                 format!("bridge {b} ({a} -> host stack)")
@@ -508,14 +514,16 @@ mod tests {
             }
             (Hook(TcIngress), Hook(TcEgress)) => match bridge {
                 Some(br) => format!("bridge {br} ({a} -> {b})"),
-                None => format!("forward {a} -> {b} ({})", e.from_ns),
+                None => format!("forward {a} -> {b} {from_ns}"),
             },
             // A bridge delivering to its own device (the host stack routes on from there), and a
             // bridge device transmitting through one of its ports.
             (Hook(TcIngress), Hook(NetifReceiveSkb)) if e.from_master == Some(e.to_if) => {
                 format!("bridge {b} ({a} -> host stack)")
             }
-            (Hook(NetDevStartXmit), Hook(TcEgress)) if e.to_master == Some(e.from_if) => {
+            (Hook(NetDevStartXmit), Hook(TcEgress) | Hook(NetDevQueue))
+                if e.to_master == Some(e.from_if) =>
+            {
                 format!("bridge {a} (-> port {b})")
             }
             // Stages within one device: from one hook to the next.
@@ -894,6 +902,28 @@ mod tests {
                     ..ends(&Hook(NetDevStartXmit), &Hook(TcEgress))
                 },
                 "bridge br0 (-> port veth-b)",
+            ),
+            // Without tc hooks (attach on a node): from the bridge device to the port's queue.
+            (
+                "bridge to port",
+                SegmentEnds {
+                    from_if: "br0",
+                    to_master: Some("br0"),
+                    ..ends(&Hook(NetDevStartXmit), &Hook(NetDevQueue))
+                },
+                "bridge br0 (-> port veth-b)",
+            ),
+            // Routed back out of the device it came in by (a hairpin through a gateway), in the
+            // root namespace, which is parenthesized already.
+            (
+                "receive to queue",
+                SegmentEnds {
+                    from_ns: "(root)",
+                    to_ns: "(root)",
+                    to_if: "veth-a",
+                    ..ends(&Hook(NetifReceiveSkb), &Hook(NetDevQueue))
+                },
+                "forward veth-a -> veth-a (root)",
             ),
             (
                 "device stage",

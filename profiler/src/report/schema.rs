@@ -390,7 +390,7 @@ pub struct CommandOutcome {
 }
 
 /// One segment's latency: two consecutive hops of followed packets.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SegmentSummary {
     pub name: String,
     pub from: String,

@@ -332,7 +332,7 @@ pub fn attach(r: &AttachReport) -> String {
         out,
         "attach on {} ({}) for {:.1} s, filter {:?}, 1 packet in {} followed, {} mode",
         r.node,
-        r.targets.join(", "),
+        targets(&r.targets),
         r.duration_s,
         r.filter,
         r.sample,
@@ -387,6 +387,21 @@ pub fn attach(r: &AttachReport) -> String {
     out
 }
 
+/// Targets shown in the header at most: a node's hundreds of pods would fill screens.
+const SHOWN_TARGETS: usize = 4;
+
+fn targets(all: &[String]) -> String {
+    if all.len() <= SHOWN_TARGETS {
+        return all.join(", ");
+    }
+    format!(
+        "{} targets: {}, and {} more (the JSON report lists them all)",
+        all.len(),
+        all[..SHOWN_TARGETS - 1].join(", "),
+        all.len() - (SHOWN_TARGETS - 1)
+    )
+}
+
 fn segment_list(out: &mut String, segments: &[SegmentSummary]) {
     let _ = writeln!(
         out,
@@ -417,9 +432,17 @@ fn path_waterfall(out: &mut String, p: &AttachPath) {
         p.hops.first().map_or("?", String::as_str),
         p.hops.last().map_or("?", String::as_str)
     );
+    // As wide as the longest name: a pod's name ends it, and cut it would say nothing.
+    let w = p
+        .segments
+        .iter()
+        .map(|s| s.name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("sum of the means".len());
     let _ = writeln!(
         out,
-        "  {:>2}  {:<44} {:>8} {:>8} {:>8} {:>8} {:>8}  share",
+        "  {:>2}  {:<w$} {:>8} {:>8} {:>8} {:>8} {:>8}  share",
         "#", "segment", "packets", "mean", "p50", "p90", "p99"
     );
     for (i, s) in p.segments.iter().enumerate() {
@@ -427,9 +450,9 @@ fn path_waterfall(out: &mut String, p: &AttachPath) {
         let bar = "#".repeat((share * BAR_WIDTH).round().max(0.0) as usize);
         let _ = writeln!(
             out,
-            "  {:>2}  {:<44} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>4.1}% {}",
+            "  {:>2}  {:<w$} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>4.1}% {}",
             i + 1,
-            truncate(&s.name, 44),
+            s.name,
             s.count,
             us(s.mean_ns),
             us(s.p50_ns),
@@ -441,11 +464,43 @@ fn path_waterfall(out: &mut String, p: &AttachPath) {
     }
     let _ = writeln!(
         out,
-        "      {:<44} {:>8} {:>8}",
+        "      {:<w$} {:>8} {:>8}",
         "sum of the means",
         "",
         us(total)
     );
+    for line in shared_segments(p) {
+        let _ = writeln!(out, "      {line}");
+    }
+}
+
+/// Where a path's segments count more packets than the path: those segments are the start it
+/// shares with other paths (the kernel keeps one histogram per way to a segment, and cannot
+/// know where a packet will go next), so their counts take in packets that went on another way
+/// or stopped sooner. Said per run of equal counts.
+fn shared_segments(p: &AttachPath) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut i = 0;
+    while i < p.segments.len() {
+        let count = p.segments[i].count;
+        let end = i + p.segments[i..]
+            .iter()
+            .take_while(|s| s.count == count)
+            .count();
+        if count > p.packets {
+            let which = if end - i == 1 {
+                format!("segment {}", i + 1)
+            } else {
+                format!("segments {}-{}", i + 1, end)
+            };
+            lines.push(format!(
+                "{which}: {count} packets, {} of which took another way on or stopped sooner",
+                count - p.packets
+            ));
+        }
+        i = end;
+    }
+    lines
 }
 
 /// `profiler compare`: latency per type and size, then what makes each type differ.
@@ -555,5 +610,47 @@ mod tests {
         assert!(passes_in_order(&v("a c d"), &v("a b c x d")));
         assert!(!passes_in_order(&v("a c d"), &v("a d c")));
         assert!(!passes_in_order(&v("a c d"), &v("a b d")));
+    }
+
+    #[test]
+    fn a_path_says_which_segments_it_shares_with_others() {
+        let seg = |count| SegmentSummary {
+            count,
+            ..Default::default()
+        };
+        let p = AttachPath {
+            packets: 100,
+            hops: Vec::new(),
+            segments: [151, 151, 151, 100, 100].into_iter().map(seg).collect(),
+        };
+        assert_eq!(
+            shared_segments(&p),
+            ["segments 1-3: 151 packets, 51 of which took another way on or stopped sooner"]
+        );
+        let p = AttachPath {
+            packets: 50,
+            segments: [51, 50].into_iter().map(seg).collect(),
+            ..p
+        };
+        assert_eq!(
+            shared_segments(&p),
+            ["segment 1: 51 packets, 1 of which took another way on or stopped sooner"]
+        );
+        let alone = AttachPath {
+            segments: vec![seg(50)],
+            ..p
+        };
+        assert!(shared_segments(&alone).is_empty());
+    }
+
+    #[test]
+    fn many_targets_are_counted_not_listed() {
+        let few: Vec<String> = (0..4).map(|i| format!("pod p-{i}")).collect();
+        assert_eq!(targets(&few), few.join(", "));
+        let many: Vec<String> = (0..250).map(|i| format!("pod p-{i}")).collect();
+        assert_eq!(
+            targets(&many),
+            "250 targets: pod p-0, pod p-1, pod p-2, and 247 more (the JSON report lists them all)"
+        );
     }
 }
