@@ -459,3 +459,42 @@ fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
     assert!(replies >= 55, "{replies} of 60 replies on paths of their own:\n{table}");
     assert_clean();
 }
+
+/// A node of many pods (60 here; 250 in benchmarks/node-scale.sh), all followed: attach follows
+/// within 2 s, stays under 128 MiB, loses nothing while one pod pings another, passes over the
+/// copies of the multicast frames the bridge floods to every pod (counted and said, not
+/// followed: a journey per copy would fill the histograms), and counts the namespaces in its
+/// header instead of listing them.
+#[test]
+fn attach_over_a_node_of_many_pods_is_quick_small_and_loses_nothing() {
+    const PODS: u32 = 60;
+    let node = node(PODS);
+    let (a, b) = (&node.pods[0], &node.pods[PODS as usize - 1]);
+    let json = tmp("many.json");
+    let begun = Instant::now();
+    let attach = Attach::start(&["--pod", "*", "--cri-socket", &node.socket, "--json", json.to_str().unwrap()]);
+    let ready = begun.elapsed();
+    let pings = common::attach::ping(&a.netns, &b.ip, 200, "0.01");
+    let rss = rss_kib(attach.child.id());
+    let (table, _) = attach.stop();
+    drop(node);
+    let r = report(&json);
+    let _ = std::fs::remove_file(&json);
+    println!("{PODS} pods: following after {ready:?}, {rss} KiB resident");
+    assert!(ready < Duration::from_secs(2), "attach followed {PODS} pods after {ready:?}");
+    assert!(rss < 128 * 1024, "attach over {PODS} pods: {rss} KiB resident");
+    assert_eq!(pings.len(), 200, "pings answered");
+    assert_eq!(r["lost_events"], 0, "{}", r["journeys"]);
+    assert!(started(&r) >= 400, "200 pings and their replies: {}", r["journeys"]);
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.contains(&format!("{PODS} namespaces: ")), "{header}");
+    assert!(header.len() < 300, "the header lists the namespaces: {header}");
+    // Each pod's IPv6 router solicitations and listener reports, flooded to every other pod.
+    let copies = r["journeys"]["multicast_not_followed"].as_u64().unwrap_or(0);
+    assert!(copies >= PODS as u64, "{}", r["journeys"]);
+    assert!(
+        table.contains(&format!("not followed: {copies} copies of multicast or broadcast frames")),
+        "{table}"
+    );
+    assert_clean();
+}

@@ -233,7 +233,11 @@ pub const COUNTER_DROPPED: u32 = 4;
 pub const COUNTER_ABANDONED: u32 = 5;
 /// Journeys kept across a reallocated buffer (the skb found under a new head).
 pub const COUNTER_REHEADED: u32 = 6;
-pub const COUNTER_COUNT: u32 = 7;
+/// Copies of multicast and broadcast frames met at a device in scope and passed over: a bridge
+/// floods them to every port, and a journey per copy would fill the histograms with a path per
+/// port (250 pods' IPv6 router solicitations and listener reports alone overflow them).
+pub const COUNTER_GROUP: u32 = 7;
+pub const COUNTER_COUNT: u32 = 8;
 
 /// The slot of a direct-mapped table (follow mode's in-flight journeys, scope) for a key such
 /// as a pointer: Fibonacci hashing, so that aligned pointers and consecutive values spread

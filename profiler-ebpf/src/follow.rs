@@ -16,7 +16,7 @@ use aya_ebpf::{
 use profiler_common::{
     device_key, hist_bucket, path_hash, segment_slot, slot_hash, DropKey, Filter, FilterTerm, Histogram,
     HookId, HopEvent, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED, COUNTER_DROPPED,
-    COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, END_CONSUMED, END_DROPPED, FIELD_ADDR,
+    COUNTER_GROUP, COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, END_CONSUMED, END_DROPPED, FIELD_ADDR,
     FIELD_DST_ADDR, FIELD_DST_PORT, FIELD_FAMILY, FIELD_PORT, FIELD_PROTO, FIELD_SRC_ADDR,
     FIELD_SRC_PORT, FILTER_CLAUSES, FILTER_TERMS, HIST_BUCKETS, HIST_PROBES, HIST_SLOTS, DROP_KEYS,
     SCOPE_PROBES, SCOPE_SLOTS,
@@ -24,7 +24,7 @@ use profiler_common::{
 
 use crate::{
     count, global,
-    parse::{self, Flow, Flows},
+    parse::{self, Flow, Flows, Packet as _},
     skb::{self, KernelMem, KernelSkb},
 };
 
@@ -367,8 +367,13 @@ pub fn on_undecided<M: KernelMem>(args: *const u64, hook: u8, dev_arg: Option<us
     };
     // Here, not in `decide`: its frame, the filter's and the filter's callee's would pass the
     // 512 bytes a chain of calls may take (6.18: 104 + 184 + 328 + 24).
-    let wanted =
-        filter_matches(&flows.outer) || (flows.has_inner && filter_matches(&flows.inner));
+    // The group bit of the destination MAC: multicast and broadcast frames start no journey.
+    let group = skb.read::<1>(0).is_some_and(|b| b[0] & 1 == 1);
+    if group {
+        count(COUNTER_GROUP);
+    }
+    let wanted = !group
+        && (filter_matches(&flows.outer) || (flows.has_inner && filter_matches(&flows.inner)));
     decide::<M>(flows, &hop, wanted);
 }
 

@@ -282,9 +282,9 @@ struct LabOpts {
     /// MTU of the pods' interfaces (and the overlay device); default: the topology's.
     #[arg(long, value_parser = clap::value_parser!(u32).range(576..=9000))]
     mtu: Option<u32>,
-    /// Pods per host, 2 to 13 (default: the topology's two pods, one per host cross-host;
-    /// run --traffic alltoall: 8).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=lab::MAX_PODS as i64))]
+    /// Pods per host, 2 to 13; node: 2 to 250 (default: the topology's two pods, one per host
+    /// cross-host; run --traffic alltoall: 8).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=lab::NODE_MAX_PODS as i64))]
     pods: Option<u32>,
     /// Nested labs (bmp2vmp, vmp2vmp): the container network inside the VMs (default bridge).
     #[arg(long, value_enum)]

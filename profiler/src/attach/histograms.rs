@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{PerCpuArray, PerCpuHashMap};
 use profiler_common::{
     hist_bucket_range, path_hash, DropKey, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED,
-    COUNTER_DROPPED, COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, HIST_BUCKETS, HIST_SLOTS,
+    COUNTER_DROPPED, COUNTER_GROUP, COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, HIST_BUCKETS, HIST_SLOTS,
 };
 
 use super::scope::Namer;
@@ -294,6 +294,7 @@ pub fn journey_counts(programs: &Programs) -> Result<(JourneyCounts, u64)> {
         dropped: at(COUNTER_DROPPED),
         ended_unseen: at(COUNTER_ABANDONED),
         reheaded: at(COUNTER_REHEADED),
+        multicast_not_followed: at(COUNTER_GROUP),
         unfinished: at(COUNTER_STARTED).saturating_sub(ended),
     };
     Ok((counts, at(COUNTER_LOST)))

@@ -111,6 +111,13 @@ impl Collector for SnapshotCollector {
             ];
             ConstCounter::new(d.packets).encode(drops.encode_family(&labels)?)?;
         }
+        let multicast = ConstCounter::new(j.multicast_not_followed);
+        multicast.encode(encoder.encode_descriptor(
+            "profiler_multicast_not_followed",
+            "Copies of multicast and broadcast frames met in scope, which start no journey",
+            None,
+            multicast.metric_type(),
+        )?)?;
         let lost = ConstCounter::new(snap.lost_events);
         lost.encode(encoder.encode_descriptor(
             "profiler_lost_events",

@@ -31,15 +31,11 @@ pub fn name(ethertype_be: u16, ip_proto: u8) -> String {
 
 const RAW_PING: &str = "echo replies read through a raw socket (ping without ping sockets) \
      count here: the kernel gives the raw socket a copy and frees the original as no_socket";
-const FLOODED: &str = "usually IPv6 multicast (router solicitations, neighbour discovery, \
-     listener reports) that a bridge floods to every port, freed where nobody takes it";
 
 /// Drops that are how the kernel works rather than lost packets, by (reason, protocol).
 const HARMLESS: &[(&str, &str, &str)] = &[
     ("no_socket", "ipv4/icmp", RAW_PING),
     ("no_socket", "ipv6/icmpv6", RAW_PING),
-    ("not_specified", "ipv6/icmpv6", FLOODED),
-    ("not_specified", "ipv6/hop-by-hop", FLOODED),
 ];
 
 /// What a drop of this reason and protocol usually is, where it is a known harmless one.

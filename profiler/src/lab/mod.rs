@@ -27,7 +27,7 @@ pub mod target;
 pub mod vm_cache;
 
 pub use owner::{Lock, Owner};
-pub use spec::MAX_PODS;
+pub use spec::{MAX_PODS, NODE_MAX_PODS};
 pub use state::STATE_DIR;
 
 #[derive(

@@ -170,9 +170,9 @@ pub(super) fn check(options: &LabOptions) -> Result<()> {
     }
     if options
         .pods
-        .is_some_and(|n| !(2..=super::MAX_PODS).contains(&n))
+        .is_some_and(|n| !(2..=super::NODE_MAX_PODS).contains(&n))
     {
-        bail!("--pods must be between 2 and {}", super::MAX_PODS);
+        bail!("--pods must be between 2 and {}", super::NODE_MAX_PODS);
     }
     programs(options.cni.unwrap_or_default()).map_err(|lacks| anyhow!("node needs {lacks}"))
 }

@@ -318,6 +318,9 @@ const POD_PEERS: [&str; 26] = [
 ];
 /// Most pods per host: the names above, over two hosts.
 pub const MAX_PODS: u32 = 13;
+/// Most pods of the node lab: its /24 pod subnet holds 253 beside the gateway; 250 is over
+/// twice kubelet's default limit of 110 per node.
+pub const NODE_MAX_PODS: u32 = 250;
 
 impl Spec {
     /// The spec of a topology and placement, or why that combination does not exist.

@@ -309,8 +309,8 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-fn is_zero(n: &u8) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -455,6 +455,10 @@ pub struct JourneyCounts {
     pub reheaded: u64,
     /// No end seen: still in flight, past the gap limit, or evicted from the in-flight map.
     pub unfinished: u64,
+    /// Not journeys: copies of multicast and broadcast frames met in scope, which start none
+    /// (a bridge floods them to every port). Left out when there were none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub multicast_not_followed: u64,
 }
 
 /// Journeys that ended in a drop after the same hop, for the same reason.

@@ -366,6 +366,13 @@ pub fn attach(r: &AttachReport) -> String {
         "journeys: {} started, {} consumed, {} dropped, {} ended unseen, {} unfinished, {} kept across a reallocated buffer; {} events lost",
         j.started, j.consumed, j.dropped, j.ended_unseen, j.unfinished, j.reheaded, r.lost_events
     );
+    if j.multicast_not_followed > 0 {
+        let _ = writeln!(
+            out,
+            "  not followed: {} copies of multicast or broadcast frames (flooded to every port)",
+            j.multicast_not_followed
+        );
+    }
     for d in &r.drops {
         let what = match d.protocol.as_str() {
             "" => String::new(),
@@ -390,16 +397,28 @@ pub fn attach(r: &AttachReport) -> String {
 /// Targets shown in the header at most: a node's hundreds of pods would fill screens.
 const SHOWN_TARGETS: usize = 4;
 
+/// The targets: every one if few, else the patterns (`--pod *`) and the number of namespaces
+/// they and the others name, with the first few.
 fn targets(all: &[String]) -> String {
     if all.len() <= SHOWN_TARGETS {
         return all.join(", ");
     }
-    format!(
-        "{} targets: {}, and {} more (the JSON report lists them all)",
-        all.len(),
-        all[..SHOWN_TARGETS - 1].join(", "),
-        all.len() - (SHOWN_TARGETS - 1)
-    )
+    let (patterns, named): (Vec<&String>, Vec<&String>) =
+        all.iter().partition(|t| t.starts_with("--"));
+    let first: Vec<&str> = named.iter().take(SHOWN_TARGETS - 1).map(|t| t.as_str()).collect();
+    let mut out = String::new();
+    for p in patterns {
+        out += p;
+        out += ", ";
+    }
+    out += &format!("{} namespaces: {}", named.len(), first.join(", "));
+    if named.len() > first.len() {
+        out += &format!(
+            ", and {} more (the JSON report lists them all)",
+            named.len() - first.len()
+        );
+    }
+    out
 }
 
 fn segment_list(out: &mut String, segments: &[SegmentSummary]) {
@@ -647,10 +666,11 @@ mod tests {
     fn many_targets_are_counted_not_listed() {
         let few: Vec<String> = (0..4).map(|i| format!("pod p-{i}")).collect();
         assert_eq!(targets(&few), few.join(", "));
-        let many: Vec<String> = (0..250).map(|i| format!("pod p-{i}")).collect();
+        let mut many: Vec<String> = (0..250).map(|i| format!("pod p-{i}")).collect();
+        many.push("--pod *".into());
         assert_eq!(
             targets(&many),
-            "250 targets: pod p-0, pod p-1, pod p-2, and 247 more (the JSON report lists them all)"
+            "--pod *, 250 namespaces: pod p-0, pod p-1, pod p-2, and 247 more (the JSON report lists them all)"
         );
     }
 }
