@@ -429,7 +429,10 @@ fn bad_input_is_refused_before_attaching() {
             "--duration <DURATION>': \"0\" is out of range",
         ),
         (&[], "nothing to attach to"),
-        (&["--pod", "prof-no-such-pod"], "unknown pod prof-no-such-pod"),
+        (
+            &["--pod", "prof-no-such-pod"],
+            "unknown pod prof-no-such-pod",
+        ),
         (&["--pod", "shop/["], "bad pod pattern"),
         (
             &["--iface", "lo", "--mode", "events", "--json", "-"],
@@ -530,7 +533,10 @@ fn pods_are_followed_as_they_come_and_go() {
     }
     // Every request was followed from pod-a's eth0, the first hop in scope.
     let started = started(&r);
-    assert!((100..=110).contains(&started), "{started} journeys of 100 requests: {r}");
+    assert!(
+        (100..=110).contains(&started),
+        "{started} journeys of 100 requests: {r}"
+    );
     let first = segments(&r)
         .iter()
         .find(|s| s["name"] == "qdisc eth0")
@@ -568,7 +574,9 @@ fn drops_say_the_kernels_reason_what_and_where() {
     })
     .expect("a UDP socket in pod-a");
     for _ in 0..10 {
-        socket.send_to(b"nobody listens", "198.18.0.2:9").expect("sending");
+        socket
+            .send_to(b"nobody listens", "198.18.0.2:9")
+            .expect("sending");
         std::thread::sleep(Duration::from_millis(10));
     }
     let pings = ping("prof-bridge-pod-a", "198.18.0.2", 5, "0.05");
@@ -581,7 +589,9 @@ fn drops_say_the_kernels_reason_what_and_where() {
     drop(lab);
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
-    let drops = r["drops"].as_array().unwrap_or_else(|| panic!("no drops: {r}"));
+    let drops = r["drops"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no drops: {r}"));
     for (after, protocol, packets) in [
         ("netif_receive_skb eth0 (prof-bridge-pod-b)", "ipv4/udp", 10),
         ("netif_receive_skb eth0 (prof-bridge-pod-a)", "ipv4/icmp", 5),
@@ -595,12 +605,14 @@ fn drops_say_the_kernels_reason_what_and_where() {
         assert_eq!(drop["hint"].is_string(), protocol == "ipv4/icmp", "{drop}");
         let line = format!("dropped: {packets} {protocol} packets after {after} (no_socket)");
         assert!(table.contains(&line), "no line {line:?} in\n{table}");
-        let series = format!(
-            "after=\"{after}\",reason=\"no_socket\",protocol=\"{protocol}\"}} {packets}"
-        );
+        let series =
+            format!("after=\"{after}\",reason=\"no_socket\",protocol=\"{protocol}\"}} {packets}");
         assert!(exported.contains(&series), "no {series} in\n{exported}");
     }
-    assert!(table.contains("the kernel gives the raw socket a copy"), "{table}");
+    assert!(
+        table.contains("the kernel gives the raw socket a copy"),
+        "{table}"
+    );
     assert_clean();
 }
 

@@ -8,10 +8,10 @@ mod common;
 
 use std::{
     collections::BTreeSet,
-    net::UdpSocket,
-    sync::atomic::{AtomicBool, Ordering},
     io::{BufRead as _, BufReader},
+    net::UdpSocket,
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -92,7 +92,10 @@ impl Delay {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).expect("delay's first line");
-        assert!(line.starts_with("holding"), "profiler delay did not hold: {line}");
+        assert!(
+            line.starts_with("holding"),
+            "profiler delay did not hold: {line}"
+        );
         Delay(child, out)
     }
 }
@@ -115,7 +118,11 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
         .args(["check", "rules", common::prometheus::RULES])
         .output()
         .expect("promtool");
-    assert!(check.status.success(), "promtool check rules: {}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "promtool check rules: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     let node = node(2);
     let (a, b) = (&node.pods[0], &node.pods[1]);
     let port = free_port();
@@ -160,23 +167,39 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
     });
     drop(delay);
     let (alerts, empty, answered) = traffic;
-    assert!(empty.is_empty(), "dashboard queries without data: {empty:#?}\n{}", prometheus.log());
     assert!(
-        alerts.iter().any(|a| a["metric"]["alertstate"] == "pending" || a["metric"]["alertstate"] == "firing"),
+        empty.is_empty(),
+        "dashboard queries without data: {empty:#?}\n{}",
+        prometheus.log()
+    );
+    assert!(
+        alerts.iter().any(
+            |a| a["metric"]["alertstate"] == "pending" || a["metric"]["alertstate"] == "firing"
+        ),
         "{alerts:?}"
     );
     drop(prometheus);
     attach.stop();
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
-    assert!(started(&r) >= answered, "{} answered: {}", answered, r["journeys"]);
+    assert!(
+        started(&r) >= answered,
+        "{} answered: {}",
+        answered,
+        r["journeys"]
+    );
     let slowed = format!("[{NAMESPACE}/{}]", b.name);
     let into_b = r["segments"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|s| s["name"].as_str().unwrap().ends_with(&slowed))
-        .map(|s| (s["name"].as_str().unwrap().to_string(), s["p50_ns"].as_f64().unwrap()))
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["p50_ns"].as_f64().unwrap(),
+            )
+        })
         .collect::<Vec<_>>();
     assert!(
         into_b.iter().any(|(_, p50)| *p50 > 140_000.0),
@@ -186,7 +209,14 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
     // Events lines carry the pods too (stdout is read only at the end: a few lines).
     let pods_arg = format!("{NAMESPACE}/pod-*");
     let events = Attach::start(&[
-        "--pod", &pods_arg, "--cri-socket", &node.socket, "--filter", "icmp", "--mode", "events",
+        "--pod",
+        &pods_arg,
+        "--cri-socket",
+        &node.socket,
+        "--filter",
+        "icmp",
+        "--mode",
+        "events",
     ]);
     common::attach::ping(&a.netns, &b.ip, 5, "0.01");
     let (events, _) = events.stop();
@@ -198,7 +228,10 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
         .iter()
         .filter_map(|h| h["pod"].as_str())
         .collect();
-    assert!(pods.contains(a.name.as_str()) && pods.contains(b.name.as_str()), "{line}");
+    assert!(
+        pods.contains(a.name.as_str()) && pods.contains(b.name.as_str()),
+        "{line}"
+    );
     drop(node);
     assert_clean();
 }
@@ -209,13 +242,17 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
 fn paced_udp(netns: &str, server: &str, done: &AtomicBool) -> u64 {
     let to: std::net::SocketAddr = format!("{server}:{ECHO_PORT}").parse().unwrap();
     let socket = run_in(Some(netns), || Ok(UdpSocket::bind("0.0.0.0:0")?)).expect("a UDP socket");
-    socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
     let (start, mut answered, mut buf) = (Instant::now(), 0, [0u8; 128]);
     for i in 0u32.. {
         if done.load(Ordering::Relaxed) || start.elapsed() > Duration::from_secs(120) {
             break;
         }
-        if let Some(wait) = (start + Duration::from_millis(2) * i).checked_duration_since(Instant::now()) {
+        if let Some(wait) =
+            (start + Duration::from_millis(2) * i).checked_duration_since(Instant::now())
+        {
             std::thread::sleep(wait);
         }
         socket.send_to(&[0x55; 64], to).expect("sending a request");
@@ -226,7 +263,10 @@ fn paced_udp(netns: &str, server: &str, done: &AtomicBool) -> u64 {
 
 /// Every PromQL query of deploy/grafana's dashboard, its variables set to match all.
 fn dashboard_queries() -> Vec<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/profiler-dashboard.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/profiler-dashboard.json"
+    );
     let dash: Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("the dashboard")).expect("JSON");
     dash["panels"]
@@ -279,7 +319,11 @@ fn pods_that_come_and_go_are_each_counted_under_their_name() {
     for i in 0..CHURN {
         let name = format!("churn-{i}");
         let out = profiler(&["lab", "pod", "add", "node", &name]);
-        assert!(out.status.success(), "pod add {name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pod add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let (_, pods) = read_node();
         let pod = pods.iter().find(|p| p.name == name).expect("the new pod");
         // Followed within 2 s of its network being ready (the add returns once it is).
@@ -293,7 +337,11 @@ fn pods_that_come_and_go_are_each_counted_under_their_name() {
             assert!(series(&name), "no series of {name} on /metrics");
         }
         let out = profiler(&["lab", "pod", "rm", "node", &name]);
-        assert!(out.status.success(), "pod rm {name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pod rm {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         rss.push(rss_kib(pid));
     }
     // A departed pod's series expire: gone from /metrics once attach saw it go.
@@ -303,13 +351,22 @@ fn pods_that_come_and_go_are_each_counted_under_their_name() {
         .filter(|name| series(name))
         .collect();
     let (_, err) = attach.stop();
-    assert!(left.is_empty(), "series of departed pods on /metrics: {left:?}");
+    assert!(
+        left.is_empty(),
+        "series of departed pods on /metrics: {left:?}"
+    );
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
     for i in 0..CHURN {
         let name = format!("churn-{i}");
-        assert!(err.contains(&format!("following pod {NAMESPACE}/{name}")), "{name}: {err}");
-        assert!(err.contains(&format!("pod {NAMESPACE}/{name} went away")), "{name}: {err}");
+        assert!(
+            err.contains(&format!("following pod {NAMESPACE}/{name}")),
+            "{name}: {err}"
+        );
+        assert!(
+            err.contains(&format!("pod {NAMESPACE}/{name} went away")),
+            "{name}: {err}"
+        );
         // Each ping's first segment starts at the pod's eth0 and is the pod's.
         let counted: u64 = r["segments"]
             .as_array()
@@ -319,13 +376,20 @@ fn pods_that_come_and_go_are_each_counted_under_their_name() {
             .map(|s| s["count"].as_u64().unwrap())
             .max()
             .unwrap_or(0);
-        assert!(counted >= PINGS as u64 - 1, "{name}: {counted} of {PINGS} pings counted: {r}");
+        assert!(
+            counted >= PINGS as u64 - 1,
+            "{name}: {counted} of {PINGS} pings counted: {r}"
+        );
     }
     // Bounded: after the first pods, 20 pods more cost attach under 8 MiB (a retired pod keeps
     // a few named segments: hundreds of bytes each).
     println!("attach's RSS (KiB) after each pod: {rss:?}");
     let grown = rss[CHURN - 1].saturating_sub(rss[2]);
-    assert!(grown < 8 * 1024, "attach grew by {grown} KiB over {} pods: {rss:?}", CHURN - 3);
+    assert!(
+        grown < 8 * 1024,
+        "attach grew by {grown} KiB over {} pods: {rss:?}",
+        CHURN - 3
+    );
     drop(node);
     assert_clean();
 }
@@ -347,23 +411,38 @@ fn a_run_between_two_pods_names_them() {
     let from = format!("{NAMESPACE}/{}", a.name);
     let to = format!("{NAMESPACE}/{}", b.name);
     let out = profiler(&[
-        "run", "--from", &from, "--to", &to, "--cri-socket", &node.socket, "--count", "50",
-        "--json", "-",
+        "run",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--cri-socket",
+        &node.socket,
+        "--count",
+        "50",
+        "--json",
+        "-",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: Value = serde_json::from_str(&text).expect("the run's JSON");
     let hops = common::direction(&r, "request")["hops"]
         .as_array()
         .expect("request hops");
     for pod in [&a.name, &b.name] {
         assert!(
-            hops.iter().any(|h| h["pod"] == pod.as_str() && h["namespace"] == NAMESPACE),
+            hops.iter()
+                .any(|h| h["pod"] == pod.as_str() && h["namespace"] == NAMESPACE),
             "no hop of {pod}: {hops:?}"
         );
     }
     assert!(
-        hops.iter().any(|h| h["name"].as_str().unwrap().contains(&format!("({to})"))),
+        hops.iter()
+            .any(|h| h["name"].as_str().unwrap().contains(&format!("({to})"))),
         "{hops:?}"
     );
     drop(node);
@@ -400,42 +479,94 @@ fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
             .args(args)
             .output()
             .expect("ip netns exec");
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     // pod-b through the gateway, and the redirect the host sends about it ignored.
-    in_a(&["ip", "route", "add", &format!("{}/32", b.ip), "via", GATEWAY]);
+    in_a(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{}/32", b.ip),
+        "via",
+        GATEWAY,
+    ]);
     in_a(&["sysctl", "-qw", "net.ipv4.conf.all.accept_redirects=0"]);
     in_a(&["sysctl", "-qw", "net.ipv4.conf.eth0.accept_redirects=0"]);
     let json = tmp("hairpin.json");
     let pod_a = format!("{NAMESPACE}/{}", a.name);
     let attach = Attach::start(&[
-        "--pod", &pod_a, "--cri-socket", &node.socket, "--filter", "icmp", "--json",
+        "--pod",
+        &pod_a,
+        "--cri-socket",
+        &node.socket,
+        "--filter",
+        "icmp",
+        "--json",
         json.to_str().unwrap(),
     ]);
-    assert_eq!(common::attach::ping(&a.netns, &b.ip, 40, "0.02").len(), 40, "pod-b answers");
-    assert_eq!(common::attach::ping(&a.netns, GATEWAY, 20, "0.02").len(), 20, "the gateway answers");
+    assert_eq!(
+        common::attach::ping(&a.netns, &b.ip, 40, "0.02").len(),
+        40,
+        "pod-b answers"
+    );
+    assert_eq!(
+        common::attach::ping(&a.netns, GATEWAY, 20, "0.02").len(),
+        20,
+        "the gateway answers"
+    );
     let (table, _) = attach.stop();
-    let to_b = format!("bridge prof-cni0 (-> port {}) [{NAMESPACE}/{}]", b.host_veth, b.name);
+    let to_b = format!(
+        "bridge prof-cni0 (-> port {}) [{NAMESPACE}/{}]",
+        b.host_veth, b.name
+    );
     drop(node);
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
     let paths = r["paths"].as_array().expect("paths");
     let names = |p: &Value| -> Vec<String> {
-        p["segments"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+        p["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
     };
-    let all: Vec<String> = paths.iter().flat_map(names).chain(
-        r["segments"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()),
-    ).collect();
+    let all: Vec<String> = paths
+        .iter()
+        .flat_map(names)
+        .chain(
+            r["segments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_string()),
+        )
+        .collect();
     let unread: Vec<&String> = all
         .iter()
         .filter(|n| n.contains("((") || RAW_HOOKS.iter().any(|h| n.contains(h)))
         .collect();
-    assert!(unread.is_empty(), "segments named after hooks: {unread:?}\n{table}");
+    assert!(
+        unread.is_empty(),
+        "segments named after hooks: {unread:?}\n{table}"
+    );
     let through = paths
         .iter()
-        .find(|p| names(p).iter().any(|n| n.starts_with("forward prof-cni0 -> prof-cni0")))
+        .find(|p| {
+            names(p)
+                .iter()
+                .any(|n| n.starts_with("forward prof-cni0 -> prof-cni0"))
+        })
         .unwrap_or_else(|| panic!("no path routed back out of prof-cni0:\n{table}"));
-    assert!(names(through).contains(&to_b), "no {to_b:?} on {:?}", names(through));
+    assert!(
+        names(through).contains(&to_b),
+        "no {to_b:?} on {:?}",
+        names(through)
+    );
     // The requests to the gateway and to pod-b share their first segments, up to the bridge.
     let mut said = 0;
     for p in paths {
@@ -443,8 +574,15 @@ fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
         for s in p["segments"].as_array().unwrap() {
             let count = s["count"].as_u64().unwrap();
             if count > packets {
-                let line = format!("{count} packets, {} of which took another way", count - packets);
-                assert!(table.contains(&line), "no {line:?} for {} in\n{table}", s["name"]);
+                let line = format!(
+                    "{count} packets, {} of which took another way",
+                    count - packets
+                );
+                assert!(
+                    table.contains(&line),
+                    "no {line:?} for {} in\n{table}",
+                    s["name"]
+                );
                 said += 1;
             }
         }
@@ -456,7 +594,10 @@ fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
         .filter(|p| p["hops"][0].as_str().unwrap().starts_with("netif_rx eth0"))
         .map(|p| p["packets"].as_u64().unwrap())
         .sum();
-    assert!(replies >= 55, "{replies} of 60 replies on paths of their own:\n{table}");
+    assert!(
+        replies >= 55,
+        "{replies} of 60 replies on paths of their own:\n{table}"
+    );
     assert_clean();
 }
 
@@ -472,7 +613,14 @@ fn attach_over_a_node_of_many_pods_is_quick_small_and_loses_nothing() {
     let (a, b) = (&node.pods[0], &node.pods[PODS as usize - 1]);
     let json = tmp("many.json");
     let begun = Instant::now();
-    let attach = Attach::start(&["--pod", "*", "--cri-socket", &node.socket, "--json", json.to_str().unwrap()]);
+    let attach = Attach::start(&[
+        "--pod",
+        "*",
+        "--cri-socket",
+        &node.socket,
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let ready = begun.elapsed();
     let pings = common::attach::ping(&a.netns, &b.ip, 200, "0.01");
     let rss = rss_kib(attach.child.id());
@@ -481,19 +629,36 @@ fn attach_over_a_node_of_many_pods_is_quick_small_and_loses_nothing() {
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
     println!("{PODS} pods: following after {ready:?}, {rss} KiB resident");
-    assert!(ready < Duration::from_secs(2), "attach followed {PODS} pods after {ready:?}");
-    assert!(rss < 128 * 1024, "attach over {PODS} pods: {rss} KiB resident");
+    assert!(
+        ready < Duration::from_secs(2),
+        "attach followed {PODS} pods after {ready:?}"
+    );
+    assert!(
+        rss < 128 * 1024,
+        "attach over {PODS} pods: {rss} KiB resident"
+    );
     assert_eq!(pings.len(), 200, "pings answered");
     assert_eq!(r["lost_events"], 0, "{}", r["journeys"]);
-    assert!(started(&r) >= 400, "200 pings and their replies: {}", r["journeys"]);
+    assert!(
+        started(&r) >= 400,
+        "200 pings and their replies: {}",
+        r["journeys"]
+    );
     let header = table.lines().next().unwrap_or_default();
     assert!(header.contains(&format!("{PODS} namespaces: ")), "{header}");
-    assert!(header.len() < 300, "the header lists the namespaces: {header}");
+    assert!(
+        header.len() < 300,
+        "the header lists the namespaces: {header}"
+    );
     // Each pod's IPv6 router solicitations and listener reports, flooded to every other pod.
-    let copies = r["journeys"]["multicast_not_followed"].as_u64().unwrap_or(0);
+    let copies = r["journeys"]["multicast_not_followed"]
+        .as_u64()
+        .unwrap_or(0);
     assert!(copies >= PODS as u64, "{}", r["journeys"]);
     assert!(
-        table.contains(&format!("not followed: {copies} copies of multicast or broadcast frames")),
+        table.contains(&format!(
+            "not followed: {copies} copies of multicast or broadcast frames"
+        )),
         "{table}"
     );
     assert_clean();

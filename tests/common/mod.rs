@@ -288,7 +288,10 @@ pub fn host_veth(netns: &str) -> String {
         .output()
         .expect("ip netns exec");
     let index = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let links = Command::new("ip").args(["-o", "link"]).output().expect("ip link");
+    let links = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip link");
     String::from_utf8_lossy(&links.stdout)
         .lines()
         .find_map(|l| {

@@ -14,7 +14,10 @@ use serde_json::Value;
 
 pub const BINARY: &str = "/usr/bin/prometheus";
 /// The alert rules shipped in deploy/, loaded as a user would.
-pub const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/alerts.yml");
+pub const RULES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/prometheus/alerts.yml"
+);
 
 pub struct Prometheus {
     child: Child,
@@ -49,7 +52,10 @@ impl Prometheus {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new(BINARY)
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("log")).expect("Prometheus's log"))
@@ -58,7 +64,11 @@ impl Prometheus {
         let p = Prometheus { child, dir, addr };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !http_get(addr, "/-/ready").is_some_and(|b| b.contains("Ready")) {
-            assert!(Instant::now() < deadline, "Prometheus not ready: {}", p.log());
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus not ready: {}",
+                p.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         p
@@ -71,8 +81,10 @@ impl Prometheus {
     /// An instant query's result vector.
     pub fn query(&self, promql: &str) -> Vec<Value> {
         let path = format!("/api/v1/query?query={}", encode(promql));
-        let body = http_get(self.addr, &path).unwrap_or_else(|| panic!("query {promql}: no answer"));
-        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{promql}: {e}: {body}"));
+        let body =
+            http_get(self.addr, &path).unwrap_or_else(|| panic!("query {promql}: no answer"));
+        let v: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{promql}: {e}: {body}"));
         assert_eq!(v["status"], "success", "{promql}: {body}");
         v["data"]["result"].as_array().cloned().unwrap_or_default()
     }
@@ -88,7 +100,9 @@ impl Prometheus {
             if Instant::now() > deadline {
                 let targets = http_get(self.addr, "/api/v1/targets").unwrap_or_default();
                 let rules = http_get(self.addr, "/api/v1/rules").unwrap_or_default();
-                panic!("{promql} returned nothing in {timeout:?}; targets: {targets}; rules: {rules}");
+                panic!(
+                    "{promql} returned nothing in {timeout:?}; targets: {targets}; rules: {rules}"
+                );
             }
             std::thread::sleep(Duration::from_millis(500));
         }

@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{Context as _, Result};
 use aya::maps::{PerCpuArray, PerCpuHashMap};
 use profiler_common::{
-    hist_bucket_range, path_hash, DropKey, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED,
-    COUNTER_DROPPED, COUNTER_GROUP, COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, HIST_BUCKETS, HIST_SLOTS,
+    hist_bucket_range, path_hash, DropKey, HopPoint, SegmentKey, COUNTER_ABANDONED,
+    COUNTER_CONSUMED, COUNTER_DROPPED, COUNTER_GROUP, COUNTER_LOST, COUNTER_REHEADED,
+    COUNTER_STARTED, HIST_BUCKETS, HIST_SLOTS,
 };
 
 use super::scope::Namer;

@@ -211,7 +211,10 @@ fn write_scope(
     for &(slot, key) in after.iter().filter(|s| !before.contains(s)) {
         map.set(slot, key, 0).context("filling the scope map")?;
     }
-    for &(slot, _) in before.iter().filter(|(s, _)| !after.iter().any(|(a, _)| a == s)) {
+    for &(slot, _) in before
+        .iter()
+        .filter(|(s, _)| !after.iter().any(|(a, _)| a == s))
+    {
         map.set(slot, 0, 0).context("clearing the scope map")?;
     }
     Ok(after)
@@ -252,7 +255,10 @@ async fn rescan(args: &AttachArgs, state: &mut State<'_>, namer: &mut Namer) -> 
 /// "attach: + pod shop/web-3", "attach: - pod shop/web-2" on stderr.
 fn say_changes(before: &[String], after: &[String]) {
     let pods = |l: &[String]| -> Vec<String> {
-        l.iter().filter(|l| l.starts_with("pod ")).cloned().collect()
+        l.iter()
+            .filter(|l| l.starts_with("pod "))
+            .cloned()
+            .collect()
     };
     let (before, after) = (pods(before), pods(after));
     for l in after.iter().filter(|l| !before.contains(l)) {

@@ -136,10 +136,16 @@ pub fn describe(
             };
             let at = ifname.as_deref().map_or(String::new(), |i| format!(" {i}"));
             // A pod's devices, and the host side of its veth, are named after the pod.
-            let pod = iface.and_then(|i| lab.pod_of(i)).or_else(|| lab.pod_in(&netns));
+            let pod = iface
+                .and_then(|i| lab.pod_of(i))
+                .or_else(|| lab.pod_in(&netns));
             let place = match pod {
                 Some(p) if p.netns == netns => format!("({})", p.qualified),
-                Some(p) => format!("{}, {})", parenthesized(&netns).trim_end_matches(')'), p.qualified),
+                Some(p) => format!(
+                    "{}, {})",
+                    parenthesized(&netns).trim_end_matches(')'),
+                    p.qualified
+                ),
                 None => parenthesized(&netns),
             };
             Hop {

@@ -122,7 +122,9 @@ pub fn pod_names(listed: &[Pod], namespaces: &mut Vec<String>) -> Vec<(PodName, 
         .collect();
     let mut named = Vec::new();
     for pod in listed {
-        let Ok(inode) = netns::inode(&pod.netns) else { continue };
+        let Ok(inode) = netns::inode(&pod.netns) else {
+            continue;
+        };
         let netns = match inodes.iter().find(|(_, i)| *i == Some(inode)) {
             Some((n, _)) => n.clone(),
             None => {

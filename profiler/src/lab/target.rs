@@ -249,7 +249,11 @@ pub async fn between_pods(from: &str, to: &str, sources: &pods::Sources) -> Resu
     let named = discover::pod_names(&listing.pods, &mut namespaces);
     let end = |arg: &str| -> Result<(&PodName, Option<Ipv4Addr>)> {
         let pattern: pods::Pattern = arg.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-        let found = pods::select(&listing.pods, std::slice::from_ref(&pattern), &listing.source)?;
+        let found = pods::select(
+            &listing.pods,
+            std::slice::from_ref(&pattern),
+            &listing.source,
+        )?;
         let [pod] = found[..] else {
             bail!("{arg} names {} pods: give NAMESPACE/NAME", found.len());
         };

@@ -43,13 +43,17 @@ struct CniIp {
 
 /// The pods of the results under `dir` that name their pod (K8S_POD_NAME) and namespace.
 pub fn pods(dir: &Path) -> Result<Vec<Pod>> {
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot read the CNI cache {}", dir.display()))?;
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the CNI cache {}", dir.display()))?;
     let mut pods: Vec<Pod> = Vec::new();
     for entry in entries.filter_map(|e| e.ok()) {
         // A result removed since the listing, or unreadable, is skipped.
-        let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
-        let Some(pod) = parse(&text, dir) else { continue };
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let Some(pod) = parse(&text, dir) else {
+            continue;
+        };
         // One result per network and interface (containerd's loopback one has no address):
         // one pod per sandbox, with its address where a result has one.
         match pods.iter_mut().find(|p| p.sandbox == pod.sandbox) {
@@ -107,7 +111,10 @@ mod tests {
     #[test]
     fn a_cached_result_names_its_pod_and_namespace() {
         let pod = parse(RESULT, Path::new(CACHE_DIR)).expect("a pod from the cached result");
-        assert_eq!((pod.namespace.as_str(), pod.name.as_str()), ("shop", "web-1"));
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str()),
+            ("shop", "web-1")
+        );
         assert_eq!(pod.netns, "/var/run/netns/cni-77");
         assert_eq!(pod.ip, Some(Ipv4Addr::new(198, 18, 0, 5)));
         assert_eq!(pod.uid, "u-1");

@@ -6,18 +6,16 @@ use std::{path::Path, time::Duration};
 use anyhow::{anyhow, Context as _, Result};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
-    runtime_service_client::RuntimeServiceClient, ListPodSandboxRequest, PodSandboxFilter,
-    PodSandbox, PodSandboxState, PodSandboxStateValue, PodSandboxStatusRequest,
+    runtime_service_client::RuntimeServiceClient, ListPodSandboxRequest, PodSandbox,
+    PodSandboxFilter, PodSandboxState, PodSandboxStateValue, PodSandboxStatusRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::{Pod, Source};
 
 /// Where containerd and CRI-O listen by default, tried in this order.
-pub const DEFAULT_SOCKETS: [&str; 2] = [
-    "/run/containerd/containerd.sock",
-    "/var/run/crio/crio.sock",
-];
+pub const DEFAULT_SOCKETS: [&str; 2] =
+    ["/run/containerd/containerd.sock", "/var/run/crio/crio.sock"];
 /// A runtime that does not answer in this time is taken as unreachable.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -55,7 +53,9 @@ async fn ready(client: &mut Client) -> Result<Vec<PodSandbox>> {
         ..Default::default()
     };
     Ok(client
-        .list_pod_sandbox(ListPodSandboxRequest { filter: Some(ready) })
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(ready),
+        })
         .await
         .map_err(|s| anyhow!("CRI ListPodSandbox: {}", s.message()))?
         .into_inner()
@@ -128,7 +128,10 @@ mod tests {
         let info = r#"{"pid":42,"runtimeSpec":{"linux":{"namespaces":[
             {"type":"pid"},{"type":"ipc"},{"type":"uts"},
             {"type":"network","path":"/var/run/netns/cni-1b2c9e"}]}}}"#;
-        assert_eq!(netns_of_info(info).as_deref(), Some("/var/run/netns/cni-1b2c9e"));
+        assert_eq!(
+            netns_of_info(info).as_deref(),
+            Some("/var/run/netns/cni-1b2c9e")
+        );
         let host_network = r#"{"runtimeSpec":{"linux":{"namespaces":[{"type":"pid"}]}}}"#;
         assert_eq!(netns_of_info(host_network), None);
         assert_eq!(netns_of_info("not json"), None);

@@ -104,7 +104,11 @@ impl Sources {
             .clone()
             .unwrap_or_else(|| PathBuf::from(cni::CACHE_DIR));
         // No cache at all is no node of a CNI runtime: nothing to say.
-        let cached = if cache.exists() { cni::pods(&cache) } else { Ok(Vec::new()) };
+        let cached = if cache.exists() {
+            cni::pods(&cache)
+        } else {
+            Ok(Vec::new())
+        };
         match cached {
             Ok(pods) if !pods.is_empty() => {
                 return Ok(Listing {
@@ -168,16 +172,14 @@ pub fn netns_names() -> Vec<String> {
 fn netns_pods() -> Result<Vec<Pod>> {
     Ok(netns_names()
         .into_iter()
-        .map(|name| {
-            Pod {
-                namespace: String::new(),
-                uid: String::new(),
-                sandbox: name.clone(),
-                netns: format!("{NETNS_DIR}/{name}"),
-                name,
-                ip: None,
-                source: Source::NetnsNames,
-            }
+        .map(|name| Pod {
+            namespace: String::new(),
+            uid: String::new(),
+            sandbox: name.clone(),
+            netns: format!("{NETNS_DIR}/{name}"),
+            name,
+            ip: None,
+            source: Source::NetnsNames,
         })
         .collect())
 }
@@ -266,7 +268,10 @@ fn unknown(p: &Pattern, pods: &[Pod], source: &Source) -> String {
     if closest.is_empty() {
         format!("unknown pod {p}: no pod in {source}")
     } else {
-        format!("unknown pod {p} (in {source}); closest: {}", closest.join(", "))
+        format!(
+            "unknown pod {p} (in {source}); closest: {}",
+            closest.join(", ")
+        )
     }
 }
 
@@ -294,7 +299,11 @@ mod tests {
 
     #[test]
     fn patterns_select_by_namespace_name_and_glob() {
-        let pods = [pod("shop", "web-1"), pod("shop", "web-2"), pod("kube-system", "dns")];
+        let pods = [
+            pod("shop", "web-1"),
+            pod("shop", "web-2"),
+            pod("kube-system", "dns"),
+        ];
         let names = |p: &[&str]| -> Vec<String> {
             select(&pods, &pats(p), &Source::NetnsNames)
                 .expect("a selection")
@@ -304,13 +313,20 @@ mod tests {
         };
         assert_eq!(names(&["shop/web-1"]), ["shop/web-1"]);
         assert_eq!(names(&["web-*"]), ["shop/web-1", "shop/web-2"]);
-        assert_eq!(names(&["*/dns", "shop/web-2"]), ["shop/web-2", "kube-system/dns"]);
+        assert_eq!(
+            names(&["*/dns", "shop/web-2"]),
+            ["shop/web-2", "kube-system/dns"]
+        );
         assert_eq!(names(&["other/*"]), Vec::<String>::new());
     }
 
     #[test]
     fn an_unknown_pod_names_the_closest() {
-        let pods = [pod("shop", "web-1"), pod("shop", "cart"), pod("kube-system", "dns")];
+        let pods = [
+            pod("shop", "web-1"),
+            pod("shop", "cart"),
+            pod("kube-system", "dns"),
+        ];
         let err = select(&pods, &pats(&["shop/web1"]), &Source::NetnsNames)
             .expect_err("no pod shop/web1");
         let text = err.to_string();

@@ -405,7 +405,11 @@ fn targets(all: &[String]) -> String {
     }
     let (patterns, named): (Vec<&String>, Vec<&String>) =
         all.iter().partition(|t| t.starts_with("--"));
-    let first: Vec<&str> = named.iter().take(SHOWN_TARGETS - 1).map(|t| t.as_str()).collect();
+    let first: Vec<&str> = named
+        .iter()
+        .take(SHOWN_TARGETS - 1)
+        .map(|t| t.as_str())
+        .collect();
     let mut out = String::new();
     for p in patterns {
         out += p;
