@@ -568,6 +568,101 @@ fn pods_are_followed_as_they_come_and_go() {
     assert_clean();
 }
 
+/// A pod's devices come after its namespace, under a first name, as a CNI plugin makes them:
+/// a veth pair made on the node as pltmp0/pltmp1, its ends moved into two namespaces attach
+/// already follows and renamed eth0 there. attach must follow the pods' eth0 by that name, and
+/// no hop may keep a temporary name or the node's.
+#[test]
+fn a_pods_devices_made_after_its_namespace_are_followed_by_their_last_names() {
+    let _guard = serial();
+    let pods = ["prof-late-a", "prof-late-b"];
+    let json = tmp("late.json");
+    let attach = Attach::start(&[
+        "--pod",
+        "prof-late-*",
+        "--filter",
+        "icmp and dst host 198.18.9.2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let mut made = Made::namespaces(&pods);
+    // attach has looked at the two namespaces, each with only lo, before any device comes.
+    std::thread::sleep(Duration::from_millis(1500));
+    made.link(&["pltmp0", "type", "veth", "peer", "name", "pltmp1"]);
+    for (pod, (dev, addr)) in pods
+        .iter()
+        .zip([("pltmp0", "198.18.9.1/24"), ("pltmp1", "198.18.9.2/24")])
+    {
+        common::ip(&["link", "set", dev, "netns", pod]);
+        let run = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", pod, "ip"];
+            all.extend_from_slice(args);
+            common::ip(&all);
+        };
+        run(&["link", "set", dev, "name", "eth0"]);
+        run(&["addr", "add", addr, "dev", "eth0"]);
+        run(&["link", "set", "eth0", "up"]);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    ping(pods[0], "198.18.9.2", 50, "0.01");
+    let (table, err) = attach.stop();
+    let r = report(&json);
+    let _ = std::fs::remove_file(&json);
+    let started = started(&r);
+    assert!(
+        (50..=55).contains(&started),
+        "{started} journeys of 50 requests: {err}\n{table}"
+    );
+    let names = segment_names(&r);
+    assert!(
+        names.iter().any(|n| n.contains("eth0")),
+        "no segment names the pods' eth0: {names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.contains("pltmp")),
+        "a segment keeps a device's first name: {names:?}\n{table}"
+    );
+    drop(made);
+    assert_clean();
+}
+
+/// Named namespaces and node devices a test made, deleted when it ends, also on a failed
+/// assertion.
+#[derive(Default)]
+struct Made {
+    namespaces: Vec<String>,
+    devices: Vec<String>,
+}
+
+impl Made {
+    fn namespaces(names: &[&str]) -> Made {
+        let mut made = Made::default();
+        for n in names {
+            common::ip(&["netns", "add", n]);
+            made.namespaces.push(n.to_string());
+        }
+        made
+    }
+
+    /// `ip link add ARGS`, ARGS[0] being the device's name.
+    fn link(&mut self, args: &[&str]) {
+        self.devices.push(args[0].to_string());
+        common::ip(&[&["link", "add"], args].concat());
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        let del = |args: &[&str]| Command::new("ip").args(args).output();
+        for d in &self.devices {
+            let _ = del(&["link", "del", d]);
+        }
+        for n in &self.namespaces {
+            let _ = del(&["netns", "delete", n]);
+        }
+    }
+}
+
 /// A journey that ends in a drop is counted with the kernel's reason, what the packet was and
 /// the last hop that saw it, in the table, the JSON and on /metrics: UDP datagrams to a port
 /// nobody listens on are freed as no_socket in pod-b; the echo replies of a raw-socket ping

@@ -42,6 +42,11 @@ const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 /// How often the node is looked at for pods that came or went (a cheap look: a directory and
 /// one CRI call; the scope is resolved again only when they changed).
 const RESCAN_EVERY: Duration = Duration::from_millis(500);
+/// After the node changed, how many more looks resolve the scope whatever the fingerprint says:
+/// a CNI plugin creates a pod's devices after its namespace and renames them (a temporary name,
+/// then eth0), which changes no namespace name nor pod id, so one look would keep half-made
+/// devices and their first names.
+const SETTLE_LOOKS: u32 = 4;
 
 pub struct AttachArgs {
     /// Pods by [NAMESPACE/]NAME pattern, followed as they come and go.
@@ -106,6 +111,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         // None yet: the first look resolves the scope again, with its fingerprint taken
         // before its listing.
         fingerprint: Fingerprint::default(),
+        settling: 0,
         source: scope.source,
         slots,
         retired: Retired::default(),
@@ -193,6 +199,8 @@ struct Tracked {
     /// The targets of the scope now.
     current: Vec<String>,
     fingerprint: Fingerprint,
+    /// Looks left that resolve the scope even if the fingerprint did not change.
+    settling: u32,
     source: crate::pods::Source,
     /// The scope table's filled slots.
     slots: Vec<(u32, u64)>,
@@ -220,12 +228,17 @@ fn write_scope(
     Ok(after)
 }
 
-/// Looks at the node again if its pods or namespaces changed: new pods' devices join the
-/// scope, departed ones' leave it and their segments are retired.
+/// Looks at the node again if its pods or namespaces changed, or changed lately: new pods'
+/// devices join the scope, departed ones' leave it and their segments are retired.
 async fn rescan(args: &AttachArgs, state: &mut State<'_>, namer: &mut Namer) -> Result<()> {
     let fingerprint = Fingerprint::of(&args.pod_sources, &state.tracked.source).await;
-    if fingerprint == state.tracked.fingerprint {
+    let tracked = &mut state.tracked;
+    if fingerprint != tracked.fingerprint {
+        tracked.settling = SETTLE_LOOKS;
+    } else if tracked.settling == 0 {
         return Ok(());
+    } else {
+        tracked.settling -= 1;
     }
     let mut new = scope(args, false).await?;
     namer.keep_pod_names(&mut new.devices);

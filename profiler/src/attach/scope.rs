@@ -171,8 +171,9 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
 }
 
 /// What changes when pods come or go, cheap to read every second: the namespaces under
-/// /run/netns, and the runtime's ready sandboxes (a pod's network is ready before its sandbox
-/// is) or the CNI cache's results. A scope is resolved again only when it changes. Taken before
+/// /run/netns, the runtime's ready sandboxes (a pod's network is ready before its sandbox
+/// is) or the CNI cache's results, and the node's own devices (where a CNI plugin makes a
+/// pod's devices and the host ends of its veths stay). A scope is resolved again only when it changes. Taken before
 /// the listing it stands for: a pod ready in between then shows as a change at the next look.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fingerprint(Vec<String>);
@@ -181,9 +182,21 @@ impl Fingerprint {
     pub async fn of(sources: &pods::Sources, source: &pods::Source) -> Fingerprint {
         let mut names = pods::netns_names();
         names.extend(sources.ids(source).await);
+        names.extend(host_devices());
         names.sort();
         Fingerprint(names)
     }
+}
+
+/// The names of this namespace's devices, as sysfs lists them.
+fn host_devices() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| format!("dev {}", e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Where each device of the scope goes in the kernel's direct-mapped scope table, as the
