@@ -703,7 +703,15 @@ fn drops_say_the_kernels_reason_what_and_where() {
     let (table, _) = attach.stop();
     drop(lab);
     let r = report(&json);
+    let view = profiler(&["report", json.to_str().unwrap(), "--format", "drops"]);
     let _ = std::fs::remove_file(&json);
+    assert!(view.status.success(), "report --format drops: {view:?}");
+    let view = String::from_utf8_lossy(&view.stdout);
+    // By reason: the 10 datagrams and the 5 replies, in two places.
+    assert!(
+        view.contains("\n        15  no_socket (2 places)\n"),
+        "{view}"
+    );
     let drops = r["drops"]
         .as_array()
         .unwrap_or_else(|| panic!("no drops: {r}"));
@@ -720,6 +728,12 @@ fn drops_say_the_kernels_reason_what_and_where() {
         assert_eq!(drop["hint"].is_string(), protocol == "ipv4/icmp", "{drop}");
         let line = format!("dropped: {packets} {protocol} packets after {after} (no_socket)");
         assert!(table.contains(&line), "no line {line:?} in\n{table}");
+        let words = format!("{packets} no_socket {protocol} {after}");
+        assert!(
+            view.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == words),
+            "no line of {words:?} in\n{view}"
+        );
         let series =
             format!("after=\"{after}\",reason=\"no_socket\",protocol=\"{protocol}\"}} {packets}");
         assert!(exported.contains(&series), "no {series} in\n{exported}");

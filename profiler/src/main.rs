@@ -187,6 +187,11 @@ struct AttachCli {
     /// Report each eBPF program's kernel cost per invocation (enables bpf_stats meanwhile).
     #[arg(long)]
     stats: bool,
+    /// Print the drops instead of the segments: by the kernel's reason, then where (hop, pod)
+    /// and what (protocol), the most first (the JSON report is the same; `profiler report
+    /// FILE --format drops` shows it again).
+    #[arg(long)]
+    drops: bool,
     /// Hooks to attach: stable (tracepoints, tc) or deep (also the datapath's kernel
     /// functions: veth, bridge, vxlan, OVS, ...; falls back to stable with a notice where the
     /// kernel has no kprobes).
@@ -907,6 +912,11 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         anyhow::bail!("--mode events prints its journeys on stdout: give --json a file, not -");
     }
     let filter = attach::filter::compile(&cli.filter)?;
+    let view = if cli.drops {
+        table::drops
+    } else {
+        table::attach
+    };
     doctor::require(doctor::ATTACH_CAPS)?;
     let args = attach::AttachArgs {
         pods: cli.pod,
@@ -934,7 +944,7 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         command: cli.command,
     };
     let report = attach::attach(&args).await?;
-    let table = table::attach(&report);
+    let table = view(&report);
     if events {
         // Events own stdout: the summary goes to stderr, its JSON to the file.
         if let Some(file) = &json {

@@ -37,6 +37,8 @@ pub enum Format {
     Json,
     /// A self-contained HTML page with the waterfalls drawn.
     Html,
+    /// An attach report's drops: by reason, then where and what, the most first.
+    Drops,
 }
 
 impl Report {
@@ -77,6 +79,10 @@ impl Report {
             Format::Table => self.table(),
             Format::Json => self.json()? + "\n",
             Format::Html => html::page(self),
+            Format::Drops => match self {
+                Report::Attach(r) => table::drops(r),
+                _ => bail!("--format drops is for the reports of `profiler attach`"),
+            },
         })
     }
 

@@ -3,9 +3,9 @@
 use std::fmt::Write as _;
 
 use super::schema::{
-    AlltoallResult, AttachPath, AttachReport, CompareReport, CrossingReport, DirectionReport,
-    DoctorReport, HookSet, HookStatus, Hop, ProgramCost, RunReport, SegmentReport, SegmentSummary,
-    Stats, Status, StreamResult, HOST_NODE,
+    AlltoallResult, AttachDrop, AttachPath, AttachReport, CompareReport, CrossingReport,
+    DirectionReport, DoctorReport, HookSet, HookStatus, Hop, ProgramCost, RunReport, SegmentReport,
+    SegmentSummary, Stats, Status, StreamResult, HOST_NODE,
 };
 
 fn us(ns: f64) -> String {
@@ -373,6 +373,7 @@ pub fn attach(r: &AttachReport) -> String {
             j.multicast_not_followed
         );
     }
+    let mut hinted = Vec::new();
     for d in &r.drops {
         let what = match d.protocol.as_str() {
             "" => String::new(),
@@ -383,13 +384,97 @@ pub fn attach(r: &AttachReport) -> String {
             "  dropped: {}{what} packets after {} ({})",
             d.packets, d.after, d.reason
         );
-        if let Some(hint) = &d.hint {
+        // A hint is said once, under the first (largest) drops it explains.
+        if let Some(hint) = d.hint.as_ref().filter(|h| !hinted.contains(h)) {
             let _ = writeln!(out, "    ({hint})");
+            hinted.push(hint);
         }
     }
     out += &render_hooks(&r.hooks);
     if let Some(costs) = &r.program_costs {
         out += &render_costs(costs);
+    }
+    out
+}
+
+/// Places shown by the drops view at most; the JSON report has them all.
+const SHOWN_DROPS: usize = 20;
+
+/// `attach --drops`: the journeys that ended in a drop, by the kernel's reason, then where
+/// (the last hop that saw them, with its pod or namespace) and what they were, the most first,
+/// and what the known harmless kinds are.
+pub fn drops(r: &AttachReport) -> String {
+    let mut out = String::new();
+    let dropped: u64 = r.drops.iter().map(|d| d.packets).sum();
+    let _ = writeln!(
+        out,
+        "drops on {} ({}) in {:.1} s: {dropped} of {} journeys ended in a drop",
+        r.node,
+        targets(&r.targets),
+        r.duration_s,
+        r.journeys.started
+    );
+    if r.drops.is_empty() {
+        return out;
+    }
+    let mut reasons: Vec<(&str, u64, usize)> = Vec::new();
+    for d in &r.drops {
+        match reasons.iter_mut().find(|(reason, ..)| *reason == d.reason) {
+            Some((_, packets, places)) => {
+                *packets += d.packets;
+                *places += 1;
+            }
+            None => reasons.push((&d.reason, d.packets, 1)),
+        }
+    }
+    reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let _ = writeln!(out, "by reason:");
+    for (reason, packets, places) in &reasons {
+        let where_ = if *places == 1 { "place" } else { "places" };
+        let _ = writeln!(out, "{packets:>10}  {reason} ({places} {where_})");
+    }
+    let width = |f: fn(&AttachDrop) -> &str, title: &str| {
+        r.drops
+            .iter()
+            .map(|d| f(d).len())
+            .fold(title.len(), usize::max)
+    };
+    let (rw, pw) = (
+        width(|d| &d.reason, "reason"),
+        width(|d| &d.protocol, "protocol"),
+    );
+    let _ = writeln!(out, "where:");
+    let _ = writeln!(
+        out,
+        "{:>10}  {:rw$}  {:pw$}  after hop (pod or namespace)",
+        "packets", "reason", "protocol"
+    );
+    for d in r.drops.iter().take(SHOWN_DROPS) {
+        let _ = writeln!(
+            out,
+            "{:>10}  {:rw$}  {:pw$}  {}",
+            d.packets, d.reason, d.protocol, d.after
+        );
+    }
+    if let Some(rest) = r.drops.get(SHOWN_DROPS..).filter(|r| !r.is_empty()) {
+        let packets: u64 = rest.iter().map(|d| d.packets).sum();
+        let _ = writeln!(
+            out,
+            "  and {} more places with {packets} packets (the JSON report lists them all)",
+            rest.len()
+        );
+    }
+    let mut hinted: Vec<(&str, &str)> = Vec::new();
+    for d in &r.drops {
+        let Some(hint) = &d.hint else { continue };
+        if hinted.contains(&(&d.reason, &d.protocol)) {
+            continue;
+        }
+        if hinted.is_empty() {
+            let _ = writeln!(out, "known kinds:");
+        }
+        let _ = writeln!(out, "  {} {}: {hint}", d.reason, d.protocol);
+        hinted.push((&d.reason, &d.protocol));
     }
     out
 }
@@ -676,5 +761,85 @@ mod tests {
             targets(&many),
             "--pod *, 250 namespaces: pod p-0, pod p-1, pod p-2, and 247 more (the JSON report lists them all)"
         );
+    }
+
+    #[test]
+    fn the_drops_view_goes_by_reason_then_place_and_says_each_hint_once() {
+        let drop = |reason: &str, protocol: &str, after: &str, packets: u64| AttachDrop {
+            hint: crate::datapath::protocols::hint(reason, protocol).map(str::to_string),
+            reason: reason.into(),
+            protocol: protocol.into(),
+            after: after.into(),
+            pod: None,
+            namespace: None,
+            packets,
+        };
+        let mut all = vec![
+            drop(
+                "no_socket",
+                "ipv4/icmp",
+                "netif_receive_skb eth0 (shop/web-1)",
+                500,
+            ),
+            drop(
+                "not_specified",
+                "ipv6/icmpv6",
+                "netif_receive_skb eth0 (shop/web-2)",
+                300,
+            ),
+            drop(
+                "no_socket",
+                "ipv4/icmp",
+                "netif_receive_skb eth0 (shop/web-2)",
+                200,
+            ),
+        ];
+        all.extend((0..25).map(|i| drop("queue_purge", "ipv4/tcp", &format!("hop {i}"), 1)));
+        let report: AttachReport = serde_json::from_value(serde_json::json!({
+            "schema": "profiler.attach.v1", "kernel": "6.1", "node": "n1",
+            "targets": ["pod shop/web-1"], "filter": "", "sample": 1, "mode": "summary",
+            "duration_s": 2.0, "segments": [], "journeys": {"started": 2000, "consumed": 975,
+            "dropped": 1025, "ended_unseen": 0, "unfinished": 0, "reheaded": 0},
+            "drops": [], "lost_events": 0, "hook_set": "stable", "hooks": []
+        }))
+        .expect("a minimal attach report");
+        let report = AttachReport {
+            drops: all,
+            ..report
+        };
+        let view = drops(&report);
+        let lines: Vec<&str> = view.lines().collect();
+        assert_eq!(
+            lines[0],
+            "drops on n1 (pod shop/web-1) in 2.0 s: 1025 of 2000 journeys ended in a drop"
+        );
+        assert_eq!(lines[2], "       700  no_socket (2 places)", "{view}");
+        assert_eq!(lines[3], "       300  not_specified (1 place)", "{view}");
+        assert_eq!(lines[4], "        25  queue_purge (25 places)", "{view}");
+        assert!(
+            view.contains(
+                "       500  no_socket      ipv4/icmp    netif_receive_skb eth0 (shop/web-1)"
+            ),
+            "{view}"
+        );
+        assert!(
+            view.contains("  and 8 more places with 8 packets (the JSON report lists them all)"),
+            "{view}"
+        );
+        assert_eq!(
+            view.matches("echo replies read through a raw socket")
+                .count(),
+            1,
+            "{view}"
+        );
+        let table = attach(&report);
+        assert_eq!(
+            table
+                .matches("echo replies read through a raw socket")
+                .count(),
+            1,
+            "{table}"
+        );
+        assert_eq!(table.matches("dropped:").count(), 28, "{table}");
     }
 }
