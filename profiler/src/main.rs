@@ -192,6 +192,10 @@ struct AttachCli {
     /// FILE --format drops` shows it again).
     #[arg(long)]
     drops: bool,
+    /// List every target in the table's header (beyond 4, it says how many and the first 3;
+    /// the JSON report always lists them all).
+    #[arg(long)]
+    verbose: bool,
     /// Hooks to attach: stable (tracepoints, tc) or deep (also the datapath's kernel
     /// functions: veth, bridge, vxlan, OVS, ...; falls back to stable with a notice where the
     /// kernel has no kprobes).
@@ -917,6 +921,7 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     } else {
         table::attach
     };
+    let verbose = cli.verbose;
     doctor::require(doctor::ATTACH_CAPS)?;
     let args = attach::AttachArgs {
         pods: cli.pod,
@@ -944,7 +949,7 @@ async fn attach_command(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         command: cli.command,
     };
     let report = attach::attach(&args).await?;
-    let table = view(&report);
+    let table = view(&report, verbose);
     if events {
         // Events own stdout: the summary goes to stderr, its JSON to the file.
         if let Some(file) = &json {

@@ -80,7 +80,7 @@ impl Report {
             Format::Json => self.json()? + "\n",
             Format::Html => html::page(self),
             Format::Drops => match self {
-                Report::Attach(r) => table::drops(r),
+                Report::Attach(r) => table::drops(r, false),
                 _ => bail!("--format drops is for the reports of `profiler attach`"),
             },
         })
@@ -90,7 +90,7 @@ impl Report {
     pub fn table(&self) -> String {
         match self {
             Report::Run(r) => table::run(r),
-            Report::Attach(r) => table::attach(r),
+            Report::Attach(r) => table::attach(r, false),
             Report::Compare(r) => table::compare(r),
             Report::Bench(r) => bench::table(r),
             Report::Doctor(r) => table::doctor(r),

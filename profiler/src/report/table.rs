@@ -325,14 +325,15 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-/// `profiler attach`'s summary: every segment with its packet count and percentiles.
-pub fn attach(r: &AttachReport) -> String {
+/// `profiler attach`'s summary: every segment with its packet count and percentiles; the
+/// header lists every target with `all_targets`, else counts them beyond a few.
+pub fn attach(r: &AttachReport, all_targets: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "attach on {} ({}) for {:.1} s, filter {:?}, 1 packet in {} followed, {} mode",
         r.node,
-        targets(&r.targets),
+        targets(&r.targets, all_targets),
         r.duration_s,
         r.filter,
         r.sample,
@@ -403,14 +404,14 @@ const SHOWN_DROPS: usize = 20;
 /// `attach --drops`: the journeys that ended in a drop, by the kernel's reason, then where
 /// (the last hop that saw them, with its pod or namespace) and what they were, the most first,
 /// and what the known harmless kinds are.
-pub fn drops(r: &AttachReport) -> String {
+pub fn drops(r: &AttachReport, all_targets: bool) -> String {
     let mut out = String::new();
     let dropped: u64 = r.drops.iter().map(|d| d.packets).sum();
     let _ = writeln!(
         out,
         "drops on {} ({}) in {:.1} s: {dropped} of {} journeys ended in a drop",
         r.node,
-        targets(&r.targets),
+        targets(&r.targets, all_targets),
         r.duration_s,
         r.journeys.started
     );
@@ -484,8 +485,8 @@ const SHOWN_TARGETS: usize = 4;
 
 /// The targets: every one if few, else the patterns (`--pod *`) and the number of namespaces
 /// they and the others name, with the first few.
-fn targets(all: &[String]) -> String {
-    if all.len() <= SHOWN_TARGETS {
+fn targets(all: &[String], every: bool) -> String {
+    if every || all.len() <= SHOWN_TARGETS {
         return all.join(", ");
     }
     let (patterns, named): (Vec<&String>, Vec<&String>) =
@@ -754,19 +755,22 @@ mod tests {
     #[test]
     fn many_targets_are_counted_not_listed() {
         let few: Vec<String> = (0..4).map(|i| format!("pod p-{i}")).collect();
-        assert_eq!(targets(&few), few.join(", "));
+        assert_eq!(targets(&few, false), few.join(", "));
         let mut many: Vec<String> = (0..250).map(|i| format!("pod p-{i}")).collect();
         many.push("--pod *".into());
         assert_eq!(
-            targets(&many),
+            targets(&many, false),
             "--pod *, 250 namespaces: pod p-0, pod p-1, pod p-2, and 247 more (the JSON report lists them all)"
         );
+        assert_eq!(targets(&many, true), many.join(", "));
     }
 
     #[test]
     fn the_drops_view_goes_by_reason_then_place_and_says_each_hint_once() {
         let drop = |reason: &str, protocol: &str, after: &str, packets: u64| AttachDrop {
-            hint: crate::datapath::protocols::hint(reason, protocol).map(str::to_string),
+            hint: (reason, protocol)
+                .eq(&("no_socket", "ipv4/icmp"))
+                .then(|| "echo replies read through a raw socket".to_string()),
             reason: reason.into(),
             protocol: protocol.into(),
             after: after.into(),
@@ -807,7 +811,7 @@ mod tests {
             drops: all,
             ..report
         };
-        let view = drops(&report);
+        let view = drops(&report, false);
         let lines: Vec<&str> = view.lines().collect();
         assert_eq!(
             lines[0],
@@ -832,7 +836,7 @@ mod tests {
             1,
             "{view}"
         );
-        let table = attach(&report);
+        let table = attach(&report, false);
         assert_eq!(
             table
                 .matches("echo replies read through a raw socket")
