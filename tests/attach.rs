@@ -710,7 +710,8 @@ fn drops_say_the_kernels_reason_what_and_where() {
     // By reason: the 10 datagrams and the 5 replies, in two places.
     assert!(
         view.contains("\n        15  no_socket (2 places)\n"),
-        "{view}"
+        "{view}; journeys {}",
+        r["journeys"]
     );
     let drops = r["drops"]
         .as_array()
@@ -724,7 +725,11 @@ fn drops_say_the_kernels_reason_what_and_where() {
             .find(|d| d["after"] == after && d["protocol"] == protocol)
             .unwrap_or_else(|| panic!("no {protocol} drop after {after}: {drops:?}"));
         assert_eq!(drop["reason"], "no_socket", "{drop}");
-        assert_eq!(drop["packets"], packets, "{drop}");
+        assert_eq!(
+            drop["packets"], packets,
+            "{drop}; journeys {}",
+            r["journeys"]
+        );
         assert_eq!(drop["hint"].is_string(), protocol == "ipv4/icmp", "{drop}");
         let line = format!("dropped: {packets} {protocol} packets after {after} (no_socket)");
         assert!(table.contains(&line), "no line {line:?} in\n{table}");

@@ -297,6 +297,15 @@ fn flight_of(head: u64, skb: u64) -> (*mut Flight, u64) {
             return (f, head);
         }
     }
+    moved_flight(skb)
+}
+
+/// The journey this skb carried in a buffer it no longer has (reallocated under it), and that
+/// buffer. The journey must still be carried by this very skb: an skb's memory is reused for
+/// other packets once it is freed, and the way back from a freed one is left behind (its
+/// buffer may carry another followed packet by then, which a stranger must not end or take).
+#[inline(always)]
+fn moved_flight(skb: u64) -> (*mut Flight, u64) {
     let Some(by) = slot(&BY_SKB, skb) else {
         return (core::ptr::null_mut(), 0);
     };
@@ -305,7 +314,9 @@ fn flight_of(head: u64, skb: u64) -> (*mut Flight, u64) {
         return (core::ptr::null_mut(), 0);
     }
     match slot(&FLIGHTS, old) {
-        Some(f) if unsafe { (*f).head == old && (*f).state == FOLLOWED } => (f, old),
+        Some(f) if unsafe { (*f).head == old && (*f).skb == skb && (*f).state == FOLLOWED } => {
+            (f, old)
+        }
         _ => (core::ptr::null_mut(), 0),
     }
 }
@@ -438,7 +449,7 @@ fn followed(head: u64, skb: u64) -> bool {
 /// Whether a followed journey's buffer was reallocated under this skb.
 #[inline(always)]
 fn rehomed(skb: u64) -> bool {
-    slot(&BY_SKB, skb).is_some_and(|by| unsafe { (*by)[0] == skb && (*by)[1] != 0 })
+    !moved_flight(skb).0.is_null()
 }
 
 #[inline(always)]
