@@ -297,15 +297,6 @@ fn flight_of(head: u64, skb: u64) -> (*mut Flight, u64) {
             return (f, head);
         }
     }
-    moved_flight(skb)
-}
-
-/// The journey this skb carried in a buffer it no longer has (reallocated under it), and that
-/// buffer. The journey must still be carried by this very skb: an skb's memory is reused for
-/// other packets once it is freed, and the way back from a freed one is left behind (its
-/// buffer may carry another followed packet by then, which a stranger must not end or take).
-#[inline(always)]
-fn moved_flight(skb: u64) -> (*mut Flight, u64) {
     let Some(by) = slot(&BY_SKB, skb) else {
         return (core::ptr::null_mut(), 0);
     };
@@ -314,9 +305,7 @@ fn moved_flight(skb: u64) -> (*mut Flight, u64) {
         return (core::ptr::null_mut(), 0);
     }
     match slot(&FLIGHTS, old) {
-        Some(f) if unsafe { (*f).head == old && (*f).skb == skb && (*f).state == FOLLOWED } => {
-            (f, old)
-        }
+        Some(f) if unsafe { (*f).head == old && (*f).state == FOLLOWED } => (f, old),
         _ => (core::ptr::null_mut(), 0),
     }
 }
@@ -449,7 +438,7 @@ fn followed(head: u64, skb: u64) -> bool {
 /// Whether a followed journey's buffer was reallocated under this skb.
 #[inline(always)]
 fn rehomed(skb: u64) -> bool {
-    !moved_flight(skb).0.is_null()
+    slot(&BY_SKB, skb).is_some_and(|by| unsafe { (*by)[0] == skb && (*by)[1] != 0 })
 }
 
 #[inline(always)]
@@ -611,6 +600,7 @@ pub fn on_free<M: KernelMem>(args: *const u64, reason_arg: Option<usize>) {
     let ts = unsafe { bpf_ktime_get_ns() };
     let f = *at;
     at.state = EMPTY;
+    forget_skb(skb_id, head);
     if ts.wrapping_sub(f.last_ts) >= global(&MAX_GAP_NS) {
         count(COUNTER_ABANDONED);
         return;
@@ -642,6 +632,19 @@ pub fn on_free<M: KernelMem>(args: *const u64, reason_arg: Option<usize>) {
             ip_proto,
             _pad: 0,
         });
+    }
+}
+
+/// Takes back the way from a freed skb to its journey: the skb's memory is soon another
+/// packet's, and the buffer's slot another journey's, which that packet must not be taken for
+/// (it would end it, or move it, and its drop would go uncounted).
+#[inline(always)]
+fn forget_skb(skb: u64, head: u64) {
+    if let Some(by) = slot(&BY_SKB, skb) {
+        let by = unsafe { &mut *by };
+        if by[0] == skb && by[1] == head {
+            by[1] = 0;
+        }
     }
 }
 
