@@ -342,7 +342,7 @@ fn pods_that_come_and_go_are_each_counted_under_their_name() {
             "pod rm {name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        rss.push(rss_kib(pid));
+        rss.push(common::rss_kib(pid));
     }
     // A departed pod's series expire: gone from /metrics once attach saw it go.
     std::thread::sleep(Duration::from_secs(2));
@@ -392,15 +392,6 @@ fn pods_that_come_and_go_are_each_counted_under_their_name() {
     );
     drop(node);
     assert_clean();
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("attach's status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 /// `run --from POD --to POD` between two pods of the runtime: hops named after the pods.
@@ -623,7 +614,7 @@ fn attach_over_a_node_of_many_pods_is_quick_small_and_loses_nothing() {
     ]);
     let ready = begun.elapsed();
     let pings = common::attach::ping(&a.netns, &b.ip, 200, "0.01");
-    let rss = rss_kib(attach.child.id());
+    let rss = common::rss_kib(attach.child.id());
     let (table, _) = attach.stop();
     drop(node);
     let r = report(&json);

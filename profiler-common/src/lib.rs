@@ -323,9 +323,10 @@ pub const HIST_SUB_BITS: u32 = 4;
 pub const HIST_SUB: u64 = 1 << HIST_SUB_BITS;
 pub const HIST_BUCKETS: usize = 512;
 
-/// Slots of the kernel's per-CPU histogram table (a power of two), and how many consecutive
-/// slots a segment may take (linear probing, unrolled).
-pub const HIST_SLOTS: u32 = 1024;
+/// Slots of each of the kernel's two per-CPU histogram tables (a power of two: the one being
+/// filled, the one being drained), and how many consecutive slots a segment may take (linear
+/// probing, unrolled). A table holds the segments crossed between two drains (a second).
+pub const HIST_SLOTS: u32 = 512;
 pub const HIST_PROBES: u32 = 4;
 
 /// One segment's latency histogram, per CPU, in a slot of the kernel's direct-mapped table (a

@@ -139,8 +139,14 @@ fn slot<T>(map: &Array<T>, key: u64) -> Option<*mut T> {
     map.get_ptr_mut(slot_hash(key) & global(&FLIGHT_MASK))
 }
 
+/// Two tables of HIST_SLOTS: the programs fill the one HIST_EPOCH's low bit names, while
+/// userspace drains the other into its own totals and empties it (after a grace period, so no
+/// program still writes there): a segment nobody crosses any more gives its slot back.
 #[map]
-static HISTOGRAMS: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(HIST_SLOTS, 0);
+static HISTOGRAMS: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(2 * HIST_SLOTS, 0);
+
+#[map]
+static HIST_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static HOP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
@@ -229,8 +235,9 @@ fn filter_matches(f: &Flow) -> bool {
 fn record(from: HopPoint, to: HopPoint, path: u32, ns: u64) {
     let key = SegmentKey { from, to, path };
     let first = segment_slot(&key);
+    let table = HIST_EPOCH.get(0).map_or(0, |e| *e & 1) * HIST_SLOTS;
     for i in 0..HIST_PROBES {
-        let Some(h) = HISTOGRAMS.get_ptr_mut((first + i) & (HIST_SLOTS - 1)) else {
+        let Some(h) = HISTOGRAMS.get_ptr_mut(table + ((first + i) & (HIST_SLOTS - 1))) else {
             break;
         };
         let h = unsafe { &mut *h };

@@ -301,3 +301,13 @@ pub fn host_veth(netns: &str) -> String {
         .map(|name| name.split('@').next().unwrap_or(name).to_string())
         .unwrap_or_else(|| panic!("no device {index} here (eth0's peer in {netns})"))
 }
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("a process's status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}

@@ -2,10 +2,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::{Context as _, Result};
-use aya::maps::{PerCpuArray, PerCpuHashMap};
+use anyhow::{anyhow, Context as _, Result};
+use aya::maps::{Array, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use profiler_common::{
-    hist_bucket_range, path_hash, DropKey, HopPoint, SegmentKey, COUNTER_ABANDONED,
+    hist_bucket_range, path_hash, DropKey, Histogram, HopPoint, SegmentKey, COUNTER_ABANDONED,
     COUNTER_CONSUMED, COUNTER_DROPPED, COUNTER_GROUP, COUNTER_LOST, COUNTER_REHEADED,
     COUNTER_STARTED, HIST_BUCKETS, HIST_SLOTS,
 };
@@ -44,105 +44,118 @@ impl Raw {
             .zip(buckets)
             .for_each(|(a, b)| *a += b);
     }
-
-    /// What was added since `base` was read.
-    fn since(&mut self, base: &Raw) {
-        self.count = self.count.saturating_sub(base.count);
-        self.sum = self.sum.saturating_sub(base.sum);
-        self.buckets
-            .iter_mut()
-            .zip(&base.buckets)
-            .for_each(|(a, b)| *a = a.saturating_sub(*b));
-    }
 }
 
-/// The segments of devices that went away while attached (a deleted pod's), taken out of the
-/// live histograms: named while their devices were known, kept for the final report, and left
-/// out of /metrics from then on. The kernel's histograms are not cleared (the programs may be
-/// writing to the same slots): what they held then is subtracted from later reads, since a
-/// new pod's namespace may get a departed one's inode, and its hops the same keys.
+/// The segments' histograms, drained from the kernel into totals here. The programs fill one
+/// of two tables while the other is read and emptied, so a slot is taken only by a segment
+/// crossed since the last drain, not by every segment attach ever saw (a departed pod's would
+/// keep theirs for good, and a node that churns pods would run out). Departed devices'
+/// segments are retired: named while their devices are known, kept for the final report, and
+/// left out of /metrics; a new pod whose namespace gets a departed one's inode, and its hops
+/// the same keys, starts from nothing.
 #[derive(Default)]
-pub struct Retired {
-    base: HashMap<SegmentKey, Raw>,
-    pub segments: Vec<SegmentSummary>,
+pub struct Histograms {
+    totals: HashMap<SegmentKey, Raw>,
+    epoch: u32,
+    pub retired: Vec<SegmentSummary>,
 }
 
-impl Retired {
+impl Histograms {
+    /// Moves what the kernel recorded into the totals: the programs are switched to the other
+    /// table and, once none can still be writing the old one, it is read and emptied.
+    pub fn drain(&mut self, programs: &mut Programs) -> Result<()> {
+        let old = self.epoch & 1;
+        self.epoch = self.epoch.wrapping_add(1);
+        let mut epoch: Array<_, u32> = Array::try_from(programs.map_mut("HIST_EPOCH")?)?;
+        epoch
+            .set(0, self.epoch, 0)
+            .context("switching the histogram tables")?;
+        grace_period();
+        let mut map: PerCpuArray<_, Histogram> =
+            PerCpuArray::try_from(programs.map_mut("HISTOGRAMS")?)?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        for slot in old * HIST_SLOTS..(old + 1) * HIST_SLOTS {
+            let per_cpu = map
+                .get(&slot, 0)
+                .context("reading the segment histograms")?;
+            let mut used = false;
+            for h in per_cpu.iter().filter(|h| h.count > 0) {
+                used = true;
+                self.totals
+                    .entry(h.key)
+                    .or_insert_with(|| Raw::empty(h.key))
+                    .add(&h.buckets, h.count, h.sum_ns);
+            }
+            if used {
+                // SAFETY: a Histogram is integers only: all zeroes is an empty slot.
+                let empty: Histogram = unsafe { std::mem::zeroed() };
+                let values = PerCpuValues::try_from(vec![empty; cpus])?;
+                map.set(slot, values, 0)
+                    .context("emptying a drained histogram slot")?;
+            }
+        }
+        Ok(())
+    }
+
     /// Retires every segment with a hop that `gone` says went away; returns how many.
     pub fn retire(
         &mut self,
-        programs: &Programs,
+        programs: &mut Programs,
         namer: &mut Namer,
         gone: impl Fn(&HopPoint) -> bool,
     ) -> Result<usize> {
-        let leaving: Vec<Raw> = self
-            .live(read_raw(programs)?)
-            .into_iter()
-            .filter(|r| gone(&r.key.from) || gone(&r.key.to))
+        self.drain(programs)?;
+        let leaving: Vec<SegmentKey> = self
+            .totals
+            .keys()
+            .filter(|k| gone(&k.from) || gone(&k.to))
+            .copied()
+            .collect();
+        let leaving: Vec<Raw> = leaving
+            .iter()
+            .filter_map(|k| self.totals.remove(k))
             .collect();
         let named = segments(&leaving, namer);
-        for r in leaving {
-            self.base
-                .entry(r.key)
-                .or_insert_with(|| Raw::empty(r.key))
-                .add(&r.buckets, r.count, r.sum);
-        }
-        self.segments.extend(named.iter().cloned());
+        self.retired.extend(named.iter().cloned());
         Ok(named.len())
     }
 
-    /// The histograms less what was retired.
-    fn live(&self, mut raw: Vec<Raw>) -> Vec<Raw> {
-        for r in &mut raw {
-            if let Some(base) = self.base.get(&r.key) {
-                r.since(base);
-            }
-        }
-        raw.retain(|r| r.count > 0);
-        raw
+    /// The totals of the devices there now, as of the last drain.
+    fn live(&self) -> Vec<Raw> {
+        self.totals.values().cloned().collect()
     }
 }
 
-/// Every histogram, summed over CPUs (merged by key: each CPU has its own table).
-fn read_raw(programs: &Programs) -> Result<Vec<Raw>> {
-    let map: PerCpuArray<_, profiler_common::Histogram> =
-        PerCpuArray::try_from(programs.map("HISTOGRAMS")?)?;
-    let mut merged: HashMap<SegmentKey, Raw> = HashMap::new();
-    for slot in 0..HIST_SLOTS {
-        let per_cpu = map
-            .get(&slot, 0)
-            .context("reading the segment histograms")?;
-        for h in per_cpu.iter().filter(|h| h.count > 0) {
-            merged
-                .entry(h.key)
-                .or_insert_with(|| Raw::empty(h.key))
-                .add(&h.buckets, h.count, h.sum_ns);
-        }
+/// Waits until every program that may have read the old table index has returned: tracing and
+/// tc programs run inside RCU read-side sections, and MEMBARRIER_CMD_GLOBAL returns after an
+/// RCU grace period (synchronize_rcu). Where it is refused (nohz_full CPUs), a sleep far longer
+/// than a program runs.
+fn grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    let done = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) } == 0;
+    if !done {
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    Ok(merged.into_values().collect())
 }
 
-/// The kernel's histograms of the devices there now, named, one per segment whatever the paths
-/// that reached it.
-pub fn read_segments(
-    programs: &Programs,
-    namer: &mut Namer,
-    retired: &Retired,
-) -> Result<Vec<SegmentSummary>> {
-    Ok(segments(&retired.live(read_raw(programs)?), namer))
+/// The segments of the devices there now (as of the last drain), named, one per segment whatever
+/// the paths that reached it.
+pub fn read_segments(namer: &mut Namer, histograms: &Histograms) -> Vec<SegmentSummary> {
+    segments(&histograms.live(), namer)
 }
 
 /// The segments, those retired included, and the paths journeys took through the devices
 /// there now.
 pub fn read_segments_and_paths(
-    programs: &Programs,
+    programs: &mut Programs,
     namer: &mut Namer,
-    retired: &Retired,
+    histograms: &mut Histograms,
 ) -> Result<(Vec<SegmentSummary>, Vec<AttachPath>, RarePaths)> {
-    let raw = retired.live(read_raw(programs)?);
+    histograms.drain(programs)?;
+    let raw = histograms.live();
     let (paths, rare) = paths(&raw, namer);
     let mut all = segments(&raw, namer);
-    all.extend(retired.segments.iter().cloned());
+    all.extend(histograms.retired.iter().cloned());
     Ok((all, paths, rare))
 }
 

@@ -34,7 +34,7 @@ use crate::{
     signal,
 };
 use events::OpenJourneys;
-use histograms::{journey_counts, read_drops, read_segments, read_segments_and_paths, Retired};
+use histograms::{journey_counts, read_drops, read_segments, read_segments_and_paths, Histograms};
 use scope::{scope, Fingerprint, Namer};
 
 /// How often the Prometheus snapshot is refreshed from the kernel's histograms.
@@ -114,7 +114,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         settling: 0,
         source: scope.source,
         slots,
-        retired: Retired::default(),
+        histograms: Histograms::default(),
     };
     let mut namer = Namer::new(
         scope.devices,
@@ -152,7 +152,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         s.abort();
     }
     let (segments, paths, rare_paths) =
-        read_segments_and_paths(&programs, &mut namer, &tracked.retired)?;
+        read_segments_and_paths(&mut programs, &mut namer, &mut tracked.histograms)?;
     let (journeys, lost) = journey_counts(&programs)?;
     let drops = read_drops(&programs, &mut namer)?;
     Ok(AttachReport {
@@ -204,7 +204,7 @@ struct Tracked {
     source: crate::pods::Source,
     /// The scope table's filled slots.
     slots: Vec<(u32, u64)>,
-    retired: Retired,
+    histograms: Histograms,
 }
 
 /// Fills the kernel's scope table for `points`, given the slots filled before: the new keys
@@ -246,7 +246,7 @@ async fn rescan(args: &AttachArgs, state: &mut State<'_>, namer: &mut Namer) -> 
     if !gone.is_empty() {
         state
             .tracked
-            .retired
+            .histograms
             .retire(state.programs, namer, |p| gone.has(p))?;
     }
     state.tracked.slots = write_scope(state.programs, &state.tracked.slots, &new.points)?;
@@ -345,8 +345,11 @@ async fn follow_loop(
                     "{} journeys started, {lost} events lost",
                     counts.started
                 ));
+                // Drained every tick, /metrics or not: the kernel's tables hold one tick's
+                // segments.
+                state.tracked.histograms.drain(state.programs)?;
                 if let Some(snapshot) = state.snapshot {
-                    let segments = read_segments(state.programs, namer, &state.tracked.retired)?;
+                    let segments = read_segments(namer, &state.tracked.histograms);
                     let drops = read_drops(state.programs, namer)?;
                     *snapshot.write().unwrap_or_else(|e| e.into_inner()) = metrics::Snapshot {
                         node: state.node.to_string(),

@@ -266,7 +266,16 @@ impl Namer {
     /// The node's devices changed (pods came or went): hops are named after `devices` from now
     /// on. Hops named before are forgotten: a new namespace may have a departed one's inode.
     pub fn update(&mut self, devices: Devices) -> Result<()> {
-        self.inodes = Inodes::of(&devices)?;
+        let mut inodes = Inodes::of(&devices)?;
+        // A namespace deleted between its listing and this look keeps the inode it had, so
+        // that its departure, next, retires its segments (its hops are keyed by that inode).
+        for ns in &devices.namespaces {
+            let known = self.inodes.get(ns);
+            if inodes.get(ns) == 0 && known != 0 {
+                inodes.insert(ns.clone(), known);
+            }
+        }
+        self.inodes = inodes;
         self.devices = devices;
         self.hops.clear();
         Ok(())
