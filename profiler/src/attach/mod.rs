@@ -242,7 +242,8 @@ async fn rescan(args: &AttachArgs, state: &mut State<'_>, namer: &mut Namer) -> 
     }
     let mut new = scope(args, false).await?;
     namer.keep_pod_names(&mut new.devices);
-    let gone = namer.departures(&new.devices);
+    let inodes = namer.inodes_of(&new.devices)?;
+    let gone = namer.departures(&new.devices, &inodes);
     if !gone.is_empty() {
         state
             .tracked
@@ -254,7 +255,7 @@ async fn rescan(args: &AttachArgs, state: &mut State<'_>, namer: &mut Namer) -> 
         say_changes(&state.tracked.current, &new.labels);
     }
     state.tracked.current.clone_from(&new.labels);
-    namer.update(new.devices)?;
+    namer.update(new.devices, inodes);
     state.tracked.fingerprint = fingerprint;
     state.tracked.source = new.source;
     for label in new.labels {

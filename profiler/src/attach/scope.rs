@@ -263,22 +263,27 @@ impl Namer {
         })
     }
 
-    /// The node's devices changed (pods came or went): hops are named after `devices` from now
-    /// on. Hops named before are forgotten: a new namespace may have a departed one's inode.
-    pub fn update(&mut self, devices: Devices) -> Result<()> {
-        let mut inodes = Inodes::of(&devices)?;
-        // A namespace deleted between its listing and this look keeps the inode it had, so
-        // that its departure, next, retires its segments (its hops are keyed by that inode).
+    /// The inodes of `devices`' namespaces, for `departures` and `update`. A namespace deleted
+    /// between its listing and this look keeps the inode it had (its hops are keyed by it), unless
+    /// a namespace there now has it: the kernel gives a new namespace a deleted one's inode.
+    pub fn inodes_of(&self, devices: &Devices) -> Result<Inodes> {
+        let mut inodes = Inodes::of(devices)?;
         for ns in &devices.namespaces {
             let known = self.inodes.get(ns);
-            if inodes.get(ns) == 0 && known != 0 {
+            if inodes.get(ns) == 0 && known != 0 && !inodes.has(known) {
                 inodes.insert(ns.clone(), known);
             }
         }
+        Ok(inodes)
+    }
+
+    /// The node's devices changed (pods came or went): hops are named after `devices` (whose
+    /// namespaces' inodes are `inodes`) from now on. Hops named before are forgotten: a new
+    /// namespace may have a departed one's inode.
+    pub fn update(&mut self, devices: Devices, inodes: Inodes) {
         self.inodes = inodes;
         self.devices = devices;
         self.hops.clear();
-        Ok(())
     }
 
     /// A pod whose sandbox is stopping is no longer listed while its namespace still exists:
@@ -291,21 +296,25 @@ impl Namer {
         }
     }
 
-    /// What `devices` no longer has of the devices hops are named after now.
-    pub fn departures(&self, devices: &Devices) -> Departures {
+    /// What `devices` (whose namespaces' inodes are `inodes`) no longer has of the devices hops
+    /// are named after now. A departed namespace whose inode a namespace there now was given
+    /// departs device by device: the newcomer's devices have other ifindexes, its hops stay.
+    pub fn departures(&self, devices: &Devices, inodes: &Inodes) -> Departures {
         let mut gone = Departures::default();
         for ns in &self.devices.namespaces {
             let inode = self.inodes.get(ns);
-            if !devices.namespaces.contains(ns) {
+            let left = !devices.namespaces.contains(ns);
+            if left && !inodes.has(inode) {
                 gone.netns.insert(inode);
                 continue;
             }
             let was = self.devices.interfaces.iter().filter(|i| &i.netns == ns);
             for i in was {
-                let kept = devices
-                    .interfaces
-                    .iter()
-                    .any(|n| n.netns == i.netns && n.ifindex == i.ifindex);
+                let kept = !left
+                    && devices
+                        .interfaces
+                        .iter()
+                        .any(|n| n.netns == i.netns && n.ifindex == i.ifindex);
                 if !kept {
                     gone.devices.insert((inode, i.ifindex));
                 }

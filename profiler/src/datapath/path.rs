@@ -84,6 +84,11 @@ impl Inodes {
         self.0.insert(ns, id);
     }
 
+    /// Whether a namespace has this inode.
+    pub fn has(&self, inode: u32) -> bool {
+        self.0.values().any(|&i| i == inode)
+    }
+
     pub fn get(&self, ns: &str) -> u32 {
         self.0.get(ns).copied().unwrap_or(0)
     }
