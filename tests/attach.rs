@@ -616,15 +616,17 @@ fn a_pods_devices_made_after_its_namespace_are_followed_by_their_last_names() {
     assert_clean();
 }
 
-/// Pods that come and go give their kernel histogram slots back: 20 rounds of 12 pod pairs,
-/// each made (as a CNI plugin wires them), pinged 3 times and deleted, cross about 1400
-/// distinct segments, more than the kernel's tables hold at once (2 x HIST_SLOTS). Not one
-/// sample may be lost, every departed pod's requests must be in its own segment, and attach's
-/// memory must not grow with the pods it saw (their segments are kept, named, a few hundred
-/// bytes each).
+/// Pods that come and go at 10 a second for a minute (issue 32's churn) give their kernel
+/// table entries back: 25 rounds of 12 pod pairs, each made (as a CNI plugin wires them),
+/// pinged 3 times and deleted, cross about 1800 distinct segments, more than the kernel's
+/// histogram tables hold at once (2 x HIST_SLOTS). Not one sample may be lost, every departed
+/// pod's requests must be in its own segment, the kernel's tables must hold nothing of the
+/// departed pods (scope entries back to the empty node's, no histogram slot taken), and
+/// attach's memory must not grow with the pods it saw (their segments are kept, named, a few
+/// hundred bytes each).
 #[test]
 fn churning_pods_past_the_kernel_tables_size_loses_nothing() {
-    const ROUNDS: usize = 20;
+    const ROUNDS: usize = 25;
     const PAIRS: usize = 12;
     const PINGS: u32 = 3;
     let _guard = serial();
@@ -637,6 +639,8 @@ fn churning_pods_past_the_kernel_tables_size_loses_nothing() {
         "--json",
         json.to_str().unwrap(),
     ]);
+    let scope_before = entries_in_use("SCOPE");
+    let began = std::time::Instant::now();
     let mut rss = Vec::new();
     for round in 0..ROUNDS {
         let pods: Vec<[String; 2]> = (0..PAIRS)
@@ -654,18 +658,33 @@ fn churning_pods_past_the_kernel_tables_size_loses_nothing() {
             );
         }
         // Followed within a look or two (every 500 ms).
-        std::thread::sleep(Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(1100));
         for [a, _] in &pods {
             ping(a, "198.18.11.2", PINGS, "0.01");
         }
         drop(made);
         rss.push(common::rss_kib(attach.child.id()));
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    let seconds = began.elapsed().as_secs_f64();
+    eprintln!(
+        "{} pods made and deleted in {seconds:.0} s ({:.1} a second)",
+        ROUNDS * PAIRS * 2,
+        (ROUNDS * PAIRS * 2) as f64 / seconds
+    );
+    // Two looks see the last pods gone, two drains empty both histogram tables.
+    std::thread::sleep(Duration::from_millis(2500));
+    let scope_after = entries_in_use("SCOPE");
+    let slots_after = entries_in_use("HIST_USED");
     let (table, err) = attach.stop();
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
     assert_eq!(r["lost_events"], 0, "samples lost: {err}\n{table}");
+    assert_eq!(
+        (scope_after, slots_after),
+        (scope_before, 0),
+        "the kernel's scope entries (before the pods, after them) and histogram slots taken \
+         once they were gone: {err}"
+    );
     let names = segment_names(&r);
     for round in 0..ROUNDS {
         for p in 0..PAIRS {
@@ -694,6 +713,30 @@ fn churning_pods_past_the_kernel_tables_size_loses_nothing() {
         ROUNDS - 5
     );
     assert_clean();
+}
+
+/// The non-zero entries of the loaded array map `name` (one profiler runs at a time here).
+fn entries_in_use(name: &str) -> usize {
+    use aya::maps::{Array, Map, MapData};
+    let info = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .find(|m| m.name_as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no loaded map named {name}"));
+    let data = MapData::from_id(info.id()).expect("opening a map by id");
+    let map = Map::from_map_data(data).expect("a map of a known type");
+    match info.value_size() {
+        4 => Array::<_, u32>::try_from(map)
+            .expect("an array of u32")
+            .iter()
+            .filter(|v| v.as_ref().is_ok_and(|v| *v != 0))
+            .count(),
+        8 => Array::<_, u64>::try_from(map)
+            .expect("an array of u64")
+            .iter()
+            .filter(|v| v.as_ref().is_ok_and(|v| *v != 0))
+            .count(),
+        size => panic!("{name}: values of {size} bytes"),
+    }
 }
 
 /// Named namespaces and node devices a test made, deleted when it ends, also on a failed
@@ -862,7 +905,16 @@ fn no_maps_of_ours() -> bool {
         let left: Vec<String> = aya::maps::loaded_maps()
             .filter_map(|m| m.ok()?.name_as_str().map(str::to_string))
             .filter(|n| {
-                ["FLIGHTS", "BY_SKB", "HISTOGRAMS", "HOP_EVENTS", "SCOPE"].contains(&n.as_str())
+                [
+                    "FLIGHTS",
+                    "BY_SKB",
+                    "HISTOGRAMS",
+                    "HIST_USED",
+                    "HIST_EPOCH",
+                    "HOP_EVENTS",
+                    "SCOPE",
+                ]
+                .contains(&n.as_str())
             })
             .collect();
         if left.is_empty() {

@@ -148,6 +148,11 @@ static HISTOGRAMS: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(2 * HI
 #[map]
 static HIST_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Which of HISTOGRAMS' slots a CPU has claimed since the table was last drained: userspace
+/// reads only those, so draining costs the segments crossed, not slots times CPUs.
+#[map]
+static HIST_USED: Array<u32> = Array::with_max_entries(2 * HIST_SLOTS, 0);
+
 #[map]
 static HOP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
@@ -237,12 +242,16 @@ fn record(from: HopPoint, to: HopPoint, path: u32, ns: u64) {
     let first = segment_slot(&key);
     let table = HIST_EPOCH.get(0).map_or(0, |e| *e & 1) * HIST_SLOTS;
     for i in 0..HIST_PROBES {
-        let Some(h) = HISTOGRAMS.get_ptr_mut(table + ((first + i) & (HIST_SLOTS - 1))) else {
+        let index = table + ((first + i) & (HIST_SLOTS - 1));
+        let Some(h) = HISTOGRAMS.get_ptr_mut(index) else {
             break;
         };
         let h = unsafe { &mut *h };
         if h.count == 0 {
             h.key = key;
+            if let Some(used) = HIST_USED.get_ptr_mut(index) {
+                unsafe { *used = 1 };
+            }
         }
         if h.key == key {
             h.count += 1;

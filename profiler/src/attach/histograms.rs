@@ -71,28 +71,36 @@ impl Histograms {
             .set(0, self.epoch, 0)
             .context("switching the histogram tables")?;
         grace_period();
+        let used: Vec<u32> = {
+            let flags: Array<_, u32> = Array::try_from(programs.map("HIST_USED")?)?;
+            (old * HIST_SLOTS..(old + 1) * HIST_SLOTS)
+                .filter(|&slot| flags.get(&slot, 0).is_ok_and(|u| u != 0))
+                .collect()
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        // SAFETY: a Histogram is integers only: all zeroes is an empty slot.
+        let empty: Histogram = unsafe { std::mem::zeroed() };
         let mut map: PerCpuArray<_, Histogram> =
             PerCpuArray::try_from(programs.map_mut("HISTOGRAMS")?)?;
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-        for slot in old * HIST_SLOTS..(old + 1) * HIST_SLOTS {
+        for &slot in &used {
             let per_cpu = map
                 .get(&slot, 0)
                 .context("reading the segment histograms")?;
-            let mut used = false;
             for h in per_cpu.iter().filter(|h| h.count > 0) {
-                used = true;
                 self.totals
                     .entry(h.key)
                     .or_insert_with(|| Raw::empty(h.key))
                     .add(&h.buckets, h.count, h.sum_ns);
             }
-            if used {
-                // SAFETY: a Histogram is integers only: all zeroes is an empty slot.
-                let empty: Histogram = unsafe { std::mem::zeroed() };
-                let values = PerCpuValues::try_from(vec![empty; cpus])?;
-                map.set(slot, values, 0)
-                    .context("emptying a drained histogram slot")?;
-            }
+            let values = PerCpuValues::try_from(vec![empty; cpus])?;
+            map.set(slot, values, 0)
+                .context("emptying a drained histogram slot")?;
+        }
+        let mut flags: Array<_, u32> = Array::try_from(programs.map_mut("HIST_USED")?)?;
+        for slot in used {
+            flags
+                .set(slot, 0, 0)
+                .context("emptying a drained histogram slot")?;
         }
         Ok(())
     }
