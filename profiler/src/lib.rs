@@ -13,9 +13,11 @@
 //! - [`pods`]: which namespace is which pod, from the container runtime (CRI), the CNI cache
 //!   or /run/netns.
 //! - [`report`]: the report schema, and its renderings (table, JSON, HTML).
-//! - [`cli`], [`signal`]: what every command shares: bounded values, reports written
-//!   atomically, progress bars, SIGINT/SIGTERM.
-// Set up by the CLI (main.rs) for the log records of the library's modules.
+//! - [`cli`]: the command line, one module per command (its arguments and what it does), and
+//!   what they share: bounded values, reports written atomically.
+//! - [`progress`], [`signal`]: what the modes share with the people running them: progress
+//!   bars, SIGINT/SIGTERM.
+// Set up by the command (main.rs) for the log records of the library's modules.
 use env_logger as _;
 // Only the integration tests use these (tests/report.rs parses the HTML page, tests/bench.rs
 // decodes a screenshot of bench's page).
@@ -31,6 +33,7 @@ pub mod datapath;
 pub mod kernel;
 pub mod lab;
 pub mod pods;
+pub mod progress;
 pub mod report;
 pub mod run;
 pub mod signal;

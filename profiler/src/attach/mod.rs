@@ -22,7 +22,6 @@ use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
 
 use crate::{
-    cli,
     datapath::{path::Attached, Mode},
     kernel::{
         self,
@@ -30,6 +29,7 @@ use crate::{
         programs::{FollowConfig, LoadConfig, Programs},
         ring::DRAIN_EVERY,
     },
+    progress,
     report::schema::{AttachReport, HookSet, ATTACH_SCHEMA},
     signal,
 };
@@ -309,8 +309,8 @@ async fn follow_loop(
     let mut journeys = OpenJourneys::new(args.follow.max_gap_ns);
     let begun = Instant::now();
     let progress = match args.duration {
-        Some(d) => cli::progress(d.as_secs().max(1), "s", args.quiet),
-        None => cli::spinner(args.quiet),
+        Some(d) => progress::bar(d.as_secs().max(1), "s", args.quiet),
+        None => progress::spinner(args.quiet),
     };
     if !args.quiet {
         let until = if child.is_some() {

@@ -11,8 +11,9 @@ use anyhow::{bail, Result};
 use indicatif::ProgressBar;
 
 use crate::{
-    cli, kernel,
+    kernel,
     lab::{self, target::RunTarget, Lab, LabOptions, Placement, Topology},
+    progress,
     report::{
         self,
         schema::{
@@ -134,7 +135,7 @@ pub async fn paper(args: &BenchArgs) -> Result<BenchReport> {
         bail!("no type of --types has a placement of --placement");
     }
     let specs = plan.cells();
-    let bar = cli::progress((labs.len() * specs.len()) as u64, "cells", args.quiet);
+    let bar = progress::bar((labs.len() * specs.len()) as u64, "cells", args.quiet);
     let mut cells = Vec::new();
     let mut skipped = Vec::new();
     for &(topology, placement) in &labs {

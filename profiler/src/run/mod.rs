@@ -24,7 +24,6 @@ use profiler_common::{Event, COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST, DIR_
 use tokio::sync::oneshot;
 
 use crate::{
-    cli,
     datapath::{
         path::{self, Attached, Inodes},
         HopKey, Mode,
@@ -41,6 +40,7 @@ use crate::{
         target::{Devices, RunTarget},
         Lab, LabOptions, Lock, Owner, Pod, Topology,
     },
+    progress,
     report::schema::{
         AlltoallResult, DirectionReport, DropReport, EventsReport, HookSet, HookStatus, Hop,
         MissingHop, OtherPath, PathKindResult, RunReport, SegmentReport, Stats, StreamResult,
@@ -744,7 +744,7 @@ async fn warm_up(spec: &Spec, ends: &Endpoints) -> Result<()> {
 
 /// The exchanges done so far, as a progress bar on stderr.
 async fn report_progress(done: Arc<AtomicU32>, total: u32, unit: &str, quiet: bool) {
-    let bar = cli::progress(total.into(), unit, quiet);
+    let bar = progress::bar(total.into(), unit, quiet);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;

@@ -1,49 +1,12 @@
-//! What every command of the CLI (main.rs) shares: values parsed with ranges that cannot panic
-//! later, reports written atomically to a place checked before any work, and progress on
-//! stderr for people (a bar with rate and ETA; nothing when stderr is not a terminal).
+//! Where a command's report goes: JSON to a file checked before any work and written
+//! atomically, or to stdout, and the table for people.
 
 use std::{
-    io::{IsTerminal as _, Write as _},
+    io::Write as _,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressFinish, ProgressStyle};
-
-/// A duration as people write it: `6` (seconds), `6s`, `500ms`, `2m`, `1h 30m`, within
-/// `min..=max`.
-pub fn duration_within(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
-    let d = match s.trim().parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 && secs <= max.as_secs_f64() => {
-            Duration::from_secs_f64(secs)
-        }
-        Ok(_) => return Err(range(s, min, max)),
-        Err(_) => humantime::parse_duration(s.trim())
-            .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 6, 6s, 500ms or 2m"))?,
-    };
-    if d < min || d > max {
-        return Err(range(s, min, max));
-    }
-    Ok(d)
-}
-
-fn range(s: &str, min: Duration, max: Duration) -> String {
-    format!(
-        "{s:?} is out of range: from {} to {}",
-        humantime::format_duration(min),
-        humantime::format_duration(max)
-    )
-}
-
-/// A number within `min..=max` (finite: NaN and infinities are refused).
-pub fn number_within(s: &str, min: f64, max: f64) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(v) if (min..=max).contains(&v) => Ok(v),
-        Ok(_) => Err(format!("{s} is out of range: from {min} to {max}")),
-        Err(_) => Err(format!("{s:?} is not a number")),
-    }
-}
 
 /// Where a `--json` report goes: stdout ("-") or a file, checked before any work is done.
 #[derive(Clone, Debug)]
@@ -132,64 +95,9 @@ pub fn output(json: Option<&JsonOut>, value: &impl serde::Serialize, table: &str
     }
 }
 
-/// Progress of long work on stderr: a bar with rate and ETA where stderr is a terminal and
-/// `quiet` is off, nothing otherwise (logs and pipes get no redrawn lines).
-pub fn progress(total: u64, unit: &str, quiet: bool) -> ProgressBar {
-    if !shown(quiet) {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
-        .with_finish(ProgressFinish::AndClear);
-    let template = format!("{{bar:30}} {{pos}}/{{len}} {unit} ({{per_sec}}, ETA {{eta}}) {{msg}}");
-    if let Ok(style) = ProgressStyle::with_template(&template) {
-        bar.set_style(style);
-    }
-    bar
-}
-
-/// Progress is for people: on a terminal, unless --quiet.
-fn shown(quiet: bool) -> bool {
-    !quiet && std::io::stderr().is_terminal()
-}
-
-/// Work of unknown length on stderr: a spinner with a message, under the same rules.
-pub fn spinner(quiet: bool) -> ProgressBar {
-    if !shown(quiet) {
-        return ProgressBar::hidden();
-    }
-    ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
-        .with_finish(ProgressFinish::AndClear)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const S: Duration = Duration::from_secs(1);
-
-    #[test]
-    fn durations_as_people_write_them() {
-        let day = Duration::from_secs(86_400);
-        let ok = |s: &str| duration_within(s, Duration::from_millis(1), day).expect(s);
-        assert_eq!(ok("6"), 6 * S);
-        assert_eq!(ok("6s"), 6 * S);
-        assert_eq!(ok("0.5"), S / 2);
-        assert_eq!(ok("500ms"), S / 2);
-        assert_eq!(ok("2m"), 120 * S);
-        assert_eq!(ok("1h 30m"), 5400 * S);
-        for bad in ["1e20", "-1", "NaN", "inf", "0", "2d", "soon", ""] {
-            let e = duration_within(bad, Duration::from_millis(1), day).expect_err(bad);
-            assert!(!e.contains('\n'), "{e}");
-        }
-    }
-
-    #[test]
-    fn numbers_outside_their_range_are_refused() {
-        assert_eq!(number_within("25", 0.1, 1e6), Ok(25.0));
-        for bad in ["1e-20", "0", "-3", "1e7", "NaN", "inf", "x"] {
-            assert!(number_within(bad, 0.1, 1e6).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn a_json_path_in_a_missing_directory_is_refused() {

@@ -1,0 +1,156 @@
+//! `profiler attach`: real traffic on this node followed, reported at the end, on /metrics or
+//! per packet.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Result;
+use clap::Args;
+
+use super::{
+    output::{output, JsonOut},
+    values::duration_within,
+};
+use crate::{
+    attach,
+    kernel::{doctor, programs::FollowConfig},
+    pods,
+    report::{schema::HookSet, table},
+};
+
+#[derive(Args)]
+pub struct AttachCli {
+    /// Pod whose devices start journeys: [NAMESPACE/]NAME (without NAMESPACE, in any), each part
+    /// a glob (`web-*`, `shop/*`). Pods matching later are followed as they come, and forgotten
+    /// when they go. Read from the node's container runtime (CRI), else the CNI cache, else the
+    /// names under /run/netns. Repeatable.
+    #[arg(long, value_name = "[NAMESPACE/]NAME")]
+    pod: Vec<pods::Pattern>,
+    /// The container runtime's CRI socket (default: containerd's, then CRI-O's).
+    #[arg(long, value_name = "PATH")]
+    cri_socket: Option<PathBuf>,
+    /// Network namespace whose devices start journeys: a name (ip netns), the path of a
+    /// namespace file, or a process id. Repeatable.
+    #[arg(long)]
+    netns: Vec<String>,
+    /// Interface of this namespace that starts journeys. Repeatable.
+    #[arg(long)]
+    iface: Vec<String>,
+    /// A cgroup (v2) directory: packets sent by its processes' sockets start journeys.
+    /// Repeatable.
+    #[arg(long)]
+    cgroup: Vec<PathBuf>,
+    /// pcap-filter-style expression, evaluated in the kernel on the outer and the tunnelled
+    /// headers: ip, ip6, tcp, udp, icmp, [src|dst] host|net|port, and, or, not, ( ).
+    #[arg(long, default_value = "")]
+    filter: String,
+    /// Follow one packet in N, chosen at its first hop.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    sample: u32,
+    /// summary: histograms in the kernel, nothing per packet; events: also one JSON line per
+    /// journey on stdout.
+    #[arg(long, value_enum, default_value = "summary")]
+    mode: AttachMode,
+    /// How long to follow: 30, 30s, 500ms, 2m, 1h (default: until Ctrl-C or SIGTERM).
+    #[arg(long, value_parser = |s: &str| duration_within(s, Duration::from_millis(1), MAX_ATTACH))]
+    duration: Option<Duration>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) at /metrics.
+    #[arg(long)]
+    prometheus: Option<std::net::SocketAddr>,
+    /// Packets followed at once at most (the in-flight table's size, rounded up to a power of
+    /// two: the memory bound).
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=1 << 22))]
+    max_in_flight: u32,
+    /// Milliseconds after which a packet's next hop no longer extends its journey.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    max_gap_ms: u64,
+    /// Write the report as JSON to FILE ("-": stdout, instead of the table).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Report each eBPF program's kernel cost per invocation (enables bpf_stats meanwhile).
+    #[arg(long)]
+    stats: bool,
+    /// Print the drops instead of the segments: by the kernel's reason, then where (hop, pod)
+    /// and what (protocol), the most first (the JSON report is the same; `profiler report
+    /// FILE --format drops` shows it again).
+    #[arg(long)]
+    drops: bool,
+    /// List every target in the table's header (beyond 4, it says how many and the first 3;
+    /// the JSON report always lists them all).
+    #[arg(long)]
+    verbose: bool,
+    /// Hooks to attach: stable (tracepoints, tc) or deep (also the datapath's kernel
+    /// functions: veth, bridge, vxlan, OVS, ...; falls back to stable with a notice where the
+    /// kernel has no kprobes).
+    #[arg(long, value_enum, default_value = "deep")]
+    hooks: HookSet,
+    /// A workload to run once attached (`-- iperf3 -c ...`): followed until it exits, and
+    /// attach exits with its status; Ctrl-C or SIGTERM stops both.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AttachMode {
+    Summary,
+    Events,
+}
+
+/// The longest `attach --duration` (30 days; for longer, leave it out: until Ctrl-C).
+const MAX_ATTACH: Duration = Duration::from_secs(30 * 86_400);
+
+pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
+    // Bad input is refused before anything is attached.
+    let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
+    let events = matches!(cli.mode, AttachMode::Events);
+    if events && matches!(json, Some(JsonOut::Stdout)) {
+        anyhow::bail!("--mode events prints its journeys on stdout: give --json a file, not -");
+    }
+    let filter = attach::filter::compile(&cli.filter)?;
+    let view = if cli.drops {
+        table::drops
+    } else {
+        table::attach
+    };
+    let verbose = cli.verbose;
+    doctor::require(doctor::ATTACH_CAPS)?;
+    let args = attach::AttachArgs {
+        pods: cli.pod,
+        pod_sources: pods::Sources {
+            cri_socket: cli.cri_socket,
+            cni_cache: None,
+        },
+        netns: cli.netns,
+        ifaces: cli.iface,
+        filter: cli.filter,
+        follow: FollowConfig {
+            sample: cli.sample,
+            max_gap_ns: cli.max_gap_ms * 1_000_000,
+            stream: events,
+            filter,
+            max_in_flight: cli.max_in_flight,
+            by_cgroup: !cli.cgroup.is_empty(),
+        },
+        cgroups: cli.cgroup,
+        duration: cli.duration,
+        prometheus: cli.prometheus,
+        stats: cli.stats,
+        hooks: cli.hooks,
+        quiet,
+        command: cli.command,
+    };
+    let report = attach::attach(&args).await?;
+    let table = view(&report, verbose);
+    if events {
+        // Events own stdout: the summary goes to stderr, its JSON to the file.
+        if let Some(file) = &json {
+            file.write(&report)?;
+        }
+        eprint!("{table}");
+    } else {
+        output(json.as_ref(), &report, &table)?;
+    }
+    // Profiling succeeded: the workload's status is the command's.
+    Ok(report.command.as_ref().map_or(ExitCode::SUCCESS, |c| {
+        ExitCode::from(attach::workload::exit_code(c))
+    }))
+}

@@ -1,0 +1,60 @@
+//! `profiler compare`: network types side by side, and the segments that make them differ.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::Args;
+
+use super::{
+    output::{output, JsonOut},
+    run::TrafficOpts,
+};
+use crate::{
+    kernel::doctor,
+    lab::{Placement, Topology},
+    report::table,
+    run::compare,
+};
+
+#[derive(Args)]
+pub struct CompareCli {
+    /// Network types to compare, the first being the baseline.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "host,bridge,flannel-vxlan,macvlan,ipvlan-l2,ovs-vlan,ovs-vxlan,ovs-gre"
+    )]
+    lab: Vec<Topology>,
+    #[arg(long, value_enum, default_value = "cross-host")]
+    placement: Placement,
+    /// Payload sizes, bytes.
+    #[arg(long, value_delimiter = ',', default_value = "64,1400,16384")]
+    sizes: Vec<usize>,
+    #[command(flatten)]
+    traffic: TrafficOpts,
+    /// Write the profiler.compare.v1 JSON to FILE ("-" for stdout instead of the table).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+pub async fn run(cli: CompareCli, quiet: bool) -> Result<ExitCode> {
+    let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
+    for &size in &cli.sizes {
+        cli.traffic.run_args(Topology::Bridge, size, quiet)?;
+    }
+    let base = cli.traffic.run_args(
+        Topology::Bridge,
+        cli.sizes.first().copied().unwrap_or(64),
+        quiet,
+    )?;
+    doctor::require_privileges()?;
+    // compare handles SIGINT/SIGTERM itself, so that the lab it made goes too.
+    let result = compare::compare(&cli.lab, &cli.sizes, cli.placement, &base).await?;
+    output(json.as_ref(), &result, &table::compare(&result))?;
+    if cli.lab.len() > 1 && result.skipped.len() == cli.lab.len() - 1 {
+        eprintln!("error: every type but the baseline was skipped: nothing was compared");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
