@@ -71,18 +71,26 @@ impl Histograms {
             .set(0, self.epoch, 0)
             .context("switching the histogram tables")?;
         grace_period();
+        // The flags are cleared as they are read: no program writes the old table any more.
         let used: Vec<u32> = {
-            let flags: Array<_, u32> = Array::try_from(programs.map("HIST_USED")?)?;
-            (old * HIST_SLOTS..(old + 1) * HIST_SLOTS)
-                .filter(|&slot| flags.get(&slot, 0).is_ok_and(|u| u != 0))
-                .collect()
+            let mut flags: Array<_, u32> = Array::try_from(programs.map_mut("HIST_USED")?)?;
+            let mut used = Vec::new();
+            for slot in old * HIST_SLOTS..(old + 1) * HIST_SLOTS {
+                if flags.get(&slot, 0).is_ok_and(|u| u != 0) {
+                    flags
+                        .set(slot, 0, 0)
+                        .context("emptying a drained histogram slot")?;
+                    used.push(slot);
+                }
+            }
+            used
         };
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
         // SAFETY: a Histogram is integers only: all zeroes is an empty slot.
         let empty: Histogram = unsafe { std::mem::zeroed() };
         let mut map: PerCpuArray<_, Histogram> =
             PerCpuArray::try_from(programs.map_mut("HISTOGRAMS")?)?;
-        for &slot in &used {
+        for slot in used {
             let per_cpu = map
                 .get(&slot, 0)
                 .context("reading the segment histograms")?;
@@ -94,12 +102,6 @@ impl Histograms {
             }
             let values = PerCpuValues::try_from(vec![empty; cpus])?;
             map.set(slot, values, 0)
-                .context("emptying a drained histogram slot")?;
-        }
-        let mut flags: Array<_, u32> = Array::try_from(programs.map_mut("HIST_USED")?)?;
-        for slot in used {
-            flags
-                .set(slot, 0, 0)
                 .context("emptying a drained histogram slot")?;
         }
         Ok(())
@@ -123,14 +125,14 @@ impl Histograms {
             .iter()
             .filter_map(|k| self.totals.remove(k))
             .collect();
-        let named = segments(&leaving, namer);
+        let named = segments(&leaving.iter().collect::<Vec<_>>(), namer);
         self.retired.extend(named.iter().cloned());
         Ok(named.len())
     }
 
     /// The totals of the devices there now, as of the last drain.
-    fn live(&self) -> Vec<Raw> {
-        self.totals.values().cloned().collect()
+    fn live(&self) -> Vec<&Raw> {
+        self.totals.values().collect()
     }
 }
 
@@ -167,7 +169,7 @@ pub fn read_segments_and_paths(
     Ok((all, paths, rare))
 }
 
-fn segments(raw: &[Raw], namer: &mut Namer) -> Vec<SegmentSummary> {
+fn segments(raw: &[&Raw], namer: &mut Namer) -> Vec<SegmentSummary> {
     let mut merged: BTreeMap<(HopPoint, HopPoint), Raw> = BTreeMap::new();
     for r in raw {
         merged
@@ -206,7 +208,7 @@ const MIN_SHARE: f64 = 0.01;
 /// its first hop, so the segments of one path chain up: the next segment of (path p, a -> b)
 /// is keyed (path_hash(p, b), b -> ...). Journeys that went no further than a segment are those
 /// it counted and its successors did not.
-fn paths(raw: &[Raw], namer: &mut Namer) -> (Vec<AttachPath>, RarePaths) {
+fn paths(raw: &[&Raw], namer: &mut Namer) -> (Vec<AttachPath>, RarePaths) {
     let mut next: HashMap<(u32, HopPoint), Vec<usize>> = HashMap::new();
     for (i, r) in raw.iter().enumerate() {
         next.entry((r.key.path, r.key.from)).or_default().push(i);
@@ -240,7 +242,7 @@ fn paths(raw: &[Raw], namer: &mut Namer) -> (Vec<AttachPath>, RarePaths) {
 const MAX_HOPS: usize = 64;
 
 fn walk(
-    raw: &[Raw],
+    raw: &[&Raw],
     next: &HashMap<(u32, HopPoint), Vec<usize>>,
     i: usize,
     chain: &mut Vec<usize>,
@@ -265,12 +267,12 @@ fn walk(
     chain.pop();
 }
 
-fn path_report(raw: &[Raw], chain: &[usize], packets: u64, namer: &mut Namer) -> AttachPath {
+fn path_report(raw: &[&Raw], chain: &[usize], packets: u64, namer: &mut Namer) -> AttachPath {
     let first = raw[chain[0]].key.from;
     let mut hops = vec![namer.hop(&first).name.clone()];
     let mut segments = Vec::new();
     for &i in chain {
-        let r = &raw[i];
+        let r = raw[i];
         hops.push(namer.hop(&r.key.to).name.clone());
         segments.push(named(r.clone(), namer));
     }
@@ -431,7 +433,7 @@ mod tests {
         };
         // 16 journeys cross 1 -> 2; 10 go on to 3, 5 to 4 (then 4 -> 5), 1 ends at 2. Another
         // way reaches 2 -> 3 from 9: its histogram is its own.
-        let raw = vec![
+        let raw = [
             raw(&[1], 2, 16),
             raw(&[1, 2], 3, 10),
             raw(&[1, 2], 4, 5),
@@ -439,6 +441,7 @@ mod tests {
             raw(&[9], 2, 3),
             raw(&[9, 2], 3, 3),
         ];
+        let raw: Vec<&Raw> = raw.iter().collect();
         let (paths, rare) = paths(&raw, &mut namer());
         let shape: Vec<(u64, usize)> = paths
             .iter()
