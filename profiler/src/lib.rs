@@ -92,9 +92,23 @@ mod layering {
 
     /// The first segment of every `crate::` path, `use crate::{a, b::c}` included.
     fn crate_paths(text: &str) -> Vec<String> {
+        paths_after(text, "crate::")
+    }
+
+    /// The first segment of every path that starts with `prefix`, grouped ones included.
+    fn paths_after(text: &str, prefix: &str) -> Vec<String> {
         let mut found = Vec::new();
-        for (i, _) in text.match_indices("crate::") {
-            let rest = &text[i + "crate::".len()..];
+        for (i, _) in text.match_indices(prefix) {
+            // `crate::` must not be the tail of a longer path (`foo::crate::`, `xsuper::`).
+            let before = text[..i].chars().next_back();
+            if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+                continue;
+            }
+            // `super::super::x` in a file's test module is the folder's `x`.
+            let mut rest = &text[i + prefix.len()..];
+            while let Some(r) = rest.strip_prefix("super::") {
+                rest = r;
+            }
             if let Some(group) = rest.strip_prefix('{') {
                 let mut depth = 1;
                 let mut item_start = true;
@@ -128,6 +142,81 @@ mod layering {
     fn reads_grouped_imports() {
         let text = "use crate::{\n    a::{b, c},\n    d,\n};\nlet x = crate::e::f();";
         assert_eq!(crate_paths(text), ["a", "d", "e"]);
+        let text = "use super::{x::Y, z};\nsuper::super::w::v(); other::super::q";
+        assert_eq!(paths_after(text, "super::"), ["x", "z", "w"]);
+    }
+
+    /// For each folder of src/, the sibling files each of its files (mod.rs aside: it is the
+    /// folder's face) names through `super::` or `crate::FOLDER::`.
+    fn sibling_imports() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut folders = BTreeMap::new();
+        for entry in std::fs::read_dir(&src).expect("src/") {
+            let dir = entry.expect("an entry of src/").path();
+            if !dir.is_dir() {
+                continue;
+            }
+            let folder = dir.file_name().unwrap().to_string_lossy().into_owned();
+            let files: BTreeMap<String, String> = std::fs::read_dir(&dir)
+                .expect("a module folder")
+                .map(|e| e.expect("an entry").path())
+                .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+                .map(|p| {
+                    let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+                    (stem, std::fs::read_to_string(&p).expect("a source file"))
+                })
+                .filter(|(stem, _)| stem != "mod")
+                .collect();
+            let mut graph = BTreeMap::new();
+            for (stem, text) in &files {
+                let mut named = paths_after(text, "super::");
+                named.extend(paths_after(text, &format!("crate::{folder}::")));
+                let siblings = named
+                    .into_iter()
+                    .filter(|n| n != stem && files.contains_key(n))
+                    .collect();
+                graph.insert(stem.clone(), siblings);
+            }
+            folders.insert(folder, graph);
+        }
+        folders
+    }
+
+    /// The modules of `graph` that reach themselves through others, with the way back.
+    fn circles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+        let mut found = Vec::new();
+        for start in graph.keys() {
+            let mut seen = BTreeSet::new();
+            let mut todo: Vec<&String> = graph[start].iter().collect();
+            while let Some(m) = todo.pop() {
+                if m == start {
+                    found.push(format!("{start} (through {seen:?})"));
+                    break;
+                }
+                if seen.insert(m.clone()) {
+                    todo.extend(graph.get(m).into_iter().flatten());
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn no_file_imports_itself_through_a_sibling() {
+        let folders = sibling_imports();
+        assert!(folders.len() >= 6, "{folders:?}");
+        let circles: Vec<String> = folders
+            .iter()
+            .flat_map(|(folder, graph)| {
+                circles(graph)
+                    .into_iter()
+                    .map(move |c| format!("{folder}/{c}"))
+            })
+            .collect();
+        assert!(
+            circles.is_empty(),
+            "files importing themselves back: {circles:#?}"
+        );
     }
 
     #[test]

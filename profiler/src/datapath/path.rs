@@ -13,11 +13,14 @@ use super::{
     segments::{segment, Named, SegmentEnds},
 };
 use crate::{
-    lab::{discover, target::Devices, LabIface},
-    report::schema::{HookStatus, Hop, Status, HOST_NODE},
+    lab::{
+        discover,
+        names::{node_of, parenthesized, HOST_NODE},
+        target::Devices,
+        LabIface,
+    },
+    report::schema::{HookStatus, Hop, Status},
 };
-
-pub use crate::lab::target::node_of;
 
 /// Which program type serves each attached tracepoint ("tp_btf" or "raw_tp"), and the user
 /// probes' hop names ("uprobe:LABEL") by index.
@@ -255,15 +258,6 @@ fn place(h: &Hop) -> &str {
     match h.kind.as_str() {
         "uprobe" => &h.hook,
         _ => h.ifname.as_deref().unwrap_or(""),
-    }
-}
-
-/// "(ns)" for a namespace name; "(root)" already is.
-pub fn parenthesized(ns: &str) -> String {
-    if ns.starts_with('(') && ns.ends_with(')') {
-        ns.to_string()
-    } else {
-        format!("({ns})")
     }
 }
 

@@ -2,13 +2,11 @@
 
 use profiler_common::HookId::{self, *};
 
-use super::{
-    hooks::{
-        label,
-        Point::{self, *},
-    },
-    path::{node_of, parenthesized},
+use super::hooks::{
+    label,
+    Point::{self, *},
 };
+use crate::lab::names::{node_of, parenthesized};
 
 /// What a segment name needs to know about the two hops around it.
 pub struct SegmentEnds<'a> {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use anyhow::{Context as _, Result};
 
 use super::netns;
-use super::{nl::Nl, target::PodName, IfRef, LabIface};
+use super::{names::PodName, nl::Nl, IfRef, LabIface};
 use crate::pods::Pod;
 
 /// How the caller's own network namespace is named in hops and reports.

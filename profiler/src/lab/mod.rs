@@ -12,6 +12,7 @@ use anyhow::{bail, Result};
 
 pub mod discover;
 pub mod dpdk;
+pub mod names;
 pub mod nested;
 pub mod netns;
 mod nl;

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use super::{
-    discover, netns, owner, spec::netns_name, target::NODE_SEP, vm_cache as vm, Endpoint, Lab,
+    discover, names::NODE_SEP, netns, owner, spec::netns_name, vm_cache as vm, Endpoint, Lab,
     LabIface, LabOptions, Placement, Pod, Topology,
 };
 
@@ -808,8 +808,8 @@ mod tests {
         assert_eq!(ns, "vm1:pod-b");
         assert_eq!(in_guest("vm1", &ns), Some("pod-b"));
         assert_eq!(in_guest("vm1", "prof-bmp2vmp-host"), None);
-        assert_eq!(super::super::target::node_of(&ns), "vm1");
-        assert_eq!(super::super::target::node_of("prof-bmp2vmp-host"), "host");
+        assert_eq!(super::super::names::node_of(&ns), "vm1");
+        assert_eq!(super::super::names::node_of("prof-bmp2vmp-host"), "host");
     }
 
     fn guest_commands(layout: &Layout, k: usize, inner: Inner) -> String {

@@ -12,20 +12,10 @@ use crate::pods;
 
 use super::{
     discover::{self, ROOT},
+    names::{node_of, PodName, HOST_NODE},
     nested::{self, Guest},
     netns, Endpoint, Lab, LabIface, Pod,
 };
-
-/// The node of everything on this machine's own kernel.
-pub const HOST_NODE: &str = "host";
-/// Separates a guest's name from its namespace's in the namespace names of nested paths
-/// ("vm1:pod-b"); a name without it is the host's.
-pub const NODE_SEP: char = ':';
-
-/// The kernel (node) a namespace name belongs to: "host", or the guest's name.
-pub fn node_of(ns: &str) -> &str {
-    ns.split_once(NODE_SEP).map_or(HOST_NODE, |(node, _)| node)
-}
 
 /// The devices hops are named after.
 pub struct Devices {
@@ -35,18 +25,6 @@ pub struct Devices {
     pub interfaces: Vec<LabIface>,
     /// The namespaces that are pods of a container runtime (attach --pod), by netns name.
     pub pods: Vec<PodName>,
-}
-
-/// A namespace's pod, as the container runtime names it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodName {
-    /// The namespace's name in `namespaces` (e.g. "cni-1b2c...").
-    pub netns: String,
-    /// The Kubernetes namespace ("" when only the pod's name is known).
-    pub namespace: String,
-    pub name: String,
-    /// "NAMESPACE/NAME", or NAME: how hops and segments name the pod.
-    pub qualified: String,
 }
 
 impl Devices {

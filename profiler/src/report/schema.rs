@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::lab::Placement;
+use crate::lab::{names::HOST_NODE, Placement};
 
 pub const RUN_SCHEMA: &str = "profiler.run.v1";
 pub const ATTACH_SCHEMA: &str = "profiler.attach.v1";
@@ -265,8 +265,6 @@ impl Hop {
 pub fn host_node() -> String {
     HOST_NODE.to_string()
 }
-
-pub use crate::lab::target::HOST_NODE;
 
 /// Latency statistics of one segment or of the whole journey.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -5,8 +5,9 @@ use std::fmt::Write as _;
 use super::schema::{
     AlltoallResult, AttachDrop, AttachPath, AttachReport, CompareReport, CrossingReport,
     DirectionReport, DoctorReport, HookSet, HookStatus, Hop, ProgramCost, RunReport, SegmentReport,
-    SegmentSummary, Stats, Status, StreamResult, HOST_NODE,
+    SegmentSummary, Stats, Status, StreamResult,
 };
+use crate::lab::names::HOST_NODE;
 
 fn us(ns: f64) -> String {
     if ns >= 1e6 {

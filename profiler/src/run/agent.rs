@@ -39,8 +39,9 @@ use crate::{
     },
     lab::{
         discover,
+        names::NODE_SEP,
         nested::{self, Inventory, SetupAnswer},
-        target::{AgentAt, GuestEnd, NODE_SEP},
+        target::{AgentAt, GuestEnd},
     },
     report::schema::{CrossingReport, HookSet, HookStatus},
 };
