@@ -6,6 +6,8 @@
 //! - [`run`]: tagged traffic, journeys rebuilt from events, `compare`.
 //! - [`attach`]: following real traffic, the filter compiler, in-kernel histograms, metrics.
 //! - [`bench`]: the study's experiments as a matrix of runs, and its findings judged.
+//! - [`cluster`]: what a journey across nodes needs: two nodes' clocks related, with bounds, from
+//!   the packets crossing between them.
 //! - [`kernel`]: BTF, kallsyms, loading and attaching the eBPF programs, ring buffers, doctor,
 //!   the delay injector.
 //! - [`datapath`]: the hook table and the rules that name segments, as data.
@@ -29,6 +31,7 @@ use roxmltree as _;
 pub mod attach;
 pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod datapath;
 pub mod kernel;
 pub mod lab;

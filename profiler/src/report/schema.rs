@@ -130,6 +130,22 @@ pub struct CrossingReport {
     pub drift_ppm: f64,
     /// Both crossings' time per exchange, (t4 - t1) - (t3 - t2): measured, not estimated.
     pub crossing_sum: Stats,
+    /// What every exchange together bounds, no direction assumed as fast as the other
+    /// (cluster/clock.rs); absent from reports written before it, or where the exchanges did
+    /// not agree on a line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<ClockBounds>,
+}
+
+/// The guest clock minus the host's, and its drift, as bounds that hold whatever the crossings'
+/// asymmetry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClockBounds {
+    /// Host time at the middle of the exchanges, where `offset_ns` holds.
+    pub at_ns: u64,
+    /// The offset lies within these.
+    pub offset_ns: (i64, i64),
+    pub drift_ppm: (f64, f64),
 }
 
 /// A one-way stream's throughput, measured at the receiver, and its tagged messages.

@@ -65,7 +65,7 @@ pub fn run(r: &RunReport) -> String {
 /// How a guest's clock was related to the host's, under the tables' "~" segments.
 fn render_crossing(c: &CrossingReport) -> String {
     let (p10, p90) = c.offset_p10_p90_ns;
-    format!(
+    let mut out = format!(
         "crossings host <-> {} (~ estimated): clock offset {} (p10 {}, p90 {}), drift {:.1} ppm, \
          both crossings together {} mean, {} p50, over {} exchanges; split: {}\n",
         c.node,
@@ -77,7 +77,18 @@ fn render_crossing(c: &CrossingReport) -> String {
         us(c.crossing_sum.p50_ns as f64),
         c.exchanges,
         c.method
-    )
+    );
+    if let Some(b) = &c.bounds {
+        out += &format!(
+            "  bounds from every exchange, no direction assumed as fast as the other: clock \
+             offset {}..{} at the middle, drift {:.1}..{:.1} ppm\n",
+            signed_us(b.offset_ns.0),
+            signed_us(b.offset_ns.1),
+            b.drift_ppm.0,
+            b.drift_ppm.1
+        );
+    }
+    out
 }
 
 /// A clock offset: seconds when it is (guests boot later than their host), else as `us`.

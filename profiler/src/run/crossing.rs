@@ -14,7 +14,13 @@
 use std::collections::BTreeMap;
 
 use super::journey::stats_of;
-use crate::report::schema::CrossingReport;
+use crate::{
+    cluster::clock::Clocks,
+    report::schema::{ClockBounds, CrossingReport},
+};
+
+/// How long a line must hold two clocks when the exchanges do not agree on one for the run.
+const CLOCK_HORIZON_NS: u64 = 10_000_000_000;
 
 /// How the crossing segments were estimated, for the report.
 pub const METHOD: &str = "per exchange: sum (t4-t1)-(t3-t2) measured (t1, t4 on the side that \
@@ -144,6 +150,7 @@ impl Estimate {
                 offset_p10_p90_ns: (at(0.1), at(0.9)),
                 drift_ppm: drift_ppm(exchanges, &offsets),
                 crossing_sum: stats_of(&sums),
+                bounds: bounds(exchanges, guest_originates),
             },
             offsets,
         }
@@ -154,6 +161,38 @@ impl Estimate {
         let offset = self.offsets.get(&seq).copied().unwrap_or(self.median);
         (guest_ts as i64 - offset).max(0) as u64
     }
+}
+
+/// What all the exchanges bound (cluster/clock.rs: each request and response is a packet
+/// crossing one way), given as the guest's clock minus the host's.
+fn bounds(exchanges: &BTreeMap<u32, Exchange>, guest_originates: bool) -> Option<ClockBounds> {
+    let mut clocks = Clocks::default();
+    for e in exchanges.values() {
+        clocks.a_to_b(e.t1, e.t2);
+        clocks.b_to_a(e.t3, e.t4);
+    }
+    let from = exchanges.values().map(|e| e.t1).min()?;
+    let to = exchanges.values().map(|e| e.t4).max()?;
+    let mid = from + (to - from) / 2;
+    let fit = match clocks.fit(from, to) {
+        Ok(fit) => fit,
+        Err(_) => clocks.track(CLOCK_HORIZON_NS).at(mid).ok()?.clone(),
+    };
+    let (offset, drift) = (fit.offset_at(mid), fit.drift());
+    // The originator's clock is A: a guest that sends the requests sees the host's offset.
+    Some(if guest_originates {
+        ClockBounds {
+            at_ns: (mid as i64 + offset.estimate()).max(0) as u64,
+            offset_ns: (-offset.hi, -offset.lo),
+            drift_ppm: (-drift.hi * 1e6, -drift.lo * 1e6),
+        }
+    } else {
+        ClockBounds {
+            at_ns: mid,
+            offset_ns: (offset.lo, offset.hi),
+            drift_ppm: (drift.lo * 1e6, drift.hi * 1e6),
+        }
+    })
 }
 
 /// The slope of the offsets over the originator's time (least squares; either clock does for
@@ -280,6 +319,45 @@ mod tests {
             (ppm + 50.0).abs() < 1.0,
             "drift {ppm} ppm: the host's 50 seen from the guest"
         );
+    }
+
+    /// The bounds hold the true offset at the middle of the run and the true drift, whichever
+    /// side sends the requests, however asymmetric the crossings.
+    #[test]
+    fn the_bounds_hold_the_truth_whoever_originates() {
+        for (offset, ppm, d_req, d_resp) in [
+            (5_000_000_i64, 100.0, 900_000, 100_000),
+            (-5_000_000, -100.0, 100_000, 900_000),
+        ] {
+            let ex = synthetic(offset, ppm, d_req, d_resp);
+            let b = Estimate::of("vm1", &ex, false)
+                .report
+                .bounds
+                .expect("bounds");
+            let truth = offset + (b.at_ns as f64 * ppm / 1e6) as i64;
+            println!("{b:?}, truth {truth}");
+            assert!(
+                (b.offset_ns.0..=b.offset_ns.1).contains(&truth),
+                "{b:?} {truth}"
+            );
+            // No wider than one exchange's two crossings (the jitter adds up to 20 us to each).
+            assert!(
+                b.offset_ns.1 - b.offset_ns.0 <= (d_req + d_resp + 40_000) as i64,
+                "{b:?}"
+            );
+            assert!(b.drift_ppm.0 <= ppm && ppm <= b.drift_ppm.1, "{b:?}");
+            // The same clocks seen from a guest that sends the requests: the host runs
+            // -offset ahead of it.
+            let ex = synthetic(-offset, 0.0, d_req, d_resp);
+            let b = Estimate::of("vm1", &ex, true)
+                .report
+                .bounds
+                .expect("bounds");
+            assert!(
+                (b.offset_ns.0..=b.offset_ns.1).contains(&offset),
+                "{b:?} {offset}"
+            );
+        }
     }
 
     #[test]
