@@ -240,8 +240,38 @@ fn bmp2vmp_flannel_profiles_both_kernels_in_order() {
         "guest clock offset {} ns, drift {} ppm, crossings' sum mean {} ns over {exchanges} exchanges",
         c["offset_ns"], c["drift_ppm"], c["crossing_sum"]["mean_ns"]
     );
+    check_clock_bounds(c);
     // The run made the lab: it is gone with everything it started.
     assert_nothing_left(LAB);
+}
+
+/// The bounds every exchange puts on a guest's clock (no direction assumed as fast as the
+/// other) are as tight as a typical exchange's two crossings, and the per-exchange estimate,
+/// which is off by at most half an exchange's asymmetry, is near them.
+fn check_clock_bounds(c: &Value) {
+    let b = &c["bounds"];
+    let (lo, hi) = (b["offset_ns"][0].as_i64(), b["offset_ns"][1].as_i64());
+    let (Some(lo), Some(hi)) = (lo, hi) else {
+        panic!("no clock bounds: {c}");
+    };
+    let p50 = c["crossing_sum"]["p50_ns"]
+        .as_i64()
+        .expect("crossing sum p50");
+    println!(
+        "{}: offset within {lo}..{hi} ns ({} ns wide), drift {} ppm, crossings' sum p50 {p50} ns",
+        c["node"],
+        hi - lo,
+        b["drift_ppm"]
+    );
+    assert!(
+        lo <= hi && hi - lo <= p50,
+        "bounds wider than an exchange: {c}"
+    );
+    let median = c["offset_ns"].as_i64().unwrap();
+    assert!(
+        (lo - p50..=hi + p50).contains(&median),
+        "median offset far outside the bounds: {c}"
+    );
 }
 
 /// The inode of each network namespace of lab `lab`, by name.
@@ -455,8 +485,10 @@ fn guest_commands(commands: &[&str]) {
         .join("agent.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("the agent's socket");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let setup =
-        profiler::run::agent::Request::Setup(commands.iter().map(|c| c.to_string()).collect());
+    let setup = profiler::run::agent::Request::Setup(profiler::lab::nested::SetupRequest {
+        commands: commands.iter().map(|c| c.to_string()).collect(),
+        tls: None,
+    });
     let req = serde_json::to_string(&setup).unwrap() + "\n";
     s.write_all(req.as_bytes()).expect("asking the agent");
     let mut line = String::new();
@@ -564,8 +596,8 @@ fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
     assert_nothing_left(LAB);
 }
 
-/// `profiler run --from --to NODE:NETNS:IP --agent ADDR`, run where the VM's address is
-/// reachable (the lab's host namespace), on addresses read from `lab list --json`.
+/// `profiler run --from --to NODE:NETNS:IP --agent ADDR --tls DIR`, run where the VM's address
+/// is reachable (the lab's host namespace), on addresses read from `lab list --json`.
 fn agent_over_tcp_profiles_the_path() {
     let list = profiler(&["lab", "list", "--json"]);
     let labs: Value = serde_json::from_slice(&list.stdout).expect("lab list's JSON");
@@ -586,6 +618,11 @@ fn agent_over_tcp_profiles_the_path() {
     let to = format!("vm1:pod-b:{server}");
     let agent = format!("{outer}:{}", profiler::lab::nested::AGENT_TCP_PORT);
     let host = "prof-bmp2vmp-host";
+    // The host's side of the lab's own CA; the lab handed the guest its side over the serial
+    // port, so the guest's TCP side takes only this.
+    let tls = Path::new(profiler::lab::nested::RUN_DIR)
+        .join(format!("{LAB}-vm1"))
+        .join(profiler::lab::nested::TLS_DIR);
     let r = nested_run_in(
         Some(host),
         &[
@@ -595,6 +632,8 @@ fn agent_over_tcp_profiles_the_path() {
             &to,
             "--agent",
             &agent,
+            "--tls",
+            tls.to_str().unwrap(),
             "--hooks",
             "stable",
             "--count",
@@ -742,6 +781,7 @@ fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
             "{}: clock offset {} ns, drift {} ppm, crossings' sum mean {} ns over {exchanges} exchanges",
             c["node"], c["offset_ns"], c["drift_ppm"], c["crossing_sum"]["mean_ns"]
         );
+        check_clock_bounds(c);
     }
     drop(guard);
     assert_nothing_left(XLAB);

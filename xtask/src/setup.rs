@@ -76,7 +76,8 @@ pub fn test_packages() -> Result<()> {
         "libc6-dev",
         "iptables",
     ];
-    for pkg in [DPDK_PACKAGE, "iperf3", "chromium", "prometheus"]
+    // openssl: tests/agent.rs speaks to the agent with a TLS client that is not the profiler.
+    for pkg in [DPDK_PACKAGE, "iperf3", "chromium", "prometheus", "openssl"]
         .into_iter()
         .chain(NODE_PACKAGES)
     {

@@ -1,8 +1,12 @@
 //! `profiler run`: one path profiled with tagged traffic, a lab's or any namespaces'.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 
 use super::{
@@ -11,8 +15,9 @@ use super::{
     values::{duration_within, number_within},
 };
 use crate::{
+    cluster::tls::Identity,
     kernel::{doctor, uprobe::UprobeSpec},
-    lab::{self, target::RunTarget, LabOptions, Topology},
+    lab::{self, names::HOST_NODE, target::RunTarget, LabOptions, Topology},
     pods,
     report::{
         schema::{HookSet, Proto, RunReport, TrafficKind},
@@ -21,6 +26,19 @@ use crate::{
     run::{self, RunArgs},
     signal::interruptible,
 };
+
+/// How `run --agent` speaks to the agent: as the host of the cluster in `tls`, or in the clear
+/// when asked to.
+fn agent_identity(tls: Option<&Path>, insecure: bool) -> Result<Option<Identity>> {
+    match tls {
+        Some(dir) => Ok(Some(Identity::load(dir, HOST_NODE)?)),
+        None if insecure => Ok(None),
+        None => bail!(
+            "--agent needs --tls DIR (the cluster's certificates: `profiler agent --init-certs`) \
+             or --insecure"
+        ),
+    }
+}
 
 #[derive(Args, Clone)]
 pub struct TrafficOpts {
@@ -103,6 +121,14 @@ pub struct RunCli {
     /// server there.
     #[arg(long, requires = "from", value_name = "IP:PORT")]
     agent: Option<std::net::SocketAddr>,
+    /// The cluster's certificates for --agent: DIR/ca.pem, DIR/host.pem and DIR/host.key (made
+    /// by `profiler agent --init-certs DIR --names host,vm1`; a lab's guest:
+    /// /run/profiler/vm/LAB-GUEST/tls).
+    #[arg(long, requires = "agent", value_name = "DIR")]
+    tls: Option<PathBuf>,
+    /// Speak to --agent in the clear: an agent started with --insecure, on a private network.
+    #[arg(long, requires = "agent", conflicts_with = "tls")]
+    insecure: bool,
     #[command(flatten)]
     lab_opts: LabOpts,
     /// Payload bytes per request and per response, per stream or all-to-all message (16 to
@@ -191,7 +217,11 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
         }
         (Some(from), Some((to_ns, addr))) => {
             let guest = match cli.agent {
-                Some(at) => Some(interruptible(run::agent::guest_of(to_ns, at)).await?),
+                Some(at) => {
+                    run::agent::guest_node(to_ns)?;
+                    let identity = agent_identity(cli.tls.as_deref(), cli.insecure)?;
+                    Some(interruptible(run::agent::guest_of(to_ns, at, identity)).await?)
+                }
                 None => None,
             };
             let target = interruptible(RunTarget::path(from, to_ns, addr, guest)).await?;

@@ -1,4 +1,5 @@
 //! What several nodes share when one journey crosses them: their clocks, reconciled from the
-//! packets that cross between them.
+//! packets that cross between them, and the agents' channel, under the cluster's own TLS.
 
 pub mod clock;
+pub mod tls;

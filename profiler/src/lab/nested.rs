@@ -31,9 +31,14 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
+use crate::cluster::tls::{self, Identity};
+
 use super::{
-    discover, names::NODE_SEP, netns, owner, spec::netns_name, vm_cache as vm, Endpoint, Lab,
-    LabIface, LabOptions, Placement, Pod, Topology,
+    discover,
+    names::{HOST_NODE, NODE_SEP},
+    netns, owner,
+    spec::netns_name,
+    vm_cache as vm, Endpoint, Lab, LabIface, LabOptions, Placement, Pod, Topology,
 };
 
 /// Each guest's files (pid record, QEMU's socket for the agent, console log): RUN_DIR/LAB-GUEST.
@@ -43,9 +48,12 @@ pub const RUN_DIR: &str = "/run/profiler/vm";
 pub const QEMU_NAME_PREFIX: &str = "profiler-";
 /// The virtio-serial port the agent listens on: /dev/virtio-ports/NAME in the guest.
 pub const AGENT_PORT: &str = "profiler";
-/// The lab's request on the agent's channel, as JSON: `{"setup": [ip commands]}`; the agent
-/// runs them and answers with a [`SetupAnswer`].
+/// The lab's request on the agent's channel, as JSON: `{"setup": SetupRequest}`; the agent
+/// runs its commands and answers with a [`SetupAnswer`].
 pub const SETUP: &str = "setup";
+/// In each guest's directory: the host's identity in the lab's cluster, for `profiler run
+/// --agent ADDR --tls RUN_DIR/LAB-GUEST/tls`.
+pub const TLS_DIR: &str = "tls";
 /// The TCP port lab guests' agents listen on beside their serial port (so that `profiler run
 /// --agent` can be tried on a lab).
 pub const AGENT_TCP_PORT: u16 = 7450;
@@ -244,15 +252,30 @@ pub(super) async fn build(name: &str, topology: Topology, options: &LabOptions) 
             ..guest
         });
     }
+    let mut identities = lab_identities(&layout)?.into_iter();
+    let host = identities.next().context("no host identity")?;
     let mut parts = Vec::new();
-    for (guest, g) in started.into_iter().zip(&layout.guests) {
-        let commands = setup_commands(&g.node, layout.peer(&g.node), inner, mtu);
-        let inventory = setup(&guest, commands).await?;
+    for ((guest, g), tls) in started.into_iter().zip(&layout.guests).zip(identities) {
+        // What `profiler run --agent ADDR --tls DIR` takes: the host's side of the lab's CA.
+        host.save(&dir(name, &g.node.name).join(TLS_DIR))?;
+        let request = SetupRequest {
+            commands: setup_commands(&g.node, layout.peer(&g.node), inner, mtu),
+            tls: Some(tls),
+        };
+        let inventory = setup(&guest, request).await?;
         parts.push((guest, inventory));
     }
     let lab = assemble(name, topology, options.placement, &layout, inner, parts).await?;
     undo.name = None;
     Ok(lab)
+}
+
+/// A CA of the lab's own and an identity for the host (first) and each guest, in order.
+fn lab_identities(layout: &Layout) -> Result<Vec<Identity>> {
+    let names: Vec<String> = std::iter::once(HOST_NODE.to_string())
+        .chain(layout.guests.iter().map(|g| g.node.name.clone()))
+        .collect();
+    Ok(tls::issue(&names)?.0)
 }
 
 /// One node's pod network: where its commands run, its pod, its place on the outer network.
@@ -599,7 +622,7 @@ fn guest_script(profiler: &Path, node: &str, mac: &str) -> String {
          mount -t bpf bpf /sys/fs/bpf; mount -t tracefs tracefs /sys/kernel/tracing\n\
          mkdir -p /run/netns; sysctl -qw net.ipv4.ip_forward=1\n\
          for d in /sys/class/net/*; do [ $(cat $d/address) = {mac} ] && ip link set ${{d##*/}} name eth0; done\n\
-         exec {} agent --serial {AGENT_PORT} --listen 0.0.0.0:{} --node {node}\n",
+         exec {} agent --serial {AGENT_PORT} --listen 0.0.0.0:{} --tls-from-host --node {node}\n",
         profiler.display(),
         AGENT_TCP_PORT
     )
@@ -614,6 +637,16 @@ fn setup_commands(node: &Node, peer: &Node, inner: Inner, mtu: Option<u32>) -> V
     ];
     c.extend(node_commands(node, peer, inner, mtu));
     c
+}
+
+/// What the lab asks of a guest's agent on its serial channel (the one only the VM's host can
+/// write to): the `ip` commands that build the guest's side and, for its TCP side, the guest's
+/// identity in the lab's own cluster (one CA per lab).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SetupRequest {
+    pub commands: Vec<String>,
+    #[serde(default)]
+    pub tls: Option<Identity>,
 }
 
 /// The agent's answer to the lab's setup request.
@@ -698,9 +731,10 @@ fn start(
     Ok(guest)
 }
 
-/// Waits for the guest's agent, has it run `commands` and asks for its inventory. Fails with
+/// Waits for the guest's agent, has it run the request's commands (and take its identity) and
+/// asks for its inventory. Fails with
 /// the end of the console log if the guest stops first.
-async fn setup(guest: &Guest, commands: Vec<String>) -> Result<Inventory> {
+async fn setup(guest: &Guest, request: SetupRequest) -> Result<Inventory> {
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let log = guest.socket.with_file_name("console.log");
     let failed = |what: &str| {
@@ -725,7 +759,7 @@ async fn setup(guest: &Guest, commands: Vec<String>) -> Result<Inventory> {
         }
     };
     let (read, mut write) = stream.into_split();
-    let request = serde_json::json!({ SETUP: commands }).to_string() + "\n";
+    let request = serde_json::json!({ SETUP: request }).to_string() + "\n";
     write.write_all(request.as_bytes()).await?;
     let mut lines = BufReader::new(read).lines();
     let left = deadline.saturating_duration_since(Instant::now());
@@ -836,7 +870,9 @@ mod tests {
         assert!(guest.contains("route add 198.18.0.0/24 via 198.18.0.0 dev flannel.1 onlink"));
         assert!(guest.contains("netns add pod-b"), "{guest}");
         let script = guest_script(Path::new("/p"), "vm1", "52:54:00:c6:12:01");
-        assert!(script.contains("exec /p agent --serial profiler --listen 0.0.0.0:7450 --node vm1"));
+        assert!(script.contains(
+            "exec /p agent --serial profiler --listen 0.0.0.0:7450 --tls-from-host --node vm1"
+        ));
         // virtme-ng puts it on the kernel command line, base64: 2 KiB in all on 6.1.
         assert!(script.len() < 600, "{} bytes", script.len());
     }

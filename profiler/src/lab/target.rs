@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{bail, Result};
 
-use crate::pods;
+use crate::{cluster::tls::Identity, pods};
 
 use super::{
     discover::{self, ROOT},
@@ -67,15 +67,16 @@ pub struct GuestEnd {
 pub enum AgentAt {
     /// A lab's guest: QEMU's Unix socket for its virtio-serial port.
     Socket(PathBuf),
-    /// A VM the profiler did not make (`profiler run --agent`).
-    Tcp(SocketAddr),
+    /// A VM the profiler did not make (`profiler run --agent`), under TLS as this identity
+    /// (None: in the clear).
+    Tcp(SocketAddr, Option<Identity>),
 }
 
 impl fmt::Display for AgentAt {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
             AgentAt::Socket(p) => write!(f, "{}", p.display()),
-            AgentAt::Tcp(a) => write!(f, "{a}"),
+            AgentAt::Tcp(a, _) => write!(f, "{a}"),
         }
     }
 }

@@ -7,13 +7,17 @@
 //! the agent at a time: a virtio-serial port in a lab (`--serial NAME`: QEMU's
 //! `-device virtserialport,name=NAME` with a Unix-socket chardev on the host, the channel
 //! qemu-guest-agent uses, so real VMs have it too; this machine has no vsock), or TCP on a real
-//! node (`--listen ADDR`, `profiler run --agent ADDR`).
+//! node (`--listen ADDR`, `profiler run --agent ADDR`) under mutual TLS (cluster/tls.rs): a
+//! lab hands its guests their identity on the serial channel, a node reads it from files.
+//! Each end reads lines of a bounded size, an agent serves one host at a time and refuses
+//! the others in one line.
 
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     pin::Pin,
+    sync::Arc,
     time::Duration,
 };
 
@@ -21,16 +25,22 @@ use anyhow::{bail, Context as _, Result};
 use profiler_common::{Event, HookId, COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader, Lines},
-    sync::oneshot,
+    io::{
+        AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _,
+        BufReader,
+    },
+    net::TcpStream,
+    sync::{oneshot, watch, Semaphore},
     task::JoinHandle,
 };
+use tokio_rustls::TlsAcceptor;
 
 use super::{
     crossing::{self, Collect, Estimate},
     traffic::{self, ServerLog},
 };
 use crate::{
+    cluster::tls::{self, Identity},
     datapath::{path::Inodes, Mode},
     kernel::{
         btf::{DropReasons, KernelBtf},
@@ -40,7 +50,7 @@ use crate::{
     lab::{
         discover,
         names::NODE_SEP,
-        nested::{self, Inventory, SetupAnswer},
+        nested::{self, Inventory, SetupAnswer, SetupRequest},
         target::{AgentAt, GuestEnd},
     },
     report::schema::{CrossingReport, HookSet, HookStatus},
@@ -50,6 +60,13 @@ use crate::{
 const START_TIMEOUT: Duration = Duration::from_secs(900);
 const STOP_TIMEOUT: Duration = Duration::from_secs(300);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A host's requests are small (a run's settings); a longer line is refused, not buffered.
+const MAX_REQUEST: usize = 1 << 20;
+/// An agent's answers carry a run's events (some 80 bytes each as JSON).
+const MAX_ANSWER: usize = 1 << 30;
+/// Hosts refused at once while one is served (each gets its one-line answer); past that a
+/// connection is closed unanswered.
+const MAX_REFUSING: usize = 8;
 /// As the run's: the ring buffer's last events, after the last exchange.
 const DRAIN: Duration = Duration::from_millis(500);
 
@@ -57,8 +74,10 @@ const DRAIN: Duration = Duration::from_millis(500);
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Request {
-    /// A lab's: `ip` commands that build the guest's side; answered with a [`SetupAnswer`].
-    Setup(Vec<String>),
+    /// A lab's on the serial channel: `ip` commands that build the guest's side and the
+    /// guest's identity for its TCP side; over TCP, an empty one. Answered with a
+    /// [`SetupAnswer`].
+    Setup(SetupRequest),
     Start(Start),
     /// Runs the client in the guest's pod (answered with [`Answer::Client`] once it is done).
     Client(Client),
@@ -193,33 +212,98 @@ fn from_wire(w: &WireEvent) -> Event {
     }
 }
 
-type Reader = Lines<BufReader<Pin<Box<dyn AsyncRead + Send>>>>;
 type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// A channel's lines, each at most `max` bytes: a peer cannot make this end hold more.
+struct Reader {
+    read: BufReader<Pin<Box<dyn AsyncRead + Send>>>,
+    max: usize,
+}
+
+impl Reader {
+    fn new(read: Pin<Box<dyn AsyncRead + Send>>, max: usize) -> Reader {
+        Reader {
+            read: BufReader::new(read),
+            max,
+        }
+    }
+
+    /// The next line without its newline; None at the end of the stream.
+    async fn next_line(&mut self) -> Result<Option<String>> {
+        let mut line = Vec::new();
+        let limit = self.max as u64 + 1;
+        if (&mut self.read)
+            .take(limit)
+            .read_until(b'\n', &mut line)
+            .await?
+            == 0
+        {
+            return Ok(None);
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        } else if line.len() > self.max {
+            bail!("a line longer than {} bytes: refused", self.max);
+        }
+        Ok(Some(
+            String::from_utf8(line).context("a line that is not UTF-8")?,
+        ))
+    }
+}
 
 /// Where the agent listens: a virtio-serial port by name, a TCP address, or both.
 pub struct Listen {
     pub serial: Option<String>,
-    pub tcp: Option<SocketAddr>,
+    pub tcp: Option<(SocketAddr, Security)>,
 }
+
+/// Who may speak to the agent's TCP side.
+pub enum Security {
+    /// Hosts with a certificate of the identity's cluster.
+    Tls(Identity),
+    /// As `Tls`, once the lab has handed the identity over on the serial channel; until then
+    /// every host is refused.
+    TlsFromHost,
+    /// Anyone who reaches the address (a lab's private network).
+    Insecure,
+}
+
+/// The TCP side's TLS once known: None before a lab hands it over, or under `Insecure`.
+type Acceptor = watch::Receiver<Option<TlsAcceptor>>;
 
 /// `profiler agent`: serves host runs until killed.
 pub async fn serve(listen: Listen, node: &str) -> Result<()> {
+    let (tls_tx, tls_rx) = watch::channel(None);
+    let mut insecure = false;
+    if let Some((_, security)) = &listen.tcp {
+        match security {
+            Security::Tls(id) => {
+                tls_tx.send_replace(Some(id.acceptor()?));
+            }
+            Security::TlsFromHost => {}
+            Security::Insecure => insecure = true,
+        }
+    }
     let serial = async {
         match &listen.serial {
-            Some(name) => serve_serial(name, node).await,
+            Some(name) => serve_serial(name, node, &tls_tx).await,
             None => std::future::pending().await,
         }
     };
     let tcp = async {
         match listen.tcp {
-            Some(addr) => serve_tcp(addr, node).await,
+            Some((addr, _)) => serve_tcp(addr, node, tls_rx, insecure).await,
             None => std::future::pending().await,
         }
     };
     tokio::try_join!(serial, tcp).map(|_| ())
 }
 
-async fn serve_serial(name: &str, node: &str) -> Result<()> {
+async fn serve_serial(
+    name: &str,
+    node: &str,
+    tls: &watch::Sender<Option<TlsAcceptor>>,
+) -> Result<()> {
     let path = serial_port(name)?;
     let file = tokio::fs::OpenOptions::new()
         .read(true)
@@ -230,38 +314,104 @@ async fn serve_serial(name: &str, node: &str) -> Result<()> {
     let write = file.try_clone().await?;
     eprintln!("agent {node}: listening on {}", path.display());
     session(
-        BufReader::new(Box::pin(file) as Pin<Box<dyn AsyncRead + Send>>).lines(),
+        Reader::new(Box::pin(file), MAX_REQUEST),
         Box::pin(write),
         node,
-        Channel::Serial,
+        Channel::Serial(tls),
     )
     .await
 }
 
-/// One host at a time: a run's connection ends before the next is taken.
-async fn serve_tcp(addr: SocketAddr, node: &str) -> Result<()> {
+/// One host at a time: while a host is served, the others are refused in one line.
+async fn serve_tcp(addr: SocketAddr, node: &str, tls: Acceptor, insecure: bool) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    eprintln!("agent {node}: listening on {addr}");
+    let how = if insecure { "without TLS" } else { "under TLS" };
+    eprintln!("agent {node}: listening on {addr} ({how})");
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     loop {
         let (conn, peer) = listener.accept().await?;
+        let (r, w) = match open(conn, &tls, insecure).await {
+            Ok(halves) => halves,
+            Err(e) => {
+                eprintln!("agent {node}: refused {peer}: {e:#}");
+                continue;
+            }
+        };
         eprintln!("agent {node}: host {peer} connected");
-        let (r, w) = conn.into_split();
-        let r: Pin<Box<dyn AsyncRead + Send>> = Box::pin(r);
-        let lines = BufReader::new(r).lines();
-        if let Err(e) = session(lines, Box::pin(w), node, Channel::Tcp).await {
-            eprintln!("agent {node}: {e:#}");
+        let served = session(Reader::new(r, MAX_REQUEST), w, node, Channel::Tcp);
+        tokio::pin!(served);
+        loop {
+            tokio::select! {
+                end = &mut served => {
+                    if let Err(e) = end {
+                        eprintln!("agent {node}: {e:#}");
+                    }
+                    eprintln!("agent {node}: host {peer} gone");
+                    break;
+                }
+                other = listener.accept() => {
+                    let (conn, other) = other?;
+                    let Ok(permit) = refusing.clone().try_acquire_owned() else {
+                        continue;
+                    };
+                    let (tls, node) = (tls.clone(), node.to_string());
+                    tokio::spawn(async move {
+                        refuse_busy(conn, &tls, insecure, &node, other, &peer).await;
+                        drop(permit);
+                    });
+                }
+            }
         }
     }
 }
 
+/// The channel's two halves once the host is authenticated (or at once without TLS).
+async fn open(
+    conn: TcpStream,
+    tls: &Acceptor,
+    insecure: bool,
+) -> Result<(Pin<Box<dyn AsyncRead + Send>>, Writer)> {
+    if insecure {
+        let (r, w) = conn.into_split();
+        return Ok((Box::pin(r), Box::pin(w)));
+    }
+    let Some(acceptor) = tls.borrow().clone() else {
+        bail!("no certificate yet: the lab has not handed this agent its identity");
+    };
+    let (r, w) = tokio::io::split(tls::accept(&acceptor, conn).await?);
+    Ok((Box::pin(r), Box::pin(w)))
+}
+
+/// Tells a host that another is being served, once it is authenticated, and closes.
+async fn refuse_busy(
+    conn: TcpStream,
+    tls: &Acceptor,
+    insecure: bool,
+    node: &str,
+    peer: SocketAddr,
+    serving: &SocketAddr,
+) {
+    let busy = format!("busy: serving host {serving}; try again when its run has ended");
+    let answer = serde_json::to_string(&SetupAnswer::Failed(busy)).unwrap_or_default() + "\n";
+    match open(conn, tls, insecure).await {
+        Ok((_, mut w)) => {
+            let _ = w.write_all(answer.as_bytes()).await;
+            let _ = w.shutdown().await;
+            eprintln!("agent {node}: refused {peer}: busy with {serving}");
+        }
+        Err(e) => eprintln!("agent {node}: refused {peer}: {e:#}"),
+    }
+}
+
 /// The channel a session runs on.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Channel {
+#[derive(Clone, Copy)]
+enum Channel<'a> {
     /// A virtio-serial port: only the VM's host can write to it; it reads end of file while
-    /// no host is connected, which is not an end.
-    Serial,
+    /// no host is connected, which is not an end. The lab's identity for the TCP side comes
+    /// here.
+    Serial(&'a watch::Sender<Option<TlsAcceptor>>),
     /// Anyone who reaches the address: it may ask for the inventory, not run setup commands.
     Tcp,
 }
@@ -292,12 +442,17 @@ struct Running {
 }
 
 /// Answers requests until the channel ends.
-async fn session(mut lines: Reader, mut write: Writer, node: &str, channel: Channel) -> Result<()> {
+async fn session(
+    mut lines: Reader,
+    mut write: Writer,
+    node: &str,
+    channel: Channel<'_>,
+) -> Result<()> {
     let mut running: Option<Running> = None;
     loop {
         let line = match lines.next_line().await? {
             Some(l) => l,
-            None if channel == Channel::Serial => {
+            None if matches!(channel, Channel::Serial(_)) => {
                 // The host went away: a run it did not stop ends here, its programs detached.
                 running = None;
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -313,12 +468,10 @@ async fn session(mut lines: Reader, mut write: Writer, node: &str, channel: Chan
             }
         };
         let answer = match request {
-            Request::Setup(commands) => {
-                serde_json::to_string(&match run_setup(&commands, channel) {
-                    Ok(()) => SetupAnswer::Inventory(inventory().await?),
-                    Err(e) => SetupAnswer::Failed(format!("{e:#}")),
-                })?
-            }
+            Request::Setup(request) => serde_json::to_string(&match run_setup(request, channel) {
+                Ok(()) => SetupAnswer::Inventory(inventory().await?),
+                Err(e) => SetupAnswer::Failed(format!("{e:#}")),
+            })?,
             Request::Start(s) => {
                 // A run whose host went away without stopping it.
                 running = None;
@@ -355,11 +508,21 @@ async fn session(mut lines: Reader, mut write: Writer, node: &str, channel: Chan
     }
 }
 
-fn run_setup(commands: &[String], channel: Channel) -> Result<()> {
-    if channel == Channel::Tcp && !commands.is_empty() {
-        bail!("setup commands are taken on the serial channel only, not over TCP");
+fn run_setup(request: SetupRequest, channel: Channel<'_>) -> Result<()> {
+    match channel {
+        Channel::Tcp if !request.commands.is_empty() || request.tls.is_some() => {
+            bail!(
+                "setup commands and identities are taken on the serial channel only, not over TCP"
+            )
+        }
+        Channel::Serial(tls) => {
+            if let Some(id) = &request.tls {
+                tls.send_replace(Some(id.acceptor()?));
+            }
+        }
+        Channel::Tcp => {}
     }
-    commands.iter().try_for_each(|c| nested::ip(c))
+    request.commands.iter().try_for_each(|c| nested::ip(c))
 }
 
 /// The guest's kernel, namespaces (with inodes) and devices.
@@ -510,21 +673,31 @@ async fn finish(r: Running) -> Result<Answer> {
     }))
 }
 
+/// The VM and its namespace that `to` ("vm1:pod-b") names.
+pub fn guest_node(to: &str) -> Result<(&str, &str)> {
+    match to.split_once(NODE_SEP) {
+        Some((n, ns)) if !n.is_empty() && !ns.is_empty() => Ok((n, ns)),
+        _ => bail!("with --agent, --to names the VM's namespace as NODE:NETNS:IP (vm1:pod-b:IP, vm1:(root):IP)"),
+    }
+}
+
 /// The VM whose namespace `to` ("vm1:pod-b") is, with the inventory its agent at `at` sends
-/// (`profiler run --agent`).
-pub async fn guest_of(to: &str, at: SocketAddr) -> Result<(GuestEnd, Inventory)> {
-    let Some((node, ns)) = to
-        .split_once(NODE_SEP)
-        .filter(|(n, ns)| !n.is_empty() && !ns.is_empty())
-    else {
-        bail!("with --agent, --to names the VM's namespace as NODE:NETNS:IP (vm1:pod-b:IP, vm1:(root):IP)");
-    };
+/// (`profiler run --agent`), spoken to under TLS as `identity` (None: in the clear).
+pub async fn guest_of(
+    to: &str,
+    at: SocketAddr,
+    identity: Option<Identity>,
+) -> Result<(GuestEnd, Inventory)> {
+    let (node, ns) = guest_node(to)?;
     let mut g = GuestEnd {
         name: node.to_string(),
         namespaces: Vec::new(),
-        agent: AgentAt::Tcp(at),
+        agent: AgentAt::Tcp(at, identity),
     };
-    let inv = Remote::connect(&g).await?.setup(Vec::new()).await?;
+    let inv = Remote::connect(&g)
+        .await?
+        .setup(SetupRequest::default())
+        .await?;
     if !inv.namespaces.iter().any(|(n, _)| n == ns) {
         let names: Vec<&str> = inv.namespaces.iter().map(|(n, _)| n.as_str()).collect();
         bail!(
@@ -555,14 +728,22 @@ impl Remote {
                     .into_split();
                 Ok(Remote::over(&g.name, Box::pin(r), Box::pin(w)))
             }
-            AgentAt::Tcp(addr) => {
+            AgentAt::Tcp(addr, identity) => {
                 let connect = tokio::net::TcpStream::connect(addr);
-                let (r, w) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
                     .await
                     .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
                     .with_context(cannot)?
-                    .with_context(cannot)?
-                    .into_split();
+                    .with_context(cannot)?;
+                let Some(id) = identity else {
+                    let (r, w) = tcp.into_split();
+                    return Ok(Remote::over(&g.name, Box::pin(r), Box::pin(w)));
+                };
+                let connector = id.connector()?;
+                let tls = tls::connect(&connector, tcp, &g.name)
+                    .await
+                    .with_context(cannot)?;
+                let (r, w) = tokio::io::split(tls);
                 Ok(Remote::over(&g.name, Box::pin(r), Box::pin(w)))
             }
         }
@@ -571,15 +752,15 @@ impl Remote {
     fn over(node: &str, r: Pin<Box<dyn AsyncRead + Send>>, w: Writer) -> Remote {
         Remote {
             node: node.to_string(),
-            lines: BufReader::new(r).lines(),
+            lines: Reader::new(r, MAX_ANSWER),
             write: w,
         }
     }
 
     /// Has the agent run a lab's `commands` (none over TCP) and answer with its guest's
     /// inventory.
-    pub async fn setup(&mut self, commands: Vec<String>) -> Result<Inventory> {
-        self.send(&Request::Setup(commands)).await?;
+    pub async fn setup(&mut self, request: SetupRequest) -> Result<Inventory> {
+        self.send(&Request::Setup(request)).await?;
         let node = &self.node;
         let Some(line) = self.lines.next_line().await? else {
             bail!("the agent of {node} closed its channel");
@@ -804,8 +985,26 @@ mod tests {
     #[test]
     fn the_labs_setup_request_is_understood() {
         let cmds = vec!["link set eth0 up".to_string()];
-        let lab = serde_json::json!({ nested::SETUP: cmds.clone() }).to_string();
-        assert!(matches!(serde_json::from_str(&lab), Ok(Request::Setup(c)) if c == cmds));
+        let request = SetupRequest {
+            commands: cmds.clone(),
+            tls: None,
+        };
+        let lab = serde_json::json!({ nested::SETUP: request }).to_string();
+        assert!(matches!(serde_json::from_str(&lab), Ok(Request::Setup(r)) if r.commands == cmds));
+    }
+
+    /// A line is read whole up to the bound, refused past it, and the last one needs no newline.
+    #[tokio::test]
+    async fn lines_are_bounded() {
+        let text = b"short\nexactly8\nnine byte\n".to_vec();
+        let mut r = Reader::new(Box::pin(std::io::Cursor::new(text)), 8);
+        assert_eq!(r.next_line().await.unwrap().as_deref(), Some("short"));
+        assert_eq!(r.next_line().await.unwrap().as_deref(), Some("exactly8"));
+        let e = r.next_line().await.unwrap_err();
+        assert!(format!("{e}").contains("longer than 8 bytes"), "{e}");
+        let mut r = Reader::new(Box::pin(std::io::Cursor::new(b"12345678".to_vec())), 8);
+        assert_eq!(r.next_line().await.unwrap().as_deref(), Some("12345678"));
+        assert_eq!(r.next_line().await.unwrap(), None);
     }
 
     fn ev(seq: u32, direction: u32, hook: HookId, ts_ns: u64) -> Event {

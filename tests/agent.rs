@@ -1,0 +1,238 @@
+//! The agent's TCP side on a real socket: mutual TLS under the cluster's CA, refusals in one
+//! line at both ends, one host at a time. The agent runs in a namespace of the test's own and
+//! listens on its loopback, so nothing leaves it.
+// A test crate sees every dependency of the package; the lint is for the library's.
+#![allow(unused_crate_dependencies)]
+
+mod common;
+
+use std::{
+    io::Read as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{assert_clean, ip, BIN};
+
+const NETNS: &str = "prof-agent-tls";
+const ADDR: &str = "127.0.0.1:7450";
+
+/// The namespace and the agent's process, removed and ended however the test ends.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Ours, by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
+    }
+}
+
+impl Agent {
+    /// `profiler agent --listen ADDR ARGS` in NETNS, once it listens.
+    fn start(dir: &Path, args: &[&str]) -> Agent {
+        ip(&["netns", "add", NETNS]);
+        ip(&["-n", NETNS, "link", "set", "lo", "up"]);
+        let log = dir.join("agent.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", NETNS, BIN, "agent", "--listen", ADDR])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("the agent's log"))
+            .spawn()
+            .expect("starting the agent");
+        let agent = Agent { child, log };
+        agent.wait_for("listening on", 1);
+        agent
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the agent's log has `n` lines containing `what`.
+    fn wait_for(&self, what: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches(what).count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "agent never said {what:?} {n} times: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `profiler run` toward the agent, from inside NETNS, as a host would: the namespace it asks
+/// for does not exist, so a run that got through TLS ends with the agent's inventory.
+fn run_toward_agent(security: &[&str]) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", NETNS, BIN, "run", "--from", "(root)"])
+        .args(["--to", "vm1:no-such-ns:10.0.0.2", "--agent", ADDR])
+        .args(security)
+        .output()
+        .expect("running the profiler")
+}
+
+/// Fails in one line of stderr containing `want`.
+fn one_line_error(out: &Output, want: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "succeeded: {err}");
+    assert!(err.contains(want), "wanted {want:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn certs(root: &Path, name: &str) -> PathBuf {
+    let dir = root.join(name);
+    let out = Command::new(BIN)
+        .args(["agent", "--init-certs"])
+        .arg(&dir)
+        .args(["--names", "host,vm1"])
+        .output()
+        .expect("profiler agent --init-certs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for file in ["ca.pem", "host.pem", "vm1.pem"] {
+        assert!(listed.contains(file), "{file} not listed: {listed}");
+    }
+    dir
+}
+
+/// openssl's TLS client toward the agent (a client that is not the profiler), its standard
+/// input kept open so that it holds its session.
+fn openssl_client(args: &[&str]) -> Child {
+    Command::new("ip")
+        .args([
+            "netns", "exec", NETNS, "openssl", "s_client", "-quiet", "-tls1_3",
+        ])
+        .args(["-connect", ADDR])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl s_client")
+}
+
+#[test]
+fn the_agents_tcp_side_takes_only_its_clusters_hosts_one_at_a_time() {
+    let root = std::env::temp_dir().join(format!("profiler-agent-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let ours = certs(&root, "ours");
+    let theirs = certs(&root, "theirs");
+    let tls = ours.to_str().unwrap();
+
+    // Listening in the clear must be asked for.
+    let out = Command::new(BIN)
+        .args(["agent", "--listen", ADDR])
+        .output()
+        .unwrap();
+    one_line_error(&out, "--listen needs --tls DIR");
+    // And so must speaking in the clear.
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--from",
+            "(root)",
+            "--to",
+            "vm1:pod-b:10.0.0.2",
+            "--agent",
+            ADDR,
+        ])
+        .output()
+        .unwrap();
+    one_line_error(&out, "--agent needs --tls DIR");
+
+    let agent = Agent::start(&root, &["--tls", tls, "--node", "vm1"]);
+
+    // A host of the cluster: through TLS to the agent's inventory.
+    let err = one_line_error(
+        &run_toward_agent(&["--tls", tls]),
+        "has no namespace no-such-ns",
+    );
+    println!("our host: {err}");
+    agent.wait_for("connected", 1);
+
+    // Another cluster's host: refused at both ends.
+    let err = one_line_error(
+        &run_toward_agent(&["--tls", theirs.to_str().unwrap()]),
+        "UnknownIssuer",
+    );
+    println!("another cluster's host: {err}");
+    agent.wait_for("refused", 1);
+
+    // A host that speaks in the clear: the agent refuses it; it sees its channel close.
+    let err = one_line_error(&run_toward_agent(&["--insecure"]), "closed its channel");
+    println!("a host in the clear: {err}");
+    agent.wait_for("refused", 2);
+
+    // A TLS client without a certificate.
+    let mut anonymous = openssl_client(&["-CAfile", &format!("{tls}/ca.pem")]);
+    agent.wait_for("refused", 3);
+    drop(anonymous.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while anonymous.try_wait().expect("openssl").is_none() {
+        if Instant::now() > deadline {
+            // Ours, by pid.
+            unsafe { libc::kill(anonymous.id() as i32, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut said = String::new();
+    anonymous
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    println!("openssl without a certificate: {}", said.trim());
+    assert!(said.contains("alert"), "openssl: {said}");
+
+    // One host at a time: while openssl holds a session with our host's certificate, a run is
+    // told the agent is busy, and once it has gone the next is served.
+    let mut holder = openssl_client(&[
+        "-CAfile",
+        &format!("{tls}/ca.pem"),
+        "-cert",
+        &format!("{tls}/host.pem"),
+        "-key",
+        &format!("{tls}/host.key"),
+        "-verify_hostname",
+        "vm1",
+    ]);
+    agent.wait_for("connected", 2);
+    let err = one_line_error(&run_toward_agent(&["--tls", tls]), "busy: serving host");
+    println!("while another host is served: {err}");
+    // Ours, by pid.
+    unsafe { libc::kill(holder.id() as i32, libc::SIGTERM) };
+    let _ = holder.wait();
+    agent.wait_for("gone", 2);
+    one_line_error(
+        &run_toward_agent(&["--tls", tls]),
+        "has no namespace no-such-ns",
+    );
+
+    let log = agent.log();
+    println!("agent:\n{log}");
+    for line in log.lines().filter(|l| l.contains("refused")) {
+        assert!(line.starts_with("agent vm1: refused 127.0.0.1:"), "{line}");
+    }
+    drop(agent);
+    std::fs::remove_dir_all(&root).unwrap();
+    assert!(!Path::new("/run/netns").join(NETNS).exists());
+    assert_clean();
+}
