@@ -127,9 +127,20 @@ fn openssl_client(args: &[&str]) -> Child {
         .expect("openssl s_client")
 }
 
+/// The test's certificates and logs, removed however the test ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn the_agents_tcp_side_takes_only_its_clusters_hosts_one_at_a_time() {
-    let root = std::env::temp_dir().join(format!("profiler-agent-test-{}", std::process::id()));
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("profiler-agent-{}", std::process::id())));
+    let root = scratch.0.clone();
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
     let ours = certs(&root, "ours");
@@ -175,8 +186,11 @@ fn the_agents_tcp_side_takes_only_its_clusters_hosts_one_at_a_time() {
     println!("another cluster's host: {err}");
     agent.wait_for("refused", 1);
 
-    // A host that speaks in the clear: the agent refuses it; it sees its channel close.
-    let err = one_line_error(&run_toward_agent(&["--insecure"]), "closed its channel");
+    // A host that speaks in the clear: the agent refuses it, with a TLS alert it recognises.
+    let err = one_line_error(
+        &run_toward_agent(&["--insecure"]),
+        "speaks TLS: connect with --tls DIR",
+    );
     println!("a host in the clear: {err}");
     agent.wait_for("refused", 2);
 
@@ -232,7 +246,8 @@ fn the_agents_tcp_side_takes_only_its_clusters_hosts_one_at_a_time() {
         assert!(line.starts_with("agent vm1: refused 127.0.0.1:"), "{line}");
     }
     drop(agent);
-    std::fs::remove_dir_all(&root).unwrap();
+    drop(scratch);
+    assert!(!root.exists());
     assert!(!Path::new("/run/netns").join(NETNS).exists());
     assert_clean();
 }

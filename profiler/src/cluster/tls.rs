@@ -168,6 +168,17 @@ pub async fn connect(
 
 /// A new CA and an identity for each of `names` signed by it; the CA's key in PEM beside.
 pub fn issue(names: &[String]) -> Result<(Vec<Identity>, String)> {
+    for name in names {
+        // The name the other end checks the certificate against (`connect`).
+        if !matches!(
+            ServerName::try_from(name.as_str()),
+            Ok(ServerName::DnsName(_))
+        ) {
+            bail!(
+                "node name {name:?} cannot name a certificate: letters, digits, '-' and '.' only"
+            );
+        }
+    }
     let ca_key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -175,7 +186,10 @@ pub fn issue(names: &[String]) -> Result<(Vec<Identity>, String)> {
     // the same name would read as a bad signature rather than an unknown issuer.
     let mut id = std::hash::DefaultHasher::new();
     std::hash::Hash::hash(ca_key.public_key_raw(), &mut id);
-    let name = format!("profiler cluster CA {:016x}", std::hash::Hasher::finish(&id));
+    let name = format!(
+        "profiler cluster CA {:016x}",
+        std::hash::Hasher::finish(&id)
+    );
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -342,6 +356,12 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{name}.key");
         }
+        let bad = init_dir(&dir.join("bad"), &["bad name!".to_string()]).unwrap_err();
+        assert!(
+            format!("{bad}").contains("cannot name a certificate"),
+            "{bad}"
+        );
+        assert!(!dir.join("bad").exists());
         let again = init_dir(&dir, &names).unwrap_err();
         assert!(
             format!("{again}").contains("already holds a cluster CA"),

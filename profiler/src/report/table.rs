@@ -81,9 +81,10 @@ fn render_crossing(c: &CrossingReport) -> String {
     if let Some(b) = &c.bounds {
         out += &format!(
             "  bounds from every exchange, no direction assumed as fast as the other: clock \
-             offset {}..{} at the middle, drift {:.1}..{:.1} ppm\n",
+             offset {}..{} ({} wide) at the middle, drift {:.1}..{:.1} ppm\n",
             signed_us(b.offset_ns.0),
             signed_us(b.offset_ns.1),
+            us((b.offset_ns.1 - b.offset_ns.0) as f64),
             b.drift_ppm.0,
             b.drift_ppm.1
         );

@@ -232,13 +232,13 @@ impl Reader {
     async fn next_line(&mut self) -> Result<Option<String>> {
         let mut line = Vec::new();
         let limit = self.max as u64 + 1;
-        if (&mut self.read)
-            .take(limit)
-            .read_until(b'\n', &mut line)
-            .await?
-            == 0
-        {
-            return Ok(None);
+        let mut read = (&mut self.read).take(limit);
+        match read.read_until(b'\n', &mut line).await {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            // A peer gone without TLS's close_notify (a host that exited) has ended all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
         }
         if line.last() == Some(&b'\n') {
             line.pop();
@@ -768,6 +768,10 @@ impl Remote {
         match serde_json::from_str(&line) {
             Ok(SetupAnswer::Inventory(inv)) => Ok(inv),
             Ok(SetupAnswer::Failed(e)) => bail!("agent {node}: {e}"),
+            // A TLS record (an alert or a handshake): the agent takes only its cluster's hosts.
+            Err(_) if line.starts_with(['\u{15}', '\u{16}']) => {
+                bail!("the agent of {node} speaks TLS: connect with --tls DIR (its cluster's certificates)")
+            }
             Err(e) => bail!("agent {node}: unreadable answer {line:?}: {e}"),
         }
     }
