@@ -592,8 +592,73 @@ fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
     // The same lab as a VM the profiler did not make: a run from the host's namespace with
     // nothing but the guest agent's TCP address (the lab's agent listens there too).
     agent_over_tcp_profiles_the_path();
+    lab_exec_runs_commands_in_the_guests_namespaces();
     drop(guard);
     assert_nothing_left(LAB);
+}
+
+/// `profiler lab exec LAB NODE:NETNS -- COMMAND`: the command runs in the guest's namespace
+/// (its pod has the pod's address), its stdout, stderr and exit status come back as the
+/// profiler's; a command that outlives --timeout is killed, and bad targets are one line.
+fn lab_exec_runs_commands_in_the_guests_namespaces() {
+    let out = profiler(&[
+        "lab",
+        "exec",
+        LAB,
+        "vm1:pod-b",
+        "--",
+        "ip",
+        "-o",
+        "-4",
+        "addr",
+        "show",
+        "eth0",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("198.18.1.2/"), "pod-b's eth0: {stdout}");
+    let out = profiler(&[
+        "lab",
+        "exec",
+        LAB,
+        "vm1:(root)",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let out = profiler(&[
+        "lab",
+        "exec",
+        LAB,
+        "vm1:(root)",
+        "--timeout",
+        "1s",
+        "--",
+        "sleep",
+        "30",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("did not end within 1s: killed"),
+        "{err}"
+    );
+    for (target, want) in [("vm9:pod-b", "has no guest vm9"), ("pod-b", "NODE:NETNS")] {
+        let out = profiler(&["lab", "exec", LAB, target, "--", "true"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{target}: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{target}: {err}");
+    }
 }
 
 /// `profiler run --from --to NODE:NETNS:IP --agent ADDR --tls DIR`, run where the VM's address

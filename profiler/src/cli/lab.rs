@@ -36,6 +36,19 @@ pub enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run COMMAND in a namespace of a nested lab's guest (NODE:NETNS: vm1:pod-b, vm1:(root))
+    /// through its agent, as traffic the profiler did not generate; its output and exit status
+    /// come back.
+    Exec {
+        lab: String,
+        #[arg(value_name = "NODE:NETNS")]
+        target: String,
+        /// How long the command may run before the agent kills it.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Add or remove a pod of a node lab that is up (through CRI, as kubelet does).
     Pod {
         #[command(subcommand)]
@@ -137,6 +150,12 @@ pub async fn run(command: LabCommand) -> Result<ExitCode> {
             println!("lab {name} is down");
         }
         LabCommand::Pod { command } => pod(command).await?,
+        LabCommand::Exec {
+            lab,
+            target,
+            timeout,
+            command,
+        } => return exec(&lab, &target, timeout, command).await,
         LabCommand::List { json } => {
             let labs = lab::list()?;
             if json {
@@ -147,6 +166,38 @@ pub async fn run(command: LabCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `lab exec`: the command's output on ours, its exit status as ours.
+async fn exec(
+    lab: &str,
+    target: &str,
+    timeout: std::time::Duration,
+    argv: Vec<String>,
+) -> Result<ExitCode> {
+    let Some((node, netns)) = target
+        .split_once(lab::names::NODE_SEP)
+        .filter(|(n, ns)| !n.is_empty() && !ns.is_empty())
+    else {
+        anyhow::bail!("lab exec takes a guest's namespace as NODE:NETNS (vm1:pod-b, vm1:(root))");
+    };
+    let request = lab::nested::ExecRequest {
+        netns: netns.to_string(),
+        argv,
+        timeout_s: timeout.as_secs().max(1),
+    };
+    match interruptible(lab::nested::exec(lab, node, &request)).await? {
+        lab::nested::ExecAnswer::Ran {
+            status,
+            stdout,
+            stderr,
+        } => {
+            print!("{stdout}");
+            eprint!("{stderr}");
+            Ok(ExitCode::from(status.clamp(0, 255) as u8))
+        }
+        lab::nested::ExecAnswer::Failed(e) => anyhow::bail!("{node}: {e}"),
+    }
 }
 
 async fn pod(command: PodCommand) -> Result<()> {

@@ -649,6 +649,52 @@ pub struct SetupRequest {
     pub tls: Option<Identity>,
 }
 
+/// `profiler lab exec`'s request on a guest's serial channel, as JSON `{"exec": ExecRequest}`:
+/// a command the profiler did not generate, run in one of the guest's namespaces.
+pub const EXEC: &str = "exec";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// The guest's own name of the namespace ("pod-b", "(root)").
+    pub netns: String,
+    pub argv: Vec<String>,
+    pub timeout_s: u64,
+}
+
+/// What the command did: its exit status (128 + the signal that ended it) and its output,
+/// as text (bytes that are not UTF-8 replaced).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecAnswer {
+    Ran {
+        status: i32,
+        stdout: String,
+        stderr: String,
+    },
+    Failed(String),
+}
+
+/// Runs `request` in guest `node` of lab `lab` through its agent's serial channel.
+pub async fn exec(lab: &str, node: &str, request: &ExecRequest) -> Result<ExecAnswer> {
+    let socket = dir(lab, node).join("agent.sock");
+    if !socket.exists() {
+        bail!("lab {lab} has no guest {node} (no {})", socket.display());
+    }
+    let stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .with_context(|| format!("cannot reach the agent of {node} (a run may hold it)"))?;
+    let (read, mut write) = stream.into_split();
+    let line = serde_json::json!({ EXEC: request }).to_string() + "\n";
+    write.write_all(line.as_bytes()).await?;
+    let within = Duration::from_secs(request.timeout_s + 30);
+    let answer = tokio::time::timeout(within, BufReader::new(read).lines().next_line())
+        .await
+        .map_err(|_| anyhow::anyhow!("the agent of {node} did not answer within {within:?}"))??
+        .with_context(|| format!("the agent of {node} closed its channel"))?;
+    serde_json::from_str(&answer)
+        .with_context(|| format!("the agent of {node}: unreadable answer {answer:?}"))
+}
+
 /// The agent's answer to the lab's setup request.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

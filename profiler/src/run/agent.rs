@@ -50,7 +50,7 @@ use crate::{
     lab::{
         discover,
         names::NODE_SEP,
-        nested::{self, Inventory, SetupAnswer, SetupRequest},
+        nested::{self, ExecAnswer, ExecRequest, Inventory, SetupAnswer, SetupRequest},
         target::{AgentAt, GuestEnd},
     },
     report::schema::{CrossingReport, HookSet, HookStatus},
@@ -78,6 +78,8 @@ pub enum Request {
     /// guest's identity for its TCP side; over TCP, an empty one. Answered with a
     /// [`SetupAnswer`].
     Setup(SetupRequest),
+    /// `profiler lab exec` (serial channel only): a command in one of the guest's namespaces.
+    Exec(ExecRequest),
     Start(Start),
     /// Runs the client in the guest's pod (answered with [`Answer::Client`] once it is done).
     Client(Client),
@@ -488,6 +490,12 @@ async fn session(
                 }
             }
             Request::Client(c) => serde_json::to_string(&run_client(&c).await)?,
+            Request::Exec(e) => serde_json::to_string(&match channel {
+                Channel::Serial(_) => run_exec(&e).await,
+                Channel::Tcp => {
+                    ExecAnswer::Failed("commands are taken on the serial channel only".into())
+                }
+            })?,
             Request::Stop { run_id } => {
                 let answer = match running.take().filter(|r| r.run_id == run_id) {
                     Some(r) => finish(r).await.unwrap_or_else(|e| Answer::Error {
@@ -523,6 +531,41 @@ fn run_setup(request: SetupRequest, channel: Channel<'_>) -> Result<()> {
         Channel::Tcp => {}
     }
     request.commands.iter().try_for_each(|c| nested::ip(c))
+}
+
+/// Runs `lab exec`'s command in the guest's namespace, killed past its timeout.
+async fn run_exec(e: &ExecRequest) -> ExecAnswer {
+    let Some((prog, args)) = e.argv.split_first() else {
+        return ExecAnswer::Failed("no command".into());
+    };
+    let mut cmd = if e.netns == discover::ROOT {
+        tokio::process::Command::new(prog)
+    } else {
+        let mut c = tokio::process::Command::new("ip");
+        c.args(["netns", "exec", &e.netns, prog]);
+        c
+    };
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let within = Duration::from_secs(e.timeout_s);
+    match tokio::time::timeout(within, cmd.output()).await {
+        Err(_) => ExecAnswer::Failed(format!("{prog} did not end within {within:?}: killed")),
+        Ok(Err(err)) => ExecAnswer::Failed(format!("cannot run {prog}: {err}")),
+        Ok(Ok(out)) => ExecAnswer::Ran {
+            status: exit_code(&out.status),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        },
+    }
+}
+
+/// A shell's view of how a process ended: its code, or 128 + the signal that ended it.
+fn exit_code(status: &std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt as _;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 /// The guest's kernel, namespaces (with inodes) and devices.
