@@ -2,4 +2,5 @@
 //! packets that cross between them, and the agents' channel, under the cluster's own TLS.
 
 pub mod clock;
+pub mod join;
 pub mod tls;
