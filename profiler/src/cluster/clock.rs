@@ -100,7 +100,12 @@ impl Clocks {
         if vertices.is_empty() {
             return Err(Unfit::Inconsistent);
         }
-        Ok(Fit { t0, y0, vertices })
+        Ok(Fit {
+            t0,
+            y0,
+            vertices,
+            span: to - from,
+        })
     }
 
     /// A fit for each second that packets crossed, over `horizon` around it (halved until the
@@ -225,6 +230,7 @@ pub struct Fit {
     t0: u64,
     y0: i128,
     vertices: Vec<(f64, f64)>,
+    span: u64,
 }
 
 /// A value known to lie within `lo..=hi`.
@@ -251,6 +257,12 @@ impl Bounded<i64> {
 }
 
 impl Fit {
+    /// How long a stretch of A's time the packets that made it came from: a whole run, or a
+    /// shorter horizon where no line fit the run.
+    pub fn span(&self) -> u64 {
+        self.span
+    }
+
     /// B's clock minus A's at A's time `t`, in nanoseconds.
     pub fn offset_at(&self, t: u64) -> Bounded<i64> {
         let x = (t as i128 - self.t0 as i128) as f64;
@@ -452,6 +464,9 @@ mod tests {
         }
         assert_eq!(clocks.fit(0, 60 * SECOND), Err(Unfit::Inconsistent));
         let timeline = clocks.track(8 * SECOND);
+        // Around the knee no line holds 8 s: those fits say they came from less.
+        let at_knee = timeline.at(knee).expect("a fit at the knee").span();
+        assert!(at_knee < 8 * SECOND, "the knee's fit spans {at_knee} ns");
         for t in (0..60).map(|s| s * SECOND + SECOND / 2) {
             let off = timeline.at(t).expect("a fit").offset_at(t);
             let want = (B_START + offset_at(t) as i128) as i64;

@@ -146,6 +146,10 @@ pub struct ClockBounds {
     /// The offset lies within these.
     pub offset_ns: (i64, i64),
     pub drift_ppm: (f64, f64),
+    /// How long a stretch of exchanges made the bounds: the run's, or a shorter horizon around
+    /// its middle where no line fit the whole run (absent from reports written before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_ns: Option<u64>,
 }
 
 /// A one-way stream's throughput, measured at the receiver, and its tagged messages.

@@ -81,12 +81,15 @@ fn render_crossing(c: &CrossingReport) -> String {
     if let Some(b) = &c.bounds {
         out += &format!(
             "  bounds from every exchange, no direction assumed as fast as the other: clock \
-             offset {}..{} ({} wide) at the middle, drift {:.1}..{:.1} ppm\n",
+             offset {}..{} ({} wide) at the middle, drift {:.1}..{:.1} ppm{}\n",
             signed_us(b.offset_ns.0),
             signed_us(b.offset_ns.1),
             us((b.offset_ns.1 - b.offset_ns.0) as f64),
             b.drift_ppm.0,
-            b.drift_ppm.1
+            b.drift_ppm.1,
+            b.over_ns
+                .map(|o| format!(", from {:.1} s of exchanges", o as f64 / 1e9))
+                .unwrap_or_default()
         );
     }
     out

@@ -178,19 +178,21 @@ fn bounds(exchanges: &BTreeMap<u32, Exchange>, guest_originates: bool) -> Option
         Ok(fit) => fit,
         Err(_) => clocks.track(CLOCK_HORIZON_NS).at(mid).ok()?.clone(),
     };
-    let (offset, drift) = (fit.offset_at(mid), fit.drift());
+    let (offset, drift, over_ns) = (fit.offset_at(mid), fit.drift(), Some(fit.span()));
     // The originator's clock is A: a guest that sends the requests sees the host's offset.
     Some(if guest_originates {
         ClockBounds {
             at_ns: (mid as i64 + offset.estimate()).max(0) as u64,
             offset_ns: (-offset.hi, -offset.lo),
             drift_ppm: (-drift.hi * 1e6, -drift.lo * 1e6),
+            over_ns,
         }
     } else {
         ClockBounds {
             at_ns: mid,
             offset_ns: (offset.lo, offset.hi),
             drift_ppm: (drift.lo * 1e6, drift.hi * 1e6),
+            over_ns,
         }
     })
 }
@@ -346,6 +348,8 @@ mod tests {
                 "{b:?}"
             );
             assert!(b.drift_ppm.0 <= ppm && ppm <= b.drift_ppm.1, "{b:?}");
+            // Linear clocks: one line fits the whole run (10 s of exchanges).
+            assert!(b.over_ns.is_some_and(|o| o > 9_000_000_000), "{b:?}");
             // The same clocks seen from a guest that sends the requests: the host runs
             // -offset ahead of it.
             let ex = synthetic(-offset, 0.0, d_req, d_resp);
