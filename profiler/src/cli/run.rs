@@ -218,9 +218,9 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
         (Some(from), Some((to_ns, addr))) => {
             let guest = match cli.agent {
                 Some(at) => {
-                    run::agent::guest_node(to_ns)?;
+                    let guest = run::agent::guest_node(to_ns)?;
                     let identity = agent_identity(cli.tls.as_deref(), cli.insecure)?;
-                    Some(interruptible(run::agent::guest_of(to_ns, at, identity)).await?)
+                    Some(interruptible(run::agent::guest_of(guest, at, identity)).await?)
                 }
                 None => None,
             };

@@ -62,15 +62,17 @@ impl Clocks {
     /// A packet left A at `sent` (A's clock) and reached B at `received` (B's).
     pub fn a_to_b(&mut self, sent: u64, received: u64) {
         let p = self.point(sent, received as i128 - sent as i128);
-        self.window(sent).below.push(p);
-        self.window(sent).reduce();
+        let w = self.window(sent);
+        w.below.push(p);
+        w.reduce();
     }
 
     /// A packet left B at `sent` (B's clock) and reached A at `received` (A's).
     pub fn b_to_a(&mut self, sent: u64, received: u64) {
         let p = self.point(received, sent as i128 - received as i128);
-        self.window(received).above.push(p);
-        self.window(received).reduce();
+        let w = self.window(received);
+        w.above.push(p);
+        w.reduce();
     }
 
     fn point(&mut self, t: u64, y: i128) -> Point {

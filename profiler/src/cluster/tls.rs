@@ -146,10 +146,7 @@ pub async fn accept(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
 ) -> Result<server::TlsStream<TcpStream>> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-        .await
-        .map_err(|_| anyhow::anyhow!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
-        .map_err(|e| anyhow::anyhow!("TLS: {e}"))
+    within_handshake_timeout(acceptor.accept(tcp)).await
 }
 
 /// The handshake with the agent of node `peer`, within [`HANDSHAKE_TIMEOUT`].
@@ -160,7 +157,14 @@ pub async fn connect(
 ) -> Result<client::TlsStream<TcpStream>> {
     let name = ServerName::try_from(peer.to_string())
         .with_context(|| format!("{peer} cannot be a certificate's name"))?;
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
+    within_handshake_timeout(connector.connect(name, tcp)).await
+}
+
+/// Either side's handshake, its failure said as TLS's.
+async fn within_handshake_timeout<T>(
+    handshake: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| anyhow::anyhow!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
         .map_err(|e| anyhow::anyhow!("TLS: {e}"))

@@ -778,8 +778,7 @@ fn start(
 }
 
 /// Waits for the guest's agent, has it run the request's commands (and take its identity) and
-/// asks for its inventory. Fails with
-/// the end of the console log if the guest stops first.
+/// asks for its inventory. Fails with the end of the console log if the guest stops first.
 async fn setup(guest: &Guest, request: SetupRequest) -> Result<Inventory> {
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let log = guest.socket.with_file_name("console.log");

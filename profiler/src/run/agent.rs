@@ -724,14 +724,14 @@ pub fn guest_node(to: &str) -> Result<(&str, &str)> {
     }
 }
 
-/// The VM whose namespace `to` ("vm1:pod-b") is, with the inventory its agent at `at` sends
-/// (`profiler run --agent`), spoken to under TLS as `identity` (None: in the clear).
+/// VM `node` with its namespace `ns` (as [`guest_node`] reads them), with the inventory its
+/// agent at `at` sends (`profiler run --agent`), spoken to under TLS as `identity` (None: in
+/// the clear).
 pub async fn guest_of(
-    to: &str,
+    (node, ns): (&str, &str),
     at: SocketAddr,
     identity: Option<Identity>,
 ) -> Result<(GuestEnd, Inventory)> {
-    let (node, ns) = guest_node(to)?;
     let mut g = GuestEnd {
         name: node.to_string(),
         namespaces: Vec::new(),
