@@ -7,6 +7,7 @@
 mod common;
 
 use std::{
+    collections::HashMap,
     process::Command,
     sync::{Mutex, MutexGuard},
     time::Duration,
@@ -14,9 +15,10 @@ use std::{
 
 use common::{
     assert_clean,
-    attach::{lab_up, ping, report, started, tmp, udp_echo, Attach},
+    attach::{identical_datagrams, lab_up, ping, report, started, tmp, udp_echo, Attach},
     profiler, run_json, segment_names, segments, BIN,
 };
+use profiler::report::schema::{AttachReport, SightingLine};
 use serde_json::Value;
 
 /// The tests share lab names: one at a time.
@@ -331,6 +333,100 @@ fn journeys_are_shown_as_the_paths_they_took() {
     assert_clean();
 }
 
+/// `--wire`: a packet seen leaving one wire-facing device and entering another is recognised by
+/// what it carries, with no tag. Here pod-a's and pod-b's eth0 stand for two nodes' NICs, so the
+/// kernel's own following of each packet by its buffer is the ground truth: every pair must be
+/// one journey. A datagram sent three times byte for byte (a duplicated frame) must be counted
+/// as ambiguous, never paired.
+#[test]
+fn packets_crossing_wire_devices_are_paired_by_what_they_carry() {
+    let _guard = serial();
+    let lab = lab_up(&["bridge"]);
+    let (json, lines) = (tmp("wire.json"), tmp("wire.jsonl"));
+    let attach = Attach::start(&[
+        "--netns",
+        "prof-bridge-pod-a",
+        "--wire",
+        "prof-bridge-pod-a:eth0",
+        "--wire",
+        "prof-bridge-pod-b:eth0",
+        "--filter",
+        "icmp or udp port 7460",
+        "--json",
+        json.to_str().unwrap(),
+        "--sightings",
+        lines.to_str().unwrap(),
+    ]);
+    ping("prof-bridge-pod-a", "198.18.0.2", 200, "0.01");
+    let pods = ("prof-bridge-pod-a", "prof-bridge-pod-b");
+    udp_echo(pods, "198.18.0.2", 7460, 50, 64, Duration::from_millis(5));
+    identical_datagrams(pods, [[198, 18, 0, 1], [198, 18, 0, 2]], 7460, 3);
+    let (table, _) = attach.stop();
+    drop(lab);
+    report(&json);
+    let r: AttachReport =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("an attach report");
+    let wire = r.wire.expect("the report's wire section");
+    let crossing = |from: &str, to: &str| {
+        let (from, to) = (
+            format!("net_dev_start_xmit eth0 ({from})"),
+            format!("netif_rx eth0 ({to})"),
+        );
+        wire.crossings
+            .iter()
+            .find(|c| c.from == from && c.to == to)
+            .unwrap_or_else(|| panic!("no crossing {from} -> {to}: {:#?}", wire.crossings))
+    };
+    for (from, to) in [pods, (pods.1, pods.0)] {
+        let c = crossing(from, to);
+        assert!(
+            (240..=250).contains(&c.packets),
+            "{} of 200 pings and 50 datagrams paired {from} -> {to}",
+            c.packets
+        );
+        assert!(0 < c.p50_ns && c.p50_ns <= c.max_ns, "{c:?}");
+    }
+    assert_eq!(
+        wire.crossings.len(),
+        2,
+        "one crossing each way: {:#?}",
+        wire.crossings
+    );
+    // The copies, each seen leaving and entering.
+    assert_eq!(wire.ambiguous, 6, "three copies of a datagram: {table}");
+    assert!(wire.leaving >= 500 && wire.entering >= 500, "{wire:?}");
+    assert!(
+        table.contains("packets paired by what they carry"),
+        "{table}"
+    );
+
+    let mut by_id: HashMap<String, Vec<SightingLine>> = HashMap::new();
+    for line in std::fs::read_to_string(&lines).unwrap().lines() {
+        let s: SightingLine = serde_json::from_str(line).expect("a sighting line");
+        by_id
+            .entry(serde_json::to_string(&s.id).unwrap())
+            .or_default()
+            .push(s);
+    }
+    let mut pairs = 0;
+    for seen in by_id.values() {
+        if let [a, b] = &seen[..] {
+            assert_eq!(a.journey, b.journey, "one packet, two journeys: {seen:?}");
+            assert!(a.direction == "leaving" && b.direction == "entering" && a.ts_ns < b.ts_ns);
+            pairs += 1;
+        }
+    }
+    assert!(pairs >= 480, "{pairs} packets seen leaving and entering");
+    assert_eq!(
+        by_id.values().filter(|s| s.len() == 6).count(),
+        1,
+        "the three copies share one identity"
+    );
+    let _ = std::fs::remove_file(json);
+    let _ = std::fs::remove_file(lines);
+    assert_clean();
+}
+
 /// `--mode events`: one JSON line per journey on stdout, its hops in time order, and
 /// `--prometheus`: the histograms, labelled, on /metrics while it runs.
 #[test]
@@ -459,6 +555,23 @@ fn bad_input_is_refused_before_attaching() {
             "give --json a file, not -",
         ),
         (&["--cgroup", "/proc"], "is not a cgroup v2 directory"),
+        (
+            &["--wire", "no-such-if0"],
+            "--wire no-such-if0: no interface no-such-if0",
+        ),
+        (
+            &["--wire", "prof-no-such-ns:eth0"],
+            "unknown network namespace prof-no-such-ns",
+        ),
+        (&["--wire", "lo:"], "give [NETNS:]IFACE"),
+        (
+            &["--iface", "lo", "--sightings", "/tmp/s.jsonl"],
+            "required arguments were not provided",
+        ),
+        (
+            &["--wire", "lo", "--sightings", "-", "--json", "-"],
+            "stdout is taken",
+        ),
         (
             &["--cgroup", "/no/such/cgroup"],
             "cannot read cgroup /no/such/cgroup",

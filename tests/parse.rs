@@ -13,8 +13,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use parse::{
-    find_tag_in, find_tag_one_level, flows, ports_match, Flow, Flows, Found, FragKey, Packet,
-    TagMemory, TcpSeg,
+    find_tag_in, find_tag_one_level, flows, payload_hash, ports_match, wire_flow, Flow, Flows,
+    Found, FragKey, Packet, TagMemory, TcpSeg,
 };
 use profiler_common::{
     depth_flags, Tag, DIR_REQUEST, FLAG_ENCAP, FLAG_ENCAP2, FLAG_FRAGMENT, FLAG_VLAN, TAG_LEN,
@@ -213,6 +213,7 @@ fn zero_flow() -> Flow {
         ip_id: 0,
         l4_len: 0,
         seq: 0,
+        l4_off: 0,
     }
 }
 
@@ -1370,6 +1371,61 @@ fn flows_report_outer_and_inner_headers() {
         (f.outer.sport, f.outer.dport, f.outer.ip_id),
         (0, 0, INNER_ID)
     );
+}
+
+/// What two nodes compare to recognise one packet: the same on both ends of a wire, and
+/// different for datagrams alike but for their payload.
+#[test]
+fn wire_identity_reads_numbers_and_tells_datagrams_apart_by_their_payload() {
+    let datagram = |payload: &[u8]| {
+        let f = eth(
+            &[],
+            0x0800,
+            &ipv4(17, OUTER_V4, 0, 0x4000, 0, &udp(53, 5353, payload)),
+        );
+        let flows = parse_flows(&Wire::new(&f)).expect("flows");
+        let w = wire_flow(flows.innermost());
+        (w, payload_hash(&Wire::new(&f), flows.innermost()))
+    };
+    let (w, a) = datagram(b"req 1 of many");
+    assert_eq!(
+        (w.saddr, w.daddr, w.sport, w.dport, w.ip_id, w.proto),
+        (0xc0a8_3201, 0xc0a8_3202, 53, 5353, 0, 17)
+    );
+    let (_, same) = datagram(b"req 1 of many");
+    let (_, other) = datagram(b"req 2 of many");
+    assert_eq!(a, same, "a datagram hashes alike wherever it is read");
+    assert_ne!(
+        a, other,
+        "datagrams alike but for their payload must differ"
+    );
+    assert_ne!(a, 0);
+    // Only the first 8 bytes count: datagrams that differ later are alike (and ambiguous).
+    assert_eq!(a, datagram(b"req 1 of more").1);
+    // Fewer than 8 bytes after the header: nothing to hash.
+    assert_eq!(datagram(b"short").1, 0);
+
+    // TCP: the sequence number tells segments apart, the payload is not read.
+    let seg = eth(
+        &[],
+        0x0800,
+        &ipv4(
+            6,
+            OUTER_V4,
+            7,
+            0,
+            0,
+            &tcp(80, 4000, 99, 0, b"GET / HTTP/1.1"),
+        ),
+    );
+    let flows = parse_flows(&Wire::new(&seg)).expect("flows");
+    assert_eq!(payload_hash(&Wire::new(&seg), flows.innermost()), 0);
+    assert_eq!(flows.innermost().seq, 99);
+
+    // IPv6 addresses fold to the xor of their words.
+    let v6 = eth(&[], 0x86dd, &ipv6(17, INNER_V6, &udp(1, 2, b"0123456789")));
+    let flows = parse_flows(&Wire::new(&v6)).expect("flows");
+    assert_eq!(wire_flow(flows.innermost()).saddr, (0xfd00 << 16) ^ 5);
 }
 
 #[test]

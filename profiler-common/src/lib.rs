@@ -386,6 +386,48 @@ pub struct HopEvent {
     pub _pad: [u8; 7],
 }
 
+/// One set of IP and transport headers as both ends of a wire read them: IPv4 addresses as
+/// numbers (an IPv6 address folded to the xor of its four words); the ports are the transport
+/// header's first four bytes (ICMP's type, code and checksum).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireFlow {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub ip_id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// A followed packet at a wire-facing device (`attach --wire`), leaving the node or entering
+/// it, with what it carries on the wire: how another node's sighting of it is recognised.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireEvent {
+    pub ts_ns: u64,
+    /// The journey, as in [`HopEvent`].
+    pub journey_head: u64,
+    pub journey_start_ns: u64,
+    pub point: HopPoint,
+    pub outer: WireFlow,
+    /// The packet inside a tunnel, if `has_inner`.
+    pub inner: WireFlow,
+    /// The innermost TCP sequence number (0 for other protocols).
+    pub tcp_seq: u32,
+    /// A hash of the innermost UDP or ICMP payload's first 8 bytes (0 for TCP, whose sequence
+    /// says more, and where they cannot be read).
+    pub payload: u32,
+    /// [`WIRE_LEAVING`] or [`WIRE_ENTERING`].
+    pub direction: u8,
+    pub has_inner: u8,
+    pub _pad: [u8; 6],
+}
+
+pub const WIRE_LEAVING: u8 = 1;
+pub const WIRE_ENTERING: u8 = 2;
+
 pub const END_CONSUMED: u8 = 1;
 pub const END_DROPPED: u8 = 2;
 
@@ -442,6 +484,7 @@ mod pod {
     unsafe impl aya::Pod for super::DropKey {}
     unsafe impl aya::Pod for super::Histogram {}
     unsafe impl aya::Pod for super::HopEvent {}
+    unsafe impl aya::Pod for super::WireEvent {}
     unsafe impl aya::Pod for super::Filter {}
     unsafe impl aya::Pod for super::FuncHook {}
 }

@@ -15,11 +15,12 @@ use aya_ebpf::{
 };
 use profiler_common::{
     device_key, hist_bucket, path_hash, segment_slot, slot_hash, DropKey, Filter, FilterTerm,
-    Histogram, HookId, HopEvent, HopPoint, SegmentKey, COUNTER_ABANDONED, COUNTER_CONSUMED,
-    COUNTER_DROPPED, COUNTER_GROUP, COUNTER_LOST, COUNTER_REHEADED, COUNTER_STARTED, DROP_KEYS,
-    END_CONSUMED, END_DROPPED, FIELD_ADDR, FIELD_DST_ADDR, FIELD_DST_PORT, FIELD_FAMILY,
-    FIELD_PORT, FIELD_PROTO, FIELD_SRC_ADDR, FIELD_SRC_PORT, FILTER_CLAUSES, FILTER_TERMS,
-    HIST_BUCKETS, HIST_PROBES, HIST_SLOTS, SCOPE_PROBES, SCOPE_SLOTS,
+    Histogram, HookId, HopEvent, HopPoint, SegmentKey, WireEvent, WireFlow, COUNTER_ABANDONED,
+    COUNTER_CONSUMED, COUNTER_DROPPED, COUNTER_GROUP, COUNTER_LOST, COUNTER_REHEADED,
+    COUNTER_STARTED, DROP_KEYS, END_CONSUMED, END_DROPPED, FIELD_ADDR, FIELD_DST_ADDR,
+    FIELD_DST_PORT, FIELD_FAMILY, FIELD_PORT, FIELD_PROTO, FIELD_SRC_ADDR, FIELD_SRC_PORT,
+    FILTER_CLAUSES, FILTER_TERMS, HIST_BUCKETS, HIST_PROBES, HIST_SLOTS, SCOPE_PROBES, SCOPE_SLOTS,
+    WIRE_ENTERING, WIRE_LEAVING,
 };
 
 use crate::{
@@ -73,11 +74,28 @@ static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(DROP
 #[unsafe(no_mangle)]
 static BY_CGROUP: u8 = 0;
 
+/// Wire-facing devices (`attach --wire`), laid out as SCOPE: where a followed packet leaves the
+/// node or enters it, reported to WIRE_EVENTS with what it carries on the wire.
+#[map]
+static WIRE: Array<u64> = Array::with_max_entries(SCOPE_SLOTS, 0);
+
+/// Whether WIRE holds any device: without, no hop looks it up.
+#[unsafe(no_mangle)]
+static WIRE_ON: u8 = 0;
+
+#[map]
+static WIRE_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
+
 #[inline(always)]
 fn device_in_scope(key: u64) -> bool {
+    in_table(&SCOPE, key)
+}
+
+#[inline(always)]
+fn in_table(table: &Array<u64>, key: u64) -> bool {
     let first = slot_hash(key);
     for i in 0..SCOPE_PROBES {
-        match SCOPE.get((first + i) & (SCOPE_SLOTS - 1)) {
+        match table.get((first + i) & (SCOPE_SLOTS - 1)) {
             Some(&k) if k == key => return true,
             Some(&0) | None => return false,
             Some(_) => {}
@@ -438,6 +456,10 @@ fn settled(head: u64, skb: u64, dev: u64, hook: u8, len: u32) -> bool {
     if !next || ts.wrapping_sub(f.last_ts) >= global(&MAX_GAP_NS) {
         return false;
     }
+    if crossing(Some(&f.last), dev, hook) != 0 {
+        // Its wire identity must be read.
+        return false;
+    }
     // The encapsulation does not change between these stages.
     extend(f, point(dev, hook, f.last.flags), ts, skb, len);
     f.last_ts = unsafe { bpf_ktime_get_ns() };
@@ -491,7 +513,11 @@ fn decide<M: KernelMem>(flows: &Flows, hop: &Hop, wanted: bool) {
     if followed {
         let f = unsafe { &mut *flight };
         if f.fingerprint == fp && ts.wrapping_sub(f.last_ts) < global(&MAX_GAP_NS) {
+            let crossing = crossing(Some(&f.last), dev, hook);
             extend(f, here, ts, skb_id, len);
+            if crossing != 0 {
+                sight::<M>(flows, f, skb_ptr, crossing);
+            }
             if key != head {
                 let mut moved = *f;
                 moved.head = head;
@@ -531,7 +557,75 @@ fn decide<M: KernelMem>(flows: &Flows, hop: &Hop, wanted: bool) {
     if start(&f, skb_id) && follow {
         count(COUNTER_STARTED);
         stream(&f, ts, &here, len, 0);
+        let crossing = crossing(None, dev, hook);
+        if crossing != 0 {
+            sight::<M>(flows, &f, skb_ptr, crossing);
+        }
     }
+}
+
+/// Whether a followed packet crosses the wire at this hop, after `last` (None: its first):
+/// WIRE_LEAVING at a wire-facing device's transmit, WIRE_ENTERING at its first receive hook
+/// (the later ones on the same device are the same arrival); 0 elsewhere.
+#[inline(always)]
+fn crossing(last: Option<&HopPoint>, dev: u64, hook: u8) -> u8 {
+    if global(&WIRE_ON) == 0 {
+        return 0;
+    }
+    let is = |h: HookId| hook == h as u8;
+    let direction = if is(HookId::NetDevStartXmit) {
+        WIRE_LEAVING
+    } else if is(HookId::NapiGroReceiveEntry) || is(HookId::NetifRx) || is(HookId::NetifReceiveSkb)
+    {
+        match last {
+            Some(l) if device_key(l.netns, l.ifindex) == dev => return 0,
+            _ => WIRE_ENTERING,
+        }
+    } else {
+        return 0;
+    };
+    if in_table(&WIRE, dev) {
+        direction
+    } else {
+        0
+    }
+}
+
+/// Reports a followed packet crossing the wire at its last hop, with what it carries on the
+/// wire. A packet leaving is stamped when the work here is done, one entering when it was met,
+/// as segments are: the crossing holds none of the profiler's own time at its ends. Not
+/// inlined: its frame beside decide's stays within the 512 bytes of a chain.
+#[inline(never)]
+fn sight<M: KernelMem>(flows: &Flows, f: &Flight, skb_ptr: u64, direction: u8) {
+    let Some(mut slot) = WIRE_EVENTS.reserve::<WireEvent>(0) else {
+        count(COUNTER_LOST);
+        return;
+    };
+    let inner = flows.innermost();
+    let payload = parse::payload_hash(&KernelSkb::<M>::new(skb_ptr as *const u8), inner);
+    let ts_ns = if direction == WIRE_LEAVING {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        f.last_ts
+    };
+    slot.write(WireEvent {
+        ts_ns,
+        journey_head: f.first_head,
+        journey_start_ns: f.first_ts,
+        point: f.last,
+        outer: parse::wire_flow(&flows.outer),
+        inner: if flows.has_inner {
+            parse::wire_flow(&flows.inner)
+        } else {
+            WireFlow::default()
+        },
+        tcp_seq: inner.seq,
+        payload,
+        direction,
+        has_inner: flows.has_inner as u8,
+        _pad: [0; 6],
+    });
+    slot.submit(BPF_RB_NO_WAKEUP as u64);
 }
 
 /// Puts `f` in its buffer's slot (a journey there before it ends unseen, and is counted), with

@@ -9,8 +9,8 @@
 //! needs; the eBPF crate itself is never built as a test.
 
 use profiler_common::{
-    depth_flags, Tag, FLAG_ENCAP, FLAG_ENCAP2, FLAG_FRAGMENT, FLAG_VLAN, TAG_LEN, TAG_MAGIC,
-    TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIFT, TUNNEL_VXLAN, VXLAN_PORTS,
+    depth_flags, Tag, WireFlow, FLAG_ENCAP, FLAG_ENCAP2, FLAG_FRAGMENT, FLAG_VLAN, TAG_LEN,
+    TAG_MAGIC, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_SHIFT, TUNNEL_VXLAN, VXLAN_PORTS,
 };
 
 const ETH_HLEN: usize = 14;
@@ -23,6 +23,8 @@ const ETH_P_TEB: u16 = 0x6558;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_GRE: u8 = 47;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 const VXLAN_HLEN: usize = 8;
 const GENEVE_PORT: u16 = 6081;
 
@@ -228,6 +230,8 @@ pub struct Flow {
     pub l4_len: u16,
     /// TCP sequence number, 0 otherwise.
     pub seq: u32,
+    /// Where the transport header starts, from the Ethernet header.
+    pub l4_off: u16,
 }
 
 /// The outer headers, and those inside a tunnel the parser knows. No Option<Flow>: the
@@ -275,7 +279,42 @@ fn flow<P: Packet>(p: &P, l4: &L4, ethertype: u16) -> Flow {
         ip_id: l4.ip_id,
         l4_len: l4.len as u16,
         seq,
+        l4_off: l4.offset as u16,
     }
+}
+
+/// `f` as another node's kernel reads it off the wire: IPv4 addresses as numbers, an IPv6
+/// one folded to the xor of its words (a sighting's identity, not an address to show).
+#[inline(always)]
+pub fn wire_flow(f: &Flow) -> WireFlow {
+    let fold = |a: &[u8; 16]| {
+        let w = |i: usize| u32::from_be_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        w(0) ^ w(4) ^ w(8) ^ w(12)
+    };
+    WireFlow {
+        saddr: fold(&f.saddr),
+        daddr: fold(&f.daddr),
+        sport: f.sport,
+        dport: f.dport,
+        ip_id: f.ip_id,
+        proto: f.proto,
+        _pad: 0,
+    }
+}
+
+/// A hash of the first 8 bytes after a UDP or ICMP header (what tells apart datagrams whose
+/// headers are alike: unconnected UDP with DF carries IP ID 0); 0 for TCP, whose sequence
+/// number does that, and where the bytes cannot be read.
+#[inline(always)]
+pub fn payload_hash<P: Packet>(p: &P, f: &Flow) -> u32 {
+    let datagram = matches!(f.proto, IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_ICMPV6);
+    if !datagram || f.l4_off == 0 {
+        return 0;
+    }
+    // UDP's and ICMP echo's headers are both 8 bytes.
+    p.read::<8>(f.l4_off as usize + 8).map_or(0, |b| {
+        (u64::from_le_bytes(b).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+    })
 }
 
 /// Outer and (through one tunnel) inner headers of an IP packet, written in place.

@@ -250,3 +250,93 @@ pub fn tcp_echo(
     echo.join().unwrap();
     rtts
 }
+
+/// Sends one UDP datagram `times` times, byte for byte, from `from`'s eth0 to `to`'s (their
+/// addresses `addrs`) through a packet socket: packets alike in everything on the wire, as a
+/// duplicated frame is. A socket bound in `to` takes them, so no ICMP answer adds traffic.
+pub fn identical_datagrams((from, to): (&str, &str), addrs: [[u8; 4]; 2], port: u16, times: usize) {
+    let mac = |ns: &str| -> [u8; 6] {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-j", "link", "show", "eth0"])
+            .output()
+            .expect("ip link");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
+        let text = v[0]["address"]
+            .as_str()
+            .expect("eth0's address")
+            .to_string();
+        let b: Vec<u8> = text
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        b.try_into().expect("a MAC address")
+    };
+    let (src_mac, dst_mac) = (mac(from), mac(to));
+    let payload = *b"one datagram, many times";
+    let udp_len = 8 + payload.len();
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + udp_len) as u16).to_be_bytes());
+    ip.extend([0, 0, 0x40, 0, 64, 17, 0, 0]); // IP ID 0, DF, TTL 64, UDP
+    ip.extend(addrs[0]);
+    ip.extend(addrs[1]);
+    let sum: u32 = ip
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+        .sum();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    ip[10..12].copy_from_slice(&(!((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes());
+    let mut frame = dst_mac.to_vec();
+    frame.extend(src_mac);
+    frame.extend(0x0800u16.to_be_bytes());
+    frame.extend(ip);
+    frame.extend(7461u16.to_be_bytes());
+    frame.extend(port.to_be_bytes());
+    frame.extend((udp_len as u16).to_be_bytes());
+    frame.extend([0, 0]); // no checksum
+    frame.extend(payload);
+    let addr: SocketAddr = format!("{}:{port}", std::net::Ipv4Addr::from(addrs[1]))
+        .parse()
+        .unwrap();
+    let sink = run_in(Some(to), || Ok(UdpSocket::bind(addr)?)).unwrap();
+    run_in(Some(from), || {
+        // SAFETY: a packet socket sending a frame we own, closed before returning.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(
+                fd >= 0,
+                "a packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut to: libc::sockaddr_ll = std::mem::zeroed();
+            to.sll_family = libc::AF_PACKET as u16;
+            to.sll_ifindex = libc::if_nametoindex(c"eth0".as_ptr()) as i32;
+            to.sll_halen = 6;
+            to.sll_addr[..6].copy_from_slice(&dst_mac);
+            for _ in 0..times {
+                let sent = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const to).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(
+                    sent,
+                    frame.len() as isize,
+                    "{}",
+                    std::io::Error::last_os_error()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            libc::close(fd);
+        }
+        Ok(())
+    })
+    .unwrap();
+    let mut buf = [0u8; 64];
+    sink.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    for _ in 0..times {
+        sink.recv(&mut buf).expect("each copy delivered");
+    }
+}

@@ -10,6 +10,7 @@ pub mod filter;
 pub mod histograms;
 pub mod metrics;
 pub mod scope;
+pub mod wire;
 pub mod workload;
 
 use std::{
@@ -59,6 +60,11 @@ pub struct AttachArgs {
     pub ifaces: Vec<String>,
     /// Cgroup (v2) directories whose sockets' packets start journeys.
     pub cgroups: Vec<std::path::PathBuf>,
+    /// Wire-facing devices, [NETNS:]IFACE: packets crossing them are reported with what they
+    /// carry on the wire.
+    pub wire: Vec<String>,
+    /// Where each of those sightings is written as a JSON line, if anywhere.
+    pub sightings: Option<Box<dyn std::io::Write + Send>>,
     pub filter: String,
     pub follow: FollowConfig,
     pub duration: Option<Duration>,
@@ -74,7 +80,7 @@ pub struct AttachArgs {
 
 /// Attaches, follows until the duration ends or SIGINT/SIGTERM arrives, and reports. Whatever
 /// it attached is detached when it returns: every attachment is a link owned by this process.
-pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
+pub async fn attach(args: &mut AttachArgs) -> Result<AttachReport> {
     let filter_text = args.filter.trim().to_string();
     let scope = scope(args, true).await?;
     let listener = match args.prometheus {
@@ -99,6 +105,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
     let hook_set = programs.attach_set(&btf, Mode::Follow, args.hooks)?;
     let _stats = kernel::stats_while(args.stats)?;
     let slots = write_scope(&mut programs, &[], &scope.points)?;
+    write_table(&mut programs, "WIRE", &scope::slots(&scope.wire)?)?;
     {
         let mut map: BpfHashMap<_, u64, u8> = BpfHashMap::try_from(programs.map_mut("CGROUPS")?)?;
         for id in &scope.cgroups {
@@ -134,6 +141,14 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
     } else {
         None
     };
+    let mut wire = if scope.wire.is_empty() {
+        None
+    } else {
+        Some(Wire {
+            ring: programs.take_ring("WIRE_EVENTS")?,
+            sightings: wire::Sightings::new(&node, args.sightings.take()),
+        })
+    };
     let started = Instant::now();
     let mut child = workload::spawn(&args.command)?;
     let mut state = State {
@@ -141,6 +156,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         node: &node,
         snapshot: snapshot.as_deref(),
         tracked: &mut tracked,
+        wire: wire.as_mut(),
     };
     let (ended, events_read) =
         follow_loop(args, &mut state, &mut namer, ring.as_mut(), child.as_mut()).await?;
@@ -155,6 +171,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         read_segments_and_paths(&mut programs, &mut namer, &mut tracked.histograms)?;
     let (journeys, lost) = journey_counts(&programs)?;
     let drops = read_drops(&programs, &mut namer)?;
+    let wire = wire.map(|w| w.sightings.summary(args.wire.clone(), &mut namer));
     Ok(AttachReport {
         schema: ATTACH_SCHEMA.into(),
         kernel: kernel::release(),
@@ -180,6 +197,7 @@ pub async fn attach(args: &AttachArgs) -> Result<AttachReport> {
         hooks: programs.statuses.clone(),
         program_costs: args.stats.then(|| programs.costs()),
         command,
+        wire,
     })
 }
 
@@ -190,6 +208,19 @@ struct State<'a> {
     /// /metrics' snapshot, with --prometheus.
     snapshot: Option<&'a RwLock<metrics::Snapshot>>,
     tracked: &'a mut Tracked,
+    wire: Option<&'a mut Wire>,
+}
+
+/// `--wire`: the kernel's ring of sightings, and what was read from it.
+struct Wire {
+    ring: RingBuf<MapData>,
+    sightings: wire::Sightings,
+}
+
+impl Wire {
+    fn drain(&mut self, namer: &mut Namer) -> Result<()> {
+        self.sightings.drain(&mut self.ring, namer)
+    }
 }
 
 /// The scope as it changes while attached: pods that come and go.
@@ -215,10 +246,13 @@ fn write_scope(
     points: &[[u32; 2]],
 ) -> Result<Vec<(u32, u64)>> {
     let after = scope::slots(points)?;
+    let new: Vec<_> = after
+        .iter()
+        .filter(|s| !before.contains(s))
+        .copied()
+        .collect();
+    write_table(programs, "SCOPE", &new)?;
     let mut map: Array<_, u64> = Array::try_from(programs.map_mut("SCOPE")?)?;
-    for &(slot, key) in after.iter().filter(|s| !before.contains(s)) {
-        map.set(slot, key, 0).context("filling the scope map")?;
-    }
     for &(slot, _) in before
         .iter()
         .filter(|(s, _)| !after.iter().any(|(a, _)| a == s))
@@ -226,6 +260,16 @@ fn write_scope(
         map.set(slot, 0, 0).context("clearing the scope map")?;
     }
     Ok(after)
+}
+
+/// Puts device keys in their slots of a direct-mapped table (SCOPE, WIRE).
+fn write_table(programs: &mut Programs, name: &str, slots: &[(u32, u64)]) -> Result<()> {
+    let mut map: Array<_, u64> = Array::try_from(programs.map_mut(name)?)?;
+    for &(slot, key) in slots {
+        map.set(slot, key, 0)
+            .with_context(|| format!("filling the {name} map"))?;
+    }
+    Ok(())
 }
 
 /// Looks at the node again if its pods or namespaces changed, or changed lately: new pods'
@@ -325,9 +369,12 @@ async fn follow_loop(
             _ = &mut deadline => break workload::Ended::Duration,
             name = signals.recv() => break workload::Ended::Signal(name),
             status = workload::wait(child.as_deref_mut()) => break workload::Ended::Exited(status?),
-            _ = drain.tick(), if ring.is_some() => {
+            _ = drain.tick(), if ring.is_some() || state.wire.is_some() => {
                 if let Some(r) = ring.as_deref_mut() {
                     journeys.drain(r, namer)?;
+                }
+                if let Some(w) = state.wire.as_deref_mut() {
+                    w.drain(namer)?;
                 }
             }
             _ = look.tick() => {
@@ -364,6 +411,9 @@ async fn follow_loop(
             }
         }
     };
+    if let Some(w) = state.wire.as_deref_mut() {
+        w.drain(namer)?;
+    }
     let Some(r) = ring else {
         return Ok((ended, None));
     };

@@ -28,6 +28,8 @@ use crate::{
 pub struct Scope {
     pub labels: Vec<String>,
     pub points: Vec<[u32; 2]>,
+    /// The wire-facing devices (`--wire`), also in `points`: a packet entering starts there.
+    pub wire: Vec<[u32; 2]>,
     pub cgroups: Vec<u64>,
     pub devices: Devices,
     /// Where its pods were read.
@@ -66,15 +68,26 @@ fn netns_ref(arg: &str) -> Result<String> {
     }
 }
 
+/// A --wire argument, [NETNS:]IFACE: the namespace as the netns module takes it (this one
+/// without), and the interface.
+fn wire_device(arg: &str) -> Result<(String, &str)> {
+    match arg.rsplit_once(':') {
+        Some((ns, name)) if !name.is_empty() => Ok((netns_ref(ns)?, name)),
+        Some(_) => bail!("--wire {arg}: give [NETNS:]IFACE"),
+        None => Ok((ROOT.to_string(), arg)),
+    }
+}
+
 /// Resolves the targets. At start (`strict`) an unknown target fails; later (a refresh while
 /// attached) targets that went away are left out.
 pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
     if args.netns.is_empty()
         && args.ifaces.is_empty()
+        && args.wire.is_empty()
         && args.cgroups.is_empty()
         && args.pods.is_empty()
     {
-        bail!("nothing to attach to: give --pod, --netns, --iface or --cgroup");
+        bail!("nothing to attach to: give --pod, --netns, --iface, --wire or --cgroup");
     }
     let cgroups = args
         .cgroups
@@ -93,8 +106,14 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
             eprintln!("attach: {notice}");
         }
     }
+    let wire: Vec<(String, &str)> = args
+        .wire
+        .iter()
+        .map(|w| wire_device(w))
+        .filter(|w| strict || w.is_ok())
+        .collect::<Result<_>>()?;
     let mut namespaces = discover::namespaces()?;
-    for t in &targets {
+    for t in targets.iter().chain(wire.iter().map(|(ns, _)| ns)) {
         if !namespaces.contains(t) {
             namespaces.push(t.clone());
         }
@@ -142,6 +161,22 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
         points.push([root, i.ifindex]);
         labels.push(format!("iface {name}"));
     }
+    let mut wire_points = Vec::new();
+    for (arg, (ns, name)) in args.wire.iter().zip(&wire) {
+        let Some(i) = interfaces
+            .iter()
+            .find(|i| &i.netns == ns && i.ifname == *name)
+        else {
+            if strict {
+                bail!("--wire {arg}: no interface {name} there");
+            }
+            continue;
+        };
+        let point = [discover::inode(ns)?, i.ifindex];
+        points.push(point);
+        wire_points.push(point);
+        labels.push(format!("wire {arg}"));
+    }
     labels.extend(
         args.cgroups
             .iter()
@@ -159,6 +194,7 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
     Ok(Scope {
         labels,
         points,
+        wire: wire_points,
         cgroups,
         devices: Devices {
             name: "node".into(),

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 
 use super::{
@@ -35,6 +35,17 @@ pub struct AttachCli {
     /// Interface of this namespace that starts journeys. Repeatable.
     #[arg(long)]
     iface: Vec<String>,
+    /// A wire-facing device, [NETNS:]IFACE (without NETNS, in this namespace): followed packets
+    /// leaving or entering the node through it are reported with what they carry on the wire
+    /// (addresses, ports, IP ID, TCP sequence, a hash of a datagram's first payload bytes), and
+    /// packets entering through it start journeys. Packets seen leaving one and entering another
+    /// of this node are paired in the report. Repeatable.
+    #[arg(long, value_name = "[NETNS:]IFACE")]
+    wire: Vec<String>,
+    /// Write every packet seen at a --wire device as a JSON line to FILE ("-": stdout): what
+    /// other nodes' sightings are joined with.
+    #[arg(long, value_name = "FILE", requires = "wire")]
+    sightings: Option<PathBuf>,
     /// A cgroup (v2) directory: packets sent by its processes' sockets start journeys.
     /// Repeatable.
     #[arg(long)]
@@ -105,6 +116,16 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     if events && matches!(json, Some(JsonOut::Stdout)) {
         anyhow::bail!("--mode events prints its journeys on stdout: give --json a file, not -");
     }
+    let sightings = cli
+        .sightings
+        .as_deref()
+        .map(|f| JsonOut::checked_as("--sightings", f))
+        .transpose()?;
+    if matches!(sightings, Some(JsonOut::Stdout))
+        && (events || matches!(json, Some(JsonOut::Stdout)))
+    {
+        bail!("--sightings -: stdout is taken by --mode events or --json -: give a file");
+    }
     let filter = attach::filter::compile(&cli.filter)?;
     let view = if cli.drops {
         table::drops
@@ -113,7 +134,7 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     };
     let verbose = cli.verbose;
     doctor::require(doctor::ATTACH_CAPS)?;
-    let args = attach::AttachArgs {
+    let mut args = attach::AttachArgs {
         pods: cli.pod,
         pod_sources: pods::Sources {
             cri_socket: cli.cri_socket,
@@ -129,7 +150,10 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
             filter,
             max_in_flight: cli.max_in_flight,
             by_cgroup: !cli.cgroup.is_empty(),
+            wire: !cli.wire.is_empty(),
         },
+        wire: cli.wire,
+        sightings: sightings.map(|s| s.writer()).transpose()?,
         cgroups: cli.cgroup,
         duration: cli.duration,
         prometheus: cli.prometheus,
@@ -138,7 +162,7 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         quiet,
         command: cli.command,
     };
-    let report = attach::attach(&args).await?;
+    let report = attach::attach(&mut args).await?;
     let table = view(&report, verbose);
     if events {
         // Events own stdout: the summary goes to stderr, its JSON to the file.

@@ -55,6 +55,18 @@ impl JsonOut {
         self.write_text(&(serde_json::to_string_pretty(value)? + "\n"))
     }
 
+    /// A stream of lines (`attach --sightings`): the file is written as they come, not
+    /// renamed at the end, so a reader may follow it.
+    pub fn writer(&self) -> Result<Box<dyn std::io::Write + Send>> {
+        Ok(match self {
+            JsonOut::Stdout => Box::new(std::io::stdout()),
+            JsonOut::File(path) => Box::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            ),
+        })
+    }
+
     /// Writes `text` the same way (HTML, Markdown).
     pub fn write_text(&self, json: &str) -> Result<()> {
         match self {

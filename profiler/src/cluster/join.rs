@@ -2,8 +2,8 @@
 //! next's, recognised by what it carries on the wire, with no tag and no kernel patch.
 //!
 //! A packet's wire identity is what both kernels read the same: the outer and the inner IPv4
-//! headers' addresses, protocol and IP ID, the inner transport's ports (or ICMP id and
-//! sequence), the TCP sequence number, and a hash of the first payload bytes. Two packets of
+//! headers' addresses, protocol and IP ID, the inner transport's ports (ICMP's type, code
+//! and checksum), the TCP sequence number, and a hash of the first payload bytes. Two packets of
 //! one flow rarely share all of it, but they can: a retransmission, unconnected UDP with DF
 //! (its IP ID is 0), a repeated payload. Such an identity is ambiguous and its packets are
 //! counted, never paired by guess. A packet seen leaving with no arrival (dropped between,
@@ -11,25 +11,28 @@
 
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
+
 use super::clock::{Clocks, Fit};
 
 /// The transport part of an identity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Flow {
     pub saddr: u32,
     pub daddr: u32,
     pub proto: u8,
-    /// Source and destination port; ICMP's id and sequence.
+    /// Source and destination port; ICMP's type and code, and its checksum.
     pub sport: u16,
     pub dport: u16,
     pub ip_id: u16,
 }
 
 /// What a packet carries that both nodes read alike.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct WireId {
     pub outer: Flow,
     /// The encapsulated packet (VXLAN, Geneve, GRE), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inner: Option<Flow>,
     pub tcp_seq: u32,
     /// A hash of the first bytes of the innermost payload.
@@ -44,6 +47,8 @@ pub struct Sighting {
     pub ts: u64,
     /// Which journey of that node the packet was on (the node's own numbering).
     pub journey: u64,
+    /// Where it was seen: a device of that node, in the node's own numbering.
+    pub at: u64,
 }
 
 /// A packet seen leaving A and entering B.
@@ -141,7 +146,12 @@ mod tests {
     }
 
     fn seen(id: WireId, ts: u64, journey: u64) -> Sighting {
-        Sighting { id, ts, journey }
+        Sighting {
+            id,
+            ts,
+            journey,
+            at: 0,
+        }
     }
 
     #[test]

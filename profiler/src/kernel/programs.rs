@@ -87,6 +87,8 @@ pub struct FollowConfig {
     pub max_in_flight: u32,
     /// Whether journeys may start by the sending socket's cgroup (`--cgroup`).
     pub by_cgroup: bool,
+    /// Whether packets crossing wire-facing devices are reported (`--wire`).
+    pub wire: bool,
 }
 
 impl Default for FollowConfig {
@@ -98,6 +100,7 @@ impl Default for FollowConfig {
             filter: Filter::default(),
             max_in_flight: 65536,
             by_cgroup: false,
+            wire: false,
         }
     }
 }
@@ -119,6 +122,7 @@ impl Programs {
             .override_global("STREAM", &(follow.stream as u8), true)
             .override_global("FILTER", &follow.filter, true)
             .override_global("BY_CGROUP", &(follow.by_cgroup as u8), true)
+            .override_global("WIRE_ON", &(follow.wire as u8), true)
             .override_global("FLIGHT_MASK", &(flights - 1), true)
             .map_max_entries("FLIGHTS", flights)
             .map_max_entries("BY_SKB", flights)

@@ -395,6 +395,51 @@ pub struct AttachReport {
     /// `attach -- COMMAND`: the workload profiled until it exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<CommandOutcome>,
+    /// `attach --wire`: followed packets where they crossed the node's wire-facing devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire: Option<WireSummary>,
+}
+
+/// `attach --wire`: the followed packets seen leaving and entering the node's wire-facing
+/// devices, and those seen leaving one and entering another of the same node (one clock).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WireSummary {
+    /// The wire-facing devices, as the report names hops.
+    pub devices: Vec<String>,
+    pub leaving: u64,
+    pub entering: u64,
+    /// Per pair of devices, most packets first.
+    pub crossings: Vec<WireCrossing>,
+    /// Sightings whose wire identity more than one packet had on either side: never paired.
+    pub ambiguous: u64,
+    /// Sightings past the memory bound, counted and not kept.
+    pub not_kept: u64,
+}
+
+/// Packets paired by their wire identity: seen leaving `from` and entering `to`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WireCrossing {
+    pub from: String,
+    pub to: String,
+    pub packets: u64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
+}
+
+/// `attach --sightings`: one line per followed packet at a wire-facing device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SightingLine {
+    pub node: String,
+    /// "leaving" or "entering".
+    pub direction: String,
+    pub hop: String,
+    /// On the node's own clock (CLOCK_MONOTONIC), nanoseconds.
+    pub ts_ns: u64,
+    /// The journey, as `--mode events` names it.
+    pub journey: String,
+    pub id: crate::cluster::join::WireId,
 }
 
 /// The workload `attach -- COMMAND` ran, and how it ended.

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use super::schema::{
     AlltoallResult, AttachDrop, AttachPath, AttachReport, CompareReport, CrossingReport,
     DirectionReport, DoctorReport, HookSet, HookStatus, Hop, ProgramCost, RunReport, SegmentReport,
-    SegmentSummary, Stats, Status, StreamResult,
+    SegmentSummary, Stats, Status, StreamResult, WireSummary,
 };
 use crate::lab::names::HOST_NODE;
 
@@ -407,11 +407,41 @@ pub fn attach(r: &AttachReport, all_targets: bool) -> String {
             hinted.push(hint);
         }
     }
+    if let Some(w) = &r.wire {
+        wire(&mut out, w);
+    }
     out += &render_hooks(&r.hooks);
     if let Some(costs) = &r.program_costs {
         out += &render_costs(costs);
     }
     out
+}
+
+/// `attach --wire`: what crossed the wire-facing devices, and the crossings paired on this node.
+fn wire(out: &mut String, w: &WireSummary) {
+    let _ = writeln!(
+        out,
+        "wire ({}): {} packets seen leaving, {} entering; {} with an identity another packet \
+         had (not paired), {} not kept past the memory bound",
+        w.devices.join(", "),
+        w.leaving,
+        w.entering,
+        w.ambiguous,
+        w.not_kept
+    );
+    for c in &w.crossings {
+        let _ = writeln!(
+            out,
+            "  {} -> {}: {} packets paired by what they carry, p50 {} p90 {} p99 {} max {}",
+            c.from,
+            c.to,
+            c.packets,
+            us(c.p50_ns as f64),
+            us(c.p90_ns as f64),
+            us(c.p99_ns as f64),
+            us(c.max_ns as f64)
+        );
+    }
 }
 
 /// Places shown by the drops view at most; the JSON report has them all.
