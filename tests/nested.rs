@@ -17,9 +17,12 @@ use std::{
 
 use common::{profiler, BIN};
 use nix::{sys::signal::kill, sys::signal::Signal, unistd::Pid};
+use profiler::report::schema::AttachReport;
 use serde_json::Value;
 
 const LAB: &str = "bmp2vmp";
+/// The host's pod in the lab.
+const POD_A: &str = "198.18.0.2";
 const KERNEL: &str = "6.1";
 
 /// Whether the guest kernel is provisioned; says why not otherwise.
@@ -593,6 +596,7 @@ fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
     // nothing but the guest agent's TCP address (the lab's agent listens there too).
     agent_over_tcp_profiles_the_path();
     lab_exec_runs_commands_in_the_guests_namespaces();
+    attach_pairs_the_packets_between_the_host_and_its_guest();
     drop(guard);
     assert_nothing_left(LAB);
 }
@@ -659,6 +663,91 @@ fn lab_exec_runs_commands_in_the_guests_namespaces() {
         );
         assert_eq!(err.trim_end().lines().count(), 1, "{target}: {err}");
     }
+}
+
+/// `profiler attach --lab`: the host and vm1 each attach (vm1 through its agent); pings from
+/// vm1's pod-b to the host's pod-a, traffic the profiler did not generate, started in the guest
+/// by `lab exec`, leave one kernel and enter the other both ways. Each is paired by what it
+/// carries, never by a tag; the two clocks (unrelated: the guest booted long after the host)
+/// are related from the pairs, and every packet's time on the wire comes with its bound.
+fn attach_pairs_the_packets_between_the_host_and_its_guest() {
+    let json = std::env::temp_dir().join(format!(
+        "profiler-nested-attach-{}.json",
+        std::process::id()
+    ));
+    let attach = common::attach::Attach::start_within(
+        &[
+            "--lab",
+            LAB,
+            "--filter",
+            "icmp",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(600),
+    );
+    let pings = profiler(&[
+        "lab",
+        "exec",
+        LAB,
+        "vm1:pod-b",
+        "--",
+        "ping",
+        "-c",
+        "100",
+        "-i",
+        "0.05",
+        "-q",
+        POD_A,
+    ]);
+    assert!(
+        pings.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pings.stdout)
+    );
+    let (table, err) = attach.stop();
+    let r: AttachReport =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the report"))
+            .expect("an attach report");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(r.peers.len(), 1, "{err}");
+    assert_eq!(r.peers[0].node, "vm1");
+    assert!(
+        !r.peers[0].paths.is_empty(),
+        "vm1 followed no path: {table}"
+    );
+    let link = &r.links[0];
+    assert_eq!((link.a.as_str(), link.b.as_str()), (r.node.as_str(), "vm1"));
+    let clock = link
+        .clock
+        .as_ref()
+        .unwrap_or_else(|| panic!("no clock: {table}"));
+    let width = clock.offset_ns.1 - clock.offset_ns.0;
+    assert!(width > 0, "{clock:?}");
+    // Replies left the host toward vm1, requests vm1 toward the host.
+    for (d, from, to) in [
+        (&link.directions[0], "tap-vm1", "eth0"),
+        (&link.directions[1], "eth0", "tap-vm1"),
+    ] {
+        let c = &d.crossings[0];
+        assert!(
+            (95..=100).contains(&c.packets) && c.from.contains(from) && c.to.contains(to),
+            "{} -> {}: {c:?}\n{table}",
+            d.from_node,
+            d.to_node
+        );
+        assert_eq!(d.ambiguous, 0, "{table}");
+        // Each packet's time is bounded by the clocks' bound, and under a second.
+        assert!(
+            c.bound_ns > 0 && c.bound_ns as i64 <= width,
+            "{c:?} {clock:?}"
+        );
+        assert!(c.max_ns < 1_000_000_000, "{c:?}");
+    }
+    assert!(
+        table.contains(&format!("wire {} <-> vm1: clock offset", r.node)),
+        "{table}"
+    );
 }
 
 /// `profiler run --from --to NODE:NETNS:IP --agent ADDR --tls DIR`, run where the VM's address

@@ -405,7 +405,7 @@ pub struct WireFlow {
 /// it, with what it carries on the wire: how another node's sighting of it is recognised.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WireEvent {
+pub struct SightingEvent {
     pub ts_ns: u64,
     /// The journey, as in [`HopEvent`].
     pub journey_head: u64,
@@ -484,7 +484,7 @@ mod pod {
     unsafe impl aya::Pod for super::DropKey {}
     unsafe impl aya::Pod for super::Histogram {}
     unsafe impl aya::Pod for super::HopEvent {}
-    unsafe impl aya::Pod for super::WireEvent {}
+    unsafe impl aya::Pod for super::SightingEvent {}
     unsafe impl aya::Pod for super::Filter {}
     unsafe impl aya::Pod for super::FuncHook {}
 }

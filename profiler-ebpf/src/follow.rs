@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use profiler_common::{
     device_key, hist_bucket, path_hash, segment_slot, slot_hash, DropKey, Filter, FilterTerm,
-    Histogram, HookId, HopEvent, HopPoint, SegmentKey, WireEvent, WireFlow, COUNTER_ABANDONED,
+    Histogram, HookId, HopEvent, HopPoint, SegmentKey, SightingEvent, WireFlow, COUNTER_ABANDONED,
     COUNTER_CONSUMED, COUNTER_DROPPED, COUNTER_GROUP, COUNTER_LOST, COUNTER_REHEADED,
     COUNTER_STARTED, DROP_KEYS, END_CONSUMED, END_DROPPED, FIELD_ADDR, FIELD_DST_ADDR,
     FIELD_DST_PORT, FIELD_FAMILY, FIELD_PORT, FIELD_PROTO, FIELD_SRC_ADDR, FIELD_SRC_PORT,
@@ -597,7 +597,7 @@ fn crossing(last: Option<&HopPoint>, dev: u64, hook: u8) -> u8 {
 /// inlined: its frame beside decide's stays within the 512 bytes of a chain.
 #[inline(never)]
 fn sight<M: KernelMem>(flows: &Flows, f: &Flight, skb_ptr: u64, direction: u8) {
-    let Some(mut slot) = WIRE_EVENTS.reserve::<WireEvent>(0) else {
+    let Some(mut slot) = WIRE_EVENTS.reserve::<SightingEvent>(0) else {
         count(COUNTER_LOST);
         return;
     };
@@ -608,7 +608,7 @@ fn sight<M: KernelMem>(flows: &Flows, f: &Flight, skb_ptr: u64, direction: u8) {
     } else {
         f.last_ts
     };
-    slot.write(WireEvent {
+    slot.write(SightingEvent {
         ts_ns,
         journey_head: f.first_head,
         journey_start_ns: f.first_ts,

@@ -23,6 +23,11 @@ pub struct Attach {
 
 impl Attach {
     pub fn start(args: &[&str]) -> Attach {
+        Attach::start_within(args, Duration::from_secs(30))
+    }
+
+    /// As `start`, waiting up to `wait` for this node to follow (`--lab`: after its guests).
+    pub fn start_within(args: &[&str], wait: Duration) -> Attach {
         let mut child = Command::new(BIN)
             .arg("attach")
             .args(args)
@@ -37,7 +42,7 @@ impl Attach {
         let stderr = std::thread::spawn(move || {
             let mut all = String::new();
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if line.contains("following") {
+                if line.starts_with("attach: following;") {
                     let _ = tx.send(());
                 }
                 all += &line;
@@ -45,7 +50,7 @@ impl Attach {
             }
             all
         });
-        let started = rx.recv_timeout(Duration::from_secs(30));
+        let started = rx.recv_timeout(wait);
         let a = Attach { child, stderr };
         if started.is_err() {
             let (_, err) = a.stop();

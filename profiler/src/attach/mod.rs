@@ -5,6 +5,7 @@
 //! reads the histograms, names the segments after the devices, and reports them: a table, JSON,
 //! Prometheus metrics, and in `--mode events` one JSON line per journey.
 
+pub mod across;
 pub mod events;
 pub mod filter;
 pub mod histograms;
@@ -31,7 +32,7 @@ use crate::{
         ring::DRAIN_EVERY,
     },
     progress,
-    report::schema::{AttachReport, HookSet, ATTACH_SCHEMA},
+    report::schema::{AttachReport, HookSet, SightingLine, ATTACH_SCHEMA},
     signal,
 };
 use events::OpenJourneys;
@@ -65,6 +66,8 @@ pub struct AttachArgs {
     pub wire: Vec<String>,
     /// Where each of those sightings is written as a JSON line, if anywhere.
     pub sightings: Option<Box<dyn std::io::Write + Send>>,
+    /// Whether the sightings are kept as lines for the caller (`attach` returns them).
+    pub keep_sightings: bool,
     pub filter: String,
     pub follow: FollowConfig,
     pub duration: Option<Duration>,
@@ -76,11 +79,21 @@ pub struct AttachArgs {
     pub quiet: bool,
     /// A workload to run once everything is attached, followed until it exits (empty: none).
     pub command: Vec<String>,
+    /// For a caller that drives the attach (a guest's agent, for its host): told when it
+    /// follows, and stops it.
+    pub control: Option<Control>,
 }
 
-/// Attaches, follows until the duration ends or SIGINT/SIGTERM arrives, and reports. Whatever
-/// it attached is detached when it returns: every attachment is a link owned by this process.
-pub async fn attach(args: &mut AttachArgs) -> Result<AttachReport> {
+/// See [`AttachArgs::control`].
+pub struct Control {
+    pub following: tokio::sync::oneshot::Sender<()>,
+    pub stop: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Attaches, follows until the duration ends or SIGINT/SIGTERM arrives, and reports, with the
+/// sightings kept (`keep_sightings`). Whatever it attached is detached when it returns: every
+/// attachment is a link owned by this process.
+pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<SightingLine>)> {
     let filter_text = args.filter.trim().to_string();
     let scope = scope(args, true).await?;
     let listener = match args.prometheus {
@@ -146,7 +159,7 @@ pub async fn attach(args: &mut AttachArgs) -> Result<AttachReport> {
     } else {
         Some(Wire {
             ring: programs.take_ring("WIRE_EVENTS")?,
-            sightings: wire::Sightings::new(&node, args.sightings.take()),
+            sightings: wire::Sightings::new(&node, args.sightings.take(), args.keep_sightings),
         })
     };
     let started = Instant::now();
@@ -171,8 +184,14 @@ pub async fn attach(args: &mut AttachArgs) -> Result<AttachReport> {
         read_segments_and_paths(&mut programs, &mut namer, &mut tracked.histograms)?;
     let (journeys, lost) = journey_counts(&programs)?;
     let drops = read_drops(&programs, &mut namer)?;
-    let wire = wire.map(|w| w.sightings.summary(args.wire.clone(), &mut namer));
-    Ok(AttachReport {
+    let (wire, sightings) = match wire {
+        Some(w) => {
+            let (summary, lines) = w.sightings.summary(args.wire.clone(), &mut namer);
+            (Some(summary), lines)
+        }
+        None => (None, Vec::new()),
+    };
+    let report = AttachReport {
         schema: ATTACH_SCHEMA.into(),
         kernel: kernel::release(),
         node,
@@ -198,7 +217,10 @@ pub async fn attach(args: &mut AttachArgs) -> Result<AttachReport> {
         program_costs: args.stats.then(|| programs.costs()),
         command,
         wire,
-    })
+        peers: Vec::new(),
+        links: Vec::new(),
+    };
+    Ok((report, sightings))
 }
 
 /// What the follow loop reads and where it publishes.
@@ -330,13 +352,27 @@ fn say_changes(before: &[String], after: &[String]) {
 /// Follows until the duration ends, a signal arrives or the workload exits, and says which;
 /// with the ring (events mode), how many hop events it read.
 async fn follow_loop(
-    args: &AttachArgs,
+    args: &mut AttachArgs,
     state: &mut State<'_>,
     namer: &mut Namer,
     mut ring: Option<&mut RingBuf<MapData>>,
     mut child: Option<&mut tokio::process::Child>,
 ) -> Result<(workload::Ended, Option<u64>)> {
     let mut signals = signal::Signals::install()?;
+    let (following, mut stop) = match args.control.take() {
+        Some(c) => (Some(c.following), Some(c.stop)),
+        None => (None, None),
+    };
+    let asked = async {
+        match stop.as_mut() {
+            // A dropped sender asks too: whoever drove the attach is gone.
+            Some(s) => {
+                let _ = s.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(asked);
     let until = args.duration.map(|d| tokio::time::Instant::now() + d);
     let deadline = async {
         match until {
@@ -364,9 +400,13 @@ async fn follow_loop(
         };
         eprintln!("attach: following; {until}");
     }
+    if let Some(f) = following {
+        let _ = f.send(());
+    }
     let ended = loop {
         tokio::select! {
             _ = &mut deadline => break workload::Ended::Duration,
+            _ = &mut asked => break workload::Ended::Asked,
             name = signals.recv() => break workload::Ended::Signal(name),
             status = workload::wait(child.as_deref_mut()) => break workload::Ended::Exited(status?),
             _ = drain.tick(), if ring.is_some() || state.wire.is_some() => {

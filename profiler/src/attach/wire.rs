@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{device_key, HopPoint, WireEvent, WireFlow, WIRE_ENTERING, WIRE_LEAVING};
+use profiler_common::{device_key, HopPoint, SightingEvent, WireFlow, WIRE_ENTERING, WIRE_LEAVING};
 
 use super::scope::Namer;
 use crate::{
@@ -20,7 +20,8 @@ use crate::{
     report::schema::{SightingLine, WireCrossing, WireSummary},
 };
 
-/// Sightings kept per direction for the report's pairing: the memory bound (about 80 MB).
+/// Sightings kept per direction for the report's pairing: the memory bound (about 80 MB; as
+/// lines for another node's join, about 300 MB more).
 const KEPT: usize = 1 << 20;
 
 pub struct Sightings {
@@ -34,11 +35,13 @@ pub struct Sightings {
     /// the crossings.
     points: HashMap<(u64, u8), HopPoint>,
     lines: Option<BufWriter<Box<dyn Write + Send>>>,
+    kept_lines: Option<Vec<SightingLine>>,
 }
 
 impl Sightings {
-    /// `lines`: where `--sightings` writes one JSON line per sighting, if anywhere.
-    pub fn new(node: &str, lines: Option<Box<dyn Write + Send>>) -> Self {
+    /// `lines`: where `--sightings` writes a JSON line each; `keep`: whether they are also
+    /// kept for the caller (a host joining them with another node's).
+    pub fn new(node: &str, lines: Option<Box<dyn Write + Send>>, keep: bool) -> Self {
         Sightings {
             node: node.to_string(),
             leaving: Vec::new(),
@@ -47,12 +50,13 @@ impl Sightings {
             not_kept: 0,
             points: HashMap::new(),
             lines: lines.map(|w| BufWriter::with_capacity(1 << 16, w)),
+            kept_lines: keep.then(Vec::new),
         }
     }
 
     pub fn drain(&mut self, ring: &mut RingBuf<MapData>, namer: &mut Namer) -> Result<()> {
         while let Some(item) = ring.next() {
-            let Some(ev) = ring::decode::<WireEvent>(&item) else {
+            let Some(ev) = ring::decode::<SightingEvent>(&item) else {
                 continue;
             };
             self.take(&ev, namer)?;
@@ -63,7 +67,7 @@ impl Sightings {
         Ok(())
     }
 
-    fn take(&mut self, ev: &WireEvent, namer: &mut Namer) -> Result<()> {
+    fn take(&mut self, ev: &SightingEvent, namer: &mut Namer) -> Result<()> {
         let at = device_key(ev.point.netns, ev.point.ifindex);
         self.points.entry((at, ev.direction)).or_insert(ev.point);
         let seen = Sighting {
@@ -73,35 +77,48 @@ impl Sightings {
             at,
         };
         let leaving = ev.direction == WIRE_LEAVING;
-        if let Some(out) = &mut self.lines {
-            let line = SightingLine {
-                node: self.node.clone(),
-                direction: if leaving { "leaving" } else { "entering" }.into(),
-                hop: namer.hop(&ev.point).name.clone(),
-                ts_ns: ev.ts_ns,
-                journey: format!("{:x}-{}", ev.journey_head, ev.journey_start_ns),
-                id: seen.id,
-            };
-            serde_json::to_writer(&mut *out, &line)?;
-            writeln!(out)?;
-        }
         self.read[usize::from(!leaving)] += 1;
         let kept = if leaving {
             &mut self.leaving
         } else {
             &mut self.entering
         };
-        if kept.len() < KEPT {
-            kept.push(seen);
-        } else {
+        if kept.len() >= KEPT {
             self.not_kept += 1;
+            return Ok(());
+        }
+        kept.push(seen.clone());
+        if self.lines.is_none() && self.kept_lines.is_none() {
+            return Ok(());
+        }
+        let hop = namer.hop(&ev.point);
+        let line = SightingLine {
+            node: self.node.clone(),
+            direction: if leaving { "leaving" } else { "entering" }.into(),
+            hop: hop.name.clone(),
+            netns: hop.netns.clone(),
+            ifname: hop.ifname.clone(),
+            ts_ns: ev.ts_ns,
+            journey: format!("{:x}-{}", ev.journey_head, ev.journey_start_ns),
+            id: seen.id,
+        };
+        if let Some(out) = &mut self.lines {
+            serde_json::to_writer(&mut *out, &line)?;
+            writeln!(out)?;
+        }
+        if let Some(kept) = &mut self.kept_lines {
+            kept.push(line);
         }
         Ok(())
     }
 
     /// The counts, and the packets that left one wire-facing device of this node and entered
-    /// another, per pair of devices.
-    pub fn summary(self, devices: Vec<String>, namer: &mut Namer) -> WireSummary {
+    /// another, per pair of devices; and the sightings kept as lines.
+    pub fn summary(
+        self,
+        devices: Vec<String>,
+        namer: &mut Namer,
+    ) -> (WireSummary, Vec<SightingLine>) {
         let joined = join::join(self.leaving, self.entering);
         let mut by_pair: HashMap<(u64, u64), Vec<u64>> = HashMap::new();
         for p in &joined.pairs {
@@ -116,30 +133,42 @@ impl Sightings {
         };
         let mut crossings: Vec<WireCrossing> = by_pair
             .into_iter()
-            .map(|((from, to), mut ns)| {
-                ns.sort_unstable();
-                let q = |f: f64| ns[((ns.len() - 1) as f64 * f).round() as usize];
-                WireCrossing {
-                    from: name(from, WIRE_LEAVING),
-                    to: name(to, WIRE_ENTERING),
-                    packets: ns.len() as u64,
-                    p50_ns: q(0.5),
-                    p90_ns: q(0.9),
-                    p99_ns: q(0.99),
-                    max_ns: q(1.0),
-                }
+            .map(|((from, to), ns)| {
+                crossing(name(from, WIRE_LEAVING), name(to, WIRE_ENTERING), ns, 0)
             })
             .collect();
-        crossings.sort_by(|a, b| b.packets.cmp(&a.packets).then(a.from.cmp(&b.from)));
-        WireSummary {
+        by_packets(&mut crossings);
+        let summary = WireSummary {
             devices,
             leaving: self.read[0],
             entering: self.read[1],
             crossings,
             ambiguous: joined.ambiguous,
             not_kept: self.not_kept,
-        }
+        };
+        (summary, self.kept_lines.unwrap_or_default())
     }
+}
+
+/// A crossing from its packets' times (at least one); `bound_ns`: the median packet's bound.
+pub(super) fn crossing(from: String, to: String, mut ns: Vec<u64>, bound_ns: u64) -> WireCrossing {
+    ns.sort_unstable();
+    let q = |f: f64| ns[((ns.len() - 1) as f64 * f).round() as usize];
+    WireCrossing {
+        from,
+        to,
+        packets: ns.len() as u64,
+        p50_ns: q(0.5),
+        p90_ns: q(0.9),
+        p99_ns: q(0.99),
+        max_ns: q(1.0),
+        bound_ns,
+    }
+}
+
+/// Most packets first.
+pub(super) fn by_packets(crossings: &mut [WireCrossing]) {
+    crossings.sort_by(|a, b| b.packets.cmp(&a.packets).then(a.from.cmp(&b.from)));
 }
 
 fn flow(f: &WireFlow) -> Flow {
@@ -153,7 +182,7 @@ fn flow(f: &WireFlow) -> Flow {
     }
 }
 
-fn wire_id(ev: &WireEvent) -> WireId {
+fn wire_id(ev: &SightingEvent) -> WireId {
     WireId {
         outer: flow(&ev.outer),
         inner: (ev.has_inner != 0).then(|| flow(&ev.inner)),

@@ -20,6 +20,8 @@ pub enum Ended {
     /// SIGINT or SIGTERM, by name.
     Signal(&'static str),
     Exited(ExitStatus),
+    /// The one who started the attach asked it to stop (a host, of its guest's).
+    Asked,
 }
 
 /// Starts `argv` (None when empty), with this process's namespace, stdio and environment.
@@ -49,7 +51,7 @@ pub async fn finish(mut child: Child, argv: &[String], ended: Ended) -> Result<C
     let status = match ended {
         Ended::Exited(status) => status,
         Ended::Signal(name) => stop(&mut child, signal_of(name)).await?,
-        Ended::Duration => stop(&mut child, Signal::SIGTERM).await?,
+        Ended::Duration | Ended::Asked => stop(&mut child, Signal::SIGTERM).await?,
     };
     Ok(CommandOutcome {
         argv: argv.to_vec(),

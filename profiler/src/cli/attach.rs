@@ -46,6 +46,12 @@ pub struct AttachCli {
     /// other nodes' sightings are joined with.
     #[arg(long, value_name = "FILE", requires = "wire")]
     sightings: Option<PathBuf>,
+    /// A nested lab (bmp2vmp, vmp2vmp): attach here and in each of its guests (through their
+    /// agents), with the lab's namespaces as targets and the guests' NICs (their taps here) as
+    /// the wire, and pair the packets that crossed between the nodes: every node's paths, and
+    /// each link's packets on this node's clock, each time with its bound.
+    #[arg(long, value_name = "NAME")]
+    lab: Option<String>,
     /// A cgroup (v2) directory: packets sent by its processes' sockets start journeys.
     /// Repeatable.
     #[arg(long)]
@@ -133,6 +139,7 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         table::attach
     };
     let verbose = cli.verbose;
+    let lab = cli.lab;
     doctor::require(doctor::ATTACH_CAPS)?;
     let mut args = attach::AttachArgs {
         pods: cli.pod,
@@ -154,6 +161,7 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         },
         wire: cli.wire,
         sightings: sightings.map(|s| s.writer()).transpose()?,
+        keep_sightings: false,
         cgroups: cli.cgroup,
         duration: cli.duration,
         prometheus: cli.prometheus,
@@ -161,8 +169,12 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         hooks: cli.hooks,
         quiet,
         command: cli.command,
+        control: None,
     };
-    let report = attach::attach(&mut args).await?;
+    let report = match &lab {
+        Some(name) => attach::across::lab(&mut args, name).await?,
+        None => attach::attach(&mut args).await?.0,
+    };
     let table = view(&report, verbose);
     if events {
         // Events own stdout: the summary goes to stderr, its JSON to the file.

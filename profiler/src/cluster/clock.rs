@@ -58,6 +58,17 @@ pub enum Unfit {
     Inconsistent,
 }
 
+impl std::fmt::Display for Unfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unfit::OneWay => "packets crossed one way only: the offset is bounded on one side",
+            Unfit::Inconsistent => {
+                "no offset and drift fit every packet (a clock that stepped, or packets paired wrongly)"
+            }
+        })
+    }
+}
+
 impl Clocks {
     /// A packet left A at `sent` (A's clock) and reached B at `received` (B's).
     pub fn a_to_b(&mut self, sent: u64, received: u64) {

@@ -113,8 +113,20 @@ pub fn clocks(a_to_b: &[Pair], b_to_a: &[Pair]) -> Clocks {
 /// lower end is never below zero, since a packet cannot arrive before it left.
 pub fn on_the_wire(p: &Pair, fit: &Fit) -> (i64, u64) {
     let entered = fit.to_a(p.entered.ts);
-    let lo = (entered.lo - p.left.ts as i64).max(0);
-    let hi = (entered.hi - p.left.ts as i64).max(lo);
+    within(entered.lo - p.left.ts as i64, entered.hi - p.left.ts as i64)
+}
+
+/// The same for a pair that left B and entered A.
+pub fn on_the_wire_back(p: &Pair, fit: &Fit) -> (i64, u64) {
+    let left = fit.to_a(p.left.ts);
+    let entered = p.entered.ts as i64;
+    within(entered - left.hi, entered - left.lo)
+}
+
+/// The middle of [lo, hi] with half its width, lo raised to zero.
+fn within(lo: i64, hi: i64) -> (i64, u64) {
+    let lo = lo.max(0);
+    let hi = hi.max(lo);
     (lo + (hi - lo) / 2, ((hi - lo) / 2) as u64)
 }
 
@@ -213,6 +225,15 @@ mod tests {
                 "pair {i}: {estimate} +- {bound}, truth {truth}"
             );
             assert!(bound <= 40_000, "pair {i}: bound {bound}");
+        }
+        for (i, p) in ba.pairs.iter().enumerate() {
+            let (estimate, bound) = on_the_wire_back(p, &fit);
+            let truth = wire(i as u64 + 1) as i64;
+            assert!(
+                (estimate - truth).unsigned_abs() <= bound,
+                "back pair {i}: {estimate} +- {bound}, truth {truth}"
+            );
+            assert!(bound <= 40_000, "back pair {i}: bound {bound}");
         }
     }
 }

@@ -676,23 +676,64 @@ pub enum ExecAnswer {
 
 /// Runs `request` in guest `node` of lab `lab` through its agent's serial channel.
 pub async fn exec(lab: &str, node: &str, request: &ExecRequest) -> Result<ExecAnswer> {
-    let socket = dir(lab, node).join("agent.sock");
-    if !socket.exists() {
-        bail!("lab {lab} has no guest {node} (no {})", socket.display());
-    }
-    let stream = tokio::net::UnixStream::connect(&socket)
-        .await
-        .with_context(|| format!("cannot reach the agent of {node} (a run may hold it)"))?;
-    let (read, mut write) = stream.into_split();
-    let line = serde_json::json!({ EXEC: request }).to_string() + "\n";
-    write.write_all(line.as_bytes()).await?;
     let within = Duration::from_secs(request.timeout_s + 30);
-    let answer = tokio::time::timeout(within, BufReader::new(read).lines().next_line())
-        .await
-        .map_err(|_| anyhow::anyhow!("the agent of {node} did not answer within {within:?}"))??
-        .with_context(|| format!("the agent of {node} closed its channel"))?;
-    serde_json::from_str(&answer)
-        .with_context(|| format!("the agent of {node}: unreadable answer {answer:?}"))
+    ask(lab, node, EXEC, request, within).await
+}
+
+/// Asks guest `node`'s agent on its serial channel, and reads its one-line answer within
+/// `within`.
+pub async fn ask<Q: Serialize, A: serde::de::DeserializeOwned>(
+    lab: &str,
+    node: &str,
+    kind: &str,
+    request: &Q,
+    within: Duration,
+) -> Result<A> {
+    let mut talk = Talk::open(lab, node).await?;
+    talk.send(kind, request).await?;
+    talk.answer(within).await
+}
+
+/// A conversation with a guest's agent on its serial channel: requests as JSON
+/// `{kind: request}`, answers a line each.
+pub struct Talk {
+    node: String,
+    read: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Talk {
+    pub async fn open(lab: &str, node: &str) -> Result<Talk> {
+        let socket = dir(lab, node).join("agent.sock");
+        if !socket.exists() {
+            bail!("lab {lab} has no guest {node} (no {})", socket.display());
+        }
+        let stream = tokio::net::UnixStream::connect(&socket)
+            .await
+            .with_context(|| format!("cannot reach the agent of {node} (a run may hold it)"))?;
+        let (read, write) = stream.into_split();
+        Ok(Talk {
+            node: node.to_string(),
+            read: BufReader::new(read).lines(),
+            write,
+        })
+    }
+
+    pub async fn send<Q: Serialize>(&mut self, kind: &str, request: &Q) -> Result<()> {
+        let line = serde_json::json!({ kind: request }).to_string() + "\n";
+        self.write.write_all(line.as_bytes()).await?;
+        Ok(())
+    }
+
+    pub async fn answer<A: serde::de::DeserializeOwned>(&mut self, within: Duration) -> Result<A> {
+        let node = &self.node;
+        let answer = tokio::time::timeout(within, self.read.next_line())
+            .await
+            .map_err(|_| anyhow::anyhow!("the agent of {node} did not answer within {within:?}"))??
+            .with_context(|| format!("the agent of {node} closed its channel"))?;
+        serde_json::from_str(&answer)
+            .with_context(|| format!("the agent of {node}: unreadable answer"))
+    }
 }
 
 /// The agent's answer to the lab's setup request.

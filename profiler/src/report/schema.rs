@@ -152,6 +152,19 @@ pub struct ClockBounds {
     pub over_ns: Option<u64>,
 }
 
+impl ClockBounds {
+    /// What `fit` (B's clock minus A's) bounds at `at` (A's clock).
+    pub fn of(fit: &crate::cluster::clock::Fit, at: u64) -> ClockBounds {
+        let (offset, drift) = (fit.offset_at(at), fit.drift());
+        ClockBounds {
+            at_ns: at,
+            offset_ns: (offset.lo, offset.hi),
+            drift_ppm: (drift.lo * 1e6, drift.hi * 1e6),
+            over_ns: Some(fit.span()),
+        }
+    }
+}
+
 /// A one-way stream's throughput, measured at the receiver, and its tagged messages.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StreamResult {
@@ -398,6 +411,45 @@ pub struct AttachReport {
     /// `attach --wire`: followed packets where they crossed the node's wire-facing devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wire: Option<WireSummary>,
+    /// `attach --lab`: the other nodes' reports (a lab's guests), each as its own attach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<AttachReport>,
+    /// `attach --lab`: the wire between this node and each peer, both ways, on this node's clock.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<NodeLink>,
+}
+
+/// The wire between two nodes: packets that left one and entered the other, paired by what they
+/// carry, and the two clocks related from the pairs of both directions.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeLink {
+    pub a: String,
+    pub b: String,
+    /// B's clock minus A's, bounded (absent where the pairs could not relate them: `unfit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockBounds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unfit: Option<String>,
+    /// A to B, then B to A.
+    pub directions: Vec<LinkDirection>,
+}
+
+/// One direction of a link.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkDirection {
+    pub from_node: String,
+    pub to_node: String,
+    /// Per pair of hops, most packets first; times on A's clock, each within `bound_ns`.
+    pub crossings: Vec<WireCrossing>,
+    /// Sightings whose identity more than one packet had on either side: never paired.
+    pub ambiguous: u64,
+    /// Seen leaving and never entering (dropped between, not followed there, or past the end).
+    pub unmatched_leaving: u64,
+    /// Seen entering and never leaving.
+    pub unmatched_entering: u64,
+    /// Pairs at a time no clock fit covers: paired, not timed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub untimed: u64,
 }
 
 /// `attach --wire`: the followed packets seen leaving and entering the node's wire-facing
@@ -426,6 +478,9 @@ pub struct WireCrossing {
     pub p90_ns: u64,
     pub p99_ns: u64,
     pub max_ns: u64,
+    /// Across two clocks: half the width of the median packet's bound (0 on one clock).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bound_ns: u64,
 }
 
 /// `attach --sightings`: one line per followed packet at a wire-facing device.
@@ -435,6 +490,11 @@ pub struct SightingLine {
     /// "leaving" or "entering".
     pub direction: String,
     pub hop: String,
+    /// The device's namespace and name, where the node knows them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
     /// On the node's own clock (CLOCK_MONOTONIC), nanoseconds.
     pub ts_ns: u64,
     /// The journey, as `--mode events` names it.

@@ -3,9 +3,9 @@
 use std::fmt::Write as _;
 
 use super::schema::{
-    AlltoallResult, AttachDrop, AttachPath, AttachReport, CompareReport, CrossingReport,
-    DirectionReport, DoctorReport, HookSet, HookStatus, Hop, ProgramCost, RunReport, SegmentReport,
-    SegmentSummary, Stats, Status, StreamResult, WireSummary,
+    AlltoallResult, AttachDrop, AttachPath, AttachReport, ClockBounds, CompareReport,
+    CrossingReport, DirectionReport, DoctorReport, HookSet, HookStatus, Hop, NodeLink, ProgramCost,
+    RunReport, SegmentReport, SegmentSummary, Stats, Status, StreamResult, WireSummary,
 };
 use crate::lab::names::HOST_NODE;
 
@@ -80,19 +80,26 @@ fn render_crossing(c: &CrossingReport) -> String {
     );
     if let Some(b) = &c.bounds {
         out += &format!(
-            "  bounds from every exchange, no direction assumed as fast as the other: clock \
-             offset {}..{} ({} wide) at the middle, drift {:.1}..{:.1} ppm{}\n",
-            signed_us(b.offset_ns.0),
-            signed_us(b.offset_ns.1),
-            us((b.offset_ns.1 - b.offset_ns.0) as f64),
-            b.drift_ppm.0,
-            b.drift_ppm.1,
-            b.over_ns
-                .map(|o| format!(", from {:.1} s of exchanges", o as f64 / 1e9))
-                .unwrap_or_default()
+            "  bounds from every exchange, no direction assumed as fast as the other: {}\n",
+            clock_bounds(b, "exchanges")
         );
     }
     out
+}
+
+/// "clock offset A..B (W wide) at the middle, drift C..D ppm, from N s of WHAT".
+fn clock_bounds(b: &ClockBounds, what: &str) -> String {
+    format!(
+        "clock offset {}..{} ({} wide) at the middle, drift {:.1}..{:.1} ppm{}",
+        signed_us(b.offset_ns.0),
+        signed_us(b.offset_ns.1),
+        us((b.offset_ns.1 - b.offset_ns.0) as f64),
+        b.drift_ppm.0,
+        b.drift_ppm.1,
+        b.over_ns
+            .map(|o| format!(", from {:.1} s of {what}", o as f64 / 1e9))
+            .unwrap_or_default()
+    )
 }
 
 /// A clock offset: seconds when it is (guests boot later than their host), else as `us`.
@@ -414,7 +421,54 @@ pub fn attach(r: &AttachReport, all_targets: bool) -> String {
     if let Some(costs) = &r.program_costs {
         out += &render_costs(costs);
     }
+    for peer in &r.peers {
+        out += "\n";
+        out += &attach(peer, all_targets);
+    }
+    for l in &r.links {
+        link(&mut out, l);
+    }
     out
+}
+
+/// `attach --lab`: the wire between two nodes, both ways, on the first node's clock.
+fn link(out: &mut String, l: &NodeLink) {
+    let clock = match (&l.clock, &l.unfit) {
+        (Some(b), _) => clock_bounds(b, "pairs"),
+        (None, Some(why)) => format!("clocks not related: {why}"),
+        (None, None) => "clocks not related".to_string(),
+    };
+    let _ = writeln!(out, "\nwire {} <-> {}: {clock}", l.a, l.b);
+    for d in &l.directions {
+        let _ = writeln!(
+            out,
+            "  {} -> {}: {} ambiguous, {} left and never entered, {} entered and never left{}",
+            d.from_node,
+            d.to_node,
+            d.ambiguous,
+            d.unmatched_leaving,
+            d.unmatched_entering,
+            if d.untimed > 0 {
+                format!(", {} paired where no clock fit covers them", d.untimed)
+            } else {
+                String::new()
+            }
+        );
+        for c in &d.crossings {
+            let _ = writeln!(
+                out,
+                "    {} -> {}: {} packets, p50 {} p90 {} p99 {} max {}, each within +-{}",
+                c.from,
+                c.to,
+                c.packets,
+                us(c.p50_ns as f64),
+                us(c.p90_ns as f64),
+                us(c.p99_ns as f64),
+                us(c.max_ns as f64),
+                us(c.bound_ns as f64)
+            );
+        }
+    }
 }
 
 /// `attach --wire`: what crossed the wire-facing devices, and the crossings paired on this node.

@@ -40,6 +40,10 @@ use super::{
     traffic::{self, ServerLog},
 };
 use crate::{
+    attach::{
+        self,
+        across::{self, AttachAnswer, AttachRequest},
+    },
     cluster::tls::{self, Identity},
     datapath::{path::Inodes, Mode},
     kernel::{
@@ -80,6 +84,8 @@ pub enum Request {
     Setup(SetupRequest),
     /// `profiler lab exec` (serial channel only): a command in one of the guest's namespaces.
     Exec(ExecRequest),
+    /// `profiler attach --lab` (serial channel only): attach here until the host's next line.
+    Attach(AttachRequest),
     Start(Start),
     /// Runs the client in the guest's pod (answered with [`Answer::Client`] once it is done).
     Client(Client),
@@ -496,6 +502,15 @@ async fn session(
                     ExecAnswer::Failed("commands are taken on the serial channel only".into())
                 }
             })?,
+            Request::Attach(a) => {
+                let answer = match channel {
+                    Channel::Serial(_) => run_attach(a, &mut lines, &mut write).await?,
+                    Channel::Tcp => AttachAnswer::Failed(
+                        "attach is asked on the serial channel only, for now".into(),
+                    ),
+                };
+                serde_json::to_string(&answer)?
+            }
             Request::Stop { run_id } => {
                 let answer = match running.take().filter(|r| r.run_id == run_id) {
                     Some(r) => finish(r).await.unwrap_or_else(|e| Answer::Error {
@@ -531,6 +546,58 @@ fn run_setup(request: SetupRequest, channel: Channel<'_>) -> Result<()> {
         Channel::Tcp => {}
     }
     request.commands.iter().try_for_each(|c| nested::ip(c))
+}
+
+/// `attach --lab`'s part here: attaches, says when it follows, and ends at the host's next line
+/// (or when the host is gone); the final answer is the caller's to send.
+async fn run_attach(
+    request: AttachRequest,
+    lines: &mut Reader,
+    write: &mut Writer,
+) -> Result<AttachAnswer> {
+    let (tell, mut followed) = oneshot::channel();
+    let (stop, stopped) = oneshot::channel();
+    let control = attach::Control {
+        following: tell,
+        stop: stopped,
+    };
+    let mut args = match across::guest_args(request, control) {
+        Ok(a) => a,
+        Err(e) => return Ok(AttachAnswer::Failed(format!("{e:#}"))),
+    };
+    let following = attach::attach(&mut args);
+    tokio::pin!(following);
+    // A failure before following drops the sender: the attach's own error is the answer.
+    let early = tokio::select! {
+        done = &mut following => Some(done),
+        Ok(()) = &mut followed => None,
+    };
+    let done = match early {
+        Some(done) => done,
+        None => {
+            let said = serde_json::to_string(&AttachAnswer::Following)? + "\n";
+            write.write_all(said.as_bytes()).await?;
+            write.flush().await?;
+            let ended = tokio::select! {
+                done = &mut following => Some(done),
+                _ = lines.next_line() => None,
+            };
+            match ended {
+                Some(done) => done,
+                None => {
+                    let _ = stop.send(());
+                    following.await
+                }
+            }
+        }
+    };
+    Ok(match done {
+        Ok((report, sightings)) => AttachAnswer::Done {
+            report: Box::new(report),
+            sightings,
+        },
+        Err(e) => AttachAnswer::Failed(format!("{e:#}")),
+    })
 }
 
 /// Runs `lab exec`'s command in the guest's namespace, killed past its timeout.

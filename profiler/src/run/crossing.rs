@@ -178,22 +178,18 @@ fn bounds(exchanges: &BTreeMap<u32, Exchange>, guest_originates: bool) -> Option
         Ok(fit) => fit,
         Err(_) => clocks.track(CLOCK_HORIZON_NS).at(mid).ok()?.clone(),
     };
-    let (offset, drift, over_ns) = (fit.offset_at(mid), fit.drift(), Some(fit.span()));
+    let b = ClockBounds::of(&fit, mid);
     // The originator's clock is A: a guest that sends the requests sees the host's offset.
     Some(if guest_originates {
+        let middle = b.offset_ns.0 + (b.offset_ns.1 - b.offset_ns.0) / 2;
         ClockBounds {
-            at_ns: (mid as i64 + offset.estimate()).max(0) as u64,
-            offset_ns: (-offset.hi, -offset.lo),
-            drift_ppm: (-drift.hi * 1e6, -drift.lo * 1e6),
-            over_ns,
+            at_ns: (mid as i64 + middle).max(0) as u64,
+            offset_ns: (-b.offset_ns.1, -b.offset_ns.0),
+            drift_ppm: (-b.drift_ppm.1, -b.drift_ppm.0),
+            over_ns: b.over_ns,
         }
     } else {
-        ClockBounds {
-            at_ns: mid,
-            offset_ns: (offset.lo, offset.hi),
-            drift_ppm: (drift.lo * 1e6, drift.hi * 1e6),
-            over_ns,
-        }
+        b
     })
 }
 
