@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use super::schema::{
     AlltoallResult, AttachDrop, AttachPath, AttachReport, ClockBounds, CompareReport,
     CrossingReport, DirectionReport, DoctorReport, HookSet, HookStatus, Hop, NodeLink, ProgramCost,
-    RunReport, SegmentReport, SegmentSummary, Stats, Status, StreamResult, WireSummary,
+    RunReport, SegmentReport, SegmentSummary, Stats, Status, StreamResult, WireCrossing,
+    WireSummary,
 };
 use crate::lab::names::HOST_NODE;
 
@@ -455,20 +456,28 @@ fn link(out: &mut String, l: &NodeLink) {
             }
         );
         for c in &d.crossings {
-            let _ = writeln!(
-                out,
-                "    {} -> {}: {} packets, p50 {} p90 {} p99 {} max {}, each within +-{}",
-                c.from,
-                c.to,
-                c.packets,
-                us(c.p50_ns as f64),
-                us(c.p90_ns as f64),
-                us(c.p99_ns as f64),
-                us(c.max_ns as f64),
-                us(c.bound_ns as f64)
-            );
+            let _ = writeln!(out, "    {}", crossing(c));
         }
     }
+}
+
+/// "FROM -> TO: N packets paired by what they carry, p50 .. max ..[, each within +-B]".
+fn crossing(c: &WireCrossing) -> String {
+    let bound = if c.bound_ns > 0 {
+        format!(", each within +-{}", us(c.bound_ns as f64))
+    } else {
+        String::new()
+    };
+    format!(
+        "{} -> {}: {} packets paired by what they carry, p50 {} p90 {} p99 {} max {}{bound}",
+        c.from,
+        c.to,
+        c.packets,
+        us(c.p50_ns as f64),
+        us(c.p90_ns as f64),
+        us(c.p99_ns as f64),
+        us(c.max_ns as f64)
+    )
 }
 
 /// `attach --wire`: what crossed the wire-facing devices, and the crossings paired on this node.
@@ -484,17 +493,7 @@ fn wire(out: &mut String, w: &WireSummary) {
         w.not_kept
     );
     for c in &w.crossings {
-        let _ = writeln!(
-            out,
-            "  {} -> {}: {} packets paired by what they carry, p50 {} p90 {} p99 {} max {}",
-            c.from,
-            c.to,
-            c.packets,
-            us(c.p50_ns as f64),
-            us(c.p90_ns as f64),
-            us(c.p99_ns as f64),
-            us(c.max_ns as f64)
-        );
+        let _ = writeln!(out, "  {}", crossing(c));
     }
 }
 
