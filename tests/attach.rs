@@ -564,6 +564,8 @@ fn bad_input_is_refused_before_attaching() {
             "unknown network namespace prof-no-such-ns",
         ),
         (&["--wire", "lo:"], "give [NETNS:]IFACE"),
+        (&["--lab", "no-such-lab"], "no lab no-such-lab is up"),
+        (&["--lab", "../etc"], "not a lab's name"),
         (
             &["--iface", "lo", "--sightings", "/tmp/s.jsonl"],
             "required arguments were not provided",

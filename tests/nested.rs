@@ -702,8 +702,9 @@ fn attach_pairs_the_packets_between_the_host_and_its_guest() {
     ]);
     assert!(
         pings.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pings.stdout)
+        "{}{}",
+        String::from_utf8_lossy(&pings.stdout),
+        String::from_utf8_lossy(&pings.stderr)
     );
     let (table, err) = attach.stop();
     let r: AttachReport =

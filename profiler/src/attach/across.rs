@@ -24,9 +24,9 @@ use crate::{
     },
 };
 
-/// The agent's request: `{"attach": AttachRequest}`; any line after it stops the attach.
+/// The agent's requests: `{"attach": AttachRequest}`, answered once following, and
+/// `{"stop_attach": {}}`, answered with the report (run/agent.rs).
 pub const ATTACH: &str = "attach";
-/// What the host sends to stop it.
 pub const STOP: &str = "stop_attach";
 
 /// How long a guest may take to load and attach its programs (6.1 under TCG verifies slowly).
@@ -36,7 +36,7 @@ const REPORT_WITHIN: Duration = Duration::from_secs(300);
 /// Where no line fits the whole attach, the clocks are fitted over this horizon around each
 /// packet (cluster/clock.rs `track`).
 const CLOCK_HORIZON_NS: u64 = 8_000_000_000;
-/// A guest's attach without a word from its host ends after this.
+/// A guest's attach that its host never stops ends after this, or at the next attach asked.
 const GUEST_MAX: Duration = Duration::from_secs(86_400);
 /// The NIC a lab's guest has toward its host.
 const GUEST_NIC: &str = "eth0";
@@ -104,11 +104,19 @@ pub fn guest_args(r: AttachRequest, control: Control) -> Result<AttachArgs> {
 /// signal or the workload ends this node's attach, then stops the guests and joins. This
 /// node's targets are the lab's namespaces (with those given), its wire the guests' taps.
 pub async fn lab(args: &mut AttachArgs, name: &str) -> Result<AttachReport> {
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        bail!("--lab {name:?}: not a lab's name (profiler lab list shows them)");
+    }
     let lab = lab::get(name)?.with_context(|| format!("no lab {name} is up"))?;
     if lab.guests.is_empty() {
         bail!("lab {name} has no guests: --lab joins the nodes of a nested lab (bmp2vmp, vmp2vmp)");
     }
-    for ns in &lab.namespaces {
+    let on_host = |ns: &String| {
+        lab.guests
+            .iter()
+            .all(|g| nested::in_guest(&g.name, ns).is_none())
+    };
+    for ns in lab.namespaces.iter().filter(|ns| on_host(ns)) {
         if !args.netns.contains(ns) {
             args.netns.push(ns.clone());
         }
@@ -118,16 +126,16 @@ pub async fn lab(args: &mut AttachArgs, name: &str) -> Result<AttachReport> {
     }
     args.follow.wire = true;
     args.keep_sightings = true;
-    let mut talks = Vec::new();
+    // Each guest's channel is let go once it follows: `lab exec` drives traffic there meanwhile.
     for g in &lab.guests {
-        let mut talk = nested::Talk::open(name, &g.name).await?;
-        talk.send(ATTACH, &guest_request(args, g)).await?;
-        talks.push((g, talk));
-    }
-    for (g, talk) in &mut talks {
-        match talk.answer(FOLLOWING_WITHIN).await? {
+        let request = guest_request(args, g);
+        match nested::ask(name, &g.name, ATTACH, &request, FOLLOWING_WITHIN).await? {
             AttachAnswer::Following => {}
-            AttachAnswer::Failed(e) => bail!("attach in {}: {e}", g.name),
+            AttachAnswer::Failed(e) => {
+                // Those already following are stopped; their answers say nothing more.
+                let _ = stop_guests(name, &lab.guests).await;
+                bail!("attach in {}: {e}", g.name)
+            }
             AttachAnswer::Done { .. } => bail!("attach in {}: ended before following", g.name),
         }
     }
@@ -138,10 +146,9 @@ pub async fn lab(args: &mut AttachArgs, name: &str) -> Result<AttachReport> {
     // The guests are stopped whether or not this node's attach succeeded.
     let here = attach(args).await;
     let mut peers = Vec::new();
-    for (g, talk) in &mut talks {
-        talk.send(STOP, &()).await?;
-        match talk.answer(REPORT_WITHIN).await? {
-            AttachAnswer::Done { report, sightings } => peers.push((*g, report, sightings)),
+    for (g, answer) in lab.guests.iter().zip(stop_guests(name, &lab.guests).await) {
+        match answer? {
+            AttachAnswer::Done { report, sightings } => peers.push((g, report, sightings)),
             AttachAnswer::Failed(e) => bail!("attach in {}: {e}", g.name),
             AttachAnswer::Following => bail!("attach in {}: no report", g.name),
         }
@@ -160,6 +167,16 @@ pub async fn lab(args: &mut AttachArgs, name: &str) -> Result<AttachReport> {
         report.peers.push(*peer);
     }
     Ok(report)
+}
+
+/// Asks every guest to stop attaching; each one's answer.
+async fn stop_guests(lab: &str, guests: &[nested::Guest]) -> Vec<Result<AttachAnswer>> {
+    let mut answers = Vec::new();
+    for g in guests {
+        let stop = serde_json::json!({});
+        answers.push(nested::ask(lab, &g.name, STOP, &stop, REPORT_WITHIN).await);
+    }
+    answers
 }
 
 fn guest_request(args: &AttachArgs, g: &nested::Guest) -> AttachRequest {

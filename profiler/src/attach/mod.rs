@@ -65,7 +65,7 @@ pub struct AttachArgs {
     /// carry on the wire.
     pub wire: Vec<String>,
     /// Where each of those sightings is written as a JSON line, if anywhere.
-    pub sightings: Option<Box<dyn std::io::Write + Send>>,
+    pub sightings: Option<Box<dyn std::io::Write + Send + Sync>>,
     /// Whether the sightings are kept as lines for the caller (`attach` returns them).
     pub keep_sightings: bool,
     pub filter: String,

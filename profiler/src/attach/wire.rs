@@ -34,14 +34,14 @@ pub struct Sightings {
     /// The hop where packets were first seen leaving or entering through each device, to name
     /// the crossings.
     points: HashMap<(u64, u8), HopPoint>,
-    lines: Option<BufWriter<Box<dyn Write + Send>>>,
+    lines: Option<BufWriter<Box<dyn Write + Send + Sync>>>,
     kept_lines: Option<Vec<SightingLine>>,
 }
 
 impl Sightings {
     /// `lines`: where `--sightings` writes a JSON line each; `keep`: whether they are also
     /// kept for the caller (a host joining them with another node's).
-    pub fn new(node: &str, lines: Option<Box<dyn Write + Send>>, keep: bool) -> Self {
+    pub fn new(node: &str, lines: Option<Box<dyn Write + Send + Sync>>, keep: bool) -> Self {
         Sightings {
             node: node.to_string(),
             leaving: Vec::new(),

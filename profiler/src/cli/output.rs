@@ -57,7 +57,7 @@ impl JsonOut {
 
     /// A stream of lines (`attach --sightings`): the file is written as they come, not
     /// renamed at the end, so a reader may follow it.
-    pub fn writer(&self) -> Result<Box<dyn std::io::Write + Send>> {
+    pub fn writer(&self) -> Result<Box<dyn std::io::Write + Send + Sync>> {
         Ok(match self {
             JsonOut::Stdout => Box::new(std::io::stdout()),
             JsonOut::File(path) => Box::new(

@@ -57,7 +57,7 @@ use crate::{
         nested::{self, ExecAnswer, ExecRequest, Inventory, SetupAnswer, SetupRequest},
         target::{AgentAt, GuestEnd},
     },
-    report::schema::{CrossingReport, HookSet, HookStatus},
+    report::schema::{AttachReport, CrossingReport, HookSet, HookStatus, SightingLine},
 };
 
 /// The agent's programs load under TCG in minutes on 6.1 with deep hooks.
@@ -84,8 +84,11 @@ pub enum Request {
     Setup(SetupRequest),
     /// `profiler lab exec` (serial channel only): a command in one of the guest's namespaces.
     Exec(ExecRequest),
-    /// `profiler attach --lab` (serial channel only): attach here until the host's next line.
+    /// `profiler attach --lab` (serial channel only): attach here, answered once following;
+    /// the host may go and come back (to run `lab exec` meanwhile) and ends it with StopAttach.
     Attach(AttachRequest),
+    /// Ends the attach and answers with its report and sightings.
+    StopAttach {},
     Start(Start),
     /// Runs the client in the guest's pod (answered with [`Answer::Client`] once it is done).
     Client(Client),
@@ -457,6 +460,7 @@ async fn session(
     channel: Channel<'_>,
 ) -> Result<()> {
     let mut running: Option<Running> = None;
+    let mut attaching: Option<Attaching> = None;
     loop {
         let line = match lines.next_line().await? {
             Some(l) => l,
@@ -503,14 +507,26 @@ async fn session(
                 }
             })?,
             Request::Attach(a) => {
+                // One at a time: an attach whose host never stopped it ends here.
+                attaching = None;
                 let answer = match channel {
-                    Channel::Serial(_) => run_attach(a, &mut lines, &mut write).await?,
+                    Channel::Serial(_) => match start_attach(a).await {
+                        Ok(a) => {
+                            attaching = Some(a);
+                            AttachAnswer::Following
+                        }
+                        Err(e) => AttachAnswer::Failed(format!("{e:#}")),
+                    },
                     Channel::Tcp => AttachAnswer::Failed(
                         "attach is asked on the serial channel only, for now".into(),
                     ),
                 };
                 serde_json::to_string(&answer)?
             }
+            Request::StopAttach {} => serde_json::to_string(&match attaching.take() {
+                Some(a) => a.stop().await,
+                None => AttachAnswer::Failed("no attach in progress".into()),
+            })?,
             Request::Stop { run_id } => {
                 let answer = match running.take().filter(|r| r.run_id == run_id) {
                     Some(r) => finish(r).await.unwrap_or_else(|e| Answer::Error {
@@ -548,56 +564,44 @@ fn run_setup(request: SetupRequest, channel: Channel<'_>) -> Result<()> {
     request.commands.iter().try_for_each(|c| nested::ip(c))
 }
 
-/// `attach --lab`'s part here: attaches, says when it follows, and ends at the host's next line
-/// (or when the host is gone); the final answer is the caller's to send.
-async fn run_attach(
-    request: AttachRequest,
-    lines: &mut Reader,
-    write: &mut Writer,
-) -> Result<AttachAnswer> {
-    let (tell, mut followed) = oneshot::channel();
-    let (stop, stopped) = oneshot::channel();
-    let control = attach::Control {
-        following: tell,
-        stop: stopped,
-    };
-    let mut args = match across::guest_args(request, control) {
-        Ok(a) => a,
-        Err(e) => return Ok(AttachAnswer::Failed(format!("{e:#}"))),
-    };
-    let following = attach::attach(&mut args);
-    tokio::pin!(following);
-    // A failure before following drops the sender: the attach's own error is the answer.
-    let early = tokio::select! {
-        done = &mut following => Some(done),
-        Ok(()) = &mut followed => None,
-    };
-    let done = match early {
-        Some(done) => done,
-        None => {
-            let said = serde_json::to_string(&AttachAnswer::Following)? + "\n";
-            write.write_all(said.as_bytes()).await?;
-            write.flush().await?;
-            let ended = tokio::select! {
-                done = &mut following => Some(done),
-                _ = lines.next_line() => None,
-            };
-            match ended {
-                Some(done) => done,
-                None => {
-                    let _ = stop.send(());
-                    following.await
-                }
-            }
+/// `attach --lab`'s part here, following in a task of its own while the agent serves on.
+struct Attaching {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(AttachReport, Vec<SightingLine>)>>,
+}
+
+impl Attaching {
+    async fn stop(self) -> AttachAnswer {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok((report, sightings))) => AttachAnswer::Done {
+                report: Box::new(report),
+                sightings,
+            },
+            Ok(Err(e)) => AttachAnswer::Failed(format!("{e:#}")),
+            Err(e) => AttachAnswer::Failed(format!("the attach task: {e}")),
         }
-    };
-    Ok(match done {
-        Ok((report, sightings)) => AttachAnswer::Done {
-            report: Box::new(report),
-            sightings,
+    }
+}
+
+/// Attaches as asked; returns once it follows, or its error.
+async fn start_attach(request: AttachRequest) -> Result<Attaching> {
+    let (tell, followed) = oneshot::channel();
+    let (stop, stopped) = oneshot::channel();
+    let mut args = across::guest_args(
+        request,
+        attach::Control {
+            following: tell,
+            stop: stopped,
         },
-        Err(e) => AttachAnswer::Failed(format!("{e:#}")),
-    })
+    )?;
+    let task = tokio::spawn(async move { attach::attach(&mut args).await });
+    if followed.await.is_err() {
+        // It ended before following: its error says why.
+        task.await??;
+        bail!("the attach ended before following");
+    }
+    Ok(Attaching { stop, task })
 }
 
 /// Runs `lab exec`'s command in the guest's namespace, killed past its timeout.
