@@ -8,67 +8,18 @@ mod common;
 
 use std::{
     io::Read as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{assert_clean, ip, BIN};
+use common::{
+    agent::{certs, Agent, Scratch},
+    assert_clean, BIN,
+};
 
 const NETNS: &str = "prof-agent-tls";
 const ADDR: &str = "127.0.0.1:7450";
-
-/// The namespace and the agent's process, removed and ended however the test ends.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // Ours, by pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
-    }
-}
-
-impl Agent {
-    /// `profiler agent --listen ADDR ARGS` in NETNS, once it listens.
-    fn start(dir: &Path, args: &[&str]) -> Agent {
-        ip(&["netns", "add", NETNS]);
-        ip(&["-n", NETNS, "link", "set", "lo", "up"]);
-        let log = dir.join("agent.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", NETNS, BIN, "agent", "--listen", ADDR])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("the agent's log"))
-            .spawn()
-            .expect("starting the agent");
-        let agent = Agent { child, log };
-        agent.wait_for("listening on", 1);
-        agent
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the agent's log has `n` lines containing `what`.
-    fn wait_for(&self, what: &str, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.log().matches(what).count() < n {
-            assert!(
-                Instant::now() < deadline,
-                "agent never said {what:?} {n} times: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
 
 /// `profiler run` toward the agent, from inside NETNS, as a host would: the namespace it asks
 /// for does not exist, so a run that got through TLS ends with the agent's inventory.
@@ -91,26 +42,6 @@ fn one_line_error(out: &Output, want: &str) -> String {
     err
 }
 
-fn certs(root: &Path, name: &str) -> PathBuf {
-    let dir = root.join(name);
-    let out = Command::new(BIN)
-        .args(["agent", "--init-certs"])
-        .arg(&dir)
-        .args(["--names", "host,vm1"])
-        .output()
-        .expect("profiler agent --init-certs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed = String::from_utf8_lossy(&out.stdout);
-    for file in ["ca.pem", "host.pem", "vm1.pem"] {
-        assert!(listed.contains(file), "{file} not listed: {listed}");
-    }
-    dir
-}
-
 /// openssl's TLS client toward the agent (a client that is not the profiler), its standard
 /// input kept open so that it holds its session.
 fn openssl_client(args: &[&str]) -> Child {
@@ -127,24 +58,12 @@ fn openssl_client(args: &[&str]) -> Child {
         .expect("openssl s_client")
 }
 
-/// The test's certificates and logs, removed however the test ends.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn the_agents_tcp_side_takes_only_its_clusters_hosts_one_at_a_time() {
-    let scratch =
-        Scratch(std::env::temp_dir().join(format!("profiler-agent-{}", std::process::id())));
+    let scratch = Scratch::new("agent");
     let root = scratch.0.clone();
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
-    let ours = certs(&root, "ours");
-    let theirs = certs(&root, "theirs");
+    let ours = certs(&root, "ours", "host,vm1");
+    let theirs = certs(&root, "theirs", "host,vm1");
     let tls = ours.to_str().unwrap();
 
     // Listening in the clear must be asked for.
@@ -168,7 +87,7 @@ fn the_agents_tcp_side_takes_only_its_clusters_hosts_one_at_a_time() {
         .unwrap();
     one_line_error(&out, "--agent needs --tls DIR");
 
-    let agent = Agent::start(&root, &["--tls", tls, "--node", "vm1"]);
+    let agent = Agent::start(&root, Some(NETNS), ADDR, &["--tls", tls, "--node", "vm1"]);
 
     // A host of the cluster: through TLS to the agent's inventory.
     let err = one_line_error(
@@ -245,7 +164,7 @@ fn the_agents_tcp_side_takes_only_its_clusters_hosts_one_at_a_time() {
     for line in log.lines().filter(|l| l.contains("refused")) {
         assert!(line.starts_with("agent vm1: refused 127.0.0.1:"), "{line}");
     }
-    drop(agent);
+    agent.stop();
     drop(scratch);
     assert!(!root.exists());
     assert!(!Path::new("/run/netns").join(NETNS).exists());

@@ -2,6 +2,7 @@
 //! overlay.rs, ground_truth.rs, attach.rs, ...). Each test crate uses a different subset.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod attach;
 pub mod prometheus;
 pub mod truth;

@@ -307,7 +307,16 @@ pub async fn serve(listen: Listen, node: &str) -> Result<()> {
             None => std::future::pending().await,
         }
     };
-    tokio::try_join!(serial, tcp).map(|_| ())
+    // An attach it served has taken SIGINT and SIGTERM from their default (tokio keeps a
+    // handler once installed), so the agent ends on them itself; what it attached is
+    // detached as its tasks are dropped.
+    tokio::select! {
+        served = async { tokio::try_join!(serial, tcp) } => served.map(|_| ()),
+        _ = crate::signal::until_interrupted() => {
+            eprintln!("agent {node}: stopped");
+            Ok(())
+        }
+    }
 }
 
 async fn serve_serial(
