@@ -14,6 +14,7 @@ use std::{
 };
 
 use common::{
+    agent::{certs, Agent, Scratch},
     assert_clean,
     attach::{identical_datagrams, lab_up, ping, report, started, tmp, udp_echo, Attach},
     profiler, run_json, segment_names, segments, BIN,
@@ -427,6 +428,95 @@ fn packets_crossing_wire_devices_are_paired_by_what_they_carry() {
     assert_clean();
 }
 
+/// `--peer`: another node's agent attaches too, over TCP under the cluster's TLS, and the
+/// packets that crossed between the two are paired. Both "nodes" are this kernel, pod-a's
+/// namespace here and pod-b's at the agent (which listens on the loopback), so their clocks
+/// are one: the offset found from the traffic must contain zero, and each packet's time on
+/// the wire must agree with the one the node measures alone on its single clock.
+#[test]
+fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
+    let _guard = serial();
+    let lab = lab_up(&["bridge"]);
+    let scratch = Scratch::new("attach-peer");
+    let tls = certs(&scratch.0, "certs", "node-a,node-b");
+    let tls = tls.to_str().unwrap();
+    let agent = Agent::start(
+        &scratch.0,
+        None,
+        "127.0.0.1:7451",
+        &["--tls", tls, "--node", "node-b"],
+    );
+    let json = scratch.0.join("peer.json");
+    let attach = Attach::start(&[
+        "--node",
+        "node-a",
+        "--tls",
+        tls,
+        "--peer",
+        "node-b=127.0.0.1:7451,netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0",
+        "--netns",
+        "prof-bridge-pod-a",
+        "--wire",
+        "prof-bridge-pod-a:eth0",
+        "--filter",
+        "icmp or udp port 7461",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    agent.wait_for("connected", 1);
+    ping("prof-bridge-pod-a", "198.18.0.2", 200, "0.01");
+    let pods = ("prof-bridge-pod-a", "prof-bridge-pod-b");
+    udp_echo(pods, "198.18.0.2", 7461, 50, 64, Duration::from_millis(5));
+    let (table, _) = attach.stop();
+    agent.wait_for("gone", 1);
+    drop(lab);
+    report(&json);
+    let r: AttachReport =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("an attach report");
+    assert_eq!(r.node, "node-a");
+    let peer = r
+        .peers
+        .first()
+        .unwrap_or_else(|| panic!("no peer: {table}"));
+    assert_eq!(peer.node, "node-b");
+    assert!(
+        peer.targets.iter().any(|t| t.contains("prof-bridge-pod-b")),
+        "the peer followed its own targets: {:?}",
+        peer.targets
+    );
+    let link = &r.links[0];
+    assert_eq!((link.a.as_str(), link.b.as_str()), ("node-a", "node-b"));
+    let clock = link
+        .clock
+        .as_ref()
+        .unwrap_or_else(|| panic!("clocks not related: {:?}\n{table}", link.unfit));
+    assert!(
+        clock.offset_ns.0 <= 0 && 0 <= clock.offset_ns.1,
+        "one kernel, one clock: the offset must contain 0: {clock:?}"
+    );
+    for (d, (from, to)) in link.directions.iter().zip([pods, (pods.1, pods.0)]) {
+        assert_eq!(d.ambiguous, 0, "{d:?}");
+        let c = d
+            .crossings
+            .iter()
+            .find(|c| c.from.contains(from) && c.to.contains(to))
+            .unwrap_or_else(|| panic!("no crossing {from} -> {to}: {d:?}"));
+        assert!(
+            (240..=250).contains(&c.packets),
+            "{} of 200 pings and 50 datagrams paired {from} -> {to}: {d:?}",
+            c.packets
+        );
+        assert!(
+            c.p50_ns <= c.bound_ns + 1_000_000,
+            "a veth crossing on one clock takes microseconds: {c:?}"
+        );
+    }
+    assert!(table.contains("wire node-a <-> node-b"), "{table}");
+    agent.stop();
+    drop(scratch);
+    assert_clean();
+}
+
 /// `--mode events`: one JSON line per journey on stdout, its hops in time order, and
 /// `--prometheus`: the histograms, labelled, on /metrics while it runs.
 #[test]
@@ -566,6 +656,27 @@ fn bad_input_is_refused_before_attaching() {
         (&["--wire", "lo:"], "give [NETNS:]IFACE"),
         (&["--lab", "no-such-lab"], "no lab no-such-lab is up"),
         (&["--lab", "../etc"], "not a lab's name"),
+        (
+            &["--peer", "node-b=127.0.0.1:7411"],
+            "required arguments were not provided",
+        ),
+        (&["--peer", "node-b", "--tls", "/tmp"], "give NAME=ADDR"),
+        (
+            &["--peer", "node-b=nowhere", "--tls", "/tmp"],
+            "\"nowhere\" is not an address",
+        ),
+        (
+            &["--peer", "node-b=127.0.0.1:7411,color=red", "--tls", "/tmp"],
+            "\"color=red\"",
+        ),
+        (
+            &["--peer", "node-b=127.0.0.1:7411", "--tls", "/no/such/dir"],
+            "cannot read /no/such/dir/ca.pem",
+        ),
+        (
+            &["--peer", "b=127.0.0.1:7411", "--tls", "/tmp", "--lab", "x"],
+            "cannot be used with",
+        ),
         (
             &["--iface", "lo", "--sightings", "/tmp/s.jsonl"],
             "required arguments were not provided",

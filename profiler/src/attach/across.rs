@@ -1,11 +1,14 @@
-//! Across nodes (`attach --lab NAME`): this node and each guest of a nested lab follow their
-//! packets as attach does, each reporting those that cross its wire-facing device (the guest's
-//! tap here, its eth0 there). A packet that left one node is paired with the one that entered
-//! the other by what it carries on the wire (cluster/join.rs), the two clocks are related from
-//! the pairs of both directions (cluster/clock.rs), and each packet's time on the wire is given
-//! on this node's clock with its bound. Nothing is tagged and no clock is assumed in sync.
+//! Across nodes: this node and others follow their packets as attach does, each reporting
+//! those that cross its wire-facing devices. The others are a nested lab's guests
+//! (`attach --lab NAME`: through their agents' serial channels, the guest's tap here and its
+//! eth0 there as the wire) or real nodes (`attach --peer NAME=ADDR --tls DIR`: through their
+//! agents' TCP side under mutual TLS, each node's --wire devices). A packet that left one node
+//! is paired with the one that entered the other by what it carries on the wire
+//! (cluster/join.rs), the two clocks are related from the pairs of both directions
+//! (cluster/clock.rs), and each packet's time on the wire is given on this node's clock with
+//! its bound. Nothing is tagged and no clock is assumed in sync.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -15,13 +18,20 @@ use crate::{
     cluster::{
         clock::Fit,
         join::{self, Joined, Pair, Sighting},
+        tls::Identity,
     },
     kernel::programs::FollowConfig,
-    lab::{self, discover::ROOT, nested},
+    lab::{
+        self,
+        discover::ROOT,
+        nested,
+        target::{AgentAt, GuestEnd},
+    },
     pods,
     report::schema::{
         AttachReport, ClockBounds, HookSet, LinkDirection, NodeLink, SightingLine, WireCrossing,
     },
+    run::agent::Remote,
 };
 
 /// The agent's requests: `{"attach": AttachRequest}`, answered once following, and
@@ -29,10 +39,10 @@ use crate::{
 pub const ATTACH: &str = "attach";
 pub const STOP: &str = "stop_attach";
 
-/// How long a guest may take to load and attach its programs (6.1 under TCG verifies slowly).
-const FOLLOWING_WITHIN: Duration = Duration::from_secs(900);
-/// How long a guest may take to answer once stopped.
-const REPORT_WITHIN: Duration = Duration::from_secs(300);
+/// How long a node may take to load and attach its programs (6.1 under TCG verifies slowly).
+pub const FOLLOWING_WITHIN: Duration = Duration::from_secs(900);
+/// How long a node may take to answer once stopped.
+pub const REPORT_WITHIN: Duration = Duration::from_secs(300);
 /// Where no line fits the whole attach, the clocks are fitted over this horizon around each
 /// packet (cluster/clock.rs `track`).
 const CLOCK_HORIZON_NS: u64 = 8_000_000_000;
@@ -41,10 +51,13 @@ const GUEST_MAX: Duration = Duration::from_secs(86_400);
 /// The NIC a lab's guest has toward its host.
 const GUEST_NIC: &str = "eth0";
 
-/// What a host asks of a guest's agent: attach with these targets until told to stop.
-#[derive(Debug, Serialize, Deserialize)]
+/// What a host asks of another node's agent: attach with these targets until told to stop.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AttachRequest {
-    /// Namespaces as the guest names them.
+    /// Pod patterns, [NAMESPACE/]NAME, resolved on that node.
+    #[serde(default)]
+    pub pods: Vec<String>,
+    /// Namespaces as that node names them.
     pub netns: Vec<String>,
     pub wire: Vec<String>,
     pub filter: String,
@@ -66,10 +79,76 @@ pub enum AttachAnswer {
     Failed(String),
 }
 
-/// The guest's attach as its agent runs it, driven by `control`.
-pub fn guest_args(r: AttachRequest, control: Control) -> Result<AttachArgs> {
+/// `--peer NAME=ADDR[,pod=P][,netns=N][,wire=W]`: a node whose agent listens at ADDR under
+/// the certificate of NAME. Without targets of its own it follows this node's --pod patterns;
+/// without wire devices of its own, this node's --wire names.
+#[derive(Clone, Debug)]
+pub struct PeerSpec {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub pods: Vec<String>,
+    pub netns: Vec<String>,
+    pub wire: Vec<String>,
+}
+
+impl std::str::FromStr for PeerSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = "give NAME=ADDR[,pod=P][,netns=N][,wire=W] (e.g. node-b=10.0.0.2:7411)";
+        let mut parts = s.split(',');
+        let (name, addr) = parts
+            .next()
+            .and_then(|p| p.split_once('='))
+            .ok_or_else(|| format!("--peer {s:?}: {usage}"))?;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+        {
+            return Err(format!(
+                "--peer {s:?}: {name:?} is not a node's name: {usage}"
+            ));
+        }
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("--peer {s:?}: {addr:?} is not an address: {usage}"))?;
+        let mut peer = PeerSpec {
+            name: name.to_string(),
+            addr,
+            pods: Vec::new(),
+            netns: Vec::new(),
+            wire: Vec::new(),
+        };
+        for part in parts {
+            let into = match part.split_once('=') {
+                Some(("pod", p)) => {
+                    p.parse::<pods::Pattern>()?;
+                    &mut peer.pods
+                }
+                Some(("netns", _)) => &mut peer.netns,
+                Some(("wire", _)) => &mut peer.wire,
+                _ => return Err(format!("--peer {s:?}: {part:?}: {usage}")),
+            };
+            match part.split_once('=') {
+                Some((_, v)) if !v.is_empty() => into.push(v.to_string()),
+                _ => return Err(format!("--peer {s:?}: {part:?} is empty: {usage}")),
+            }
+        }
+        Ok(peer)
+    }
+}
+
+/// Another node's attach as its agent runs it, driven by `control`; `node` names it.
+pub fn guest_args(r: AttachRequest, node: &str, control: Control) -> Result<AttachArgs> {
+    let pods = r
+        .pods
+        .iter()
+        .map(|p| p.parse().map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
     Ok(AttachArgs {
-        pods: Vec::new(),
+        node: Some(node.to_string()),
+        pods,
         pod_sources: pods::Sources {
             cri_socket: None,
             cni_cache: None,
@@ -100,9 +179,58 @@ pub fn guest_args(r: AttachRequest, control: Control) -> Result<AttachArgs> {
     })
 }
 
-/// `attach --lab NAME`: attaches in each guest of the lab and here, until the duration, a
-/// signal or the workload ends this node's attach, then stops the guests and joins. This
-/// node's targets are the lab's namespaces (with those given), its wire the guests' taps.
+/// A node attaching with this one, and how to reach its agent.
+enum Far<'a> {
+    /// A lab's guest, asked on its serial channel, which is let go between requests so that
+    /// `lab exec` can drive traffic there meanwhile.
+    Guest {
+        lab: &'a str,
+        guest: &'a nested::Guest,
+    },
+    /// A node's agent over TCP under TLS: the connection held while it attaches (its end stops
+    /// the peer's attach).
+    Peer { name: String, remote: Remote },
+}
+
+impl Far<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Far::Guest { guest, .. } => &guest.name,
+            Far::Peer { name, .. } => name,
+        }
+    }
+
+    async fn ask(
+        &mut self,
+        request: Option<&AttachRequest>,
+        within: Duration,
+    ) -> Result<AttachAnswer> {
+        match (self, request) {
+            (Far::Guest { lab, guest }, Some(r)) => {
+                nested::ask(lab, &guest.name, ATTACH, r, within).await
+            }
+            (Far::Guest { lab, guest }, None) => {
+                nested::ask(lab, &guest.name, STOP, &serde_json::json!({}), within).await
+            }
+            (Far::Peer { remote, .. }, r) => remote.attach(r, within).await,
+        }
+    }
+
+    /// The sightings of this node that cross toward it: a guest's tap, or every wire device.
+    fn ours<'l>(&self, lines: &'l [SightingLine]) -> Vec<&'l SightingLine> {
+        let tap = match self {
+            Far::Guest { guest, .. } => Some(guest.tap.as_str()),
+            Far::Peer { .. } => None,
+        };
+        lines
+            .iter()
+            .filter(|l| tap.is_none_or(|t| l.ifname.as_deref() == Some(t)))
+            .collect()
+    }
+}
+
+/// `attach --lab NAME`: attaches in each guest of the lab and here. This node's targets are
+/// the lab's namespaces (with those given), its wire the guests' taps.
 pub async fn lab(args: &mut AttachArgs, name: &str) -> Result<AttachReport> {
     if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         bail!("--lab {name:?}: not a lab's name (profiler lab list shows them)");
@@ -124,70 +252,140 @@ pub async fn lab(args: &mut AttachArgs, name: &str) -> Result<AttachReport> {
     for g in &lab.guests {
         args.wire.push(format!("{}:{}", tap_netns(&lab, g)?, g.tap));
     }
+    let fars = lab
+        .guests
+        .iter()
+        .map(|g| {
+            (
+                Far::Guest {
+                    lab: name,
+                    guest: g,
+                },
+                guest_request(args, g),
+            )
+        })
+        .collect();
+    together(args, fars).await
+}
+
+/// `attach --peer NAME=ADDR ... --tls DIR`: attaches on each peer through its agent and here,
+/// this node speaking as `args.node` of the cluster whose certificates are in `tls`.
+pub async fn peers(args: &mut AttachArgs, peers: &[PeerSpec], tls: &Path) -> Result<AttachReport> {
+    let me = args.node.clone().unwrap_or_else(super::node_name);
+    let identity = Identity::load(tls, &me)?;
+    let mut fars = Vec::new();
+    for p in peers {
+        let end = GuestEnd {
+            name: p.name.clone(),
+            namespaces: Vec::new(),
+            agent: AgentAt::Tcp(p.addr, Some(identity.clone())),
+        };
+        let remote = Remote::connect(&end).await?;
+        fars.push((
+            Far::Peer {
+                name: p.name.clone(),
+                remote,
+            },
+            peer_request(args, p),
+        ));
+    }
+    args.node = Some(me);
+    together(args, fars).await
+}
+
+/// The other nodes attach first, then this one until the duration, a signal or the workload
+/// ends it; then the others are stopped and each one's wire with this node joined.
+async fn together(
+    args: &mut AttachArgs,
+    mut fars: Vec<(Far<'_>, AttachRequest)>,
+) -> Result<AttachReport> {
     args.follow.wire = true;
     args.keep_sightings = true;
-    // Each guest's channel is let go once it follows: `lab exec` drives traffic there meanwhile.
-    for g in &lab.guests {
-        let request = guest_request(args, g);
-        match nested::ask(name, &g.name, ATTACH, &request, FOLLOWING_WITHIN).await? {
-            AttachAnswer::Following => {}
-            AttachAnswer::Failed(e) => {
-                // Those already following are stopped; their answers say nothing more.
-                let _ = stop_guests(name, &lab.guests).await;
-                bail!("attach in {}: {e}", g.name)
-            }
-            AttachAnswer::Done { .. } => bail!("attach in {}: ended before following", g.name),
-        }
+    for i in 0..fars.len() {
+        let (far, request) = &mut fars[i];
+        let answer = far.ask(Some(request), FOLLOWING_WITHIN).await;
+        let why = match answer {
+            Ok(AttachAnswer::Following) => continue,
+            Ok(AttachAnswer::Failed(e)) => e,
+            Ok(AttachAnswer::Done { .. }) => "ended before following".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        let name = far.name().to_string();
+        // Those already following are stopped; their answers say nothing more.
+        let _ = stop_all(&mut fars[..i]).await;
+        bail!("attach in {name}: {why}")
     }
     if !args.quiet {
-        let names: Vec<&str> = lab.guests.iter().map(|g| g.name.as_str()).collect();
+        let names: Vec<&str> = fars.iter().map(|(f, _)| f.name()).collect();
         eprintln!("attach: following in {}", names.join(", "));
     }
-    // The guests are stopped whether or not this node's attach succeeded.
+    // The others are stopped whether or not this node's attach succeeded.
     let here = attach(args).await;
-    let mut peers = Vec::new();
-    for (g, answer) in lab.guests.iter().zip(stop_guests(name, &lab.guests).await) {
-        match answer? {
-            AttachAnswer::Done { report, sightings } => peers.push((g, report, sightings)),
-            AttachAnswer::Failed(e) => bail!("attach in {}: {e}", g.name),
-            AttachAnswer::Following => bail!("attach in {}: no report", g.name),
-        }
-    }
+    let answers = stop_all(&mut fars).await;
     let (mut report, lines) = here?;
-    for (g, mut peer, sightings) in peers {
-        peer.node.clone_from(&g.name);
-        let tap: Vec<&SightingLine> = lines
-            .iter()
-            .filter(|l| l.ifname.as_deref() == Some(g.tap.as_str()))
-            .collect();
+    for ((far, _), answer) in fars.iter().zip(answers) {
+        let name = far.name();
+        let (mut peer, sightings) = match answer.with_context(|| format!("attach in {name}"))? {
+            AttachAnswer::Done { report, sightings } => (report, sightings),
+            AttachAnswer::Failed(e) => bail!("attach in {name}: {e}"),
+            AttachAnswer::Following => bail!("attach in {name}: no report"),
+        };
+        peer.node = name.to_string();
         let theirs: Vec<&SightingLine> = sightings.iter().collect();
         report
             .links
-            .push(link((&report.node, &tap), (&g.name, &theirs)));
+            .push(link((&report.node, &far.ours(&lines)), (name, &theirs)));
         report.peers.push(*peer);
     }
     Ok(report)
 }
 
-/// Asks every guest to stop attaching; each one's answer.
-async fn stop_guests(lab: &str, guests: &[nested::Guest]) -> Vec<Result<AttachAnswer>> {
+/// Asks every node to stop attaching; each one's answer.
+async fn stop_all(fars: &mut [(Far<'_>, AttachRequest)]) -> Vec<Result<AttachAnswer>> {
     let mut answers = Vec::new();
-    for g in guests {
-        let stop = serde_json::json!({});
-        answers.push(nested::ask(lab, &g.name, STOP, &stop, REPORT_WITHIN).await);
+    for (far, _) in fars {
+        answers.push(far.ask(None, REPORT_WITHIN).await);
     }
     answers
 }
 
 fn guest_request(args: &AttachArgs, g: &nested::Guest) -> AttachRequest {
+    let netns = g
+        .namespaces
+        .iter()
+        .map(|(ns, _)| ns.clone())
+        .filter(|ns| ns != ROOT)
+        .collect();
+    request(args, Vec::new(), netns, vec![GUEST_NIC.to_string()])
+}
+
+/// A peer follows its own targets if its --peer names any, else this node's --pod patterns;
+/// its own wire devices, else this node's names.
+fn peer_request(args: &AttachArgs, p: &PeerSpec) -> AttachRequest {
+    let own = !p.pods.is_empty() || !p.netns.is_empty();
+    let pods = if own {
+        p.pods.clone()
+    } else {
+        args.pods.iter().map(|p| p.to_string()).collect()
+    };
+    let wire = if p.wire.is_empty() {
+        args.wire.clone()
+    } else {
+        p.wire.clone()
+    };
+    request(args, pods, p.netns.clone(), wire)
+}
+
+fn request(
+    args: &AttachArgs,
+    pods: Vec<String>,
+    netns: Vec<String>,
+    wire: Vec<String>,
+) -> AttachRequest {
     AttachRequest {
-        netns: g
-            .namespaces
-            .iter()
-            .map(|(ns, _)| ns.clone())
-            .filter(|ns| ns != ROOT)
-            .collect(),
-        wire: vec![GUEST_NIC.to_string()],
+        pods,
+        netns,
+        wire,
         filter: args.filter.clone(),
         sample: args.follow.sample,
         max_gap_ms: args.follow.max_gap_ns / 1_000_000,
@@ -422,6 +620,28 @@ mod tests {
                 c.p50_ns.abs_diff(65_000) <= c.bound_ns && c.bound_ns <= 50_000,
                 "{c:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_peer_names_its_own_targets_and_wire() {
+        let p: PeerSpec = "node-b=10.0.0.2:7411,pod=shop/web-*,netns=ns1,wire=ns1:eth0,wire=eth1"
+            .parse()
+            .unwrap();
+        assert_eq!((p.name.as_str(), p.addr.port()), ("node-b", 7411));
+        assert_eq!(
+            (p.pods, p.netns),
+            (vec!["shop/web-*".to_string()], vec!["ns1".to_string()])
+        );
+        assert_eq!(p.wire, ["ns1:eth0", "eth1"]);
+        for bad in [
+            "node-b",
+            "=1.2.3.4:1",
+            "b=1.2.3.4:1,pod=",
+            "b=1.2.3.4:1,pod=[",
+            "a b=1.2.3.4:1",
+        ] {
+            assert!(bad.parse::<PeerSpec>().is_err(), "{bad} taken");
         }
     }
 

@@ -57,6 +57,8 @@ pub struct AttachArgs {
     pub pod_sources: crate::pods::Sources,
     /// Network namespaces: names (ip netns), paths of namespace files, or process ids.
     pub netns: Vec<String>,
+    /// This node's name in the report and its sightings (None: the host name).
+    pub node: Option<String>,
     /// Interfaces of the caller's namespace.
     pub ifaces: Vec<String>,
     /// Cgroup (v2) directories whose sockets' packets start journeys.
@@ -141,7 +143,7 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
         Attached::from_statuses(&programs.statuses),
         btf.drop_reasons(),
     )?;
-    let node = node_name();
+    let node = args.node.clone().unwrap_or_else(node_name);
     // The snapshot /metrics serves exists only with --prometheus.
     let snapshot = listener
         .as_ref()
@@ -462,7 +464,7 @@ async fn follow_loop(
     Ok((ended, Some(journeys.read)))
 }
 
-fn node_name() -> String {
+pub(crate) fn node_name() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.nodename().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into())

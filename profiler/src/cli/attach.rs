@@ -50,8 +50,23 @@ pub struct AttachCli {
     /// agents), with the lab's namespaces as targets and the guests' NICs (their taps here) as
     /// the wire, and pair the packets that crossed between the nodes: every node's paths, and
     /// each link's packets on this node's clock, each time with its bound.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "peer")]
     lab: Option<String>,
+    /// Another node to attach on too, through its agent (`profiler agent --listen ADDR --tls
+    /// DIR --node NAME`): NAME=ADDR[,pod=P][,netns=N][,wire=W]. Without targets of its own it
+    /// follows this node's --pod patterns; without wire devices, this node's --wire names.
+    /// The packets that crossed between this node and each peer are paired as with --lab. Its
+    /// attach ends with this one's (or when this one's connection does). Repeatable.
+    #[arg(long, value_name = "NAME=ADDR[,KEY=VALUE...]", requires = "tls")]
+    peer: Vec<attach::across::PeerSpec>,
+    /// The cluster's certificates for --peer: DIR/ca.pem, DIR/NODE.pem, DIR/NODE.key (NODE:
+    /// --node), made by `profiler agent --init-certs DIR --names NODE,PEER,...`.
+    #[arg(long, value_name = "DIR", requires = "peer")]
+    tls: Option<PathBuf>,
+    /// This node's name in the report and, with --peer, in its certificate (default: the host
+    /// name).
+    #[arg(long)]
+    node: Option<String>,
     /// A cgroup (v2) directory: packets sent by its processes' sockets start journeys.
     /// Repeatable.
     #[arg(long)]
@@ -139,9 +154,10 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         table::attach
     };
     let verbose = cli.verbose;
-    let lab = cli.lab;
+    let (lab, peers, tls) = (cli.lab, cli.peer, cli.tls);
     doctor::require(doctor::ATTACH_CAPS)?;
     let mut args = attach::AttachArgs {
+        node: cli.node,
         pods: cli.pod,
         pod_sources: pods::Sources {
             cri_socket: cli.cri_socket,
@@ -171,9 +187,10 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         command: cli.command,
         control: None,
     };
-    let report = match &lab {
-        Some(name) => attach::across::lab(&mut args, name).await?,
-        None => attach::attach(&mut args).await?.0,
+    let report = match (&lab, &tls) {
+        (Some(name), _) => attach::across::lab(&mut args, name).await?,
+        (None, Some(tls)) => attach::across::peers(&mut args, &peers, tls).await?,
+        (None, None) => attach::attach(&mut args).await?.0,
     };
     let table = view(&report, verbose);
     if events {

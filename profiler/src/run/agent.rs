@@ -63,6 +63,8 @@ use crate::{
 /// The agent's programs load under TCG in minutes on 6.1 with deep hooks.
 const START_TIMEOUT: Duration = Duration::from_secs(900);
 const STOP_TIMEOUT: Duration = Duration::from_secs(300);
+/// A guest's setup runs a few `ip` commands; over TCP it only lists the namespaces.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(300);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A host's requests are small (a run's settings); a longer line is refused, not buffered.
 const MAX_REQUEST: usize = 1 << 20;
@@ -84,8 +86,9 @@ pub enum Request {
     Setup(SetupRequest),
     /// `profiler lab exec` (serial channel only): a command in one of the guest's namespaces.
     Exec(ExecRequest),
-    /// `profiler attach --lab` (serial channel only): attach here, answered once following;
-    /// the host may go and come back (to run `lab exec` meanwhile) and ends it with StopAttach.
+    /// `profiler attach --lab` or `--peer`: attach here, answered once following; on the
+    /// serial channel the host may go and come back (to run `lab exec` meanwhile), over TCP
+    /// its connection's end stops it; StopAttach ends it with the report.
     Attach(AttachRequest),
     /// Ends the attach and answers with its report and sightings.
     StopAttach {},
@@ -518,17 +521,14 @@ async fn session(
             Request::Attach(a) => {
                 // One at a time: an attach whose host never stopped it ends here.
                 attaching = None;
-                let answer = match channel {
-                    Channel::Serial(_) => match start_attach(a).await {
-                        Ok(a) => {
-                            attaching = Some(a);
-                            AttachAnswer::Following
-                        }
-                        Err(e) => AttachAnswer::Failed(format!("{e:#}")),
-                    },
-                    Channel::Tcp => AttachAnswer::Failed(
-                        "attach is asked on the serial channel only, for now".into(),
-                    ),
+                // Over TCP the host holds the connection while it attaches: its end (the
+                // session's) drops `attaching`, which stops the attach.
+                let answer = match start_attach(a, node).await {
+                    Ok(a) => {
+                        attaching = Some(a);
+                        AttachAnswer::Following
+                    }
+                    Err(e) => AttachAnswer::Failed(format!("{e:#}")),
                 };
                 serde_json::to_string(&answer)?
             }
@@ -594,11 +594,12 @@ impl Attaching {
 }
 
 /// Attaches as asked; returns once it follows, or its error.
-async fn start_attach(request: AttachRequest) -> Result<Attaching> {
+async fn start_attach(request: AttachRequest, node: &str) -> Result<Attaching> {
     let (tell, followed) = oneshot::channel();
     let (stop, stopped) = oneshot::channel();
     let mut args = across::guest_args(
         request,
+        node,
         attach::Control {
             following: tell,
             stop: stopped,
@@ -884,13 +885,38 @@ impl Remote {
     /// inventory.
     pub async fn setup(&mut self, request: SetupRequest) -> Result<Inventory> {
         self.send(&Request::Setup(request)).await?;
-        let node = &self.node;
-        let Some(line) = self.lines.next_line().await? else {
+        match self.answer(SETUP_TIMEOUT).await? {
+            SetupAnswer::Inventory(inv) => Ok(inv),
+            SetupAnswer::Failed(e) => bail!("agent {}: {e}", self.node),
+        }
+    }
+
+    /// Has the agent attach as `request` says, answered once it follows; None stops its
+    /// attach, answered with the report (`attach --peer`).
+    pub async fn attach(
+        &mut self,
+        request: Option<&AttachRequest>,
+        within: Duration,
+    ) -> Result<AttachAnswer> {
+        let request = match request {
+            Some(r) => Request::Attach(r.clone()),
+            None => Request::StopAttach {},
+        };
+        self.send(&request).await?;
+        self.answer(within).await
+    }
+
+    /// The agent's next line, read as `A`.
+    async fn answer<A: serde::de::DeserializeOwned>(&mut self, within: Duration) -> Result<A> {
+        let node = self.node.clone();
+        let line = tokio::time::timeout(within, self.lines.next_line())
+            .await
+            .with_context(|| format!("the agent of {node} did not answer within {within:?}"))??;
+        let Some(line) = line else {
             bail!("the agent of {node} closed its channel");
         };
         match serde_json::from_str(&line) {
-            Ok(SetupAnswer::Inventory(inv)) => Ok(inv),
-            Ok(SetupAnswer::Failed(e)) => bail!("agent {node}: {e}"),
+            Ok(a) => Ok(a),
             // A TLS record (an alert or a handshake): the agent takes only its cluster's hosts.
             Err(_) if line.starts_with(['\u{15}', '\u{16}']) => {
                 bail!("the agent of {node} speaks TLS: connect with --tls DIR (its cluster's certificates)")
