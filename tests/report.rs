@@ -30,7 +30,14 @@ fn report(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
-const KINDS: [&str; 5] = ["run", "run-tcp-stats", "compare", "attach", "doctor"];
+const KINDS: [&str; 6] = [
+    "run",
+    "run-tcp-stats",
+    "compare",
+    "attach",
+    "attach-peer",
+    "doctor",
+];
 
 #[test]
 fn every_saved_report_renders_the_table_its_command_printed() {
