@@ -596,6 +596,7 @@ fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
     // nothing but the guest agent's TCP address (the lab's agent listens there too).
     agent_over_tcp_profiles_the_path();
     lab_exec_runs_commands_in_the_guests_namespaces();
+    a_signal_while_the_guest_loads_stops_its_attach();
     attach_pairs_the_packets_between_the_host_and_its_guest();
     drop(guard);
     assert_nothing_left(LAB);
@@ -670,6 +671,43 @@ fn lab_exec_runs_commands_in_the_guests_namespaces() {
 /// by `lab exec`, leave one kernel and enter the other both ways. Each is paired by what it
 /// carries, never by a tag; the two clocks (unrelated: the guest booted long after the host)
 /// are related from the pairs, and every packet's time on the wire comes with its bound.
+/// Ctrl-C while `attach --lab` waits for its guest to load its programs (under TCG, tens of
+/// seconds): the guest is told to stop too, and says it did, rather than following until the
+/// next attach.
+fn a_signal_while_the_guest_loads_stops_its_attach() {
+    let child = std::process::Command::new(BIN)
+        .args([
+            "attach",
+            "--lab",
+            LAB,
+            "--filter",
+            "icmp",
+            "--duration",
+            "60",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("profiler attach --lab");
+    let asked = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    // Ours, by pid.
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("SIGINT {:?} after attach --lab: {err}", asked.elapsed());
+    assert!(
+        !err.contains("attach: following"),
+        "the guest followed within 2 s: nothing to interrupt: {err}"
+    );
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("interrupted by SIGINT; stopping the attach in vm1"),
+        "{err}"
+    );
+    assert!(err.contains("attach: stopped in vm1"), "{err}");
+}
+
 fn attach_pairs_the_packets_between_the_host_and_its_guest() {
     let json = std::env::temp_dir().join(format!(
         "profiler-nested-attach-{}.json",

@@ -32,6 +32,7 @@ use crate::{
         AttachReport, ClockBounds, HookSet, LinkDirection, NodeLink, SightingLine, WireCrossing,
     },
     run::agent::Remote,
+    signal::{self, interruptible},
 };
 
 /// The agent's requests: `{"attach": AttachRequest}`, answered once following, and
@@ -200,20 +201,35 @@ impl Far<'_> {
         }
     }
 
-    async fn ask(
-        &mut self,
-        request: Option<&AttachRequest>,
-        within: Duration,
-    ) -> Result<AttachAnswer> {
-        match (self, request) {
-            (Far::Guest { lab, guest }, Some(r)) => {
-                nested::ask(lab, &guest.name, ATTACH, r, within).await
+    /// Asks it to attach as `request` says; its answer once it follows.
+    async fn start(&mut self, request: &AttachRequest) -> Result<AttachAnswer> {
+        match self {
+            Far::Guest { lab, guest } => {
+                nested::ask(lab, &guest.name, ATTACH, request, FOLLOWING_WITHIN).await
             }
-            (Far::Guest { lab, guest }, None) => {
-                nested::ask(lab, &guest.name, STOP, &serde_json::json!({}), within).await
-            }
-            (Far::Peer { remote, .. }, r) => remote.attach(r, within).await,
+            Far::Peer { remote, .. } => remote.attach(Some(request), FOLLOWING_WITHIN).await,
         }
+    }
+
+    /// Asks it to stop attaching; its report. A `following` read first is the answer to a
+    /// start this node stopped waiting for (a signal came): the next one is the stop's.
+    async fn stop(&mut self) -> Result<AttachAnswer> {
+        let mut answer = match self {
+            Far::Guest { lab, guest } => {
+                let mut talk = nested::Talk::open(lab, &guest.name).await?;
+                talk.send(STOP, &serde_json::json!({})).await?;
+                let first = talk.answer(REPORT_WITHIN).await?;
+                if matches!(first, AttachAnswer::Following) {
+                    return talk.answer(REPORT_WITHIN).await;
+                }
+                first
+            }
+            Far::Peer { remote, .. } => remote.attach(None, REPORT_WITHIN).await?,
+        };
+        if let (AttachAnswer::Following, Far::Peer { remote, .. }) = (&answer, self) {
+            answer = remote.answer(REPORT_WITHIN).await?;
+        }
+        Ok(answer)
     }
 
     /// The sightings of this node that cross toward it: a guest's tap, or every wire device.
@@ -301,19 +317,14 @@ async fn together(
 ) -> Result<AttachReport> {
     args.follow.wire = true;
     args.keep_sightings = true;
-    for i in 0..fars.len() {
-        let (far, request) = &mut fars[i];
-        let answer = far.ask(Some(request), FOLLOWING_WITHIN).await;
-        let why = match answer {
-            Ok(AttachAnswer::Following) => continue,
-            Ok(AttachAnswer::Failed(e)) => e,
-            Ok(AttachAnswer::Done { .. }) => "ended before following".to_string(),
-            Err(e) => format!("{e:#}"),
-        };
-        let name = far.name().to_string();
-        // Those already following are stopped; their answers say nothing more.
-        let _ = stop_all(&mut fars[..i]).await;
-        bail!("attach in {name}: {why}")
+    // A signal while the others load their programs stops those asked (a peer would stop
+    // when its connection ends; a lab's guest only when told).
+    let mut asked = 0;
+    if let Err(e) = interruptible(start_all(&mut fars, &mut asked)).await {
+        if signal::is_interruption(&e) {
+            stop_interrupted(&mut fars[..asked], &e).await;
+        }
+        return Err(e);
     }
     if !args.quiet {
         let names: Vec<&str> = fars.iter().map(|(f, _)| f.name()).collect();
@@ -340,11 +351,52 @@ async fn together(
     Ok(report)
 }
 
+/// Asks each node to attach, in turn, until all follow; `asked` counts those asked so far.
+/// If one fails, those already following are stopped.
+async fn start_all(fars: &mut [(Far<'_>, AttachRequest)], asked: &mut usize) -> Result<()> {
+    for i in 0..fars.len() {
+        *asked = i + 1;
+        let (far, request) = &mut fars[i];
+        let why = match far.start(request).await {
+            Ok(AttachAnswer::Following) => continue,
+            Ok(AttachAnswer::Failed(e)) => e,
+            Ok(AttachAnswer::Done { .. }) => "ended before following".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        let name = far.name().to_string();
+        // Their answers say nothing more.
+        let _ = stop_all(&mut fars[..i]).await;
+        bail!("attach in {name}: {why}")
+    }
+    Ok(())
+}
+
+/// After a signal while they loaded: each node asked is told to stop, and says whether it did;
+/// another signal leaves them.
+async fn stop_interrupted(fars: &mut [(Far<'_>, AttachRequest)], e: &anyhow::Error) {
+    let names: Vec<&str> = fars.iter().map(|(f, _)| f.name()).collect();
+    eprintln!(
+        "attach: {e}; stopping the attach in {} (again to leave it)",
+        names.join(", ")
+    );
+    let Ok(answers) = interruptible(async { Ok(stop_all(fars).await) }).await else {
+        return;
+    };
+    for ((far, _), answer) in fars.iter().zip(answers) {
+        match answer {
+            Ok(AttachAnswer::Done { .. }) => eprintln!("attach: stopped in {}", far.name()),
+            Ok(AttachAnswer::Failed(why)) => eprintln!("attach in {}: {why}", far.name()),
+            Ok(AttachAnswer::Following) => eprintln!("attach in {}: no report", far.name()),
+            Err(why) => eprintln!("attach in {}: {why:#}", far.name()),
+        }
+    }
+}
+
 /// Asks every node to stop attaching; each one's answer.
 async fn stop_all(fars: &mut [(Far<'_>, AttachRequest)]) -> Vec<Result<AttachAnswer>> {
     let mut answers = Vec::new();
     for (far, _) in fars {
-        answers.push(far.ask(None, REPORT_WITHIN).await);
+        answers.push(far.stop().await);
     }
     answers
 }

@@ -907,7 +907,7 @@ impl Remote {
     }
 
     /// The agent's next line, read as `A`.
-    async fn answer<A: serde::de::DeserializeOwned>(&mut self, within: Duration) -> Result<A> {
+    pub async fn answer<A: serde::de::DeserializeOwned>(&mut self, within: Duration) -> Result<A> {
         let node = self.node.clone();
         let line = tokio::time::timeout(within, self.lines.next_line())
             .await
