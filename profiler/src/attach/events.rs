@@ -13,7 +13,7 @@ use profiler_common::{HopEvent, END_CONSUMED, END_DROPPED};
 use super::scope::Namer;
 use crate::{
     kernel::{monotonic_ns, ring},
-    report::schema::{HopLine, JourneyLine},
+    report::schema::{journey_name, HopLine, JourneyLine},
 };
 
 /// The journeys whose end has not been seen yet, by (first buffer, start time).
@@ -103,7 +103,7 @@ fn print_journey(
     let start = id.1;
     let last = hops.last();
     let line = JourneyLine {
-        journey: format!("{:x}-{}", id.0, id.1),
+        journey: journey_name(id.0, id.1),
         start_ns: start,
         end: end.into(),
         drop_reason: last

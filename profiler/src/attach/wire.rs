@@ -17,7 +17,7 @@ use super::scope::Namer;
 use crate::{
     cluster::join::{self, Flow, Sighting, WireId},
     kernel::ring,
-    report::schema::{SightingLine, WireCrossing, WireSummary},
+    report::schema::{journey_name, SightingLine, WireCrossing, WireSummary},
 };
 
 /// Sightings kept per direction for the report's pairing: the memory bound (about 80 MB; as
@@ -99,7 +99,7 @@ impl Sightings {
             netns: hop.netns.clone(),
             ifname: hop.ifname.clone(),
             ts_ns: ev.ts_ns,
-            journey: format!("{:x}-{}", ev.journey_head, ev.journey_start_ns),
+            journey: journey_name(ev.journey_head, ev.journey_start_ns),
             id: seen.id,
         };
         if let Some(out) = &mut self.lines {

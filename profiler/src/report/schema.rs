@@ -607,6 +607,7 @@ pub struct AttachDrop {
 /// `attach --mode events`: one line per journey, printed when it ends.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JourneyLine {
+    /// See [`journey_name`].
     pub journey: String,
     pub start_ns: u64,
     /// consumed, dropped, or unseen (no hook saw the buffer freed within the gap limit), or
@@ -615,6 +616,12 @@ pub struct JourneyLine {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub drop_reason: Option<String>,
     pub hops: Vec<HopLine>,
+}
+
+/// A journey's name in JSON lines (`--mode events`, `--sightings`): its first buffer's address
+/// in hex and its first timestamp, unique on its node.
+pub fn journey_name(head: u64, start_ns: u64) -> String {
+    format!("{head:x}-{start_ns}")
 }
 
 #[derive(Debug, Serialize, Deserialize)]
