@@ -24,14 +24,12 @@ use crate::{
     lab::{
         self,
         discover::ROOT,
-        nested,
-        target::{AgentAt, GuestEnd},
+        nested::{self, Talk},
     },
     pods,
     report::schema::{
         AttachReport, ClockBounds, HookSet, LinkDirection, NodeLink, SightingLine, WireCrossing,
     },
-    run::agent::Remote,
     signal::{self, interruptible},
 };
 
@@ -180,67 +178,65 @@ pub fn guest_args(r: AttachRequest, node: &str, control: Control) -> Result<Atta
     })
 }
 
-/// A node attaching with this one, and how to reach its agent.
-enum Far<'a> {
-    /// A lab's guest, asked on its serial channel, which is let go between requests so that
-    /// `lab exec` can drive traffic there meanwhile.
-    Guest {
-        lab: &'a str,
-        guest: &'a nested::Guest,
-    },
-    /// A node's agent over TCP under TLS: the connection held while it attaches (its end stops
-    /// the peer's attach).
-    Peer { name: String, remote: Remote },
+/// A node attaching with this one, and the channel to its agent.
+struct Far<'a> {
+    name: String,
+    /// A lab's guest: its serial channel is opened for each request and let go after, so that
+    /// `lab exec` can drive traffic there meanwhile. Otherwise (a peer) the TCP connection is
+    /// held while it attaches: its end stops the peer's attach.
+    lab: Option<&'a str>,
+    /// The guest's tap on this node: the only wire of this node toward it (a peer: all).
+    tap: Option<String>,
+    talk: Option<Talk>,
 }
 
 impl Far<'_> {
-    fn name(&self) -> &str {
-        match self {
-            Far::Guest { guest, .. } => &guest.name,
-            Far::Peer { name, .. } => name,
+    async fn talk(&mut self) -> Result<&mut Talk> {
+        if let Some(lab) = self.lab {
+            self.talk = Some(Talk::open(lab, &self.name).await?);
         }
+        self.talk
+            .as_mut()
+            .with_context(|| format!("no channel to {}", self.name))
     }
 
     /// Asks it to attach as `request` says; its answer once it follows.
     async fn start(&mut self, request: &AttachRequest) -> Result<AttachAnswer> {
-        match self {
-            Far::Guest { lab, guest } => {
-                nested::ask(lab, &guest.name, ATTACH, request, FOLLOWING_WITHIN).await
-            }
-            Far::Peer { remote, .. } => remote.attach(Some(request), FOLLOWING_WITHIN).await,
-        }
+        let talk = self.talk().await?;
+        talk.send(ATTACH, request).await?;
+        let answer = talk.answer(FOLLOWING_WITHIN).await;
+        self.let_go();
+        answer
     }
 
     /// Asks it to stop attaching; its report. A `following` read first is the answer to a
     /// start this node stopped waiting for (a signal came): the next one is the stop's.
     async fn stop(&mut self) -> Result<AttachAnswer> {
-        let mut answer = match self {
-            Far::Guest { lab, guest } => {
-                let mut talk = nested::Talk::open(lab, &guest.name).await?;
-                talk.send(STOP, &serde_json::json!({})).await?;
-                let first = talk.answer(REPORT_WITHIN).await?;
-                if matches!(first, AttachAnswer::Following) {
-                    return talk.answer(REPORT_WITHIN).await;
-                }
-                first
-            }
-            Far::Peer { remote, .. } => remote.attach(None, REPORT_WITHIN).await?,
-        };
-        if let (AttachAnswer::Following, Far::Peer { remote, .. }) = (&answer, self) {
-            answer = remote.answer(REPORT_WITHIN).await?;
+        let talk = self.talk().await?;
+        talk.send(STOP, &serde_json::json!({})).await?;
+        let mut answer = talk.answer(REPORT_WITHIN).await;
+        if matches!(answer, Ok(AttachAnswer::Following)) {
+            answer = talk.answer(REPORT_WITHIN).await;
         }
-        Ok(answer)
+        self.let_go();
+        answer
     }
 
-    /// The sightings of this node that cross toward it: a guest's tap, or every wire device.
+    fn let_go(&mut self) {
+        if self.lab.is_some() {
+            self.talk = None;
+        }
+    }
+
+    /// The sightings of this node that cross toward it.
     fn ours<'l>(&self, lines: &'l [SightingLine]) -> Vec<&'l SightingLine> {
-        let tap = match self {
-            Far::Guest { guest, .. } => Some(guest.tap.as_str()),
-            Far::Peer { .. } => None,
-        };
         lines
             .iter()
-            .filter(|l| tap.is_none_or(|t| l.ifname.as_deref() == Some(t)))
+            .filter(|l| {
+                self.tap
+                    .as_ref()
+                    .is_none_or(|t| l.ifname.as_ref() == Some(t))
+            })
             .collect()
     }
 }
@@ -272,13 +268,13 @@ pub async fn lab(args: &mut AttachArgs, name: &str) -> Result<AttachReport> {
         .guests
         .iter()
         .map(|g| {
-            (
-                Far::Guest {
-                    lab: name,
-                    guest: g,
-                },
-                guest_request(args, g),
-            )
+            let far = Far {
+                name: g.name.clone(),
+                lab: Some(name),
+                tap: Some(g.tap.clone()),
+                talk: None,
+            };
+            (far, guest_request(args, g))
         })
         .collect();
     together(args, fars).await
@@ -291,19 +287,13 @@ pub async fn peers(args: &mut AttachArgs, peers: &[PeerSpec], tls: &Path) -> Res
     let identity = Identity::load(tls, &me)?;
     let mut fars = Vec::new();
     for p in peers {
-        let end = GuestEnd {
+        let far = Far {
             name: p.name.clone(),
-            namespaces: Vec::new(),
-            agent: AgentAt::Tcp(p.addr, Some(identity.clone())),
+            lab: None,
+            tap: None,
+            talk: Some(Talk::tls(&p.name, p.addr, &identity).await?),
         };
-        let remote = Remote::connect(&end).await?;
-        fars.push((
-            Far::Peer {
-                name: p.name.clone(),
-                remote,
-            },
-            peer_request(args, p),
-        ));
+        fars.push((far, peer_request(args, p)));
     }
     args.node = Some(me);
     together(args, fars).await
@@ -327,7 +317,7 @@ async fn together(
         return Err(e);
     }
     if !args.quiet {
-        let names: Vec<&str> = fars.iter().map(|(f, _)| f.name()).collect();
+        let names: Vec<&str> = fars.iter().map(|(f, _)| f.name.as_str()).collect();
         eprintln!("attach: following in {}", names.join(", "));
     }
     // The others are stopped whether or not this node's attach succeeded.
@@ -335,7 +325,7 @@ async fn together(
     let answers = stop_all(&mut fars).await;
     let (mut report, lines) = here?;
     for ((far, _), answer) in fars.iter().zip(answers) {
-        let name = far.name();
+        let name = far.name.as_str();
         let (mut peer, sightings) = match answer.with_context(|| format!("attach in {name}"))? {
             AttachAnswer::Done { report, sightings } => (report, sightings),
             AttachAnswer::Failed(e) => bail!("attach in {name}: {e}"),
@@ -363,7 +353,7 @@ async fn start_all(fars: &mut [(Far<'_>, AttachRequest)], asked: &mut usize) -> 
             Ok(AttachAnswer::Done { .. }) => "ended before following".to_string(),
             Err(e) => format!("{e:#}"),
         };
-        let name = far.name().to_string();
+        let name = far.name.as_str().to_string();
         // Their answers say nothing more.
         let _ = stop_all(&mut fars[..i]).await;
         bail!("attach in {name}: {why}")
@@ -374,7 +364,7 @@ async fn start_all(fars: &mut [(Far<'_>, AttachRequest)], asked: &mut usize) -> 
 /// After a signal while they loaded: each node asked is told to stop, and says whether it did;
 /// another signal leaves them.
 async fn stop_interrupted(fars: &mut [(Far<'_>, AttachRequest)], e: &anyhow::Error) {
-    let names: Vec<&str> = fars.iter().map(|(f, _)| f.name()).collect();
+    let names: Vec<&str> = fars.iter().map(|(f, _)| f.name.as_str()).collect();
     eprintln!(
         "attach: {e}; stopping the attach in {} (again to leave it)",
         names.join(", ")
@@ -384,10 +374,10 @@ async fn stop_interrupted(fars: &mut [(Far<'_>, AttachRequest)], e: &anyhow::Err
     };
     for ((far, _), answer) in fars.iter().zip(answers) {
         match answer {
-            Ok(AttachAnswer::Done { .. }) => eprintln!("attach: stopped in {}", far.name()),
-            Ok(AttachAnswer::Failed(why)) => eprintln!("attach in {}: {why}", far.name()),
-            Ok(AttachAnswer::Following) => eprintln!("attach in {}: no report", far.name()),
-            Err(why) => eprintln!("attach in {}: {why:#}", far.name()),
+            Ok(AttachAnswer::Done { .. }) => eprintln!("attach: stopped in {}", far.name.as_str()),
+            Ok(AttachAnswer::Failed(why)) => eprintln!("attach in {}: {why}", far.name.as_str()),
+            Ok(AttachAnswer::Following) => eprintln!("attach in {}: no report", far.name.as_str()),
+            Err(why) => eprintln!("attach in {}: {why:#}", far.name.as_str()),
         }
     }
 }

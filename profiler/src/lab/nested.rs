@@ -19,9 +19,10 @@
 //! QEMU runs in a process group of its own (vng, virtme-run, qemu), recorded by its leader's pid
 //! and start time in RUN_DIR/LAB-GUEST, so that `lab down`, a run's end, Ctrl-C during `lab up`
 //! and `lab down --all` after a crash all stop it.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,9 @@ use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{
+    AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader,
+};
 
 use crate::cluster::tls::{self, Identity};
 
@@ -694,13 +697,20 @@ pub async fn ask<Q: Serialize, A: serde::de::DeserializeOwned>(
     talk.answer(within).await
 }
 
-/// A conversation with a guest's agent on its serial channel: requests as JSON
-/// `{kind: request}`, answers a line each.
+/// A conversation with an agent: requests as JSON `{kind: request}`, answers a line each (of
+/// at most [`MAX_ANSWER`] bytes). On a guest's serial channel (`open`) or, for a node's agent,
+/// over TCP under the cluster's TLS (`tls`).
 pub struct Talk {
     node: String,
-    read: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    write: tokio::net::unix::OwnedWriteHalf,
+    read: BufReader<Pin<Box<dyn AsyncRead + Send>>>,
+    write: Pin<Box<dyn AsyncWrite + Send>>,
 }
+
+/// The longest answer line read: an attach's answer carries every sighting (up to 2^20 each
+/// way, a few hundred bytes each).
+const MAX_ANSWER: u64 = 1 << 30;
+/// How long a node's agent may take to accept the connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Talk {
     pub async fn open(lab: &str, node: &str) -> Result<Talk> {
@@ -712,26 +722,61 @@ impl Talk {
             .await
             .with_context(|| format!("cannot reach the agent of {node} (a run may hold it)"))?;
         let (read, write) = stream.into_split();
-        Ok(Talk {
+        Ok(Talk::over(node, Box::pin(read), Box::pin(write)))
+    }
+
+    /// The agent of node `node` at `addr`, whose certificate must be for `node`, spoken to as
+    /// `identity`.
+    pub async fn tls(node: &str, addr: SocketAddr, identity: &Identity) -> Result<Talk> {
+        let cannot = || format!("cannot reach the agent of {node} at {addr}");
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
+            .with_context(cannot)?
+            .with_context(cannot)?;
+        let stream = tls::connect(&identity.connector()?, tcp, node)
+            .await
+            .with_context(cannot)?;
+        let (read, write) = tokio::io::split(stream);
+        Ok(Talk::over(node, Box::pin(read), Box::pin(write)))
+    }
+
+    fn over(
+        node: &str,
+        read: Pin<Box<dyn AsyncRead + Send>>,
+        write: Pin<Box<dyn AsyncWrite + Send>>,
+    ) -> Talk {
+        Talk {
             node: node.to_string(),
-            read: BufReader::new(read).lines(),
+            read: BufReader::new(read),
             write,
-        })
+        }
     }
 
     pub async fn send<Q: Serialize>(&mut self, kind: &str, request: &Q) -> Result<()> {
         let line = serde_json::json!({ kind: request }).to_string() + "\n";
         self.write.write_all(line.as_bytes()).await?;
-        Ok(())
+        Ok(self.write.flush().await?)
     }
 
     pub async fn answer<A: serde::de::DeserializeOwned>(&mut self, within: Duration) -> Result<A> {
-        let node = &self.node;
-        let answer = tokio::time::timeout(within, self.read.next_line())
+        let node = self.node.clone();
+        let mut line = Vec::new();
+        let mut bounded = (&mut self.read).take(MAX_ANSWER);
+        tokio::time::timeout(within, bounded.read_until(b'\n', &mut line))
             .await
-            .map_err(|_| anyhow::anyhow!("the agent of {node} did not answer within {within:?}"))??
-            .with_context(|| format!("the agent of {node} closed its channel"))?;
-        serde_json::from_str(&answer)
+            .map_err(|_| {
+                anyhow::anyhow!("the agent of {node} did not answer within {within:?}")
+            })??;
+        match line.last() {
+            None => bail!("the agent of {node} closed its channel"),
+            Some(b'\n') => {}
+            Some(_) if line.len() as u64 >= MAX_ANSWER => {
+                bail!("the agent of {node}: an answer over {MAX_ANSWER} bytes")
+            }
+            Some(_) => bail!("the agent of {node} closed its channel mid-answer"),
+        }
+        serde_json::from_slice(&line)
             .with_context(|| format!("the agent of {node}: unreadable answer"))
     }
 }

@@ -891,23 +891,8 @@ impl Remote {
         }
     }
 
-    /// Has the agent attach as `request` says, answered once it follows; None stops its
-    /// attach, answered with the report (`attach --peer`).
-    pub async fn attach(
-        &mut self,
-        request: Option<&AttachRequest>,
-        within: Duration,
-    ) -> Result<AttachAnswer> {
-        let request = match request {
-            Some(r) => Request::Attach(r.clone()),
-            None => Request::StopAttach {},
-        };
-        self.send(&request).await?;
-        self.answer(within).await
-    }
-
     /// The agent's next line, read as `A`.
-    pub async fn answer<A: serde::de::DeserializeOwned>(&mut self, within: Duration) -> Result<A> {
+    async fn answer<A: serde::de::DeserializeOwned>(&mut self, within: Duration) -> Result<A> {
         let node = self.node.clone();
         let line = tokio::time::timeout(within, self.lines.next_line())
             .await
