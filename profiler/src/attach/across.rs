@@ -39,9 +39,9 @@ pub const ATTACH: &str = "attach";
 pub const STOP: &str = "stop_attach";
 
 /// How long a node may take to load and attach its programs (6.1 under TCG verifies slowly).
-pub const FOLLOWING_WITHIN: Duration = Duration::from_secs(900);
+const FOLLOWING_WITHIN: Duration = Duration::from_secs(900);
 /// How long a node may take to answer once stopped.
-pub const REPORT_WITHIN: Duration = Duration::from_secs(300);
+const REPORT_WITHIN: Duration = Duration::from_secs(300);
 /// Where no line fits the whole attach, the clocks are fitted over this horizon around each
 /// packet (cluster/clock.rs `track`).
 const CLOCK_HORIZON_NS: u64 = 8_000_000_000;
@@ -120,19 +120,22 @@ impl std::str::FromStr for PeerSpec {
             wire: Vec::new(),
         };
         for part in parts {
-            let into = match part.split_once('=') {
-                Some(("pod", p)) => {
-                    p.parse::<pods::Pattern>()?;
-                    &mut peer.pods
-                }
-                Some(("netns", _)) => &mut peer.netns,
-                Some(("wire", _)) => &mut peer.wire,
+            let Some((key, value)) = part.split_once('=') else {
+                return Err(format!("--peer {s:?}: {part:?}: {usage}"));
+            };
+            let into = match key {
+                "pod" => &mut peer.pods,
+                "netns" => &mut peer.netns,
+                "wire" => &mut peer.wire,
                 _ => return Err(format!("--peer {s:?}: {part:?}: {usage}")),
             };
-            match part.split_once('=') {
-                Some((_, v)) if !v.is_empty() => into.push(v.to_string()),
-                _ => return Err(format!("--peer {s:?}: {part:?} is empty: {usage}")),
+            if value.is_empty() {
+                return Err(format!("--peer {s:?}: {part:?} is empty: {usage}"));
             }
+            if key == "pod" {
+                value.parse::<pods::Pattern>()?;
+            }
+            into.push(value.to_string());
         }
         Ok(peer)
     }
@@ -184,16 +187,21 @@ struct Far<'a> {
     /// A lab's guest: its serial channel is opened for each request and let go after, so that
     /// `lab exec` can drive traffic there meanwhile. Otherwise (a peer) the TCP connection is
     /// held while it attaches: its end stops the peer's attach.
-    lab: Option<&'a str>,
-    /// The guest's tap on this node: the only wire of this node toward it (a peer: all).
-    tap: Option<String>,
+    guest: Option<InLab<'a>>,
     talk: Option<Talk>,
+}
+
+/// Where a lab's guest is: its lab, and its tap on this node (the only wire of this node
+/// toward it; toward a peer, every wire is).
+struct InLab<'a> {
+    lab: &'a str,
+    tap: String,
 }
 
 impl Far<'_> {
     async fn talk(&mut self) -> Result<&mut Talk> {
-        if let Some(lab) = self.lab {
-            self.talk = Some(Talk::open(lab, &self.name).await?);
+        if let Some(g) = &self.guest {
+            self.talk = Some(Talk::open(g.lab, &self.name).await?);
         }
         self.talk
             .as_mut()
@@ -223,7 +231,7 @@ impl Far<'_> {
     }
 
     fn let_go(&mut self) {
-        if self.lab.is_some() {
+        if self.guest.is_some() {
             self.talk = None;
         }
     }
@@ -233,9 +241,9 @@ impl Far<'_> {
         lines
             .iter()
             .filter(|l| {
-                self.tap
+                self.guest
                     .as_ref()
-                    .is_none_or(|t| l.ifname.as_ref() == Some(t))
+                    .is_none_or(|g| l.ifname.as_ref() == Some(&g.tap))
             })
             .collect()
     }
@@ -270,8 +278,10 @@ pub async fn lab(args: &mut AttachArgs, name: &str) -> Result<AttachReport> {
         .map(|g| {
             let far = Far {
                 name: g.name.clone(),
-                lab: Some(name),
-                tap: Some(g.tap.clone()),
+                guest: Some(InLab {
+                    lab: name,
+                    tap: g.tap.clone(),
+                }),
                 talk: None,
             };
             (far, guest_request(args, g))
@@ -289,8 +299,7 @@ pub async fn peers(args: &mut AttachArgs, peers: &[PeerSpec], tls: &Path) -> Res
     for p in peers {
         let far = Far {
             name: p.name.clone(),
-            lab: None,
-            tap: None,
+            guest: None,
             talk: Some(Talk::tls(&p.name, p.addr, &identity).await?),
         };
         fars.push((far, peer_request(args, p)));
@@ -353,7 +362,7 @@ async fn start_all(fars: &mut [(Far<'_>, AttachRequest)], asked: &mut usize) -> 
             Ok(AttachAnswer::Done { .. }) => "ended before following".to_string(),
             Err(e) => format!("{e:#}"),
         };
-        let name = far.name.as_str().to_string();
+        let name = far.name.clone();
         // Their answers say nothing more.
         let _ = stop_all(&mut fars[..i]).await;
         bail!("attach in {name}: {why}")
@@ -374,10 +383,10 @@ async fn stop_interrupted(fars: &mut [(Far<'_>, AttachRequest)], e: &anyhow::Err
     };
     for ((far, _), answer) in fars.iter().zip(answers) {
         match answer {
-            Ok(AttachAnswer::Done { .. }) => eprintln!("attach: stopped in {}", far.name.as_str()),
-            Ok(AttachAnswer::Failed(why)) => eprintln!("attach in {}: {why}", far.name.as_str()),
-            Ok(AttachAnswer::Following) => eprintln!("attach in {}: no report", far.name.as_str()),
-            Err(why) => eprintln!("attach in {}: {why:#}", far.name.as_str()),
+            Ok(AttachAnswer::Done { .. }) => eprintln!("attach: stopped in {}", far.name),
+            Ok(AttachAnswer::Failed(why)) => eprintln!("attach in {}: {why}", far.name),
+            Ok(AttachAnswer::Following) => eprintln!("attach in {}: no report", far.name),
+            Err(why) => eprintln!("attach in {}: {why:#}", far.name),
         }
     }
 }

@@ -573,7 +573,8 @@ fn run_setup(request: SetupRequest, channel: Channel<'_>) -> Result<()> {
     request.commands.iter().try_for_each(|c| nested::ip(c))
 }
 
-/// `attach --lab`'s part here, following in a task of its own while the agent serves on.
+/// `attach --lab` or `--peer`'s part here, following in a task of its own while the agent
+/// serves on.
 struct Attaching {
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(AttachReport, Vec<SightingLine>)>>,
