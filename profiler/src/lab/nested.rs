@@ -22,7 +22,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,11 +29,12 @@ use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use tokio::io::{
-    AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader,
-};
+use tokio::io::AsyncWriteExt as _;
 
-use crate::cluster::tls::{self, Identity};
+use crate::cluster::{
+    channel::{self, Reader, Writer, MAX_ANSWER},
+    tls::{self, Identity},
+};
 
 use super::{
     discover,
@@ -702,15 +702,9 @@ pub async fn ask<Q: Serialize, A: serde::de::DeserializeOwned>(
 /// over TCP under the cluster's TLS (`tls`).
 pub struct Talk {
     node: String,
-    read: BufReader<Pin<Box<dyn AsyncRead + Send>>>,
-    write: Pin<Box<dyn AsyncWrite + Send>>,
+    lines: Reader,
+    write: Writer,
 }
-
-/// The longest answer line read: an attach's answer carries every sighting (up to 2^20 each
-/// way, a few hundred bytes each).
-const MAX_ANSWER: u64 = 1 << 30;
-/// How long a node's agent may take to accept the connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Talk {
     pub async fn open(lab: &str, node: &str) -> Result<Talk> {
@@ -728,27 +722,14 @@ impl Talk {
     /// The agent of node `node` at `addr`, whose certificate must be for `node`, spoken to as
     /// `identity`.
     pub async fn tls(node: &str, addr: SocketAddr, identity: &Identity) -> Result<Talk> {
-        let cannot = || format!("cannot reach the agent of {node} at {addr}");
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
-            .with_context(cannot)?
-            .with_context(cannot)?;
-        let stream = tls::connect(&identity.connector()?, tcp, node)
-            .await
-            .with_context(cannot)?;
-        let (read, write) = tokio::io::split(stream);
-        Ok(Talk::over(node, Box::pin(read), Box::pin(write)))
+        let (read, write) = channel::dial(node, addr, Some(identity)).await?;
+        Ok(Talk::over(node, read, write))
     }
 
-    fn over(
-        node: &str,
-        read: Pin<Box<dyn AsyncRead + Send>>,
-        write: Pin<Box<dyn AsyncWrite + Send>>,
-    ) -> Talk {
+    fn over(node: &str, read: channel::Read, write: Writer) -> Talk {
         Talk {
             node: node.to_string(),
-            read: BufReader::new(read),
+            lines: Reader::new(read, MAX_ANSWER),
             write,
         }
     }
@@ -760,23 +741,13 @@ impl Talk {
     }
 
     pub async fn answer<A: serde::de::DeserializeOwned>(&mut self, within: Duration) -> Result<A> {
-        let node = self.node.clone();
-        let mut line = Vec::new();
-        let mut bounded = (&mut self.read).take(MAX_ANSWER);
-        tokio::time::timeout(within, bounded.read_until(b'\n', &mut line))
+        let node = &self.node;
+        let answer = tokio::time::timeout(within, self.lines.next_line())
             .await
-            .map_err(|_| {
-                anyhow::anyhow!("the agent of {node} did not answer within {within:?}")
-            })??;
-        match line.last() {
-            None => bail!("the agent of {node} closed its channel"),
-            Some(b'\n') => {}
-            Some(_) if line.len() as u64 >= MAX_ANSWER => {
-                bail!("the agent of {node}: an answer over {MAX_ANSWER} bytes")
-            }
-            Some(_) => bail!("the agent of {node} closed its channel mid-answer"),
-        }
-        serde_json::from_slice(&line)
+            .map_err(|_| anyhow::anyhow!("the agent of {node} did not answer within {within:?}"))?
+            .with_context(|| format!("the agent of {node}"))?
+            .with_context(|| format!("the agent of {node} closed its channel"))?;
+        serde_json::from_str(&answer)
             .with_context(|| format!("the agent of {node}: unreadable answer"))
     }
 }
@@ -892,7 +863,7 @@ async fn setup(guest: &Guest, request: SetupRequest) -> Result<Inventory> {
     let (read, mut write) = stream.into_split();
     let request = serde_json::json!({ SETUP: request }).to_string() + "\n";
     write.write_all(request.as_bytes()).await?;
-    let mut lines = BufReader::new(read).lines();
+    let mut lines = Reader::new(Box::pin(read), MAX_ANSWER);
     let left = deadline.saturating_duration_since(Instant::now());
     let alive = async {
         while guest.alive() {

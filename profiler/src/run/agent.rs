@@ -16,7 +16,6 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    pin::Pin,
     sync::Arc,
     time::Duration,
 };
@@ -25,10 +24,7 @@ use anyhow::{bail, Context as _, Result};
 use profiler_common::{Event, HookId, COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{
-        AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _,
-        BufReader,
-    },
+    io::AsyncWriteExt as _,
     net::TcpStream,
     sync::{oneshot, watch, Semaphore},
     task::JoinHandle,
@@ -44,7 +40,10 @@ use crate::{
         self,
         across::{self, AttachAnswer, AttachRequest},
     },
-    cluster::tls::{self, Identity},
+    cluster::{
+        channel::{self, Reader, Writer, MAX_ANSWER},
+        tls::{self, Identity},
+    },
     datapath::{path::Inodes, Mode},
     kernel::{
         btf::{DropReasons, KernelBtf},
@@ -65,11 +64,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(900);
 const STOP_TIMEOUT: Duration = Duration::from_secs(300);
 /// A guest's setup runs a few `ip` commands; over TCP it only lists the namespaces.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(300);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A host's requests are small (a run's settings); a longer line is refused, not buffered.
 const MAX_REQUEST: usize = 1 << 20;
-/// An agent's answers carry a run's events (some 80 bytes each as JSON).
-const MAX_ANSWER: usize = 1 << 30;
 /// Hosts refused at once while one is served (each gets its one-line answer); past that a
 /// connection is closed unanswered.
 const MAX_REFUSING: usize = 8;
@@ -226,45 +222,6 @@ fn from_wire(w: &WireEvent) -> Event {
     }
 }
 
-type Writer = Pin<Box<dyn AsyncWrite + Send>>;
-
-/// A channel's lines, each at most `max` bytes: a peer cannot make this end hold more.
-struct Reader {
-    read: BufReader<Pin<Box<dyn AsyncRead + Send>>>,
-    max: usize,
-}
-
-impl Reader {
-    fn new(read: Pin<Box<dyn AsyncRead + Send>>, max: usize) -> Reader {
-        Reader {
-            read: BufReader::new(read),
-            max,
-        }
-    }
-
-    /// The next line without its newline; None at the end of the stream.
-    async fn next_line(&mut self) -> Result<Option<String>> {
-        let mut line = Vec::new();
-        let limit = self.max as u64 + 1;
-        let mut read = (&mut self.read).take(limit);
-        match read.read_until(b'\n', &mut line).await {
-            Ok(0) => return Ok(None),
-            Ok(_) => {}
-            // A peer gone without TLS's close_notify (a host that exited) has ended all the same.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
-        if line.last() == Some(&b'\n') {
-            line.pop();
-        } else if line.len() > self.max {
-            bail!("a line longer than {} bytes: refused", self.max);
-        }
-        Ok(Some(
-            String::from_utf8(line).context("a line that is not UTF-8")?,
-        ))
-    }
-}
-
 /// Where the agent listens: a virtio-serial port by name, a TCP address, or both.
 pub struct Listen {
     pub serial: Option<String>,
@@ -391,11 +348,7 @@ async fn serve_tcp(addr: SocketAddr, node: &str, tls: Acceptor, insecure: bool) 
 }
 
 /// The channel's two halves once the host is authenticated (or at once without TLS).
-async fn open(
-    conn: TcpStream,
-    tls: &Acceptor,
-    insecure: bool,
-) -> Result<(Pin<Box<dyn AsyncRead + Send>>, Writer)> {
+async fn open(conn: TcpStream, tls: &Acceptor, insecure: bool) -> Result<(channel::Read, Writer)> {
     if insecure {
         let (r, w) = conn.into_split();
         return Ok((Box::pin(r), Box::pin(w)));
@@ -854,27 +807,13 @@ impl Remote {
                 Ok(Remote::over(&g.name, Box::pin(r), Box::pin(w)))
             }
             AgentAt::Tcp(addr, identity) => {
-                let connect = tokio::net::TcpStream::connect(addr);
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
-                    .with_context(cannot)?
-                    .with_context(cannot)?;
-                let Some(id) = identity else {
-                    let (r, w) = tcp.into_split();
-                    return Ok(Remote::over(&g.name, Box::pin(r), Box::pin(w)));
-                };
-                let connector = id.connector()?;
-                let tls = tls::connect(&connector, tcp, &g.name)
-                    .await
-                    .with_context(cannot)?;
-                let (r, w) = tokio::io::split(tls);
-                Ok(Remote::over(&g.name, Box::pin(r), Box::pin(w)))
+                let (r, w) = channel::dial(&g.name, *addr, identity.as_ref()).await?;
+                Ok(Remote::over(&g.name, r, w))
             }
         }
     }
 
-    fn over(node: &str, r: Pin<Box<dyn AsyncRead + Send>>, w: Writer) -> Remote {
+    fn over(node: &str, r: channel::Read, w: Writer) -> Remote {
         Remote {
             node: node.to_string(),
             lines: Reader::new(r, MAX_ANSWER),
@@ -1130,20 +1069,6 @@ mod tests {
         };
         let lab = serde_json::json!({ nested::SETUP: request }).to_string();
         assert!(matches!(serde_json::from_str(&lab), Ok(Request::Setup(r)) if r.commands == cmds));
-    }
-
-    /// A line is read whole up to the bound, refused past it, and the last one needs no newline.
-    #[tokio::test]
-    async fn lines_are_bounded() {
-        let text = b"short\nexactly8\nnine byte\n".to_vec();
-        let mut r = Reader::new(Box::pin(std::io::Cursor::new(text)), 8);
-        assert_eq!(r.next_line().await.unwrap().as_deref(), Some("short"));
-        assert_eq!(r.next_line().await.unwrap().as_deref(), Some("exactly8"));
-        let e = r.next_line().await.unwrap_err();
-        assert!(format!("{e}").contains("longer than 8 bytes"), "{e}");
-        let mut r = Reader::new(Box::pin(std::io::Cursor::new(b"12345678".to_vec())), 8);
-        assert_eq!(r.next_line().await.unwrap().as_deref(), Some("12345678"));
-        assert_eq!(r.next_line().await.unwrap(), None);
     }
 
     fn ev(seq: u32, direction: u32, hook: HookId, ts_ns: u64) -> Event {
