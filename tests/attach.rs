@@ -700,20 +700,28 @@ fn bad_input_is_refused_before_attaching() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
-    // A namespace that is there but unreadable says why (here PID 1's, where the sandbox
-    // forbids it; elsewhere this check has nothing to show).
-    match std::fs::metadata("/proc/1/ns/net") {
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            let out = profiler(&["attach", "--netns", "1"]);
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "attach --netns 1 succeeded");
-            assert!(
-                err.trim() == "error: --netns 1: cannot stat /proc/1/ns/net: Permission denied (os error 13)",
-                "{err}"
-            );
-        }
-        other => println!("skipped the unreadable-namespace case: /proc/1/ns/net is {other:?}"),
-    }
+    // A namespace that is there but unreadable says why: a file in a directory no one may
+    // enter, read by the profiler without the capabilities that let root in anyway.
+    let locked = tmp("locked");
+    std::fs::create_dir_all(&locked).expect("making a directory");
+    let ns = locked.join("ns");
+    std::fs::write(&ns, "").expect("making a file");
+    std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000))
+        .expect("locking the directory");
+    let out = Command::new("setpriv")
+        .args(["--bounding-set=-dac_override,-dac_read_search", BIN])
+        .args(["attach", "--netns", ns.to_str().unwrap()])
+        .output()
+        .expect("running the profiler under setpriv");
+    let _ = std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    let _ = std::fs::remove_dir_all(&locked);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attach --netns {ns:?} succeeded");
+    let ns = ns.display();
+    assert_eq!(
+        err.trim(),
+        format!("error: --netns {ns}: cannot open {ns}: Permission denied (os error 13)")
+    );
     // A CRI socket that does not answer: one line says so, and the next source is used.
     let out = profiler(&["attach", "--pod", "x", "--cri-socket", "/no/such.sock"]);
     let err = String::from_utf8_lossy(&out.stderr);

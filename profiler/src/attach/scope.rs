@@ -58,7 +58,7 @@ fn netns_ref(arg: &str) -> Result<String> {
     } else {
         arg.to_string()
     };
-    if netns::exists(&ns) {
+    if netns::mounted(&ns) {
         return Ok(ns);
     }
     // There but unreadable (no permission, a process's namespace): say so, not "unknown".

@@ -102,7 +102,7 @@ pub fn recover() -> Result<(Vec<String>, Vec<String>)> {
 /// The clsact qdisc if the profiler added it, else the profiler's filters by name; whether
 /// anything was there to remove (a device that is gone took them with it).
 fn remove_left(d: &Device) -> Result<bool> {
-    if d.netns.as_deref().is_some_and(|ns| !netns::exists(ns)) {
+    if d.netns.as_deref().is_some_and(|ns| !netns::mounted(ns)) {
         return Ok(false);
     }
     let exists = netns::run_in(d.netns.as_deref(), || {

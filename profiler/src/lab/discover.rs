@@ -27,7 +27,7 @@ pub fn inode(ns: &str) -> Result<u32> {
 /// A named namespace deleted since it was listed: on a node pods (and other tools'
 /// namespaces) come and go while a command starts, which is no error.
 pub fn gone(ns: &str) -> bool {
-    ns_arg(ns).is_some_and(|n| !netns::exists(n))
+    ns_arg(ns).is_some_and(|n| !netns::mounted(n))
 }
 
 /// Every namespace to look in: the caller's and the named ones. The caller's is left out when

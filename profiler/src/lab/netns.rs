@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::statfs::{fstatfs, statfs, NSFS_MAGIC};
 
 pub const NETNS_DIR: &str = "/run/netns";
 
@@ -51,17 +52,41 @@ pub fn delete(name: &str) -> Result<()> {
     }
 }
 
+/// Whether anything is at the namespace's path: a namespace, or a file `add` or `delete` was
+/// interrupted on (which `delete` removes too).
 pub fn exists(name: &str) -> bool {
     path_of(name).is_ok_and(|p| p.exists())
+}
+
+/// Whether a namespace is at the path now. `add` creates /run/netns/NAME before it mounts the
+/// namespace there, and `delete` unmounts it before it removes the file: in between the path
+/// is a plain file of /run, whose inode is no namespace's.
+pub fn mounted(name: &str) -> bool {
+    path_of(name).is_ok_and(|p| is_namespace(&p))
+}
+
+fn is_namespace(path: &std::path::Path) -> bool {
+    statfs(path).is_ok_and(|fs| fs.filesystem_type() == NSFS_MAGIC)
 }
 
 /// The namespace's inode number, the kernel's `net->ns.inum` that BPF programs see.
 pub fn inode(name: &str) -> Result<u32> {
     let path = path_of(name)?;
-    let meta = std::fs::metadata(&path).map_err(|e| match e.kind() {
+    // One open file for both questions: the path may be mounted or unmounted in between.
+    let file = File::open(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => anyhow!("unknown network namespace {name}"),
-        _ => anyhow!("cannot stat {}: {e}", path.display()),
+        _ => anyhow!("cannot open {}: {e}", path.display()),
     })?;
+    let on_nsfs = fstatfs(&file).is_ok_and(|fs| fs.filesystem_type() == NSFS_MAGIC);
+    if !on_nsfs {
+        bail!(
+            "network namespace {name} is being made or removed ({} is not mounted)",
+            path.display()
+        );
+    }
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?;
     ino_u32(meta.ino(), &path.display().to_string())
 }
 
@@ -202,5 +227,22 @@ mod tests {
             .to_string();
         assert_eq!(err, "unknown network namespace prof-no-such-ns");
         assert!(!exists("prof-no-such-ns"));
+    }
+
+    /// The file `add` makes before it mounts a namespace there (and `delete` leaves until it
+    /// removes it) has an inode too, a plain file's: taken for a namespace's, a pod's hops were
+    /// keyed under it and named after no device (issue 32's churn test, once in CI).
+    #[test]
+    fn a_file_where_no_namespace_is_mounted_has_no_namespace_inode() {
+        let plain = std::env::temp_dir().join(format!("prof-unmounted-{}", std::process::id()));
+        File::create(&plain).expect("a plain file");
+        let name = plain.to_str().expect("a UTF-8 path");
+        let err = inode(name).map(|_| ()).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&plain);
+        assert!(err.contains("is being made or removed"), "{err}");
+        assert!(!mounted(name));
+        let own = "/proc/thread-self/ns/net";
+        assert!(mounted(own));
+        assert_eq!(inode(own).ok(), current_inode().ok());
     }
 }

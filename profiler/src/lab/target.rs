@@ -146,7 +146,7 @@ impl RunTarget {
             &[from, to]
         };
         for &ns in ends {
-            if ns != ROOT && !netns::exists(ns) {
+            if ns != ROOT && !netns::mounted(ns) {
                 bail!("unknown network namespace {ns}");
             }
         }
