@@ -32,7 +32,10 @@ const RESPONSE_SEGMENT: &str = "userspace datapath dpdk-testpmd veth-b -> veth-a
 fn have_testpmd() -> bool {
     let have = Path::new(TESTPMD).exists();
     if !have {
-        println!("skipped: {TESTPMD} is not installed (apt-get install dpdk-dev)");
+        common::skip::skip(
+            &format!("{TESTPMD} is not installed (apt-get install dpdk-dev)"),
+            None,
+        );
     }
     have
 }

@@ -429,7 +429,10 @@ fn injected_delay_lands_in_the_segment_ending_at_that_hop_on_host() {
 #[test]
 fn injected_delay_lands_in_the_segment_ending_at_that_hop_on_dpdk() {
     if !std::path::Path::new("/usr/bin/dpdk-testpmd").exists() {
-        println!("skipped: dpdk-testpmd is not installed (apt-get install dpdk-dev)");
+        common::skip::skip(
+            "dpdk-testpmd is not installed (apt-get install dpdk-dev)",
+            None,
+        );
         return;
     }
     ground_truth(&DPDK, DPDK_POINTS);

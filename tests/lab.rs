@@ -4,6 +4,10 @@
 //! Drop guards, so a failed assertion does not leak namespaces into the next test.
 // A test crate sees every dependency of the package; the lint is for the library's.
 #![allow(unused_crate_dependencies)]
+#[path = "common/skip.rs"]
+#[allow(dead_code)]
+mod skip;
+
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, UdpSocket};
 use std::path::Path;
@@ -17,6 +21,7 @@ use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
 };
+use skip::{skip, Absence};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -603,7 +608,10 @@ fn vlan_cross_host_lab_up_traffic_down() {
         match runtime().block_on(lab::up(Topology::Vlan, &cross_host(None))) {
             Err(e) if e.to_string().contains("needs the 8021q kernel module") => {
                 assert_gone("vlan-xhost", &[pa, pb, ha, hb]);
-                eprintln!("skipped: this kernel cannot make vlan devices: {e:#}");
+                skip(
+                    &format!("this kernel cannot make vlan devices: {e:#}"),
+                    Some(Absence::Vlan8021q),
+                );
                 return;
             }
             Err(e) => panic!("lab vlan-xhost up: {e:#}"),
@@ -869,7 +877,10 @@ fn sriov_fails_cleanly_without_an_sriov_nic() {
             .any(|e| e.path().join("sriov_totalvfs").exists())
     });
     if has_igb {
-        println!("skipped: this machine has an igb NIC (tests/vm/sriov.rs runs the lab)");
+        skip(
+            "this machine has an igb NIC (tests/vm/sriov.rs runs the lab)",
+            Some(Absence::HasIgbNic),
+        );
         return;
     }
     let _serial = serial();

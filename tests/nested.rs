@@ -30,8 +30,11 @@ fn have_guest_kernel() -> bool {
     match profiler::lab::vm_cache::cached(KERNEL) {
         Ok(Some(_)) => true,
         _ => {
-            eprintln!(
-                "skipped: VM kernel {KERNEL} is not provisioned (cargo xtask vm --kernel {KERNEL} -- true)"
+            common::skip::skip(
+                &format!(
+                    "VM kernel {KERNEL} is not provisioned (cargo xtask vm --kernel {KERNEL} -- true)"
+                ),
+                None,
             );
             false
         }

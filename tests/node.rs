@@ -44,7 +44,7 @@ fn runnable() -> bool {
     .filter(|p| !Path::new(p).exists())
     .collect();
     if !nix::unistd::geteuid().is_root() || !missing.is_empty() {
-        eprintln!("skipped: the node lab needs root and {missing:?}");
+        common::skip::skip(&format!("the node lab needs root and {missing:?}"), None);
         return false;
     }
     true

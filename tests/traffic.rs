@@ -34,7 +34,10 @@ fn iperf3_installed() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        eprintln!("skipped: iperf3 is not installed (cargo xtask setup installs it)");
+        common::skip::skip(
+            "iperf3 is not installed (cargo xtask setup installs it)",
+            None,
+        );
     }
     found
 }

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod attach;
 pub mod prometheus;
+pub mod skip;
 pub mod truth;
 
 use std::{

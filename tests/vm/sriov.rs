@@ -19,7 +19,10 @@ pub fn has_igb() -> bool {
         })
         .unwrap_or(false);
     if !found {
-        println!("skipped: no igb NIC in this guest (boot it with cargo xtask vm --nic igb)");
+        crate::common::skip::skip(
+            "no igb NIC in this guest (boot it with cargo xtask vm --nic igb)",
+            Some(crate::common::skip::Absence::NoIgbNic),
+        );
     }
     found
 }

@@ -69,6 +69,10 @@ pub fn run(args: &[String]) -> Result<()> {
     .args(cargo_args)
     .args(["--", "--test-threads=1"])
     .args(harness_args);
+    // Where the tests record what they skipped (tests/common/skip.rs), listed at the end.
+    let skips = std::env::current_dir()?.join("target/skipped-tests.tsv");
+    let _ = std::fs::remove_file(&skips);
+    test.env("PROFILER_SKIPS", &skips);
     step(cmd::describe(&test));
     let tests = cmd::run(&mut test);
 
@@ -85,7 +89,32 @@ pub fn run(args: &[String]) -> Result<()> {
         vm::test_kernels(&vm_kernels, harness_args)
             .and_then(|()| leak_check("left behind by the VM tests (QEMU)"))
     };
+    list_skips(&skips);
     tests.and(leaks).and(vm_tests)
+}
+
+/// The host tests that did not run, and why: a skip passes in libtest's count, so it is said
+/// here, last, where it cannot be missed.
+fn list_skips(file: &std::path::Path) {
+    let lines = std::fs::read_to_string(file).unwrap_or_default();
+    let skipped: Vec<Vec<&str>> = lines.lines().map(|l| l.splitn(3, '\t').collect()).collect();
+    if skipped.is_empty() {
+        println!("skipped: no host test");
+        return;
+    }
+    println!(
+        "skipped: {} host test{} (passed in the counts above, not run):",
+        skipped.len(),
+        if skipped.len() == 1 { "" } else { "s" }
+    );
+    for s in skipped {
+        println!(
+            "  {} ({}): {}",
+            s[0],
+            s.get(1).unwrap_or(&"?"),
+            s.get(2).unwrap_or(&"?")
+        );
+    }
 }
 
 /// Clippy on every target, warnings as errors: the workspace lints (unused_crate_dependencies
