@@ -70,7 +70,7 @@ pub fn run(args: &[String]) -> Result<()> {
     .args(["--", "--test-threads=1"])
     .args(harness_args);
     // Where the tests record what they skipped (tests/common/skip.rs), listed at the end.
-    let skips = std::env::current_dir()?.join("target/skipped-tests.tsv");
+    let skips = crate::target_dir().join("skipped-tests.tsv");
     let _ = std::fs::remove_file(&skips);
     test.env("PROFILER_SKIPS", &skips);
     step(cmd::describe(&test));
