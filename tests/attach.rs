@@ -512,6 +512,21 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
         );
     }
     assert!(table.contains("wire node-a <-> node-b"), "{table}");
+    // The peer sent its sightings as it read them, not all at the end: those of the traffic,
+    // finished before the stop, came before it.
+    let streamed = link
+        .streamed
+        .as_ref()
+        .unwrap_or_else(|| panic!("the peer streamed nothing: {table}"));
+    let sent = peer.wire.as_ref().map(|w| w.leaving + w.entering);
+    assert_eq!(Some(streamed.lines), sent, "{streamed:?}");
+    assert!(
+        streamed.lines_before_stop >= 480,
+        "{} of the peer's sightings of 250 exchanges came before the stop: {streamed:?}",
+        streamed.lines_before_stop
+    );
+    assert_eq!(peer.wire.as_ref().map(|w| w.not_sent), Some(0), "{table}");
+    assert!(table.contains("node-b sent"), "{table}");
     agent.stop();
     drop(scratch);
     assert_clean();

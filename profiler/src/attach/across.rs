@@ -8,7 +8,12 @@
 //! (cluster/clock.rs), and each packet's time on the wire is given on this node's clock with
 //! its bound. Nothing is tagged and no clock is assumed in sync.
 
-use std::{collections::HashMap, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -28,7 +33,8 @@ use crate::{
     },
     pods,
     report::schema::{
-        AttachReport, ClockBounds, HookSet, LinkDirection, NodeLink, SightingLine, WireCrossing,
+        AttachReport, ClockBounds, HookSet, LinkDirection, NodeLink, SightingLine, Streamed,
+        WireCrossing,
     },
     signal::{self, interruptible},
 };
@@ -64,6 +70,73 @@ pub struct AttachRequest {
     pub max_gap_ms: u64,
     pub max_in_flight: u32,
     pub hooks: HookSet,
+    /// Send each sighting as it is read, a JSON line on the channel, instead of all of them
+    /// with the report: the agent's memory stays bounded however long it follows. A peer's
+    /// held connection carries them; a lab's guest's serial channel is let go meanwhile.
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// A line of a streaming agent: a sighting while it follows, or its answer.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PeerLine {
+    Sighting(SightingLine),
+    Answer(AttachAnswer),
+}
+
+/// Sightings a node's agent sent as it read them.
+#[derive(Default)]
+struct Received {
+    seen: Seen,
+    /// Every sighting received, kept or not, and its bytes.
+    count: u64,
+    bytes: u64,
+    /// Past the bound (wire.rs's, for each direction), counted and not kept.
+    not_kept: u64,
+    before_stop: u64,
+    following: Option<Instant>,
+    done: Option<Instant>,
+    /// What ended the channel while the host followed, or an answer that came then.
+    early: Option<Result<AttachAnswer>>,
+}
+
+impl Received {
+    /// The channel's next answer; the sightings before it are kept.
+    async fn answer(&mut self, talk: &mut Talk, within: Duration) -> Result<AttachAnswer> {
+        loop {
+            let line = talk.line(within).await?;
+            let parsed = serde_json::from_str(&line)
+                .with_context(|| format!("the agent of {}: unreadable answer", talk.node()))?;
+            match parsed {
+                PeerLine::Sighting(s) => self.keep(&s, line.len() + 1),
+                PeerLine::Answer(a) => return Ok(a),
+            }
+        }
+    }
+
+    fn keep(&mut self, line: &SightingLine, bytes: usize) {
+        self.count += 1;
+        self.bytes += bytes as u64;
+        if self.seen.len() >= 2 * wire::KEPT {
+            self.not_kept += 1;
+        } else {
+            self.seen.add(line);
+        }
+    }
+
+    /// What the node sent while following, if it streamed.
+    fn streamed(&self) -> Option<Streamed> {
+        let (Some(from), Some(to)) = (self.following, self.done) else {
+            return None;
+        };
+        Some(Streamed {
+            lines: self.count,
+            bytes: self.bytes,
+            seconds: to.duration_since(from).as_secs_f64(),
+            lines_before_stop: self.before_stop,
+        })
+    }
 }
 
 /// The agent's answers: that it follows, then its report with every sighting.
@@ -76,6 +149,50 @@ pub enum AttachAnswer {
         sightings: Vec<SightingLine>,
     },
     Failed(String),
+}
+
+/// One node's wire sightings as the join takes them (some 70 bytes each), its hops' names
+/// kept once: what a host holds of a peer's stream.
+#[derive(Default)]
+struct Seen {
+    hops: Vec<String>,
+    leaving: Vec<Sighting>,
+    entering: Vec<Sighting>,
+}
+
+impl Seen {
+    fn of<'l>(lines: impl IntoIterator<Item = &'l SightingLine>) -> Seen {
+        let mut seen = Seen::default();
+        for l in lines {
+            seen.add(l);
+        }
+        seen
+    }
+
+    fn add(&mut self, l: &SightingLine) {
+        let at = match self.hops.iter().position(|h| *h == l.hop) {
+            Some(i) => i,
+            None => {
+                self.hops.push(l.hop.clone());
+                self.hops.len() - 1
+            }
+        };
+        let s = Sighting {
+            id: l.id,
+            ts: l.ts_ns,
+            journey: 0,
+            at: at as u64,
+        };
+        if l.direction == "leaving" {
+            self.leaving.push(s);
+        } else {
+            self.entering.push(s);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.leaving.len() + self.entering.len()
+    }
 }
 
 /// `--peer NAME=ADDR[,pod=P][,netns=N][,wire=W]`: a node whose agent listens at ADDR under
@@ -189,6 +306,7 @@ struct Far<'a> {
     /// held while it attaches: its end stops the peer's attach.
     guest: Option<InLab<'a>>,
     talk: Option<Talk>,
+    received: Received,
 }
 
 /// Where a lab's guest is: its lab, and its tap on this node (the only wire of this node
@@ -210,22 +328,42 @@ impl Far<'_> {
 
     /// Asks it to attach as `request` says; its answer once it follows.
     async fn start(&mut self, request: &AttachRequest) -> Result<AttachAnswer> {
-        let talk = self.talk().await?;
-        talk.send(ATTACH, request).await?;
-        let answer = talk.answer(FOLLOWING_WITHIN).await;
+        self.talk().await?.send(ATTACH, request).await?;
+        let talk = self.talk.as_mut().context("no channel")?;
+        let answer = self.received.answer(talk, FOLLOWING_WITHIN).await;
+        self.received.following = Some(Instant::now());
         self.let_go();
         answer
     }
 
-    /// Asks it to stop attaching; its report. A `following` read first is the answer to a
-    /// start this node stopped waiting for (a signal came): the next one is the stop's.
-    async fn stop(&mut self) -> Result<AttachAnswer> {
-        let talk = self.talk().await?;
-        talk.send(STOP, &serde_json::json!({})).await?;
-        let mut answer = talk.answer(REPORT_WITHIN).await;
-        if matches!(answer, Ok(AttachAnswer::Following)) {
-            answer = talk.answer(REPORT_WITHIN).await;
+    /// A streaming node's sightings as they come while this node follows: never ends, dropped
+    /// when this node's attach ends (the channel reads lines whole across drops). The end of
+    /// the channel, or an answer, is kept for `stop`.
+    async fn collect(&mut self) {
+        if let Some(talk) = self.talk.as_mut().filter(|_| self.guest.is_none()) {
+            self.received.early = Some(self.received.answer(talk, GUEST_MAX).await);
         }
+        std::future::pending().await
+    }
+
+    /// Asks it to stop attaching; its report, after the sightings it had still to send. A
+    /// `following` read first is the answer to a start this node stopped waiting for (a
+    /// signal came): the next one is the stop's.
+    async fn stop(&mut self) -> Result<AttachAnswer> {
+        if let Some(early) = self.received.early.take() {
+            return early;
+        }
+        self.talk()
+            .await?
+            .send(STOP, &serde_json::json!({}))
+            .await?;
+        let talk = self.talk.as_mut().context("no channel")?;
+        self.received.before_stop = self.received.count;
+        let mut answer = self.received.answer(talk, REPORT_WITHIN).await;
+        if matches!(answer, Ok(AttachAnswer::Following)) {
+            answer = self.received.answer(talk, REPORT_WITHIN).await;
+        }
+        self.received.done = Some(Instant::now());
         self.let_go();
         answer
     }
@@ -237,15 +375,11 @@ impl Far<'_> {
     }
 
     /// The sightings of this node that cross toward it.
-    fn ours<'l>(&self, lines: &'l [SightingLine]) -> Vec<&'l SightingLine> {
+    fn ours<'l>(&self, lines: &'l [SightingLine]) -> impl Iterator<Item = &'l SightingLine> {
+        let tap = self.guest.as_ref().map(|g| g.tap.clone());
         lines
             .iter()
-            .filter(|l| {
-                self.guest
-                    .as_ref()
-                    .is_none_or(|g| l.ifname.as_ref() == Some(&g.tap))
-            })
-            .collect()
+            .filter(move |l| tap.is_none() || l.ifname == tap)
     }
 }
 
@@ -283,6 +417,7 @@ pub async fn lab(args: &mut AttachArgs, name: &str) -> Result<AttachReport> {
                     tap: g.tap.clone(),
                 }),
                 talk: None,
+                received: Received::default(),
             };
             (far, guest_request(args, g))
         })
@@ -301,6 +436,7 @@ pub async fn peers(args: &mut AttachArgs, peers: &[PeerSpec], tls: &Path) -> Res
             name: p.name.clone(),
             guest: None,
             talk: Some(Talk::tls(&p.name, p.addr, &identity).await?),
+            received: Received::default(),
         };
         fars.push((far, peer_request(args, p)));
     }
@@ -329,11 +465,21 @@ async fn together(
         let names: Vec<&str> = fars.iter().map(|(f, _)| f.name.as_str()).collect();
         eprintln!("attach: following in {}", names.join(", "));
     }
-    // The others are stopped whether or not this node's attach succeeded.
-    let here = attach(args).await;
+    // The peers' sightings are read as they come while this node follows; the others are
+    // stopped whether or not this node's attach succeeded.
+    let here = {
+        let collecting = async {
+            futures::future::join_all(fars.iter_mut().map(|(f, _)| f.collect())).await;
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        tokio::select! {
+            here = attach(args) => here,
+            never = collecting => match never {},
+        }
+    };
     let answers = stop_all(&mut fars).await;
     let (mut report, lines) = here?;
-    for ((far, _), answer) in fars.iter().zip(answers) {
+    for ((far, _), answer) in fars.iter_mut().zip(answers) {
         let name = far.name.as_str();
         let (mut peer, sightings) = match answer.with_context(|| format!("attach in {name}"))? {
             AttachAnswer::Done { report, sightings } => (report, sightings),
@@ -341,10 +487,15 @@ async fn together(
             AttachAnswer::Following => bail!("attach in {name}: no report"),
         };
         peer.node = name.to_string();
-        let theirs: Vec<&SightingLine> = sightings.iter().collect();
-        report
-            .links
-            .push(link((&report.node, &far.ours(&lines)), (name, &theirs)));
+        if let Some(w) = peer.wire.as_mut() {
+            w.not_sent += far.received.not_kept;
+        }
+        let mut theirs = std::mem::take(&mut far.received.seen);
+        sightings.iter().for_each(|l| theirs.add(l));
+        let ours = Seen::of(far.ours(&lines));
+        let mut link = link((&report.node, ours), (name, theirs));
+        link.streamed = far.received.streamed();
+        report.links.push(link);
         report.peers.push(*peer);
     }
     Ok(report)
@@ -407,7 +558,7 @@ fn guest_request(args: &AttachArgs, g: &nested::Guest) -> AttachRequest {
         .map(|(ns, _)| ns.clone())
         .filter(|ns| ns != ROOT)
         .collect();
-    request(args, Vec::new(), netns, vec![GUEST_NIC.to_string()])
+    request(args, Vec::new(), netns, vec![GUEST_NIC.to_string()], false)
 }
 
 /// A peer follows its own targets if its --peer names any, else this node's --pod patterns;
@@ -424,7 +575,7 @@ fn peer_request(args: &AttachArgs, p: &PeerSpec) -> AttachRequest {
     } else {
         p.wire.clone()
     };
-    request(args, pods, p.netns.clone(), wire)
+    request(args, pods, p.netns.clone(), wire, true)
 }
 
 fn request(
@@ -432,6 +583,7 @@ fn request(
     pods: Vec<String>,
     netns: Vec<String>,
     wire: Vec<String>,
+    stream: bool,
 ) -> AttachRequest {
     AttachRequest {
         pods,
@@ -442,6 +594,7 @@ fn request(
         max_gap_ms: args.follow.max_gap_ns / 1_000_000,
         max_in_flight: args.follow.max_in_flight,
         hooks: args.hooks,
+        stream,
     }
 }
 
@@ -454,49 +607,20 @@ fn tap_netns(lab: &lab::Lab, g: &nested::Guest) -> Result<String> {
         .with_context(|| format!("lab {}: no tap {} on the host", lab.name, g.tap))
 }
 
-/// Sightings of one node, split by direction, their hops numbered in `hops`.
-fn split(
-    node: &str,
-    lines: &[&SightingLine],
-    hops: &mut Vec<String>,
-) -> (Vec<Sighting>, Vec<Sighting>) {
-    let (mut leaving, mut entering) = (Vec::new(), Vec::new());
-    for l in lines {
-        let hop = format!("{node}: {}", l.hop);
-        let at = match hops.iter().position(|h| *h == hop) {
-            Some(i) => i,
-            None => {
-                hops.push(hop);
-                hops.len() - 1
-            }
-        };
-        let s = Sighting {
-            id: l.id,
-            ts: l.ts_ns,
-            journey: 0,
-            at: at as u64,
-        };
-        if l.direction == "leaving" {
-            leaving.push(s);
-        } else {
-            entering.push(s);
-        }
-    }
-    (leaving, entering)
-}
-
 /// The wire between node A and node B from their sightings: pairs both ways, B's clock related
 /// to A's, each pair's time on the wire on A's clock.
-fn link(
-    (a, a_lines): (&str, &[&SightingLine]),
-    (b, b_lines): (&str, &[&SightingLine]),
-) -> NodeLink {
-    let mut hops = Vec::new();
-    let (a_leaving, a_entering) = split(a, a_lines, &mut hops);
-    let (b_leaving, b_entering) = split(b, b_lines, &mut hops);
+fn link((a, a_seen): (&str, Seen), (b, mut b_seen): (&str, Seen)) -> NodeLink {
+    // One numbering of both nodes' hops: B's after A's.
+    let offset = a_seen.hops.len() as u64;
+    for s in b_seen.leaving.iter_mut().chain(&mut b_seen.entering) {
+        s.at += offset;
+    }
+    let hops: Vec<String> = (a_seen.hops.iter().map(|h| format!("{a}: {h}")))
+        .chain(b_seen.hops.iter().map(|h| format!("{b}: {h}")))
+        .collect();
     let (ab, ba) = (
-        join::join(a_leaving, b_entering),
-        join::join(b_leaving, a_entering),
+        join::join(a_seen.leaving, b_seen.entering),
+        join::join(b_seen.leaving, a_seen.entering),
     );
     let clocks = join::clocks(&ab.pairs, &ba.pairs);
     // A's times of the pairs: when the first left A or entered it, to the last.
@@ -537,6 +661,7 @@ fn link(
         clock,
         unfit,
         directions,
+        streamed: None,
     }
 }
 
@@ -643,9 +768,7 @@ mod tests {
             5000,
         ));
         b_lines.push(line("vm1", "entering", "rx eth0", b(start + 10), 7));
-        let (a, b_refs): (Vec<&SightingLine>, Vec<&SightingLine>) =
-            (a_lines.iter().collect(), b_lines.iter().collect());
-        let l = link(("host", &a), ("vm1", &b_refs));
+        let l = link(("host", Seen::of(&a_lines)), ("vm1", Seen::of(&b_lines)));
         let clock = l.clock.expect("the clocks related");
         let truth = b(clock.at_ns) as i64 - clock.at_ns as i64;
         assert!(
@@ -720,10 +843,7 @@ mod tests {
                 )
             })
             .collect();
-        let l = link(
-            ("host", &a.iter().collect::<Vec<_>>()),
-            ("vm1", &b.iter().collect::<Vec<_>>()),
-        );
+        let l = link(("host", Seen::of(&a)), ("vm1", Seen::of(&b)));
         assert!(l.clock.is_none());
         assert!(l.unfit.expect("why").contains("one way"));
         assert_eq!(l.directions[0].untimed, 10);

@@ -21,8 +21,9 @@ use crate::{
 };
 
 /// Sightings kept per direction for the report's pairing: the memory bound (about 80 MB; as
-/// lines for another node's join, about 300 MB more).
-const KEPT: usize = 1 << 20;
+/// lines for another node's join, about 300 MB more). Those written out (`--sightings`, a
+/// streaming agent's) are not bounded by it.
+pub(super) const KEPT: usize = 1 << 20;
 
 pub struct Sightings {
     node: String,
@@ -83,12 +84,14 @@ impl Sightings {
         } else {
             &mut self.entering
         };
-        if kept.len() >= KEPT {
+        // Past the bound a sighting is still written out (a file, a host's stream), not kept.
+        let full = kept.len() >= KEPT;
+        if full {
             self.not_kept += 1;
-            return Ok(());
+        } else {
+            kept.push(seen.clone());
         }
-        kept.push(seen.clone());
-        if self.lines.is_none() && self.kept_lines.is_none() {
+        if self.lines.is_none() && (full || self.kept_lines.is_none()) {
             return Ok(());
         }
         let hop = namer.hop(&ev.point);
@@ -106,7 +109,7 @@ impl Sightings {
             serde_json::to_writer(&mut *out, &line)?;
             writeln!(out)?;
         }
-        if let Some(kept) = &mut self.kept_lines {
+        if let Some(kept) = self.kept_lines.as_mut().filter(|_| !full) {
             kept.push(line);
         }
         Ok(())
@@ -145,6 +148,7 @@ impl Sightings {
             crossings,
             ambiguous: joined.ambiguous,
             not_kept: self.not_kept,
+            not_sent: 0,
         };
         (summary, self.kept_lines.unwrap_or_default())
     }

@@ -18,9 +18,12 @@ pub type Read = Pin<Box<dyn AsyncRead + Send>>;
 pub type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 
 /// A channel's lines, each at most `max` bytes: a peer cannot make this end hold more.
+/// Cancel-safe: a line partly read when `next_line`'s future is dropped (a `select!` that took
+/// another branch, a timeout) is kept and completed by the next call.
 pub struct Reader {
     read: BufReader<Read>,
     max: usize,
+    partial: Vec<u8>,
 }
 
 impl Reader {
@@ -28,21 +31,22 @@ impl Reader {
         Reader {
             read: BufReader::new(read),
             max,
+            partial: Vec::new(),
         }
     }
 
     /// The next line without its newline; None at the end of the stream.
     pub async fn next_line(&mut self) -> Result<Option<String>> {
-        let mut line = Vec::new();
-        let limit = self.max as u64 + 1;
+        let limit = (self.max + 1).saturating_sub(self.partial.len()) as u64;
         let mut read = (&mut self.read).take(limit);
-        match read.read_until(b'\n', &mut line).await {
-            Ok(0) => return Ok(None),
+        match read.read_until(b'\n', &mut self.partial).await {
+            Ok(0) if self.partial.is_empty() => return Ok(None),
             Ok(_) => {}
             // A peer gone without TLS's close_notify (a host that exited) has ended all the same.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e.into()),
         }
+        let mut line = std::mem::take(&mut self.partial);
         if line.last() == Some(&b'\n') {
             line.pop();
         } else if line.len() > self.max {
@@ -94,5 +98,29 @@ mod tests {
         let mut r = Reader::new(Box::pin(std::io::Cursor::new(b"12345678".to_vec())), 8);
         assert_eq!(r.next_line().await.unwrap().as_deref(), Some("12345678"));
         assert_eq!(r.next_line().await.unwrap(), None);
+    }
+
+    /// A line that arrives in pieces across dropped calls (a select's other branch won) is read
+    /// whole by the next call.
+    #[tokio::test]
+    async fn a_line_read_in_part_by_a_dropped_call_is_kept() {
+        let (mut w, r) = tokio::io::duplex(64);
+        let mut lines = Reader::new(Box::pin(r), 64);
+        tokio::io::AsyncWriteExt::write_all(&mut w, b"first ha")
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(50), lines.next_line()).await;
+        assert!(
+            early.is_err(),
+            "a line without its end was returned: {early:?}"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut w, b"lf\nsecond\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            lines.next_line().await.unwrap().as_deref(),
+            Some("first half")
+        );
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("second"));
     }
 }

@@ -741,14 +741,23 @@ impl Talk {
     }
 
     pub async fn answer<A: serde::de::DeserializeOwned>(&mut self, within: Duration) -> Result<A> {
+        let answer = self.line(within).await?;
+        serde_json::from_str(&answer)
+            .with_context(|| format!("the agent of {}: unreadable answer", self.node))
+    }
+
+    /// The next line the agent sends. Cancel-safe: a line partly read is completed next time.
+    pub async fn line(&mut self, within: Duration) -> Result<String> {
         let node = &self.node;
-        let answer = tokio::time::timeout(within, self.lines.next_line())
+        tokio::time::timeout(within, self.lines.next_line())
             .await
             .map_err(|_| anyhow::anyhow!("the agent of {node} did not answer within {within:?}"))?
             .with_context(|| format!("the agent of {node}"))?
-            .with_context(|| format!("the agent of {node} closed its channel"))?;
-        serde_json::from_str(&answer)
-            .with_context(|| format!("the agent of {node}: unreadable answer"))
+            .with_context(|| format!("the agent of {node} closed its channel"))
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
     }
 }
 

@@ -432,6 +432,21 @@ pub struct NodeLink {
     pub unfit: Option<String>,
     /// A to B, then B to A.
     pub directions: Vec<LinkDirection>,
+    /// What B's agent sent while it followed (a peer's sightings come as they are read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streamed: Option<Streamed>,
+}
+
+/// A peer's sightings sent to this node while both followed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Streamed {
+    /// Sightings, and their bytes as JSON lines.
+    pub lines: u64,
+    pub bytes: u64,
+    /// From the peer's `following` to its report.
+    pub seconds: f64,
+    /// Of those, received before this node asked the peer to stop.
+    pub lines_before_stop: u64,
 }
 
 /// One direction of a link.
@@ -466,6 +481,10 @@ pub struct WireSummary {
     pub ambiguous: u64,
     /// Sightings past the memory bound, counted and not kept.
     pub not_kept: u64,
+    /// Sightings not sent to the node joining them: more waited to be sent than the bound
+    /// allows (that node read too slowly), or more arrived there than it keeps.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_sent: u64,
 }
 
 /// Packets paired by their wire identity: seen leaving `from` and entering `to`.

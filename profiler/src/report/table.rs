@@ -459,6 +459,17 @@ fn link(out: &mut String, l: &NodeLink) {
             let _ = writeln!(out, "    {}", crossing(c));
         }
     }
+    if let Some(s) = &l.streamed {
+        let _ = writeln!(
+            out,
+            "  {} sent {} sightings while following ({:.0}/s, {:.1} kB/s), {} before the stop",
+            l.b,
+            s.lines,
+            s.lines as f64 / s.seconds.max(1e-9),
+            s.bytes as f64 / 1e3 / s.seconds.max(1e-9),
+            s.lines_before_stop
+        );
+    }
 }
 
 /// "FROM -> TO: N packets paired by what they carry, p50 .. max ..[, each within +-B]".
@@ -492,6 +503,13 @@ fn wire(out: &mut String, w: &WireSummary) {
         w.ambiguous,
         w.not_kept
     );
+    if w.not_sent > 0 {
+        let _ = writeln!(
+            out,
+            "  {} sightings not sent to the node joining them (it read too slowly)",
+            w.not_sent
+        );
+    }
     for c in &w.crossings {
         let _ = writeln!(out, "  {}", crossing(c));
     }

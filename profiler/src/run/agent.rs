@@ -16,7 +16,10 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -26,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::AsyncWriteExt as _,
     net::TcpStream,
-    sync::{oneshot, watch, Semaphore},
+    sync::{mpsc, oneshot, watch, Semaphore},
     task::JoinHandle,
 };
 use tokio_rustls::TlsAcceptor;
@@ -66,6 +69,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(300);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(300);
 /// A host's requests are small (a run's settings); a longer line is refused, not buffered.
 const MAX_REQUEST: usize = 1 << 20;
+/// A streaming attach's sightings waiting to be sent, at most: past it (a host that reads too
+/// slowly) they are counted, not sent.
+const MAX_WAITING: usize = 64 << 20;
 /// Hosts refused at once while one is served (each gets its one-line answer); past that a
 /// connection is closed unanswered.
 const MAX_REFUSING: usize = 8;
@@ -427,7 +433,16 @@ async fn session(
     let mut running: Option<Running> = None;
     let mut attaching: Option<Attaching> = None;
     loop {
-        let line = match lines.next_line().await? {
+        // A streaming attach's sightings go out as they come, between requests.
+        let next = tokio::select! {
+            line = lines.next_line() => line?,
+            Some(batch) = outgoing(&mut attaching) => {
+                write.write_all(&batch).await?;
+                write.flush().await?;
+                continue;
+            }
+        };
+        let line = match next {
             Some(l) => l,
             None if matches!(channel, Channel::Serial(_)) => {
                 // The host went away: a run it did not stop ends here, its programs detached.
@@ -486,7 +501,7 @@ async fn session(
                 serde_json::to_string(&answer)?
             }
             Request::StopAttach {} => serde_json::to_string(&match attaching.take() {
-                Some(a) => a.stop().await,
+                Some(a) => a.stop(&mut write).await?,
                 None => AttachAnswer::Failed("no attach in progress".into()),
             })?,
             Request::Stop { run_id } => {
@@ -531,19 +546,100 @@ fn run_setup(request: SetupRequest, channel: Channel<'_>) -> Result<()> {
 struct Attaching {
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(AttachReport, Vec<SightingLine>)>>,
+    /// A streaming attach's sightings on their way to the host.
+    outbox: Option<Outgoing>,
 }
 
 impl Attaching {
-    async fn stop(self) -> AttachAnswer {
+    /// Stops it; its answer once the sightings it had still to send are written.
+    async fn stop(mut self, write: &mut Writer) -> Result<AttachAnswer> {
         let _ = self.stop.send(());
-        match self.task.await {
-            Ok(Ok((report, sightings))) => AttachAnswer::Done {
-                report: Box::new(report),
-                sightings,
-            },
+        let ended = self.task.await;
+        let mut not_sent = 0;
+        if let Some(out) = &mut self.outbox {
+            while let Ok(batch) = out.batches.try_recv() {
+                write.write_all(&batch).await?;
+            }
+            not_sent = out.not_sent.load(Ordering::Relaxed);
+        }
+        Ok(match ended {
+            Ok(Ok((mut report, sightings))) => {
+                if let Some(w) = report.wire.as_mut() {
+                    w.not_sent = not_sent;
+                }
+                AttachAnswer::Done {
+                    report: Box::new(report),
+                    sightings,
+                }
+            }
             Ok(Err(e)) => AttachAnswer::Failed(format!("{e:#}")),
             Err(e) => AttachAnswer::Failed(format!("the attach task: {e}")),
+        })
+    }
+}
+
+/// The next batch of sightings a streaming attach has for the host; pending without one.
+async fn outgoing(attaching: &mut Option<Attaching>) -> Option<Vec<u8>> {
+    let out = attaching.as_mut().and_then(|a| a.outbox.as_mut())?;
+    let batch = out.batches.recv().await?;
+    out.waiting.fetch_sub(batch.len(), Ordering::Relaxed);
+    Some(batch)
+}
+
+/// The agent's end of a streaming attach's sightings.
+struct Outgoing {
+    batches: mpsc::UnboundedReceiver<Vec<u8>>,
+    waiting: Arc<AtomicUsize>,
+    not_sent: Arc<AtomicU64>,
+}
+
+/// The attach's end: `--sightings`' JSON lines, sent as a batch at each flush (after each
+/// drain of the ring), at most MAX_WAITING bytes waiting; the lines of a batch past it are
+/// counted, not sent.
+struct Outbox {
+    batch: Vec<u8>,
+    batches: mpsc::UnboundedSender<Vec<u8>>,
+    waiting: Arc<AtomicUsize>,
+    not_sent: Arc<AtomicU64>,
+}
+
+fn outbox() -> (Outbox, Outgoing) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (waiting, not_sent) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicU64::new(0)));
+    let outbox = Outbox {
+        batch: Vec::new(),
+        batches: tx,
+        waiting: waiting.clone(),
+        not_sent: not_sent.clone(),
+    };
+    let outgoing = Outgoing {
+        batches: rx,
+        waiting,
+        not_sent,
+    };
+    (outbox, outgoing)
+}
+
+impl std::io::Write for Outbox {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.batch.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
         }
+        let batch = std::mem::take(&mut self.batch);
+        let lines = batch.iter().filter(|&&b| b == b'\n').count() as u64;
+        let room = self.waiting.load(Ordering::Relaxed) + batch.len() <= MAX_WAITING;
+        let len = batch.len();
+        if room && self.batches.send(batch).is_ok() {
+            self.waiting.fetch_add(len, Ordering::Relaxed);
+        } else {
+            self.not_sent.fetch_add(lines, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 
@@ -551,6 +647,7 @@ impl Attaching {
 async fn start_attach(request: AttachRequest, node: &str) -> Result<Attaching> {
     let (tell, followed) = oneshot::channel();
     let (stop, stopped) = oneshot::channel();
+    let stream = request.stream;
     let mut args = across::guest_args(
         request,
         node,
@@ -559,13 +656,19 @@ async fn start_attach(request: AttachRequest, node: &str) -> Result<Attaching> {
             stop: stopped,
         },
     )?;
+    let outbox = stream.then(|| {
+        let (lines, outgoing) = outbox();
+        args.sightings = Some(Box::new(lines));
+        args.keep_sightings = false;
+        outgoing
+    });
     let task = tokio::spawn(async move { attach::attach(&mut args).await });
     if followed.await.is_err() {
         // It ended before following: its error says why.
         task.await??;
         bail!("the attach ended before following");
     }
-    Ok(Attaching { stop, task })
+    Ok(Attaching { stop, task, outbox })
 }
 
 /// Runs `lab exec`'s command in the guest's namespace, killed past its timeout.
