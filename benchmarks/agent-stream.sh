@@ -13,6 +13,8 @@ P=${PROFILER:-target/release/profiler}
 RATES=${RATES:-10000 100000 1000000}
 SECONDS_EACH=10
 cd "$(dirname "$0")/.."
+# The checkout as it was before this run rewrote its figures.
+COMMIT=$(git describe --always --dirty)
 CERTS=$(mktemp -d)
 AGENT=
 SERVER=
@@ -42,7 +44,7 @@ for pps in $RATES; do
     -b $((pps * 64 * 8)) -t $SECONDS_EACH >/dev/null
 done
 {
-  echo "# bash benchmarks/agent-stream.sh ($(git describe --always --dirty), $(uname -r), $(nproc) CPUs)"
+  echo "# bash benchmarks/agent-stream.sh ($COMMIT, $(uname -r), $(nproc) CPUs)"
   echo "# per second of traffic ($SECONDS_EACH s each); seconds: node-b following, from its start to its report"
   printf '%-10s %10s %10s %10s %12s %10s %9s %10s %9s %9s\n' asked_pps seen_pps sightings seconds sent_kB_per_s B_each not_sent not_kept_b lost_b lost_a
   for pps in $RATES; do
