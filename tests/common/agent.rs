@@ -44,6 +44,24 @@ impl Agent {
             }
             None => Command::new(BIN),
         };
+        Agent::spawn(cmd, dir, netns, addr, args)
+    }
+
+    /// An agent on this node's namespace without the capabilities `dropped` (setpriv's
+    /// --bounding-set names: "net_admin,..."): what a node's service manager may grant it.
+    pub fn start_without(dir: &Path, dropped: &str, addr: &str, args: &[&str]) -> Agent {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([&format!("--bounding-set=-{dropped}"), BIN]);
+        Agent::spawn(cmd, dir, None, addr, args)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        dir: &Path,
+        netns: Option<&str>,
+        addr: &str,
+        args: &[&str],
+    ) -> Agent {
         let log = dir.join("agent.log");
         let child = cmd
             .args(["agent", "--listen", addr])

@@ -52,7 +52,8 @@ pub async fn run(cli: AgentCli) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    doctor::require_privileges()?;
+    // What every request needs; a tagged run's (tc programs, devices) is asked for by its own.
+    doctor::require(doctor::ATTACH_CAPS)?;
     let tcp = match cli.listen {
         Some(addr) => Some((addr, security(&cli)?)),
         None => None,

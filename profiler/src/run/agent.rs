@@ -50,6 +50,7 @@ use crate::{
     datapath::{path::Inodes, Mode},
     kernel::{
         btf::{DropReasons, KernelBtf},
+        doctor,
         programs::{LoadConfig, Programs},
         ring,
     },
@@ -538,6 +539,9 @@ fn run_setup(request: SetupRequest, channel: Channel<'_>) -> Result<()> {
         }
         Channel::Tcp => {}
     }
+    if !request.commands.is_empty() {
+        doctor::require_privileges()?;
+    }
     request.commands.iter().try_for_each(|c| nested::ip(c))
 }
 
@@ -775,6 +779,8 @@ fn client_stamps(out: &traffic::Outcome) -> Vec<(u32, u64, u64)> {
 /// Loads and attaches the guest's programs for the run (tc on every device of the guest) and
 /// starts its server.
 async fn start(s: &Start) -> Result<(Running, Answer)> {
+    // A tagged run attaches tc programs: more than an agent serving attach needs.
+    doctor::require_privileges()?;
     let btf = KernelBtf::load()?;
     let mut programs = Programs::load(
         &btf,
