@@ -9,35 +9,20 @@
 # cores is the limit well before 1 M packets/s).
 # Run as root from the repository root after `cargo xtask build`.
 set -euo pipefail
-P=${PROFILER:-target/release/profiler}
 RATES=${RATES:-10000 100000 1000000}
 SECONDS_EACH=10
 cd "$(dirname "$0")/.."
 # The checkout as it was before this run rewrote its figures.
 COMMIT=$(git describe --always --dirty)
-CERTS=$(mktemp -d)
-AGENT=
-SERVER=
-cleanup() {
-  # Ours, by pid.
-  [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null || true
-  [ -n "$AGENT" ] && kill "$AGENT" && wait "$AGENT" || true
-  rm -rf "$CERTS"
-  "$P" lab down bridge >/dev/null
-}
-"$P" lab up bridge >/dev/null
-trap cleanup EXIT
-"$P" agent --init-certs "$CERTS" --names node-a,node-b >/dev/null
-"$P" agent --listen 127.0.0.1:7454 --tls "$CERTS" --node node-b 2>"$CERTS/agent.log" &
-AGENT=$!
-until grep -q "listening on" "$CERTS/agent.log"; do sleep 0.1; done
+PORT=7454
+source benchmarks/two-nodes.sh
 ip netns exec prof-bridge-pod-b iperf3 -s -p 5299 >/dev/null 2>&1 &
 SERVER=$!
 sleep 1
 for pps in $RATES; do
   echo "==> $pps packets/s asked" >&2
   "$P" attach --node node-a --tls "$CERTS" \
-    --peer node-b=127.0.0.1:7454,netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0 \
+    --peer node-b=127.0.0.1:$PORT,netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0 \
     --netns prof-bridge-pod-a --wire prof-bridge-pod-a:eth0 --filter "udp and dst port 5299" \
     --quiet --json "benchmarks/agent-stream-$pps.json" \
     -- ip netns exec prof-bridge-pod-a iperf3 -c 198.18.0.2 -p 5299 -u -l 64 \

@@ -6,24 +6,11 @@
 # does). One kernel means one clock: the offset found from the traffic should contain zero.
 # Run as root from the repository root after `cargo xtask build`.
 set -euo pipefail
-P=${PROFILER:-target/release/profiler}
 cd "$(dirname "$0")/.."
-CERTS=$(mktemp -d)
-AGENT=
-cleanup() {
-  # Ours, by pid.
-  [ -n "$AGENT" ] && kill "$AGENT" && wait "$AGENT" || true
-  rm -rf "$CERTS"
-  "$P" lab down bridge >/dev/null
-}
-"$P" lab up bridge >/dev/null
-trap cleanup EXIT
-"$P" agent --init-certs "$CERTS" --names node-a,node-b >/dev/null
-"$P" agent --listen 127.0.0.1:7452 --tls "$CERTS" --node node-b 2>"$CERTS/agent.log" &
-AGENT=$!
-until grep -q "listening on" "$CERTS/agent.log"; do sleep 0.1; done
+PORT=7452
+source benchmarks/two-nodes.sh
 "$P" attach --node node-a --tls "$CERTS" \
-  --peer node-b=127.0.0.1:7452,netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0 \
+  --peer node-b=127.0.0.1:$PORT,netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0 \
   --netns prof-bridge-pod-a --wire prof-bridge-pod-a:eth0 --filter icmp \
   --quiet --json benchmarks/peer-attach.json \
   -- ip netns exec prof-bridge-pod-a ping -q -c 200 -i 0.01 198.18.0.2 \
