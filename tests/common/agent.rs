@@ -34,7 +34,7 @@ impl Agent {
     /// `profiler agent --listen ADDR ARGS`, in a new namespace NETNS (its loopback up) if
     /// given, once it listens; its stderr in DIR/agent.log.
     pub fn start(dir: &Path, netns: Option<&str>, addr: &str, args: &[&str]) -> Agent {
-        let mut cmd = match netns {
+        let cmd = match netns {
             Some(ns) => {
                 ip(&["netns", "add", ns]);
                 ip(&["-n", ns, "link", "set", "lo", "up"]);
