@@ -506,7 +506,7 @@ fn wire(out: &mut String, w: &WireSummary) {
     if w.not_sent > 0 {
         let _ = writeln!(
             out,
-            "  {} sightings not sent to the node joining them (it read too slowly)",
+            "  {} sightings not sent to, or not kept by, the node joining them (past its bounds)",
             w.not_sent
         );
     }
