@@ -16,6 +16,9 @@
 //! pod-a eth0 ingress), so none of the three injection points below is crossed by responses in
 //! the injected direction: the response direction must not move at all. The same holds on
 //! flannel-vxlan (FLANNEL_POINTS): responses leave host-b and enter host-a.
+//!
+//! Every run is on one CPU (`truth::on_one_cpu` says why): a hold must delay its packet, not
+//! the wake-up of another CPU after it.
 // A test crate sees every dependency of the package; the lint is for the library's.
 #![allow(unused_crate_dependencies)]
 
@@ -30,7 +33,7 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    truth::{assert_no_injector_left, us, Brackets, Injection, Medians},
+    truth::{assert_no_injector_left, on_one_cpu, us, Brackets, Injection, Medians},
     BIN,
 };
 
@@ -337,7 +340,7 @@ impl Drop for LabGuard {
 /// One profiler run on the (already up) lab: p50 of every segment by (direction, name).
 fn run_medians(lab: &LabUnderTest) -> Medians {
     let port = PORT.to_string();
-    let out = Command::new(BIN)
+    let out = on_one_cpu(&mut Command::new(BIN))
         .args([
             "run",
             // The port the injector holds.

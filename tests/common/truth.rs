@@ -13,7 +13,14 @@
 
 use std::{
     collections::BTreeMap,
+    os::unix::process::CommandExt as _,
+    process::Command,
     time::{Duration, Instant},
+};
+
+use nix::{
+    sched::{sched_setaffinity, CpuSet},
+    unistd::Pid,
 };
 
 /// p50 (ns) by (group, segment): a group is a direction of a run, or a kind of traffic.
@@ -205,6 +212,21 @@ impl Brackets {
             self.failures.join("\n")
         );
     }
+}
+
+/// Runs `cmd` on CPU 0 only, so that its client, its server, the softirqs their sends run and
+/// the injector's hold in them share one CPU and no wake-up crosses to another.
+///
+/// Why: a hold busy-waits the CPU the packet is on, and a wake-up of the other CPU right after
+/// it is slower than without it: the receiving socket's segment, where no hold is, moved by
+/// 2.5 us here (by 5-12 us on CI's machine, the run of 2026-12-06, failing the 5 us bound) with
+/// 200 us held at the bridge lab's veth-b egress, and by 0.6 us with the run on one CPU (p50s
+/// of `profiler run` with and without `profiler delay`, 3 runs each).
+pub fn on_one_cpu(cmd: &mut Command) -> &mut Command {
+    let mut cpu = CpuSet::new();
+    cpu.set(0).expect("CPU 0 in a CPU set");
+    // SAFETY: sched_setaffinity is a plain system call, safe between fork and exec.
+    unsafe { cmd.pre_exec(move || Ok(sched_setaffinity(Pid::from_raw(0), &cpu)?)) }
 }
 
 /// The kernel frees a detached program asynchronously: give it a moment.
