@@ -18,7 +18,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{attach, filter, wire, AttachArgs, Control};
+use super::{attach, filter, stitch, wire, AttachArgs, Control};
 use crate::{
     cluster::{
         clock::Fit,
@@ -495,6 +495,10 @@ async fn together(
         let ours = Seen::of(far.ours(&lines));
         let mut link = link((&report.node, ours), (name, theirs));
         link.streamed = far.received.streamed();
+        let ends = [(&report, &*peer), (&*peer, &report)];
+        for (d, (from, to)) in link.directions.iter_mut().zip(ends) {
+            d.paths = stitch::paths(d, from, to);
+        }
         report.links.push(link);
         report.peers.push(*peer);
     }
@@ -706,6 +710,7 @@ fn direction(
         unmatched_leaving: joined.unmatched_leaving,
         unmatched_entering: joined.unmatched_entering,
         untimed,
+        paths: Vec::new(),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod filter;
 pub mod histograms;
 pub mod metrics;
 pub mod scope;
+mod stitch;
 pub mod wire;
 pub mod workload;
 

@@ -465,6 +465,37 @@ pub struct LinkDirection {
     /// Pairs at a time no clock fit covers: paired, not timed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub untimed: u64,
+    /// Per crossing, the way across both nodes as one waterfall.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathAcross>,
+}
+
+/// A way across two nodes: the leaving node's most taken path up to the hop a crossing left
+/// at, the wire, and the entering node's most taken path from the hop it entered at. Each node
+/// counts its own segments (the wire: the packets paired), so the parts are medians of
+/// different packets, joined where the packets were paired.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PathAcross {
+    pub segments: Vec<SegmentAcross>,
+}
+
+/// A segment of a way across nodes: within one node, or the wire between two.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SegmentAcross {
+    /// The node of each end: different on the wire only.
+    pub from_node: String,
+    pub to_node: String,
+    /// As the node's report names it; "wire" between nodes.
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    pub packets: u64,
+    pub p50_ns: f64,
+    pub p90_ns: f64,
+    pub p99_ns: f64,
+    /// The wire's: half the width of its median packet's clock bound (0 within a node).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bound_ns: u64,
 }
 
 /// `attach --wire`: the followed packets seen leaving and entering the node's wire-facing

@@ -4,9 +4,9 @@ use std::fmt::Write as _;
 
 use super::schema::{
     AlltoallResult, AttachDrop, AttachPath, AttachReport, ClockBounds, CompareReport,
-    CrossingReport, DirectionReport, DoctorReport, HookSet, HookStatus, Hop, NodeLink, ProgramCost,
-    RunReport, SegmentReport, SegmentSummary, Stats, Status, StreamResult, WireCrossing,
-    WireSummary,
+    CrossingReport, DirectionReport, DoctorReport, HookSet, HookStatus, Hop, NodeLink, PathAcross,
+    ProgramCost, RunReport, SegmentAcross, SegmentReport, SegmentSummary, Stats, Status,
+    StreamResult, WireCrossing, WireSummary,
 };
 use crate::lab::names::HOST_NODE;
 
@@ -458,6 +458,9 @@ fn link(out: &mut String, l: &NodeLink) {
         for c in &d.crossings {
             let _ = writeln!(out, "    {}", crossing(c));
         }
+        for p in &d.paths {
+            path_across(out, p);
+        }
     }
     if let Some(s) = &l.streamed {
         let _ = writeln!(
@@ -470,6 +473,61 @@ fn link(out: &mut String, l: &NodeLink) {
             s.lines_before_stop
         );
     }
+}
+
+/// A way across two nodes as one waterfall, each segment with its node (both on the wire) and
+/// its share of the summed p50s: the parts are medians of different packets, so no mean sums.
+fn path_across(out: &mut String, p: &PathAcross) {
+    let (Some(first), Some(last)) = (p.segments.first(), p.segments.last()) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "    way across (each node's busiest path to and from the wire), {}: {} -> {}: {}:",
+        first.from_node, first.from, last.to_node, last.to
+    );
+    let node = |s: &SegmentAcross| match s.from_node == s.to_node {
+        true => s.from_node.clone(),
+        false => format!("{} -> {}", s.from_node, s.to_node),
+    };
+    let widest = |f: &dyn Fn(&SegmentAcross) -> usize| p.segments.iter().map(f).max().unwrap_or(0);
+    let wn = widest(&|s| node(s).chars().count());
+    let w = widest(&|s| s.name.chars().count()).max("sum of the p50s".len().saturating_sub(wn + 2));
+    let total: f64 = p.segments.iter().map(|s| s.p50_ns).sum::<f64>().max(1.0);
+    let _ = writeln!(
+        out,
+        "      {:>2}  {:<wn$}  {:<w$} {:>8} {:>8} {:>8} {:>8} {:>8}  share",
+        "#", "node", "segment", "packets", "p50", "p90", "p99", "bound"
+    );
+    for (i, s) in p.segments.iter().enumerate() {
+        let share = s.p50_ns / total;
+        let bound = match s.bound_ns {
+            0 => String::new(),
+            b => format!("+-{}", us(b as f64)),
+        };
+        let _ = writeln!(
+            out,
+            "      {:>2}  {:<wn$}  {:<w$} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>4.1}% {}",
+            i + 1,
+            node(s),
+            s.name,
+            s.packets,
+            us(s.p50_ns),
+            us(s.p90_ns),
+            us(s.p99_ns),
+            bound,
+            share * 100.0,
+            "#".repeat((share * BAR_WIDTH).round() as usize)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "          {:<width$} {:>8} {:>8}",
+        "sum of the p50s",
+        "",
+        us(total),
+        width = wn + 2 + w
+    );
 }
 
 /// "FROM -> TO: N packets paired by what they carry, p50 .. max ..[, each within +-B]".
@@ -821,6 +879,45 @@ pub fn doctor(d: &DoctorReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_way_across_names_each_node_and_sums_the_p50s() {
+        let seg =
+            |from_node: &str, to_node: &str, name: &str, p50_us: f64, bound_ns| SegmentAcross {
+                from_node: from_node.into(),
+                to_node: to_node.into(),
+                name: name.into(),
+                from: format!("{name} start"),
+                to: format!("{name} end"),
+                packets: 20,
+                p50_ns: p50_us * 1e3,
+                p90_ns: p50_us * 2e3,
+                p99_ns: p50_us * 3e3,
+                bound_ns,
+            };
+        let way = PathAcross {
+            segments: vec![
+                seg("node-a", "node-a", "qdisc eth0", 4.0, 0),
+                seg("node-a", "node-b", "wire", 12.0, 8_000),
+                seg("node-b", "node-b", "backlog eth0", 4.0, 0),
+            ],
+        };
+        let mut out = String::new();
+        path_across(&mut out, &way);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "    way across (each node's busiest path to and from the wire), node-a: qdisc eth0 start -> node-b: backlog eth0 end:",
+                "       #  node              segment       packets      p50      p90      p99    bound  share",
+                "       1  node-a            qdisc eth0         20    4.0us    8.0us   12.0us           20.0% #####",
+                "       2  node-a -> node-b  wire               20   12.0us   24.0us   36.0us  +-8.0us  60.0% ##############",
+                "       3  node-b            backlog eth0       20    4.0us    8.0us   12.0us           20.0% #####",
+                "          sum of the p50s                           20.0us",
+            ],
+            "{out}"
+        );
+    }
 
     #[test]
     fn formats_microseconds_and_milliseconds() {
