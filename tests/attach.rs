@@ -16,7 +16,10 @@ use std::{
 use common::{
     agent::{certs, Agent, Scratch},
     assert_clean,
-    attach::{identical_datagrams, lab_up, ping, report, started, tmp, udp_echo, Attach},
+    attach::{
+        assert_way_across, identical_datagrams, lab_up, ping, report, started, tmp, udp_echo,
+        Attach,
+    },
     profiler, run_json, segment_names, segments, BIN,
 };
 use profiler::report::schema::{AttachReport, SightingLine};
@@ -511,32 +514,7 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
             c.p50_ns <= c.bound_ns + 1_000_000,
             "a veth crossing on one clock takes microseconds: {c:?}"
         );
-        // One waterfall across both nodes: the leaving node's segments up to the wire, the
-        // wire, the entering node's from it, one chain of hops.
-        let way = (d.paths.iter())
-            .find(|p| {
-                (p.segments.iter())
-                    .any(|s| s.name == "wire" && c.from.ends_with(&s.from) && c.to.ends_with(&s.to))
-            })
-            .unwrap_or_else(|| panic!("no way across for {c:?}: {d:?}"));
-        let wire = way.segments.iter().position(|s| s.name == "wire").unwrap();
-        assert!(
-            0 < wire && wire + 1 < way.segments.len(),
-            "each node adds its part: {way:?}"
-        );
-        assert_eq!(way.segments[wire].packets, c.packets, "{way:?}");
-        for (k, s) in way.segments.iter().enumerate() {
-            let nodes = match k.cmp(&wire) {
-                std::cmp::Ordering::Less => (&d.from_node, &d.from_node),
-                std::cmp::Ordering::Equal => (&d.from_node, &d.to_node),
-                std::cmp::Ordering::Greater => (&d.to_node, &d.to_node),
-            };
-            assert_eq!((&s.from_node, &s.to_node), nodes, "{way:?}");
-            assert!(s.packets > 0 && s.p50_ns > 0.0, "{way:?}");
-        }
-        for w in way.segments.windows(2) {
-            assert_eq!(w[0].to, w[1].from, "one chain of hops: {way:?}");
-        }
+        assert_way_across(d, c);
     }
     assert!(table.contains("wire node-a <-> node-b"), "{table}");
     let crossings: usize = link.directions.iter().map(|d| d.crossings.len()).sum();

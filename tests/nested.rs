@@ -785,6 +785,7 @@ fn attach_pairs_the_packets_between_the_host_and_its_guest() {
             "{c:?} {clock:?}"
         );
         assert!(c.max_ns < 1_000_000_000, "{c:?}");
+        common::attach::assert_way_across(d, c);
     }
     assert!(
         table.contains(&format!("wire {} <-> vm1: clock offset", r.node)),

@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler::lab::netns::run_in;
+use profiler::{
+    lab::netns::run_in,
+    report::schema::{LinkDirection, WireCrossing},
+};
 use serde_json::Value;
 
 use super::{profiler, LabGuard, BIN};
@@ -343,5 +346,35 @@ pub fn identical_datagrams((from, to): (&str, &str), addrs: [[u8; 4]; 2], port: 
     sink.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     for _ in 0..times {
         sink.recv(&mut buf).expect("each copy delivered");
+    }
+}
+
+/// The way across drawn for crossing `c` of link direction `d`: the leaving node's segments up to
+/// the wire, the wire counting the crossing's packets, the entering node's segments on, each
+/// side adding at least one, all one chain of hops.
+pub fn assert_way_across(d: &LinkDirection, c: &WireCrossing) {
+    let way = (d.paths.iter())
+        .find(|p| {
+            (p.segments.iter())
+                .any(|s| s.name == "wire" && c.from.ends_with(&s.from) && c.to.ends_with(&s.to))
+        })
+        .unwrap_or_else(|| panic!("no way across for {c:?}: {d:?}"));
+    let wire = way.segments.iter().position(|s| s.name == "wire").unwrap();
+    assert!(
+        0 < wire && wire + 1 < way.segments.len(),
+        "each node adds its part: {way:?}"
+    );
+    assert_eq!(way.segments[wire].packets, c.packets, "{way:?}");
+    for (k, s) in way.segments.iter().enumerate() {
+        let nodes = match k.cmp(&wire) {
+            std::cmp::Ordering::Less => (&d.from_node, &d.from_node),
+            std::cmp::Ordering::Equal => (&d.from_node, &d.to_node),
+            std::cmp::Ordering::Greater => (&d.to_node, &d.to_node),
+        };
+        assert_eq!((&s.from_node, &s.to_node), nodes, "{way:?}");
+        assert!(s.packets > 0 && s.p50_ns > 0.0, "{way:?}");
+    }
+    for w in way.segments.windows(2) {
+        assert_eq!(w[0].to, w[1].from, "one chain of hops: {way:?}");
     }
 }
