@@ -17,7 +17,7 @@ use std::{
 
 use common::{profiler, BIN};
 use nix::{sys::signal::kill, sys::signal::Signal, unistd::Pid};
-use profiler::report::schema::AttachReport;
+use profiler::report::schema::{AttachReport, SegmentAcross};
 use serde_json::Value;
 
 const LAB: &str = "bmp2vmp";
@@ -600,7 +600,8 @@ fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
     agent_over_tcp_profiles_the_path();
     lab_exec_runs_commands_in_the_guests_namespaces();
     a_signal_while_the_guest_loads_stops_its_attach();
-    attach_pairs_the_packets_between_the_host_and_its_guest();
+    let base = attach_pairs_the_packets_between_the_host_and_its_guest();
+    holds_land_in_their_nodes_part_of_the_way_across(&base);
     drop(guard);
     assert_nothing_left(LAB);
 }
@@ -711,7 +712,9 @@ fn a_signal_while_the_guest_loads_stops_its_attach() {
     assert!(err.contains("attach: stopped in vm1"), "{err}");
 }
 
-fn attach_pairs_the_packets_between_the_host_and_its_guest() {
+/// One `attach --lab` while vm1's pod-b pings pod-a 100 times, 50 ms apart: the report, the
+/// table and attach's stderr.
+fn attach_lab_while_vm1_pings() -> (AttachReport, String, String) {
     let json = std::env::temp_dir().join(format!(
         "profiler-nested-attach-{}.json",
         std::process::id()
@@ -752,6 +755,11 @@ fn attach_pairs_the_packets_between_the_host_and_its_guest() {
         serde_json::from_str(&std::fs::read_to_string(&json).expect("the report"))
             .expect("an attach report");
     let _ = std::fs::remove_file(&json);
+    (r, table, err)
+}
+
+fn attach_pairs_the_packets_between_the_host_and_its_guest() -> AttachReport {
+    let (r, table, err) = attach_lab_while_vm1_pings();
     assert_eq!(r.peers.len(), 1, "{err}");
     assert_eq!(r.peers[0].node, "vm1");
     assert!(
@@ -791,6 +799,100 @@ fn attach_pairs_the_packets_between_the_host_and_its_guest() {
         table.contains(&format!("wire {} <-> vm1: clock offset", r.node)),
         "{table}"
     );
+    r
+}
+
+/// Ground truth across two clocks: a 2 ms hold on the requests (vm1 -> host) in vm1, before
+/// they leave its eth0, then one on the host after they enter through the tap, each land in
+/// that node's part of the way across, in the segment around the hold; the wire and every
+/// other segment move less than the TCG noise the baseline shows (twice its p90 - p50, plus
+/// 20 us), the wire by its clock bound more.
+fn holds_land_in_their_nodes_part_of_the_way_across(base: &AttachReport) {
+    const HOLD_US: u64 = 2000;
+    // On vm1's NIC (its root namespace; pod-b has an eth0 too).
+    guest_commands(&["tc qdisc add dev eth0 root netem delay 2ms"]);
+    let (in_guest, ..) = attach_lab_while_vm1_pings();
+    guest_commands(&["tc qdisc del dev eth0 root"]);
+    check_way_across(base, &in_guest, HOLD_US * 1000, |s| {
+        s.from_node == "vm1" && s.name == "qdisc eth0 ((root))"
+    });
+    let host = &base.node;
+    let mut delay = Command::new(BIN)
+        .args([
+            "delay",
+            "--netns",
+            "prof-bmp2vmp-host",
+            "--iface",
+            "tap-vm1",
+        ])
+        .args(["--direction", "ingress", "--delay-us", &HOLD_US.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the delay injector");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(delay.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .expect("the injector's first line");
+    assert!(first.starts_with("holding"), "{first}");
+    let (on_host, ..) = attach_lab_while_vm1_pings();
+    kill(Pid::from_raw(delay.id() as i32), Signal::SIGINT).expect("stopping the injector");
+    assert!(delay.wait().expect("the injector").success());
+    check_way_across(base, &on_host, HOLD_US * 1000, |s| {
+        &s.from_node == host && s.from.starts_with("netif_receive_skb tap-vm1")
+    });
+}
+
+/// The requests' way across (vm1 -> host) of `held` against `base`: the segment `held_in`
+/// picks grew by `hold_ns` within 10%, the others kept within the noise (the wire also within
+/// both runs' clock bounds).
+fn check_way_across(
+    base: &AttachReport,
+    held: &AttachReport,
+    hold_ns: u64,
+    held_in: impl Fn(&SegmentAcross) -> bool,
+) {
+    let way = |r: &AttachReport| -> Vec<SegmentAcross> {
+        let d = &r.links[0].directions[1];
+        assert_eq!(d.from_node, "vm1", "{d:?}");
+        d.paths
+            .first()
+            .unwrap_or_else(|| panic!("no way across: {d:?}"))
+            .segments
+            .clone()
+    };
+    let (before, after) = (way(base), way(held));
+    let mut found = false;
+    for s in &after {
+        let key = |b: &&SegmentAcross| {
+            (&b.from_node, &b.to_node, &b.name) == (&s.from_node, &s.to_node, &s.name)
+        };
+        let Some(b) = before.iter().find(key) else {
+            println!("{} {}: only with the hold", s.from_node, s.name);
+            continue;
+        };
+        let moved = s.p50_ns - b.p50_ns;
+        let what = format!(
+            "{} -> {} {}: moved {}",
+            s.from_node, s.to_node, s.name, moved
+        );
+        if held_in(s) {
+            let bound = hold_ns as f64 / 10.0;
+            println!("{what} ns for a {hold_ns} ns hold, bound {bound} ns");
+            assert!(
+                (moved - hold_ns as f64).abs() <= bound,
+                "{what} ns for {hold_ns} ns"
+            );
+            found = true;
+        } else {
+            let noise = 2.0 * (b.p90_ns - b.p50_ns) + 20_000.0;
+            let allowed = noise + (b.bound_ns + s.bound_ns) as f64;
+            println!("{what} ns, allowed {allowed} ns");
+            assert!(moved.abs() <= allowed, "{what} ns, allowed {allowed} ns");
+        }
+    }
+    assert!(found, "no segment around the hold: {before:#?} {after:#?}");
 }
 
 /// `profiler run --from --to NODE:NETNS:IP --agent ADDR --tls DIR`, run where the VM's address
