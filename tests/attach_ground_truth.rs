@@ -21,22 +21,15 @@
 
 mod common;
 
-use std::{
-    collections::BTreeMap,
-    io::{BufRead as _, BufReader, Read as _},
-    process::{Child, ChildStdout, Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
-use aya::programs::{tc::TcAttachType, SchedClassifier};
 use common::{
     assert_clean_of,
     attach::{ping, report, started, tcp_echo, tmp, udp_echo, Attach},
+    delay::Delay,
     lab_up,
     truth::{us, Brackets, Injection, Medians, Verdict},
-    BIN,
 };
-use profiler::lab::netns::run_in;
 
 /// Exchanges per kind of traffic and measurement: every segment of the path gets a p50 over at
 /// least MIN_PACKETS packets.
@@ -211,92 +204,6 @@ const FLANNEL: Lab = Lab {
     ],
 };
 
-/// `profiler delay` at a point, until dropped: SIGINT, and it must say it detached, and be.
-struct Delay {
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-    netns: &'static str,
-    iface: &'static str,
-    direction: &'static str,
-}
-
-impl Delay {
-    fn attach(point: &Point, delay_us: u64) -> Delay {
-        let delay = delay_us.to_string();
-        let port = point.port.to_string();
-        let mut child = Command::new(BIN)
-            .args(["delay", "--netns", point.netns, "--iface", point.iface])
-            .args(["--direction", point.direction, "--delay-us", &delay])
-            .args(["--port", &port])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning profiler delay");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout
-            .read_line(&mut line)
-            .expect("profiler delay's output");
-        if !line.starts_with("holding") {
-            let out = child.wait_with_output().expect("wait");
-            panic!(
-                "profiler delay did not attach: {line}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        // The guard first: a failed check below still stops the process.
-        let delay = Delay {
-            child,
-            stdout,
-            netns: point.netns,
-            iface: point.iface,
-            direction: point.direction,
-        };
-        let tc = tcx_programs(point.netns, point.iface, point.direction);
-        assert!(
-            tc.contains(&"tc_delay".into()),
-            "no tc_delay attached: {tc:?}"
-        );
-        delay
-    }
-}
-
-/// The names of the programs attached by tcx at a device's hook.
-fn tcx_programs(netns: &str, iface: &str, direction: &str) -> Vec<String> {
-    let hook = match direction {
-        "egress" => TcAttachType::Egress,
-        _ => TcAttachType::Ingress,
-    };
-    run_in(Some(netns), || {
-        let (_, programs) = SchedClassifier::query_tcx(iface, hook)?;
-        Ok(programs
-            .iter()
-            .filter_map(|p| p.name_as_str().map(str::to_string))
-            .collect())
-    })
-    .expect("listing the tcx programs")
-}
-
-impl Drop for Delay {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let mut rest = String::new();
-        let _ = self.stdout.read_to_string(&mut rest);
-        let status = self.child.wait().expect("wait for profiler delay");
-        if !std::thread::panicking() {
-            assert!(
-                status.success() && rest.contains("detached"),
-                "profiler delay did not detach ({status}): {rest}"
-            );
-            let tc = tcx_programs(self.netns, self.iface, self.direction);
-            assert!(
-                !tc.contains(&"tc_delay".into()),
-                "tc_delay still attached: {tc:?}"
-            );
-        }
-    }
-}
-
 /// One measurement: each kind of traffic followed by its own attach, p50 of every segment
 /// that at least MIN_PACKETS packets crossed, by (kind, segment), and the clients' round trip.
 /// `ends` gets the hop each segment ends at.
@@ -427,7 +334,15 @@ fn judge_lab(lab: &Lab, up: common::LabGuard) {
         let verdict = brackets.bracket(
             &what,
             &mut || measure(lab, &mut BTreeMap::new()),
-            &mut || Delay::attach(point, lab.delay_us),
+            &mut || {
+                Delay::hold(
+                    Some(point.netns),
+                    point.iface,
+                    point.direction,
+                    lab.delay_us,
+                    point.port,
+                )
+            },
         );
         print_rows(point, lab.delay_us, &verdict);
         let grown: f64 = KINDS

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{profiler, BIN};
+use common::{delay::Delay, profiler, BIN};
 use nix::{sys::signal::kill, sys::signal::Signal, unistd::Pid};
 use profiler::report::schema::{AttachReport, SegmentAcross};
 use serde_json::Value;
@@ -552,37 +552,16 @@ fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
     let guard = common::lab_up(&[LAB, "--inner", "bridge", "--guest-kernel", KERNEL]);
     let base = run_json(PORT);
     // On the host: held at the tap's tc egress, in the segment that ends there.
-    let mut delay = Command::new(BIN)
-        .args([
-            "delay",
-            "--netns",
-            "prof-bmp2vmp-host",
-            "--iface",
-            "tap-vm1",
-            "--direction",
-            "egress",
-            "--delay-us",
-            &DELAY_US.to_string(),
-            "--port",
-            PORT,
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting the delay injector");
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(delay.stdout.as_mut().unwrap()),
-        &mut first,
-    )
-    .expect("the injector's first line");
-    assert!(first.starts_with("holding"), "{first}");
+    let port = PORT.parse().expect("a port");
+    let delay = Delay::hold(
+        Some("prof-bmp2vmp-host"),
+        "tap-vm1",
+        "egress",
+        DELAY_US,
+        port,
+    );
     let host_delayed = run_json(PORT);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(delay.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .expect("stopping the injector");
-    assert!(delay.wait().expect("the injector").success());
+    drop(delay);
     check_delay(
         &base,
         &host_delayed,
@@ -817,28 +796,9 @@ fn holds_land_in_their_nodes_part_of_the_way_across(base: &AttachReport) {
         s.from_node == "vm1" && s.name == "qdisc eth0 ((root))"
     });
     let host = &base.node;
-    let mut delay = Command::new(BIN)
-        .args([
-            "delay",
-            "--netns",
-            "prof-bmp2vmp-host",
-            "--iface",
-            "tap-vm1",
-        ])
-        .args(["--direction", "ingress", "--delay-us", &HOLD_US.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting the delay injector");
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(delay.stdout.as_mut().unwrap()),
-        &mut first,
-    )
-    .expect("the injector's first line");
-    assert!(first.starts_with("holding"), "{first}");
+    let delay = Delay::hold(Some("prof-bmp2vmp-host"), "tap-vm1", "ingress", HOLD_US, 0);
     let (on_host, ..) = attach_lab_while_vm1_pings();
-    kill(Pid::from_raw(delay.id() as i32), Signal::SIGINT).expect("stopping the injector");
-    assert!(delay.wait().expect("the injector").success());
+    drop(delay);
     check_way_across(base, &on_host, HOLD_US * 1000, |s| {
         &s.from_node == host && s.from.starts_with("netif_receive_skb tap-vm1")
     });

@@ -8,9 +8,8 @@ mod common;
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, BufReader},
     net::UdpSocket,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -18,9 +17,10 @@ use std::{
 use common::{
     assert_clean,
     attach::{lab_info, report, started, tmp, Attach},
+    delay::Delay,
     lab_up, profiler,
     prometheus::{free_port, Prometheus},
-    LabGuard, BIN,
+    LabGuard,
 };
 use profiler::lab::netns::run_in;
 use serde_json::Value;
@@ -76,38 +76,6 @@ fn read_node() -> (String, Vec<NodePod>) {
     (node["socket"].as_str().unwrap().to_string(), pods)
 }
 
-/// `profiler delay` on a device of this namespace, until dropped (SIGINT, then waited for). Its
-/// stdout stays open: a closed pipe would end it at its next line.
-struct Delay(Child, BufReader<std::process::ChildStdout>);
-
-impl Delay {
-    fn start(iface: &str, direction: &str, us: u64) -> Delay {
-        let mut child = Command::new(BIN)
-            .args(["delay", "--iface", iface, "--direction", direction])
-            .args(["--delay-us", &us.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("profiler delay");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).expect("delay's first line");
-        assert!(
-            line.starts_with("holding"),
-            "profiler delay did not hold: {line}"
-        );
-        Delay(child, out)
-    }
-}
-
-impl Drop for Delay {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        let _ = std::io::Read::read_to_string(&mut self.1, &mut String::new());
-        let _ = self.0.wait();
-    }
-}
-
 /// attach names every hop and segment of the pods' traffic after the pods, as the runtime
 /// knows them; Prometheus scrapes its /metrics and answers queries by pod; a slowed pod's
 /// segment makes the project's slow-segment alert pending; every query of the project's
@@ -142,7 +110,7 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
     ]);
     let prometheus = Prometheus::start(metrics.parse().unwrap());
     // pod-b's host-side veth holds what the bridge forwards to it: the segment into pod-b.
-    let delay = Delay::start(&b.host_veth, "egress", 150);
+    let delay = Delay::hold(None, &b.host_veth, "egress", 150, 0);
     let done = AtomicBool::new(false);
     let traffic = std::thread::scope(|s| {
         let t = s.spawn(|| paced_udp(&a.netns, &b.ip, &done));

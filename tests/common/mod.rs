@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod attach;
+pub mod delay;
 pub mod prometheus;
 pub mod skip;
 pub mod truth;
