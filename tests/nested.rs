@@ -781,18 +781,22 @@ fn attach_pairs_the_packets_between_the_host_and_its_guest() -> AttachReport {
     r
 }
 
-/// Ground truth across two clocks: a 2 ms hold on the requests (vm1 -> host) in vm1, before
-/// they leave its eth0, then one on the host after they enter through the tap, each land in
-/// that node's part of the way across, in the segment around the hold; the wire and every
-/// other segment move less than the TCG noise the baseline shows (twice its p90 - p50, plus
-/// 20 us), the wire by its clock bound more.
+/// Ground truth across two clocks: a hold on the requests (vm1 -> host) in vm1, before they
+/// leave its eth0, then one on the host after they enter through the tap, each land in that
+/// node's part of the way across, in the segment around the hold; the wire and every other
+/// segment move less than the TCG noise the baseline shows (twice its p90 - p50, plus 20 us),
+/// the wire by its clock bound more.
 fn holds_land_in_their_nodes_part_of_the_way_across(base: &AttachReport) {
+    // The host's hold busy-waits: 2 ms is exact. The guest's is netem, whose timer under TCG
+    // overshoots by 145-272 us (measured at 2 ms, once past 10% of it): 5 ms, as the run test
+    // above holds in the guest.
     const HOLD_US: u64 = 2000;
+    const GUEST_HOLD_US: u64 = 5000;
     // On vm1's NIC (its root namespace; pod-b has an eth0 too).
-    guest_commands(&["tc qdisc add dev eth0 root netem delay 2ms"]);
+    guest_commands(&["tc qdisc add dev eth0 root netem delay 5ms"]);
     let (in_guest, ..) = attach_lab_while_vm1_pings();
     guest_commands(&["tc qdisc del dev eth0 root"]);
-    check_way_across(base, &in_guest, HOLD_US * 1000, |s| {
+    check_way_across(base, &in_guest, GUEST_HOLD_US * 1000, |s| {
         s.from_node == "vm1" && s.name == "qdisc eth0 ((root))"
     });
     let host = &base.node;
