@@ -451,7 +451,10 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
         &["--tls", tls, "--node", "node-b"],
     );
     let json = scratch.0.join("peer.json");
+    let metrics_at = "127.0.0.1:7455";
     let attach = Attach::start(&[
+        "--prometheus",
+        metrics_at,
         "--node",
         "node-a",
         "--tls",
@@ -471,6 +474,10 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
     ping("prof-bridge-pod-a", "198.18.0.2", 200, "0.01");
     let pods = ("prof-bridge-pod-a", "prof-bridge-pod-b");
     udp_echo(pods, "198.18.0.2", 7461, 50, 64, Duration::from_millis(5));
+    // The links are joined again every 5 s while it follows.
+    std::thread::sleep(Duration::from_secs(6));
+    let metrics = common::prometheus::http_get(metrics_at.parse().unwrap(), "/metrics")
+        .expect("/metrics answers 200");
     let (table, _) = attach.stop();
     agent.wait_for("gone", 1);
     drop(lab);
@@ -515,7 +522,27 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
             "a veth crossing on one clock takes microseconds: {c:?}"
         );
         assert_way_across(d, c);
+        // /metrics had the same crossing while both followed, every packet of it.
+        let on = |hop: &str, node: &str| hop.trim_start_matches(&format!("{node}: ")).to_string();
+        let labels = format!(
+            "{{source_node=\"{}\",destination_node=\"{}\",from=\"{}\",to=\"{}\"}}",
+            d.from_node,
+            d.to_node,
+            on(&c.from, &d.from_node),
+            on(&c.to, &d.to_node)
+        );
+        let live = format!("profiler_wire_crossing_packets{labels} {}\n", c.packets);
+        assert!(
+            metrics.contains(&live),
+            "no {live:?} in /metrics:\n{metrics}"
+        );
     }
+    assert!(
+        metrics.contains(
+            "profiler_clock_offset_seconds{node_a=\"node-a\",node_b=\"node-b\",edge=\"low\"}"
+        ),
+        "{metrics}"
+    );
     assert!(table.contains("wire node-a <-> node-b"), "{table}");
     let crossings: usize = link.directions.iter().map(|d| d.crossings.len()).sum();
     assert_eq!(table.matches("way across").count(), crossings, "{table}");

@@ -9,22 +9,22 @@
 //! its bound. Nothing is tagged and no clock is assumed in sync.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     path::Path,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{attach, filter, stitch, wire, AttachArgs, Control};
+use super::{
+    attach, filter,
+    link::{link, Seen},
+    live, stitch, wire, AttachArgs, Control,
+};
 use crate::{
-    cluster::{
-        clock::Fit,
-        join::{self, Joined, Pair, Sighting},
-        tls::Identity,
-    },
+    cluster::tls::Identity,
     kernel::programs::FollowConfig,
     lab::{
         self,
@@ -32,10 +32,7 @@ use crate::{
         nested::{self, Talk},
     },
     pods,
-    report::schema::{
-        AttachReport, ClockBounds, HookSet, LinkDirection, NodeLink, SightingLine, Streamed,
-        WireCrossing,
-    },
+    report::schema::{AttachReport, HookSet, SightingLine, Streamed},
     signal::{self, interruptible},
 };
 
@@ -48,9 +45,6 @@ pub const STOP: &str = "stop_attach";
 const FOLLOWING_WITHIN: Duration = Duration::from_secs(900);
 /// How long a node may take to answer once stopped.
 const REPORT_WITHIN: Duration = Duration::from_secs(300);
-/// Where no line fits the whole attach, the clocks are fitted over this horizon around each
-/// packet (cluster/clock.rs `track`).
-const CLOCK_HORIZON_NS: u64 = 8_000_000_000;
 /// A guest's attach that its host never stops ends after this, or at the next attach asked.
 const GUEST_MAX: Duration = Duration::from_secs(86_400);
 /// The NIC a lab's guest has toward its host.
@@ -88,7 +82,8 @@ enum PeerLine {
 /// Sightings a node's agent sent as it read them.
 #[derive(Default)]
 struct Received {
-    seen: Seen,
+    /// Shared with the live join (live.rs), which reads it while the channel is read.
+    seen: Arc<Mutex<Seen>>,
     /// Every sighting received, kept or not, and its bytes.
     count: u64,
     bytes: u64,
@@ -118,10 +113,11 @@ impl Received {
     fn keep(&mut self, line: &SightingLine, bytes: usize) {
         self.count += 1;
         self.bytes += bytes as u64;
-        if self.seen.len() >= 2 * wire::KEPT {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= 2 * wire::KEPT {
             self.not_kept += 1;
         } else {
-            self.seen.add(line);
+            seen.add(line);
         }
     }
 
@@ -149,50 +145,6 @@ pub enum AttachAnswer {
         sightings: Vec<SightingLine>,
     },
     Failed(String),
-}
-
-/// One node's wire sightings as the join takes them (some 70 bytes each), its hops' names
-/// kept once: what a host holds of a peer's stream.
-#[derive(Default)]
-struct Seen {
-    hops: Vec<String>,
-    leaving: Vec<Sighting>,
-    entering: Vec<Sighting>,
-}
-
-impl Seen {
-    fn of<'l>(lines: impl IntoIterator<Item = &'l SightingLine>) -> Seen {
-        let mut seen = Seen::default();
-        for l in lines {
-            seen.add(l);
-        }
-        seen
-    }
-
-    fn add(&mut self, l: &SightingLine) {
-        let at = match self.hops.iter().position(|h| *h == l.hop) {
-            Some(i) => i,
-            None => {
-                self.hops.push(l.hop.clone());
-                self.hops.len() - 1
-            }
-        };
-        let s = Sighting {
-            id: l.id,
-            ts: l.ts_ns,
-            journey: 0,
-            at: at as u64,
-        };
-        if l.direction == "leaving" {
-            self.leaving.push(s);
-        } else {
-            self.entering.push(s);
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.leaving.len() + self.entering.len()
-    }
 }
 
 /// `--peer NAME=ADDR[,pod=P][,netns=N][,wire=W]`: a node whose agent listens at ADDR under
@@ -288,6 +240,7 @@ pub fn guest_args(r: AttachRequest, node: &str, control: Control) -> Result<Atta
         wire: r.wire,
         sightings: None,
         keep_sightings: true,
+        live: None,
         duration: Some(GUEST_MAX),
         prometheus: None,
         stats: false,
@@ -465,8 +418,9 @@ async fn together(
         let names: Vec<&str> = fars.iter().map(|(f, _)| f.name.as_str()).collect();
         eprintln!("attach: following in {}", names.join(", "));
     }
-    // The peers' sightings are read as they come while this node follows; the others are
-    // stopped whether or not this node's attach succeeded.
+    // The peers' sightings are read as they come while this node follows (and joined as they
+    // come for /metrics); the others are stopped whether or not this node's attach succeeded.
+    let joining = live_join(args, &fars);
     let here = {
         let collecting = async {
             futures::future::join_all(fars.iter_mut().map(|(f, _)| f.collect())).await;
@@ -475,6 +429,7 @@ async fn together(
         tokio::select! {
             here = attach(args) => here,
             never = collecting => match never {},
+            never = joining => match never {},
         }
     };
     let answers = stop_all(&mut fars).await;
@@ -490,7 +445,8 @@ async fn together(
         if let Some(w) = peer.wire.as_mut() {
             w.not_sent += far.received.not_kept;
         }
-        let mut theirs = std::mem::take(&mut far.received.seen);
+        let mut theirs =
+            std::mem::take(&mut *far.received.seen.lock().unwrap_or_else(|e| e.into_inner()));
         sightings.iter().for_each(|l| theirs.add(l));
         let ours = Seen::of(far.ours(&lines));
         let mut link = link((&report.node, ours), (name, theirs));
@@ -503,6 +459,31 @@ async fn together(
         report.peers.push(*peer);
     }
     Ok(report)
+}
+
+/// With --prometheus, the links joined as the peers' sightings come (live.rs); a lab's
+/// guests send theirs at the end only, so they have none.
+fn live_join(
+    args: &mut AttachArgs,
+    fars: &[(Far<'_>, AttachRequest)],
+) -> impl std::future::Future<Output = std::convert::Infallible> + use<> {
+    let streaming = fars.iter().all(|(f, _)| f.guest.is_none());
+    let peers: Vec<live::Peer> = fars
+        .iter()
+        .map(|(f, _)| live::Peer::new(&f.name, f.received.seen.clone()))
+        .collect();
+    let me = args.node.clone().unwrap_or_else(super::node_name);
+    let joined = (args.prometheus.is_some() && streaming).then(|| {
+        let (feed, lines, links) = live::feed();
+        args.live = Some(feed);
+        (lines, links)
+    });
+    async move {
+        match joined {
+            Some((lines, links)) => live::run(&me, peers, lines, links).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Asks each node to attach, in turn, until all follow; `asked` counts those asked so far.
@@ -611,196 +592,9 @@ fn tap_netns(lab: &lab::Lab, g: &nested::Guest) -> Result<String> {
         .with_context(|| format!("lab {}: no tap {} on the host", lab.name, g.tap))
 }
 
-/// The wire between node A and node B from their sightings: pairs both ways, B's clock related
-/// to A's, each pair's time on the wire on A's clock.
-fn link((a, a_seen): (&str, Seen), (b, mut b_seen): (&str, Seen)) -> NodeLink {
-    // One numbering of both nodes' hops: B's after A's.
-    let offset = a_seen.hops.len() as u64;
-    for s in b_seen.leaving.iter_mut().chain(&mut b_seen.entering) {
-        s.at += offset;
-    }
-    let hops: Vec<String> = (a_seen.hops.iter().map(|h| format!("{a}: {h}")))
-        .chain(b_seen.hops.iter().map(|h| format!("{b}: {h}")))
-        .collect();
-    let (ab, ba) = (
-        join::join(a_seen.leaving, b_seen.entering),
-        join::join(b_seen.leaving, a_seen.entering),
-    );
-    let clocks = join::clocks(&ab.pairs, &ba.pairs);
-    // A's times of the pairs: when the first left A or entered it, to the last.
-    let times = ab
-        .pairs
-        .iter()
-        .map(|p| p.left.ts)
-        .chain(ba.pairs.iter().map(|p| p.entered.ts));
-    let (from, to) = times.fold((u64::MAX, 0), |(lo, hi), t| (lo.min(t), hi.max(t)));
-    let whole = (from <= to).then(|| clocks.fit(from, to));
-    // Tracked second by second only where no line fits the whole stretch.
-    let timeline = matches!(whole, Some(Err(_))).then(|| clocks.track(CLOCK_HORIZON_NS));
-    let fit_at = |t: u64| -> Option<Fit> {
-        match (&whole, &timeline) {
-            (Some(Ok(fit)), _) => Some(fit.clone()),
-            (_, Some(timeline)) => timeline.at(t).ok().cloned(),
-            _ => None,
-        }
-    };
-    let mid = from / 2 + to / 2;
-    let (clock, unfit) = match (&whole, fit_at(mid)) {
-        (_, Some(fit)) => (Some(ClockBounds::of(&fit, mid)), None),
-        (None, None) => (None, Some("no packet crossed either way".to_string())),
-        (Some(Err(why)), None) => (None, Some(why.to_string())),
-        (Some(Ok(_)), None) => unreachable!("a whole fit fits its middle"),
-    };
-    let directions = vec![
-        direction((a, b), &ab, &hops, |p| {
-            fit_at(p.left.ts).map(|f| join::on_the_wire(p, &f))
-        }),
-        direction((b, a), &ba, &hops, |p| {
-            fit_at(p.entered.ts).map(|f| join::on_the_wire_back(p, &f))
-        }),
-    ];
-    NodeLink {
-        a: a.to_string(),
-        b: b.to_string(),
-        clock,
-        unfit,
-        directions,
-        streamed: None,
-    }
-}
-
-/// One direction's pairs as crossings per pair of hops; `timed` gives a pair's time on the
-/// wire and its bound, None where no fit covers it.
-fn direction(
-    (from, to): (&str, &str),
-    joined: &Joined,
-    hops: &[String],
-    timed: impl Fn(&Pair) -> Option<(i64, u64)>,
-) -> LinkDirection {
-    let mut by_hops: HashMap<(u64, u64), (Vec<u64>, Vec<u64>)> = HashMap::new();
-    let mut untimed = 0;
-    for p in &joined.pairs {
-        let Some((ns, bound)) = timed(p) else {
-            untimed += 1;
-            continue;
-        };
-        let (times, bounds) = by_hops.entry((p.left.at, p.entered.at)).or_default();
-        times.push(ns.max(0) as u64);
-        bounds.push(bound);
-    }
-    let mut crossings: Vec<WireCrossing> = by_hops
-        .into_iter()
-        .map(|((l, e), (times, mut bounds))| {
-            bounds.sort_unstable();
-            let bound = bounds[bounds.len() / 2];
-            wire::crossing(
-                hops[l as usize].clone(),
-                hops[e as usize].clone(),
-                times,
-                bound,
-            )
-        })
-        .collect();
-    wire::by_packets(&mut crossings);
-    LinkDirection {
-        from_node: from.to_string(),
-        to_node: to.to_string(),
-        crossings,
-        ambiguous: joined.ambiguous,
-        unmatched_leaving: joined.unmatched_leaving,
-        unmatched_entering: joined.unmatched_entering,
-        untimed,
-        paths: Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::join::{Flow, WireId};
-
-    fn line(node: &str, direction: &str, hop: &str, ts_ns: u64, n: u16) -> SightingLine {
-        SightingLine {
-            node: node.into(),
-            direction: direction.into(),
-            hop: hop.into(),
-            netns: None,
-            ifname: None,
-            ts_ns,
-            journey: String::new(),
-            id: WireId {
-                outer: Flow {
-                    saddr: 1,
-                    daddr: 2,
-                    proto: 1,
-                    sport: 0x0800,
-                    dport: n,
-                    ip_id: n,
-                },
-                ..WireId::default()
-            },
-        }
-    }
-
-    /// B's clock an hour behind A's and drifting 20 ppm; packets 40-90 us on the wire each way.
-    #[test]
-    fn a_link_pairs_both_ways_and_bounds_every_packet() {
-        let b = |t: u64| ((t as f64) * (1.0 + 20e-6)) as u64 - 3_600_000_000_000;
-        let wire = |i: u64| 40_000 + (i * 7_919) % 50_000;
-        let start = 4_000_000_000_000;
-        let (mut a_lines, mut b_lines) = (Vec::new(), Vec::new());
-        for i in 0..500u64 {
-            let t = start + i * 10_000_000;
-            let n = i as u16;
-            a_lines.push(line("host", "leaving", "xmit tap", t, n));
-            b_lines.push(line("vm1", "entering", "rx eth0", b(t + wire(i)), n));
-            let t = t + 5_000_000;
-            b_lines.push(line("vm1", "leaving", "xmit eth0", b(t), 1000 + n));
-            a_lines.push(line(
-                "host",
-                "entering",
-                "rx tap",
-                t + wire(i + 1),
-                1000 + n,
-            ));
-        }
-        // A packet lost on the way, and one the guest saw twice (with the one it was sent as).
-        a_lines.push(line(
-            "host",
-            "leaving",
-            "xmit tap",
-            start + 6_000_000_000,
-            5000,
-        ));
-        b_lines.push(line("vm1", "entering", "rx eth0", b(start + 10), 7));
-        let l = link(("host", Seen::of(&a_lines)), ("vm1", Seen::of(&b_lines)));
-        let clock = l.clock.expect("the clocks related");
-        let truth = b(clock.at_ns) as i64 - clock.at_ns as i64;
-        assert!(
-            clock.offset_ns.0 <= truth && truth <= clock.offset_ns.1,
-            "{clock:?} {truth}"
-        );
-        let (there, back) = (&l.directions[0], &l.directions[1]);
-        assert_eq!((there.ambiguous, there.unmatched_leaving), (3, 1));
-        assert_eq!((back.ambiguous, back.unmatched_leaving), (0, 0));
-        let c = &there.crossings[0];
-        assert_eq!(
-            (c.from.as_str(), c.to.as_str(), c.packets),
-            ("host: xmit tap", "vm1: rx eth0", 499)
-        );
-        let c = &back.crossings[0];
-        assert_eq!(
-            (c.from.as_str(), c.to.as_str(), c.packets),
-            ("vm1: xmit eth0", "host: rx tap", 500)
-        );
-        // The median packet's time is the median truth (65 us) within its bound.
-        for c in [&there.crossings[0], &back.crossings[0]] {
-            assert!(
-                c.p50_ns.abs_diff(65_000) <= c.bound_ns && c.bound_ns <= 50_000,
-                "{c:?}"
-            );
-        }
-    }
 
     #[test]
     fn a_peer_names_its_own_targets_and_wire() {
@@ -822,36 +616,5 @@ mod tests {
         ] {
             assert!(bad.parse::<PeerSpec>().is_err(), "{bad} taken");
         }
-    }
-
-    #[test]
-    fn packets_one_way_only_are_paired_and_not_timed() {
-        let a: Vec<SightingLine> = (0..10)
-            .map(|i| {
-                line(
-                    "host",
-                    "leaving",
-                    "xmit tap",
-                    1_000 + i * 1_000_000,
-                    i as u16,
-                )
-            })
-            .collect();
-        let b: Vec<SightingLine> = (0..10)
-            .map(|i| {
-                line(
-                    "vm1",
-                    "entering",
-                    "rx eth0",
-                    50_000 + i * 1_000_000,
-                    i as u16,
-                )
-            })
-            .collect();
-        let l = link(("host", Seen::of(&a)), ("vm1", Seen::of(&b)));
-        assert!(l.clock.is_none());
-        assert!(l.unfit.expect("why").contains("one way"));
-        assert_eq!(l.directions[0].untimed, 10);
-        assert!(l.directions[0].crossings.is_empty());
     }
 }

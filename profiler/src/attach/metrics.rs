@@ -12,7 +12,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::report::schema::{AttachDrop, HookStatus, JourneyCounts, SegmentSummary, Status};
+use crate::report::schema::{
+    AttachDrop, HookStatus, JourneyCounts, LinkDirection, NodeLink, SegmentSummary, Status,
+    WireCrossing,
+};
 
 /// Upper bounds of the exported buckets, in seconds: 1 us to 1 s, 1-2-5 steps.
 const BOUNDS: [f64; 19] = [
@@ -32,6 +35,18 @@ pub struct Snapshot {
 
 #[derive(Debug)]
 struct SnapshotCollector(Arc<RwLock<Snapshot>>);
+
+/// How far back each node's sightings are joined for the links on /metrics (live.rs), on its
+/// own clock: longer than a usual scrape interval, so each scrape sees the traffic since the
+/// one before.
+pub const LINKS_WINDOW_NS: u64 = 30_000_000_000;
+
+/// The links between this node and its peers over the live join's window (live.rs); none
+/// without --peer.
+pub type Links = Arc<RwLock<Vec<NodeLink>>>;
+
+#[derive(Debug)]
+struct LinksCollector(Links);
 
 /// The kernel's log-linear buckets regrouped under BOUNDS (a bucket counts under the first
 /// bound its upper edge does not exceed), the rest under +Inf.
@@ -141,13 +156,101 @@ impl Collector for SnapshotCollector {
     }
 }
 
+impl Collector for LinksCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let links = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let window = format!(
+            "over the last {} s of sightings",
+            LINKS_WINDOW_NS / 1_000_000_000
+        );
+        let help = |what: &str| format!("{what} {window}");
+        let mut times = encoder.encode_descriptor(
+            "profiler_wire_crossing_seconds",
+            &help(
+                "Time on the wire between two nodes' devices, on this node's clock, by quantile,",
+            ),
+            None,
+            MetricType::Gauge,
+        )?;
+        for (d, c) in links.iter().flat_map(crossings) {
+            for (q, ns) in [("0.5", c.p50_ns), ("0.9", c.p90_ns), ("0.99", c.p99_ns)] {
+                let labels = crossing_labels(d, c);
+                ConstGauge::new(ns as f64 / 1e9).encode(
+                    times.encode_family(&[labels.as_slice(), &[("quantile", q)]].concat())?,
+                )?;
+            }
+        }
+        let mut packets = encoder.encode_descriptor(
+            "profiler_wire_crossing_packets",
+            &help("Packets paired between two nodes' devices"),
+            None,
+            MetricType::Gauge,
+        )?;
+        for (d, c) in links.iter().flat_map(crossings) {
+            ConstGauge::new(c.packets as i64)
+                .encode(packets.encode_family(&crossing_labels(d, c))?)?;
+        }
+        let mut bounds = encoder.encode_descriptor(
+            "profiler_wire_crossing_bound_seconds",
+            &help("The median packet's bound on its time on the wire (the clocks' uncertainty)"),
+            None,
+            MetricType::Gauge,
+        )?;
+        for (d, c) in links.iter().flat_map(crossings) {
+            ConstGauge::new(c.bound_ns as f64 / 1e9)
+                .encode(bounds.encode_family(&crossing_labels(d, c))?)?;
+        }
+        let mut clocks = encoder.encode_descriptor(
+            "profiler_clock_offset_seconds",
+            &help("Node B's clock minus node A's lies between the low and the high edge"),
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in links.iter() {
+            let Some(c) = &l.clock else { continue };
+            for (edge, ns) in [("low", c.offset_ns.0), ("high", c.offset_ns.1)] {
+                let labels = [
+                    ("node_a", l.a.as_str()),
+                    ("node_b", l.b.as_str()),
+                    ("edge", edge),
+                ];
+                ConstGauge::new(ns as f64 / 1e9).encode(clocks.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn crossings(l: &NodeLink) -> impl Iterator<Item = (&LinkDirection, &WireCrossing)> {
+    l.directions
+        .iter()
+        .flat_map(|d| d.crossings.iter().map(move |c| (d, c)))
+}
+
+/// A crossing's hops are named "NODE: HOP"; the node is a label of its own.
+fn crossing_labels<'a>(d: &'a LinkDirection, c: &'a WireCrossing) -> Vec<(&'a str, &'a str)> {
+    let on = |hop: &'a str, node: &str| -> &'a str {
+        (hop.strip_prefix(node))
+            .and_then(|rest| rest.strip_prefix(": "))
+            .unwrap_or(hop)
+    };
+    vec![
+        ("source_node", d.from_node.as_str()),
+        ("destination_node", d.to_node.as_str()),
+        ("from", on(&c.from, &d.from_node)),
+        ("to", on(&c.to, &d.to_node)),
+    ]
+}
+
 /// Serves /metrics until the task is aborted.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     snapshot: Arc<RwLock<Snapshot>>,
+    links: Links,
 ) -> Result<()> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+    registry.register_collector(Box::new(LinksCollector(links)));
     let app = Router::new()
         .route("/metrics", get(metrics))
         .with_state(Arc::new(registry));
@@ -185,5 +288,51 @@ mod tests {
         assert_eq!(at(5e-5), Some(1));
         assert_eq!(at(f64::INFINITY), Some(1));
         assert_eq!(out.iter().map(|&(_, n)| n).sum::<u64>(), 4);
+    }
+
+    /// A link's crossings on /metrics, the node in labels of its own, and the clocks' bound.
+    #[test]
+    fn links_are_served_with_their_nodes() {
+        let crossing = WireCrossing {
+            from: "a: xmit eth0".into(),
+            to: "b: rx eth0".into(),
+            packets: 7,
+            p50_ns: 40_000,
+            p90_ns: 50_000,
+            p99_ns: 60_000,
+            max_ns: 70_000,
+            bound_ns: 5_000,
+        };
+        let link = NodeLink {
+            a: "a".into(),
+            b: "b".into(),
+            clock: Some(crate::report::schema::ClockBounds {
+                at_ns: 0,
+                offset_ns: (-2_000, 3_000),
+                drift_ppm: (0.0, 0.0),
+                over_ns: None,
+            }),
+            unfit: None,
+            directions: vec![LinkDirection {
+                from_node: "a".into(),
+                to_node: "b".into(),
+                crossings: vec![crossing],
+                ..LinkDirection::default()
+            }],
+            streamed: None,
+        };
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(LinksCollector(Arc::new(RwLock::new(vec![link])))));
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        let labels = r#"{source_node="a",destination_node="b",from="xmit eth0",to="rx eth0""#;
+        for line in [
+            format!("profiler_wire_crossing_packets{labels}}} 7"),
+            format!("profiler_wire_crossing_seconds{labels},quantile=\"0.5\"}} 0.00004"),
+            format!("profiler_wire_crossing_bound_seconds{labels}}} 0.000005"),
+            r#"profiler_clock_offset_seconds{node_a="a",node_b="b",edge="high"} 0.000003"#.into(),
+        ] {
+            assert!(text.contains(&line), "no {line} in\n{text}");
+        }
     }
 }

@@ -9,6 +9,8 @@ pub mod across;
 pub mod events;
 pub mod filter;
 pub mod histograms;
+mod link;
+mod live;
 pub mod metrics;
 pub mod scope;
 mod stitch;
@@ -71,6 +73,9 @@ pub struct AttachArgs {
     pub sightings: Option<Box<dyn std::io::Write + Send + Sync>>,
     /// Whether the sightings are kept as lines for the caller (`attach` returns them).
     pub keep_sightings: bool,
+    /// Where the sightings go as they are read for the links on /metrics (`--peer` with
+    /// `--prometheus`; set by across.rs).
+    pub live: Option<live::Feed>,
     pub filter: String,
     pub follow: FollowConfig,
     pub duration: Option<Duration>,
@@ -149,9 +154,13 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
     let snapshot = listener
         .as_ref()
         .map(|_| Arc::new(RwLock::new(metrics::Snapshot::default())));
+    let (live_lines, links) = match args.live.take() {
+        Some(f) => (Some(f.lines), f.links),
+        None => (None, metrics::Links::default()),
+    };
     let server = listener
         .zip(snapshot.clone())
-        .map(|(l, snap)| tokio::spawn(metrics::serve(l, snap)));
+        .map(|(l, snap)| tokio::spawn(metrics::serve(l, snap, links)));
     let mut ring = if args.follow.stream {
         Some(programs.take_ring("HOP_EVENTS")?)
     } else {
@@ -162,7 +171,12 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
     } else {
         Some(Wire {
             ring: programs.take_ring("WIRE_EVENTS")?,
-            sightings: wire::Sightings::new(&node, args.sightings.take(), args.keep_sightings),
+            sightings: wire::Sightings::new(
+                &node,
+                args.sightings.take(),
+                args.keep_sightings,
+                live_lines,
+            ),
         })
     };
     let started = Instant::now();

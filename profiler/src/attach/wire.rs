@@ -12,6 +12,7 @@ use std::{
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{device_key, HopPoint, SightingEvent, WireFlow, WIRE_ENTERING, WIRE_LEAVING};
+use tokio::sync::mpsc::UnboundedSender;
 
 use super::scope::Namer;
 use crate::{
@@ -37,12 +38,20 @@ pub struct Sightings {
     points: HashMap<(u64, u8), HopPoint>,
     lines: Option<BufWriter<Box<dyn Write + Send + Sync>>>,
     kept_lines: Option<Vec<SightingLine>>,
+    /// The live join's feed (live.rs), which keeps only its window.
+    live: Option<UnboundedSender<SightingLine>>,
 }
 
 impl Sightings {
     /// `lines`: where `--sightings` writes a JSON line each; `keep`: whether they are also
-    /// kept for the caller (a host joining them with another node's).
-    pub fn new(node: &str, lines: Option<Box<dyn Write + Send + Sync>>, keep: bool) -> Self {
+    /// kept for the caller (a host joining them with another node's); `live`: whether they
+    /// are also sent to the live join.
+    pub fn new(
+        node: &str,
+        lines: Option<Box<dyn Write + Send + Sync>>,
+        keep: bool,
+        live: Option<UnboundedSender<SightingLine>>,
+    ) -> Self {
         Sightings {
             node: node.to_string(),
             leaving: Vec::new(),
@@ -52,6 +61,7 @@ impl Sightings {
             points: HashMap::new(),
             lines: lines.map(|w| BufWriter::with_capacity(1 << 16, w)),
             kept_lines: keep.then(Vec::new),
+            live,
         }
     }
 
@@ -91,7 +101,8 @@ impl Sightings {
         } else {
             kept.push(seen.clone());
         }
-        if self.lines.is_none() && (full || self.kept_lines.is_none()) {
+        let keeps = !full && self.kept_lines.is_some();
+        if self.lines.is_none() && !keeps && self.live.is_none() {
             return Ok(());
         }
         let hop = namer.hop(&ev.point);
@@ -108,6 +119,10 @@ impl Sightings {
         if let Some(out) = &mut self.lines {
             serde_json::to_writer(&mut *out, &line)?;
             writeln!(out)?;
+        }
+        // A live join that has ended (the attach is ending) needs no more.
+        if let Some(live) = &self.live {
+            let _ = live.send(line.clone());
         }
         if let Some(kept) = self.kept_lines.as_mut().filter(|_| !full) {
             kept.push(line);

@@ -178,6 +178,7 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         wire: cli.wire,
         sightings: sightings.map(|s| s.writer()).transpose()?,
         keep_sightings: false,
+        live: None,
         cgroups: cli.cgroup,
         duration: cli.duration,
         prometheus: cli.prometheus,
