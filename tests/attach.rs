@@ -8,6 +8,7 @@ mod common;
 
 use std::{
     collections::HashMap,
+    path::Path,
     process::Command,
     sync::{Mutex, MutexGuard},
     time::Duration,
@@ -443,13 +444,8 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
     let scratch = Scratch::new("attach-peer");
     let tls = certs(&scratch.0, "certs", "node-a,node-b");
     let tls = tls.to_str().unwrap();
-    // With attach's capabilities only, as a node may run it: no CAP_NET_ADMIN.
-    let agent = Agent::start_without(
-        &scratch.0,
-        "net_admin",
-        "127.0.0.1:7451",
-        &["--tls", tls, "--node", "node-b"],
-    );
+    // As deploy/agent-daemonset.yaml runs it, with its capabilities only (no CAP_NET_ADMIN).
+    let (agent, at) = Agent::as_deployed(&scratch.0, "node-b", "127.0.0.1", Path::new(tls));
     let json = scratch.0.join("peer.json");
     let metrics_at = "127.0.0.1:7455";
     let attach = Attach::start(&[
@@ -460,7 +456,7 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
         "--tls",
         tls,
         "--peer",
-        "node-b=127.0.0.1:7451,netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0",
+        &format!("node-b={at},netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0"),
         "--netns",
         "prof-bridge-pod-a",
         "--wire",

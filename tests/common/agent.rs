@@ -34,7 +34,7 @@ impl Agent {
     /// `profiler agent --listen ADDR ARGS`, in a new namespace NETNS (its loopback up) if
     /// given, once it listens; its stderr in DIR/agent.log.
     pub fn start(dir: &Path, netns: Option<&str>, addr: &str, args: &[&str]) -> Agent {
-        let cmd = match netns {
+        let mut cmd = match netns {
             Some(ns) => {
                 ip(&["netns", "add", ns]);
                 ip(&["-n", ns, "link", "set", "lo", "up"]);
@@ -44,28 +44,42 @@ impl Agent {
             }
             None => Command::new(BIN),
         };
-        Agent::spawn(cmd, dir, netns, addr, args)
+        cmd.args(["agent", "--listen", addr]).args(args);
+        Agent::spawn(cmd, dir, netns)
     }
 
-    /// An agent on this node's namespace without the capabilities `dropped` (setpriv's
-    /// --bounding-set names: "net_admin,..."): what a node's service manager may grant it.
-    pub fn start_without(dir: &Path, dropped: &str, addr: &str, args: &[&str]) -> Agent {
+    /// The agent as deploy/agent-daemonset.yaml runs it on node NODE at address IP: its
+    /// command line (the downward API's variables given, its Secret's mount at `tls`) with
+    /// the capabilities it adds and no other, on this node's namespace; listening at
+    /// `listen` (returned), the manifest's address.
+    pub fn as_deployed(dir: &Path, node: &str, ip: &str, tls: &Path) -> (Agent, String) {
+        let manifest = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent-daemonset.yaml"),
+        )
+        .expect("deploy/agent-daemonset.yaml");
+        let deployed = Deployed::read(&manifest);
+        let args: Vec<String> = (deployed.args.iter())
+            .map(|a| {
+                a.replace("$(NODE_NAME)", node)
+                    .replace("$(NODE_IP)", ip)
+                    .replace(&deployed.tls_mount, tls.to_str().unwrap())
+            })
+            .collect();
+        let listen = args
+            .iter()
+            .skip_while(|a| *a != "--listen")
+            .nth(1)
+            .expect("the manifest's agent has --listen")
+            .clone();
         let mut cmd = Command::new("setpriv");
-        cmd.args([&format!("--bounding-set=-{dropped}"), BIN]);
-        Agent::spawn(cmd, dir, None, addr, args)
+        cmd.args([&format!("--bounding-set=-all,{}", deployed.caps), BIN]);
+        cmd.args(&args);
+        (Agent::spawn(cmd, dir, None), listen)
     }
 
-    fn spawn(
-        mut cmd: Command,
-        dir: &Path,
-        netns: Option<&str>,
-        addr: &str,
-        args: &[&str],
-    ) -> Agent {
+    fn spawn(mut cmd: Command, dir: &Path, netns: Option<&str>) -> Agent {
         let log = dir.join("agent.log");
         let child = cmd
-            .args(["agent", "--listen", addr])
-            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("the agent's log"))
@@ -159,5 +173,51 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What deploy/agent-daemonset.yaml says of its container, read line by line (the manifest
+/// keeps one item per line).
+struct Deployed {
+    args: Vec<String>,
+    /// setpriv's names of the capabilities it adds: "+bpf,+perfmon,...".
+    caps: String,
+    /// Where its TLS Secret is mounted.
+    tls_mount: String,
+}
+
+impl Deployed {
+    fn read(manifest: &str) -> Deployed {
+        let lines: Vec<&str> = manifest.lines().collect();
+        let at = |key: &str| {
+            (lines.iter())
+                .position(|l| l.trim() == key)
+                .unwrap_or_else(|| panic!("no {key} in the manifest"))
+        };
+        let indent = |l: &str| l.len() - l.trim_start().len();
+        let start = at("args:");
+        let args = lines[start + 1..]
+            .iter()
+            .take_while(|l| indent(l) > indent(lines[start]))
+            .map(|l| l.trim().trim_start_matches("- ").to_string())
+            .collect();
+        let caps = (lines.iter())
+            .find_map(|l| l.trim().strip_prefix("add: "))
+            .expect("a capabilities add: line")
+            .trim_matches(['[', ']'])
+            .split(", ")
+            .map(|c| format!("+{}", c.trim_matches('"').to_lowercase()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let tls_mount = lines[at("- name: tls") + 1]
+            .trim()
+            .strip_prefix("mountPath: ")
+            .expect("the tls volume's mountPath after its name")
+            .to_string();
+        Deployed {
+            args,
+            caps,
+            tls_mount,
+        }
     }
 }

@@ -162,18 +162,23 @@ fn failed_hook(name: &str, e: &anyhow::Error) -> HookStatus {
 mod tests {
     use super::*;
 
-    /// The DaemonSet grants exactly what attach checks for.
+    /// Both DaemonSets (attach's, and the agent's, which runs attach for its host) grant
+    /// exactly what attach checks for.
     #[test]
-    fn the_daemonset_grants_attachs_capabilities() {
-        let manifest = include_str!("../../../deploy/daemonset.yaml");
-        let added = manifest
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("add: "))
-            .expect("a capabilities add: line");
+    fn the_daemonsets_grant_attachs_capabilities() {
         let want: Vec<String> = ATTACH_CAPS
             .iter()
             .map(|c| format!("\"{}\"", c.trim_start_matches("CAP_")))
             .collect();
-        assert_eq!(added, format!("[{}]", want.join(", ")));
+        for manifest in [
+            include_str!("../../../deploy/daemonset.yaml"),
+            include_str!("../../../deploy/agent-daemonset.yaml"),
+        ] {
+            let added = manifest
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("add: "))
+                .expect("a capabilities add: line");
+            assert_eq!(added, format!("[{}]", want.join(", ")));
+        }
     }
 }
