@@ -91,6 +91,62 @@ fn html_is_well_formed_with_one_waterfall_per_direction() {
     }
 }
 
+/// An attach report across two nodes: one waterfall per path of each node and one per way
+/// across, each with a bar per segment and one for the sum; the wire drawn in its own colour.
+#[test]
+fn attach_html_draws_each_path_and_each_way_across() {
+    let json = fixture("attach-peer.json");
+    let page = report(&[json.to_str().unwrap(), "--format", "html"]);
+    let doc = roxmltree::Document::parse_with_options(
+        &page,
+        roxmltree::ParsingOptions {
+            allow_dtd: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("the page is not well-formed: {e}\n{page}"));
+    let a: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let nodes = std::iter::once(&a).chain(a["peers"].as_array().unwrap());
+    let mut want: Vec<usize> = nodes
+        .flat_map(|n| n["paths"].as_array().unwrap())
+        .map(|p| p["segments"].as_array().unwrap().len() + 1)
+        .collect();
+    let ways: Vec<&serde_json::Value> = a["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["directions"].as_array().unwrap())
+        .flat_map(|d| d["paths"].as_array().unwrap())
+        .collect();
+    assert!(!ways.is_empty(), "the fixture has ways across");
+    want.extend(
+        ways.iter()
+            .map(|p| p["segments"].as_array().unwrap().len() + 1),
+    );
+    let svgs: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.tag_name().name() == "svg")
+        .collect();
+    let bars: Vec<usize> = svgs
+        .iter()
+        .map(|svg| {
+            svg.descendants()
+                .filter(|n| n.tag_name().name() == "rect")
+                .count()
+        })
+        .collect();
+    assert_eq!(bars, want, "bars per waterfall");
+    // The wire, once per way across, in the wire's colour, named by both nodes.
+    let wires: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.tag_name().name() == "rect" && n.attribute("fill") == Some("#e45756"))
+        .collect();
+    assert_eq!(wires.len(), ways.len(), "{page}");
+    assert!(page.contains("node-a -&gt; node-b: wire"), "{page}");
+    assert!(page.contains("node-b -&gt; node-a: wire"), "{page}");
+}
+
 #[test]
 fn what_is_not_a_report_is_refused_in_one_line() {
     let dir = std::env::temp_dir().join(format!("profiler-report-test-{}", std::process::id()));

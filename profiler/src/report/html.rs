@@ -1,7 +1,9 @@
 //! One self-contained HTML page per report (no script, no network): the table the command
 //! printed, and for run reports (and each run of a comparison) the waterfall of every direction
-//! drawn as an SVG, one bar per segment starting where the previous one ended. A bench report
-//! gets its charts ([`super::charts`]), the all-to-all table and the findings instead.
+//! drawn as an SVG, one bar per segment starting where the previous one ended. An attach report
+//! gets one per path of each node and one per way across two nodes (their segments and the
+//! wire, coloured by node). A bench report gets its charts ([`super::charts`]), the all-to-all
+//! table and the findings instead.
 
 use svg::{
     node::element::{Rectangle, Text, Title},
@@ -11,7 +13,10 @@ use svg::{
 use super::{
     bench::verdict,
     charts::{self, Series, Stack},
-    schema::{BenchCell, BenchReport, CellStatus, DirectionReport, RunReport, TrafficKind},
+    schema::{
+        AttachPath, AttachReport, BenchCell, BenchReport, CellStatus, DirectionReport, PathAcross,
+        RunReport, TrafficKind,
+    },
     Report,
 };
 
@@ -30,7 +35,10 @@ pub fn page(report: &Report) -> String {
             c.runs.iter().map(run_waterfalls).collect(),
         ),
         Report::Bench(b) => (bench_title(b), bench_body(b)),
-        Report::Attach(a) => (format!("profiler attach on {}", a.node), String::new()),
+        Report::Attach(a) => (
+            format!("profiler attach on {}", a.node),
+            attach_waterfalls(a),
+        ),
         Report::Doctor(d) => (
             format!("profiler doctor: kernel {}", d.kernel),
             String::new(),
@@ -85,77 +93,182 @@ fn run_waterfalls(r: &RunReport) -> String {
         .collect()
 }
 
+/// A bar of a waterfall: its name, its length, what hovering it says, its colour.
+struct Bar {
+    name: String,
+    ns: f64,
+    tip: String,
+    fill: &'static str,
+}
+
+const SEGMENT: &str = "#4c78a8";
+const WHOLE: &str = "#999999";
+/// The wire between two nodes, and the other nodes' segments of a way across.
+const WIRE: &str = "#e45756";
+const OTHER_NODE: &str = "#f58518";
+
 /// The direction's segments as a waterfall: each bar's width is the segment's mean, and it
 /// starts where the one before ended; the last row is the end-to-end mean.
 pub fn waterfall(d: &DirectionReport) -> Document {
-    let total = d.end_to_end.mean_ns.max(1.0);
-    let scale = (WIDTH - LABELS - VALUES) / total;
-    let rows = d.segments.len() + 1;
-    let mut doc = Document::new()
-        .set("width", WIDTH)
-        .set("height", ROW * (rows as f64 + 1.0))
-        .set("viewBox", (0.0, 0.0, WIDTH, ROW * (rows as f64 + 1.0)));
-    let mut start = 0.0;
-    for (i, s) in d.segments.iter().enumerate() {
-        let tip = format!(
+    let bars = d.segments.iter().map(|s| Bar {
+        name: s.name.clone(),
+        ns: s.stats.mean_ns,
+        tip: format!(
             "{}: mean {}, p50 {}, p99 {}",
             s.name,
             us(s.stats.mean_ns),
             us(s.stats.p50_ns as f64),
             us(s.stats.p99_ns as f64)
-        );
-        doc = doc.add(bar(
-            i,
-            &s.name,
-            start * scale,
-            s.stats.mean_ns,
-            scale,
-            &tip,
-            "#4c78a8",
-        ));
-        start += s.stats.mean_ns;
-    }
+        ),
+        fill: SEGMENT,
+    });
     let e = &d.end_to_end;
-    let tip = format!(
-        "end to end: mean {}, p99 {}",
-        us(e.mean_ns),
-        us(e.p99_ns as f64)
-    );
-    doc.add(bar(
-        d.segments.len(),
-        "end to end",
-        0.0,
-        e.mean_ns,
-        scale,
-        &tip,
-        "#999999",
-    ))
+    let whole = Bar {
+        name: "end to end".into(),
+        ns: e.mean_ns,
+        tip: format!(
+            "end to end: mean {}, p99 {}",
+            us(e.mean_ns),
+            us(e.p99_ns as f64)
+        ),
+        fill: WHOLE,
+    };
+    draw(bars.collect(), whole)
 }
 
-fn bar(
-    row: usize,
-    name: &str,
-    x: f64,
-    mean_ns: f64,
-    scale: f64,
-    tip: &str,
-    fill: &str,
-) -> svg::node::element::Group {
+/// Each node's paths, then each way across two nodes.
+fn attach_waterfalls(a: &AttachReport) -> String {
+    let mut out = String::new();
+    for node in std::iter::once(a).chain(&a.peers) {
+        for p in &node.paths {
+            let (Some(first), Some(last)) = (p.hops.first(), p.hops.last()) else {
+                continue;
+            };
+            out += &format!(
+                "<h2>{}: path taken by {} packets, {} -&gt; {}</h2>\n{}\n",
+                escape(&node.node),
+                p.packets,
+                escape(first),
+                escape(last),
+                path_waterfall(p)
+            );
+        }
+    }
+    for d in a.links.iter().flat_map(|l| &l.directions) {
+        for p in &d.paths {
+            out += &format!(
+                "<h2>way across {} -&gt; {} (each node's busiest path to and from the wire)</h2>\n{}\n",
+                escape(&d.from_node),
+                escape(&d.to_node),
+                way_across(p, &a.node)
+            );
+        }
+    }
+    out
+}
+
+/// A node's path: each segment's p50 (its packets include those that went on further, so
+/// the p50s are summed, not the means of one population).
+fn path_waterfall(p: &AttachPath) -> Document {
+    let bars = p.segments.iter().map(|s| Bar {
+        name: s.name.clone(),
+        ns: s.p50_ns,
+        tip: format!(
+            "{}: {} packets, p50 {}, p90 {}, p99 {}",
+            s.name,
+            s.count,
+            us(s.p50_ns),
+            us(s.p90_ns),
+            us(s.p99_ns)
+        ),
+        fill: SEGMENT,
+    });
+    let sum = p.segments.iter().map(|s| s.p50_ns).sum::<f64>();
+    draw(bars.collect(), sum_of_p50s(sum))
+}
+
+/// A way across nodes: `me`'s segments in one colour, the other node's in another, the wire
+/// in a third with its clock bound in the tip.
+fn way_across(p: &PathAcross, me: &str) -> Document {
+    let bars = p.segments.iter().map(|s| {
+        let wire = s.from_node != s.to_node;
+        let bound = match wire {
+            true => format!(", within +-{}", us(s.bound_ns as f64)),
+            false => String::new(),
+        };
+        Bar {
+            name: match wire {
+                true => format!("{} -> {}: {}", s.from_node, s.to_node, s.name),
+                false => format!("{}: {}", s.from_node, s.name),
+            },
+            ns: s.p50_ns,
+            tip: format!(
+                "{}: {} packets, p50 {}, p90 {}, p99 {}{bound}",
+                s.name,
+                s.packets,
+                us(s.p50_ns),
+                us(s.p90_ns),
+                us(s.p99_ns)
+            ),
+            fill: match (wire, s.from_node == me) {
+                (true, _) => WIRE,
+                (false, true) => SEGMENT,
+                (false, false) => OTHER_NODE,
+            },
+        }
+    });
+    let sum = p.segments.iter().map(|s| s.p50_ns).sum::<f64>();
+    draw(bars.collect(), sum_of_p50s(sum))
+}
+
+fn sum_of_p50s(ns: f64) -> Bar {
+    Bar {
+        name: "sum of the p50s".into(),
+        ns,
+        tip: format!("sum of the p50s: {}", us(ns)),
+        fill: WHOLE,
+    }
+}
+
+/// The bars in turn, each starting where the one before ended, and `whole` from the start
+/// under them, scaled so the longer of the sum and the whole fits.
+fn draw(bars: Vec<Bar>, whole: Bar) -> Document {
+    let summed: f64 = bars.iter().map(|b| b.ns).sum();
+    let scale = (WIDTH - LABELS - VALUES) / summed.max(whole.ns).max(1.0);
+    let rows = bars.len() + 1;
+    let height = ROW * (rows as f64 + 1.0);
+    let mut doc = Document::new()
+        .set("width", WIDTH)
+        .set("height", height)
+        .set("viewBox", (0.0, 0.0, WIDTH, height));
+    let mut start = 0.0;
+    for (i, b) in bars.iter().enumerate() {
+        doc = doc.add(bar(i, b, start * scale, scale));
+        start += b.ns;
+    }
+    doc.add(bar(bars.len(), &whole, 0.0, scale))
+}
+
+fn bar(row: usize, b: &Bar, x: f64, scale: f64) -> svg::node::element::Group {
     let y = ROW * (row as f64 + 0.5);
-    let width = (mean_ns * scale).max(1.0);
+    let width = (b.ns * scale).max(1.0);
     svg::node::element::Group::new()
-        .add(Title::new(tip))
-        .add(Text::new(name).set("x", 4).set("y", y + ROW * 0.7))
+        .add(Title::new(b.tip.as_str()))
+        .add(
+            Text::new(b.name.as_str())
+                .set("x", 4)
+                .set("y", y + ROW * 0.7),
+        )
         .add(
             Rectangle::new()
                 .set("x", LABELS + x)
                 .set("y", y + 3.0)
                 .set("width", width)
                 .set("height", ROW - 6.0)
-                .set("fill", fill),
+                .set("fill", b.fill),
         )
         .add(
-            Text::new(us(mean_ns))
+            Text::new(us(b.ns))
                 .set("x", LABELS + x + width + 4.0)
                 .set("y", y + ROW * 0.7),
         )
