@@ -33,6 +33,13 @@ enum Task {
     Setup,
     /// Setup, then build the profiler (userspace and eBPF) in release mode.
     Build,
+    /// Setup, build, then write the command reference (docs/reference.md), and the man pages
+    /// and shell completions (into OUT), all generated from the CLI's definitions.
+    Docs {
+        /// Where the man pages (man/) and completions (completions/) go.
+        #[arg(long, default_value = "target/docs")]
+        out: PathBuf,
+    },
     /// Setup, then run all tests as root and check that nothing leaked.
     Test {
         /// After `--`: arguments for `cargo test`; a second `--` starts the test harness's own.
@@ -148,6 +155,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", bin.display());
             Ok(())
         }
+        Task::Docs { out } => {
+            setup::run()?;
+            docs(&build()?, &out)
+        }
         Task::Test { args } => test::run(&args),
         Task::Fuzz { cases, args } => fuzz::run(cases, &args),
         Task::Demo => demo(),
@@ -185,6 +196,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::VmTest { kernel, args } => return vm::test(kernel, &args).map(ExitCode::from),
     };
     done.map(|()| ExitCode::SUCCESS)
+}
+
+/// `profiler reference OUT`, then its reference.md kept as docs/reference.md.
+fn docs(bin: &Path, out: &Path) -> Result<()> {
+    step(format!("profiler reference {}", out.display()));
+    cmd::run(Command::new(bin).arg("reference").arg(out))?;
+    let reference = workspace_root().join("docs/reference.md");
+    std::fs::copy(out.join("reference.md"), &reference)
+        .with_context(|| format!("copying the reference to {}", reference.display()))?;
+    println!(
+        "{} written; man pages in {}/man, completions in {}/completions",
+        reference.display(),
+        out.display(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn require_root(task: &str) -> Result<()> {

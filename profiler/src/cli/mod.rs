@@ -11,6 +11,7 @@ mod doctor;
 mod floor;
 mod lab;
 pub mod output;
+mod reference;
 mod report;
 mod run;
 pub mod values;
@@ -70,6 +71,10 @@ pub enum Command {
     /// Re-render a saved JSON report (run, attach, compare, doctor) as its table, as JSON, or as
     /// an HTML page with the waterfalls drawn.
     Report(report::ReportCli),
+    /// Write the command reference (Markdown), man pages and shell completions into DIR, from
+    /// these very definitions (`cargo xtask docs` runs it).
+    #[command(hide = true)]
+    Reference(reference::ReferenceCli),
 }
 
 /// Runs the command; its exit code, or the error that stopped it.
@@ -85,5 +90,6 @@ pub async fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
         Command::Floor => floor::run().await,
         Command::Agent(args) => agent::run(args).await,
         Command::Report(args) => report::run(&args),
+        Command::Reference(args) => reference::run(&args),
     }
 }
