@@ -153,7 +153,7 @@ pub async fn paper(args: &BenchArgs) -> Result<BenchReport> {
         }
         let used = match interruptible(ensure_lab(topology, &options, "bench")).await {
             Ok(used) => used,
-            Err(e) if !is_interruption(&e) => {
+            Err(e) if lab::CannotBuild::is(&e) => {
                 let reason = format!("{e:#}");
                 say(
                     &bar,

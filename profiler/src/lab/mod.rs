@@ -123,7 +123,7 @@ impl Topology {
 
 /// Something a lab needs that this machine lacks, found before or while building it.
 #[derive(Debug)]
-enum Lacks {
+pub enum Lacks {
     /// A kernel module, by name.
     Module(&'static str),
     /// A program (or file), and the Debian package that has it.
@@ -158,12 +158,38 @@ impl std::fmt::Display for Lacks {
 
 impl std::error::Error for Lacks {}
 
+/// A lab this machine cannot build, or not as asked: what `compare` and `bench` skip a lab
+/// for, with this as the reason. Any other failure of a lab is an error, not a skip.
+#[derive(Debug, thiserror::Error)]
+pub enum CannotBuild {
+    /// The machine lacks something the lab needs (a kernel module, a program, hardware).
+    #[error("{topology} needs {lacks}")]
+    Lacks {
+        topology: &'static str,
+        lacks: Lacks,
+    },
+    /// The topology has no such placement.
+    #[error("{0}")]
+    Placement(String),
+}
+
+impl CannotBuild {
+    /// Whether `e` says the lab cannot be built here, at any layer of its context.
+    pub fn is(e: &anyhow::Error) -> bool {
+        e.chain().any(|c| c.is::<CannotBuild>())
+    }
+}
+
 /// `e` as one line naming what `topology` needs, if that is why it failed.
 fn explain(topology: Topology, e: anyhow::Error) -> anyhow::Error {
-    // downcast_ref finds it as the root error or as the context of any layer.
-    match e.downcast_ref::<Lacks>() {
-        Some(lacks) => anyhow::anyhow!("{} needs {lacks}", topology.name()),
-        None => e,
+    // downcast finds it as the root error or as the context of any layer.
+    match e.downcast::<Lacks>() {
+        Ok(lacks) => CannotBuild::Lacks {
+            topology: topology.name(),
+            lacks,
+        }
+        .into(),
+        Err(e) => e,
     }
 }
 
@@ -614,5 +640,32 @@ mod tests {
             serde_json::to_value(Placement::CrossHost).unwrap(),
             "cross-host"
         );
+    }
+
+    /// What compare and bench skip a lab for: a placement the topology has not, or something
+    /// this machine lacks; bad input and any other failure are not it.
+    #[test]
+    fn a_lab_that_cannot_be_built_here_says_so_by_its_type() {
+        let at = |placement| LabOptions {
+            placement,
+            ..LabOptions::default()
+        };
+        let no_placement = check(Topology::Vlan, &at(Placement::SameHost)).unwrap_err();
+        assert!(CannotBuild::is(&no_placement), "{no_placement:#}");
+        let bad_mtu = LabOptions {
+            mtu: Some(100),
+            ..LabOptions::default()
+        };
+        let bad = check(Topology::Bridge, &bad_mtu).unwrap_err();
+        assert!(!CannotBuild::is(&bad), "{bad:#}");
+        let lacking = anyhow::Error::new(Lacks::Module("openvswitch")).context("adding br-int");
+        let lacking = explain(Topology::OvsVlan, lacking);
+        assert!(CannotBuild::is(&lacking));
+        assert!(
+            format!("{lacking:#}").starts_with("ovs-vlan needs the openvswitch kernel module"),
+            "{lacking:#}"
+        );
+        let other = explain(Topology::OvsVlan, anyhow::anyhow!("RTNETLINK: File exists"));
+        assert!(!CannotBuild::is(&other), "a setup failure is not a skip");
     }
 }

@@ -173,7 +173,8 @@ const ROLES: [&str; 4] = ["host", "pod-a", "host-a", "host-b"];
 /// Fails in one line when the options do not fit a nested lab.
 pub(super) fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if topology == Topology::Bmp2vmp && options.placement != Placement::SameHost {
-        bail!("bmp2vmp: the bare-metal pod is on the VM's host: --placement same-host only");
+        let why = "bmp2vmp: the bare-metal pod is on the VM's host: --placement same-host only";
+        return Err(super::CannotBuild::Placement(why.into()).into());
     }
     if topology == Topology::Bmp2vmp && options.inner == Some(Inner::Vlan) {
         bail!("bmp2vmp: --inner vlan needs 8021q on the bare-metal node, which this machine's kernel has not (vmp2vmp has it in both guests)");

@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
 use crate::pods::cri;
 
 use super::{
-    discover, netns, owner, vm_cache, Endpoint, Lab, LabOptions, Lacks, Placement, Pod, Topology,
+    discover, netns, owner, vm_cache, CannotBuild, Endpoint, Lab, LabOptions, Lacks, Placement,
+    Pod, Topology,
 };
 
 /// Each node lab's directory: containerd's config, root, state, socket and log, the CNI
@@ -160,7 +161,8 @@ fn load_record(dir: &Path) -> Option<Node> {
 /// Fails in one line if a node lab cannot be made as `options` say, before anything is made.
 pub(super) fn check(options: &LabOptions) -> Result<()> {
     if options.placement != Placement::SameHost {
-        bail!("node is one host: --placement cross-host is not supported");
+        let why = "node is one host: --placement cross-host is not supported";
+        return Err(CannotBuild::Placement(why.into()).into());
     }
     if options.mtu.is_some() || options.forwarder.is_some() {
         bail!("--mtu and --forwarder are not supported by node (its CNI plugins choose)");
@@ -174,7 +176,13 @@ pub(super) fn check(options: &LabOptions) -> Result<()> {
     {
         bail!("--pods must be between 2 and {}", super::NODE_MAX_PODS);
     }
-    programs(options.cni.unwrap_or_default()).map_err(|lacks| anyhow!("node needs {lacks}"))
+    programs(options.cni.unwrap_or_default()).map_err(|lacks| {
+        CannotBuild::Lacks {
+            topology: "node",
+            lacks,
+        }
+        .into()
+    })
 }
 
 /// The programs and files the lab uses, and the Debian packages that have them.

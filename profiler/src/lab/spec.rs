@@ -3,7 +3,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Result};
 
-use super::{Placement, Topology};
+use super::{CannotBuild, Placement, Topology};
 
 /// Every lab address is in 198.18.0.0/15 (RFC 2544 benchmarking range), on our own devices.
 pub(super) type Cidr = (Ipv4Addr, u8);
@@ -365,27 +365,31 @@ impl Spec {
             (Topology::Dpdk, SameHost) => dpdk(mtu),
             (Topology::Sriov, p) => sriov(p, mtu),
             (Topology::Dpdk, CrossHost) => {
-                bail!("dpdk is same-host (testpmd joins two pods of one host); use --placement same-host")
+                return no_placement("dpdk is same-host (testpmd joins two pods of one host); use --placement same-host")
             }
             (Topology::Veth, CrossHost) => {
-                bail!("veth connects two namespaces of one host; use --placement same-host")
+                return no_placement("veth connects two namespaces of one host; use --placement same-host")
             }
             (Topology::Host, SameHost) => {
-                bail!("host needs --placement cross-host (client and server are two hosts)")
+                return no_placement("host needs --placement cross-host (client and server are two hosts)")
             }
-            (Topology::FlannelVxlan | Topology::Geneve, SameHost) => bail!(
-                "{} same-host would not cross the tunnel device; use --placement cross-host",
-                topology.name()
-            ),
-            (Topology::Vlan, SameHost) => bail!("vlan needs --placement cross-host"),
+            (Topology::FlannelVxlan | Topology::Geneve, SameHost) => {
+                return no_placement(&format!(
+                    "{} same-host would not cross the tunnel device; use --placement cross-host",
+                    topology.name()
+                ))
+            }
+            (Topology::Vlan, SameHost) => return no_placement("vlan needs --placement cross-host"),
             (t @ (Topology::Bmp2vmp | Topology::Vmp2vmp), _) => {
                 bail!("{} is a nested lab (lab/nested.rs), not a spec", t.name())
             }
             (Topology::Node, _) => bail!("node is a lab of its own kind (lab/node.rs), not a spec"),
-            (Topology::OvsVxlan | Topology::OvsGre, SameHost) => bail!(
-                "{} same-host would not cross the tunnel port (it is ovs-vlan same-host); use --placement cross-host",
-                topology.name()
-            ),
+            (Topology::OvsVxlan | Topology::OvsGre, SameHost) => {
+                return no_placement(&format!(
+                    "{} same-host would not cross the tunnel port (it is ovs-vlan same-host); use --placement cross-host",
+                    topology.name()
+                ))
+            }
         };
         // Which host a pod is on: all on one same-host, the first on host-a cross-host.
         let host_of = |at: Place| match placement {
@@ -451,6 +455,12 @@ pub(super) const NETNS_PREFIX: &str = "prof-";
 
 pub(super) fn netns_name(lab: &str, role: &str) -> String {
     format!("{NETNS_PREFIX}{lab}-{role}")
+}
+
+/// A placement the topology has not: a lab that cannot be built as asked (compare and bench
+/// skip it), not an error of the caller's.
+fn no_placement<T>(why: &str) -> Result<T> {
+    Err(CannotBuild::Placement(why.to_string()).into())
 }
 
 fn pod(role: &'static str, addr: Ipv4Addr, mtu: Option<u32>) -> End {

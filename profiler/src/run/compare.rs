@@ -11,15 +11,16 @@ use crate::{
     report::schema::{
         CompareReport, CompareRow, Contributor, DirectionReport, RunReport, Skipped, COMPARE_SCHEMA,
     },
-    signal::{interruptible, is_interruption},
+    signal::interruptible,
 };
 
 /// How many segments to name per type: the largest contributors to its difference.
 const TOP: usize = 4;
 const PROGRAMS: &str = "(the profiler's own programs)";
 
-/// Profiles every (type, size); the first type is the baseline. A type whose lab cannot be built
-/// is skipped with the reason, except the baseline, without which nothing compares.
+/// Profiles every (type, size); the first type is the baseline. A type whose lab this machine
+/// cannot build (lab::CannotBuild) is skipped with the reason, except the baseline, without
+/// which nothing compares; any other failure stops the comparison.
 pub async fn compare(
     types: &[Topology],
     sizes: &[usize],
@@ -39,7 +40,7 @@ pub async fn compare(
         // Ctrl-C while a lab comes up: `up` removes what it made.
         let used = match interruptible(ensure_lab(t, &options, "compare")).await {
             Ok(used) => used,
-            Err(e) if i > 0 && !is_interruption(&e) => {
+            Err(e) if i > 0 && lab::CannotBuild::is(&e) => {
                 eprintln!("skipping {}: {e:#}", t.name());
                 skipped.push(Skipped {
                     topology: lab::lab_name(t, placement),
