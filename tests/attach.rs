@@ -637,6 +637,9 @@ fn events_and_prometheus_metrics() {
         .sum();
     assert_eq!(report["lost_events"], 0, "{report}");
     assert_eq!(report["events_read"], hops as u64, "{report}");
+    // The report records the command line that wrote it.
+    assert_eq!(report["made"]["command"][1], "attach", "{report}");
+    assert_eq!(report["made"]["command"][2], "--netns", "{report}");
     assert!(
         metrics.contains("profiler_segment_latency_seconds_bucket{")
             && metrics.contains("netns=\"prof-bridge-host\"")

@@ -34,6 +34,30 @@ fn expected(dir: &str) -> Vec<(String, Option<String>)> {
     hops
 }
 
+/// The report records the command line that wrote it and the build: the crate's version and
+/// the checkout's commit.
+fn assert_made_by(made: &Value, args: &[&str]) {
+    let command: Vec<&str> = made["command"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no command line in the report: {made}"))
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(command.len() > args.len(), "{made}");
+    assert_eq!(command[1..=args.len()], *args, "{made}");
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=7", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("git");
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    let version = made["version"].as_str().unwrap_or_default();
+    assert!(
+        version.starts_with(env!("CARGO_PKG_VERSION")) && version.contains(&head),
+        "the build's version and commit {head}: {made}"
+    );
+}
+
 fn check_run(proto: &str, size: usize) {
     let size_arg = size.to_string();
     let out = profiler(&[
@@ -47,6 +71,7 @@ fn check_run(proto: &str, size: usize) {
     );
     let r: Value = serde_json::from_slice(&out.stdout).expect("profiler.run.v1 JSON on stdout");
     assert_eq!(r["schema"], "profiler.run.v1");
+    assert_made_by(&r["made"], &["run", "--lab", "bridge", "--proto", proto]);
     assert_eq!(r["events"]["lost"], 0, "{proto} {size}: lost events");
     let completed = r["traffic"]["completed"].as_u64().unwrap();
     assert_eq!(completed, 1000, "{proto} {size}: exchanges completed");

@@ -209,6 +209,7 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
         None => (None, Vec::new()),
     };
     let report = AttachReport {
+        made: None,
         schema: ATTACH_SCHEMA.into(),
         kernel: kernel::release(),
         node,

@@ -14,7 +14,10 @@ use crate::{
     attach,
     kernel::{doctor, programs::FollowConfig},
     pods,
-    report::{schema::HookSet, table},
+    report::{
+        schema::{AttachReport, HookSet, Made},
+        table,
+    },
 };
 
 #[derive(Args)]
@@ -192,6 +195,10 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         (Some(name), _) => attach::across::lab(&mut args, name).await?,
         (None, Some(tls)) => attach::across::peers(&mut args, &peers, tls).await?,
         (None, None) => attach::attach(&mut args).await?.0,
+    };
+    let report = AttachReport {
+        made: Some(Made::here()),
+        ..report
     };
     let table = view(&report, verbose);
     if events {

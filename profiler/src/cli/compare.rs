@@ -12,7 +12,10 @@ use super::{
 use crate::{
     kernel::doctor,
     lab::{Placement, Topology},
-    report::table,
+    report::{
+        schema::{CompareReport, Made},
+        table,
+    },
     run::compare,
 };
 
@@ -51,6 +54,10 @@ pub async fn run(cli: CompareCli, quiet: bool) -> Result<ExitCode> {
     doctor::require_privileges()?;
     // compare handles SIGINT/SIGTERM itself, so that the lab it made goes too.
     let result = compare::compare(&cli.lab, &cli.sizes, cli.placement, &base).await?;
+    let result = CompareReport {
+        made: Some(Made::here()),
+        ..result
+    };
     output(json.as_ref(), &result, &table::compare(&result))?;
     if cli.lab.len() > 1 && result.skipped.len() == cli.lab.len() - 1 {
         eprintln!("error: every type but the baseline was skipped: nothing was compared");

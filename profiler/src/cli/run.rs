@@ -20,7 +20,7 @@ use crate::{
     lab::{self, names::HOST_NODE, target::RunTarget, LabOptions, Topology},
     pods,
     report::{
-        schema::{HookSet, Proto, RunReport, TrafficKind},
+        schema::{HookSet, Made, Proto, RunReport, TrafficKind},
         table,
     },
     run::{self, RunArgs},
@@ -235,7 +235,10 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
             result
         }
     };
-    let report = result?;
+    let report = RunReport {
+        made: Some(Made::here()),
+        ..result?
+    };
     output(json.as_ref(), &report, &table::run(&report))?;
     if let Some(nothing) = nothing_done(&report) {
         eprintln!("error: {nothing}");

@@ -90,6 +90,9 @@ pub struct ProgramCost {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RunReport {
     pub schema: String,
+    /// The command line and build that wrote it (absent from reports written before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made: Option<Made>,
     pub kernel: String,
     pub topology: String,
     pub traffic: TrafficReport,
@@ -111,6 +114,30 @@ pub struct RunReport {
     /// segments estimated from it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub crossings: Vec<CrossingReport>,
+}
+
+/// What wrote a report: the command line and the profiler's build.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Made {
+    pub command: Vec<String>,
+    /// The crate's version, and the commit it was built from where it was built in a checkout
+    /// (`git describe --always --dirty`).
+    pub version: String,
+}
+
+impl Made {
+    /// This process's command line and build.
+    pub fn here() -> Made {
+        let commit = env!("PROFILER_COMMIT");
+        let version = match commit {
+            "" => env!("CARGO_PKG_VERSION").to_string(),
+            c => format!("{} ({c})", env!("CARGO_PKG_VERSION")),
+        };
+        Made {
+            command: std::env::args().collect(),
+            version,
+        }
+    }
 }
 
 /// A guest kernel on the path: its clock's offset from the host's and the crossings' sum, from
@@ -375,6 +402,10 @@ pub struct DropReport {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct AttachReport {
     pub schema: String,
+    /// The command line and build that wrote it (absent from reports written before, and
+    /// from a peer's: its agent's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made: Option<Made>,
     pub kernel: String,
     pub node: String,
     pub targets: Vec<String>,
@@ -692,6 +723,9 @@ pub struct HopLine {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CompareReport {
     pub schema: String,
+    /// The command line and build that wrote it (absent from reports written before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made: Option<Made>,
     pub placement: Placement,
     pub summary: Vec<CompareRow>,
     /// Types whose lab this kernel cannot build (vlan without 8021q, ...), with the reason.

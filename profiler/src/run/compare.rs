@@ -58,6 +58,7 @@ pub async fn compare(
     }
     let summary = summarize(&runs);
     Ok(CompareReport {
+        made: None,
         schema: COMPARE_SCHEMA.into(),
         placement,
         summary,
@@ -220,6 +221,7 @@ mod tests {
         let total = segments.iter().map(|s| s.stats.mean_ns).sum();
         RunReport {
             schema: RUN_SCHEMA.into(),
+            made: None,
             kernel: "test".into(),
             topology: topology.into(),
             hook_set: HookSet::Stable,

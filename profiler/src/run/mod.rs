@@ -389,6 +389,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         _ => None,
     };
     Ok(RunReport {
+        made: None,
         schema: RUN_SCHEMA.into(),
         kernel: kernel::release(),
         topology: lab.devices.name.clone(),
