@@ -37,7 +37,7 @@ const EXCHANGES: u32 = 1200;
 const MIN_PACKETS: u64 = 1000;
 /// One exchange per millisecond: the 100 us hold, a busy-wait in the packet's path, keeps the
 /// sending CPU busy 10% of the time, which leaves the other segments alone (back to back, the
-/// hold would slow the wake-ups around it; README, Ground truth).
+/// hold would slow the wake-ups around it; docs/testing.md).
 const PERIOD: Duration = Duration::from_millis(1);
 /// Large against the noise of a segment (a few us on this VM), small against the period.
 const DELAY_US: u64 = 100;

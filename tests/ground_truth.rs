@@ -6,7 +6,7 @@
 //! Why a given segment: the injector is attached FIRST in the hook's tcx chain, so the packet is
 //! held before the profiler's own tc program stamps it there. The hold therefore falls between
 //! the previous hop and this tc hop, i.e. in the segment ENDING at `tc:<dir> <iface>`. Hop order
-//! of the request (tests/run.rs BRIDGE_REQUEST, README's hop table):
+//! of the request (tests/run.rs BRIDGE_REQUEST, docs/run.md's hop table):
 //!
 //!   app:send -> tc:egress eth0 (pod-a) -> net_dev_queue eth0 -> start_xmit eth0 -> netif_rx veth-a
 //!   -> net_dev_xmit eth0 -> netif_receive_skb veth-a -> tc:ingress veth-a -> tc:egress veth-b

@@ -362,4 +362,46 @@ mod tests {
             "a quiet node's window is empty"
         );
     }
+
+    /// What one live join costs at its bound (2^17 sightings each way on each node, as at
+    /// about 4 k followed packets a second each way over the 30 s window): run by hand,
+    /// `cargo test --release -p profiler --lib -- --ignored a_live_join_at_its_bound --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn a_live_join_at_its_bound() {
+        let most = 1 << 17;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for i in 0..most as u64 {
+            let t = 1_000_000_000 + i * 200_000;
+            let n = (i % 65_536) as u16;
+            let mut out = line("a", "leaving", "xmit eth0", t, n);
+            out.id.tcp_seq = i as u32;
+            let mut got = line("b", "entering", "rx eth0", t + 50_000, n);
+            got.id.tcp_seq = i as u32;
+            let mut back = line("b", "leaving", "xmit eth0", t + 100_000, n);
+            back.id.tcp_seq = !(i as u32);
+            let mut home = line("a", "entering", "rx eth0", t + 150_000, n);
+            home.id.tcp_seq = !(i as u32);
+            a.extend([out, home]);
+            b.extend([got, back]);
+        }
+        let (a, b) = (Seen::of(&a), Seen::of(&b));
+        let started = Instant::now();
+        let l = link(
+            ("a", a.recent(u64::MAX, most)),
+            ("b", b.recent(u64::MAX, most)),
+        );
+        let took = started.elapsed();
+        let paired: u64 = l
+            .directions
+            .iter()
+            .flat_map(|d| &d.crossings)
+            .map(|c| c.packets)
+            .sum();
+        assert_eq!(paired, 2 * most as u64);
+        eprintln!(
+            "a live join of {} sightings on each node: {took:?}",
+            2 * most
+        );
+    }
 }

@@ -67,6 +67,8 @@ pub async fn run(
     links: Links,
 ) -> std::convert::Infallible {
     let mut tick = tokio::time::interval(EVERY);
+    // A join slower than EVERY delays the next one rather than bunching them.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         while let Ok(line) = lines.try_recv() {
@@ -74,17 +76,24 @@ pub async fn run(
                 p.ours.add(&line);
             }
         }
-        let joined = peers
+        let windows: Vec<_> = peers
             .iter_mut()
             .map(|p| {
                 p.ours.forget_before(WINDOW_NS, MOST);
                 let theirs = p.theirs.lock().unwrap_or_else(|e| e.into_inner());
-                link(
-                    (me, p.ours.recent(WINDOW_NS, MOST)),
-                    (&p.name, theirs.recent(WINDOW_NS, MOST)),
-                )
+                let theirs = theirs.recent(WINDOW_NS, MOST);
+                (p.name.clone(), p.ours.recent(WINDOW_NS, MOST), theirs)
             })
             .collect();
-        *links.write().unwrap_or_else(|e| e.into_inner()) = joined;
+        // A join at the bound takes about half a second: off the task that drains the rings.
+        let me = me.to_string();
+        let joining = tokio::task::spawn_blocking(move || {
+            (windows.into_iter())
+                .map(|(name, ours, theirs)| link((&me, ours), (&name, theirs)))
+                .collect()
+        });
+        if let Ok(joined) = joining.await {
+            *links.write().unwrap_or_else(|e| e.into_inner()) = joined;
+        }
     }
 }

@@ -88,7 +88,8 @@ pub struct AttachCli {
     /// How long to follow: 30, 30s, 500ms, 2m, 1h (default: until Ctrl-C or SIGTERM).
     #[arg(long, value_parser = |s: &str| duration_within(s, Duration::from_millis(1), MAX_ATTACH))]
     duration: Option<Duration>,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) at /metrics.
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) at /metrics; with --peer,
+    /// the wire between the nodes too, joined every 5 s over the last 30 s of sightings.
     #[arg(long)]
     prometheus: Option<std::net::SocketAddr>,
     /// Packets followed at once at most (the in-flight table's size, rounded up to a power of
