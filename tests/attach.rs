@@ -562,6 +562,85 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
     assert_clean();
 }
 
+/// With `--mode events`, the peer sends its journeys too, and each paired packet's journeys on
+/// both nodes are joined at the wire: ways across packet by packet, each of whose segments
+/// counts the same packets, together all the packets of the crossing.
+#[test]
+fn a_peers_packets_are_joined_journey_by_journey() {
+    let _guard = serial();
+    let lab = lab_up(&["bridge"]);
+    let scratch = Scratch::new("attach-peer-events");
+    let tls = certs(&scratch.0, "certs", "node-a,node-b");
+    let (agent, at) = Agent::as_deployed(&scratch.0, "node-b", "127.0.0.1", &tls);
+    let json = scratch.0.join("events.json");
+    let attach = Attach::start(&[
+        "--mode",
+        "events",
+        "--node",
+        "node-a",
+        "--tls",
+        tls.to_str().unwrap(),
+        "--peer",
+        &format!("node-b={at},netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0"),
+        "--netns",
+        "prof-bridge-pod-a",
+        "--wire",
+        "prof-bridge-pod-a:eth0",
+        "--filter",
+        "icmp",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    agent.wait_for("connected", 1);
+    ping("prof-bridge-pod-a", "198.18.0.2", 100, "0.01");
+    let (_, table) = attach.stop();
+    agent.wait_for("gone", 1);
+    drop(lab);
+    let r: AttachReport =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("an attach report");
+    let link = r
+        .links
+        .first()
+        .unwrap_or_else(|| panic!("no link: {table}"));
+    for d in &link.directions {
+        let crossed: u64 = d.crossings.iter().map(|c| c.packets).sum();
+        assert!(crossed >= 95, "{crossed} of 100 pings paired: {d:?}");
+        assert_eq!(d.unjoined, 0, "every journey was kept: {d:?}");
+        assert!(
+            !d.packet_paths.is_empty(),
+            "no way packet by packet: {table}"
+        );
+        let mut joined = 0;
+        for way in &d.packet_paths {
+            let wire = (way.segments.iter())
+                .position(|s| s.name == "wire")
+                .unwrap_or_else(|| panic!("no wire: {way:?}"));
+            assert!(0 < wire && wire + 1 < way.segments.len(), "{way:?}");
+            let packets = way.segments[wire].packets;
+            for (k, s) in way.segments.iter().enumerate() {
+                assert_eq!(
+                    s.packets, packets,
+                    "every segment the same packets: {way:?}"
+                );
+                let node = if k < wire { &d.from_node } else { &d.to_node };
+                assert!(
+                    k == wire || (&s.from_node, &s.to_node) == (node, node),
+                    "{way:?}"
+                );
+            }
+            for w in way.segments.windows(2) {
+                assert_eq!(w[0].to, w[1].from, "one chain of hops: {way:?}");
+            }
+            joined += packets;
+        }
+        assert_eq!(joined, crossed, "every paired packet in one way: {d:?}");
+    }
+    assert!(table.contains("packets across ("), "{table}");
+    agent.stop();
+    drop(scratch);
+    assert_clean();
+}
+
 /// `--mode events`: one JSON line per journey on stdout, its hops in time order, and
 /// `--prometheus`: the histograms, labelled, on /metrics while it runs.
 #[test]

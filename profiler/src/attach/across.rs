@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use super::{
     attach, filter,
     link::{link, Seen},
-    live, stitch, wire, AttachArgs, Control,
+    live,
+    packets::{self, Journeys},
+    stitch, wire, AttachArgs, Control,
 };
 use crate::{
     cluster::tls::Identity,
@@ -32,7 +34,7 @@ use crate::{
         nested::{self, Talk},
     },
     pods,
-    report::schema::{AttachReport, HookSet, SightingLine, Streamed},
+    report::schema::{AttachReport, HookSet, JourneyLine, SightingLine, Streamed},
     signal::{self, interruptible},
 };
 
@@ -69,6 +71,10 @@ pub struct AttachRequest {
     /// held connection carries them; a lab's guest's serial channel is let go meanwhile.
     #[serde(default)]
     pub stream: bool,
+    /// `--mode events` on the host: a streaming node also sends its journeys as they end, so
+    /// that each paired packet's journeys join across the nodes (packets.rs).
+    #[serde(default)]
+    pub events: bool,
 }
 
 /// A line of a streaming agent: a sighting while it follows, or its answer.
@@ -76,6 +82,7 @@ pub struct AttachRequest {
 #[serde(untagged)]
 enum PeerLine {
     Sighting(SightingLine),
+    Journey(JourneyLine),
     Answer(AttachAnswer),
 }
 
@@ -84,6 +91,8 @@ enum PeerLine {
 struct Received {
     /// Shared with the live join (live.rs), which reads it while the channel is read.
     seen: Arc<Mutex<Seen>>,
+    /// Its journeys, where it sends them (`events`).
+    journeys: Journeys,
     /// Every sighting received, kept or not, and its bytes.
     count: u64,
     bytes: u64,
@@ -105,6 +114,7 @@ impl Received {
                 .with_context(|| format!("the agent of {}: unreadable answer", talk.node()))?;
             match parsed {
                 PeerLine::Sighting(s) => self.keep(&s, line.len() + 1),
+                PeerLine::Journey(j) => self.journeys.add(j),
                 PeerLine::Answer(a) => return Ok(a),
             }
         }
@@ -230,7 +240,7 @@ pub fn guest_args(r: AttachRequest, node: &str, control: Control) -> Result<Atta
         follow: FollowConfig {
             sample: r.sample,
             max_gap_ns: r.max_gap_ms * 1_000_000,
-            stream: false,
+            stream: r.events,
             filter: filter::compile(&r.filter)?,
             max_in_flight: r.max_in_flight,
             by_cgroup: false,
@@ -241,6 +251,8 @@ pub fn guest_args(r: AttachRequest, node: &str, control: Control) -> Result<Atta
         sightings: None,
         keep_sightings: true,
         live: None,
+        journeys: None,
+        keep_journeys: None,
         duration: Some(GUEST_MAX),
         prometheus: None,
         stats: false,
@@ -421,6 +433,12 @@ async fn together(
     // The peers' sightings are read as they come while this node follows (and joined as they
     // come for /metrics); the others are stopped whether or not this node's attach succeeded.
     let joining = live_join(args, &fars);
+    // With events, this node's journeys are kept too, to join each paired packet's.
+    let events = fars.iter().any(|(_, r)| r.events);
+    let (keep, mut kept) = tokio::sync::mpsc::unbounded_channel();
+    if events {
+        args.keep_journeys = Some(keep);
+    }
     let here = {
         let collecting = async {
             futures::future::join_all(fars.iter_mut().map(|(f, _)| f.collect())).await;
@@ -434,6 +452,10 @@ async fn together(
     };
     let answers = stop_all(&mut fars).await;
     let (mut report, lines) = here?;
+    let mut mine = Journeys::default();
+    while let Ok(j) = kept.try_recv() {
+        mine.add(j);
+    }
     for ((far, _), answer) in fars.iter_mut().zip(answers) {
         let name = far.name.as_str();
         let (mut peer, sightings) = match answer.with_context(|| format!("attach in {name}"))? {
@@ -449,11 +471,18 @@ async fn together(
             std::mem::take(&mut *far.received.seen.lock().unwrap_or_else(|e| e.into_inner()));
         sightings.iter().for_each(|l| theirs.add(l));
         let ours = Seen::of(far.ours(&lines));
-        let mut link = link((&report.node, ours), (name, theirs));
+        let (mut link, timed) = link((&report.node, ours), (name, theirs));
         link.streamed = far.received.streamed();
         let ends = [(&report, &*peer), (&*peer, &report)];
-        for (d, (from, to)) in link.directions.iter_mut().zip(ends) {
+        let theirs = &far.received.journeys;
+        let journeys = [(&mine, theirs), (theirs, &mine)];
+        for (i, (d, (from, to))) in link.directions.iter_mut().zip(ends).enumerate() {
             d.paths = stitch::paths(d, from, to);
+            if events {
+                let pairs = &timed.directions[i];
+                (d.packet_paths, d.unjoined) =
+                    packets::ways(pairs, &timed.hops, (from, to), journeys[i]);
+            }
         }
         report.links.push(link);
         report.peers.push(*peer);
@@ -580,6 +609,8 @@ fn request(
         max_in_flight: args.follow.max_in_flight,
         hooks: args.hooks,
         stream,
+        // A lab's guests send their sightings at the end, not their journeys.
+        events: stream && args.follow.stream,
     }
 }
 

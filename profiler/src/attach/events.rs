@@ -2,13 +2,14 @@
 
 use std::{
     collections::HashMap,
-    io::{BufWriter, Stdout, Write},
+    io::{BufWriter, Write},
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{HopEvent, END_CONSUMED, END_DROPPED};
+use tokio::sync::mpsc::UnboundedSender;
 
 use super::scope::Namer;
 use crate::{
@@ -24,17 +25,33 @@ pub struct OpenJourneys {
     /// Hop events read from the ring so far.
     pub read: u64,
     /// Journey lines, written out once per drain: stdout alone would make a write per line.
-    out: BufWriter<Stdout>,
+    out: Lines,
+}
+
+/// Where journey lines go: a writer (stdout, an agent's channel to its host), and the lines
+/// themselves to whoever joins them with other nodes' (across.rs).
+struct Lines {
+    out: BufWriter<Box<dyn Write + Send + Sync>>,
+    keep: Option<UnboundedSender<JourneyLine>>,
 }
 
 impl OpenJourneys {
-    pub fn new(max_gap_ns: u64) -> Self {
+    /// `out`: where the lines are written (None: stdout); `keep`: where they are also sent.
+    pub fn new(
+        max_gap_ns: u64,
+        out: Option<Box<dyn Write + Send + Sync>>,
+        keep: Option<UnboundedSender<JourneyLine>>,
+    ) -> Self {
+        let out = out.unwrap_or_else(|| Box::new(std::io::stdout()));
         OpenJourneys {
             open: HashMap::new(),
             max_gap_ns,
             last_flush: Instant::now(),
             read: 0,
-            out: BufWriter::with_capacity(1 << 16, std::io::stdout()),
+            out: Lines {
+                out: BufWriter::with_capacity(1 << 16, out),
+                keep,
+            },
         }
     }
 
@@ -61,7 +78,7 @@ impl OpenJourneys {
             self.last_flush = Instant::now();
             self.flush_idle(namer)?;
         }
-        self.out.flush()?;
+        self.out.out.flush()?;
         Ok(())
     }
 
@@ -88,13 +105,13 @@ impl OpenJourneys {
         for (id, hops) in std::mem::take(&mut self.open) {
             print_journey(&mut self.out, id, &hops, "in-flight", namer)?;
         }
-        self.out.flush()?;
+        self.out.out.flush()?;
         Ok(())
     }
 }
 
 fn print_journey(
-    out: &mut impl Write,
+    out: &mut Lines,
     id: (u64, u64),
     hops: &[HopEvent],
     end: &str,
@@ -123,7 +140,11 @@ fn print_journey(
             })
             .collect(),
     };
-    serde_json::to_writer(&mut *out, &line)?;
-    writeln!(out)?;
+    serde_json::to_writer(&mut out.out, &line)?;
+    writeln!(out.out)?;
+    if let Some(keep) = &out.keep {
+        // A join that has ended (the attach is ending) needs no more.
+        let _ = keep.send(line);
+    }
     Ok(())
 }

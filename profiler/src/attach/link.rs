@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::wire;
+use super::{
+    packets::{self, TimedPair},
+    wire,
+};
 use crate::{
     cluster::{
         clock::Fit,
@@ -54,7 +57,7 @@ impl Seen {
         let s = Sighting {
             id: l.id,
             ts: l.ts_ns,
-            journey: 0,
+            journey: packets::key(&l.journey),
             at: at as u64,
         };
         if l.direction == "leaving" {
@@ -104,9 +107,17 @@ impl Seen {
     }
 }
 
+/// Each direction's paired packets with their time on the wire (A to B, then B to A), and the
+/// hops their sightings name (`Sighting::at`): A's, then B's, as each node names them.
+#[derive(Default)]
+pub(super) struct Timed {
+    pub hops: Vec<String>,
+    pub directions: [Vec<TimedPair>; 2],
+}
+
 /// The wire between node A and node B from their sightings: pairs both ways, B's clock related
-/// to A's, each pair's time on the wire on A's clock.
-pub(super) fn link((a, a_seen): (&str, Seen), (b, mut b_seen): (&str, Seen)) -> NodeLink {
+/// to A's, each pair's time on the wire on A's clock; and those pairs one by one.
+pub(super) fn link((a, a_seen): (&str, Seen), (b, mut b_seen): (&str, Seen)) -> (NodeLink, Timed) {
     // One numbering of both nodes' hops: B's after A's.
     let offset = a_seen.hops.len() as u64;
     for s in b_seen.leaving.iter_mut().chain(&mut b_seen.entering) {
@@ -115,6 +126,10 @@ pub(super) fn link((a, a_seen): (&str, Seen), (b, mut b_seen): (&str, Seen)) -> 
     let hops: Vec<String> = (a_seen.hops.iter().map(|h| format!("{a}: {h}")))
         .chain(b_seen.hops.iter().map(|h| format!("{b}: {h}")))
         .collect();
+    let mut timed = Timed {
+        hops: a_seen.hops.iter().chain(&b_seen.hops).cloned().collect(),
+        ..Timed::default()
+    };
     let (ab, ba) = (
         join::join(a_seen.leaving, b_seen.entering),
         join::join(b_seen.leaving, a_seen.entering),
@@ -144,30 +159,33 @@ pub(super) fn link((a, a_seen): (&str, Seen), (b, mut b_seen): (&str, Seen)) -> 
         (Some(Err(why)), None) => (None, Some(why.to_string())),
         (Some(Ok(_)), None) => unreachable!("a whole fit fits its middle"),
     };
+    let [there, back] = &mut timed.directions;
     let directions = vec![
-        direction((a, b), &ab, &hops, |p| {
+        direction((a, b), &ab, &hops, there, |p| {
             fit_at(p.left.ts).map(|f| join::on_the_wire(p, &f))
         }),
-        direction((b, a), &ba, &hops, |p| {
+        direction((b, a), &ba, &hops, back, |p| {
             fit_at(p.entered.ts).map(|f| join::on_the_wire_back(p, &f))
         }),
     ];
-    NodeLink {
+    let link = NodeLink {
         a: a.to_string(),
         b: b.to_string(),
         clock,
         unfit,
         directions,
         streamed: None,
-    }
+    };
+    (link, timed)
 }
 
-/// One direction's pairs as crossings per pair of hops; `timed` gives a pair's time on the
-/// wire and its bound, None where no fit covers it.
+/// One direction's pairs as crossings per pair of hops, each timed pair also kept in `each`;
+/// `timed` gives a pair's time on the wire and its bound, None where no fit covers it.
 fn direction(
     (from, to): (&str, &str),
     joined: &Joined,
     hops: &[String],
+    each: &mut Vec<TimedPair>,
     timed: impl Fn(&Pair) -> Option<(i64, u64)>,
 ) -> LinkDirection {
     let mut by_hops: HashMap<(u64, u64), (Vec<u64>, Vec<u64>)> = HashMap::new();
@@ -177,9 +195,16 @@ fn direction(
             untimed += 1;
             continue;
         };
+        let ns = ns.max(0) as u64;
         let (times, bounds) = by_hops.entry((p.left.at, p.entered.at)).or_default();
-        times.push(ns.max(0) as u64);
+        times.push(ns);
         bounds.push(bound);
+        each.push(TimedPair {
+            left: p.left.clone(),
+            entered: p.entered.clone(),
+            ns,
+            bound,
+        });
     }
     let mut crossings: Vec<WireCrossing> = by_hops
         .into_iter()
@@ -203,7 +228,7 @@ fn direction(
         unmatched_leaving: joined.unmatched_leaving,
         unmatched_entering: joined.unmatched_entering,
         untimed,
-        paths: Vec::new(),
+        ..LinkDirection::default()
     }
 }
 
@@ -266,7 +291,7 @@ mod tests {
             5000,
         ));
         b_lines.push(line("vm1", "entering", "rx eth0", b(start + 10), 7));
-        let l = link(("host", Seen::of(&a_lines)), ("vm1", Seen::of(&b_lines)));
+        let (l, _) = link(("host", Seen::of(&a_lines)), ("vm1", Seen::of(&b_lines)));
         let clock = l.clock.expect("the clocks related");
         let truth = b(clock.at_ns) as i64 - clock.at_ns as i64;
         assert!(
@@ -319,7 +344,7 @@ mod tests {
                 )
             })
             .collect();
-        let l = link(("host", Seen::of(&a)), ("vm1", Seen::of(&b)));
+        let (l, _) = link(("host", Seen::of(&a)), ("vm1", Seen::of(&b)));
         assert!(l.clock.is_none());
         assert!(l.unfit.expect("why").contains("one way"));
         assert_eq!(l.directions[0].untimed, 10);
@@ -387,7 +412,7 @@ mod tests {
         }
         let (a, b) = (Seen::of(&a), Seen::of(&b));
         let started = Instant::now();
-        let l = link(
+        let (l, _) = link(
             ("a", a.recent(u64::MAX, most)),
             ("b", b.recent(u64::MAX, most)),
         );

@@ -89,7 +89,7 @@ pub async fn run(
         let me = me.to_string();
         let joining = tokio::task::spawn_blocking(move || {
             (windows.into_iter())
-                .map(|(name, ours, theirs)| link((&me, ours), (&name, theirs)))
+                .map(|(name, ours, theirs)| link((&me, ours), (&name, theirs)).0)
                 .collect()
         });
         if let Ok(joined) = joining.await {

@@ -12,6 +12,7 @@ pub mod histograms;
 mod link;
 mod live;
 pub mod metrics;
+mod packets;
 pub mod scope;
 mod stitch;
 pub mod wire;
@@ -35,7 +36,7 @@ use crate::{
         ring::DRAIN_EVERY,
     },
     progress,
-    report::schema::{AttachReport, HookSet, SightingLine, ATTACH_SCHEMA},
+    report::schema::{AttachReport, HookSet, JourneyLine, SightingLine, ATTACH_SCHEMA},
     signal,
 };
 use events::OpenJourneys;
@@ -76,6 +77,10 @@ pub struct AttachArgs {
     /// Where the sightings go as they are read for the links on /metrics (`--peer` with
     /// `--prometheus`; set by across.rs).
     pub live: Option<live::Feed>,
+    /// `--mode events`: where the journey lines are written (None: stdout), and where they are
+    /// also sent, for a join with other nodes' journeys (set by across.rs).
+    pub journeys: Option<Box<dyn std::io::Write + Send + Sync>>,
+    pub keep_journeys: Option<tokio::sync::mpsc::UnboundedSender<JourneyLine>>,
     pub filter: String,
     pub follow: FollowConfig,
     pub duration: Option<Duration>,
@@ -404,7 +409,11 @@ async fn follow_loop(
     let mut look = tokio::time::interval(RESCAN_EVERY);
     // One notice per distinct failure to look at the node again, not one per look.
     let mut last_failure = String::new();
-    let mut journeys = OpenJourneys::new(args.follow.max_gap_ns);
+    let mut journeys = OpenJourneys::new(
+        args.follow.max_gap_ns,
+        args.journeys.take(),
+        args.keep_journeys.take(),
+    );
     let begun = Instant::now();
     let progress = match args.duration {
         Some(d) => progress::bar(d.as_secs().max(1), "s", args.quiet),

@@ -183,6 +183,8 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         sightings: sightings.map(|s| s.writer()).transpose()?,
         keep_sightings: false,
         live: None,
+        journeys: None,
+        keep_journeys: None,
         cgroups: cli.cgroup,
         duration: cli.duration,
         prometheus: cli.prometheus,

@@ -155,9 +155,14 @@ fn attach_waterfalls(a: &AttachReport) -> String {
         }
     }
     for d in a.links.iter().flat_map(|l| &l.directions) {
-        for p in &d.paths {
+        let ways = (d
+            .paths
+            .iter()
+            .map(|p| (p, "each node's busiest path to and from the wire")))
+        .chain((d.packet_paths.iter()).map(|p| (p, "packet by packet, each its own journeys")));
+        for (p, how) in ways {
             out += &format!(
-                "<h2>way across {} -&gt; {} (each node's busiest path to and from the wire)</h2>\n{}\n",
+                "<h2>way across {} -&gt; {} ({how})</h2>\n{}\n",
                 escape(&d.from_node),
                 escape(&d.to_node),
                 way_across(p, &a.node)

@@ -499,6 +499,15 @@ pub struct LinkDirection {
     /// Per crossing, the way across both nodes as one waterfall.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<PathAcross>,
+    /// `--mode events`: the ways across packet by packet, each paired packet's own journeys on
+    /// both nodes joined at the wire, grouped by the hops they took (most packets first);
+    /// every segment of a way counts the same packets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packet_paths: Vec<PathAcross>,
+    /// Of the timed pairs, those whose journey on either node was not kept (past the bound) or
+    /// did not show the hop it crossed at: not in `packet_paths`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unjoined: u64,
 }
 
 /// A way across two nodes: the leaving node's most taken path up to the hop a crossing left
@@ -544,7 +553,8 @@ pub struct WireSummary {
     /// Sightings past the memory bound, counted and not kept.
     pub not_kept: u64,
     /// Sightings not sent to the node joining them: more waited to be sent than the bound
-    /// allows (that node read too slowly), or more arrived there than it keeps.
+    /// allows (that node read too slowly), or more arrived there than it keeps. With `--mode
+    /// events` the journey lines share the bound, and those not sent count here too.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub not_sent: u64,
 }
@@ -686,7 +696,7 @@ pub struct AttachDrop {
 }
 
 /// `attach --mode events`: one line per journey, printed when it ends.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JourneyLine {
     /// See [`journey_name`].
     pub journey: String,
@@ -705,7 +715,7 @@ pub fn journey_name(head: u64, start_ns: u64) -> String {
     format!("{head:x}-{start_ns}")
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HopLine {
     pub hop: String,
     /// Nanoseconds since the journey's first hop.

@@ -459,7 +459,24 @@ fn link(out: &mut String, l: &NodeLink) {
             let _ = writeln!(out, "    {}", crossing(c));
         }
         for p in &d.paths {
-            path_across(out, p);
+            path_across(
+                out,
+                p,
+                "way across (each node's busiest path to and from the wire)",
+            );
+        }
+        for p in &d.packet_paths {
+            let packets = p.segments.first().map_or(0, |s| s.packets);
+            let title =
+                format!("packets across ({packets} took these hops, each its own journeys)");
+            path_across(out, p, &title);
+        }
+        if d.unjoined > 0 {
+            let _ = writeln!(
+                out,
+                "    {} paired packets not joined packet by packet (a journey not kept)",
+                d.unjoined
+            );
         }
     }
     if let Some(s) = &l.streamed {
@@ -475,15 +492,16 @@ fn link(out: &mut String, l: &NodeLink) {
     }
 }
 
-/// A way across two nodes as one waterfall, each segment with its node (both on the wire) and
-/// its share of the summed p50s: the parts are medians of different packets, so no mean sums.
-fn path_across(out: &mut String, p: &PathAcross) {
+/// A way across two nodes as one waterfall under `title`, each segment with its node (both
+/// on the wire) and its share of the summed p50s (no mean sums: in a busiest-path way the
+/// parts are medians of different packets).
+fn path_across(out: &mut String, p: &PathAcross, title: &str) {
     let (Some(first), Some(last)) = (p.segments.first(), p.segments.last()) else {
         return;
     };
     let _ = writeln!(
         out,
-        "    way across (each node's busiest path to and from the wire), {}: {} -> {}: {}:",
+        "    {title}, {}: {} -> {}: {}:",
         first.from_node, first.from, last.to_node, last.to
     );
     let node = |s: &SegmentAcross| match s.from_node == s.to_node {
@@ -903,7 +921,11 @@ mod tests {
             ],
         };
         let mut out = String::new();
-        path_across(&mut out, &way);
+        path_across(
+            &mut out,
+            &way,
+            "way across (each node's busiest path to and from the wire)",
+        );
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines,

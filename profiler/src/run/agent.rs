@@ -597,9 +597,9 @@ struct Outgoing {
     not_sent: Arc<AtomicU64>,
 }
 
-/// The attach's end: `--sightings`' JSON lines, sent as a batch at each flush (after each
-/// drain of the ring), at most MAX_WAITING bytes waiting; the lines of a batch past it are
-/// counted, not sent.
+/// The attach's end: `--sightings`' JSON lines (and with `events` the journeys'), sent as a
+/// batch at each flush (after each drain of the ring), at most MAX_WAITING bytes waiting; the
+/// lines of a batch past it are counted, not sent.
 struct Outbox {
     batch: Vec<u8>,
     batches: mpsc::UnboundedSender<Vec<u8>>,
@@ -622,6 +622,18 @@ fn outbox() -> (Outbox, Outgoing) {
         not_sent,
     };
     (outbox, outgoing)
+}
+
+impl Outbox {
+    /// Another writer onto the same channel, under the same bound.
+    fn another(&self) -> Outbox {
+        Outbox {
+            batch: Vec::new(),
+            batches: self.batches.clone(),
+            waiting: self.waiting.clone(),
+            not_sent: self.not_sent.clone(),
+        }
+    }
 }
 
 impl std::io::Write for Outbox {
@@ -651,7 +663,7 @@ impl std::io::Write for Outbox {
 async fn start_attach(request: AttachRequest, node: &str) -> Result<Attaching> {
     let (tell, followed) = oneshot::channel();
     let (stop, stopped) = oneshot::channel();
-    let stream = request.stream;
+    let (stream, events) = (request.stream, request.events);
     let mut args = across::guest_args(
         request,
         node,
@@ -662,6 +674,10 @@ async fn start_attach(request: AttachRequest, node: &str) -> Result<Attaching> {
     )?;
     let outbox = stream.then(|| {
         let (lines, outgoing) = outbox();
+        if events {
+            // Journey lines on the same channel, whole lines in batches of their own.
+            args.journeys = Some(Box::new(lines.another()));
+        }
         args.sightings = Some(Box::new(lines));
         args.keep_sightings = false;
         outgoing
