@@ -11,7 +11,7 @@ use aya::maps::{MapData, RingBuf};
 use profiler_common::{HopEvent, END_CONSUMED, END_DROPPED};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::scope::Namer;
+use super::{packets, scope::Namer};
 use crate::{
     kernel::{monotonic_ns, ring},
     report::schema::{journey_name, HopLine, JourneyLine},
@@ -28,11 +28,13 @@ pub struct OpenJourneys {
     out: Lines,
 }
 
-/// Where journey lines go: a writer (stdout, an agent's channel to its host), and the lines
-/// themselves to whoever joins them with other nodes' (across.rs).
+/// Where journey lines go: a writer (stdout, an agent's channel to its host), and the first
+/// KEPT lines themselves to whoever joins them with other nodes' (across.rs), which keeps no
+/// more: the channel's memory stays bounded however long attach follows.
 struct Lines {
     out: BufWriter<Box<dyn Write + Send + Sync>>,
     keep: Option<UnboundedSender<JourneyLine>>,
+    kept: usize,
 }
 
 impl OpenJourneys {
@@ -51,6 +53,7 @@ impl OpenJourneys {
             out: Lines {
                 out: BufWriter::with_capacity(1 << 16, out),
                 keep,
+                kept: 0,
             },
         }
     }
@@ -142,7 +145,8 @@ fn print_journey(
     };
     serde_json::to_writer(&mut out.out, &line)?;
     writeln!(out.out)?;
-    if let Some(keep) = &out.keep {
+    if let Some(keep) = out.keep.as_ref().filter(|_| out.kept < packets::KEPT) {
+        out.kept += 1;
         // A join that has ended (the attach is ending) needs no more.
         let _ = keep.send(line);
     }

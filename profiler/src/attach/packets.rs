@@ -24,8 +24,9 @@ pub(super) struct TimedPair {
 }
 
 /// Journeys kept per node for the join: the memory bound (a journey line is some hundreds of
-/// bytes); past it they are counted, and their packets are `unjoined`.
-const KEPT: usize = 1 << 16;
+/// bytes); past it a peer's are counted, this node's not sent (events.rs), and their packets
+/// are `unjoined`.
+pub(super) const KEPT: usize = 1 << 16;
 
 /// A node's journeys by their key.
 #[derive(Default)]
