@@ -27,7 +27,7 @@ const CLOCK_HORIZON_NS: u64 = 8_000_000_000;
 
 /// One node's wire sightings as the join takes them (some 70 bytes each), its hops' names
 /// kept once: what a host holds of a peer's stream.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct Seen {
     hops: Vec<String>,
     leaving: Vec<Sighting>,
@@ -105,6 +105,13 @@ impl Seen {
     pub(super) fn forget_before(&mut self, window_ns: u64, most: usize) {
         *self = self.recent(window_ns, most);
     }
+}
+
+/// The hop a link names "NODE: HOP" (as `link` names them) on `node`.
+pub(super) fn hop_on<'a>(named: &'a str, node: &str) -> &'a str {
+    (named.strip_prefix(node))
+        .and_then(|rest| rest.strip_prefix(": "))
+        .unwrap_or(named)
 }
 
 /// Each direction's paired packets with their time on the wire (A to B, then B to A), and the

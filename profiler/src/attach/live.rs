@@ -82,7 +82,7 @@ pub async fn run(
                 p.ours.forget_before(WINDOW_NS, MOST);
                 let theirs = p.theirs.lock().unwrap_or_else(|e| e.into_inner());
                 let theirs = theirs.recent(WINDOW_NS, MOST);
-                (p.name.clone(), p.ours.recent(WINDOW_NS, MOST), theirs)
+                (p.name.clone(), p.ours.clone(), theirs)
             })
             .collect();
         // A join at the bound takes about half a second: off the task that drains the rings.

@@ -12,6 +12,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use super::link::hop_on;
 use crate::report::schema::{
     AttachDrop, HookStatus, JourneyCounts, LinkDirection, NodeLink, SegmentSummary, Status,
     WireCrossing,
@@ -229,16 +230,11 @@ fn crossings(l: &NodeLink) -> impl Iterator<Item = (&LinkDirection, &WireCrossin
 
 /// A crossing's hops are named "NODE: HOP"; the node is a label of its own.
 fn crossing_labels<'a>(d: &'a LinkDirection, c: &'a WireCrossing) -> Vec<(&'a str, &'a str)> {
-    let on = |hop: &'a str, node: &str| -> &'a str {
-        (hop.strip_prefix(node))
-            .and_then(|rest| rest.strip_prefix(": "))
-            .unwrap_or(hop)
-    };
     vec![
         ("source_node", d.from_node.as_str()),
         ("destination_node", d.to_node.as_str()),
-        ("from", on(&c.from, &d.from_node)),
-        ("to", on(&c.to, &d.to_node)),
+        ("from", hop_on(&c.from, &d.from_node)),
+        ("to", hop_on(&c.to, &d.to_node)),
     ]
 }
 

@@ -3,6 +3,7 @@
 //! the leaving node's path through the first hop gives the way up to it, the entering node's
 //! path through the second the way on, and the crossing the wire between.
 
+use super::link::hop_on;
 use crate::report::schema::{
     AttachReport, LinkDirection, PathAcross, SegmentAcross, SegmentSummary, WireCrossing,
 };
@@ -46,13 +47,6 @@ fn path(c: &WireCrossing, from: &AttachReport, to: &AttachReport) -> PathAcross 
             .chain(after.map(|s| within(&to.node, s)))
             .collect(),
     }
-}
-
-/// The hop a link names "NODE: HOP" on `node`.
-fn hop_on<'a>(named: &'a str, node: &str) -> &'a str {
-    (named.strip_prefix(node))
-        .and_then(|rest| rest.strip_prefix(": "))
-        .unwrap_or(named)
 }
 
 enum Part {
