@@ -442,31 +442,18 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
     let _guard = serial();
     let lab = lab_up(&["bridge"]);
     let scratch = Scratch::new("attach-peer");
-    let tls = certs(&scratch.0, "certs", "node-a,node-b");
-    let tls = tls.to_str().unwrap();
-    // As deploy/agent-daemonset.yaml runs it, with its capabilities only (no CAP_NET_ADMIN).
-    let (agent, at) = Agent::as_deployed(&scratch.0, "node-b", "127.0.0.1", Path::new(tls));
     let json = scratch.0.join("peer.json");
     let metrics_at = "127.0.0.1:7455";
-    let attach = Attach::start(&[
-        "--prometheus",
-        metrics_at,
-        "--node",
-        "node-a",
-        "--tls",
-        tls,
-        "--peer",
-        &format!("node-b={at},netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0"),
-        "--netns",
-        "prof-bridge-pod-a",
-        "--wire",
-        "prof-bridge-pod-a:eth0",
-        "--filter",
-        "icmp or udp port 7461",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    agent.wait_for("connected", 1);
+    let (agent, attach) = with_a_peer(
+        &scratch,
+        &json,
+        &[
+            "--prometheus",
+            metrics_at,
+            "--filter",
+            "icmp or udp port 7461",
+        ],
+    );
     ping("prof-bridge-pod-a", "198.18.0.2", 200, "0.01");
     let pods = ("prof-bridge-pod-a", "prof-bridge-pod-b");
     udp_echo(pods, "198.18.0.2", 7461, 50, 64, Duration::from_millis(5));
@@ -562,6 +549,34 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
     assert_clean();
 }
 
+/// The bridge lab's pod-a followed here as node-a, and pod-b by a peer, node-b: its agent as
+/// deploy/agent-daemonset.yaml runs it, with its capabilities only (no CAP_NET_ADMIN), on the
+/// cluster's certificates in `scratch`; each pod's eth0 is its node's wire. Attach writes its
+/// report to `json`, with `args` besides; returned once the agent has its host.
+fn with_a_peer(scratch: &Scratch, json: &Path, args: &[&str]) -> (Agent, Attach) {
+    let tls = certs(&scratch.0, "certs", "node-a,node-b");
+    let (agent, at) = Agent::as_deployed(&scratch.0, "node-b", "127.0.0.1", &tls);
+    let peer = format!("node-b={at},netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0");
+    let mut all = vec![
+        "--node",
+        "node-a",
+        "--tls",
+        tls.to_str().unwrap(),
+        "--peer",
+        &peer,
+        "--netns",
+        "prof-bridge-pod-a",
+        "--wire",
+        "prof-bridge-pod-a:eth0",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let attach = Attach::start(&all);
+    agent.wait_for("connected", 1);
+    (agent, attach)
+}
+
 /// With `--mode events`, the peer sends its journeys too, and each paired packet's journeys on
 /// both nodes are joined at the wire: ways across packet by packet, each of whose segments
 /// counts the same packets, together all the packets of the crossing.
@@ -570,28 +585,8 @@ fn a_peers_packets_are_joined_journey_by_journey() {
     let _guard = serial();
     let lab = lab_up(&["bridge"]);
     let scratch = Scratch::new("attach-peer-events");
-    let tls = certs(&scratch.0, "certs", "node-a,node-b");
-    let (agent, at) = Agent::as_deployed(&scratch.0, "node-b", "127.0.0.1", &tls);
     let json = scratch.0.join("events.json");
-    let attach = Attach::start(&[
-        "--mode",
-        "events",
-        "--node",
-        "node-a",
-        "--tls",
-        tls.to_str().unwrap(),
-        "--peer",
-        &format!("node-b={at},netns=prof-bridge-pod-b,wire=prof-bridge-pod-b:eth0"),
-        "--netns",
-        "prof-bridge-pod-a",
-        "--wire",
-        "prof-bridge-pod-a:eth0",
-        "--filter",
-        "icmp",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    agent.wait_for("connected", 1);
+    let (agent, attach) = with_a_peer(&scratch, &json, &["--mode", "events", "--filter", "icmp"]);
     ping("prof-bridge-pod-a", "198.18.0.2", 100, "0.01");
     let (_, table) = attach.stop();
     agent.wait_for("gone", 1);
