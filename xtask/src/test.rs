@@ -46,7 +46,7 @@ pub fn run(args: &[String]) -> Result<()> {
     vm::provision(vm::Series::V6_1)?;
     lint()?;
     step("leak check before the tests");
-    leak_check("before the tests (left by an earlier run, or in use by a running profiler): remove them first")?;
+    clean_start()?;
 
     // `cargo xtask test -- CARGO_ARGS -- HARNESS_ARGS`
     let (cargo_args, harness_args) = match args.iter().position(|a| a == "--") {
@@ -151,7 +151,61 @@ fn vm_kernels() -> Result<Vec<vm::Series>> {
         .collect()
 }
 
+/// Starts from a clean machine. Leftovers of a run that no longer runs (a SIGKILL cannot be
+/// cleaned up after) are removed the documented way, `profiler lab down --all`, and the
+/// check is made again; leftovers a running profiler may be using stop the tests.
+fn clean_start() -> Result<()> {
+    let found = leaks()?;
+    if found.is_empty() {
+        return leak_check("before the tests");
+    }
+    for leak in &found {
+        eprintln!("leftover: {leak}");
+    }
+    let running = running_profilers();
+    if !running.is_empty() {
+        bail!(
+            "{} leftover(s) before the tests, and the profiler runs as pid(s) {}: they may be its; \
+             remove them once it ends (profiler lab down --all)",
+            found.len(),
+            running.join(", ")
+        );
+    }
+    println!(
+        "no profiler runs: these are a dead run's; removing them with `profiler lab down --all`"
+    );
+    let profiler = crate::build()?;
+    cmd::run(Command::new(profiler).args(["lab", "down", "--all"]))?;
+    leak_check("before the tests, still there after `profiler lab down --all`: remove them first")
+}
+
+/// The pids of running profilers and test binaries (of any clone), but this process's.
+fn running_profilers() -> Vec<String> {
+    let me = std::process::id();
+    processes()
+        .into_iter()
+        .filter(|(pid, name)| {
+            let exe = cmdline(*pid).into_iter().next().unwrap_or_default();
+            *pid != me && (name == "profiler" || exe.contains("/target/release/deps/"))
+        })
+        .map(|(pid, name)| format!("{pid} ({name})"))
+        .collect()
+}
+
 fn leak_check(whose: &str) -> Result<()> {
+    let leaks = leaks()?;
+    if leaks.is_empty() {
+        println!("nothing left: no lab namespaces, state, OVS daemons, testpmd, node lab containerd or CNI files, lock files, BPF programs, temporary devices, clsact qdiscs or QEMU processes");
+        return Ok(());
+    }
+    for leak in &leaks {
+        eprintln!("leak: {leak}");
+    }
+    bail!("{} leftover(s) {whose}", leaks.len())
+}
+
+/// Everything the project could have left on this machine, each with how to remove it.
+fn leaks() -> Result<Vec<String>> {
     let mut leaks = Vec::new();
     for name in entries("/run/netns") {
         if name.starts_with(NETNS_PREFIX) {
@@ -204,14 +258,7 @@ fn leak_check(whose: &str) -> Result<()> {
             leaks.push(format!("DPDK runtime directory {DPDK_RUNTIME}/{name}"));
         }
     }
-    if leaks.is_empty() {
-        println!("nothing left: no lab namespaces, state, OVS daemons, testpmd, node lab containerd or CNI files, lock files, BPF programs, temporary devices, clsact qdiscs or QEMU processes");
-        return Ok(());
-    }
-    for leak in &leaks {
-        eprintln!("leak: {leak}");
-    }
-    bail!("{} leftover(s) {whose}", leaks.len())
+    Ok(leaks)
 }
 
 /// What the node lab could leave: its containerd and shims, CNI cache and address files, devices.
