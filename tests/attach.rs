@@ -11,7 +11,7 @@ use std::{
     path::Path,
     process::Command,
     sync::{Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use common::{
@@ -21,8 +21,9 @@ use common::{
         assert_way_across, identical_datagrams, lab_up, ping, report, started, tmp, udp_echo,
         Attach,
     },
-    profiler, run_json, segment_names, segments, BIN,
+    otlp, profiler, run_json, segment_names, segments, BIN,
 };
+use opentelemetry_proto::tonic::trace::v1::Span;
 use profiler::report::schema::{AttachReport, SightingLine};
 use serde_json::Value;
 
@@ -586,9 +587,15 @@ fn a_peers_packets_are_joined_journey_by_journey() {
     let lab = lab_up(&["bridge"]);
     let scratch = Scratch::new("attach-peer-events");
     let json = scratch.0.join("events.json");
-    let (agent, attach) = with_a_peer(&scratch, &json, &["--mode", "events", "--filter", "icmp"]);
+    let receiver = otlp::Receiver::start();
+    let endpoint = receiver.endpoint();
+    let events = ["--mode", "events", "--filter", "icmp"];
+    let traced = ["--otlp", &endpoint, "--otlp-sample", "3"];
+    let (agent, attach) = with_a_peer(&scratch, &json, &[&events[..], &traced].concat());
+    let begun = std::time::SystemTime::now();
     ping("prof-bridge-pod-a", "198.18.0.2", 100, "0.01");
     let (_, table) = attach.stop();
+    let ended = std::time::SystemTime::now();
     agent.wait_for("gone", 1);
     drop(lab);
     let r: AttachReport =
@@ -597,6 +604,7 @@ fn a_peers_packets_are_joined_journey_by_journey() {
         .links
         .first()
         .unwrap_or_else(|| panic!("no link: {table}"));
+    let mut all_joined = 0;
     for d in &link.directions {
         let crossed: u64 = d.crossings.iter().map(|c| c.packets).sum();
         assert!(crossed >= 95, "{crossed} of 100 pings paired: {d:?}");
@@ -629,11 +637,89 @@ fn a_peers_packets_are_joined_journey_by_journey() {
             joined += packets;
         }
         assert_eq!(joined, crossed, "every paired packet in one way: {d:?}");
+        all_joined += joined;
     }
     assert!(table.contains("packets across ("), "{table}");
+    let traces = traces_of(&receiver.spans(), (begun, ended));
+    assert_eq!(
+        traces.len() as u64,
+        all_joined.div_ceil(3),
+        "one joined packet in 3 traced: {table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "otlp: {} of {all_joined} joined packets",
+            traces.len()
+        )),
+        "{table}"
+    );
     agent.stop();
     drop(scratch);
     assert_clean();
+}
+
+/// The OTLP spans by trace, each checked: sent by node-a, a span for the packet and under it
+/// a chain of steps within it (each ending where the next starts) across the wire from one
+/// node to the other, all within the test's wall-clock time.
+fn traces_of(spans: &[(String, Span)], (begun, ended): (SystemTime, SystemTime)) -> Vec<Vec<Span>> {
+    let mut traces: HashMap<Vec<u8>, Vec<Span>> = HashMap::new();
+    for (host, s) in spans {
+        assert_eq!(host, "node-a", "{s:?}");
+        traces
+            .entry(s.trace_id.clone())
+            .or_default()
+            .push(s.clone());
+    }
+    let ns = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let (begun, ended) = (ns(begun) - 1_000_000_000, ns(ended));
+    for spans in traces.values_mut() {
+        // The packet's span first, then its steps in order (their span ids count up).
+        spans.sort_by_key(|s| (!s.parent_span_id.is_empty(), s.span_id.clone()));
+        let (whole, steps) = spans.split_first().unwrap();
+        assert!(
+            whole.parent_span_id.is_empty(),
+            "one span for the packet: {spans:?}"
+        );
+        assert!(
+            (begun..=ended).contains(&whole.start_time_unix_nano),
+            "{whole:?} between {begun} and {ended}"
+        );
+        let wire = (steps.iter().position(|s| s.name == "wire"))
+            .unwrap_or_else(|| panic!("no wire: {steps:?}"));
+        let node = |s: &Span| otlp::attribute(s, "profiler.node").unwrap();
+        let (from, to) = (
+            node(&steps[wire]),
+            otlp::attribute(&steps[wire], "profiler.to_node"),
+        );
+        assert_ne!(
+            Some(&from),
+            to.as_ref(),
+            "the wire joins two nodes: {steps:?}"
+        );
+        for (k, s) in steps.iter().enumerate() {
+            assert_eq!(s.parent_span_id, whole.span_id, "{s:?}");
+            let on = if k <= wire {
+                Some(from.clone())
+            } else {
+                to.clone()
+            };
+            assert_eq!(Some(node(s)), on, "steps on their nodes: {steps:?}");
+        }
+        for w in steps.windows(2) {
+            assert_eq!(
+                w[0].end_time_unix_nano, w[1].start_time_unix_nano,
+                "one chain: {steps:?}"
+            );
+        }
+        assert_eq!(
+            (
+                steps[0].start_time_unix_nano,
+                steps.last().unwrap().end_time_unix_nano
+            ),
+            (whole.start_time_unix_nano, whole.end_time_unix_nano)
+        );
+    }
+    traces.into_values().collect()
 }
 
 /// `--mode events`: one JSON line per journey on stdout, its hops in time order, and

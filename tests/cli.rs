@@ -71,6 +71,16 @@ fn malformed_and_conflicting_paths_are_refused() {
         &["run", "--from", "no-such-ns", "--to", "b:198.18.0.1"],
         "unknown network namespace",
     );
+    let otlp = ["attach", "--netns", "x", "--otlp"];
+    refused(&[&otlp[..], &["collector:4317"]].concat(), "is not an http");
+    refused(
+        &[&otlp[..], &["http://127.0.0.1:4317"]].concat(),
+        "add --mode events",
+    );
+    refused(
+        &[&otlp[..], &["http://127.0.0.1:4317", "--mode", "events"]].concat(),
+        "add --peer",
+    );
     assert_clean();
 }
 

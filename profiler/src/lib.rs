@@ -22,7 +22,9 @@
 // Set up by the command (main.rs) for the log records of the library's modules.
 use env_logger as _;
 // Only the integration tests use these (tests/report.rs parses the HTML page, tests/bench.rs
-// decodes a screenshot of bench's page).
+// decodes a screenshot of bench's page, tests/attach.rs receives OTLP traces).
+#[cfg(test)]
+use opentelemetry_proto as _;
 #[cfg(test)]
 use png as _;
 #[cfg(test)]

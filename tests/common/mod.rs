@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod attach;
 pub mod delay;
+pub mod otlp;
 pub mod prometheus;
 pub mod skip;
 pub mod truth;

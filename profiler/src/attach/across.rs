@@ -253,6 +253,7 @@ pub fn guest_args(r: AttachRequest, node: &str, control: Control) -> Result<Atta
         live: None,
         journeys: None,
         keep_journeys: None,
+        traces: None,
         duration: Some(GUEST_MAX),
         prometheus: None,
         stats: false,
@@ -482,6 +483,17 @@ async fn together(
                 let pairs = &timed.directions[i];
                 (d.packet_paths, d.unjoined) =
                     packets::ways(pairs, &timed.hops, (from, to), journeys[i]);
+                if let Some(traces) = args.traces.as_mut() {
+                    let here_leaves = i == 0;
+                    packets::traces(
+                        pairs,
+                        &timed.hops,
+                        (from, to),
+                        journeys[i],
+                        here_leaves,
+                        traces,
+                    );
+                }
             }
         }
         report.links.push(link);

@@ -12,6 +12,7 @@ pub mod histograms;
 mod link;
 mod live;
 pub mod metrics;
+pub mod otlp;
 mod packets;
 pub mod scope;
 mod stitch;
@@ -81,6 +82,8 @@ pub struct AttachArgs {
     /// also sent, for a join with other nodes' journeys (set by across.rs).
     pub journeys: Option<Box<dyn std::io::Write + Send + Sync>>,
     pub keep_journeys: Option<tokio::sync::mpsc::UnboundedSender<JourneyLine>>,
+    /// `--otlp`: the packets joined across nodes, one in N, as traces (filled by across.rs).
+    pub traces: Option<otlp::Traces>,
     pub filter: String,
     pub follow: FollowConfig,
     pub duration: Option<Duration>,

@@ -8,10 +8,13 @@
 
 use std::collections::HashMap;
 
-use super::wire;
+use super::{
+    otlp::{Step, Trace, Traces},
+    wire,
+};
 use crate::{
     cluster::join::Sighting,
-    report::schema::{AttachReport, JourneyLine, PathAcross, SegmentAcross},
+    report::schema::{AttachReport, HopLine, JourneyLine, PathAcross, SegmentAcross},
 };
 
 /// A packet paired at the wire (link.rs): its sightings on both nodes, and its time on the
@@ -78,20 +81,11 @@ pub(super) fn ways(
     let mut groups: HashMap<(Vec<String>, Vec<String>), Group> = HashMap::new();
     let mut unjoined = 0;
     for p in pairs {
-        let left = from_journeys.by_key.get(&p.left.journey);
-        let entered = to_journeys.by_key.get(&p.entered.journey);
-        let parts = left.zip(entered).and_then(|(l, e)| {
-            let up_to = position(l, &hops[p.left.at as usize])?;
-            let from_on = position(e, &hops[p.entered.at as usize])?;
-            Some((&l.hops[..=up_to], &crossed(e)[from_on..]))
-        });
-        let Some((before, after)) = parts else {
+        let Some(Cut { before, after }) = cut(p, hops, (from_journeys, to_journeys)) else {
             unjoined += 1;
             continue;
         };
-        let names = |h: &[crate::report::schema::HopLine]| -> Vec<String> {
-            h.iter().map(|h| h.hop.clone()).collect()
-        };
+        let names = |h: &[HopLine]| -> Vec<String> { h.iter().map(|h| h.hop.clone()).collect() };
         let g = groups.entry((names(before), names(after))).or_default();
         if g.wire_ns.is_empty() {
             (g.before, g.after) = (names(before), names(after));
@@ -112,9 +106,105 @@ pub(super) fn ways(
     (ways, unjoined)
 }
 
+/// A paired packet's journeys on both nodes, cut at the wire: the leaving node's hops up to
+/// the one it left at, the entering node's from the one it entered at.
+struct Cut<'j> {
+    before: &'j [HopLine],
+    after: &'j [HopLine],
+}
+
+/// The pair's cut, if both journeys were kept and crossed the pair's hops.
+fn cut<'j>(
+    p: &TimedPair,
+    hops: &[String],
+    (from_journeys, to_journeys): (&'j Journeys, &'j Journeys),
+) -> Option<Cut<'j>> {
+    let left = from_journeys.by_key.get(&p.left.journey)?;
+    let entered = to_journeys.by_key.get(&p.entered.journey)?;
+    let up_to = position(left, &hops[p.left.at as usize])?;
+    let from_on = position(entered, &hops[p.entered.at as usize])?;
+    Some(Cut {
+        before: &left.hops[..=up_to],
+        after: crossed(entered).get(from_on..)?,
+    })
+}
+
+/// Each joined packet of one direction offered to `traces` (one in N is kept), its steps on
+/// this node's clock: `here_leaves` says whether this node is the one the packets left (the
+/// pairs' time on the wire is on this node's clock either way).
+pub(super) fn traces(
+    pairs: &[TimedPair],
+    hops: &[String],
+    ends: (&AttachReport, &AttachReport),
+    journeys: (&Journeys, &Journeys),
+    here_leaves: bool,
+    traces: &mut Traces,
+) {
+    for p in pairs {
+        if let Some(c) = cut(p, hops, journeys) {
+            traces.offer(|| trace(p, &c, ends, here_leaves));
+        }
+    }
+}
+
+/// A joined packet's steps: the leaving node's up to the wire, the wire, the entering node's;
+/// each node's placed from the time the packet left or entered on this node's clock.
+fn trace(
+    p: &TimedPair,
+    c: &Cut,
+    (from, to): (&AttachReport, &AttachReport),
+    here_leaves: bool,
+) -> Trace {
+    let departs = if here_leaves {
+        p.left.ts
+    } else {
+        p.entered.ts.saturating_sub(p.ns)
+    };
+    let arrives = departs + p.ns;
+    let (last, first) = (c.before.last(), c.after.first());
+    let last_ns = last.map_or(0, |h| h.at_ns);
+    let first_ns = first.map_or(0, |h| h.at_ns);
+    let within = |r: &AttachReport, hops: &[HopLine], at: &dyn Fn(u64) -> u64| {
+        let steps = hops.windows(2).map(|w| Step {
+            from_node: r.node.clone(),
+            to_node: r.node.clone(),
+            name: segment_name(r, &w[0].hop, &w[1].hop),
+            from: w[0].hop.clone(),
+            to: w[1].hop.clone(),
+            start_ns: at(w[0].at_ns),
+            end_ns: at(w[1].at_ns),
+            bound_ns: 0,
+        });
+        steps.collect::<Vec<_>>()
+    };
+    let wire = Step {
+        from_node: from.node.clone(),
+        to_node: to.node.clone(),
+        name: "wire".to_string(),
+        from: last.map_or_else(String::new, |h| h.hop.clone()),
+        to: first.map_or_else(String::new, |h| h.hop.clone()),
+        start_ns: departs,
+        end_ns: arrives,
+        bound_ns: p.bound,
+    };
+    Trace {
+        steps: (within(from, c.before, &|at| departs - (last_ns - at)).into_iter())
+            .chain([wire])
+            .chain(within(to, c.after, &|at| arrives + (at - first_ns)))
+            .collect(),
+    }
+}
+
+/// A segment's name in the node's report, else its hops'.
+fn segment_name(r: &AttachReport, from: &str, to: &str) -> String {
+    (r.segments.iter())
+        .find(|s| s.from == from && s.to == to)
+        .map_or_else(|| format!("{from} -> {to}"), |s| s.name.clone())
+}
+
 /// The journey's hops without the one that ended it (the buffer freed, consumed or dropped),
 /// which the node's own segments leave out too.
-fn crossed(j: &JourneyLine) -> &[crate::report::schema::HopLine] {
+fn crossed(j: &JourneyLine) -> &[HopLine] {
     match j.end.as_str() {
         "consumed" | "dropped" => &j.hops[..j.hops.len().saturating_sub(1)],
         _ => &j.hops,
@@ -129,9 +219,7 @@ fn position(j: &JourneyLine, hop: &str) -> Option<usize> {
 fn way(g: Group, from: &AttachReport, to: &AttachReport) -> PathAcross {
     let within = |r: &AttachReport, hops: &[String], times: Vec<Vec<u64>>| {
         let segments = hops.windows(2).zip(times).map(move |(w, ns)| {
-            let name = (r.segments.iter())
-                .find(|s| s.from == w[0] && s.to == w[1])
-                .map_or_else(|| format!("{} -> {}", w[0], w[1]), |s| s.name.clone());
+            let name = segment_name(r, &w[0], &w[1]);
             segment(&r.node, &r.node, name, &w[0], &w[1], ns, 0)
         });
         segments.collect::<Vec<_>>()
@@ -290,6 +378,50 @@ mod tests {
         assert_eq!((qdisc.p50_ns, qdisc.p99_ns), (30_000.0, 30_000.0));
         assert_eq!(ways[0].segments[1].bound_ns, 3_000);
         assert_eq!(ways[1].segments[2].name, "rx eth0 -> routed");
+    }
+
+    /// A joined packet's steps on this node's clock, whichever node it left: the leaving
+    /// node's before the wire, ending where the wire starts, the entering node's after.
+    #[test]
+    fn a_joined_packet_is_traced_on_this_nodes_clock() {
+        let hops = vec!["xmit eth0".to_string(), "rx eth0".to_string()];
+        let (mut a, mut b) = (Journeys::default(), Journeys::default());
+        a.add(journey(1, 100, &[("queue eth0", 0), ("xmit eth0", 10_000)]));
+        b.add(journey(
+            2,
+            900_000,
+            &[("rx eth0", 0), ("socket", 7_000), ("consume_skb", 9_000)],
+        ));
+        let pair = |left_ts, entered_ts| TimedPair {
+            left: Sighting {
+                ts: left_ts,
+                ..seen(&journey_name(1, 100), 0)
+            },
+            entered: Sighting {
+                ts: entered_ts,
+                ..seen(&journey_name(2, 900_000), 1)
+            },
+            ns: 40_000,
+            bound: 3_000,
+        };
+        let ends = (&report("a"), &report("b"));
+        let steps = |here_leaves, p: TimedPair| {
+            let mut t = Traces::new(1);
+            traces(&[p], &hops, ends, (&a, &b), here_leaves, &mut t);
+            let times = |s: &Step| (s.from_node.clone(), s.start_ns, s.end_ns);
+            t.kept[0].steps.iter().map(times).collect::<Vec<_>>()
+        };
+        let want = |at: u64| {
+            vec![
+                ("a".to_string(), at - 10_000, at),
+                ("a".to_string(), at, at + 40_000),
+                ("b".to_string(), at + 40_000, at + 47_000),
+            ]
+        };
+        // Here is a: its sighting's time is the departure.
+        assert_eq!(steps(true, pair(10_100, 0)), want(10_100));
+        // Here is b: the departure is its sighting's time less the wire's.
+        assert_eq!(steps(false, pair(0, 500_000)), want(460_000));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::{
     output::{output, JsonOut},
-    values::duration_within,
+    values::{duration_within, otlp_endpoint},
 };
 use crate::{
     attach,
@@ -92,6 +92,16 @@ pub struct AttachCli {
     /// the wire between the nodes too, joined every 5 s over the last 30 s of sightings.
     #[arg(long)]
     prometheus: Option<std::net::SocketAddr>,
+    /// Send the packets joined across nodes (--peer or --lab, --mode events), one in
+    /// --otlp-sample, as OpenTelemetry traces to this OTLP/gRPC endpoint
+    /// (http://collector:4317) at the end: a trace per packet, a span per segment, the wire
+    /// between the nodes one of them, on this node's clock.
+    #[arg(long, value_name = "URL", value_parser = otlp_endpoint)]
+    otlp: Option<String>,
+    /// Trace one joined packet in N with --otlp.
+    #[arg(long, default_value_t = 10, value_name = "N", requires = "otlp",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    otlp_sample: u32,
     /// Packets followed at once at most (the in-flight table's size, rounded up to a power of
     /// two: the memory bound).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=1 << 22))]
@@ -151,6 +161,12 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     {
         bail!("--sightings -: stdout is taken by --mode events or --json -: give a file");
     }
+    if cli.otlp.is_some() && !events {
+        bail!("--otlp traces packets joined journey by journey: add --mode events");
+    }
+    if cli.otlp.is_some() && cli.peer.is_empty() && cli.lab.is_none() {
+        bail!("--otlp traces packets across nodes: add --peer NAME=ADDR (or --lab NAME)");
+    }
     let filter = attach::filter::compile(&cli.filter)?;
     let view = if cli.drops {
         table::drops
@@ -159,6 +175,10 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     };
     let verbose = cli.verbose;
     let (lab, peers, tls) = (cli.lab, cli.peer, cli.tls);
+    let otlp = (cli.otlp).map(|endpoint| attach::otlp::Otlp {
+        endpoint,
+        every: cli.otlp_sample,
+    });
     doctor::require(doctor::ATTACH_CAPS)?;
     let mut args = attach::AttachArgs {
         node: cli.node,
@@ -185,6 +205,7 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         live: None,
         journeys: None,
         keep_journeys: None,
+        traces: otlp.as_ref().map(|o| attach::otlp::Traces::new(o.every)),
         cgroups: cli.cgroup,
         duration: cli.duration,
         prometheus: cli.prometheus,
@@ -212,6 +233,17 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
         eprint!("{table}");
     } else {
         output(json.as_ref(), &report, &table)?;
+    }
+    if let (Some(otlp), Some(traces)) = (&otlp, args.traces.take()) {
+        let spans = attach::otlp::export(otlp, &report.node, &traces.kept).await?;
+        if !quiet {
+            eprintln!(
+                "otlp: {} of {} joined packets sent to {} ({spans} spans)",
+                traces.kept.len(),
+                traces.joined(),
+                otlp.endpoint
+            );
+        }
     }
     // Profiling succeeded: the workload's status is the command's.
     Ok(report.command.as_ref().map_or(ExitCode::SUCCESS, |c| {

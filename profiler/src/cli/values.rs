@@ -37,6 +37,17 @@ pub fn number_within(s: &str, min: f64, max: f64) -> Result<f64, String> {
     }
 }
 
+/// An OTLP/gRPC endpoint: an http:// or https:// URL with a host.
+pub fn otlp_endpoint(s: &str) -> Result<String, String> {
+    let rest = (s.strip_prefix("http://"))
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or_else(|| format!("{s:?} is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok(s.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +76,18 @@ mod tests {
         for bad in ["1e-20", "0", "-3", "1e7", "NaN", "inf", "x"] {
             assert!(number_within(bad, 0.1, 1e6).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_otlp_endpoint_is_an_http_url_with_a_host() {
+        assert_eq!(
+            otlp_endpoint("http://127.0.0.1:4317").as_deref(),
+            Ok("http://127.0.0.1:4317")
+        );
+        assert!(otlp_endpoint("https://collector").is_ok());
+        assert!(otlp_endpoint("collector:4317")
+            .unwrap_err()
+            .contains("not an http"));
+        assert!(otlp_endpoint("http://").unwrap_err().contains("no host"));
     }
 }
