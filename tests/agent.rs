@@ -72,6 +72,10 @@ fn the_agents_tcp_side_takes_only_its_clusters_hosts_one_at_a_time() {
         .output()
         .unwrap();
     one_line_error(&out, "--listen needs --tls DIR");
+    assert_eq!(
+        out.status.code(),
+        Some(profiler::cli::exit::BAD_INPUT.into())
+    );
     // And so must speaking in the clear.
     let out = Command::new(BIN)
         .args([
@@ -86,6 +90,10 @@ fn the_agents_tcp_side_takes_only_its_clusters_hosts_one_at_a_time() {
         .output()
         .unwrap();
     one_line_error(&out, "--agent needs --tls DIR");
+    assert_eq!(
+        out.status.code(),
+        Some(profiler::cli::exit::BAD_INPUT.into())
+    );
 
     let agent = Agent::start(&root, Some(NETNS), ADDR, &["--tls", tls, "--node", "vm1"]);
 

@@ -6,12 +6,19 @@
 mod common;
 
 use common::{assert_clean, ip, profiler};
+use profiler::cli::exit;
 
-/// `profiler ARGS` must fail in one line containing `want`, and leave nothing behind.
+/// `profiler ARGS` must fail as bad input (exit status 2) in one line containing `want`, and
+/// leave nothing behind.
 fn refused(args: &[&str], want: &str) {
+    refused_as(args, want, exit::BAD_INPUT);
+}
+
+/// `profiler ARGS` must fail with exit status `status`, in one line containing `want`.
+fn refused_as(args: &[&str], want: &str, status: u8) {
     let out = profiler(args);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} was accepted: {err}");
+    assert_eq!(out.status.code(), Some(status.into()), "{args:?}: {err}");
     assert!(err.contains(want), "{args:?}: {err}");
     assert_eq!(
         err.trim_end().lines().count(),
@@ -86,17 +93,21 @@ fn malformed_and_conflicting_paths_are_refused() {
 
 #[test]
 fn a_placement_the_topology_does_not_have_is_refused_before_the_lab() {
-    refused(
+    let cannot = exit::CANNOT_BUILD;
+    refused_as(
         &["run", "--lab", "flannel-vxlan", "--placement", "same-host"],
         "cross-host",
+        cannot,
     );
-    refused(
+    refused_as(
         &["run", "--lab", "veth", "--placement", "cross-host"],
         "same-host",
+        cannot,
     );
-    refused(
+    refused_as(
         &["lab", "up", "host", "--placement", "same-host"],
         "cross-host",
+        cannot,
     );
     assert_clean();
 }

@@ -606,7 +606,8 @@ fn vlan_cross_host_lab_up_traffic_down() {
         // through `up`: then everything made so far must be gone again.
         let _serial = serial();
         match runtime().block_on(lab::up(Topology::Vlan, &cross_host(None))) {
-            Err(e) if e.to_string().contains("needs the 8021q kernel module") => {
+            Err(e) if matches!(e.downcast_ref(), Some(lab::CannotBuild::Lacks { .. })) => {
+                assert!(format!("{e:#}").contains("8021q"), "{e:#}");
                 assert_gone("vlan-xhost", &[pa, pb, ha, hb]);
                 skip(
                     &format!("this kernel cannot make vlan devices: {e:#}"),
@@ -679,6 +680,10 @@ fn unsupported_combinations_error_before_creating_anything() {
         };
         let msg = format!("{err:#}");
         assert!(msg.starts_with(want) && !msg.contains('\n'), "{msg}");
+        assert!(
+            lab::CannotBuild::is(&err),
+            "a lab that cannot be built so: {msg}"
+        );
         let prefix = format!("prof-{name}-");
         let leftovers: Vec<_> = std::fs::read_dir(netns::NETNS_DIR)
             .unwrap_or_else(|e| panic!("reading {}: {e}", netns::NETNS_DIR))

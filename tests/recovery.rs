@@ -156,9 +156,10 @@ fn a_second_run_on_a_lab_in_use_is_refused_and_the_first_is_unharmed() {
     });
     let second = profiler(&["run", "--lab", "bridge", "--count", "10", "--quiet"]);
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        !second.status.success(),
-        "the second run must not share the lab"
+    assert_eq!(
+        second.status.code(),
+        Some(profiler::cli::exit::BUSY.into()),
+        "the second run must not share the lab, and says it is busy: {err}"
     );
     assert!(
         err.contains(&format!("lab bridge is in use by pid {}", first.id())),

@@ -35,6 +35,7 @@ pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod datapath;
+pub mod error;
 pub mod kernel;
 pub mod lab;
 pub mod pods;

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             eprintln!("{}", first_paragraph(&e.render().to_string()));
-            return ExitCode::from(2);
+            return ExitCode::from(profiler::cli::exit::BAD_INPUT);
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -42,7 +42,8 @@ fn first_paragraph(message: &str) -> String {
         .join(" ")
 }
 
+/// One line, and the status that says what kind of failure it was.
 fn fail(e: anyhow::Error) -> ExitCode {
     eprintln!("error: {e:#}");
-    ExitCode::FAILURE
+    ExitCode::from(profiler::cli::exit::of(&e))
 }

@@ -14,6 +14,7 @@ use crate::{
         path::{self, Attached, Inodes},
         HopKey, Point,
     },
+    error::BadInput,
     kernel::btf::DropReasons,
     lab::{
         discover::{self, ROOT},
@@ -63,8 +64,10 @@ fn netns_ref(arg: &str) -> Result<String> {
     }
     // There but unreadable (no permission, a process's namespace): say so, not "unknown".
     match netns::inode(&ns) {
-        Err(e) if !e.to_string().starts_with("unknown") => bail!("--netns {arg}: {e}"),
-        _ => bail!("unknown network namespace {arg}"),
+        Err(e) if !e.is::<BadInput>() => bail!("--netns {arg}: {e}"),
+        _ => Err(crate::error::bad_input(format!(
+            "unknown network namespace {arg}"
+        ))),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::{
     cluster::tls::{self, Identity},
@@ -71,10 +71,12 @@ fn security(cli: &AgentCli) -> Result<Security> {
         Some(dir) => Security::Tls(Identity::load(dir, &cli.node)?),
         None if cli.tls_from_host => Security::TlsFromHost,
         None if cli.insecure => Security::Insecure,
-        None => bail!(
-            "--listen needs --tls DIR (the cluster's certificates: `profiler agent --init-certs \
-             DIR --names host,{}`) or --insecure",
-            cli.node
-        ),
+        None => {
+            return Err(crate::error::bad_input(format!(
+                "--listen needs --tls DIR (the cluster's certificates: `profiler agent \
+                 --init-certs DIR --names host,{}`) or --insecure",
+                cli.node
+            )))
+        }
     })
 }

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 
 use super::{
@@ -12,6 +12,7 @@ use super::{
 };
 use crate::{
     attach,
+    error::bad_input,
     kernel::{doctor, programs::FollowConfig},
     pods,
     report::{
@@ -149,7 +150,9 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
     let events = matches!(cli.mode, AttachMode::Events);
     if events && matches!(json, Some(JsonOut::Stdout)) {
-        anyhow::bail!("--mode events prints its journeys on stdout: give --json a file, not -");
+        return Err(bad_input(
+            "--mode events prints its journeys on stdout: give --json a file, not -",
+        ));
     }
     let sightings = cli
         .sightings
@@ -159,13 +162,19 @@ pub async fn run(cli: AttachCli, quiet: bool) -> Result<ExitCode> {
     if matches!(sightings, Some(JsonOut::Stdout))
         && (events || matches!(json, Some(JsonOut::Stdout)))
     {
-        bail!("--sightings -: stdout is taken by --mode events or --json -: give a file");
+        return Err(bad_input(
+            "--sightings -: stdout is taken by --mode events or --json -: give a file",
+        ));
     }
     if cli.otlp.is_some() && !events {
-        bail!("--otlp traces packets joined journey by journey: add --mode events");
+        return Err(bad_input(
+            "--otlp traces packets joined journey by journey: add --mode events",
+        ));
     }
     if cli.otlp.is_some() && cli.peer.is_empty() && cli.lab.is_none() {
-        bail!("--otlp traces packets across nodes: add --peer NAME=ADDR (or --lab NAME)");
+        return Err(bad_input(
+            "--otlp traces packets across nodes: add --peer NAME=ADDR (or --lab NAME)",
+        ));
     }
     let filter = attach::filter::compile(&cli.filter)?;
     let view = if cli.drops {

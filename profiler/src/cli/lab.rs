@@ -179,7 +179,9 @@ async fn exec(
         .split_once(lab::names::NODE_SEP)
         .filter(|(n, ns)| !n.is_empty() && !ns.is_empty())
     else {
-        anyhow::bail!("lab exec takes a guest's namespace as NODE:NETNS (vm1:pod-b, vm1:(root))");
+        return Err(crate::error::bad_input(
+            "lab exec takes a guest's namespace as NODE:NETNS (vm1:pod-b, vm1:(root))",
+        ));
     };
     let request = lab::nested::ExecRequest {
         netns: netns.to_string(),
@@ -204,7 +206,9 @@ async fn pod(command: PodCommand) -> Result<()> {
     let (PodCommand::Add { lab, .. } | PodCommand::Rm { lab, .. }) = &command;
     let node = lab::lab_name(Topology::Node, Placement::SameHost);
     if *lab != node {
-        anyhow::bail!("lab {lab:?}: pods are added to and removed from the node lab ({node})");
+        return Err(crate::error::bad_input(format!(
+            "lab {lab:?}: pods are added to and removed from the node lab ({node})"
+        )));
     }
     match command {
         PodCommand::Add {

@@ -8,6 +8,7 @@ mod bench;
 mod compare;
 mod delay;
 mod doctor;
+pub mod exit;
 mod floor;
 mod lab;
 pub mod output;

@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
 /// Where a `--json` report goes: stdout ("-") or a file, checked before any work is done.
 #[derive(Clone, Debug)]
@@ -31,11 +31,11 @@ impl JsonOut {
             _ => Path::new("."),
         };
         if !dir.is_dir() {
-            bail!(
+            return Err(crate::error::bad_input(format!(
                 "{flag} {}: directory {} does not exist",
                 arg.display(),
                 dir.display()
-            );
+            )));
         }
         let probe = temporary(arg);
         std::fs::File::create(&probe).with_context(|| {

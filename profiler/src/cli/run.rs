@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 
 use super::{
@@ -16,6 +16,7 @@ use super::{
 };
 use crate::{
     cluster::tls::Identity,
+    error::bad_input,
     kernel::{doctor, uprobe::UprobeSpec},
     lab::{self, names::HOST_NODE, target::RunTarget, LabOptions, Topology},
     pods,
@@ -33,10 +34,10 @@ fn agent_identity(tls: Option<&Path>, insecure: bool) -> Result<Option<Identity>
     match tls {
         Some(dir) => Ok(Some(Identity::load(dir, HOST_NODE)?)),
         None if insecure => Ok(None),
-        None => bail!(
+        None => Err(bad_input(
             "--agent needs --tls DIR (the cluster's certificates: `profiler agent --init-certs`) \
-             or --insecure"
-        ),
+             or --insecure",
+        )),
     }
 }
 
@@ -191,7 +192,9 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
         None => cli.to.as_deref().map(parse_to).transpose()?,
     };
     if cli.from.is_some() && cli.kind == TrafficKind::Alltoall {
-        anyhow::bail!("--traffic alltoall runs between a lab's pods: use --lab, not --from/--to");
+        return Err(bad_input(
+            "--traffic alltoall runs between a lab's pods: use --lab, not --from/--to",
+        ));
     }
     args.validate()?;
     let options = LabOptions {
@@ -249,7 +252,7 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
             "error: the kernel lost {} events; rerun with a lower --rate or pass --allow-loss",
             report.events.lost
         );
-        return Ok(ExitCode::from(3));
+        return Ok(ExitCode::from(super::exit::LOST_EVENTS));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -270,9 +273,9 @@ fn parse_to(to: &str) -> Result<(&str, std::net::Ipv4Addr)> {
     let (ns, ip) = to
         .rsplit_once(':')
         .filter(|(ns, _)| !ns.is_empty())
-        .ok_or_else(|| anyhow::anyhow!("--to takes NETNS:IP, got {to:?}"))?;
+        .ok_or_else(|| bad_input(format!("--to takes NETNS:IP, got {to:?}")))?;
     let addr = ip
         .parse()
-        .map_err(|_| anyhow::anyhow!("--to {to}: {ip:?} is not an IPv4 address"))?;
+        .map_err(|_| bad_input(format!("--to {to}: {ip:?} is not an IPv4 address")))?;
     Ok((ns, addr))
 }

@@ -68,10 +68,10 @@ impl DelayInjector {
     pub fn attach(spec: DelaySpec) -> Result<Self> {
         let object = ebpf_object()?;
         if spec.delay.is_zero() || spec.delay > MAX_DELAY {
-            bail!(
+            return Err(crate::error::bad_input(format!(
                 "the delay must be between 1 us and {} us",
                 MAX_DELAY.as_micros()
-            );
+            )));
         }
         if !super::has_tcx() {
             // Ordering before the profiler's own program needs tcx's multi-program API.

@@ -27,7 +27,7 @@ mod state;
 pub mod target;
 pub mod vm_cache;
 
-pub use owner::{Lock, Owner};
+pub use owner::{Busy, Lock, Owner};
 pub use spec::{MAX_PODS, NODE_MAX_PODS};
 pub use state::STATE_DIR;
 
@@ -368,7 +368,9 @@ pub struct Pod {
 /// anything is made.
 pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
-        bail!("--mtu must be between 576 and 9000");
+        return Err(crate::error::bad_input(
+            "--mtu must be between 576 and 9000",
+        ));
     }
     if topology == Topology::Node {
         return node::check(options);

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use nix::errno::Errno;
+
+use crate::error::bad_input;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::statfs::{fstatfs, statfs, NSFS_MAGIC};
@@ -74,7 +76,7 @@ pub fn inode(name: &str) -> Result<u32> {
     let path = path_of(name)?;
     // One open file for both questions: the path may be mounted or unmounted in between.
     let file = File::open(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => anyhow!("unknown network namespace {name}"),
+        std::io::ErrorKind::NotFound => bad_input(format!("unknown network namespace {name}")),
         _ => anyhow!("cannot open {}: {e}", path.display()),
     })?;
     let on_nsfs = fstatfs(&file).is_ok_and(|fs| fs.filesystem_type() == NSFS_MAGIC);
@@ -127,7 +129,7 @@ pub fn run_in<T: Send>(name: Option<&str>, f: impl FnOnce() -> Result<T> + Send)
 pub fn open(name: &str) -> Result<File> {
     let path = path_of(name)?;
     File::open(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => anyhow!("unknown network namespace {name}"),
+        std::io::ErrorKind::NotFound => bad_input(format!("unknown network namespace {name}")),
         _ => anyhow!("cannot open {}: {e}", path.display()),
     })
 }

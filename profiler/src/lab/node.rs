@@ -174,7 +174,10 @@ pub(super) fn check(options: &LabOptions) -> Result<()> {
         .pods
         .is_some_and(|n| !(2..=super::NODE_MAX_PODS).contains(&n))
     {
-        bail!("--pods must be between 2 and {}", super::NODE_MAX_PODS);
+        return Err(crate::error::bad_input(format!(
+            "--pods must be between 2 and {}",
+            super::NODE_MAX_PODS
+        )));
     }
     programs(options.cni.unwrap_or_default()).map_err(|lacks| {
         CannotBuild::Lacks {

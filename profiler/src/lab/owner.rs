@@ -54,6 +54,14 @@ pub(super) fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The lab is in use by another command (the process that holds its lock).
+#[derive(Debug, thiserror::Error)]
+#[error("lab {lab} is in use by {holder}; wait for it to end, or use another lab")]
+pub struct Busy {
+    pub lab: String,
+    pub holder: String,
+}
+
 /// A lab's lock, held while a command uses the lab; released (and its file removed) on drop.
 #[derive(Debug)]
 pub struct Lock {
@@ -67,9 +75,11 @@ impl Lock {
     pub fn acquire(name: &str) -> Result<Lock> {
         match Lock::try_acquire(name)? {
             Ok(lock) => Ok(lock),
-            Err(holder) => {
-                bail!("lab {name} is in use by {holder}; wait for it to end, or use another lab")
+            Err(holder) => Err(Busy {
+                lab: name.to_string(),
+                holder,
             }
+            .into()),
         }
     }
 

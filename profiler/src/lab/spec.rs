@@ -858,7 +858,9 @@ fn add_pods(
     n: u32,
 ) -> Result<()> {
     if !(2..=MAX_PODS).contains(&n) {
-        bail!("--pods must be between 2 and {MAX_PODS}, got {n}");
+        return Err(crate::error::bad_input(format!(
+            "--pods must be between 2 and {MAX_PODS}, got {n}"
+        )));
     }
     let hosts = match placement {
         Placement::SameHost => 1,

@@ -147,7 +147,9 @@ impl RunTarget {
         };
         for &ns in ends {
             if ns != ROOT && !netns::mounted(ns) {
-                bail!("unknown network namespace {ns}");
+                return Err(crate::error::bad_input(format!(
+                    "unknown network namespace {ns}"
+                )));
             }
         }
         let mut namespaces = discover::namespaces()?;

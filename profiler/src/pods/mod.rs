@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// Where `ip netns` keeps its names (and CNI plugins their pods' namespaces).
 const NETNS_DIR: &str = "/run/netns";
@@ -239,7 +239,7 @@ impl Pattern {
 pub fn select<'a>(pods: &'a [Pod], patterns: &[Pattern], source: &Source) -> Result<Vec<&'a Pod>> {
     for p in patterns.iter().filter(|p| !p.is_glob()) {
         if !pods.iter().any(|pod| p.matches(pod)) {
-            bail!("{}", unknown(p, pods, source));
+            return Err(crate::error::bad_input(unknown(p, pods, source)));
         }
     }
     Ok(select_present(pods, patterns))

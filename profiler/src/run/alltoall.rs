@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use nix::sys::socket::{send, MsgFlags};
 use profiler_common::{Tag, TAG_LEN, TAG_MAGIC};
 use tokio::{
@@ -65,7 +65,9 @@ impl AlltoallSpec {
     pub fn validate(&self) -> Result<()> {
         self.validate_values()?;
         if self.total() < 2 {
-            bail!("all-to-all needs at least two processes");
+            return Err(crate::error::bad_input(
+                "all-to-all needs at least two processes",
+            ));
         }
         Ok(())
     }
@@ -73,13 +75,15 @@ impl AlltoallSpec {
     /// The values given on the command line, before the lab's pods are known.
     pub fn validate_values(&self) -> Result<()> {
         if !(MIN_SIZE..=MAX_SIZE).contains(&self.size) {
-            bail!(
+            return Err(crate::error::bad_input(format!(
                 "--size must be between {MIN_SIZE} and {MAX_SIZE} bytes, got {}",
                 self.size
-            );
+            )));
         }
         if self.rounds == 0 {
-            bail!("--count (rounds) must be at least 1");
+            return Err(crate::error::bad_input(
+                "--count (rounds) must be at least 1",
+            ));
         }
         Ok(())
     }

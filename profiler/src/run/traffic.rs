@@ -45,22 +45,24 @@ pub struct Spec {
 impl Spec {
     pub fn validate(&self) -> Result<()> {
         if !(MIN_SIZE..=MAX_SIZE).contains(&self.size) {
-            bail!(
+            return Err(crate::error::bad_input(format!(
                 "--size must be between {MIN_SIZE} and {MAX_SIZE} bytes, got {}",
                 self.size
-            );
+            )));
         }
         if self.proto == Proto::Udp && self.size > MAX_UDP_SIZE {
-            bail!(
+            return Err(crate::error::bad_input(format!(
                 "a UDP payload is at most {MAX_UDP_SIZE} bytes over IPv4, got --size {}",
                 self.size
-            );
+            )));
         }
         if self.count == 0 {
-            bail!("--count must be at least 1");
+            return Err(crate::error::bad_input("--count must be at least 1"));
         }
         if self.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-            bail!("--rate must be a positive number of requests per second");
+            return Err(crate::error::bad_input(
+                "--rate must be a positive number of requests per second",
+            ));
         }
         Ok(())
     }
