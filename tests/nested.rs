@@ -483,11 +483,16 @@ fn request_segments(r: &Value) -> Vec<(String, String, u64, u64)> {
         .collect()
 }
 
-/// Asks the lab's guest agent to run `commands` (its setup request), as the lab does.
+/// Asks vm1's agent of the bmp2vmp lab to run `commands` (its setup request), as the lab does.
 fn guest_commands(commands: &[&str]) {
+    commands_in(LAB, "vm1", commands)
+}
+
+/// Asks `guest`'s agent of `lab` to run `commands`.
+fn commands_in(lab: &str, guest: &str, commands: &[&str]) {
     use std::io::{BufRead as _, Write as _};
     let socket = Path::new(profiler::lab::nested::RUN_DIR)
-        .join(format!("{LAB}-vm1"))
+        .join(format!("{lab}-{guest}"))
         .join("agent.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("the agent's socket");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
@@ -694,6 +699,11 @@ fn a_signal_while_the_guest_loads_stops_its_attach() {
 /// One `attach --lab` while vm1's pod-b pings pod-a 100 times, 50 ms apart: the report, the
 /// table and attach's stderr.
 fn attach_lab_while_vm1_pings() -> (AttachReport, String, String) {
+    attach_lab_while_pinging(LAB, "vm1:pod-b", POD_A)
+}
+
+/// One `attach --lab LAB` while `from` (NODE:NETNS) pings `to` 100 times, 50 ms apart.
+fn attach_lab_while_pinging(lab: &str, from: &str, to: &str) -> (AttachReport, String, String) {
     let json = std::env::temp_dir().join(format!(
         "profiler-nested-attach-{}.json",
         std::process::id()
@@ -701,7 +711,7 @@ fn attach_lab_while_vm1_pings() -> (AttachReport, String, String) {
     let attach = common::attach::Attach::start_within(
         &[
             "--lab",
-            LAB,
+            lab,
             "--filter",
             "icmp",
             "--json",
@@ -710,18 +720,7 @@ fn attach_lab_while_vm1_pings() -> (AttachReport, String, String) {
         Duration::from_secs(600),
     );
     let pings = profiler(&[
-        "lab",
-        "exec",
-        LAB,
-        "vm1:pod-b",
-        "--",
-        "ping",
-        "-c",
-        "100",
-        "-i",
-        "0.05",
-        "-q",
-        POD_A,
+        "lab", "exec", lab, from, "--", "ping", "-c", "100", "-i", "0.05", "-q", to,
     ]);
     assert!(
         pings.status.success(),
@@ -817,9 +816,31 @@ fn check_way_across(
     hold_ns: u64,
     held_in: impl Fn(&SegmentAcross) -> bool,
 ) {
+    check_way_across_of(("vm1", "host"), base, held, hold_ns, held_in)
+}
+
+/// As [`check_way_across`], on the way across from node `from` to node `to` (`host`: this
+/// machine's).
+fn check_way_across_of(
+    (from, to): (&str, &str),
+    base: &AttachReport,
+    held: &AttachReport,
+    hold_ns: u64,
+    held_in: impl Fn(&SegmentAcross) -> bool,
+) {
     let way = |r: &AttachReport| -> Vec<SegmentAcross> {
-        let d = &r.links[0].directions[1];
-        assert_eq!(d.from_node, "vm1", "{d:?}");
+        let name = |n: &str| {
+            if n == "host" {
+                r.node.clone()
+            } else {
+                n.to_string()
+            }
+        };
+        let (from, to) = (name(from), name(to));
+        let d = (r.links.iter())
+            .flat_map(|l| &l.directions)
+            .find(|d| (d.from_node.as_str(), d.to_node.as_str()) == (from.as_str(), to.as_str()))
+            .unwrap_or_else(|| panic!("no way across {from} -> {to}: {:?}", r.links));
         d.paths
             .first()
             .unwrap_or_else(|| panic!("no way across: {d:?}"))
@@ -1046,6 +1067,50 @@ fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
         );
         check_clock_bounds(c);
     }
+    holds_land_across_two_guests(XLAB, b);
     drop(guard);
     assert_nothing_left(XLAB);
+}
+
+/// Ground truth across three kernels' clocks, with traffic the profiler did not make: vm1's
+/// pod-a pings vm2's pod-b while `attach --lab` follows on the host and in both guests. A 2 ms
+/// busy-wait hold at host-b's wire ingress lands in the host's part of the way across toward
+/// vm2, in the segment from where wire0 delivered the requests (host-b's bridge); netem's 5 ms
+/// on vm2's eth0 (the busy-wait needs tcx, which the 6.1 guest kernel lacks, so the receiving
+/// guest's hold is on the replies it sends) in vm2's qdisc on the way back. Every other segment
+/// moves less than the baseline's noise, the wires less than their clock bounds more.
+fn holds_land_across_two_guests(lab: &str, host_b: &str) {
+    const HOLD_US: u64 = 2000;
+    const GUEST_HOLD_US: u64 = 5000;
+    const VM2_POD_B: &str = "198.18.2.2";
+    let attach = || {
+        let (r, table, err) = attach_lab_while_pinging(lab, "vm1:pod-a", VM2_POD_B);
+        let nodes: Vec<&str> = r.peers.iter().map(|p| p.node.as_str()).collect();
+        assert_eq!(nodes, ["vm1", "vm2"], "{err}");
+        for d in r.links.iter().flat_map(|l| &l.directions) {
+            let paired: u64 = d.crossings.iter().map(|c| c.packets).sum();
+            assert!(
+                paired >= 95,
+                "{} -> {}: {paired} paired\n{table}",
+                d.from_node,
+                d.to_node
+            );
+        }
+        r
+    };
+    let base = attach();
+    let host = base.node.clone();
+    let delay = Delay::hold(Some(host_b), "wire0", "ingress", HOLD_US, 0);
+    let on_host_b = attach();
+    drop(delay);
+    let wire0_b = format!("netif_receive_skb wire0 ({host_b})");
+    check_way_across_of(("host", "vm2"), &base, &on_host_b, HOLD_US * 1000, |s| {
+        s.from_node == host && s.from == wire0_b
+    });
+    commands_in(lab, "vm2", &["tc qdisc add dev eth0 root netem delay 5ms"]);
+    let in_vm2 = attach();
+    commands_in(lab, "vm2", &["tc qdisc del dev eth0 root"]);
+    check_way_across_of(("vm2", "host"), &base, &in_vm2, GUEST_HOLD_US * 1000, |s| {
+        s.from_node == "vm2" && s.name == "qdisc eth0 ((root))"
+    });
 }
