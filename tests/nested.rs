@@ -1076,8 +1076,9 @@ fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
 /// pod-a pings vm2's pod-b while `attach --lab` follows on the host and in both guests. A 2 ms
 /// busy-wait hold at host-b's wire ingress lands in the host's part of the way across toward
 /// vm2, in the segment from where wire0 delivered the requests (host-b's bridge); netem's 5 ms
-/// on vm2's eth0 (the busy-wait needs tcx, which the 6.1 guest kernel lacks, so the receiving
-/// guest's hold is on the replies it sends) in vm2's qdisc on the way back. Every other segment
+/// on vm2's eth0 (the receiving guest's hold is on the replies it sends: `profiler delay` could
+/// only be started there through the guest's serial channel, which the attach holds) in vm2's
+/// qdisc on the way back. Every other segment
 /// moves less than the baseline's noise, the wires less than their clock bounds more.
 fn holds_land_across_two_guests(lab: &str, host_b: &str) {
     const HOLD_US: u64 = 2000;

@@ -1,6 +1,6 @@
 //! Recovery on a stock kernel: SIGKILL during `lab up` of an OVS lab (its daemons outlive the
-//! profiler), and, before tcx (6.1), the tc filters that netlink attachments leave on devices
-//! the profiler did not make, after a clean exit and after SIGKILL.
+//! profiler), and, before tcx (6.1), the tc filters that netlink attachments (a run's, a
+//! delay's) leave on devices the profiler did not make, after a clean exit and after SIGKILL.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -122,6 +122,112 @@ impl Drop for Pair {
     }
 }
 
+/// Where process `pid` records the devices of its `user` (kernel/tc.rs).
+fn record_of(pid: u32, user: &str) -> std::path::PathBuf {
+    Path::new(profiler::kernel::tc::TC_DIR).join(format!("{pid}-{user}.json"))
+}
+
+/// `profiler delay` at B's eth0 ingress, `us` long, until killed.
+fn delay_at_b(us: u32) -> std::process::Child {
+    Command::new(BIN)
+        .args([
+            "delay",
+            "--netns",
+            Pair::B,
+            "--iface",
+            "eth0",
+            "--direction",
+            "ingress",
+        ])
+        .args(["--delay-us", &us.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running profiler delay")
+}
+
+/// The shortest of `count` ping round trips from A to B, in ms.
+fn min_rtt_ms(count: u32) -> f64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", Pair::A, "ping", "-q", "-i", "0.2", "-c"])
+        .args([&count.to_string(), "198.18.230.2"])
+        .output()
+        .expect("running ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ping: {text}");
+    // rtt min/avg/max/mdev = 0.050/0.060/0.070/0.010 ms
+    let stats = text
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let values = stats.split('=').nth(1).unwrap_or_else(|| panic!("{text}"));
+    values
+        .trim()
+        .split('/')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"))
+}
+
+/// Before tcx (6.1), `profiler delay` hangs its filter off a clsact qdisc with the first
+/// priority, before any of the profile's: every ping is held at B's ingress. Ended by SIGTERM it
+/// leaves nothing; killed, its filter and qdisc stay until `lab down --all` removes them.
+#[test]
+#[ignore = "runs inside the VM lab: cargo xtask vm-test"]
+fn a_delay_before_tcx_holds_first_and_a_killed_one_is_removed_by_lab_down_all() {
+    const HOLD_US: u32 = 5_000;
+    if has_tcx() {
+        println!("this kernel has tcx: the delay's link dies with it (tests/ground_truth.rs)");
+        return;
+    }
+    let pair = Pair::new();
+    let base = min_rtt_ms(5);
+    for kill in [false, true] {
+        let delay = delay_at_b(HOLD_US);
+        let recorded = record_of(delay.id(), profiler::kernel::tc::DELAY);
+        wait_for("the delay's record", Duration::from_secs(180), || {
+            recorded.exists()
+        });
+        wait_for("the delay's filter", Duration::from_secs(180), || {
+            pair.tc_state().contains("tc_delay")
+        });
+        let state = pair.tc_state();
+        assert!(state.contains("pref 1 bpf"), "the first priority: {state}");
+        let held = min_rtt_ms(5);
+        println!("min round trip {base:.3} ms, {held:.3} ms with {HOLD_US} us at B's ingress");
+        let hold_ms = f64::from(HOLD_US) / 1000.0;
+        assert!(
+            held >= base + hold_ms * 0.9,
+            "{held} ms held, {base} ms without"
+        );
+        let pid = nix::unistd::Pid::from_raw(delay.id() as i32);
+        if kill {
+            sigkill(delay.id());
+            let _ = delay.wait_with_output();
+            let left = pair.tc_state();
+            assert!(
+                left.contains("clsact") && left.contains("tc_delay"),
+                "SIGKILL leaves it: {left}"
+            );
+            let said = down_all();
+            assert!(said.contains("tc filters on eth0 in vmtc-b"), "{said}");
+        } else {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+                .expect("SIGTERM to our child");
+            let out = delay.wait_with_output().expect("profiler delay ends");
+            assert!(out.status.success(), "{out:?}");
+        }
+        let after = pair.tc_state();
+        assert!(
+            !after.contains("clsact") && !after.contains("tc_"),
+            "killed: {kill}: {after}"
+        );
+        assert!(!recorded.exists(), "killed: {kill}");
+    }
+    drop(pair);
+    assert_clean_of("");
+}
+
 fn has_tcx() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut v = release
@@ -170,7 +276,7 @@ fn tc_filters_of_a_killed_run_are_removed_by_lab_down_all() {
         .stderr(Stdio::null())
         .spawn()
         .expect("running the profiler");
-    let recorded = Path::new(profiler::kernel::tc::TC_DIR).join(format!("{}.json", run.id()));
+    let recorded = record_of(run.id(), profiler::kernel::tc::HOPS);
     if has_tcx() {
         println!("this kernel has tcx: its links die with the process, nothing is recorded");
         // Long enough under TCG for the programs to be attached and traffic to flow.

@@ -169,8 +169,8 @@ fn tc(netns: &str, args: &[&str]) {
     assert!(st.success(), "tc {args:?} in {netns}");
 }
 
-/// Ground truth: a delay at the sending VF's egress (netem as its root qdisc; `profiler delay`,
-/// the tc injector, needs tcx, which 6.1 lacks) lands in the segment that ends where the qdisc
+/// Ground truth: a delay at the sending VF's egress (netem as its root qdisc) lands in the
+/// segment that ends where the qdisc
 /// lets the packet go, `qdisc eth0` of pod-a, and in no other. Under TCG segments swing by a
 /// millisecond or so, so the delay is long and the bounds wide.
 fn delay_lands_at_the_vf_egress(name: &str) {

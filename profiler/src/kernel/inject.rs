@@ -3,8 +3,9 @@
 //! Used to check attribution (a delay injected at a hop must show up in exactly the segment that
 //! ends at that hop) and for what-if experiments (`profiler delay`). The injector is a separate
 //! instance of the profiler's eBPF object (program `tc_delay`) with its own globals, attached
-//! FIRST in the hook's tcx chain: with the profiler's tc program on the same hook, the packet is
-//! held before the profiler stamps it, so the delay lands in the segment that ends at that hop.
+//! FIRST in the hook's tcx chain, or before tcx (kernels older than 6.6) as the clsact filter
+//! of the first priority: with the profiler's tc program on the same hook, the packet is held
+//! before the profiler stamps it, so the delay lands in the segment that ends at that hop.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -14,16 +15,20 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     programs::{
-        tc::{SchedClassifierLinkId, TcAttachOptions},
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
         LinkOrder, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
 
-use super::programs::ebpf_object;
+use super::{programs::ebpf_object, tc};
 use crate::lab::netns;
 
 const PROGRAM: &str = "tc_delay";
+
+/// Before tcx: the delay's filter priority, before the profile's (40000 and on); lower runs
+/// first.
+const PRIORITY: u16 = 1;
 
 /// Longest hold accepted: the program busy-waits in the packet's path (softirq or the sender's
 /// syscall), so longer holds are better done with a qdisc (netem).
@@ -62,6 +67,8 @@ pub struct DelayInjector {
     ebpf: Ebpf,
     spec: DelaySpec,
     link: Option<SchedClassifierLinkId>,
+    /// Before tcx: the device its filter is on (recorded until detached, tc.rs).
+    clsact: Option<tc::Device>,
 }
 
 impl DelayInjector {
@@ -72,10 +79,6 @@ impl DelayInjector {
                 "the delay must be between 1 us and {} us",
                 MAX_DELAY.as_micros()
             )));
-        }
-        if !super::has_tcx() {
-            // Ordering before the profiler's own program needs tcx's multi-program API.
-            bail!("delay injection needs tcx (kernel 6.6 or later)");
         }
         let delay_ns = spec.delay.as_nanos() as u64;
         let mut ebpf = EbpfLoader::new()
@@ -92,15 +95,32 @@ impl DelayInjector {
         };
         let ns = spec.netns.as_deref();
         let ifname = spec.ifname.as_str();
+        let tcx = super::has_tcx();
         // Interface names and tc links resolve in the calling thread's namespace.
-        let link = netns::run_in(ns, || {
+        let (link, clsact) = netns::run_in(ns, || {
             nix::net::if_::if_nametoindex(ifname).map_err(|e| {
                 anyhow!(
                     "unknown interface {ifname}{}: {e}",
                     ns.map(|n| format!(" in netns {n}")).unwrap_or_default()
                 )
             })?;
-            Ok(p.attach_with_options(ifname, kind, TcAttachOptions::TcxOrder(LinkOrder::first()))?)
+            if tcx {
+                let first = TcAttachOptions::TcxOrder(LinkOrder::first());
+                return Ok((p.attach_with_options(ifname, kind, first)?, None));
+            }
+            // Before tcx, the filter hangs off a clsact qdisc (Err: it was there already), and
+            // outlives the process: recorded first, so that `lab down --all` finds it.
+            let device = tc::Device {
+                netns: ns.map(str::to_string),
+                ifname: ifname.to_string(),
+                clsact_added: aya::programs::tc::qdisc_add_clsact(ifname).is_ok(),
+            };
+            tc::record(tc::DELAY, std::slice::from_ref(&device))?;
+            let first = TcAttachOptions::Netlink(NlOptions {
+                priority: PRIORITY,
+                ..Default::default()
+            });
+            Ok((p.attach_with_options(ifname, kind, first)?, Some(device)))
         })
         .with_context(|| {
             format!(
@@ -113,6 +133,7 @@ impl DelayInjector {
             ebpf,
             spec,
             link: Some(link),
+            clsact,
         })
     }
 
@@ -126,8 +147,15 @@ impl DelayInjector {
             return Ok(());
         };
         let p = classifier(&mut self.ebpf)?;
-        netns::run_in(self.spec.netns.as_deref(), || Ok(p.detach(link)?))
-            .with_context(|| format!("detaching {PROGRAM} from {}", where_(&self.spec)))
+        let detached = netns::run_in(self.spec.netns.as_deref(), || Ok(p.detach(link)?))
+            .with_context(|| format!("detaching {PROGRAM} from {}", where_(&self.spec)));
+        if let Some(device) = self.clsact.take() {
+            if device.clsact_added {
+                tc::remove_clsact(&device)?;
+            }
+            tc::forget(tc::DELAY);
+        }
+        detached
     }
 
     /// (run count, total run time in ns) of the program; run time is counted only while

@@ -483,7 +483,7 @@ impl Programs {
                 clsact_added,
             }),
         }
-        tc::record(&self.tc_devices)
+        tc::record(tc::HOPS, &self.tc_devices)
     }
 
     /// Attaches `up_hop` at every user probe, the probe's index as its cookie. A probe that
@@ -549,7 +549,7 @@ impl Programs {
                 }
             }
         }
-        tc::forget();
+        tc::forget(tc::HOPS);
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {

@@ -1,6 +1,7 @@
 //! tc programs before tcx (kernels older than 6.6) hang off a clsact qdisc as netlink filters,
 //! which outlive the process that attached them. So each such attachment is recorded in a file
-//! of the process's own (`/run/profiler/tc/PID.json`) until it is detached, and `lab down --all`
+//! of the process's own (`/run/profiler/tc/PID-USER.json`, USER: `hops` for the profile's
+//! programs, `delay` for a delay injector's) until it is detached, and `lab down --all`
 //! removes what a process that is gone (SIGKILL) left: its filters, found by program name, and
 //! the clsact qdiscs it added. With tcx the links die with the process and nothing is recorded.
 
@@ -15,10 +16,16 @@ use crate::lab::{self, netns, Owner};
 pub const TC_DIR: &str = "/run/profiler/tc";
 
 /// The programs attached as tc filters, by name.
-const PROGRAMS: [(&str, TcAttachType); 2] = [
+const PROGRAMS: [(&str, TcAttachType); 4] = [
     ("tc_ingress", TcAttachType::Ingress),
     ("tc_egress", TcAttachType::Egress),
+    ("tc_delay", TcAttachType::Ingress),
+    ("tc_delay", TcAttachType::Egress),
 ];
+
+/// Who in a process recorded its devices: the profile's hop programs, or a delay injector.
+pub const HOPS: &str = "hops";
+pub const DELAY: &str = "delay";
 
 /// One device with the profiler's tc filters.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,27 +42,27 @@ struct Record {
     devices: Vec<Device>,
 }
 
-fn path(pid: u32) -> PathBuf {
-    Path::new(TC_DIR).join(format!("{pid}.json"))
+fn path(user: &str) -> PathBuf {
+    Path::new(TC_DIR).join(format!("{}-{user}.json", std::process::id()))
 }
 
-/// Records this process's devices (through a temporary file and a rename).
-pub fn record(devices: &[Device]) -> Result<()> {
+/// Records the devices of this process's `user` ([`HOPS`], [`DELAY`]), through a temporary
+/// file and a rename.
+pub fn record(user: &str, devices: &[Device]) -> Result<()> {
     std::fs::create_dir_all(TC_DIR).with_context(|| format!("cannot create {TC_DIR}"))?;
-    let me = std::process::id();
     let record = Record {
         owner: Owner::me("tc"),
         devices: devices.to_vec(),
     };
-    let tmp = Path::new(TC_DIR).join(format!("{me}.json.tmp"));
+    let (file, tmp) = (path(user), path(user).with_extension("json.tmp"));
     std::fs::write(&tmp, serde_json::to_vec(&record)?)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path(me)).with_context(|| format!("cannot write {}", path(me).display()))
+    std::fs::rename(&tmp, &file).with_context(|| format!("cannot write {}", file.display()))
 }
 
-/// This process's devices were all cleaned up.
-pub fn forget() {
-    let _ = std::fs::remove_file(path(std::process::id()));
+/// The devices of this process's `user` were all cleaned up.
+pub fn forget(user: &str) {
+    let _ = std::fs::remove_file(path(user));
 }
 
 /// Removes the clsact qdisc the profiler added to `d` (its filters go with it).
