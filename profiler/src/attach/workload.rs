@@ -29,10 +29,23 @@ pub fn spawn(argv: &[String]) -> Result<Option<Child>> {
     let Some((program, args)) = argv.split_first() else {
         return Ok(None);
     };
-    let child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         // Dropped on an error path: killed rather than left running.
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    // The signals attach passes on end the workload as they would by default, even where
+    // attach was started ignoring them (a background job of a script ignores SIGINT).
+    // SAFETY: signal(2) is async-signal-safe, as pre_exec's closure must be.
+    unsafe {
+        command.pre_exec(|| {
+            for s in [libc::SIGINT, libc::SIGTERM] {
+                libc::signal(s, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
+    let child = command
         .spawn()
         .with_context(|| format!("cannot run {program}"))?;
     Ok(Some(child))
