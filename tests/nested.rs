@@ -643,6 +643,28 @@ fn lab_exec_runs_commands_in_the_guests_namespaces() {
         !out.status.success() && err.contains("did not end within 1s: killed"),
         "{err}"
     );
+    // A host interrupted mid-request leaves its answer on the serial channel: the next
+    // `lab exec` reads past it to its own.
+    let mut interrupted = spawned(&[
+        "lab",
+        "exec",
+        LAB,
+        "vm1:(root)",
+        "--",
+        "sh",
+        "-c",
+        "sleep 2; echo stale",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    interrupted.kill().expect("SIGKILL to our own lab exec");
+    let _ = interrupted.wait();
+    let out = profiler(&["lab", "exec", LAB, "vm1:(root)", "--", "echo", "fresh"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "fresh\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (target, want) in [("vm9:pod-b", "has no guest vm9"), ("pod-b", "NODE:NETNS")] {
         let out = profiler(&["lab", "exec", LAB, target, "--", "true"]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -654,29 +676,19 @@ fn lab_exec_runs_commands_in_the_guests_namespaces() {
     }
 }
 
-/// `profiler attach --lab`: the host and vm1 each attach (vm1 through its agent); pings from
-/// vm1's pod-b to the host's pod-a, traffic the profiler did not generate, started in the guest
-/// by `lab exec`, leave one kernel and enter the other both ways. Each is paired by what it
-/// carries, never by a tag; the two clocks (unrelated: the guest booted long after the host)
-/// are related from the pairs, and every packet's time on the wire comes with its bound.
 /// Ctrl-C while `attach --lab` waits for its guest to load its programs (under TCG, tens of
 /// seconds): the guest is told to stop too, and says it did, rather than following until the
 /// next attach.
 fn a_signal_while_the_guest_loads_stops_its_attach() {
-    let child = std::process::Command::new(BIN)
-        .args([
-            "attach",
-            "--lab",
-            LAB,
-            "--filter",
-            "icmp",
-            "--duration",
-            "60",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("profiler attach --lab");
+    let child = spawned(&[
+        "attach",
+        "--lab",
+        LAB,
+        "--filter",
+        "icmp",
+        "--duration",
+        "60",
+    ]);
     let asked = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
     // Ours, by pid.
@@ -736,6 +748,21 @@ fn attach_lab_while_pinging(lab: &str, from: &str, to: &str) -> (AttachReport, S
     (r, table, err)
 }
 
+/// `profiler ARGS` started, its stdout dropped, its stderr kept for `wait_with_output`.
+fn spawned(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(BIN)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("profiler {args:?}: {e}"))
+}
+
+/// `profiler attach --lab`: the host and vm1 each attach (vm1 through its agent); pings from
+/// vm1's pod-b to the host's pod-a, traffic the profiler did not generate, started in the guest
+/// by `lab exec`, leave one kernel and enter the other both ways. Each is paired by what it
+/// carries, never by a tag; the two clocks (unrelated: the guest booted long after the host)
+/// are related from the pairs, and every packet's time on the wire comes with its bound.
 fn attach_pairs_the_packets_between_the_host_and_its_guest() -> AttachReport {
     let (r, table, err) = attach_lab_while_vm1_pings();
     assert_eq!(r.peers.len(), 1, "{err}");

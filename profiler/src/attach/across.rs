@@ -285,6 +285,9 @@ struct InLab<'a> {
 impl Far<'_> {
     async fn talk(&mut self) -> Result<&mut Talk> {
         if let Some(g) = &self.guest {
+            // QEMU serves the serial channel to one client: the old one goes first (a start
+            // interrupted by a signal still holds it), or the new one's sync is never read.
+            self.talk = None;
             self.talk = Some(Talk::open(g.lab, &self.name).await?);
         }
         self.talk

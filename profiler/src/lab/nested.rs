@@ -698,6 +698,10 @@ pub async fn ask<Q: Serialize, A: serde::de::DeserializeOwned>(
     talk.answer(within).await
 }
 
+/// How long an agent may take to echo a sync (`Talk::sync`): an earlier host's request may
+/// still run, the longest an attach's loading under TCG (attach/across.rs gives it 900 s).
+const SYNC_WITHIN: Duration = Duration::from_secs(900);
+
 /// A conversation with an agent: requests as JSON `{kind: request}`, answers a line each (of
 /// at most [`MAX_ANSWER`] bytes). On a guest's serial channel (`open`) or, for a node's agent,
 /// over TCP under the cluster's TLS (`tls`).
@@ -717,7 +721,40 @@ impl Talk {
             .await
             .with_context(|| format!("cannot reach the agent of {node} (a run may hold it)"))?;
         let (read, write) = stream.into_split();
-        Ok(Talk::over(node, Box::pin(read), Box::pin(write)))
+        let mut talk = Talk::over(node, Box::pin(read), Box::pin(write));
+        talk.sync().await?;
+        Ok(talk)
+    }
+
+    /// Reads past what an earlier host left on the serial channel (the answer to a `lab exec`
+    /// whose host was interrupted, which would otherwise be taken for the next request's):
+    /// asks for a word of its own and skips to its echo. The agent answers in order, so the
+    /// echo waits for a request of the earlier host that still runs.
+    async fn sync(&mut self) -> Result<()> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let word = format!("{}-{nanos}", std::process::id());
+        self.send("sync", &word).await?;
+        let echo = serde_json::json!({ "sync": word }).to_string();
+        let mut skipped = 0;
+        loop {
+            let line = self
+                .line(SYNC_WITHIN)
+                .await
+                .with_context(|| format!("{} is still busy with an earlier request", self.node))?;
+            if line == echo {
+                break;
+            }
+            skipped += 1;
+        }
+        if skipped > 0 {
+            log::info!(
+                "{}: skipped {skipped} answer(s) left by an earlier host",
+                self.node
+            );
+        }
+        Ok(())
     }
 
     /// The agent of node `node` at `addr`, whose certificate must be for `node`, spoken to as

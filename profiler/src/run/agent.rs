@@ -95,6 +95,10 @@ pub enum Request {
     Attach(AttachRequest),
     /// Ends the attach and answers with its report and sightings.
     StopAttach {},
+    /// Answered at once with the same word (`{"sync": WORD}`): on the serial channel, where a
+    /// host that went away mid-request leaves its answer to the next, the host reads past what
+    /// was left to this echo before it asks.
+    Sync(String),
     Start(Start),
     /// Runs the client in the guest's pod (answered with [`Answer::Client`] once it is done).
     Client(Client),
@@ -481,6 +485,7 @@ async fn session(
                 }
             }
             Request::Client(c) => serde_json::to_string(&run_client(&c).await)?,
+            Request::Sync(word) => serde_json::json!({ "sync": word }).to_string(),
             Request::Exec(e) => serde_json::to_string(&match channel {
                 Channel::Serial(_) => run_exec(&e).await,
                 Channel::Tcp => {
