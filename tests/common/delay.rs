@@ -3,6 +3,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _},
     process::{Child, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use aya::programs::{tc::TcAttachType, SchedClassifier};
@@ -109,4 +110,118 @@ impl Drop for Delay {
             );
         }
     }
+}
+
+/// `profiler delay` in a nested lab's guest, in its root namespace (its 6.1 kernel has no
+/// tcx: the hold is the clsact filter of priority 1), until dropped. Started through `lab exec`
+/// and left running, so the guest's serial channel is free for `attach --lab` meanwhile; its
+/// output goes to a file in the guest, and it is stopped by its pid (SIGTERM).
+pub struct GuestDelay {
+    lab: String,
+    guest: String,
+    pid: u32,
+}
+
+/// Where a guest's `profiler delay` writes (the guest's own /tmp).
+const GUEST_DELAY_LOG: &str = "/tmp/profiler-delay.log";
+
+/// How long a guest's `profiler delay` may take to load and attach under TCG.
+const GUEST_DELAY_LOADS: Duration = Duration::from_secs(300);
+
+impl GuestDelay {
+    /// Holds every packet `delay_us` at `direction` of `iface` in `guest` of `lab`, once its
+    /// `profiler delay` says so and its filter is on the device.
+    pub fn hold(lab: &str, guest: &str, iface: &str, direction: &str, delay_us: u64) -> GuestDelay {
+        let start = format!(
+            "{BIN} delay --iface {iface} --direction {direction} --delay-us {delay_us} \
+             > {GUEST_DELAY_LOG} 2>&1 & echo $!"
+        );
+        let out = in_guest(lab, guest, &start);
+        let pid = out
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no pid: {out}"));
+        // The guard first: a failed wait below still stops the process.
+        let delay = GuestDelay {
+            lab: lab.into(),
+            guest: guest.into(),
+            pid,
+        };
+        let since = Instant::now();
+        while !delay.log().starts_with("holding") {
+            assert!(
+                delay.runs() && since.elapsed() < GUEST_DELAY_LOADS,
+                "profiler delay in {guest} did not attach: {}",
+                delay.log()
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        let filters = in_guest(
+            lab,
+            guest,
+            &format!("tc filter show dev {iface} {direction}"),
+        );
+        assert!(
+            filters.contains("pref 1 ") && filters.contains("tc_delay"),
+            "no tc_delay of priority 1 at {guest}'s {iface} {direction}: {filters}"
+        );
+        delay
+    }
+
+    fn log(&self) -> String {
+        in_guest(&self.lab, &self.guest, &format!("cat {GUEST_DELAY_LOG}"))
+    }
+
+    fn runs(&self) -> bool {
+        let pid = self.pid;
+        in_guest(
+            &self.lab,
+            &self.guest,
+            &format!("kill -0 {pid} 2>/dev/null && echo runs; true"),
+        )
+        .contains("runs")
+    }
+}
+
+impl Drop for GuestDelay {
+    fn drop(&mut self) {
+        // SIGTERM: a shell's background job ignores SIGINT.
+        in_guest(
+            &self.lab,
+            &self.guest,
+            &format!("kill -TERM {} 2>/dev/null; true", self.pid),
+        );
+        let since = Instant::now();
+        while self.runs() && since.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if !std::thread::panicking() {
+            let log = self.log();
+            assert!(
+                !self.runs() && log.contains("detached"),
+                "profiler delay in {} did not detach: {log}",
+                self.guest
+            );
+        }
+    }
+}
+
+/// A shell command's stdout in `guest`'s root namespace (`lab exec`), which must succeed.
+fn in_guest(lab: &str, guest: &str, command: &str) -> String {
+    let out = super::profiler(&[
+        "lab",
+        "exec",
+        lab,
+        &format!("{guest}:(root)"),
+        "--",
+        "sh",
+        "-c",
+        command,
+    ]);
+    assert!(
+        out.status.success(),
+        "lab exec {guest}: {command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
