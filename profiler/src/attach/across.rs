@@ -484,19 +484,10 @@ async fn together(
             d.paths = stitch::paths(d, from, to);
             if events {
                 let pairs = &timed.directions[i];
+                // This node is the one the packets of direction 0 left.
+                let traces = args.traces.as_mut().map(|t| (t, i == 0));
                 (d.packet_paths, d.unjoined) =
-                    packets::ways(pairs, &timed.hops, (from, to), journeys[i]);
-                if let Some(traces) = args.traces.as_mut() {
-                    let here_leaves = i == 0;
-                    packets::traces(
-                        pairs,
-                        &timed.hops,
-                        (from, to),
-                        journeys[i],
-                        here_leaves,
-                        traces,
-                    );
-                }
+                    packets::ways(pairs, &timed.hops, (from, to), journeys[i], traces);
             }
         }
         report.links.push(link);

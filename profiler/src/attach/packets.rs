@@ -72,19 +72,27 @@ struct Group {
 /// One direction's timed pairs as ways across, most packets first, and how many could not be
 /// joined (a journey not kept, or without the hop it crossed at). `hops` names the pairs'
 /// hops (link.rs `Timed`); `from` and `to` are the nodes' reports, their journeys `journeys`.
+/// With `traces`, each joined packet is also offered there (one in N is kept), its steps on
+/// this node's clock: the flag says whether this node is the one the packets left (the pairs'
+/// time on the wire is on this node's clock either way).
 pub(super) fn ways(
     pairs: &[TimedPair],
     hops: &[String],
     (from, to): (&AttachReport, &AttachReport),
-    (from_journeys, to_journeys): (&Journeys, &Journeys),
+    journeys: (&Journeys, &Journeys),
+    mut traces: Option<(&mut Traces, bool)>,
 ) -> (Vec<PathAcross>, u64) {
     let mut groups: HashMap<(Vec<String>, Vec<String>), Group> = HashMap::new();
     let mut unjoined = 0;
     for p in pairs {
-        let Some(Cut { before, after }) = cut(p, hops, (from_journeys, to_journeys)) else {
+        let Some(c) = cut(p, hops, journeys) else {
             unjoined += 1;
             continue;
         };
+        if let Some((traces, here_leaves)) = traces.as_mut() {
+            traces.offer(|| trace(p, &c, (from, to), *here_leaves));
+        }
+        let Cut { before, after } = c;
         let names = |h: &[HopLine]| -> Vec<String> { h.iter().map(|h| h.hop.clone()).collect() };
         let g = groups.entry((names(before), names(after))).or_default();
         if g.wire_ns.is_empty() {
@@ -125,26 +133,9 @@ fn cut<'j>(
     let from_on = position(entered, &hops[p.entered.at as usize])?;
     Some(Cut {
         before: &left.hops[..=up_to],
-        after: crossed(entered).get(from_on..)?,
+        // Empty when the journey ended at the hop it entered by: nothing to join.
+        after: crossed(entered).get(from_on..).filter(|a| !a.is_empty())?,
     })
-}
-
-/// Each joined packet of one direction offered to `traces` (one in N is kept), its steps on
-/// this node's clock: `here_leaves` says whether this node is the one the packets left (the
-/// pairs' time on the wire is on this node's clock either way).
-pub(super) fn traces(
-    pairs: &[TimedPair],
-    hops: &[String],
-    ends: (&AttachReport, &AttachReport),
-    journeys: (&Journeys, &Journeys),
-    here_leaves: bool,
-    traces: &mut Traces,
-) {
-    for p in pairs {
-        if let Some(c) = cut(p, hops, journeys) {
-            traces.offer(|| trace(p, &c, ends, here_leaves));
-        }
-    }
 }
 
 /// A joined packet's steps: the leaving node's up to the wire, the wire, the entering node's;
@@ -187,11 +178,17 @@ fn trace(
         end_ns: arrives,
         bound_ns: p.bound,
     };
+    // A journey's hops are in time order, so neither difference wraps; saturating all the same.
     Trace {
-        steps: (within(from, c.before, &|at| departs - (last_ns - at)).into_iter())
-            .chain([wire])
-            .chain(within(to, c.after, &|at| arrives + (at - first_ns)))
-            .collect(),
+        steps: (within(from, c.before, &|at| {
+            departs.saturating_sub(last_ns.saturating_sub(at))
+        }))
+        .into_iter()
+        .chain([wire])
+        .chain(within(to, c.after, &|at| {
+            arrives + at.saturating_sub(first_ns)
+        }))
+        .collect(),
     }
 }
 
@@ -357,7 +354,7 @@ mod tests {
             ns: 1,
             bound: 1,
         });
-        let (ways, unjoined) = ways(&pairs, &hops, (&report("a"), &report("b")), (&a, &b));
+        let (ways, unjoined) = ways(&pairs, &hops, (&report("a"), &report("b")), (&a, &b), None);
         assert_eq!(unjoined, 1);
         assert_eq!(ways.len(), 2);
         let names: Vec<(&str, &str, u64)> = ways[0]
@@ -407,7 +404,8 @@ mod tests {
         let ends = (&report("a"), &report("b"));
         let steps = |here_leaves, p: TimedPair| {
             let mut t = Traces::new(1);
-            traces(&[p], &hops, ends, (&a, &b), here_leaves, &mut t);
+            let (ways, _) = ways(&[p], &hops, ends, (&a, &b), Some((&mut t, here_leaves)));
+            assert_eq!(ways.len(), 1);
             let times = |s: &Step| (s.from_node.clone(), s.start_ns, s.end_ns);
             t.kept[0].steps.iter().map(times).collect::<Vec<_>>()
         };
