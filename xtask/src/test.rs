@@ -157,7 +157,8 @@ fn vm_kernels() -> Result<Vec<vm::Series>> {
 fn clean_start() -> Result<()> {
     let found = leaks()?;
     if found.is_empty() {
-        return leak_check("before the tests");
+        nothing_left();
+        return Ok(());
     }
     for leak in &found {
         eprintln!("leftover: {leak}");
@@ -195,13 +196,17 @@ fn running_profilers() -> Vec<String> {
 fn leak_check(whose: &str) -> Result<()> {
     let leaks = leaks()?;
     if leaks.is_empty() {
-        println!("nothing left: no lab namespaces, state, OVS daemons, testpmd, node lab containerd or CNI files, lock files, BPF programs, temporary devices, clsact qdiscs or QEMU processes");
+        nothing_left();
         return Ok(());
     }
     for leak in &leaks {
         eprintln!("leak: {leak}");
     }
     bail!("{} leftover(s) {whose}", leaks.len())
+}
+
+fn nothing_left() {
+    println!("nothing left: no lab namespaces, state, OVS daemons, testpmd, node lab containerd or CNI files, lock files, BPF programs, temporary devices, clsact qdiscs or QEMU processes");
 }
 
 /// Everything the project could have left on this machine, each with how to remove it.
