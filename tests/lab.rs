@@ -827,6 +827,7 @@ fn vm_lab_topologies_fail_cleanly_without_their_modules() {
         (Topology::Geneve, cross_host(None), "geneve"),
         (Topology::OvsVlan, same_host(), "openvswitch"),
         (Topology::OvsVlan, cross_host(None), "openvswitch"),
+        (Topology::OvsFlat, cross_host(None), "openvswitch"),
         (Topology::OvsVxlan, cross_host(None), "openvswitch"),
         (Topology::OvsGre, cross_host(None), "openvswitch"),
     ];

@@ -1,7 +1,8 @@
 //! The topologies only a stock kernel has the modules for (ipvlan, geneve, Open vSwitch): each
 //! comes up, carries pod-to-pod traffic over the devices it is made of, gives a complete
 //! profile, and goes down leaving no namespace, OVS daemon, OVS directory or state file, also
-//! when `up` is interrupted midway or a run made the lab itself.
+//! when `up` is interrupted midway or a run made the lab itself. OVS labs joined by wire0 tag
+//! the pods' frames on it (ovs-vlan) or not (ovs-flat), as their datapath flows show.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -91,6 +92,37 @@ const CASES: &[Case] = &[
         topology: "ovs-vlan",
         placement: "cross-host",
         name: "ovs-vlan-xhost",
+        server: "198.18.0.2",
+        crosses: &["veth-a", "wire0", "veth-b"],
+        functions: &[
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+            "veth_xmit",
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+        ],
+    },
+    Case {
+        topology: "ovs-flat",
+        placement: "same-host",
+        name: "ovs-flat",
+        server: "198.18.0.2",
+        crosses: &["veth-a", "veth-b"],
+        functions: &[
+            "ovs_vport_receive",
+            "ovs_dp_process_packet",
+            "ovs_execute_actions",
+            "ovs_vport_send",
+        ],
+    },
+    Case {
+        topology: "ovs-flat",
+        placement: "cross-host",
+        name: "ovs-flat-xhost",
         server: "198.18.0.2",
         crosses: &["veth-a", "wire0", "veth-b"],
         functions: &[
@@ -235,8 +267,49 @@ fn full_cycle(name: &str) {
         );
     }
     assert_in_order(&hops, c.functions, c.name);
+    if let Some(tagged) = tags_on_the_wire(c) {
+        // The datapath's flows of host-a for the pods' IPv4, made by the pings (they idle out
+        // after 10 s). Not the others: frames flooded to br-int's own port (a trunk of every
+        // VLAN) are tagged whatever the uplink.
+        ping(c);
+        let flows = datapath_flows(c.name, "host-a");
+        println!("{}: host-a's datapath flows:\n{flows}", c.name);
+        let ipv4: Vec<&str> = flows.lines().filter(|f| f.contains("ipv4(")).collect();
+        assert!(!ipv4.is_empty(), "{}: no IPv4 flow: {flows}", c.name);
+        assert_eq!(
+            ipv4.iter().any(|f| f.contains("push_vlan(vid=100")),
+            tagged,
+            "{}: the pods' frames to wire0 should be tagged: {tagged}",
+            c.name
+        );
+    }
     lab_down(c.name);
     assert_nothing_left(c.name);
+}
+
+/// Whether an OVS lab joined by wire0 tags the pods' frames on it (ovs-vlan: a trunk) or not
+/// (ovs-flat: an access port); None where the lab has no such uplink.
+fn tags_on_the_wire(c: &Case) -> Option<bool> {
+    match (c.topology, c.placement) {
+        ("ovs-vlan", "cross-host") => Some(true),
+        ("ovs-flat", "cross-host") => Some(false),
+        _ => None,
+    }
+}
+
+/// `ovs-appctl dpctl/dump-flows` of the lab's ovs-vswitchd in `role`.
+fn datapath_flows(name: &str, role: &str) -> String {
+    let ctl = format!("{OVS_DIR}/{name}-{role}/ovs-vswitchd.ctl");
+    let out = Command::new("ovs-appctl")
+        .args(["-t", &ctl, "dpctl/dump-flows"])
+        .output()
+        .expect("running ovs-appctl");
+    assert!(
+        out.status.success(),
+        "ovs-appctl -t {ctl} dpctl/dump-flows: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -279,6 +352,18 @@ fn ovs_vlan_same_host() {
 #[ignore = "runs inside the VM lab: cargo xtask vm-test"]
 fn ovs_vlan_cross_host() {
     full_cycle("ovs-vlan-xhost");
+}
+
+#[test]
+#[ignore = "runs inside the VM lab: cargo xtask vm-test"]
+fn ovs_flat_same_host() {
+    full_cycle("ovs-flat");
+}
+
+#[test]
+#[ignore = "runs inside the VM lab: cargo xtask vm-test"]
+fn ovs_flat_cross_host() {
+    full_cycle("ovs-flat-xhost");
 }
 
 #[test]

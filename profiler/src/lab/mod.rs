@@ -53,6 +53,9 @@ pub enum Topology {
     IpvlanL3,
     /// Kuryr/Neutron: pods on access ports of OVS br-int, hosts joined by a VLAN trunk.
     OvsVlan,
+    /// Neutron's FLAT provider network: as ovs-vlan, the hosts joined untagged (the uplink an
+    /// access port of the pods' local VLAN, which OVS strips on the way out).
+    OvsFlat,
     /// Kuryr/Neutron: br-int with a VXLAN tunnel port to the other host (cross-host only).
     OvsVxlan,
     /// Kuryr/Neutron: br-int with a GRE tunnel port to the other host (cross-host only).
@@ -72,7 +75,7 @@ pub enum Topology {
 }
 
 impl Topology {
-    pub const ALL: [Topology; 17] = [
+    pub const ALL: [Topology; 18] = [
         Topology::Veth,
         Topology::Bridge,
         Topology::Host,
@@ -83,6 +86,7 @@ impl Topology {
         Topology::IpvlanL2,
         Topology::IpvlanL3,
         Topology::OvsVlan,
+        Topology::OvsFlat,
         Topology::OvsVxlan,
         Topology::OvsGre,
         Topology::Dpdk,
@@ -105,6 +109,7 @@ impl Topology {
             Topology::IpvlanL2 => "ipvlan-l2",
             Topology::IpvlanL3 => "ipvlan-l3",
             Topology::OvsVlan => "ovs-vlan",
+            Topology::OvsFlat => "ovs-flat",
             Topology::OvsVxlan => "ovs-vxlan",
             Topology::OvsGre => "ovs-gre",
             Topology::Dpdk => "dpdk",

@@ -166,6 +166,18 @@ pub(super) enum OvsPortKind {
     },
 }
 
+/// How an OVS lab's br-int reaches the other host.
+#[derive(Clone, Copy)]
+enum OvsUplink {
+    /// wire0 a trunk of the pods' VLAN: frames tagged on the wire (ovs-vlan).
+    Vlan,
+    /// wire0 an access port of it: frames untagged on the wire (ovs-flat, a FLAT provider
+    /// network, whose one network needs no tag to tell it apart).
+    Flat,
+    /// A tunnel port to the other host's wire address (ovs-vxlan, ovs-gre).
+    Tunnel(OvsTunnel),
+}
+
 #[derive(Clone, Copy)]
 pub(super) enum OvsTunnel {
     Vxlan,
@@ -359,9 +371,14 @@ impl Spec {
             (Topology::Vlan, CrossHost) => child_lab(ChildKind::Vlan(100), CrossHost, mtu),
             (Topology::IpvlanL2, p) => child_lab(ChildKind::IpvlanL2, p, mtu),
             (Topology::IpvlanL3, p) => child_lab(ChildKind::IpvlanL3, p, mtu),
-            (Topology::OvsVlan, p) => ovs_lab(None, p, mtu),
-            (Topology::OvsVxlan, CrossHost) => ovs_lab(Some(OvsTunnel::Vxlan), CrossHost, mtu),
-            (Topology::OvsGre, CrossHost) => ovs_lab(Some(OvsTunnel::Gre), CrossHost, mtu),
+            (Topology::OvsVlan, p) => ovs_lab(OvsUplink::Vlan, p, mtu),
+            (Topology::OvsFlat, p) => ovs_lab(OvsUplink::Flat, p, mtu),
+            (Topology::OvsVxlan, CrossHost) => {
+                ovs_lab(OvsUplink::Tunnel(OvsTunnel::Vxlan), CrossHost, mtu)
+            }
+            (Topology::OvsGre, CrossHost) => {
+                ovs_lab(OvsUplink::Tunnel(OvsTunnel::Gre), CrossHost, mtu)
+            }
             (Topology::Dpdk, SameHost) => dpdk(mtu),
             (Topology::Sriov, p) => sriov(p, mtu),
             (Topology::Dpdk, CrossHost) => {
@@ -922,14 +939,20 @@ fn add_pods(
 /// Kuryr/Neutron's wiring: each pod's eth0 is paired with an access port (the network's
 /// local VLAN, OVS_TAG) of its host's integration bridge br-int, one L2 198.18.0.0/24.
 /// Same host: one br-int in namespace host. Cross-host, br-int reaches the other host
-/// through wire0 as a trunk port of that VLAN (ovs-vlan: frames tagged on the wire), or
-/// through a tunnel port to the other host's wire address with a fixed key (ovs-vxlan,
-/// ovs-gre: wire0 belongs to the host's stack, addressed there). Simplification: Neutron
+/// through wire0 as a trunk port of that VLAN (ovs-vlan: frames tagged on the wire), as an
+/// access port of it (ovs-flat: untagged, as Neutron's FLAT provider network, whose flows strip
+/// the local VLAN on the way to the physical bridge), or through a tunnel port to the other
+/// host's wire address with a fixed key (ovs-vxlan, ovs-gre: wire0 belongs to the host's
+/// stack, addressed there). Simplification: Neutron
 /// splits tunnels off into br-tun, joined to br-int by patch ports, with flows that swap the
 /// local VLAN for the tunnel key; here br-int's tunnel port is an access port of the VLAN
 /// with that key. The kernel datapath executes the same: patch ports exist only in
 /// ovs-vswitchd, which compiles both bridges' flows into one datapath flow.
-fn ovs_lab(tunnel: Option<OvsTunnel>, placement: Placement, mtu: Option<u32>) -> Spec {
+fn ovs_lab(uplink: OvsUplink, placement: Placement, mtu: Option<u32>) -> Spec {
+    let tunnel = match uplink {
+        OvsUplink::Tunnel(t) => Some(t),
+        OvsUplink::Vlan | OvsUplink::Flat => None,
+    };
     let pod_mtu = match tunnel {
         Some(t) => Some(mtu.unwrap_or(t.pod_mtu())),
         None => mtu,
@@ -989,13 +1012,14 @@ fn ovs_lab(tunnel: Option<OvsTunnel>, placement: Placement, mtu: Option<u32>) ->
         ("host-a", "veth-a", WIRE_A, WIRE_B),
         ("host-b", "veth-b", WIRE_B, WIRE_A),
     ] {
-        let uplink = match tunnel {
-            None => OvsPort {
+        let uplink = match uplink {
+            OvsUplink::Vlan => OvsPort {
                 name: "wire0".into(),
                 kind: OvsPortKind::Trunk(OVS_TAG),
             },
+            OvsUplink::Flat => access("wire0"),
             // Named as Neutron names tunnel ports: type and the remote address in hex.
-            Some(encap) => OvsPort {
+            OvsUplink::Tunnel(encap) => OvsPort {
                 name: format!("{}-{:08x}", encap.ovs_type(), u32::from(remote)),
                 kind: OvsPortKind::Tunnel {
                     encap,
@@ -1193,6 +1217,15 @@ mod tests {
         let same = Spec::of(Topology::OvsVlan, Placement::SameHost, None).unwrap();
         assert_eq!(same.ovs.len(), 1);
         assert_eq!(same.ovs[0].ports.len(), 2);
+        // FLAT: the same wiring, the uplink untagged.
+        let flat = Spec::of(Topology::OvsFlat, Placement::CrossHost, None).unwrap();
+        for b in &flat.ovs {
+            assert_eq!(b.ports[1].name, "wire0");
+            assert!(matches!(b.ports[1].kind, OvsPortKind::Access(100)));
+        }
+        assert_eq!(flat.addr_of(("host-a", "wire0")), None);
+        let same_flat = Spec::of(Topology::OvsFlat, Placement::SameHost, None).unwrap();
+        assert_eq!(same_flat.ovs[0].ports.len(), 2);
     }
 
     #[test]
