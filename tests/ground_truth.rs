@@ -1,5 +1,5 @@
 //! Ground truth for attribution: a known delay is injected at one tc hook of a lab (the bridge
-//! lab, and flannel-vxlan cross-host) (`profiler::kernel::inject`, in-process) while the `profiler`
+//! lab, and flannel-vxlan cross-host) (`profiler::kernel::delay`, in-process) while the `profiler`
 //! binary profiles the path, and exactly the segment that ends at that hook must grow by the
 //! injected delay; every other segment, in both directions, must stay where it was.
 //!
@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler::kernel::inject::{self, DelayInjector, DelaySpec, Direction};
+use profiler::kernel::delay::{self, Delay, DelaySpec, Direction};
 use serde_json::Value;
 
 mod common;
@@ -464,7 +464,7 @@ fn ground_truth(lab: &'static LabUnderTest, points: &[Point]) {
                 delay_us,
             };
             let verdict = brackets.bracket(&what, &mut measure, &mut || {
-                DelayInjector::attach(DelaySpec {
+                Delay::attach(DelaySpec {
                     netns: Some(point.netns.to_string()),
                     ifname: point.iface.to_string(),
                     direction: point.direction,
@@ -502,7 +502,7 @@ fn injector_holds_packets_for_the_configured_time() {
         .expect("the bridge lab is up");
     let dst = SocketAddr::new(IpAddr::V4(lab.server.addr), PORT);
     for delay_us in [20u64, 200] {
-        let cal = inject::calibrate(
+        let cal = delay::calibrate(
             Some(&lab.client.netns),
             &lab.client.ifname,
             dst,

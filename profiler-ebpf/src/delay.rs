@@ -1,7 +1,7 @@
 //! Ground-truth delay injector: a tc program that holds matching packets for a known time, so
 //! that tests (and users' what-if experiments) can check which segment of the path grows.
 //!
-//! Not part of the profiler's own hooks: userspace (`profiler::inject`) loads it as a separate
+//! Not part of the profiler's own hooks: userspace (`profiler::kernel::delay`) loads it as a separate
 //! instance of this object with DELAY_NS / DELAY_PORT set, and attaches it first in the tcx chain.
 //! It matches packets by port with `parse::ports_match`, the profiler's own header walk.
 

@@ -5,7 +5,7 @@ use std::{process::ExitCode, time::Duration};
 use anyhow::Result;
 
 use crate::{
-    kernel::{doctor, inject},
+    kernel::{delay, doctor},
     signal::until_interrupted,
 };
 
@@ -17,9 +17,9 @@ pub struct DelayCli {
     #[arg(long)]
     iface: String,
     #[arg(long, value_enum)]
-    direction: inject::Direction,
+    direction: delay::Direction,
     /// Microseconds to hold each matching packet (busy-waiting in the packet's path).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=inject::MAX_DELAY.as_micros() as u64))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=delay::MAX_DELAY.as_micros() as u64))]
     delay_us: u64,
     /// Only UDP/TCP packets with this source or destination port (0: every packet).
     #[arg(long, default_value_t = 0)]
@@ -28,15 +28,15 @@ pub struct DelayCli {
 
 pub async fn run(cli: DelayCli) -> Result<ExitCode> {
     doctor::require_privileges()?;
-    let spec = inject::DelaySpec {
+    let spec = delay::DelaySpec {
         netns: cli.netns,
         ifname: cli.iface,
         direction: cli.direction,
         delay: Duration::from_micros(cli.delay_us),
         port: cli.port,
     };
-    let mut injector = inject::DelayInjector::attach(spec)?;
-    let s = injector.spec();
+    let mut hold = delay::Delay::attach(spec)?;
+    let s = hold.spec();
     println!(
         "holding {} packets {} us at {} {}{}; Ctrl-C to stop",
         if s.port == 0 {
@@ -54,7 +54,7 @@ pub async fn run(cli: DelayCli) -> Result<ExitCode> {
     );
     let held = until_interrupted().await;
     // Detached whatever the wait returned.
-    injector.detach()?;
+    hold.detach()?;
     held?;
     println!("detached");
     Ok(ExitCode::SUCCESS)

@@ -3,8 +3,8 @@
 //! the delay injector used for ground truth.
 
 pub mod btf;
+pub mod delay;
 pub mod doctor;
-pub mod inject;
 pub mod kfunc;
 pub mod nics;
 pub mod programs;

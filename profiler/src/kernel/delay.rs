@@ -63,7 +63,7 @@ pub struct DelaySpec {
 }
 
 /// An attached delay; detached when dropped.
-pub struct DelayInjector {
+pub struct Delay {
     ebpf: Ebpf,
     spec: DelaySpec,
     link: Option<SchedClassifierLinkId>,
@@ -71,7 +71,7 @@ pub struct DelayInjector {
     clsact: Option<tc::Device>,
 }
 
-impl DelayInjector {
+impl Delay {
     pub fn attach(spec: DelaySpec) -> Result<Self> {
         let object = ebpf_object()?;
         if spec.delay.is_zero() || spec.delay > MAX_DELAY {
@@ -129,7 +129,7 @@ impl DelayInjector {
                 where_(&spec)
             )
         })?;
-        Ok(DelayInjector {
+        Ok(Delay {
             ebpf,
             spec,
             link: Some(link),
@@ -170,7 +170,7 @@ impl DelayInjector {
     }
 }
 
-impl Drop for DelayInjector {
+impl Drop for Delay {
     fn drop(&mut self) {
         let _ = self.detach();
     }
@@ -217,7 +217,7 @@ pub fn calibrate(
     delay: Duration,
     packets: u32,
 ) -> Result<Calibration> {
-    let injector = DelayInjector::attach(DelaySpec {
+    let injector = Delay::attach(DelaySpec {
         netns: ns.map(str::to_string),
         ifname: ifname.to_string(),
         direction: Direction::Egress,
