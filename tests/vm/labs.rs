@@ -29,6 +29,27 @@ struct Case {
     functions: &'static [&'static str],
 }
 
+/// The OVS kernel datapath's functions a frame meets through one host's br-int.
+const OVS_ONE_HOST: &[&str] = &[
+    "ovs_vport_receive",
+    "ovs_dp_process_packet",
+    "ovs_execute_actions",
+    "ovs_vport_send",
+];
+
+/// Through host-a's br-int, the wire (a veth pair), then host-b's.
+const OVS_TWO_HOSTS: &[&str] = &[
+    "ovs_vport_receive",
+    "ovs_dp_process_packet",
+    "ovs_execute_actions",
+    "ovs_vport_send",
+    "veth_xmit",
+    "ovs_vport_receive",
+    "ovs_dp_process_packet",
+    "ovs_execute_actions",
+    "ovs_vport_send",
+];
+
 const CASES: &[Case] = &[
     Case {
         topology: "ipvlan-l2",
@@ -81,12 +102,7 @@ const CASES: &[Case] = &[
         name: "ovs-vlan",
         server: "198.18.0.2",
         crosses: &["veth-a", "veth-b"],
-        functions: &[
-            "ovs_vport_receive",
-            "ovs_dp_process_packet",
-            "ovs_execute_actions",
-            "ovs_vport_send",
-        ],
+        functions: OVS_ONE_HOST,
     },
     Case {
         topology: "ovs-vlan",
@@ -94,17 +110,7 @@ const CASES: &[Case] = &[
         name: "ovs-vlan-xhost",
         server: "198.18.0.2",
         crosses: &["veth-a", "wire0", "veth-b"],
-        functions: &[
-            "ovs_vport_receive",
-            "ovs_dp_process_packet",
-            "ovs_execute_actions",
-            "ovs_vport_send",
-            "veth_xmit",
-            "ovs_vport_receive",
-            "ovs_dp_process_packet",
-            "ovs_execute_actions",
-            "ovs_vport_send",
-        ],
+        functions: OVS_TWO_HOSTS,
     },
     Case {
         topology: "ovs-flat",
@@ -112,12 +118,7 @@ const CASES: &[Case] = &[
         name: "ovs-flat",
         server: "198.18.0.2",
         crosses: &["veth-a", "veth-b"],
-        functions: &[
-            "ovs_vport_receive",
-            "ovs_dp_process_packet",
-            "ovs_execute_actions",
-            "ovs_vport_send",
-        ],
+        functions: OVS_ONE_HOST,
     },
     Case {
         topology: "ovs-flat",
@@ -125,17 +126,7 @@ const CASES: &[Case] = &[
         name: "ovs-flat-xhost",
         server: "198.18.0.2",
         crosses: &["veth-a", "wire0", "veth-b"],
-        functions: &[
-            "ovs_vport_receive",
-            "ovs_dp_process_packet",
-            "ovs_execute_actions",
-            "ovs_vport_send",
-            "veth_xmit",
-            "ovs_vport_receive",
-            "ovs_dp_process_packet",
-            "ovs_execute_actions",
-            "ovs_vport_send",
-        ],
+        functions: OVS_TWO_HOSTS,
     },
     Case {
         topology: "ovs-vxlan",

@@ -98,12 +98,7 @@ impl Delay {
         let tcx = super::has_tcx();
         // Interface names and tc links resolve in the calling thread's namespace.
         let (link, clsact) = netns::run_in(ns, || {
-            nix::net::if_::if_nametoindex(ifname).map_err(|e| {
-                anyhow!(
-                    "unknown interface {ifname}{}: {e}",
-                    ns.map(|n| format!(" in netns {n}")).unwrap_or_default()
-                )
-            })?;
+            tc::ifindex(ifname, ns)?;
             if tcx {
                 let first = TcAttachOptions::TcxOrder(LinkOrder::first());
                 return Ok((p.attach_with_options(ifname, kind, first)?, None));

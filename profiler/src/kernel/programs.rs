@@ -437,12 +437,7 @@ impl Programs {
         };
         // Interface names and tc links resolve in the calling thread's namespace.
         let (attached, clsact_added) = netns::run_in(ns, || {
-            nix::net::if_::if_nametoindex(ifname).map_err(|e| {
-                anyhow!(
-                    "unknown interface {ifname}{}: {e}",
-                    ns.map(|n| format!(" in netns {n}")).unwrap_or_default()
-                )
-            })?;
+            tc::ifindex(ifname, ns)?;
             if tcx {
                 return Ok((p.attach(ifname, kind), false));
             }

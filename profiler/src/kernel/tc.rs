@@ -42,6 +42,17 @@ struct Record {
     devices: Vec<Device>,
 }
 
+/// The index of `ifname` in the calling thread's namespace, which is `ns` (None: this
+/// process's), or an error naming both.
+pub fn ifindex(ifname: &str, ns: Option<&str>) -> Result<u32> {
+    nix::net::if_::if_nametoindex(ifname).map_err(|e| {
+        anyhow::anyhow!(
+            "unknown interface {ifname}{}: {e}",
+            ns.map(|n| format!(" in netns {n}")).unwrap_or_default()
+        )
+    })
+}
+
 fn path(user: &str) -> PathBuf {
     Path::new(TC_DIR).join(format!("{}-{user}.json", std::process::id()))
 }
