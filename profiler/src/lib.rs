@@ -12,6 +12,7 @@
 //!   the delay injector.
 //! - [`datapath`]: the hook table and the rules that name segments, as data.
 //! - [`lab`]: network namespaces, the built-in topologies, and what a run targets.
+//! - [`object`]: the eBPF object, which the kernel layer and the ebpf-redirect lab load from.
 //! - [`pods`]: which namespace is which pod, from the container runtime (CRI), the CNI cache
 //!   or /run/netns.
 //! - [`report`]: the report schema, and its renderings (table, JSON, HTML).
@@ -38,6 +39,7 @@ pub mod datapath;
 pub mod error;
 pub mod kernel;
 pub mod lab;
+pub mod object;
 pub mod pods;
 pub mod progress;
 pub mod report;

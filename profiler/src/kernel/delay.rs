@@ -21,8 +21,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-use super::{programs::ebpf_object, tc};
-use crate::lab::netns;
+use super::tc;
+use crate::{lab::netns, object::ebpf_object};
 
 const PROGRAM: &str = "tc_delay";
 

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
@@ -27,19 +27,9 @@ use super::{
 use crate::{
     datapath::{decision_program, Attach, HookDef, Mode, HOOK_TABLE},
     lab::netns,
+    object::ebpf_object,
     report::schema::{HookSet, HookStatus, ProgramCost, Status},
 };
-
-/// The eBPF object built by profiler/build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
-
-/// The eBPF object, or why this binary has none.
-pub fn ebpf_object() -> Result<&'static [u8]> {
-    if EBPF_OBJECT.is_empty() {
-        bail!("this profiler binary was built without its eBPF object (AYA_BUILD_SKIP); build it with `cargo xtask build`");
-    }
-    Ok(EBPF_OBJECT)
-}
 
 /// The first netlink priority the tc programs take before tcx (one each after it).
 const NETLINK_PRIORITY: u16 = 40_000;
