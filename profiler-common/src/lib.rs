@@ -478,6 +478,21 @@ pub const FIELD_SRC_PORT: u8 = 6;
 pub const FIELD_DST_PORT: u8 = 7;
 pub const FIELD_PORT: u8 = 8;
 
+/// Where the `ebpf-redirect` lab's tc program sends a pod's packet: the destination pod's
+/// host-side veth (the packet enters its peer, the pod's eth0, with `bpf_redirect_peer`) and
+/// the MACs the frame gets on the way, as a router's would (the pod's, and the veth's as
+/// source). Keyed by the destination IPv4 address, as it is in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectTarget {
+    pub ifindex: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+}
+
+/// Most pods the `ebpf-redirect` lab's table holds.
+pub const REDIRECT_TARGETS: u32 = 64;
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::Event {}
@@ -490,6 +505,7 @@ mod pod {
     unsafe impl aya::Pod for super::SightingEvent {}
     unsafe impl aya::Pod for super::Filter {}
     unsafe impl aya::Pod for super::FuncHook {}
+    unsafe impl aya::Pod for super::RedirectTarget {}
 }
 
 #[cfg(test)]

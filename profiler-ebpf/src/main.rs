@@ -11,6 +11,7 @@ mod floor;
 mod follow;
 mod func;
 mod parse;
+mod redirect;
 mod skb;
 mod uprobe;
 

@@ -112,6 +112,16 @@ const CASES: &[Case] = &[
         crosses: &["veth-a", "wire0", "veth-b"],
         functions: OVS_TWO_HOSTS,
     },
+    // Not a module's: the lab's own tc program, on a kernel before tcx (the profile's filters
+    // and the redirect's share each veth's clsact, the redirect last).
+    Case {
+        topology: "ebpf-redirect",
+        placement: "same-host",
+        name: "ebpf-redirect",
+        server: "198.18.0.2",
+        crosses: &["veth-a", "eth0"],
+        functions: &["veth_xmit"],
+    },
     Case {
         topology: "ovs-flat",
         placement: "same-host",
@@ -343,6 +353,12 @@ fn ovs_vlan_same_host() {
 #[ignore = "runs inside the VM lab: cargo xtask vm-test"]
 fn ovs_vlan_cross_host() {
     full_cycle("ovs-vlan-xhost");
+}
+
+#[test]
+#[ignore = "runs inside the VM lab: cargo xtask vm-test"]
+fn ebpf_redirect_same_host() {
+    full_cycle("ebpf-redirect");
 }
 
 #[test]

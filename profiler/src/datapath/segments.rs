@@ -327,6 +327,21 @@ const RULES: &[Rule] = &[
         matches: |e, c| c.same_if && from_to(e, NetifReceiveSkb, TcIngress),
         names: |_, c| format!("receive to ingress {}", c.b),
     },
+    // From one device's tc ingress straight to another's, no hook between: a tc program
+    // redirected the packet to a veth's peer (bpf_redirect_peer, as Cilium's datapath does),
+    // which the kernel takes in the same receive, past the bridge, backlog and host stack.
+    Rule {
+        name: "eBPF redirect peer",
+        matches: |e, c| !c.same_if && from_to(e, TcIngress, TcIngress),
+        names: |e, c| {
+            format!(
+                "eBPF redirect peer {} -> {} {}",
+                c.a,
+                e.to_if,
+                parenthesized(e.to_ns)
+            )
+        },
+    },
     // With tc hooks: bridging or routing from one device's ingress to another's egress.
     Rule {
         name: "ingress to egress",
@@ -509,6 +524,13 @@ mod tests {
             (Hook(NapiGroReceiveEntry), Hook(NetifReceiveSkb)) if same_if => format!("gro {b}"),
             (Hook(NetifReceiveSkb), Hook(TcIngress)) if same_if => {
                 format!("receive to ingress {b}")
+            }
+            (Hook(TcIngress), Hook(TcIngress)) if !same_if => {
+                format!(
+                    "eBPF redirect peer {a} -> {} {}",
+                    e.to_if,
+                    parenthesized(e.to_ns)
+                )
             }
             (Hook(TcIngress), Hook(TcEgress)) => match bridge {
                 Some(br) => format!("bridge {br} ({a} -> {b})"),
@@ -872,6 +894,15 @@ mod tests {
                 "receive to ingress",
                 one(ends(&Hook(NetifReceiveSkb), &Hook(TcIngress))),
                 "receive to ingress veth-a",
+            ),
+            (
+                "eBPF redirect peer",
+                SegmentEnds {
+                    to_if: "eth0",
+                    to_ns: "pod-b",
+                    ..ends(&Hook(TcIngress), &Hook(TcIngress))
+                },
+                "eBPF redirect peer veth-a -> eth0 (pod-b)",
             ),
             (
                 "ingress to egress",

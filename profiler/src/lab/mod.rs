@@ -20,6 +20,7 @@ pub mod node;
 mod ovs;
 pub mod owner;
 pub mod recover;
+mod redirect;
 mod setup;
 mod spec;
 mod sriov;
@@ -63,6 +64,9 @@ pub enum Topology {
     /// The pods' veth peers are ports of dpdk-testpmd (af_packet), a userspace datapath
     /// (same-host only).
     Dpdk,
+    /// Cilium-style: no bridge; a tc program on each pod's host-side veth redirects what it
+    /// sends to the destination pod's eth0 (bpf_redirect_peer) (same-host only).
+    EbpfRedirect,
     /// Each pod owns a virtual function of an SR-IOV NIC (igb; the VM lab's `--nic igb`).
     Sriov,
     /// Nested: a pod on this machine and a pod in a QEMU guest (--inner, --outer).
@@ -75,7 +79,7 @@ pub enum Topology {
 }
 
 impl Topology {
-    pub const ALL: [Topology; 18] = [
+    pub const ALL: [Topology; 19] = [
         Topology::Veth,
         Topology::Bridge,
         Topology::Host,
@@ -90,6 +94,7 @@ impl Topology {
         Topology::OvsVxlan,
         Topology::OvsGre,
         Topology::Dpdk,
+        Topology::EbpfRedirect,
         Topology::Sriov,
         Topology::Bmp2vmp,
         Topology::Vmp2vmp,
@@ -113,6 +118,7 @@ impl Topology {
             Topology::OvsVxlan => "ovs-vxlan",
             Topology::OvsGre => "ovs-gre",
             Topology::Dpdk => "dpdk",
+            Topology::EbpfRedirect => "ebpf-redirect",
             Topology::Sriov => "sriov",
             Topology::Bmp2vmp => "bmp2vmp",
             Topology::Vmp2vmp => "vmp2vmp",

@@ -79,10 +79,9 @@ impl Nl {
         Ok(self.index_mtu(name).await?.0)
     }
 
-    /// The link's ifindex and MTU.
-    pub async fn index_mtu(&self, name: &str) -> Result<(u32, u32)> {
-        let link = self
-            .handle
+    /// The link of that name.
+    async fn link(&self, name: &str) -> Result<LinkMessage> {
+        self.handle
             .link()
             .get()
             .match_name(name)
@@ -90,7 +89,23 @@ impl Nl {
             .try_next()
             .await
             .with_context(|| format!("cannot find interface {name} in {}", self.ns))?
-            .ok_or_else(|| anyhow!("no interface {name} in {}", self.ns))?;
+            .ok_or_else(|| anyhow!("no interface {name} in {}", self.ns))
+    }
+
+    /// The link's ifindex and MAC address.
+    pub async fn index_mac(&self, name: &str) -> Result<(u32, [u8; 6])> {
+        let link = self.link(name).await?;
+        let mac = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+            _ => None,
+        });
+        let mac = mac.ok_or_else(|| anyhow!("{name} in {} has no MAC address", self.ns))?;
+        Ok((link.header.index, mac))
+    }
+
+    /// The link's ifindex and MTU.
+    pub async fn index_mtu(&self, name: &str) -> Result<(u32, u32)> {
+        let link = self.link(name).await?;
         let mtu = link.attributes.iter().find_map(|a| match a {
             LinkAttribute::Mtu(m) => Some(*m),
             _ => None,

@@ -10,6 +10,7 @@ use super::dpdk;
 use super::netns;
 use super::nl::{self, Nl};
 use super::ovs;
+use super::redirect;
 use super::spec::{netns_name, Child, Pf, Place, Spec, Tunnel, TunnelKind, Userspace};
 use super::sriov;
 use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Pod, Topology};
@@ -147,6 +148,9 @@ pub(super) async fn build(
     }
     for role in &spec.forwarding {
         enable_forwarding(&netns_name(lab, role))?;
+    }
+    if let Some(host) = spec.redirect {
+        redirect::install(lab, spec, host).await?;
     }
     for bridge in &spec.ovs {
         let dir = ovs::dir(lab, bridge.role);

@@ -307,6 +307,8 @@ pub(super) struct Spec {
     pub forwarding: Vec<&'static str>,
     /// A userspace datapath between devices of a host namespace.
     pub userspace: Option<Userspace>,
+    /// The host role whose pods' veths redirect to each other in eBPF (redirect.rs).
+    pub redirect: Option<&'static str>,
     /// SR-IOV NICs and the VFs the pods own.
     pub pfs: Vec<Pf>,
     pub vfs: Vec<Vf>,
@@ -380,6 +382,10 @@ impl Spec {
                 ovs_lab(OvsUplink::Tunnel(OvsTunnel::Gre), CrossHost, mtu)
             }
             (Topology::Dpdk, SameHost) => dpdk(mtu),
+            (Topology::EbpfRedirect, SameHost) => ebpf_redirect(mtu),
+            (Topology::EbpfRedirect, CrossHost) => {
+                return no_placement("ebpf-redirect is same-host for now (bpf_redirect_peer between two pods of one host); use --placement same-host")
+            }
             (Topology::Sriov, p) => sriov(p, mtu),
             (Topology::Dpdk, CrossHost) => {
                 return no_placement("dpdk is same-host (testpmd joins two pods of one host); use --placement same-host")
@@ -545,6 +551,28 @@ fn bridge(mtu: Option<u32>) -> Spec {
             addr: (ip(0, 254), 24),
             mtu,
         }],
+        client: ("pod-a", "eth0"),
+        server: ("pod-b", "eth0"),
+        ..Spec::default()
+    }
+}
+
+/// Cilium's datapath between two pods of one host: no bridge and no address on the host-side
+/// veths; a tc program on each redirects what its pod sends to the other pod (redirect.rs).
+fn ebpf_redirect(mtu: Option<u32>) -> Spec {
+    Spec {
+        roles: vec!["pod-a", "pod-b", "host"],
+        pairs: vec![
+            [
+                pod("pod-a", ip(0, 1), mtu),
+                port_of_nothing("host", "veth-a", mtu),
+            ],
+            [
+                pod("pod-b", ip(0, 2), mtu),
+                port_of_nothing("host", "veth-b", mtu),
+            ],
+        ],
+        redirect: Some("host"),
         client: ("pod-a", "eth0"),
         server: ("pod-b", "eth0"),
         ..Spec::default()
@@ -894,6 +922,9 @@ fn add_pods(
         match (topology, placement) {
             (Topology::Bridge, Placement::SameHost) => {
                 spec.pairs.push([pod(role, ip(0, slot + 1), mtu), port("host", peer, "br0", mtu)]);
+            }
+            (Topology::EbpfRedirect, Placement::SameHost) => {
+                spec.pairs.push([pod(role, ip(0, slot + 1), mtu), port_of_nothing("host", peer, mtu)]);
             }
             (Topology::Bridge | Topology::FlannelVxlan | Topology::Geneve, Placement::CrossHost) => {
                 let h = &CNI_HOSTS[usize::from(on_b)];
