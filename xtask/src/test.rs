@@ -60,15 +60,17 @@ pub fn run(args: &[String]) -> Result<()> {
         "--exclude",
         "profiler-ebpf",
         "--release",
-        // Every test target, no doc-tests: the crates have none, and an empty doc-test run
-        // would be the last thing cargo prints.
-        "--tests",
         // Every target runs even when one fails, so one run reports every failure.
         "--no-fail-fast",
-    ])
-    .args(cargo_args)
-    .args(["--", "--test-threads=1"])
-    .args(harness_args);
+    ]);
+    // Every test target, no doc-tests (the crates have none, and an empty doc-test run would be
+    // the last thing cargo prints), unless the caller picked targets (`-- --test cli`).
+    if !picks_targets(cargo_args) {
+        test.arg("--tests");
+    }
+    test.args(cargo_args)
+        .args(["--", "--test-threads=1"])
+        .args(harness_args);
     // Where the tests record what they skipped (tests/common/skip.rs), listed at the end.
     let skips = crate::target_dir().join("skipped-tests.tsv");
     let _ = std::fs::remove_file(&skips);
@@ -82,8 +84,13 @@ pub fn run(args: &[String]) -> Result<()> {
 
     // The tests that need a stock kernel (kprobes, fentry, the openvswitch datapath, ...),
     // in one guest per kernel; they run even when host tests failed, to report everything.
+    let vm_picked = cargo_args.windows(2).any(|w| w == ["--test", "vm"])
+        || cargo_args.iter().any(|a| a == "--test=vm");
     let vm_tests = if vm_kernels.is_empty() {
         println!("VM tests: skipped (PROFILER_VM_KERNELS is empty)");
+        Ok(())
+    } else if picks_targets(cargo_args) && !vm_picked {
+        println!("VM tests: not asked for (the targets picked: {cargo_args:?})");
         Ok(())
     } else {
         vm::test_kernels(&vm_kernels, harness_args)
@@ -178,6 +185,16 @@ fn clean_start() -> Result<()> {
     let profiler = crate::build()?;
     cmd::run(Command::new(profiler).args(["lab", "down", "--all"]))?;
     leak_check("before the tests, still there after `profiler lab down --all`: remove them first")
+}
+
+/// Whether cargo's arguments pick test targets themselves (`--test NAME`, `--lib`, ...).
+fn picks_targets(cargo_args: &[String]) -> bool {
+    const PICKS: [&str; 4] = ["--test", "--lib", "--bins", "--bin"];
+    cargo_args.iter().any(|a| {
+        PICKS
+            .iter()
+            .any(|p| a == p || a.starts_with(&format!("{p}=")))
+    })
 }
 
 /// The pids of running profilers and test binaries (of any clone), but this process's.
@@ -404,5 +421,17 @@ mod tests {
             ["tp_net_dev_xmit", "tc_ingress"]
         );
         assert!(json_strings("[]", "name").is_empty());
+    }
+
+    #[test]
+    fn a_test_target_named_is_run_alone() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(super::picks_targets(&args(&["--test", "cli"])));
+        assert!(super::picks_targets(&args(&["--test=cli"])));
+        assert!(super::picks_targets(&args(&["-p", "profiler", "--lib"])));
+        assert!(!super::picks_targets(&args(&[])));
+        assert!(!super::picks_targets(&args(&[
+            "-p", "profiler", "--no-run"
+        ])));
     }
 }
