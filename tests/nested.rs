@@ -513,75 +513,120 @@ fn commands_in(lab: &str, guest: &str, commands: &[&str]) {
 }
 
 /// Where a delay lands: the segment `which` of `delayed` moved by `delay` within max(10%, 5 us)
-/// against `base`; every other segment both runs have by less than its baseline's own spread
-/// allows. Segments are matched by name and the two hops they span: a qdisc that holds packets
-/// (netem) changes the order of the transmit returns around it, and a segment between other
-/// hops is another segment (the delayed one excepted: it is found by name).
-fn check_delay(base: &Value, delayed: &Value, which: &str, delay_ns: u64) {
-    let (b, d) = (request_segments(base), request_segments(delayed));
+/// against the mean of the baselines `before` and `after` it; every other segment all three runs
+/// have moved by less than the baselines' own spread allows. Segments are matched by name and
+/// the two hops they span: a qdisc that holds packets (netem) changes the order of the transmit
+/// returns around it, and a segment between other hops is another segment (the delayed one
+/// excepted: it is found by name). Returns the violations.
+fn delay_violations(
+    before: &Value,
+    delayed: &Value,
+    after: &Value,
+    which: &str,
+    delay_ns: u64,
+) -> Vec<String> {
+    let (b, d, a) = (
+        request_segments(before),
+        request_segments(delayed),
+        request_segments(after),
+    );
     let bound = (delay_ns / 10).max(5_000) as i64;
+    let mut violations = Vec::new();
     let mut found = false;
     for (name, ends, d50, _) in &d {
         // The delayed segment by name alone: the held qdisc is entered after other hops.
         let same =
             |s: &&(String, String, u64, u64)| &s.0 == name && (name == which || &s.1 == ends);
-        let Some((_, _, b50, b90)) = b.iter().find(same) else {
-            println!("{name} ({ends}): only with the delay");
+        let (Some((_, _, b50, b90)), Some((_, _, a50, a90))) =
+            (b.iter().find(same), a.iter().find(same))
+        else {
+            println!("{name} ({ends}): not in both baselines");
             continue;
         };
-        let moved = *d50 as i64 - *b50 as i64;
-        if name == which {
-            println!("{name}: moved {moved} ns, delay {delay_ns} ns, bound {bound} ns");
-            assert!(
-                (moved - delay_ns as i64).abs() <= bound,
-                "{name}: moved {moved} ns for a {delay_ns} ns delay (bound {bound})"
-            );
+        let moved = *d50 as i64 - (*b50 + *a50) as i64 / 2;
+        let (line, ok) = if name == which {
             found = true;
+            let line =
+                format!("{name}: moved {moved} ns for a {delay_ns} ns delay (bound {bound})");
+            (line, (moved - delay_ns as i64).abs() <= bound)
         } else {
-            // The baseline's own spread (p90 - p50), twice, and 20 us of TCG scheduling noise.
-            let spread = 2 * (b90 - b50) as i64 + 20_000;
-            println!("{name}: moved {moved} ns, allowed {spread} ns");
-            assert!(
-                moved.abs() <= spread,
-                "{name}: moved {moved} ns, allowed {spread} ns"
-            );
+            // The baselines' own spread (p90 - p50), twice, and 20 us of TCG scheduling noise.
+            let spread = 2 * (b90 - b50).max(a90 - a50) as i64 + 20_000;
+            let line = format!("{name}: moved {moved} ns, allowed {spread} ns");
+            (line, moved.abs() <= spread)
+        };
+        println!("{line}");
+        if !ok {
+            violations.push(line);
         }
     }
-    assert!(found, "no segment {which} in both runs: {b:#?} {d:#?}");
+    if !found {
+        violations.push(format!(
+            "no segment {which} in all three runs: {b:#?} {d:#?}"
+        ));
+    }
+    violations
 }
+
+/// Measures with a delay (`hold` starts it, dropping its result ends it), then a baseline after,
+/// and judges against `base` and that baseline (which becomes `base`). A bracket with
+/// violations is measured once more, as tests/ground_truth.rs does: a guest segment's p50 under
+/// TCG moves by tens of microseconds between runs, now and then; the bounds stay.
+fn bracket<G>(base: &mut Value, which: &str, delay_ns: u64, mut hold: impl FnMut() -> G) {
+    for attempt in 1..=2 {
+        let held = hold();
+        let delayed = run_json(PORT);
+        drop(held);
+        let after = run_json(PORT);
+        let violations = delay_violations(base, &delayed, &after, which, delay_ns);
+        *base = after;
+        if violations.is_empty() {
+            return;
+        }
+        assert!(attempt < 2, "{which}:\n{}", violations.join("\n"));
+        println!("{which}: {}; measuring again", violations.join("; "));
+    }
+}
+
+/// The delays' port: the runs' and the injected holds'.
+const PORT: &str = "40123";
 
 #[test]
 fn delays_on_the_host_and_in_the_guest_land_in_their_segments() {
     if !have_guest_kernel() {
         return;
     }
-    const PORT: &str = "40123";
     const DELAY_US: u64 = 5000;
     let guard = common::lab_up(&[LAB, "--inner", "bridge", "--guest-kernel", KERNEL]);
-    let base = run_json(PORT);
+    let mut base = run_json(PORT);
     // On the host: held at the tap's tc egress, in the segment that ends there.
     let port = PORT.parse().expect("a port");
-    let delay = Delay::hold(
-        Some("prof-bmp2vmp-host"),
-        "tap-vm1",
-        "egress",
-        DELAY_US,
-        port,
-    );
-    let host_delayed = run_json(PORT);
-    drop(delay);
-    check_delay(
-        &base,
-        &host_delayed,
+    bracket(
+        &mut base,
         "[host] bridge br0 (-> port tap-vm1)",
         DELAY_US * 1000,
+        || {
+            Delay::hold(
+                Some("prof-bmp2vmp-host"),
+                "tap-vm1",
+                "egress",
+                DELAY_US,
+                port,
+            )
+        },
     );
     // In the guest: netem on veth-b's root qdisc, toward pod-b. 5 ms: netem's timer slack under
     // TCG is a few hundred microseconds, well inside 10% of it.
-    guest_commands(&["tc qdisc add dev veth-b root netem delay 5ms"]);
-    let guest_delayed = run_json(PORT);
-    guest_commands(&["tc qdisc del dev veth-b root"]);
-    check_delay(&base, &guest_delayed, "[vm1] qdisc veth-b", DELAY_US * 1000);
+    struct Netem;
+    impl Drop for Netem {
+        fn drop(&mut self) {
+            guest_commands(&["tc qdisc del dev veth-b root"]);
+        }
+    }
+    bracket(&mut base, "[vm1] qdisc veth-b", DELAY_US * 1000, || {
+        guest_commands(&["tc qdisc add dev veth-b root netem delay 5ms"]);
+        Netem
+    });
     // The same lab as a VM the profiler did not make: a run from the host's namespace with
     // nothing but the guest agent's TCP address (the lab's agent listens there too).
     agent_over_tcp_profiles_the_path();
