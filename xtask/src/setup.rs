@@ -65,7 +65,8 @@ pub const DPDK_PACKAGE: &str = "dpdk-dev";
 /// (the bench test loads bench's HTML page in it, headless), and the node lab's runtime
 /// (tests/node.rs): containerd, runc, the CNI plugins, busybox-static (its images), gcc and
 /// libc6-dev (its static echo server) and iptables (what CNI plugins may use); prometheus (its
-/// server and promtool: tests/pods.rs scrapes attach and checks deploy's rules and dashboard).
+/// server and promtool: tests/pods.rs scrapes attach and checks deploy's rules and dashboard);
+/// nftables (nft: tests/service.rs's Services in kube-proxy's nftables mode).
 pub fn test_packages() -> Result<()> {
     const NODE_PACKAGES: [&str; 7] = [
         "containerd",
@@ -77,9 +78,16 @@ pub fn test_packages() -> Result<()> {
         "iptables",
     ];
     // openssl: tests/agent.rs speaks to the agent with a TLS client that is not the profiler.
-    for pkg in [DPDK_PACKAGE, "iperf3", "chromium", "prometheus", "openssl"]
-        .into_iter()
-        .chain(NODE_PACKAGES)
+    for pkg in [
+        DPDK_PACKAGE,
+        "iperf3",
+        "chromium",
+        "prometheus",
+        "openssl",
+        "nftables",
+    ]
+    .into_iter()
+    .chain(NODE_PACKAGES)
     {
         debian_package(pkg)?;
     }

@@ -102,6 +102,11 @@ pub struct LabOpts {
     /// The node lab: the CNI plugin that wires its pods (default bridge).
     #[arg(long, value_enum)]
     cni: Option<lab::node::Cni>,
+    /// A Kubernetes Service in front of the server pod, as kube-proxy's iptables or nftables
+    /// mode writes it on every host (bridge, flannel-vxlan): clients send to its ClusterIP
+    /// (198.18.250.10:8080), DNATed to the pod.
+    #[arg(long, value_enum)]
+    pub service: Option<lab::service::Mode>,
 }
 
 impl LabOpts {
@@ -117,6 +122,7 @@ impl LabOpts {
             outer: self.outer,
             guest_kernel: self.guest_kernel.clone(),
             cni: self.cni,
+            service: self.service,
         }
     }
 }
@@ -141,6 +147,9 @@ pub async fn run(command: LabCommand) -> Result<ExitCode> {
                 lab.name,
                 lab.namespaces.join(", ")
             );
+            if let Some(svc) = &lab.service {
+                println!("{svc}");
+            }
         }
         LabCommand::Down { all: true, .. } => return down_all().await,
         LabCommand::Down { name, .. } => {
@@ -272,6 +281,9 @@ fn print_labs(labs: &[lab::Lab]) {
             lab.placement,
             owner_note(lab.owner.as_ref())
         );
+        if let Some(svc) = &lab.service {
+            println!("  {svc}");
+        }
         for g in &lab.guests {
             println!(
                 "  guest {}: QEMU (process group {}), kernel {}, NIC {} (tap), agent {} and TCP port {}",

@@ -196,6 +196,9 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
             "--traffic alltoall runs between a lab's pods: use --lab, not --from/--to",
         ));
     }
+    if cli.lab_opts.service.is_some() {
+        run::check_service_traffic(cli.kind)?;
+    }
     args.validate()?;
     let options = LabOptions {
         // All-to-all needs its pods; other traffic uses the lab's first two.

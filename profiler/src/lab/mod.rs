@@ -21,6 +21,7 @@ mod ovs;
 pub mod owner;
 pub mod recover;
 mod redirect;
+pub mod service;
 mod setup;
 mod spec;
 mod sriov;
@@ -242,6 +243,8 @@ pub struct LabOptions {
     pub guest_kernel: Option<String>,
     /// The node lab: the CNI plugin that wires its pods (None: bridge).
     pub cni: Option<node::Cni>,
+    /// A Service in front of the server pod, in this kube-proxy mode (None: no Service).
+    pub service: Option<service::Mode>,
 }
 
 const CROSS_HOST_SUFFIX: &str = "-xhost";
@@ -318,6 +321,9 @@ pub struct Lab {
     /// The node lab: its containerd, CNI plugin and pods, as made through CRI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<node::Node>,
+    /// The Service in front of the server: clients send to its ClusterIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<service::Service>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -383,6 +389,12 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
             "--mtu must be between 576 and 9000",
         ));
     }
+    if let Some(why) = options.service.and_then(|_| service::refused(topology)) {
+        return Err(crate::error::bad_input(format!(
+            "--service on {}: {why}",
+            topology.name()
+        )));
+    }
     if topology == Topology::Node {
         return node::check(options);
     }
@@ -435,7 +447,10 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
         }
         return Ok(lab);
     }
-    let spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
+    let mut spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
+    if options.service.is_some() {
+        service::prepare(&mut spec);
+    }
     let name = lab_name(topology, options.placement);
     if leftovers(&name, &spec) {
         bail!("lab {name} is already up (profiler lab down {name})");
@@ -609,6 +624,7 @@ mod tests {
             forwarder: None,
             guests: Vec::new(),
             node: None,
+            service: None,
         }
     }
 

@@ -468,6 +468,7 @@ async fn assemble(
         forwarder: None,
         guests,
         node: None,
+        service: None,
     })
 }
 

@@ -355,6 +355,7 @@ async fn assemble(name: &str, node: Node) -> Result<Lab> {
         forwarder: None,
         guests: Vec::new(),
         node: Some(node),
+        service: None,
     })
 }
 

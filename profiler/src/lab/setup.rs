@@ -11,6 +11,7 @@ use super::netns;
 use super::nl::{self, Nl};
 use super::ovs;
 use super::redirect;
+use super::service;
 use super::spec::{netns_name, Child, Pf, Place, Spec, Tunnel, TunnelKind, Userspace};
 use super::sriov;
 use super::{Endpoint, IfRef, Lab, LabIface, LabOptions, Lacks, Pod, Topology};
@@ -152,6 +153,21 @@ pub(super) async fn build(
     if let Some(host) = spec.redirect {
         redirect::install(lab, spec, host).await?;
     }
+    let service = match options.service {
+        Some(mode) => Some(service::Service {
+            mode,
+            cluster_ip: service::CLUSTER_IP,
+            port: service::PORT,
+            backend: spec
+                .addr_of(spec.server)
+                .context("the server has no address")?
+                .0,
+        }),
+        None => None,
+    };
+    if let Some(svc) = &service {
+        service::install(lab, spec, svc)?;
+    }
     for bridge in &spec.ovs {
         let dir = ovs::dir(lab, bridge.role);
         undo.ovs.push(dir.clone());
@@ -186,6 +202,7 @@ pub(super) async fn build(
     }
     Ok(Lab {
         forwarder,
+        service,
         ..described
     })
 }
@@ -512,6 +529,7 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
         forwarder: None,
         guests: Vec::new(),
         node: None,
+        service: None,
     })
 }
 

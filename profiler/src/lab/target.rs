@@ -14,7 +14,9 @@ use super::{
     discover::{self, ROOT},
     names::{node_of, PodName, HOST_NODE},
     nested::{self, Guest},
-    netns, Endpoint, Lab, LabIface, Pod,
+    netns,
+    service::Service,
+    Endpoint, Lab, LabIface, Pod,
 };
 
 /// The devices hops are named after.
@@ -52,6 +54,8 @@ pub struct RunTarget {
     pub pods: Vec<Pod>,
     /// Nested paths: the guests whose agents attach inside them and run the server.
     pub guests: Vec<GuestEnd>,
+    /// The Service in front of the server: the client sends to its ClusterIP and port.
+    pub service: Option<Service>,
 }
 
 /// A guest on the path, as a run needs it: its node name, its namespaces (with their inodes
@@ -111,6 +115,7 @@ impl RunTarget {
             server: lab.server.clone(),
             pods: lab.pods.clone(),
             guests: lab.guests.iter().map(GuestEnd::from).collect(),
+            service: lab.service.clone(),
             // A userspace datapath's port: its packet socket copies the frame before tc
             // ingress, so a tc:ingress hop there would run alongside the datapath (and the
             // copy may reach the other port first), not before it.
@@ -215,6 +220,7 @@ impl RunTarget {
             attach,
             pods: Vec::new(),
             guests: guest.into_iter().map(|(g, _)| g).collect(),
+            service: None,
         })
     }
 }

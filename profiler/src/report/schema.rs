@@ -95,6 +95,10 @@ pub struct RunReport {
     pub made: Option<Made>,
     pub kernel: String,
     pub topology: String,
+    /// The Service the client sent to (a lab made with --service): its mode, ClusterIP:port
+    /// and the pod it is DNATed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     pub traffic: TrafficReport,
     pub directions: Vec<DirectionReport>,
     pub events: EventsReport,

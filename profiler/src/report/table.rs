@@ -37,6 +37,9 @@ pub fn run(r: &RunReport) -> String {
             );
         }
     }
+    if let Some(svc) = &r.service {
+        let _ = writeln!(out, "through {svc}");
+    }
     for d in &r.directions {
         render_direction(&mut out, d);
     }

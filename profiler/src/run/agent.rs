@@ -760,6 +760,7 @@ async fn run_client(c: &Client) -> Answer {
         client_ns: discover::ns_arg(&c.client_ns).map(str::to_string),
         server_ns: None,
         server_addr: c.server_addr,
+        dest_addr: c.server_addr,
         remote_server: true,
     };
     let progress = std::sync::Arc::default();

@@ -224,6 +224,7 @@ mod tests {
             made: None,
             kernel: "test".into(),
             topology: topology.into(),
+            service: None,
             hook_set: HookSet::Stable,
             traffic: TrafficReport {
                 proto: Proto::Udp,

@@ -255,15 +255,45 @@ fn progress_of(args: &RunArgs) -> (u32, &'static str) {
     }
 }
 
+/// Refuses traffic that cannot go through a Service: all-to-all goes from pod to pod.
+pub fn check_service_traffic(traffic: TrafficKind) -> Result<()> {
+    if traffic == TrafficKind::Alltoall {
+        return Err(crate::error::bad_input(
+            "--traffic alltoall goes from pod to pod; a lab with --service is profiled with rr or stream",
+        ));
+    }
+    Ok(())
+}
+
+/// The port of a run through `svc`: the Service's, which the NAT keeps (the programs find the
+/// run's packets by port on both sides of it).
+fn through_service(args: &RunArgs, svc: &lab::service::Service) -> Result<u16> {
+    check_service_traffic(args.traffic)?;
+    match args.port {
+        Some(p) if p != svc.port => Err(crate::error::bad_input(format!(
+            "--port {p}: the lab's Service forwards port {} only",
+            svc.port
+        ))),
+        _ => Ok(svc.port),
+    }
+}
+
 /// Profiles the target (a lab that is up, or a discovered path) and returns the report.
 pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     args.validate()?;
     let run_id = rand_run_id();
-    let spec = args.spec(run_id);
+    let mut spec = args.spec(run_id);
+    if let Some(svc) = &lab.service {
+        spec.port = through_service(args, svc)?;
+    }
     let ends = Endpoints {
         client_ns: discover::ns_arg(&lab.client.netns).map(str::to_string),
         server_ns: discover::ns_arg(&lab.server.netns).map(str::to_string),
         server_addr: lab.server.addr,
+        dest_addr: lab
+            .service
+            .as_ref()
+            .map_or(lab.server.addr, |s| s.cluster_ip),
         remote_server: !lab.guests.is_empty(),
     };
     // A guest's agent attaches there and runs the server, before anything is sent.
@@ -393,6 +423,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         schema: RUN_SCHEMA.into(),
         kernel: kernel::release(),
         topology: lab.devices.name.clone(),
+        service: lab.service.as_ref().map(|s| s.to_string()),
         traffic: TrafficReport {
             proto: match args.traffic {
                 TrafficKind::Alltoall => Proto::Tcp,
@@ -826,6 +857,17 @@ pub async fn ensure_lab(topology: Topology, options: &LabOptions, command: &str)
             anyhow::bail!(
                 "lab {name} is already up with {} pods per host; take it down first (profiler lab down {name})",
                 lab.pods_per_host.map_or("its two".to_string(), |n| n.to_string())
+            )
+        }
+        Some(lab)
+            if options.service.is_some()
+                && options.service != lab.service.as_ref().map(|s| s.mode) =>
+        {
+            anyhow::bail!(
+                "lab {name} is already up {}; take it down first (profiler lab down {name})",
+                lab.service
+                    .as_ref()
+                    .map_or("without a Service".to_string(), |s| format!("with {s}"))
             )
         }
         Some(lab) => Ok(LabUse {

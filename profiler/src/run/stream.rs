@@ -219,8 +219,9 @@ fn run_udp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
     })?;
     let client = netns::run_in(ends.client_ns.as_deref(), || {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding the UDP sender")?;
-        s.connect(server_addr)
-            .with_context(|| format!("connecting the UDP sender to {server_addr}"))?;
+        let dest = SocketAddr::from((ends.dest_addr, spec.port));
+        s.connect(dest)
+            .with_context(|| format!("connecting the UDP sender to {dest}"))?;
         Ok(s)
     })?;
     let done = Arc::new(AtomicBool::new(false));
@@ -300,8 +301,9 @@ fn run_tcp(spec: &StreamSpec, ends: &Endpoints) -> Result<StreamOutcome> {
         })
     };
     let client = netns::run_in(ends.client_ns.as_deref(), || {
-        TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))
-            .with_context(|| format!("connecting to the TCP receiver at {server_addr}"))
+        let dest = SocketAddr::from((ends.dest_addr, spec.port));
+        TcpStream::connect_timeout(&dest, Duration::from_secs(5))
+            .with_context(|| format!("connecting to the TCP receiver at {dest}"))
     })?;
     pin(SENDER_CPU);
     let sent = send_for(spec, |buf, sent| {
@@ -509,6 +511,7 @@ mod tests {
                 client_ns: None,
                 server_ns: None,
                 server_addr: Ipv4Addr::LOCALHOST,
+                dest_addr: Ipv4Addr::LOCALHOST,
                 remote_server: false,
             };
             let out = run(&spec, &ends).await.expect("stream");

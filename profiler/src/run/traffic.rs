@@ -73,6 +73,9 @@ pub struct Endpoints {
     pub client_ns: Option<String>,
     pub server_ns: Option<String>,
     pub server_addr: Ipv4Addr,
+    /// What the client sends to: the server's address, or a Service's ClusterIP that the path
+    /// translates to it.
+    pub dest_addr: Ipv4Addr,
     /// The server runs elsewhere (a guest's agent), which keeps the server's stamps: the
     /// outcome has the client's half only.
     pub remote_server: bool,
@@ -191,7 +194,7 @@ async fn run_udp(
     log: ServerLog,
     progress: &AtomicU32,
 ) -> Result<Outcome> {
-    let server_addr = SocketAddr::from((ends.server_addr, spec.port));
+    let dest = SocketAddr::from((ends.dest_addr, spec.port));
     let server_task = match ends.remote_server {
         true => None,
         false => Some(spawn_udp_server(spec, ends, log)?),
@@ -199,8 +202,8 @@ async fn run_udp(
     let client = netns::run_in(ends.client_ns.as_deref(), || {
         let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .context("binding the UDP client")?;
-        s.connect(server_addr)
-            .with_context(|| format!("connecting the UDP client to {server_addr}"))?;
+        s.connect(dest)
+            .with_context(|| format!("connecting the UDP client to {dest}"))?;
         Ok(s)
     })?;
     let client = UdpSocket::from_std(nonblocking_udp(client)?)?;
@@ -323,9 +326,10 @@ async fn run_tcp(
             }
         }
     });
+    let dest = SocketAddr::from((ends.dest_addr, spec.port));
     let client = netns::run_in(ends.client_ns.as_deref(), || {
-        let s = std::net::TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))
-            .with_context(|| format!("connecting to the TCP server at {server_addr}"))?;
+        let s = std::net::TcpStream::connect_timeout(&dest, Duration::from_secs(5))
+            .with_context(|| format!("connecting to the TCP server at {dest}"))?;
         s.set_nonblocking(true)?;
         Ok(s)
     })?;
@@ -441,6 +445,7 @@ mod tests {
                 client_ns: None,
                 server_ns: None,
                 server_addr: Ipv4Addr::LOCALHOST,
+                dest_addr: Ipv4Addr::LOCALHOST,
                 remote_server: false,
             };
             let progress = Arc::new(AtomicU32::new(0));

@@ -1,0 +1,263 @@
+//! A Kubernetes Service in front of the server pod, as kube-proxy writes it on every node:
+//! a virtual ClusterIP and port, DNATed to the pod with conntrack, in iptables mode
+//! (KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-*) or nftables mode (its `ip kube-proxy` table:
+//! the service-ips verdict map -> service-* -> endpoint-* chains). The rules live in the lab's
+//! host namespaces, so they go with them.
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::spec::{netns_name, Route, Spec};
+use super::Topology;
+
+/// The Service's virtual address: outside every pod subnet of the labs (198.18.N.0/24 with N
+/// below 16), in the project's own range, as a cluster's service CIDR is outside its pods'.
+pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 10);
+/// Its port, also the target port on the pod: a run's traffic keeps its port through the NAT.
+pub const PORT: u16 = 8080;
+/// The Service's namespace/name in the rules' comments and chain names.
+const NAME: &str = "profiler/echo";
+
+/// How the Service is implemented: kube-proxy's two modes on Linux.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+        }
+    }
+
+    /// The program that loads the rules, from Debian's iptables or nftables package.
+    fn program(self) -> &'static str {
+        match self {
+            Mode::Iptables => "iptables-restore",
+            Mode::Nftables => "nft",
+        }
+    }
+}
+
+/// A lab's Service: the client sends to `cluster_ip:port`, the NAT sends on to the server pod.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Service {
+    pub mode: Mode,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub backend: Ipv4Addr,
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "Service ({}) {}:{} -> {}:{}",
+            self.mode.name(),
+            self.cluster_ip,
+            self.port,
+            self.backend,
+            self.port
+        )
+    }
+}
+
+/// Why `topology` cannot have a Service, or None.
+pub fn refused(topology: Topology) -> Option<&'static str> {
+    match topology {
+        Topology::Bridge | Topology::FlannelVxlan => None,
+        Topology::Macvlan => Some(
+            "macvlan pods cannot reach their host's stack through the parent (macvlan's \
+             isolation), so kube-proxy's rules there never see them",
+        ),
+        Topology::EbpfRedirect => Some(
+            "an eBPF datapath translates Services in its own programs, not in kube-proxy's \
+             netfilter rules; not built yet",
+        ),
+        _ => Some("Services are built on the bridge and flannel-vxlan labs"),
+    }
+}
+
+/// What the Service needs of the lab's spec: every pod a default route through its host's
+/// bridge (a pod of the same-host bridge lab has none: docker0's pods do), and forwarding in
+/// the hosts (the DNATed packet is routed back out of the bridge).
+pub(super) fn prepare(spec: &mut Spec) {
+    for &((role, ifname), host) in &spec.pods.clone() {
+        let routed = spec
+            .routes
+            .iter()
+            .any(|r| r.role == role && r.dst.is_none());
+        let gateway = spec.bridges.iter().find(|b| b.at.0 == host);
+        if let (false, Some(b)) = (routed, gateway) {
+            spec.routes.push(Route {
+                role,
+                dst: None,
+                via: b.addr.0,
+                dev: ifname,
+                onlink: false,
+            });
+        }
+        if !spec.forwarding.contains(&host) {
+            spec.forwarding.push(host);
+        }
+    }
+}
+
+/// Writes the Service's rules into every host namespace of the lab, as kube-proxy does on
+/// every node (the client's node translates).
+pub(super) fn install(lab: &str, spec: &Spec, svc: &Service) -> Result<()> {
+    let mut hosts: Vec<&str> = spec.pods.iter().map(|(_, h)| *h).collect();
+    hosts.sort();
+    hosts.dedup();
+    for host in hosts {
+        load(&netns_name(lab, host), svc)?;
+    }
+    Ok(())
+}
+
+fn load(ns: &str, svc: &Service) -> Result<()> {
+    let program = svc.mode.program();
+    let (rules, args): (String, &[&str]) = match svc.mode {
+        Mode::Iptables => (iptables_rules(svc), &[]),
+        Mode::Nftables => (nftables_rules(svc), &["-f", "-"]),
+    };
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start {program} (Debian's {} package)",
+                svc.mode.name()
+            )
+        })?;
+    child
+        .stdin
+        .take()
+        .context("the rules' pipe")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{program} in {ns} refused the Service's rules: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The per-protocol suffix kube-proxy's chain names carry: a hash of the service port's name;
+/// here the name itself, shorter than iptables' 28-character limit.
+fn chain_id(proto: &str) -> String {
+    format!("PROFILER-ECHO-{}", proto.to_uppercase())
+}
+
+/// kube-proxy's iptables mode for one endpoint, UDP and TCP: the nat table's portal chains,
+/// the hairpin mark and the masquerade of marked packets.
+fn iptables_rules(svc: &Service) -> String {
+    let (vip, port, pod) = (svc.cluster_ip, svc.port, svc.backend);
+    let mut r = String::from(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
+    );
+    for proto in ["udp", "tcp"] {
+        let id = chain_id(proto);
+        r += &format!(":KUBE-SVC-{id} - [0:0]\n:KUBE-SEP-{id} - [0:0]\n");
+    }
+    r += "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+          -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+          -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+          -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
+          -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+          -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
+          -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n";
+    for proto in ["udp", "tcp"] {
+        let id = chain_id(proto);
+        r += &format!(
+            "-A KUBE-SERVICES -d {vip}/32 -p {proto} -m comment --comment \"{NAME}:{proto} cluster IP\" -m {proto} --dport {port} -j KUBE-SVC-{id}\n\
+             -A KUBE-SVC-{id} -m comment --comment \"{NAME}:{proto} -> {pod}:{port}\" -j KUBE-SEP-{id}\n\
+             -A KUBE-SEP-{id} -s {pod}/32 -m comment --comment \"{NAME}:{proto}\" -j KUBE-MARK-MASQ\n\
+             -A KUBE-SEP-{id} -p {proto} -m comment --comment \"{NAME}:{proto}\" -m {proto} -j DNAT --to-destination {pod}:{port}\n"
+        );
+    }
+    r + "COMMIT\n"
+}
+
+/// kube-proxy's nftables mode for one endpoint, UDP and TCP: its table, the service-ips map
+/// from address, protocol and port to the service's chain, one endpoint chain each.
+fn nftables_rules(svc: &Service) -> String {
+    let (vip, port, pod) = (svc.cluster_ip, svc.port, svc.backend);
+    let mut elements = Vec::new();
+    let mut chains = String::new();
+    for proto in ["udp", "tcp"] {
+        let id = chain_id(proto).to_lowercase();
+        elements.push(format!("{vip} . {proto} . {port} : goto service-{id}"));
+        chains += &format!(
+            "  chain service-{id} {{\n    numgen random mod 1 vmap {{ 0 : goto endpoint-{id} }}\n  }}\n\
+             \x20 chain endpoint-{id} {{\n    ip saddr {pod} jump mark-for-masquerade\n    meta l4proto {proto} dnat to {pod}:{port}\n  }}\n"
+        );
+    }
+    format!(
+        "table ip kube-proxy {{\n  comment \"rules for kube-proxy\"\n\
+         \x20 chain nat-prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }}\n\
+         \x20 chain nat-output {{\n    type nat hook output priority -100; policy accept;\n    jump services\n  }}\n\
+         \x20 chain nat-postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    jump masquerading\n  }}\n\
+         \x20 chain mark-for-masquerade {{\n    meta mark set meta mark or 0x4000\n  }}\n\
+         \x20 chain masquerading {{\n    meta mark & 0x4000 == 0 return\n    meta mark set meta mark xor 0x4000\n    masquerade fully-random\n  }}\n\
+         \x20 map service-ips {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n    comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\"\n    elements = {{ {} }}\n  }}\n\
+         \x20 chain services {{\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }}\n\
+         {chains}}}\n",
+        elements.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(mode: Mode) -> Service {
+        Service {
+            mode,
+            cluster_ip: CLUSTER_IP,
+            port: PORT,
+            backend: Ipv4Addr::new(198, 18, 0, 2),
+        }
+    }
+
+    #[test]
+    fn iptables_rules_have_kube_proxys_chains() {
+        let r = iptables_rules(&svc(Mode::Iptables));
+        assert!(r.starts_with("*nat\n") && r.ends_with("COMMIT\n"), "{r}");
+        for line in [
+            "-A KUBE-SERVICES -d 198.18.250.10/32 -p udp",
+            "-j KUBE-SVC-PROFILER-ECHO-UDP",
+            "-A KUBE-SVC-PROFILER-ECHO-TCP -m comment",
+            "-j DNAT --to-destination 198.18.0.2:8080",
+        ] {
+            assert!(r.contains(line), "no {line} in\n{r}");
+        }
+    }
+
+    #[test]
+    fn nftables_rules_map_the_service_to_its_endpoint() {
+        let r = nftables_rules(&svc(Mode::Nftables));
+        for line in [
+            "table ip kube-proxy {",
+            "198.18.250.10 . udp . 8080 : goto service-profiler-echo-udp",
+            "meta l4proto tcp dnat to 198.18.0.2:8080",
+        ] {
+            assert!(r.contains(line), "no {line} in\n{r}");
+        }
+        assert_eq!(r.matches('{').count(), r.matches('}').count(), "{r}");
+    }
+}

@@ -1,0 +1,187 @@
+//! Services as kube-proxy writes them: `lab up --service iptables|nftables` puts a ClusterIP
+//! in front of pod-b in every host namespace of the lab (KUBE-SERVICES / KUBE-SVC-* /
+//! KUBE-SEP-* in iptables mode, the `ip kube-proxy` table in nftables mode). A run sends to the
+//! ClusterIP, which no interface has: every exchange that completes went through the DNAT and
+//! back through conntrack's un-NAT, and its tags were followed on both sides of the NAT. The
+//! rules go with the lab's namespaces.
+// A test crate sees every dependency of the package; the lint is for the library's.
+#![allow(unused_crate_dependencies)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{assert_clean_of, assert_complete, lab_up, profiler, run_json};
+use profiler::lab::service::{CLUSTER_IP, PORT};
+use serde_json::Value;
+
+const COUNT: &str = "200";
+
+/// `COMMAND` in namespace `ns`, which must succeed: its stdout.
+fn in_ns(ns: &str, command: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(command)
+        .output()
+        .expect("running ip netns exec");
+    assert!(
+        out.status.success(),
+        "{command:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Packets the iptables-mode endpoint chain of `proto` DNATed in `ns`.
+fn dnat_packets(ns: &str, proto: &str) -> u64 {
+    let chain = format!("KUBE-SEP-PROFILER-ECHO-{}", proto.to_uppercase());
+    let listing = in_ns(
+        ns,
+        &["iptables", "-t", "nat", "-L", &chain, "-n", "-v", "-x"],
+    );
+    (listing.lines())
+        .find(|l| l.contains("DNAT"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no DNAT rule counted in {chain}:\n{listing}"))
+}
+
+/// No interface of the lab holds the ClusterIP: only the NAT answers there.
+fn assert_virtual(lab: &str) {
+    let out = profiler(&["lab", "list", "--json"]);
+    let labs: Value = serde_json::from_slice(&out.stdout).expect("lab list JSON");
+    let lab = (labs.as_array().unwrap().iter())
+        .find(|l| l["name"] == lab)
+        .unwrap_or_else(|| panic!("lab {lab} is not listed"));
+    let ip = format!("{CLUSTER_IP}/");
+    for i in lab["interfaces"].as_array().unwrap() {
+        let addrs = i["addrs"].to_string();
+        assert!(
+            !addrs.contains(&ip),
+            "{} has the ClusterIP: {addrs}",
+            i["ifname"]
+        );
+    }
+    assert_eq!(lab["service"]["cluster_ip"], CLUSTER_IP.to_string());
+}
+
+/// UDP and TCP request/response through the ClusterIP: every exchange completes and both
+/// directions' journeys are whole (the tags are found on both sides of the NAT).
+fn runs_through(lab: &str, extra: &[&str]) {
+    for proto in ["udp", "tcp"] {
+        let mut args = vec![
+            "--lab", lab, "--count", COUNT, "--rate", "500", "--proto", proto,
+        ];
+        args.extend_from_slice(extra);
+        let r = run_json(&args);
+        assert_complete(&r, COUNT.parse().unwrap(), &format!("{lab} {proto}"));
+        let via = r["service"].as_str().unwrap_or_default();
+        assert!(
+            via.contains(&format!("{CLUSTER_IP}:{PORT} -> ")),
+            "{lab} {proto}: the report's service: {via:?}"
+        );
+    }
+}
+
+#[test]
+fn iptables_service_on_the_bridge_lab() {
+    const HOST: &str = "prof-bridge-host";
+    let guard = lab_up(&["bridge", "--service", "iptables"]);
+    let rules = in_ns(HOST, &["iptables", "-t", "nat", "-S"]);
+    for rule in [
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A KUBE-SERVICES -d 198.18.250.10/32 -p udp",
+        "-j DNAT --to-destination 198.18.0.2:8080",
+    ] {
+        assert!(rules.contains(rule), "no {rule} in\n{rules}");
+    }
+    assert_virtual("bridge");
+    let before = (dnat_packets(HOST, "udp"), dnat_packets(HOST, "tcp"));
+    runs_through("bridge", &[]);
+    // Each UDP exchange and TCP connection is a new conntrack entry only once: the first
+    // packet of each flow is DNATed by the rule, the rest by conntrack.
+    let after = (dnat_packets(HOST, "udp"), dnat_packets(HOST, "tcp"));
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "the endpoint chains DNATed nothing: {before:?} -> {after:?}"
+    );
+    drop(guard);
+    assert_clean_of("bridge");
+}
+
+#[test]
+fn nftables_service_across_hosts_on_flannel_vxlan() {
+    const LAB: &str = "flannel-vxlan-xhost";
+    let guard = lab_up(&[
+        "flannel-vxlan",
+        "--placement",
+        "cross-host",
+        "--service",
+        "nftables",
+    ]);
+    // kube-proxy runs on every node: both hosts have the table.
+    for host in ["host-a", "host-b"] {
+        let table = in_ns(
+            &format!("prof-{LAB}-{host}"),
+            &["nft", "list", "table", "ip", "kube-proxy"],
+        );
+        for line in [
+            "198.18.250.10 . udp . 8080 : goto service-profiler-echo-udp",
+            "meta l4proto udp dnat to 198.18.2.1:8080",
+        ] {
+            assert!(table.contains(line), "{host}: no {line} in\n{table}");
+        }
+    }
+    assert_virtual(LAB);
+    runs_through("flannel-vxlan", &["--placement", "cross-host"]);
+    drop(guard);
+    assert_clean_of(LAB);
+}
+
+/// What cannot go through a Service says so in one line and exits non-zero.
+#[test]
+fn what_a_service_cannot_do_is_one_line() {
+    let out = profiler(&["lab", "up", "macvlan", "--service", "iptables"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--service on macvlan: macvlan pods cannot reach") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_clean_of("macvlan");
+    let out = profiler(&[
+        "run",
+        "--lab",
+        "bridge",
+        "--service",
+        "iptables",
+        "--traffic",
+        "alltoall",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--traffic alltoall goes from pod to pod") && err.lines().count() == 1,
+        "{err}"
+    );
+    let guard = lab_up(&["bridge", "--service", "nftables"]);
+    for (args, want) in [
+        (
+            vec!["--port", "9000"],
+            "--port 9000: the lab's Service forwards port 8080 only",
+        ),
+        (
+            vec!["--service", "iptables"],
+            "lab bridge is already up with Service (nftables)",
+        ),
+    ] {
+        let mut all = vec!["run", "--lab", "bridge", "--count", "10"];
+        all.extend_from_slice(&args);
+        let out = profiler(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+    drop(guard);
+    assert_clean_of("bridge");
+}
