@@ -53,6 +53,18 @@ struct LabUnderTest {
     segments: usize,
     /// (direction, segment) reported but bound by no rule, with why at the lab.
     watched: &'static [(&'static str, &'static str)],
+    /// `--service MODE`: the run goes through the Service's ClusterIP, on its port.
+    service: Option<&'static str>,
+}
+
+impl LabUnderTest {
+    /// The run's port: the injector holds it.
+    fn port(&self) -> u16 {
+        match self.service {
+            Some(_) => profiler::lab::service::PORT,
+            None => PORT,
+        }
+    }
 }
 
 const BRIDGE: LabUnderTest = LabUnderTest {
@@ -62,6 +74,7 @@ const BRIDGE: LabUnderTest = LabUnderTest {
     netns: "prof-bridge-host",
     segments: 15,
     watched: &[],
+    service: None,
 };
 
 const FLANNEL: LabUnderTest = LabUnderTest {
@@ -71,6 +84,7 @@ const FLANNEL: LabUnderTest = LabUnderTest {
     netns: "prof-flannel-vxlan-xhost-host-a",
     segments: 35,
     watched: &[],
+    service: None,
 };
 
 /// Injection points, with the request segment that must absorb the delay and why.
@@ -172,6 +186,7 @@ const MACVLAN: LabUnderTest = LabUnderTest {
     netns: "prof-macvlan-xhost-host-a",
     segments: 13,
     watched: &[],
+    service: None,
 };
 
 /// macvlan cross-host: pod-a's eth0 is a macvlan child of host-a's wire0, pod-b's of host-b's.
@@ -217,6 +232,7 @@ const HOST: LabUnderTest = LabUnderTest {
     netns: "prof-host-xhost-host-a",
     segments: 8,
     watched: &[],
+    service: None,
 };
 
 /// host cross-host, the baseline: the client in host-a, the server in host-b, over wire0.
@@ -260,6 +276,7 @@ const DPDK: LabUnderTest = LabUnderTest {
         ("request", "stack and socket (pod-b)"),
         ("response", "stack and socket (pod-a)"),
     ],
+    service: None,
 };
 
 const DPDK_POINTS: &[Point] = &[
@@ -285,6 +302,40 @@ const DPDK_POINTS: &[Point] = &[
     },
 ];
 
+/// The bridge lab with a Service in front of pod-b (iptables mode): the request goes to the
+/// ClusterIP and is DNATed in the bridge's PREROUTING (br_netfilter), between the profiler's
+/// netfilter programs around the NAT:
+///
+///   ... tc:ingress veth-a -> nf:prerouting:-101 br0 -> nf:prerouting:-99 br0
+///   -> nf:postrouting:99 veth-b -> nf:postrouting:101 veth-b -> tc:egress veth-b -> ...
+const BRIDGE_SERVICE: LabUnderTest = LabUnderTest {
+    service: Some("iptables"),
+    segments: 19,
+    ..BRIDGE
+};
+
+const SERVICE_POINTS: &[Point] = &[
+    // veth-b egress, right after the Service's POST_ROUTING: the hold is in "postrouting to
+    // egress veth-b" and must leave the NAT's own segments where they were. Responses enter
+    // veth-b at ingress: unaffected.
+    Point {
+        netns: "prof-bridge-host",
+        iface: "veth-b",
+        direction: Direction::Egress,
+        port: profiler::lab::service::PORT,
+        request_segment: "postrouting to egress veth-b",
+    },
+    // pod-b's eth0 ingress, the receiving pod's: "receive to ingress eth0". Responses leave
+    // through eth0's egress.
+    Point {
+        netns: "prof-bridge-pod-b",
+        iface: "eth0",
+        direction: Direction::Ingress,
+        port: profiler::lab::service::PORT,
+        request_segment: "receive to ingress eth0",
+    },
+];
+
 const DELAYS_US: &[u64] = &[20, 200];
 
 /// Stop re-measuring drifting brackets after this long. A test takes 15-30 s without
@@ -302,8 +353,10 @@ impl LabGuard {
         // Someone else may be using the lab: wait for it rather than tearing it down.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            let service = lab.service.map(|m| ["--service", m]);
             let out = Command::new(BIN)
                 .args(["lab", "up", lab.topology, "--placement", lab.placement])
+                .args(service.iter().flatten())
                 .output()
                 .expect("running profiler lab up");
             if out.status.success() {
@@ -339,7 +392,7 @@ impl Drop for LabGuard {
 
 /// One profiler run on the (already up) lab: p50 of every segment by (direction, name).
 fn run_medians(lab: &LabUnderTest) -> Medians {
-    let port = PORT.to_string();
+    let port = lab.port().to_string();
     let out = on_one_cpu(&mut Command::new(BIN))
         .args([
             "run",
@@ -413,6 +466,13 @@ fn injected_delay_lands_in_the_segment_ending_at_that_hop() {
 #[test]
 fn injected_delay_lands_in_the_segment_ending_at_that_hop_on_flannel_vxlan() {
     ground_truth(&FLANNEL, FLANNEL_POINTS);
+}
+
+/// Through a Service: the holds around the NAT land in their segments, and the NAT's own
+/// segments (timed by the netfilter programs) do not move.
+#[test]
+fn injected_delay_lands_in_the_segment_ending_at_that_hop_through_a_service() {
+    ground_truth(&BRIDGE_SERVICE, SERVICE_POINTS);
 }
 
 /// A host-native path: the lower device's hops and the macvlan rx handler.

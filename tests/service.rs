@@ -64,9 +64,31 @@ fn assert_virtual(lab: &str) {
     assert_eq!(lab["service"]["cluster_ip"], CLUSTER_IP.to_string());
 }
 
+/// The segment `name` of direction `dir`, which must be there, between the hooks `hooks`.
+fn assert_segment(r: &Value, dir: &str, name: &str, hooks: (&str, &str)) {
+    let d = common::direction(r, dir);
+    let names = common::segment_names(d);
+    let s = (common::segments(d).iter())
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| {
+            let nat: Vec<&Value> = (r["hooks"].as_array().unwrap().iter())
+                .filter(|h| h["type"] == "netfilter")
+                .collect();
+            panic!("{dir}: no segment {name:?} in {names:?}; netfilter hooks: {nat:?}")
+        });
+    let hop = |end: &str| d["hops"][s[end].as_u64().unwrap() as usize]["hook"].clone();
+    assert_eq!(
+        (hop("from"), hop("to")),
+        (hooks.0.into(), hooks.1.into()),
+        "{dir}: {name}"
+    );
+}
+
 /// UDP and TCP request/response through the ClusterIP: every exchange completes and both
-/// directions' journeys are whole (the tags are found on both sides of the NAT).
-fn runs_through(lab: &str, extra: &[&str]) {
+/// directions' journeys are whole (the tags are found on both sides of the NAT); the NAT is a
+/// segment of its own in each direction, `nat` (request's DNAT, response's un-DNAT), timed by
+/// the netfilter programs linked in every host namespace.
+fn runs_through(lab: &str, extra: &[&str], nat: [&str; 2], hosts: &[&str]) {
     for proto in ["udp", "tcp"] {
         let mut args = vec![
             "--lab", lab, "--count", COUNT, "--rate", "500", "--proto", proto,
@@ -74,6 +96,25 @@ fn runs_through(lab: &str, extra: &[&str]) {
         args.extend_from_slice(extra);
         let r = run_json(&args);
         assert_complete(&r, COUNT.parse().unwrap(), &format!("{lab} {proto}"));
+        assert_segment(
+            &r,
+            "request",
+            nat[0],
+            ("nf:prerouting:-101", "nf:prerouting:-99"),
+        );
+        assert_segment(
+            &r,
+            "response",
+            nat[1],
+            ("nf:postrouting:99", "nf:postrouting:101"),
+        );
+        for ns in hosts {
+            let name = format!("nat hooks in {ns}");
+            let h = (r["hooks"].as_array().unwrap().iter())
+                .find(|h| h["name"] == name.as_str())
+                .unwrap_or_else(|| panic!("no {name} in {}", r["hooks"]));
+            assert_eq!(h["status"], "attached", "{h}");
+        }
         let via = r["service"].as_str().unwrap_or_default();
         assert!(
             via.contains(&format!("{CLUSTER_IP}:{PORT} -> ")),
@@ -96,7 +137,12 @@ fn iptables_service_on_the_bridge_lab() {
     }
     assert_virtual("bridge");
     let before = (dnat_packets(HOST, "udp"), dnat_packets(HOST, "tcp"));
-    runs_through("bridge", &[]);
+    runs_through(
+        "bridge",
+        &[],
+        ["nat prerouting br0 (host)", "nat postrouting veth-a (host)"],
+        &[HOST],
+    );
     // Each UDP exchange and TCP connection is a new conntrack entry only once: the first
     // packet of each flow is DNATed by the rule, the rest by conntrack.
     let after = (dnat_packets(HOST, "udp"), dnat_packets(HOST, "tcp"));
@@ -132,7 +178,15 @@ fn nftables_service_across_hosts_on_flannel_vxlan() {
         }
     }
     assert_virtual(LAB);
-    runs_through("flannel-vxlan", &["--placement", "cross-host"]);
+    runs_through(
+        "flannel-vxlan",
+        &["--placement", "cross-host"],
+        [
+            "nat prerouting cni0 (host-a)",
+            "nat postrouting cni0 (host-a)",
+        ],
+        &[&format!("prof-{LAB}-host-a"), &format!("prof-{LAB}-host-b")],
+    );
     drop(guard);
     assert_clean_of(LAB);
 }

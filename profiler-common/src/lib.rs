@@ -89,10 +89,17 @@ pub enum HookId {
     VirtnetStartXmit = 35,
     /// The transmit function of a NIC the table does not list, found from its netdev_ops.
     DriverXmit = 36,
+    /// Netfilter's IPv4 PRE_ROUTING just before and just after the NAT's destination step
+    /// (priorities -101 and -99 around NF_IP_PRI_NAT_DST), and POST_ROUTING around its source
+    /// step (99 and 101 around NF_IP_PRI_NAT_SRC): BPF netfilter links.
+    NfPreNatBefore = 37,
+    NfPreNatAfter = 38,
+    NfPostNatBefore = 39,
+    NfPostNatAfter = 40,
 }
 
 impl HookId {
-    pub const COUNT: usize = 37;
+    pub const COUNT: usize = 41;
 
     pub fn from_u8(v: u8) -> Option<HookId> {
         if (v as usize) < Self::COUNT {
@@ -518,8 +525,8 @@ mod tests {
         for v in ids {
             assert_eq!(HookId::from_u8(v).map(|h| h as u8), Some(v));
         }
-        assert_eq!(HookId::from_u8(HookId::DriverXmit as u8 + 1), None);
-        assert_eq!(HookId::DriverXmit as usize + 1, HookId::COUNT);
+        assert_eq!(HookId::from_u8(HookId::NfPostNatAfter as u8 + 1), None);
+        assert_eq!(HookId::NfPostNatAfter as usize + 1, HookId::COUNT);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod delay;
 mod floor;
 mod follow;
 mod func;
+mod netfilter;
 mod parse;
 mod redirect;
 mod skb;

@@ -45,6 +45,13 @@ pub enum Attach {
         tp: &'static str,
         module: &'static str,
     },
+    /// A program at netfilter's IPv4 hook `hooknum` with `priority`, by BPF netfilter link
+    /// (kernel/netfilter.rs), in the namespaces that translate a Service.
+    Netfilter {
+        prog: &'static str,
+        hooknum: u32,
+        priority: i32,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -87,7 +94,9 @@ pub fn decision_program(prog: &str) -> Option<(String, String)> {
 impl HookDef {
     pub fn set(&self) -> HookSet {
         match self.attach {
-            Attach::Tracepoint { .. } | Attach::Tc { .. } => HookSet::Stable,
+            Attach::Tracepoint { .. } | Attach::Tc { .. } | Attach::Netfilter { .. } => {
+                HookSet::Stable
+            }
             Attach::Function { .. } | Attach::DriverXmit | Attach::ModuleTracepoint { .. } => {
                 HookSet::Deep
             }
@@ -118,7 +127,7 @@ impl HookDef {
     /// Every program that serves this hook, in any mode.
     pub fn programs(&self) -> Vec<String> {
         match self.attach {
-            Attach::Tc { prog, .. } => vec![prog.to_string()],
+            Attach::Tc { prog, .. } | Attach::Netfilter { prog, .. } => vec![prog.to_string()],
             Attach::Function { .. } | Attach::DriverXmit | Attach::ModuleTracepoint { .. } => {
                 [Mode::Tagged, Mode::Follow]
                     .into_iter()
@@ -145,6 +154,29 @@ const fn tp(id: HookId, tp: &'static str, modes: &'static [Mode]) -> HookDef {
         attach: Attach::Tracepoint { tp },
         label: tp,
         modes,
+    }
+}
+
+/// netfilter's hook numbers (enum nf_inet_hooks).
+const NF_INET_PRE_ROUTING: u32 = 0;
+const NF_INET_POST_ROUTING: u32 = 4;
+
+const fn nat(
+    id: HookId,
+    prog: &'static str,
+    hooknum: u32,
+    priority: i32,
+    label: &'static str,
+) -> HookDef {
+    HookDef {
+        id,
+        attach: Attach::Netfilter {
+            prog,
+            hooknum,
+            priority,
+        },
+        label,
+        modes: TAGGED,
     }
 }
 
@@ -197,6 +229,37 @@ pub const HOOK_TABLE: &[HookDef] = &[
         label: "tc:ingress",
         modes: TAGGED,
     },
+    // Around the NAT of a Service (nf_nat's NF_IP_PRI_NAT_DST -100 at PRE_ROUTING, where a
+    // Service's DNAT runs, and NF_IP_PRI_NAT_SRC 100 at POST_ROUTING, where its replies' is
+    // undone), one priority before and one after.
+    nat(
+        HookId::NfPreNatBefore,
+        "nf_pre_nat_before",
+        NF_INET_PRE_ROUTING,
+        -101,
+        "nf:prerouting:-101",
+    ),
+    nat(
+        HookId::NfPreNatAfter,
+        "nf_pre_nat_after",
+        NF_INET_PRE_ROUTING,
+        -99,
+        "nf:prerouting:-99",
+    ),
+    nat(
+        HookId::NfPostNatBefore,
+        "nf_post_nat_before",
+        NF_INET_POST_ROUTING,
+        99,
+        "nf:postrouting:99",
+    ),
+    nat(
+        HookId::NfPostNatAfter,
+        "nf_post_nat_after",
+        NF_INET_POST_ROUTING,
+        101,
+        "nf:postrouting:101",
+    ),
     // The deep set: what each datapath does with the packet, in the order a packet meets it.
     // Receive paths that build the skb inside the driver (tun_get_user, virtio-net's
     // receive_buf) have no packet to read at entry: the stable receive hooks see them.

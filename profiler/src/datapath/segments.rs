@@ -342,10 +342,68 @@ const RULES: &[Rule] = &[
             )
         },
     },
+    // Netfilter's NAT between the programs just before and just after it: a Service's DNAT at
+    // PRE_ROUTING, its replies' un-DNAT at POST_ROUTING.
+    Rule {
+        name: "nat",
+        matches: |e, c| {
+            c.same_if
+                && (from_to(e, NfPreNatBefore, NfPreNatAfter)
+                    || from_to(e, NfPostNatBefore, NfPostNatAfter))
+        },
+        names: |e, c| {
+            format!(
+                "nat {} {} {}",
+                nf_hook(e.from),
+                c.a,
+                parenthesized(e.from_ns)
+            )
+        },
+    },
+    // Up to the NAT at PRE_ROUTING (conntrack on the way): from a bridge port, whose frames
+    // the bridge hands to netfilter's IPv4 hooks itself (br_netfilter), or a device's receive.
+    Rule {
+        name: "to prerouting",
+        matches: |e, _| at(e.to, NfPreNatBefore),
+        names: |e, c| match (e.from_master == Some(e.to_if), c.same_if) {
+            (true, _) => format!("bridge {} ({} -> prerouting)", c.b, c.a),
+            (false, true) => format!("receive to prerouting {}", c.a),
+            (false, false) => format!("{} -> prerouting {}", c.a, c.b),
+        },
+    },
+    // After the NAT at PRE_ROUTING, to the next device: bridged on to a port of the bridge it
+    // came in on (br_netfilter, when the new destination is behind the same bridge), or routed.
+    Rule {
+        name: "from prerouting",
+        matches: |e, c| !c.same_if && at(e.from, NfPreNatAfter),
+        names: |e, c| match e.to_master == Some(e.from_if) {
+            true => format!("bridge {} (prerouting -> {})", c.a, c.b),
+            false => format!("forward {} -> {} {}", c.a, c.b, parenthesized(e.from_ns)),
+        },
+    },
+    // After the NAT, on the same device: to its egress or queue. At PRE_ROUTING that is a
+    // bridge whose DNATed frame br_netfilter sends out of the bridge device again, through the
+    // neighbour's output, when the new destination's link header is not cached.
+    Rule {
+        name: "from nat to egress",
+        matches: |e, c| {
+            c.same_if
+                && at_any(e.from, &[NfPreNatAfter, NfPostNatAfter])
+                && at_any(e.to, &[TcEgress, NetDevQueue])
+        },
+        names: |e, c| format!("{} to egress {}", nf_hook(e.from), c.a),
+    },
+    // A bridge whose DNATed frame is for a destination routed elsewhere: br_netfilter hands it
+    // to the bridge device, for the host stack to route.
+    Rule {
+        name: "from prerouting to host stack",
+        matches: |e, c| c.same_if && from_to(e, NfPreNatAfter, NetifReceiveSkb),
+        names: |_, c| format!("bridge {} (prerouting -> host stack)", c.a),
+    },
     // With tc hooks: bridging or routing from one device's ingress to another's egress.
     Rule {
         name: "ingress to egress",
-        matches: |e, _| from_to(e, TcIngress, TcEgress),
+        matches: |e, _| at(e.from, TcIngress) && at_any(e.to, &[TcEgress, NfPostNatBefore]),
         names: bridge_or_forward,
     },
     // A bridge delivering to its own device (the host stack routes on from there).
@@ -360,7 +418,7 @@ const RULES: &[Rule] = &[
         name: "bridge to port",
         matches: |e, _| {
             at(e.from, NetDevStartXmit)
-                && at_any(e.to, &[TcEgress, NetDevQueue])
+                && at_any(e.to, &[TcEgress, NetDevQueue, NfPostNatBefore])
                 && e.to_master == Some(e.from_if)
         },
         names: |_, c| format!("bridge {} (-> port {})", c.a, c.b),
@@ -416,6 +474,14 @@ fn bridge_or_forward(e: &SegmentEnds, c: &Ctx) -> String {
     match c.bridge {
         Some(br) => format!("bridge {br} ({} -> {})", c.a, c.b),
         None => format!("forward {} -> {} {}", c.a, c.b, parenthesized(e.from_ns)),
+    }
+}
+
+/// The netfilter hook a NAT program is at.
+fn nf_hook(p: &Point) -> &'static str {
+    match p {
+        Hook(NfPostNatBefore | NfPostNatAfter) => "postrouting",
+        _ => "prerouting",
     }
 }
 
@@ -532,7 +598,31 @@ mod tests {
                     parenthesized(e.to_ns)
                 )
             }
-            (Hook(TcIngress), Hook(TcEgress)) => match bridge {
+            (Hook(NfPreNatBefore), Hook(NfPreNatAfter)) if same_if => {
+                format!("nat prerouting {a} {from_ns}")
+            }
+            (Hook(NfPostNatBefore), Hook(NfPostNatAfter)) if same_if => {
+                format!("nat postrouting {a} {from_ns}")
+            }
+            (_, Hook(NfPreNatBefore)) if e.from_master == Some(e.to_if) => {
+                format!("bridge {b} ({a} -> prerouting)")
+            }
+            (_, Hook(NfPreNatBefore)) if same_if => format!("receive to prerouting {a}"),
+            (_, Hook(NfPreNatBefore)) => format!("{a} -> prerouting {b}"),
+            (Hook(NfPreNatAfter), _) if !same_if && e.to_master == Some(e.from_if) => {
+                format!("bridge {a} (prerouting -> {b})")
+            }
+            (Hook(NfPreNatAfter), _) if !same_if => format!("forward {a} -> {b} {from_ns}"),
+            (Hook(NfPreNatAfter), Hook(TcEgress) | Hook(NetDevQueue)) if same_if => {
+                format!("prerouting to egress {a}")
+            }
+            (Hook(NfPostNatAfter), Hook(TcEgress) | Hook(NetDevQueue)) if same_if => {
+                format!("postrouting to egress {a}")
+            }
+            (Hook(NfPreNatAfter), Hook(NetifReceiveSkb)) if same_if => {
+                format!("bridge {a} (prerouting -> host stack)")
+            }
+            (Hook(TcIngress), Hook(TcEgress) | Hook(NfPostNatBefore)) => match bridge {
                 Some(br) => format!("bridge {br} ({a} -> {b})"),
                 None => format!("forward {a} -> {b} {from_ns}"),
             },
@@ -541,7 +631,7 @@ mod tests {
             (Hook(TcIngress), Hook(NetifReceiveSkb)) if e.from_master == Some(e.to_if) => {
                 format!("bridge {b} ({a} -> host stack)")
             }
-            (Hook(NetDevStartXmit), Hook(TcEgress) | Hook(NetDevQueue))
+            (Hook(NetDevStartXmit), Hook(TcEgress) | Hook(NetDevQueue) | Hook(NfPostNatBefore))
                 if e.to_master == Some(e.from_if) =>
             {
                 format!("bridge {a} (-> port {b})")
@@ -574,6 +664,10 @@ mod tests {
             Hook(KfreeSkb),
             Hook(VethXmit),
             Hook(VxlanRcv),
+            Hook(NfPreNatBefore),
+            Hook(NfPreNatAfter),
+            Hook(NfPostNatBefore),
+            Hook(NfPostNatAfter),
         ];
         // Names chosen so that a master or link can be the other end ("br0" is also a bridge).
         let ifs = [
@@ -905,6 +999,62 @@ mod tests {
                 "eBPF redirect peer veth-a -> eth0 (pod-b)",
             ),
             (
+                "to prerouting",
+                SegmentEnds {
+                    to_if: "br0",
+                    from_master: Some("br0"),
+                    ..ends(&Hook(TcIngress), &Hook(NfPreNatBefore))
+                },
+                "bridge br0 (veth-a -> prerouting)",
+            ),
+            (
+                "nat",
+                SegmentEnds {
+                    from_if: "br0",
+                    to_if: "br0",
+                    ..ends(&Hook(NfPreNatBefore), &Hook(NfPreNatAfter))
+                },
+                "nat prerouting br0 (host)",
+            ),
+            (
+                "from prerouting",
+                SegmentEnds {
+                    from_if: "br0",
+                    to_master: Some("br0"),
+                    ..ends(&Hook(NfPreNatAfter), &Hook(NfPostNatBefore))
+                },
+                "bridge br0 (prerouting -> veth-b)",
+            ),
+            (
+                "from prerouting",
+                SegmentEnds {
+                    from_if: "cni0",
+                    to_if: "flannel.1",
+                    ..ends(&Hook(NfPreNatAfter), &Hook(NfPostNatBefore))
+                },
+                "forward cni0 -> flannel.1 (host)",
+            ),
+            (
+                "nat",
+                one(ends(&Hook(NfPostNatBefore), &Hook(NfPostNatAfter))),
+                "nat postrouting veth-a (host)",
+            ),
+            (
+                "from nat to egress",
+                one(ends(&Hook(NfPostNatAfter), &Hook(TcEgress))),
+                "postrouting to egress veth-a",
+            ),
+            (
+                "from nat to egress",
+                one(ends(&Hook(NfPreNatAfter), &Hook(TcEgress))),
+                "prerouting to egress veth-a",
+            ),
+            (
+                "from prerouting to host stack",
+                one(ends(&Hook(NfPreNatAfter), &Hook(NetifReceiveSkb))),
+                "bridge veth-a (prerouting -> host stack)",
+            ),
+            (
                 "ingress to egress",
                 bridged(ends(&Hook(TcIngress), &Hook(TcEgress))),
                 "bridge br0 (veth-a -> veth-b)",
@@ -913,6 +1063,15 @@ mod tests {
                 "ingress to egress",
                 ends(&Hook(TcIngress), &Hook(TcEgress)),
                 "forward veth-a -> veth-b (host)",
+            ),
+            (
+                "ingress to egress",
+                SegmentEnds {
+                    from_if: "cni0",
+                    to_if: "flannel.1",
+                    ..ends(&Hook(TcIngress), &Hook(NfPostNatBefore))
+                },
+                "forward cni0 -> flannel.1 (host)",
             ),
             (
                 "ingress to bridge device",

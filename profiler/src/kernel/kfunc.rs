@@ -90,7 +90,7 @@ impl<'a> Resolver<'a> {
                 })
             }
             Attach::DriverXmit => bail!("{} is resolved per NIC", spec.label),
-            Attach::Tracepoint { .. } | Attach::Tc { .. } => {
+            Attach::Tracepoint { .. } | Attach::Tc { .. } | Attach::Netfilter { .. } => {
                 bail!("{} is a stable hook, not a kernel function", spec.label)
             }
         }

@@ -6,6 +6,7 @@ pub mod btf;
 pub mod delay;
 pub mod doctor;
 pub mod kfunc;
+pub mod netfilter;
 pub mod nics;
 pub mod programs;
 pub mod ring;

@@ -21,6 +21,7 @@ use profiler_common::{Filter, FuncHook, HookId, COUNTER_COUNT};
 use super::{
     btf::KernelBtf,
     kfunc::{ResolvedHook, Resolver},
+    netfilter::NfLinks,
     nics, tc,
     uprobe::UprobeSpec,
 };
@@ -51,6 +52,8 @@ pub struct Programs {
     pub tc: Vec<TcAttachment>,
     /// Before tcx: the devices with tc filters, recorded until they are detached.
     tc_devices: Vec<tc::Device>,
+    /// The programs around the NAT and their links (closing them detaches).
+    netfilter: Option<NfLinks>,
 }
 
 /// What the programs are told at load time.
@@ -123,6 +126,7 @@ impl Programs {
             statuses: Vec::new(),
             tc: Vec::new(),
             tc_devices: Vec::new(),
+            netfilter: None,
         })
     }
 
@@ -374,6 +378,33 @@ impl Programs {
             .ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))
     }
 
+    /// Links the programs around the NAT in each of `namespaces` (None: this one), where a
+    /// Service is translated. Where the kernel refuses, the statuses say why and the NAT stays
+    /// inside the segment around it.
+    pub fn attach_netfilter(&mut self, namespaces: &[Option<&str>]) {
+        let mut links = match ebpf_object().and_then(|o| NfLinks::load(o, &self.ebpf)) {
+            Ok(links) => links,
+            Err(e) => {
+                let why = Some(format!("{e:#}"));
+                return self
+                    .statuses
+                    .push(status(NAT_HOOKS, "netfilter", Status::Failed, why));
+            }
+        };
+        for ns in namespaces {
+            let name = format!(
+                "{NAT_HOOKS}{}",
+                ns.map(|n| format!(" in {n}")).unwrap_or_default()
+            );
+            let st = match links.attach(*ns) {
+                Ok(()) => status(&name, "netfilter", Status::Attached, None),
+                Err(e) => status(&name, "netfilter", Status::Failed, Some(format!("{e:#}"))),
+            };
+            self.statuses.push(st);
+        }
+        self.netfilter = Some(links);
+    }
+
     /// Attaches the tc egress program, and the ingress one if `at_ingress`, to `ifname` in
     /// namespace `ns` (None: this one).
     pub fn attach_tc(&mut self, ns: Option<&str>, ifname: &str, at_ingress: bool) {
@@ -612,6 +643,9 @@ fn curated(func: &str, module: Option<&str>) -> bool {
         _ => false,
     })
 }
+
+/// The netfilter programs around the NAT, as one hook in the statuses.
+const NAT_HOOKS: &str = "nat hooks";
 
 fn status(name: &str, kind: &str, status: Status, reason: Option<String>) -> HookStatus {
     let reason = reason.filter(|r| !r.is_empty());

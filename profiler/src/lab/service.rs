@@ -54,6 +54,9 @@ pub struct Service {
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
     pub backend: Ipv4Addr,
+    /// The host namespaces with the rules, where the NAT happens.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
 }
 
 impl std::fmt::Display for Service {
@@ -111,16 +114,75 @@ pub(super) fn prepare(spec: &mut Spec) {
     }
 }
 
-/// Writes the Service's rules into every host namespace of the lab, as kube-proxy does on
-/// every node (the client's node translates).
-pub(super) fn install(lab: &str, spec: &Spec, svc: &Service) -> Result<()> {
+/// The Service of `mode` in front of the spec's server, its rules in every host namespace of
+/// lab `lab`, as kube-proxy writes them on every node (the client's node translates).
+pub(super) fn install(lab: &str, spec: &Spec, mode: Mode) -> Result<Service> {
     let mut hosts: Vec<&str> = spec.pods.iter().map(|(_, h)| *h).collect();
     hosts.sort();
     hosts.dedup();
-    for host in hosts {
-        load(&netns_name(lab, host), svc)?;
+    let svc = Service {
+        mode,
+        cluster_ip: CLUSTER_IP,
+        port: PORT,
+        backend: spec
+            .addr_of(spec.server)
+            .context("the server has no address")?
+            .0,
+        namespaces: hosts.iter().map(|h| netns_name(lab, h)).collect(),
+    };
+    for ns in &svc.namespaces {
+        load(ns, &svc)?;
+    }
+    pin_neighbours(lab, spec)?;
+    Ok(svc)
+}
+
+/// Every pod a permanent neighbour of its host's bridge. After a DNAT, br_netfilter bridges
+/// the frame straight on while the host's entry for the new destination is reachable, and
+/// sends it out of the bridge device through the neighbour's output once the entry goes stale
+/// (every 15-45 s, since routed traffic does not confirm it): two paths, both named, that
+/// would alternate from run to run. A lab keeps to the first, as a node whose entries are
+/// fresh does.
+fn pin_neighbours(lab: &str, spec: &Spec) -> Result<()> {
+    for &(at, host) in &spec.pods {
+        let Some(bridge) = spec.bridges.iter().find(|b| b.at.0 == host) else {
+            continue;
+        };
+        let addr = spec.addr_of(at).context("a pod without an address")?.0;
+        let link = ip(&["-n", &netns_name(lab, at.0), "-br", "link", "show", at.1])?;
+        let mac = (link.split_whitespace().nth(2)).context("no MAC in `ip -br link`")?;
+        let (ns, dev, addr) = (netns_name(lab, host), bridge.at.1, addr.to_string());
+        ip(&[
+            "-n",
+            &ns,
+            "neigh",
+            "replace",
+            &addr,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])?;
     }
     Ok(())
+}
+
+/// `ip ARGS`'s output, or its error in one line.
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn load(ns: &str, svc: &Service) -> Result<()> {
@@ -231,6 +293,7 @@ mod tests {
             cluster_ip: CLUSTER_IP,
             port: PORT,
             backend: Ipv4Addr::new(198, 18, 0, 2),
+            namespaces: Vec::new(),
         }
     }
 

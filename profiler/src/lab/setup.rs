@@ -154,20 +154,9 @@ pub(super) async fn build(
         redirect::install(lab, spec, host).await?;
     }
     let service = match options.service {
-        Some(mode) => Some(service::Service {
-            mode,
-            cluster_ip: service::CLUSTER_IP,
-            port: service::PORT,
-            backend: spec
-                .addr_of(spec.server)
-                .context("the server has no address")?
-                .0,
-        }),
+        Some(mode) => Some(service::install(lab, spec, mode)?),
         None => None,
     };
-    if let Some(svc) = &service {
-        service::install(lab, spec, svc)?;
-    }
     for bridge in &spec.ovs {
         let dir = ovs::dir(lab, bridge.role);
         undo.ovs.push(dir.clone());

@@ -320,6 +320,10 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     for p in &lab.attach {
         programs.attach_tc(discover::ns_arg(&p.netns), &p.ifname, p.ingress);
     }
+    if let Some(svc) = &lab.service {
+        let nat: Vec<Option<&str>> = svc.namespaces.iter().map(|n| discover::ns_arg(n)).collect();
+        programs.attach_netfilter(&nat);
+    }
     let _stats = kernel::stats_while(args.stats)?;
 
     let (stop_tx, stop_rx) = oneshot::channel();
