@@ -11,19 +11,27 @@ mod common;
 
 use std::process::Command;
 
-use common::{assert_clean_of, lab_up, run_json};
+use common::{assert_clean_of, lab_up, loaded_named, run_json};
 use profiler::report::schema::RunReport;
 
 const LAB: &str = "ebpf-redirect";
 const HOST: &str = "prof-ebpf-redirect-host";
 const PROGRAM: &str = "tc_redirect";
 
-/// The lab's programs loaded in the kernel (by name: the kernel keeps 15 bytes of it).
+/// The lab's programs loaded in the kernel.
 fn redirect_programs() -> usize {
-    aya::programs::loaded_programs()
-        .filter_map(|p| p.ok()?.name_as_str().map(str::to_string))
-        .filter(|n| n == PROGRAM)
-        .count()
+    loaded_named(&[PROGRAM.to_string()]).len()
+}
+
+/// pod-a pings pod-b `count` times: whether every ping was answered, and ping's output.
+fn ping_b(count: &str) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", "prof-ebpf-redirect-pod-a"])
+        .args(["ping", "-c", count, "-i", "0.2", "-W", "1", "198.18.0.2"])
+        .output()
+        .expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.success(), text)
 }
 
 /// The filters on a host-side veth's ingress, as `tc` lists them.
@@ -119,16 +127,8 @@ fn ebpf_redirect_pods_ping_through_the_program_alone() {
         addrs.lines().all(|l| l.contains(" lo ")),
         "addresses in the host namespace: {addrs}"
     );
-    let out = Command::new("ip")
-        .args(["netns", "exec", "prof-ebpf-redirect-pod-a"])
-        .args(["ping", "-c", "3", "-i", "0.2", "-W", "2", "198.18.0.2"])
-        .output()
-        .expect("ping");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (answered, out) = ping_b("3");
+    assert!(answered, "{out}");
     // Without the program, nothing joins them.
     let del = Command::new("ip")
         .args([
@@ -137,16 +137,8 @@ fn ebpf_redirect_pods_ping_through_the_program_alone() {
         .status()
         .expect("tc filter del");
     assert!(del.success());
-    let out = Command::new("ip")
-        .args(["netns", "exec", "prof-ebpf-redirect-pod-a"])
-        .args(["ping", "-c", "2", "-i", "0.2", "-W", "1", "198.18.0.2"])
-        .output()
-        .expect("ping");
-    assert!(
-        !out.status.success(),
-        "pinged without the redirect: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (answered, out) = ping_b("2");
+    assert!(!answered, "pinged without the redirect: {out}");
     drop(lab);
     assert_clean_of(LAB);
 }

@@ -254,12 +254,16 @@ pub fn our_programs() -> Vec<String> {
     let ours: Vec<String> = profiler::datapath::HOOK_TABLE
         .iter()
         .flat_map(|h| h.programs())
-        // The kernel keeps 15 bytes of a program's name.
-        .map(|n| n.chars().take(15).collect())
         .collect();
+    loaded_named(&ours)
+}
+
+/// The loaded BPF programs named one of `names` (the kernel keeps 15 bytes of a name).
+pub fn loaded_named(names: &[String]) -> Vec<String> {
+    let names: Vec<String> = names.iter().map(|n| n.chars().take(15).collect()).collect();
     aya::programs::loaded_programs()
         .filter_map(|p| p.ok()?.name_as_str().map(str::to_string))
-        .filter(|n| ours.contains(n))
+        .filter(|n| names.contains(n))
         .collect()
 }
 

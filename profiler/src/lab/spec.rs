@@ -557,9 +557,9 @@ fn bridge(mtu: Option<u32>) -> Spec {
     }
 }
 
-/// Cilium's datapath between two pods of one host: no bridge and no address on the host-side
-/// veths; a tc program on each redirects what its pod sends to the other pod (redirect.rs).
-fn ebpf_redirect(mtu: Option<u32>) -> Spec {
+/// Two pods of one host, each eth0 paired with a host-side veth that is neither bridged nor
+/// addressed: what joins them is the topology's own (a tc program, a userspace datapath).
+fn unbridged_pods(mtu: Option<u32>) -> Spec {
     Spec {
         roles: vec!["pod-a", "pod-b", "host"],
         pairs: vec![
@@ -572,10 +572,18 @@ fn ebpf_redirect(mtu: Option<u32>) -> Spec {
                 port_of_nothing("host", "veth-b", mtu),
             ],
         ],
-        redirect: Some("host"),
         client: ("pod-a", "eth0"),
         server: ("pod-b", "eth0"),
         ..Spec::default()
+    }
+}
+
+/// Cilium's datapath between two pods of one host: no bridge and no address on the host-side
+/// veths; a tc program on each redirects what its pod sends to the other pod (redirect.rs).
+fn ebpf_redirect(mtu: Option<u32>) -> Spec {
+    Spec {
+        redirect: Some("host"),
+        ..unbridged_pods(mtu)
     }
 }
 
@@ -583,26 +591,13 @@ fn ebpf_redirect(mtu: Option<u32>) -> Spec {
 /// unbridged and unaddressed ports of the userspace datapath.
 fn dpdk(mtu: Option<u32>) -> Spec {
     Spec {
-        roles: vec!["pod-a", "pod-b", "host"],
-        pairs: vec![
-            [
-                pod("pod-a", ip(0, 1), mtu),
-                port_of_nothing("host", "veth-a", mtu),
-            ],
-            [
-                pod("pod-b", ip(0, 2), mtu),
-                port_of_nothing("host", "veth-b", mtu),
-            ],
-        ],
         userspace: Some(Userspace {
             role: "host",
             name: super::dpdk::PROGRAM,
             ports: ["veth-a", "veth-b"],
             pods: [("pod-a", "eth0"), ("pod-b", "eth0")],
         }),
-        client: ("pod-a", "eth0"),
-        server: ("pod-b", "eth0"),
-        ..Spec::default()
+        ..unbridged_pods(mtu)
     }
 }
 
