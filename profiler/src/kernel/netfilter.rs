@@ -213,8 +213,11 @@ fn load_one(
         Ok(fd) => Ok(fd),
         Err(e) => {
             let text = String::from_utf8_lossy(&log);
-            let text = text.trim_end_matches('\0');
-            let tail: Vec<&str> = text.lines().rev().take(8).collect();
+            let tail: Vec<&str> = text.trim_end_matches('\0').lines().rev().take(8).collect();
+            if tail.is_empty() {
+                // Refused before the verifier ran: the program type is unknown here.
+                bail!("the kernel refused netfilter program {name}: {e} (BPF netfilter links came in Linux 6.4)");
+            }
             bail!(
                 "the kernel refused netfilter program {name}: {e}; verifier: {}",
                 tail.into_iter().rev().collect::<Vec<_>>().join(" | ")

@@ -131,10 +131,31 @@ pub(super) fn install(lab: &str, spec: &Spec, mode: Mode) -> Result<Service> {
         namespaces: hosts.iter().map(|h| netns_name(lab, h)).collect(),
     };
     for ns in &svc.namespaces {
+        bridged_through_netfilter(ns)?;
         load(ns, &svc)?;
     }
     pin_neighbours(lab, spec)?;
     Ok(svc)
+}
+
+/// Bridged frames through netfilter's IPv4 hooks in namespace `ns` (br_netfilter's
+/// bridge-nf-call-iptables), as kube-proxy requires: a reply from the pod to a client on its
+/// bridge is bridged, and without them conntrack never undoes its DNAT (the client drops a
+/// reply from the pod's own address). Debian builds br_netfilter as a module.
+fn bridged_through_netfilter(ns: &str) -> Result<()> {
+    const SYSCTL: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    if !std::path::Path::new(SYSCTL).exists() {
+        let _ = Command::new("modprobe")
+            .args(["-q", "br_netfilter"])
+            .status();
+    }
+    if !std::path::Path::new(SYSCTL).exists() {
+        bail!(super::Lacks::Module("br_netfilter"));
+    }
+    super::netns::run_in(Some(ns), || {
+        std::fs::write(SYSCTL, "1").with_context(|| format!("cannot write {SYSCTL}"))
+    })
+    .with_context(|| format!("cannot pass bridged frames to iptables in {ns}"))
 }
 
 /// Every pod a permanent neighbour of its host's bridge. After a DNAT, br_netfilter bridges
