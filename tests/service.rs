@@ -11,7 +11,13 @@ mod common;
 
 use std::process::Command;
 
-use common::{assert_clean_of, assert_complete, lab_up, profiler, run_json};
+use std::time::Duration;
+
+use common::{
+    assert_clean_of, assert_complete,
+    attach::{report, tcp_echo_via, tmp, udp_echo_via, Attach},
+    lab_up, profiler, run_json,
+};
 use profiler::lab::service::{CLUSTER_IP, PORT};
 use serde_json::Value;
 
@@ -189,6 +195,106 @@ fn nftables_service_across_hosts_on_flannel_vxlan() {
     );
     drop(guard);
     assert_clean_of(LAB);
+}
+
+/// The packets of the paths in attach report `r` that cross segment `name`.
+fn crossing(r: &Value, name: &str) -> u64 {
+    (r["paths"].as_array().expect("paths").iter())
+        .filter(|p| (p["segments"].as_array().unwrap().iter()).any(|s| s["name"] == name))
+        .map(|p| p["packets"].as_u64().unwrap())
+        .sum()
+}
+
+/// attach through a Service, with UDP and TCP of the test's own to the ClusterIP: kube-proxy's
+/// rules are read in the host namespace (where the pods' veths end), so that a filter on the
+/// backend takes the requests before their DNAT, one on the ClusterIP the replies before
+/// their un-DNAT, and the NAT is a segment of its own in both directions (the follow programs
+/// linked around it). Without reading the rules, pod-a's requests to the ClusterIP would not
+/// match `host BACKEND` at its eth0, where their journeys start.
+#[test]
+fn attach_sees_through_the_service() {
+    const HOST: &str = "prof-bridge-host";
+    let pods = ("prof-bridge-pod-a", "prof-bridge-pod-b");
+    for mode in ["iptables", "nftables"] {
+        let guard = lab_up(&["bridge", "--service", mode]);
+        let backend = guard_backend();
+        let (by_backend, by_vip) = (tmp("svc-backend.json"), tmp("svc-vip.json"));
+        let a = Attach::start(&[
+            "--netns",
+            pods.0,
+            "--filter",
+            &format!("host {backend}"),
+            "--json",
+            by_backend.to_str().unwrap(),
+        ]);
+        let b = Attach::start(&[
+            "--netns",
+            HOST,
+            "--filter",
+            &format!("host {CLUSTER_IP}"),
+            "--json",
+            by_vip.to_str().unwrap(),
+        ]);
+        let route = (backend.as_str(), &*CLUSTER_IP.to_string());
+        let period = Duration::from_millis(5);
+        udp_echo_via(pods, route, PORT, 100, 64, period);
+        tcp_echo_via(pods, route, PORT, 100, 64, period);
+        a.stop();
+        b.stop();
+        drop(guard);
+        assert_clean_of("bridge");
+        let (a, b) = (report(&by_backend), report(&by_vip));
+        let udp = format!("{CLUSTER_IP}:{PORT}/udp -> {backend}:{PORT} ({mode} in {HOST})");
+        for r in [&a, &b] {
+            let services = r["services"].to_string();
+            assert!(services.contains(&udp), "{mode}: no {udp} in {services}");
+            let name = format!("nat hooks in {HOST}");
+            let h = (r["hooks"].as_array().unwrap().iter())
+                .find(|h| h["name"] == name.as_str())
+                .unwrap_or_else(|| panic!("{mode}: no {name} in {}", r["hooks"]));
+            assert_eq!(h["status"], "attached", "{h}");
+        }
+        // 100 datagrams and 100 TCP requests each way, and TCP's own segments.
+        for (r, segment, what) in [
+            (
+                &a,
+                "nat prerouting br0 (prof-bridge-host)",
+                "requests by the backend",
+            ),
+            (
+                &b,
+                "nat prerouting br0 (prof-bridge-host)",
+                "requests by the ClusterIP",
+            ),
+            (
+                &b,
+                "nat postrouting veth-a (prof-bridge-host)",
+                "replies by the ClusterIP",
+            ),
+        ] {
+            let n = crossing(r, segment);
+            assert!(
+                n >= 200,
+                "{mode}: {what}: {n} packets crossed {segment:?}; paths {}",
+                r["paths"]
+            );
+        }
+        let _ = std::fs::remove_file(by_backend);
+        let _ = std::fs::remove_file(by_vip);
+    }
+}
+
+/// The bridge lab's server address, as `lab list` says.
+fn guard_backend() -> String {
+    let out = profiler(&["lab", "list", "--json"]);
+    let labs: Value = serde_json::from_slice(&out.stdout).expect("lab list JSON");
+    let lab = (labs.as_array().unwrap().iter())
+        .find(|l| l["name"] == "bridge")
+        .expect("the bridge lab is listed");
+    lab["service"]["backend"]
+        .as_str()
+        .expect("the Service's backend")
+        .to_string()
 }
 
 /// What cannot go through a Service says so in one line and exits non-zero.

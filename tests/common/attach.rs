@@ -185,15 +185,28 @@ fn round_trips(count: u32, period: Duration, mut exchange: impl FnMut()) -> Vec<
 /// UDP request/response traffic of the test's own, untagged: `count` exchanges of `size` bytes
 /// from `client_ns` to `server`:`port` in `server_ns`, one every `period`. Each round trip.
 pub fn udp_echo(
-    (client_ns, server_ns): (&str, &str),
+    pods: (&str, &str),
     server: &str,
     port: u16,
     count: u32,
     size: usize,
     period: Duration,
 ) -> Vec<Duration> {
-    let addr: SocketAddr = format!("{server}:{port}").parse().unwrap();
-    let srv = run_in(Some(server_ns), || Ok(UdpSocket::bind(addr)?)).unwrap();
+    udp_echo_via(pods, (server, server), port, count, size, period)
+}
+
+/// `udp_echo` to `server` through address `via` (a Service's, which a NAT sends on to it).
+pub fn udp_echo_via(
+    (client_ns, server_ns): (&str, &str),
+    (server, via): (&str, &str),
+    port: u16,
+    count: u32,
+    size: usize,
+    period: Duration,
+) -> Vec<Duration> {
+    let bound: SocketAddr = format!("{server}:{port}").parse().unwrap();
+    let addr: SocketAddr = format!("{via}:{port}").parse().unwrap();
+    let srv = run_in(Some(server_ns), || Ok(UdpSocket::bind(bound)?)).unwrap();
     let cli = run_in(Some(client_ns), || Ok(UdpSocket::bind("0.0.0.0:0")?)).unwrap();
     srv.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -224,15 +237,28 @@ pub fn udp_echo(
 /// The same over one TCP connection (TCP_NODELAY): `count` requests of `size` bytes, each
 /// echoed whole before the next, one every `period`. Each round trip.
 pub fn tcp_echo(
-    (client_ns, server_ns): (&str, &str),
+    pods: (&str, &str),
     server: &str,
     port: u16,
     count: u32,
     size: usize,
     period: Duration,
 ) -> Vec<Duration> {
-    let addr: SocketAddr = format!("{server}:{port}").parse().unwrap();
-    let listener = run_in(Some(server_ns), || Ok(TcpListener::bind(addr)?)).unwrap();
+    tcp_echo_via(pods, (server, server), port, count, size, period)
+}
+
+/// `tcp_echo` to `server` through address `via`, as `udp_echo_via`.
+pub fn tcp_echo_via(
+    (client_ns, server_ns): (&str, &str),
+    (server, via): (&str, &str),
+    port: u16,
+    count: u32,
+    size: usize,
+    period: Duration,
+) -> Vec<Duration> {
+    let bound: SocketAddr = format!("{server}:{port}").parse().unwrap();
+    let addr: SocketAddr = format!("{via}:{port}").parse().unwrap();
+    let listener = run_in(Some(server_ns), || Ok(TcpListener::bind(bound)?)).unwrap();
     let echo = std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().expect("accepting the client");
         conn.set_nodelay(true).unwrap();

@@ -24,6 +24,14 @@ enum Expr {
 
 /// Compiles `expr`; an empty expression matches every packet.
 pub fn compile(expr: &str) -> Result<Filter> {
+    compile_through(expr, &[])
+}
+
+/// Compiles `expr` so that a host address also matches the addresses a NAT swaps it for on the
+/// way, as `aliases` pair them (a Service's virtual address and each of its backends): `host
+/// BACKEND` then takes a request before its DNAT too, and `host CLUSTER_IP` the reply before
+/// its un-DNAT. Networks (`net`) are left as written.
+pub fn compile_through(expr: &str, aliases: &[(IpAddr, IpAddr)]) -> Result<Filter> {
     let tokens = tokenize(expr);
     if tokens.is_empty() {
         return Ok(Filter::default());
@@ -45,6 +53,7 @@ pub fn compile(expr: &str) -> Result<Filter> {
     if let Some(t) = p.peek() {
         bail!("invalid filter {expr:?}: unexpected {t:?}");
     }
+    let ast = see_through(ast, aliases);
     // Counted before the expansion, which grows exponentially: `(port 1 or port 2) and ...`
     // repeated 25 times would make 2^25 alternatives before being refused.
     let (alternatives, conditions) = dnf_size(&ast, false);
@@ -231,7 +240,7 @@ fn address(value: &str, host: bool) -> Result<(IpAddr, u8)> {
     let addr: IpAddr = addr
         .parse()
         .map_err(|_| anyhow!("invalid address {addr:?} in filter"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let max = full_prefix(addr);
     let prefix = match len {
         Some(l) => l
             .parse::<u8>()
@@ -260,6 +269,57 @@ fn address_term(field: u8, addr: IpAddr, prefix: u8) -> FilterTerm {
         }
     }
     t
+}
+
+/// `e` with each host term `T` of an address that has aliases made `T or T'` for each alias.
+fn see_through(e: Expr, aliases: &[(IpAddr, IpAddr)]) -> Expr {
+    let through = |e: Box<Expr>| Box::new(see_through(*e, aliases));
+    match e {
+        Expr::Term(t) => {
+            let Some(addr) = host_of(&t) else {
+                return Expr::Term(t);
+            };
+            let others = aliases.iter().filter_map(|&(a, b)| match addr {
+                x if x == a => Some(b),
+                x if x == b => Some(a),
+                _ => None,
+            });
+            let mut seen = vec![addr];
+            let mut out = Expr::Term(t);
+            for other in others {
+                if !seen.contains(&other) {
+                    seen.push(other);
+                    let alias = Expr::Term(address_term(t.field, other, full_prefix(other)));
+                    out = Expr::Or(Box::new(out), Box::new(alias));
+                }
+            }
+            out
+        }
+        Expr::Not(a) => Expr::Not(through(a)),
+        Expr::And(a, b) => Expr::And(through(a), through(b)),
+        Expr::Or(a, b) => Expr::Or(through(a), through(b)),
+    }
+}
+
+/// The address of a host term (an address field with a full prefix).
+fn host_of(t: &FilterTerm) -> Option<IpAddr> {
+    if ![FIELD_ADDR, FIELD_SRC_ADDR, FIELD_DST_ADDR].contains(&t.field) {
+        return None;
+    }
+    let addr = match t.family {
+        4 => IpAddr::from(<[u8; 4]>::try_from(&t.addr[..4]).ok()?),
+        6 => IpAddr::from(t.addr),
+        _ => return None,
+    };
+    (t.prefix == full_prefix(addr)).then_some(addr)
+}
+
+fn full_prefix(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        32
+    } else {
+        128
+    }
 }
 
 /// How many alternatives [`dnf`] makes of `e`, and how many terms its longest has, counted
@@ -315,6 +375,54 @@ mod tests {
                     .collect()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_host_matches_what_the_nat_swaps_it_for() {
+        let (vip, pod): (IpAddr, IpAddr) =
+            ("10.96.0.10".parse().unwrap(), "10.244.1.5".parse().unwrap());
+        let other: IpAddr = "10.244.2.9".parse().unwrap();
+        let aliases = [(vip, pod), (vip, other)];
+        let addrs = |f: &Filter| -> Vec<Vec<(u8, u8, Option<IpAddr>)>> {
+            f.clauses[..f.len as usize]
+                .iter()
+                .map(|c| {
+                    c.terms[..c.len as usize]
+                        .iter()
+                        .map(|t| (t.field, t.negate, host_of(t)))
+                        .collect()
+                })
+                .collect()
+        };
+        // The backend: itself or the Service; the Service: itself or either backend.
+        let f = compile_through("udp and dst host 10.244.1.5", &aliases).unwrap();
+        assert_eq!(
+            addrs(&f),
+            vec![
+                vec![(FIELD_PROTO, 0, None), (FIELD_DST_ADDR, 0, Some(pod))],
+                vec![(FIELD_PROTO, 0, None), (FIELD_DST_ADDR, 0, Some(vip))],
+            ]
+        );
+        let f = compile_through("host 10.96.0.10", &aliases).unwrap();
+        let hosts: Vec<_> = addrs(&f).into_iter().map(|c| c[0].2).collect();
+        assert_eq!(hosts, [Some(vip), Some(pod), Some(other)]);
+        // `not host`: none of them, in one clause.
+        let f = compile_through("not host 10.244.2.9", &aliases).unwrap();
+        assert_eq!(
+            addrs(&f),
+            vec![vec![
+                (FIELD_ADDR, 1, Some(other)),
+                (FIELD_ADDR, 1, Some(vip))
+            ]]
+        );
+        // Networks and addresses without aliases are left as written.
+        for expr in ["net 10.244.1.0/24", "host 10.244.3.3", "port 53"] {
+            assert_eq!(
+                compile_through(expr, &aliases).unwrap(),
+                compile(expr).unwrap(),
+                "{expr}"
+            );
+        }
     }
 
     #[test]

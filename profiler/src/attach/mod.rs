@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod otlp;
 mod packets;
 pub mod scope;
+pub mod services;
 mod stitch;
 pub mod wire;
 pub mod workload;
@@ -36,6 +37,7 @@ use crate::{
         programs::{FollowConfig, LoadConfig, Programs},
         ring::DRAIN_EVERY,
     },
+    lab::discover,
     progress,
     report::schema::{AttachReport, HookSet, JourneyLine, SightingLine, ATTACH_SCHEMA},
     signal,
@@ -43,6 +45,7 @@ use crate::{
 use events::OpenJourneys;
 use histograms::{journey_counts, read_drops, read_segments, read_segments_and_paths, Histograms};
 use scope::{scope, Fingerprint, Namer};
+use services::Services;
 
 /// How often the Prometheus snapshot is refreshed from the kernel's histograms.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
@@ -112,6 +115,7 @@ pub struct Control {
 pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<SightingLine>)> {
     let filter_text = args.filter.trim().to_string();
     let scope = scope(args, true).await?;
+    let services = through_services(args, &scope.nat_namespaces);
     let listener = match args.prometheus {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -132,6 +136,12 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
         },
     )?;
     let hook_set = programs.attach_set(&btf, Mode::Follow, args.hooks)?;
+    if !services.is_empty() {
+        let nat: Vec<Option<&str>> = (Services::namespaces(&services).into_iter())
+            .map(discover::ns_arg)
+            .collect();
+        programs.attach_netfilter(Mode::Follow, &nat);
+    }
     let _stats = kernel::stats_while(args.stats)?;
     let slots = write_scope(&mut programs, &[], &scope.points)?;
     write_table(&mut programs, "WIRE", &scope::slots(&scope.wire)?)?;
@@ -222,6 +232,7 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
         kernel: kernel::release(),
         node,
         targets: tracked.labels,
+        services: Services::lines(&services),
         filter: filter_text,
         sample: args.follow.sample.max(1),
         mode: if args.follow.stream {
@@ -247,6 +258,26 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
         links: Vec::new(),
     };
     Ok((report, sightings))
+}
+
+/// The Services translated where the scope's packets meet a NAT; the filter made to match a
+/// host's packets on both sides of their NAT.
+fn through_services(args: &mut AttachArgs, namespaces: &[String]) -> Vec<Services> {
+    let (found, notices) = services::read(namespaces);
+    for notice in notices.iter().filter(|_| !args.quiet) {
+        eprintln!("attach: {notice}");
+    }
+    let aliases = Services::aliases(&found);
+    if !aliases.is_empty() && !args.filter.trim().is_empty() {
+        match filter::compile_through(&args.filter, &aliases) {
+            Ok(f) => args.follow.filter = f,
+            Err(e) if !args.quiet => eprintln!(
+                "attach: the filter stays as written, on one side of the Services' NAT: {e:#}"
+            ),
+            Err(_) => {}
+        }
+    }
+    found
 }
 
 /// What the follow loop reads and where it publishes.

@@ -20,6 +20,7 @@ use crate::{
         discover::{self, ROOT},
         netns,
         target::Devices,
+        LabIface,
     },
     pods,
     report::schema::Hop,
@@ -35,6 +36,9 @@ pub struct Scope {
     pub devices: Devices,
     /// Where its pods were read.
     pub source: pods::Source,
+    /// Where a Service may translate its packets: the root namespace, the targets', and those
+    /// of their veths' other ends (a pod's host).
+    pub nat_namespaces: Vec<String>,
 }
 
 /// A cgroup v2 directory's id: the kernel's kernfs node id, which is its inode number.
@@ -130,6 +134,9 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
     let interfaces = discover::interfaces(&namespaces).await?;
     let mut points = Vec::new();
     let mut labels = Vec::new();
+    let mut scoped = vec![ROOT.to_string()];
+    scoped.extend(targets.iter().cloned());
+    scoped.extend(wire.iter().map(|(ns, _)| ns.clone()));
     for t in &targets {
         let inode = discover::inode(t)?;
         points.extend(
@@ -151,6 +158,7 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
                 .map(|i| [*inode, i.ifindex]),
         );
         labels.push(format!("pod {}", name.qualified));
+        scoped.push(name.netns.clone());
     }
     labels.extend(args.pods.iter().map(|p| format!("--pod {p}")));
     let root = discover::inode(ROOT)?;
@@ -189,6 +197,7 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
     if strict && points.is_empty() && cgroups.is_empty() && args.pods.is_empty() {
         bail!("the targets have no network devices to attach to");
     }
+    let nat_namespaces = nat_namespaces(scoped, &interfaces);
     // Only the runtime and the CNI cache say more of a namespace than its name.
     let pods = match &listing.source {
         pods::Source::NetnsNames => Vec::new(),
@@ -206,7 +215,20 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
             pods,
         },
         source: listing.source,
+        nat_namespaces,
     })
+}
+
+/// `scoped` and the namespaces of the other ends of their veths, each once.
+fn nat_namespaces(mut scoped: Vec<String>, interfaces: &[LabIface]) -> Vec<String> {
+    let peers = (interfaces.iter())
+        .filter(|i| scoped.contains(&i.netns))
+        .filter_map(|i| Some(i.peer.as_ref()?.netns.clone()))
+        .collect::<Vec<_>>();
+    scoped.extend(peers);
+    let mut seen = HashSet::new();
+    scoped.retain(|ns| seen.insert(ns.clone()));
+    scoped
 }
 
 /// What changes when pods come or go, cheap to read every second: the namespaces under

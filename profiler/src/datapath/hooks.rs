@@ -103,6 +103,15 @@ impl HookDef {
         }
     }
 
+    /// The program at a netfilter hook in `mode`: nf_X tagged, fnf_X follow (profiler-ebpf's
+    /// netfilter.rs).
+    pub fn netfilter_program(&self, mode: Mode) -> Option<String> {
+        let Attach::Netfilter { prog, .. } = self.attach else {
+            return None;
+        };
+        Some(format!("{}{prog}", mode.program_prefix()))
+    }
+
     /// The program serving a deep hook in `mode`.
     pub fn deep_program(&self, mode: Mode) -> Option<String> {
         let prefix = mode.program_prefix();
@@ -127,7 +136,11 @@ impl HookDef {
     /// Every program that serves this hook, in any mode.
     pub fn programs(&self) -> Vec<String> {
         match self.attach {
-            Attach::Tc { prog, .. } | Attach::Netfilter { prog, .. } => vec![prog.to_string()],
+            Attach::Tc { prog, .. } => vec![prog.to_string()],
+            Attach::Netfilter { .. } => [Mode::Tagged, Mode::Follow]
+                .into_iter()
+                .filter_map(|m| self.netfilter_program(m))
+                .collect(),
             Attach::Function { .. } | Attach::DriverXmit | Attach::ModuleTracepoint { .. } => {
                 [Mode::Tagged, Mode::Follow]
                     .into_iter()
@@ -176,7 +189,7 @@ const fn nat(
             priority,
         },
         label,
-        modes: TAGGED,
+        modes: BOTH,
     }
 }
 

@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _, Result};
 use aya::maps::{Map, MapData};
 use profiler_common::HookId;
 
-use crate::datapath::{Attach, HOOK_TABLE};
+use crate::datapath::{Attach, Mode, HOOK_TABLE};
 
 use crate::lab::netns;
 
@@ -75,29 +75,27 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The table's netfilter hooks: id, program, hook number and priority.
-fn points() -> impl Iterator<Item = (HookId, &'static str, u32, i32)> {
-    HOOK_TABLE.iter().filter_map(|h| match h.attach {
+/// The table's netfilter hooks: id, program in `mode`, hook number and priority.
+fn points(mode: Mode) -> impl Iterator<Item = (HookId, String, u32, i32)> {
+    HOOK_TABLE.iter().filter_map(move |h| match h.attach {
         Attach::Netfilter {
-            prog,
-            hooknum,
-            priority,
-        } => Some((h.id, prog, hooknum, priority)),
+            hooknum, priority, ..
+        } => Some((h.id, h.netfilter_program(mode)?, hooknum, priority)),
         _ => None,
     })
 }
 
-/// The netfilter programs, loaded, and the links that hold them at their hooks.
-#[derive(Default)]
+/// The netfilter programs of one mode, loaded, and the links that hold them at their hooks.
 pub struct NfLinks {
+    mode: Mode,
     programs: Vec<(HookId, OwnedFd)>,
     links: Vec<OwnedFd>,
 }
 
 impl NfLinks {
-    /// Loads the programs of the table's netfilter hooks from `object`, sharing the maps of `ebpf` (the same
-    /// object as aya loaded it).
-    pub fn load(object: &[u8], ebpf: &aya::Ebpf) -> Result<NfLinks> {
+    /// Loads the programs of the table's netfilter hooks in `mode` from `object`, sharing the
+    /// maps of `ebpf` (the same object as aya loaded it).
+    pub fn load(object: &[u8], ebpf: &aya::Ebpf, mode: Mode) -> Result<NfLinks> {
         let mut obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
         let parsed = obj.maps.clone();
         let fds: Vec<(&str, i32, &aya_obj::Map)> = ebpf
@@ -113,13 +111,14 @@ impl NfLinks {
         obj.relocate_calls(&text)
             .context("linking the netfilter programs' calls")?;
         let mut programs = Vec::new();
-        for (id, name, _, _) in points() {
-            let prog = (obj.programs.get(name))
+        for (id, name, _, _) in points(mode) {
+            let prog = (obj.programs.get(&name))
                 .with_context(|| format!("no program {name} in the eBPF object"))?;
             let f = &obj.functions[&prog.function_key()];
-            programs.push((id, load_one(name, &f.instructions, &prog.license)?));
+            programs.push((id, load_one(&name, &f.instructions, &prog.license)?));
         }
         Ok(NfLinks {
+            mode,
             programs,
             links: Vec::new(),
         })
@@ -127,33 +126,54 @@ impl NfLinks {
 
     /// Links every program at its hook in namespace `ns` (None: this process's).
     pub fn attach(&mut self, ns: Option<&str>) -> Result<()> {
-        for (id, name, hooknum, priority) in points() {
+        for (id, name, hooknum, priority) in points(self.mode) {
             let (_, prog) = (self.programs.iter())
                 .find(|(loaded, _)| *loaded == id)
                 .context("a netfilter program not loaded")?;
             let prog_fd = prog.as_raw_fd() as u32;
-            let link = netns::run_in(ns, || {
-                let mut attr = LinkCreate {
-                    prog_fd,
-                    target_fd: 0,
-                    attach_type: BPF_NETFILTER,
-                    flags: 0,
-                    pf: NFPROTO_IPV4,
-                    hooknum,
-                    priority,
-                    nf_flags: 0,
-                    rest: [0; 64],
-                };
-                bpf(BPF_LINK_CREATE, &mut attr).with_context(|| {
-                    format!(
-                        "the kernel refused a netfilter link for {name} (hook {hooknum}, priority {priority})"
-                    )
-                })
-            })?;
+            let link = netns::run_in(ns, || link(prog_fd, hooknum, priority))
+                .with_context(|| format!("the kernel refused a netfilter link for {name}"))?;
             self.links.push(link);
         }
         Ok(())
     }
+}
+
+/// How many priorities a link tries, each one further from the NAT: BPF programs at one hook
+/// cannot share a priority (EBUSY), and another profiler (a run and an attach, two attaches)
+/// may hold the first.
+const PRIORITIES_TRIED: i32 = 8;
+
+/// A link of program `prog_fd` at `hooknum`, at `priority` or the first free one beyond it,
+/// away from nf_nat's (-100 at PRE_ROUTING, 100 at POST_ROUTING), so that the program stays
+/// on its side of the NAT.
+fn link(prog_fd: u32, hooknum: u32, priority: i32) -> Result<OwnedFd> {
+    let mut tried = Vec::new();
+    for at in priorities(priority) {
+        let mut attr = LinkCreate {
+            prog_fd,
+            target_fd: 0,
+            attach_type: BPF_NETFILTER,
+            flags: 0,
+            pf: NFPROTO_IPV4,
+            hooknum,
+            priority: at,
+            nf_flags: 0,
+            rest: [0; 64],
+        };
+        match bpf(BPF_LINK_CREATE, &mut attr) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => tried.push(at),
+            Err(e) => bail!("hook {hooknum}, priority {at}: {e}"),
+        }
+    }
+    bail!("hook {hooknum}: priorities {tried:?} are all taken by other BPF programs")
+}
+
+/// `priority`, then the next ones away from the NAT.
+fn priorities(priority: i32) -> impl Iterator<Item = i32> {
+    let away = (priority - priority.signum() * 100).signum();
+    (0..PRIORITIES_TRIED).map(move |i| priority + i * away)
 }
 
 /// The map behind any kind of aya map.
@@ -222,6 +242,29 @@ fn load_one(
                 "the kernel refused netfilter program {name}: {e}; verifier: {}",
                 tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taken_priorities_give_way_on_the_programs_side_of_the_nat() {
+        let first_three = |p| priorities(p).take(3).collect::<Vec<_>>();
+        assert_eq!(first_three(-101), [-101, -102, -103]);
+        assert_eq!(first_three(-99), [-99, -98, -97]);
+        assert_eq!(first_three(99), [99, 98, 97]);
+        assert_eq!(first_three(101), [101, 102, 103]);
+        // Every hook's tries stay on its program's side of its NAT, between mangle (-150, 150
+        // away) and the next NAT or conntrack.
+        for (_, _, _, p) in points(Mode::Follow) {
+            let nat = p.signum() * 100;
+            for q in priorities(p) {
+                assert_eq!((q - nat).signum(), (p - nat).signum(), "{p}: {q}");
+                assert!((q - nat).abs() < 50, "{p}: {q}");
+            }
         }
     }
 }

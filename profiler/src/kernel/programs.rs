@@ -381,8 +381,8 @@ impl Programs {
     /// Links the programs around the NAT in each of `namespaces` (None: this one), where a
     /// Service is translated. Where the kernel refuses, the statuses say why and the NAT stays
     /// inside the segment around it.
-    pub fn attach_netfilter(&mut self, namespaces: &[Option<&str>]) {
-        let mut links = match ebpf_object().and_then(|o| NfLinks::load(o, &self.ebpf)) {
+    pub fn attach_netfilter(&mut self, mode: Mode, namespaces: &[Option<&str>]) {
+        let mut links = match ebpf_object().and_then(|o| NfLinks::load(o, &self.ebpf, mode)) {
             Ok(links) => links,
             Err(e) => {
                 let why = Some(format!("{e:#}"));

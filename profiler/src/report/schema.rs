@@ -413,6 +413,10 @@ pub struct AttachReport {
     pub kernel: String,
     pub node: String,
     pub targets: Vec<String>,
+    /// The Services translated where the targets' packets meet a NAT, as read from
+    /// kube-proxy's rules: "VIP:PORT/PROTO -> BACKEND, ... (MODE in NETNS)".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
     pub filter: String,
     pub sample: u32,
     /// "summary" or "events".

@@ -366,6 +366,7 @@ pub fn attach(r: &AttachReport, all_targets: bool) -> String {
         r.sample,
         r.mode
     );
+    services(&mut out, &r.services);
     if let Some(c) = &r.command {
         let how = match (c.exit_code, c.signal) {
             (Some(code), _) => format!("exited with status {code}"),
@@ -678,6 +679,21 @@ pub fn drops(r: &AttachReport, all_targets: bool) -> String {
 
 /// Targets shown in the header at most: a node's hundreds of pods would fill screens.
 const SHOWN_TARGETS: usize = 4;
+
+/// The Services the filter sees through, a few of them (a node may have hundreds).
+fn services(out: &mut String, all: &[String]) {
+    const SHOWN: usize = 3;
+    for s in all.iter().take(SHOWN) {
+        let _ = writeln!(out, "Service NAT {s}");
+    }
+    if all.len() > SHOWN {
+        let _ = writeln!(
+            out,
+            "and {} more Service ports (in the JSON)",
+            all.len() - SHOWN
+        );
+    }
+}
 
 /// The targets: every one if few, else the patterns (`--pod *`) and the number of namespaces
 /// they and the others name, with the first few.

@@ -322,7 +322,7 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     }
     if let Some(svc) = &lab.service {
         let nat: Vec<Option<&str>> = svc.namespaces.iter().map(|n| discover::ns_arg(n)).collect();
-        programs.attach_netfilter(&nat);
+        programs.attach_netfilter(Mode::Tagged, &nat);
     }
     let _stats = kernel::stats_while(args.stats)?;
 
