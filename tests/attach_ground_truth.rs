@@ -25,7 +25,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use common::{
     assert_clean_of,
-    attach::{ping, report, started, tcp_echo, tmp, udp_echo, Attach},
+    attach::{ping, report, started, tcp_echo_via, tmp, udp_echo_via, Attach},
     delay::Delay,
     lab_up,
     truth::{us, Brackets, Injection, Medians, Verdict},
@@ -45,6 +45,8 @@ const DELAY_US: u64 = 100;
 const NODE_DELAY_US: u64 = 150;
 const UDP_PORT: u16 = 7401;
 const TCP_PORT: u16 = 7402;
+/// The Service labs' port (profiler::lab::service::PORT), the same on the pod.
+const SERVICE_PORT: u16 = 8080;
 /// flannel's VXLAN port: the outer UDP destination port of every encapsulated packet.
 const VXLAN_PORT: u16 = 8472;
 /// The median round trip the test's own clients see. Every hold must show there too, which
@@ -66,7 +68,9 @@ enum Kind {
     Tcp,
 }
 
-const KINDS: [Kind; 3] = [Kind::Ping, Kind::Udp, Kind::Tcp];
+const KINDS: &[Kind] = &[Kind::Ping, Kind::Udp, Kind::Tcp];
+/// Through a Service: ICMP to a ClusterIP is not translated.
+const SERVICE_KINDS: &[Kind] = &[Kind::Udp, Kind::Tcp];
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -77,21 +81,33 @@ impl Kind {
         }
     }
 
-    fn filter(self) -> String {
-        match self {
-            Kind::Ping => "icmp".to_string(),
-            Kind::Udp => format!("udp and port {UDP_PORT}"),
-            Kind::Tcp => format!("tcp and port {TCP_PORT}"),
+    /// The port its servers listen on in `lab` (a Service's, through one).
+    fn port(self, lab: &Lab) -> u16 {
+        match (self, lab.service) {
+            (_, Some(_)) => SERVICE_PORT,
+            (Kind::Tcp, None) => TCP_PORT,
+            _ => UDP_PORT,
         }
     }
 
-    /// EXCHANGES of this kind from pod-a to pod-b: each round trip.
-    fn exchange(self, lab: &Lab) -> Vec<Duration> {
-        let (pods, server) = ((lab.pods[0], lab.pods[1]), lab.server);
+    fn filter(self, lab: &Lab) -> String {
         match self {
-            Kind::Ping => ping(lab.pods[0], server, EXCHANGES, "0.001"),
-            Kind::Udp => udp_echo(pods, server, UDP_PORT, EXCHANGES, 64, PERIOD),
-            Kind::Tcp => tcp_echo(pods, server, TCP_PORT, EXCHANGES, 64, PERIOD),
+            Kind::Ping => "icmp".to_string(),
+            Kind::Udp => format!("udp and port {}", self.port(lab)),
+            Kind::Tcp => format!("tcp and port {}", self.port(lab)),
+        }
+    }
+
+    /// EXCHANGES of this kind from pod-a to pod-b (through the lab's Service if it has one):
+    /// each round trip.
+    fn exchange(self, lab: &Lab) -> Vec<Duration> {
+        let pods = (lab.pods[0], lab.pods[1]);
+        let route = (lab.server, lab.service.unwrap_or(lab.server));
+        let port = self.port(lab);
+        match self {
+            Kind::Ping => ping(lab.pods[0], lab.server, EXCHANGES, "0.001"),
+            Kind::Udp => udp_echo_via(pods, route, port, EXCHANGES, 64, PERIOD),
+            Kind::Tcp => tcp_echo_via(pods, route, port, EXCHANGES, 64, PERIOD),
         }
     }
 }
@@ -107,6 +123,9 @@ struct Lab {
     pods: [&'static str; 2],
     /// pod-b's address (the lab's spec), where the servers listen.
     server: &'static str,
+    /// The ClusterIP the clients send to, if the lab has a Service in front of pod-b.
+    service: Option<&'static str>,
+    kinds: &'static [Kind],
     points: &'static [Point],
 }
 
@@ -129,6 +148,8 @@ const BRIDGE: Lab = Lab {
     delay_us: DELAY_US,
     pods: ["prof-bridge-pod-a", "prof-bridge-pod-b"],
     server: "198.18.0.2",
+    service: None,
+    kinds: KINDS,
     points: &[
         // pod-a's eth0 egress: the request's first device tracepoint is net_dev_queue eth0
         // (pod-a), after the hold, and every journey of the requests starts there: attach has
@@ -169,6 +190,8 @@ const FLANNEL: Lab = Lab {
         "prof-flannel-vxlan-xhost-pod-b",
     ],
     server: "198.18.2.1",
+    service: None,
+    kinds: KINDS,
     points: &[
         // host-a's flannel.1 egress: host-a forwards the request from cni0 to flannel.1, whose
         // __dev_queue_xmit holds the inner packet before net_dev_queue flannel.1: the hold is
@@ -204,14 +227,54 @@ const FLANNEL: Lab = Lab {
     ],
 };
 
+/// The bridge lab with a Service (iptables mode) in front of pod-b: the clients send to the
+/// ClusterIP; attach finds the rules in the host namespace (where the pods' veths end) and
+/// links its programs around the NAT there.
+const BRIDGE_SERVICE: Lab = Lab {
+    up: &["bridge", "--service", "iptables"],
+    name: "bridge",
+    attach: &[],
+    delay_us: DELAY_US,
+    pods: ["prof-bridge-pod-a", "prof-bridge-pod-b"],
+    server: "198.18.0.2",
+    service: Some("198.18.250.10"),
+    kinds: SERVICE_KINDS,
+    points: &[
+        // veth-b egress on the host, the netfilter-adjacent hop: the DNATed request leaves
+        // POST_ROUTING (nf:postrouting:101) and is held in __dev_queue_xmit before
+        // net_dev_queue veth-b. Responses enter veth-b at receive: unaffected.
+        Point {
+            netns: "prof-bridge-host",
+            iface: "veth-b",
+            direction: "egress",
+            port: 0,
+            segment: Some((
+                "postrouting to egress veth-b",
+                "net_dev_queue veth-b (prof-bridge-host)",
+            )),
+        },
+        // pod-b's eth0 ingress: held after netif_receive_skb eth0 (pod-b), the request's last
+        // hop before the socket takes it (attach has no tc hop, and a journey's end at the
+        // socket is no segment): no segment may grow, the NAT's least of all; the round trips
+        // must.
+        Point {
+            netns: "prof-bridge-pod-b",
+            iface: "eth0",
+            direction: "ingress",
+            port: SERVICE_PORT,
+            segment: None,
+        },
+    ],
+};
+
 /// One measurement: each kind of traffic followed by its own attach, p50 of every segment
 /// that at least MIN_PACKETS packets crossed, by (kind, segment), and the clients' round trip.
 /// `ends` gets the hop each segment ends at.
 fn measure(lab: &Lab, ends: &mut BTreeMap<String, String>) -> Medians {
     let mut medians = Medians::new();
-    for kind in KINDS {
+    for &kind in lab.kinds {
         let json = tmp(&format!("truth-{}.json", kind.name()));
-        let filter = kind.filter();
+        let filter = kind.filter(lab);
         let mut args = vec![
             "--netns",
             lab.pods[0],
@@ -257,6 +320,12 @@ fn injected_delay_lands_in_the_attach_segment_ending_at_that_hop() {
     ground_truth(&BRIDGE);
 }
 
+/// Through a Service's NAT, with attach's programs linked around it.
+#[test]
+fn injected_delay_lands_in_the_attach_segment_ending_at_that_hop_through_a_service() {
+    ground_truth(&BRIDGE_SERVICE);
+}
+
 /// The same across an overlay, cross-host: before the tunnel, and on the VXLAN packet.
 #[test]
 fn injected_delay_lands_in_the_attach_segment_ending_at_that_hop_on_flannel_vxlan() {
@@ -294,6 +363,8 @@ fn injected_delay_lands_in_the_attach_segment_named_after_the_pod_on_a_node() {
         delay_us: NODE_DELAY_US,
         pods: [netns(0), netns(1)],
         server: leak(pod(1)["ip"].as_str().unwrap().to_string()),
+        service: None,
+        kinds: KINDS,
         points: Box::leak(vec![point].into_boxed_slice()),
     };
     judge_lab(&lab, up);
@@ -320,8 +391,7 @@ fn judge_lab(lab: &Lab, up: common::LabGuard) {
             );
         }
         let per_kind = |s: &str| -> Vec<(String, String)> {
-            KINDS
-                .iter()
+            (lab.kinds.iter())
                 .map(|k| (k.name().to_string(), s.to_string()))
                 .collect()
         };
@@ -344,12 +414,12 @@ fn judge_lab(lab: &Lab, up: common::LabGuard) {
                 )
             },
         );
-        print_rows(point, lab.delay_us, &verdict);
-        let grown: f64 = KINDS
+        print_rows(point, lab, &verdict);
+        let grown: f64 = (lab.kinds)
             .iter()
             .map(|k| verdict.growth[&(k.name().to_string(), ROUND_TRIP.to_string())])
             .sum::<f64>()
-            / KINDS.len() as f64;
+            / lab.kinds.len() as f64;
         if grown < lab.delay_us as f64 * 1000.0 / 2.0 {
             brackets.failures.push(format!(
                 "{}: the round trips grew by {} on average only: was the hold applied?",
@@ -365,16 +435,17 @@ fn judge_lab(lab: &Lab, up: common::LabGuard) {
 
 /// The point, the largest move of any other segment, and per kind the expected segment's
 /// growth, its error and the clients' round trip's growth.
-fn print_rows(point: &Point, delay_us: u64, verdict: &Verdict) {
+fn print_rows(point: &Point, lab: &Lab, verdict: &Verdict) {
+    let delay_us = lab.delay_us;
     println!(
         "{} {} -> {}; {} ({})",
         point.iface,
         point.direction,
-        point.segment.map_or("(before every journey)", |s| s.0),
+        point.segment.map_or("(outside every journey)", |s| s.0),
         us(verdict.max_other.0),
         verdict.max_other.1
     );
-    for kind in KINDS {
+    for kind in lab.kinds {
         let key = |s: &str| (kind.name().to_string(), s.to_string());
         let growth = point.segment.map(|s| verdict.growth[&key(s.0)]);
         let delay_ns = delay_us as f64 * 1000.0;
