@@ -297,6 +297,47 @@ fn guard_backend() -> String {
         .to_string()
 }
 
+/// `compare` takes a Service as a network of its own: `bridge,bridge+iptables` profiles the
+/// bridge lab without and then with kube-proxy's rules, a row each; the Service's run goes
+/// through the ClusterIP with the NAT as a segment of its own, and compare takes its labs down.
+#[test]
+fn compare_takes_a_service_as_a_network_of_its_own() {
+    let out = profiler(&[
+        "compare",
+        "--lab",
+        "bridge,bridge+iptables",
+        "--placement",
+        "same-host",
+        "--sizes",
+        "64",
+        "--count",
+        "200",
+        "--rate",
+        "500",
+        "--json",
+        "-",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "compare failed: {err}");
+    let c: Value = serde_json::from_slice(&out.stdout).expect("compare JSON");
+    let rows: Vec<&str> = (c["summary"].as_array().unwrap().iter())
+        .map(|r| r["topology"].as_str().unwrap())
+        .collect();
+    assert_eq!(rows, ["bridge", "bridge+iptables"], "{}", c["summary"]);
+    let runs = c["runs"].as_array().unwrap();
+    assert_eq!(runs[0]["service"], Value::Null);
+    let via = runs[1]["service"].as_str().unwrap_or_default();
+    assert!(via.contains(&format!("{CLUSTER_IP}:{PORT}")), "{via:?}");
+    assert_complete(&runs[1], COUNT.parse().unwrap(), "bridge+iptables");
+    assert_segment(
+        &runs[1],
+        "request",
+        "nat prerouting br0 (host)",
+        ("nf:prerouting:-101", "nf:prerouting:-99"),
+    );
+    assert_clean_of("bridge");
+}
+
 /// What cannot go through a Service says so in one line and exits non-zero.
 #[test]
 fn what_a_service_cannot_do_is_one_line() {
@@ -308,6 +349,24 @@ fn what_a_service_cannot_do_is_one_line() {
         "{err}"
     );
     assert_clean_of("macvlan");
+    for (args, want) in [
+        (
+            ["compare", "--lab", "bridge,macvlan+iptables"],
+            "macvlan pods cannot reach",
+        ),
+        (
+            ["bench", "paper", "--types=bridge+ipvs"],
+            "a Service is +iptables or +nftables, not +ipvs",
+        ),
+    ] {
+        let out = profiler(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains(want) && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
     let out = profiler(&[
         "run",
         "--lab",

@@ -350,10 +350,7 @@ fn differences(better: &Side, worse: &Side) -> Vec<SegmentDifference> {
                 TrafficKind::Rr => "request",
                 TrafficKind::Stream => "stream",
                 // The pod pairs the placement is about.
-                TrafficKind::Alltoall => match bc.placement {
-                    Placement::SameHost => "same host",
-                    Placement::CrossHost => "cross host",
-                },
+                TrafficKind::Alltoall => bc.placement.words(),
             };
             if let Some((delta_ns, contributors)) = compare::difference(br, wr, direction) {
                 out.push(SegmentDifference {

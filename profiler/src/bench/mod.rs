@@ -12,7 +12,7 @@ use indicatif::ProgressBar;
 
 use crate::{
     kernel,
-    lab::{self, target::RunTarget, Lab, LabOptions, Placement, Topology},
+    lab::{self, target::RunTarget, Lab, LabOptions, Network, Placement, Topology},
     progress,
     report::{
         self,
@@ -65,7 +65,8 @@ pub const QUICK: Plan = Plan {
 const ALLTOALL_SIZE: usize = 16384;
 
 pub struct BenchArgs {
-    pub types: Vec<Topology>,
+    /// Network types: a topology, with a Service in front of its server or not.
+    pub types: Vec<Network>,
     pub placements: Vec<Placement>,
     pub quick: bool,
     pub quiet: bool,
@@ -107,21 +108,20 @@ impl Plan {
 
 /// The labs of the matrix: each type at each placement it has (host and flannel-vxlan are
 /// cross-host only), in the order given.
-pub fn labs(types: &[Topology], placements: &[Placement]) -> Vec<(Topology, Placement)> {
+pub fn labs(types: &[Network], placements: &[Placement]) -> Vec<(Network, Placement)> {
     types
         .iter()
         .flat_map(|&t| placements.iter().map(move |&p| (t, p)))
-        .filter(|&(t, placement)| {
-            lab::check(
-                t,
-                &LabOptions {
-                    placement,
-                    ..LabOptions::default()
-                },
-            )
-            .is_ok()
-        })
+        .filter(|&(t, placement)| lab::check(t.topology, &lab_options(t, placement)).is_ok())
         .collect()
+}
+
+fn lab_options(network: Network, placement: Placement) -> LabOptions {
+    LabOptions {
+        placement,
+        service: network.service,
+        ..LabOptions::default()
+    }
 }
 
 /// Runs the matrix: each lab is brought up (or skipped with the reason if this kernel cannot
@@ -138,16 +138,22 @@ pub async fn paper(args: &BenchArgs) -> Result<BenchReport> {
     let bar = progress::bar((labs.len() * specs.len()) as u64, "cells", args.quiet);
     let mut cells = Vec::new();
     let mut skipped = Vec::new();
-    for &(topology, placement) in &labs {
+    for &(network, placement) in &labs {
+        let topology = network.topology;
         let mut options = LabOptions {
-            placement,
             pods: Some(plan.pods),
-            ..LabOptions::default()
+            ..lab_options(network, placement)
         };
-        // A topology without more pods still runs rr and stream on its two.
-        let no_pods = lab::check(topology, &options)
-            .err()
-            .map(|e| format!("{e:#}"));
+        // A topology without more pods, or a Service (one server pod behind it), still runs rr
+        // and stream on its two.
+        let no_pods = match network.service {
+            Some(_) => run::check_service_traffic(TrafficKind::Alltoall)
+                .err()
+                .map(|e| format!("{e:#}")),
+            None => lab::check(topology, &options)
+                .err()
+                .map(|e| format!("{e:#}")),
+        };
         if no_pods.is_some() {
             options.pods = None;
         }
@@ -181,7 +187,12 @@ pub async fn paper(args: &BenchArgs) -> Result<BenchReport> {
         ran?;
     }
     bar.finish_and_clear();
-    let findings = findings::judge(&cells, &skipped, &args.types, &args.placements);
+    // The study's findings are about its types, without Services.
+    let plain: Vec<Topology> = (args.types.iter())
+        .filter(|t| t.service.is_none())
+        .map(|t| t.topology)
+        .collect();
+    let findings = findings::judge(&cells, &skipped, &plain, &args.placements);
     Ok(BenchReport {
         schema: BENCH_SCHEMA.into(),
         command: args.command.clone(),
@@ -319,8 +330,8 @@ fn cell(
         ),
     };
     Ok(BenchCell {
-        lab: lab.name.clone(),
-        topology: lab.topology.name().to_string(),
+        lab: Network::label(lab),
+        topology: Network::of(lab).to_string(),
         placement: lab.placement,
         experiment: spec.experiment,
         proto: spec.proto,

@@ -9,7 +9,7 @@ use super::output::{output, JsonOut};
 use crate::{
     bench::{self, BenchArgs},
     kernel::doctor,
-    lab::{Placement, Topology},
+    lab::{Network, Placement},
     report::{self, html, schema::CellStatus},
 };
 
@@ -25,14 +25,16 @@ pub struct PaperCli {
     /// Fewer sizes and exchanges: under 3 minutes instead of under 20.
     #[arg(long)]
     quick: bool,
-    /// Network types; one this kernel cannot build is skipped with the reason.
+    /// Network types; one this kernel cannot build is skipped with the reason. Each is a lab
+    /// topology, with `+iptables` or `+nftables` for a Service in front of the server (bridge,
+    /// flannel-vxlan; its all-to-all cells are skipped: one pod serves behind a Service).
     #[arg(
         long,
-        value_enum,
+        value_name = "NETWORK",
         value_delimiter = ',',
         default_value = "host,bridge,flannel-vxlan,macvlan,ipvlan-l2,ovs-vlan,ovs-vxlan"
     )]
-    types: Vec<Topology>,
+    types: Vec<Network>,
     /// Placements; each type runs at those it has.
     #[arg(
         long,

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     kernel::doctor,
-    lab::{Placement, Topology},
+    lab::{Network, Placement, Topology},
     report::{
         schema::{CompareReport, Made},
         table,
@@ -21,14 +21,16 @@ use crate::{
 
 #[derive(Args)]
 pub struct CompareCli {
-    /// Network types to compare, the first being the baseline.
+    /// Network types to compare, the first being the baseline: lab topologies (as `run --lab`
+    /// takes them), each with `+iptables` or `+nftables` for a Service in front of the server
+    /// (bridge, flannel-vxlan): `--lab bridge,bridge+iptables` is what the Service costs.
     #[arg(
         long,
-        value_enum,
+        value_name = "NETWORK",
         value_delimiter = ',',
         default_value = "host,bridge,flannel-vxlan,macvlan,ipvlan-l2,ovs-vlan,ovs-vxlan,ovs-gre"
     )]
-    lab: Vec<Topology>,
+    lab: Vec<Network>,
     #[arg(long, value_enum, default_value = "cross-host")]
     placement: Placement,
     /// Payload sizes, bytes.

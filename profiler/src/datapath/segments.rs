@@ -236,6 +236,18 @@ const RULES: &[Rule] = &[
         matches: |e, _| e.encap.is_some(),
         names: tunnel,
     },
+    // A tunnel device's transmit straight to POST_ROUTING of the device its outer packet
+    // leaves by (a Service's NAT hooks): the tunnel wrapped it. The hop's depth cannot say so:
+    // at POST_ROUTING the outer packet has no link header yet, so its headers are not read.
+    Rule {
+        name: "tunnel to postrouting",
+        matches: |e, c| {
+            !c.same_if
+                && from_to(e, NetDevStartXmit, NfPostNatBefore)
+                && TUNNEL_KINDS.contains(&e.from_kind)
+        },
+        names: |e, c| format!("{} encap {} -> {}", e.from_kind, c.a, c.b),
+    },
     // Stacked devices (macvlan, vlan): the child hands over to its lower device (macvlan's
     // bridge mode too: it forwards to the lower device, whose rx handler finds the sibling).
     Rule {
@@ -454,6 +466,9 @@ fn at(p: &Point, id: HookId) -> bool {
     *p == Hook(id)
 }
 
+/// The kinds of tunnel devices, as netlink reports them.
+const TUNNEL_KINDS: &[&str] = &["vxlan", "geneve", "gretap", "gre"];
+
 fn at_any(p: &Point, ids: &[HookId]) -> bool {
     ids.iter().any(|&id| at(p, id))
 }
@@ -551,6 +566,11 @@ mod tests {
                     "{tunnel} {} {a} -> {b}",
                     if enter { "encap" } else { "decap" }
                 )
+            }
+            (Hook(NetDevStartXmit), Hook(NfPostNatBefore))
+                if !same_if && TUNNEL_KINDS.contains(&e.from_kind) =>
+            {
+                format!("{} encap {a} -> {b}", e.from_kind)
             }
             // Stacked devices (macvlan, vlan): the child hands over to its lower device (macvlan's
             // bridge mode too: it forwards to the lower device, whose rx handler finds the sibling),
@@ -682,10 +702,13 @@ mod tests {
         let mut fired = std::collections::BTreeSet::new();
         for from in &points {
             for to in &points {
-                for ((from_if, to_if), (from_kind, to_kind)) in ifs
-                    .into_iter()
-                    .flat_map(|i| [(i, ("macvlan", "vlan")), (i, ("igbvf", "igbvf"))])
-                {
+                for ((from_if, to_if), (from_kind, to_kind)) in ifs.into_iter().flat_map(|i| {
+                    [
+                        (i, ("macvlan", "vlan")),
+                        (i, ("igbvf", "igbvf")),
+                        (i, ("vxlan", "veth")),
+                    ]
+                }) {
                     for to_ns in ["host", "ns1", "vm1:pod-b"] {
                         for from_master in masters {
                             for to_master in masters {
@@ -889,6 +912,17 @@ mod tests {
                     ..ends(&Hook(NetifReceiveSkb), &Hook(NetifReceiveSkb))
                 },
                 "geneve decap wire0 -> genev_sys",
+            ),
+            (
+                "tunnel to postrouting",
+                SegmentEnds {
+                    from_if: "flannel.1",
+                    to_if: "wire0",
+                    from_kind: "vxlan",
+                    from_link: Some("wire0"),
+                    ..ends(&Hook(NetDevStartXmit), &Hook(NfPostNatBefore))
+                },
+                "vxlan encap flannel.1 -> wire0",
             ),
             (
                 "stacked to lower",

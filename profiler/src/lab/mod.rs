@@ -225,6 +225,16 @@ pub enum Placement {
     CrossHost,
 }
 
+impl Placement {
+    /// As people say it: "same host", "cross host".
+    pub fn words(self) -> &'static str {
+        match self {
+            Placement::SameHost => "same host",
+            Placement::CrossHost => "cross host",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct LabOptions {
     pub placement: Placement,
@@ -245,6 +255,82 @@ pub struct LabOptions {
     pub cni: Option<node::Cni>,
     /// A Service in front of the server pod, in this kube-proxy mode (None: no Service).
     pub service: Option<service::Mode>,
+}
+
+/// A network type as `compare` and `bench` take it: a topology, with a Service in front of its
+/// server or not: `bridge`, `bridge+iptables`, `flannel-vxlan+nftables`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network {
+    pub topology: Topology,
+    pub service: Option<service::Mode>,
+}
+
+impl Network {
+    /// The network of a lab that is up.
+    pub fn of(lab: &Lab) -> Network {
+        Network {
+            topology: lab.topology,
+            service: lab.service.as_ref().map(|s| s.mode),
+        }
+    }
+
+    /// What a row of `compare` or `bench` is called: the lab's name (`bridge`,
+    /// `flannel-vxlan-xhost`), and its Service's mode after a `+`.
+    pub fn label(lab: &Lab) -> String {
+        match &lab.service {
+            Some(s) => format!("{}+{}", lab.name, s.mode.name()),
+            None => lab.name.clone(),
+        }
+    }
+}
+
+impl From<Topology> for Network {
+    fn from(topology: Topology) -> Network {
+        Network {
+            topology,
+            service: None,
+        }
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Network, String> {
+        use clap::ValueEnum as _;
+        let (topology, mode) = match s.split_once('+') {
+            Some((t, m)) => (t, Some(m)),
+            None => (s, None),
+        };
+        let topology = Topology::from_str(topology, false).map_err(|_| {
+            let all: Vec<&str> = Topology::value_variants()
+                .iter()
+                .map(|t| t.name())
+                .collect();
+            format!("no topology {topology:?} (one of {})", all.join(", "))
+        })?;
+        let service =
+            (mode.map(|m| service::Mode::from_str(m, false)).transpose()).map_err(|_| {
+                format!(
+                    "a Service is +iptables or +nftables, not +{}",
+                    mode.unwrap_or("")
+                )
+            })?;
+        match service.and_then(|_| service::refused(topology)) {
+            Some(why) => Err(why.to_string()),
+            None => Ok(Network { topology, service }),
+        }
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.topology.name())?;
+        match self.service {
+            Some(mode) => write!(f, "+{}", mode.name()),
+            None => Ok(()),
+        }
+    }
 }
 
 const CROSS_HOST_SUFFIX: &str = "-xhost";
@@ -584,6 +670,32 @@ pub fn get(name: &str) -> Result<Option<Lab>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn networks_are_topologies_with_or_without_a_service() {
+        for text in [
+            "bridge",
+            "bridge+iptables",
+            "flannel-vxlan+nftables",
+            "ebpf-redirect",
+        ] {
+            let n: Network = text.parse().unwrap();
+            assert_eq!(n.to_string(), text);
+        }
+        let n: Network = "bridge+nftables".parse().unwrap();
+        assert_eq!(n.service, Some(service::Mode::Nftables));
+        for (text, why) in [
+            ("bridged", "no topology \"bridged\" (one of veth, bridge, "),
+            (
+                "bridge+ipvs",
+                "a Service is +iptables or +nftables, not +ipvs",
+            ),
+            ("macvlan+iptables", "macvlan pods cannot reach"),
+        ] {
+            let e = text.parse::<Network>().unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+    }
 
     fn sample() -> Lab {
         Lab {

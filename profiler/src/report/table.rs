@@ -829,12 +829,16 @@ pub fn compare(c: &CompareReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "request latency by network type ({:?}), microseconds",
-        c.placement
+        "request latency by network type ({}), microseconds",
+        c.placement.words()
     );
+    // As wide as the longest type (`flannel-vxlan-xhost+nftables`), at least 20.
+    let w = (c.summary.iter().map(|r| r.topology.len()))
+        .chain(c.skipped.iter().map(|s| s.topology.len()))
+        .fold(20, usize::max);
     let _ = writeln!(
         out,
-        "{:<20} {:>7} {:>9} {:>9} {:>10}",
+        "{:<w$} {:>7} {:>9} {:>9} {:>10}",
         "type", "size", "p50", "p99", "vs base"
     );
     for r in &c.summary {
@@ -843,7 +847,7 @@ pub fn compare(c: &CompareReport) -> String {
             .map_or("baseline".to_string(), |d| format!("{:+.1}", d / 1e3));
         let _ = writeln!(
             out,
-            "{:<20} {:>7} {:>9.1} {:>9.1} {:>10}",
+            "{:<w$} {:>7} {:>9.1} {:>9.1} {:>10}",
             r.topology,
             r.size,
             r.p50_ns as f64 / 1e3,
@@ -852,7 +856,7 @@ pub fn compare(c: &CompareReport) -> String {
         );
     }
     for s in &c.skipped {
-        let _ = writeln!(out, "{:<20} skipped: {}", s.topology, s.reason);
+        let _ = writeln!(out, "{:<w$} skipped: {}", s.topology, s.reason);
     }
     let _ = writeln!(
         out,

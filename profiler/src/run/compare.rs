@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 
 use super::{ensure_lab, profile, RunArgs};
 use crate::{
-    lab::{self, target::RunTarget, Lab, LabOptions, Placement, Topology},
+    lab::{self, target::RunTarget, Lab, LabOptions, Network, Placement},
     report::schema::{
         CompareReport, CompareRow, Contributor, DirectionReport, RunReport, Skipped, COMPARE_SCHEMA,
     },
@@ -22,7 +22,7 @@ const PROGRAMS: &str = "(the profiler's own programs)";
 /// cannot build (lab::CannotBuild) is skipped with the reason, except the baseline, without
 /// which nothing compares; any other failure stops the comparison.
 pub async fn compare(
-    types: &[Topology],
+    types: &[Network],
     sizes: &[usize],
     placement: Placement,
     base: &RunArgs,
@@ -30,20 +30,21 @@ pub async fn compare(
     if types.is_empty() || sizes.is_empty() {
         bail!("--lab and --sizes need at least one value each");
     }
-    let options = LabOptions {
-        placement,
-        ..LabOptions::default()
-    };
     let mut runs = Vec::new();
     let mut skipped = Vec::new();
     for (i, &t) in types.iter().enumerate() {
+        let options = LabOptions {
+            placement,
+            service: t.service,
+            ..LabOptions::default()
+        };
         // Ctrl-C while a lab comes up: `up` removes what it made.
-        let used = match interruptible(ensure_lab(t, &options, "compare")).await {
+        let used = match interruptible(ensure_lab(t.topology, &options, "compare")).await {
             Ok(used) => used,
             Err(e) if i > 0 && lab::CannotBuild::is(&e) => {
-                eprintln!("skipping {}: {e:#}", t.name());
+                eprintln!("skipping {t}: {e:#}");
                 skipped.push(Skipped {
-                    topology: lab::lab_name(t, placement),
+                    topology: lab::lab_name(t.topology, placement),
                     reason: format!("{e:#}"),
                 });
                 continue;
@@ -67,22 +68,27 @@ pub async fn compare(
     })
 }
 
-/// Profiles `lab` at each size, adding the reports to `runs`.
+/// Profiles `lab` at each size, adding the reports to `runs`, each named after the lab and its
+/// Service (`bridge+iptables`: the same lab with a Service is another row).
 async fn profile_sizes(
-    topology: Topology,
+    network: Network,
     sizes: &[usize],
     base: &RunArgs,
     lab: &Lab,
     runs: &mut Vec<RunReport>,
 ) -> Result<()> {
     for &size in sizes {
-        eprintln!("== {} at {size} B", lab.name);
+        eprintln!("== {network} at {size} B");
         let args = RunArgs {
-            lab: topology,
+            lab: network.topology,
             size,
             ..base.clone()
         };
-        runs.push(profile(&args, &RunTarget::lab(lab)).await?);
+        let report = profile(&args, &RunTarget::lab(lab)).await?;
+        runs.push(RunReport {
+            topology: Network::label(lab),
+            ..report
+        });
     }
     Ok(())
 }
