@@ -417,8 +417,68 @@ fn service_with_or_without_netfilter_links() {
         links,
         "{kernel}: {names:?}"
     );
+    attach_through_the_service(links);
     drop(guard);
     assert_nothing_left("bridge");
+}
+
+/// attach on pod-a with a filter on the backend while a run goes through the ClusterIP: the
+/// Service is read from the host's rules and the filter takes pod-a's requests before their
+/// DNAT, with or without the programs around the NAT (whose links say why not before 6.4).
+fn attach_through_the_service(links: bool) {
+    let json = std::env::temp_dir().join("vm-service-attach.json");
+    let out = profiler(&[
+        "attach",
+        "--netns",
+        "prof-bridge-pod-a",
+        "--filter",
+        "host 198.18.0.2",
+        "--duration",
+        "120",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        crate::common::BIN,
+        "run",
+        "--lab",
+        "bridge",
+        "--proto",
+        "udp",
+        "--count",
+        "50",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "attach: {err}");
+    let a: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("attach's JSON")).expect("JSON");
+    let _ = std::fs::remove_file(&json);
+    let services = a["services"].to_string();
+    let udp = "198.18.250.10:8080/udp -> 198.18.0.2:8080 (iptables in prof-bridge-host)";
+    assert!(services.contains(udp), "no {udp} in {services}");
+    let nat: Vec<&serde_json::Value> = (a["hooks"].as_array().unwrap().iter())
+        .filter(|h| h["type"] == "netfilter")
+        .collect();
+    assert_eq!(nat.len(), 1, "{nat:?}");
+    assert_eq!(nat[0]["status"] == "attached", links, "{nat:?}");
+    // The requests' paths from pod-a's eth0 to pod-b's, through the NAT's segment where
+    // there are links.
+    let to_b: u64 = (a["paths"].as_array().unwrap().iter())
+        .filter(|p| {
+            let hops = p["hops"].as_array().unwrap();
+            (hops.last()).is_some_and(|h| h.as_str().unwrap().ends_with("(prof-bridge-pod-b)"))
+        })
+        .filter(|p| {
+            let through = p["segments"].to_string().contains("nat prerouting br0");
+            through == links
+        })
+        .map(|p| p["packets"].as_u64().unwrap())
+        .sum();
+    assert!(
+        to_b >= 50,
+        "{to_b} requests followed to pod-b; paths {}",
+        a["paths"]
+    );
 }
 
 /// A run that brings the OVS lab up itself takes it down again, daemons included.
