@@ -13,25 +13,7 @@ P=${PROFILER:-target/release/profiler}
 "$P" compare --lab flannel-vxlan,flannel-vxlan+iptables,flannel-vxlan+nftables \
   --placement cross-host --sizes 64,1400 --count 2000 --rate 1000 --quiet \
   --json benchmarks/compare-services-xhost.json > benchmarks/compare-services-xhost.txt
-# The request's segments between the two applications' stacks, per network and size (means and
-# p50s from the JSON the runs wrote), and their sum: the datapath without the wake-ups, which
-# move by microseconds from run to run on a shared machine.
+# The request's segments between the two applications' stacks, and their sum (segments.py).
 for f in benchmarks/compare-services benchmarks/compare-services-xhost; do
-  python3 - "$f.json" > "$f-segments.txt" <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1]))
-sums = []
-for r in c["runs"]:
-    d = next(d for d in r["directions"] if d["direction"] == "request")
-    inner = d["segments"][1:-1]
-    what = f"{r['topology']} at {r['traffic']['size']} B"
-    print(f"{what}, request (mean / p50, us):")
-    for s in inner:
-        print(f"  {s['name']:<52} {s['mean_ns'] / 1e3:6.1f} {s['p50_ns'] / 1e3:6.1f}")
-    total = sum(s["mean_ns"] for s in inner) / 1e3
-    print(f"  {'between the stacks, sum of the means':<52} {total:6.1f}")
-    sums.append(f"{what:<40} {total:6.1f} us")
-print("\nbetween the stacks, request, sum of the segments' means:")
-print("\n".join(sums))
-PY
+  python3 benchmarks/segments.py "$f.json" > "$f-segments.txt"
 done

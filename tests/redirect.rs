@@ -1,9 +1,11 @@
-//! The ebpf-redirect lab, Cilium's datapath between two pods of one host: no bridge, nothing
-//! addressed in the host namespace; a tc program of the lab's own on each pod's host-side veth
-//! hands what the pod sends to the other pod's eth0 with `bpf_redirect_peer`. Pods reach each
-//! other through it alone; a run names the redirect as its own segment and never meets the
-//! other veth, its backlog or the host stack; the program goes with the lab, also after a
-//! SIGKILL of the process that held it (it holds nothing: the filter lives in the kernel).
+//! The ebpf-redirect lab, Cilium's datapath: no bridge, nothing addressed for the pods in the
+//! host namespace; a tc program of the lab's own on each pod's host-side veth hands what the
+//! pod sends to the other pod's eth0 with `bpf_redirect_peer`, or across hosts out of wire0
+//! with `bpf_redirect_neigh`, where the same program on wire0's ingress hands it to the pod.
+//! Pods reach each other through it alone; a run names each redirect as its own segment and
+//! never meets the other veth, its backlog or the host stack's forwarding; the program goes
+//! with the lab, also after a SIGKILL of the process that held it (it holds nothing: the
+//! filter lives in the kernel).
 // A test crate sees every dependency of the package; the lint is for the library's.
 #![allow(unused_crate_dependencies)]
 
@@ -17,6 +19,8 @@ use profiler::report::schema::RunReport;
 const LAB: &str = "ebpf-redirect";
 const HOST: &str = "prof-ebpf-redirect-host";
 const PROGRAM: &str = "tc_redirect";
+/// The cross-host lab's name.
+const XHOST: &str = "ebpf-redirect-xhost";
 
 /// The lab's programs loaded in the kernel.
 fn redirect_programs() -> usize {
@@ -34,15 +38,85 @@ fn ping_b(count: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// The filters on a host-side veth's ingress, as `tc` lists them.
-fn ingress_filters(veth: &str) -> String {
+/// The filters on the ingress of device `dev` of namespace `netns`, as `tc` lists them.
+fn ingress_filters(netns: &str, dev: &str) -> String {
     let out = Command::new("ip")
         .args([
-            "netns", "exec", HOST, "tc", "filter", "show", "dev", veth, "ingress",
+            "netns", "exec", netns, "tc", "filter", "show", "dev", dev, "ingress",
         ])
         .output()
         .expect("running tc");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One redirect a run must show: its segment's name and the devices at both ends.
+struct Step {
+    name: String,
+    from: &'static str,
+    to: &'static str,
+}
+
+/// In each direction of a run of `count` exchanges, every packet whole, each step a segment
+/// of its own from one hook to the next (the first from a tc ingress), and no hop on the
+/// devices the redirects skip, nor any bridge, backlog of the receiving pod or forward.
+fn assert_redirected(r: &RunReport, count: u64, dirs: [(&str, Vec<Step>, &[&str]); 2]) {
+    assert_eq!(u64::from(r.traffic.completed), count);
+    for (dir, steps, skipped) in dirs {
+        let d = (r.directions.iter())
+            .find(|d| d.direction == dir)
+            .unwrap_or_else(|| panic!("no {dir}"));
+        assert_eq!(
+            (d.complete_packets, d.incomplete_packets),
+            (count, 0),
+            "{dir}"
+        );
+        let hops: Vec<String> = d.hops.iter().map(|h| h.name.clone()).collect();
+        let names: Vec<&str> = d.segments.iter().map(|s| s.name.as_str()).collect();
+        println!("{dir}: {names:?}");
+        for step in steps {
+            let s = (d.segments.iter())
+                .find(|s| s.name == step.name)
+                .unwrap_or_else(|| panic!("{dir}: no {:?} in {names:?}", step.name));
+            let (a, b) = (&d.hops[s.from], &d.hops[s.to]);
+            assert_eq!(
+                (a.hook.as_str(), a.ifname.as_deref()),
+                ("tc:ingress", Some(step.from)),
+                "{dir}: {hops:?}"
+            );
+            assert_eq!(b.ifname.as_deref(), Some(step.to), "{dir}: {hops:?}");
+            assert_eq!(s.to, s.from + 1, "{dir}: {hops:?}");
+            assert!(
+                s.stats.samples >= count,
+                "{dir}: {}: {:?}",
+                step.name,
+                s.stats
+            );
+        }
+        for dev in skipped {
+            assert!(
+                !d.hops.iter().any(|h| h.ifname.as_deref() == Some(*dev)),
+                "{dir}: crossed {dev}: {hops:?}"
+            );
+        }
+        assert!(
+            !names.iter().any(|n| n.contains("bridge")
+                || n.starts_with("backlog queue eth0")
+                || n.starts_with("forward")),
+            "{dir}: {names:?}"
+        );
+    }
+}
+
+/// Waits for the kernel to free the lab's programs after `lab down` returns (it frees a
+/// namespace, then its filters and their program, in its cleanup work and after an RCU grace
+/// period), then checks that nothing of lab `lab` is left.
+fn assert_gone(lab: &str, before: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while redirect_programs() > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(redirect_programs(), before, "tc_redirect left loaded");
+    assert_clean_of(lab);
 }
 
 #[test]
@@ -50,67 +124,97 @@ fn ebpf_redirect_hands_packets_to_the_pod_past_the_bridge_backlog_and_host_stack
     let before = redirect_programs();
     let lab = lab_up(&[LAB]);
     for veth in ["veth-a", "veth-b"] {
-        let filters = ingress_filters(veth);
+        let filters = ingress_filters(HOST, veth);
         assert!(filters.contains(PROGRAM), "{veth}: {filters}");
     }
     let r: RunReport =
         serde_json::from_value(run_json(&["--lab", LAB, "--count", "300"])).expect("a run report");
-    assert_eq!(r.traffic.completed, 300);
-    for (dir, from, to_pod, skipped) in [
-        ("request", "veth-a", "pod-b", "veth-b"),
-        ("response", "veth-b", "pod-a", "veth-a"),
-    ] {
-        let d = (r.directions.iter())
-            .find(|d| d.direction == dir)
-            .unwrap_or_else(|| panic!("no {dir}"));
-        assert_eq!(
-            (d.complete_packets, d.incomplete_packets),
-            (300, 0),
-            "{dir}"
-        );
-        let hops: Vec<String> = d.hops.iter().map(|h| h.name.clone()).collect();
-        let names: Vec<&str> = d.segments.iter().map(|s| s.name.as_str()).collect();
-        println!("{dir}: {names:?}");
-        // One segment from the veth's tc ingress to the pod's: the redirect.
-        let want = format!("eBPF redirect peer {from} -> eth0 ({to_pod})");
-        let s = (d.segments.iter())
-            .find(|s| s.name == want)
-            .unwrap_or_else(|| panic!("{dir}: no {want:?} in {names:?}"));
-        let (a, b) = (&d.hops[s.from], &d.hops[s.to]);
-        assert_eq!(
-            (a.hook.as_str(), a.ifname.as_deref()),
-            ("tc:ingress", Some(from)),
-            "{dir}: {hops:?}"
-        );
-        assert_eq!(
-            (b.hook.as_str(), b.ifname.as_deref()),
-            ("tc:ingress", Some("eth0")),
-            "{dir}: {hops:?}"
-        );
-        assert_eq!(s.to, s.from + 1, "{dir}: {hops:?}");
-        assert!(s.stats.samples >= 300, "{dir}: {want}: {:?}", s.stats);
-        // Past the other pod's veth: no hop there, no backlog, no bridge.
-        assert!(
-            !d.hops.iter().any(|h| h.ifname.as_deref() == Some(skipped)),
-            "{dir}: crossed {skipped}: {hops:?}"
-        );
-        assert!(
-            !names
-                .iter()
-                .any(|n| n.contains("bridge") || n.starts_with("backlog queue eth0")),
-            "{dir}: {names:?}"
-        );
-    }
+    let peer = |name: &str, from| Step {
+        name: name.to_string(),
+        from,
+        to: "eth0",
+    };
+    // Past the other pod's veth: no hop there, no backlog, no bridge.
+    assert_redirected(
+        &r,
+        300,
+        [
+            (
+                "request",
+                vec![peer("eBPF redirect peer veth-a -> eth0 (pod-b)", "veth-a")],
+                &["veth-b"],
+            ),
+            (
+                "response",
+                vec![peer("eBPF redirect peer veth-b -> eth0 (pod-a)", "veth-b")],
+                &["veth-a"],
+            ),
+        ],
+    );
     assert!(redirect_programs() > before, "tc_redirect is not loaded");
     drop(lab);
-    // The kernel frees a namespace, then its filters and their program, after `lab down`
-    // returns (in its cleanup work and after an RCU grace period).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while redirect_programs() > before && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_gone(LAB, before);
+}
+
+/// Across hosts, as Cilium's eBPF host routing: the program on the sending pod's veth sends
+/// the packet out of wire0 with `bpf_redirect_neigh` (the host stack does not forward: the
+/// lab turns forwarding off), and the one on the other host's wire0 hands it to the pod's
+/// eth0 with `bpf_redirect_peer`. Neither host meets the receiving pod's veth.
+#[test]
+fn ebpf_redirect_across_hosts_sends_by_neighbour_and_receives_by_peer() {
+    let before = redirect_programs();
+    let lab = lab_up(&[LAB, "--placement", "cross-host"]);
+    for (host, dev) in [
+        ("host-a", "veth-a"),
+        ("host-a", "wire0"),
+        ("host-b", "veth-b"),
+        ("host-b", "wire0"),
+    ] {
+        let filters = ingress_filters(&format!("prof-{XHOST}-{host}"), dev);
+        assert!(filters.contains(PROGRAM), "{host} {dev}: {filters}");
     }
-    assert_eq!(redirect_programs(), before, "tc_redirect left loaded");
-    assert_clean_of(LAB);
+    for host in ["host-a", "host-b"] {
+        let forwarding = Command::new("ip")
+            .args(["netns", "exec", &format!("prof-{XHOST}-{host}")])
+            .args(["sysctl", "-n", "net.ipv4.ip_forward"])
+            .output()
+            .expect("sysctl");
+        let forwarding = String::from_utf8_lossy(&forwarding.stdout);
+        assert_eq!(forwarding.trim(), "0", "{host} forwards");
+    }
+    let r: RunReport = serde_json::from_value(run_json(&[
+        "--lab",
+        LAB,
+        "--placement",
+        "cross-host",
+        "--count",
+        "300",
+    ]))
+    .expect("a run report");
+    let steps = |from, host, to_pod| {
+        vec![
+            Step {
+                name: format!("eBPF redirect neigh {from} -> wire0 ({host})"),
+                from,
+                to: "wire0",
+            },
+            Step {
+                name: format!("eBPF redirect peer wire0 -> eth0 ({to_pod})"),
+                from: "wire0",
+                to: "eth0",
+            },
+        ]
+    };
+    assert_redirected(
+        &r,
+        300,
+        [
+            ("request", steps("veth-a", "host-a", "pod-b"), &["veth-b"]),
+            ("response", steps("veth-b", "host-b", "pod-a"), &["veth-a"]),
+        ],
+    );
+    drop(lab);
+    assert_gone(XHOST, before);
 }
 
 /// Pods reach each other through the redirect alone: the lab sets no address in the host

@@ -485,16 +485,19 @@ pub const FIELD_SRC_PORT: u8 = 6;
 pub const FIELD_DST_PORT: u8 = 7;
 pub const FIELD_PORT: u8 = 8;
 
-/// Where the `ebpf-redirect` lab's tc program sends a pod's packet: the destination pod's
-/// host-side veth (the packet enters its peer, the pod's eth0, with `bpf_redirect_peer`) and
-/// the MACs the frame gets on the way, as a router's would (the pod's, and the veth's as
-/// source). Keyed by the destination IPv4 address, as it is in the packet.
+/// Where the `ebpf-redirect` lab's tc program sends a pod's packet, keyed by the destination
+/// IPv4 address as it is in the packet. A pod of this host: its host-side veth (the packet
+/// enters its peer, the pod's eth0, with `bpf_redirect_peer`) and the MACs the frame gets on
+/// the way, as a router's would (the pod's, and the veth's as source). A pod of another host
+/// (`neigh` 1): the device towards that host, out of which `bpf_redirect_neigh` sends it after
+/// the kernel's route and neighbour lookups (the MACs are then the neighbour's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RedirectTarget {
     pub ifindex: u32,
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
+    pub neigh: u32,
 }
 
 /// Most pods the `ebpf-redirect` lab's table holds.

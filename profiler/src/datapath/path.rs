@@ -236,6 +236,7 @@ pub fn segments(keys: &[HopKey], hops: &[Hop], lab: &Devices) -> Vec<Named> {
                 encap: encap(a, b),
                 from_userspace: ia.and_then(|i| i.userspace.as_deref()),
                 to_userspace: ib.and_then(|i| i.userspace.as_deref()),
+                from_tc_program: ia.and_then(|i| i.tc_program.as_deref()),
             })
         })
         .collect()
@@ -303,6 +304,7 @@ mod tests {
             link: link.map(str::to_string),
             mtu: 1500,
             userspace: None,
+            tc_program: None,
         };
         let (a, b) = ("prof-x-host-a", "prof-x-host-b");
         let devices = Devices {

@@ -31,6 +31,8 @@ pub struct SegmentEnds<'a> {
     /// The userspace datapaths the interfaces are ports of ("dpdk-testpmd"), if any.
     pub from_userspace: Option<&'a str>,
     pub to_userspace: Option<&'a str>,
+    /// The eBPF datapath's tc program on `from_if`'s ingress ("tc_redirect"), if any.
+    pub from_tc_program: Option<&'a str>,
 }
 
 /// A segment's name, and whether the packet spends it in a userspace process (no kernel hook
@@ -412,6 +414,26 @@ const RULES: &[Rule] = &[
         matches: |e, c| c.same_if && from_to(e, NfPreNatAfter, NetifReceiveSkb),
         names: |_, c| format!("bridge {} (prerouting -> host stack)", c.a),
     },
+    // From the tc ingress of an eBPF datapath's port to another device's egress, no hook
+    // between: its program sent the packet out with bpf_redirect_neigh (as Cilium's host
+    // routing does towards other nodes), past the host stack's forwarding.
+    Rule {
+        name: "eBPF redirect neigh",
+        matches: |e, c| {
+            !c.same_if
+                && e.from_tc_program.is_some()
+                && at(e.from, TcIngress)
+                && at_any(e.to, &[TcEgress, NetDevQueue])
+        },
+        names: |e, c| {
+            format!(
+                "eBPF redirect neigh {} -> {} {}",
+                c.a,
+                c.b,
+                parenthesized(e.from_ns)
+            )
+        },
+    },
     // With tc hooks: bridging or routing from one device's ingress to another's egress.
     Rule {
         name: "ingress to egress",
@@ -642,6 +664,11 @@ mod tests {
             (Hook(NfPreNatAfter), Hook(NetifReceiveSkb)) if same_if => {
                 format!("bridge {a} (prerouting -> host stack)")
             }
+            (Hook(TcIngress), Hook(TcEgress) | Hook(NetDevQueue))
+                if !same_if && e.from_tc_program.is_some() =>
+            {
+                format!("eBPF redirect neigh {a} -> {b} {from_ns}")
+            }
             (Hook(TcIngress), Hook(TcEgress) | Hook(NfPostNatBefore)) => match bridge {
                 Some(br) => format!("bridge {br} ({a} -> {b})"),
                 None => format!("forward {a} -> {b} {from_ns}"),
@@ -715,9 +742,14 @@ mod tests {
                                 for from_link in [None, Some(to_if), Some("lower0")] {
                                     for to_link in [None, Some(from_if), Some("lower0")] {
                                         for peers in [false, true] {
-                                            for (encap, userspace) in encaps
-                                                .iter()
-                                                .flat_map(|&x| [(x, None), (x, Some("dp"))])
+                                            for (encap, userspace, tc_program) in
+                                                encaps.iter().flat_map(|&x| {
+                                                    [
+                                                        (x, None, None),
+                                                        (x, Some("dp"), None),
+                                                        (x, None, Some("tc_redirect")),
+                                                    ]
+                                                })
                                             {
                                                 let e = SegmentEnds {
                                                     from,
@@ -736,6 +768,7 @@ mod tests {
                                                     encap,
                                                     from_userspace: userspace,
                                                     to_userspace: userspace,
+                                                    from_tc_program: tc_program,
                                                 };
                                                 assert_eq!(segment_name(&e), reference(&e));
                                                 fired.insert(matching_rule(&e));
@@ -776,6 +809,7 @@ mod tests {
             encap: None,
             from_userspace: None,
             to_userspace: None,
+            from_tc_program: None,
         }
     }
 
@@ -1031,6 +1065,15 @@ mod tests {
                     ..ends(&Hook(TcIngress), &Hook(TcIngress))
                 },
                 "eBPF redirect peer veth-a -> eth0 (pod-b)",
+            ),
+            (
+                "eBPF redirect neigh",
+                SegmentEnds {
+                    to_if: "wire0",
+                    from_tc_program: Some("tc_redirect"),
+                    ..ends(&Hook(TcIngress), &Hook(TcEgress))
+                },
+                "eBPF redirect neigh veth-a -> wire0 (host)",
             ),
             (
                 "to prerouting",

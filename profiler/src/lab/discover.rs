@@ -106,6 +106,7 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
                 mtu: r.mtu,
                 // A packet socket's process is not in netlink's view of a device.
                 userspace: None,
+                tc_program: None,
             }
         })
         .collect();

@@ -66,7 +66,8 @@ pub enum Topology {
     /// (same-host only).
     Dpdk,
     /// Cilium-style: no bridge; a tc program on each pod's host-side veth redirects what it
-    /// sends to the destination pod's eth0 (bpf_redirect_peer) (same-host only).
+    /// sends to the destination pod's eth0 (bpf_redirect_peer), or across hosts out of wire0
+    /// (bpf_redirect_neigh), where the one on wire0's ingress hands it to the pod.
     EbpfRedirect,
     /// Each pod owns a virtual function of an SR-IOV NIC (igb; the VM lab's `--nic igb`).
     Sriov,
@@ -446,6 +447,10 @@ pub struct LabIface {
     /// process sends it out of another port): the datapath's name, "dpdk-testpmd".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub userspace: Option<String>,
+    /// A port of an eBPF datapath: the tc program on its ingress that redirects what it
+    /// receives, "tc_redirect" (the ebpf-redirect lab's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tc_program: Option<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -719,6 +724,7 @@ mod tests {
                 link: None,
                 mtu: 1500,
                 userspace: None,
+                tc_program: None,
             }],
             client: Endpoint {
                 netns: "prof-veth-pod-a".into(),

@@ -150,7 +150,7 @@ pub(super) async fn build(
     for role in &spec.forwarding {
         enable_forwarding(&netns_name(lab, role))?;
     }
-    if let Some(host) = spec.redirect {
+    for &host in &spec.redirect {
         redirect::install(lab, spec, host).await?;
     }
     let service = match options.service {
@@ -449,6 +449,8 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
                 .as_ref()
                 .filter(|u| u.role == at.0 && u.ports.contains(&at.1))
                 .map(|u| u.name.to_string()),
+            tc_program: (spec.redirect_ports(at.0).contains(&at.1))
+                .then(|| redirect::PROGRAM.to_string()),
         })
     };
     let mut interfaces = Vec::new();

@@ -307,8 +307,9 @@ pub(super) struct Spec {
     pub forwarding: Vec<&'static str>,
     /// A userspace datapath between devices of a host namespace.
     pub userspace: Option<Userspace>,
-    /// The host role whose pods' veths redirect to each other in eBPF (redirect.rs).
-    pub redirect: Option<&'static str>,
+    /// The host roles whose pods' veths redirect in eBPF, to each other and towards the other
+    /// host (redirect.rs).
+    pub redirect: Vec<&'static str>,
     /// SR-IOV NICs and the VFs the pods own.
     pub pfs: Vec<Pf>,
     pub vfs: Vec<Vf>,
@@ -383,9 +384,7 @@ impl Spec {
             }
             (Topology::Dpdk, SameHost) => dpdk(mtu),
             (Topology::EbpfRedirect, SameHost) => ebpf_redirect(mtu),
-            (Topology::EbpfRedirect, CrossHost) => {
-                return no_placement("ebpf-redirect is same-host for now (bpf_redirect_peer between two pods of one host); use --placement same-host")
-            }
+            (Topology::EbpfRedirect, CrossHost) => ebpf_redirect_cross_host(mtu),
             (Topology::Sriov, p) => sriov(p, mtu),
             (Topology::Dpdk, CrossHost) => {
                 return no_placement("dpdk is same-host (testpmd joins two pods of one host); use --placement same-host")
@@ -463,6 +462,31 @@ impl Spec {
 
     /// The master netlink reports for the device at `at`: its bridge's, or the OVS
     /// datapath's for a kernel device that is an OVS port.
+    /// The devices of host `role` whose ingress holds the ebpf-redirect program: its pods'
+    /// host-side veths, and the devices it routes other hosts' pods through.
+    pub fn redirect_ports(&self, role: &str) -> Vec<&'static str> {
+        if !self.redirect.contains(&role) {
+            return Vec::new();
+        }
+        let veths = (self.redirected_pods())
+            .filter(|[_, veth]| veth.at.0 == role)
+            .map(|[_, veth]| veth.at.1);
+        let uplinks = (self.routes.iter())
+            .filter(|r| r.role == role && r.dst.is_some())
+            .map(|r| r.dev);
+        let mut ports: Vec<&'static str> = veths.chain(uplinks).collect();
+        ports.dedup();
+        ports
+    }
+
+    /// The pods an ebpf-redirect program reaches, each with its host-side veth: an addressed
+    /// end paired with an unaddressed one in a redirecting host.
+    pub fn redirected_pods(&self) -> impl Iterator<Item = &[End; 2]> {
+        self.pairs.iter().filter(|[pod, veth]| {
+            pod.addr.is_some() && veth.addr.is_none() && self.redirect.contains(&veth.at.0)
+        })
+    }
+
     pub fn master_of(&self, at: Place) -> Option<&'static str> {
         let bridge = self.ends().find(|e| e.at == at).and_then(|e| e.master);
         let ovs = self
@@ -582,9 +606,29 @@ fn unbridged_pods(mtu: Option<u32>) -> Spec {
 /// veths; a tc program on each redirects what its pod sends to the other pod (redirect.rs).
 fn ebpf_redirect(mtu: Option<u32>) -> Spec {
     Spec {
-        redirect: Some("host"),
+        redirect: vec!["host"],
         ..unbridged_pods(mtu)
     }
+}
+
+/// Cilium's native routing with eBPF host routing between two hosts: host-gw's addressing and
+/// routes, without cni0. A pod's default route is a gateway that exists only as a neighbour
+/// (Cilium's cilium_host address), at its veth's MAC; the tc program on that veth sends what
+/// is for the other host's pods out of wire0 (`bpf_redirect_neigh`), and the one on wire0's
+/// ingress hands it to the pod (`bpf_redirect_peer`).
+fn ebpf_redirect_cross_host(mtu: Option<u32>) -> Spec {
+    let mut spec = cni_cross_host(mtu, Overlay::HostGw);
+    spec.bridges.clear();
+    for [_, veth] in spec.pairs.iter_mut() {
+        veth.master = None;
+    }
+    for route in spec.routes.iter_mut().filter(|r| r.dst.is_none()) {
+        route.onlink = true;
+    }
+    // Nothing is forwarded by the hosts' stacks: the programs move every pod's packet.
+    spec.forwarding.clear();
+    spec.redirect = vec!["host-a", "host-b"];
+    spec
 }
 
 /// Like `bridge`, with dpdk-testpmd in place of the bridge: the host-side veth ends are
@@ -921,6 +965,17 @@ fn add_pods(
             (Topology::EbpfRedirect, Placement::SameHost) => {
                 spec.pairs.push([pod(role, ip(0, slot + 1), mtu), port_of_nothing("host", peer, mtu)]);
             }
+            (Topology::EbpfRedirect, Placement::CrossHost) => {
+                let h = &CNI_HOSTS[usize::from(on_b)];
+                spec.pairs.push([pod(role, ip(h.subnet, slot + 1), mtu), port_of_nothing(h.role, peer, mtu)]);
+                spec.routes.push(Route {
+                    role,
+                    dst: None,
+                    via: ip(h.subnet, 254),
+                    dev: "eth0",
+                    onlink: true,
+                });
+            }
             (Topology::Bridge | Topology::FlannelVxlan | Topology::Geneve, Placement::CrossHost) => {
                 let h = &CNI_HOSTS[usize::from(on_b)];
                 let pod_mtu = spec.pairs[1 + usize::from(on_b)][0].mtu;
@@ -952,7 +1007,7 @@ fn add_pods(
                 continue;
             }
             _ => bail!(
-                "--pods is not supported by {} (bridge, flannel-vxlan, geneve, macvlan and host have it)",
+                "--pods is not supported by {} (bridge, flannel-vxlan, geneve, macvlan, ebpf-redirect and host have it)",
                 topology.name()
             ),
         }
@@ -1252,6 +1307,27 @@ mod tests {
         assert_eq!(flat.addr_of(("host-a", "wire0")), None);
         let same_flat = Spec::of(Topology::OvsFlat, Placement::SameHost, None).unwrap();
         assert_eq!(same_flat.ovs[0].ports.len(), 2);
+    }
+
+    #[test]
+    fn ebpf_redirect_ports_are_the_pods_veths_and_the_uplink() {
+        let same = Spec::of(Topology::EbpfRedirect, Placement::SameHost, None).unwrap();
+        assert_eq!(same.redirect_ports("host"), ["veth-a", "veth-b"]);
+        let cross = Spec::with_pods(Topology::EbpfRedirect, Placement::CrossHost, None, Some(2));
+        let cross = cross.unwrap();
+        assert_eq!(
+            cross.redirect_ports("host-a"),
+            ["veth-a", "veth-c", "wire0"]
+        );
+        assert_eq!(
+            cross.redirect_ports("host-b"),
+            ["veth-b", "veth-d", "wire0"]
+        );
+        assert!(cross.redirect_ports("pod-a").is_empty());
+        // No bridge and no forwarding: the programs alone join the pods.
+        assert!(cross.bridges.is_empty() && cross.forwarding.is_empty());
+        let bridge = Spec::of(Topology::Bridge, Placement::CrossHost, None).unwrap();
+        assert!(bridge.redirect_ports("host-a").is_empty());
     }
 
     #[test]
