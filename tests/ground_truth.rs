@@ -336,6 +336,45 @@ const SERVICE_POINTS: &[Point] = &[
     },
 ];
 
+/// ebpf-redirect across hosts: the tc program on veth-a sends the request out of host-a's
+/// wire0 (`bpf_redirect_neigh`), and the one on host-b's wire0 ingress into pod-b's eth0
+/// (`bpf_redirect_peer`, tests/redirect.rs):
+///
+///   ... tc:ingress veth-a -> tc:egress wire0 (host-a) -> ... -> tc:ingress wire0 (host-b)
+///   -> tc:ingress eth0 (pod-b) -> app:recv
+const EBPF_REDIRECT: LabUnderTest = LabUnderTest {
+    topology: "ebpf-redirect",
+    placement: "cross-host",
+    name: "ebpf-redirect-xhost",
+    netns: "prof-ebpf-redirect-xhost-host-a",
+    segments: 16,
+    watched: &[],
+    service: None,
+};
+
+const EBPF_REDIRECT_POINTS: &[Point] = &[
+    // host-a's wire0 egress: the neighbour redirect's transmit runs wire0's tc egress, so the
+    // hold is in "eBPF redirect neigh veth-a -> wire0 (host-a)". Responses enter host-a's wire0
+    // at ingress: unaffected.
+    Point {
+        netns: "prof-ebpf-redirect-xhost-host-a",
+        iface: "wire0",
+        direction: Direction::Egress,
+        port: PORT,
+        request_segment: "eBPF redirect neigh veth-a -> wire0 (host-a)",
+    },
+    // pod-b's eth0 ingress: the peer redirect goes round the receive again with eth0, whose tc
+    // ingress holds it: "eBPF redirect peer wire0 -> eth0 (pod-b)". Responses leave through
+    // eth0's egress.
+    Point {
+        netns: "prof-ebpf-redirect-xhost-pod-b",
+        iface: "eth0",
+        direction: Direction::Ingress,
+        port: PORT,
+        request_segment: "eBPF redirect peer wire0 -> eth0 (pod-b)",
+    },
+];
+
 const DELAYS_US: &[u64] = &[20, 200];
 
 /// Stop re-measuring drifting brackets after this long. A test takes 15-30 s without
@@ -473,6 +512,12 @@ fn injected_delay_lands_in_the_segment_ending_at_that_hop_on_flannel_vxlan() {
 #[test]
 fn injected_delay_lands_in_the_segment_ending_at_that_hop_through_a_service() {
     ground_truth(&BRIDGE_SERVICE, SERVICE_POINTS);
+}
+
+/// An eBPF datapath: a hold after each of its redirects lands in that redirect's segment.
+#[test]
+fn injected_delay_lands_in_the_segment_ending_at_that_hop_on_ebpf_redirect() {
+    ground_truth(&EBPF_REDIRECT, EBPF_REDIRECT_POINTS);
 }
 
 /// A host-native path: the lower device's hops and the macvlan rx handler.
