@@ -13,7 +13,11 @@ mod common;
 
 use std::process::Command;
 
-use common::{assert_clean_of, lab_up, loaded_named, run_json};
+use common::{
+    assert_clean_of,
+    attach::{report, tmp, udp_echo, Attach},
+    lab_up, loaded_named, run_json,
+};
 use profiler::report::schema::RunReport;
 
 const LAB: &str = "ebpf-redirect";
@@ -245,4 +249,57 @@ fn ebpf_redirect_pods_ping_through_the_program_alone() {
     assert!(!answered, "pinged without the redirect: {out}");
     drop(lab);
     assert_clean_of(LAB);
+}
+
+/// The packets of a path segment `name` of an attach report, over every path.
+fn crossing(r: &serde_json::Value, name: &str) -> u64 {
+    (r["paths"].as_array().expect("paths").iter())
+        .filter(|p| (p["segments"].as_array().unwrap().iter()).any(|s| s["name"] == name))
+        .map(|p| p["packets"].as_u64().unwrap())
+        .sum()
+}
+
+/// attach on the cross-host lab, with UDP of the test's own: it finds the datapath's program
+/// on the pods' host-side veths (not one of the profiler's), puts its follow program on the
+/// pods' eth0 ingress, where a peer redirect delivers without a device's receive, and names
+/// both redirects of each direction as a run does.
+#[test]
+fn attach_names_the_redirects_of_an_ebpf_datapath() {
+    const PORT: u16 = 7457;
+    let ns = |role: &str| format!("prof-{XHOST}-{role}");
+    let before = redirect_programs();
+    let lab = lab_up(&[LAB, "--placement", "cross-host"]);
+    let (pod_a, pod_b) = (ns("pod-a"), ns("pod-b"));
+    let json = tmp("redirect.json");
+    let attach = Attach::start(&[
+        "--netns",
+        &pod_a,
+        "--netns",
+        &pod_b,
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let period = std::time::Duration::from_millis(5);
+    udp_echo((&pod_a, &pod_b), "198.18.2.1", PORT, 100, 64, period);
+    attach.stop();
+    drop(lab);
+    // The next test counts the lab's programs from zero again.
+    assert_gone(XHOST, before);
+    let r = report(&json);
+    for pod in [&pod_a, &pod_b] {
+        let name = format!("tc:ingress@eth0/{pod}");
+        let h = (r["hooks"].as_array().unwrap().iter())
+            .find(|h| h["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("no {name} in {}", r["hooks"]));
+        assert_eq!(h["status"], "attached", "{h}");
+    }
+    for (from, host, to_pod) in [("veth-a", "host-a", "pod-b"), ("veth-b", "host-b", "pod-a")] {
+        for segment in [
+            format!("eBPF redirect neigh {from} -> wire0 ({})", ns(host)),
+            format!("eBPF redirect peer wire0 -> eth0 ({})", ns(to_pod)),
+        ] {
+            let n = crossing(&r, &segment);
+            assert_eq!(n, 100, "{segment}: {n} packets; paths: {}", r["paths"]);
+        }
+    }
 }

@@ -654,7 +654,8 @@ fn start(f: &Flight, skb: u64) -> bool {
 /// packets passed over trust it instead of reading the packet again): from tc egress to the
 /// device's queue (tagged runs only), from a device's queue to its driver, from a driver to the
 /// backlog of its veth peer (inside the same xmit call), from the backlog or GRO to the
-/// receive; and across a NAT, between the tagged programs around it (PRE_ROUTING's before and
+/// receive, from a receive to a tc ingress (attach's only where a peer redirect delivers); and
+/// across a NAT, between the tagged programs around it (PRE_ROUTING's before and
 /// after, from there to POST_ROUTING's before when the bridge forwards it straight on, and
 /// POST_ROUTING's before and after). The NAT rewrites addresses and ports, which a TCP tag is
 /// remembered by, not the payload. A packet dropped in between ends at kfree_skb.
@@ -672,6 +673,10 @@ pub(crate) fn next_stage(last: &HopPoint, last_skb: u64, skb: u64, hook: u8, dev
         was(HookId::NetDevStartXmit)
     } else if is(HookId::NetifReceiveSkb) {
         same_device && (was(HookId::NetifRx) || was(HookId::NapiGroReceiveEntry))
+    } else if is(HookId::TcIngress) {
+        // A device's receive to its tc ingress, or to its veth peer's after a peer redirect
+        // (the receive goes round again with the new device).
+        was(HookId::NetifReceiveSkb)
     } else if is(HookId::NfPreNatAfter) {
         same_device && was(HookId::NfPreNatBefore)
     } else if is(HookId::NfPostNatBefore) {

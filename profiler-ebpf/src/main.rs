@@ -18,7 +18,7 @@ mod uprobe;
 
 use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, classifier, map, raw_tracepoint},
     maps::{Array, PerCpuArray, ProgramArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TcContext},
@@ -558,6 +558,21 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
     on_tc(&ctx, HookId::TcEgress)
+}
+
+/// Follow mode at a pod's tc ingress, where an eBPF datapath's `bpf_redirect_peer` delivers
+/// without another netif_receive_skb: the context is the kernel's sk_buff, the buffer a
+/// followed packet is known by, so a followed packet gets its hop here. It decides no packet:
+/// every packet reaching it passed a device's receive before, where its journey was decided.
+#[classifier]
+pub fn ftc_ingress(ctx: TcContext) -> i32 {
+    // The verifier allows no arithmetic on the context pointer (the journey's slot is a hash
+    // of the buffer's address): read back from the stack, its value is a plain number.
+    let ctx_ptr = ctx.skb.skb as u64;
+    if let Ok(skb) = unsafe { bpf_probe_read_kernel(&ctx_ptr as *const u64) } {
+        follow::on_hop::<Probed>(&skb as *const u64, HookId::TcIngress as u8, None);
+    }
+    TC_ACT_UNSPEC
 }
 
 #[cfg(not(test))]

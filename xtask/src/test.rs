@@ -7,8 +7,8 @@ use clap::ValueEnum as _;
 use std::process::Command;
 
 /// Name prefixes of the project's eBPF programs (as the kernel truncates them, 15 chars).
-const PROG_PREFIXES: [&str; 15] = [
-    "tp_", "raw_", "ftp_", "fraw_", "dtp_", "draw_", "kp_", "fkp_", "dkp_", "tc_", "prof",
+const PROG_PREFIXES: [&str; 16] = [
+    "tp_", "raw_", "ftp_", "fraw_", "dtp_", "draw_", "kp_", "fkp_", "dkp_", "tc_", "ftc_", "prof",
     "floor_", "up_", "nf_", "fnf_",
 ];
 /// The --file-prefix of the dpdk lab's testpmd (profiler's lab/dpdk.rs): its command line

@@ -142,6 +142,9 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
             .collect();
         programs.attach_netfilter(Mode::Follow, &nat);
     }
+    for (ns, ifname) in &scope.redirected {
+        programs.attach_tc(Mode::Follow, discover::ns_arg(ns), ifname, true);
+    }
     let _stats = kernel::stats_while(args.stats)?;
     let slots = write_scope(&mut programs, &[], &scope.points)?;
     write_table(&mut programs, "WIRE", &scope::slots(&scope.wire)?)?;

@@ -20,7 +20,7 @@ use crate::{
         discover::{self, ROOT},
         netns,
         target::Devices,
-        LabIface,
+        IfRef, LabIface,
     },
     pods,
     report::schema::Hop,
@@ -39,6 +39,9 @@ pub struct Scope {
     /// Where a Service may translate its packets: the root namespace, the targets', and those
     /// of their veths' other ends (a pod's host).
     pub nat_namespaces: Vec<String>,
+    /// The scope's interfaces (namespace, name) that an eBPF datapath may hand packets to with
+    /// `bpf_redirect_peer` (`redirected`).
+    pub redirected: Vec<(String, String)>,
 }
 
 /// A cgroup v2 directory's id: the kernel's kernfs node id, which is its inode number.
@@ -198,6 +201,7 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
         bail!("the targets have no network devices to attach to");
     }
     let nat_namespaces = nat_namespaces(scoped, &interfaces);
+    let redirected = redirected(&points, &interfaces);
     // Only the runtime and the CNI cache say more of a namespace than its name.
     let pods = match &listing.source {
         pods::Source::NetnsNames => Vec::new(),
@@ -216,7 +220,25 @@ pub async fn scope(args: &AttachArgs, strict: bool) -> Result<Scope> {
         },
         source: listing.source,
         nat_namespaces,
+        redirected,
     })
+}
+
+/// The interfaces among `points` whose veth's other end holds an eBPF datapath's program at
+/// its tc ingress: a packet that program redirects to the peer arrives without a device's
+/// receive (`__netif_receive_skb_core` goes round again), so no tracepoint sees it come in.
+fn redirected(points: &[[u32; 2]], interfaces: &[LabIface]) -> Vec<(String, String)> {
+    let runs_datapath = |p: &IfRef| {
+        (interfaces.iter())
+            .any(|q| q.netns == p.netns && q.ifindex == p.ifindex && q.tc_program.is_some())
+    };
+    let in_points = |i: &LabIface| {
+        discover::inode(&i.netns).is_ok_and(|inode| points.contains(&[inode, i.ifindex]))
+    };
+    (interfaces.iter())
+        .filter(|i| i.peer.as_ref().is_some_and(runs_datapath) && in_points(i))
+        .map(|i| (i.netns.clone(), i.ifname.clone()))
+        .collect()
 }
 
 /// `scoped` and the namespaces of the other ends of their veths, each once.

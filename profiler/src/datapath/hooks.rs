@@ -112,6 +112,14 @@ impl HookDef {
         Some(format!("{}{prog}", mode.program_prefix()))
     }
 
+    /// The program at a tc hook in `mode`: tc_X tagged, ftc_X follow.
+    pub fn tc_program(&self, mode: Mode) -> Option<String> {
+        let Attach::Tc { prog, .. } = self.attach else {
+            return None;
+        };
+        (self.modes.contains(&mode)).then(|| format!("{}{prog}", mode.program_prefix()))
+    }
+
     /// The program serving a deep hook in `mode`.
     pub fn deep_program(&self, mode: Mode) -> Option<String> {
         let prefix = mode.program_prefix();
@@ -136,7 +144,10 @@ impl HookDef {
     /// Every program that serves this hook, in any mode.
     pub fn programs(&self) -> Vec<String> {
         match self.attach {
-            Attach::Tc { prog, .. } => vec![prog.to_string()],
+            Attach::Tc { .. } => [Mode::Tagged, Mode::Follow]
+                .into_iter()
+                .filter_map(|m| self.tc_program(m))
+                .collect(),
             Attach::Netfilter { .. } => [Mode::Tagged, Mode::Follow]
                 .into_iter()
                 .filter_map(|m| self.netfilter_program(m))
@@ -223,7 +234,9 @@ pub const HOOK_TABLE: &[HookDef] = &[
     tp(HookId::KfreeSkb, "kfree_skb", BOTH),
     // Where a followed packet's buffer is freed after use: its journey ends.
     tp(HookId::ConsumeSkb, "consume_skb", FOLLOW),
-    // tc reads packets through __sk_buff, which hides the buffer a followed packet is known by.
+    // tc hooks: tagged runs read the tag through __sk_buff; follow mode uses tc ingress only
+    // where nothing else sees a packet arrive (a peer redirect), since every tc program is one
+    // more on the device for every packet.
     HookDef {
         id: HookId::TcEgress,
         attach: Attach::Tc {
@@ -240,7 +253,9 @@ pub const HOOK_TABLE: &[HookDef] = &[
             ingress: true,
         },
         label: "tc:ingress",
-        modes: TAGGED,
+        // Follow mode: only where an eBPF datapath's tc program redirects to a pod's peer
+        // (attach/scope.rs), which no tracepoint sees.
+        modes: BOTH,
     },
     // Around the NAT of a Service (nf_nat's NF_IP_PRI_NAT_DST -100 at PRE_ROUTING, where a
     // Service's DNAT runs, and NF_IP_PRI_NAT_SRC 100 at POST_ROUTING, where its replies' is

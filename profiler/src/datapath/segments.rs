@@ -315,6 +315,26 @@ const RULES: &[Rule] = &[
         matches: |e, c| c.same_if && from_to(e, NetifRx, NetifReceiveSkb),
         names: |_, c| format!("backlog {}", c.b),
     },
+    // From the tc ingress (or receive) of an eBPF datapath's port to another device's egress
+    // or queue, no hook between: its program sent the packet out with bpf_redirect_neigh (as
+    // Cilium's host routing does towards other nodes), past the host stack's forwarding.
+    Rule {
+        name: "eBPF redirect neigh",
+        matches: |e, c| {
+            !c.same_if
+                && e.from_tc_program.is_some()
+                && at_any(e.from, &[TcIngress, NetifReceiveSkb])
+                && at_any(e.to, &[TcEgress, NetDevQueue])
+        },
+        names: |e, c| {
+            format!(
+                "eBPF redirect neigh {} -> {} {}",
+                c.a,
+                c.b,
+                parenthesized(e.from_ns)
+            )
+        },
+    },
     // Without tc hooks: bridging or routing from one device's receive to another's queue.
     Rule {
         name: "receive to queue",
@@ -341,12 +361,15 @@ const RULES: &[Rule] = &[
         matches: |e, c| c.same_if && from_to(e, NetifReceiveSkb, TcIngress),
         names: |_, c| format!("receive to ingress {}", c.b),
     },
-    // From one device's tc ingress straight to another's, no hook between: a tc program
-    // redirected the packet to a veth's peer (bpf_redirect_peer, as Cilium's datapath does),
-    // which the kernel takes in the same receive, past the bridge, backlog and host stack.
+    // From one device's tc ingress (or, without tc hooks there, its receive) straight to
+    // another's tc ingress, no hook between: a tc program redirected the packet to a veth's
+    // peer (bpf_redirect_peer, as Cilium's datapath does), which the kernel takes in the same
+    // receive, past the bridge, backlog and host stack.
     Rule {
         name: "eBPF redirect peer",
-        matches: |e, c| !c.same_if && from_to(e, TcIngress, TcIngress),
+        matches: |e, c| {
+            !c.same_if && at_any(e.from, &[TcIngress, NetifReceiveSkb]) && at(e.to, TcIngress)
+        },
         names: |e, c| {
             format!(
                 "eBPF redirect peer {} -> {} {}",
@@ -413,26 +436,6 @@ const RULES: &[Rule] = &[
         name: "from prerouting to host stack",
         matches: |e, c| c.same_if && from_to(e, NfPreNatAfter, NetifReceiveSkb),
         names: |_, c| format!("bridge {} (prerouting -> host stack)", c.a),
-    },
-    // From the tc ingress of an eBPF datapath's port to another device's egress, no hook
-    // between: its program sent the packet out with bpf_redirect_neigh (as Cilium's host
-    // routing does towards other nodes), past the host stack's forwarding.
-    Rule {
-        name: "eBPF redirect neigh",
-        matches: |e, c| {
-            !c.same_if
-                && e.from_tc_program.is_some()
-                && at(e.from, TcIngress)
-                && at_any(e.to, &[TcEgress, NetDevQueue])
-        },
-        names: |e, c| {
-            format!(
-                "eBPF redirect neigh {} -> {} {}",
-                c.a,
-                c.b,
-                parenthesized(e.from_ns)
-            )
-        },
     },
     // With tc hooks: bridging or routing from one device's ingress to another's egress.
     Rule {
@@ -622,6 +625,11 @@ mod tests {
             // Without tc hooks (follow mode): the backlog between netif_rx and the receive, and
             // bridging or routing from a device's receive to another's queue.
             (Hook(NetifRx), Hook(NetifReceiveSkb)) if same_if => format!("backlog {b}"),
+            (Hook(TcIngress) | Hook(NetifReceiveSkb), Hook(TcEgress) | Hook(NetDevQueue))
+                if !same_if && e.from_tc_program.is_some() =>
+            {
+                format!("eBPF redirect neigh {a} -> {b} {from_ns}")
+            }
             (Hook(NetifReceiveSkb), Hook(NetDevQueue)) => match bridge {
                 Some(br) => format!("bridge {br} ({a} -> {b})"),
                 None => format!("forward {a} -> {b} {from_ns}"),
@@ -633,7 +641,7 @@ mod tests {
             (Hook(NetifReceiveSkb), Hook(TcIngress)) if same_if => {
                 format!("receive to ingress {b}")
             }
-            (Hook(TcIngress), Hook(TcIngress)) if !same_if => {
+            (Hook(TcIngress) | Hook(NetifReceiveSkb), Hook(TcIngress)) if !same_if => {
                 format!(
                     "eBPF redirect peer {a} -> {} {}",
                     e.to_if,
@@ -663,11 +671,6 @@ mod tests {
             }
             (Hook(NfPreNatAfter), Hook(NetifReceiveSkb)) if same_if => {
                 format!("bridge {a} (prerouting -> host stack)")
-            }
-            (Hook(TcIngress), Hook(TcEgress) | Hook(NetDevQueue))
-                if !same_if && e.from_tc_program.is_some() =>
-            {
-                format!("eBPF redirect neigh {a} -> {b} {from_ns}")
             }
             (Hook(TcIngress), Hook(TcEgress) | Hook(NfPostNatBefore)) => match bridge {
                 Some(br) => format!("bridge {br} ({a} -> {b})"),

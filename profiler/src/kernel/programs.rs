@@ -39,6 +39,8 @@ const NETLINK_PRIORITY: u16 = 40_000;
 #[derive(Debug)]
 pub struct TcAttachment {
     pub hook: HookId,
+    /// The program attached: tc_X, or ftc_X to follow.
+    prog: String,
     pub netns: Option<String>,
     pub ifname: String,
     link: SchedClassifierLinkId,
@@ -405,11 +407,11 @@ impl Programs {
         self.netfilter = Some(links);
     }
 
-    /// Attaches the tc egress program, and the ingress one if `at_ingress`, to `ifname` in
-    /// namespace `ns` (None: this one).
-    pub fn attach_tc(&mut self, ns: Option<&str>, ifname: &str, at_ingress: bool) {
+    /// Attaches the tc programs of `mode` to `ifname` in namespace `ns` (None: this one): at
+    /// egress, and at ingress if `at_ingress`.
+    pub fn attach_tc(&mut self, mode: Mode, ns: Option<&str>, ifname: &str, at_ingress: bool) {
         for spec in HOOK_TABLE {
-            if let Attach::Tc { prog, ingress } = spec.attach {
+            if let (Attach::Tc { ingress, .. }, Some(prog)) = (spec.attach, spec.tc_program(mode)) {
                 if ingress && !at_ingress {
                     continue;
                 }
@@ -419,7 +421,7 @@ impl Programs {
                     ifname,
                     ns.map(|n| format!("/{n}")).unwrap_or_default()
                 );
-                let st = match self.attach_tc_one(spec, prog, ingress, ns, ifname) {
+                let st = match self.attach_tc_one(spec, &prog, ingress, ns, ifname) {
                     Ok(att) => {
                         self.tc.push(att);
                         status(&name, "tc", Status::Attached, None)
@@ -474,6 +476,7 @@ impl Programs {
         let link = attached?;
         Ok(TcAttachment {
             hook: spec.id,
+            prog: prog.to_string(),
             netns: ns.map(str::to_string),
             ifname: ifname.to_string(),
             link,
@@ -544,12 +547,9 @@ impl Programs {
     /// and removes the clsact qdiscs that were added for them.
     pub fn detach_tc(&mut self) {
         for att in std::mem::take(&mut self.tc) {
-            let prog = if att.hook == HookId::TcIngress {
-                "tc_ingress"
-            } else {
-                "tc_egress"
+            let Ok(p) = self.program(&att.prog) else {
+                continue;
             };
-            let Ok(p) = self.program(prog) else { continue };
             let Ok(p): Result<&mut SchedClassifier, _> = p.try_into() else {
                 continue;
             };

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context as _, Result};
+use aya::programs::{SchedClassifier, TcAttachType};
 
 use super::netns;
 use super::{names::PodName, nl::Nl, IfRef, LabIface};
@@ -61,19 +62,25 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
             .links()
             .await
             .with_context(|| format!("reading the interfaces of {ns}"))?;
-        rows.extend(links.into_iter().map(|r| (ns.clone(), r)));
+        for r in links {
+            let program = match r.kind == "veth" {
+                true => datapath_program(&nl, ns, &r.name, r.index).await,
+                false => None,
+            };
+            rows.push((ns.clone(), r, program));
+        }
     }
     let by_index: HashMap<(&str, u32), &str> = rows
         .iter()
-        .map(|(ns, r)| ((ns.as_str(), r.index), r.name.as_str()))
+        .map(|(ns, r, _)| ((ns.as_str(), r.index), r.name.as_str()))
         .collect();
     let ifaces = rows
         .iter()
-        .filter(|(_, r)| r.name != "lo")
-        .map(|(ns, r)| {
+        .filter(|(_, r, _)| r.name != "lo")
+        .map(|(ns, r, program)| {
             let peer = (r.kind == "veth")
                 .then(|| {
-                    rows.iter().find(|(pns, p)| {
+                    rows.iter().find(|(pns, p, _)| {
                         p.kind == "veth"
                             && Some(p.index) == r.link
                             && p.link == Some(r.index)
@@ -81,7 +88,7 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
                     })
                 })
                 .flatten()
-                .map(|(pns, p)| IfRef {
+                .map(|(pns, p, _)| IfRef {
                     netns: pns.clone(),
                     ifname: p.name.clone(),
                     ifindex: p.index,
@@ -106,11 +113,35 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
                 mtu: r.mtu,
                 // A packet socket's process is not in netlink's view of a device.
                 userspace: None,
-                tc_program: None,
+                tc_program: program.clone(),
             }
         })
         .collect();
     Ok(ifaces)
+}
+
+/// The profiler's own programs at a tc ingress: its hooks and its delay injector.
+const OWN_TC_PROGRAMS: &[&str] = &["tc_ingress", "ftc_ingress", "tc_delay"];
+
+/// The program of an eBPF datapath at veth `name`'s tc ingress (Cilium's cil_from_container,
+/// the ebpf-redirect lab's tc_redirect), as a tc filter or a tcx link: what may redirect the
+/// packets its pod sends past the host stack.
+async fn datapath_program(nl: &Nl, ns: &str, name: &str, index: u32) -> Option<String> {
+    let mut names = nl.ingress_bpf_filters(index).await.unwrap_or_default();
+    // Before tcx (6.6) the query fails: the filters were all there is.
+    let tcx = netns::run_in(ns_arg(ns), || {
+        Ok(SchedClassifier::query_tcx(name, TcAttachType::Ingress)?)
+    });
+    if let Ok((_, programs)) = tcx {
+        names.extend(
+            programs
+                .iter()
+                .filter_map(|p| Some(p.name_as_str()?.to_string())),
+        );
+    }
+    names
+        .into_iter()
+        .find(|n| !OWN_TC_PROGRAMS.contains(&n.as_str()))
 }
 
 /// The node's namespaces, and each listed pod's under the name it has among them (a pod's

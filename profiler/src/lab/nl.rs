@@ -11,7 +11,7 @@ use rtnetlink::packet_route::link::{
     VfInfo, VfInfoMac,
 };
 use rtnetlink::packet_route::neighbour::NeighbourFlags;
-use rtnetlink::packet_route::tc::TcHandle;
+use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcOption};
 use rtnetlink::{
     Handle, LinkBridge, LinkGeneve, LinkIpVlan, LinkMacVlan, LinkUnspec, LinkVeth, LinkVlan,
     LinkVxlan, RouteMessageBuilder,
@@ -400,6 +400,31 @@ impl Nl {
                     self.ns
                 )
             })
+    }
+
+    /// The names of the BPF programs in the tc filters on the device's ingress (a clsact
+    /// qdisc's; tcx programs are not filters).
+    pub async fn ingress_bpf_filters(&self, index: u32) -> Result<Vec<String>> {
+        let filters: Vec<_> = (self.handle.traffic_filter(index as i32).get().ingress())
+            .execute()
+            .try_collect()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot list the ingress filters of interface {index} in {}",
+                    self.ns
+                )
+            })?;
+        let names = filters.iter().flat_map(|f| &f.attributes).filter_map(|a| {
+            let TcAttribute::Options(options) = a else {
+                return None;
+            };
+            options.iter().find_map(|o| match o {
+                TcOption::Bpf(TcFilterBpfOption::ProgName(name)) => Some(name.clone()),
+                _ => None,
+            })
+        });
+        Ok(names.collect())
     }
 
     /// Deletes the device's clsact qdisc, and with it every tc filter hanging off it.

@@ -815,7 +815,7 @@ async fn start(s: &Start) -> Result<(Running, Answer)> {
     let hook_set = programs.attach_set(&btf, Mode::Tagged, s.hooks)?;
     let inv = inventory().await?;
     for i in &inv.interfaces {
-        programs.attach_tc(discover::ns_arg(&i.netns), &i.ifname, true);
+        programs.attach_tc(Mode::Tagged, discover::ns_arg(&i.netns), &i.ifname, true);
     }
     let (stop, stop_rx) = oneshot::channel();
     let collector = tokio::spawn(ring::collect(programs.take_events()?, stop_rx));

@@ -318,7 +318,12 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
     let hook_set = programs.attach_set(&btf, Mode::Tagged, args.hooks)?;
     programs.attach_uprobes(&args.uprobes)?;
     for p in &lab.attach {
-        programs.attach_tc(discover::ns_arg(&p.netns), &p.ifname, p.ingress);
+        programs.attach_tc(
+            Mode::Tagged,
+            discover::ns_arg(&p.netns),
+            &p.ifname,
+            p.ingress,
+        );
     }
     if let Some(svc) = &lab.service {
         let nat: Vec<Option<&str>> = svc.namespaces.iter().map(|n| discover::ns_arg(n)).collect();
