@@ -15,7 +15,7 @@ use std::process::Command;
 
 use common::{
     assert_clean_of,
-    attach::{report, tmp, udp_echo, Attach},
+    attach::{crossing, report, tmp, udp_echo, Attach},
     lab_up, loaded_named, run_json,
 };
 use profiler::report::schema::RunReport;
@@ -249,14 +249,6 @@ fn ebpf_redirect_pods_ping_through_the_program_alone() {
     assert!(!answered, "pinged without the redirect: {out}");
     drop(lab);
     assert_clean_of(LAB);
-}
-
-/// The packets of a path segment `name` of an attach report, over every path.
-fn crossing(r: &serde_json::Value, name: &str) -> u64 {
-    (r["paths"].as_array().expect("paths").iter())
-        .filter(|p| (p["segments"].as_array().unwrap().iter()).any(|s| s["name"] == name))
-        .map(|p| p["packets"].as_u64().unwrap())
-        .sum()
 }
 
 /// attach on the cross-host lab, with UDP of the test's own: it finds the datapath's program

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::{
     assert_clean_of, assert_complete,
-    attach::{report, tcp_echo_via, tmp, udp_echo_via, Attach},
+    attach::{crossing, report, tcp_echo_via, tmp, udp_echo_via, Attach},
     lab_up, profiler, run_json,
 };
 use profiler::lab::service::{CLUSTER_IP, PORT};
@@ -195,14 +195,6 @@ fn nftables_service_across_hosts_on_flannel_vxlan() {
     );
     drop(guard);
     assert_clean_of(LAB);
-}
-
-/// The packets of the paths in attach report `r` that cross segment `name`.
-fn crossing(r: &Value, name: &str) -> u64 {
-    (r["paths"].as_array().expect("paths").iter())
-        .filter(|p| (p["segments"].as_array().unwrap().iter()).any(|s| s["name"] == name))
-        .map(|p| p["packets"].as_u64().unwrap())
-        .sum()
 }
 
 /// attach through a Service, with UDP and TCP of the test's own to the ClusterIP: kube-proxy's

@@ -404,3 +404,11 @@ pub fn assert_way_across(d: &LinkDirection, c: &WireCrossing) {
         assert_eq!(w[0].to, w[1].from, "one chain of hops: {way:?}");
     }
 }
+
+/// The packets of the paths in attach report `r` that cross segment `name`.
+pub fn crossing(r: &Value, name: &str) -> u64 {
+    (r["paths"].as_array().expect("paths").iter())
+        .filter(|p| (p["segments"].as_array().unwrap().iter()).any(|s| s["name"] == name))
+        .map(|p| p["packets"].as_u64().unwrap())
+        .sum()
+}
