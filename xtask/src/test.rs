@@ -40,6 +40,7 @@ const RUN_DIRS: [&str; 7] = [
 pub fn run(args: &[String]) -> Result<()> {
     cmd::require_root("test", "runs eBPF and network-namespace tests")?;
     let vm_kernels = vm_kernels()?;
+    let vm_suite = vm::Suite::from_env()?;
     setup::run()?;
     setup::test_packages()?;
     // The nested labs' tests (tests/nested.rs) boot guests on this kernel.
@@ -93,7 +94,7 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("VM tests: not asked for (the targets picked: {cargo_args:?})");
         Ok(())
     } else {
-        vm::test_kernels(&vm_kernels, harness_args)
+        vm::test_kernels(&vm_kernels, vm_suite, harness_args)
             .and_then(|()| leak_check("left behind by the VM tests (QEMU)"))
     };
     list_skips(&skips);
