@@ -295,3 +295,92 @@ fn attach_names_the_redirects_of_an_ebpf_datapath() {
         }
     }
 }
+
+/// The hosts of a lab hold no NAT rule and forward nothing: a Service there is the program's.
+fn assert_no_kube_proxy(lab: &str, hosts: &[&str]) {
+    for host in hosts {
+        let ns = format!("prof-{lab}-{host}");
+        let out = |cmd: &[&str]| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .args(cmd)
+                .output()
+                .expect("ip netns exec");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        assert_eq!(out(&["sysctl", "-n", "net.ipv4.ip_forward"]), "0", "{ns}");
+        let nat = out(&["iptables-save", "-t", "nat"]) + &out(&["nft", "list", "ruleset"]);
+        assert!(
+            !nat.contains("KUBE") && !nat.contains("kube-proxy"),
+            "{ns}: {nat}"
+        );
+    }
+}
+
+/// A Service on the eBPF datapath, as Cilium's kube-proxy replacement: the program on the
+/// client's veth gives a packet to the ClusterIP its backend as destination before the
+/// redirect, and the one where the reply enters the client's host gives it the ClusterIP back.
+/// No netfilter rule and no forwarding in the hosts; UDP and TCP exchanges through the
+/// ClusterIP complete, their journeys whole, the translation inside the redirects' segments.
+#[test]
+fn an_ebpf_service_translates_in_the_datapath_at_both_placements() {
+    let before = redirect_programs();
+    for placement in ["same-host", "cross-host"] {
+        let (name, hosts): (&str, &[&str]) = match placement {
+            "same-host" => (LAB, &["host"]),
+            _ => (XHOST, &["host-a", "host-b"]),
+        };
+        let up = [LAB, "--placement", placement, "--service", "ebpf"];
+        let lab = lab_up(&up);
+        assert_no_kube_proxy(name, hosts);
+        for proto in ["udp", "tcp"] {
+            let run = [
+                "--lab",
+                LAB,
+                "--placement",
+                placement,
+                "--count",
+                "200",
+                "--proto",
+                proto,
+            ];
+            let r: RunReport = serde_json::from_value(run_json(&run)).expect("a run report");
+            let via = r.service.as_deref().unwrap_or_default();
+            assert!(
+                via.starts_with("Service (ebpf) 198.18.250.10:8080 -> "),
+                "{placement} {proto}: {via:?}"
+            );
+            let peer = |from, pod: &str| Step {
+                name: format!("eBPF redirect peer {from} -> eth0 ({pod})"),
+                from,
+                to: "eth0",
+            };
+            let neigh = |from, host: &str| Step {
+                name: format!("eBPF redirect neigh {from} -> wire0 ({host})"),
+                from,
+                to: "wire0",
+            };
+            let dirs = match placement {
+                "same-host" => [
+                    ("request", vec![peer("veth-a", "pod-b")], &["veth-b"][..]),
+                    ("response", vec![peer("veth-b", "pod-a")], &["veth-a"][..]),
+                ],
+                _ => [
+                    (
+                        "request",
+                        vec![neigh("veth-a", "host-a"), peer("wire0", "pod-b")],
+                        &["veth-b"][..],
+                    ),
+                    (
+                        "response",
+                        vec![neigh("veth-b", "host-b"), peer("wire0", "pod-a")],
+                        &["veth-a"][..],
+                    ),
+                ],
+            };
+            assert_redirected(&r, 200, dirs);
+        }
+        drop(lab);
+        assert_gone(name, before);
+    }
+}

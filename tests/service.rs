@@ -348,7 +348,15 @@ fn what_a_service_cannot_do_is_one_line() {
         ),
         (
             ["bench", "paper", "--types=bridge+ipvs"],
-            "a Service is +iptables or +nftables, not +ipvs",
+            "a Service is +iptables, +nftables or +ebpf, not +ipvs",
+        ),
+        (
+            ["compare", "--lab", "ebpf-redirect+iptables"],
+            "kube-proxy's rules would never see the pods' packets",
+        ),
+        (
+            ["compare", "--lab", "bridge+ebpf"],
+            "--service ebpf is the ebpf-redirect lab's own translation",
         ),
     ] {
         let out = profiler(&args);

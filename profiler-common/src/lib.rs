@@ -503,6 +503,40 @@ pub struct RedirectTarget {
 /// Most pods the `ebpf-redirect` lab's table holds.
 pub const REDIRECT_TARGETS: u32 = 64;
 
+/// An IPv4 address and port as a packet carries them (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A Service port the `ebpf-redirect` lab's program translates, as Cilium's kube-proxy
+/// replacement does: its virtual address and port, and the IP protocol (17 UDP, 6 TCP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceKey {
+    pub vip: Endpoint,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A connection the program translated: the client's and the backend's endpoints, the key its
+/// replies are found by, to be given the Service's address back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatKey {
+    pub client: Endpoint,
+    pub backend: Endpoint,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Most Service ports, and translated connections, the lab's tables hold.
+pub const SERVICE_PORTS: u32 = 16;
+pub const NAT_CONNECTIONS: u32 = 65_536;
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::Event {}
@@ -516,6 +550,8 @@ mod pod {
     unsafe impl aya::Pod for super::Filter {}
     unsafe impl aya::Pod for super::FuncHook {}
     unsafe impl aya::Pod for super::RedirectTarget {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::ServiceKey {}
 }
 
 #[cfg(test)]

@@ -102,9 +102,9 @@ pub struct LabOpts {
     /// The node lab: the CNI plugin that wires its pods (default bridge).
     #[arg(long, value_enum)]
     cni: Option<lab::node::Cni>,
-    /// A Kubernetes Service in front of the server pod, as kube-proxy's iptables or nftables
-    /// mode writes it on every host (bridge, flannel-vxlan): clients send to its ClusterIP
-    /// (198.18.250.10:8080), DNATed to the pod.
+    /// A Kubernetes Service in front of the server pod: clients send to its ClusterIP
+    /// (198.18.250.10:8080), translated to the pod by kube-proxy's iptables or nftables rules
+    /// on every host (bridge, flannel-vxlan), or by the eBPF datapath's program (ebpf-redirect).
     #[arg(long, value_enum)]
     pub service: Option<lab::service::Mode>,
 }

@@ -313,11 +313,11 @@ impl std::str::FromStr for Network {
         let service =
             (mode.map(|m| service::Mode::from_str(m, false)).transpose()).map_err(|_| {
                 format!(
-                    "a Service is +iptables or +nftables, not +{}",
+                    "a Service is +iptables, +nftables or +ebpf, not +{}",
                     mode.unwrap_or("")
                 )
             })?;
-        match service.and_then(|_| service::refused(topology)) {
+        match service.and_then(|m| service::refused(topology, m)) {
             Some(why) => Err(why.to_string()),
             None => Ok(Network { topology, service }),
         }
@@ -480,7 +480,7 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
             "--mtu must be between 576 and 9000",
         ));
     }
-    if let Some(why) = options.service.and_then(|_| service::refused(topology)) {
+    if let Some(why) = options.service.and_then(|m| service::refused(topology, m)) {
         return Err(crate::error::bad_input(format!(
             "--service on {}: {why}",
             topology.name()
@@ -539,8 +539,8 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
         return Ok(lab);
     }
     let mut spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
-    if options.service.is_some() {
-        service::prepare(&mut spec);
+    if let Some(mode) = options.service {
+        service::prepare(&mut spec, mode);
     }
     let name = lab_name(topology, options.placement);
     if leftovers(&name, &spec) {
@@ -693,7 +693,7 @@ mod tests {
             ("bridged", "no topology \"bridged\" (one of veth, bridge, "),
             (
                 "bridge+ipvs",
-                "a Service is +iptables or +nftables, not +ipvs",
+                "a Service is +iptables, +nftables or +ebpf, not +ipvs",
             ),
             ("macvlan+iptables", "macvlan pods cannot reach"),
         ] {

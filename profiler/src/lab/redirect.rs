@@ -19,11 +19,12 @@ use aya::{
     },
     EbpfLoader,
 };
-use profiler_common::RedirectTarget;
+use profiler_common::{Endpoint, RedirectTarget, ServiceKey};
 
 use super::{
     netns,
     nl::Nl,
+    service::{Mode, Service},
     spec::{netns_name, Spec},
 };
 use crate::object::ebpf_object;
@@ -31,6 +32,7 @@ use crate::object::ebpf_object;
 /// The program and its table in the eBPF object.
 pub(super) const PROGRAM: &str = "tc_redirect";
 const TABLE: &str = "REDIRECT_TO";
+const SERVICES: &str = "SERVICES";
 /// Its clsact filter's priority: after the profile's own filters on kernels without tcx
 /// (40000 and up), which must stamp the packet before it leaves the device.
 const PRIORITY: u16 = 60_000;
@@ -50,8 +52,14 @@ struct Pod {
 /// every other pod of the host and for its gateway, at its own veth's MAC (no ARP crosses a
 /// redirect: the program forwards IPv4 only, as Cilium answers ARP itself), the table filled
 /// (this host's pods by peer, other hosts' by neighbour out of the device routed to them),
-/// the program on the ingress of each of the host's redirect ports.
-pub(super) async fn install(lab: &str, spec: &Spec, host: &'static str) -> Result<()> {
+/// the program on the ingress of each of the host's redirect ports. With an `ebpf` Service,
+/// the program translates its ports too.
+pub(super) async fn install(
+    lab: &str,
+    spec: &Spec,
+    host: &'static str,
+    service: Option<&Service>,
+) -> Result<()> {
     let host_ns = netns_name(lab, host);
     let pods = pods(lab, spec, host).await?;
     for p in &pods {
@@ -75,6 +83,24 @@ pub(super) async fn install(lab: &str, spec: &Spec, host: &'static str) -> Resul
     let targets = local_targets(&pods).chain(remote_targets(lab, spec, host).await?);
     for (addr, to) in targets {
         table.insert(u32::from_ne_bytes(addr.octets()), to, 0)?;
+    }
+    if let Some(svc) = service.filter(|s| s.mode == Mode::Ebpf) {
+        let mut services: HashMap<_, ServiceKey, Endpoint> = HashMap::try_from(
+            ebpf.map_mut(SERVICES)
+                .context("no SERVICES table in the object")?,
+        )?;
+        let (vip, backend) = (
+            endpoint(svc.cluster_ip, svc.port),
+            endpoint(svc.backend, svc.port),
+        );
+        for proto in [libc::IPPROTO_UDP, libc::IPPROTO_TCP] {
+            let key = ServiceKey {
+                vip,
+                proto: proto as u8,
+                ..ServiceKey::default()
+            };
+            services.insert(key, backend, 0)?;
+        }
     }
     let program: &mut SchedClassifier = ebpf
         .program_mut(PROGRAM)
@@ -136,6 +162,15 @@ async fn remote_targets(
         targets.push((addr, to));
     }
     Ok(targets)
+}
+
+/// An address and port as the packet carries them.
+fn endpoint(addr: Ipv4Addr, port: u16) -> Endpoint {
+    Endpoint {
+        addr: u32::from_ne_bytes(addr.octets()),
+        port: port.to_be(),
+        _pad: 0,
+    }
 }
 
 fn in_subnet(addr: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {

@@ -2,7 +2,8 @@
 //! a virtual ClusterIP and port, DNATed to the pod with conntrack, in iptables mode
 //! (KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-*) or nftables mode (its `ip kube-proxy` table:
 //! the service-ips verdict map -> service-* -> endpoint-* chains). The rules live in the lab's
-//! host namespaces, so they go with them.
+//! host namespaces, so they go with them. On the ebpf-redirect lab the datapath's own program
+//! translates instead (`ebpf`, as Cilium's kube-proxy replacement: lab/redirect.rs).
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
@@ -20,14 +21,19 @@ pub const PORT: u16 = 8080;
 /// The Service's namespace/name in the rules' comments and chain names.
 const NAME: &str = "profiler/echo";
 
-/// How the Service is implemented: kube-proxy's two modes on Linux.
+/// How the Service is implemented: kube-proxy's two modes on Linux, or an eBPF datapath's own
+/// translation.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
+    /// kube-proxy's iptables mode (bridge, flannel-vxlan)
     Iptables,
+    /// kube-proxy's nftables mode (bridge, flannel-vxlan)
     Nftables,
+    /// the eBPF datapath's program, as Cilium's kube-proxy replacement (ebpf-redirect)
+    Ebpf,
 }
 
 impl Mode {
@@ -35,14 +41,7 @@ impl Mode {
         match self {
             Mode::Iptables => "iptables",
             Mode::Nftables => "nftables",
-        }
-    }
-
-    /// The program that loads the rules, from Debian's iptables or nftables package.
-    fn program(self) -> &'static str {
-        match self {
-            Mode::Iptables => "iptables-restore",
-            Mode::Nftables => "nft",
+            Mode::Ebpf => "ebpf",
         }
     }
 }
@@ -73,69 +72,95 @@ impl std::fmt::Display for Service {
     }
 }
 
-/// Why `topology` cannot have a Service, or None.
-pub fn refused(topology: Topology) -> Option<&'static str> {
+/// Why `topology` cannot have a Service of `mode`, or None.
+pub fn refused(topology: Topology, mode: Mode) -> Option<&'static str> {
+    let kube_proxy = mode != Mode::Ebpf;
     match topology {
-        Topology::Bridge | Topology::FlannelVxlan => None,
+        Topology::Bridge | Topology::FlannelVxlan if kube_proxy => None,
+        Topology::EbpfRedirect if !kube_proxy => None,
+        Topology::EbpfRedirect => Some(
+            "the eBPF datapath's redirects skip the host stack, so kube-proxy's rules would \
+             never see the pods' packets (Cilium's eBPF host routing needs its kube-proxy \
+             replacement): use --service ebpf",
+        ),
+        _ if !kube_proxy => Some("--service ebpf is the ebpf-redirect lab's own translation"),
         Topology::Macvlan => Some(
             "macvlan pods cannot reach their host's stack through the parent (macvlan's \
              isolation), so kube-proxy's rules there never see them",
         ),
-        Topology::EbpfRedirect => Some(
-            "an eBPF datapath translates Services in its own programs, not in kube-proxy's \
-             netfilter rules; not built yet",
-        ),
-        _ => Some("Services are built on the bridge and flannel-vxlan labs"),
+        _ => Some("Services are built on the bridge, flannel-vxlan and ebpf-redirect labs"),
     }
 }
 
-/// What the Service needs of the lab's spec: every pod a default route through its host's
+/// What the Service needs of the lab's spec: every pod a default route, through its host's
 /// bridge (a pod of the same-host bridge lab has none: docker0's pods do), and forwarding in
-/// the hosts (the DNATed packet is routed back out of the bridge).
-pub(super) fn prepare(spec: &mut Spec) {
+/// the hosts (the DNATed packet is routed back out of the bridge). An eBPF datapath forwards
+/// nothing through the host stack: its pods' route is an onlink gateway that exists only as
+/// a neighbour (Cilium's cilium_host address, the subnet's .254 here; redirect.rs pins it).
+pub(super) fn prepare(spec: &mut Spec, mode: Mode) {
     for &((role, ifname), host) in &spec.pods.clone() {
         let routed = spec
             .routes
             .iter()
             .any(|r| r.role == role && r.dst.is_none());
-        let gateway = spec.bridges.iter().find(|b| b.at.0 == host);
-        if let (false, Some(b)) = (routed, gateway) {
+        let gateway = match mode {
+            Mode::Ebpf => spec
+                .addr_of((role, ifname))
+                .map(|(a, _)| (Ipv4Addr::from(u32::from(a) & !0xff | 0xfe), true)),
+            _ => (spec.bridges.iter())
+                .find(|b| b.at.0 == host)
+                .map(|b| (b.addr.0, false)),
+        };
+        if let (false, Some((via, onlink))) = (routed, gateway) {
             spec.routes.push(Route {
                 role,
                 dst: None,
-                via: b.addr.0,
+                via,
                 dev: ifname,
-                onlink: false,
+                onlink,
             });
         }
-        if !spec.forwarding.contains(&host) {
+        if mode != Mode::Ebpf && !spec.forwarding.contains(&host) {
             spec.forwarding.push(host);
         }
     }
 }
 
-/// The Service of `mode` in front of the spec's server, its rules in every host namespace of
-/// lab `lab`, as kube-proxy writes them on every node (the client's node translates).
+/// The Service of `mode` in front of the spec's server. kube-proxy's modes: its rules in every
+/// host namespace of lab `lab`, as kube-proxy writes them on every node (the client's node
+/// translates). `ebpf`: no rules; the lab's program translates (redirect.rs fills its table).
 pub(super) fn install(lab: &str, spec: &Spec, mode: Mode) -> Result<Service> {
     let mut hosts: Vec<&str> = spec.pods.iter().map(|(_, h)| *h).collect();
     hosts.sort();
     hosts.dedup();
-    let svc = Service {
+    let backend = (spec.addr_of(spec.server)).context("the server has no address")?;
+    let mut svc = Service {
         mode,
         cluster_ip: CLUSTER_IP,
         port: PORT,
-        backend: spec
-            .addr_of(spec.server)
-            .context("the server has no address")?
-            .0,
-        namespaces: hosts.iter().map(|h| netns_name(lab, h)).collect(),
+        backend: backend.0,
+        namespaces: Vec::new(),
     };
+    let Some((program, rules)) = kube_proxy_rules(&svc) else {
+        return Ok(svc);
+    };
+    svc.namespaces = hosts.iter().map(|h| netns_name(lab, h)).collect();
     for ns in &svc.namespaces {
         bridged_through_netfilter(ns)?;
-        load(ns, &svc)?;
+        load(ns, &svc, program, &rules)?;
     }
     pin_neighbours(lab, spec)?;
     Ok(svc)
+}
+
+/// The program that loads kube-proxy's rules for `svc` (from Debian's iptables or nftables
+/// package), its arguments and the rules; None for the eBPF datapath's translation.
+fn kube_proxy_rules(svc: &Service) -> Option<(Loader, String)> {
+    match svc.mode {
+        Mode::Iptables => Some((("iptables-restore", &[]), iptables_rules(svc))),
+        Mode::Nftables => Some((("nft", &["-f", "-"]), nftables_rules(svc))),
+        Mode::Ebpf => None,
+    }
 }
 
 /// Bridged frames through netfilter's IPv4 hooks in namespace `ns` (br_netfilter's
@@ -206,12 +231,10 @@ fn ip(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn load(ns: &str, svc: &Service) -> Result<()> {
-    let program = svc.mode.program();
-    let (rules, args): (String, &[&str]) = match svc.mode {
-        Mode::Iptables => (iptables_rules(svc), &[]),
-        Mode::Nftables => (nftables_rules(svc), &["-f", "-"]),
-    };
+/// A program that reads rules on its standard input, and its arguments.
+type Loader = (&'static str, &'static [&'static str]);
+
+fn load(ns: &str, svc: &Service, (program, args): Loader, rules: &str) -> Result<()> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns, program])
         .args(args)
@@ -316,6 +339,34 @@ mod tests {
             backend: Ipv4Addr::new(198, 18, 0, 2),
             namespaces: Vec::new(),
         }
+    }
+
+    #[test]
+    fn each_mode_goes_where_its_translator_sees_the_packets() {
+        for (topology, mode, ok) in [
+            (Topology::Bridge, Mode::Iptables, true),
+            (Topology::FlannelVxlan, Mode::Nftables, true),
+            (Topology::EbpfRedirect, Mode::Ebpf, true),
+            (Topology::EbpfRedirect, Mode::Iptables, false),
+            (Topology::Bridge, Mode::Ebpf, false),
+            (Topology::Macvlan, Mode::Nftables, false),
+        ] {
+            assert_eq!(refused(topology, mode).is_none(), ok, "{topology:?} {mode:?}");
+        }
+    }
+
+    #[test]
+    fn an_ebpf_service_routes_pods_by_a_neighbour_and_forwards_nothing() {
+        use super::super::{spec::Spec, Placement};
+        let mut spec = Spec::of(Topology::EbpfRedirect, Placement::SameHost, None).unwrap();
+        prepare(&mut spec, Mode::Ebpf);
+        let defaults: Vec<_> = (spec.routes.iter())
+            .filter(|r| r.dst.is_none())
+            .map(|r| (r.role, r.via, r.onlink))
+            .collect();
+        let gw = Ipv4Addr::new(198, 18, 0, 254);
+        assert_eq!(defaults, [("pod-a", gw, true), ("pod-b", gw, true)]);
+        assert!(spec.forwarding.is_empty(), "{:?}", spec.forwarding);
     }
 
     #[test]

@@ -150,13 +150,13 @@ pub(super) async fn build(
     for role in &spec.forwarding {
         enable_forwarding(&netns_name(lab, role))?;
     }
-    for &host in &spec.redirect {
-        redirect::install(lab, spec, host).await?;
-    }
     let service = match options.service {
         Some(mode) => Some(service::install(lab, spec, mode)?),
         None => None,
     };
+    for &host in &spec.redirect {
+        redirect::install(lab, spec, host, service.as_ref()).await?;
+    }
     for bridge in &spec.ovs {
         let dir = ovs::dir(lab, bridge.role);
         undo.ovs.push(dir.clone());
