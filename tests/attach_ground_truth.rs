@@ -267,6 +267,53 @@ const BRIDGE_SERVICE: Lab = Lab {
     ],
 };
 
+/// Cilium's datapath across hosts: attach finds the lab's tc program on the pods' host-side
+/// veths (not one of the profiler's) and follows the packets through both redirects of each
+/// direction, with its own program on the pods' eth0 ingress where a peer redirect delivers.
+/// A 150 us hold, as the issue asks.
+const EBPF_REDIRECT: Lab = Lab {
+    up: &["ebpf-redirect", "--placement", "cross-host"],
+    name: "ebpf-redirect-xhost",
+    attach: &[],
+    delay_us: 150,
+    pods: [
+        "prof-ebpf-redirect-xhost-pod-a",
+        "prof-ebpf-redirect-xhost-pod-b",
+    ],
+    server: "198.18.2.1",
+    service: None,
+    kinds: KINDS,
+    points: &[
+        // host-a's wire0 egress: the neighbour redirect from veth-a's tc ingress transmits
+        // out of wire0, whose __dev_queue_xmit holds the request before net_dev_queue wire0.
+        // Responses enter host-a's wire0 at receive: unaffected.
+        Point {
+            netns: "prof-ebpf-redirect-xhost-host-a",
+            iface: "wire0",
+            direction: "egress",
+            port: 0,
+            segment: Some((
+                "eBPF redirect neigh veth-a -> wire0 (prof-ebpf-redirect-xhost-host-a)",
+                "net_dev_queue wire0 (prof-ebpf-redirect-xhost-host-a)",
+            )),
+        },
+        // pod-b's eth0 ingress, the receiving pod's: the peer redirect from host-b's wire0
+        // runs the receive again with eth0, where the injector's program (first in tcx's
+        // order) holds the request before attach's own tc program records the hop. Responses
+        // leave pod-b's eth0 at egress: unaffected.
+        Point {
+            netns: "prof-ebpf-redirect-xhost-pod-b",
+            iface: "eth0",
+            direction: "ingress",
+            port: 0,
+            segment: Some((
+                "eBPF redirect peer wire0 -> eth0 (prof-ebpf-redirect-xhost-pod-b)",
+                "tc:ingress eth0 (prof-ebpf-redirect-xhost-pod-b)",
+            )),
+        },
+    ],
+};
+
 /// One measurement: each kind of traffic followed by its own attach, p50 of every segment
 /// that at least MIN_PACKETS packets crossed, by (kind, segment), and the clients' round trip.
 /// `ends` gets the hop each segment ends at.
@@ -330,6 +377,12 @@ fn injected_delay_lands_in_the_attach_segment_ending_at_that_hop_through_a_servi
 #[test]
 fn injected_delay_lands_in_the_attach_segment_ending_at_that_hop_on_flannel_vxlan() {
     ground_truth(&FLANNEL);
+}
+
+/// On an eBPF datapath: each redirect's segment absorbs the hold at the hop it ends at.
+#[test]
+fn injected_delay_lands_in_the_attach_segment_ending_at_that_hop_on_ebpf_redirect() {
+    ground_truth(&EBPF_REDIRECT);
 }
 
 /// A node: pods made through CRI by containerd and runc, wired by the CNI bridge plugin. The
