@@ -329,6 +329,17 @@ struct Boot<'a> {
 /// Boots the guest and runs `script` in it; returns the script's exit status, which vng
 /// propagates (255 if the guest died before reporting one). The guest's stdin is `stdin`.
 fn boot(vm: &Vm, opts: &Boot, stdin: Stdio, script: &str) -> Result<u8> {
+    // virtme-ng puts the script in the kernel's command line, which x86 cuts at 2048 bytes
+    // (a cut script leaves the guest's shell waiting for the rest): the guest reads it from a
+    // file instead, through its view of this machine's /tmp.
+    let file = std::env::temp_dir().join(format!("profiler-vm-{}.sh", std::process::id()));
+    fs::write(&file, script).with_context(|| format!("writing {}", file.display()))?;
+    let status = boot_script(vm, opts, stdin, &format!("sh {}", file.display()));
+    let _ = fs::remove_file(&file);
+    status
+}
+
+fn boot_script(vm: &Vm, opts: &Boot, stdin: Stdio, script: &str) -> Result<u8> {
     let memory = opts.memory;
     let mut vng = Command::new(&vm.vng);
     // vng runs the venv's virtme-run by name.
