@@ -296,6 +296,45 @@ fn attach_names_the_redirects_of_an_ebpf_datapath() {
     }
 }
 
+/// attach started before the pods exist, following them by name as they come: the rescan that
+/// finds them also finds the datapath's program on their veths and puts attach's own on their
+/// eth0, so pods born behind an eBPF datapath get their redirects named as the others do.
+#[test]
+fn attach_follows_pods_born_behind_an_ebpf_datapath() {
+    const PORT: u16 = 7458;
+    let ns = |role: &str| format!("prof-{XHOST}-{role}");
+    let before = redirect_programs();
+    let json = tmp("redirect-later.json");
+    let pattern = format!("prof-{XHOST}-pod-*");
+    let attach = Attach::start(&["--pod", &pattern, "--json", json.to_str().unwrap()]);
+    let lab = lab_up(&[LAB, "--placement", "cross-host"]);
+    // Followed within 2 s of the network being ready (tests/attach.rs), with a margin.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (pod_a, pod_b) = (ns("pod-a"), ns("pod-b"));
+    let period = std::time::Duration::from_millis(5);
+    udp_echo((&pod_a, &pod_b), "198.18.2.1", PORT, 100, 64, period);
+    let (_, err) = attach.stop();
+    drop(lab);
+    assert_gone(XHOST, before);
+    let r = report(&json);
+    for pod in [&pod_a, &pod_b] {
+        assert!(
+            err.contains(&format!("attach: following pod {pod}")),
+            "{err}"
+        );
+        let name = format!("tc:ingress@eth0/{pod}");
+        let h = (r["hooks"].as_array().unwrap().iter())
+            .find(|h| h["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("no {name} in {}", r["hooks"]));
+        assert_eq!(h["status"], "attached", "{h}");
+    }
+    for to_pod in [&pod_a, &pod_b] {
+        let segment = format!("eBPF redirect peer wire0 -> eth0 ({to_pod})");
+        let n = crossing(&r, &segment);
+        assert_eq!(n, 100, "{segment}: {n} packets; paths: {}", r["paths"]);
+    }
+}
+
 /// The hosts of a lab hold no NAT rule and forward nothing: a Service there is the program's.
 fn assert_no_kube_proxy(lab: &str, hosts: &[&str]) {
     for host in hosts {

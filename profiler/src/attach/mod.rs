@@ -142,9 +142,7 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
             .collect();
         programs.attach_netfilter(Mode::Follow, &nat);
     }
-    for (ns, ifname) in &scope.redirected {
-        programs.attach_tc(Mode::Follow, discover::ns_arg(ns), ifname, true);
-    }
+    follow_redirects(&mut programs, &[], &scope.redirected);
     let _stats = kernel::stats_while(args.stats)?;
     let slots = write_scope(&mut programs, &[], &scope.points)?;
     write_table(&mut programs, "WIRE", &scope::slots(&scope.wire)?)?;
@@ -164,6 +162,7 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
         source: scope.source,
         slots,
         histograms: Histograms::default(),
+        redirected: scope.redirected,
     };
     let mut namer = Namer::new(
         scope.devices,
@@ -318,6 +317,20 @@ struct Tracked {
     /// The scope table's filled slots.
     slots: Vec<(u32, u64)>,
     histograms: Histograms,
+    /// The interfaces behind an eBPF datapath with attach's tc program, as (netns, ifname).
+    redirected: Vec<(String, String)>,
+}
+
+/// Puts attach's tc program on the ingress of each interface of `now` that an eBPF datapath
+/// delivers to by peer redirect and that `before` did not have (a pod born behind it).
+fn follow_redirects(
+    programs: &mut Programs,
+    before: &[(String, String)],
+    now: &[(String, String)],
+) {
+    for (ns, ifname) in now.iter().filter(|r| !before.contains(r)) {
+        programs.attach_tc(Mode::Follow, discover::ns_arg(ns), ifname, true);
+    }
 }
 
 /// Fills the kernel's scope table for `points`, given the slots filled before: the new keys
@@ -377,6 +390,12 @@ async fn rescan(args: &AttachArgs, state: &mut State<'_>, namer: &mut Namer) -> 
             .retire(state.programs, namer, |p| gone.has(p))?;
     }
     state.tracked.slots = write_scope(state.programs, &state.tracked.slots, &new.points)?;
+    follow_redirects(state.programs, &state.tracked.redirected, &new.redirected);
+    for r in new.redirected {
+        if !state.tracked.redirected.contains(&r) {
+            state.tracked.redirected.push(r);
+        }
+    }
     if !args.quiet {
         say_changes(&state.tracked.current, &new.labels);
     }

@@ -351,7 +351,11 @@ mod tests {
             (Topology::Bridge, Mode::Ebpf, false),
             (Topology::Macvlan, Mode::Nftables, false),
         ] {
-            assert_eq!(refused(topology, mode).is_none(), ok, "{topology:?} {mode:?}");
+            assert_eq!(
+                refused(topology, mode).is_none(),
+                ok,
+                "{topology:?} {mode:?}"
+            );
         }
     }
 
