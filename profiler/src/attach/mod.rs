@@ -142,7 +142,8 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
             .collect();
         programs.attach_netfilter(Mode::Follow, &nat);
     }
-    follow_redirects(&mut programs, &[], &scope.redirected);
+    let mut redirected = Vec::new();
+    follow_redirects(&mut programs, &mut redirected, scope.redirected);
     let _stats = kernel::stats_while(args.stats)?;
     let slots = write_scope(&mut programs, &[], &scope.points)?;
     write_table(&mut programs, "WIRE", &scope::slots(&scope.wire)?)?;
@@ -162,7 +163,7 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
         source: scope.source,
         slots,
         histograms: Histograms::default(),
-        redirected: scope.redirected,
+        redirected,
     };
     let mut namer = Namer::new(
         scope.devices,
@@ -322,14 +323,18 @@ struct Tracked {
 }
 
 /// Puts attach's tc program on the ingress of each interface of `now` that an eBPF datapath
-/// delivers to by peer redirect and that `before` did not have (a pod born behind it).
+/// delivers to by peer redirect and that is not in `done` yet (a pod born behind it), and
+/// records it there.
 fn follow_redirects(
     programs: &mut Programs,
-    before: &[(String, String)],
-    now: &[(String, String)],
+    done: &mut Vec<(String, String)>,
+    now: Vec<(String, String)>,
 ) {
-    for (ns, ifname) in now.iter().filter(|r| !before.contains(r)) {
-        programs.attach_tc(Mode::Follow, discover::ns_arg(ns), ifname, true);
+    for r in now {
+        if !done.contains(&r) {
+            programs.attach_tc(Mode::Follow, discover::ns_arg(&r.0), &r.1, true);
+            done.push(r);
+        }
     }
 }
 
@@ -390,12 +395,11 @@ async fn rescan(args: &AttachArgs, state: &mut State<'_>, namer: &mut Namer) -> 
             .retire(state.programs, namer, |p| gone.has(p))?;
     }
     state.tracked.slots = write_scope(state.programs, &state.tracked.slots, &new.points)?;
-    follow_redirects(state.programs, &state.tracked.redirected, &new.redirected);
-    for r in new.redirected {
-        if !state.tracked.redirected.contains(&r) {
-            state.tracked.redirected.push(r);
-        }
-    }
+    follow_redirects(
+        state.programs,
+        &mut state.tracked.redirected,
+        new.redirected,
+    );
     if !args.quiet {
         say_changes(&state.tracked.current, &new.labels);
     }
