@@ -50,6 +50,19 @@ fn every_saved_report_renders_the_table_its_command_printed() {
     }
 }
 
+/// Runs' saved events (`run --save-events`, under tests/fixtures) attribute again to the table
+/// the run printed.
+#[test]
+fn saved_events_attribute_to_the_table_their_run_printed() {
+    for kind in ["bridge", "flannel-vxlan", "alltoall"] {
+        let events = fixture(&format!("events-{kind}.json"));
+        let printed = std::fs::read_to_string(fixture(&format!("events-{kind}.txt")))
+            .unwrap_or_else(|e| panic!("fixture events-{kind}.txt: {e}"));
+        let rendered = report(&["--events", events.to_str().unwrap()]);
+        assert_eq!(rendered, printed, "{kind}: the attributed table differs");
+    }
+}
+
 #[test]
 fn json_reads_back_the_same() {
     for kind in KINDS {
@@ -181,4 +194,37 @@ fn what_is_not_a_report_is_refused_in_one_line() {
         .unwrap();
     assert!(!missing.status.success());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--events` takes what `run --save-events` wrote: a report in its place is refused in one
+/// line that says what to pass, and so are a missing file, no file at all, and events given
+/// as a report.
+#[test]
+fn what_is_not_a_run_s_events_is_refused_in_one_line() {
+    let (run, events) = (fixture("run.json"), fixture("events-bridge.json"));
+    for (args, want) in [
+        (
+            vec!["--events", run.to_str().unwrap()],
+            "a report, not a run's events",
+        ),
+        (vec!["--events", "/nonexistent/events.json"], "cannot read"),
+        (vec![], "required"),
+        (
+            vec![events.to_str().unwrap()],
+            "a run's events, not a report: `profiler report --events FILE`",
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .arg("report")
+            .args(&args)
+            .output()
+            .expect("running the profiler binary");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(if args.is_empty() { 2 } else { 1 }),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
 }

@@ -423,3 +423,71 @@ fn pods_with_the_same_ifindex_are_told_apart() {
     }
     assert_clean();
 }
+
+/// Collect, then attribute: a run's saved events give, through `profiler report --events` as
+/// an unprivileged user, the table it printed and its JSON report byte for byte, for each kind
+/// of traffic.
+#[test]
+fn saved_events_attribute_again_without_root_to_the_same_report() {
+    let dir = std::env::temp_dir().join(format!("profiler-events-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    // Readable by the unprivileged user that attributes them, with a copy of the binary (the
+    // checkout may be closed to others).
+    Command::new("chmod")
+        .args(["755", dir.to_str().unwrap()])
+        .status()
+        .expect("chmod");
+    let bin = dir.join("profiler");
+    std::fs::copy(BIN, &bin).expect("a copy of the binary");
+    let kinds: [(&str, &[&str]); 3] = [
+        ("rr", &["--count", "200"]),
+        ("stream", &["--duration", "1s"]),
+        ("alltoall", &["--count", "10", "--pods", "2"]),
+    ];
+    for (kind, extra) in kinds {
+        let file = |name: &str| {
+            dir.join(format!("{kind}-{name}"))
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        let (events, json) = (file("events.json"), file("run.json"));
+        let mut args = vec!["run", "--lab", "bridge", "--traffic", kind, "--quiet"];
+        args.extend(extra);
+        args.extend(["--json", &json, "--save-events", &events]);
+        let run = profiler(&args);
+        assert!(
+            run.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let again = |format: &str| {
+            let out = Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&bin)
+                .args(["report", "--events", &events, "--format", format])
+                .output()
+                .expect("setpriv");
+            assert!(
+                out.status.success(),
+                "{kind}: report --events as nobody: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.stdout
+        };
+        let table = String::from_utf8(again("table")).expect("UTF-8");
+        assert!(table.contains("segment"), "{kind}: {table}");
+        assert_eq!(
+            table,
+            String::from_utf8_lossy(&run.stdout),
+            "{kind}: the table"
+        );
+        let saved = std::fs::read(&json).expect("the run's report");
+        assert!(
+            again("json") == saved,
+            "{kind}: the JSON report differs from the run's {json}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+    assert_clean();
+}

@@ -24,7 +24,7 @@ use crate::{
         schema::{HookSet, Made, Proto, RunReport, TrafficKind},
         table,
     },
-    run::{self, RunArgs},
+    run::{self, record::Collected, RunArgs},
     signal::interruptible,
 };
 
@@ -155,6 +155,11 @@ pub struct RunCli {
     /// Write the profiler.run.v1 JSON report to FILE ("-" for stdout instead of the table).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also write what the run collected (every node's hop events, the devices and
+    /// namespaces, the traffic's stamps) to FILE: `profiler report --events FILE` attributes it
+    /// again, without root.
+    #[arg(long, value_name = "FILE")]
+    save_events: Option<PathBuf>,
     /// Exit 0 even if the kernel lost events.
     #[arg(long)]
     allow_loss: bool,
@@ -171,6 +176,16 @@ pub struct RunCli {
 pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     // Bad input is refused before any work: the report's file, then the run's values.
     let json = cli.json.as_deref().map(JsonOut::checked).transpose()?;
+    let save_events = match cli.save_events.as_deref() {
+        Some(f) if f.as_os_str() == "-" => {
+            return Err(bad_input(
+                "--save-events takes a file, not \"-\" (stdout holds the report)",
+            ))
+        }
+        f => f
+            .map(|f| JsonOut::checked_as("--save-events", f))
+            .transpose()?,
+    };
     let size = cli.size.unwrap_or(run::default_size(cli.kind));
     let mut args = RunArgs {
         traffic: cli.kind,
@@ -219,7 +234,7 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
                 cni_cache: None,
             };
             let target = interruptible(lab::target::between_pods(from, to, &sources)).await?;
-            interruptible(run::profile(&args, &target)).await
+            interruptible(run::collect(&args, &target)).await
         }
         (Some(from), Some((to_ns, addr))) => {
             let guest = match cli.agent {
@@ -231,20 +246,24 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
                 None => None,
             };
             let target = interruptible(RunTarget::path(from, to_ns, addr, guest)).await?;
-            interruptible(run::profile(&args, &target)).await
+            interruptible(run::collect(&args, &target)).await
         }
         _ => {
             let used = interruptible(run::ensure_lab(args.lab, &options, "run")).await?;
             // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
-            let result = interruptible(run::profile(&args, &RunTarget::lab(&used.lab))).await;
+            let result = interruptible(run::collect(&args, &RunTarget::lab(&used.lab))).await;
             used.release(cli.keep_lab).await?;
             result
         }
     };
-    let report = RunReport {
+    let collected = Collected {
         made: Some(Made::here()),
         ..result?
     };
+    if let Some(file) = &save_events {
+        file.write_text(&collected.to_json()?)?;
+    }
+    let report = run::attribute(&collected);
     output(json.as_ref(), &report, &table::run(&report))?;
     if let Some(nothing) = nothing_done(&report) {
         eprintln!("error: {nothing}");

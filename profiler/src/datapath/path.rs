@@ -82,6 +82,15 @@ impl Inodes {
         Ok(Inodes(map))
     }
 
+    /// Every namespace's inode, as a run's record keeps them.
+    pub fn all(&self) -> std::collections::BTreeMap<String, u32> {
+        self.0.iter().map(|(n, &i)| (n.clone(), i)).collect()
+    }
+
+    pub fn from_all(all: &std::collections::BTreeMap<String, u32>) -> Inodes {
+        Inodes(all.iter().map(|(n, &i)| (n.clone(), i)).collect())
+    }
+
     /// A namespace the host cannot resolve (a guest's), by the id its hops are keyed with.
     pub fn insert(&mut self, ns: String, id: u32) {
         self.0.insert(ns, id);

@@ -169,9 +169,13 @@ impl DropReasons {
             .unwrap_or_else(|| reason.to_string())
     }
 
-    #[cfg(test)]
     pub fn named<'a>(names: impl IntoIterator<Item = (u32, &'a str)>) -> DropReasons {
         DropReasons(names.into_iter().map(|(v, n)| (v, n.to_string())).collect())
+    }
+
+    /// Every reason by number, as a run's record keeps them.
+    pub fn all(&self) -> std::collections::BTreeMap<u32, String> {
+        self.0.iter().map(|(&v, n)| (v, n.clone())).collect()
     }
 
     /// The number of the reason this kernel names `name` ("not_specified").

@@ -22,7 +22,7 @@ pub fn parenthesized(ns: &str) -> String {
 }
 
 /// A namespace's pod, as the container runtime names it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PodName {
     /// The namespace's name in `namespaces` (e.g. "cni-1b2c...").
     pub netns: String,

@@ -20,6 +20,7 @@ use super::{
 };
 
 /// The devices hops are named after.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Devices {
     pub name: String,
     /// Every namespace whose devices may carry the path (hops are named from these).

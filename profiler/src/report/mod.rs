@@ -66,6 +66,10 @@ impl Report {
             COMPARE_SCHEMA => typed(value, &schema).map(Report::Compare),
             BENCH_SCHEMA => typed(value, &schema).map(Report::Bench),
             DOCTOR_SCHEMA => typed(value, &schema).map(Report::Doctor),
+            // run/record.rs's: attributed by `report --events`, which needs the run layer.
+            events if events.starts_with("profiler.events.") => bail!(
+                "schema {events} is a run's events, not a report: `profiler report --events FILE` attributes them"
+            ),
             other if other.starts_with("profiler.") => bail!(
                 "schema {other} is not one this profiler reads ({}): a report of another version",
                 SCHEMAS.join(", ")

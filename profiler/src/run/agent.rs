@@ -36,6 +36,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     crossing::{self, Collect, Estimate},
+    record::{from_wire, to_wire, WireEvent},
     traffic::{self, ServerLog},
 };
 use crate::{
@@ -196,40 +197,6 @@ impl Done {
                 e.6 = names.get(&e.6).and_then(|n| host.value(n)).unwrap_or(e.6);
             }
         }
-    }
-}
-
-/// An event as (ts_ns, seq, direction, ifindex, netns, len, drop_reason, hook, flags, cost_ns).
-pub type WireEvent = (u64, u32, u32, u32, u32, u32, u32, u8, u8, u32);
-
-fn to_wire(e: &Event) -> WireEvent {
-    (
-        e.ts_ns,
-        e.seq,
-        e.direction,
-        e.ifindex,
-        e.netns,
-        e.len,
-        e.drop_reason,
-        e.hook,
-        e.flags,
-        e.cost_ns,
-    )
-}
-
-fn from_wire(w: &WireEvent) -> Event {
-    Event {
-        ts_ns: w.0,
-        seq: w.1,
-        direction: w.2,
-        ifindex: w.3,
-        netns: w.4,
-        len: w.5,
-        drop_reason: w.6,
-        hook: w.7,
-        flags: w.8,
-        _pad: [0; 2],
-        cost_ns: w.9,
     }
 }
 
@@ -1366,25 +1333,5 @@ mod tests {
         d.renumber_drops(&host);
         let reasons: Vec<u32> = d.events.iter().map(|e| e.6).collect();
         assert_eq!(reasons, [2, 40, 1]);
-    }
-
-    #[test]
-    fn events_cross_the_wire_unchanged() {
-        let e = Event {
-            ts_ns: 1 << 40,
-            seq: 7,
-            direction: 1,
-            ifindex: 3,
-            netns: 4026531840,
-            len: 98,
-            drop_reason: 0,
-            hook: 4,
-            flags: 0x21,
-            _pad: [0; 2],
-            cost_ns: 512,
-        };
-        let json = serde_json::to_string(&to_wire(&e)).unwrap();
-        let back: WireEvent = serde_json::from_str(&json).unwrap();
-        assert_eq!(from_wire(&back), e);
     }
 }

@@ -39,7 +39,7 @@ pub const DEFAULT_TAG_EVERY: u32 = 10;
 const FILLER: u8 = 0xa5;
 
 /// One pod: where its processes' sockets live.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PodEnd {
     /// None: this process's namespace.
     pub netns: Option<String>,
@@ -47,7 +47,7 @@ pub struct PodEnd {
     pub host: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct AlltoallSpec {
     pub pods: Vec<PodEnd>,
     pub procs: u32,
@@ -140,7 +140,7 @@ impl AlltoallSpec {
 
 /// Each round's span (first process starting it to the last one done) and the tagged
 /// messages' stamps.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct AlltoallOutcome {
     pub rounds: Vec<Duration>,
     pub stamps: Vec<Stamp>,

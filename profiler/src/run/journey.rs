@@ -200,9 +200,10 @@ pub fn hop_flags(obs: &[Observation], direction: u32, path: &[HopKey]) -> Vec<u8
             {
                 *counts.entry(o.flags).or_default() += 1;
             }
+            // Ties go to the lowest flags, so the same events always name a hop the same way.
             counts
                 .into_iter()
-                .max_by_key(|(_, n)| *n)
+                .max_by_key(|&(f, n)| (n, std::cmp::Reverse(f)))
                 .map_or(0, |(f, _)| f)
         })
         .collect()

@@ -4,14 +4,15 @@
 
 pub mod agent;
 pub mod alltoall;
+mod attribute;
 pub mod compare;
 pub mod crossing;
 pub mod journey;
+pub mod record;
 pub mod stream;
 pub mod traffic;
 
 use std::{
-    collections::BTreeMap,
     sync::{
         atomic::{AtomicU32, Ordering},
         Arc,
@@ -20,40 +21,27 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use profiler_common::{Event, COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST, DIR_RESPONSE};
+use profiler_common::{COUNTER_LOST, COUNTER_UNREADABLE, DIR_REQUEST, DIR_RESPONSE};
 use tokio::sync::oneshot;
 
 use crate::{
-    datapath::{
-        path::{self, Attached, Inodes},
-        HopKey, Mode,
-    },
+    datapath::{path::Inodes, Mode},
     kernel::{
         self,
-        btf::{DropReasons, KernelBtf},
+        btf::KernelBtf,
         programs::{LoadConfig, Programs},
         ring,
         uprobe::UprobeSpec,
     },
-    lab::{
-        self, discover,
-        target::{Devices, RunTarget},
-        Lab, LabOptions, Lock, Owner, Pod, Topology,
-    },
+    lab::{self, discover, target::RunTarget, Lab, LabOptions, Lock, Owner, Pod, Topology},
     progress,
-    report::schema::{
-        AlltoallResult, DirectionReport, DropReport, EventsReport, HookSet, HookStatus, Hop,
-        MissingHop, OtherPath, PathKindResult, RunReport, SegmentReport, Stats, StreamResult,
-        TrafficKind, TrafficReport, RUN_SCHEMA,
-    },
+    report::schema::{HookSet, HookStatus, RunReport, StreamResult, TrafficKind},
 };
 use alltoall::AlltoallSpec;
-use journey::Attribution;
+pub use attribute::attribute;
+use record::Collected;
 use stream::StreamSpec;
 use traffic::{Endpoints, Proto, Spec};
-
-/// Paths other than the most common one shown per direction.
-const MAX_OTHER_PATHS: usize = 3;
 
 #[derive(Clone, Debug)]
 pub struct RunArgs {
@@ -117,7 +105,9 @@ impl RunArgs {
 }
 
 /// What the traffic did: its stamps, and what each kind measures besides.
-enum Driven {
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Driven {
     Rr(traffic::Outcome),
     Stream(StreamSpec, stream::StreamOutcome),
     Alltoall(AlltoallSpec, alltoall::AlltoallOutcome),
@@ -280,6 +270,12 @@ fn through_service(args: &RunArgs, svc: &lab::service::Service) -> Result<u16> {
 
 /// Profiles the target (a lab that is up, or a discovered path) and returns the report.
 pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
+    Ok(attribute(&collect(args, lab).await?))
+}
+
+/// Drives the tagged traffic through the target with the programs attached, and returns what
+/// the kernel and the traffic recorded, every node's events on the host's timeline.
+pub async fn collect(args: &RunArgs, lab: &RunTarget) -> Result<Collected> {
     args.validate()?;
     let run_id = rand_run_id();
     let mut spec = args.spec(run_id);
@@ -393,76 +389,32 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
         traffic::apply_server_log(outcome, &server);
     }
 
-    let attached = Attached::from_statuses(&programs.statuses);
-    let sorted = match &driven {
-        Driven::Alltoall(s, o) => {
-            let pod_ns: Vec<u32> = lab.pods.iter().map(|p| inodes.get(&p.end.netns)).collect();
-            journey::observations_by(&events, &o.stamps, |st| {
-                let (a, b) = s.pods_of(st.direction);
-                (pod_ns[a as usize], pod_ns[b as usize])
-            })
-        }
-        _ => {
-            let app_netns = [inodes.get(&lab.client.netns), inodes.get(&lab.server.netns)];
-            journey::observations(&events, driven.stamps(), app_netns)
-        }
-    };
-    let mut drops = sorted.drops;
-    if let Some(unspecified) = drop_reasons.value("not_specified") {
-        journey::drop_transmit_frees(&mut drops, &events, unspecified);
-    }
-    let mut directions = Vec::new();
-    let mut incomplete = 0;
-    for (dir, name) in driven.directions() {
-        let report = direction(&name, dir, &sorted.observations, lab, &inodes, &attached);
-        incomplete += report.incomplete_packets;
-        directions.push(report);
-    }
-    let alltoall = match &driven {
-        Driven::Alltoall(s, o) => {
-            let a = alltoall_report(s, o, &sorted.observations, lab, &inodes, &attached);
-            incomplete += a.incomplete;
-            directions.extend(a.directions);
-            Some(a.result)
-        }
-        _ => None,
-    };
-    Ok(RunReport {
+    Ok(Collected {
+        schema: record::EVENTS_SCHEMA.into(),
         made: None,
-        schema: RUN_SCHEMA.into(),
         kernel: kernel::release(),
-        topology: lab.devices.name.clone(),
+        client_netns: lab.client.netns.clone(),
+        server_netns: lab.server.netns.clone(),
+        pod_netns: lab.pods.iter().map(|p| p.end.netns.clone()).collect(),
+        devices: lab.devices.clone(),
+        inodes: inodes.all(),
+        drop_reasons: drop_reasons.all(),
         service: lab.service.as_ref().map(|s| s.to_string()),
-        traffic: TrafficReport {
-            proto: match args.traffic {
-                TrafficKind::Alltoall => Proto::Tcp,
-                _ => args.proto,
-            },
-            size: args.size,
-            count: args.count,
-            completed: driven.completed(),
+        proto: match args.traffic {
+            TrafficKind::Alltoall => Proto::Tcp,
+            _ => args.proto,
         },
-        directions,
-        events: EventsReport {
-            received: events.len() as u64,
-            lost: counters[COUNTER_LOST as usize],
-            incomplete_packets: incomplete,
-            unreadable: counters[COUNTER_UNREADABLE as usize],
-            fragments: sorted.fragments,
-            drops: drop_report(&drops, lab, &inodes, &drop_reasons),
-        },
+        size: args.size,
+        count: args.count,
+        driven,
+        unprofiled,
+        events: events.iter().map(record::to_wire).collect(),
+        lost: counters[COUNTER_LOST as usize],
+        unreadable: counters[COUNTER_UNREADABLE as usize],
         hook_set,
+        host_hooks: programs.statuses.len(),
         hooks,
         program_costs: costs,
-        stream: match &driven {
-            Driven::Stream(s, o) => Some(StreamResult {
-                unprofiled_gbit_per_s: unprofiled.as_ref().map(|u| u.gbit_per_s),
-                unprofiled_sent_gbit_per_s: unprofiled.as_ref().map(|u| u.sent_gbit_per_s),
-                ..o.result(s)
-            }),
-            _ => None,
-        },
-        alltoall,
         crossings,
     })
 }
@@ -558,215 +510,6 @@ async fn remote_client(
             warm_up: WARMUP,
         })
         .await
-}
-
-/// All-to-all's figures, and the waterfall of each path kind's best-attributed pod pair.
-struct AlltoallReport {
-    result: AlltoallResult,
-    directions: Vec<DirectionReport>,
-    /// Tagged messages whose journey did not match their pod pair's path.
-    incomplete: u64,
-}
-
-/// One path kind's pod pairs, added up, and its best-attributed pair (attributed, pair).
-struct KindTally {
-    result: PathKindResult,
-    best: Option<(u64, u32)>,
-}
-
-impl KindTally {
-    fn new(kind: &str) -> KindTally {
-        KindTally {
-            result: PathKindResult {
-                kind: kind.to_string(),
-                pod_pairs: 0,
-                tagged: 0,
-                attributed: 0,
-                unattributed_pairs: 0,
-            },
-            best: None,
-        }
-    }
-
-    fn add(&mut self, pair: u32, tagged: u64, attributed: u64) {
-        let r = &mut self.result;
-        r.pod_pairs += 1;
-        r.tagged += tagged;
-        r.attributed += attributed;
-        r.unattributed_pairs += u32::from(attributed == 0);
-        if self.best.is_none_or(|(best, _)| attributed > best) {
-            self.best = Some((attributed, pair));
-        }
-    }
-}
-
-fn alltoall_report(
-    spec: &AlltoallSpec,
-    out: &alltoall::AlltoallOutcome,
-    observations: &[journey::Observation],
-    lab: &RunTarget,
-    inodes: &Inodes,
-    attached: &Attached,
-) -> AlltoallReport {
-    let n = spec.pods.len() as u32;
-    // The pod's role: the last two words of its namespace's name (prof-bridge-pod-c).
-    let pod_name = |p: u32| {
-        let ns = &lab.pods[p as usize].end.netns;
-        let at = ns.rfind('-').and_then(|i| ns[..i].rfind('-'));
-        ns[at.map_or(0, |i| i + 1)..].to_string()
-    };
-    let mut kinds: BTreeMap<&str, KindTally> = BTreeMap::new();
-    let mut incomplete = 0;
-    for (a, b) in (0..n).flat_map(|a| (0..n).map(move |b| (a, b))) {
-        if a == b && spec.procs < 2 {
-            continue;
-        }
-        let pair = spec.pair(a, b);
-        let keys = journey::modal_path(observations, pair);
-        let attribution = journey::attribute(observations, pair, &keys);
-        incomplete += attribution.incomplete;
-        let tagged = out.stamps.iter().filter(|s| s.direction == pair).count() as u64;
-        let kind = spec.path_kind(a, b);
-        kinds
-            .entry(kind)
-            .or_insert_with(|| KindTally::new(kind))
-            .add(pair, tagged, attribution.complete);
-    }
-    let directions = kinds
-        .iter()
-        .filter_map(|(kind, tally)| {
-            let (_, pair) = tally.best?;
-            let (a, b) = spec.pods_of(pair);
-            let title = format!("{kind} ({} -> {})", pod_name(a), pod_name(b));
-            Some(direction(&title, pair, observations, lab, inodes, attached))
-        })
-        .collect();
-    let rounds: Vec<u64> = out.rounds.iter().map(|d| d.as_nanos() as u64).collect();
-    let rounds = journey::stats_of(&rounds);
-    AlltoallReport {
-        result: AlltoallResult {
-            pods: n / spec.hosts(),
-            procs: spec.procs,
-            size: spec.size,
-            rounds: spec.rounds,
-            completed_rounds: out.rounds.len() as u32,
-            round_p50_ms: rounds.p50_ns as f64 / 1e6,
-            round_p99_ms: rounds.p99_ns as f64 / 1e6,
-            tag_every: spec.tag_every,
-            path_kinds: kinds.into_values().map(|k| k.result).collect(),
-        },
-        directions,
-        incomplete,
-    }
-}
-
-/// One direction's waterfall: its most common path, and the others packets took.
-fn direction(
-    name: &str,
-    dir: u32,
-    observations: &[journey::Observation],
-    lab: &RunTarget,
-    inodes: &Inodes,
-    attached: &Attached,
-) -> DirectionReport {
-    let paths = journey::paths(observations, dir);
-    let keys = paths.first().map(|(k, _)| k.clone()).unwrap_or_default();
-    let describe = |keys: &[HopKey]| {
-        let flags = journey::hop_flags(observations, dir, keys);
-        path::describe(keys, &flags, &lab.devices, inodes, attached)
-    };
-    let attribution = journey::attribute(observations, dir, &keys);
-    let mut report = direction_report(name, &keys, describe(&keys), attribution, &lab.devices);
-    report.other_paths = paths
-        .iter()
-        .skip(1)
-        .take(MAX_OTHER_PATHS)
-        .map(|(keys, packets)| {
-            let hops = describe(keys);
-            let a = journey::attribute(observations, dir, keys);
-            OtherPath {
-                packets: *packets,
-                segments: segment_reports(keys, &hops, a.segments, &lab.devices),
-                hops,
-                end_to_end: a.end_to_end,
-            }
-        })
-        .collect();
-    report
-}
-
-fn direction_report(
-    name: &str,
-    keys: &[HopKey],
-    hops: Vec<Hop>,
-    a: Attribution,
-    lab: &Devices,
-) -> DirectionReport {
-    let segments = segment_reports(keys, &hops, a.segments, lab);
-    DirectionReport {
-        direction: name.into(),
-        hops,
-        segments,
-        profiler_programs: a.programs,
-        end_to_end: a.end_to_end,
-        complete_packets: a.complete,
-        incomplete_packets: a.incomplete,
-        missing_hops: a
-            .missing
-            .into_iter()
-            .map(|(hop, packets)| MissingHop { hop, packets })
-            .collect(),
-        other_paths: Vec::new(),
-    }
-}
-
-fn segment_reports(
-    keys: &[HopKey],
-    hops: &[Hop],
-    stats: Vec<Stats>,
-    lab: &Devices,
-) -> Vec<SegmentReport> {
-    path::segments(keys, hops, lab)
-        .into_iter()
-        .zip(stats)
-        .enumerate()
-        .map(|(i, (named, stats))| SegmentReport {
-            name: named.name,
-            from: i,
-            to: i + 1,
-            userspace: named.userspace,
-            estimated: named.estimated,
-            stats,
-        })
-        .collect()
-}
-
-fn drop_report(
-    drops: &[Event],
-    lab: &RunTarget,
-    inodes: &Inodes,
-    reasons: &DropReasons,
-) -> Vec<DropReport> {
-    let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
-    for d in drops {
-        let reason = reasons.name(d.drop_reason);
-        // An ifindex names a device only within its namespace.
-        let ifname = lab
-            .devices
-            .interfaces
-            .iter()
-            .find(|i| i.ifindex == d.ifindex && inodes.get(&i.netns) == d.netns)
-            .map_or(format!("ifindex {}", d.ifindex), |i| i.ifname.clone());
-        *counts.entry((reason, ifname)).or_default() += 1;
-    }
-    counts
-        .into_iter()
-        .map(|((reason, ifname), packets)| DropReport {
-            reason,
-            ifname,
-            packets,
-        })
-        .collect()
 }
 
 async fn warm_up(spec: &Spec, ends: &Endpoints) -> Result<()> {

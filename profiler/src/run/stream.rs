@@ -45,7 +45,7 @@ pub const DEFAULT_TAG_EVERY: u32 = 1000;
 const IDLE: Duration = Duration::from_millis(500);
 const FILLER: u8 = 0xa5;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct StreamSpec {
     pub proto: Proto,
     pub size: usize,
@@ -79,7 +79,7 @@ impl StreamSpec {
 }
 
 /// What the receiver counted, and both ends' stamps of the tagged messages.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct StreamOutcome {
     pub sent: u64,
     pub received: u64,

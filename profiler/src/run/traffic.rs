@@ -82,7 +82,7 @@ pub struct Endpoints {
 }
 
 /// Application timestamps of one direction of one exchange.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stamp {
     pub seq: u32,
     pub direction: u32,
@@ -90,7 +90,7 @@ pub struct Stamp {
     pub recv_ns: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub stamps: Vec<Stamp>,
     /// Exchanges whose response arrived.
