@@ -39,7 +39,7 @@ use crate::{
 };
 
 /// The agent's requests: `{"attach": AttachRequest}`, answered once following, and
-/// `{"stop_attach": {}}`, answered with the report (run/agent.rs).
+/// `{"stop_attach": {}}`, answered with the report (run/agent/guest.rs).
 pub const ATTACH: &str = "attach";
 pub const STOP: &str = "stop_attach";
 
