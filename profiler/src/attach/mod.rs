@@ -135,12 +135,12 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
             ..Default::default()
         },
     )?;
-    let hook_set = programs.attach_set(&btf, Mode::Follow, args.hooks)?;
+    let hook_set = programs.attach_set(&btf, Mode::Attach, args.hooks)?;
     if !services.is_empty() {
         let nat: Vec<Option<&str>> = (Services::namespaces(&services).into_iter())
             .map(discover::ns_arg)
             .collect();
-        programs.attach_netfilter(Mode::Follow, &nat);
+        programs.attach_netfilter(Mode::Attach, &nat);
     }
     let mut redirected = Vec::new();
     follow_redirects(&mut programs, &mut redirected, scope.redirected);
@@ -332,7 +332,7 @@ fn follow_redirects(
 ) {
     for r in now {
         if !done.contains(&r) {
-            programs.attach_tc(Mode::Follow, discover::ns_arg(&r.0), &r.1, true);
+            programs.attach_tc(Mode::Attach, discover::ns_arg(&r.0), &r.1, true);
             done.push(r);
         }
     }

@@ -5,27 +5,27 @@ use profiler_common::HookId;
 
 use crate::report::schema::HookSet;
 
-/// What the programs look for: the profiler's tagged traffic (`run`), or real traffic
-/// followed by its buffers (`attach`).
+/// Which of the two modes the programs serve: `run` looks for the profiler's tagged traffic,
+/// `attach` follows real traffic by its buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    Tagged,
-    Follow,
+    Run,
+    Attach,
 }
 
 impl Mode {
-    /// Programs are named by mode: X in tagged runs, fX to follow.
+    /// Programs are named by mode: X for `run`, fX for `attach` (which follows packets).
     fn program_prefix(self) -> &'static str {
         match self {
-            Mode::Tagged => "",
-            Mode::Follow => "f",
+            Mode::Run => "",
+            Mode::Attach => "f",
         }
     }
 }
 
-/// How a hook is attached.
+/// How a hook is attached: via a tracepoint, a tc program, a kernel function...
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Attach {
+pub enum Via {
     /// A device tracepoint: tp_btf program preferred, raw_tp program where tp_btf is refused.
     Tracepoint { tp: &'static str },
     /// A tc program on each interface of the path.
@@ -57,7 +57,7 @@ pub enum Attach {
 #[derive(Clone, Copy, Debug)]
 pub struct HookDef {
     pub id: HookId,
-    pub attach: Attach,
+    pub via: Via,
     /// Short name used in hop and segment names.
     pub label: &'static str,
     /// The modes with a program for this hook.
@@ -68,7 +68,7 @@ impl HookDef {
     /// The tp_btf and raw_tp programs of a tracepoint hook in `mode`, named by convention
     /// (profiler-ebpf's `device_tracepoint!`): tp_X/raw_X tagged, ftp_X/fraw_X follow.
     pub fn tracepoint_programs(&self, mode: Mode) -> Option<(String, String)> {
-        let Attach::Tracepoint { tp } = self.attach else {
+        let Via::Tracepoint { tp } = self.via else {
             return None;
         };
         let prefix = mode.program_prefix();
@@ -93,20 +93,16 @@ pub fn decision_program(prog: &str) -> Option<(String, String)> {
 
 impl HookDef {
     pub fn set(&self) -> HookSet {
-        match self.attach {
-            Attach::Tracepoint { .. } | Attach::Tc { .. } | Attach::Netfilter { .. } => {
-                HookSet::Stable
-            }
-            Attach::Function { .. } | Attach::DriverXmit | Attach::ModuleTracepoint { .. } => {
-                HookSet::Deep
-            }
+        match self.via {
+            Via::Tracepoint { .. } | Via::Tc { .. } | Via::Netfilter { .. } => HookSet::Stable,
+            Via::Function { .. } | Via::DriverXmit | Via::ModuleTracepoint { .. } => HookSet::Deep,
         }
     }
 
     /// The program at a netfilter hook in `mode`: nf_X tagged, fnf_X follow (profiler-ebpf's
     /// netfilter.rs).
     pub fn netfilter_program(&self, mode: Mode) -> Option<String> {
-        let Attach::Netfilter { prog, .. } = self.attach else {
+        let Via::Netfilter { prog, .. } = self.via else {
             return None;
         };
         Some(format!("{}{prog}", mode.program_prefix()))
@@ -114,7 +110,7 @@ impl HookDef {
 
     /// The program at a tc hook in `mode`: tc_X tagged, ftc_X follow.
     pub fn tc_program(&self, mode: Mode) -> Option<String> {
-        let Attach::Tc { prog, .. } = self.attach else {
+        let Via::Tc { prog, .. } = self.via else {
             return None;
         };
         (self.modes.contains(&mode)).then(|| format!("{}{prog}", mode.program_prefix()))
@@ -123,9 +119,9 @@ impl HookDef {
     /// The program serving a deep hook in `mode`.
     pub fn deep_program(&self, mode: Mode) -> Option<String> {
         let prefix = mode.program_prefix();
-        match self.attach {
-            Attach::Function { .. } | Attach::DriverXmit => Some(format!("{prefix}kp_func")),
-            Attach::ModuleTracepoint { tp, .. } => Some(format!("{prefix}raw_{tp}")),
+        match self.via {
+            Via::Function { .. } | Via::DriverXmit => Some(format!("{prefix}kp_func")),
+            Via::ModuleTracepoint { tp, .. } => Some(format!("{prefix}raw_{tp}")),
             _ => None,
         }
     }
@@ -133,32 +129,32 @@ impl HookDef {
     /// The empty program at a tracepoint attach uses (profiler-ebpf's floor.rs): what calling
     /// any program there costs, for the overhead benchmark.
     pub fn floor_program(&self) -> Option<String> {
-        let Attach::Tracepoint { tp } = self.attach else {
+        let Via::Tracepoint { tp } = self.via else {
             return None;
         };
         self.modes
-            .contains(&Mode::Follow)
+            .contains(&Mode::Attach)
             .then(|| format!("floor_{tp}"))
     }
 
     /// Every program that serves this hook, in any mode.
     pub fn programs(&self) -> Vec<String> {
-        match self.attach {
-            Attach::Tc { .. } => [Mode::Tagged, Mode::Follow]
+        match self.via {
+            Via::Tc { .. } => [Mode::Run, Mode::Attach]
                 .into_iter()
                 .filter_map(|m| self.tc_program(m))
                 .collect(),
-            Attach::Netfilter { .. } => [Mode::Tagged, Mode::Follow]
+            Via::Netfilter { .. } => [Mode::Run, Mode::Attach]
                 .into_iter()
                 .filter_map(|m| self.netfilter_program(m))
                 .collect(),
-            Attach::Function { .. } | Attach::DriverXmit | Attach::ModuleTracepoint { .. } => {
-                [Mode::Tagged, Mode::Follow]
+            Via::Function { .. } | Via::DriverXmit | Via::ModuleTracepoint { .. } => {
+                [Mode::Run, Mode::Attach]
                     .into_iter()
                     .filter_map(|m| self.deep_program(m))
                     .collect()
             }
-            Attach::Tracepoint { .. } => [Mode::Tagged, Mode::Follow]
+            Via::Tracepoint { .. } => [Mode::Run, Mode::Attach]
                 .into_iter()
                 .filter_map(|m| self.tracepoint_programs(m))
                 .flat_map(|(btf, raw)| [btf, raw])
@@ -168,14 +164,14 @@ impl HookDef {
     }
 }
 
-const BOTH: &[Mode] = &[Mode::Tagged, Mode::Follow];
-const TAGGED: &[Mode] = &[Mode::Tagged];
-const FOLLOW: &[Mode] = &[Mode::Follow];
+const BOTH: &[Mode] = &[Mode::Run, Mode::Attach];
+const TAGGED: &[Mode] = &[Mode::Run];
+const FOLLOW: &[Mode] = &[Mode::Attach];
 
 const fn tp(id: HookId, tp: &'static str, modes: &'static [Mode]) -> HookDef {
     HookDef {
         id,
-        attach: Attach::Tracepoint { tp },
+        via: Via::Tracepoint { tp },
         label: tp,
         modes,
     }
@@ -194,7 +190,7 @@ const fn nat(
 ) -> HookDef {
     HookDef {
         id,
-        attach: Attach::Netfilter {
+        via: Via::Netfilter {
             prog,
             hooknum,
             priority,
@@ -208,7 +204,7 @@ const fn nat(
 const fn func(id: HookId, module: &'static str, func: &'static str) -> HookDef {
     HookDef {
         id,
-        attach: Attach::Function { func, module },
+        via: Via::Function { func, module },
         label: func,
         modes: BOTH,
     }
@@ -217,7 +213,7 @@ const fn func(id: HookId, module: &'static str, func: &'static str) -> HookDef {
 const fn module_tp(id: HookId, module: &'static str, tp: &'static str) -> HookDef {
     HookDef {
         id,
-        attach: Attach::ModuleTracepoint { tp, module },
+        via: Via::ModuleTracepoint { tp, module },
         label: tp,
         modes: BOTH,
     }
@@ -234,12 +230,12 @@ pub const HOOK_TABLE: &[HookDef] = &[
     tp(HookId::KfreeSkb, "kfree_skb", BOTH),
     // Where a followed packet's buffer is freed after use: its journey ends.
     tp(HookId::ConsumeSkb, "consume_skb", FOLLOW),
-    // tc hooks: tagged runs read the tag through __sk_buff; follow mode uses tc ingress only
+    // tc hooks: run mode reads the tag through __sk_buff; attach mode uses tc ingress only
     // where nothing else sees a packet arrive (a peer redirect), since every tc program is one
     // more on the device for every packet.
     HookDef {
         id: HookId::TcEgress,
-        attach: Attach::Tc {
+        via: Via::Tc {
             prog: "tc_egress",
             ingress: false,
         },
@@ -248,12 +244,12 @@ pub const HOOK_TABLE: &[HookDef] = &[
     },
     HookDef {
         id: HookId::TcIngress,
-        attach: Attach::Tc {
+        via: Via::Tc {
             prog: "tc_ingress",
             ingress: true,
         },
         label: "tc:ingress",
-        // Follow mode: only where an eBPF datapath's tc program redirects to a pod's peer
+        // Attach mode: only where an eBPF datapath's tc program redirects to a pod's peer
         // (attach/scope.rs), which no tracepoint sees.
         modes: BOTH,
     },
@@ -350,7 +346,7 @@ pub const HOOK_TABLE: &[HookDef] = &[
     // hop is on the device, so the label need not say whose it is.
     HookDef {
         id: HookId::DriverXmit,
-        attach: Attach::DriverXmit,
+        via: Via::DriverXmit,
         label: "driver:xmit",
         modes: BOTH,
     },

@@ -8,4 +8,4 @@ pub mod path;
 pub mod protocols;
 pub mod segments;
 
-pub use hooks::{decision_program, hook, label, Attach, HookDef, HopKey, Mode, Point, HOOK_TABLE};
+pub use hooks::{decision_program, hook, label, HookDef, HopKey, Mode, Point, Via, HOOK_TABLE};

@@ -309,7 +309,7 @@ const RULES: &[Rule] = &[
             None => format!("bridge forward {} -> {}", c.a, c.b),
         },
     },
-    // Without tc hooks (follow mode): the backlog between netif_rx and the receive.
+    // Without tc hooks (attach mode): the backlog between netif_rx and the receive.
     Rule {
         name: "backlog",
         matches: |e, c| c.same_if && from_to(e, NetifRx, NetifReceiveSkb),
@@ -622,7 +622,7 @@ mod tests {
                 Some(br) => format!("bridge {br} forward ({a} -> {b})"),
                 None => format!("bridge forward {a} -> {b}"),
             },
-            // Without tc hooks (follow mode): the backlog between netif_rx and the receive, and
+            // Without tc hooks (attach mode): the backlog between netif_rx and the receive, and
             // bridging or routing from a device's receive to another's queue.
             (Hook(NetifRx), Hook(NetifReceiveSkb)) if same_if => format!("backlog {b}"),
             (Hook(TcIngress) | Hook(NetifReceiveSkb), Hook(TcEgress) | Hook(NetDevQueue))

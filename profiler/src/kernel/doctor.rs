@@ -136,7 +136,7 @@ pub fn run() -> DoctorReport {
         },
         _ => Vec::new(),
     };
-    let (hooks, follow_hooks) = (hooks_of(Mode::Tagged), hooks_of(Mode::Follow));
+    let (hooks, follow_hooks) = (hooks_of(Mode::Run), hooks_of(Mode::Attach));
     DoctorReport {
         schema: DOCTOR_SCHEMA.into(),
         kernel: super::release(),

@@ -9,7 +9,7 @@ use btf_rs::Btf;
 use profiler_common::FuncHook;
 
 use super::btf::{function_args, tracepoint_args, KernelBtf};
-use crate::datapath::{Attach, HookDef};
+use crate::datapath::{HookDef, Via};
 
 const KALLSYMS: &str = "/proc/kallsyms";
 
@@ -64,8 +64,8 @@ impl<'a> Resolver<'a> {
 
     /// The target of a deep hook, or why this kernel has none.
     pub fn resolve(&mut self, spec: &HookDef) -> Result<ResolvedHook> {
-        match spec.attach {
-            Attach::Function { func, module } => {
+        match spec.via {
+            Via::Function { func, module } => {
                 let (addr, in_module, ambiguous) = self.symbol(func, module)?;
                 let args = function_args(self.btf(in_module.as_deref())?, spec.id, func)?;
                 let attach_to = match (ambiguous, in_module) {
@@ -78,7 +78,7 @@ impl<'a> Resolver<'a> {
                     args,
                 })
             }
-            Attach::ModuleTracepoint { tp, module } => {
+            Via::ModuleTracepoint { tp, module } => {
                 if !std::path::Path::new("/sys/module").join(module).exists() {
                     bail!("module {module} is not loaded");
                 }
@@ -89,8 +89,8 @@ impl<'a> Resolver<'a> {
                     args,
                 })
             }
-            Attach::DriverXmit => bail!("{} is resolved per NIC", spec.label),
-            Attach::Tracepoint { .. } | Attach::Tc { .. } | Attach::Netfilter { .. } => {
+            Via::DriverXmit => bail!("{} is resolved per NIC", spec.label),
+            Via::Tracepoint { .. } | Via::Tc { .. } | Via::Netfilter { .. } => {
                 bail!("{} is a stable hook, not a kernel function", spec.label)
             }
         }

@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _, Result};
 use aya::maps::{Map, MapData};
 use profiler_common::HookId;
 
-use crate::datapath::{Attach, Mode, HOOK_TABLE};
+use crate::datapath::{Mode, Via, HOOK_TABLE};
 
 use crate::lab::netns;
 
@@ -77,8 +77,8 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
 
 /// The table's netfilter hooks: id, program in `mode`, hook number and priority.
 fn points(mode: Mode) -> impl Iterator<Item = (HookId, String, u32, i32)> {
-    HOOK_TABLE.iter().filter_map(move |h| match h.attach {
-        Attach::Netfilter {
+    HOOK_TABLE.iter().filter_map(move |h| match h.via {
+        Via::Netfilter {
             hooknum, priority, ..
         } => Some((h.id, h.netfilter_program(mode)?, hooknum, priority)),
         _ => None,
@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(first_three(101), [101, 102, 103]);
         // Every hook's tries stay on its program's side of its NAT, between mangle (-150, 150
         // away) and the next NAT or conntrack.
-        for (_, _, _, p) in points(Mode::Follow) {
+        for (_, _, _, p) in points(Mode::Attach) {
             let nat = p.signum() * 100;
             for q in priorities(p) {
                 assert_eq!((q - nat).signum(), (p - nat).signum(), "{p}: {q}");

@@ -26,7 +26,7 @@ use super::{
     uprobe::UprobeSpec,
 };
 use crate::{
-    datapath::{decision_program, Attach, HookDef, Mode, HOOK_TABLE},
+    datapath::{decision_program, HookDef, Mode, Via, HOOK_TABLE},
     lab::netns,
     object::ebpf_object,
     report::schema::{HookSet, HookStatus, ProgramCost, Status},
@@ -67,7 +67,7 @@ pub struct LoadConfig {
     pub follow: FollowConfig,
 }
 
-/// Follow mode's settings (`profiler attach`), compiled into the programs at load time.
+/// Attach mode's settings (`profiler attach`), compiled into the programs at load time.
 #[derive(Clone, Copy)]
 pub struct FollowConfig {
     /// Follow one packet in `sample`.
@@ -137,8 +137,8 @@ impl Programs {
     pub fn attach_tracepoints(&mut self, kernel_btf: &KernelBtf, mode: Mode) -> Result<()> {
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for tp_btf")?;
         for spec in HOOK_TABLE {
-            if let (Attach::Tracepoint { tp }, Some((btf_prog, raw_prog))) =
-                (spec.attach, spec.tracepoint_programs(mode))
+            if let (Via::Tracepoint { tp }, Some((btf_prog, raw_prog))) =
+                (spec.via, spec.tracepoint_programs(mode))
             {
                 let status = self.attach_tracepoint(tp, &btf_prog, &raw_prog, &btf, kernel_btf);
                 self.statuses.push(status);
@@ -153,7 +153,7 @@ impl Programs {
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for tp_btf")?;
         let mut attached = 0;
         for spec in HOOK_TABLE {
-            if let (Attach::Tracepoint { tp }, Some(prog)) = (spec.attach, spec.floor_program()) {
+            if let (Via::Tracepoint { tp }, Some(prog)) = (spec.via, spec.floor_program()) {
                 let st = match self.attach_btf(&prog, tp, &btf) {
                     Ok(()) => {
                         attached += 1;
@@ -197,11 +197,11 @@ impl Programs {
             let Some(prog) = spec.deep_program(mode) else {
                 continue;
             };
-            if spec.attach == Attach::DriverXmit && kprobes {
+            if spec.via == Via::DriverXmit && kprobes {
                 self.attach_driver_xmits(btf, &mut resolver, spec, &prog);
                 continue;
             }
-            let is_function = matches!(spec.attach, Attach::Function { .. } | Attach::DriverXmit);
+            let is_function = matches!(spec.via, Via::Function { .. } | Via::DriverXmit);
             let kind = if is_function { "kprobe" } else { "raw_tp" };
             let result = if is_function && !kprobes {
                 Err(anyhow!("this kernel has no kprobes (CONFIG_KPROBES off)"))
@@ -411,7 +411,7 @@ impl Programs {
     /// egress, and at ingress if `at_ingress`.
     pub fn attach_tc(&mut self, mode: Mode, ns: Option<&str>, ifname: &str, at_ingress: bool) {
         for spec in HOOK_TABLE {
-            if let (Attach::Tc { ingress, .. }, Some(prog)) = (spec.attach, spec.tc_program(mode)) {
+            if let (Via::Tc { ingress, .. }, Some(prog)) = (spec.via, spec.tc_program(mode)) {
                 if ingress && !at_ingress {
                     continue;
                 }
@@ -638,8 +638,8 @@ impl Drop for Programs {
 
 /// Whether the table lists `func` of `module` as a hook of its own (virtio-net's start_xmit).
 fn curated(func: &str, module: Option<&str>) -> bool {
-    HOOK_TABLE.iter().any(|h| match h.attach {
-        Attach::Function { func: f, module: m } => f == func && module.is_none_or(|x| x == m),
+    HOOK_TABLE.iter().any(|h| match h.via {
+        Via::Function { func: f, module: m } => f == func && module.is_none_or(|x| x == m),
         _ => false,
     })
 }

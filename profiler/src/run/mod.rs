@@ -1,6 +1,8 @@
-//! `profiler run`: bring the lab up if needed, attach, drive tagged traffic, attribute, report.
-//! The tagged mode's own pieces live here: the traffic runner ([`traffic`]), journeys rebuilt
-//! from events ([`journey`]) and `profiler compare` ([`compare`]), which is runs side by side.
+//! `profiler run`: bring the lab up if needed, attach, drive tagged traffic and collect what it
+//! recorded ([`record`]), then attribute it ([`attribute`]). The run mode's own pieces live
+//! here: the traffic (ping-pong [`rr`], [`stream`], [`alltoall`], what they share
+//! [`traffic`]), journeys rebuilt from events ([`journey`]), the guest agent of nested paths
+//! ([`agent`], [`crossing`]) and `profiler compare` ([`compare`]), which is runs side by side.
 
 pub mod agent;
 pub mod alltoall;
@@ -9,6 +11,7 @@ pub mod compare;
 pub mod crossing;
 pub mod journey;
 pub mod record;
+pub mod rr;
 pub mod stream;
 pub mod traffic;
 
@@ -40,8 +43,9 @@ use crate::{
 use alltoall::AlltoallSpec;
 pub use attribute::attribute;
 use record::Collected;
+use rr::Spec;
 use stream::StreamSpec;
-use traffic::{Endpoints, Proto, Spec};
+use traffic::{Endpoints, Proto};
 
 #[derive(Clone, Debug)]
 pub struct RunArgs {
@@ -108,7 +112,7 @@ impl RunArgs {
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Driven {
-    Rr(traffic::Outcome),
+    Rr(rr::Outcome),
     Stream(StreamSpec, stream::StreamOutcome),
     Alltoall(AlltoallSpec, alltoall::AlltoallOutcome),
 }
@@ -214,7 +218,7 @@ async fn drive(
     progress: Arc<AtomicU32>,
 ) -> Result<Driven> {
     match args.traffic {
-        TrafficKind::Rr => Ok(Driven::Rr(traffic::run(spec, ends, progress).await?)),
+        TrafficKind::Rr => Ok(Driven::Rr(rr::run(spec, ends, progress).await?)),
         TrafficKind::Stream => {
             let s = args.stream_spec(spec.run_id, spec.port);
             let ticker = tokio::spawn(async move {
@@ -311,19 +315,14 @@ pub async fn collect(args: &RunArgs, lab: &RunTarget) -> Result<Collected> {
             ..Default::default()
         },
     )?;
-    let hook_set = programs.attach_set(&btf, Mode::Tagged, args.hooks)?;
+    let hook_set = programs.attach_set(&btf, Mode::Run, args.hooks)?;
     programs.attach_uprobes(&args.uprobes)?;
     for p in &lab.attach {
-        programs.attach_tc(
-            Mode::Tagged,
-            discover::ns_arg(&p.netns),
-            &p.ifname,
-            p.ingress,
-        );
+        programs.attach_tc(Mode::Run, discover::ns_arg(&p.netns), &p.ifname, p.ingress);
     }
     if let Some(svc) = &lab.service {
         let nat: Vec<Option<&str>> = svc.namespaces.iter().map(|n| discover::ns_arg(n)).collect();
-        programs.attach_netfilter(Mode::Tagged, &nat);
+        programs.attach_netfilter(Mode::Run, &nat);
     }
     let _stats = kernel::stats_while(args.stats)?;
 
@@ -338,7 +337,7 @@ pub async fn collect(args: &RunArgs, lab: &RunTarget) -> Result<Collected> {
             .await
             .map(|stamps| {
                 guest_client = Some(stamps);
-                Driven::Rr(traffic::Outcome::default())
+                Driven::Rr(rr::Outcome::default())
             }),
         None => drive(args, &spec, lab, &ends, progress).await,
     };
@@ -374,7 +373,7 @@ pub async fn collect(args: &RunArgs, lab: &RunTarget) -> Result<Collected> {
             guest_events.extend(merged.events);
             server.extend(merged.server);
             if a.client {
-                client = Some(traffic::client_outcome(&merged.client));
+                client = Some(rr::client_outcome(&merged.client));
             }
             crossings.push(merged.report);
             hooks.extend(a.hooks.drain(..).map(|h| HookStatus {
@@ -386,7 +385,7 @@ pub async fn collect(args: &RunArgs, lab: &RunTarget) -> Result<Collected> {
         if let Some(c) = client {
             *outcome = c;
         }
-        traffic::apply_server_log(outcome, &server);
+        rr::apply_server_log(outcome, &server);
     }
 
     Ok(Collected {
@@ -520,7 +519,7 @@ async fn warm_up(spec: &Spec, ends: &Endpoints) -> Result<()> {
         rate: None,
         ..spec.clone()
     };
-    traffic::run(&warm, ends, Arc::new(AtomicU32::new(0)))
+    rr::run(&warm, ends, Arc::new(AtomicU32::new(0)))
         .await
         .context("warming up the path")?;
     Ok(())

@@ -25,7 +25,8 @@ use tokio_rustls::TlsAcceptor;
 use super::{Answer, Client, Done, Request, Start};
 use crate::run::{
     record::to_wire,
-    traffic::{self, ServerLog},
+    rr::{self, ServerLog},
+    traffic::{Endpoints, Proto},
 };
 use crate::{
     attach::{
@@ -575,8 +576,8 @@ async fn inventory() -> Result<Inventory> {
 
 /// Runs the client as `c` says: a warm-up, then the run's exchanges.
 async fn run_client(c: &Client) -> Answer {
-    let spec = |run_id, count, rate| traffic::Spec {
-        proto: traffic::Proto::Udp,
+    let spec = |run_id, count, rate| rr::Spec {
+        proto: Proto::Udp,
         size: c.size,
         count,
         rate,
@@ -584,7 +585,7 @@ async fn run_client(c: &Client) -> Answer {
         port: c.port,
         timeout: c.timeout,
     };
-    let ends = traffic::Endpoints {
+    let ends = Endpoints {
         client_ns: discover::ns_arg(&c.client_ns).map(str::to_string),
         server_ns: None,
         server_addr: c.server_addr,
@@ -593,10 +594,10 @@ async fn run_client(c: &Client) -> Answer {
     };
     let progress = std::sync::Arc::default();
     let run = async {
-        traffic::run(&spec(0, c.warm_up, None), &ends, std::sync::Arc::default())
+        rr::run(&spec(0, c.warm_up, None), &ends, std::sync::Arc::default())
             .await
             .context("warming up the path")?;
-        traffic::run(&spec(c.run_id, c.count, c.rate), &ends, progress).await
+        rr::run(&spec(c.run_id, c.count, c.rate), &ends, progress).await
     };
     match run.await {
         Ok(out) => Answer::Client {
@@ -611,7 +612,7 @@ async fn run_client(c: &Client) -> Answer {
 }
 
 /// The client's half of an outcome: (seq, request sent, response received).
-fn client_stamps(out: &traffic::Outcome) -> Vec<(u32, u64, u64)> {
+fn client_stamps(out: &rr::Outcome) -> Vec<(u32, u64, u64)> {
     let mut by_seq: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
     for s in &out.stamps {
         let e = by_seq.entry(s.seq).or_default();
@@ -640,10 +641,10 @@ async fn start(s: &Start) -> Result<(Running, Answer)> {
             ..Default::default()
         },
     )?;
-    let hook_set = programs.attach_set(&btf, Mode::Tagged, s.hooks)?;
+    let hook_set = programs.attach_set(&btf, Mode::Run, s.hooks)?;
     let inv = inventory().await?;
     for i in &inv.interfaces {
-        programs.attach_tc(Mode::Tagged, discover::ns_arg(&i.netns), &i.ifname, true);
+        programs.attach_tc(Mode::Run, discover::ns_arg(&i.netns), &i.ifname, true);
     }
     let (stop, stop_rx) = oneshot::channel();
     let collector = tokio::spawn(ring::collect(programs.take_events()?, stop_rx));
@@ -652,9 +653,9 @@ async fn start(s: &Start) -> Result<(Running, Answer)> {
     let server = match &s.server_ns {
         Some(ns) => {
             let addr = SocketAddr::from((s.server_addr, s.port));
-            let socket = traffic::udp_server(discover::ns_arg(ns), addr)?;
+            let socket = rr::udp_server(discover::ns_arg(ns), addr)?;
             // The warm-up exchanges carry run id 0: answered, not logged.
-            Some(tokio::spawn(traffic::serve_udp(
+            Some(tokio::spawn(rr::serve_udp(
                 socket,
                 s.size,
                 log.clone(),
