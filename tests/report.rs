@@ -54,7 +54,7 @@ fn every_saved_report_renders_the_table_its_command_printed() {
 /// the run printed.
 #[test]
 fn saved_events_attribute_to_the_table_their_run_printed() {
-    for kind in ["bridge", "flannel-vxlan", "alltoall"] {
+    for kind in ["bridge", "flannel-vxlan", "alltoall", "bmp2vmp"] {
         let events = fixture(&format!("events-{kind}.json"));
         let printed = std::fs::read_to_string(fixture(&format!("events-{kind}.txt")))
             .unwrap_or_else(|e| panic!("fixture events-{kind}.txt: {e}"));

@@ -140,7 +140,7 @@ impl AlltoallSpec {
 
 /// Each round's span (first process starting it to the last one done) and the tagged
 /// messages' stamps.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct AlltoallOutcome {
     pub rounds: Vec<Duration>,
     pub stamps: Vec<Stamp>,

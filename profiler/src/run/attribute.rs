@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use profiler_common::Event;
 
 use super::{
+    agent::{self, GuestPart},
     alltoall::{self, AlltoallSpec},
     journey::{self, Attribution},
     record::Collected,
-    Driven,
+    rr, Driven,
 };
 use crate::{
     datapath::{
@@ -21,8 +22,9 @@ use crate::{
     kernel::btf::DropReasons,
     lab::target::Devices,
     report::schema::{
-        AlltoallResult, DirectionReport, DropReport, EventsReport, Hop, MissingHop, OtherPath,
-        PathKindResult, RunReport, SegmentReport, Stats, StreamResult, TrafficReport, RUN_SCHEMA,
+        AlltoallResult, CrossingReport, DirectionReport, DropReport, EventsReport, Hop, MissingHop,
+        OtherPath, PathKindResult, RunReport, SegmentReport, Stats, StreamResult, TrafficReport,
+        RUN_SCHEMA,
     },
 };
 
@@ -39,8 +41,15 @@ struct Naming<'a> {
 
 /// The run's report from what it collected.
 pub fn attribute(c: &Collected) -> RunReport {
-    let events = c.events();
-    let inodes = Inodes::from_all(&c.inodes);
+    let mut events = c.events();
+    let mut inodes = Inodes::from_all(&c.inodes);
+    let mut driven = c.driven.clone();
+    let crossings = match &mut driven {
+        Driven::Rr(outcome) if !c.guests.is_empty() => {
+            on_host_timeline(&c.guests, &mut events, outcome, &mut inodes)
+        }
+        _ => Vec::new(),
+    };
     let drop_reasons = DropReasons::named(c.drop_reasons.iter().map(|(&v, n)| (v, n.as_str())));
     let attached = Attached::from_statuses(&c.hooks[..c.host_hooks.min(c.hooks.len())]);
     let naming = Naming {
@@ -48,7 +57,7 @@ pub fn attribute(c: &Collected) -> RunReport {
         inodes: &inodes,
         attached: &attached,
     };
-    let sorted = match &c.driven {
+    let sorted = match &driven {
         Driven::Alltoall(s, o) => {
             let pod_ns: Vec<u32> = c.pod_netns.iter().map(|n| inodes.get(n)).collect();
             journey::observations_by(&events, &o.stamps, |st| {
@@ -67,12 +76,12 @@ pub fn attribute(c: &Collected) -> RunReport {
     }
     let mut directions = Vec::new();
     let mut incomplete = 0;
-    for (dir, name) in c.driven.directions() {
+    for (dir, name) in driven.directions() {
         let report = direction(&name, dir, &sorted.observations, &naming);
         incomplete += report.incomplete_packets;
         directions.push(report);
     }
-    let alltoall = match &c.driven {
+    let alltoall = match &driven {
         Driven::Alltoall(s, o) => {
             let a = alltoall_report(s, o, &sorted.observations, &c.pod_netns, &naming);
             incomplete += a.incomplete;
@@ -91,7 +100,7 @@ pub fn attribute(c: &Collected) -> RunReport {
             proto: c.proto,
             size: c.size,
             count: c.count,
-            completed: c.driven.completed(),
+            completed: driven.completed(),
         },
         directions,
         events: EventsReport {
@@ -105,7 +114,7 @@ pub fn attribute(c: &Collected) -> RunReport {
         hook_set: c.hook_set,
         hooks: c.hooks.clone(),
         program_costs: c.program_costs.clone(),
-        stream: match &c.driven {
+        stream: match &driven {
             Driven::Stream(s, o) => Some(StreamResult {
                 unprofiled_gbit_per_s: c.unprofiled.as_ref().map(|u| u.gbit_per_s),
                 unprofiled_sent_gbit_per_s: c.unprofiled.as_ref().map(|u| u.sent_gbit_per_s),
@@ -114,8 +123,36 @@ pub fn attribute(c: &Collected) -> RunReport {
             _ => None,
         },
         alltoall,
-        crossings: c.crossings.clone(),
+        crossings,
     }
+}
+
+/// A nested run's guests' events and stamps put on the host's timeline (agent/merge.rs), each
+/// against the host's events alone: their hops join the host's, the outcome takes a guest
+/// client's stamps and the guests' servers'. Returns each guest's crossing.
+fn on_host_timeline(
+    guests: &[GuestPart],
+    events: &mut Vec<Event>,
+    outcome: &mut rr::Outcome,
+    inodes: &mut Inodes,
+) -> Vec<CrossingReport> {
+    let (mut guest_events, mut server, mut client) = (Vec::new(), Vec::new(), None);
+    let mut crossings = Vec::new();
+    for part in guests {
+        let merged = agent::merge(part, events, &outcome.stamps, inodes);
+        guest_events.extend(merged.events);
+        server.extend(merged.server);
+        if part.client.is_some() {
+            client = Some(rr::client_outcome(&merged.client));
+        }
+        crossings.push(merged.report);
+    }
+    events.extend(guest_events);
+    if let Some(c) = client {
+        *outcome = c;
+    }
+    rr::apply_server_log(outcome, &server);
+    crossings
 }
 
 /// All-to-all's figures, and the waterfall of each path kind's best-attributed pod pair.
@@ -338,12 +375,15 @@ mod tests {
     use super::*;
     use crate::run::traffic::Stamp;
 
-    /// Request/response on bridge and across hosts on flannel-vxlan, and all-to-all.
-    const FIXTURES: [&str; 3] = [
+    /// Request/response on bridge and across hosts on flannel-vxlan, all-to-all, and a nested
+    /// path (bmp2vmp: a pod in a 6.1 guest, its agent's part on the guest's clock).
+    const FIXTURES: [&str; 4] = [
         include_str!("../../../tests/fixtures/events-bridge.json"),
         include_str!("../../../tests/fixtures/events-flannel-vxlan.json"),
         include_str!("../../../tests/fixtures/events-alltoall.json"),
+        include_str!("../../../tests/fixtures/events-bmp2vmp.json"),
     ];
+    const NESTED: usize = 3;
 
     fn fixture(i: usize) -> Collected {
         Collected::parse(FIXTURES[i]).expect("a fixture written by run --save-events")
@@ -373,6 +413,32 @@ mod tests {
             events.sort_by_key(|&i| c.events[i].0);
         }
         by_seq
+    }
+
+    /// Where two reports differ, by JSON path: a readable failure for reports this long.
+    fn differences(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Vec<String> {
+        use serde_json::Value::{Array, Object};
+        match (a, b) {
+            (Object(x), Object(y)) => x
+                .keys()
+                .chain(y.keys().filter(|k| !x.contains_key(*k)))
+                .flat_map(|k| {
+                    let (u, v) = (&x.get(k), &y.get(k));
+                    match (u, v) {
+                        (Some(u), Some(v)) => differences(u, v, &format!("{at}.{k}")),
+                        _ => vec![format!("{at}.{k}: {u:?} / {v:?}")],
+                    }
+                })
+                .collect(),
+            (Array(x), Array(y)) if x.len() == y.len() => x
+                .iter()
+                .zip(y)
+                .enumerate()
+                .flat_map(|(i, (u, v))| differences(u, v, &format!("{at}[{i}]")))
+                .collect(),
+            _ if a == b => Vec::new(),
+            _ => vec![format!("{at}: {a} / {b}")],
+        }
     }
 
     #[test]
@@ -438,6 +504,48 @@ mod tests {
             let e2e = a.end_to_end.mean_ns - b.end_to_end.mean_ns;
             prop_assert!((e2e - hold as f64).abs() < 1e-3, "end to end grew {}", e2e);
             prop_assert_eq!(json(&after.directions[1]), json(&before.directions[1]));
+        }
+
+        /// A guest's clock set differently (booted earlier or later): its crossing's offset
+        /// moves by as much, and nothing else does (its hops land on the host's timeline where
+        /// they did).
+        #[test]
+        fn a_guest_clock_shifted_moves_only_the_offset(shift in -(1i64 << 40)..1 << 40) {
+            let mut c = fixture(NESTED);
+            // A clock reads no time before its boot: the guest's earliest stays at 0 or later.
+            let earliest = c.guests.iter().flat_map(|g| g.done.events.iter().map(|e| e.0)).min();
+            prop_assume!(earliest.is_some_and(|t| t as i64 + shift >= 0));
+            let before = attribute(&c);
+            let moved = |t: &mut u64| *t = t.wrapping_add_signed(shift);
+            for g in &mut c.guests {
+                g.done.events.iter_mut().for_each(|e| moved(&mut e.0));
+                for (_, recv, send) in &mut g.done.stamps {
+                    moved(recv);
+                    moved(send);
+                }
+                for (_, sent, recv) in g.client.iter_mut().flatten() {
+                    moved(sent);
+                    moved(recv);
+                }
+            }
+            let mut after = attribute(&c);
+            // A drift is a slope of the offsets: the same, to a float's last bits.
+            let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+            for (x, b) in after.crossings.iter_mut().zip(&before.crossings) {
+                x.offset_ns -= shift;
+                x.offset_p10_p90_ns.0 -= shift;
+                x.offset_p10_p90_ns.1 -= shift;
+                prop_assert!(same(x.drift_ppm, b.drift_ppm), "drift {} / {}", x.drift_ppm, b.drift_ppm);
+                x.drift_ppm = b.drift_ppm;
+                if let (Some(xb), Some(bb)) = (&mut x.bounds, &b.bounds) {
+                    xb.offset_ns.0 -= shift;
+                    xb.offset_ns.1 -= shift;
+                    prop_assert!(same(xb.drift_ppm.0, bb.drift_ppm.0) && same(xb.drift_ppm.1, bb.drift_ppm.1));
+                    xb.drift_ppm = bb.drift_ppm;
+                }
+            }
+            let differ = differences(&json(&after), &json(&before), "");
+            prop_assert!(differ.is_empty(), "{:?}", differ);
         }
 
         /// A hop event lost: its packet is incomplete, missing that hop; the others unchanged.

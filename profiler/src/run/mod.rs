@@ -109,7 +109,7 @@ impl RunArgs {
 }
 
 /// What the traffic did: its stamps, and what each kind measures besides.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Driven {
     Rr(rr::Outcome),
@@ -344,48 +344,31 @@ pub async fn collect(args: &RunArgs, lab: &RunTarget) -> Result<Collected> {
     reporter.abort();
     tokio::time::sleep(DRAIN).await;
     let _ = stop_tx.send(());
-    let mut events = collector.await.context("the event collector stopped")??;
-    let mut driven = driven?;
+    let events = collector.await.context("the event collector stopped")??;
+    let driven = driven?;
     let mut counters = programs.counters()?;
     let costs = args.stats.then(|| programs.costs());
 
     let drop_reasons = btf.drop_reasons();
-    let mut inodes = Inodes::of(&lab.devices)?;
-    let mut crossings = Vec::new();
     let mut hooks = programs.statuses.clone();
-    if let (false, Driven::Rr(outcome)) = (agents.is_empty(), &mut driven) {
-        // Each guest against the host's events alone; then all on the host's timeline.
-        let (mut guest_events, mut server, mut client) = (Vec::new(), Vec::new(), None);
-        for a in &mut agents {
-            let guest = &lab.guests[a.index];
-            let mut done = a.remote.stop(run_id).await?;
-            done.renumber_drops(&drop_reasons);
-            counters[COUNTER_LOST as usize] += done.lost;
-            counters[COUNTER_UNREADABLE as usize] += done.unreadable;
-            let part = agent::GuestPart {
-                node: &guest.name,
-                index: a.index as u32,
-                done,
-                namespaces: &guest.namespaces,
-                client: if a.client { guest_client.take() } else { None },
-            };
-            let merged = agent::merge(part, &mut events, &outcome.stamps, &mut inodes);
-            guest_events.extend(merged.events);
-            server.extend(merged.server);
-            if a.client {
-                client = Some(rr::client_outcome(&merged.client));
-            }
-            crossings.push(merged.report);
-            hooks.extend(a.hooks.drain(..).map(|h| HookStatus {
-                name: format!("{} {}", guest.name, h.name),
-                ..h
-            }));
-        }
-        events.extend(guest_events);
-        if let Some(c) = client {
-            *outcome = c;
-        }
-        rr::apply_server_log(outcome, &server);
+    let mut guests = Vec::new();
+    for a in &mut agents {
+        let guest = &lab.guests[a.index];
+        let mut done = a.remote.stop(run_id).await?;
+        done.renumber_drops(&drop_reasons);
+        counters[COUNTER_LOST as usize] += done.lost;
+        counters[COUNTER_UNREADABLE as usize] += done.unreadable;
+        guests.push(agent::GuestPart {
+            node: guest.name.clone(),
+            index: a.index as u32,
+            done,
+            namespaces: guest.namespaces.clone(),
+            client: if a.client { guest_client.take() } else { None },
+        });
+        hooks.extend(a.hooks.drain(..).map(|h| HookStatus {
+            name: format!("{} {}", guest.name, h.name),
+            ..h
+        }));
     }
 
     Ok(Collected {
@@ -396,7 +379,7 @@ pub async fn collect(args: &RunArgs, lab: &RunTarget) -> Result<Collected> {
         server_netns: lab.server.netns.clone(),
         pod_netns: lab.pods.iter().map(|p| p.end.netns.clone()).collect(),
         devices: lab.devices.clone(),
-        inodes: inodes.all(),
+        inodes: Inodes::of(&lab.devices)?.all(),
         drop_reasons: drop_reasons.all(),
         service: lab.service.as_ref().map(|s| s.to_string()),
         proto: match args.traffic {
@@ -414,7 +397,7 @@ pub async fn collect(args: &RunArgs, lab: &RunTarget) -> Result<Collected> {
         host_hooks: programs.statuses.len(),
         hooks,
         program_costs: costs,
-        crossings,
+        guests,
     })
 }
 

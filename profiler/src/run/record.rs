@@ -1,6 +1,6 @@
 //! What a run collected, as a file: `run --save-events FILE` writes it and `profiler report
 //! --events FILE` attributes it again, without root and without the lab. It holds the hop
-//! events of every node (a guest's already on the host's timeline), the devices and
+//! events of every node (a guest's on its own clock, as its agent handed them over), the devices and
 //! namespaces hops are named after, the traffic's stamps and what the kernel said of its hooks:
 //! everything attribution (attribute.rs) reads, nothing it computes.
 
@@ -10,10 +10,10 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use profiler_common::Event;
 use serde::{Deserialize, Serialize};
 
-use super::Driven;
+use super::{agent::GuestPart, Driven};
 use crate::{
     lab::target::Devices,
-    report::schema::{CrossingReport, HookSet, HookStatus, Made, ProgramCost, Proto, StreamResult},
+    report::schema::{HookSet, HookStatus, Made, ProgramCost, Proto, StreamResult},
 };
 
 pub const EVENTS_SCHEMA: &str = "profiler.events.v1";
@@ -63,7 +63,7 @@ pub struct Collected {
     pub client_netns: String,
     pub server_netns: String,
     pub pod_netns: Vec<String>,
-    /// Each namespace's inode, the id its hops carry (a guest's: the id given it at the merge).
+    /// Each host namespace's inode, the id its hops carry.
     pub inodes: BTreeMap<String, u32>,
     /// The host kernel's drop reasons by number (a guest's drops are renumbered to these).
     pub drop_reasons: BTreeMap<u32, String>,
@@ -75,6 +75,7 @@ pub struct Collected {
     pub driven: Driven,
     /// A stream's throughput before the programs were loaded.
     pub unprofiled: Option<StreamResult>,
+    /// The host's hop events (a guest's are in its part).
     pub events: Vec<WireEvent>,
     pub lost: u64,
     pub unreadable: u64,
@@ -84,7 +85,8 @@ pub struct Collected {
     /// How many of `hooks` are the host's: hop names come from those.
     pub host_hooks: usize,
     pub program_costs: Option<Vec<ProgramCost>>,
-    pub crossings: Vec<CrossingReport>,
+    /// A nested run's guests' parts, on their own clocks: attribution puts them on the host's.
+    pub guests: Vec<GuestPart>,
 }
 
 impl Collected {

@@ -63,7 +63,7 @@ impl Spec {
 }
 
 /// Both ends' stamps of every exchange, and how many completed.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub stamps: Vec<Stamp>,
     /// Exchanges whose response arrived.

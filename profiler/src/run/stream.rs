@@ -79,7 +79,7 @@ impl StreamSpec {
 }
 
 /// What the receiver counted, and both ends' stamps of the tagged messages.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct StreamOutcome {
     pub sent: u64,
     pub received: u64,

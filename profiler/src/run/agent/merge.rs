@@ -40,14 +40,15 @@ fn unwinding(e: &Event) -> bool {
     e.hook == HookId::NetDevXmit as u8
 }
 
-/// One guest's part of a run, as its agent handed it over.
-pub struct GuestPart<'a> {
-    pub node: &'a str,
+/// One guest's part of a run, as its agent handed it over (a run's collection keeps it so).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct GuestPart {
+    pub node: String,
     /// Its place among the run's guests (its namespaces' ids depend on it).
     pub index: u32,
     pub done: Done,
     /// Its namespaces with their inodes in its kernel.
-    pub namespaces: &'a [(String, u32)],
+    pub namespaces: Vec<(String, u32)>,
     /// Its client's (seq, sent, received) stamps when its pod sent the requests: it is then
     /// the exchanges' originator (t1, t4 on its side), else the responder.
     pub client: Option<Vec<(u32, u64, u64)>>,
@@ -68,7 +69,7 @@ pub struct Merged {
 /// stamps (`host_client`, when the host ran the client) and the guest's. Drops from
 /// `host_events` the returns of transmits that handed a packet to the guest.
 pub fn merge(
-    part: GuestPart,
+    part: &GuestPart,
     host_events: &mut Vec<Event>,
     host_client: &[traffic::Stamp],
     inodes: &mut Inodes,
@@ -116,9 +117,9 @@ pub fn merge(
     };
     host_events.retain(|e| !handed_over(e, host_side));
     guest.retain(|e| !handed_over(e, guest_side));
-    let est = Estimate::of(part.node, &exchanges, guest_side);
+    let est = Estimate::of(&part.node, &exchanges, guest_side);
     let names: Vec<String> = part.namespaces.iter().map(|(n, _)| n.clone()).collect();
-    let ids = guest_ids(part.node, part.index, &names, inodes);
+    let ids = guest_ids(&part.node, part.index, &names, inodes);
     let by_inode: HashMap<u32, u32> = part
         .namespaces
         .iter()
@@ -193,13 +194,13 @@ mod tests {
         };
         let mut inodes = Inodes::default();
         let part = GuestPart {
-            node: "vm1",
+            node: "vm1".into(),
             index: 0,
             done,
-            namespaces: &[],
+            namespaces: Vec::new(),
             client: None,
         };
-        let merged = merge(part, &mut events, &[], &mut inodes);
+        let merged = merge(&part, &mut events, &[], &mut inodes);
         let report = merged.report;
         events.extend(merged.events);
         let mut ts: Vec<(u32, u8, u64)> = events
@@ -263,11 +264,11 @@ mod tests {
         );
         let mut inodes = Inodes::default();
         let one = merge(
-            GuestPart {
-                node: "vm1",
+            &GuestPart {
+                node: "vm1".into(),
                 index: 0,
                 done: first,
-                namespaces: &[],
+                namespaces: Vec::new(),
                 client: Some(vec![(1, vm1 + 900, vm1 + 2400)]),
             },
             &mut events,
@@ -275,11 +276,11 @@ mod tests {
             &mut inodes,
         );
         let two = merge(
-            GuestPart {
-                node: "vm2",
+            &GuestPart {
+                node: "vm2".into(),
                 index: 1,
                 done: second,
-                namespaces: &[],
+                namespaces: Vec::new(),
                 client: None,
             },
             &mut events,
