@@ -278,7 +278,8 @@ pub async fn profile(args: &RunArgs, lab: &RunTarget) -> Result<RunReport> {
 }
 
 /// Drives the tagged traffic through the target with the programs attached, and returns what
-/// the kernel and the traffic recorded, every node's events on the host's timeline.
+/// the kernel and the traffic recorded: the host's events, and each guest's part on its own
+/// clock (attribution puts it on the host's timeline).
 pub async fn collect(args: &RunArgs, lab: &RunTarget) -> Result<Collected> {
     args.validate()?;
     let run_id = rand_run_id();
