@@ -413,13 +413,7 @@ mod tests {
                 port,
                 timeout: Duration::from_secs(2),
             };
-            let ends = Endpoints {
-                client_ns: None,
-                server_ns: None,
-                server_addr: Ipv4Addr::LOCALHOST,
-                dest_addr: Ipv4Addr::LOCALHOST,
-                remote_server: false,
-            };
+            let ends = Endpoints::loopback();
             let progress = Arc::new(AtomicU32::new(0));
             let out = run(&spec, &ends, progress.clone()).await.expect("run");
             assert_eq!(out.completed, 20, "{proto:?}");

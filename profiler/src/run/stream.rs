@@ -507,13 +507,7 @@ mod tests {
                 port,
                 ..spec(1000, 50)
             };
-            let ends = Endpoints {
-                client_ns: None,
-                server_ns: None,
-                server_addr: Ipv4Addr::LOCALHOST,
-                dest_addr: Ipv4Addr::LOCALHOST,
-                remote_server: false,
-            };
+            let ends = Endpoints::loopback();
             let out = run(&spec, &ends).await.expect("stream");
             assert!(out.received > 100, "{proto:?}: {out:?}");
             assert!(!out.stamps.is_empty(), "{proto:?}: no tagged message");

@@ -29,6 +29,20 @@ pub struct Endpoints {
     pub remote_server: bool,
 }
 
+#[cfg(test)]
+impl Endpoints {
+    /// Both ends in this process's namespace, over loopback.
+    pub fn loopback() -> Endpoints {
+        Endpoints {
+            client_ns: None,
+            server_ns: None,
+            server_addr: Ipv4Addr::LOCALHOST,
+            dest_addr: Ipv4Addr::LOCALHOST,
+            remote_server: false,
+        }
+    }
+}
+
 /// Application timestamps of one direction of one exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stamp {
