@@ -11,50 +11,38 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    assert_clean, doctor_json, hop_sequence, ip, profiler, segment_names, BIN, BRIDGE_REQUEST,
-};
-use serde_json::Value;
+use common::{assert_clean, doctor_report, ip, profiler, run_report_of, BIN, BRIDGE_REQUEST};
+use profiler::report::schema::{HookSet, HookStatus, Made, Status};
 
-fn expected(dir: &str) -> Vec<(String, Option<String>)> {
-    let mut hops: Vec<_> = BRIDGE_REQUEST
+fn expected(dir: &str) -> Vec<(&'static str, Option<&'static str>)> {
+    BRIDGE_REQUEST
         .iter()
-        .map(|(h, i)| (h.to_string(), i.map(str::to_string)))
-        .collect();
-    if dir == "response" {
-        // Same path backwards: pod-b's eth0 to veth-b, the bridge, veth-a to pod-a's eth0.
-        for (_, ifname) in hops.iter_mut() {
-            *ifname = match ifname.as_deref() {
-                Some("veth-a") => Some("veth-b".into()),
-                Some("veth-b") => Some("veth-a".into()),
-                other => other.map(str::to_string),
-            };
-        }
-    }
-    hops
+        .map(|&(hook, ifname)| match (dir, ifname) {
+            // Same path backwards: pod-b's eth0 to veth-b, the bridge, veth-a to pod-a's eth0.
+            ("response", Some("veth-a")) => (hook, Some("veth-b")),
+            ("response", Some("veth-b")) => (hook, Some("veth-a")),
+            _ => (hook, ifname),
+        })
+        .collect()
 }
 
 /// The report records the command line that wrote it and the build: the crate's version and
 /// the checkout's commit.
-fn assert_made_by(made: &Value, args: &[&str]) {
-    let command: Vec<&str> = made["command"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no command line in the report: {made}"))
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    assert!(command.len() > args.len(), "{made}");
-    assert_eq!(command[1..=args.len()], *args, "{made}");
+fn assert_made_by(made: Option<&Made>, args: &[&str]) {
+    let made = made.expect("the report says what made it");
+    let command = &made.command;
+    assert!(command.len() > args.len(), "{made:?}");
+    assert_eq!(command[1..=args.len()], *args, "{made:?}");
     let head = Command::new("git")
         .args(["rev-parse", "--short=7", "HEAD"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("git");
     let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
-    let version = made["version"].as_str().unwrap_or_default();
+    let version = &made.version;
     assert!(
         version.starts_with(env!("CARGO_PKG_VERSION")) && version.contains(&head),
-        "the build's version and commit {head}: {made}"
+        "the build's version and commit {head}: {made:?}"
     );
 }
 
@@ -69,41 +57,38 @@ fn check_run(proto: &str, size: usize) {
         "{proto} {size}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("profiler.run.v1 JSON on stdout");
-    assert_eq!(r["schema"], "profiler.run.v1");
-    assert_made_by(&r["made"], &["run", "--lab", "bridge", "--proto", proto]);
-    assert_eq!(r["events"]["lost"], 0, "{proto} {size}: lost events");
-    let completed = r["traffic"]["completed"].as_u64().unwrap();
+    let r = run_report_of(&out.stdout);
+    assert_made_by(
+        r.made.as_ref(),
+        &["run", "--lab", "bridge", "--proto", proto],
+    );
+    assert_eq!(r.events.lost, 0, "{proto} {size}: lost events");
+    let completed = u64::from(r.traffic.completed);
     assert_eq!(completed, 1000, "{proto} {size}: exchanges completed");
-    for dir in r["directions"].as_array().unwrap() {
-        let name = dir["direction"].as_str().unwrap();
-        let ctx = format!("{proto} {size} {name}");
-        assert_eq!(hop_sequence(dir), expected(name), "{ctx}: hop sequence");
+    for dir in &r.directions {
+        let ctx = format!("{proto} {size} {}", dir.direction);
+        assert_eq!(
+            dir.hop_sequence(),
+            expected(&dir.direction),
+            "{ctx}: hop sequence"
+        );
         // Every completed exchange gave a complete journey through every hop, in order.
-        assert_eq!(dir["complete_packets"].as_u64(), Some(completed), "{ctx}");
-        assert_eq!(dir["incomplete_packets"], 0, "{ctx}");
-        let segments = dir["segments"].as_array().unwrap();
-        assert_eq!(segments.len(), BRIDGE_REQUEST.len() - 1, "{ctx}");
-        let sum: f64 = segments
-            .iter()
-            .map(|s| s["mean_ns"].as_f64().unwrap())
-            .sum::<f64>()
-            + dir["profiler_programs"]["mean_ns"].as_f64().unwrap();
-        let e2e = dir["end_to_end"]["mean_ns"].as_f64().unwrap();
+        assert_eq!(dir.complete_packets, completed, "{ctx}");
+        assert_eq!(dir.incomplete_packets, 0, "{ctx}");
+        assert_eq!(dir.segments.len(), BRIDGE_REQUEST.len() - 1, "{ctx}");
         assert!(
-            e2e > 0.0 && ((sum - e2e) / e2e).abs() < 0.01,
-            "{ctx}: segments {sum} vs end to end {e2e}"
+            dir.adds_up(0.01),
+            "{ctx}: segments vs end to end {:?}",
+            dir.end_to_end
         );
         assert!(
-            segments
-                .iter()
-                .all(|s| s["samples"].as_u64() == Some(completed)),
+            dir.segments.iter().all(|s| s.stats.samples == completed),
             "{ctx}: samples"
         );
         assert!(
-            segments
+            dir.segments
                 .iter()
-                .any(|s| s["name"].as_str().unwrap().starts_with("bridge br0")),
+                .any(|s| s.name.starts_with("bridge br0")),
             "{ctx}: bridge segment"
         );
     }
@@ -143,9 +128,8 @@ fn tcp_16k() {
 }
 
 /// The deep hooks (kernel functions) among a list of hook statuses.
-fn deep_hooks(hooks: &Value) -> Vec<&Value> {
-    let all = hooks.as_array().expect("a list of hooks");
-    all.iter().filter(|h| h["set"] == "deep").collect()
+fn deep_hooks(hooks: &[HookStatus]) -> Vec<&HookStatus> {
+    hooks.iter().filter(|h| h.set == HookSet::Deep).collect()
 }
 
 /// The deep hooks need kprobes, which this machine's kernel lacks (CONFIG_KPROBES off): a run
@@ -158,27 +142,27 @@ fn deep_hooks_fall_back_to_the_stable_set_with_reasons() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let r: Value = serde_json::from_slice(&out.stdout).expect("profiler.run.v1 JSON on stdout");
-    assert_eq!(r["traffic"]["completed"], 20, "{stderr}");
-    let deep = deep_hooks(&r["hooks"]);
+    let r = run_report_of(&out.stdout);
+    assert_eq!(r.traffic.completed, 20, "{stderr}");
+    let deep = deep_hooks(&r.hooks);
     assert!(deep.len() >= 20, "{} deep hooks reported", deep.len());
     if std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
         println!("this kernel has kprobes: checking that the deep set is in effect");
-        assert_eq!(r["hook_set"], "deep", "kprobes are there: {stderr}");
+        assert_eq!(r.hook_set, HookSet::Deep, "kprobes are there: {stderr}");
     } else {
         println!("this kernel has no kprobes: checking the fallback to the stable set");
-        assert_eq!(r["hook_set"], "stable");
+        assert_eq!(r.hook_set, HookSet::Stable);
         assert!(
             stderr.contains("no deep hook attached") && stderr.contains("using the stable hooks"),
             "no fallback notice: {stderr}"
         );
         for h in deep {
-            let reason = h["reason"].as_str().unwrap_or("");
-            assert_eq!(h["status"], "unavailable", "{h}");
-            if h["type"] == "kprobe" {
-                assert!(reason.contains("no kprobes"), "{h}");
+            let reason = h.reason.as_deref().unwrap_or("");
+            assert_eq!(h.status, Status::Unavailable, "{h:?}");
+            if h.kind == "kprobe" {
+                assert!(reason.contains("no kprobes"), "{h:?}");
             } else {
-                assert!(!reason.is_empty(), "{h}");
+                assert!(!reason.is_empty(), "{h:?}");
             }
         }
     }
@@ -188,13 +172,16 @@ fn deep_hooks_fall_back_to_the_stable_set_with_reasons() {
 /// `doctor` lists every deep hook in both modes, each attached or with why not.
 #[test]
 fn doctor_lists_every_deep_hook_with_why() {
-    let d = doctor_json();
-    for list in ["hooks", "follow_hooks"] {
-        let deep = deep_hooks(&d[list]);
+    let d = doctor_report();
+    for (list, hooks) in [("hooks", &d.hooks), ("follow_hooks", &d.follow_hooks)] {
+        let deep = deep_hooks(hooks);
         assert!(deep.len() >= 20, "{list}: {} deep hooks", deep.len());
         for h in deep {
-            let why = h["reason"].as_str().unwrap_or("");
-            assert!(h["status"] == "attached" || !why.is_empty(), "{list}: {h}");
+            let why = h.reason.as_deref().unwrap_or("");
+            assert!(
+                h.status == Status::Attached || !why.is_empty(),
+                "{list}: {h:?}"
+            );
         }
     }
     assert_clean();
@@ -298,12 +285,12 @@ fn existing_path_between_namespaces() {
         "{}",
         String::from_utf8_lossy(&down.stderr)
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    for dir in r["directions"].as_array().unwrap() {
-        let name = dir["direction"].as_str().unwrap();
-        assert_eq!(hop_sequence(dir), expected(name), "{name}");
-        assert_eq!(dir["complete_packets"], 500, "{name}");
-        let segments = segment_names(dir);
+    let r = run_report_of(&out.stdout);
+    for dir in &r.directions {
+        let name = &dir.direction;
+        assert_eq!(dir.hop_sequence(), expected(name), "{name}");
+        assert_eq!(dir.complete_packets, 500, "{name}");
+        let segments = dir.segment_names();
         assert!(
             segments.iter().any(|s| s.starts_with("bridge br0")),
             "{name}: {segments:?}"
@@ -378,14 +365,16 @@ fn pods_with_the_same_ifindex_are_told_apart() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let r = run_report_of(&out.stdout);
     for (dir, sender, receiver) in [
         ("request", "prof-rt-c1", "prof-rt-c2"),
         ("response", "prof-rt-c2", "prof-rt-c1"),
     ] {
-        let d = common::direction(&r, dir);
-        assert_eq!(d["complete_packets"], 300, "{dir}");
-        let segments = segment_names(d);
+        let d = r
+            .direction(dir)
+            .unwrap_or_else(|| panic!("no {dir} direction"));
+        assert_eq!(d.complete_packets, 300, "{dir}");
+        let segments = d.segment_names();
         assert_eq!(segments[1], "egress to queue eth0", "{dir}: {segments:?}");
         let last_device = segments[segments.len() - 2];
         assert_eq!(
@@ -401,11 +390,11 @@ fn pods_with_the_same_ifindex_are_told_apart() {
         );
         // Every hop on an eth0 is in the pod it belongs to: the sender's first, then the
         // receiver's.
-        let hops: Vec<&Value> = d["hops"].as_array().unwrap().iter().collect();
-        let pods: Vec<&str> = hops
+        let pods: Vec<&str> = d
+            .hops
             .iter()
-            .filter(|h| h["ifname"] == "eth0")
-            .map(|h| h["netns"].as_str().unwrap())
+            .filter(|h| h.ifname.as_deref() == Some("eth0"))
+            .map(|h| h.netns.as_deref().expect("a device hop's namespace"))
             .collect();
         let switch = pods
             .iter()
@@ -417,8 +406,8 @@ fn pods_with_the_same_ifindex_are_told_apart() {
             "{dir}: eth0 hops by namespace: {pods:?}"
         );
         // No hop is named "((root))".
-        for h in hops {
-            assert!(!h["name"].as_str().unwrap().contains("(("), "{}", h["name"]);
+        for h in &d.hops {
+            assert!(!h.name.contains("(("), "{}", h.name);
         }
     }
     assert_clean();

@@ -105,6 +105,19 @@ pub fn doctor_json() -> Value {
     serde_json::from_slice(&out.stdout).expect("doctor JSON")
 }
 
+/// `profiler doctor --json`, which must succeed, read through its schema.
+pub fn doctor_report() -> profiler::report::schema::DoctorReport {
+    serde_json::from_value(doctor_json()).expect("a profiler.doctor.v1 report")
+}
+
+/// A `profiler.run.v1` report a command wrote on stdout, read through its schema.
+pub fn run_report_of(stdout: &[u8]) -> profiler::report::schema::RunReport {
+    let r: profiler::report::schema::RunReport =
+        serde_json::from_slice(stdout).expect("profiler.run.v1 JSON on stdout");
+    assert_eq!(r.schema, "profiler.run.v1");
+    r
+}
+
 /// `profiler run ARGS --json -`, which must exit 0: the profiler.run.v1 report.
 pub fn run_json(args: &[&str]) -> Value {
     let mut all = vec!["run"];

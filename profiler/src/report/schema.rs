@@ -120,6 +120,13 @@ pub struct RunReport {
     pub crossings: Vec<CrossingReport>,
 }
 
+impl RunReport {
+    /// The direction named `name` ("request", "response", "stream", an all-to-all path kind).
+    pub fn direction(&self, name: &str) -> Option<&DirectionReport> {
+        self.directions.iter().find(|d| d.direction == name)
+    }
+}
+
 /// What wrote a report: the command line and the profiler's build.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Made {
@@ -285,6 +292,30 @@ pub struct DirectionReport {
     /// The other hop sequences packets took (the first of an OVS flow, up to ovs-vswitchd),
     /// most common first.
     pub other_paths: Vec<OtherPath>,
+}
+
+impl DirectionReport {
+    /// The segments' names, in path order.
+    pub fn segment_names(&self) -> Vec<&str> {
+        self.segments.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// Each hop's hook and device, in path order.
+    pub fn hop_sequence(&self) -> Vec<(&str, Option<&str>)> {
+        self.hops
+            .iter()
+            .map(|h| (h.hook.as_str(), h.ifname.as_deref()))
+            .collect()
+    }
+
+    /// Whether the segments and the profiler's own programs add up to the end-to-end mean,
+    /// within `share` of it.
+    pub fn adds_up(&self, share: f64) -> bool {
+        let sum: f64 = self.segments.iter().map(|s| s.stats.mean_ns).sum::<f64>()
+            + self.profiler_programs.mean_ns;
+        let e2e = self.end_to_end.mean_ns;
+        e2e > 0.0 && ((sum - e2e) / e2e).abs() < share
+    }
 }
 
 /// A hop of the path, as reported.
