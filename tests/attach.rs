@@ -17,15 +17,16 @@ use std::{
 use common::{
     agent::{certs, Agent, Scratch},
     assert_clean,
-    attach::{
-        assert_way_across, identical_datagrams, lab_up, ping, report, started, tmp, udp_echo,
-        Attach,
-    },
-    otlp, profiler, run_json, segment_names, segments, BIN,
+    attach::{assert_way_across, identical_datagrams, lab_up, ping, report, tmp, udp_echo, Attach},
+    otlp, profiler, run_json, BIN,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
-use profiler::report::schema::{AttachReport, SightingLine};
-use serde_json::Value;
+use profiler::report::schema::{AttachReport, JourneyLine, SightingLine};
+
+/// The names of attach report `r`'s segments.
+fn segment_names(r: &AttachReport) -> Vec<&str> {
+    r.segments.iter().map(|s| s.name.as_str()).collect()
+}
 
 /// The tests share lab names: one at a time.
 fn serial() -> MutexGuard<'static, ()> {
@@ -102,25 +103,20 @@ fn tagged_and_followed() -> (Vec<(String, f64, f64)>, String) {
     let (_, err) = attach.stop();
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
-    assert_eq!(started(&r), 2000, "{}", r["journeys"]);
-    let request = &run["directions"][0];
-    let ours = r["segments"].as_array().unwrap();
-    let hop = |i: &Value| &request["hops"][i.as_u64().unwrap() as usize];
+    assert_eq!(r.journeys.started, 2000, "{:?}", r.journeys);
+    let request = &run.directions[0];
     let mut compared = Vec::new();
-    for seg in segments(request) {
-        let name = seg["name"].as_str().unwrap();
-        let (from, to) = (hop(&seg["from"]), hop(&seg["to"]));
-        let Some(a) = ours
-            .iter()
-            .find(|s| s["from"] == from["name"] && s["to"] == to["name"])
-        else {
+    for seg in &request.segments {
+        let name = &seg.name;
+        let (from, to) = (&request.hops[seg.from], &request.hops[seg.to]);
+        let Some(a) = (r.segments.iter()).find(|s| s.from == from.name && s.to == to.name) else {
             continue;
         };
-        let tagged = seg["p50_ns"].as_f64().unwrap();
-        let followed = a["p50_ns"].as_f64().unwrap();
+        let tagged = seg.stats.p50_ns as f64;
+        let followed = a.p50_ns;
         eprintln!("{name}: tagged p50 {tagged} ns, attach p50 {followed} ns");
-        assert!(a["count"].as_u64().unwrap() >= 2000, "{name}: {a}");
-        compared.push((name.to_string(), tagged, followed));
+        assert!(a.count >= 2000, "{name}: {a:?}");
+        compared.push((name.clone(), tagged, followed));
     }
     (compared, err)
 }
@@ -172,12 +168,12 @@ fn filter_selects_exactly_the_matching_flows_inside_vxlan() {
     by_outer.stop();
     drop(lab);
     let (inner_r, outer_r) = (report(&json_inner), report(&json_outer));
-    assert_eq!(started(&inner_r), 200, "{}", inner_r["journeys"]);
+    assert_eq!(inner_r.journeys.started, 200, "{:?}", inner_r.journeys);
     // Outer matching: everything VXLAN-encapsulated towards host-b, pings and UDP requests
     // alike (at least 200 pings and the run's 300 requests; ARP and IPv6 may add a few).
-    let vxlan = started(&outer_r);
+    let vxlan = outer_r.journeys.started;
     assert!(vxlan >= 500, "only {vxlan} encapsulated packets followed");
-    assert_eq!(run["traffic"]["completed"], 300);
+    assert_eq!(run.traffic.completed, 300);
     for r in [&inner_r, &outer_r] {
         let names = segment_names(r);
         assert!(
@@ -242,7 +238,7 @@ fn cgroup_selects_the_packets_its_sockets_send() {
         String::from_utf8_lossy(&inside.stderr)
     );
     let r = report(&json);
-    assert_eq!(started(&r), 30, "{}", r["journeys"]);
+    assert_eq!(r.journeys.started, 30, "{:?}", r.journeys);
     let _ = std::fs::remove_file(json);
     assert_clean();
 }
@@ -268,8 +264,8 @@ fn sampling_one_in_ten() {
     attach.stop();
     drop(lab);
     let r = report(&json);
-    assert_eq!(r["sample"], 10);
-    let n = started(&r);
+    assert_eq!(r.sample, 10);
+    let n = r.journeys.started;
     assert!((70..=130).contains(&n), "{n} of 1000 followed");
     let _ = std::fs::remove_file(json);
     assert_clean();
@@ -295,14 +291,8 @@ fn journeys_are_shown_as_the_paths_they_took() {
     let (table, _) = attach.stop();
     drop(lab);
     let r = report(&json);
-    let paths = r["paths"].as_array().expect("paths");
-    let top = &paths[0];
-    let names: Vec<&str> = top["segments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let top = &r.paths[0];
+    let names: Vec<&str> = top.segments.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
         [
@@ -314,22 +304,17 @@ fn journeys_are_shown_as_the_paths_they_took() {
             "veth veth-b -> eth0",
             "backlog eth0",
         ],
-        "{top}"
+        "{top:?}"
     );
-    let packets = top["packets"].as_u64().unwrap();
+    let packets = top.packets;
     assert!(
         (190..=200).contains(&packets),
         "{packets} of 200 requests on the path"
     );
-    assert_eq!(top["hops"].as_array().unwrap().len(), names.len() + 1);
-    // Every journey is on a path shown or counted as rare.
-    let on_paths: u64 = paths
-        .iter()
-        .map(|p| p["packets"].as_u64().unwrap())
-        .sum::<u64>()
-        // rare_paths is left out of the JSON when there are none.
-        + r["rare_paths"]["packets"].as_u64().unwrap_or(0);
-    assert_eq!(on_paths, started(&r), "{r}");
+    assert_eq!(top.hops.len(), names.len() + 1);
+    // Every journey is on a path shown or counted as rare (none: rare_paths left out, read as 0).
+    let on_paths = r.paths.iter().map(|p| p.packets).sum::<u64>() + r.rare_paths.packets;
+    assert_eq!(on_paths, r.journeys.started, "{r:?}");
     assert!(
         table.contains(&format!("path taken by {packets} packets")),
         "{table}"
@@ -369,9 +354,7 @@ fn packets_crossing_wire_devices_are_paired_by_what_they_carry() {
     identical_datagrams(pods, [[198, 18, 0, 1], [198, 18, 0, 2]], 7460, 3);
     let (table, _) = attach.stop();
     drop(lab);
-    report(&json);
-    let r: AttachReport =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("an attach report");
+    let r = report(&json);
     let wire = r.wire.expect("the report's wire section");
     let crossing = |from: &str, to: &str| {
         let (from, to) = (
@@ -465,9 +448,7 @@ fn a_peers_agent_attaches_too_and_the_packets_between_are_paired() {
     let (table, _) = attach.stop();
     agent.wait_for("gone", 1);
     drop(lab);
-    report(&json);
-    let r: AttachReport =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("an attach report");
+    let r = report(&json);
     assert_eq!(r.node, "node-a");
     let peer = r
         .peers
@@ -750,22 +731,19 @@ fn events_and_prometheus_metrics() {
         .expect("/metrics answers 200");
     let (out, _) = attach.stop();
     drop(lab);
-    let journeys: Vec<Value> = out
+    let journeys: Vec<JourneyLine> = out
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line per journey"))
         .collect();
-    let requests: Vec<&Value> = journeys
+    let requests: Vec<&JourneyLine> = journeys
         .iter()
-        .filter(|j| j["hops"][0]["hop"] == "net_dev_queue eth0 (prof-bridge-pod-a)")
+        .filter(|j| {
+            (j.hops.first()).is_some_and(|h| h.hop == "net_dev_queue eth0 (prof-bridge-pod-a)")
+        })
         .collect();
     assert_eq!(requests.len(), 20, "{out}");
     for j in &requests {
-        let hops: Vec<&str> = j["hops"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["hop"].as_str().unwrap())
-            .collect();
+        let hops: Vec<&str> = j.hops.iter().map(|h| h.hop.as_str()).collect();
         assert_eq!(
             hops[..8],
             [
@@ -778,28 +756,31 @@ fn events_and_prometheus_metrics() {
                 "netif_rx eth0 (prof-bridge-pod-b)",
                 "netif_receive_skb eth0 (prof-bridge-pod-b)",
             ],
-            "{j}"
+            "{j:?}"
         );
-        let at: Vec<u64> = j["hops"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["at_ns"].as_u64().unwrap())
-            .collect();
-        assert!(at.windows(2).all(|w| w[0] <= w[1]), "{j}");
+        let at: Vec<u64> = j.hops.iter().map(|h| h.at_ns).collect();
+        assert!(at.windows(2).all(|w| w[0] <= w[1]), "{j:?}");
     }
     // Every hop event read is in a printed line, and the report counts them.
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap())
+    let r: AttachReport = serde_json::from_str(&std::fs::read_to_string(&report).unwrap())
         .expect("attach's JSON report");
-    let hops: usize = journeys
-        .iter()
-        .map(|j| j["hops"].as_array().unwrap().len())
-        .sum();
-    assert_eq!(report["lost_events"], 0, "{report}");
-    assert_eq!(report["events_read"], hops as u64, "{report}");
+    let hops: usize = journeys.iter().map(|j| j.hops.len()).sum();
+    assert_eq!(r.lost_events, 0, "{:?}", r.journeys);
+    assert_eq!(r.events_read, Some(hops as u64), "{:?}", r.journeys);
     // The report records the command line that wrote it.
-    assert_eq!(report["made"]["command"][1], "attach", "{report}");
-    assert_eq!(report["made"]["command"][2], "--netns", "{report}");
+    let command = r.made.as_ref().map(|m| &m.command[..]).unwrap_or_default();
+    assert_eq!(
+        command.get(1).map(String::as_str),
+        Some("attach"),
+        "{:?}",
+        r.made
+    );
+    assert_eq!(
+        command.get(2).map(String::as_str),
+        Some("--netns"),
+        "{:?}",
+        r.made
+    );
     assert!(
         metrics.contains("profiler_segment_latency_seconds_bucket{")
             && metrics.contains("netns=\"prof-bridge-host\"")
@@ -994,18 +975,21 @@ fn pods_are_followed_as_they_come_and_go() {
         );
     }
     // Every request was followed from pod-a's eth0, the first hop in scope.
-    let started = started(&r);
+    let started = r.journeys.started;
     assert!(
         (100..=110).contains(&started),
-        "{started} journeys of 100 requests: {r}"
+        "{started} journeys of 100 requests: {:?}",
+        r.journeys
     );
-    let first = segments(&r)
-        .iter()
-        .find(|s| s["name"] == "qdisc eth0")
-        .unwrap_or_else(|| panic!("no qdisc eth0 segment after the lab went: {r}"));
+    let first = r.segment("qdisc eth0").unwrap_or_else(|| {
+        panic!(
+            "no qdisc eth0 segment after the lab went: {:?}",
+            segment_names(&r)
+        )
+    });
     assert!(
-        first["count"].as_u64().unwrap() >= 98,
-        "the departed pod's segment kept {first}"
+        first.count >= 98,
+        "the departed pod's segment kept {first:?}"
     );
     assert_clean();
 }
@@ -1040,7 +1024,7 @@ fn a_pods_devices_made_after_its_namespace_are_followed_by_their_last_names() {
     let (table, err) = attach.stop();
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
-    let started = started(&r);
+    let started = r.journeys.started;
     assert!(
         (50..=55).contains(&started),
         "{started} journeys of 50 requests: {err}\n{table}"
@@ -1120,7 +1104,7 @@ fn churning_pods_past_the_kernel_tables_size_loses_nothing() {
     let (table, err) = attach.stop();
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
-    assert_eq!(r["lost_events"], 0, "samples lost: {err}\n{table}");
+    assert_eq!(r.lost_events, 0, "samples lost: {err}\n{table}");
     assert_eq!(
         (scope_after, slots_after),
         (scope_before, 0),
@@ -1131,13 +1115,10 @@ fn churning_pods_past_the_kernel_tables_size_loses_nothing() {
     for round in 0..ROUNDS {
         for p in 0..PAIRS {
             let name = format!("qdisc eth0 (prof-churn-{round}-{p}a)");
-            let count = segments(&r)
-                .iter()
-                .find(|s| s["name"] == name.as_str())
-                .map(|s| s["count"].as_u64().unwrap());
+            let count = r.segment(&name).map(|s| s.count);
             assert_eq!(
                 count,
-                Some(PINGS as u64),
+                Some(u64::from(PINGS)),
                 "{name} of {} segments, such as {:?}: {err}",
                 names.len(),
                 names
@@ -1278,27 +1259,22 @@ fn drops_say_the_kernels_reason_what_and_where() {
     // By reason: the 10 datagrams and the 5 replies, in two places.
     assert!(
         view.contains("\n        15  no_socket (2 places)\n"),
-        "{view}; journeys {}",
-        r["journeys"]
+        "{view}; journeys {:?}",
+        r.journeys
     );
-    let drops = r["drops"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no drops: {r}"));
+    let drops = &r.drops;
+    assert!(!drops.is_empty(), "no drops: {:?}", r.journeys);
     for (after, protocol, packets) in [
         ("netif_receive_skb eth0 (prof-bridge-pod-b)", "ipv4/udp", 10),
         ("netif_receive_skb eth0 (prof-bridge-pod-a)", "ipv4/icmp", 5),
     ] {
         let drop = drops
             .iter()
-            .find(|d| d["after"] == after && d["protocol"] == protocol)
+            .find(|d| d.after == after && d.protocol == protocol)
             .unwrap_or_else(|| panic!("no {protocol} drop after {after}: {drops:?}"));
-        assert_eq!(drop["reason"], "no_socket", "{drop}");
-        assert_eq!(
-            drop["packets"], packets,
-            "{drop}; journeys {}",
-            r["journeys"]
-        );
-        assert_eq!(drop["hint"].is_string(), protocol == "ipv4/icmp", "{drop}");
+        assert_eq!(drop.reason, "no_socket", "{drop:?}");
+        assert_eq!(drop.packets, packets, "{drop:?}; journeys {:?}", r.journeys);
+        assert_eq!(drop.hint.is_some(), protocol == "ipv4/icmp", "{drop:?}");
         let line = format!("dropped: {packets} {protocol} packets after {after} (no_socket)");
         assert!(table.contains(&line), "no line {line:?} in\n{table}");
         let words = format!("{packets} no_socket {protocol} {after}");

@@ -25,7 +25,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use common::{
     assert_clean_of,
-    attach::{ping, report, started, tcp_echo_via, tmp, udp_echo_via, Attach},
+    attach::{ping, report, tcp_echo_via, tmp, udp_echo_via, Attach},
     delay::Delay,
     lab_up,
     truth::{us, Brackets, Injection, Medians, Verdict},
@@ -344,19 +344,26 @@ fn measure(lab: &Lab, ends: &mut BTreeMap<String, String>) -> Medians {
             "{} round trips",
             kind.name()
         );
-        assert!(started(&r) >= EXCHANGES as u64, "{}", r["journeys"]);
+        assert!(
+            r.journeys.started >= u64::from(EXCHANGES),
+            "{:?}",
+            r.journeys
+        );
         rtts.sort();
         let rtt = rtts[rtts.len() / 2].as_nanos() as f64;
         medians.insert((kind.name().to_string(), ROUND_TRIP.to_string()), rtt);
-        for seg in r["segments"].as_array().expect("segments") {
-            if seg["count"].as_u64().unwrap() < MIN_PACKETS {
+        for seg in &r.segments {
+            if seg.count < MIN_PACKETS {
                 continue;
             }
-            let name = seg["name"].as_str().unwrap().to_string();
-            ends.insert(name.clone(), seg["to"].as_str().unwrap().to_string());
-            let p50 = seg["p50_ns"].as_f64().unwrap();
-            let dup = medians.insert((kind.name().to_string(), name.clone()), p50);
-            assert!(dup.is_none(), "segment {name} appears twice in {r}");
+            let name = &seg.name;
+            ends.insert(name.clone(), seg.to.clone());
+            let dup = medians.insert((kind.name().to_string(), name.clone()), seg.p50_ns);
+            assert!(
+                dup.is_none(),
+                "segment {name} appears twice in {:?}",
+                r.segments
+            );
         }
     }
     medians

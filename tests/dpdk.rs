@@ -15,10 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use profiler::report::schema::{DirectionReport, SegmentReport};
 use serde_json::Value;
 
 mod common;
-use common::{assert_clean_of, direction, hop_sequence, lab_up, profiler, run_json, segments, BIN};
+use common::{assert_clean_of, direction, lab_up, profiler, run_json, BIN};
 
 const LAB: &str = "dpdk";
 const TESTPMD: &str = "/usr/bin/dpdk-testpmd";
@@ -156,45 +157,42 @@ fn profile_across_testpmd(proto: &str) {
         "2000",
         "--keep-lab",
     ]);
-    assert_eq!(r["events"]["lost"], 0, "{proto}: lost events");
-    let completed = r["traffic"]["completed"].as_u64().unwrap();
+    assert_eq!(r.events.lost, 0, "{proto}: lost events");
+    let completed = u64::from(r.traffic.completed);
     assert_eq!(completed, 1000, "{proto}: exchanges completed");
     for (name, segment, from, to) in [
         ("request", REQUEST_SEGMENT, "veth-a", "veth-b"),
         ("response", RESPONSE_SEGMENT, "veth-b", "veth-a"),
     ] {
         let dir = direction(&r, name);
-        let complete = dir["complete_packets"].as_u64().unwrap();
+        let complete = dir.complete_packets;
         assert!(
             complete * 100 >= completed * 95,
             "{proto} {name}: {complete} of {completed} journeys complete"
         );
-        let segs = segments(dir);
-        let userspace: Vec<&Value> = segs.iter().filter(|s| s["userspace"] == true).collect();
+        let segs = &dir.segments;
+        let userspace: Vec<&SegmentReport> = segs.iter().filter(|s| s.userspace).collect();
         assert_eq!(
             userspace.len(),
             1,
             "{proto} {name}: one userspace segment expected in {segs:?}"
         );
         let s = userspace[0];
-        assert_eq!(s["name"], segment, "{proto} {name}");
-        let hops = hop_sequence(dir);
-        let (a, b) = (
-            s["from"].as_u64().unwrap() as usize,
-            s["to"].as_u64().unwrap() as usize,
-        );
-        assert_eq!(hops[a].1.as_deref(), Some(from), "{proto} {name}: {hops:?}");
-        assert_eq!(hops[b].1.as_deref(), Some(to), "{proto} {name}: {hops:?}");
+        assert_eq!(s.name, segment, "{proto} {name}");
+        let hops = dir.hop_sequence();
+        let (a, b) = (s.from, s.to);
+        assert_eq!(hops[a].1, Some(from), "{proto} {name}: {hops:?}");
+        assert_eq!(hops[b].1, Some(to), "{proto} {name}: {hops:?}");
         // The last hop on the receiving port, the first on the sending one.
         assert!(
-            hops[a + 1..].iter().all(|h| h.1.as_deref() != Some(from)),
+            hops[a + 1..].iter().all(|h| h.1 != Some(from)),
             "{proto} {name}: a hop on {from} after the userspace segment: {hops:?}"
         );
         assert!(
-            hops[..b].iter().all(|h| h.1.as_deref() != Some(to)),
+            hops[..b].iter().all(|h| h.1 != Some(to)),
             "{proto} {name}: a hop on {to} before the userspace segment: {hops:?}"
         );
-        let mean = s["mean_ns"].as_f64().unwrap();
+        let mean = s.stats.mean_ns;
         println!("{proto} {name}: {segment}: mean {:.1} us", mean / 1000.0);
         assert!(mean > 0.0, "{proto} {name}: empty userspace segment");
     }
@@ -220,7 +218,7 @@ fn a_run_that_made_the_lab_stops_testpmd_also_on_sigterm() {
     }
     // Made and removed by the run itself.
     let r = run_json(&["--lab", LAB, "--count", "200"]);
-    assert_eq!(r["traffic"]["completed"], 200);
+    assert_eq!(r.traffic.completed, 200);
     assert!(
         !Path::new(profiler::lab::STATE_DIR)
             .join(format!("{LAB}.json"))
@@ -263,16 +261,10 @@ fn a_run_that_made_the_lab_stops_testpmd_also_on_sigterm() {
 const FORWARDER: &str = env!("CARGO_BIN_EXE_userspace-fwd");
 
 /// The userspace segments of a direction: (name, mean ns), in path order.
-fn userspace_segments(dir: &Value) -> Vec<(String, f64)> {
-    segments(dir)
-        .iter()
-        .filter(|s| s["userspace"] == true)
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["mean_ns"].as_f64().unwrap(),
-            )
-        })
+fn userspace_segments(dir: &DirectionReport) -> Vec<(&str, f64)> {
+    (dir.segments.iter())
+        .filter(|s| s.userspace)
+        .map(|s| (s.name.as_str(), s.stats.mean_ns))
         .collect()
 }
 
@@ -302,8 +294,8 @@ fn uprobe_hops_split_the_userspace_segment_in_order() {
     }
     let with = run_json(&args);
     for r in [&without, &with] {
-        assert_eq!(r["events"]["lost"], 0, "lost events");
-        assert_eq!(r["traffic"]["completed"], 1000);
+        assert_eq!(r.events.lost, 0, "lost events");
+        assert_eq!(r.traffic.completed, 1000);
     }
     for (name, from, to) in [
         ("request", "veth-a", "veth-b"),
@@ -311,7 +303,7 @@ fn uprobe_hops_split_the_userspace_segment_in_order() {
     ] {
         let (base, split) = (direction(&without, name), direction(&with, name));
         for d in [base, split] {
-            let complete = d["complete_packets"].as_u64().unwrap();
+            let complete = d.complete_packets;
             assert!(
                 complete >= 950,
                 "{name}: {complete} of 1000 journeys complete"
@@ -319,12 +311,12 @@ fn uprobe_hops_split_the_userspace_segment_in_order() {
         }
         let whole = userspace_segments(base);
         assert_eq!(
-            whole.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+            whole.iter().map(|s| s.0).collect::<Vec<_>>(),
             [format!("userspace datapath userspace-fwd {from} -> {to}")],
             "{name} without probes"
         );
         let parts = userspace_segments(split);
-        let names: Vec<&str> = parts.iter().map(|s| s.0.as_str()).collect();
+        let names: Vec<&str> = parts.iter().map(|s| s.0).collect();
         let want = [
             format!("userspace {from} -> uprobe:receive"),
             "userspace uprobe:receive -> uprobe:forward".to_string(),
@@ -333,10 +325,10 @@ fn uprobe_hops_split_the_userspace_segment_in_order() {
         ];
         assert_eq!(names, want, "{name} with probes");
         // The probes' hops sit, in order, between the two ports' hops.
-        let hops: Vec<String> = hop_sequence(split).into_iter().map(|h| h.0).collect();
+        let hops: Vec<&str> = split.hop_sequence().into_iter().map(|h| h.0).collect();
         let at = hops
             .iter()
-            .position(|h| h == "uprobe:receive")
+            .position(|h| *h == "uprobe:receive")
             .unwrap_or_else(|| panic!("{name}: no uprobe:receive hop in {hops:?}"));
         assert_eq!(
             hops[at..at + 3],

@@ -29,10 +29,10 @@ use std::{
 };
 
 use profiler::kernel::delay::{self, Delay, DelaySpec, Direction};
-use serde_json::Value;
 
 mod common;
 use common::{
+    run_report_of,
     truth::{assert_no_injector_left, on_one_cpu, us, Brackets, Injection, Medians},
     BIN,
 };
@@ -472,18 +472,14 @@ fn run_medians(lab: &LabUnderTest) -> Medians {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let report = run_report_of(&out.stdout);
     let mut medians = Medians::new();
-    for dir in report["directions"].as_array().expect("directions") {
-        let d = dir["direction"].as_str().expect("direction").to_string();
-        assert_eq!(
-            dir["incomplete_packets"].as_u64(),
-            Some(0),
-            "{d}: incomplete packets"
-        );
-        for seg in dir["segments"].as_array().expect("segments") {
-            let name = seg["name"].as_str().expect("segment name").to_string();
-            let p50 = seg["p50_ns"].as_f64().expect("p50_ns");
+    for dir in &report.directions {
+        let d = &dir.direction;
+        assert_eq!(dir.incomplete_packets, 0, "{d}: incomplete packets");
+        for seg in &dir.segments {
+            let name = &seg.name;
+            let p50 = seg.stats.p50_ns as f64;
             let dup = medians.insert((d.clone(), name.clone()), p50);
             assert!(dup.is_none(), "segment {name} appears twice in {d}");
         }

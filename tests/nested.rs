@@ -17,10 +17,12 @@ use std::{
 
 use common::{
     delay::{Delay, GuestDelay},
-    profiler, BIN,
+    profiler, run_report_of, BIN,
 };
 use nix::{sys::signal::kill, sys::signal::Signal, unistd::Pid};
-use profiler::report::schema::{AttachReport, SegmentAcross};
+use profiler::report::schema::{
+    AttachReport, CrossingReport, DirectionReport, RunReport, SegmentAcross, SegmentReport,
+};
 use serde_json::Value;
 
 const LAB: &str = "bmp2vmp";
@@ -97,36 +99,30 @@ fn assert_nothing_left(lab: &str) {
     assert!(!state.exists(), "{} left", state.display());
 }
 
-fn hop_names(dir: &Value) -> Vec<(String, String, String)> {
-    dir["hops"]
-        .as_array()
-        .expect("hops")
-        .iter()
+fn hop_names(dir: &DirectionReport) -> Vec<(&str, &str, &str)> {
+    (dir.hops.iter())
         .map(|h| {
             (
-                h["node"].as_str().unwrap_or("?").to_string(),
-                h["netns"].as_str().unwrap_or("").to_string(),
-                h["ifname"].as_str().unwrap_or("").to_string(),
+                h.node.as_str(),
+                h.netns.as_deref().unwrap_or(""),
+                h.ifname.as_deref().unwrap_or(""),
             )
         })
         .collect()
 }
 
 /// Where in the hops a device is first met: (node, netns, ifname).
-fn position(hops: &[(String, String, String)], ns: &str, ifname: &str) -> usize {
+fn position(hops: &[(&str, &str, &str)], ns: &str, ifname: &str) -> usize {
     hops.iter()
-        .position(|(_, n, i)| n == ns && i == ifname)
+        .position(|(_, n, i)| *n == ns && *i == ifname)
         .unwrap_or_else(|| panic!("no hop on {ifname} in {ns}: {hops:#?}"))
 }
 
 /// One direction's hops from the kernels `nodes` (in the order the packet meets them), in
 /// order, complete, with one estimated segment per change of kernel.
-fn check_direction(dir: &Value, order: &[(&str, &str)], nodes: &[&str]) {
-    let name = dir["direction"].as_str().unwrap_or("?");
-    let (complete, incomplete) = (
-        dir["complete_packets"].as_u64().unwrap(),
-        dir["incomplete_packets"].as_u64().unwrap(),
-    );
+fn check_direction(dir: &DirectionReport, order: &[(&str, &str)], nodes: &[&str]) {
+    let name = &dir.direction;
+    let (complete, incomplete) = (dir.complete_packets, dir.incomplete_packets);
     let share = complete as f64 / (complete + incomplete).max(1) as f64;
     println!(
         "{name}: {complete} complete, {incomplete} incomplete ({:.1}%)",
@@ -143,27 +139,22 @@ fn check_direction(dir: &Value, order: &[(&str, &str)], nodes: &[&str]) {
         "{name}: hops out of order {order:?} at {positions:?}: {hops:#?}"
     );
     // One kernel after the other, each met once.
-    let mut met: Vec<&str> = hops.iter().map(|h| h.0.as_str()).collect();
+    let mut met: Vec<&str> = hops.iter().map(|h| h.0).collect();
     met.dedup();
     assert_eq!(met, nodes, "{name}: {hops:#?}");
-    let estimated: Vec<&Value> = dir["segments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["estimated"] == true)
-        .collect();
+    let estimated: Vec<&SegmentReport> = dir.segments.iter().filter(|s| s.estimated).collect();
     assert_eq!(
         estimated.len(),
         nodes.len() - 1,
         "{name}: {:#?}",
-        dir["segments"]
+        dir.segments
     );
     for s in estimated {
-        let crossing = s["name"].as_str().unwrap();
+        let crossing = &s.name;
         assert!(crossing.starts_with("crossing "), "{crossing}");
         println!(
             "{name}: crossing segment {crossing:?}, mean {} ns",
-            s["mean_ns"]
+            s.stats.mean_ns
         );
     }
 }
@@ -194,9 +185,9 @@ fn bmp2vmp_flannel_profiles_both_kernels_in_order() {
         ],
         190,
     );
-    let completed = r["traffic"]["completed"].as_u64().unwrap();
+    let completed = u64::from(r.traffic.completed);
     let host = "prof-bmp2vmp-host";
-    let request = &r["directions"][0];
+    let request = &r.directions[0];
     check_direction(
         request,
         &[
@@ -214,7 +205,7 @@ fn bmp2vmp_flannel_profiles_both_kernels_in_order() {
         &["host", "vm1"],
     );
     check_direction(
-        &r["directions"][1],
+        &r.directions[1],
         &[
             ("vm1:pod-b", "eth0"),
             ("vm1:(root)", "veth-b"),
@@ -229,25 +220,22 @@ fn bmp2vmp_flannel_profiles_both_kernels_in_order() {
         &["vm1", "host"],
     );
     // Double encapsulation seen as such: the outer hops see the tag inside VXLAN.
-    let encapsulated: Vec<String> = request["hops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["encapsulated"] == true)
-        .map(|h| format!("{} {}", h["node"], h["ifname"]))
+    let encapsulated: Vec<(&str, Option<&str>)> = (request.hops.iter())
+        .filter(|h| h.encapsulated)
+        .map(|h| (h.node.as_str(), h.ifname.as_deref()))
         .collect();
     assert!(
-        encapsulated.iter().any(|h| h.contains("tap-vm1"))
-            && encapsulated.iter().any(|h| h.contains("\"vm1\" \"eth0\"")),
+        (encapsulated.iter()).any(|(_, i)| i.is_some_and(|i| i.contains("tap-vm1")))
+            && encapsulated.contains(&("vm1", Some("eth0"))),
         "encapsulated hops: {encapsulated:?}"
     );
-    let c = &r["crossings"][0];
-    assert_eq!(c["node"], "vm1");
-    let exchanges = c["exchanges"].as_u64().unwrap();
-    assert!(exchanges * 100 >= completed * 95, "{c}");
+    let c = r.crossings.first().expect("a crossing");
+    assert_eq!(c.node, "vm1");
+    let exchanges = c.exchanges;
+    assert!(exchanges * 100 >= completed * 95, "{c:?}");
     println!(
         "guest clock offset {} ns, drift {} ppm, crossings' sum mean {} ns over {exchanges} exchanges",
-        c["offset_ns"], c["drift_ppm"], c["crossing_sum"]["mean_ns"]
+        c.offset_ns, c.drift_ppm, c.crossing_sum.mean_ns
     );
     check_clock_bounds(c);
     // The run made the lab: it is gone with everything it started.
@@ -257,29 +245,26 @@ fn bmp2vmp_flannel_profiles_both_kernels_in_order() {
 /// The bounds every exchange puts on a guest's clock (no direction assumed as fast as the
 /// other) are as tight as a typical exchange's two crossings, and the per-exchange estimate,
 /// which is off by at most half an exchange's asymmetry, is near them.
-fn check_clock_bounds(c: &Value) {
-    let b = &c["bounds"];
-    let (lo, hi) = (b["offset_ns"][0].as_i64(), b["offset_ns"][1].as_i64());
-    let (Some(lo), Some(hi)) = (lo, hi) else {
-        panic!("no clock bounds: {c}");
+fn check_clock_bounds(c: &CrossingReport) {
+    let Some(b) = &c.bounds else {
+        panic!("no clock bounds: {c:?}");
     };
-    let p50 = c["crossing_sum"]["p50_ns"]
-        .as_i64()
-        .expect("crossing sum p50");
+    let (lo, hi) = b.offset_ns;
+    let p50 = i64::try_from(c.crossing_sum.p50_ns).expect("crossing sum p50");
     println!(
-        "{}: offset within {lo}..{hi} ns ({} ns wide), drift {} ppm, crossings' sum p50 {p50} ns",
-        c["node"],
+        "{}: offset within {lo}..{hi} ns ({} ns wide), drift {:?} ppm, crossings' sum p50 {p50} ns",
+        c.node,
         hi - lo,
-        b["drift_ppm"]
+        b.drift_ppm
     );
     assert!(
         lo <= hi && hi - lo <= p50,
-        "bounds wider than an exchange: {c}"
+        "bounds wider than an exchange: {c:?}"
     );
-    let median = c["offset_ns"].as_i64().unwrap();
+    let median = c.offset_ns;
     assert!(
         (lo - p50..=hi + p50).contains(&median),
-        "median offset far outside the bounds: {c}"
+        "median offset far outside the bounds: {c:?}"
     );
 }
 
@@ -401,12 +386,12 @@ fn lab_up_and_down_and_sigint_or_sigterm_during_up_leave_nothing() {
 
 /// `profiler run ARGS --quiet --json -`, which must succeed with no event lost and at least
 /// `min_completed` exchanges completed; its report.
-fn nested_run(args: &[&str], min_completed: u64) -> Value {
+fn nested_run(args: &[&str], min_completed: u64) -> RunReport {
     nested_run_in(None, args, min_completed)
 }
 
 /// [`nested_run`] in network namespace `netns` (`ip netns exec`), if given.
-fn nested_run_in(netns: Option<&str>, args: &[&str], min_completed: u64) -> Value {
+fn nested_run_in(netns: Option<&str>, args: &[&str], min_completed: u64) -> RunReport {
     let mut cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -426,22 +411,20 @@ fn nested_run_in(netns: Option<&str>, args: &[&str], min_completed: u64) -> Valu
         "run {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("the run's JSON");
-    assert_eq!(r["events"]["lost"], 0, "lost events: {}", r["events"]);
-    let completed = r["traffic"]["completed"]
-        .as_u64()
-        .expect("traffic.completed");
+    let r = run_report_of(&out.stdout);
+    assert_eq!(r.events.lost, 0, "lost events: {:?}", r.events);
+    let completed = u64::from(r.traffic.completed);
     assert!(
         completed >= min_completed,
-        "{completed} exchanges completed, {min_completed} wanted: {}",
-        r["traffic"]
+        "{completed} exchanges completed, {min_completed} wanted: {:?}",
+        r.traffic
     );
     r
 }
 
 /// The run's JSON on the lab that is up (the run leaves it up): 150 exchanges, at least 90%
 /// of them completed (a delay of a few ms at 10/s holds none past the 2 s timeout).
-fn run_json(port: &str) -> Value {
+fn run_json(port: &str) -> RunReport {
     nested_run(
         &[
             "--lab",
@@ -462,25 +445,16 @@ fn run_json(port: &str) -> Value {
 }
 
 /// The request's segments: "[node] name", the two hops it spans, p50 and p90 in ns.
-fn request_segments(r: &Value) -> Vec<(String, String, u64, u64)> {
-    let d = &r["directions"][0];
-    let hops = d["hops"].as_array().unwrap();
-    let hop = |s: &Value, end: &str| &hops[s[end].as_u64().unwrap() as usize];
-    d["segments"]
-        .as_array()
-        .unwrap()
-        .iter()
+fn request_segments(r: &RunReport) -> Vec<(String, String, u64, u64)> {
+    let d = &r.directions[0];
+    (d.segments.iter())
         .map(|s| {
-            let (from, to) = (hop(s, "from"), hop(s, "to"));
+            let (from, to) = (&d.hops[s.from], &d.hops[s.to]);
             (
-                format!(
-                    "[{}] {}",
-                    to["node"].as_str().unwrap(),
-                    s["name"].as_str().unwrap()
-                ),
-                format!("{} -> {}", from["name"], to["name"]),
-                s["p50_ns"].as_u64().unwrap(),
-                s["p90_ns"].as_u64().unwrap(),
+                format!("[{}] {}", to.node, s.name),
+                format!("{} -> {}", from.name, to.name),
+                s.stats.p50_ns,
+                s.stats.p90_ns,
             )
         })
         .collect()
@@ -519,9 +493,9 @@ fn commands_in(lab: &str, guest: &str, commands: &[&str]) {
 /// returns around it, and a segment between other hops is another segment (the delayed one
 /// excepted: it is found by name). Returns the violations.
 fn delay_violations(
-    before: &Value,
-    delayed: &Value,
-    after: &Value,
+    before: &RunReport,
+    delayed: &RunReport,
+    after: &RunReport,
     which: &str,
     delay_ns: u64,
 ) -> Vec<String> {
@@ -572,7 +546,7 @@ fn delay_violations(
 /// and judges against `base` and that baseline (which becomes `base`). A bracket with
 /// violations is measured once more, as tests/ground_truth.rs does: a guest segment's p50 under
 /// TCG moves by tens of microseconds between runs, now and then; the bounds stay.
-fn bracket<G>(base: &mut Value, which: &str, delay_ns: u64, mut hold: impl FnMut() -> G) {
+fn bracket<G>(base: &mut RunReport, which: &str, delay_ns: u64, mut hold: impl FnMut() -> G) {
     for attempt in 1..=2 {
         let held = hold();
         let delayed = run_json(PORT);
@@ -1006,7 +980,7 @@ fn agent_over_tcp_profiles_the_path() {
     );
     let pod_a = "prof-bmp2vmp-pod-a";
     check_direction(
-        &r["directions"][0],
+        &r.directions[0],
         &[
             (pod_a, "eth0"),
             (host, "veth-a"),
@@ -1020,7 +994,7 @@ fn agent_over_tcp_profiles_the_path() {
         &["host", "vm1"],
     );
     check_direction(
-        &r["directions"][1],
+        &r.directions[1],
         &[
             ("vm1:pod-b", "eth0"),
             ("vm1:(root)", "veth-b"),
@@ -1031,7 +1005,12 @@ fn agent_over_tcp_profiles_the_path() {
         ],
         &["vm1", "host"],
     );
-    assert_eq!(r["crossings"][0]["node"], "vm1", "{}", r["crossings"]);
+    assert_eq!(
+        r.crossings.first().map(|c| c.node.as_str()),
+        Some("vm1"),
+        "{:?}",
+        r.crossings
+    );
 }
 
 /// VMP2VMP cross-host: a pod in each of two guests, vm1's tap on host-a's bridge, vm2's on
@@ -1092,9 +1071,9 @@ fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
         ],
         95,
     );
-    let completed = r["traffic"]["completed"].as_u64().unwrap();
+    let completed = u64::from(r.traffic.completed);
     check_direction(
-        &r["directions"][0],
+        &r.directions[0],
         &[
             ("vm1:pod-a", "eth0"),
             ("vm1:(root)", "veth-a"),
@@ -1112,7 +1091,7 @@ fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
         &["vm1", "host", "vm2"],
     );
     check_direction(
-        &r["directions"][1],
+        &r.directions[1],
         &[
             ("vm2:pod-b", "eth0"),
             ("vm2:(root)", "veth-b"),
@@ -1127,18 +1106,15 @@ fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
         ],
         &["vm2", "host", "vm1"],
     );
-    let crossings = r["crossings"].as_array().expect("crossings");
-    let nodes: Vec<&str> = crossings
-        .iter()
-        .filter_map(|c| c["node"].as_str())
-        .collect();
+    let crossings = &r.crossings;
+    let nodes: Vec<&str> = crossings.iter().map(|c| c.node.as_str()).collect();
     assert_eq!(nodes, ["vm1", "vm2"], "{crossings:#?}");
     for c in crossings {
-        let exchanges = c["exchanges"].as_u64().unwrap();
-        assert!(exchanges * 100 >= completed * 95, "{c}");
+        let exchanges = c.exchanges;
+        assert!(exchanges * 100 >= completed * 95, "{c:?}");
         println!(
             "{}: clock offset {} ns, drift {} ppm, crossings' sum mean {} ns over {exchanges} exchanges",
-            c["node"], c["offset_ns"], c["drift_ppm"], c["crossing_sum"]["mean_ns"]
+            c.node, c.offset_ns, c.drift_ppm, c.crossing_sum.mean_ns
         );
         check_clock_bounds(c);
     }

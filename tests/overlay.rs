@@ -12,8 +12,8 @@ mod common;
 
 use std::sync::{Mutex, MutexGuard};
 
-use common::{assert_clean_of, assert_complete, direction, run_json, segment_names};
-use serde_json::Value;
+use common::{assert_clean_of, assert_complete, direction, run_json};
+use profiler::report::schema::{CompareReport, DirectionReport, Hop, RunReport, COMPARE_SCHEMA};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -25,7 +25,7 @@ const COUNT: u64 = 500;
 
 /// Profiles `args` on lab `lab` (which must not be up already: the run brings it up with the
 /// options given, and takes it down), checks the run is complete and clean, returns the report.
-fn profile(lab: &str, args: &[&str], ctx: &str) -> Value {
+fn profile(lab: &str, args: &[&str], ctx: &str) -> RunReport {
     assert!(
         !profiler::lab::netns::exists(&format!("prof-{lab}-pod-a"))
             && !profiler::lab::netns::exists(&format!("prof-{lab}-host-a")),
@@ -40,28 +40,9 @@ fn profile(lab: &str, args: &[&str], ctx: &str) -> Value {
     r
 }
 
-/// A hop as the JSON reports it.
-struct Hop<'a> {
-    hook: &'a str,
-    ifname: &'a str,
-    netns: &'a str,
-    encapsulated: bool,
-    tunnel: Option<&'a str>,
-}
-
-fn hops(dir: &Value) -> Vec<Hop<'_>> {
-    dir["hops"]
-        .as_array()
-        .expect("hops")
-        .iter()
-        .map(|h| Hop {
-            hook: h["hook"].as_str().unwrap(),
-            ifname: h["ifname"].as_str().unwrap_or(""),
-            netns: h["netns"].as_str().unwrap_or(""),
-            encapsulated: h["encapsulated"].as_bool().expect("encapsulated"),
-            tunnel: h["tunnel"].as_str(),
-        })
-        .collect()
+/// Whether hop `h` is on device `ifname` in namespace `netns`.
+fn on(h: &Hop, ifname: &str, netns: &str) -> bool {
+    h.ifname.as_deref() == Some(ifname) && h.netns.as_deref() == Some(netns)
 }
 
 /// The flannel-vxlan crossing of one direction, from host `src` to host `dst`: the inner packet
@@ -69,7 +50,7 @@ fn hops(dir: &Value) -> Vec<Hop<'_>> {
 /// src's wire0 and enters dst's wire0 (encapsulated, vxlan), and the decapsulated packet is
 /// received on dst's flannel.1 (GRO cells' NAPI, or the backlog). In this order, with anything
 /// in between.
-fn assert_vxlan_crossing(dir: &Value, src: &str, dst: &str, ctx: &str) {
+fn assert_vxlan_crossing(dir: &DirectionReport, src: &str, dst: &str, ctx: &str) {
     let lab = "prof-flannel-vxlan-xhost";
     let (src, dst) = (format!("{lab}-{src}"), format!("{lab}-{dst}"));
     type Want<'a> = (&'a str, Box<dyn Fn(&Hop) -> bool + 'a>);
@@ -77,30 +58,25 @@ fn assert_vxlan_crossing(dir: &Value, src: &str, dst: &str, ctx: &str) {
         (
             "tc:egress flannel.1 (src), inner",
             Box::new(|h: &Hop| {
-                h.hook == "tc:egress"
-                    && h.ifname == "flannel.1"
-                    && h.netns == src
-                    && !h.encapsulated
+                h.hook == "tc:egress" && on(h, "flannel.1", &src) && !h.encapsulated
             }),
         ),
         (
             "tc:egress wire0 (src), vxlan",
             Box::new(|h: &Hop| {
                 h.hook == "tc:egress"
-                    && h.ifname == "wire0"
-                    && h.netns == src
+                    && on(h, "wire0", &src)
                     && h.encapsulated
-                    && h.tunnel == Some("vxlan")
+                    && h.tunnel.as_deref() == Some("vxlan")
             }),
         ),
         (
             "tc:ingress wire0 (dst), vxlan",
             Box::new(|h: &Hop| {
                 h.hook == "tc:ingress"
-                    && h.ifname == "wire0"
-                    && h.netns == dst
+                    && on(h, "wire0", &dst)
                     && h.encapsulated
-                    && h.tunnel == Some("vxlan")
+                    && h.tunnel.as_deref() == Some("vxlan")
             }),
         ),
         (
@@ -108,13 +84,12 @@ fn assert_vxlan_crossing(dir: &Value, src: &str, dst: &str, ctx: &str) {
             Box::new(|h: &Hop| {
                 (h.hook.ends_with(":napi_gro_receive_entry")
                     || h.hook.ends_with(":netif_receive_skb"))
-                    && h.ifname == "flannel.1"
-                    && h.netns == dst
+                    && on(h, "flannel.1", &dst)
                     && !h.encapsulated
             }),
         ),
     ];
-    let hops = hops(dir);
+    let hops = &dir.hops;
     let mut at = 0;
     for (what, matches) in &wanted {
         let found = hops[at..].iter().position(matches);
@@ -124,11 +99,11 @@ fn assert_vxlan_crossing(dir: &Value, src: &str, dst: &str, ctx: &str) {
         at += i + 1;
     }
     // Hops outside the tunnel are never marked encapsulated; hops inside it always say which.
-    for h in &hops {
+    for h in hops {
         assert_eq!(
             h.encapsulated,
-            h.ifname == "wire0",
-            "{ctx}: {} {} in {}: encapsulated",
+            h.ifname.as_deref() == Some("wire0"),
+            "{ctx}: {} {:?} in {:?}: encapsulated",
             h.hook,
             h.ifname,
             h.netns
@@ -142,9 +117,9 @@ fn assert_vxlan_crossing(dir: &Value, src: &str, dst: &str, ctx: &str) {
     }
 }
 
-fn assert_vxlan_segments(r: &Value, ctx: &str) {
+fn assert_vxlan_segments(r: &RunReport, ctx: &str) {
     for name in ["request", "response"] {
-        let names = segment_names(direction(r, name));
+        let names = direction(r, name).segment_names();
         for want in [
             "vxlan encap flannel.1 -> wire0",
             "vxlan decap wire0 -> flannel.1",
@@ -178,7 +153,7 @@ fn flannel(proto: &str, size: &str) {
     assert_vxlan_crossing(direction(&r, "response"), "host-b", "host-a", &ctx);
     assert_vxlan_segments(&r, &ctx);
     // 64 B and 1400 B payloads fit flannel's 1450: nothing is fragmented.
-    assert_eq!(r["events"]["fragments"], 0, "{ctx}: fragments");
+    assert_eq!(r.events.fragments, 0, "{ctx}: fragments");
 }
 
 #[test]
@@ -192,9 +167,8 @@ fn flannel_vxlan_tcp_1400() {
 }
 
 /// The hook hops of a direction (its hops but app:send and app:recv).
-fn hook_hops(dir: &Value) -> u64 {
-    hops(dir)
-        .iter()
+fn hook_hops(dir: &DirectionReport) -> u64 {
+    (dir.hops.iter())
         .filter(|h| !h.hook.starts_with("app:"))
         .count() as u64
 }
@@ -232,7 +206,7 @@ fn flannel_vxlan_mtu_1500_fragments_the_outer_packets() {
     assert_vxlan_crossing(direction(&r, "request"), "host-a", "host-b", ctx);
     assert_vxlan_crossing(direction(&r, "response"), "host-b", "host-a", ctx);
     assert_vxlan_segments(&r, ctx);
-    let fragments = r["events"]["fragments"].as_u64().unwrap();
+    let fragments = r.events.fragments;
     assert!(fragments > 0, "{ctx}: no fragments");
     assert_eq!(fragments, COUNT * 2 * 7, "{ctx}: fragment events");
 }
@@ -264,8 +238,8 @@ fn flannel_vxlan_default_mtu_fragments_at_the_pod() {
     assert_vxlan_crossing(direction(&r, "response"), "host-b", "host-a", ctx);
     let per_exchange = hook_hops(direction(&r, "request")) + hook_hops(direction(&r, "response"));
     assert_eq!(
-        r["events"]["fragments"].as_u64(),
-        Some(COUNT * per_exchange),
+        r.events.fragments,
+        COUNT * per_exchange,
         "{ctx}: fragment events"
     );
 }
@@ -291,7 +265,7 @@ fn host_cross_host_udp_64() {
     );
     for name in ["request", "response"] {
         assert!(
-            hops(direction(&r, name)).iter().all(|h| !h.encapsulated),
+            direction(&r, name).hops.iter().all(|h| !h.encapsulated),
             "{ctx} {name}: encapsulated hop"
         );
     }
@@ -318,12 +292,12 @@ fn bridge_cross_host_udp_64() {
     );
     for name in ["request", "response"] {
         let dir = direction(&r, name);
-        let names = segment_names(dir);
+        let names = dir.segment_names();
         assert!(
             names.iter().any(|n| n.starts_with("bridge cni0")),
             "{ctx} {name}: no bridge cni0 segment in {names:?}"
         );
-        assert!(hops(dir).iter().all(|h| !h.encapsulated), "{ctx} {name}");
+        assert!(dir.hops.iter().all(|h| !h.encapsulated), "{ctx} {name}");
     }
 }
 
@@ -349,10 +323,10 @@ fn macvlan_same_host_udp_64() {
         ctx,
     );
     for name in ["request", "response"] {
-        let hops = hops(direction(&r, name));
+        let hops = &direction(&r, name).hops;
         assert!(hops.iter().all(|h| !h.encapsulated), "{ctx} {name}");
         assert!(
-            hops.iter().all(|h| h.netns != "prof-macvlan-wire-peer"),
+            (hops.iter()).all(|h| h.netns.as_deref() != Some("prof-macvlan-wire-peer")),
             "{ctx} {name}: a hop in wire-peer"
         );
     }
@@ -381,13 +355,13 @@ fn macvlan_cross_host_udp_64() {
         ("request", "host-a", "host-b"),
         ("response", "host-b", "host-a"),
     ] {
-        let hops = hops(direction(&r, name));
+        let hops = &direction(&r, name).hops;
         assert!(hops.iter().all(|h| !h.encapsulated), "{ctx} {name}");
         for (host, hook) in [(src, "tc:egress"), (dst, "tc:ingress")] {
             let netns = format!("prof-macvlan-xhost-{host}");
             assert!(
                 hops.iter()
-                    .any(|h| h.hook == hook && h.ifname == "wire0" && h.netns == netns),
+                    .any(|h| h.hook == hook && on(h, "wire0", &netns)),
                 "{ctx} {name}: no {hook} wire0 in {host}"
             );
         }
@@ -438,32 +412,30 @@ fn compare_host_macvlan_and_vlan() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "profiler compare: {err}");
-    let c: Value = serde_json::from_slice(&out.stdout).expect("profiler.compare.v1 JSON");
-    assert_eq!(c["schema"], "profiler.compare.v1");
-    let rows = c["summary"].as_array().unwrap();
-    let row = |t: &str| rows.iter().find(|r| r["topology"] == t);
+    let c: CompareReport = serde_json::from_slice(&out.stdout).expect("profiler.compare.v1 JSON");
+    assert_eq!(c.schema, COMPARE_SCHEMA);
+    let row = |t: &str| c.summary.iter().find(|r| r.topology == t);
     let base = row("host-xhost").expect("a host row");
-    assert!(base["delta_ns"].is_null(), "the baseline has a delta");
+    assert!(base.delta_ns.is_none(), "the baseline has a delta");
     let macvlan = row("macvlan-xhost").expect("a macvlan row");
-    let delta = macvlan["delta_ns"].as_f64().expect("macvlan's delta");
-    let contributors = macvlan["contributors"].as_array().unwrap();
+    let delta = macvlan.delta_ns.expect("macvlan's delta");
+    let contributors = &macvlan.contributors;
     assert!(
         !contributors.is_empty(),
         "no contributors to macvlan's delta"
     );
     for s in contributors {
-        let share = s["delta_ns"].as_f64().unwrap() / delta * 100.0;
+        let share = s.delta_ns / delta * 100.0;
         assert!(
-            (s["percent"].as_f64().unwrap() - share).abs() < 0.01,
-            "a contributor's percent is not its share of {delta} ns: {s}"
+            (s.percent - share).abs() < 0.01,
+            "a contributor's percent is not its share of {delta} ns: {s:?}"
         );
     }
-    let skipped = c["skipped"].as_array().unwrap();
-    match (row("vlan-xhost"), skipped.as_slice()) {
+    match (row("vlan-xhost"), c.skipped.as_slice()) {
         (Some(_), []) => {}
         (None, [s]) => {
-            assert_eq!(s["topology"], "vlan-xhost");
-            assert!(s["reason"].as_str().unwrap().contains("8021q"), "{s}");
+            assert_eq!(s.topology, "vlan-xhost");
+            assert!(s.reason.contains("8021q"), "{s:?}");
             assert!(
                 err.contains("skipping vlan"),
                 "the skip is not on stderr: {err}"
@@ -471,8 +443,8 @@ fn compare_host_macvlan_and_vlan() {
         }
         other => panic!("vlan neither measured nor skipped once: {other:?}"),
     }
-    for r in c["runs"].as_array().unwrap() {
-        assert_complete(r, 200, r["topology"].as_str().unwrap());
+    for r in &c.runs {
+        assert_complete(r, 200, &r.topology);
     }
     for lab in ["host-xhost", "macvlan-xhost", "vlan-xhost"] {
         assert_clean_of(lab);

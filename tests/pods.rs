@@ -16,13 +16,16 @@ use std::{
 
 use common::{
     assert_clean,
-    attach::{lab_info, report, started, tmp, Attach},
+    attach::{lab_info, report, tmp, Attach},
     delay::Delay,
     lab_up, profiler,
     prometheus::{free_port, Prometheus},
-    LabGuard,
+    run_report_of, LabGuard,
 };
-use profiler::lab::netns::run_in;
+use profiler::{
+    lab::netns::run_in,
+    report::schema::{JourneyLine, SegmentSummary},
+};
 use serde_json::Value;
 
 /// The node lab's Kubernetes namespace (profiler's lab/node.rs).
@@ -151,23 +154,15 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
     assert!(
-        started(&r) >= answered,
-        "{} answered: {}",
+        r.journeys.started >= answered,
+        "{} answered: {:?}",
         answered,
-        r["journeys"]
+        r.journeys
     );
     let slowed = format!("[{NAMESPACE}/{}]", b.name);
-    let into_b = r["segments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["name"].as_str().unwrap().ends_with(&slowed))
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["p50_ns"].as_f64().unwrap(),
-            )
-        })
+    let into_b = (r.segments.iter())
+        .filter(|s| s.name.ends_with(&slowed))
+        .map(|s| (s.name.as_str(), s.p50_ns))
         .collect::<Vec<_>>();
     assert!(
         into_b.iter().any(|(_, p50)| *p50 > 140_000.0),
@@ -189,12 +184,9 @@ fn attach_names_pods_and_prometheus_queries_them_by_pod() {
     common::attach::ping(&a.netns, &b.ip, 5, "0.01");
     let (events, _) = events.stop();
     let line = events.lines().next().expect("an events line");
-    let journey: Value = serde_json::from_str(line).expect("an events line is JSON");
-    let pods: BTreeSet<&str> = journey["hops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|h| h["pod"].as_str())
+    let journey: JourneyLine = serde_json::from_str(line).expect("an events line is JSON");
+    let pods: BTreeSet<&str> = (journey.hops.iter())
+        .filter_map(|h| h.pod.as_deref())
         .collect();
     assert!(
         pods.contains(a.name.as_str()) && pods.contains(b.name.as_str()),
@@ -336,17 +328,15 @@ fn pods_that_come_and_go_are_each_counted_under_their_name() {
             "{name}: {err}"
         );
         // Each ping's first segment starts at the pod's eth0 and is the pod's.
-        let counted: u64 = r["segments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["pod"] == name.as_str() && s["from"].as_str().unwrap().contains("eth0"))
-            .map(|s| s["count"].as_u64().unwrap())
+        let counted: u64 = (r.segments.iter())
+            .filter(|s| s.pod.as_deref() == Some(name.as_str()) && s.from.contains("eth0"))
+            .map(|s| s.count)
             .max()
             .unwrap_or(0);
         assert!(
-            counted >= PINGS as u64 - 1,
-            "{name}: {counted} of {PINGS} pings counted: {r}"
+            counted >= u64::from(PINGS) - 1,
+            "{name}: {counted} of {PINGS} pings counted: {:?}",
+            r.segments
         );
     }
     // Bounded: after the first pods, 20 pods more cost attach under 8 MiB (a retired pod keeps
@@ -382,30 +372,31 @@ fn a_run_between_two_pods_names_them() {
         "--json",
         "-",
     ]);
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: Value = serde_json::from_str(&text).expect("the run's JSON");
-    let hops = common::direction(&r, "request")["hops"]
-        .as_array()
-        .expect("request hops");
+    let r = run_report_of(&out.stdout);
+    let hops = &common::direction(&r, "request").hops;
     for pod in [&a.name, &b.name] {
         assert!(
             hops.iter()
-                .any(|h| h["pod"] == pod.as_str() && h["namespace"] == NAMESPACE),
+                .any(|h| h.pod.as_ref() == Some(pod) && h.namespace.as_deref() == Some(NAMESPACE)),
             "no hop of {pod}: {hops:?}"
         );
     }
     assert!(
-        hops.iter()
-            .any(|h| h["name"].as_str().unwrap().contains(&format!("({to})"))),
+        hops.iter().any(|h| h.name.contains(&format!("({to})"))),
         "{hops:?}"
     );
     drop(node);
     assert_clean();
+}
+
+/// The names of `segments`, in order.
+fn names(segments: &[SegmentSummary]) -> Vec<&str> {
+    segments.iter().map(|s| s.name.as_str()).collect()
 }
 
 /// The node lab's bridge address: the pods' gateway (profiler's lab/node.rs).
@@ -485,28 +476,13 @@ fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
     drop(node);
     let r = report(&json);
     let _ = std::fs::remove_file(&json);
-    let paths = r["paths"].as_array().expect("paths");
-    let names = |p: &Value| -> Vec<String> {
-        p["segments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap().to_string())
-            .collect()
-    };
-    let all: Vec<String> = paths
-        .iter()
-        .flat_map(names)
-        .chain(
-            r["segments"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s["name"].as_str().unwrap().to_string()),
-        )
+    let paths = &r.paths;
+    let all: Vec<&str> = (paths.iter())
+        .flat_map(|p| names(&p.segments))
+        .chain(names(&r.segments))
         .collect();
-    let unread: Vec<&String> = all
-        .iter()
+    let unread: Vec<&str> = all
+        .into_iter()
         .filter(|n| n.contains("((") || RAW_HOOKS.iter().any(|h| n.contains(h)))
         .collect();
     assert!(
@@ -516,22 +492,22 @@ fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
     let through = paths
         .iter()
         .find(|p| {
-            names(p)
+            names(&p.segments)
                 .iter()
                 .any(|n| n.starts_with("forward prof-cni0 -> prof-cni0"))
         })
         .unwrap_or_else(|| panic!("no path routed back out of prof-cni0:\n{table}"));
     assert!(
-        names(through).contains(&to_b),
+        names(&through.segments).contains(&to_b.as_str()),
         "no {to_b:?} on {:?}",
-        names(through)
+        names(&through.segments)
     );
     // The requests to the gateway and to pod-b share their first segments, up to the bridge.
     let mut said = 0;
     for p in paths {
-        let packets = p["packets"].as_u64().unwrap();
-        for s in p["segments"].as_array().unwrap() {
-            let count = s["count"].as_u64().unwrap();
+        let packets = p.packets;
+        for s in &p.segments {
+            let count = s.count;
             if count > packets {
                 let line = format!(
                     "{count} packets, {} of which took another way",
@@ -539,8 +515,8 @@ fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
                 );
                 assert!(
                     table.contains(&line),
-                    "no {line:?} for {} in\n{table}",
-                    s["name"]
+                    "no {line:?} for {:?} in\n{table}",
+                    s.name
                 );
                 said += 1;
             }
@@ -550,8 +526,8 @@ fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
     // Replies enter pod-a's eth0 from its veth peer (netif_rx): journeys of their own.
     let replies: u64 = paths
         .iter()
-        .filter(|p| p["hops"][0].as_str().unwrap().starts_with("netif_rx eth0"))
-        .map(|p| p["packets"].as_u64().unwrap())
+        .filter(|p| p.hops[0].starts_with("netif_rx eth0"))
+        .map(|p| p.packets)
         .sum();
     assert!(
         replies >= 55,
@@ -597,11 +573,11 @@ fn attach_over_a_node_of_many_pods_is_quick_small_and_loses_nothing() {
         "attach over {PODS} pods: {rss} KiB resident"
     );
     assert_eq!(pings.len(), 200, "pings answered");
-    assert_eq!(r["lost_events"], 0, "{}", r["journeys"]);
+    assert_eq!(r.lost_events, 0, "{:?}", r.journeys);
     assert!(
-        started(&r) >= 400,
-        "200 pings and their replies: {}",
-        r["journeys"]
+        r.journeys.started >= 400,
+        "200 pings and their replies: {:?}",
+        r.journeys
     );
     let header = table.lines().next().unwrap_or_default();
     assert!(header.contains(&format!("{PODS} namespaces: ")), "{header}");
@@ -610,10 +586,8 @@ fn attach_over_a_node_of_many_pods_is_quick_small_and_loses_nothing() {
         "the header lists the namespaces: {header}"
     );
     // Each pod's IPv6 router solicitations and listener reports, flooded to every other pod.
-    let copies = r["journeys"]["multicast_not_followed"]
-        .as_u64()
-        .unwrap_or(0);
-    assert!(copies >= PODS as u64, "{}", r["journeys"]);
+    let copies = r.journeys.multicast_not_followed;
+    assert!(copies >= u64::from(PODS), "{:?}", r.journeys);
     assert!(
         table.contains(&format!(
             "not followed: {copies} copies of multicast or broadcast frames"

@@ -191,8 +191,7 @@ fn runs_on_different_labs_at_once_both_complete() {
             "{name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-        common::assert_complete(&r, 800, name);
+        common::assert_complete(&common::run_report_of(&out.stdout), 800, name);
     }
     assert_clean_of("");
 }

@@ -16,9 +16,9 @@ use std::process::Command;
 use common::{
     assert_clean_of,
     attach::{crossing, report, tmp, udp_echo, Attach},
-    lab_up, loaded_named, run_json,
+    direction, lab_up, loaded_named, run_json,
 };
-use profiler::report::schema::RunReport;
+use profiler::report::schema::{RunReport, Status};
 
 const LAB: &str = "ebpf-redirect";
 const HOST: &str = "prof-ebpf-redirect-host";
@@ -66,16 +66,14 @@ struct Step {
 fn assert_redirected(r: &RunReport, count: u64, dirs: [(&str, Vec<Step>, &[&str]); 2]) {
     assert_eq!(u64::from(r.traffic.completed), count);
     for (dir, steps, skipped) in dirs {
-        let d = (r.directions.iter())
-            .find(|d| d.direction == dir)
-            .unwrap_or_else(|| panic!("no {dir}"));
+        let d = direction(r, dir);
         assert_eq!(
             (d.complete_packets, d.incomplete_packets),
             (count, 0),
             "{dir}"
         );
-        let hops: Vec<String> = d.hops.iter().map(|h| h.name.clone()).collect();
-        let names: Vec<&str> = d.segments.iter().map(|s| s.name.as_str()).collect();
+        let hops: Vec<&str> = d.hops.iter().map(|h| h.name.as_str()).collect();
+        let names = d.segment_names();
         println!("{dir}: {names:?}");
         for step in steps {
             let s = (d.segments.iter())
@@ -131,8 +129,7 @@ fn ebpf_redirect_hands_packets_to_the_pod_past_the_bridge_backlog_and_host_stack
         let filters = ingress_filters(HOST, veth);
         assert!(filters.contains(PROGRAM), "{veth}: {filters}");
     }
-    let r: RunReport =
-        serde_json::from_value(run_json(&["--lab", LAB, "--count", "300"])).expect("a run report");
+    let r = run_json(&["--lab", LAB, "--count", "300"]);
     let peer = |name: &str, from| Step {
         name: name.to_string(),
         from,
@@ -186,15 +183,7 @@ fn ebpf_redirect_across_hosts_sends_by_neighbour_and_receives_by_peer() {
         let forwarding = String::from_utf8_lossy(&forwarding.stdout);
         assert_eq!(forwarding.trim(), "0", "{host} forwards");
     }
-    let r: RunReport = serde_json::from_value(run_json(&[
-        "--lab",
-        LAB,
-        "--placement",
-        "cross-host",
-        "--count",
-        "300",
-    ]))
-    .expect("a run report");
+    let r = run_json(&["--lab", LAB, "--placement", "cross-host", "--count", "300"]);
     let steps = |from, host, to_pod| {
         vec![
             Step {
@@ -280,10 +269,10 @@ fn attach_names_the_redirects_of_an_ebpf_datapath() {
     let r = report(&json);
     for pod in [&pod_a, &pod_b] {
         let name = format!("tc:ingress@eth0/{pod}");
-        let h = (r["hooks"].as_array().unwrap().iter())
-            .find(|h| h["name"] == name.as_str())
-            .unwrap_or_else(|| panic!("no {name} in {}", r["hooks"]));
-        assert_eq!(h["status"], "attached", "{h}");
+        let h = r
+            .hook(&name)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", r.hooks));
+        assert_eq!(h.status, Status::Attached, "{h:?}");
     }
     for (from, host, to_pod) in [("veth-a", "host-a", "pod-b"), ("veth-b", "host-b", "pod-a")] {
         for segment in [
@@ -291,7 +280,7 @@ fn attach_names_the_redirects_of_an_ebpf_datapath() {
             format!("eBPF redirect peer wire0 -> eth0 ({})", ns(to_pod)),
         ] {
             let n = crossing(&r, &segment);
-            assert_eq!(n, 100, "{segment}: {n} packets; paths: {}", r["paths"]);
+            assert_eq!(n, 100, "{segment}: {n} packets; paths: {:?}", r.paths);
         }
     }
 }
@@ -323,15 +312,15 @@ fn attach_follows_pods_born_behind_an_ebpf_datapath() {
             "{err}"
         );
         let name = format!("tc:ingress@eth0/{pod}");
-        let h = (r["hooks"].as_array().unwrap().iter())
-            .find(|h| h["name"] == name.as_str())
-            .unwrap_or_else(|| panic!("no {name} in {}", r["hooks"]));
-        assert_eq!(h["status"], "attached", "{h}");
+        let h = r
+            .hook(&name)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", r.hooks));
+        assert_eq!(h.status, Status::Attached, "{h:?}");
     }
     for to_pod in [&pod_a, &pod_b] {
         let segment = format!("eBPF redirect peer wire0 -> eth0 ({to_pod})");
         let n = crossing(&r, &segment);
-        assert_eq!(n, 100, "{segment}: {n} packets; paths: {}", r["paths"]);
+        assert_eq!(n, 100, "{segment}: {n} packets; paths: {:?}", r.paths);
     }
 }
 
@@ -383,7 +372,7 @@ fn an_ebpf_service_translates_in_the_datapath_at_both_placements() {
                 "--proto",
                 proto,
             ];
-            let r: RunReport = serde_json::from_value(run_json(&run)).expect("a run report");
+            let r = run_json(&run);
             let via = r.service.as_deref().unwrap_or_default();
             assert!(
                 via.starts_with("Service (ebpf) 198.18.250.10:8080 -> "),

@@ -5,7 +5,13 @@
 // A test crate sees every dependency of the package; the lint is for the library's.
 #![allow(unused_crate_dependencies)]
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use profiler::report::schema::{AttachReport, PathAcross, RunReport};
+use serde::de::DeserializeOwned;
 
 const BIN: &str = env!("CARGO_BIN_EXE_profiler");
 
@@ -13,6 +19,12 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
         .join(name)
+}
+
+/// The report saved at `path`, read through its schema.
+fn saved<T: DeserializeOwned>(path: &Path) -> T {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// `profiler report ARGS`, which must succeed: its stdout.
@@ -92,15 +104,13 @@ fn html_is_well_formed_with_one_waterfall_per_direction() {
         .collect();
     assert_eq!(svgs.len(), 2, "one SVG per direction (request, response)");
     // One bar per segment and one for end to end, in each.
-    let run: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for (svg, dir) in svgs.iter().zip(run["directions"].as_array().unwrap()) {
+    let run: RunReport = saved(&json);
+    for (svg, dir) in svgs.iter().zip(&run.directions) {
         let bars = svg
             .descendants()
             .filter(|n| n.tag_name().name() == "rect")
             .count();
-        let segments = dir["segments"].as_array().unwrap().len();
-        assert_eq!(bars, segments + 1, "{}", dir["direction"]);
+        assert_eq!(bars, dir.segments.len() + 1, "{}", dir.direction);
     }
 }
 
@@ -118,25 +128,18 @@ fn attach_html_draws_each_path_and_each_way_across() {
         },
     )
     .unwrap_or_else(|e| panic!("the page is not well-formed: {e}\n{page}"));
-    let a: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let nodes = std::iter::once(&a).chain(a["peers"].as_array().unwrap());
+    let a: AttachReport = saved(&json);
+    let nodes = std::iter::once(&a).chain(&a.peers);
     let mut want: Vec<usize> = nodes
-        .flat_map(|n| n["paths"].as_array().unwrap())
-        .map(|p| p["segments"].as_array().unwrap().len() + 1)
+        .flat_map(|n| &n.paths)
+        .map(|p| p.segments.len() + 1)
         .collect();
-    let ways: Vec<&serde_json::Value> = a["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|l| l["directions"].as_array().unwrap())
-        .flat_map(|d| d["paths"].as_array().unwrap())
+    let ways: Vec<&PathAcross> = (a.links.iter())
+        .flat_map(|l| &l.directions)
+        .flat_map(|d| &d.paths)
         .collect();
     assert!(!ways.is_empty(), "the fixture has ways across");
-    want.extend(
-        ways.iter()
-            .map(|p| p["segments"].as_array().unwrap().len() + 1),
-    );
+    want.extend(ways.iter().map(|p| p.segments.len() + 1));
     let svgs: Vec<_> = doc
         .descendants()
         .filter(|n| n.tag_name().name() == "svg")

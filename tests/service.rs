@@ -18,7 +18,10 @@ use common::{
     attach::{crossing, report, tcp_echo_via, tmp, udp_echo_via, Attach},
     lab_up, profiler, run_json,
 };
-use profiler::lab::service::{CLUSTER_IP, PORT};
+use profiler::{
+    lab::service::{CLUSTER_IP, PORT},
+    report::schema::{CompareReport, HookStatus, RunReport, Status},
+};
 use serde_json::Value;
 
 const COUNT: &str = "200";
@@ -71,23 +74,18 @@ fn assert_virtual(lab: &str) {
 }
 
 /// The segment `name` of direction `dir`, which must be there, between the hooks `hooks`.
-fn assert_segment(r: &Value, dir: &str, name: &str, hooks: (&str, &str)) {
+fn assert_segment(r: &RunReport, dir: &str, name: &str, hooks: (&str, &str)) {
     let d = common::direction(r, dir);
-    let names = common::segment_names(d);
-    let s = (common::segments(d).iter())
-        .find(|s| s["name"] == name)
+    let s = (d.segments.iter())
+        .find(|s| s.name == name)
         .unwrap_or_else(|| {
-            let nat: Vec<&Value> = (r["hooks"].as_array().unwrap().iter())
-                .filter(|h| h["type"] == "netfilter")
-                .collect();
+            let nat: Vec<&HookStatus> =
+                (r.hooks.iter()).filter(|h| h.kind == "netfilter").collect();
+            let names = d.segment_names();
             panic!("{dir}: no segment {name:?} in {names:?}; netfilter hooks: {nat:?}")
         });
-    let hop = |end: &str| d["hops"][s[end].as_u64().unwrap() as usize]["hook"].clone();
-    assert_eq!(
-        (hop("from"), hop("to")),
-        (hooks.0.into(), hooks.1.into()),
-        "{dir}: {name}"
-    );
+    let hop = |index: usize| d.hops[index].hook.as_str();
+    assert_eq!((hop(s.from), hop(s.to)), hooks, "{dir}: {name}");
 }
 
 /// UDP and TCP request/response through the ClusterIP: every exchange completes and both
@@ -116,12 +114,12 @@ fn runs_through(lab: &str, extra: &[&str], nat: [&str; 2], hosts: &[&str]) {
         );
         for ns in hosts {
             let name = format!("nat hooks in {ns}");
-            let h = (r["hooks"].as_array().unwrap().iter())
-                .find(|h| h["name"] == name.as_str())
-                .unwrap_or_else(|| panic!("no {name} in {}", r["hooks"]));
-            assert_eq!(h["status"], "attached", "{h}");
+            let h = r
+                .hook(&name)
+                .unwrap_or_else(|| panic!("no {name} in {:?}", r.hooks));
+            assert_eq!(h.status, Status::Attached, "{h:?}");
         }
-        let via = r["service"].as_str().unwrap_or_default();
+        let via = r.service.as_deref().unwrap_or_default();
         assert!(
             via.contains(&format!("{CLUSTER_IP}:{PORT} -> ")),
             "{lab} {proto}: the report's service: {via:?}"
@@ -238,13 +236,16 @@ fn attach_sees_through_the_service() {
         let (a, b) = (report(&by_backend), report(&by_vip));
         let udp = format!("{CLUSTER_IP}:{PORT}/udp -> {backend}:{PORT} ({mode} in {HOST})");
         for r in [&a, &b] {
-            let services = r["services"].to_string();
-            assert!(services.contains(&udp), "{mode}: no {udp} in {services}");
+            let services = &r.services;
+            assert!(
+                services.iter().any(|s| s.contains(&udp)),
+                "{mode}: no {udp} in {services:?}"
+            );
             let name = format!("nat hooks in {HOST}");
-            let h = (r["hooks"].as_array().unwrap().iter())
-                .find(|h| h["name"] == name.as_str())
-                .unwrap_or_else(|| panic!("{mode}: no {name} in {}", r["hooks"]));
-            assert_eq!(h["status"], "attached", "{h}");
+            let h = r
+                .hook(&name)
+                .unwrap_or_else(|| panic!("{mode}: no {name} in {:?}", r.hooks));
+            assert_eq!(h.status, Status::Attached, "{h:?}");
         }
         // 100 datagrams and 100 TCP requests each way, and TCP's own segments.
         for (r, segment, what) in [
@@ -267,8 +268,8 @@ fn attach_sees_through_the_service() {
             let n = crossing(r, segment);
             assert!(
                 n >= 200,
-                "{mode}: {what}: {n} packets crossed {segment:?}; paths {}",
-                r["paths"]
+                "{mode}: {what}: {n} packets crossed {segment:?}; paths {:?}",
+                r.paths
             );
         }
         let _ = std::fs::remove_file(by_backend);
@@ -311,14 +312,12 @@ fn compare_takes_a_service_as_a_network_of_its_own() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "compare failed: {err}");
-    let c: Value = serde_json::from_slice(&out.stdout).expect("compare JSON");
-    let rows: Vec<&str> = (c["summary"].as_array().unwrap().iter())
-        .map(|r| r["topology"].as_str().unwrap())
-        .collect();
-    assert_eq!(rows, ["bridge", "bridge+iptables"], "{}", c["summary"]);
-    let runs = c["runs"].as_array().unwrap();
-    assert_eq!(runs[0]["service"], Value::Null);
-    let via = runs[1]["service"].as_str().unwrap_or_default();
+    let c: CompareReport = serde_json::from_slice(&out.stdout).expect("compare JSON");
+    let rows: Vec<&str> = c.summary.iter().map(|r| r.topology.as_str()).collect();
+    assert_eq!(rows, ["bridge", "bridge+iptables"], "{:?}", c.summary);
+    let runs = &c.runs;
+    assert_eq!(runs[0].service, None);
+    let via = runs[1].service.as_deref().unwrap_or_default();
     assert!(via.contains(&format!("{CLUSTER_IP}:{PORT}")), "{via:?}");
     assert_complete(&runs[1], COUNT.parse().unwrap(), "bridge+iptables");
     assert_segment(

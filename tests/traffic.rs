@@ -11,9 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    assert_clean_of, hop_sequence, lab_up, profiler, run_json, segment_names, BRIDGE_REQUEST,
-};
+use common::{assert_clean_of, lab_up, profiler, run_json, BRIDGE_REQUEST};
+use profiler::report::schema::{AttachReport, RunReport, StreamResult};
 use serde_json::Value;
 
 const POD_A: &str = "prof-bridge-pod-a";
@@ -96,7 +95,7 @@ fn iperf3_udp(port: u16) -> (f64, f64) {
 }
 
 /// `profiler run --traffic stream` over UDP on the lab that is up.
-fn stream(tag_every: &str) -> Value {
+fn stream(tag_every: &str) -> RunReport {
     run_json(&[
         "--lab",
         "bridge",
@@ -114,13 +113,15 @@ fn stream(tag_every: &str) -> Value {
     ])
 }
 
+/// The stream's result in run report `r`, which must have one.
+fn stream_of(r: &RunReport) -> &StreamResult {
+    r.stream.as_ref().expect("the stream's result")
+}
+
 /// The stream's payload throughput, Gbit/s: (sent, received).
-fn gbit(r: &Value) -> (f64, f64) {
-    let s = &r["stream"];
-    (
-        s["sent_gbit_per_s"].as_f64().expect("sent_gbit_per_s"),
-        s["gbit_per_s"].as_f64().expect("gbit_per_s"),
-    )
+fn gbit(r: &RunReport) -> (f64, f64) {
+    let s = stream_of(r);
+    (s.sent_gbit_per_s, s.gbit_per_s)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -146,10 +147,10 @@ fn udp_stream_matches_iperf3_and_its_tags_cost_nothing() {
     let port = 5201 + (std::process::id() % 1000) as u16;
     let _server = Iperf3Server::start(port);
     let (mut vs_iperf3, mut vs_untagged) = (Vec::new(), Vec::new());
-    let mut last_tagged = Value::Null;
+    let mut last_tagged = None;
     let untagged = || {
         let r = stream("0");
-        assert_eq!(r["stream"]["tagged"], 0, "--tag-every 0 tags nothing");
+        assert_eq!(stream_of(&r).tagged, 0, "--tag-every 0 tags nothing");
         gbit(&r)
     };
     for round in 0..ROUNDS {
@@ -160,10 +161,10 @@ fn udp_stream_matches_iperf3_and_its_tags_cost_nothing() {
             let plain = untagged();
             (iperf3_udp(port), plain)
         };
-        last_tagged = stream("1000");
-        let tagged = gbit(&last_tagged);
-        let unprofiled = last_tagged["stream"]["unprofiled_gbit_per_s"]
-            .as_f64()
+        let r = last_tagged.insert(stream("1000"));
+        let tagged = gbit(r);
+        let unprofiled = stream_of(r)
+            .unprofiled_gbit_per_s
             .expect("unprofiled_gbit_per_s");
         eprintln!(
             "round {round}: Gbit/s sent (received): iperf3 {:.3} ({:.3}), stream unprofiled ({unprofiled:.3}), tagged {:.3} ({:.3}), untagged {:.3} ({:.3})",
@@ -187,12 +188,11 @@ fn udp_stream_matches_iperf3_and_its_tags_cost_nothing() {
     // is the programs' time their messages take, which the kernel accounts exactly: the
     // profiler's own programs per tagged message times the tagged messages, as a share of the
     // stream's time on the sending CPU (which carries each veth packet to the socket).
-    let r = &last_tagged;
-    let per_tagged_ns = r["directions"][0]["profiler_programs"]["mean_ns"]
-        .as_f64()
-        .expect("profiler_programs");
-    let tagged = r["stream"]["tagged"].as_f64().unwrap();
-    let share = per_tagged_ns * tagged / (r["stream"]["duration_s"].as_f64().unwrap() * 1e9);
+    let r = last_tagged.expect("a tagged stream ran");
+    let per_tagged_ns = r.directions[0].profiler_programs.mean_ns;
+    let s = stream_of(&r);
+    let tagged = s.tagged as f64;
+    let share = per_tagged_ns * tagged / (s.duration_s * 1e9);
     eprintln!(
         "tags' cost: {tagged} tagged messages x {per_tagged_ns:.0} ns of the profiler's programs = {:.4}% of the stream's time (throughput ratio tagged / untagged {vs_untagged:.3})",
         share * 100.0
@@ -210,36 +210,32 @@ fn udp_stream_matches_iperf3_and_its_tags_cost_nothing() {
 fn udp_stream_tagged_messages_cross_every_segment() {
     let _lab = lab_up(&["bridge"]);
     let r = &stream("1000");
-    assert_eq!(r["events"]["lost"], 0, "lost events");
-    let dir = &r["directions"][0];
-    assert_eq!(dir["direction"], "stream");
-    let expected: Vec<_> = BRIDGE_REQUEST
-        .iter()
-        .map(|(h, i)| (h.to_string(), i.map(str::to_string)))
-        .collect();
-    assert_eq!(hop_sequence(dir), expected, "the tagged messages' path");
+    assert_eq!(r.events.lost, 0, "lost events");
+    let dir = &r.directions[0];
+    assert_eq!(dir.direction, "stream");
+    assert_eq!(
+        dir.hop_sequence(),
+        BRIDGE_REQUEST,
+        "the tagged messages' path"
+    );
     // Every tagged message that arrived crossed every hop (those the receiver's socket dropped
     // are incomplete journeys, counted apart).
-    let complete = dir["complete_packets"].as_u64().unwrap();
+    let complete = dir.complete_packets;
     assert!(complete > 0, "no complete journey");
     assert_eq!(
         Some(complete),
-        r["stream"]["tagged"].as_u64(),
-        "{}",
-        r["stream"]
+        r.stream.as_ref().map(|s| s.tagged),
+        "{:?}",
+        r.stream
     );
-    let names = segment_names(dir);
+    let names = dir.segment_names();
     assert_eq!(names.len(), BRIDGE_REQUEST.len() - 1);
     assert!(
         names.iter().any(|n| n.starts_with("bridge br0")),
         "{names:?}"
     );
     assert!(
-        dir["segments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["samples"].as_u64() == Some(complete)),
+        dir.segments.iter().all(|s| s.stats.samples == complete),
         "every segment has every complete journey"
     );
 }
@@ -263,45 +259,39 @@ fn alltoall_4_pods_2_procs_on_the_bridge() {
         "5",
         "--quiet",
     ]);
-    let a = &r["alltoall"];
-    assert_eq!(a["completed_rounds"], 100, "{a}");
-    assert_eq!(r["traffic"]["completed"], 100);
-    let (p50, p99) = (
-        a["round_p50_ms"].as_f64().unwrap(),
-        a["round_p99_ms"].as_f64().unwrap(),
-    );
+    let a = r.alltoall.as_ref().expect("the all-to-all's result");
+    assert_eq!(a.completed_rounds, 100, "{a:?}");
+    assert_eq!(r.traffic.completed, 100);
+    let (p50, p99) = (a.round_p50_ms, a.round_p99_ms);
     assert!(p50 > 0.0 && p99 >= p50, "round latency p50 {p50} p99 {p99}");
-    assert_eq!(r["events"]["lost"], 0, "lost events");
-    let kinds = a["path_kinds"].as_array().unwrap();
+    assert_eq!(r.events.lost, 0, "lost events");
+    let kinds = &a.path_kinds;
     let kind = |k: &str| {
         kinds
             .iter()
-            .find(|x| x["kind"] == k)
+            .find(|x| x.kind == k)
             .unwrap_or_else(|| panic!("no {k} path kind in {kinds:?}"))
     };
     // 4 pods, ordered pairs: 12 between pods, 4 within one (2 processes each).
-    assert_eq!(kind("same host")["pod_pairs"], 12);
-    assert_eq!(kind("same pod")["pod_pairs"], 4);
+    assert_eq!(kind("same host").pod_pairs, 12);
+    assert_eq!(kind("same pod").pod_pairs, 4);
     // 20 tagged rounds; each process sends to the 7 others: 8 x 7 messages a round.
-    let tagged: u64 = kinds.iter().map(|k| k["tagged"].as_u64().unwrap()).sum();
+    let tagged: u64 = kinds.iter().map(|k| k.tagged).sum();
     assert_eq!(tagged, 20 * 8 * 7);
     let same_host = kind("same host");
-    assert_eq!(same_host["unattributed_pairs"], 0, "{same_host}");
+    assert_eq!(same_host.unattributed_pairs, 0, "{same_host:?}");
     assert_eq!(
-        same_host["attributed"], same_host["tagged"],
-        "every pod pair's tagged messages attributed: {same_host}"
+        same_host.attributed, same_host.tagged,
+        "every pod pair's tagged messages attributed: {same_host:?}"
     );
     // Loopback has no device hook that reads a TCP payload: the messages are stamped by both
     // ends and attributed to the one segment between them.
     let same_pod = kind("same pod");
-    assert_eq!(same_pod["attributed"], same_pod["tagged"], "{same_pod}");
-    let waterfall = r["directions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["direction"].as_str().unwrap().starts_with("same host"))
+    assert_eq!(same_pod.attributed, same_pod.tagged, "{same_pod:?}");
+    let waterfall = (r.directions.iter())
+        .find(|d| d.direction.starts_with("same host"))
         .expect("a same-host waterfall");
-    let names = segment_names(waterfall);
+    let names = waterfall.segment_names();
     assert!(
         names.iter().any(|n| n.starts_with("bridge br0")),
         "{names:?}"
@@ -359,18 +349,16 @@ fn attach_runs_iperf3_until_it_ends() {
         stdout.contains("iperf Done"),
         "iperf3's own output: {stdout}"
     );
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON report")).unwrap();
+    let r: AttachReport =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON report"))
+            .expect("profiler.attach.v1 JSON");
     let _ = std::fs::remove_file(&json);
-    assert_eq!(r["command"]["exit_code"], 0);
-    let d = r["duration_s"].as_f64().unwrap();
+    assert_eq!(r.command.as_ref().and_then(|c| c.exit_code), Some(0));
+    let d = r.duration_s;
     assert!((2.0..15.0).contains(&d), "followed for {d} s");
-    let names: Vec<&str> = r["paths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|p| p["segments"].as_array().unwrap())
-        .map(|s| s["name"].as_str().unwrap())
+    let names: Vec<&str> = (r.paths.iter())
+        .flat_map(|p| &p.segments)
+        .map(|s| s.name.as_str())
         .collect();
     for want in [
         "qdisc eth0",

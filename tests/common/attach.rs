@@ -12,7 +12,7 @@ use std::{
 
 use profiler::{
     lab::netns::run_in,
-    report::schema::{LinkDirection, WireCrossing},
+    report::schema::{AttachReport, LinkDirection, Status, WireCrossing, ATTACH_SCHEMA},
 };
 use serde_json::Value;
 
@@ -106,11 +106,11 @@ pub fn lab_info(name: &str) -> Value {
 }
 
 /// The `profiler.attach.v1` report attach wrote, which lost no event.
-pub fn report(json_path: &std::path::Path) -> Value {
+pub fn report(json_path: &std::path::Path) -> AttachReport {
     let text = std::fs::read_to_string(json_path).expect("the attach report");
-    let r: Value = serde_json::from_str(&text).expect("profiler.attach.v1 JSON");
-    assert_eq!(r["schema"], "profiler.attach.v1");
-    assert_eq!(r["lost_events"], 0, "events lost: {}", r["journeys"]);
+    let r: AttachReport = serde_json::from_str(&text).expect("profiler.attach.v1 JSON");
+    assert_eq!(r.schema, ATTACH_SCHEMA);
+    assert_eq!(r.lost_events, 0, "events lost: {:?}", r.journeys);
     // raw_tp is the fallback for kernels without tp_btf: on a kernel with BTF, a stable hook
     // attached as raw_tp means the verifier refused the tp_btf program (each load then costs a
     // helper call), which no other check would notice.
@@ -124,18 +124,14 @@ pub fn report(json_path: &std::path::Path) -> Value {
             "kfree_skb",
             "consume_skb",
         ];
-        for h in r["hooks"].as_array().expect("hooks") {
-            let stable = STABLE.iter().any(|s| h["name"] == *s);
-            if stable && h["status"] == "attached" && h["type"] == "raw_tp" {
-                panic!("{} attached as raw_tp: {}", h["name"], h["reason"]);
+        for h in &r.hooks {
+            let stable = STABLE.contains(&h.name.as_str());
+            if stable && h.status == Status::Attached && h.kind == "raw_tp" {
+                panic!("{} attached as raw_tp: {:?}", h.name, h.reason);
             }
         }
     }
     r
-}
-
-pub fn started(r: &Value) -> u64 {
-    r["journeys"]["started"].as_u64().unwrap()
 }
 
 pub fn tmp(name: &str) -> std::path::PathBuf {
@@ -406,9 +402,9 @@ pub fn assert_way_across(d: &LinkDirection, c: &WireCrossing) {
 }
 
 /// The packets of the paths in attach report `r` that cross segment `name`.
-pub fn crossing(r: &Value, name: &str) -> u64 {
-    (r["paths"].as_array().expect("paths").iter())
-        .filter(|p| (p["segments"].as_array().unwrap().iter()).any(|s| s["name"] == name))
-        .map(|p| p["packets"].as_u64().unwrap())
+pub fn crossing(r: &AttachReport, name: &str) -> u64 {
+    (r.paths.iter())
+        .filter(|p| p.segments.iter().any(|s| s.name == name))
+        .map(|p| p.packets)
         .sum()
 }

@@ -16,8 +16,10 @@ use std::{
 };
 
 use clap::ValueEnum as _;
-use profiler::lab::{lab_name, Placement, Topology};
-use serde_json::Value;
+use profiler::{
+    lab::{lab_name, Placement, Topology},
+    report::schema::{self, DirectionReport, DoctorReport, RunReport},
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_profiler");
 
@@ -94,32 +96,28 @@ pub fn ip(args: &[&str]) {
     );
 }
 
-/// `profiler doctor --json`, which must succeed.
-pub fn doctor_json() -> Value {
+/// `profiler doctor --json`, which must succeed, read through its schema.
+pub fn doctor_report() -> DoctorReport {
     let out = profiler(&["doctor", "--json"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("doctor JSON")
-}
-
-/// `profiler doctor --json`, which must succeed, read through its schema.
-pub fn doctor_report() -> profiler::report::schema::DoctorReport {
-    serde_json::from_value(doctor_json()).expect("a profiler.doctor.v1 report")
+    let r: DoctorReport = serde_json::from_slice(&out.stdout).expect("profiler.doctor.v1 JSON");
+    assert_eq!(r.schema, schema::DOCTOR_SCHEMA);
+    r
 }
 
 /// A `profiler.run.v1` report a command wrote on stdout, read through its schema.
-pub fn run_report_of(stdout: &[u8]) -> profiler::report::schema::RunReport {
-    let r: profiler::report::schema::RunReport =
-        serde_json::from_slice(stdout).expect("profiler.run.v1 JSON on stdout");
-    assert_eq!(r.schema, "profiler.run.v1");
+pub fn run_report_of(stdout: &[u8]) -> RunReport {
+    let r: RunReport = serde_json::from_slice(stdout).expect("profiler.run.v1 JSON on stdout");
+    assert_eq!(r.schema, schema::RUN_SCHEMA);
     r
 }
 
 /// `profiler run ARGS --json -`, which must exit 0: the profiler.run.v1 report.
-pub fn run_json(args: &[&str]) -> Value {
+pub fn run_json(args: &[&str]) -> RunReport {
     let mut all = vec!["run"];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--json", "-"]);
@@ -130,59 +128,38 @@ pub fn run_json(args: &[&str]) -> Value {
         all.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("profiler.run.v1 JSON on stdout");
-    assert_eq!(r["schema"], "profiler.run.v1");
-    r
+    run_report_of(&out.stdout)
 }
 
 /// Every exchange completed, no event lost, and every exchange gave a complete journey in both
 /// directions whose segments and the profiler's own programs add up to the end-to-end time
 /// (within 1%).
-pub fn assert_complete(r: &Value, count: u64, ctx: &str) {
-    assert_eq!(r["events"]["lost"], 0, "{ctx}: lost events");
-    let completed = r["traffic"]["completed"].as_u64().unwrap();
+pub fn assert_complete(r: &RunReport, count: u64, ctx: &str) {
+    assert_eq!(r.events.lost, 0, "{ctx}: lost events");
+    let completed = u64::from(r.traffic.completed);
     assert_eq!(completed, count, "{ctx}: exchanges completed");
-    let dirs = r["directions"].as_array().unwrap();
-    assert_eq!(dirs.len(), 2, "{ctx}: directions");
-    for dir in dirs {
-        let ctx = format!("{ctx} {}", dir["direction"].as_str().unwrap());
-        assert_eq!(dir["complete_packets"].as_u64(), Some(completed), "{ctx}");
-        assert_eq!(dir["incomplete_packets"], 0, "{ctx}");
-        let sum: f64 = segments(dir)
-            .iter()
-            .map(|s| s["mean_ns"].as_f64().unwrap())
-            .sum::<f64>()
-            + dir["profiler_programs"]["mean_ns"].as_f64().unwrap();
-        let e2e = dir["end_to_end"]["mean_ns"].as_f64().unwrap();
+    assert_eq!(r.directions.len(), 2, "{ctx}: directions");
+    for dir in &r.directions {
+        let ctx = format!("{ctx} {}", dir.direction);
+        assert_eq!(dir.complete_packets, completed, "{ctx}");
+        assert_eq!(dir.incomplete_packets, 0, "{ctx}");
         assert!(
-            e2e > 0.0 && ((sum - e2e) / e2e).abs() < 0.01,
-            "{ctx}: segments {sum} vs end to end {e2e}"
+            dir.adds_up(0.01),
+            "{ctx}: segments {:?} vs end to end {:?}",
+            dir.segments,
+            dir.end_to_end
         );
     }
 }
 
-pub fn direction<'a>(r: &'a Value, name: &str) -> &'a Value {
-    r["directions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["direction"] == name)
+/// Direction `name` of run report `r`, which must have it.
+pub fn direction<'a>(r: &'a RunReport, name: &str) -> &'a DirectionReport {
+    r.direction(name)
         .unwrap_or_else(|| panic!("no {name} direction"))
 }
 
-pub fn segments(dir: &Value) -> &Vec<Value> {
-    dir["segments"].as_array().expect("segments")
-}
-
-pub fn segment_names(dir: &Value) -> Vec<&str> {
-    segments(dir)
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect()
-}
-
 /// `labels` appear in `hops`' hook labels in this order (other hops may come between).
-pub fn assert_in_order(hops: &[(String, Option<String>)], labels: &[&str], ctx: &str) {
+pub fn assert_in_order(hops: &[(&str, Option<&str>)], labels: &[&str], ctx: &str) {
     let mut want = labels.iter().peekable();
     for (hook, _) in hops {
         // Hops are named KIND:LABEL ("kprobe:veth_xmit").
@@ -193,26 +170,12 @@ pub fn assert_in_order(hops: &[(String, Option<String>)], labels: &[&str], ctx: 
             want.next();
         }
     }
-    let seen: Vec<&str> = hops.iter().map(|(h, _)| h.as_str()).collect();
+    let seen: Vec<&str> = hops.iter().map(|(h, _)| *h).collect();
     assert!(
         want.peek().is_none(),
         "{ctx}: expected {labels:?} in order, missing from {:?} on: {seen:?}",
         want.collect::<Vec<_>>()
     );
-}
-
-pub fn hop_sequence(dir: &Value) -> Vec<(String, Option<String>)> {
-    dir["hops"]
-        .as_array()
-        .expect("hops")
-        .iter()
-        .map(|h| {
-            (
-                h["hook"].as_str().unwrap().to_string(),
-                h["ifname"].as_str().map(str::to_string),
-            )
-        })
-        .collect()
 }
 
 /// Nothing of the project's may remain: no lab namespace, no BPF program of ours. The kernel

@@ -4,11 +4,9 @@
 
 use std::process::Command;
 
-use serde_json::Value;
+use profiler::report::schema::{HookSet, OtherPath, RunReport, Status};
 
-use crate::common::{
-    assert_clean, assert_in_order, direction, doctor_json, hop_sequence, lab_up, run_json, segments,
-};
+use crate::common::{assert_clean, assert_in_order, direction, doctor_report, lab_up, run_json};
 
 /// Deep hooks a kernel series lacks because its compiler inlined the function (no symbol).
 const INLINED: &[(&str, &[&str])] = &[
@@ -52,16 +50,16 @@ fn every_deep_hook_passes_the_verifier_and_attaches() {
         .iter()
         .find(|(series, _)| release.starts_with(series))
         .map_or(&[], |(_, names)| names);
-    let d = doctor_json();
-    for list in ["hooks", "follow_hooks"] {
+    let d = doctor_report();
+    for (list, hooks) in [("hooks", &d.hooks), ("follow_hooks", &d.follow_hooks)] {
         let mut deep = 0;
-        for h in d[list].as_array().expect(list) {
-            let name = h["name"].as_str().unwrap();
-            let attached = h["status"] == "attached";
-            deep += (h["set"] == "deep") as usize;
+        for h in hooks {
+            let name = h.name.as_str();
+            let attached = h.status == Status::Attached;
+            deep += usize::from(h.set == HookSet::Deep);
             if inlined.contains(&name) {
                 assert!(!attached, "{list}: {name} attached; remove it from INLINED");
-                let reason = h["reason"].as_str().unwrap_or("");
+                let reason = h.reason.as_deref().unwrap_or("");
                 assert!(
                     reason.contains("not in this kernel's symbols"),
                     "{name}: {reason}"
@@ -69,8 +67,8 @@ fn every_deep_hook_passes_the_verifier_and_attaches() {
             } else {
                 assert!(
                     attached,
-                    "{list} on {release}: {name} {}: {}",
-                    h["status"], h["reason"]
+                    "{list} on {release}: {name} {:?}: {:?}",
+                    h.status, h.reason
                 );
             }
         }
@@ -81,17 +79,14 @@ fn every_deep_hook_passes_the_verifier_and_attaches() {
 }
 
 /// A run with the deep hooks on a lab: the request's hops, which must hold `labels` in order.
-fn deep_hops(lab: &[&str], labels: &[&str]) -> Value {
+fn deep_hops(lab: &[&str], labels: &[&str]) -> RunReport {
     let mut args = lab.to_vec();
     args.extend(["--count", "30", "--hooks", "deep"]);
     let r = run_json(&args);
-    assert_eq!(r["hook_set"], "deep", "{lab:?}");
+    assert_eq!(r.hook_set, HookSet::Deep, "{lab:?}");
     let req = direction(&r, "request");
-    assert!(
-        req["complete_packets"].as_u64() >= Some(25),
-        "{lab:?}: {req}"
-    );
-    assert_in_order(&hop_sequence(req), labels, &format!("{lab:?}"));
+    assert!(req.complete_packets >= 25, "{lab:?}: {req:?}");
+    assert_in_order(&req.hop_sequence(), labels, &format!("{lab:?}"));
     r
 }
 
@@ -134,15 +129,9 @@ fn macvlan_hops_include_the_macvlan_functions() {
 }
 
 /// The p50 of each request segment, by name.
-fn p50s(r: &Value) -> Vec<(String, f64)> {
-    segments(direction(r, "request"))
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["p50_ns"].as_f64().unwrap(),
-            )
-        })
+fn p50s(r: &RunReport) -> Vec<(String, f64)> {
+    (direction(r, "request").segments.iter())
+        .map(|s| (s.name.clone(), s.stats.p50_ns as f64))
         .collect()
 }
 
@@ -217,14 +206,14 @@ fn ovs_upcall_shows_as_its_own_path() {
     }
     let status = run.wait().expect("the run's exit");
     assert!(status.success(), "profiler run failed");
-    let r: Value =
+    let r: RunReport =
         serde_json::from_str(&std::fs::read_to_string(&report).expect("the run's report"))
             .expect("run JSON");
     let _ = std::fs::remove_file(&report);
     drop(lab);
 
     let req = direction(&r, "request");
-    let fast = hop_sequence(req);
+    let fast = req.hop_sequence();
     assert_in_order(
         &fast,
         &[
@@ -239,23 +228,16 @@ fn ovs_upcall_shows_as_its_own_path() {
         !fast.iter().any(|(h, _)| h.ends_with("ovs_dp_upcall")),
         "the most common path went up to ovs-vswitchd: {fast:?}"
     );
-    let upcalled: Vec<&Value> = req["other_paths"]
-        .as_array()
-        .expect("other_paths")
-        .iter()
-        .filter(|p| {
-            segments(p)
-                .iter()
-                .any(|s| s["name"] == "ovs upcall (ovs-vswitchd and back)")
-        })
+    let upcalled: Vec<&OtherPath> = (req.other_paths.iter())
+        .filter(|p| (p.segments.iter()).any(|s| s.name == "ovs upcall (ovs-vswitchd and back)"))
         .collect();
     assert!(
         !upcalled.is_empty(),
-        "no path with the upcall: {}",
-        req["other_paths"]
+        "no path with the upcall: {:?}",
+        req.other_paths
     );
     let p = upcalled[0];
-    assert!(p["packets"].as_u64() >= Some(1));
+    assert!(p.packets >= 1);
     assert_in_order(
         &hop_sequence(p),
         &[
@@ -267,4 +249,12 @@ fn ovs_upcall_shows_as_its_own_path() {
         "upcall path",
     );
     assert_clean();
+}
+
+/// Each hop's hook and device of other path `p`, in path order (as
+/// `DirectionReport::hop_sequence`).
+fn hop_sequence(p: &OtherPath) -> Vec<(&str, Option<&str>)> {
+    (p.hops.iter())
+        .map(|h| (h.hook.as_str(), h.ifname.as_deref()))
+        .collect()
 }

@@ -8,9 +8,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use profiler::report::schema::{AttachReport, HookStatus, Status};
+
 use crate::common::{
-    assert_clean_of, assert_complete, assert_in_order, direction, hop_sequence, lab_up, profiler,
-    run_json, LabGuard,
+    assert_clean_of, assert_complete, assert_in_order, direction, lab_up, profiler, run_json,
+    LabGuard,
 };
 
 const OVS_DIR: &str = "/run/profiler/ovs";
@@ -257,12 +259,11 @@ fn full_cycle(name: &str) {
         "50",
     ]);
     assert_complete(&r, 50, c.name);
-    let hops = hop_sequence(direction(&r, "request"));
+    let hops = direction(&r, "request").hop_sequence();
     println!("{}: request hops {hops:?}", c.name);
     for dev in c.crosses {
         assert!(
-            hops.iter()
-                .any(|(_, ifname)| ifname.as_deref() == Some(dev)),
+            hops.iter().any(|(_, ifname)| *ifname == Some(*dev)),
             "{}: the request did not cross {dev}: {hops:?}",
             c.name
         );
@@ -396,22 +397,20 @@ fn service_with_or_without_netfilter_links() {
     let guard = lab_up(&["bridge", "--service", "iptables"]);
     let r = run_json(&["--lab", "bridge", "--proto", "udp", "--count", "50"]);
     assert_complete(&r, 50, "bridge with a Service");
-    let kernel = r["kernel"].as_str().unwrap_or_default();
+    let kernel = &r.kernel;
     let mut version = kernel
         .split(['.', '-'])
         .map(|p| p.parse::<u32>().unwrap_or(0));
     let links = (version.next(), version.next()) >= (Some(6), Some(4));
-    let nat: Vec<String> = (r["hooks"].as_array().unwrap().iter())
-        .filter(|h| h["type"] == "netfilter")
-        .map(|h| format!("{} {} {}", h["name"], h["status"], h["reason"]))
-        .collect();
+    let nat: Vec<&HookStatus> = (r.hooks.iter()).filter(|h| h.kind == "netfilter").collect();
     println!("{kernel}: {nat:?}");
     assert_eq!(nat.len(), 1, "{nat:?}");
-    assert_eq!(nat[0].contains("\"attached\""), links, "{kernel}: {nat:?}");
-    let names = crate::common::segment_names(direction(&r, "request"))
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>();
+    assert_eq!(
+        nat[0].status == Status::Attached,
+        links,
+        "{kernel}: {nat:?}"
+    );
+    let names = direction(&r, "request").segment_names();
     assert_eq!(
         names.iter().any(|n| n.starts_with("nat prerouting")),
         links,
@@ -450,34 +449,32 @@ fn attach_through_the_service(links: bool) {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "attach: {err}");
-    let a: serde_json::Value =
+    let a: AttachReport =
         serde_json::from_slice(&std::fs::read(&json).expect("attach's JSON")).expect("JSON");
     let _ = std::fs::remove_file(&json);
-    let services = a["services"].to_string();
+    let services = &a.services;
     let udp = "198.18.250.10:8080/udp -> 198.18.0.2:8080 (iptables in prof-bridge-host)";
-    assert!(services.contains(udp), "no {udp} in {services}");
-    let nat: Vec<&serde_json::Value> = (a["hooks"].as_array().unwrap().iter())
-        .filter(|h| h["type"] == "netfilter")
-        .collect();
+    assert!(
+        services.iter().any(|s| s.contains(udp)),
+        "no {udp} in {services:?}"
+    );
+    let nat: Vec<&HookStatus> = (a.hooks.iter()).filter(|h| h.kind == "netfilter").collect();
     assert_eq!(nat.len(), 1, "{nat:?}");
-    assert_eq!(nat[0]["status"] == "attached", links, "{nat:?}");
+    assert_eq!(nat[0].status == Status::Attached, links, "{nat:?}");
     // The requests' paths from pod-a's eth0 to pod-b's, through the NAT's segment where
     // there are links.
-    let to_b: u64 = (a["paths"].as_array().unwrap().iter())
+    let to_b: u64 = (a.paths.iter())
+        .filter(|p| (p.hops.last()).is_some_and(|h| h.ends_with("(prof-bridge-pod-b)")))
         .filter(|p| {
-            let hops = p["hops"].as_array().unwrap();
-            (hops.last()).is_some_and(|h| h.as_str().unwrap().ends_with("(prof-bridge-pod-b)"))
-        })
-        .filter(|p| {
-            let through = p["segments"].to_string().contains("nat prerouting br0");
+            let through = (p.segments.iter()).any(|s| s.name.contains("nat prerouting br0"));
             through == links
         })
-        .map(|p| p["packets"].as_u64().unwrap())
+        .map(|p| p.packets)
         .sum();
     assert!(
         to_b >= 50,
-        "{to_b} requests followed to pod-b; paths {}",
-        a["paths"]
+        "{to_b} requests followed to pod-b; paths {:?}",
+        a.paths
     );
 }
 
@@ -495,7 +492,7 @@ fn a_run_removes_the_ovs_lab_it_made() {
         "--count",
         "20",
     ]);
-    assert_eq!(r["traffic"]["completed"], 20, "{r}");
+    assert_eq!(r.traffic.completed, 20, "{:?}", r.traffic);
     assert_nothing_left(c.name);
 }
 

@@ -3,9 +3,9 @@
 
 use std::process::Command;
 
-use serde_json::Value;
+use profiler::report::schema::{DoctorReport, RunReport, Status};
 
-use crate::common::{direction, hop_sequence, lab_up, segment_names, segments, BIN};
+use crate::common::{direction, lab_up, run_report_of, BIN};
 use crate::labs::assert_nothing_left;
 
 const IGB_DRIVER: &str = "/sys/bus/pci/drivers/igb";
@@ -29,7 +29,7 @@ pub fn has_igb() -> bool {
 
 /// In a doctor report `d`: igb's transmit, which the hook table does not name, was found from
 /// the PFs' netdev_ops and attached in both modes.
-pub fn assert_driver_xmit_found(d: &Value) {
+pub fn assert_driver_xmit_found(d: &DoctorReport) {
     if !has_igb() {
         return;
     }
@@ -43,19 +43,14 @@ pub fn assert_driver_xmit_found(d: &Value) {
         })
         .collect();
     assert!(!pfs.is_empty(), "igb has no network devices");
-    for list in ["hooks", "follow_hooks"] {
-        let hooks = d[list].as_array().expect(list);
+    for (list, hooks) in [("hooks", &d.hooks), ("follow_hooks", &d.follow_hooks)] {
         let xmit = hooks
             .iter()
-            .find(|h| {
-                h["name"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with("driver:xmit igb_xmit_frame [igb]"))
-            })
+            .find(|h| h.name.starts_with("driver:xmit igb_xmit_frame [igb]"))
             .unwrap_or_else(|| panic!("{list}: no driver:xmit hook on igb_xmit_frame: {hooks:?}"));
-        assert_eq!(xmit["status"], "attached", "{list}: {xmit}");
-        assert_eq!(xmit["type"], "kprobe", "{list}: {xmit}");
-        let name = xmit["name"].as_str().unwrap();
+        assert_eq!(xmit.status, Status::Attached, "{list}: {xmit:?}");
+        assert_eq!(xmit.kind, "kprobe", "{list}: {xmit:?}");
+        let name = &xmit.name;
         for pf in &pfs {
             assert!(
                 name.contains(pf.as_str()),
@@ -82,7 +77,7 @@ fn vf_counts() -> Vec<(String, String)> {
 
 /// `profiler run ARGS --json -` on CPU 0, which takes the VFs' interrupts (see the lab's
 /// sriov.rs): which must exit 0; the report.
-fn pinned_run(args: &[&str]) -> Value {
+fn pinned_run(args: &[&str]) -> RunReport {
     let out = Command::new("taskset")
         .args(["-c", "0", BIN, "run"])
         .args(args)
@@ -94,13 +89,13 @@ fn pinned_run(args: &[&str]) -> Value {
         "profiler run {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("profiler.run.v1 JSON on stdout")
+    run_report_of(&out.stdout)
 }
 
 /// A run on the sriov lab with `placement`: complete (0 lost, every exchange done, at least
 /// 95% of each direction's packets with the whole path), the request sent by pod-a's VF through
 /// its driver's transmit (found from netdev_ops) and received by pod-b's VF after `crossing`.
-fn profile(placement: &str, proto: &str, crossing: &str) -> Value {
+fn profile(placement: &str, proto: &str, crossing: &str) -> RunReport {
     let count = 40;
     let r = pinned_run(&[
         "--lab",
@@ -117,32 +112,41 @@ fn profile(placement: &str, proto: &str, crossing: &str) -> Value {
         "deep",
     ]);
     let ctx = format!("sriov {placement} {proto}");
-    assert_eq!(r["events"]["lost"], 0, "{ctx}: lost events");
-    assert_eq!(r["traffic"]["completed"], count, "{ctx}: {}", r["traffic"]);
+    assert_eq!(r.events.lost, 0, "{ctx}: lost events");
+    assert_eq!(
+        u64::from(r.traffic.completed),
+        count,
+        "{ctx}: {:?}",
+        r.traffic
+    );
     // Every exchange completed: a drop would be a driver's free after its transmit taken for
     // one (igbvf's, reported by net_tx_action without a reason on 6.1).
-    assert_eq!(r["events"]["drops"], serde_json::json!([]), "{ctx}: drops");
-    for dir in r["directions"].as_array().expect("directions") {
-        let complete = dir["complete_packets"].as_u64().unwrap_or(0);
+    assert!(
+        r.events.drops.is_empty(),
+        "{ctx}: drops {:?}",
+        r.events.drops
+    );
+    for dir in &r.directions {
+        let complete = dir.complete_packets;
         println!(
             "{ctx} {}: {complete} of {count} packets complete",
-            dir["direction"]
+            dir.direction
         );
         assert!(
             complete * 100 >= count * 95,
-            "{ctx} {}: {complete} of {count} packets complete: {}",
-            dir["direction"],
-            dir["missing_hops"]
+            "{ctx} {}: {complete} of {count} packets complete: {:?}",
+            dir.direction,
+            dir.missing_hops
         );
     }
     let req = direction(&r, "request");
-    let hops = hop_sequence(req);
+    let hops = req.hop_sequence();
     println!("{ctx}: request hops {hops:?}");
-    let names = segment_names(req);
+    let names = req.segment_names();
     println!("{ctx}: request segments {names:?}");
     let xmit = hops
         .iter()
-        .position(|(h, i)| h.ends_with("driver:xmit") && i.as_deref() == Some("eth0"))
+        .position(|(h, i)| h.ends_with("driver:xmit") && *i == Some("eth0"))
         .unwrap_or_else(|| panic!("{ctx}: no driver:xmit hop on pod-a's VF: {hops:?}"));
     let switch = names
         .iter()
@@ -187,11 +191,8 @@ fn delay_lands_at_the_vf_egress(name: &str) {
     ]);
     tc(&netns, &["qdisc", "del", "dev", "eth0", "root"]);
     let req = direction(&r, "request");
-    for s in segments(req) {
-        let (seg, ms) = (
-            s["name"].as_str().unwrap(),
-            s["p50_ns"].as_f64().unwrap() / 1e6,
-        );
+    for s in &req.segments {
+        let (seg, ms) = (s.name.as_str(), s.stats.p50_ns as f64 / 1e6);
         println!("{name}: {seg}: p50 {ms:.2} ms with {DELAY_MS} ms at pod-a's eth0 egress");
         if seg == "qdisc eth0" {
             assert!((ms - DELAY_MS).abs() < DELAY_MS * 0.3, "{seg}: {ms} ms");

@@ -125,6 +125,15 @@ impl RunReport {
     pub fn direction(&self, name: &str) -> Option<&DirectionReport> {
         self.directions.iter().find(|d| d.direction == name)
     }
+
+    /// What became of hook `name`.
+    pub fn hook(&self, name: &str) -> Option<&HookStatus> {
+        hook_named(&self.hooks, name)
+    }
+}
+
+fn hook_named<'a>(hooks: &'a [HookStatus], name: &str) -> Option<&'a HookStatus> {
+    hooks.iter().find(|h| h.name == name)
 }
 
 /// What wrote a report: the command line and the profiler's build.
@@ -487,6 +496,18 @@ pub struct AttachReport {
     /// `attach --lab`: the wire between this node and each peer, both ways, on this node's clock.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<NodeLink>,
+}
+
+impl AttachReport {
+    /// What became of hook `name`.
+    pub fn hook(&self, name: &str) -> Option<&HookStatus> {
+        hook_named(&self.hooks, name)
+    }
+
+    /// Segment `name` of the summary.
+    pub fn segment(&self, name: &str) -> Option<&SegmentSummary> {
+        self.segments.iter().find(|s| s.name == name)
+    }
 }
 
 /// The wire between two nodes: packets that left one and entered the other, paired by what they
