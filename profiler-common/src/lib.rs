@@ -59,7 +59,7 @@ pub enum HookId {
     KfreeSkb = 6,
     TcIngress = 7,
     TcEgress = 8,
-    /// Follow mode only: the buffer freed after use, where a journey ends.
+    /// Attach mode only: the buffer freed after use, where a journey ends.
     ConsumeSkb = 9,
     VethXmit = 10,
     BrHandleFrame = 11,
@@ -227,7 +227,7 @@ pub const COUNTER_LOST: u32 = 0;
 /// that no earlier hook (tc) had recorded: they are missing from journeys, so they are counted.
 pub const COUNTER_UNREADABLE: u32 = 1;
 
-/// Follow mode (`profiler attach`): counters after the tagged-mode ones in `COUNTERS`.
+/// Attach mode (`profiler attach`): counters after the run-mode ones in `COUNTERS`.
 /// Journeys begun at a device in scope whose packet passed the filter and the sampling.
 pub const COUNTER_STARTED: u32 = 2;
 /// Journeys that ended where the kernel freed the buffer after use (consume_skb).
@@ -246,7 +246,7 @@ pub const COUNTER_REHEADED: u32 = 6;
 pub const COUNTER_GROUP: u32 = 7;
 pub const COUNTER_COUNT: u32 = 8;
 
-/// The slot of a direct-mapped table (follow mode's in-flight journeys, scope) for a key such
+/// The slot of a direct-mapped table (attach mode's in-flight journeys, scope) for a key such
 /// as a pointer: Fibonacci hashing, so that aligned pointers and consecutive values spread
 /// over every slot. The caller masks it to the table's power-of-two size.
 #[inline(always)]
@@ -254,7 +254,7 @@ pub fn slot_hash(key: u64) -> u32 {
     (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
 }
 
-/// The key of a device in follow mode's scope table: [netns inode, ifindex] as one word.
+/// The key of a device in attach mode's scope table: [netns inode, ifindex] as one word.
 #[inline(always)]
 pub fn device_key(netns: u32, ifindex: u32) -> u64 {
     (netns as u64) << 32 | ifindex as u64
@@ -265,7 +265,7 @@ pub fn device_key(netns: u32, ifindex: u32) -> u64 {
 pub const SCOPE_SLOTS: u32 = 2048;
 pub const SCOPE_PROBES: u32 = 4;
 
-/// A hop as the kernel keys it in follow mode.
+/// A hop as the kernel keys it in attach mode.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HopPoint {
@@ -288,7 +288,7 @@ pub struct SegmentKey {
     pub path: u32,
 }
 
-/// Follow mode: journeys that ended in a drop, by the last hop that saw them, the kernel's
+/// Attach mode: journeys that ended in a drop, by the last hop that saw them, the kernel's
 /// drop reason and what was dropped (`DROPS`, per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

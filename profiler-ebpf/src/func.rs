@@ -18,18 +18,17 @@ use aya_ebpf::{
 use profiler_common::{FuncHook, HookId, NO_ARG};
 
 use crate::{
-    decide_in,
-    follow::{on_hop, on_undecided},
-    on_device,
+    attach::{decide_in, on_hop, on_undecided},
+    run::on_device,
     skb::Probed,
 };
 
-/// Which program handles the packet: tagged mode's, follow mode's cheap one, or follow mode's
-/// decision program (tail-called by the cheap one, see main.rs's `follow_tracepoint!`).
+/// Which program handles the packet: run mode's, attach mode's cheap one, or attach mode's
+/// decision program (tail-called by the cheap one, see attach.rs's `follow_tracepoint!`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
-    Tagged,
-    Follow,
+    Run,
+    Attach,
     Decide,
 }
 
@@ -54,12 +53,12 @@ fn packet(func: &FuncHook, arg: impl Fn(u8) -> Option<u64>) -> Option<([u64; 2],
     }
 }
 
-/// True when follow mode's cheap program must tail-call the decision program.
+/// True when attach mode's cheap program must tail-call the decision program.
 #[inline(always)]
 fn handle(func: &FuncHook, args: [u64; 2], dev_arg: Option<usize>, role: Role) -> bool {
     match role {
-        Role::Tagged => on_device::<Probed>(args.as_ptr(), func.hook, dev_arg),
-        Role::Follow => return on_hop::<Probed>(args.as_ptr(), func.hook, dev_arg),
+        Role::Run => on_device::<Probed>(args.as_ptr(), func.hook, dev_arg),
+        Role::Attach => return on_hop::<Probed>(args.as_ptr(), func.hook, dev_arg),
         Role::Decide => on_undecided::<Probed>(args.as_ptr(), func.hook, dev_arg),
     }
     false
@@ -105,13 +104,13 @@ static DKP_FUNC: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[kprobe]
 pub fn kp_func(ctx: ProbeContext) -> u32 {
-    on_function(&ctx, Role::Tagged);
+    on_function(&ctx, Role::Run);
     0
 }
 
 #[kprobe]
 pub fn fkp_func(ctx: ProbeContext) -> u32 {
-    if on_function(&ctx, Role::Follow) {
+    if on_function(&ctx, Role::Attach) {
         decide_in(&DKP_FUNC, &ctx);
     }
     0
@@ -146,13 +145,13 @@ macro_rules! module_tracepoint {
 
         #[raw_tracepoint(tracepoint = $tp)]
         pub fn $tagged(ctx: RawTracePointContext) -> i32 {
-            on_module_tracepoint(&ctx, $hook, Role::Tagged);
+            on_module_tracepoint(&ctx, $hook, Role::Run);
             0
         }
 
         #[raw_tracepoint(tracepoint = $tp)]
         pub fn $follow(ctx: RawTracePointContext) -> i32 {
-            if on_module_tracepoint(&ctx, $hook, Role::Follow) {
+            if on_module_tracepoint(&ctx, $hook, Role::Attach) {
                 decide_in(&$deciders, &ctx);
             }
             0

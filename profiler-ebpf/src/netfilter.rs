@@ -17,8 +17,8 @@ use aya_ebpf::{
 use profiler_common::HookId;
 
 use crate::{
-    follow::{on_hop, on_undecided},
-    on_device,
+    attach::{on_hop, on_undecided},
+    run::on_device,
     skb::Probed,
 };
 

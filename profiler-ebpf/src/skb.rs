@@ -38,7 +38,7 @@ fn probe<T>(addr: *const u8) -> Option<T> {
 /// How kernel struct members are read.
 pub trait KernelMem {
     fn load<T: Copy>(base: *const u8, offset: usize) -> Option<T>;
-    /// A pointer member as a number that can be hashed (follow mode's table slots).
+    /// A pointer member as a number that can be hashed (attach mode's table slots).
     fn number(pointer: u64) -> u64;
 }
 
@@ -177,7 +177,7 @@ impl<M: KernelMem> Packet for KernelSkb<M> {
     }
 }
 
-/// The skb's data buffer: the packet's identity in follow mode.
+/// The skb's data buffer: the packet's identity in attach mode.
 #[inline(always)]
 pub fn head<M: KernelMem>(skb: *const u8) -> u64 {
     M::number(M::load(skb, offset!(skb_head)).unwrap_or(0))

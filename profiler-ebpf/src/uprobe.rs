@@ -12,7 +12,10 @@ use aya_ebpf::{
 };
 use profiler_common::HOOK_UPROBE;
 
-use crate::{emit, global, parse, PORT, RUN_ID};
+use crate::{
+    global, parse,
+    run::{emit, PORT, RUN_ID},
+};
 
 /// Frames longer than this are not user frames (a wrong argument convention).
 const MAX_FRAME: usize = 65_536 + 64;

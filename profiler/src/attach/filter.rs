@@ -529,7 +529,7 @@ mod tests {
         dport: u16,
     }
 
-    /// The kernel's evaluation of a compiled filter: profiler-ebpf/src/follow.rs's
+    /// The kernel's evaluation of a compiled filter: profiler-ebpf/src/attach.rs's
     /// filter_matches, term_holds and addr_in, without the volatile reads.
     fn kernel_matches(filter: &Filter, h: &Headers) -> bool {
         let n = filter.len as usize;

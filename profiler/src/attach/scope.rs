@@ -442,7 +442,7 @@ impl Namer {
 mod tests {
     use super::*;
 
-    /// The programs' lookup (profiler-ebpf/src/follow.rs, device_in_scope), on the table.
+    /// The programs' lookup (profiler-ebpf/src/attach.rs, device_in_scope), on the table.
     fn found(table: &[u64], netns: u32, ifindex: u32) -> bool {
         let key = device_key(netns, ifindex);
         let first = slot_hash(key);

@@ -1,4 +1,4 @@
-//! Follow mode (`profiler attach`): real, untagged traffic, each packet followed by its data
+//! Attach mode (`profiler attach`): real, untagged traffic, each packet followed by its data
 //! buffer (skb->head) from the first hop in scope, latency kept per segment in the kernel.
 //!
 //! A journey starts where a packet that passes the filter and the sampling meets a device in
@@ -8,10 +8,12 @@
 //! innermost headers: what NAT and encapsulation leave alone) before extending a journey.
 
 use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP,
-    helpers::bpf_ktime_get_ns,
-    macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    bindings::{BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, classifier, map, raw_tracepoint},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
+    programs::{BtfTracePointContext, RawTracePointContext, TcContext},
+    EbpfContext,
 };
 use profiler_common::{
     device_key, hist_bucket, path_hash, segment_slot, slot_hash, DropKey, Filter, FilterTerm,
@@ -24,9 +26,9 @@ use profiler_common::{
 };
 
 use crate::{
-    count, global,
+    count, device_tracepoint, global,
     parse::{self, Flow, Flows, Packet as _},
-    skb::{self, KernelMem, KernelSkb},
+    skb::{self, Direct, KernelMem, KernelSkb, Probed},
 };
 
 /// Follow one packet in SAMPLE (1: all), chosen by its fingerprint so that every hook agrees.
@@ -358,7 +360,7 @@ fn hop_packet<M: KernelMem>(args: *const u64, dev_arg: Option<usize>) -> (u64, u
     )
 }
 
-/// A device hook in follow mode, the cheap half (its own program); `dev_arg` as in
+/// A device hook in attach mode, the cheap half (its own program); `dev_arg` as in
 /// `on_device`. A packet nobody follows costs a few loads and inlined array lookups: no helper
 /// call, no clock read, no packet read. True when the packet must be read to decide: the
 /// caller then tail-calls its hook's decision program (`on_undecided`), so that the verifier
@@ -781,4 +783,136 @@ fn count_drop(key: &DropKey) {
             let _ = DROPS.insert(key, &1, 0);
         }
     }
+}
+
+/// Attach mode's device tracepoints: for each, a cheap program (`on_hop`, attached) that
+/// tail-calls a decision program of the same hook (`on_undecided`, in slot 0 of its own program
+/// array, filled by the loader) for a packet it must read. Tail calls between tracing programs
+/// need the same program type and, for tp_btf, the same attach target: one array per program.
+macro_rules! follow_tracepoint {
+    ($btf:ident, $raw:ident, $dbtf:ident, $draw:ident, $mbtf:ident, $mraw:ident,
+     $tp:literal, $hook:expr, $dev:expr) => {
+        #[map]
+        static $mbtf: ProgramArray = ProgramArray::with_max_entries(1, 0);
+        #[map]
+        static $mraw: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+        #[btf_tracepoint(function = $tp)]
+        pub fn $btf(ctx: BtfTracePointContext) -> i32 {
+            if on_hop::<Direct>(ctx.as_ptr() as *const u64, $hook, $dev) {
+                decide_in(&$mbtf, &ctx);
+            }
+            0
+        }
+
+        #[btf_tracepoint(function = $tp)]
+        pub fn $dbtf(ctx: BtfTracePointContext) -> i32 {
+            on_undecided::<Direct>(ctx.as_ptr() as *const u64, $hook, $dev);
+            0
+        }
+
+        #[raw_tracepoint(tracepoint = $tp)]
+        pub fn $raw(ctx: RawTracePointContext) -> i32 {
+            if on_hop::<Probed>(ctx.as_ptr() as *const u64, $hook, $dev) {
+                decide_in(&$mraw, &ctx);
+            }
+            0
+        }
+
+        #[raw_tracepoint(tracepoint = $tp)]
+        pub fn $draw(ctx: RawTracePointContext) -> i32 {
+            on_undecided::<Probed>(ctx.as_ptr() as *const u64, $hook, $dev);
+            0
+        }
+    };
+}
+
+/// Tail-calls the decision program in `deciders`; returns only if it could not (an empty slot),
+/// and the hop is then lost, and counted.
+#[inline(always)]
+pub(crate) fn decide_in<C: EbpfContext>(deciders: &ProgramArray, ctx: &C) {
+    unsafe { deciders.tail_call(ctx, 0) };
+    count(COUNTER_LOST);
+}
+
+// Attach mode: the same tracepoints for untagged traffic, and the frees that end a journey.
+// net_dev_xmit is left out: it is the return of a transmit, not packet movement.
+follow_tracepoint!(
+    ftp_net_dev_queue,
+    fraw_net_dev_queue,
+    dtp_net_dev_queue,
+    draw_net_dev_queue,
+    DTP_NET_DEV_QUEUE,
+    DRAW_NET_DEV_QUEUE,
+    "net_dev_queue",
+    HookId::NetDevQueue as u8,
+    None
+);
+follow_tracepoint!(
+    ftp_net_dev_start_xmit,
+    fraw_net_dev_start_xmit,
+    dtp_net_dev_start_xmit,
+    draw_net_dev_start_xmit,
+    DTP_NET_DEV_START_XMIT,
+    DRAW_NET_DEV_START_XMIT,
+    "net_dev_start_xmit",
+    HookId::NetDevStartXmit as u8,
+    Some(1)
+);
+follow_tracepoint!(
+    ftp_netif_receive_skb,
+    fraw_netif_receive_skb,
+    dtp_netif_receive_skb,
+    draw_netif_receive_skb,
+    DTP_NETIF_RECEIVE_SKB,
+    DRAW_NETIF_RECEIVE_SKB,
+    "netif_receive_skb",
+    HookId::NetifReceiveSkb as u8,
+    None
+);
+follow_tracepoint!(
+    ftp_netif_rx,
+    fraw_netif_rx,
+    dtp_netif_rx,
+    draw_netif_rx,
+    DTP_NETIF_RX,
+    DRAW_NETIF_RX,
+    "netif_rx",
+    HookId::NetifRx as u8,
+    None
+);
+follow_tracepoint!(
+    ftp_napi_gro_receive_entry,
+    fraw_napi_gro_receive_entry,
+    dtp_napi_gro_receive_entry,
+    draw_napi_gro_receive_entry,
+    DTP_NAPI_GRO_RECEIVE_ENTRY,
+    DRAW_NAPI_GRO_RECEIVE_ENTRY,
+    "napi_gro_receive_entry",
+    HookId::NapiGroReceiveEntry as u8,
+    None
+);
+// kfree_skb(skb, location, reason), consume_skb(skb, location)
+device_tracepoint!(ftp_kfree_skb, fraw_kfree_skb, "kfree_skb", on_free, Some(2));
+device_tracepoint!(
+    ftp_consume_skb,
+    fraw_consume_skb,
+    "consume_skb",
+    on_free,
+    None
+);
+
+/// Attach mode at a pod's tc ingress, where an eBPF datapath's `bpf_redirect_peer` delivers
+/// without another netif_receive_skb: the context is the kernel's sk_buff, the buffer a
+/// followed packet is known by, so a followed packet gets its hop here. It decides no packet:
+/// every packet reaching it passed a device's receive before, where its journey was decided.
+#[classifier]
+pub fn ftc_ingress(ctx: TcContext) -> i32 {
+    // The verifier allows no arithmetic on the context pointer (the journey's slot is a hash
+    // of the buffer's address): read back from the stack, its value is a plain number.
+    let ctx_ptr = ctx.skb.skb as u64;
+    if let Ok(skb) = unsafe { bpf_probe_read_kernel(&ctx_ptr as *const u64) } {
+        on_hop::<Probed>(&skb as *const u64, HookId::TcIngress as u8, None);
+    }
+    TC_ACT_UNSPEC
 }
