@@ -1,7 +1,7 @@
 //! Developer tasks for the profiler workspace. The README's quick start is
 //! `cargo xtask demo` and `cargo xtask test`; both install what they need first.
-mod bench;
 mod cmd;
+mod costs;
 mod fuzz;
 mod netpeer;
 mod overhead;
@@ -57,8 +57,9 @@ enum Task {
     },
     /// Setup, build, then profile UDP through the bridge lab and tear the lab down.
     Demo,
-    /// Setup, build, then measure the eBPF programs' kernel cost for tagged and untagged packets.
-    Bench,
+    /// Setup, build, then measure the eBPF programs' kernel cost per invocation for tagged and
+    /// untagged packets (`profiler bench` is the study's experiments, a different thing).
+    Costs,
     /// Setup, build, then measure what `profiler attach` costs TCP throughput and latency on the
     /// bridge and flannel-vxlan labs, side by side with no profiler.
     Overhead {
@@ -162,10 +163,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::Test { args } => test::run(&args),
         Task::Fuzz { cases, args } => fuzz::run(cases, &args),
         Task::Demo => demo(),
-        Task::Bench => {
-            require_root("bench")?;
+        Task::Costs => {
+            require_root("costs")?;
             setup::run()?;
-            bench::run(&build()?)
+            costs::run(&build()?)
         }
         Task::Overhead { json } => {
             require_root("overhead")?;

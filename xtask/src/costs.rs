@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the eBPF programs' kernel cost per invocation (bpf_stats), for the run's
+//! `cargo xtask costs`: the eBPF programs' kernel cost per invocation (bpf_stats), for the run's
 //! own tagged packets and for everything else, on the bridge lab.
 
 use std::{
