@@ -129,8 +129,8 @@ fn filter_selects_exactly_the_matching_flows_inside_vxlan() {
     let _guard = serial();
     let lab = lab_up(&["flannel-vxlan", "--placement", "cross-host"]);
     let (client_ns, server) = (
-        lab.info["client"]["netns"].as_str().unwrap().to_string(),
-        lab.info["server"]["addr"].as_str().unwrap().to_string(),
+        lab.info.client.netns.clone(),
+        lab.info.server.addr.to_string(),
     );
     let host_b = "prof-flannel-vxlan-xhost-host-b";
     let inner = format!("icmp and dst host {server}");

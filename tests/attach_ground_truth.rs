@@ -398,14 +398,15 @@ fn injected_delay_lands_in_the_attach_segment_ending_at_that_hop_on_ebpf_redirec
 #[test]
 fn injected_delay_lands_in_the_attach_segment_named_after_the_pod_on_a_node() {
     let up = lab_up(&["node", "--pods", "2"]);
-    let info = common::attach::lab_info("node");
+    let info = common::lab_info("node");
+    let node = info.node.as_ref().expect("the node lab's node");
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    let pod = |i: usize| &info["node"]["pods"][i];
-    let netns = |i: usize| leak(pod(i)["netns"].as_str().expect("a pod's netns").to_string());
+    let pod = |i: usize| &node.pods[i];
+    let netns = |i: usize| leak(pod(i).netns.clone());
     let veth = |i: usize| leak(common::host_veth(netns(i)));
     let (a, b) = (veth(0), veth(1));
-    let qualified = format!("prof-node/{}", pod(1)["name"].as_str().unwrap());
-    let socket = leak(info["node"]["socket"].as_str().unwrap().to_string());
+    let qualified = format!("prof-node/{}", pod(1).name);
+    let socket = leak(node.socket.display().to_string());
     let point = Point {
         netns: "/proc/self/ns/net",
         iface: b,
@@ -422,7 +423,7 @@ fn injected_delay_lands_in_the_attach_segment_named_after_the_pod_on_a_node() {
         attach: Box::leak(vec!["--cri-socket", socket].into_boxed_slice()),
         delay_us: NODE_DELAY_US,
         pods: [netns(0), netns(1)],
-        server: leak(pod(1)["ip"].as_str().unwrap().to_string()),
+        server: leak(pod(1).ip.to_string()),
         service: None,
         kinds: KINDS,
         points: Box::leak(vec![point].into_boxed_slice()),

@@ -23,7 +23,6 @@ use nix::{sys::signal::kill, sys::signal::Signal, unistd::Pid};
 use profiler::report::schema::{
     AttachReport, CrossingReport, DirectionReport, RunReport, SegmentAcross, SegmentReport,
 };
-use serde_json::Value;
 
 const LAB: &str = "bmp2vmp";
 /// The host's pod in the lab.
@@ -932,21 +931,11 @@ fn check_way_across_of(
 /// `profiler run --from --to NODE:NETNS:IP --agent ADDR --tls DIR`, run where the VM's address
 /// is reachable (the lab's host namespace), on addresses read from `lab list --json`.
 fn agent_over_tcp_profiles_the_path() {
-    let list = profiler(&["lab", "list", "--json"]);
-    let labs: Value = serde_json::from_slice(&list.stdout).expect("lab list's JSON");
-    let lab = labs
-        .as_array()
-        .and_then(|l| l.iter().find(|l| l["name"] == LAB))
-        .unwrap_or_else(|| panic!("{LAB} not in {labs}"));
-    let server = lab["server"]["addr"]
-        .as_str()
-        .expect("the server's address");
-    let outer = lab["interfaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["netns"] == "vm1:(root)" && i["ifname"] == "eth0")
-        .and_then(|i| i["addrs"][0].as_str()?.split('/').next())
+    let lab = common::lab_info(LAB);
+    let server = lab.server.addr.to_string();
+    let outer = (lab.interfaces.iter())
+        .find(|i| i.netns == "vm1:(root)" && i.ifname == "eth0")
+        .and_then(|i| i.addrs.first()?.split('/').next())
         .expect("the guest's eth0 address");
     let to = format!("vm1:pod-b:{server}");
     let agent = format!("{outer}:{}", profiler::lab::nested::AGENT_TCP_PORT);

@@ -15,10 +15,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{assert_complete, profiler, run_json, BIN};
+use common::{assert_complete, lab_info, profiler, run_json, BIN};
 use nix::sys::signal::Signal;
-use profiler::lab::node;
-use serde_json::Value;
+use profiler::lab::{node, Lab};
 
 const LAB: &str = "node";
 const LAB_DIR: &str = "/run/profiler/node/node";
@@ -121,26 +120,14 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn lab_json() -> Value {
-    let labs: Value = serde_json::from_str(&ok(&["lab", "list", "--json"])).expect("JSON");
-    labs.as_array()
-        .and_then(|l| l.iter().find(|l| l["name"] == LAB))
-        .cloned()
-        .expect("the node lab in lab list --json")
-}
-
 /// The lab's pods from its state: (namespace/name, netns, ip).
-fn pods(lab: &Value) -> Vec<(String, String, String)> {
-    lab["node"]["pods"]
-        .as_array()
-        .expect("the node lab's pods")
-        .iter()
+fn pods(lab: &Lab) -> Vec<(String, String, String)> {
+    (lab.node.as_ref().expect("the node lab's node").pods.iter())
         .map(|p| {
-            let s = |k: &str| p[k].as_str().expect(k).to_string();
             (
-                format!("{}/{}", s("namespace"), s("name")),
-                s("netns"),
-                s("ip"),
+                format!("{}/{}", p.namespace, p.name),
+                p.netns.clone(),
+                p.ip.to_string(),
             )
         })
         .collect()
@@ -303,7 +290,7 @@ fn pods_made_through_cri_echo_each_other_and_come_and_go() {
     let started = Instant::now();
     ok(&["lab", "up", "node", "--pods", "3"]);
     eprintln!("lab up node --pods 3: {:?}", started.elapsed());
-    let lab = lab_json();
+    let lab = lab_info(LAB);
     let made = pods(&lab);
     let names: Vec<&str> = made.iter().map(|p| p.0.as_str()).collect();
     assert_eq!(
@@ -311,8 +298,8 @@ fn pods_made_through_cri_echo_each_other_and_come_and_go() {
         ["prof-node/pod-0", "prof-node/pod-1", "prof-node/pod-2"]
     );
     assert_eq!(cri_pods(), names.iter().map(|n| n.to_string()).collect());
-    assert_eq!(lab["client"]["netns"], made[0].1.as_str());
-    assert_eq!(lab["server"]["addr"], made[1].2.as_str());
+    assert_eq!(lab.client.netns, made[0].1);
+    assert_eq!(lab.server.addr.to_string(), made[1].2);
     for (i, (name, _, ip)) in made.iter().enumerate() {
         let (_, from, _) = &made[(i + 1) % made.len()];
         assert!(
@@ -334,7 +321,7 @@ fn pods_made_through_cri_echo_each_other_and_come_and_go() {
     let took = started.elapsed();
     eprintln!("lab pod add: {took:?}");
     assert!(took < Duration::from_secs(2), "lab pod add took {took:?}");
-    let lab = lab_json();
+    let lab = lab_info(LAB);
     let web = pods(&lab)
         .into_iter()
         .find(|p| p.0 == "shop/web")
@@ -343,11 +330,7 @@ fn pods_made_through_cri_echo_each_other_and_come_and_go() {
     assert!(cri_pods().contains("shop/web"));
     assert_echoes(&made[0].1, &web.2, "the added pod");
     assert!(
-        lab["namespaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n == web.1.as_str()),
+        lab.namespaces.contains(&web.1),
         "the added pod's namespace is the lab's"
     );
 
@@ -361,7 +344,7 @@ fn pods_made_through_cri_echo_each_other_and_come_and_go() {
         !Path::new("/run/netns").join(&web.1).exists(),
         "the removed pod's netns"
     );
-    assert!(pods(&lab_json()).iter().all(|p| p.0 != "shop/web"));
+    assert!(pods(&lab_info(LAB)).iter().all(|p| p.0 != "shop/web"));
 
     let started = Instant::now();
     ok(&["lab", "down", "node"]);
@@ -394,7 +377,7 @@ fn ptp_and_macvlan_pods_echo_each_other() {
         let before = Before::now();
         let _guard = Guard;
         ok(&["lab", "up", "node", "--cni", cni]);
-        let made = pods(&lab_json());
+        let made = pods(&lab_info(LAB));
         assert_echoes(&made[0].1, &made[1].2, cni);
         assert_echoes(&made[1].1, &made[0].2, cni);
         ok(&["lab", "down", "node"]);

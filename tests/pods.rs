@@ -16,7 +16,7 @@ use std::{
 
 use common::{
     assert_clean,
-    attach::{lab_info, report, tmp, Attach},
+    attach::{report, tmp, Attach},
     delay::Delay,
     lab_up, profiler,
     prometheus::{free_port, Prometheus},
@@ -60,23 +60,17 @@ fn node(pods: u32) -> Node {
 
 /// The node lab's CRI socket and pods, from `lab list --json`.
 fn read_node() -> (String, Vec<NodePod>) {
-    let lab = lab_info("node");
-    let node = &lab["node"];
-    let pods = node["pods"]
-        .as_array()
-        .expect("the node lab's pods")
-        .iter()
-        .map(|p| {
-            let netns = p["netns"].as_str().unwrap().to_string();
-            NodePod {
-                name: p["name"].as_str().unwrap().to_string(),
-                host_veth: common::host_veth(&netns),
-                ip: p["ip"].as_str().unwrap().to_string(),
-                netns,
-            }
+    let lab = common::lab_info("node");
+    let node = lab.node.expect("the node lab's node");
+    let pods = (node.pods.into_iter())
+        .map(|p| NodePod {
+            name: p.name,
+            host_veth: common::host_veth(&p.netns),
+            ip: p.ip.to_string(),
+            netns: p.netns,
         })
         .collect();
-    (node["socket"].as_str().unwrap().to_string(), pods)
+    (node.socket.display().to_string(), pods)
 }
 
 /// attach names every hop and segment of the pods' traffic after the pods, as the runtime

@@ -22,7 +22,6 @@ use profiler::{
     lab::service::{CLUSTER_IP, PORT},
     report::schema::{CompareReport, HookStatus, RunReport, Status},
 };
-use serde_json::Value;
 
 const COUNT: &str = "200";
 
@@ -56,21 +55,18 @@ fn dnat_packets(ns: &str, proto: &str) -> u64 {
 
 /// No interface of the lab holds the ClusterIP: only the NAT answers there.
 fn assert_virtual(lab: &str) {
-    let out = profiler(&["lab", "list", "--json"]);
-    let labs: Value = serde_json::from_slice(&out.stdout).expect("lab list JSON");
-    let lab = (labs.as_array().unwrap().iter())
-        .find(|l| l["name"] == lab)
-        .unwrap_or_else(|| panic!("lab {lab} is not listed"));
+    let lab = common::lab_info(lab);
     let ip = format!("{CLUSTER_IP}/");
-    for i in lab["interfaces"].as_array().unwrap() {
-        let addrs = i["addrs"].to_string();
+    for i in &lab.interfaces {
         assert!(
-            !addrs.contains(&ip),
-            "{} has the ClusterIP: {addrs}",
-            i["ifname"]
+            !i.addrs.iter().any(|a| a.starts_with(&ip)),
+            "{} has the ClusterIP: {:?}",
+            i.ifname,
+            i.addrs
         );
     }
-    assert_eq!(lab["service"]["cluster_ip"], CLUSTER_IP.to_string());
+    let service = lab.service.expect("the lab's Service");
+    assert_eq!(service.cluster_ip, CLUSTER_IP);
 }
 
 /// The segment `name` of direction `dir`, which must be there, between the hooks `hooks`.
@@ -279,15 +275,8 @@ fn attach_sees_through_the_service() {
 
 /// The bridge lab's server address, as `lab list` says.
 fn guard_backend() -> String {
-    let out = profiler(&["lab", "list", "--json"]);
-    let labs: Value = serde_json::from_slice(&out.stdout).expect("lab list JSON");
-    let lab = (labs.as_array().unwrap().iter())
-        .find(|l| l["name"] == "bridge")
-        .expect("the bridge lab is listed");
-    lab["service"]["backend"]
-        .as_str()
-        .expect("the Service's backend")
-        .to_string()
+    let lab = common::lab_info("bridge");
+    (lab.service.expect("the Service's backend").backend).to_string()
 }
 
 /// `compare` takes a Service as a network of its own: `bridge,bridge+iptables` profiles the

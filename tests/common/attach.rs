@@ -11,12 +11,12 @@ use std::{
 };
 
 use profiler::{
-    lab::netns::run_in,
+    lab::{netns::run_in, Lab},
     report::schema::{AttachReport, LinkDirection, Status, WireCrossing, ATTACH_SCHEMA},
 };
 use serde_json::Value;
 
-use super::{profiler, LabGuard, BIN};
+use super::{LabGuard, BIN};
 
 /// A running `profiler attach`, started once it reports that it follows.
 pub struct Attach {
@@ -81,28 +81,16 @@ impl Attach {
 
 /// A lab that is up, as `profiler lab list` describes it, taken down when the test ends.
 pub struct LabUp {
-    pub info: Value,
+    pub info: Lab,
     _down: LabGuard,
 }
 
 pub fn lab_up(args: &[&str]) -> LabUp {
     let guard = super::lab_up(args);
     LabUp {
-        info: lab_info(&guard.0),
+        info: super::lab_info(&guard.0),
         _down: guard,
     }
-}
-
-/// Lab `name` as `profiler lab list --json` describes it now.
-pub fn lab_info(name: &str) -> Value {
-    let list = profiler(&["lab", "list", "--json"]);
-    let labs: Value = serde_json::from_slice(&list.stdout).expect("lab list JSON");
-    labs.as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("lab {name} is not listed: {labs}"))
 }
 
 /// The `profiler.attach.v1` report attach wrote, which lost no event.

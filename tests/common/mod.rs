@@ -17,7 +17,7 @@ use std::{
 
 use clap::ValueEnum as _;
 use profiler::{
-    lab::{lab_name, Placement, Topology},
+    lab::{lab_name, Lab, Placement, Topology},
     report::schema::{self, DirectionReport, DoctorReport, RunReport},
 };
 
@@ -176,6 +176,16 @@ pub fn assert_in_order(hops: &[(&str, Option<&str>)], labels: &[&str], ctx: &str
         "{ctx}: expected {labels:?} in order, missing from {:?} on: {seen:?}",
         want.collect::<Vec<_>>()
     );
+}
+
+/// Lab `name` as `profiler lab list --json` describes it now.
+pub fn lab_info(name: &str) -> Lab {
+    let out = profiler(&["lab", "list", "--json"]);
+    let labs: Vec<Lab> = serde_json::from_slice(&out.stdout).expect("lab list JSON");
+    let names: Vec<String> = labs.iter().map(|l| l.name.clone()).collect();
+    labs.into_iter()
+        .find(|l| l.name == name)
+        .unwrap_or_else(|| panic!("lab {name} is not listed: {names:?}"))
 }
 
 /// Nothing of the project's may remain: no lab namespace, no BPF program of ours. The kernel
