@@ -143,10 +143,10 @@ fn check_cells(report: &BenchReport) {
         "macvlan",
         "macvlan-xhost",
     ] {
-        let rr = report
-            .cells
-            .iter()
-            .filter(|c| c.lab == lab && c.experiment == TrafficKind::Rr);
+        let rr: Vec<_> = (report.cells.iter())
+            .filter(|c| c.lab == lab && c.experiment == TrafficKind::Rr)
+            .collect();
+        assert!(!rr.is_empty(), "{lab}: no rr cell in the report");
         for c in rr {
             assert_eq!(
                 c.status,
