@@ -182,6 +182,35 @@ impl Drop for Islands {
     }
 }
 
+/// A hook the user asked for that cannot attach here fails the run with its own status
+/// (`kernel::MissingHook`), in one line, before any traffic, and leaves nothing attached.
+#[test]
+fn a_uprobe_that_cannot_attach_fails_as_a_missing_hook() {
+    let islands = Islands::new();
+    let to = format!("{}:198.18.250.1", Islands::B);
+    refused_as(
+        &[
+            "run",
+            "--from",
+            Islands::A,
+            "--to",
+            &to,
+            "--count",
+            "1",
+            "--quiet",
+            // The stable hooks: a kernel without kprobes would add a note about deep ones.
+            "--hooks",
+            "stable",
+            "--uprobe",
+            "/bin/true:profiler_no_such_symbol",
+        ],
+        "cannot attach --uprobe /bin/true:profiler_no_such_symbol",
+        exit::MISSING_HOOK,
+    );
+    drop(islands);
+    assert_clean();
+}
+
 #[test]
 fn a_run_in_which_no_exchange_completed_fails() {
     let islands = Islands::new();

@@ -28,7 +28,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler::kernel::delay::{self, Delay, DelaySpec, Direction};
+use profiler::{
+    cli::exit,
+    kernel::delay::{self, Delay, DelaySpec, Direction},
+};
 
 mod common;
 use common::{
@@ -402,8 +405,9 @@ impl LabGuard {
                 return LabGuard(lab);
             }
             let err = String::from_utf8_lossy(&out.stderr);
+            let busy = out.status.code() == Some(exit::BUSY.into());
             assert!(
-                err.contains("already up") && Instant::now() < deadline,
+                busy && Instant::now() < deadline,
                 "profiler lab up {} failed: {err}",
                 lab.name
             );

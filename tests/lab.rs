@@ -387,6 +387,7 @@ fn full_cycle(
         again.to_string(),
         format!("lab {name} is already up (profiler lab down {name})")
     );
+    assert!(again.is::<lab::AlreadyUp>(), "{again:?}");
 
     rt.block_on(lab::down(&name))
         .unwrap_or_else(|e| panic!("lab {name} down: {e:#}"));
@@ -742,6 +743,7 @@ fn up_refuses_a_foreign_namespace_and_leaves_it_alone() {
         err.to_string(),
         "lab bridge is already up (profiler lab down bridge)"
     );
+    assert!(err.is::<lab::AlreadyUp>(), "{err:?}");
     assert!(netns::exists("prof-bridge-host"));
     assert!(!netns::exists("prof-bridge-pod-a") && !netns::exists("prof-bridge-pod-b"));
 }

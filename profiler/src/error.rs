@@ -1,6 +1,6 @@
 //! Input the user can correct, typed so that the command's exit status says it (cli/exit.rs)
 //! and callers decide on it without reading text. The failures of one layer are typed there:
-//! `lab::CannotBuild`, `lab::Busy`.
+//! `lab::CannotBuild`, `lab::Busy`, `kernel::MissingHook`.
 
 /// A flag, a name or a file that is not what it must be: the command exits with 2, as for the
 /// refusals of the command-line parser.

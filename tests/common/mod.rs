@@ -17,6 +17,7 @@ use std::{
 
 use clap::ValueEnum as _;
 use profiler::{
+    cli::exit,
     lab::{lab_name, Lab, Placement, Topology},
     report::schema::{self, DirectionReport, DoctorReport, RunReport},
 };
@@ -69,10 +70,8 @@ pub fn lab_up(args: &[&str]) -> LabGuard {
             break;
         }
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            (err.contains("already up") || err.contains("in use by")) && Instant::now() < deadline,
-            "lab up {args:?}: {err}"
-        );
+        let busy = out.status.code() == Some(exit::BUSY.into());
+        assert!(busy && Instant::now() < deadline, "lab up {args:?}: {err}");
         eprintln!("lab up {args:?}: {}; waiting", err.trim());
         std::thread::sleep(Duration::from_secs(5));
     }

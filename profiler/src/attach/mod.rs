@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
 
 use crate::{
@@ -126,7 +126,11 @@ pub async fn attach(args: &mut AttachArgs) -> Result<(AttachReport, Vec<Sighting
     };
     let btf = KernelBtf::load()?;
     if !scope.cgroups.is_empty() && btf.kernel_offsets()?.sk_cgroup == profiler_common::NO_OFFSET {
-        bail!("--cgroup: this kernel's sockets carry no cgroup (no sock.sk_cgrp_data in its BTF)");
+        return Err(kernel::MissingHook(
+            "--cgroup: this kernel's sockets carry no cgroup (no sock.sk_cgrp_data in its BTF)"
+                .into(),
+        )
+        .into());
     }
     let mut programs = Programs::load(
         &btf,

@@ -1,7 +1,7 @@
 //! The command's exit status by what failed, so that scripts and tests decide on the kind of
 //! failure, not on its text (docs/commands.md lists them).
 
-use crate::{error::BadInput, lab};
+use crate::{error::BadInput, kernel::MissingHook, lab};
 
 /// A flag, name or file to correct (also the command-line parser's refusals).
 pub const BAD_INPUT: u8 = 2;
@@ -9,8 +9,10 @@ pub const BAD_INPUT: u8 = 2;
 pub const LOST_EVENTS: u8 = 3;
 /// The lab cannot be built on this machine, or not as asked (its placement).
 pub const CANNOT_BUILD: u8 = 4;
-/// The lab is in use by another command.
+/// The lab is in use by another command, or already up (`lab up`).
 pub const BUSY: u8 = 5;
+/// A hook the command was asked for cannot attach on this kernel.
+pub const MISSING_HOOK: u8 = 6;
 
 /// The exit status for `e`, by the first typed error of its chain (1: any other failure).
 pub fn of(e: &anyhow::Error) -> u8 {
@@ -21,8 +23,11 @@ pub fn of(e: &anyhow::Error) -> u8 {
         if cause.is::<lab::CannotBuild>() {
             return CANNOT_BUILD;
         }
-        if cause.is::<lab::Busy>() {
+        if cause.is::<lab::Busy>() || cause.is::<lab::AlreadyUp>() {
             return BUSY;
+        }
+        if cause.is::<MissingHook>() {
+            return MISSING_HOOK;
         }
     }
     1
@@ -45,6 +50,13 @@ mod tests {
         }
         .into();
         assert_eq!(of(&busy), BUSY);
+        let up: anyhow::Error = lab::AlreadyUp {
+            lab: "bridge".into(),
+        }
+        .into();
+        assert_eq!(of(&up.context("lab up bridge")), BUSY);
+        let missing: anyhow::Error = MissingHook("--uprobe /bin/true:nosuch".into()).into();
+        assert_eq!(of(&missing.context("run")), MISSING_HOOK);
         let other = Err::<(), _>(std::io::Error::other("netlink")).context("lab up");
         assert_eq!(of(&other.unwrap_err()), 1);
     }

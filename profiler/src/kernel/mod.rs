@@ -15,6 +15,13 @@ pub mod uprobe;
 
 use anyhow::{Context as _, Result};
 
+/// A hook the command was asked for that this kernel cannot give (a `--uprobe` symbol, the
+/// socket field `--cgroup` reads): the command exits with its own status (cli/exit.rs). Hooks a
+/// command only prefers are statuses in its report (`unavailable`, `failed`), not errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MissingHook(pub String);
+
 /// Where the kernel offers kprobes (CONFIG_KPROBES): the PMU perf_event_open attaches through.
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 

@@ -24,6 +24,7 @@ use super::{
     netfilter::NfLinks,
     nics, tc,
     uprobe::UprobeSpec,
+    MissingHook,
 };
 use crate::{
     datapath::{decision_program, HookDef, Mode, Via, HOOK_TABLE},
@@ -526,11 +527,11 @@ impl Programs {
                 .map_err(|e| {
                     // The kernel also refuses some first instructions (lock-prefixed ones) once a
                     // process runs the binary.
-                    anyhow!(
+                    MissingHook(format!(
                         "cannot attach --uprobe {}:{}: {e} (no such symbol, or an instruction the kernel cannot probe)",
                         probe.binary.display(),
                         probe.symbol
-                    )
+                    ))
                 })?;
             self.statuses.push(HookStatus {
                 name: probe.hop_name(),

@@ -193,6 +193,14 @@ impl CannotBuild {
     }
 }
 
+/// `lab up` of a lab that is up already (or whose parts are left): the lab is someone's; the
+/// command exits as for a busy lab (cli/exit.rs).
+#[derive(Debug, thiserror::Error)]
+#[error("lab {lab} is already up (profiler lab down {lab})")]
+pub struct AlreadyUp {
+    pub lab: String,
+}
+
 /// `e` as one line naming what `topology` needs, if that is why it failed.
 fn explain(topology: Topology, e: anyhow::Error) -> anyhow::Error {
     // downcast finds it as the root error or as the context of any layer.
@@ -528,7 +536,7 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
     if topology.nested() {
         let name = lab_name(topology, options.placement);
         if state::path(&name).exists() || nested::leftovers(&name) {
-            bail!("lab {name} is already up (profiler lab down {name})");
+            return Err(AlreadyUp { lab: name }.into());
         }
         let lab = nested::build(&name, topology, options).await?;
         let lab = Lab { owner, ..lab };
@@ -544,7 +552,7 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
     }
     let name = lab_name(topology, options.placement);
     if leftovers(&name, &spec) {
-        bail!("lab {name} is already up (profiler lab down {name})");
+        return Err(AlreadyUp { lab: name }.into());
     }
     if !spec.ovs.is_empty() {
         ovs::check().map_err(|e| explain(topology, e))?;
@@ -567,7 +575,7 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
 async fn build_node(options: &LabOptions, owner: Option<Owner>) -> Result<Lab> {
     let name = lab_name(Topology::Node, Placement::SameHost);
     if state::path(&name).exists() || node::leftovers(&name) {
-        bail!("lab {name} is already up (profiler lab down {name})");
+        return Err(AlreadyUp { lab: name }.into());
     }
     let lab = node::build(&name, options).await?;
     let lab = Lab { owner, ..lab };
