@@ -16,16 +16,13 @@ use std::{
 
 use common::{
     assert_clean,
-    attach::{report, tmp, Attach},
+    attach::{report, segment_names, tmp, Attach},
     delay::Delay,
     lab_up, profiler,
     prometheus::{free_port, Prometheus},
     run_report_of, LabGuard,
 };
-use profiler::{
-    lab::netns::run_in,
-    report::schema::{JourneyLine, SegmentSummary},
-};
+use profiler::{lab::netns::run_in, report::schema::JourneyLine};
 use serde_json::Value;
 
 /// The node lab's Kubernetes namespace (profiler's lab/node.rs).
@@ -388,11 +385,6 @@ fn a_run_between_two_pods_names_them() {
     assert_clean();
 }
 
-/// The names of `segments`, in order.
-fn names(segments: &[SegmentSummary]) -> Vec<&str> {
-    segments.iter().map(|s| s.name.as_str()).collect()
-}
-
 /// The node lab's bridge address: the pods' gateway (profiler's lab/node.rs).
 const GATEWAY: &str = "198.18.100.1";
 
@@ -472,8 +464,8 @@ fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
     let _ = std::fs::remove_file(&json);
     let paths = &r.paths;
     let all: Vec<&str> = (paths.iter())
-        .flat_map(|p| names(&p.segments))
-        .chain(names(&r.segments))
+        .flat_map(|p| segment_names(&p.segments))
+        .chain(segment_names(&r.segments))
         .collect();
     let unread: Vec<&str> = all
         .into_iter()
@@ -486,15 +478,15 @@ fn a_hairpin_through_the_gateway_is_named_and_shared_segments_are_said() {
     let through = paths
         .iter()
         .find(|p| {
-            names(&p.segments)
+            segment_names(&p.segments)
                 .iter()
                 .any(|n| n.starts_with("forward prof-cni0 -> prof-cni0"))
         })
         .unwrap_or_else(|| panic!("no path routed back out of prof-cni0:\n{table}"));
     assert!(
-        names(&through.segments).contains(&to_b.as_str()),
+        segment_names(&through.segments).contains(&to_b.as_str()),
         "no {to_b:?} on {:?}",
-        names(&through.segments)
+        segment_names(&through.segments)
     );
     // The requests to the gateway and to pod-b share their first segments, up to the bridge.
     let mut said = 0;

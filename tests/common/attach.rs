@@ -12,7 +12,9 @@ use std::{
 
 use profiler::{
     lab::{netns::run_in, Lab},
-    report::schema::{AttachReport, LinkDirection, Status, WireCrossing, ATTACH_SCHEMA},
+    report::schema::{
+        AttachReport, LinkDirection, SegmentSummary, Status, WireCrossing, ATTACH_SCHEMA,
+    },
 };
 use serde_json::Value;
 
@@ -120,6 +122,11 @@ pub fn report(json_path: &std::path::Path) -> AttachReport {
         }
     }
     r
+}
+
+/// The names of attach segments `segments`, in order.
+pub fn segment_names(segments: &[SegmentSummary]) -> Vec<&str> {
+    segments.iter().map(|s| s.name.as_str()).collect()
 }
 
 pub fn tmp(name: &str) -> std::path::PathBuf {

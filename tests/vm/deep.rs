@@ -239,7 +239,7 @@ fn ovs_upcall_shows_as_its_own_path() {
     let p = upcalled[0];
     assert!(p.packets >= 1);
     assert_in_order(
-        &hop_sequence(p),
+        &p.hop_sequence(),
         &[
             "ovs_dp_process_packet",
             "ovs_dp_upcall",
@@ -249,12 +249,4 @@ fn ovs_upcall_shows_as_its_own_path() {
         "upcall path",
     );
     assert_clean();
-}
-
-/// Each hop's hook and device of other path `p`, in path order (as
-/// `DirectionReport::hop_sequence`).
-fn hop_sequence(p: &OtherPath) -> Vec<(&str, Option<&str>)> {
-    (p.hops.iter())
-        .map(|h| (h.hook.as_str(), h.ifname.as_deref()))
-        .collect()
 }

@@ -281,7 +281,7 @@ async fn run_cell(plan: &Plan, spec: &CellSpec, lab: &Lab) -> Result<Outcome> {
 
 /// The one-way latency of a direction's tagged messages, end to end.
 fn direction_result(r: &RunReport, direction: &str) -> CellResult {
-    let d = r.directions.iter().find(|d| d.direction == direction);
+    let d = r.direction(direction);
     CellResult {
         p50_ns: d.map(|d| d.end_to_end.p50_ns),
         p99_ns: d.map(|d| d.end_to_end.p99_ns),

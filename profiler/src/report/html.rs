@@ -369,7 +369,7 @@ fn stacks(b: &BenchReport) -> String {
         .collect();
     let request = |c: &BenchCell| -> Vec<(String, f64)> {
         let run = c.run.as_ref();
-        let request = run.and_then(|r| r.directions.iter().find(|d| d.direction == "request"));
+        let request = run.and_then(|r| r.direction("request"));
         request.map_or(Vec::new(), |d| {
             let means = d
                 .segments

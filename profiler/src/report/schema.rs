@@ -311,10 +311,7 @@ impl DirectionReport {
 
     /// Each hop's hook and device, in path order.
     pub fn hop_sequence(&self) -> Vec<(&str, Option<&str>)> {
-        self.hops
-            .iter()
-            .map(|h| (h.hook.as_str(), h.ifname.as_deref()))
-            .collect()
+        hop_sequence(&self.hops)
     }
 
     /// Whether the segments and the profiler's own programs add up to the end-to-end mean,
@@ -387,6 +384,19 @@ pub struct OtherPath {
     pub hops: Vec<Hop>,
     pub segments: Vec<SegmentReport>,
     pub end_to_end: Stats,
+}
+
+impl OtherPath {
+    /// Each hop's hook and device, in path order.
+    pub fn hop_sequence(&self) -> Vec<(&str, Option<&str>)> {
+        hop_sequence(&self.hops)
+    }
+}
+
+fn hop_sequence(hops: &[Hop]) -> Vec<(&str, Option<&str>)> {
+    (hops.iter())
+        .map(|h| (h.hook.as_str(), h.ifname.as_deref()))
+        .collect()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
