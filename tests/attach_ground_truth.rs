@@ -28,7 +28,7 @@ use common::{
     attach::{ping, report, tcp_echo_via, tmp, udp_echo_via, Attach},
     delay::Delay,
     lab_up,
-    truth::{us, Brackets, Injection, Medians, Verdict},
+    truth::{iperf3_installed, print_load_effect, us, Brackets, Injection, Load, Medians, Verdict},
 };
 
 /// Exchanges per kind of traffic and measurement: every segment of the path gets a p50 over at
@@ -435,9 +435,72 @@ fn ground_truth(lab: &Lab) {
     judge_lab(lab, lab_up(lab.up));
 }
 
+/// Attribution under load: the bridge lab's ground truth while a TCP stream (iperf3, as fast as
+/// the two CPUs carry it) runs between the same pods, which attach's programs see at every hop
+/// and pass over (the filter is the UDP traffic's). UDP only, and each hold on the UDP port:
+/// a hold of every packet (ping has no port) would busy-wait on each of the stream's too, and
+/// the requests would queue behind them. One measurement idle and one loaded, before the
+/// brackets, show the load's own effect on every segment.
+#[test]
+fn injected_delay_lands_in_the_attach_segment_ending_at_that_hop_under_load() {
+    if !iperf3_installed() {
+        return;
+    }
+    let lab = Lab {
+        name: "bridge under load",
+        kinds: &[Kind::Udp],
+        points: BRIDGE_UDP_POINTS,
+        ..BRIDGE
+    };
+    let up = lab_up(lab.up);
+    let idle = measure(&lab, &mut BTreeMap::new());
+    let counted = ("prof-bridge-host", "veth-b");
+    let load = Load::start((lab.pods[0], lab.pods[1]), lab.server, LOAD_PORT, counted);
+    let mut ends = BTreeMap::new();
+    let loaded = measure(&lab, &mut ends);
+    print_load_effect(&idle, &loaded);
+    let brackets = bracket_lab(&lab, loaded, &ends);
+    load.stop();
+    brackets.finish(lab.name);
+    drop(up);
+    assert_clean_of("bridge");
+}
+
+/// The TCP port of the load's stream (ground_truth.rs's is 7462).
+const LOAD_PORT: u16 = 7463;
+
+/// BRIDGE's points, holding the UDP traffic's packets only.
+const BRIDGE_UDP_POINTS: &[Point] = &[
+    Point {
+        netns: "prof-bridge-pod-a",
+        iface: "eth0",
+        direction: "egress",
+        port: UDP_PORT,
+        segment: None,
+    },
+    Point {
+        netns: "prof-bridge-host",
+        iface: "veth-b",
+        direction: "egress",
+        port: UDP_PORT,
+        segment: Some((
+            "bridge br0 (veth-a -> veth-b)",
+            "net_dev_queue veth-b (prof-bridge-host)",
+        )),
+    },
+];
+
 fn judge_lab(lab: &Lab, up: common::LabGuard) {
     let mut ends = BTreeMap::new();
     let baseline = measure(lab, &mut ends);
+    bracket_lab(lab, baseline, &ends).finish(lab.name);
+    drop(up);
+    assert_clean_of(lab.name);
+}
+
+/// Each point's hold, bracketed from `baseline` on (`ends`: where its segments end): the
+/// brackets, to finish.
+fn bracket_lab(lab: &Lab, baseline: Medians, ends: &BTreeMap<String, String>) -> Brackets {
     let mut brackets = Brackets::new(TIME_BUDGET, baseline);
     println!(
         "point -> expected segment; max other move\n  {:>5} {:>6} {:>8} {:>7} {:>10}",
@@ -489,9 +552,7 @@ fn judge_lab(lab: &Lab, up: common::LabGuard) {
             ));
         }
     }
-    brackets.finish(lab.name);
-    drop(up);
-    assert_clean_of(lab.name);
+    brackets
 }
 
 /// The point, the largest move of any other segment, and per kind the expected segment's

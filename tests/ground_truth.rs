@@ -36,7 +36,10 @@ use profiler::{
 mod common;
 use common::{
     run_report_of,
-    truth::{assert_no_injector_left, on_one_cpu, us, Brackets, Injection, Medians},
+    truth::{
+        assert_no_injector_left, iperf3_installed, on_one_cpu, print_load_effect, us, Brackets,
+        Injection, Load, Medians,
+    },
     BIN,
 };
 
@@ -546,10 +549,40 @@ fn injected_delay_lands_in_the_segment_ending_at_that_hop_on_dpdk() {
     ground_truth(&DPDK, DPDK_POINTS);
 }
 
+/// Attribution under load: the bridge lab's ground truth while a TCP stream (iperf3, as fast as
+/// the two CPUs carry it) runs through the same pods, veths and bridge. The injector holds the
+/// run's packets (its port), not the stream's. One run idle and one loaded, before the brackets,
+/// show the load's own effect on every segment.
+#[test]
+fn injected_delay_lands_in_the_segment_ending_at_that_hop_under_load() {
+    if !iperf3_installed() {
+        return;
+    }
+    let _lab = LabGuard::up(&BRIDGE);
+    let idle = run_medians(&BRIDGE);
+    let pods = ("prof-bridge-pod-a", "prof-bridge-pod-b");
+    let load = Load::start(pods, "198.18.0.2", LOAD_PORT, (BRIDGE.netns, "veth-b"));
+    let loaded = run_medians(&BRIDGE);
+    print_load_effect(&idle, &loaded);
+    let brackets = bracket_points(&BRIDGE, POINTS, loaded);
+    load.stop();
+    brackets.finish("bridge under load");
+}
+
+/// The TCP port of the load's stream (tests/attach.rs and others take 7450-7461; attach's
+/// ground truth 7463).
+const LOAD_PORT: u16 = 7462;
+
 fn ground_truth(lab: &'static LabUnderTest, points: &[Point]) {
     let _lab = LabGuard::up(lab);
+    let brackets = bracket_points(lab, points, run_medians(lab));
+    brackets.finish(lab.name);
+}
+
+/// Each delay at each point, bracketed from `baseline` on: the brackets, to finish.
+fn bracket_points(lab: &'static LabUnderTest, points: &[Point], baseline: Medians) -> Brackets {
     let mut measure = || run_medians(lab);
-    let mut brackets = Brackets::new(TIME_BUDGET, measure());
+    let mut brackets = Brackets::new(TIME_BUDGET, baseline);
     println!(
         "{:<48} {:>6} {:>9} {:>7}  max other move",
         "point -> expected segment", "delay", "growth", "error"
@@ -594,7 +627,7 @@ fn ground_truth(lab: &'static LabUnderTest, points: &[Point]) {
         }
     }
     assert_no_injector_left();
-    brackets.finish(lab.name);
+    brackets
 }
 
 #[test]

@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_clean_of, lab_up, profiler, run_json, BRIDGE_REQUEST};
+use common::{
+    assert_clean_of, lab_up, profiler, run_json, truth::iperf3_installed, BRIDGE_REQUEST,
+};
 use profiler::report::schema::{AttachReport, RunReport, StreamResult};
 use serde_json::Value;
 
@@ -24,22 +26,6 @@ const ROUNDS: usize = 9;
 const SECONDS: &str = "2";
 /// UDP datagrams of one packet each at the bridge's MTU, as iperf3 -l sends them.
 const SIZE: &str = "1400";
-
-fn iperf3_installed() -> bool {
-    let found = Command::new("iperf3")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        common::skip::skip(
-            "iperf3 is not installed (cargo xtask setup installs it)",
-            None,
-        );
-    }
-    found
-}
 
 /// An iperf3 server in pod-b for one test, on its own port; stopped by pid when dropped.
 struct Iperf3Server(Child);

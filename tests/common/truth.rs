@@ -14,7 +14,7 @@
 use std::{
     collections::BTreeMap,
     os::unix::process::CommandExt as _,
-    process::Command,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -243,4 +243,110 @@ pub fn assert_no_injector_left() {
     }
     let left = loaded();
     assert!(left.is_empty(), "tc_delay still loaded: {left:?}");
+}
+
+/// Whether iperf3 is here; a skip, counted, when not.
+pub fn iperf3_installed() -> bool {
+    let found = Command::new("iperf3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        super::skip::skip(
+            "iperf3 is not installed (cargo xtask setup installs it)",
+            None,
+        );
+    }
+    found
+}
+
+/// A TCP stream of iperf3's through a lab, from `client_ns` to `server` in `server_ns`, as the
+/// load under which a ground truth runs; the bytes a device of its path sends are counted
+/// meanwhile. Both ends are stopped by pid when dropped.
+pub struct Load {
+    server: Child,
+    client: Child,
+    /// The device counted: namespace and name.
+    counted: (String, String),
+    started: Instant,
+    sent: u64,
+}
+
+impl Load {
+    /// Starts the stream, counting what `counted` (netns, ifname) sends from now on.
+    pub fn start(
+        (client_ns, server_ns): (&str, &str),
+        server: &str,
+        port: u16,
+        counted: (&str, &str),
+    ) -> Load {
+        let port = port.to_string();
+        let iperf3 = |netns: &str, args: &[&str]| {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", netns, "iperf3"]).args(args);
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            cmd.spawn().expect("starting iperf3")
+        };
+        let server_end = iperf3(server_ns, &["-s", "-p", &port]);
+        // The client does not retry: give the server a moment to listen.
+        std::thread::sleep(Duration::from_millis(500));
+        let client = iperf3(client_ns, &["-c", server, "-p", &port, "-t", "3600"]);
+        let counted = (counted.0.to_string(), counted.1.to_string());
+        Load {
+            server: server_end,
+            client,
+            sent: tx_bytes(&counted.0, &counted.1),
+            counted,
+            started: Instant::now(),
+        }
+    }
+
+    /// Stops the stream. Fails unless it ran all along and carried more than a gigabit per
+    /// second (a run's own traffic is about a megabit): its throughput, printed.
+    pub fn stop(mut self) -> f64 {
+        for (end, child) in [("client", &mut self.client), ("server", &mut self.server)] {
+            let status = child.try_wait().expect("waiting on iperf3");
+            assert!(status.is_none(), "the iperf3 {end} ended early: {status:?}");
+        }
+        let (netns, ifname) = &self.counted;
+        let bits = (tx_bytes(netns, ifname) - self.sent) as f64 * 8.0;
+        let gbits = bits / self.started.elapsed().as_secs_f64() / 1e9;
+        println!("load: {gbits:.1} Gbit/s through {ifname} while it ran");
+        assert!(gbits > 1.0, "the stream carried {gbits:.2} Gbit/s: no load");
+        gbits
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for child in [&mut self.client, &mut self.server] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Prints each segment's p50 without and with a load.
+pub fn print_load_effect(idle: &Medians, loaded: &Medians) {
+    println!("{:<56} {:>9} {:>9}", "p50 of", "idle", "loaded");
+    for (key, p50) in idle {
+        let name = format!("{} {}", key.0, key.1);
+        let under_load = loaded.get(key).map_or("-".to_string(), |l| us(*l));
+        println!("{name:<56} {:>9} {under_load:>9}", us(*p50));
+    }
+}
+
+/// Bytes sent by `ifname` in namespace `netns` so far.
+fn tx_bytes(netns: &str, ifname: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-s", "-j", "link", "show", ifname])
+        .output()
+        .expect("running ip link");
+    assert!(out.status.success(), "ip -n {netns} link show {ifname}");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip's JSON");
+    links[0]["stats64"]["tx"]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no tx bytes for {ifname} in ip's JSON: {links}"))
 }
