@@ -7,12 +7,14 @@
 mod common;
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use common::{
-    assert_clean_of, lab_up, profiler, run_json, truth::iperf3_installed, BRIDGE_REQUEST,
+    assert_clean_of, lab_up, median, profiler, run_json,
+    truth::{iperf3_installed, Iperf3Server},
+    BRIDGE_REQUEST,
 };
 use profiler::report::schema::{AttachReport, RunReport, StreamResult};
 use serde_json::Value;
@@ -26,31 +28,6 @@ const ROUNDS: usize = 9;
 const SECONDS: &str = "2";
 /// UDP datagrams of one packet each at the bridge's MTU, as iperf3 -l sends them.
 const SIZE: &str = "1400";
-
-/// An iperf3 server in pod-b for one test, on its own port; stopped by pid when dropped.
-struct Iperf3Server(Child);
-
-impl Iperf3Server {
-    fn start(port: u16) -> Iperf3Server {
-        let child = Command::new("ip")
-            .args(["netns", "exec", POD_B, "iperf3", "-s", "-p"])
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the iperf3 server");
-        // Listening takes a moment; the client retries meanwhile anyway (iperf3 has no retry).
-        std::thread::sleep(Duration::from_millis(500));
-        Iperf3Server(child)
-    }
-}
-
-impl Drop for Iperf3Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// iperf3's UDP throughput from pod-a to pod-b, payload in Gbit/s: (sent, received).
 fn iperf3_udp(port: u16) -> (f64, f64) {
@@ -110,11 +87,6 @@ fn gbit(r: &RunReport) -> (f64, f64) {
     (s.sent_gbit_per_s, s.gbit_per_s)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// A UDP stream's throughput is iperf3's on the same path (within 10%) and its tags cost
 /// nothing measurable (within 3%).
 ///
@@ -131,7 +103,7 @@ fn udp_stream_matches_iperf3_and_its_tags_cost_nothing() {
     }
     let _lab = lab_up(&["bridge"]);
     let port = 5201 + (std::process::id() % 1000) as u16;
-    let _server = Iperf3Server::start(port);
+    let _server = Iperf3Server::start(POD_B, port);
     let (mut vs_iperf3, mut vs_untagged) = (Vec::new(), Vec::new());
     let mut last_tagged = None;
     let untagged = || {
@@ -294,7 +266,7 @@ fn attach_runs_iperf3_until_it_ends() {
     }
     let _lab = lab_up(&["bridge"]);
     let port = 6201 + (std::process::id() % 1000) as u16;
-    let _server = Iperf3Server::start(port);
+    let _server = Iperf3Server::start(POD_B, port);
     let json = std::env::temp_dir().join(format!("traffic-attach-{}.json", std::process::id()));
     let started = Instant::now();
     let port = port.to_string();

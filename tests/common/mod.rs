@@ -295,6 +295,12 @@ pub fn host_veth(netns: &str) -> String {
         .unwrap_or_else(|| panic!("no device {index} here (eth0's peer in {netns})"))
 }
 
+/// The middle value of `v` (of the two middle ones, the upper).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -262,12 +262,37 @@ pub fn iperf3_installed() -> bool {
     found
 }
 
+/// An iperf3 server in namespace `netns` on `port`, stopped by pid when dropped.
+pub struct Iperf3Server(Child);
+
+impl Iperf3Server {
+    pub fn start(netns: &str, port: u16) -> Iperf3Server {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "iperf3", "-s", "-p"])
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the iperf3 server");
+        // Listening takes a moment, and the client does not retry (iperf3 has no retry).
+        std::thread::sleep(Duration::from_millis(500));
+        Iperf3Server(child)
+    }
+}
+
+impl Drop for Iperf3Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A TCP stream of iperf3's through a lab, from `client_ns` to `server` in `server_ns`, as the
 /// load under which a ground truth runs; the bytes a device of its path sends are counted
 /// meanwhile. Both ends are stopped by pid when dropped.
 pub struct Load {
-    server: Child,
     client: Child,
+    server: Iperf3Server,
     /// The device counted: namespace and name.
     counted: (String, String),
     started: Instant,
@@ -282,17 +307,15 @@ impl Load {
         port: u16,
         counted: (&str, &str),
     ) -> Load {
-        let port = port.to_string();
-        let iperf3 = |netns: &str, args: &[&str]| {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", netns, "iperf3"]).args(args);
-            cmd.stdout(Stdio::null()).stderr(Stdio::null());
-            cmd.spawn().expect("starting iperf3")
-        };
-        let server_end = iperf3(server_ns, &["-s", "-p", &port]);
-        // The client does not retry: give the server a moment to listen.
-        std::thread::sleep(Duration::from_millis(500));
-        let client = iperf3(client_ns, &["-c", server, "-p", &port, "-t", "3600"]);
+        let server_end = Iperf3Server::start(server_ns, port);
+        let client = Command::new("ip")
+            .args(["netns", "exec", client_ns, "iperf3", "-c", server, "-p"])
+            .arg(port.to_string())
+            .args(["-t", "3600"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the iperf3 client");
         let counted = (counted.0.to_string(), counted.1.to_string());
         Load {
             server: server_end,
@@ -306,7 +329,7 @@ impl Load {
     /// Stops the stream. Fails unless it ran all along and carried more than a gigabit per
     /// second (a run's own traffic is about a megabit): its throughput, printed.
     pub fn stop(mut self) -> f64 {
-        for (end, child) in [("client", &mut self.client), ("server", &mut self.server)] {
+        for (end, child) in [("client", &mut self.client), ("server", &mut self.server.0)] {
             let status = child.try_wait().expect("waiting on iperf3");
             assert!(status.is_none(), "the iperf3 {end} ended early: {status:?}");
         }
@@ -320,11 +343,10 @@ impl Load {
 }
 
 impl Drop for Load {
+    /// The client first; the server goes with its own drop.
     fn drop(&mut self) {
-        for child in [&mut self.client, &mut self.server] {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = self.client.kill();
+        let _ = self.client.wait();
     }
 }
 
