@@ -10,8 +10,9 @@ use super::{
     run::TrafficOpts,
 };
 use crate::{
+    error::bad_input,
     kernel::doctor,
-    lab::{Network, Placement, Topology},
+    lab::{Net2, Network, Placement, Topology, NET2_IFNAME},
     report::{
         schema::{CompareReport, Made},
         table,
@@ -33,6 +34,13 @@ pub struct CompareCli {
     lab: Vec<Network>,
     #[arg(long, value_enum, default_value = "cross-host")]
     placement: Placement,
+    /// A second network in every lab: each pod's net1, a TYPE child of its host's wire0 (as
+    /// `lab up --net2`); `--iface eth0,net1` then compares the same pods over both.
+    #[arg(long, value_enum, value_name = "TYPE")]
+    net2: Option<Net2>,
+    /// The pods' interfaces to profile in each lab, in order (net1: a lab with --net2).
+    #[arg(long, value_delimiter = ',', default_value = "eth0", value_parser = ["eth0", "net1"])]
+    iface: Vec<String>,
     /// Payload sizes, bytes.
     #[arg(long, value_delimiter = ',', default_value = "64,1400,16384")]
     sizes: Vec<usize>,
@@ -53,9 +61,19 @@ pub async fn run(cli: CompareCli, quiet: bool) -> Result<ExitCode> {
         cli.sizes.first().copied().unwrap_or(64),
         quiet,
     )?;
+    if cli.iface.iter().any(|i| i == NET2_IFNAME) && cli.net2.is_none() {
+        return Err(bad_input(
+            "--iface net1 needs --net2 TYPE (the second network's type)",
+        ));
+    }
     doctor::require_privileges()?;
     // compare handles SIGINT/SIGTERM itself, so that the lab it made goes too.
-    let result = compare::compare(&cli.lab, &cli.sizes, cli.placement, &base).await?;
+    let paths = compare::Paths {
+        placement: cli.placement,
+        net2: cli.net2,
+        ifaces: cli.iface,
+    };
+    let result = compare::compare(&cli.lab, &cli.sizes, &paths, &base).await?;
     let result = CompareReport {
         made: Some(Made::here()),
         ..result

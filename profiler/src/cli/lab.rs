@@ -107,6 +107,10 @@ pub struct LabOpts {
     /// on every host (bridge, flannel-vxlan), or by the eBPF datapath's program (ebpf-redirect).
     #[arg(long, value_enum)]
     pub service: Option<lab::service::Mode>,
+    /// A second network, as Multus and Kuryr's Multi-VIF give pods: each pod's net1, a TYPE
+    /// child of its host's wire0, in 198.18.200.0/24 (`run --iface net1` profiles it).
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub net2: Option<lab::Net2>,
 }
 
 impl LabOpts {
@@ -123,6 +127,7 @@ impl LabOpts {
             guest_kernel: self.guest_kernel.clone(),
             cni: self.cni,
             service: self.service,
+            net2: self.net2,
         }
     }
 }

@@ -132,6 +132,10 @@ pub struct RunCli {
     insecure: bool,
     #[command(flatten)]
     lab_opts: LabOpts,
+    /// The pods' interface the traffic goes over: eth0 (the lab's network), or net1 (its
+    /// second network: a lab made with --net2).
+    #[arg(long, default_value = "eth0", value_parser = ["eth0", "net1"], conflicts_with = "from")]
+    iface: String,
     /// Payload bytes per request and per response, per stream or all-to-all message (16 to
     /// 65536; default 64, stream 1400, alltoall 16384).
     #[arg(long)]
@@ -224,6 +228,7 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     };
     if cli.from.is_none() {
         lab::check(cli.lab, &options)?;
+        net1_available(&cli.iface, cli.lab, &options)?;
     }
     doctor::require_privileges()?;
     let result = match (&cli.from, to) {
@@ -251,7 +256,10 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
         _ => {
             let used = interruptible(run::ensure_lab(args.lab, &options, "run")).await?;
             // Whatever happens next (error, Ctrl-C, SIGTERM), a lab this run created is removed.
-            let result = interruptible(run::collect(&args, &RunTarget::lab(&used.lab))).await;
+            let result = match used.lab.over(&cli.iface) {
+                Ok(lab) => interruptible(run::collect(&args, &RunTarget::lab(&lab))).await,
+                Err(e) => Err(e),
+            };
             used.release(cli.keep_lab).await?;
             result
         }
@@ -263,7 +271,10 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
     if let Some(file) = &save_events {
         file.write_text(&collected.to_json()?)?;
     }
-    let report = run::attribute(&collected);
+    let mut report = run::attribute(&collected);
+    if cli.from.is_none() && cli.iface == lab::NET2_IFNAME {
+        report.topology = format!("{}/{}", report.topology, cli.iface);
+    }
     output(json.as_ref(), &report, &table::run(&report))?;
     if let Some(nothing) = nothing_done(&report) {
         eprintln!("error: {nothing}");
@@ -277,6 +288,18 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
         return Ok(ExitCode::from(super::exit::LOST_EVENTS));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses `--iface net1` on a lab that will not have it, before a lab is made for nothing:
+/// one this run would bring up without --net2.
+fn net1_available(iface: &str, topology: Topology, options: &LabOptions) -> Result<()> {
+    let name = lab::lab_name(topology, options.placement);
+    if iface == lab::NET2_IFNAME && options.net2.is_none() && lab::get(&name)?.is_none() {
+        return Err(bad_input(format!(
+            "--iface net1: lab {name} is not up; pass --net2 TYPE to bring it up with a second network"
+        )));
+    }
+    Ok(())
 }
 
 /// Why a run did nothing, if it did nothing: no exchange, no stream message, no round.

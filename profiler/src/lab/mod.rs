@@ -30,7 +30,7 @@ pub mod target;
 pub mod vm_cache;
 
 pub use owner::{Busy, Lock, Owner};
-pub use spec::{MAX_PODS, NODE_MAX_PODS};
+pub use spec::{Net2, MAX_PODS, NET2_IFNAME, NODE_MAX_PODS};
 pub use state::STATE_DIR;
 
 #[derive(
@@ -264,6 +264,8 @@ pub struct LabOptions {
     pub cni: Option<node::Cni>,
     /// A Service in front of the server pod, in this kube-proxy mode (None: no Service).
     pub service: Option<service::Mode>,
+    /// A second network: each pod's net1, of this type (None: eth0 only).
+    pub net2: Option<Net2>,
 }
 
 /// A network type as `compare` and `bench` take it: a topology, with a Service in front of its
@@ -284,12 +286,17 @@ impl Network {
     }
 
     /// What a row of `compare` or `bench` is called: the lab's name (`bridge`,
-    /// `flannel-vxlan-xhost`), and its Service's mode after a `+`.
+    /// `flannel-vxlan-xhost`), its Service's mode after a `+`, and `/net1` when its pods are
+    /// reached on their second network.
     pub fn label(lab: &Lab) -> String {
-        match &lab.service {
-            Some(s) => format!("{}+{}", lab.name, s.mode.name()),
-            None => lab.name.clone(),
+        let mut label = lab.name.clone();
+        if let Some(s) = &lab.service {
+            label += &format!("+{}", s.mode.name());
         }
+        if lab.client.ifname == NET2_IFNAME {
+            label += &format!("/{NET2_IFNAME}");
+        }
+        label
     }
 }
 
@@ -419,6 +426,62 @@ pub struct Lab {
     /// The Service in front of the server: clients send to its ClusterIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<service::Service>,
+    /// The --net2 the lab was made with: its pods' net1 is on a network of this type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net2: Option<Net2>,
+}
+
+impl Lab {
+    /// The lab with its pods reached on `iface`: net1 of a lab made with --net2, or as it is
+    /// for eth0 (the host lab's "pods" are its hosts' wire0). Fails in one line if its pods have
+    /// no net1.
+    pub fn over(&self, iface: &str) -> Result<Lab> {
+        if iface != NET2_IFNAME {
+            return Ok(self.clone());
+        }
+        if let Some(svc) = &self.service {
+            return Err(crate::error::bad_input(format!(
+                "--iface {iface}: lab {}'s {svc} is in front of its pods' {}",
+                self.name, self.server.ifname
+            )));
+        }
+        let on = |end: &Endpoint| -> Result<Endpoint> {
+            let addr = (self.interfaces.iter())
+                .find(|i| i.netns == end.netns && i.ifname == iface)
+                .and_then(|i| i.addrs.first())
+                .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+                .ok_or_else(|| {
+                    crate::error::bad_input(format!(
+                        "--iface {iface}: lab {}'s pods have no {iface}{}",
+                        self.name,
+                        if iface == NET2_IFNAME {
+                            format!(" (bring it up with --net2 TYPE: profiler lab down {}, then up again)", self.name)
+                        } else {
+                            String::new()
+                        }
+                    ))
+                })?;
+            Ok(Endpoint {
+                ifname: iface.to_string(),
+                addr,
+                ..end.clone()
+            })
+        };
+        let pods = (self.pods.iter())
+            .map(|p| {
+                Ok(Pod {
+                    end: on(&p.end)?,
+                    host: p.host.clone(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Lab {
+            client: on(&self.client)?,
+            server: on(&self.server)?,
+            pods,
+            ..self.clone()
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -506,7 +569,7 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.inner.is_some() || options.outer.is_some() || options.guest_kernel.is_some() {
         bail!("--inner, --outer and --guest-kernel are for nested labs (bmp2vmp, vmp2vmp)");
     }
-    let spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
+    let spec = spec::Spec::for_options(topology, options)?;
     if let Some(f) = &options.forwarder {
         if spec.userspace.is_none() {
             bail!("--forwarder: {} has no userspace datapath", topology.name());
@@ -546,7 +609,7 @@ async fn build(topology: Topology, options: &LabOptions, owner: Option<Owner>) -
         }
         return Ok(lab);
     }
-    let mut spec = spec::Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
+    let mut spec = spec::Spec::for_options(topology, options)?;
     if let Some(mode) = options.service {
         service::prepare(&mut spec, mode);
     }
@@ -751,6 +814,7 @@ mod tests {
             guests: Vec::new(),
             node: None,
             service: None,
+            net2: None,
         }
     }
 

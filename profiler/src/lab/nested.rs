@@ -469,6 +469,7 @@ async fn assemble(
         guests,
         node: None,
         service: None,
+        net2: None,
     })
 }
 

@@ -356,6 +356,7 @@ async fn assemble(name: &str, node: Node) -> Result<Lab> {
         guests: Vec::new(),
         node: Some(node),
         service: None,
+        net2: None,
     })
 }
 

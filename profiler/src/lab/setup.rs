@@ -521,6 +521,7 @@ async fn describe(lab: &str, topology: Topology, options: &LabOptions, spec: &Sp
         guests: Vec::new(),
         node: None,
         service: None,
+        net2: options.net2,
     })
 }
 

@@ -3,7 +3,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Result};
 
-use super::{CannotBuild, Placement, Topology};
+use super::{CannotBuild, LabOptions, Placement, Topology};
 
 /// Every lab address is in 198.18.0.0/15 (RFC 2544 benchmarking range), on our own devices.
 pub(super) type Cidr = (Ipv4Addr, u8);
@@ -353,12 +353,25 @@ impl Spec {
         Ok(spec)
     }
 
-    /// The lab with as many pods as it can have: every namespace a lab of this name may have
-    /// made, for its removal.
+    /// The spec of a lab as `options` ask for it (placement, MTU, pods, second network).
+    pub fn for_options(topology: Topology, options: &LabOptions) -> Result<Spec> {
+        let mut spec = Spec::with_pods(topology, options.placement, options.mtu, options.pods)?;
+        if let Some(net2) = options.net2 {
+            spec.add_net2(topology, net2)?;
+        }
+        Ok(spec)
+    }
+
+    /// The lab with as many pods as it can have, and a second network where it can: every
+    /// namespace a lab of this name may have made, for its removal.
     pub fn widest(topology: Topology, placement: Placement) -> Option<Spec> {
-        Spec::with_pods(topology, placement, None, Some(MAX_PODS))
+        let mut spec = Spec::with_pods(topology, placement, None, Some(MAX_PODS))
             .or_else(|_| Spec::of(topology, placement, None))
-            .ok()
+            .ok()?;
+        // Every type of net1 adds the same namespaces (macvlan is refused only where the pods'
+        // eth0 is a child of wire0 already, and then adds none).
+        let _ = spec.add_net2(topology, Net2::Macvlan);
+        Some(spec)
     }
 
     pub fn of(topology: Topology, placement: Placement, mtu: Option<u32>) -> Result<Spec> {
@@ -1017,6 +1030,138 @@ fn add_pods(
     Ok(())
 }
 
+/// A pod's second network (`--net2`), as Multus's macvlan, ipvlan and vlan plugins and Kuryr's
+/// Multi-VIF give one: each pod's `net1`, a child of its host's wire0, in 198.18.200.0/24.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+#[clap(rename_all = "kebab-case")]
+pub enum Net2 {
+    Macvlan,
+    /// ipvlan mode l2 (the VM lab: this machine's kernel has no ipvlan).
+    IpvlanL2,
+    /// 802.1Q, VLAN 200 (the VM lab: this machine's kernel has no 8021q).
+    Vlan,
+}
+
+/// The second network's interface in every pod.
+pub const NET2_IFNAME: &str = "net1";
+/// The second network's subnet, 198.18.NET2_SUBNET.0/24, and its VLAN id as `--net2 vlan`.
+const NET2_SUBNET: u8 = 200;
+const NET2_VLAN: u16 = 200;
+/// The namespace holding the other end of a same-host lab's wire0 when net1 adds one.
+const NET2_WIRE_PEER: &str = "wire-peer";
+
+impl Net2 {
+    /// As `--net2` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Net2::Macvlan => "macvlan",
+            Net2::IpvlanL2 => "ipvlan-l2",
+            Net2::Vlan => "vlan",
+        }
+    }
+
+    fn kind(self) -> ChildKind {
+        match self {
+            Net2::Macvlan => ChildKind::Macvlan,
+            Net2::IpvlanL2 => ChildKind::IpvlanL2,
+            Net2::Vlan => ChildKind::Vlan(NET2_VLAN),
+        }
+    }
+}
+
+/// Whether the kernel lets both be children of one device: macvlan and ipvlan each take the
+/// lower device's one rx_handler (as a bridge or OVS port does); 802.1Q does not.
+fn share_a_parent(a: ChildKind, b: ChildKind) -> bool {
+    matches!(a, ChildKind::Vlan(_)) || matches!(b, ChildKind::Vlan(_))
+}
+
+impl Spec {
+    /// Gives every pod `net1` on a second network of type `net2`: a child of its host's wire0,
+    /// or, on a same-host lab without one, of a wire0 added to the host (its other end in
+    /// namespace wire-peer, as the same-host macvlan lab has it). net1 keeps its wire's MTU.
+    pub fn add_net2(&mut self, topology: Topology, net2: Net2) -> Result<()> {
+        let refuse =
+            |why: String| crate::error::bad_input(format!("--net2 on {}: {why}", topology.name()));
+        let kind = net2.kind();
+        if let Some(eth0) = self.children.first().map(|c| c.kind) {
+            if eth0.name() == kind.name() {
+                return Err(refuse(format!(
+                    "its pods' eth0 is {} already; net1 is a network of another type",
+                    kind.name()
+                )));
+            }
+            if !share_a_parent(eth0, kind) {
+                return Err(refuse(format!(
+                    "net1 would share wire0 with eth0's {}, and a device has one rx_handler \
+                     (macvlan, ipvlan, bridge, OVS)",
+                    eth0.name()
+                )));
+            }
+        }
+        let hosts: std::collections::HashSet<_> = self.pods.iter().map(|(_, h)| h).collect();
+        if matches!(kind, ChildKind::Vlan(_)) && hosts.len() < self.pods.len() {
+            return Err(refuse(
+                "802.1Q gives a parent one device per VLAN, and pods share their host's wire0: \
+                 --net2 vlan needs one pod per host (--placement cross-host)"
+                    .into(),
+            ));
+        }
+        if self.pods.iter().any(|(at, _)| at.1 != "eth0") {
+            return Err(refuse(
+                "its pods are the hosts, with no interface of their own".into(),
+            ));
+        }
+        let mut parents = Vec::new();
+        for (pod, host) in self.pods.clone() {
+            parents.push(
+                self.net2_parent(pod, host)
+                    .map_err(|why| refuse(why.into()))?,
+            );
+        }
+        for (k, (parent, (pod, _))) in parents.into_iter().zip(self.pods.clone()).enumerate() {
+            self.children.push(Child {
+                kind,
+                parent,
+                at: (pod.0, NET2_IFNAME),
+                addr: (ip(NET2_SUBNET, k as u8 + 1), 24),
+                mtu: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// The device net1 of `pod` (on host role `host`) is a child of, adding a wire to a
+    /// same-host lab's host if it has none; or why there can be none.
+    fn net2_parent(&mut self, pod: Place, host: &'static str) -> Result<Place, &'static str> {
+        // Pods whose eth0 is a child already (macvlan, ipvlan, vlan labs): the same wire0.
+        let eth0 = self.children.iter().find(|c| c.at == pod).map(|c| c.parent);
+        let wire = (host, "wire0");
+        let parent = match eth0 {
+            Some(parent) => parent,
+            None if self.ends().any(|e| e.at == wire) => wire,
+            // Same host: one wire0 for every pod (cross-host, each host has its own already).
+            None if host == "host" && self.roles.contains(&host) => {
+                self.roles.push(NET2_WIRE_PEER);
+                self.pairs.push([
+                    port_of_nothing(host, "wire0", None),
+                    port_of_nothing(NET2_WIRE_PEER, "wire0", None),
+                ]);
+                wire
+            }
+            None => return Err("its pods have no host with a wire0 for net1"),
+        };
+        match self.master_of(parent) {
+            Some(_) => Err(
+                "its hosts' wire0 is a port of their switch (OVS), and a device has one rx_handler",
+            ),
+            None => Ok(parent),
+        }
+    }
+}
+
 /// Kuryr/Neutron's wiring: each pod's eth0 is paired with an access port (the network's
 /// local VLAN, OVS_TAG) of its host's integration bridge br-int, one L2 198.18.0.0/24.
 /// Same host: one br-int in namespace host. Cross-host, br-int reaches the other host
@@ -1134,6 +1279,14 @@ mod tests {
                 if let Ok(spec) = Spec::with_pods(topology, placement, None, Some(5)) {
                     assert_eq!(spec.pods.len(), 5 * (placement as usize + 1));
                     specs.push((topology, placement, spec));
+                }
+                for net2 in [Net2::Macvlan, Net2::IpvlanL2, Net2::Vlan] {
+                    let Ok(mut spec) = Spec::of(topology, placement, None) else {
+                        continue;
+                    };
+                    if spec.add_net2(topology, net2).is_ok() {
+                        specs.push((topology, placement, spec));
+                    }
                 }
             }
         }
@@ -1328,6 +1481,86 @@ mod tests {
         assert!(cross.bridges.is_empty() && cross.forwarding.is_empty());
         let bridge = Spec::of(Topology::Bridge, Placement::CrossHost, None).unwrap();
         assert!(bridge.redirect_ports("host-a").is_empty());
+    }
+
+    /// net1 is a child of the wire0 of each pod's host, in its own subnet, the pods' eth0
+    /// untouched; a same-host lab gets a wire0 of its own, whose peer namespace goes with it.
+    #[test]
+    fn a_second_network_hangs_from_each_hosts_wire0() {
+        let options = |net2, placement| LabOptions {
+            net2: Some(net2),
+            placement,
+            ..LabOptions::default()
+        };
+        let xhost = options(Net2::Macvlan, Placement::CrossHost);
+        let spec = Spec::for_options(Topology::FlannelVxlan, &xhost).unwrap();
+        let net1: Vec<_> = spec.children.iter().map(|c| (c.at, c.parent)).collect();
+        assert_eq!(
+            net1,
+            [
+                (("pod-a", "net1"), ("host-a", "wire0")),
+                (("pod-b", "net1"), ("host-b", "wire0"))
+            ]
+        );
+        assert_eq!(spec.addr_of(("pod-b", "net1")), Some((ip(200, 2), 24)));
+        assert_eq!(spec.addr_of(("pod-b", "eth0")), Some((ip(2, 1), 24)));
+        assert_eq!(spec.client, ("pod-a", "eth0"));
+        let same = options(Net2::Macvlan, Placement::SameHost);
+        let bridge = Spec::for_options(Topology::Bridge, &same).unwrap();
+        assert!(bridge.roles.contains(&"wire-peer"));
+        assert!(bridge.ends().any(|e| e.at == ("host", "wire0")));
+        let widest = Spec::widest(Topology::Bridge, Placement::SameHost).unwrap();
+        assert!(widest.roles.contains(&"wire-peer"), "lab down must find it");
+        // macvlan eth0 on wire0: vlan may share it, ipvlan may not (one rx_handler).
+        let vlan = options(Net2::Vlan, Placement::CrossHost);
+        let on_macvlan = Spec::for_options(Topology::Macvlan, &vlan).unwrap();
+        assert_eq!(on_macvlan.children[2].parent, ("host-a", "wire0"));
+        for (topology, net2, placement, why) in [
+            (
+                Topology::Macvlan,
+                Net2::Macvlan,
+                Placement::CrossHost,
+                "eth0 is macvlan already",
+            ),
+            (
+                Topology::Macvlan,
+                Net2::IpvlanL2,
+                Placement::CrossHost,
+                "one rx_handler",
+            ),
+            (
+                Topology::OvsVlan,
+                Net2::Macvlan,
+                Placement::CrossHost,
+                "port of their switch",
+            ),
+            (
+                Topology::Bridge,
+                Net2::Vlan,
+                Placement::SameHost,
+                "one pod per host",
+            ),
+            (
+                Topology::Host,
+                Net2::Macvlan,
+                Placement::CrossHost,
+                "pods are the hosts",
+            ),
+            (
+                Topology::Veth,
+                Net2::Macvlan,
+                Placement::SameHost,
+                "no host with a wire0",
+            ),
+        ] {
+            let e = Spec::for_options(topology, &options(net2, placement));
+            let e = e.map(|_| ()).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("--net2 on {}: ", topology.name())),
+                "{e}"
+            );
+            assert!(e.contains(why), "{topology:?} {net2:?}: {e}");
+        }
     }
 
     #[test]

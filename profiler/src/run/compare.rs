@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 
 use super::{ensure_lab, profile, RunArgs};
 use crate::{
-    lab::{self, target::RunTarget, Lab, LabOptions, Network, Placement},
+    lab::{self, target::RunTarget, Lab, LabOptions, Net2, Network, Placement},
     report::schema::{
         CompareReport, CompareRow, Contributor, DirectionReport, RunReport, Skipped, COMPARE_SCHEMA,
     },
@@ -18,15 +18,24 @@ use crate::{
 const TOP: usize = 4;
 const PROGRAMS: &str = "(the profiler's own programs)";
 
-/// Profiles every (type, size); the first type is the baseline. A type whose lab this machine
+/// Which paths of each type's lab are profiled: its placement, and its pods' interfaces (eth0,
+/// and net1 on a second network of type `net2`).
+pub struct Paths {
+    pub placement: Placement,
+    pub net2: Option<Net2>,
+    pub ifaces: Vec<String>,
+}
+
+/// Profiles every (type, interface, size); the first type's first interface is the baseline. A type whose lab this machine
 /// cannot build (lab::CannotBuild) is skipped with the reason, except the baseline, without
 /// which nothing compares; any other failure stops the comparison.
 pub async fn compare(
     types: &[Network],
     sizes: &[usize],
-    placement: Placement,
+    paths: &Paths,
     base: &RunArgs,
 ) -> Result<CompareReport> {
+    let placement = paths.placement;
     if types.is_empty() || sizes.is_empty() {
         bail!("--lab and --sizes need at least one value each");
     }
@@ -36,6 +45,7 @@ pub async fn compare(
         let options = LabOptions {
             placement,
             service: t.service,
+            net2: paths.net2,
             ..LabOptions::default()
         };
         // Ctrl-C while a lab comes up: `up` removes what it made.
@@ -53,7 +63,13 @@ pub async fn compare(
             Err(e) => return Err(e),
         };
         // Ctrl-C while profiling: the lab this compare made still goes.
-        let result = interruptible(profile_sizes(t, sizes, base, &used.lab, &mut runs)).await;
+        let result = interruptible(async {
+            for iface in &paths.ifaces {
+                profile_sizes(t, sizes, base, &used.lab.over(iface)?, &mut runs).await?;
+            }
+            anyhow::Ok(())
+        })
+        .await;
         used.release(false).await?;
         result?;
     }
@@ -78,7 +94,7 @@ async fn profile_sizes(
     runs: &mut Vec<RunReport>,
 ) -> Result<()> {
     for &size in sizes {
-        eprintln!("== {network} at {size} B");
+        eprintln!("== {} at {size} B", Network::label(lab));
         let args = RunArgs {
             lab: network.topology,
             size,

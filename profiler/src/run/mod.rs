@@ -594,6 +594,15 @@ pub async fn ensure_lab(topology: Topology, options: &LabOptions, command: &str)
                 lab.pods_per_host.map_or("its two".to_string(), |n| n.to_string())
             )
         }
+        Some(lab) if options.net2.is_some() && options.net2 != lab.net2 => {
+            anyhow::bail!(
+                "lab {name} is already up {}; take it down first (profiler lab down {name})",
+                lab.net2.map_or("without --net2".to_string(), |t| format!(
+                    "with --net2 {}",
+                    t.name()
+                ))
+            )
+        }
         Some(lab)
             if options.service.is_some()
                 && options.service != lab.service.as_ref().map(|s| s.mode) =>
