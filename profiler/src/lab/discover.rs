@@ -62,41 +62,49 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
             .links()
             .await
             .with_context(|| format!("reading the interfaces of {ns}"))?;
+        let stacked_elsewhere = links
+            .iter()
+            .any(|r| r.kind != "veth" && r.link_nsid.is_some());
+        let ids = match stacked_elsewhere {
+            true => namespace_ids(&nl, ns, namespaces).await,
+            false => HashMap::new(),
+        };
         for r in links {
             let program = match r.kind == "veth" {
                 true => datapath_program(&nl, ns, &r.name, r.index).await,
                 false => None,
             };
-            rows.push((ns.clone(), r, program));
+            let lower_ns = r.link_nsid.and_then(|id| ids.get(&id).cloned());
+            rows.push((ns.clone(), r, program, lower_ns));
         }
     }
     let by_index: HashMap<(&str, u32), &str> = rows
         .iter()
-        .map(|(ns, r, _)| ((ns.as_str(), r.index), r.name.as_str()))
+        .map(|(ns, r, _, _)| ((ns.as_str(), r.index), r.name.as_str()))
         .collect();
+    let name_of = |ns: &str, i: Option<u32>| {
+        i.and_then(|i| by_index.get(&(ns, i)))
+            .map(|n| n.to_string())
+    };
     let ifaces = rows
         .iter()
-        .filter(|(_, r, _)| r.name != "lo")
-        .map(|(ns, r, program)| {
+        .filter(|(_, r, _, _)| r.name != "lo")
+        .map(|(ns, r, program, lower_ns)| {
             let peer = (r.kind == "veth")
                 .then(|| {
-                    rows.iter().find(|(pns, p, _)| {
+                    rows.iter().find(|(pns, p, _, _)| {
                         p.kind == "veth"
                             && Some(p.index) == r.link
                             && p.link == Some(r.index)
-                            && (pns != ns || !r.link_elsewhere)
+                            && (pns != ns || r.link_nsid.is_none())
                     })
                 })
                 .flatten()
-                .map(|(pns, p, _)| IfRef {
+                .map(|(pns, p, _, _)| IfRef {
                     netns: pns.clone(),
                     ifname: p.name.clone(),
                     ifindex: p.index,
                 });
-            let name_of = |i: Option<u32>| {
-                i.and_then(|i| by_index.get(&(ns.as_str(), i)))
-                    .map(|n| n.to_string())
-            };
             LabIface {
                 netns: ns.clone(),
                 ifname: r.name.clone(),
@@ -104,11 +112,13 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
                 kind: r.kind.clone(),
                 addrs: r.addrs.clone(),
                 peer,
-                master: name_of(r.master),
-                link: if r.kind == "veth" || r.link_elsewhere {
-                    None
-                } else {
-                    name_of(r.link)
+                master: name_of(ns, r.master),
+                // A stacked device's lower device, also in another namespace (a pod's macvlan
+                // on its host's NIC), named where it is.
+                link: match (r.kind == "veth", r.link_nsid) {
+                    (true, _) => None,
+                    (false, None) => name_of(ns, r.link),
+                    (false, Some(_)) => lower_ns.as_deref().and_then(|l| name_of(l, r.link)),
                 },
                 mtu: r.mtu,
                 // A packet socket's process is not in netlink's view of a device.
@@ -118,6 +128,23 @@ pub async fn interfaces(namespaces: &[String]) -> Result<Vec<LabIface>> {
         })
         .collect();
     Ok(ifaces)
+}
+
+/// The other namespaces of `namespaces` by the ids namespace `own` (of `nl`) has for them:
+/// what its devices' IFLA_LINK_NETNSID say. One without an id there is left out.
+async fn namespace_ids(nl: &Nl, own: &str, namespaces: &[String]) -> HashMap<i32, String> {
+    let mut ids = HashMap::new();
+    for other in namespaces.iter().filter(|o| *o != own) {
+        let file = match ns_arg(other) {
+            Some(name) => netns::open(name),
+            None => std::fs::File::open("/proc/thread-self/ns/net").map_err(Into::into),
+        };
+        let Ok(file) = file else { continue };
+        if let Ok(Some(id)) = nl.nsid_of(&file).await {
+            ids.insert(id, other.clone());
+        }
+    }
+    ids
 }
 
 /// The profiler's own programs at a tc ingress: its hooks and its delay injector.

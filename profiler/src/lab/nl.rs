@@ -3,15 +3,18 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd as _;
 
-use anyhow::{anyhow, Context as _, Result};
-use futures::TryStreamExt as _;
+use anyhow::{anyhow, bail, Context as _, Result};
+use futures::{StreamExt as _, TryStreamExt as _};
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     BridgeStpState, IpVlanMode, LinkAttribute, LinkInfo, LinkMessage, LinkVfInfo, MacVlanMode,
     VfInfo, VfInfoMac,
 };
 use rtnetlink::packet_route::neighbour::NeighbourFlags;
+use rtnetlink::packet_route::nsid::{NsidAttribute, NsidMessage};
 use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcOption};
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{
     Handle, LinkBridge, LinkGeneve, LinkIpVlan, LinkMacVlan, LinkUnspec, LinkVeth, LinkVlan,
     LinkVxlan, RouteMessageBuilder,
@@ -111,6 +114,31 @@ impl Nl {
             _ => None,
         });
         Ok((link.header.index, mtu.unwrap_or(0)))
+    }
+
+    /// The id the namespace of file `other` (/run/netns/NAME, /proc/thread-self/ns/net) has in
+    /// this one (RTM_GETNSID), as a device's IFLA_LINK_NETNSID names it; None: it has none.
+    pub async fn nsid_of(&self, other: &std::fs::File) -> Result<Option<i32>> {
+        let mut msg = NsidMessage::default();
+        msg.attributes
+            .push(NsidAttribute::Fd(other.as_raw_fd() as u32));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
+        req.header.flags = NLM_F_REQUEST;
+        let mut replies = (self.handle.clone().request(req))
+            .map_err(|e| anyhow!("RTM_GETNSID in {}: {e}", self.ns))?;
+        while let Some(reply) = replies.next().await {
+            match reply.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                    return Ok(m.attributes.iter().find_map(|a| match a {
+                        NsidAttribute::Id(id) if *id >= 0 => Some(*id),
+                        _ => None,
+                    }))
+                }
+                NetlinkPayload::Error(e) => bail!("RTM_GETNSID in {}: {e}", self.ns),
+                _ => {}
+            }
+        }
+        Ok(None)
     }
 
     /// Every link of the namespace, with what the profiler names hops by.
@@ -471,9 +499,9 @@ pub(super) struct LinkRow {
     pub kind: String,
     pub mtu: u32,
     /// IFLA_LINK: a veth's peer or a stacked device's lower device (an ifindex, in another
-    /// namespace when `link_elsewhere`).
+    /// namespace when `link_nsid` says which: its id in this one, IFLA_LINK_NETNSID).
     pub link: Option<u32>,
-    pub link_elsewhere: bool,
+    pub link_nsid: Option<i32>,
     pub master: Option<u32>,
     pub addrs: Vec<String>,
 }
@@ -486,7 +514,7 @@ impl LinkRow {
             kind: "nic".into(),
             mtu: 0,
             link: None,
-            link_elsewhere: false,
+            link_nsid: None,
             master: None,
             addrs: Vec::new(),
         };
@@ -495,7 +523,7 @@ impl LinkRow {
                 LinkAttribute::IfName(n) => row.name = n.clone(),
                 LinkAttribute::Mtu(v) => row.mtu = *v,
                 LinkAttribute::Link(l) if *l != 0 => row.link = Some(*l),
-                LinkAttribute::LinkNetNsId(_) => row.link_elsewhere = true,
+                LinkAttribute::LinkNetNsId(id) => row.link_nsid = Some(*id),
                 LinkAttribute::Controller(c) => row.master = Some(*c),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
@@ -509,7 +537,7 @@ impl LinkRow {
         }
         // A device's link to itself is none; a veth whose peer in another namespace happens
         // to have its own ifindex (two namespaces built alike: vmp2vmp's wire0) keeps it.
-        if row.link == Some(row.index) && !row.link_elsewhere {
+        if row.link == Some(row.index) && row.link_nsid.is_none() {
             row.link = None;
         }
         row.addrs = addrs
@@ -544,7 +572,7 @@ mod tests {
             3,
             vec![LinkAttribute::Link(3), LinkAttribute::LinkNetNsId(0)],
         );
-        assert_eq!((elsewhere.link, elsewhere.link_elsewhere), (Some(3), true));
+        assert_eq!((elsewhere.link, elsewhere.link_nsid), (Some(3), Some(0)));
         assert_eq!(row(3, vec![LinkAttribute::Link(3)]).link, None);
         assert_eq!(row(3, vec![LinkAttribute::Link(5)]).link, Some(5));
     }
