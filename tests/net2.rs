@@ -249,7 +249,7 @@ fn what_cannot_have_a_second_network_says_why() {
             "{args:?}: {err}"
         );
     };
-    let before_anything: [(&[&str], &str); 5] = [
+    let before_anything: [(&[&str], &str); 7] = [
         (
             &["lab", "up", "macvlan", "--net2", "macvlan"],
             "eth0 is macvlan already",
@@ -269,6 +269,11 @@ fn what_cannot_have_a_second_network_says_why() {
         (
             &["compare", "--lab", "bridge", "--iface", "net1"],
             "--iface net1 needs --net2",
+        ),
+        (&["lab", "up", "node", "--net2", "macvlan"], "not node"),
+        (
+            &["lab", "up", "bmp2vmp", "--net2", "macvlan"],
+            "not bmp2vmp",
         ),
     ];
     for (args, why) in before_anything {

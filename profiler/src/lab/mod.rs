@@ -452,13 +452,9 @@ impl Lab {
                 .and_then(|cidr| cidr.split('/').next()?.parse().ok())
                 .ok_or_else(|| {
                     crate::error::bad_input(format!(
-                        "--iface {iface}: lab {}'s pods have no {iface}{}",
-                        self.name,
-                        if iface == NET2_IFNAME {
-                            format!(" (bring it up with --net2 TYPE: profiler lab down {}, then up again)", self.name)
-                        } else {
-                            String::new()
-                        }
+                        "--iface {iface}: lab {name}'s pods have no {iface} (bring it up with \
+                         --net2 TYPE: profiler lab down {name}, then up again)",
+                        name = self.name
                     ))
                 })?;
             Ok(Endpoint {
@@ -554,6 +550,12 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if let Some(why) = options.service.and_then(|m| service::refused(topology, m)) {
         return Err(crate::error::bad_input(format!(
             "--service on {}: {why}",
+            topology.name()
+        )));
+    }
+    if options.net2.is_some() && (topology == Topology::Node || topology.nested()) {
+        return Err(crate::error::bad_input(format!(
+            "--net2 is for the labs the profiler wires itself, not {}",
             topology.name()
         )));
     }
