@@ -40,8 +40,40 @@ pub struct Forwarder {
     /// Clock ticks since boot (/proc/PID/stat), as for a lab's owner.
     pub start_time: u64,
     pub file_prefix: String,
-    /// Its ports, in port order: the host namespace's devices.
-    pub ports: Vec<String>,
+    /// Its ports, in port order; io forwarding pairs the first with the second, the third
+    /// with the fourth.
+    pub ports: Vec<Port>,
+}
+
+/// One of testpmd's ports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Port {
+    /// A packet socket on a device of its namespace.
+    Device(String),
+    /// A vhost-user port: the Unix socket a guest's virtio-net connects to (QEMU's
+    /// `-netdev vhost-user`), its rings in the guest's shared memory.
+    Vhost { socket: PathBuf },
+}
+
+impl Port {
+    /// Its `--vdev`, the `i`th of its kind.
+    fn vdev(&self, i: usize) -> String {
+        match self {
+            Port::Device(dev) => format!("--vdev=net_af_packet{i},iface={dev},qdisc_bypass=0"),
+            Port::Vhost { socket } => {
+                format!("--vdev=net_vhost{i},iface={},queues=1", socket.display())
+            }
+        }
+    }
+
+    /// What a custom forwarder takes for it.
+    fn arg(&self) -> String {
+        match self {
+            Port::Device(dev) => dev.clone(),
+            Port::Vhost { socket } => socket.display().to_string(),
+        }
+    }
 }
 
 impl Forwarder {
@@ -77,19 +109,24 @@ fn find() -> Option<PathBuf> {
 }
 
 /// The command line: no hugepages (the memory is plain, 1 GiB), no PCI, one af_packet port
-/// per device, io forwarding on one lcore started at once. qdisc_bypass=0: the PMD's default
-/// sends straight to the driver, past the device's qdisc and tc egress, which would hide the
-/// egress hooks of the re-injected packet. 8192 mbufs: the default pool does not fit in 1 GiB
-/// without hugepages ("Cannot allocate memory").
-fn args(prefix: &str, ports: &[String]) -> Vec<String> {
+/// per device and one vhost port per socket (probed, so numbered, in this order), io
+/// forwarding on one lcore started at once. qdisc_bypass=0: the PMD's default sends straight
+/// to the driver, past the device's qdisc and tc egress, which would hide the egress hooks of
+/// the re-injected packet. 8192 mbufs: the default pool does not fit in 1 GiB without
+/// hugepages ("Cannot allocate memory").
+fn args(prefix: &str, ports: &[Port]) -> Vec<String> {
     let mut args: Vec<String> = ["--no-huge", "-m", "1024", "--no-pci", "-l", "0-1"]
         .map(String::from)
         .into();
     args.push(format!("--file-prefix={prefix}"));
-    for (i, port) in ports.iter().enumerate() {
-        args.push(format!(
-            "--vdev=net_af_packet{i},iface={port},qdisc_bypass=0"
-        ));
+    let (mut devices, mut vhosts) = (0, 0);
+    for port in ports {
+        let n = match port {
+            Port::Device(_) => &mut devices,
+            Port::Vhost { .. } => &mut vhosts,
+        };
+        args.push(port.vdev(*n));
+        *n += 1;
     }
     args.push("--".into());
     args.extend(
@@ -114,7 +151,7 @@ fn args(prefix: &str, ports: &[String]) -> Vec<String> {
 pub(super) fn start(
     lab: &str,
     ns: &str,
-    ports: &[String],
+    ports: &[Port],
     dir: &Path,
     custom: Option<&Path>,
 ) -> Result<Forwarder> {
@@ -146,7 +183,7 @@ pub(super) fn start(
         .args(["netns", "exec", ns, "stdbuf", "-oL"])
         .arg(&program)
         .args(match custom {
-            Some(_) => ports.to_vec(),
+            Some(_) => ports.iter().map(Port::arg).collect(),
             None => args(&prefix, ports),
         })
         .stdin(stdin)
@@ -320,7 +357,8 @@ mod tests {
 
     #[test]
     fn testpmd_forwards_between_the_ports_through_their_qdiscs() {
-        let a = args("profiler-dpdk", &["veth-a".into(), "veth-b".into()]);
+        let ports = ["veth-a", "veth-b"].map(|d| Port::Device(d.into()));
+        let a = args("profiler-dpdk", &ports);
         let line = a.join(" ");
         assert!(
             line.contains("--vdev=net_af_packet0,iface=veth-a,qdisc_bypass=0 --vdev=net_af_packet1,iface=veth-b,qdisc_bypass=0"),
@@ -333,5 +371,26 @@ mod tests {
         );
         let sep = a.iter().position(|x| x == "--").expect("EAL and app args");
         assert!(a[sep..].iter().any(|x| x == "--auto-start"), "{line}");
+    }
+
+    #[test]
+    fn vhost_ports_are_numbered_apart_from_packet_sockets() {
+        let ports = [
+            Port::Vhost {
+                socket: "/run/x/vm1.sock".into(),
+            },
+            Port::Device("vhu-vm1".into()),
+            Port::Vhost {
+                socket: "/run/x/vm2.sock".into(),
+            },
+        ];
+        let line = args("p", &ports).join(" ");
+        assert!(
+            line.contains("--vdev=net_vhost0,iface=/run/x/vm1.sock,queues=1 --vdev=net_af_packet0,iface=vhu-vm1,qdisc_bypass=0 --vdev=net_vhost1,iface=/run/x/vm2.sock"),
+            "{line}"
+        );
+        let recorded: Port =
+            serde_json::from_str("\"veth-a\"").expect("a device, as recorded before vhost ports");
+        assert_eq!(recorded, Port::Device("veth-a".into()));
     }
 }

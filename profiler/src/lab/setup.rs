@@ -208,7 +208,7 @@ fn start_userspace(
     }
     let dir = dpdk::dir(lab, u.role);
     undo.dpdk = Some(dir.clone());
-    let ports = u.ports.map(String::from);
+    let ports = u.ports.map(|d| dpdk::Port::Device(d.into()));
     dpdk::start(
         lab,
         &netns_name(lab, u.role),
