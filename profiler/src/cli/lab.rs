@@ -95,6 +95,10 @@ pub struct LabOpts {
     /// Nested labs: the network the VM's NIC sits on, on the host (default bridge).
     #[arg(long, value_enum)]
     outer: Option<lab::nested::Outer>,
+    /// Nested labs: how the guests' NICs are served on the host: QEMU on a tap (default), or
+    /// vhost-user ports of dpdk-testpmd (same-host).
+    #[arg(long, value_enum)]
+    nic: Option<lab::nested::Nic>,
     /// Nested labs: the guest's kernel, 6.1, 6.12 (provisioned by `cargo xtask vm --kernel
     /// SERIES`) or the path of a kernel image (default: the newest provisioned).
     #[arg(long, value_name = "6.1|6.12|PATH")]
@@ -124,6 +128,7 @@ impl LabOpts {
             pods: self.pods,
             inner: self.inner,
             outer: self.outer,
+            nic: self.nic,
             guest_kernel: self.guest_kernel.clone(),
             cni: self.cni,
             service: self.service,
@@ -291,11 +296,12 @@ fn print_labs(labs: &[lab::Lab]) {
         }
         for g in &lab.guests {
             println!(
-                "  guest {}: QEMU (process group {}), kernel {}, NIC {} (tap), agent {} and TCP port {}",
+                "  guest {}: QEMU (process group {}), kernel {}, NIC {} ({}), agent {} and TCP port {}",
                 g.name,
                 g.pid,
                 g.kernel,
                 g.tap,
+                g.nic.name(),
                 g.socket.display(),
                 lab::nested::AGENT_TCP_PORT
             );

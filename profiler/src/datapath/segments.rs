@@ -60,8 +60,11 @@ pub fn segment(e: &SegmentEnds) -> Named {
     log::trace!("segment {name:?}: rule {:?}", rule.name);
     Named {
         name,
-        userspace: matches!(rule.name, USERSPACE_RULE | USER_PROBE_RULE),
-        estimated: rule.name == CROSSING_RULE,
+        userspace: matches!(
+            rule.name,
+            USERSPACE_RULE | USER_PROBE_RULE | USERSPACE_CROSSING_RULE
+        ),
+        estimated: matches!(rule.name, CROSSING_RULE | USERSPACE_CROSSING_RULE),
     }
 }
 
@@ -69,6 +72,9 @@ pub fn segment(e: &SegmentEnds) -> Named {
 const USERSPACE_RULE: &str = "userspace datapath";
 /// The rule of segments between two kernels.
 const CROSSING_RULE: &str = "crossing";
+/// The rule of segments between two kernels through a userspace datapath (a guest's
+/// vhost-user NIC): in the process, and estimated.
+const USERSPACE_CROSSING_RULE: &str = "userspace datapath crossing";
 /// The rule of segments that start or end at a user probe: in the process too.
 const USER_PROBE_RULE: &str = "user probe";
 
@@ -154,6 +160,24 @@ const RULES: &[Rule] = &[
         name: USER_PROBE_RULE,
         matches: |e, _| matches!(e.from, Uprobe(_)) || matches!(e.to, Uprobe(_)),
         names: |e, _| format!("userspace {} -> {}", e.from_if, e.to_if),
+    },
+    // From one kernel to another through a userspace datapath that serves the guest's NIC
+    // (testpmd's vhost-user port): in the process, no QEMU, estimated from both clocks.
+    Rule {
+        name: USERSPACE_CROSSING_RULE,
+        matches: |e, _| {
+            node_of(e.from_ns) != node_of(e.to_ns) && e.from_userspace.or(e.to_userspace).is_some()
+        },
+        names: |e, _| {
+            format!(
+                "userspace datapath {} {} ({}) -> {} ({})",
+                e.from_userspace.or(e.to_userspace).unwrap_or_default(),
+                e.from_if,
+                node_of(e.from_ns),
+                e.to_if,
+                node_of(e.to_ns)
+            )
+        },
     },
     // A userspace datapath (DPDK's testpmd, a vswitch) took the packet from one of its ports
     // through a packet socket and sent a copy out of another: from the last hook that saw it
@@ -556,6 +580,18 @@ mod tests {
             (AppSend, _) => format!("socket and stack {from_ns}"),
             (_, AppRecv) => format!("stack and socket {}", parenthesized(e.to_ns)),
             (Uprobe(_), _) | (_, Uprobe(_)) => format!("userspace {} -> {}", e.from_if, e.to_if),
+            _ if node_of(e.from_ns) != node_of(e.to_ns)
+                && e.from_userspace.or(e.to_userspace).is_some() =>
+            {
+                format!(
+                    "userspace datapath {} {} ({}) -> {} ({})",
+                    e.from_userspace.or(e.to_userspace).unwrap_or_default(),
+                    e.from_if,
+                    node_of(e.from_ns),
+                    e.to_if,
+                    node_of(e.to_ns)
+                )
+            }
             _ if !same_if && e.from_userspace.is_some() && e.from_userspace == e.to_userspace => {
                 format!(
                     "userspace datapath {} {a} -> {b}",
@@ -866,6 +902,17 @@ mod tests {
                     ..ends(&Hook(NetDevXmit), &Hook(NapiGroReceiveEntry))
                 },
                 "crossing tap-vm1 (host) -> eth0 (vm1)",
+            ),
+            (
+                USERSPACE_CROSSING_RULE,
+                SegmentEnds {
+                    from_if: "vhu-vm1",
+                    to_if: "eth0",
+                    to_ns: "vm1:(root)",
+                    from_userspace: Some("dpdk-testpmd"),
+                    ..ends(&Hook(NetifReceiveSkb), &Hook(NapiGroReceiveEntry))
+                },
+                "userspace datapath dpdk-testpmd vhu-vm1 (host) -> eth0 (vm1)",
             ),
             (
                 "driver xmit",
@@ -1208,7 +1255,10 @@ mod tests {
             assert_eq!((matching_rule(e), segment_name(e).as_str()), (*rule, *name));
             assert_eq!(
                 segment(e).userspace,
-                matches!(*rule, USERSPACE_RULE | USER_PROBE_RULE),
+                matches!(
+                    *rule,
+                    USERSPACE_RULE | USER_PROBE_RULE | USERSPACE_CROSSING_RULE
+                ),
                 "{name}"
             );
         }

@@ -71,9 +71,9 @@ pub enum Topology {
     EbpfRedirect,
     /// Each pod owns a virtual function of an SR-IOV NIC (igb; the VM lab's `--nic igb`).
     Sriov,
-    /// Nested: a pod on this machine and a pod in a QEMU guest (--inner, --outer).
+    /// Nested: a pod on this machine and a pod in a QEMU guest (--inner, --outer, --nic).
     Bmp2vmp,
-    /// Nested: a pod in each of two QEMU guests (--inner, --outer, --placement).
+    /// Nested: a pod in each of two QEMU guests (--inner, --outer, --nic, --placement).
     Vmp2vmp,
     /// A Kubernetes-like node: pods made through CRI by a containerd of the lab's own, wired
     /// by the CNI plugins (--cni).
@@ -260,6 +260,8 @@ pub struct LabOptions {
     pub inner: Option<nested::Inner>,
     pub outer: Option<nested::Outer>,
     pub guest_kernel: Option<String>,
+    /// Nested labs: how the guests' NICs are served on the host (None: QEMU on a tap).
+    pub nic: Option<nested::Nic>,
     /// The node lab: the CNI plugin that wires its pods (None: bridge).
     pub cni: Option<node::Cni>,
     /// A Service in front of the server pod, in this kube-proxy mode (None: no Service).
@@ -289,12 +291,9 @@ impl Network {
     /// `flannel-vxlan-xhost`), its Service's mode after a `+`, and `/net1` when its pods are
     /// reached on their second network.
     pub fn label(lab: &Lab) -> String {
-        let mut label = lab.name.clone();
+        let mut label = lab.path_name();
         if let Some(s) = &lab.service {
             label += &format!("+{}", s.mode.name());
-        }
-        if lab.client.ifname == NET2_IFNAME {
-            label += &format!("/{NET2_IFNAME}");
         }
         label
     }
@@ -432,6 +431,11 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// How reports name the lab's path: see [`path_name`].
+    pub fn path_name(&self) -> String {
+        path_name(&self.name, &self.client.ifname)
+    }
+
     /// The lab with its pods reached on `iface`: net1 of a lab made with --net2, or as it is
     /// for eth0 (the host lab's "pods" are its hosts' wire0). Fails in one line if its pods have
     /// no net1.
@@ -568,9 +572,7 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if topology.nested() {
         return nested::check(topology, options);
     }
-    if options.inner.is_some() || options.outer.is_some() || options.guest_kernel.is_some() {
-        bail!("--inner, --outer and --guest-kernel are for nested labs (bmp2vmp, vmp2vmp)");
-    }
+    nested_only(options)?;
     let spec = spec::Spec::for_options(topology, options)?;
     if let Some(f) = &options.forwarder {
         if spec.userspace.is_none() {
@@ -579,6 +581,27 @@ pub fn check(topology: Topology, options: &LabOptions) -> Result<()> {
         if !f.is_file() {
             bail!("--forwarder: no file {}", f.display());
         }
+    }
+    Ok(())
+}
+
+/// How reports name the path of lab `lab` over its pods' `iface`: the lab's name, with "/net1"
+/// over their second network ([`Lab::over`]).
+pub fn path_name(lab: &str, iface: &str) -> String {
+    match iface {
+        NET2_IFNAME => format!("{lab}/{NET2_IFNAME}"),
+        _ => lab.to_string(),
+    }
+}
+
+/// Fails in one line when options only nested labs take are given to another.
+pub(super) fn nested_only(options: &LabOptions) -> Result<()> {
+    if options.inner.is_some()
+        || options.outer.is_some()
+        || options.guest_kernel.is_some()
+        || options.nic.is_some()
+    {
+        bail!("--inner, --outer, --nic and --guest-kernel are for nested labs (bmp2vmp, vmp2vmp)");
     }
     Ok(())
 }

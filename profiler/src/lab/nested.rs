@@ -37,7 +37,7 @@ use crate::cluster::{
 };
 
 use super::{
-    discover,
+    discover, dpdk,
     names::{HOST_NODE, NODE_SEP},
     netns, owner,
     spec::netns_name,
@@ -115,6 +115,41 @@ pub enum Outer {
     Vlan,
 }
 
+/// How the guest's virtio-net NIC is served on the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[clap(rename_all = "kebab-case")]
+pub enum Nic {
+    /// QEMU's own virtio-net backend on a tap device tap-vmN, a port of the host's br0.
+    #[default]
+    Tap,
+    /// A vhost-user port of dpdk-testpmd, which runs in the host namespace (as OVS-DPDK and
+    /// VPP serve their VMs): the guest's rings are in memory it shares with testpmd, which
+    /// forwards between them and a packet socket on vhu-vmN, a veth whose peer br-vmN is the
+    /// port of br0. The NIC offers no checksum offload. Same host only.
+    VhostUser,
+}
+
+impl Nic {
+    pub fn name(self) -> &'static str {
+        match self {
+            Nic::Tap => "tap",
+            Nic::VhostUser => "vhost-user",
+        }
+    }
+
+    /// The NIC's host end of guest vmN: QEMU's tap, or the veth testpmd's packet socket is on.
+    fn host_end(self, n: u8) -> String {
+        match self {
+            Nic::Tap => format!("tap-vm{n}"),
+            Nic::VhostUser => format!("vhu-vm{n}"),
+        }
+    }
+}
+
+/// The name of testpmd's host namespace role and directory for a vhost-user lab.
+const SWITCH_ROLE: &str = "host";
+
 /// A guest a lab runs, as its state records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Guest {
@@ -126,8 +161,11 @@ pub struct Guest {
     pub start_time: u64,
     /// Its kernel release.
     pub kernel: String,
-    /// Its NIC's host end, in the lab's host namespace.
+    /// Its NIC's host end, in the lab's host namespace: QEMU's tap, or (vhost-user) the veth
+    /// testpmd's packet socket is on.
     pub tap: String,
+    #[serde(default)]
+    pub nic: Nic,
     /// The host end of the agent's channel (QEMU's Unix socket).
     pub socket: PathBuf,
     pub inner: Inner,
@@ -188,6 +226,12 @@ pub(super) fn check(topology: Topology, options: &LabOptions) -> Result<()> {
     if options.pods.is_some() || options.forwarder.is_some() {
         bail!("{}: --pods and --forwarder do not apply", topology.name());
     }
+    if options.nic == Some(Nic::VhostUser) {
+        if options.placement == Placement::CrossHost {
+            bail!("--nic vhost-user: same-host only (cross-host would run a testpmd per host namespace, each busy-polling one of this machine's two cores)");
+        }
+        super::dpdk::check()?;
+    }
     vm::kernel(options.guest_kernel.as_deref())?;
     Ok(())
 }
@@ -196,6 +240,7 @@ pub(super) fn check(topology: Topology, options: &LabOptions) -> Result<()> {
 pub(super) fn leftovers(name: &str) -> bool {
     ROLES.iter().any(|r| netns::exists(&netns_name(name, r)))
         || GUESTS.iter().any(|g| dir(name, g).exists())
+        || dpdk::dir(name, SWITCH_ROLE).exists()
 }
 
 /// Removes what a build made so far unless disarmed: the guest first (QEMU holds the tap).
@@ -219,6 +264,7 @@ pub(super) fn remove(name: &str) -> Result<()> {
     for g in GUESTS {
         result = result.and(stop(&dir(name, g)));
     }
+    result = result.and(dpdk::stop(&dpdk::dir(name, SWITCH_ROLE)));
     for role in ROLES {
         result = result.and(netns::delete(&netns_name(name, role)));
     }
@@ -230,11 +276,12 @@ pub(super) async fn build(name: &str, topology: Topology, options: &LabOptions) 
     let vng = vm::vng()?;
     let inner = options.inner.unwrap_or_default();
     let outer = options.outer.unwrap_or_default();
+    let nic = options.nic.unwrap_or_default();
     let mtu = options.mtu;
     let mut undo = Undo {
         name: Some(name.to_string()),
     };
-    let layout = Layout::of(name, topology, options.placement, outer);
+    let layout = Layout::of(name, topology, options.placement, outer, nic);
     for ns in layout.namespaces() {
         netns::add(&ns)?;
     }
@@ -244,12 +291,16 @@ pub(super) async fn build(name: &str, topology: Topology, options: &LabOptions) 
     for (ns, _) in &layout.hosts {
         super::setup::enable_forwarding(ns)?;
     }
+    let forwarder = match nic {
+        Nic::VhostUser => Some(start_switch(name, &layout)?),
+        Nic::Tap => None,
+    };
     let exe = std::env::current_exe()?;
     // All guests boot at once; each agent is then asked in turn.
     let mut started = Vec::new();
     for g in &layout.guests {
         let script = guest_script(&exe, &g.node.name, &g.mac);
-        let guest = start(name, g, &vng, &vmlinuz, &release, &script)?;
+        let guest = start(name, g, nic, &vng, &vmlinuz, &release, &script)?;
         started.push(Guest {
             inner,
             outer,
@@ -269,9 +320,46 @@ pub(super) async fn build(name: &str, topology: Topology, options: &LabOptions) 
         let inventory = setup(&guest, request).await?;
         parts.push((guest, inventory));
     }
-    let lab = assemble(name, topology, options.placement, &layout, inner, parts).await?;
+    let mut lab = assemble(name, topology, options.placement, &layout, inner, parts).await?;
+    if let Some(f) = forwarder {
+        // Its segments are named after the program, as on the dpdk lab.
+        let (ns, ports) = (netns_name(name, SWITCH_ROLE), &layout.guests);
+        for i in (lab.interfaces.iter_mut())
+            .filter(|i| i.netns == ns && ports.iter().any(|g| g.tap == i.ifname))
+        {
+            i.userspace = Some(f.name());
+        }
+        lab.forwarder = Some(f);
+    }
     undo.name = None;
     Ok(lab)
+}
+
+/// vhost-user: testpmd in the host namespace, each guest's vhost-user port paired with the
+/// packet socket on its veth into br0. The bare-metal pod computes its own checksums, as the
+/// guests' NICs (no offload) make theirs: testpmd passes frames on as they are.
+fn start_switch(lab: &str, layout: &Layout) -> Result<dpdk::Forwarder> {
+    let ns = netns_name(lab, SWITCH_ROLE);
+    if let Some(pod) = &layout.host_pod {
+        dpdk::tx_checksum_off(&pod.pod, "eth0")?;
+    }
+    let dir = dpdk::dir(lab, SWITCH_ROLE);
+    let ports: Vec<dpdk::Port> = (layout.guests.iter())
+        .flat_map(|g| {
+            [
+                dpdk::Port::Vhost {
+                    socket: vhost_socket(&dir, &g.node.name),
+                },
+                dpdk::Port::Device(g.tap.clone()),
+            ]
+        })
+        .collect();
+    dpdk::start(lab, &ns, &ports, &dir, None)
+}
+
+/// Guest `node`'s vhost-user socket, served by testpmd in `dir`.
+fn vhost_socket(dir: &Path, node: &str) -> PathBuf {
+    dir.join(format!("{node}.sock"))
 }
 
 /// A CA of the lab's own and an identity for the host (first) and each guest, in order.
@@ -354,14 +442,15 @@ struct Layout {
     /// Cross-host: the veth wire0 joining the two hosts, a port of their bridges (`Bridge`)
     /// or the underlay of a VXLAN vxlan0 that is (`Vxlan`).
     wire: Option<Outer>,
+    nic: Nic,
 }
 
 impl Layout {
-    fn of(name: &str, topology: Topology, placement: Placement, outer: Outer) -> Layout {
+    fn of(name: &str, topology: Topology, placement: Placement, outer: Outer, nic: Nic) -> Layout {
         let ns = |role: &str| netns_name(name, role);
         let guest = |n: u8, pod: &str, host_ns: String| GuestPlan {
             node: Node::guest(n, pod),
-            tap: format!("tap-vm{n}"),
+            tap: nic.host_end(n),
             mac: format!("52:54:00:c6:12:{n:02x}"),
             host_ns,
         };
@@ -374,12 +463,14 @@ impl Layout {
                     guest(2, "pod-b", ns("host-b")),
                 ],
                 wire: Some(outer),
+                nic,
             },
             (Topology::Vmp2vmp, _) => Layout {
                 hosts: vec![(ns("host"), OUTER_HOST)],
                 host_pod: None,
                 guests: vec![guest(1, "pod-a", ns("host")), guest(2, "pod-b", ns("host"))],
                 wire: None,
+                nic,
             },
             _ => Layout {
                 hosts: vec![(ns("host"), OUTER_HOST)],
@@ -393,6 +484,7 @@ impl Layout {
                 }),
                 guests: vec![guest(1, "pod-b", ns("host"))],
                 wire: None,
+                nic,
             },
         }
     }
@@ -570,8 +662,7 @@ fn host_commands(layout: &Layout, inner: Inner, mtu: Option<u32>) -> Vec<String>
             format!("{n}link set br0 up"),
         ]);
         for g in layout.guests.iter().filter(|g| &g.host_ns == host) {
-            c.push(format!("{n}tuntap add dev {} mode tap", g.tap));
-            c.push(format!("{n}link set {} master br0 up", g.tap));
+            c.extend(nic_commands(&n, g, layout.nic));
         }
     }
     if let ([(a, _), (b, _)], Some(outer)) = (&layout.hosts[..], layout.wire) {
@@ -595,6 +686,26 @@ fn host_commands(layout: &Layout, inner: Inner, mtu: Option<u32>) -> Vec<String>
         c.extend(node_commands(node, layout.peer(node), inner, mtu));
     }
     c
+}
+
+/// A guest NIC's host end on br0: QEMU's tap, or the veth pair between testpmd's packet socket
+/// (vhu-vmN) and br0 (br-vmN).
+fn nic_commands(n: &str, g: &GuestPlan, nic: Nic) -> Vec<String> {
+    let end = &g.tap;
+    match nic {
+        Nic::Tap => vec![
+            format!("{n}tuntap add dev {end} mode tap"),
+            format!("{n}link set {end} master br0 up"),
+        ],
+        Nic::VhostUser => {
+            let port = format!("br-{}", g.node.name);
+            vec![
+                format!("{n}link add {port} type veth peer name {end}"),
+                format!("{n}link set {port} master br0 up"),
+                format!("{n}link set {end} up"),
+            ]
+        }
+    }
 }
 
 /// Runs `ip ARGS` ("bridge" for fdb entries; "tc ARGS" is tc's, for qdiscs such as a test's
@@ -809,17 +920,40 @@ pub enum SetupAnswer {
     Failed(String),
 }
 
-/// Boots a guest in its host namespace, its NIC its tap, its agent's port a Unix socket in
-/// its directory; returns once its process group is recorded (the agent answers later).
+/// QEMU's options for the guest's NIC. vhost-user: testpmd reads and writes the rings in the
+/// guest's memory, so that memory is a shared memfd (no hugepages needed); no checksum
+/// offload (csum, guest_csum off), as on the dpdk lab's pods: testpmd would pass a frame whose
+/// checksum is left to the NIC on as it is.
+fn nic_opts(lab: &str, plan: &GuestPlan, nic: Nic) -> String {
+    let (tap, mac) = (&plan.tap, &plan.mac);
+    match nic {
+        Nic::Tap => format!(
+            "-netdev tap,id=t0,ifname={tap},script=no,downscript=no \
+             -device virtio-net-pci,netdev=t0,mac={mac}"
+        ),
+        Nic::VhostUser => format!(
+            "-object memory-backend-memfd,id=mem,size={GUEST_MEMORY},share=on \
+             -numa node,memdev=mem \
+             -chardev socket,id=vhu,path={} \
+             -netdev vhost-user,id=t0,chardev=vhu \
+             -device virtio-net-pci,netdev=t0,mac={mac},csum=off,guest_csum=off",
+            vhost_socket(&dpdk::dir(lab, SWITCH_ROLE), &plan.node.name).display()
+        ),
+    }
+}
+
+/// Boots a guest in its host namespace, its NIC as `nic` says, its agent's port a Unix socket
+/// in its directory; returns once its process group is recorded (the agent answers later).
 fn start(
     lab: &str,
     plan: &GuestPlan,
+    nic: Nic,
     vng: &Path,
     vmlinuz: &Path,
     release: &str,
     script: &str,
 ) -> Result<Guest> {
-    let (name, tap, mac) = (&plan.node.name, &plan.tap, &plan.mac);
+    let (name, tap) = (&plan.node.name, &plan.tap);
     let gdir = &dir(lab, name);
     std::fs::create_dir_all(gdir).with_context(|| format!("cannot create {}", gdir.display()))?;
     let socket = gdir.join("agent.sock");
@@ -827,11 +961,11 @@ fn start(
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("cannot create {}", log_path.display()))?;
     let qemu_opts = format!(
-        "-netdev tap,id=t0,ifname={tap},script=no,downscript=no \
-         -device virtio-net-pci,netdev=t0,mac={mac} \
+        "{} \
          -device virtio-serial-pci \
          -chardev socket,id=agent,path={},server=on,wait=off \
          -device virtserialport,chardev=agent,name={AGENT_PORT}",
+        nic_opts(lab, plan, nic),
         socket.display()
     );
     let venv_bin = vng.parent().context("vng has no directory")?;
@@ -873,6 +1007,7 @@ fn start(
         start_time: owner::start_time(pid).unwrap_or(0),
         kernel: release.to_string(),
         tap: tap.clone(),
+        nic,
         socket,
         inner: Inner::default(),
         outer: Outer::default(),
@@ -1009,6 +1144,7 @@ mod tests {
             Topology::Bmp2vmp,
             Placement::SameHost,
             Outer::Bridge,
+            Nic::Tap,
         );
         let host = host_commands(&layout, Inner::FlannelVxlan, None).join("\n");
         assert!(host.contains("local 198.19.0.1 dev br0"), "{host}");
@@ -1028,6 +1164,44 @@ mod tests {
         assert!(script.len() < 600, "{} bytes", script.len());
     }
 
+    /// vhost-user: no tap; each guest's NIC is a testpmd port paired with a packet socket on
+    /// vhu-vmN, whose veth peer br-vmN is br0's port; QEMU shares the guest's memory.
+    #[test]
+    fn vhost_user_guests_reach_br0_through_testpmd() {
+        let layout = Layout::of(
+            "vmp2vmp",
+            Topology::Vmp2vmp,
+            Placement::SameHost,
+            Outer::Bridge,
+            Nic::VhostUser,
+        );
+        let host = host_commands(&layout, Inner::Bridge, None).join("\n");
+        assert!(!host.contains("tuntap"), "{host}");
+        for n in [1, 2] {
+            assert!(
+                host.contains(&format!(
+                    "-n prof-vmp2vmp-host link add br-vm{n} type veth peer name vhu-vm{n}"
+                )),
+                "{host}"
+            );
+            assert!(
+                host.contains(&format!("link set br-vm{n} master br0 up")),
+                "{host}"
+            );
+        }
+        let opts = nic_opts("vmp2vmp", &layout.guests[1], Nic::VhostUser);
+        for want in [
+            "memory-backend-memfd,id=mem,size=1G,share=on",
+            "path=/run/profiler/dpdk/vmp2vmp-host/vm2.sock",
+            "-netdev vhost-user,id=t0,chardev=vhu",
+            "mac=52:54:00:c6:12:02,csum=off,guest_csum=off",
+        ] {
+            assert!(opts.contains(want), "{want}: {opts}");
+        }
+        let tap = nic_opts("vmp2vmp", &layout.guests[1], Nic::Tap);
+        assert!(tap.contains("-netdev tap,id=t0,ifname=vhu-vm2"), "{tap}");
+    }
+
     /// VMP2VMP cross-host: each tap on its own host's bridge, the bridges joined by wire0, and
     /// the guests' pod networks pointing at each other (no pod on the host).
     #[test]
@@ -1037,6 +1211,7 @@ mod tests {
             Topology::Vmp2vmp,
             Placement::CrossHost,
             Outer::Bridge,
+            Nic::Tap,
         );
         assert_eq!(
             layout.namespaces(),
@@ -1068,6 +1243,7 @@ mod tests {
             Topology::Vmp2vmp,
             Placement::SameHost,
             Outer::Bridge,
+            Nic::Tap,
         );
         let host = host_commands(&same, Inner::Bridge, None).join("\n");
         assert!(host.contains("-n prof-vmp2vmp-host link set tap-vm2 master br0 up"));
@@ -1083,6 +1259,7 @@ mod tests {
             Topology::Vmp2vmp,
             Placement::CrossHost,
             Outer::Vxlan,
+            Nic::Tap,
         );
         let host = host_commands(&layout, Inner::FlannelVxlan, None);
         for cmd in [
@@ -1121,6 +1298,7 @@ mod tests {
             Topology::Vmp2vmp,
             Placement::SameHost,
             Outer::Bridge,
+            Nic::Tap,
         );
         let vm2 = guest_commands(&layout, 1, Inner::Vlan);
         assert_eq!(

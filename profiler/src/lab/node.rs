@@ -167,9 +167,7 @@ pub(super) fn check(options: &LabOptions) -> Result<()> {
     if options.mtu.is_some() || options.forwarder.is_some() {
         bail!("--mtu and --forwarder are not supported by node (its CNI plugins choose)");
     }
-    if options.inner.is_some() || options.outer.is_some() || options.guest_kernel.is_some() {
-        bail!("--inner, --outer and --guest-kernel are for nested labs (bmp2vmp, vmp2vmp)");
-    }
+    super::nested_only(options)?;
     if options
         .pods
         .is_some_and(|n| !(2..=super::NODE_MAX_PODS).contains(&n))

@@ -604,6 +604,13 @@ pub async fn ensure_lab(topology: Topology, options: &LabOptions, command: &str)
             )
         }
         Some(lab)
+            if options.nic.is_some() && lab.guests.iter().any(|g| Some(g.nic) != options.nic) =>
+        {
+            anyhow::bail!(
+                "lab {name} is already up with other guest NICs; take it down first (profiler lab down {name})"
+            )
+        }
+        Some(lab)
             if options.service.is_some()
                 && options.service != lab.service.as_ref().map(|s| s.mode) =>
         {
