@@ -19,7 +19,7 @@ use common::{
     attach::{lab_up, ping, report, segment_names, tmp, Attach},
     direction, profiler, run_json,
 };
-use profiler::report::schema::{CompareReport, RunReport, COMPARE_SCHEMA};
+use profiler::report::schema::RunReport;
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -155,8 +155,7 @@ fn compare_puts_both_interfaces_side_by_side() {
         "compare: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: CompareReport = serde_json::from_slice(&out.stdout).expect("profiler.compare.v1 JSON");
-    assert_eq!(r.schema, COMPARE_SCHEMA);
+    let r = common::compare_report_of(&out.stdout);
     let rows: Vec<&str> = r.summary.iter().map(|row| row.topology.as_str()).collect();
     assert_eq!(rows, ["bridge", "bridge/net1"]);
     let net1 = &r.summary[1];

@@ -13,7 +13,7 @@ mod common;
 use std::sync::{Mutex, MutexGuard};
 
 use common::{assert_clean_of, assert_complete, direction, run_json};
-use profiler::report::schema::{CompareReport, DirectionReport, Hop, RunReport, COMPARE_SCHEMA};
+use profiler::report::schema::{DirectionReport, Hop, RunReport};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -412,8 +412,7 @@ fn compare_host_macvlan_and_vlan() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "profiler compare: {err}");
-    let c: CompareReport = serde_json::from_slice(&out.stdout).expect("profiler.compare.v1 JSON");
-    assert_eq!(c.schema, COMPARE_SCHEMA);
+    let c = common::compare_report_of(&out.stdout);
     let row = |t: &str| c.summary.iter().find(|r| r.topology == t);
     let base = row("host-xhost").expect("a host row");
     assert!(base.delta_ns.is_none(), "the baseline has a delta");

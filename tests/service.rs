@@ -20,7 +20,7 @@ use common::{
 };
 use profiler::{
     lab::service::{CLUSTER_IP, PORT},
-    report::schema::{CompareReport, HookStatus, RunReport, Status},
+    report::schema::{HookStatus, RunReport, Status},
 };
 
 const COUNT: &str = "200";
@@ -301,7 +301,7 @@ fn compare_takes_a_service_as_a_network_of_its_own() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "compare failed: {err}");
-    let c: CompareReport = serde_json::from_slice(&out.stdout).expect("compare JSON");
+    let c = common::compare_report_of(&out.stdout);
     let rows: Vec<&str> = c.summary.iter().map(|r| r.topology.as_str()).collect();
     assert_eq!(rows, ["bridge", "bridge+iptables"], "{:?}", c.summary);
     let runs = &c.runs;

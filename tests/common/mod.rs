@@ -19,7 +19,7 @@ use clap::ValueEnum as _;
 use profiler::{
     cli::exit,
     lab::{lab_name, Lab, Placement, Topology},
-    report::schema::{self, DirectionReport, DoctorReport, RunReport},
+    report::schema::{self, CompareReport, DirectionReport, DoctorReport, RunReport},
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_profiler");
@@ -112,6 +112,14 @@ pub fn doctor_report() -> DoctorReport {
 pub fn run_report_of(stdout: &[u8]) -> RunReport {
     let r: RunReport = serde_json::from_slice(stdout).expect("profiler.run.v1 JSON on stdout");
     assert_eq!(r.schema, schema::RUN_SCHEMA);
+    r
+}
+
+/// The profiler.compare.v1 report `profiler compare --json -` wrote on stdout.
+pub fn compare_report_of(stdout: &[u8]) -> CompareReport {
+    let r: CompareReport =
+        serde_json::from_slice(stdout).expect("profiler.compare.v1 JSON on stdout");
+    assert_eq!(r.schema, schema::COMPARE_SCHEMA);
     r
 }
 

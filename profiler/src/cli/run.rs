@@ -272,8 +272,8 @@ pub async fn run(cli: RunCli, quiet: bool) -> Result<ExitCode> {
         file.write_text(&collected.to_json()?)?;
     }
     let mut report = run::attribute(&collected);
-    if cli.from.is_none() && cli.iface == lab::NET2_IFNAME {
-        report.topology = format!("{}/{}", report.topology, cli.iface);
+    if cli.from.is_none() {
+        report.topology = lab::path_name(&report.topology, &cli.iface);
     }
     output(json.as_ref(), &report, &table::run(&report))?;
     if let Some(nothing) = nothing_done(&report) {

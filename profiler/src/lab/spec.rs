@@ -901,6 +901,10 @@ fn add_overlay(spec: &mut Spec, overlay: Overlay, host: &CniHost, peer: &CniHost
     });
 }
 
+/// The namespace holding the other end of a same-host lab's wire0 (the macvlan/ipvlan labs',
+/// and any lab net1 adds a wire0 to).
+const WIRE_PEER: &str = "wire-peer";
+
 /// Pods whose eth0 is a macvlan/vlan/ipvlan child of a host's wire0, in one 198.18.0.0/24.
 /// Same host: both on host-a's wire0, whose veth peer sits in namespace wire-peer.
 /// ipvlan l3 cross-host: the pods' packets are routed by their parent's namespace, so each
@@ -908,7 +912,7 @@ fn add_overlay(spec: &mut Spec, overlay: Overlay, host: &CniHost, peer: &CniHost
 /// connected /24 reaches the other pod through the parent).
 fn child_lab(kind: ChildKind, placement: Placement, mtu: Option<u32>) -> Spec {
     let (b_role, b_host) = match placement {
-        Placement::SameHost => ("wire-peer", "host-a"),
+        Placement::SameHost => (WIRE_PEER, "host-a"),
         Placement::CrossHost => ("host-b", "host-b"),
     };
     let child = |host: &'static str, pod: &'static str, addr| Child {
@@ -1050,8 +1054,6 @@ pub const NET2_IFNAME: &str = "net1";
 /// The second network's subnet, 198.18.NET2_SUBNET.0/24, and its VLAN id as `--net2 vlan`.
 const NET2_SUBNET: u8 = 200;
 const NET2_VLAN: u16 = 200;
-/// The namespace holding the other end of a same-host lab's wire0 when net1 adds one.
-const NET2_WIRE_PEER: &str = "wire-peer";
 
 impl Net2 {
     /// As `--net2` takes it.
@@ -1114,14 +1116,8 @@ impl Spec {
                 "its pods are the hosts, with no interface of their own".into(),
             ));
         }
-        let mut parents = Vec::new();
-        for (pod, host) in self.pods.clone() {
-            parents.push(
-                self.net2_parent(pod, host)
-                    .map_err(|why| refuse(why.into()))?,
-            );
-        }
-        for (k, (parent, (pod, _))) in parents.into_iter().zip(self.pods.clone()).enumerate() {
+        for (k, (pod, host)) in self.pods.clone().into_iter().enumerate() {
+            let parent = (self.net2_parent(pod, host)).map_err(|why| refuse(why.into()))?;
             self.children.push(Child {
                 kind,
                 parent,
@@ -1144,10 +1140,10 @@ impl Spec {
             None if self.ends().any(|e| e.at == wire) => wire,
             // Same host: one wire0 for every pod (cross-host, each host has its own already).
             None if host == "host" && self.roles.contains(&host) => {
-                self.roles.push(NET2_WIRE_PEER);
+                self.roles.push(WIRE_PEER);
                 self.pairs.push([
                     port_of_nothing(host, "wire0", None),
-                    port_of_nothing(NET2_WIRE_PEER, "wire0", None),
+                    port_of_nothing(WIRE_PEER, "wire0", None),
                 ]);
                 wire
             }

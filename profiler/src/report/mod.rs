@@ -41,25 +41,35 @@ pub enum Format {
     Drops,
 }
 
+/// Reads the file at `path` and parses it with `parse`; its errors, in one line, say the path.
+pub fn read_with<T>(path: &Path, parse: impl FnOnce(&str) -> Result<T>) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse(&text).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+}
+
+/// A saved file's JSON and its "schema" field; if it has none, says it is not `what` ("a
+/// profiler report", "a run's events").
+pub fn schema_of(text: &str, what: &str) -> Result<(serde_json::Value, String)> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| anyhow!("not {what} (not JSON: {e})"))?;
+    let schema = (value
+        .get("schema")
+        .and_then(|s| s.as_str())
+        .map(str::to_string))
+    .ok_or_else(|| anyhow!("not {what} (no \"schema\" field)"))?;
+    Ok((value, schema))
+}
+
 impl Report {
     /// Reads a saved report; a file that is not a profiler report, or of a schema this version
     /// does not know, is refused in one line.
     pub fn read(path: &Path) -> Result<Report> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        Report::parse(&text).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+        read_with(path, Report::parse)
     }
 
     pub fn parse(text: &str) -> Result<Report> {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| anyhow!("not a profiler report (not JSON: {e})"))?;
-        let Some(schema) = value
-            .get("schema")
-            .and_then(|s| s.as_str())
-            .map(str::to_string)
-        else {
-            bail!("not a profiler report (no \"schema\" field)");
-        };
+        let (value, schema) = schema_of(text, "a profiler report")?;
         match schema.as_str() {
             RUN_SCHEMA => typed(value, &schema).map(Report::Run),
             ATTACH_SCHEMA => typed(value, &schema).map(Report::Attach),

@@ -6,14 +6,17 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, Result};
 use profiler_common::Event;
 use serde::{Deserialize, Serialize};
 
 use super::{agent::GuestPart, Driven};
 use crate::{
     lab::target::Devices,
-    report::schema::{HookSet, HookStatus, Made, ProgramCost, Proto, StreamResult},
+    report::{
+        self,
+        schema::{HookSet, HookStatus, Made, ProgramCost, Proto, StreamResult},
+    },
 };
 
 pub const EVENTS_SCHEMA: &str = "profiler.events.v1";
@@ -97,23 +100,19 @@ impl Collected {
 
     /// Reads a saved collection; anything else is refused in one line.
     pub fn read(path: &Path) -> Result<Collected> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        Collected::parse(&text).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+        report::read_with(path, Collected::parse)
     }
 
     pub fn parse(text: &str) -> Result<Collected> {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| anyhow!("not a run's events (not JSON: {e})"))?;
-        match value.get("schema").and_then(|s| s.as_str()) {
-            Some(EVENTS_SCHEMA) => {}
-            Some(other) if other.starts_with("profiler.events.") => {
+        let (value, schema) = report::schema_of(text, "a run's events")?;
+        match schema.as_str() {
+            EVENTS_SCHEMA => {}
+            other if other.starts_with("profiler.events.") => {
                 bail!("schema {other} is not one this profiler reads ({EVENTS_SCHEMA})")
             }
-            Some(other) => bail!(
+            other => bail!(
                 "schema {other} is a report, not a run's events (`run --save-events FILE` writes those)"
             ),
-            None => bail!("not a run's events (no \"schema\" field)"),
         }
         serde_json::from_value(value).map_err(|e| anyhow!("{EVENTS_SCHEMA}: {e}"))
     }
