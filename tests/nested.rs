@@ -1181,23 +1181,38 @@ fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
     ] {
         assert!(text.contains(want), "{want}: {text}");
     }
-    let r = nested_run(
-        &[
+    // Request/response over UDP and TCP: the client in vm1's pod, the server in vm2's, both
+    // run by the guests' agents.
+    for (proto, count) in [("udp", 100), ("tcp", 50)] {
+        let count_arg = count.to_string();
+        let args = [
             "--lab",
             "vmp2vmp",
             "--placement",
             "cross-host",
             "--hooks",
             "stable",
+            "--proto",
+            proto,
             "--count",
-            "100",
+            &count_arg,
             "--rate",
             "10",
             "--timeout",
             "2s",
-        ],
-        95,
-    );
+        ];
+        let r = nested_run(&args, count * 95 / 100);
+        check_three_kernels(&r, (a, b));
+    }
+    holds_land_across_two_guests(XLAB, b);
+    udp_and_tcp_pair_across_two_guests(XLAB);
+    drop(guard);
+    assert_nothing_left(XLAB);
+}
+
+/// vmp2vmp cross-host: each direction through both guests' kernels and the two host
+/// namespaces `a` and `b` in order, and each guest's clock related to the host's.
+fn check_three_kernels(r: &RunReport, (a, b): (&str, &str)) {
     let completed = u64::from(r.traffic.completed);
     check_direction(
         &r.directions[0],
@@ -1245,10 +1260,6 @@ fn vmp2vmp_cross_host_profiles_three_kernels_and_lab_down_leaves_nothing() {
         );
         check_clock_bounds(c);
     }
-    holds_land_across_two_guests(XLAB, b);
-    udp_and_tcp_pair_across_two_guests(XLAB);
-    drop(guard);
-    assert_nothing_left(XLAB);
 }
 
 /// UDP and TCP the profiler did not make (iperf3 from vm1's pod-a to vm2's pod-b, through both

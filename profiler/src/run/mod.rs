@@ -420,7 +420,7 @@ async fn start_agents(args: &RunArgs, spec: &Spec, lab: &RunTarget) -> Result<Ve
         return Ok(Vec::new());
     }
     if args.traffic != TrafficKind::Rr {
-        anyhow::bail!("a nested path is profiled with --traffic rr (UDP) only, so far");
+        anyhow::bail!("a nested path is profiled with --traffic rr only, so far");
     }
     if !lab
         .guests
@@ -457,6 +457,7 @@ async fn start_agents(args: &RunArgs, spec: &Spec, lab: &RunTarget) -> Result<Ve
             server_ns: server_ns.map(str::to_string),
             server_addr: lab.server.addr,
             size: spec.size,
+            proto: spec.proto,
         })
     });
     let started = futures::future::try_join_all(starts).await?;
@@ -491,6 +492,7 @@ async fn remote_client(
             rate: spec.rate,
             timeout: spec.timeout,
             warm_up: WARMUP,
+            proto: spec.proto,
         })
         .await
 }

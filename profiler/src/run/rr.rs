@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use profiler_common::{Tag, DIR_REQUEST, DIR_RESPONSE, TAG_LEN, TAG_MAGIC};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -97,9 +97,6 @@ pub async fn run(spec: &Spec, ends: &Endpoints, progress: Arc<AtomicU32>) -> Res
     let server_log = ServerLog::default();
     let mut outcome = match spec.proto {
         Proto::Udp => run_udp(spec, ends, server_log.clone(), &progress).await?,
-        Proto::Tcp if ends.remote_server => {
-            bail!("a remote server (a guest's agent) runs UDP only")
-        }
         Proto::Tcp => run_tcp(spec, ends, server_log.clone(), &progress).await?,
     };
     if !ends.remote_server {
@@ -240,23 +237,33 @@ pub async fn serve_udp(
         let Ok((n, peer)) = server.recv_from(&mut buf).await else {
             return;
         };
-        let recv_ns = monotonic_ns();
-        let Some((tag, logged)) = read_tag(&buf[..n]).and_then(|t| Some((t, accept(t.run_id)?)))
-        else {
+        let Some(resp) = answer(&buf[..n], size, &log, &accept) else {
             continue;
         };
-        let resp = payload(size, tag.run_id, tag.seq, DIR_RESPONSE);
-        let send_ns = monotonic_ns();
-        // Logged before sending: the client may stop this task as soon as the response lands.
-        if logged {
-            log.lock()
-                .expect("server log lock")
-                .push((tag.seq, recv_ns, send_ns));
-        }
         if server.send_to(&resp, peer).await.is_err() {
             return;
         }
     }
+}
+
+/// The `size`-byte response to a request just received, if it is tagged and `accept` takes its
+/// run id; logs (seq, received, sent) when `accept` says so, before the response is sent (the
+/// client may stop the server as soon as it lands).
+fn answer(
+    request: &[u8],
+    size: usize,
+    log: &ServerLog,
+    accept: impl Fn(u32) -> Option<bool>,
+) -> Option<Vec<u8>> {
+    let recv_ns = monotonic_ns();
+    let tag = read_tag(request)?;
+    let logged = accept(tag.run_id)?;
+    let resp = payload(size, tag.run_id, tag.seq, DIR_RESPONSE);
+    if logged {
+        let send_ns = monotonic_ns();
+        (log.lock().expect("server log lock")).push((tag.seq, recv_ns, send_ns));
+    }
+    Some(resp)
 }
 
 fn nonblocking_udp(s: std::net::UdpSocket) -> Result<std::net::UdpSocket> {
@@ -270,34 +277,20 @@ async fn run_tcp(
     log: ServerLog,
     progress: &AtomicU32,
 ) -> Result<Outcome> {
-    let server_addr = SocketAddr::from((ends.server_addr, spec.port));
-    let listener = netns::run_in(ends.server_ns.as_deref(), || {
-        let l = std::net::TcpListener::bind(server_addr)
-            .with_context(|| format!("binding the TCP server to {server_addr}"))?;
-        l.set_nonblocking(true)?;
-        Ok(l)
-    })?;
-    let listener = TcpListener::from_std(listener)?;
-    let (size, run_id) = (spec.size, spec.run_id);
-    let server_task = tokio::spawn(async move {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            return;
-        };
-        let _ = conn.set_nodelay(true);
-        let mut buf = vec![0u8; size];
-        while conn.read_exact(&mut buf).await.is_ok() {
-            let recv_ns = monotonic_ns();
-            let Some(tag) = read_tag(&buf) else { return };
-            let resp = payload(size, run_id, tag.seq, DIR_RESPONSE);
-            let send_ns = monotonic_ns();
-            log.lock()
-                .expect("server log lock")
-                .push((tag.seq, recv_ns, send_ns));
-            if conn.write_all(&resp).await.is_err() {
-                return;
-            }
+    let server_task = match ends.remote_server {
+        true => None,
+        false => {
+            let addr = SocketAddr::from((ends.server_addr, spec.port));
+            let listener = tcp_server(ends.server_ns.as_deref(), addr)?;
+            let run_id = spec.run_id;
+            Some(tokio::spawn(serve_tcp(
+                listener,
+                spec.size,
+                log,
+                move |id| (id == run_id).then_some(true),
+            )))
         }
-    });
+    };
     let dest = SocketAddr::from((ends.dest_addr, spec.port));
     let client = netns::run_in(ends.client_ns.as_deref(), || {
         let s = std::net::TcpStream::connect_timeout(&dest, Duration::from_secs(5))
@@ -307,6 +300,7 @@ async fn run_tcp(
     })?;
     let mut client = TcpStream::from_std(client)?;
     client.set_nodelay(true)?;
+    let (size, run_id) = (spec.size, spec.run_id);
     let mut out = Outcome::default();
     let mut buf = vec![0u8; size];
     let started = tokio::time::Instant::now();
@@ -327,8 +321,44 @@ async fn run_tcp(
         progress.fetch_add(1, Ordering::Relaxed);
     }
     drop(client);
-    let _ = tokio::time::timeout(Duration::from_secs(1), server_task).await;
+    if let Some(t) = server_task {
+        t.abort();
+    }
     Ok(out)
+}
+
+/// A nonblocking TCP listener bound to `addr` in namespace `ns`.
+pub fn tcp_server(ns: Option<&str>, addr: SocketAddr) -> Result<TcpListener> {
+    let listener = netns::run_in(ns, || {
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding the TCP server to {addr}"))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })?;
+    Ok(TcpListener::from_std(listener)?)
+}
+
+/// Serves one connection after the other (a warm-up's, then the run's), as [`serve_udp`]
+/// answers datagrams: every `size`-byte tagged request whose run id `accept` takes is answered
+/// with a response of the same run id, and logged when it says so.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    size: usize,
+    log: ServerLog,
+    accept: impl Fn(u32) -> Option<bool>,
+) {
+    while let Ok((mut conn, _)) = listener.accept().await {
+        let _ = conn.set_nodelay(true);
+        let mut buf = vec![0u8; size];
+        while conn.read_exact(&mut buf).await.is_ok() {
+            let Some(resp) = answer(&buf, size, &log, &accept) else {
+                break;
+            };
+            if conn.write_all(&resp).await.is_err() {
+                break;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

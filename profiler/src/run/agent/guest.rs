@@ -577,7 +577,7 @@ async fn inventory() -> Result<Inventory> {
 /// Runs the client as `c` says: a warm-up, then the run's exchanges.
 async fn run_client(c: &Client) -> Answer {
     let spec = |run_id, count, rate| rr::Spec {
-        proto: Proto::Udp,
+        proto: c.proto,
         size: c.size,
         count,
         rate,
@@ -650,21 +650,28 @@ async fn start(s: &Start) -> Result<(Running, Answer)> {
     let collector = tokio::spawn(ring::collect(programs.take_events()?, stop_rx));
     let log = ServerLog::default();
     let run_id = s.run_id;
+    // The warm-up exchanges carry run id 0: answered, not logged.
+    let accept = move |id| match id {
+        0 => Some(false),
+        id if id == run_id => Some(true),
+        _ => None,
+    };
     let server = match &s.server_ns {
         Some(ns) => {
-            let addr = SocketAddr::from((s.server_addr, s.port));
-            let socket = rr::udp_server(discover::ns_arg(ns), addr)?;
-            // The warm-up exchanges carry run id 0: answered, not logged.
-            Some(tokio::spawn(rr::serve_udp(
-                socket,
-                s.size,
-                log.clone(),
-                move |id| match id {
-                    0 => Some(false),
-                    id if id == run_id => Some(true),
-                    _ => None,
-                },
-            )))
+            let (ns, addr) = (
+                discover::ns_arg(ns),
+                SocketAddr::from((s.server_addr, s.port)),
+            );
+            Some(match s.proto {
+                Proto::Udp => {
+                    let socket = rr::udp_server(ns, addr)?;
+                    tokio::spawn(rr::serve_udp(socket, s.size, log.clone(), accept))
+                }
+                Proto::Tcp => {
+                    let listener = rr::tcp_server(ns, addr)?;
+                    tokio::spawn(rr::serve_tcp(listener, s.size, log.clone(), accept))
+                }
+            })
         }
         None => None,
     };

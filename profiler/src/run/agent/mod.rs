@@ -29,7 +29,7 @@ use crate::{
     attach::across::AttachRequest,
     kernel::btf::DropReasons,
     lab::nested::{ExecRequest, SetupRequest},
-    report::schema::{HookSet, HookStatus},
+    report::schema::{HookSet, HookStatus, Proto},
 };
 
 pub use guest::{serve, Listen, Security};
@@ -75,6 +75,9 @@ pub struct Start {
     pub server_ns: Option<String>,
     pub server_addr: Ipv4Addr,
     pub size: usize,
+    /// The server's protocol (UDP from hosts that did not say).
+    #[serde(default)]
+    pub proto: Proto,
 }
 
 /// The request/response client of a run whose client pod is in the guest (vmp2vmp).
@@ -91,6 +94,8 @@ pub struct Client {
     pub timeout: Duration,
     /// Untagged exchanges first (run id 0), so neighbour resolution is not measured.
     pub warm_up: u32,
+    #[serde(default)]
+    pub proto: Proto,
 }
 
 impl Client {
